@@ -1,0 +1,157 @@
+"""What gets benchmarked: each loss, how its inputs are built, and its sweeps.
+
+Every loss is called with a scalar reduction ("mean") so the forward output is
+O(1) and ``mx.value_and_grad`` can differentiate it directly.
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Sequence, Tuple
+
+import mlx.core as mx
+import mlx.nn.losses as mlx_losses
+
+import mlx_fused_losses as fl
+
+LABEL_SMOOTHING = 0.1
+SMOOTH_L1_BETA = 1.0
+FOCAL_ALPHA = 0.25
+FOCAL_GAMMA = 2.0
+
+MiB_ELEMENTS = 2**20
+
+# Row-wise losses: (rows, classes).  Flat losses: number of elements.
+ROW_SWEEPS = {
+    "full": [(4096, v) for v in (1024, 8192, 32768, 131072)],
+    "quick": [(1024, 1024), (1024, 8192)],
+    "smoke": [(64, 128), (64, 512)],
+}
+FLAT_SWEEPS = {
+    "full": [n * MiB_ELEMENTS for n in (1, 4, 16, 64, 128)],
+    "quick": [MiB_ELEMENTS // 4, MiB_ELEMENTS],
+    "smoke": [4096, 16384],
+}
+
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    name: str
+    rowwise: bool  # True: inputs are (rows, classes) logits + int targets
+    ours: Callable[..., mx.array]
+    reference: Callable[..., mx.array]
+    reference_name: str
+    make_inputs: Callable[[Tuple[int, ...], mx.Dtype], list]
+
+
+@dataclass(frozen=True)
+class Case:
+    spec: LossSpec
+    dtype_name: str
+    shape: Tuple[int, ...]
+
+    @property
+    def size_label(self) -> str:
+        if self.spec.rowwise:
+            return "x".join(str(d) for d in self.shape)
+        n = self.shape[0]
+        return f"{n // MiB_ELEMENTS}M" if n % MiB_ELEMENTS == 0 else str(n)
+
+    @property
+    def elements(self) -> int:
+        count = 1
+        for d in self.shape:
+            count *= d
+        return count
+
+
+# ---- input builders -------------------------------------------------------
+
+def _logits_and_class_targets(shape, dtype):
+    logits = mx.random.normal(shape).astype(dtype)
+    targets = mx.random.randint(0, shape[-1], shape[:-1]).astype(mx.int32)
+    return [logits, targets]
+
+
+def _predictions_and_targets(shape, dtype):
+    return [mx.random.normal(shape).astype(dtype), mx.random.normal(shape).astype(dtype)]
+
+
+def _logits_and_binary_targets(shape, dtype):
+    logits = mx.random.normal(shape).astype(dtype)
+    targets = mx.random.bernoulli(0.1, shape).astype(dtype)  # detection-like: mostly negatives
+    return [logits, targets]
+
+
+# ---- reference formulas where MLX has no such loss ---------------------------
+
+def composed_sigmoid_focal(inputs, targets):
+    """torchvision.ops.sigmoid_focal_loss written with MLX ops, mean-reduced."""
+    p = mx.sigmoid(inputs)
+    ce = mx.logaddexp(0.0, inputs) - inputs * targets  # BCE with logits
+    p_t = p * targets + (1 - p) * (1 - targets)
+    alpha_t = FOCAL_ALPHA * targets + (1 - FOCAL_ALPHA) * (1 - targets)
+    return mx.mean(alpha_t * ce * (1 - p_t) ** FOCAL_GAMMA)
+
+
+def composed_softmax_focal(logits, targets):
+    """Multi-class focal loss, -(1 - p_t)^gamma * log p_t, no alpha, mean-reduced."""
+    log_probs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    log_p_t = mx.take_along_axis(log_probs, targets[:, None], axis=-1).squeeze(-1)
+    return mx.mean(-((1 - mx.exp(log_p_t)) ** FOCAL_GAMMA) * log_p_t)
+
+
+LOSSES = {
+    spec.name: spec
+    for spec in [
+        LossSpec(
+            name="cross_entropy",
+            rowwise=True,
+            ours=lambda x, t: fl.cross_entropy(x, t, label_smoothing=LABEL_SMOOTHING, reduction="mean"),
+            reference=lambda x, t: mlx_losses.cross_entropy(
+                x, t, label_smoothing=LABEL_SMOOTHING, reduction="mean"
+            ),
+            reference_name="mlx.nn.losses.cross_entropy(label_smoothing=0.1)",
+            make_inputs=_logits_and_class_targets,
+        ),
+        LossSpec(
+            name="smooth_l1",
+            rowwise=False,
+            ours=lambda p, t: fl.smooth_l1_loss(p, t, beta=SMOOTH_L1_BETA, reduction="mean"),
+            reference=lambda p, t: mlx_losses.smooth_l1_loss(p, t, beta=SMOOTH_L1_BETA, reduction="mean"),
+            reference_name="mlx.nn.losses.smooth_l1_loss",
+            make_inputs=_predictions_and_targets,
+        ),
+        LossSpec(
+            name="sigmoid_focal",
+            rowwise=False,
+            ours=lambda x, t: fl.sigmoid_focal_loss(
+                x, t, alpha=FOCAL_ALPHA, gamma=FOCAL_GAMMA, reduction="mean"
+            ),
+            reference=composed_sigmoid_focal,
+            reference_name="composed MLX formula (torchvision semantics)",
+            make_inputs=_logits_and_binary_targets,
+        ),
+        LossSpec(
+            name="softmax_focal",
+            rowwise=True,
+            ours=lambda x, t: fl.softmax_focal_loss(x, t, gamma=FOCAL_GAMMA, reduction="mean"),
+            reference=composed_softmax_focal,
+            reference_name="composed MLX formula",
+            make_inputs=_logits_and_class_targets,
+        ),
+    ]
+}
+
+DEFAULT_LOSSES = ["cross_entropy", "smooth_l1", "sigmoid_focal"]
+
+
+def build_cases(loss_names: Sequence[str], dtype_names: Sequence[str], sweep: str):
+    """Cases ordered loss -> dtype -> increasing size (the memory guard relies on it)."""
+    cases = []
+    for name in loss_names:
+        spec = LOSSES[name]
+        shapes = ROW_SWEEPS[sweep] if spec.rowwise else [(n,) for n in FLAT_SWEEPS[sweep]]
+        for dtype_name in dtype_names:
+            cases.extend(Case(spec, dtype_name, shape) for shape in shapes)
+    return cases

@@ -1,0 +1,87 @@
+"""Command line entry point: ``python -m bench [--quick | --smoke] ...``."""
+
+import argparse
+import sys
+
+import mlx.core as mx
+from tqdm import tqdm
+
+from bench.cases import DEFAULT_LOSSES, DTYPES, LOSSES, build_cases
+from bench.plot import plot_results
+from bench.report import format_table, write_json
+from bench.runner import MemoryGuard, run_case
+from bench.timing import RepeatPolicy
+
+# Per-sweep repeat policy; --repeats overrides max_repeats.
+POLICIES = {
+    "full": RepeatPolicy(max_repeats=20, budget_s=1.0),
+    "quick": RepeatPolicy(max_repeats=10, budget_s=0.2),
+    "smoke": RepeatPolicy(max_repeats=3, budget_s=0.0),
+}
+
+
+def _comma_list(choices):
+    def parse(text):
+        items = [s.strip() for s in text.split(",") if s.strip()]
+        unknown = [s for s in items if s not in choices]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {unknown}; choose from {sorted(choices)}")
+        return items
+    return parse
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    sweep = parser.add_mutually_exclusive_group()
+    sweep.add_argument("--quick", action="store_const", dest="sweep", const="quick",
+                       help="small sizes, finishes in under a minute on 2 CPU cores")
+    sweep.add_argument("--smoke", action="store_const", dest="sweep", const="smoke",
+                       help="tiny sizes for tests (seconds)")
+    parser.set_defaults(sweep="full")
+    parser.add_argument("--losses", type=_comma_list(LOSSES), default=DEFAULT_LOSSES,
+                        help=f"comma list from {','.join(LOSSES)} (default {','.join(DEFAULT_LOSSES)})")
+    parser.add_argument("--dtypes", type=_comma_list(DTYPES), default=list(DTYPES),
+                        help="comma list from float32,bfloat16 (default both)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="maximum timed repeats per measurement (adaptive below this)")
+    parser.add_argument("--compile", action="store_true",
+                        help="wrap ours and the MLX reference in mx.compile")
+    parser.add_argument("--json", default="bench_results.json", help="results file")
+    parser.add_argument("--plot", default="bench_results.png", help="plot file")
+    return parser.parse_args(argv)
+
+
+def _policy(args) -> RepeatPolicy:
+    policy = POLICIES[args.sweep]
+    if args.repeats is not None:
+        policy = RepeatPolicy(max_repeats=args.repeats, min_repeats=min(policy.min_repeats, args.repeats),
+                              budget_s=policy.budget_s, slow_call_s=policy.slow_call_s)
+    return policy
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    policy = _policy(args)
+    cases = build_cases(args.losses, args.dtypes, args.sweep)
+    guard = MemoryGuard()
+
+    records = []
+    progress = tqdm(cases, desc="bench", unit="case")
+    for case in progress:
+        progress.set_postfix_str(f"{case.spec.name} {case.dtype_name} {case.size_label}")
+        records.extend(run_case(case, policy, args.compile, guard))
+    progress.close()  # finish the bar before the table goes to stdout
+
+    print(f"device: {mx.default_device()}, sweep: {args.sweep}, compile: {args.compile}")
+    print(format_table(records))
+    settings = {"sweep": args.sweep, "losses": args.losses, "dtypes": args.dtypes,
+                "compile": args.compile, "repeat_policy": vars(policy)}
+    write_json(args.json, records, settings)
+    plot_results(records, args.plot, f"mlx_fused_losses on {mx.default_device()} ({args.sweep} sweep)")
+    print(f"wrote {args.json} and {args.plot}")
+
+    mismatches = [r for r in records if r.get("values_match") is False]
+    for r in mismatches[::2]:  # fwd and fwd+bwd share the value check
+        print(f"WARNING: {r['loss']} {r['dtype']} {r['size']}: forward differs from reference "
+              f"by {r['forward_rel_diff']:.2e} (relative)", file=sys.stderr)
+    return 0

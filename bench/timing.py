@@ -1,0 +1,77 @@
+"""The one timing helper and the peak-memory probe used by every measurement."""
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import mlx.core as mx
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    min_ms: float
+    max_ms: float
+    q1_ms: float
+    q3_ms: float
+    repeats: int
+
+    def to_dict(self):
+        return asdict(self)
+
+
+@dataclass
+class RepeatPolicy:
+    """How many timed calls to make after the warmup call.
+
+    The count adapts to the warmup time so that fast cases get many samples and
+    multi-second cases (MLX's composed cross-entropy at V=131072 takes ~20 s per
+    forward+backward on 2 CPU cores) do not blow up the sweep.
+    """
+
+    max_repeats: int = 20
+    min_repeats: int = 3
+    budget_s: float = 1.0  # wall time we aim to spend on timed calls per measurement
+    slow_call_s: float = 5.0  # calls slower than this get only 2 timed repeats
+
+    def repeats_for(self, warmup_s: float) -> int:
+        if warmup_s >= self.slow_call_s:
+            return min(2, self.max_repeats)
+        wanted = int(self.budget_s / max(warmup_s, 1e-6))
+        return max(min(self.min_repeats, self.max_repeats), min(wanted, self.max_repeats))
+
+
+def _run_once(fn: Callable) -> float:
+    start = time.perf_counter()
+    mx.eval(fn())
+    mx.synchronize()  # eval waits for CPU work; synchronize also drains GPU queues
+    return time.perf_counter() - start
+
+
+def measure(fn: Callable, policy: RepeatPolicy):
+    """Time ``fn`` (which returns arrays) -> (Timing, peak memory in bytes).
+
+    The warmup call doubles as the peak-memory probe: the peak is reset right
+    before it and read right after, so it covers exactly one call, including the
+    inputs that are already resident.
+    """
+    mx.synchronize()
+    mx.reset_peak_memory()
+    warmup_s = _run_once(fn)
+    peak_bytes = mx.get_peak_memory()
+
+    samples = sorted(_run_once(fn) * 1e3 for _ in range(policy.repeats_for(warmup_s)))
+    if len(samples) >= 2:
+        q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
+    else:
+        q1 = q3 = samples[0]
+    timing = Timing(
+        median_ms=statistics.median(samples),
+        min_ms=samples[0],
+        max_ms=samples[-1],
+        q1_ms=q1,
+        q3_ms=q3,
+        repeats=len(samples),
+    )
+    return timing, peak_bytes

@@ -1,0 +1,57 @@
+"""Smoke test for the benchmark suite: tiny sizes, checks the JSON and PNG."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("mlx_fused_losses")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TIMING_KEYS = {"median_ms", "min_ms", "max_ms", "q1_ms", "q3_ms", "repeats", "peak_mb", "gbps"}
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    json_path, png_path = out / "results.json", out / "results.png"
+    completed = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--losses", "cross_entropy,smooth_l1,sigmoid_focal,softmax_focal",
+         "--json", str(json_path), "--plot", str(png_path)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert completed.returncode == 0, completed.stderr
+    return completed.stdout, json.loads(json_path.read_text()), png_path
+
+
+def test_outputs_exist(smoke_run):
+    stdout, _, png_path = smoke_run
+    assert "speedup vs mlx" in stdout
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_case_has_both_passes_and_sane_timings(smoke_run):
+    _, data, _ = smoke_run
+    results = data["results"]
+    assert {r["loss"] for r in results} == {"cross_entropy", "smooth_l1", "sigmoid_focal", "softmax_focal"}
+    assert {r["dtype"] for r in results} == {"float32", "bfloat16"}
+    assert {r["pass"] for r in results} == {"fwd", "fwd+bwd"}
+    for r in results:
+        assert "skipped" not in r
+        for impl in ("ours", "mlx", "roofline"):
+            timing = r[impl]
+            assert TIMING_KEYS <= timing.keys()
+            assert 0 < timing["min_ms"] <= timing["median_ms"] <= timing["max_ms"]
+            assert timing["repeats"] >= 3
+            assert timing["peak_mb"] > 0
+        assert r["bytes"] > 0
+        assert r["speedup_vs_mlx"] > 0 and r["ratio_to_roofline"] > 0
+
+
+def test_forward_values_match_reference(smoke_run):
+    _, data, _ = smoke_run
+    mismatched = [(r["loss"], r["dtype"], r["size"], r["forward_rel_diff"])
+                  for r in data["results"] if not r["values_match"]]
+    assert not mismatched
