@@ -1,0 +1,678 @@
+"""cross_entropy: float64 reference self-checks, then the package against the
+reference and against mlx.nn.losses.cross_entropy."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+import reference as R
+from conftest import (DTYPES, assert_close, dtype_id, to_mx, to_np,
+                      row_scale)
+
+REDUCTIONS = ["none", "mean", "sum"]
+
+
+def _softmax_rows(a, axis=-1):
+    a = a - a.max(axis=axis, keepdims=True)
+    e = np.exp(a)
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+# ==========================================================================
+# 1. reference self-validation (no package needed)
+# ==========================================================================
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1, 0.7])
+@pytest.mark.parametrize("axis", [-1, 0, 1])
+@pytest.mark.parametrize("probs", [False, True])
+@pytest.mark.parametrize("with_weights", [False, True])
+def test_reference_matches_mlx(rng, reduction, label_smoothing, axis, probs,
+                               with_weights):
+    shape = (4, 7, 5)
+    x, x64 = to_mx(rng.normal(size=shape) * 3)
+    ax = axis % 3
+    if probs:
+        t, t64 = to_mx(_softmax_rows(rng.normal(size=shape) * 2, axis=ax))
+    else:
+        t64 = rng.integers(0, shape[ax], size=shape[:ax] + shape[ax + 1:])
+        t = mx.array(t64.astype(np.int32))
+    lshape = shape[:ax] + shape[ax + 1:]
+    w, w64 = (to_mx(rng.uniform(0.1, 2, size=lshape)) if with_weights
+              else (None, None))
+    kw = dict(axis=axis, label_smoothing=label_smoothing, reduction=reduction)
+    got = nn.losses.cross_entropy(x, t, w, **kw)
+    ref = R.cross_entropy(x64, t64, w64, **kw)
+    lscale, gscale = R.cross_entropy_error_scales(x64, t64, w64, **kw)
+    assert_close(got, ref, mx.float32, scale=lscale, what="mlx vs ref")
+    # gradients through MLX's (differentiable) composite implementation
+    g = mx.grad(lambda a: nn.losses.cross_entropy(a, t, w, **kw).sum())(x)
+    gref = R.cross_entropy_grad(x64, t64, w64, **kw)
+    assert_close(g, gref, mx.float32, scale=gscale, what="mlx grad vs ref")
+
+
+def _ce_fd_case(rng, opts, probs, axis=-1):
+    shape = (3, 5) if axis % 2 == 1 else (5, 3)  # always K = 5 classes
+    x64 = rng.normal(size=shape) * 2
+    ax = axis % len(shape)
+    if probs:
+        t64 = _softmax_rows(rng.normal(size=shape), axis=ax)
+    else:
+        t64 = rng.integers(0, shape[ax], size=shape[:ax] + shape[ax + 1:])
+        if opts.get("ignore_index") is not None:
+            t64.flat[0] = opts["ignore_index"]
+    return x64, t64
+
+
+CE_OPTS = [
+    dict(),
+    dict(label_smoothing=0.2),
+    dict(label_smoothing=0.3, label_smoothing_mode="others"),
+    dict(z_loss=0.1),
+    dict(class_weights=np.array([0.5, 2.0, 1.0, 0.1, 3.0])),
+    dict(class_weights=np.array([0.5, 2.0, 1.0, 0.1, 3.0]),
+         label_smoothing=0.25, z_loss=1e-2),
+    dict(class_weights=np.array([0.5, 2.0, 1.0, 0.1, 3.0]),
+         label_smoothing=0.25, label_smoothing_mode="others"),
+    dict(ignore_index=-100),
+    dict(ignore_index=1, class_weights=np.array([0.5, 2.0, 1.0, 0.1, 3.0])),
+    dict(weights=True),
+    dict(weights=True, class_weights=np.array([0.5, 2.0, 1.0, 0.1, 3.0]),
+         ignore_index=-100, label_smoothing=0.1, z_loss=0.05),
+]
+
+
+@pytest.mark.parametrize("opts", CE_OPTS, ids=lambda o: ",".join(sorted(o)) or "plain")
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("probs", [False, True])
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_reference_grad_finite_differences(rng, opts, reduction, probs, axis):
+    opts = dict(opts)
+    if probs and "ignore_index" in opts:
+        opts.pop("ignore_index")
+    x64, t64 = _ce_fd_case(rng, opts, probs, axis)
+    w64 = None
+    if opts.pop("weights", False):
+        ax = axis % 2
+        w64 = rng.uniform(0.2, 2.0, size=x64.shape[:ax] + x64.shape[ax + 1:])
+    kw = dict(opts, axis=axis, reduction=reduction)
+    ax = axis % 2
+    lshape = x64.shape[:ax] + x64.shape[ax + 1:]
+    cot = rng.normal(size=lshape) if reduction == "none" else None
+
+    def f(a):
+        out = R.cross_entropy(a, t64, w64, **kw)
+        return (out * (cot if cot is not None else 1.0)).sum()
+
+    num = R.numerical_grad(f, x64)
+    ana = R.cross_entropy_grad(x64, t64, w64, cotangent=cot, **kw)
+    np.testing.assert_allclose(ana, num, rtol=1e-6, atol=1e-7)
+
+
+def test_reference_pytorch_formulation(rng):
+    """Class weights + label smoothing written the way PyTorch documents it:
+    loss_i = (1-eps) * w[t_i] * (-log p_{t_i}) + eps/K * sum_j w_j (-log p_j),
+    mean = sum_i loss_i / sum_i w[t_i] over non-ignored rows."""
+    K, N, eps = 6, 9, 0.15
+    x = rng.normal(size=(N, K)) * 2
+    t = rng.integers(0, K, size=N)
+    t[[2, 5]] = -100
+    w = rng.uniform(0.1, 3, size=K)
+    logp = x - R.logsumexp(x, keepdims=True)
+    keep = t != -100
+    tt = np.where(keep, t, 0)
+    li = (1 - eps) * w[tt] * -logp[np.arange(N), tt] + eps / K * (-(w * logp)).sum(-1)
+    li = np.where(keep, li, 0)
+    kw = dict(label_smoothing=eps, class_weights=w, ignore_index=-100)
+    np.testing.assert_allclose(R.cross_entropy(x, t, **kw), li, rtol=1e-12)
+    np.testing.assert_allclose(R.cross_entropy(x, t, reduction="mean", **kw),
+                               li.sum() / w[tt][keep].sum(), rtol=1e-12)
+    np.testing.assert_allclose(R.cross_entropy(x, t, reduction="sum", **kw),
+                               li.sum(), rtol=1e-12)
+
+
+def test_reference_others_mode_distribution():
+    q = R.ce_target_dist(np.array([1, 0]), 4, False, 0.3, "others")
+    np.testing.assert_allclose(q, [[0.1, 0.7, 0.1, 0.1], [0.7, 0.1, 0.1, 0.1]])
+    q = R.ce_target_dist(np.array([[0.0, 1.0, 0.0, 0.0]]), 4, True, 0.3, "others")
+    np.testing.assert_allclose(q, [[0.1, 0.7, 0.1, 0.1]])
+    q = R.ce_target_dist(np.array([[1.0]]), 1, True, 0.3, "others")
+    np.testing.assert_allclose(q, [[1.0]])
+    q = R.ce_target_dist(np.array([2]), 4, False, 0.4, "uniform")
+    np.testing.assert_allclose(q, [[0.1, 0.1, 0.7, 0.1]])
+
+
+def test_reference_special_rows():
+    x = np.array([[0.0, -np.inf, 1.0], [-np.inf] * 3, [1e4, -1e4, 0.0]])
+    t = np.array([2, 0, 1])
+    out = R.cross_entropy(x, t)
+    assert np.isclose(out[0], np.log1p(np.exp(-1.0)))
+    assert np.isnan(out[1])
+    assert out[2] == 2e4
+    g = R.cross_entropy_grad(x, t)
+    assert g[0, 1] == 0 and np.all(np.isfinite(g[0]))
+    out = R.cross_entropy(x[:1], t[:1], label_smoothing=0.1)
+    assert np.isposinf(out[0])
+    # out-of-range and ignored
+    out = R.cross_entropy(x[[0, 0, 0]], np.array([3, -1, -100]), ignore_index=-100)
+    assert np.isnan(out[0]) and np.isnan(out[1]) and out[2] == 0
+    assert R.cross_entropy(x[:1], np.array([-100]), ignore_index=-100,
+                           reduction="mean") == 0
+
+
+# ==========================================================================
+# 2. the package
+# ==========================================================================
+def _mx_opts(opts):
+    o = dict(opts)
+    if o.get("class_weights") is not None:
+        o["class_weights"] = mx.array(np.asarray(o["class_weights"], np.float32))
+    return o
+
+
+def _np_opts(opts):
+    o = dict(opts)
+    if o.get("class_weights") is not None:
+        o["class_weights"] = np.asarray(o["class_weights"], np.float32).astype(np.float64)
+    return o
+
+
+def check_ce(fl, x, t, weights=None, rng=None, check_grad=True, what="",
+             **opts):
+    """Forward + vjp of fl.cross_entropy against the float64 reference,
+    everything computed from the exact (rounded) values the package sees."""
+    dtype = x.dtype
+    x64, t64 = to_np(x), to_np(t)
+    w64 = None if weights is None else to_np(weights)
+    ropts = _np_opts(opts)
+    mopts = _mx_opts(opts)
+    ref = R.cross_entropy(x64, t64, w64, **ropts)
+    got = fl.cross_entropy(x, t, weights, **mopts)
+    assert got.dtype == dtype, f"{what}: result dtype {got.dtype} != {dtype}"
+    assert got.shape == ref.shape
+    lscale, _ = R.cross_entropy_error_scales(x64, t64, w64, **ropts)
+    assert_close(got, ref, dtype, scale=lscale, what=f"{what} loss")
+    if not check_grad:
+        return got
+    rng = rng or np.random.default_rng(0)
+    cot = mx.array(rng.normal(size=ref.shape).astype(np.float32)).astype(dtype)
+    out, vjps = mx.vjp(lambda a: fl.cross_entropy(a, t, weights, **mopts),
+                       [x], [cot])
+    g = vjps[0]
+    assert g.dtype == dtype and g.shape == x.shape
+    gref = R.cross_entropy_grad(x64, t64, w64, cotangent=to_np(cot), **ropts)
+    _, gscale = R.cross_entropy_error_scales(x64, t64, w64,
+                                             cotangent=to_np(cot), **ropts)
+    assert_close(g, gref, dtype, scale=gscale, what=f"{what} grad")
+    return got
+
+
+def _int_targets(rng, K, bshape, dtype=mx.int32):
+    return mx.array(rng.integers(0, K, size=bshape).astype(np.int64)).astype(dtype)
+
+
+def _logits(rng, shape, dtype, scale=3.0):
+    return to_mx(rng.normal(size=shape) * scale, dtype)[0]
+
+
+SHAPE_CASES = (
+    [(V, b) for V in (1, 2, 31, 32, 33) for b in ((), (1,), (5,), (2, 3), (2, 1, 3))]
+    + [(1000, ()), (1000, (4,)), (1000, (2, 3)), (1000, (1, 2, 2))]
+    + [(4097, ()), (4097, (3,)), (50257, (2,)), (50257, (1, 1))]
+)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("V,bshape", SHAPE_CASES, ids=str)
+def test_class_index_shapes(fl, rng, V, bshape, dtype):
+    x = _logits(rng, bshape + (V,), dtype)
+    t = _int_targets(rng, V, bshape)
+    check_ce(fl, x, t, rng=rng, what=f"V={V} b={bshape}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("V,bshape", [(1, (3,)), (2, ()), (33, (2, 3)),
+                                      (1000, (3,)), (4097, (2,)),
+                                      (50257, (1,))], ids=str)
+def test_prob_targets_shapes(fl, rng, V, bshape, dtype):
+    x = _logits(rng, bshape + (V,), dtype)
+    t = to_mx(_softmax_rows(rng.normal(size=bshape + (V,)) * 2), dtype)[0]
+    check_ce(fl, x, t, rng=rng, what=f"probs V={V} b={bshape}")
+
+
+OPTION_SETS = [
+    dict(label_smoothing=0.1),
+    dict(label_smoothing=0.9),
+    dict(label_smoothing=0.2, label_smoothing_mode="others"),
+    dict(z_loss=1e-4),
+    dict(z_loss=0.5, label_smoothing=0.05),
+    dict(class_weights="rand"),
+    dict(class_weights="rand", label_smoothing=0.3),
+    dict(class_weights="rand", label_smoothing=0.3, label_smoothing_mode="others"),
+    dict(ignore_index=-100),
+    dict(ignore_index=0, label_smoothing=0.1, z_loss=1e-3),
+    dict(ignore_index=-1, class_weights="rand"),
+    dict(weights="rand"),
+    dict(weights="rand", label_smoothing=0.2, z_loss=1e-2),
+    dict(weights="rand", class_weights="rand", ignore_index=-100,
+         label_smoothing=0.1, label_smoothing_mode="others", z_loss=1e-3),
+]
+
+
+def _materialize(rng, opts, K, bshape, probs):
+    """Turn "rand" placeholders into arrays; returns (weights, opts, ignore)"""
+    o = dict(opts)
+    w = None
+    if o.pop("weights", None) == "rand":
+        w = to_mx(rng.uniform(0.0, 2.0, size=bshape))[0]
+    if o.get("class_weights") == "rand":
+        o["class_weights"] = rng.uniform(0.1, 3.0, size=K)
+    if probs:
+        o.pop("ignore_index", None)
+    return w, o
+
+
+def _opt_id(o):
+    return ",".join(f"{k}={v if not isinstance(v, float) else f'{v:g}'}"
+                    for k, v in sorted(o.items()))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("opts", OPTION_SETS, ids=_opt_id)
+@pytest.mark.parametrize("V", [1, 2, 33, 1000])
+def test_options_class_index(fl, rng, V, opts, reduction):
+    bshape = (3, 4) if V < 1000 else (5,)
+    w, o = _materialize(rng, opts, V, bshape, probs=False)
+    t64 = rng.integers(0, V, size=bshape)
+    if "ignore_index" in o:
+        t64.flat[::3] = o["ignore_index"]  # several ignored rows
+        if 0 <= o["ignore_index"] < V:
+            pass  # an in-range class can be the ignore_index (PyTorch)
+    x = _logits(rng, bshape + (V,), mx.float32)
+    t = mx.array(t64.astype(np.int32))
+    check_ce(fl, x, t, w, rng=rng, reduction=reduction, **o)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("opts", OPTION_SETS, ids=_opt_id)
+@pytest.mark.parametrize("V", [1, 2, 33, 1000])
+def test_options_prob_targets(fl, rng, V, opts, reduction):
+    bshape = (3, 4) if V < 1000 else (5,)
+    w, o = _materialize(rng, opts, V, bshape, probs=True)
+    x = _logits(rng, bshape + (V,), mx.float32)
+    t = to_mx(_softmax_rows(rng.normal(size=bshape + (V,)) * 3))[0]
+    check_ce(fl, x, t, w, rng=rng, reduction=reduction, **o)
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("opts", [OPTION_SETS[i] for i in (0, 2, 3, 6, 9, 13)],
+                         ids=_opt_id)
+def test_options_low_precision(fl, rng, dtype, opts, reduction):
+    V, bshape = 50, (6,)
+    w, o = _materialize(rng, opts, V, bshape, probs=False)
+    if w is not None:
+        w = w.astype(dtype)
+    t64 = rng.integers(0, V, size=bshape)
+    if "ignore_index" in o:
+        t64[1] = o["ignore_index"]
+    x = _logits(rng, bshape + (V,), dtype)
+    check_ce(fl, x, mx.array(t64.astype(np.int32)), w, rng=rng,
+             reduction=reduction, **o)
+
+
+def test_soft_targets_not_summing_to_one(fl, rng):
+    """The definition is sum_j w_j q_j (lse - x_j); for targets that do not sum
+    to one this is *not* lse - <x, t>."""
+    x = _logits(rng, (4, 9), mx.float32)
+    t = to_mx(rng.uniform(0, 1, size=(4, 9)))[0]
+    for o in [dict(), dict(label_smoothing=0.3),
+              dict(label_smoothing=0.3, label_smoothing_mode="others")]:
+        check_ce(fl, x, t, rng=rng, **o)
+
+
+# --------------------------------------------------------------------------
+# layouts: non-contiguous, transposed, axis != -1, broadcast
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_transposed_logits(fl, rng, dtype):
+    V, N = 37, 6
+    base = _logits(rng, (V, N), dtype)
+    t = _int_targets(rng, V, (N,))
+    check_ce(fl, base.T, t, rng=rng, what="x.T axis=-1")
+    check_ce(fl, base, t, axis=0, rng=rng, what="axis=0")
+    check_ce(fl, base.T, t, rng=rng, reduction="mean", label_smoothing=0.1,
+             what="x.T mean ls")
+    tp = to_mx(_softmax_rows(rng.normal(size=(N, V))), dtype)[0]
+    check_ce(fl, base, tp.T, axis=0, rng=rng, what="probs axis=0")
+    check_ce(fl, base.T, tp, rng=rng, what="probs x.T")
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2, -1, -2, -3])
+@pytest.mark.parametrize("probs", [False, True])
+def test_3d_axes(fl, rng, axis, probs):
+    shape = (5, 33, 4)
+    x = _logits(rng, shape, mx.float32)
+    ax = axis % 3
+    lshape = shape[:ax] + shape[ax + 1:]
+    if probs:
+        t = to_mx(_softmax_rows(rng.normal(size=shape), axis=ax))[0]
+    else:
+        t = _int_targets(rng, shape[ax], lshape)
+    w = to_mx(rng.uniform(0.5, 1.5, size=lshape))[0]
+    for red in REDUCTIONS:
+        check_ce(fl, x, t, axis=axis, rng=rng, reduction=red,
+                 what=f"axis={axis} {red}")
+    check_ce(fl, x, t, w, axis=axis, rng=rng, label_smoothing=0.2,
+             z_loss=1e-3, class_weights=rng.uniform(0.5, 2, size=shape[ax]),
+             reduction="mean", what=f"axis={axis} all-options")
+
+
+def test_strided_slices(fl, rng):
+    X = _logits(rng, (8, 70), mx.float32)
+    T = _int_targets(rng, 70, (8,))
+    x = X[::2, ::3]  # stepped class axis
+    t = mx.array(to_np(T)[::2] % x.shape[-1]).astype(mx.int32)
+    check_ce(fl, x, t, rng=rng, what="X[::2, ::3]")
+    x = X[1::3, 5:60:7]
+    t = mx.array(rng.integers(0, x.shape[-1], size=x.shape[0]).astype(np.int32))
+    check_ce(fl, x, t, rng=rng, what="X[1::3, 5:60:7]")
+    x = X[:, ::-1]
+    check_ce(fl, x, T, rng=rng, what="reversed classes")
+    # non-contiguous targets
+    T2 = _int_targets(rng, 70, (16,))
+    check_ce(fl, X, T2[::2], rng=rng, what="strided targets")
+    # non-contiguous per-sample weights
+    W = to_mx(rng.uniform(0, 2, size=(16,)))[0]
+    check_ce(fl, X, T, W[::2], rng=rng, reduction="sum", what="strided weights")
+    # 3-D transposes
+    Y = _logits(rng, (3, 4, 40), mx.float32)
+    y = mx.transpose(Y, (1, 0, 2))
+    check_ce(fl, y, _int_targets(rng, 40, (4, 3)), rng=rng, what="transpose(1,0,2)")
+    y = mx.transpose(Y, (2, 0, 1))
+    check_ce(fl, y, _int_targets(rng, 4, (40, 3)), rng=rng, what="transpose(2,0,1)")
+    check_ce(fl, y, _int_targets(rng, 40, (3, 4)), axis=0, rng=rng,
+             what="transpose(2,0,1) axis=0")
+
+
+def test_broadcast_logits(fl, rng):
+    row = _logits(rng, (1, 33), mx.float32)
+    x = mx.broadcast_to(row, (6, 33))
+    t = _int_targets(rng, 33, (6,))
+    check_ce(fl, x, t, rng=rng, what="stride-0 rows")
+    col = _logits(rng, (6, 1), mx.float32)
+    x = mx.broadcast_to(col, (6, 33))
+    check_ce(fl, x, t, rng=rng, what="stride-0 classes")
+
+
+def test_large_vocab_non_contiguous(fl, rng):
+    X = _logits(rng, (50257, 2), mx.float32)
+    t = _int_targets(rng, 50257, (2,))
+    check_ce(fl, X.T, t, rng=rng, what="50257 transposed")
+    check_ce(fl, X, t, axis=0, rng=rng, label_smoothing=0.1, z_loss=1e-4,
+             reduction="mean", what="50257 axis=0")
+
+
+# --------------------------------------------------------------------------
+# extreme values
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("V", [2, 33, 4097])
+def test_huge_logits(fl, rng, dtype, V):
+    x64 = rng.choice([-1e4, 1e4], size=(4, V)) + rng.normal(size=(4, V))
+    x = to_mx(x64, dtype)[0]
+    t = _int_targets(rng, V, (4,))
+    check_ce(fl, x, t, rng=rng, what="+-1e4")
+    check_ce(fl, x, t, rng=rng, label_smoothing=0.1, reduction="mean",
+             what="+-1e4 ls mean")
+    tp = to_mx(_softmax_rows(rng.normal(size=(4, V))), dtype)[0]
+    check_ce(fl, x, tp, rng=rng, what="+-1e4 probs")
+
+
+def test_huge_differences(fl, rng):
+    x = mx.array([[-1e30, 0.0, 1e30], [1e38, -1e38, 0.0], [1e-30, 0.0, -1e-30],
+                  [88.0, -88.0, 0.0], [1e4, 1e4 - 1, 1e4 - 2]], dtype=mx.float32)
+    t = mx.array([0, 2, 2, 1, 0])
+    check_ce(fl, x, t, rng=rng, what="huge differences")
+    check_ce(fl, x, t, rng=rng, label_smoothing=0.1, what="huge differences ls")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("V", [2, 33, 1000])
+def test_neg_inf_entries(fl, rng, dtype, V):
+    x64 = rng.normal(size=(5, V))
+    t64 = rng.integers(0, V, size=5)
+    mask = rng.uniform(size=(5, V)) < 0.5
+    mask[np.arange(5), t64] = False  # target never -inf
+    x64[mask] = -np.inf
+    x = to_mx(x64, dtype)[0]
+    t = mx.array(t64.astype(np.int32))
+    check_ce(fl, x, t, rng=rng, what="-inf entries")
+    check_ce(fl, x, t, rng=rng, z_loss=1e-3, class_weights=rng.uniform(0.5, 2, V),
+             reduction="mean", what="-inf entries z cw")
+    # probability targets with zero mass on the -inf classes
+    p64 = _softmax_rows(rng.normal(size=(5, V)))
+    p64[mask] = 0
+    p64 /= p64.sum(-1, keepdims=True)
+    check_ce(fl, x, to_mx(p64, dtype)[0], rng=rng, what="-inf entries probs")
+
+
+def test_neg_inf_with_smoothing_is_inf(fl):
+    """With label smoothing every class has target mass, so a -inf logit makes
+    the loss +inf (as in mlx.nn.losses.cross_entropy)."""
+    x = mx.array([[0.0, -float("inf"), 1.0], [0.0, 1.0, 2.0]])
+    t = mx.array([2, 0])
+    out = fl.cross_entropy(x, t, label_smoothing=0.1)
+    ref = nn.losses.cross_entropy(x, t, label_smoothing=0.1)
+    assert np.isposinf(to_np(out)[0]) and np.isposinf(to_np(ref)[0])
+    assert np.isclose(to_np(out)[1], to_np(ref)[1], rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_all_neg_inf_row_is_nan(fl, dtype):
+    x = mx.array([[-float("inf")] * 4, [0.0, 1.0, 2.0, 3.0]]).astype(dtype)
+    t = mx.array([1, 2])
+    out = to_np(fl.cross_entropy(x, t))
+    mref = to_np(nn.losses.cross_entropy(x.astype(mx.float32), t))
+    assert np.isnan(out[0]) and np.isnan(mref[0])
+    assert np.isfinite(out[1])
+    assert_close(out[1:], R.cross_entropy(to_np(x)[1:], to_np(t)[1:]), dtype)
+
+
+# --------------------------------------------------------------------------
+# ignore_index / out of range / integer dtypes
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("cw", [False, True])
+def test_all_rows_ignored(fl, rng, reduction, cw):
+    x = _logits(rng, (4, 7), mx.float32)
+    t = mx.full((4,), -100, dtype=mx.int32)
+    kw = dict(ignore_index=-100, reduction=reduction, label_smoothing=0.1,
+              z_loss=1e-2)
+    if cw:
+        kw["class_weights"] = mx.array(rng.uniform(0.5, 2, 7).astype(np.float32))
+    out = fl.cross_entropy(x, t, **kw)
+    assert np.all(to_np(out) == 0), to_np(out)
+    g = mx.grad(lambda a: fl.cross_entropy(a, t, **kw).sum())(x)
+    assert np.all(to_np(g) == 0), to_np(g)
+
+
+@pytest.mark.parametrize("ignore_index", [-100, -1, 0, 6])
+def test_ignore_index_values(fl, rng, ignore_index):
+    x = _logits(rng, (3, 4, 7), mx.float32)
+    t64 = rng.integers(0, 7, size=(3, 4))
+    t64[0, :2] = ignore_index
+    t64[2, 3] = ignore_index
+    t = mx.array(t64.astype(np.int32))
+    for red in REDUCTIONS:
+        got = check_ce(fl, x, t, rng=rng, ignore_index=ignore_index,
+                       reduction=red, label_smoothing=0.2, z_loss=0.01)
+        if red == "none":
+            assert np.all(to_np(got)[t64 == ignore_index] == 0)
+        cw = rng.uniform(0.5, 2, 7)
+        check_ce(fl, x, t, rng=rng, ignore_index=ignore_index, reduction=red,
+                 class_weights=cw)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("bad,ignore", [(7, None), (-1, None), (100, -100),
+                                        (-5, -100), (2**31 - 1, None),
+                                        (-2**31, -100)])
+def test_out_of_range_index_is_nan(fl, rng, reduction, bad, ignore):
+    K = 7
+    x = _logits(rng, (4, K), mx.float32)
+    t64 = rng.integers(0, K, size=4)
+    t64[1] = bad
+    if ignore is not None:
+        t64[3] = ignore
+    t = mx.array(t64.astype(np.int64)).astype(mx.int32)
+    kw = dict(reduction=reduction)
+    if ignore is not None:
+        kw["ignore_index"] = ignore
+    out = to_np(fl.cross_entropy(x, t, **kw))
+    if reduction == "none":
+        assert np.isnan(out[1])
+        good = [0, 2] + ([3] if ignore is None else [])
+        assert np.all(np.isfinite(out[good]))
+        np.testing.assert_allclose(out[good], R.cross_entropy(
+            to_np(x), t64, ignore_index=ignore)[good], rtol=1e-5)
+        if ignore is not None:
+            assert out[3] == 0
+    else:
+        assert np.isnan(out), out
+    g = to_np(mx.grad(lambda a: fl.cross_entropy(a, t, **kw).sum())(x))
+    assert np.all(np.isnan(g[1])), g[1]
+    if reduction == "none":
+        gref = R.cross_entropy_grad(to_np(x), t64, ignore_index=ignore)
+        good = [0, 2, 3]
+        np.testing.assert_allclose(g[good], gref[good], rtol=1e-5, atol=1e-6)
+
+
+INT_DTYPES = [mx.int8, mx.int16, mx.int32, mx.int64, mx.uint8, mx.uint16,
+              mx.uint32, mx.uint64]
+
+
+@pytest.mark.parametrize("tdtype", INT_DTYPES, ids=str)
+def test_integer_target_dtypes(fl, rng, tdtype):
+    V = 100
+    x = _logits(rng, (2, 3, V), mx.float32)
+    t = _int_targets(rng, V, (2, 3), tdtype)
+    check_ce(fl, x, t, rng=rng, what=str(tdtype))
+    check_ce(fl, x, t, rng=rng, reduction="mean", label_smoothing=0.1,
+             class_weights=rng.uniform(0.5, 2, V), what=str(tdtype))
+    if tdtype in (mx.int8, mx.int16, mx.int32, mx.int64):
+        t2 = mx.array(np.array([[5, -100, 7], [-100, 0, 99]])).astype(tdtype)
+        check_ce(fl, x, t2, rng=rng, ignore_index=-100, reduction="mean",
+                 what=f"{tdtype} ignore")
+    # an out-of-range value representable in the dtype
+    t3 = mx.array(np.array([[V + 1, 0, 1], [2, 3, 4]])).astype(tdtype)
+    out = to_np(fl.cross_entropy(x, t3))
+    assert np.isnan(out[0, 0]) and np.all(np.isfinite(out.flat[1:]))
+
+
+# --------------------------------------------------------------------------
+# against mlx.nn.losses.cross_entropy
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("ls", [0.0, 0.25])
+@pytest.mark.parametrize("axis", [-1, 0])
+@pytest.mark.parametrize("probs", [False, True])
+@pytest.mark.parametrize("with_weights", [False, True])
+@pytest.mark.parametrize("V", [1, 33, 4097])
+def test_matches_mlx(fl, rng, reduction, ls, axis, probs, with_weights, V):
+    shape = (V, 3) if axis == 0 else (3, V)
+    ax = axis % 2
+    x = _logits(rng, shape, mx.float32)
+    if probs:
+        t = to_mx(_softmax_rows(rng.normal(size=shape), axis=ax))[0]
+    else:
+        t = _int_targets(rng, V, (3,))
+    w = to_mx(rng.uniform(0, 2, size=(3,)))[0] if with_weights else None
+    kw = dict(axis=axis, label_smoothing=ls, reduction=reduction)
+    got = fl.cross_entropy(x, t, w, **kw)
+    exp = nn.losses.cross_entropy(x, t, w, **kw)
+    assert got.dtype == exp.dtype and got.shape == exp.shape
+    np.testing.assert_allclose(to_np(got), to_np(exp), rtol=2e-5, atol=2e-5)
+
+    def fg(a):
+        return fl.cross_entropy(a, t, w, **kw).sum()
+
+    def fm(a):
+        return nn.losses.cross_entropy(a, t, w, **kw).sum()
+
+    np.testing.assert_allclose(to_np(mx.grad(fg)(x)), to_np(mx.grad(fm)(x)),
+                               rtol=2e-5, atol=2e-6)
+
+
+# --------------------------------------------------------------------------
+# finite differences through the package (fp32, small)
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("opts", CE_OPTS, ids=lambda o: ",".join(sorted(o)) or "plain")
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_package_grad_finite_differences(fl, rng, opts, reduction):
+    """Central differences of the package's own fp32 forward (h = 1e-2,
+    float64 accumulation) agree with its backward."""
+    opts = dict(opts)
+    x64, t64 = _ce_fd_case(rng, opts, probs=False)
+    w = None
+    if opts.pop("weights", False):
+        w = to_mx(rng.uniform(0.2, 2.0, size=t64.shape))[0]
+    mopts = _mx_opts(opts)
+    t = mx.array(t64.astype(np.int32))
+    cot = rng.normal(size=t64.shape) if reduction == "none" else np.array(1.0)
+    cmx = mx.array(cot.astype(np.float32))
+
+    def f64(a):
+        out = fl.cross_entropy(mx.array(a.astype(np.float32)), t, w,
+                               reduction=reduction, **mopts)
+        return float((np.array(out, np.float64) * cot).sum())
+
+    num = R.numerical_grad(f64, x64, h=1e-2)
+    x = mx.array(x64.astype(np.float32))
+    ana = mx.vjp(lambda a: fl.cross_entropy(a, t, w, reduction=reduction,
+                                            **mopts), [x], [cmx])[1][0]
+    np.testing.assert_allclose(to_np(ana), num, rtol=2e-3, atol=2e-3)
+
+
+# --------------------------------------------------------------------------
+# defaults, dtypes, nn module
+# --------------------------------------------------------------------------
+def test_defaults_and_dtype(fl, rng):
+    x = _logits(rng, (3, 5), mx.float32)
+    t = _int_targets(rng, 5, (3,))
+    assert fl.cross_entropy(x, t).shape == (3,)  # reduction="none" default
+    assert to_np(fl.cross_entropy(x, t, z_loss=0.0)).shape == (3,)
+    for dt in DTYPES:
+        out = fl.cross_entropy(x.astype(dt), t, reduction="mean")
+        assert out.dtype == dt and out.shape == ()
+        g = mx.grad(lambda a: fl.cross_entropy(a, t, reduction="sum"))(x.astype(dt))
+        assert g.dtype == dt
+
+
+def test_stream_argument(fl, rng):
+    x = _logits(rng, (3, 5), mx.float32)
+    t = _int_targets(rng, 5, (3,))
+    a = fl.cross_entropy(x, t, stream=mx.cpu)
+    b = fl.cross_entropy(x, t, stream=mx.default_stream(mx.cpu))
+    c = fl.cross_entropy(x, t)
+    assert np.array_equal(to_np(a), to_np(c)) and np.array_equal(to_np(b), to_np(c))
+
+
+def test_nn_module(fl, rng):
+    x = _logits(rng, (4, 9), mx.float32)
+    t = mx.array(np.array([1, -100, 3, 8], np.int32))
+    cw = mx.array(rng.uniform(0.5, 2, 9).astype(np.float32))
+    kw = dict(label_smoothing=0.1, reduction="mean", label_smoothing_mode="others",
+              ignore_index=-100, class_weights=cw, z_loss=1e-3)
+    mod = fl.nn.CrossEntropyLoss(**kw)
+    assert isinstance(mod, nn.Module)
+    np.testing.assert_allclose(to_np(mod(x, t)), to_np(fl.cross_entropy(x, t, **kw)),
+                               rtol=1e-6)
+    mod2 = fl.nn.CrossEntropyLoss()
+    np.testing.assert_allclose(to_np(mod2(x[:1], t[:1])),
+                               to_np(fl.cross_entropy(x[:1], t[:1])), rtol=1e-6)
+    g = mx.grad(lambda a: mod(a, t))(x)
+    np.testing.assert_allclose(to_np(g), to_np(mx.grad(
+        lambda a: fl.cross_entropy(a, t, **kw))(x)), rtol=1e-6)
