@@ -1,0 +1,96 @@
+// The nanobind module _ext: the C++ ops, with keyword names the Python
+// wrappers in python/mlx_fused_losses/losses.py call them by.
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/variant.h>
+
+#include "cpu/parallel.h"
+#include "ops/cross_entropy.h"
+#include "ops/sigmoid_focal.h"
+#include "ops/smooth_l1.h"
+#include "ops/softmax_focal.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace {
+
+// The element-wise primitives fuse "sum" and "mean" into the kernel.
+fl::Reduce to_reduce(const std::string& reduction) {
+  if (reduction == "none") return fl::Reduce::None;
+  if (reduction == "sum") return fl::Reduce::Sum;
+  if (reduction == "mean") return fl::Reduce::Mean;
+  throw std::invalid_argument("reduction must be 'none', 'mean' or 'sum', got '" + reduction + "'");
+}
+
+} // namespace
+
+NB_MODULE(_ext, m) {
+  m.doc() = "Fused loss primitives for MLX (internal: use mlx_fused_losses).";
+
+  nb::register_exception_translator([](const std::exception_ptr& p, void*) {
+    try {
+      std::rethrow_exception(p);
+    } catch (const fl::TypeError& e) {
+      PyErr_SetString(PyExc_TypeError, e.what());
+    }
+  });
+
+  m.def(
+      "cross_entropy",
+      [](const mlx::core::array& logits, const mlx::core::array& targets, int axis,
+         float label_smoothing, const std::string& label_smoothing_mode,
+         std::optional<int64_t> ignore_index, std::optional<mlx::core::array> class_weights,
+         float z_loss, mlx::core::StreamOrDevice stream) {
+        return fl::cross_entropy(logits, targets, axis, label_smoothing, label_smoothing_mode,
+                                 ignore_index, class_weights, z_loss, stream);
+      },
+      "logits"_a, "targets"_a, "axis"_a = -1, "label_smoothing"_a = 0.0f,
+      "label_smoothing_mode"_a = "uniform", "ignore_index"_a = nb::none(),
+      "class_weights"_a = nb::none(), "z_loss"_a = 0.0f, nb::kw_only(), "stream"_a = nb::none(),
+      "Per-row float32 cross-entropy (no reduction).");
+
+  m.def(
+      "smooth_l1_loss",
+      [](const mlx::core::array& predictions, const mlx::core::array& targets, float beta,
+         const std::string& reduction, mlx::core::StreamOrDevice stream) {
+        return fl::smooth_l1_loss(predictions, targets, beta, to_reduce(reduction), stream);
+      },
+      "predictions"_a, "targets"_a, "beta"_a = 1.0f, "reduction"_a = "none", nb::kw_only(),
+      "stream"_a = nb::none(), "Element-wise, summed or averaged float32 smooth-L1 loss.");
+
+  m.def(
+      "huber_loss",
+      [](const mlx::core::array& inputs, const mlx::core::array& targets, float delta, const std::string& reduction,
+         mlx::core::StreamOrDevice stream) {
+        return fl::huber_loss(inputs, targets, delta, to_reduce(reduction), stream);
+      },
+      "inputs"_a, "targets"_a, "delta"_a = 1.0f, "reduction"_a = "none", nb::kw_only(),
+      "stream"_a = nb::none(), "Element-wise, summed or averaged float32 Huber loss.");
+
+  m.def(
+      "sigmoid_focal_loss",
+      [](const mlx::core::array& inputs, const mlx::core::array& targets, float alpha, float gamma,
+         const std::string& reduction, mlx::core::StreamOrDevice stream) {
+        return fl::sigmoid_focal_loss(inputs, targets, alpha, gamma, to_reduce(reduction), stream);
+      },
+      "inputs"_a, "targets"_a, "alpha"_a = 0.25f, "gamma"_a = 2.0f, "reduction"_a = "none",
+      nb::kw_only(), "stream"_a = nb::none(),
+      "Element-wise, summed or averaged float32 sigmoid focal loss.");
+
+  m.def(
+      "softmax_focal_loss",
+      [](const mlx::core::array& logits, const mlx::core::array& targets, int axis, float gamma,
+         std::optional<float> alpha, std::optional<mlx::core::array> class_alpha,
+         std::optional<int64_t> ignore_index, mlx::core::StreamOrDevice stream) {
+        return fl::softmax_focal_loss(logits, targets, axis, gamma, alpha, class_alpha,
+                                      ignore_index, stream);
+      },
+      "logits"_a, "targets"_a, "axis"_a = -1, "gamma"_a = 2.0f, "alpha"_a = nb::none(),
+      "class_alpha"_a = nb::none(), "ignore_index"_a = nb::none(), nb::kw_only(),
+      "stream"_a = nb::none(), "Per-row float32 softmax focal loss (no reduction).");
+
+  m.def("num_threads", &fl::cpu::num_threads,
+        "Threads the CPU kernels use (FL_NUM_THREADS, else the usable cores).");
+}

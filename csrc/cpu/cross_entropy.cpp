@@ -1,0 +1,243 @@
+// CPU kernels of the fused cross-entropy: one pass over each row forward,
+// one read + one write per element backward. Formulas: math/cross_entropy.h.
+#include <algorithm>
+
+#include "cpu/dtype.h"
+#include "cpu/dispatch.h"
+#include "cpu/row_reduce.h"
+#include "math/cross_entropy.h"
+#include "ops/cross_entropy.h"
+
+namespace fl {
+
+namespace {
+
+using cpu::kChunk;
+using flm::LseState;
+
+// Pointers and sizes of one call, captured by the dispatched task.
+struct CeArgs {
+  const void* logits;
+  const int64_t* class_index; // index targets
+  const void* target_probs; // soft targets, logits' dtype
+  const float* class_weights; // null when absent
+  int64_t rows;
+  int num_classes;
+  CrossEntropyParams params;
+  flm::CeSmoothing smoothing;
+  // forward outputs / backward inputs
+  float* loss;
+  float* lse;
+  float* a_sum;
+  // backward only
+  const float* g_loss;
+  const float* g_lse;
+  void* grad;
+};
+
+// Sums over one row, in one pass over its logits (and its soft targets).
+struct RowSums {
+  LseState lse = flm::lse_empty();
+  float sum_w = 0.0f; // sum_j w_j
+  float sum_wx = 0.0f; // sum_j w_j x_j
+  float sum_wt = 0.0f; // sum_j w_j t_j          (soft targets)
+  float sum_wtx = 0.0f; // sum_j w_j t_j x_j     (soft targets)
+};
+
+template <typename T, bool kSoft, bool kWeighted>
+FLM_INLINE RowSums row_sums(const CeArgs& a, const T* x, const T* t) {
+  RowSums r;
+  float tbuf[kSoft ? kChunk : 1];
+  r.lse = cpu::online_row(x, a.num_classes, [&](const float* xv, int c0, int n, float shift, float) {
+    const float* tv = nullptr;
+    if constexpr (kSoft) {
+      tv = cpu::chunk_as_float(t + c0, n, tbuf);
+    }
+    const float* wv = kWeighted ? a.class_weights + c0 : nullptr;
+    float s = 0.0f, sw = 0.0f, swx = 0.0f, swt = 0.0f, swtx = 0.0f;
+    FL_SIMD_REDUCE(reduction(+ : s, sw, swx, swt, swtx))
+    for (int i = 0; i < n; ++i) {
+      float v = xv[i];
+      float w = kWeighted ? wv[i] : 1.0f;
+      s += flm::exp_f32(v - shift);
+      sw += w;
+      swx += flm::weighted(w, v);
+      if constexpr (kSoft) {
+        float wt = w * tv[i];
+        swt += wt;
+        swtx += flm::weighted(wt, v);
+      }
+    }
+    r.sum_w += sw;
+    r.sum_wx += swx;
+    r.sum_wt += swt;
+    r.sum_wtx += swtx;
+    return s;
+  });
+  return r;
+}
+
+// Class index of row r, or -1 for an ignored row, -2 for an out-of-range one.
+FLM_INLINE int64_t row_class(const CeArgs& a, int64_t r) {
+  int64_t t = a.class_index[r];
+  if (a.params.has_ignore_index && t == a.params.ignore_index) {
+    return -1;
+  }
+  return (t < 0 || t >= a.num_classes) ? -2 : t;
+}
+
+FLM_INLINE void store_row(const CeArgs& a, int64_t r, flm::CeRow row) {
+  a.loss[r] = row.loss;
+  a.lse[r] = row.lse;
+  a.a_sum[r] = row.a_sum;
+}
+
+template <typename T, bool kSoft, bool kWeighted>
+FLM_INLINE void forward_rows(const CeArgs& a, int64_t begin, int64_t end) {
+  const auto c = a.smoothing;
+  for (int64_t r = begin; r < end; ++r) {
+    const T* x = static_cast<const T*>(a.logits) + r * a.num_classes;
+    if constexpr (kSoft) {
+      const T* t = static_cast<const T*>(a.target_probs) + r * a.num_classes;
+      RowSums sums = row_sums<T, true, kWeighted>(a, x, t);
+      float m = sums.lse.max;
+      float a_sum = c.c_target * sums.sum_wt + c.c_other * sums.sum_w;
+      float gap = flm::ce_gap(c.c_target, m, sums.sum_wt, sums.sum_wtx) +
+          flm::ce_gap(c.c_other, m, sums.sum_w, sums.sum_wx);
+      store_row(a, r, flm::ce_finish_row(sums.lse, a_sum, gap, a.params.z_loss));
+    } else {
+      int64_t t = row_class(a, r);
+      if (t < 0) {
+        store_row(a, r, flm::ce_masked_row(t == -2)); // the row is never read
+        continue;
+      }
+      RowSums sums = row_sums<T, false, kWeighted>(a, x, nullptr);
+      float m = sums.lse.max;
+      float w_t = kWeighted ? a.class_weights[t] : 1.0f;
+      float x_t = cpu::to_float(x[t]);
+      float a_sum = c.c_target * w_t + c.c_other * sums.sum_w;
+      float gap = flm::ce_gap(c.c_target * w_t, m, 1.0f, x_t) +
+          flm::ce_gap(c.c_other, m, sums.sum_w, sums.sum_wx);
+      store_row(a, r, flm::ce_finish_row(sums.lse, a_sum, gap, a.params.z_loss));
+    }
+  }
+}
+
+template <typename T, bool kSoft, bool kWeighted>
+FLM_INLINE void backward_rows(const CeArgs& a, int64_t begin, int64_t end) {
+  const auto c = a.smoothing;
+  const int K = a.num_classes;
+  for (int64_t r = begin; r < end; ++r) {
+    const T* x = static_cast<const T*>(a.logits) + r * K;
+    T* dx = static_cast<T*>(a.grad) + r * K;
+    int64_t t = kSoft ? 0 : row_class(a, r);
+    if (t < 0) {
+      T fill = cpu::from_float<T>(t == -2 ? flm::kNaN : 0.0f);
+      std::fill(dx, dx + K, fill);
+      continue;
+    }
+    float g = a.g_loss[r];
+    float lse = a.lse[r];
+    float coef = flm::ce_row_softmax_coef(g, a.g_lse[r], a.a_sum[r], lse, a.params.z_loss);
+    float g_other = g * c.c_other;
+    const T* tp = kSoft ? static_cast<const T*>(a.target_probs) + r * K : nullptr;
+    FL_SIMD
+    for (int j = 0; j < K; ++j) {
+      float w = kWeighted ? a.class_weights[j] : 1.0f;
+      float q = kSoft ? g_other + g * c.c_target * cpu::to_float(tp[j]) : g_other;
+      dx[j] = cpu::from_float<T>(flm::ce_grad(cpu::to_float(x[j]), lse, coef, w * q));
+    }
+    if constexpr (!kSoft) {
+      float w_t = kWeighted ? a.class_weights[t] : 1.0f;
+      float q_t = g_other + g * c.c_target;
+      dx[t] = cpu::from_float<T>(flm::ce_grad(cpu::to_float(x[t]), lse, coef, w_t * q_t));
+    }
+  }
+}
+
+// Entry points cloned per instruction set; the layout flags pick the
+// specialised loop outside the row loop.
+template <typename T, bool kBackward>
+FLM_INLINE void rows_for(const CeArgs& a, int64_t begin, int64_t end) {
+  bool soft = a.params.soft_targets, weighted = a.params.has_class_weights;
+  auto run = [&](auto soft_c, auto weighted_c) {
+    if constexpr (kBackward) {
+      backward_rows<T, decltype(soft_c)::value, decltype(weighted_c)::value>(a, begin, end);
+    } else {
+      forward_rows<T, decltype(soft_c)::value, decltype(weighted_c)::value>(a, begin, end);
+    }
+  };
+  using std::false_type, std::true_type;
+  if (soft && weighted) run(true_type{}, true_type{});
+  else if (soft) run(true_type{}, false_type{});
+  else if (weighted) run(false_type{}, true_type{});
+  else run(false_type{}, false_type{});
+}
+
+#define FL_CE_ENTRY(NAME, T, BACKWARD)                                        \
+  FL_VECTOR_CLONES void NAME(const CeArgs& a, int64_t begin, int64_t end) { \
+    rows_for<T, BACKWARD>(a, begin, end);                                     \
+  }
+FL_CE_ENTRY(ce_forward_f32, float, false)
+FL_CE_ENTRY(ce_forward_f16, cpu::Half, false)
+FL_CE_ENTRY(ce_forward_bf16, cpu::BFloat, false)
+FL_CE_ENTRY(ce_backward_f32, float, true)
+FL_CE_ENTRY(ce_backward_f16, cpu::Half, true)
+FL_CE_ENTRY(ce_backward_bf16, cpu::BFloat, true)
+#undef FL_CE_ENTRY
+
+using RowsFn = void (*)(const CeArgs&, int64_t, int64_t);
+
+RowsFn pick(mx::Dtype dtype, bool backward) {
+  if (dtype == mx::float16) return backward ? ce_backward_f16 : ce_forward_f16;
+  if (dtype == mx::bfloat16) return backward ? ce_backward_bf16 : ce_forward_bf16;
+  return backward ? ce_backward_f32 : ce_forward_f32;
+}
+
+CeArgs make_args(const std::vector<mx::array>& inputs, const CrossEntropyParams& p) {
+  const auto& logits = inputs[0];
+  CeArgs a{};
+  a.logits = logits.data<void>();
+  a.num_classes = logits.ndim() ? logits.shape(-1) : 1;
+  a.rows = a.num_classes ? logits.size() / a.num_classes : 0;
+  if (p.soft_targets) {
+    a.target_probs = inputs[1].data<void>();
+  } else {
+    a.class_index = inputs[1].data<int64_t>();
+  }
+  a.class_weights = p.has_class_weights ? inputs[2].data<float>() : nullptr;
+  a.params = p;
+  a.smoothing = flm::ce_smoothing(p.label_smoothing, p.smoothing_mode, a.num_classes);
+  return a;
+}
+
+} // namespace
+
+void CrossEntropy::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  for (auto& out : outputs) {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+  }
+  CeArgs a = make_args(inputs, params_);
+  a.loss = outputs[0].data<float>();
+  a.lse = outputs[1].data<float>();
+  a.a_sum = outputs[2].data<float>();
+  cpu::dispatch_rows(stream(), inputs, outputs, a.rows, a.num_classes,
+                     [a, fn = pick(inputs[0].dtype(), false)](int64_t b, int64_t e) { fn(a, b, e); });
+}
+
+void CrossEntropyVJP::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  auto& grad = outputs[0];
+  grad.set_data(mx::allocator::malloc(grad.nbytes()));
+  CeArgs a = make_args(inputs, params_);
+  size_t n = inputs.size();
+  // inputs: logits, targets, [class_weights], lse, a_sum, g_loss, g_lse
+  a.lse = const_cast<float*>(inputs[n - 4].data<float>());
+  a.a_sum = const_cast<float*>(inputs[n - 3].data<float>());
+  a.g_loss = inputs[n - 2].data<float>();
+  a.g_lse = inputs[n - 1].data<float>();
+  a.grad = grad.data<void>();
+  cpu::dispatch_rows(stream(), inputs, outputs, a.rows, a.num_classes,
+                     [a, fn = pick(inputs[0].dtype(), true)](int64_t b, int64_t e) { fn(a, b, e); });
+}
+
+} // namespace fl

@@ -1,0 +1,181 @@
+// CPU kernels of the element-wise losses: forward reads both inputs once and
+// writes the loss (or a fused float32 sum); backward reads them once more and
+// writes the gradient once. Formulas: math/smooth_l1.h, math/focal.h.
+#include <vector>
+
+#include "cpu/dtype.h"
+#include "cpu/dispatch.h"
+#include <memory>
+#include "cpu/vectorize.h"
+#include "math/focal.h"
+#include "math/smooth_l1.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "ops/pointwise_loss.h"
+
+namespace fl {
+
+namespace {
+
+struct PwArgs {
+  const void* pred;
+  const void* target;
+  int64_t size;
+  PointwiseParams params;
+  float* loss; // element-wise loss, or per-block partial sums for Reduce::Sum
+  const float* cotan; // backward: element-wise, or one scalar for Reduce::Sum
+  void* grad;
+};
+
+// Fixed block size for the fused sum: the partial sums, and so the result,
+// do not depend on how many threads ran.
+constexpr int64_t kSumBlock = 1 << 16;
+
+template <PointwiseKind kKind>
+FLM_INLINE float loss_of(float x, float t, const PointwiseParams& p) {
+  if constexpr (kKind == PointwiseKind::SigmoidFocal) {
+    return flm::sigmoid_focal_loss(x, t, p.param0, p.param1);
+  } else {
+    return flm::regression_loss(int(kKind), x - t, p.param0);
+  }
+}
+
+template <PointwiseKind kKind>
+FLM_INLINE float grad_of(float x, float t, const PointwiseParams& p) {
+  if constexpr (kKind == PointwiseKind::SigmoidFocal) {
+    return flm::sigmoid_focal_grad(x, t, p.param0, p.param1);
+  } else {
+    return flm::regression_grad(int(kKind), x - t, p.param0);
+  }
+}
+
+template <typename T, PointwiseKind kKind>
+FLM_INLINE void forward_range(const PwArgs& a, int64_t begin, int64_t end) {
+  const T* x = static_cast<const T*>(a.pred);
+  const T* t = static_cast<const T*>(a.target);
+  const PointwiseParams p = a.params;
+  if (p.reduce == Reduce::None) {
+    FL_SIMD
+    for (int64_t i = begin; i < end; ++i) {
+      a.loss[i] = loss_of<kKind>(cpu::to_float(x[i]), cpu::to_float(t[i]), p);
+    }
+    return;
+  }
+  for (int64_t b0 = begin; b0 < end; b0 += kSumBlock) {
+    int64_t b1 = std::min(end, b0 + kSumBlock);
+    float sum = 0.0f;
+    FL_SIMD_REDUCE(reduction(+ : sum))
+    for (int64_t i = b0; i < b1; ++i) {
+      sum += loss_of<kKind>(cpu::to_float(x[i]), cpu::to_float(t[i]), p);
+    }
+    a.loss[b0 / kSumBlock] = sum;
+  }
+}
+
+template <typename T, PointwiseKind kKind>
+FLM_INLINE void backward_range(const PwArgs& a, int64_t begin, int64_t end) {
+  const T* x = static_cast<const T*>(a.pred);
+  const T* t = static_cast<const T*>(a.target);
+  T* dx = static_cast<T*>(a.grad);
+  const PointwiseParams p = a.params;
+  bool scalar_cotan = p.reduce != Reduce::None;
+  // d mean / d x_i = 1/n: the scale is applied here, at evaluation time.
+  float g0 = p.reduce == Reduce::Mean ? a.cotan[0] / float(a.size > 0 ? a.size : 1) : a.cotan[0];
+  FL_SIMD
+  for (int64_t i = begin; i < end; ++i) {
+    float g = scalar_cotan ? g0 : a.cotan[i];
+    dx[i] = cpu::from_float<T>(g * grad_of<kKind>(cpu::to_float(x[i]), cpu::to_float(t[i]), p));
+  }
+}
+
+template <typename T, bool kBackward>
+FLM_INLINE void range_for(const PwArgs& a, int64_t begin, int64_t end) {
+  auto run = [&](auto kind) {
+    constexpr PointwiseKind k = decltype(kind)::value;
+    if constexpr (kBackward) {
+      backward_range<T, k>(a, begin, end);
+    } else {
+      forward_range<T, k>(a, begin, end);
+    }
+  };
+  using K = PointwiseKind;
+  switch (a.params.kind) {
+    case K::SmoothL1: run(std::integral_constant<K, K::SmoothL1>{}); break;
+    case K::Huber: run(std::integral_constant<K, K::Huber>{}); break;
+    case K::SigmoidFocal: run(std::integral_constant<K, K::SigmoidFocal>{}); break;
+  }
+}
+
+#define FL_PW_ENTRY(NAME, T, BACKWARD)                                        \
+  FL_VECTOR_CLONES void NAME(const PwArgs& a, int64_t begin, int64_t end) { \
+    range_for<T, BACKWARD>(a, begin, end);                                    \
+  }
+FL_PW_ENTRY(pw_forward_f32, float, false)
+FL_PW_ENTRY(pw_forward_f16, cpu::Half, false)
+FL_PW_ENTRY(pw_forward_bf16, cpu::BFloat, false)
+FL_PW_ENTRY(pw_backward_f32, float, true)
+FL_PW_ENTRY(pw_backward_f16, cpu::Half, true)
+FL_PW_ENTRY(pw_backward_bf16, cpu::BFloat, true)
+#undef FL_PW_ENTRY
+
+using RangeFn = void (*)(const PwArgs&, int64_t, int64_t);
+
+RangeFn pick(mx::Dtype dtype, bool backward) {
+  if (dtype == mx::float16) return backward ? pw_backward_f16 : pw_forward_f16;
+  if (dtype == mx::bfloat16) return backward ? pw_backward_bf16 : pw_forward_bf16;
+  return backward ? pw_backward_f32 : pw_forward_f32;
+}
+
+} // namespace
+
+void PointwiseLoss::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  auto& out = outputs[0];
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  PwArgs a{};
+  a.pred = inputs[0].data<void>();
+  a.target = inputs[1].data<void>();
+  a.size = inputs[0].size();
+  a.params = params_;
+  RangeFn fn = pick(inputs[0].dtype(), false);
+  if (params_.reduce == Reduce::None) {
+    a.loss = out.data<float>();
+    cpu::dispatch_parallel(stream(), inputs, outputs, a.size, cpu::kMinElementsPerTask,
+                           [a, fn](int64_t b, int64_t e) { fn(a, b, e); });
+    return;
+  }
+  // Fused sum: one partial per fixed block (whole blocks per task), so the
+  // result does not depend on the number of threads. The partials live in a
+  // buffer shared by the tasks and are added, in order and in double, by the
+  // last step (a handful of numbers: free).
+  int64_t blocks = (a.size + kSumBlock - 1) / kSumBlock;
+  auto partial = std::make_shared<std::vector<float>>(blocks, 0.0f);
+  a.loss = partial->data();
+  float* result = out.data<float>();
+  cpu::dispatch_parallel(stream(), inputs, outputs, blocks, 1,
+                         [a, fn, partial](int64_t b, int64_t e) {
+                           fn(a, b * kSumBlock, std::min(a.size, e * kSumBlock));
+                         });
+  double divisor = params_.reduce == Reduce::Mean && a.size > 0 ? double(a.size) : 1.0;
+  mx::cpu::get_command_encoder(stream()).dispatch([partial, result, divisor]() {
+    double total = 0.0;
+    for (float v : *partial) {
+      total += v;
+    }
+    *result = float(total / divisor);
+  });
+}
+
+void PointwiseLossVJP::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  auto& grad = outputs[0];
+  grad.set_data(mx::allocator::malloc(grad.nbytes()));
+  PwArgs a{};
+  a.pred = inputs[0].data<void>();
+  a.target = inputs[1].data<void>();
+  a.size = inputs[0].size();
+  a.params = params_;
+  a.cotan = inputs[2].data<float>();
+  a.grad = grad.data<void>();
+  cpu::dispatch_parallel(stream(), inputs, outputs, a.size, cpu::kMinElementsPerTask,
+                         [a, fn = pick(inputs[0].dtype(), true)](int64_t b, int64_t e) { fn(a, b, e); });
+}
+
+} // namespace fl

@@ -1,0 +1,147 @@
+// CPU kernels of the softmax focal loss: one pass per row forward (online
+// log-sum-exp that also keeps the non-target mass, so 1 - p_t has no
+// cancellation), one read + one write per element backward.
+#include "cpu/dispatch.h"
+#include "cpu/row_reduce.h"
+#include "math/focal.h"
+#include "ops/softmax_focal.h"
+
+namespace fl {
+
+namespace {
+
+struct FocalArgs {
+  const void* logits;
+  const int64_t* class_index;
+  const float* class_alpha; // null: scalar params.alpha
+  int64_t rows;
+  int num_classes;
+  SoftmaxFocalParams params;
+  float* loss;
+  float* lse;
+  float* coef;
+  const float* g_loss;
+  void* grad;
+};
+
+// Class index of row r, or -1 for an ignored row, -2 for an out-of-range one.
+FLM_INLINE int64_t row_class(const FocalArgs& a, int64_t r) {
+  int64_t t = a.class_index[r];
+  if (a.params.has_ignore_index && t == a.params.ignore_index) {
+    return -1;
+  }
+  return (t < 0 || t >= a.num_classes) ? -2 : t;
+}
+
+template <typename T>
+FLM_INLINE void forward_rows(const FocalArgs& a, int64_t begin, int64_t end) {
+  for (int64_t r = begin; r < end; ++r) {
+    int64_t t = row_class(a, r);
+    flm::FocalRow row;
+    if (t < 0) {
+      row = flm::softmax_focal_masked_row(t == -2);
+    } else {
+      const T* x = static_cast<const T*>(a.logits) + r * a.num_classes;
+      float s_other = 0.0f;
+      auto st = cpu::online_row(x, a.num_classes, [&](const float* xv, int c0, int n, float shift,
+                                                      float scale) {
+        float s = 0.0f, so = 0.0f;
+        int64_t local_t = t - c0; // the target's index in this chunk, if inside
+        FL_SIMD_REDUCE(reduction(+ : s, so))
+        for (int i = 0; i < n; ++i) {
+          float e = flm::exp_f32(xv[i] - shift);
+          s += e;
+          so += i == local_t ? 0.0f : e;
+        }
+        s_other = s_other * scale + so;
+        return s;
+      });
+      float alpha_t = a.class_alpha ? a.class_alpha[t] : a.params.alpha;
+      row = flm::softmax_focal_finish_row(st.max, st.sum, s_other, cpu::to_float(x[t]), alpha_t,
+                                          a.params.gamma);
+    }
+    a.loss[r] = row.loss;
+    a.lse[r] = row.lse;
+    a.coef[r] = row.coef;
+  }
+}
+
+template <typename T>
+FLM_INLINE void backward_rows(const FocalArgs& a, int64_t begin, int64_t end) {
+  const int K = a.num_classes;
+  for (int64_t r = begin; r < end; ++r) {
+    const T* x = static_cast<const T*>(a.logits) + r * K;
+    T* dx = static_cast<T*>(a.grad) + r * K;
+    int64_t t = row_class(a, r);
+    if (t < 0) {
+      T fill = cpu::from_float<T>(t == -2 ? flm::kNaN : 0.0f);
+      std::fill(dx, dx + K, fill);
+      continue;
+    }
+    float lse = a.lse[r];
+    float coef = a.g_loss[r] * a.coef[r];
+    FL_SIMD
+    for (int j = 0; j < K; ++j) {
+      dx[j] = cpu::from_float<T>(flm::softmax_focal_grad(cpu::to_float(x[j]), lse, coef, j == t));
+    }
+  }
+}
+
+#define FL_FOCAL_ENTRY(NAME, FN, T)                                              \
+  FL_VECTOR_CLONES void NAME(const FocalArgs& a, int64_t begin, int64_t end) { \
+    FN<T>(a, begin, end);                                                        \
+  }
+FL_FOCAL_ENTRY(focal_forward_f32, forward_rows, float)
+FL_FOCAL_ENTRY(focal_forward_f16, forward_rows, cpu::Half)
+FL_FOCAL_ENTRY(focal_forward_bf16, forward_rows, cpu::BFloat)
+FL_FOCAL_ENTRY(focal_backward_f32, backward_rows, float)
+FL_FOCAL_ENTRY(focal_backward_f16, backward_rows, cpu::Half)
+FL_FOCAL_ENTRY(focal_backward_bf16, backward_rows, cpu::BFloat)
+#undef FL_FOCAL_ENTRY
+
+using RowsFn = void (*)(const FocalArgs&, int64_t, int64_t);
+
+RowsFn pick(mx::Dtype dtype, bool backward) {
+  if (dtype == mx::float16) return backward ? focal_backward_f16 : focal_forward_f16;
+  if (dtype == mx::bfloat16) return backward ? focal_backward_bf16 : focal_forward_bf16;
+  return backward ? focal_backward_f32 : focal_forward_f32;
+}
+
+FocalArgs make_args(const std::vector<mx::array>& inputs, const SoftmaxFocalParams& p) {
+  FocalArgs a{};
+  a.logits = inputs[0].data<void>();
+  a.num_classes = inputs[0].shape(-1);
+  a.rows = inputs[0].size() / a.num_classes;
+  a.class_index = inputs[1].data<int64_t>();
+  a.params = p;
+  return a;
+}
+
+} // namespace
+
+void SoftmaxFocal::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  for (auto& out : outputs) {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+  }
+  FocalArgs a = make_args(inputs, params_);
+  a.class_alpha = params_.has_class_alpha ? inputs[2].data<float>() : nullptr;
+  a.loss = outputs[0].data<float>();
+  a.lse = outputs[1].data<float>();
+  a.coef = outputs[2].data<float>();
+  cpu::dispatch_rows(stream(), inputs, outputs, a.rows, a.num_classes,
+                     [a, fn = pick(inputs[0].dtype(), false)](int64_t b, int64_t e) { fn(a, b, e); });
+}
+
+void SoftmaxFocalVJP::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  auto& grad = outputs[0];
+  grad.set_data(mx::allocator::malloc(grad.nbytes()));
+  FocalArgs a = make_args(inputs, params_);
+  a.lse = const_cast<float*>(inputs[2].data<float>());
+  a.coef = const_cast<float*>(inputs[3].data<float>());
+  a.g_loss = inputs[4].data<float>();
+  a.grad = grad.data<void>();
+  cpu::dispatch_rows(stream(), inputs, outputs, a.rows, a.num_classes,
+                     [a, fn = pick(inputs[0].dtype(), true)](int64_t b, int64_t e) { fn(a, b, e); });
+}
+
+} // namespace fl

@@ -1,0 +1,35 @@
+// How the CPU kernels get SIMD code without -march=native in a wheel.
+//
+// The hot loops are written as plain loops over float32 with `omp simd`
+// reductions (compiled with -fopenmp-simd: vectorization hints only, no OpenMP
+// runtime) so the compiler may reorder the sums into vector lanes. On x86-64
+// Linux with GCC, each kernel entry point is cloned for AVX-512 and AVX2+FMA and
+// the loader picks the best at run time (target_clones, an ifunc). Elsewhere
+// (macOS arm64: NEON is baseline) the default build is used.
+#pragma once
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define FL_VECTOR_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+#else
+#define FL_VECTOR_CLONES
+#endif
+
+#define FL_PRAGMA(x) _Pragma(#x)
+// A vectorizable loop with the given reduction clause(s).
+#define FL_SIMD_REDUCE(clauses) FL_PRAGMA(omp simd clauses)
+#define FL_SIMD FL_PRAGMA(omp simd)
+
+namespace fl::cpu {
+
+// Rows are processed in chunks that stay in L1 between the max pass and the
+// exp pass, so the logits come from memory exactly once.
+constexpr int kChunk = 2048;
+
+// Work smaller than this many elements per thread is not worth a wake-up.
+constexpr int64_t kMinElementsPerTask = 1 << 15;
+
+inline int64_t rows_per_task(int64_t row_length) {
+  return row_length >= kMinElementsPerTask ? 1 : kMinElementsPerTask / (row_length > 0 ? row_length : 1);
+}
+
+} // namespace fl::cpu

@@ -1,0 +1,93 @@
+// Focal losses (Lin et al., RetinaNet), shared by CPU and Metal kernels.
+//
+// Sigmoid focal, element-wise (torchvision.ops.sigmoid_focal_loss semantics):
+//   p = sigmoid(x), ce = softplus(x) - x t,  m = 1 - p_t = p (1 - t) + (1 - p) t
+//   loss = alpha_t * ce * m^gamma,  alpha_t = alpha t + (1 - alpha)(1 - t)
+//   (alpha < 0 disables alpha_t).
+// Gradient: d/dx = alpha_t [ (p - t) m^gamma + gamma ce m^(gamma-1) p(1-p)(1-2t) ].
+// For gamma < 1 the factor m^(gamma-1) is singular where the prediction is
+// saturated (m -> 0). Since m lies between p and 1-p, the ratio r = p(1-p)/m is
+// in [0, 1] and m^(gamma-1) p(1-p) = m^gamma r stays finite: we compute that.
+//
+// Softmax focal, per row with class index t:
+//   u = 1 - p_t (computed as sum_{j != t} e^{x_j - m} / sum_j e^{x_j - m}, no
+//   cancellation), loss = alpha_t u^gamma (-log p_t).
+// Gradient: d/dx_j = alpha_t C (p_j - [j == t]),
+//   C = u^gamma (1 + gamma p_t (-log p_t) / u), and (-log p_t)/u -> 1 as u -> 0,
+// so backward needs per row only lse and alpha_t C, which forward saves.
+#pragma once
+
+#include "transcendental.h"
+
+namespace flm {
+
+FLM_INLINE float focal_alpha_t(float t, float alpha) {
+  return alpha < 0.0f ? 1.0f : alpha * t + (1.0f - alpha) * (1.0f - t);
+}
+
+// m = 1 - p_t from p and 1 - p, each computed without cancellation.
+FLM_INLINE float sigmoid_focal_modulator(float p, float q, float t) {
+  return p * (1.0f - t) + q * t;
+}
+
+FLM_INLINE float sigmoid_focal_loss(float x, float t, float alpha, float gamma) {
+  float p = sigmoid_f32(x);
+  float q = sigmoid_f32(-x);
+  float ce = softplus_f32(x) - x * t;
+  float m = sigmoid_focal_modulator(p, q, t);
+  return focal_alpha_t(t, alpha) * ce * pow_unit(m, gamma);
+}
+
+FLM_INLINE float sigmoid_focal_grad(float x, float t, float alpha, float gamma) {
+  float p = sigmoid_f32(x);
+  float q = sigmoid_f32(-x);
+  float ce = softplus_f32(x) - x * t;
+  float m = sigmoid_focal_modulator(p, q, t);
+  float m_pow = pow_unit(m, gamma);
+  // r = p(1-p)/m in [0, 1]; its limit when m underflows to 0 is irrelevant
+  // because m^gamma = 0 (gamma > 0) or gamma = 0 multiplies it away.
+  float r = m > 0.0f ? (p * q) / m : 1.0f;
+  float focus = gamma == 0.0f ? 0.0f : gamma * ce * m_pow * r * (1.0f - 2.0f * t);
+  return focal_alpha_t(t, alpha) * ((p - t) * m_pow + focus);
+}
+
+// Per-row results of the softmax focal forward pass.
+struct FocalRow {
+  float loss;
+  float lse;
+  float coef; // alpha_t * C, saved for backward
+};
+
+// From the row's max m, s = sum_j e^{x_j - m}, s_other = the same sum without
+// the target, and the target logit x_t.
+FLM_INLINE FocalRow softmax_focal_finish_row(float m, float s, float s_other, float x_t,
+                                             float alpha_t, float gamma) {
+  FocalRow r;
+  float log_s = log_f32(s);
+  r.lse = m + log_s;
+  float u = s_other / s; // 1 - p_t
+  float p_t = exp_f32(x_t - r.lse);
+  // -log p_t: from u when p_t is near 1 (log1p keeps its bits), else directly.
+  float nll = u < 0.5f ? -log1p_f32(-u) : (m - x_t) + log_s;
+  float u_pow = pow_unit(u, gamma);
+  r.loss = alpha_t * u_pow * nll;
+  float ratio = u > 0.0f ? nll / u : 1.0f;
+  r.coef = alpha_t * (gamma == 0.0f ? 1.0f : u_pow * (1.0f + gamma * p_t * ratio));
+  return r;
+}
+
+FLM_INLINE FocalRow softmax_focal_masked_row(bool out_of_range) {
+  FocalRow r;
+  r.loss = out_of_range ? kNaN : 0.0f;
+  r.lse = 0.0f;
+  r.coef = out_of_range ? kNaN : 0.0f;
+  return r;
+}
+
+// Backward for one element: row_coef (p_j - [j == t]), row_coef = g alpha_t C.
+FLM_INLINE float softmax_focal_grad(float x, float lse, float row_coef, bool is_target) {
+  float p = exp_f32(x - lse);
+  return row_coef * (is_target ? p - 1.0f : p);
+}
+
+} // namespace flm

@@ -1,0 +1,87 @@
+#include "ops/common.h"
+
+namespace fl {
+
+std::string shape_str(const mx::Shape& shape) {
+  std::ostringstream out;
+  out << "(";
+  for (size_t i = 0; i < shape.size(); ++i) {
+    out << (i ? ", " : "") << shape[i];
+  }
+  out << (shape.size() == 1 ? ",)" : ")");
+  return out.str();
+}
+
+void check_float_input(const mx::array& a, const char* name) {
+  auto dt = a.dtype();
+  if (dt != mx::float32 && dt != mx::float16 && dt != mx::bfloat16) {
+    fail_type(name, " must be float32, float16 or bfloat16, got ", dt);
+  }
+}
+
+int normalize_axis(int axis, int ndim, const char* name) {
+  if (axis < -ndim || axis >= ndim) {
+    fail_value(name, "=", axis, " is out of range for an array of rank ", ndim);
+  }
+  return axis < 0 ? axis + ndim : axis;
+}
+
+int check_class_axis(const mx::array& logits, int axis) {
+  if (logits.ndim() == 0) {
+    fail_value("logits must have a class axis, got a scalar");
+  }
+  axis = normalize_axis(axis, logits.ndim());
+  if (logits.shape(axis) == 0) {
+    fail_value("logits must have at least one class along axis ", axis, ", got shape ",
+               shape_str(logits.shape()));
+  }
+  return axis;
+}
+
+mx::array class_indices(const mx::array& targets, const char* name, mx::StreamOrDevice s) {
+  if (!mx::issubdtype(targets.dtype(), mx::integer)) {
+    fail_type(name, " holds class indices and must have an integer dtype, got ", targets.dtype());
+  }
+  return mx::astype(targets, mx::int64, s);
+}
+
+mx::array move_axis_last(const mx::array& a, int axis, mx::StreamOrDevice s) {
+  return axis == a.ndim() - 1 ? a : mx::moveaxis(a, axis, -1, s);
+}
+
+mx::array dense(const mx::array& a, mx::StreamOrDevice s) {
+  return mx::contiguous(a, false, s);
+}
+
+mx::Shape row_shape(const mx::array& logits) {
+  return mx::Shape(logits.shape().begin(), logits.shape().end() - 1);
+}
+
+std::vector<mx::array> vmap_to_front(
+    const std::vector<mx::array>& inputs,
+    const std::vector<int>& axes,
+    const std::vector<bool>& broadcast,
+    mx::StreamOrDevice s) {
+  int batch = -1;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    if (axes[i] >= 0) {
+      batch = inputs[i].shape(axes[i]);
+    }
+  }
+  std::vector<mx::array> out;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const auto& x = inputs[i];
+    if (axes[i] >= 0) {
+      out.push_back(axes[i] == 0 ? x : mx::moveaxis(x, axes[i], 0, s));
+    } else if (broadcast[i]) {
+      mx::Shape shape = x.shape();
+      shape.insert(shape.begin(), batch);
+      out.push_back(mx::broadcast_to(x, shape, s));
+    } else {
+      out.push_back(x);
+    }
+  }
+  return out;
+}
+
+} // namespace fl

@@ -1,0 +1,79 @@
+// Helpers shared by the ops in this folder: argument checks that raise the
+// right Python exception, axis handling, and the base class our primitives
+// derive from.
+#pragma once
+
+#include <optional>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+
+#include "mlx/array.h"
+#include "mlx/ops.h"
+#include "mlx/primitives.h"
+
+namespace fl {
+
+namespace mx = mlx::core;
+
+// Raised for a wrong dtype; bindings.cpp translates it to Python's TypeError.
+// (std::invalid_argument, used for every other bad argument, becomes ValueError.)
+struct TypeError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// Build a message from streamable parts: fail_value("beta must be >= 0, got ", b).
+template <typename... Parts>
+[[noreturn]] void fail_value(const Parts&... parts) {
+  std::ostringstream msg;
+  (msg << ... << parts);
+  throw std::invalid_argument(msg.str());
+}
+
+template <typename... Parts>
+[[noreturn]] void fail_type(const Parts&... parts) {
+  std::ostringstream msg;
+  (msg << ... << parts);
+  throw TypeError(msg.str());
+}
+
+std::string shape_str(const mx::Shape& shape);
+
+// Floating inputs we have kernels for: float32, float16, bfloat16.
+void check_float_input(const mx::array& a, const char* name);
+
+// Normalise a possibly negative axis of an array of rank `ndim`.
+int normalize_axis(int axis, int ndim, const char* name = "axis");
+
+// The class axis of row-wise logits, normalised; it must hold >= 1 class.
+int check_class_axis(const mx::array& logits, int axis);
+
+// Reductions fused into the element-wise primitives (the row-wise ones return
+// per-row losses and the Python wrappers reduce those O(rows) values). Mean
+// divides by the element count at evaluation time, so shapeless mx.compile
+// stays correct when the size changes.
+enum class Reduce { None = 0, Sum = 1, Mean = 2 };
+
+// Integer class indices as the kernels read them (int64: any integer dtype
+// converts without wrapping into the valid range; a negative or too large
+// index is caught by the kernel and yields NaN).
+mx::array class_indices(const mx::array& targets, const char* name, mx::StreamOrDevice s);
+
+// Move `axis` of `a` to the end (no copy if it already is).
+mx::array move_axis_last(const mx::array& a, int axis, mx::StreamOrDevice s);
+
+// Row-contiguous view or copy, as every kernel expects.
+mx::array dense(const mx::array& a, mx::StreamOrDevice s);
+
+// The shape of a row-wise loss: the logits' shape without the last axis.
+mx::Shape row_shape(const mx::array& logits);
+
+// Move the vmapped axis of each input to the front; inputs that are not
+// vmapped (axis -1) are broadcast to the batch size where `broadcast` says so.
+std::vector<mx::array> vmap_to_front(
+    const std::vector<mx::array>& inputs,
+    const std::vector<int>& axes,
+    const std::vector<bool>& broadcast,
+    mx::StreamOrDevice s);
+
+} // namespace fl

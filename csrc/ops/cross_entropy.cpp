@@ -1,0 +1,217 @@
+#include "ops/cross_entropy.h"
+
+#include "math/cross_entropy.h"
+
+namespace fl {
+
+namespace {
+
+// Build the forward primitive on already-checked, dense inputs; shared by the
+// op, vjp and vmap so that the graph always satisfies the kernels' layout.
+std::vector<mx::array> make_forward(
+    const mx::array& logits,
+    const mx::array& targets,
+    const std::optional<mx::array>& class_weights,
+    const CrossEntropyParams& params,
+    mx::StreamOrDevice s) {
+  std::vector<mx::array> inputs = {dense(logits, s), dense(targets, s)};
+  if (class_weights) {
+    inputs.push_back(dense(*class_weights, s));
+  }
+  auto rows = row_shape(logits);
+  return mx::array::make_arrays(
+      {rows, rows, rows},
+      {mx::float32, mx::float32, mx::float32},
+      std::make_shared<CrossEntropy>(mx::to_stream(s), params),
+      inputs);
+}
+
+void check_class_weights(const mx::array& w, int num_classes) {
+  if (w.ndim() != 1 || w.shape(0) != num_classes) {
+    fail_value(
+        "class_weights must have shape (", num_classes, ",) to match the ", num_classes,
+        " classes of logits, got ", shape_str(w.shape()));
+  }
+  check_float_input(w, "class_weights");
+}
+
+} // namespace
+
+mx::array cross_entropy(
+    const mx::array& logits,
+    const mx::array& targets,
+    int axis,
+    float label_smoothing,
+    const std::string& label_smoothing_mode,
+    std::optional<int64_t> ignore_index,
+    const std::optional<mx::array>& class_weights,
+    float z_loss,
+    mx::StreamOrDevice s) {
+  check_float_input(logits, "logits");
+  axis = check_class_axis(logits, axis);
+  if (!(label_smoothing >= 0.0f && label_smoothing < 1.0f)) {
+    fail_value("label_smoothing must be in [0, 1), got ", label_smoothing);
+  }
+  if (!(z_loss >= 0.0f)) {
+    fail_value("z_loss must be >= 0, got ", z_loss);
+  }
+  CrossEntropyParams params;
+  params.label_smoothing = label_smoothing;
+  if (label_smoothing_mode == "uniform") {
+    params.smoothing_mode = flm::kSmoothUniform;
+  } else if (label_smoothing_mode == "others") {
+    params.smoothing_mode = flm::kSmoothOthers;
+  } else {
+    fail_value(
+        "label_smoothing_mode must be 'uniform' or 'others', got '", label_smoothing_mode, "'");
+  }
+  params.z_loss = z_loss;
+  params.soft_targets = targets.ndim() == logits.ndim();
+
+  auto x = move_axis_last(logits, axis, s);
+  mx::array t = targets;
+  if (params.soft_targets) {
+    if (targets.shape() != logits.shape()) {
+      fail_value(
+          "targets of probabilities must have the logits' shape ", shape_str(logits.shape()),
+          ", got ", shape_str(targets.shape()));
+    }
+    if (!mx::issubdtype(targets.dtype(), mx::floating)) {
+      fail_type("targets of the logits' shape are probabilities and must be floating, got ",
+                targets.dtype());
+    }
+    if (ignore_index) {
+      fail_value("ignore_index applies to class-index targets, not to probabilities");
+    }
+    t = mx::astype(move_axis_last(targets, axis, s), logits.dtype(), s);
+  } else {
+    auto expected = logits.shape();
+    expected.erase(expected.begin() + axis);
+    if (targets.shape() != expected) {
+      fail_value(
+          "targets must be class indices of shape ", shape_str(expected),
+          " (logits ", shape_str(logits.shape()), " without axis ", axis,
+          ") or probabilities of the logits' shape, got ", shape_str(targets.shape()));
+    }
+    t = class_indices(targets, "targets", s);
+  }
+  if (ignore_index) {
+    params.has_ignore_index = true;
+    params.ignore_index = *ignore_index;
+  }
+  std::optional<mx::array> w;
+  if (class_weights) {
+    check_class_weights(*class_weights, logits.shape(axis));
+    params.has_class_weights = true;
+    w = mx::astype(*class_weights, mx::float32, s);
+  }
+  return make_forward(x, t, w, params, s)[0];
+}
+
+std::vector<mx::Shape> CrossEntropy::output_shapes(const std::vector<mx::array>& inputs) {
+  auto rows = row_shape(inputs[0]);
+  return {rows, rows, rows};
+}
+
+std::vector<mx::Shape> CrossEntropyVJP::output_shapes(const std::vector<mx::array>& inputs) {
+  return {inputs[0].shape()};
+}
+
+bool CrossEntropy::is_equivalent(const mx::Primitive& other) const {
+  return params_ == static_cast<const CrossEntropy&>(other).params_;
+}
+
+bool CrossEntropyVJP::is_equivalent(const mx::Primitive& other) const {
+  return params_ == static_cast<const CrossEntropyVJP&>(other).params_;
+}
+
+std::vector<mx::array> CrossEntropy::vjp(
+    const std::vector<mx::array>& primals,
+    const std::vector<mx::array>& cotangents,
+    const std::vector<int>& argnums,
+    const std::vector<mx::array>& outputs) {
+  auto s = stream();
+  const auto& logits = primals[0];
+  const auto& lse = outputs[1];
+  const auto& a_sum = outputs[2];
+  // The third output (a_sum) depends on targets and weights only; its
+  // cotangent never reaches the logits.
+  auto g_loss = mx::astype(cotangents[0], mx::float32, s);
+  auto g_lse = mx::astype(cotangents[1], mx::float32, s);
+  std::vector<mx::array> grads;
+  for (int arg : argnums) {
+    if (arg == 0) {
+      std::vector<mx::array> inputs(primals.begin(), primals.end());
+      inputs.insert(inputs.end(), {lse, a_sum, dense(g_loss, s), dense(g_lse, s)});
+      grads.push_back(mx::array(
+          logits.shape(), logits.dtype(), std::make_shared<CrossEntropyVJP>(s, params_),
+          inputs));
+    } else if (arg == 1 && params_.soft_targets) {
+      // d loss / d t_j = c_target * w_j (lse - x_j): an N x K array by nature,
+      // built only when someone differentiates w.r.t. the probabilities.
+      auto c = flm::ce_smoothing(
+          params_.label_smoothing, params_.smoothing_mode, logits.shape(-1));
+      auto x = mx::astype(logits, mx::float32, s);
+      auto d = mx::subtract(mx::expand_dims(lse, -1, s), x, s);
+      if (params_.has_class_weights) {
+        d = mx::multiply(d, primals[2], s);
+      }
+      auto scale = mx::multiply(g_loss, mx::array(c.c_target), s);
+      d = mx::multiply(d, mx::expand_dims(scale, -1, s), s);
+      grads.push_back(mx::astype(d, primals[1].dtype(), s));
+    } else if (arg == 1) {
+      grads.push_back(mx::zeros_like(primals[1], s)); // class indices: not differentiable
+    } else {
+      throw std::invalid_argument(
+          "cross_entropy: gradients with respect to class_weights are not implemented");
+    }
+  }
+  return grads;
+}
+
+std::pair<std::vector<mx::array>, std::vector<int>> CrossEntropy::vmap(
+    const std::vector<mx::array>& inputs,
+    const std::vector<int>& axes) {
+  if (inputs.size() > 2 && axes[2] >= 0) {
+    throw std::invalid_argument("cross_entropy: vmap over class_weights is not supported");
+  }
+  auto s = stream();
+  auto moved = vmap_to_front(inputs, axes, {true, true, false}, s);
+  std::optional<mx::array> w;
+  if (moved.size() > 2) {
+    w = moved[2];
+  }
+  return {make_forward(moved[0], moved[1], w, params_, s), {0, 0, 0}};
+}
+
+std::pair<std::vector<mx::array>, std::vector<int>> CrossEntropyVJP::vmap(
+    const std::vector<mx::array>& inputs,
+    const std::vector<int>& axes) {
+  size_t w_index = params_.has_class_weights ? 2 : inputs.size();
+  if (w_index < inputs.size() && axes[w_index] >= 0) {
+    throw std::invalid_argument("cross_entropy: vmap over class_weights is not supported");
+  }
+  auto s = stream();
+  std::vector<bool> broadcast(inputs.size(), true);
+  if (w_index < inputs.size()) {
+    broadcast[w_index] = false;
+  }
+  auto moved = vmap_to_front(inputs, axes, broadcast, s);
+  for (auto& m : moved) {
+    m = dense(m, s);
+  }
+  auto grad = mx::array(
+      moved[0].shape(), moved[0].dtype(), std::make_shared<CrossEntropyVJP>(s, params_), moved);
+  return {{grad}, {0}};
+}
+
+#ifndef _METAL_
+void CrossEntropy::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  throw std::runtime_error("mlx_fused_losses was built without Metal");
+}
+void CrossEntropyVJP::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  throw std::runtime_error("mlx_fused_losses was built without Metal");
+}
+#endif
+
+} // namespace fl

@@ -1,0 +1,94 @@
+// Fused (label-smoothed, class-weighted, z-loss) cross-entropy: the op and its
+// two primitives. See csrc/math/cross_entropy.h for the formulas.
+#pragma once
+
+#include "ops/common.h"
+
+namespace fl {
+
+// Everything a cross-entropy kernel needs besides its arrays. Shared with the
+// Metal host code, which passes it to the kernels as a constant buffer.
+struct CrossEntropyParams {
+  float label_smoothing = 0.0f;
+  int smoothing_mode = 0; // flm::kSmoothUniform | flm::kSmoothOthers
+  bool has_ignore_index = false;
+  int64_t ignore_index = -100;
+  float z_loss = 0.0f;
+  bool soft_targets = false; // targets are probabilities of the logits' shape
+  bool has_class_weights = false;
+
+  bool operator==(const CrossEntropyParams&) const = default;
+};
+
+// Per-row cross-entropy (float32, shape = logits without `axis`).
+// targets: integer class indices (logits' shape without `axis`) or
+// probabilities (logits' shape). class_weights: shape [K].
+mx::array cross_entropy(
+    const mx::array& logits,
+    const mx::array& targets,
+    int axis,
+    float label_smoothing,
+    const std::string& label_smoothing_mode,
+    std::optional<int64_t> ignore_index,
+    const std::optional<mx::array>& class_weights,
+    float z_loss,
+    mx::StreamOrDevice s = {});
+
+// Forward. Inputs: logits [..., K] (row-contiguous), targets [...] int64 or
+// [..., K] in the logits' dtype, optionally class_weights [K] float32.
+// Outputs (float32, shape [...]): loss, lse, a_sum (see math/cross_entropy.h).
+class CrossEntropy : public mx::Primitive {
+ public:
+  CrossEntropy(mx::Stream stream, CrossEntropyParams params)
+      : mx::Primitive(stream), params_(params) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  std::vector<mx::array> vjp(
+      const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& cotangents,
+      const std::vector<int>& argnums,
+      const std::vector<mx::array>& outputs) override;
+  std::pair<std::vector<mx::array>, std::vector<int>> vmap(
+      const std::vector<mx::array>& inputs,
+      const std::vector<int>& axes) override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+  const char* name() const override {
+    return "FusedCrossEntropy";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override;
+  const CrossEntropyParams& params() const {
+    return params_;
+  }
+
+ private:
+  CrossEntropyParams params_;
+};
+
+// Backward w.r.t. the logits. Inputs: the forward's inputs, then lse, a_sum,
+// and the cotangents of loss and lse (float32, shape [...]).
+// Output: the gradient [..., K] in the logits' dtype, written once.
+class CrossEntropyVJP : public mx::Primitive {
+ public:
+  CrossEntropyVJP(mx::Stream stream, CrossEntropyParams params)
+      : mx::Primitive(stream), params_(params) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  std::pair<std::vector<mx::array>, std::vector<int>> vmap(
+      const std::vector<mx::array>& inputs,
+      const std::vector<int>& axes) override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+  const char* name() const override {
+    return "FusedCrossEntropyVJP";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override;
+  const CrossEntropyParams& params() const {
+    return params_;
+  }
+
+ private:
+  CrossEntropyParams params_;
+};
+
+} // namespace fl

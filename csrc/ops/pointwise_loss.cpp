@@ -1,0 +1,140 @@
+#include "ops/pointwise_loss.h"
+
+#include "mlx/utils.h"
+
+namespace fl {
+
+void check_pointwise_inputs(const mx::array& predictions, const mx::array& targets,
+                            const char* pred_name) {
+  check_float_input(predictions, pred_name);
+  if (targets.dtype() == mx::bool_ || mx::issubdtype(targets.dtype(), mx::complexfloating)) {
+    fail_type("targets must be real numbers, got ", targets.dtype());
+  }
+  bool fits = true;
+  try {
+    fits = mx::broadcast_shapes(predictions.shape(), targets.shape()) == predictions.shape();
+  } catch (const std::invalid_argument&) {
+    fits = false;
+  }
+  if (!fits) {
+    fail_value(
+        pred_name, " and targets must have the same shape (or targets broadcast to it), got ", shape_str(predictions.shape()),
+        " and ", shape_str(targets.shape()));
+  }
+}
+
+
+namespace {
+
+mx::array make_forward(const mx::array& pred, const mx::array& target,
+                       const PointwiseParams& params, mx::StreamOrDevice s) {
+  mx::Shape shape = params.reduce != Reduce::None ? mx::Shape{} : pred.shape();
+  return mx::array(
+      shape, mx::float32, std::make_shared<PointwiseLoss>(mx::to_stream(s), params),
+      {dense(pred, s), dense(target, s)});
+}
+
+mx::array make_backward(const mx::array& pred, const mx::array& target, const mx::array& cotan,
+                        const PointwiseParams& params, mx::StreamOrDevice s) {
+  return mx::array(
+      pred.shape(), pred.dtype(), std::make_shared<PointwiseLossVJP>(mx::to_stream(s), params),
+      {dense(pred, s), dense(target, s), dense(mx::astype(cotan, mx::float32, s), s)});
+}
+
+} // namespace
+
+mx::array pointwise_loss(const mx::array& predictions, const mx::array& targets,
+                         const PointwiseParams& params, mx::StreamOrDevice s) {
+  auto t = mx::astype(targets, predictions.dtype(), s);
+  auto both = mx::broadcast_arrays({predictions, t}, s);
+  return make_forward(both[0], both[1], params, s);
+}
+
+std::vector<mx::Shape> PointwiseLoss::output_shapes(const std::vector<mx::array>& inputs) {
+  return {params_.reduce != Reduce::None ? mx::Shape{} : inputs[0].shape()};
+}
+
+std::vector<mx::Shape> PointwiseLossVJP::output_shapes(const std::vector<mx::array>& inputs) {
+  return {inputs[0].shape()};
+}
+
+bool PointwiseLoss::is_equivalent(const mx::Primitive& other) const {
+  return params_ == static_cast<const PointwiseLoss&>(other).params_;
+}
+
+bool PointwiseLossVJP::is_equivalent(const mx::Primitive& other) const {
+  return params_ == static_cast<const PointwiseLossVJP&>(other).params_;
+}
+
+std::vector<mx::array> PointwiseLoss::vjp(
+    const std::vector<mx::array>& primals,
+    const std::vector<mx::array>& cotangents,
+    const std::vector<int>& argnums,
+    const std::vector<mx::array>&) {
+  auto s = stream();
+  auto grad_pred = make_backward(primals[0], primals[1], cotangents[0], params_, s);
+  std::vector<mx::array> grads;
+  for (int arg : argnums) {
+    if (arg == 0) {
+      grads.push_back(grad_pred);
+    } else if (params_.kind == PointwiseKind::SigmoidFocal) {
+      throw std::invalid_argument(
+          "sigmoid_focal_loss: gradients with respect to targets are not implemented");
+    } else {
+      // The regression losses depend on pred - target only.
+      grads.push_back(mx::negative(grad_pred, s));
+    }
+  }
+  return grads;
+}
+
+std::pair<std::vector<mx::array>, std::vector<int>> PointwiseLoss::vmap(
+    const std::vector<mx::array>& inputs,
+    const std::vector<int>& axes) {
+  auto s = stream();
+  auto moved = vmap_to_front(inputs, axes, {true, true}, s);
+  if (params_.reduce == Reduce::None) {
+    return {{make_forward(moved[0], moved[1], params_, s)}, {0}};
+  }
+  // A reduced loss under vmap is one reduction per batch entry: keep the
+  // elements, then reduce everything but the batch axis.
+  PointwiseParams elementwise = params_;
+  elementwise.reduce = Reduce::None;
+  auto loss = make_forward(moved[0], moved[1], elementwise, s);
+  auto flat = mx::reshape(loss, {loss.shape(0), -1}, s);
+  auto reduced = params_.reduce == Reduce::Sum ? mx::sum(flat, 1, false, s) : mx::mean(flat, 1, false, s);
+  return {{reduced}, {0}};
+}
+
+std::pair<std::vector<mx::array>, std::vector<int>> PointwiseLossVJP::vmap(
+    const std::vector<mx::array>& inputs,
+    const std::vector<int>& axes) {
+  auto s = stream();
+  auto moved = vmap_to_front(inputs, axes, {true, true, true}, s);
+  auto cotan = moved[2];
+  PointwiseParams p = params_;
+  if (p.reduce != Reduce::None) {
+    // One scalar cotangent per batch entry: spread it over that entry (divided
+    // by the entry's size for a mean).
+    mx::Shape shape = cotan.shape();
+    shape.resize(moved[0].ndim(), 1);
+    cotan = mx::broadcast_to(mx::reshape(cotan, shape, s), moved[0].shape(), s);
+    if (p.reduce == Reduce::Mean) {
+      int64_t per_entry = moved[0].shape(0) ? moved[0].size() / moved[0].shape(0) : 1;
+      cotan = mx::divide(cotan, mx::array(float(per_entry > 0 ? per_entry : 1)), s);
+    }
+    p.reduce = Reduce::None;
+  }
+  return {{make_backward(moved[0], moved[1], cotan, p, s)}, {0}};
+}
+
+#ifndef _METAL_
+void PointwiseLoss::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  throw std::runtime_error("mlx_fused_losses was built without Metal");
+}
+void PointwiseLossVJP::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  throw std::runtime_error("mlx_fused_losses was built without Metal");
+}
+#endif
+
+} // namespace fl

@@ -1,0 +1,91 @@
+// The element-wise losses (smooth-L1, Huber, sigmoid focal) share one pair of
+// primitives: same layout (two inputs of one shape), same reduction (none, or a
+// fused float32 sum), same backward shape. The formula is picked by `kind`;
+// see csrc/math/smooth_l1.h and csrc/math/focal.h.
+#pragma once
+
+#include "ops/common.h"
+
+namespace fl {
+
+enum class PointwiseKind : int { SmoothL1 = 0, Huber = 1, SigmoidFocal = 2 };
+
+struct PointwiseParams {
+  PointwiseKind kind = PointwiseKind::SmoothL1;
+  float param0 = 1.0f; // beta | delta | alpha
+  float param1 = 0.0f; // gamma (focal)
+  Reduce reduce = Reduce::None;
+
+  bool operator==(const PointwiseParams&) const = default;
+};
+
+// Shape and dtype checks shared by the element-wise losses: `targets` must
+// broadcast to `predictions`' shape (the loss keeps the predictions' shape).
+void check_pointwise_inputs(const mx::array& predictions, const mx::array& targets,
+                            const char* pred_name);
+
+// Loss of predictions vs targets (broadcast together, targets cast to the
+// predictions' dtype): float32, element-wise or summed to a scalar.
+mx::array pointwise_loss(
+    const mx::array& predictions,
+    const mx::array& targets,
+    const PointwiseParams& params,
+    mx::StreamOrDevice s);
+
+// Forward. Inputs: predictions, targets (same shape and dtype, row-contiguous).
+// Output: float32 loss of their shape (Reduce::None) or a scalar (Reduce::Sum).
+class PointwiseLoss : public mx::Primitive {
+ public:
+  PointwiseLoss(mx::Stream stream, PointwiseParams params)
+      : mx::Primitive(stream), params_(params) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  std::vector<mx::array> vjp(
+      const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& cotangents,
+      const std::vector<int>& argnums,
+      const std::vector<mx::array>& outputs) override;
+  std::pair<std::vector<mx::array>, std::vector<int>> vmap(
+      const std::vector<mx::array>& inputs,
+      const std::vector<int>& axes) override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+  const char* name() const override {
+    return "FusedPointwiseLoss";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override;
+  const PointwiseParams& params() const {
+    return params_;
+  }
+
+ private:
+  PointwiseParams params_;
+};
+
+// Backward w.r.t. the predictions. Inputs: predictions, targets, cotangent
+// (float32, of the loss's shape: element-wise, or a scalar for Reduce::Sum).
+// Output: the gradient in the predictions' dtype.
+class PointwiseLossVJP : public mx::Primitive {
+ public:
+  PointwiseLossVJP(mx::Stream stream, PointwiseParams params)
+      : mx::Primitive(stream), params_(params) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  std::pair<std::vector<mx::array>, std::vector<int>> vmap(
+      const std::vector<mx::array>& inputs,
+      const std::vector<int>& axes) override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+  const char* name() const override {
+    return "FusedPointwiseLossVJP";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override;
+  const PointwiseParams& params() const {
+    return params_;
+  }
+
+ private:
+  PointwiseParams params_;
+};
+
+} // namespace fl

@@ -1,0 +1,255 @@
+"""The public losses: argument checks and reductions around the primitives of
+the compiled module ``_ext``. Signatures follow ``mlx.nn.losses``; options that
+PyTorch users expect (``ignore_index``, class weights) are keyword-only.
+
+Every loss is computed in float32 inside the kernels and returned in the dtype
+of its main input; reductions accumulate in float32.
+"""
+
+from typing import Literal, Optional, Union
+
+import mlx.core as mx
+
+from . import _ext
+
+Reduction = Literal["none", "mean", "sum"]
+_REDUCTIONS = ("none", "mean", "sum")
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(
+            f"reduction must be one of {_REDUCTIONS}, got {reduction!r}"
+        )
+
+
+def _check_array(value, name: str) -> None:
+    if not isinstance(value, mx.array):
+        raise TypeError(f"{name} must be an mlx.core.array, got {type(value).__name__}")
+
+
+def _finish(loss: mx.array, reduction: str, dtype: mx.Dtype, count=None) -> mx.array:
+    """Reduce a float32 per-element/per-row loss and cast it to ``dtype``.
+
+    ``count`` replaces the number of elements as the denominator of "mean"
+    (rows kept after ignore_index, or their summed class weights).
+    """
+    if reduction == "sum":
+        loss = loss.sum()
+    elif reduction == "mean":
+        if count is None:
+            loss = loss.mean()
+        else:
+            # A batch with every row ignored has a zero denominator: the loss
+            # is 0 then (its numerator is 0 too), not NaN.
+            safe = mx.where(count == 0, mx.array(1.0, mx.float32), count)
+            loss = loss.sum() / safe
+    return loss.astype(dtype)
+
+
+def _kept_rows(targets: mx.array, ignore_index: Optional[int], row_weight=None):
+    """Denominator of a "mean" over rows: kept rows, weighted if asked."""
+    keep = mx.ones(targets.shape, mx.bool_) if ignore_index is None else targets != ignore_index
+    if row_weight is None:
+        return keep.astype(mx.float32).sum()
+    return mx.where(keep, row_weight, 0.0).sum()
+
+
+def cross_entropy(
+    logits: mx.array,
+    targets: mx.array,
+    weights: Optional[mx.array] = None,
+    axis: int = -1,
+    label_smoothing: float = 0.0,
+    reduction: Reduction = "none",
+    *,
+    label_smoothing_mode: Literal["uniform", "others"] = "uniform",
+    ignore_index: Optional[int] = None,
+    class_weights: Optional[mx.array] = None,
+    z_loss: float = 0.0,
+    stream: Union[None, mx.Stream, mx.Device] = None,
+) -> mx.array:
+    """Fused log-softmax + (label-smoothed) cross-entropy.
+
+    A drop-in for :func:`mlx.nn.losses.cross_entropy` with PyTorch's options.
+
+    Args:
+        logits: unnormalised scores, float32/float16/bfloat16.
+        targets: class indices (any integer dtype, ``logits``' shape without
+            ``axis``) or probabilities (``logits``' shape).
+        weights: per-sample weights multiplying the loss (MLX semantics).
+        axis: the class axis.
+        label_smoothing: ``eps`` in [0, 1).
+        reduction: ``"none"``, ``"mean"`` or ``"sum"``.
+        label_smoothing_mode: ``"uniform"`` (MLX/PyTorch: eps/K on every class)
+            or ``"others"`` (1 - eps on the true class, eps/(K-1) on the
+            others; not PyTorch's convention).
+        ignore_index: rows whose target equals it give loss 0 and gradient 0,
+            and are left out of the ``"mean"`` denominator.
+        class_weights: shape ``[K]``, as PyTorch's ``weight``: the loss of a
+            row is ``sum_j w_j q_j (lse - x_j)`` and ``"mean"`` divides by the
+            summed weights of the kept rows' target classes.
+        z_loss: adds ``z_loss * logsumexp(logits)**2`` per row (PaLM).
+
+    A class index outside ``[0, K)`` that is not ``ignore_index`` gives NaN
+    for its row (and its gradient); it never reads out of bounds.
+    """
+    _check_array(logits, "logits")
+    _check_array(targets, "targets")
+    _check_reduction(reduction)
+    if class_weights is not None:
+        _check_array(class_weights, "class_weights")
+    loss = _ext.cross_entropy(
+        logits,
+        targets,
+        axis=axis,
+        label_smoothing=float(label_smoothing),
+        label_smoothing_mode=label_smoothing_mode,
+        ignore_index=ignore_index,
+        class_weights=class_weights,
+        z_loss=float(z_loss),
+        stream=stream,
+    )
+    if weights is not None:
+        _check_array(weights, "weights")
+        if weights.shape != loss.shape:
+            raise ValueError(
+                f"weights must have the loss's shape {loss.shape}, got {weights.shape}"
+            )
+        loss = loss * weights.astype(mx.float32)
+    count = None
+    soft = targets.ndim == logits.ndim
+    if reduction == "mean" and not soft and (ignore_index is not None or class_weights is not None):
+        row_weight = None
+        if class_weights is not None:
+            k = class_weights.shape[0]
+            safe = mx.clip(targets.astype(mx.int64), 0, k - 1)
+            row_weight = class_weights.astype(mx.float32)[safe]
+        count = _kept_rows(targets, ignore_index, row_weight)
+    return _finish(loss, reduction, logits.dtype, count)
+
+
+def smooth_l1_loss(
+    predictions: mx.array,
+    targets: mx.array,
+    beta: float = 1.0,
+    reduction: Reduction = "mean",
+    *,
+    stream: Union[None, mx.Stream, mx.Device] = None,
+) -> mx.array:
+    """Smooth-L1 loss, as :func:`mlx.nn.losses.smooth_l1_loss`.
+
+    ``0.5 d**2 / beta`` where ``|d| < beta``, else ``|d| - 0.5 beta``, with
+    ``d = predictions - targets``. ``beta=0`` is plain L1 (MLX divides by zero
+    there). A summed or averaged loss is reduced inside the kernel.
+    """
+    _check_array(predictions, "predictions")
+    _check_array(targets, "targets")
+    _check_reduction(reduction)
+    loss = _ext.smooth_l1_loss(
+        predictions, targets, beta=float(beta), reduction=reduction, stream=stream
+    )
+    return loss.astype(predictions.dtype)
+
+
+def huber_loss(
+    inputs: mx.array,
+    targets: mx.array,
+    delta: float = 1.0,
+    reduction: Reduction = "none",
+    *,
+    stream: Union[None, mx.Stream, mx.Device] = None,
+) -> mx.array:
+    """Huber loss, as :func:`mlx.nn.losses.huber_loss`.
+
+    ``0.5 d**2`` where ``|d| <= delta``, else ``delta (|d| - 0.5 delta)``.
+    """
+    _check_array(inputs, "inputs")
+    _check_array(targets, "targets")
+    _check_reduction(reduction)
+    loss = _ext.huber_loss(
+        inputs, targets, delta=float(delta), reduction=reduction, stream=stream
+    )
+    return loss.astype(inputs.dtype)
+
+
+def sigmoid_focal_loss(
+    inputs: mx.array,
+    targets: mx.array,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+    reduction: Reduction = "none",
+    *,
+    stream: Union[None, mx.Stream, mx.Device] = None,
+) -> mx.array:
+    """Sigmoid focal loss with torchvision's semantics (RetinaNet).
+
+    ``alpha_t * BCE_with_logits(x, t) * (1 - p_t)**gamma`` with
+    ``p = sigmoid(x)``, ``p_t = p t + (1 - p)(1 - t)`` and
+    ``alpha_t = alpha t + (1 - alpha)(1 - t)``; ``alpha < 0`` disables
+    ``alpha_t``. Targets are in [0, 1]. With ``gamma=0`` and ``alpha<0`` this is
+    exactly binary cross-entropy with logits. ``"mean"`` averages over all
+    elements. Gradients w.r.t. ``inputs`` only.
+    """
+    _check_array(inputs, "inputs")
+    _check_array(targets, "targets")
+    _check_reduction(reduction)
+    loss = _ext.sigmoid_focal_loss(
+        inputs,
+        targets,
+        alpha=float(alpha),
+        gamma=float(gamma),
+        reduction=reduction,
+        stream=stream,
+    )
+    return loss.astype(inputs.dtype)
+
+
+def softmax_focal_loss(
+    logits: mx.array,
+    targets: mx.array,
+    alpha: Union[None, float, mx.array] = None,
+    gamma: float = 2.0,
+    axis: int = -1,
+    reduction: Reduction = "none",
+    *,
+    ignore_index: Optional[int] = None,
+    stream: Union[None, mx.Stream, mx.Device] = None,
+) -> mx.array:
+    """Multi-class focal loss: ``-alpha_t (1 - p_t)**gamma log p_t``.
+
+    ``p_t`` is the softmax probability of the target class. ``alpha`` is
+    ``None`` (1), a scalar, or an array of shape ``[K]`` (per class). With
+    ``gamma=0`` and ``alpha=None`` this equals :func:`cross_entropy`.
+    ``ignore_index`` rows give 0 and leave the ``"mean"`` denominator, which
+    counts kept rows.
+    """
+    _check_array(logits, "logits")
+    _check_array(targets, "targets")
+    _check_reduction(reduction)
+    # A 1-D array is per class (read by the kernel); a 0-d array scales the
+    # loss afterwards (the loss is linear in it, and no .item() is needed, which
+    # mx.compile could not trace); a Python number goes to the kernel.
+    scalar_alpha, class_alpha, alpha_scale = None, None, None
+    if isinstance(alpha, mx.array) and alpha.ndim == 0:
+        alpha_scale = alpha.astype(mx.float32)
+    elif isinstance(alpha, mx.array):
+        class_alpha = alpha
+    elif alpha is not None:
+        scalar_alpha = float(alpha)
+    loss = _ext.softmax_focal_loss(
+        logits,
+        targets,
+        axis=axis,
+        gamma=float(gamma),
+        alpha=scalar_alpha,
+        class_alpha=class_alpha,
+        ignore_index=ignore_index,
+        stream=stream,
+    )
+    if alpha_scale is not None:
+        loss = loss * alpha_scale
+    count = None
+    if reduction == "mean" and ignore_index is not None:
+        count = _kept_rows(targets, ignore_index)
+    return _finish(loss, reduction, logits.dtype, count)
