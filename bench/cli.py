@@ -1,6 +1,7 @@
 """Command line entry point: ``python -m bench [--quick | --smoke] ...``."""
 
 import argparse
+import dataclasses
 import sys
 
 import mlx.core as mx
@@ -14,8 +15,8 @@ from bench.timing import RepeatPolicy
 
 # Per-sweep repeat policy; --repeats overrides max_repeats.
 POLICIES = {
-    "full": RepeatPolicy(max_repeats=20, budget_s=1.0),
-    "quick": RepeatPolicy(max_repeats=10, budget_s=0.2),
+    "full": RepeatPolicy(max_repeats=20, budget_s=1.0, slow_budget_s=15.0),
+    "quick": RepeatPolicy(max_repeats=10, budget_s=0.2, slow_budget_s=1.0),
     "smoke": RepeatPolicy(max_repeats=3, budget_s=0.0),
 }
 
@@ -54,8 +55,8 @@ def parse_args(argv):
 def _policy(args) -> RepeatPolicy:
     policy = POLICIES[args.sweep]
     if args.repeats is not None:
-        policy = RepeatPolicy(max_repeats=args.repeats, min_repeats=min(policy.min_repeats, args.repeats),
-                              budget_s=policy.budget_s, slow_call_s=policy.slow_call_s)
+        policy = dataclasses.replace(policy, max_repeats=args.repeats,
+                                     min_repeats=min(policy.min_repeats, args.repeats))
     return policy
 
 

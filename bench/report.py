@@ -12,36 +12,36 @@ COLUMNS = [
 ]
 
 
+def _ms(value: float) -> str:
+    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
+
+
 def _ms_with_spread(timing) -> str:
-    return f"{timing['median_ms']:.3g} ({timing['min_ms']:.3g}-{timing['max_ms']:.3g})"
+    return f"{_ms(timing['median_ms'])} ({_ms(timing['min_ms'])}-{_ms(timing['max_ms'])})"
 
 
-def _row(record):
+def _cells(record):
     head = [record["loss"], record["dtype"], record["size"], record["pass"]]
     if "skipped" in record:
-        return head + [f"skipped: {record['skipped']}"] + [""] * (len(COLUMNS) - len(head) - 1)
+        return head + [f"skipped: {record['skipped']}"]
     return head + [
         _ms_with_spread(record["ours"]),
         _ms_with_spread(record["mlx"]),
-        f"{record['roofline']['median_ms']:.3g}",
+        _ms(record["roofline"]["median_ms"]),
         f"{record['speedup_vs_mlx']:.2f}x",
         f"{record['ratio_to_roofline']:.2f}",
-        f"{record['ours']['peak_mb']:.4g}/{record['mlx']['peak_mb']:.4g}",
+        f"{record['ours']['peak_mb']:.3g}/{record['mlx']['peak_mb']:.3g}",
         "yes" if record["values_match"] else f"NO ({record['forward_rel_diff']:.1e})",
     ]
 
 
 def format_table(records) -> str:
-    rows = [COLUMNS] + [_row(r) for r in records]
-    widths = [max(len(row[i]) for row in rows if "skipped" not in row[4]) for i in range(len(COLUMNS))]
-    lines = []
-    for index, row in enumerate(rows):
-        if row[4].startswith("skipped"):
-            lines.append("  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths)) + "  " + row[4])
-        else:
-            lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-        if index == 0:
-            lines.append("-" * len(lines[0]))
+    rows = [COLUMNS] + [_cells(r) for r in records]
+    # Skipped rows end in one long note; it must not widen the columns.
+    full_rows = [row for row in rows if len(row) == len(COLUMNS)]
+    widths = [max(len(row[i]) for row in full_rows) for i in range(len(COLUMNS))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
 
 

@@ -25,21 +25,24 @@ class Timing:
 class RepeatPolicy:
     """How many timed calls to make after the warmup call.
 
-    The count adapts to the warmup time so that fast cases get many samples and
-    multi-second cases (MLX's composed cross-entropy at V=131072 takes ~20 s per
-    forward+backward on 2 CPU cores) do not blow up the sweep.
+    Fast calls get as many samples as fit in ``budget_s``.  Slow calls get
+    ``min_repeats`` only while those fit in ``slow_budget_s``, down to a single
+    sample: MLX's composed cross-entropy at 4096x131072 takes ~24 s per
+    forward+backward on 2 CPU cores, and the full sweep must stay near 15 min.
     """
 
     max_repeats: int = 20
     min_repeats: int = 3
-    budget_s: float = 1.0  # wall time we aim to spend on timed calls per measurement
-    slow_call_s: float = 5.0  # calls slower than this get only 2 timed repeats
+    budget_s: float = 1.0
+    slow_budget_s: float = 15.0
 
     def repeats_for(self, warmup_s: float) -> int:
-        if warmup_s >= self.slow_call_s:
-            return min(2, self.max_repeats)
-        wanted = int(self.budget_s / max(warmup_s, 1e-6))
-        return max(min(self.min_repeats, self.max_repeats), min(wanted, self.max_repeats))
+        warmup_s = max(warmup_s, 1e-6)
+        fitting_budget = int(self.budget_s / warmup_s)
+        if fitting_budget >= self.min_repeats:
+            return min(fitting_budget, self.max_repeats)
+        fitting_slow_budget = int(self.slow_budget_s / warmup_s)
+        return max(1, min(self.min_repeats, fitting_slow_budget, self.max_repeats))
 
 
 def _run_once(fn: Callable) -> float:
