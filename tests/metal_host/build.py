@@ -1,0 +1,141 @@
+"""Compiles .metal kernels + an adaptor + the runtime into a shared library.
+
+The translation unit is generated: metal_host.h first (so the standard headers are
+in before the shim's keyword macros), then each .metal source rewritten by
+rewrite.py under a #line directive, then the adaptor .cpp, which calls the kernels
+by their C++ names. Outputs are cached under _build/ by a hash of the preprocessed
+source and the flags, so a rebuild happens exactly when some included file changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from .rewrite import translation_unit_source
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+INCLUDE = HERE / "include"
+STATIC_INCLUDE = HERE / "static_include"
+BUILD_DIR = HERE / "_build"
+
+CXX_FLAGS = (
+    "-std=c++20",
+    "-fPIC",
+    "-O1",
+    "-Wall",
+    # MSL attributes ([[buffer(0)]], [[thread_position_in_grid]], ...) mean nothing here.
+    "-Wno-unknown-attributes",
+    # Metal has no double: `x * 0.1` would compute in double here but in float there.
+    "-Werror=double-promotion",
+    # Round every half/bfloat operation to the type, as the GPU does, instead of
+    # computing expressions in float.
+    "-Xclang",
+    "-ffloat16-excess-precision=none",
+    "-Xclang",
+    "-fbfloat16-excess-precision=none",
+)
+
+
+class BuildError(Exception):
+    """clang rejected a source; the message is its diagnostics."""
+
+
+def find_clang() -> str | None:
+    """clang++ 19 (Debian's `clang-19` package), or MH_CLANGXX if set."""
+    return os.environ.get("MH_CLANGXX") or shutil.which("clang++-19")
+
+
+def _clang() -> str:
+    clang = find_clang()
+    if clang is None:
+        raise BuildError("clang++-19 not found (apt-get install clang-19, or set MH_CLANGXX)")
+    return clang
+
+
+def _run(cmd: Sequence[str]) -> subprocess.CompletedProcess:
+    proc = subprocess.run(list(cmd), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise BuildError(f"{' '.join(cmd)}\n{proc.stderr}")
+    return proc
+
+
+def _in_repo(path: str | os.PathLike) -> Path:
+    """Relative paths are relative to the repository root, wherever pytest runs."""
+    return (REPO / path).resolve()
+
+
+def _display_name(path: Path) -> str:
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
+def _key(clang: str, source: Path, flags: Sequence[str]) -> str:
+    """Hash of the fully preprocessed source: covers every header it includes."""
+    pre = _run([clang, *flags, "-E", "-x", "c++", str(source), "-o", "-"]).stdout
+    h = hashlib.sha256(pre.encode())
+    h.update("\0".join([clang, *flags]).encode())
+    return h.hexdigest()[:24]
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    # Atomic, so that concurrent test processes never load a half-written file.
+    os.replace(tmp, final)
+
+
+def _runtime_object(clang: str, flags: Sequence[str]) -> Path:
+    key = _key(clang, HERE / "runtime.cpp", flags)
+    obj = BUILD_DIR / f"runtime-{key}.o"
+    if not obj.exists():
+        with tempfile.TemporaryDirectory(dir=BUILD_DIR) as tmp:
+            out = Path(tmp) / obj.name
+            _run([clang, *flags, "-c", str(HERE / "runtime.cpp"), "-o", str(out)])
+            _publish(out, obj)
+    return obj
+
+
+def compile_library(
+    metal: Iterable[str | os.PathLike],
+    adaptor: str | os.PathLike,
+    include_dirs: Iterable[str | os.PathLike] = (REPO,),
+    defines: Iterable[str] = (),
+) -> tuple[Path, str]:
+    """Builds (or finds in the cache) the library; returns its path and clang's
+    warnings from the build that produced it ('' when it came from the cache).
+    Relative paths are taken from the repository root."""
+    clang = _clang()
+    BUILD_DIR.mkdir(exist_ok=True)
+    metal = [_in_repo(m) for m in metal]
+    adaptor = _in_repo(adaptor)
+    flags = [*CXX_FLAGS, f"-I{INCLUDE}"]
+    # Quoted includes in a .metal file are relative to its own directory.
+    flags += [f"-iquote{d}" for d in dict.fromkeys(m.parent for m in metal)]
+    flags += [f"-I{_in_repo(d)}" for d in include_dirs]
+    flags += [f"-D{d}" for d in defines]
+
+    parts = ['#include "metal_host.h"\n']
+    # Repository-relative names keep diagnostics and reported call sites short.
+    parts += [translation_unit_source(_display_name(m), m.read_text()) for m in metal]
+    parts.append(f'#include "{adaptor}"\n')
+    tu_text = "".join(parts)
+    tu = BUILD_DIR / f"tu-{hashlib.sha256(tu_text.encode()).hexdigest()[:24]}.cpp"
+    if not tu.exists():
+        with tempfile.NamedTemporaryFile("w", dir=BUILD_DIR, suffix=".cpp", delete=False) as f:
+            f.write(tu_text)
+        _publish(Path(f.name), tu)
+
+    runtime = _runtime_object(clang, CXX_FLAGS + (f"-I{INCLUDE}",))
+    lib = BUILD_DIR / f"lib-{_key(clang, tu, flags)}-{runtime.stem[8:]}.so"
+    if lib.exists():
+        return lib, ""
+    with tempfile.TemporaryDirectory(dir=BUILD_DIR) as tmp:
+        out = Path(tmp) / lib.name
+        proc = _run([clang, *flags, "-shared", "-x", "c++", str(tu), "-x", "none",
+                     str(runtime), "-o", str(out)])
+        _publish(out, lib)
+    return lib, proc.stderr

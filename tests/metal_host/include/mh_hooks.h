@@ -1,0 +1,48 @@
+// The few entry points through which the Metal shim (mh_metal.h) reaches the CPU
+// scheduler (runtime.cpp). Kept apart from metal_host.h so that .metal code sees no
+// scheduler internals, only what a Metal thread could do: wait at a barrier and
+// exchange values with the other lanes of its SIMD-group.
+#pragma once
+#include <cstddef>
+#include <source_location>
+
+namespace mh::detail {
+
+// Largest value one lane may contribute to a SIMD-group operation (a float4 plus an
+// argument needs 20 bytes; 64 leaves room for 4-wide 64-bit types).
+inline constexpr std::size_t kSimdSlotBytes = 64;
+
+// Where a rendezvous was reached: the call site in the kernel source plus the name
+// of the operation, so that divergence reports say "simd_sum at ce.metal:41:17".
+struct Site {
+  const char* op;
+  std::source_location loc;
+};
+
+// Blocks the calling GPU thread until every thread of its threadgroup reaches a
+// barrier; reaching different barriers, or some threads having returned, is an
+// error reported by the scheduler.
+void threadgroup_barrier(const Site& site);
+
+// Blocks until every live lane of the caller's SIMD-group has called simd_exchange
+// at the same site, each depositing `size` bytes. Returns the deposits of all lanes
+// (lane i at offset i * kSimdSlotBytes); inactive lanes of a partial SIMD-group hold
+// poison bytes. The returned memory stays valid until the caller's next SIMD-group
+// operation.
+struct SimdView {
+  const unsigned char* slots;
+  unsigned lane;       // the caller's lane
+  unsigned live;       // lanes 0 .. live-1 exist; the rest of the 32 do not
+};
+SimdView simd_exchange(const Site& site, const void* value, std::size_t size);
+
+// Called where a kernel declares a function-scope `threadgroup` variable (rewritten
+// to a static by rewrite.py): the first thread of a group to get there poisons it,
+// as the runtime does for [[threadgroup(n)]] buffers at group start.
+void threadgroup_local(void* p, std::size_t size);
+
+// Reports a misuse of a Metal function (e.g. a non-uniform shuffle delta) as a
+// kernel error naming the call site.
+[[noreturn]] void fail(const Site& site, const char* message);
+
+}  // namespace mh::detail

@@ -1,0 +1,155 @@
+// Entry points for the self-test kernels (tests/test_metal_harness.py): each takes
+// device pointers and sizes from Python and dispatches one kernel. Compiled after
+// the selftest/*.metal sources (see build.py), so the kernels are in scope.
+
+#include <cstdint>
+
+#include "metal_host.h"
+
+// Reduction kernels launch one group per row.
+template <class T, class Kernel>
+static int dispatch_rows(Kernel body, const T* x, float* out, uint32_t rows, uint32_t n,
+                         uint32_t threads, bool threadgroup_buffer) {
+  return mh::guarded([&] {
+    std::vector<std::size_t> tg;
+    if (threadgroup_buffer) tg.push_back(32 * sizeof(float));
+    mh::dispatch_threadgroups({rows}, {threads}, tg, [&](const mh::ThreadCtx& t) {
+      body(x, out, n, t);
+    });
+  });
+}
+
+extern "C" int row_sum_f32(const float* x, float* out, uint32_t rows, uint32_t n,
+                           uint32_t threads) {
+  return dispatch_rows(
+      [](const float* x, float* out, const uint32_t& n, const mh::ThreadCtx& t) {
+        row_sum<float>(x, out, n, t.threadgroup_memory<float>(0), t.threadgroup_position_in_grid.x,
+                       t.thread_index_in_threadgroup, t.threads_per_threadgroup.x,
+                       t.thread_index_in_simdgroup, t.simdgroup_index_in_threadgroup,
+                       t.simdgroups_per_threadgroup);
+      },
+      x, out, rows, n, threads, true);
+}
+
+extern "C" int row_sum_f16(const metal::half* x, float* out, uint32_t rows, uint32_t n,
+                           uint32_t threads) {
+  return dispatch_rows(
+      [](const metal::half* x, float* out, const uint32_t& n, const mh::ThreadCtx& t) {
+        row_sum<metal::half>(x, out, n, t.threadgroup_memory<float>(0),
+                             t.threadgroup_position_in_grid.x, t.thread_index_in_threadgroup,
+                             t.threads_per_threadgroup.x, t.thread_index_in_simdgroup,
+                             t.simdgroup_index_in_threadgroup, t.simdgroups_per_threadgroup);
+      },
+      x, out, rows, n, threads, true);
+}
+
+extern "C" int row_max_f32(const float* x, float* out, uint32_t rows, uint32_t n,
+                           uint32_t threads) {
+  return dispatch_rows(
+      [](const float* x, float* out, const uint32_t& n, const mh::ThreadCtx& t) {
+        row_max(x, out, n, t.threadgroup_position_in_grid.x, t.thread_index_in_threadgroup,
+                t.threads_per_threadgroup.x, t.thread_index_in_simdgroup,
+                t.simdgroup_index_in_threadgroup, t.simdgroups_per_threadgroup);
+      },
+      x, out, rows, n, threads, false);
+}
+
+extern "C" int simd_ops_f32(const float* x, metal::float4* out, uint32_t* sizes, uint32_t n,
+                            uint32_t threads) {
+  return mh::guarded([&] {
+    mh::dispatch_threads({n}, {threads}, {}, [&](const mh::ThreadCtx& t) {
+      simd_ops(x, out, sizes, t.thread_position_in_grid.x, t.threads_per_threadgroup.x,
+               t.thread_index_in_simdgroup);
+    });
+  });
+}
+
+// The broken kernels: one group of `threads` threads each.
+
+extern "C" int sum_no_barrier_f32(const float* x, float* out, uint32_t threads) {
+  return mh::guarded([&] {
+    mh::dispatch_threadgroups({1}, {threads}, {threads * sizeof(float)},
+                              [&](const mh::ThreadCtx& t) {
+      sum_no_barrier(x, out, t.threadgroup_memory<float>(0), t.thread_index_in_threadgroup,
+                     t.threads_per_threadgroup.x);
+    });
+  });
+}
+
+template <class Kernel>
+static int dispatch_uninit(Kernel body, const float* x, float* out, uint32_t threads) {
+  return mh::guarded([&] {
+    mh::dispatch_threadgroups({1}, {threads}, {32 * sizeof(float)}, [&](const mh::ThreadCtx& t) {
+      body(x, out, t.threadgroup_memory<float>(0), t.thread_index_in_threadgroup,
+             t.thread_index_in_simdgroup, t.simdgroup_index_in_threadgroup);
+    });
+  });
+}
+
+extern "C" int sum_uninit_f32(const float* x, float* out, uint32_t threads) {
+  return dispatch_uninit(sum_uninit, x, out, threads);
+}
+
+extern "C" int max_uninit_f32(const float* x, float* out, uint32_t threads) {
+  return dispatch_uninit(max_uninit, x, out, threads);
+}
+
+extern "C" int barrier_in_branch_f32(float* out, uint32_t threads) {
+  return mh::guarded([&] {
+    mh::dispatch_threadgroups({1}, {threads}, {1024 * sizeof(float)},
+                              [&](const mh::ThreadCtx& t) {
+      barrier_in_branch(out, t.threadgroup_memory<float>(0), t.thread_index_in_threadgroup);
+    });
+  });
+}
+
+extern "C" int barrier_per_branch_f32(float* out, uint32_t threads) {
+  return mh::guarded([&] {
+    mh::dispatch_threadgroups({1}, {threads}, {1024 * sizeof(float)},
+                              [&](const mh::ThreadCtx& t) {
+      barrier_per_branch(out, t.threadgroup_memory<float>(0), t.thread_index_in_threadgroup);
+    });
+  });
+}
+
+extern "C" int simd_if_else_f32(const float* x, float* out, uint32_t threads) {
+  return mh::guarded([&] {
+    mh::dispatch_threadgroups({1}, {threads}, {}, [&](const mh::ThreadCtx& t) {
+      simd_if_else(x, out, t.thread_position_in_grid.x, t.thread_index_in_simdgroup);
+    });
+  });
+}
+
+extern "C" int simd_after_return_f32(const float* x, float* out, uint32_t n, uint32_t threads) {
+  return mh::guarded([&] {
+    mh::dispatch_threadgroups({(n + threads - 1) / threads}, {threads}, {},
+                              [&](const mh::ThreadCtx& t) {
+      simd_after_return(x, out, n, t.thread_position_in_grid.x);
+    });
+  });
+}
+
+extern "C" int shift_right_f32(const float* x, float* out, uint32_t n) {
+  return mh::guarded([&] {
+    mh::dispatch_threads({n}, {32}, {}, [&](const mh::ThreadCtx& t) {
+      shift_right(x, out, t.thread_position_in_grid.x);
+    });
+  });
+}
+
+extern "C" int threadgroup_overrun_f32(const float* x, float* out, uint32_t threads) {
+  return mh::guarded([&] {
+    mh::dispatch_threadgroups({1}, {threads}, {threads * sizeof(float)},
+                              [&](const mh::ThreadCtx& t) {
+      threadgroup_overrun(x, out, t.threadgroup_memory<float>(0), t.thread_index_in_threadgroup);
+    });
+  });
+}
+
+// Dispatches an empty kernel with the given parameters, to check that the runtime
+// enforces Metal's dispatch limits.
+extern "C" int empty_dispatch(uint32_t threads, uint32_t threadgroup_bytes) {
+  return mh::guarded([&] {
+    mh::dispatch_threadgroups({1}, {threads}, {threadgroup_bytes}, [](const mh::ThreadCtx&) {});
+  });
+}
