@@ -1,7 +1,8 @@
 """What gets benchmarked: each loss, how its inputs are built, and its sweeps.
 
-Every loss is called with a scalar reduction ("mean") so the forward output is
-O(1) and ``mx.value_and_grad`` can differentiate it directly.
+Every loss takes a ``reduction`` keyword.  The benchmark uses "mean" so the
+forward output is O(1) and ``mx.value_and_grad`` can differentiate it
+directly; the value check uses the reference's "none" output (see runner).
 """
 
 from dataclasses import dataclass
@@ -38,8 +39,8 @@ DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
 class LossSpec:
     name: str
     rowwise: bool  # True: inputs are (rows, classes) logits + int targets
-    ours: Callable[..., mx.array]
-    reference: Callable[..., mx.array]
+    ours: Callable[..., mx.array]  # (*inputs, reduction="mean")
+    reference: Callable[..., mx.array]  # (*inputs, reduction="mean")
     reference_name: str
     make_inputs: Callable[[Tuple[int, ...], mx.Dtype], list]
 
@@ -85,20 +86,24 @@ def _logits_and_binary_targets(shape, dtype):
 
 # ---- reference formulas where MLX has no such loss ---------------------------
 
-def composed_sigmoid_focal(inputs, targets):
-    """torchvision.ops.sigmoid_focal_loss written with MLX ops, mean-reduced."""
+def _reduce(loss, reduction):
+    return {"mean": mx.mean, "sum": mx.sum, "none": lambda x: x}[reduction](loss)
+
+
+def composed_sigmoid_focal(inputs, targets, reduction="mean"):
+    """torchvision.ops.sigmoid_focal_loss written with MLX ops."""
     p = mx.sigmoid(inputs)
     ce = mx.logaddexp(0.0, inputs) - inputs * targets  # BCE with logits
     p_t = p * targets + (1 - p) * (1 - targets)
     alpha_t = FOCAL_ALPHA * targets + (1 - FOCAL_ALPHA) * (1 - targets)
-    return mx.mean(alpha_t * ce * (1 - p_t) ** FOCAL_GAMMA)
+    return _reduce(alpha_t * ce * (1 - p_t) ** FOCAL_GAMMA, reduction)
 
 
-def composed_softmax_focal(logits, targets):
-    """Multi-class focal loss, -(1 - p_t)^gamma * log p_t, no alpha, mean-reduced."""
+def composed_softmax_focal(logits, targets, reduction="mean"):
+    """Multi-class focal loss, -(1 - p_t)^gamma * log p_t, no alpha."""
     log_probs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     log_p_t = mx.take_along_axis(log_probs, targets[:, None], axis=-1).squeeze(-1)
-    return mx.mean(-((1 - mx.exp(log_p_t)) ** FOCAL_GAMMA) * log_p_t)
+    return _reduce(-((1 - mx.exp(log_p_t)) ** FOCAL_GAMMA) * log_p_t, reduction)
 
 
 LOSSES = {
@@ -107,9 +112,11 @@ LOSSES = {
         LossSpec(
             name="cross_entropy",
             rowwise=True,
-            ours=lambda x, t: fl.cross_entropy(x, t, label_smoothing=LABEL_SMOOTHING, reduction="mean"),
-            reference=lambda x, t: mlx_losses.cross_entropy(
-                x, t, label_smoothing=LABEL_SMOOTHING, reduction="mean"
+            ours=lambda x, t, reduction="mean": fl.cross_entropy(
+                x, t, label_smoothing=LABEL_SMOOTHING, reduction=reduction
+            ),
+            reference=lambda x, t, reduction="mean": mlx_losses.cross_entropy(
+                x, t, label_smoothing=LABEL_SMOOTHING, reduction=reduction
             ),
             reference_name="mlx.nn.losses.cross_entropy(label_smoothing=0.1)",
             make_inputs=_logits_and_class_targets,
@@ -117,16 +124,18 @@ LOSSES = {
         LossSpec(
             name="smooth_l1",
             rowwise=False,
-            ours=lambda p, t: fl.smooth_l1_loss(p, t, beta=SMOOTH_L1_BETA, reduction="mean"),
-            reference=lambda p, t: mlx_losses.smooth_l1_loss(p, t, beta=SMOOTH_L1_BETA, reduction="mean"),
+            ours=lambda p, t, reduction="mean": fl.smooth_l1_loss(p, t, beta=SMOOTH_L1_BETA, reduction=reduction),
+            reference=lambda p, t, reduction="mean": mlx_losses.smooth_l1_loss(
+                p, t, beta=SMOOTH_L1_BETA, reduction=reduction
+            ),
             reference_name="mlx.nn.losses.smooth_l1_loss",
             make_inputs=_predictions_and_targets,
         ),
         LossSpec(
             name="sigmoid_focal",
             rowwise=False,
-            ours=lambda x, t: fl.sigmoid_focal_loss(
-                x, t, alpha=FOCAL_ALPHA, gamma=FOCAL_GAMMA, reduction="mean"
+            ours=lambda x, t, reduction="mean": fl.sigmoid_focal_loss(
+                x, t, alpha=FOCAL_ALPHA, gamma=FOCAL_GAMMA, reduction=reduction
             ),
             reference=composed_sigmoid_focal,
             reference_name="composed MLX formula (torchvision semantics)",
@@ -135,7 +144,9 @@ LOSSES = {
         LossSpec(
             name="softmax_focal",
             rowwise=True,
-            ours=lambda x, t: fl.softmax_focal_loss(x, t, gamma=FOCAL_GAMMA, reduction="mean"),
+            ours=lambda x, t, reduction="mean": fl.softmax_focal_loss(
+                x, t, gamma=FOCAL_GAMMA, reduction=reduction
+            ),
             reference=composed_softmax_focal,
             reference_name="composed MLX formula",
             make_inputs=_logits_and_class_targets,
