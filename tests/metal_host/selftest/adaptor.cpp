@@ -58,9 +58,14 @@ extern "C" int simd_ops_f32(const float* x, metal::float4* out, uint32_t* sizes,
                             uint32_t threads) {
   return mh::guarded([&] {
     mh::dispatch_threads({n}, {threads}, {}, [&](const mh::ThreadCtx& t) {
-      simd_ops(x, out, sizes, t.thread_position_in_grid.x, t.threads_per_threadgroup.x,
-               t.thread_index_in_simdgroup);
+      simd_ops(x, out, sizes, t.thread_position_in_grid.x, t.threads_per_threadgroup.x);
     });
+  });
+}
+
+extern "C" int shim_values_f32(float* out) {
+  return mh::guarded([&] {
+    mh::dispatch_threadgroups({1}, {1}, {}, [&](const mh::ThreadCtx&) { shim_values(out); });
   });
 }
 

@@ -9,13 +9,10 @@ kernel void simd_ops(
     device float4* out [[buffer(1)]],
     device uint* sizes [[buffer(2)]],
     uint gid [[thread_position_in_grid]],
-    uint tpg [[threads_per_threadgroup]],
-    uint lane [[thread_index_in_simdgroup]]) {
+    uint tpg [[threads_per_threadgroup]]) {
   const float v = x[gid];
   out[gid] = float4(simd_prefix_exclusive_sum(v), simd_max(v),
                     simd_shuffle_xor(v, ushort(1)), simd_broadcast(v, ushort(0)));
   // The non-uniform edge group must see its own size.
-  if (lane == 0) {
-    sizes[gid / 32] = tpg;
-  }
+  sizes[gid] = tpg;
 }

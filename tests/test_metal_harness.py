@@ -1,0 +1,247 @@
+"""Self-tests of the Metal-on-CPU harness (tests/metal_host).
+
+Correct kernels must pass under every schedule; each deliberately broken kernel in
+tests/metal_host/selftest/ must be caught, with a message that names the fault and
+its place in the .metal source. Then the static address-space check: it must accept
+valid kernels (ours and the project's metal/*.metal) and reject invalid ones.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import metal_host as mh
+from metal_host import static_check
+
+pytestmark = pytest.mark.skipif(
+    mh.find_clang() is None, reason="clang++-19 not installed (apt-get install clang-19)"
+)
+
+SELFTEST = Path(mh.__file__).parent / "selftest"
+REPO = SELFTEST.parents[2]
+DYNAMIC_SOURCES = sorted(p for p in SELFTEST.glob("*.metal") if not p.name.startswith("static_"))
+PROJECT_KERNELS = sorted((REPO / "metal").glob("*.metal"))
+
+
+@pytest.fixture(scope="module")
+def lib():
+    return mh.build(DYNAMIC_SOURCES, SELFTEST / "adaptor.cpp")
+
+
+def site(filename: str, snippet: str) -> str:
+    """'tests/metal_host/selftest/<file>:<line>' of the line containing snippet."""
+    lines = (SELFTEST / filename).read_text().splitlines()
+    line = next(i for i, text in enumerate(lines, 1) if snippet in text)
+    return f"tests/metal_host/selftest/{filename}:{line}:"
+
+
+def u32(n):
+    return np.uint32(n)
+
+
+# ---- correct kernels --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("threads", [32, 33, 100, 1024])
+def test_two_level_reduction(lib, threads):
+    # simd_sum inside `if (sg == 0)` only involves SIMD-group 0; 33 and 100 threads
+    # leave a partial last SIMD-group; 1024 fills all 32 partial slots.
+    rows, n = 3, 1000
+    x = np.random.default_rng(threads).standard_normal((rows, n)).astype(np.float32)
+    out = np.full(rows, np.nan, np.float32)
+    lib.run("row_sum_f32", x, out, u32(rows), u32(n), u32(threads))
+    np.testing.assert_allclose(out, x.astype(np.float64).sum(axis=1), rtol=0, atol=2e-4)
+
+
+def test_two_level_reduction_half_input(lib):
+    rows, n = 2, 300
+    x = np.random.default_rng(1).standard_normal((rows, n)).astype(np.float16)
+    out = np.full(rows, np.nan, np.float32)
+    lib.run("row_sum_f16", x, out, u32(rows), u32(n), u32(64))
+    np.testing.assert_allclose(out, x.astype(np.float64).sum(axis=1), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("threads", [33, 1024])
+def test_function_scope_threadgroup_array(lib, threads):
+    rows, n = 4, 777
+    x = np.random.default_rng(2).standard_normal((rows, n)).astype(np.float32)
+    out = np.full(rows, np.nan, np.float32)
+    lib.run("row_max_f32", x, out, u32(rows), u32(n), u32(threads))
+    np.testing.assert_array_equal(out, x.max(axis=1))
+
+
+@pytest.mark.parametrize("threads", [32, 48])
+def test_simd_functions_per_lane(lib, threads):
+    # dispatchThreads(70): the edge group has 70 % threads threads, and its last
+    # SIMD-group fewer than 32 lanes.
+    n = 70
+    x = np.random.default_rng(3).integers(-50, 50, n).astype(np.float32)
+    out = np.full((n, 4), np.nan, np.float32)
+    sizes = np.zeros(n, np.uint32)
+    lib.run("simd_ops_f32", x, out, sizes, u32(n), u32(threads))
+
+    expected = np.full((n, 4), np.nan, np.float32)
+    expected_sizes = np.zeros(n, np.uint32)
+    for g0 in range(0, n, threads):
+        group = min(threads, n - g0)
+        expected_sizes[g0 : g0 + group] = group
+        for s0 in range(g0, g0 + group, 32):
+            v = x[s0 : min(s0 + 32, g0 + group)]
+            rows = expected[s0 : s0 + v.size]
+            rows[:, 0] = np.concatenate([[0], np.cumsum(v)[:-1]])
+            rows[:, 1] = v.max()
+            partner = np.arange(v.size) ^ 1
+            # A lane whose partner does not exist reads poison (NaN), as Metal
+            # leaves that value undefined.
+            rows[:, 2] = np.where(partner < v.size, v[np.minimum(partner, v.size - 1)], np.nan)
+            rows[:, 3] = v[0]
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(sizes, expected_sizes)
+
+
+def test_shim_values(lib):
+    out = np.full(20, np.nan, np.float32)
+    lib.run("shim_values_f32", out)
+    expected = [
+        10.0, np.float16(0.1), 65504.0, 1.0, 1.015625, 65504.0, -3.3895314e38, 1.0, 128.0,
+        2.0, -1.0, 5.0, 1.5, -3.0, 0.75, np.e, 0.0, 1e-10, 1.0, 2048.0,
+    ]
+    np.testing.assert_allclose(out, np.array(expected, np.float32), rtol=1e-6, atol=0)
+
+
+# ---- broken kernels: each must be caught ------------------------------------------
+
+
+def test_missing_barrier_is_schedule_dependent(lib):
+    x = np.arange(64, dtype=np.float32)
+    out = np.full(1, np.nan, np.float32)
+    with pytest.raises(mh.ScheduleDependent, match="Only the thread order differs"):
+        lib.run("sum_no_barrier_f32", x, out, u32(64))
+
+
+def test_uninitialised_read_reaches_output_as_poison(lib):
+    x = np.ones(64, np.float32)
+    out = np.zeros(1, np.float32)
+    lib.run("sum_uninit_f32", x, out, u32(64), schedules=[mh.Schedule()])
+    assert np.isnan(out[0])
+    with pytest.raises(mh.ScheduleDependent, match="uninitialised threadgroup memory"):
+        lib.run("sum_uninit_f32", x, out, u32(64))
+
+
+def test_uninitialised_read_hidden_by_max_is_caught_by_second_poison(lib):
+    x = np.arange(64, dtype=np.float32)
+    out = np.zeros(1, np.float32)
+    # max() discards the NaN poison, so one schedule alone sees a plausible result...
+    lib.run("max_uninit_f32", x, out, u32(64), schedules=[mh.Schedule()])
+    assert out[0] == 63.0
+    # ...which is why the default schedules also poison with 0x7F (3.4e38).
+    with pytest.raises(mh.ScheduleDependent, match="uninitialised threadgroup memory"):
+        lib.run("max_uninit_f32", x, out, u32(64))
+
+
+def test_barrier_skipped_by_some_threads_is_reported(lib):
+    out = np.zeros(64, np.float32)
+    with pytest.raises(mh.KernelError) as err:
+        lib.run("barrier_in_branch_f32", out, u32(64))
+    msg = str(err.value)
+    assert "not reached by every thread" in msg
+    assert site("bad_divergent_barrier.metal", "threadgroup_barrier") in msg
+    assert "threads 0-15 wait" in msg and "threads 16-63 have returned" in msg
+
+
+def test_different_barriers_are_reported(lib):
+    out = np.zeros(64, np.float32)
+    with pytest.raises(mh.KernelError, match="threads reached different barriers") as err:
+        lib.run("barrier_per_branch_f32", out, u32(64))
+    lines = (SELFTEST / "bad_divergent_barrier.metal").read_text().splitlines()
+    barrier_lines = [i for i, t in enumerate(lines, 1) if "threadgroup_barrier(" in t][-2:]
+    for line in barrier_lines:
+        assert f"bad_divergent_barrier.metal:{line}:" in str(err.value)
+
+
+def test_simd_functions_at_different_call_sites_are_reported(lib):
+    x = np.ones(64, np.float32)
+    out = np.zeros(64, np.float32)
+    with pytest.raises(mh.KernelError, match="different SIMD-group functions") as err:
+        lib.run("simd_if_else_f32", x, out, u32(64))
+    msg = str(err.value)
+    assert "simd_sum at " + site("bad_divergent_simd.metal", "v = simd_sum(v)") in msg
+    assert "simd_max at " + site("bad_divergent_simd.metal", "v = simd_max(v)") in msg
+
+
+def test_simd_function_after_lanes_returned_is_reported(lib):
+    n = 40  # the second SIMD-group has 8 lanes in range, 24 returned
+    x = np.ones(n, np.float32)
+    out = np.zeros(n, np.float32)
+    with pytest.raises(mh.KernelError, match="reached after some lanes returned") as err:
+        lib.run("simd_after_return_f32", x, out, u32(n), u32(64))
+    assert "SIMD-group 1" in str(err.value)
+
+
+def test_out_of_bounds_device_write_is_reported(lib):
+    x = np.ones(64, np.float32)
+    out = np.zeros(64, np.float32)
+    with pytest.raises(mh.OutOfBounds, match=r"argument 1 \(float32\[64\]\): wrote past the end"):
+        lib.run("shift_right_f32", x, out, u32(64))
+
+
+def test_out_of_bounds_threadgroup_write_is_reported(lib):
+    x = np.ones(64, np.float32)
+    out = np.zeros(64, np.float32)
+    with pytest.raises(mh.KernelError, match="write outside threadgroup buffer 0 .* offset 256"):
+        lib.run("threadgroup_overrun_f32", x, out, u32(64))
+
+
+@pytest.mark.parametrize(
+    "threads, tg_bytes, message",
+    [
+        (1025, 0, "Metal allows 1 to 1024"),
+        (32, 20, "multiple of 16"),
+        (32, 32 * 1024 + 16, "Metal allows 32768"),
+    ],
+)
+def test_dispatch_limits_are_enforced(lib, threads, tg_bytes, message):
+    with pytest.raises(mh.KernelError, match=message):
+        lib.run("empty_dispatch", u32(threads), u32(tg_bytes))
+
+
+def test_scalars_must_have_explicit_c_types(lib):
+    with pytest.raises(TypeError, match="np.uint32"):
+        lib.run("empty_dispatch", 32, u32(0))
+
+
+# ---- static address-space check ---------------------------------------------------
+
+
+@pytest.mark.parametrize("path", DYNAMIC_SOURCES, ids=lambda p: p.name)
+def test_static_check_accepts_valid_msl(path):
+    result = static_check.check(path)
+    assert result.ok, result.diagnostics
+
+
+@pytest.mark.parametrize(
+    "name, diagnostic",
+    [
+        (
+            "static_reject_threadgroup_as_device.metal",
+            "cannot pass pointer to address space '3' as a pointer to address space '1'",
+        ),
+        ("static_reject_constant_write.metal", "read-only variable is not assignable"),
+    ],
+)
+def test_static_check_rejects_address_space_errors(name, diagnostic):
+    result = static_check.check(SELFTEST / name)
+    assert not result.ok
+    assert diagnostic in result.diagnostics
+    assert f"selftest/{name}:" in result.diagnostics
+
+
+@pytest.mark.parametrize(
+    "path",
+    PROJECT_KERNELS or [pytest.param(None, marks=pytest.mark.skip(reason="no metal/*.metal yet"))],
+    ids=lambda p: p.name if p else "none",
+)
+def test_static_check_project_kernels(path):
+    result = static_check.check(path)
+    assert result.ok, result.diagnostics
