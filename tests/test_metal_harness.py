@@ -179,6 +179,16 @@ def test_simd_function_after_lanes_returned_is_reported(lib):
     assert "SIMD-group 1" in str(err.value)
 
 
+def test_non_uniform_shuffle_delta_is_reported(lib):
+    x = np.ones(32, np.float32)
+    out = np.zeros(32, np.float32)
+    with pytest.raises(mh.KernelError, match="must be the same in all lanes") as err:
+        lib.run("shuffle_nonuniform_delta_f32", x, out, u32(32))
+    msg = str(err.value)
+    assert "simd_shuffle_down at " + site("bad_divergent_simd.metal", "simd_shuffle_down(") in msg
+    assert "thread 0 (SIMD-group 0, lane 0)" in msg
+
+
 def test_out_of_bounds_device_write_is_reported(lib):
     x = np.ones(64, np.float32)
     out = np.zeros(64, np.float32)

@@ -1,9 +1,10 @@
 """Compiles .metal kernels + an adaptor + the runtime into a shared library.
 
-The translation unit is generated: metal_host.h first (so the standard headers are
-in before the shim's keyword macros), then each .metal source rewritten by
-rewrite.py under a #line directive, then the adaptor .cpp, which calls the kernels
-by their C++ names. Outputs are cached under _build/ by a hash of the preprocessed
+The translation unit is generated: metal_host.h first (the standard headers it
+pulls in must precede the shim's keyword macros), then each .metal source
+rewritten by rewrite.py under a #line directive, then mh_metal_end.h (which
+removes those macros), then the adaptor .cpp, which calls the kernels by their C++
+names. Outputs are cached under _build/ by a hash of the preprocessed
 source and the flags, so a rebuild happens exactly when some included file changed.
 """
 
@@ -89,6 +90,9 @@ def _publish(tmp: Path, final: Path) -> None:
 
 
 def _runtime_object(clang: str, flags: Sequence[str]) -> Path:
+    # A separate object, never inlined into kernel code: to the optimizer a barrier
+    # is an opaque call that may change any memory, so kernels reload threadgroup
+    # memory after it, as a GPU compiler must.
     key = _key(clang, HERE / "runtime.cpp", flags)
     obj = BUILD_DIR / f"runtime-{key}.o"
     if not obj.exists():
@@ -121,6 +125,7 @@ def compile_library(
     parts = ['#include "metal_host.h"\n']
     # Repository-relative names keep diagnostics and reported call sites short.
     parts += [translation_unit_source(_display_name(m), m.read_text()) for m in metal]
+    parts.append('#include "mh_metal_end.h"\n')
     parts.append(f'#include "{adaptor}"\n')
     tu_text = "".join(parts)
     tu = BUILD_DIR / f"tu-{hashlib.sha256(tu_text.encode()).hexdigest()[:24]}.cpp"

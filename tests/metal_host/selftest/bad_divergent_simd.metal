@@ -30,3 +30,12 @@ kernel void simd_after_return(
   }
   out[gid] = simd_sum(x[gid]);
 }
+
+// simd_shuffle_down's delta must be the same in all lanes.
+kernel void shuffle_nonuniform_delta(
+    device const float* x [[buffer(0)]],
+    device float* out [[buffer(1)]],
+    uint gid [[thread_position_in_grid]],
+    uint lane [[thread_index_in_simdgroup]]) {
+  out[gid] = simd_shuffle_down(x[gid], ushort(lane % 2 + 1));
+}
