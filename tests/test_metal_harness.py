@@ -179,6 +179,15 @@ def test_simd_function_after_lanes_returned_is_reported(lib):
     assert "SIMD-group 1" in str(err.value)
 
 
+def test_simd_function_against_barrier_is_a_reported_deadlock(lib):
+    out = np.zeros(32, np.float32)
+    with pytest.raises(mh.KernelError, match="deadlock") as err:
+        lib.run("simd_or_barrier_f32", out, u32(32))
+    msg = str(err.value)
+    assert "threads 0-15 wait in simd_sum" in msg
+    assert "threads 16-31 wait in threadgroup_barrier" in msg
+
+
 def test_non_uniform_shuffle_delta_is_reported(lib):
     x = np.ones(32, np.float32)
     out = np.zeros(32, np.float32)

@@ -142,6 +142,14 @@ extern "C" int shuffle_nonuniform_delta_f32(const float* x, float* out, uint32_t
   });
 }
 
+extern "C" int simd_or_barrier_f32(float* out, uint32_t threads) {
+  return mh::guarded([&] {
+    mh::dispatch_threadgroups({1}, {threads}, {}, [&](const mh::ThreadCtx& t) {
+      simd_or_barrier(out, t.thread_position_in_grid.x, t.thread_index_in_simdgroup);
+    });
+  });
+}
+
 extern "C" int shift_right_f32(const float* x, float* out, uint32_t n) {
   return mh::guarded([&] {
     mh::dispatch_threads({n}, {32}, {}, [&](const mh::ThreadCtx& t) {

@@ -39,3 +39,17 @@ kernel void shuffle_nonuniform_delta(
     uint lane [[thread_index_in_simdgroup]]) {
   out[gid] = simd_shuffle_down(x[gid], ushort(lane % 2 + 1));
 }
+
+// Half of a SIMD-group waits in simd_sum for lanes that wait at a barrier for it.
+kernel void simd_or_barrier(
+    device float* out [[buffer(0)]],
+    uint gid [[thread_position_in_grid]],
+    uint lane [[thread_index_in_simdgroup]]) {
+  float v = 1.0f;
+  if (lane < 16) {
+    v = simd_sum(v);
+  } else {
+    threadgroup_barrier(mem_flags::mem_none);
+  }
+  out[gid] = v;
+}
