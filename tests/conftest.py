@@ -29,7 +29,7 @@ try:
 
     settings.register_profile(
         "fast",
-        max_examples=int(os.environ.get("FL_HYPOTHESIS_EXAMPLES", "40")),
+        max_examples=int(os.environ.get("FL_HYPOTHESIS_EXAMPLES", "100")),
         deadline=None,
         derandomize=True,
         suppress_health_check=[HealthCheck.too_slow,

@@ -64,7 +64,8 @@ def reg_cases():
         ("smooth_l1 shape 2", ("predictions", "targets"), s, (P, mx.ones((3, 4, 1))), {}),
         ("smooth_l1 negative beta", "beta", s, (P, Q), dict(beta=-0.5)),
         ("smooth_l1 reduction", "reduction", s, (P, Q), dict(reduction="max")),
-        ("huber shape", ("inputs", "targets"), h, (P, mx.ones((4,))), {}),
+        ("huber shape", ("inputs", "targets"), h, (P, mx.ones((3,))), {}),
+        ("huber shape 2", ("inputs", "targets"), h, (P, mx.ones((4, 3))), {}),
         ("huber negative delta", "delta", h, (P, Q), dict(delta=-1.0)),
         ("huber reduction", "reduction", h, (P, Q), dict(reduction="Mean")),
     ]
@@ -74,6 +75,7 @@ def focal_cases():
     sf, mf = "sigmoid_focal_loss", "softmax_focal_loss"
     return [
         ("sigmoid shape", ("inputs", "targets"), sf, (P, mx.ones((3, 5))), {}),
+        ("sigmoid shape 2", ("inputs", "targets"), sf, (P, mx.ones((2, 3, 4))), {}),
         ("sigmoid negative gamma", "gamma", sf, (P, Q), dict(gamma=-1.0)),
         ("sigmoid reduction", "reduction", sf, (P, Q), dict(reduction="none ")),
         ("sigmoid integer logits", "inputs", sf, (mx.zeros((3, 4), mx.int32), Q), {}),

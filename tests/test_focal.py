@@ -408,8 +408,9 @@ def test_nn_modules(fl, rng):
     assert isinstance(m, nn.Module)
     np.testing.assert_allclose(to_np(m(x, tb)), to_np(fl.sigmoid_focal_loss(
         x, tb, alpha=0.3, gamma=1.5, reduction="mean")), rtol=1e-6)
-    np.testing.assert_allclose(to_np(fl.nn.SigmoidFocalLoss()(x, tb)),
-                               to_np(fl.sigmoid_focal_loss(x, tb)), rtol=1e-6)
+    np.testing.assert_allclose(
+        to_np(fl.nn.SigmoidFocalLoss(reduction="none")(x, tb)),
+        to_np(fl.sigmoid_focal_loss(x, tb, reduction="none")), rtol=1e-6)
     t = mx.array([0, -100, 3])
     alpha = mx.array([0.1, 0.2, 0.3, 0.4])
     m = fl.nn.SoftmaxFocalLoss(alpha=alpha, gamma=0.5, reduction="sum",
@@ -419,5 +420,6 @@ def test_nn_modules(fl, rng):
         x, t, alpha=alpha, gamma=0.5, reduction="sum", ignore_index=-100)),
         rtol=1e-6)
     t = mx.array([0, 1, 3])
-    np.testing.assert_allclose(to_np(fl.nn.SoftmaxFocalLoss()(x, t)),
-                               to_np(fl.softmax_focal_loss(x, t)), rtol=1e-6)
+    np.testing.assert_allclose(
+        to_np(fl.nn.SoftmaxFocalLoss(reduction="none")(x, t)),
+        to_np(fl.softmax_focal_loss(x, t, reduction="none")), rtol=1e-6)

@@ -235,7 +235,37 @@ def test_nn_modules(fl, rng):
     assert isinstance(m, nn.Module)
     np.testing.assert_allclose(to_np(m(p, t)), to_np(fl.huber_loss(
         p, t, delta=2.0, reduction="mean")), rtol=1e-6)
-    np.testing.assert_allclose(to_np(fl.nn.HuberLoss()(p, t)),
-                               to_np(fl.huber_loss(p, t)), rtol=1e-6)
-    np.testing.assert_allclose(to_np(fl.nn.SmoothL1Loss()(p, t)),
-                               to_np(fl.smooth_l1_loss(p, t)), rtol=1e-6)
+    for red in REDUCTIONS:  # (module defaults are the module's own choice)
+        np.testing.assert_allclose(to_np(fl.nn.HuberLoss(reduction=red)(p, t)),
+                                   to_np(fl.huber_loss(p, t, reduction=red)),
+                                   rtol=1e-6)
+        np.testing.assert_allclose(to_np(fl.nn.SmoothL1Loss(reduction=red)(p, t)),
+                                   to_np(fl.smooth_l1_loss(p, t, reduction=red)),
+                                   rtol=1e-6)
+
+
+@pytest.mark.parametrize("which", ["smooth_l1_loss", "huber_loss"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_broadcast_targets_rejected_or_consistent(fl, rng, which, reduction):
+    """Targets broadcastable to the predictions' shape: either rejected
+    (ValueError naming targets) or identical to broadcasting explicitly,
+    with the targets' gradient summed back to the targets' shape."""
+    p, _ = _pair(rng, (3, 4), mx.float32)
+    t = to_mx(rng.normal(size=(4,)) * 3)[0]
+    f = getattr(fl, which)
+    try:
+        out = f(p, t, reduction=reduction)
+    except ValueError as e:
+        assert "targets" in str(e)
+        return
+    tb = mx.broadcast_to(t, p.shape)
+    np.testing.assert_allclose(to_np(out), to_np(f(p, tb, reduction=reduction)),
+                               rtol=1e-6, atol=1e-7)
+    gp, gt = mx.grad(lambda a, b: f(a, b, reduction=reduction).sum(),
+                     argnums=(0, 1))(p, t)
+    assert gt.shape == t.shape
+    gp2, gt2 = mx.grad(lambda a, b: f(a, mx.broadcast_to(b, p.shape),
+                                      reduction=reduction).sum(),
+                       argnums=(0, 1))(p, t)
+    np.testing.assert_allclose(to_np(gp), to_np(gp2), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(to_np(gt), to_np(gt2), rtol=1e-5, atol=1e-6)
