@@ -1,0 +1,273 @@
+// Launch plans of the Metal kernels; see launch_plan.h for the rules.
+// No Metal types and no standard headers beyond launch_plan.h's: the CPU
+// harness compiles this file after the Metal shim's keyword macros.
+#include "metal/launch_plan.h"
+
+#include <stdexcept>
+
+#include "math/cross_entropy.h"
+
+namespace fl::mplan {
+
+namespace {
+
+constexpr int kSimd = 32;
+constexpr int kBackwardThreads = 256;
+
+int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+int round_up_simd(int64_t n) {
+  int64_t r = ceil_div(n, kSimd) * kSimd;
+  return int(r < kSimd ? kSimd : r);
+}
+
+// The largest usable group: the pipeline's limit rounded down to a SIMD width.
+int usable_threads(int max_group_threads) {
+  int t = max_group_threads > kMaxGroupThreads ? kMaxGroupThreads : max_group_threads;
+  t = t / kSimd * kSimd;
+  if (t < kSimd) {
+    throw std::invalid_argument("launch plan: a threadgroup of at least 32 threads is required");
+  }
+  return t;
+}
+
+uint32_t grid_dim(int64_t n, const char* what) {
+  if (n < 0 || n > int64_t(UINT32_MAX)) {
+    throw std::invalid_argument(std::string("launch plan: too many ") + what +
+                                " for one Metal dispatch");
+  }
+  return uint32_t(n);
+}
+
+void check_row_shape(int64_t rows, int num_classes) {
+  if (rows < 0 || num_classes < 0) {
+    throw std::invalid_argument("launch plan: negative rows or classes");
+  }
+}
+
+// One group per row; block or looped by row_uses_looped.
+LaunchPlan row_forward_plan(const std::string& prefix, const std::string& suffix, int64_t rows,
+                            int num_classes, int max_group_threads) {
+  check_row_shape(rows, num_classes);
+  LaunchPlan p;
+  int t = usable_threads(max_group_threads);
+  p.looped = row_uses_looped(num_classes, t);
+  p.kernel_name = prefix + (p.looped ? "looped" : "block") + suffix;
+  p.elems_per_thread = FL_ROW_READS;
+  p.group[0] = p.looped ? uint32_t(t) : uint32_t(round_up_simd(ceil_div(num_classes, FL_ROW_READS)));
+  p.grid[0] = num_classes == 0 ? 0 : grid_dim(rows, "rows");
+  p.threadgroup_bytes = FL_ROW_SCRATCH_FLOATS * sizeof(float);
+  return p;
+}
+
+// A 2-D grid over (chunks of a row, rows), no threadgroup memory.
+LaunchPlan row_backward_plan(const std::string& name, int64_t rows, int num_classes) {
+  check_row_shape(rows, num_classes);
+  LaunchPlan p;
+  p.kernel_name = name;
+  p.elems_per_thread = FL_ROW_READS;
+  int64_t need = round_up_simd(ceil_div(num_classes, FL_ROW_READS));
+  p.group[0] = uint32_t(need < kBackwardThreads ? need : kBackwardThreads);
+  p.grid[0] = uint32_t(ceil_div(num_classes, int64_t(p.group[0]) * FL_ROW_READS));
+  p.grid[1] = grid_dim(rows, "rows");
+  return p;
+}
+
+// Element-wise: groups of up to 256 threads, FL_PW_READS elements per thread.
+LaunchPlan elementwise_plan(const std::string& name, uint64_t n) {
+  LaunchPlan p;
+  p.kernel_name = name;
+  p.elems_per_thread = FL_PW_READS;
+  int64_t need = round_up_simd(ceil_div(int64_t(n), FL_PW_READS));
+  p.group[0] = uint32_t(need < FL_PW_GROUP_THREADS ? need : FL_PW_GROUP_THREADS);
+  p.grid[0] = grid_dim(ceil_div(int64_t(n), int64_t(p.group[0]) * FL_PW_READS), "elements");
+  return p;
+}
+
+struct NamedIndex {
+  int index;
+  const char* name;
+};
+
+// The buffer order from the [[buffer(n)]] indices of kernel_args.h: every
+// index 0 .. count-1 named exactly once.
+std::vector<std::string> buffer_names(int count, std::initializer_list<NamedIndex> named) {
+  std::vector<std::string> out(count);
+  for (const NamedIndex& b : named) {
+    if (b.index < 0 || b.index >= count || !out[b.index].empty()) {
+      throw std::logic_error("launch plan: inconsistent buffer indices");
+    }
+    out[b.index] = b.name;
+  }
+  for (const std::string& name : out) {
+    if (name.empty()) {
+      throw std::logic_error("launch plan: unnamed buffer index");
+    }
+  }
+  return out;
+}
+
+} // namespace
+
+const char* dtype_name(KDtype dt) {
+  switch (dt) {
+    case KDtype::float16:
+      return "float16";
+    case KDtype::bfloat16:
+      return "bfloat16";
+    default:
+      return "float32";
+  }
+}
+
+int dtype_size(KDtype dt) {
+  return dt == KDtype::float32 ? 4 : 2;
+}
+
+bool row_uses_looped(int num_classes, int max_group_threads) {
+  return int64_t(num_classes) > int64_t(usable_threads(max_group_threads)) * FL_ROW_READS;
+}
+
+// ---- cross-entropy ---------------------------------------------------------------
+
+LaunchPlan ce_forward_plan(KDtype dt, int64_t rows, int num_classes, bool soft_targets,
+                           bool class_weights, int max_group_threads) {
+  std::string suffix = std::string("_") + (soft_targets ? "soft" : "hard") + "_" +
+      (class_weights ? "w" : "nw") + "_" + dtype_name(dt);
+  LaunchPlan p = row_forward_plan("fl_ce_fwd_", suffix, rows, num_classes, max_group_threads);
+  p.buffers = buffer_names(FL_CE_FWD_NBUF, {{FL_CE_FWD_LOGITS, "logits"}, {FL_CE_FWD_INDEX, "class_index"},
+      {FL_CE_FWD_PROBS, "target_probs"}, {FL_CE_FWD_WEIGHTS, "class_weights"},
+      {FL_CE_FWD_LOSS, "loss"}, {FL_CE_FWD_LSE, "lse"}, {FL_CE_FWD_ASUM, "a_sum"},
+      {FL_CE_FWD_ARGS, "args"}});
+  return p;
+}
+
+LaunchPlan ce_backward_plan(KDtype dt, int64_t rows, int num_classes, bool soft_targets,
+                            bool class_weights) {
+  std::string name = std::string("fl_ce_bwd_") + (soft_targets ? "soft" : "hard") + "_" +
+      (class_weights ? "w" : "nw") + "_" + dtype_name(dt);
+  LaunchPlan p = row_backward_plan(name, rows, num_classes);
+  p.buffers = buffer_names(FL_CE_BWD_NBUF, {{FL_CE_BWD_LOGITS, "logits"}, {FL_CE_BWD_INDEX, "class_index"},
+      {FL_CE_BWD_PROBS, "target_probs"}, {FL_CE_BWD_WEIGHTS, "class_weights"},
+      {FL_CE_BWD_LSE, "lse"}, {FL_CE_BWD_ASUM, "a_sum"}, {FL_CE_BWD_GLOSS, "g_loss"},
+      {FL_CE_BWD_GLSE, "g_lse"}, {FL_CE_BWD_GRAD, "grad"}, {FL_CE_BWD_ARGS, "args"}});
+  return p;
+}
+
+CeArgs make_ce_args(int num_classes, float label_smoothing, int smoothing_mode,
+                    bool has_ignore_index, int64_t ignore_index, float z_loss) {
+  CeArgs a{};
+  flm::CeSmoothing c = flm::ce_smoothing(label_smoothing, smoothing_mode, num_classes);
+  a.ignore_index = ignore_index;
+  a.num_classes = num_classes;
+  a.has_ignore_index = has_ignore_index ? 1 : 0;
+  a.c_target = c.c_target;
+  a.c_other = c.c_other;
+  a.z_loss = z_loss;
+  return a;
+}
+
+// ---- softmax focal -----------------------------------------------------------------
+
+LaunchPlan sf_forward_plan(KDtype dt, int64_t rows, int num_classes, int max_group_threads) {
+  LaunchPlan p = row_forward_plan("fl_sf_fwd_", std::string("_") + dtype_name(dt), rows,
+                                  num_classes, max_group_threads);
+  p.buffers = buffer_names(FL_SF_FWD_NBUF, {{FL_SF_FWD_LOGITS, "logits"}, {FL_SF_FWD_INDEX, "class_index"},
+      {FL_SF_FWD_ALPHA, "class_alpha"}, {FL_SF_FWD_LOSS, "loss"}, {FL_SF_FWD_LSE, "lse"},
+      {FL_SF_FWD_COEF, "coef"}, {FL_SF_FWD_ARGS, "args"}});
+  return p;
+}
+
+LaunchPlan sf_backward_plan(KDtype dt, int64_t rows, int num_classes) {
+  LaunchPlan p = row_backward_plan(std::string("fl_sf_bwd_") + dtype_name(dt), rows, num_classes);
+  p.buffers = buffer_names(FL_SF_BWD_NBUF, {{FL_SF_BWD_LOGITS, "logits"}, {FL_SF_BWD_INDEX, "class_index"},
+      {FL_SF_BWD_LSE, "lse"}, {FL_SF_BWD_COEF, "coef"}, {FL_SF_BWD_GLOSS, "g_loss"},
+      {FL_SF_BWD_GRAD, "grad"}, {FL_SF_BWD_ARGS, "args"}});
+  return p;
+}
+
+SfArgs make_sf_args(int num_classes, float gamma, float alpha, bool has_class_alpha,
+                    bool has_ignore_index, int64_t ignore_index) {
+  SfArgs a{};
+  a.ignore_index = ignore_index;
+  a.num_classes = num_classes;
+  a.has_ignore_index = has_ignore_index ? 1 : 0;
+  a.gamma = gamma;
+  a.alpha = alpha;
+  a.has_class_alpha = has_class_alpha ? 1 : 0;
+  return a;
+}
+
+// ---- element-wise losses -------------------------------------------------------------
+
+const char* pw_kind_name(int kind) {
+  switch (kind) {
+    case 0:
+      return "smooth_l1";
+    case 1:
+      return "huber";
+    case 2:
+      return "sigmoid_focal";
+    default:
+      throw std::invalid_argument("launch plan: unknown pointwise loss kind");
+  }
+}
+
+uint64_t pw_num_partials(uint64_t n) {
+  return (n + FL_PW_GROUP_ELEMS - 1) / FL_PW_GROUP_ELEMS;
+}
+
+LaunchPlan pw_forward_plan(KDtype dt, int kind, uint64_t n, int reduce) {
+  std::string tail = std::string(pw_kind_name(kind)) + "_" + dtype_name(dt);
+  if (reduce == 0) {
+    LaunchPlan p = elementwise_plan("fl_pw_fwd_none_" + tail, n);
+    p.buffers = buffer_names(FL_PW_FWD_NBUF, {{FL_PW_FWD_PRED, "pred"}, {FL_PW_FWD_TARGET, "target"},
+        {FL_PW_FWD_OUT, "loss"}, {FL_PW_FWD_ARGS, "args"}});
+    return p;
+  }
+  // Fixed partition: FL_PW_GROUP_ELEMS elements per group, whatever the device.
+  LaunchPlan p;
+  p.kernel_name = "fl_pw_fwd_partial_" + tail;
+  p.elems_per_thread = FL_PW_READS;
+  p.group[0] = FL_PW_GROUP_THREADS;
+  p.grid[0] = grid_dim(int64_t(pw_num_partials(n)), "elements");
+  p.threadgroup_bytes = FL_PW_SCRATCH_FLOATS * sizeof(float);
+  p.buffers = buffer_names(FL_PW_FWD_NBUF, {{FL_PW_FWD_PRED, "pred"}, {FL_PW_FWD_TARGET, "target"},
+      {FL_PW_FWD_OUT, "partials"}, {FL_PW_FWD_ARGS, "args"}});
+  return p;
+}
+
+LaunchPlan pw_sum_finish_plan(uint64_t num_partials) {
+  LaunchPlan p;
+  p.kernel_name = "fl_pw_sum_finish";
+  p.elems_per_thread = 1;
+  int64_t need = round_up_simd(int64_t(num_partials));
+  p.group[0] = uint32_t(need < kMaxGroupThreads ? need : kMaxGroupThreads);
+  p.grid[0] = 1; // always runs: it writes the result, 0 for no elements
+  p.threadgroup_bytes = FL_PW_SCRATCH_FLOATS * sizeof(float);
+  p.buffers = buffer_names(FL_PW_SUM_NBUF, {{FL_PW_SUM_PARTIALS, "partials"}, {FL_PW_SUM_OUT, "out"},
+      {FL_PW_SUM_ARGS, "args"}});
+  return p;
+}
+
+LaunchPlan pw_backward_plan(KDtype dt, int kind, uint64_t n) {
+  LaunchPlan p = elementwise_plan(
+      std::string("fl_pw_bwd_") + pw_kind_name(kind) + "_" + dtype_name(dt), n);
+  p.buffers = buffer_names(FL_PW_BWD_NBUF, {{FL_PW_BWD_PRED, "pred"}, {FL_PW_BWD_TARGET, "target"},
+      {FL_PW_BWD_COTAN, "cotan"}, {FL_PW_BWD_GRAD, "grad"}, {FL_PW_BWD_ARGS, "args"}});
+  return p;
+}
+
+PwArgs make_pw_args(uint64_t n, float param0, float param1, int reduce) {
+  PwArgs a{};
+  a.size = n;
+  a.num_partials = pw_num_partials(n);
+  a.param0 = param0;
+  a.param1 = param1;
+  a.reduce = reduce;
+  return a;
+}
+
+} // namespace fl::mplan

@@ -1,0 +1,87 @@
+// Launch plans of the Metal kernels (metal/*.metal): which kernel, how many
+// threadgroups of how many threads, how much threadgroup memory, how many
+// elements per thread, and the buffer order. Plain C++ with no Metal types:
+// the host code (csrc/metal/*.cpp, macOS only) and the CPU harness tests
+// (tests/metal_kernels/, every platform) dispatch from the same plan.
+//
+// Kernel choice for the row-wise losses (cross-entropy, softmax focal), with
+// R = FL_ROW_READS = 4 elements per thread and T the largest usable group
+// (1024, or the pipeline's maxTotalThreadsPerThreadgroup rounded down to 32):
+//   block   K <= T * R: ceil(K / R) threads rounded up to a multiple of 32
+//           (at least 32), every thread holds its R logits in registers
+//   looped  K >  T * R: T threads, online log-sum-exp over strided chunks
+// Backward (both losses): grid (ceil(K / (t * R)), rows) of t = min(256,
+// ceil(K / R) rounded up to 32) threads, R elements per thread.
+// Element-wise losses: groups of 256 threads, FL_PW_READS = 4 elements per
+// thread; the fused sum uses one group per FL_PW_GROUP_ELEMS elements, then
+// one group of up to 1024 threads adds the partial sums.
+//
+// Identifiers here avoid the MSL keywords (device, constant, kernel, thread,
+// threadgroup): the harness compiles this file after the Metal shim's macros.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "metal/kernel_args.h"
+
+namespace fl::mplan {
+
+// The element types the kernels are instantiated for (names as MLX spells them).
+enum class KDtype : int { float32 = 0, float16 = 1, bfloat16 = 2 };
+const char* dtype_name(KDtype dt);
+int dtype_size(KDtype dt);
+
+constexpr int kMaxGroupThreads = 1024;
+
+struct LaunchPlan {
+  std::string kernel_name; // the [[host_name]] of the instantiation
+  uint32_t grid[3] = {0, 1, 1}; // threadgroups per grid (dispatchThreadgroups)
+  uint32_t group[3] = {1, 1, 1}; // threads per threadgroup
+  uint32_t threadgroup_bytes = 0; // [[threadgroup(0)]] length; 0: the kernel has none
+  int elems_per_thread = 1; // contiguous elements a thread handles per step
+  bool looped = false; // row kernels: the looped (online) variant
+  std::vector<std::string> buffers; // buffers[i] is bound at [[buffer(i)]]
+
+  // Nothing to launch (zero rows or elements): the host skips the dispatch.
+  bool empty() const {
+    return grid[0] == 0 || grid[1] == 0 || grid[2] == 0;
+  }
+  uint64_t total_threads() const {
+    return uint64_t(grid[0]) * grid[1] * grid[2] * group[0] * group[1] * group[2];
+  }
+};
+
+// Block vs looped for a row of K elements, given the largest usable group.
+bool row_uses_looped(int num_classes, int max_group_threads = kMaxGroupThreads);
+
+// ---- cross-entropy -------------------------------------------------------------
+LaunchPlan ce_forward_plan(KDtype dt, int64_t rows, int num_classes, bool soft_targets,
+                           bool class_weights, int max_group_threads = kMaxGroupThreads);
+LaunchPlan ce_backward_plan(KDtype dt, int64_t rows, int num_classes, bool soft_targets,
+                            bool class_weights);
+// smoothing_mode: flm::kSmoothUniform | flm::kSmoothOthers.
+CeArgs make_ce_args(int num_classes, float label_smoothing, int smoothing_mode,
+                    bool has_ignore_index, int64_t ignore_index, float z_loss);
+
+// ---- softmax focal -------------------------------------------------------------
+LaunchPlan sf_forward_plan(KDtype dt, int64_t rows, int num_classes,
+                           int max_group_threads = kMaxGroupThreads);
+LaunchPlan sf_backward_plan(KDtype dt, int64_t rows, int num_classes);
+SfArgs make_sf_args(int num_classes, float gamma, float alpha, bool has_class_alpha,
+                    bool has_ignore_index, int64_t ignore_index);
+
+// ---- element-wise losses ---------------------------------------------------------
+// kind: 0 smooth-L1, 1 Huber, 2 sigmoid focal (fl::PointwiseKind);
+// reduce: 0 none, 1 sum, 2 mean (fl::Reduce).
+const char* pw_kind_name(int kind);
+// reduce == 0: element-wise kernel; else the partial-sum kernel (followed by
+// pw_sum_finish_plan(pw_num_partials(n))).
+LaunchPlan pw_forward_plan(KDtype dt, int kind, uint64_t n, int reduce);
+uint64_t pw_num_partials(uint64_t n);
+LaunchPlan pw_sum_finish_plan(uint64_t num_partials);
+LaunchPlan pw_backward_plan(KDtype dt, int kind, uint64_t n);
+PwArgs make_pw_args(uint64_t n, float param0, float param1, int reduce);
+
+} // namespace fl::mplan

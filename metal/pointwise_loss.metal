@@ -1,0 +1,199 @@
+// Element-wise losses (smooth-L1, Huber, sigmoid focal): what
+// csrc/cpu/pointwise_loss.cpp computes, with the formulas of
+// csrc/math/smooth_l1.h and csrc/math/focal.h.
+//
+//   pw_forward          loss[i] for every element (reduction "none")
+//   pw_forward_partial  one float32 partial sum per threadgroup over a fixed
+//                       block of FL_PW_GROUP_ELEMS elements
+//   fl_pw_sum_finish       one threadgroup adds the partials in a fixed order and
+//                       divides by n for the mean: the result does not depend
+//                       on scheduling (no atomics)
+//   pw_backward         grad[i] = g * dloss/dpred, g element-wise or the scalar
+//                       cotangent of the sum (divided by n for the mean)
+// Each thread handles FL_PW_READS contiguous elements (per step), read with an
+// unrolled, unmasked fast path and a masked tail.
+#include <metal_stdlib>
+
+#include "fl_common.h"
+#include "../csrc/math/focal.h"
+#include "../csrc/math/smooth_l1.h"
+#include "../csrc/metal/kernel_args.h"
+
+using namespace metal;
+
+namespace {
+
+// kKind = fl::PointwiseKind: 0 smooth-L1, 1 Huber, 2 sigmoid focal.
+template <int kKind>
+inline float pw_loss(float x, float t, float p0, float p1) {
+  if (kKind == 2) {
+    return flm::sigmoid_focal_loss(x, t, p0, p1);
+  }
+  return flm::regression_loss(kKind, x - t, p0);
+}
+
+template <int kKind>
+inline float pw_grad(float x, float t, float p0, float p1) {
+  if (kKind == 2) {
+    return flm::sigmoid_focal_grad(x, t, p0, p1);
+  }
+  return flm::regression_grad(kKind, x - t, p0);
+}
+
+// Sum of the losses of elements [i0, i0 + R) that are < n.
+template <typename T, int kKind, int R>
+inline float pw_chunk_sum(device const T* pred, device const T* target, ulong i0, ulong n,
+                          float p0, float p1) {
+  float s = 0.0f;
+  if (i0 + R <= n) {
+    for (int k = 0; k < R; ++k) {
+      s += pw_loss<kKind>(float(pred[i0 + k]), float(target[i0 + k]), p0, p1);
+    }
+  } else {
+    for (int k = 0; k < R; ++k) {
+      if (i0 + k < n) {
+        s += pw_loss<kKind>(float(pred[i0 + k]), float(target[i0 + k]), p0, p1);
+      }
+    }
+  }
+  return s;
+}
+
+} // namespace
+
+template <typename T, int kKind>
+[[kernel]] void pw_forward(
+    device const T* pred [[buffer(FL_PW_FWD_PRED)]],
+    device const T* target [[buffer(FL_PW_FWD_TARGET)]],
+    device float* loss [[buffer(FL_PW_FWD_OUT)]],
+    constant PwArgs& args [[buffer(FL_PW_FWD_ARGS)]],
+    uint group [[threadgroup_position_in_grid]],
+    uint tid [[thread_index_in_threadgroup]],
+    uint tpg [[threads_per_threadgroup]]) {
+  constexpr int R = FL_PW_READS;
+  const ulong n = args.size;
+  const ulong i0 = (ulong(group) * tpg + tid) * R;
+  const float p0 = args.param0;
+  const float p1 = args.param1;
+  if (i0 + R <= n) {
+    float xv[R];
+    float tv[R];
+    for (int k = 0; k < R; ++k) {
+      xv[k] = float(pred[i0 + k]);
+      tv[k] = float(target[i0 + k]);
+    }
+    for (int k = 0; k < R; ++k) {
+      loss[i0 + k] = pw_loss<kKind>(xv[k], tv[k], p0, p1);
+    }
+  } else {
+    for (int k = 0; k < R; ++k) {
+      if (i0 + k < n) {
+        loss[i0 + k] = pw_loss<kKind>(float(pred[i0 + k]), float(target[i0 + k]), p0, p1);
+      }
+    }
+  }
+}
+
+template <typename T, int kKind>
+[[kernel]] void pw_forward_partial(
+    device const T* pred [[buffer(FL_PW_FWD_PRED)]],
+    device const T* target [[buffer(FL_PW_FWD_TARGET)]],
+    device float* partials [[buffer(FL_PW_FWD_OUT)]],
+    constant PwArgs& args [[buffer(FL_PW_FWD_ARGS)]],
+    threadgroup float* scratch [[threadgroup(0)]],
+    uint group [[threadgroup_position_in_grid]],
+    uint tid [[thread_index_in_threadgroup]],
+    uint tpg [[threads_per_threadgroup]],
+    uint lane [[thread_index_in_simdgroup]],
+    uint sg [[simdgroup_index_in_threadgroup]],
+    uint nsg [[simdgroups_per_threadgroup]]) {
+  constexpr int R = FL_PW_READS;
+  const ulong n = args.size;
+  // The group's block is fixed by FL_PW_GROUP_ELEMS, whatever tpg is.
+  const ulong begin = ulong(group) * FL_PW_GROUP_ELEMS;
+  const ulong end = n - begin < ulong(FL_PW_GROUP_ELEMS) ? n : begin + ulong(FL_PW_GROUP_ELEMS);
+  float s = 0.0f;
+  for (ulong i0 = begin + ulong(tid) * R; i0 < end; i0 += ulong(tpg) * R) {
+    s += pw_chunk_sum<T, kKind, R>(pred, target, i0, end, args.param0, args.param1);
+  }
+  s = flk::threadgroup_sum(s, scratch, sg, lane, nsg);
+  if (tid == 0) {
+    partials[group] = s;
+  }
+}
+
+// One threadgroup. out[0] = sum(partials) (/ n for the mean).
+[[kernel]] void fl_pw_sum_finish(
+    device const float* partials [[buffer(FL_PW_SUM_PARTIALS)]],
+    device float* out [[buffer(FL_PW_SUM_OUT)]],
+    constant PwArgs& args [[buffer(FL_PW_SUM_ARGS)]],
+    threadgroup float* scratch [[threadgroup(0)]],
+    uint tid [[thread_index_in_threadgroup]],
+    uint tpg [[threads_per_threadgroup]],
+    uint lane [[thread_index_in_simdgroup]],
+    uint sg [[simdgroup_index_in_threadgroup]],
+    uint nsg [[simdgroups_per_threadgroup]]) {
+  float s = 0.0f;
+  for (ulong i = tid; i < args.num_partials; i += tpg) {
+    s += partials[i];
+  }
+  s = flk::threadgroup_sum(s, scratch, sg, lane, nsg);
+  if (tid == 0) {
+    // Mean over zero elements is 0 (0 / 1), as on the CPU.
+    float divisor = (args.reduce == 2 && args.size > 0) ? float(args.size) : 1.0f;
+    out[0] = s / divisor;
+  }
+}
+
+template <typename T, int kKind>
+[[kernel]] void pw_backward(
+    device const T* pred [[buffer(FL_PW_BWD_PRED)]],
+    device const T* target [[buffer(FL_PW_BWD_TARGET)]],
+    device const float* cotan [[buffer(FL_PW_BWD_COTAN)]],
+    device T* grad [[buffer(FL_PW_BWD_GRAD)]],
+    constant PwArgs& args [[buffer(FL_PW_BWD_ARGS)]],
+    uint group [[threadgroup_position_in_grid]],
+    uint tid [[thread_index_in_threadgroup]],
+    uint tpg [[threads_per_threadgroup]]) {
+  constexpr int R = FL_PW_READS;
+  const ulong n = args.size;
+  const ulong i0 = (ulong(group) * tpg + tid) * R;
+  if (i0 >= n) {
+    return; // no barriers in this kernel
+  }
+  const bool scalar_cotan = args.reduce != 0;
+  // d mean / d x_i = 1/n, applied here as on the CPU.
+  float g0 = 0.0f;
+  if (scalar_cotan) {
+    g0 = args.reduce == 2 ? cotan[0] / float(n > 0 ? n : 1) : cotan[0];
+  }
+  const float p0 = args.param0;
+  const float p1 = args.param1;
+  const int count = n - i0 < ulong(R) ? int(n - i0) : R;
+  for (int k = 0; k < count; ++k) {
+    ulong i = i0 + k;
+    float g = scalar_cotan ? g0 : cotan[i];
+    grad[i] = T(g * pw_grad<kKind>(float(pred[i]), float(target[i]), p0, p1));
+  }
+}
+
+// Host names: fl_pw_fwd_<none|partial>_<kind>_<dtype>, fl_pw_bwd_<kind>_<dtype>
+// (and fl_pw_sum_finish, a plain kernel, above).
+#define FL_INST_PW_KIND(kname, K, dname, T)                                                      \
+  template [[host_name("fl_pw_fwd_none_" #kname "_" #dname)]] [[kernel]] decltype(               \
+      pw_forward<T, K>) pw_forward<T, K>;                                                        \
+  template [[host_name("fl_pw_fwd_partial_" #kname "_" #dname)]] [[kernel]] decltype(            \
+      pw_forward_partial<T, K>) pw_forward_partial<T, K>;                                        \
+  template [[host_name("fl_pw_bwd_" #kname "_" #dname)]] [[kernel]] decltype(pw_backward<T, K>)  \
+      pw_backward<T, K>;
+
+#define FL_INST_PW(dname, T)                 \
+  FL_INST_PW_KIND(smooth_l1, 0, dname, T)    \
+  FL_INST_PW_KIND(huber, 1, dname, T)        \
+  FL_INST_PW_KIND(sigmoid_focal, 2, dname, T)
+
+FL_INST_PW(float32, float)
+FL_INST_PW(float16, half)
+#if __METAL_VERSION__ >= 310
+FL_INST_PW(bfloat16, bfloat)
+#endif
