@@ -80,8 +80,12 @@ def tol(dtype):
     return TOL[dtype]
 
 
-def assert_close(got, ref, dtype, scale=0.0, what=""):
+def assert_close(got, ref, dtype, scale=0.0, what="", mag=None):
     """|got - ref| <= atol + rtol*|ref| + SCALE_ULPS*eps32*scale, elementwise.
+
+    ``mag`` replaces |ref| in the rtol term where the result is a sum of
+    several values each rounded to ``dtype`` (pass the sum of their
+    magnitudes).
 
     NaN/inf in ``ref`` must be matched exactly (same positions, same sign)."""
     g = to_np(got) if isinstance(got, mx.array) else np.asarray(got, np.float64)
@@ -102,7 +106,8 @@ def assert_close(got, ref, dtype, scale=0.0, what=""):
         f"{what}: inf mismatch got={g[inf_r | np.isinf(g)][:5]} "
         f"expected={r[inf_r | np.isinf(g)][:5]}")
     fin = ~(nan_r | inf_r)
-    bound = atol + rtol * np.abs(r) + SCALE_ULPS * EPS32 * np.asarray(scale)
+    rmag = np.abs(r) if mag is None else np.maximum(np.abs(r), np.asarray(mag))
+    bound = atol + rtol * rmag + SCALE_ULPS * EPS32 * np.asarray(scale)
     bound = np.broadcast_to(bound, r.shape)
     err = np.abs(g - r)
     bad = fin & ~(err <= bound)

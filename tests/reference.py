@@ -414,3 +414,26 @@ def cross_entropy_error_scales(logits, targets, weights=None, axis=-1,
     g_row = np.abs(reduce_cotangent(r["row"].shape, reduction, cotangent, den))
     grad_scale = (per_row * g_row)[..., None] * np.ones_like(x)
     return loss_scale, np.moveaxis(grad_scale, -1, r["axis"])
+
+
+def cross_entropy_grad_targets(logits, targets, weights=None, axis=-1,
+                               label_smoothing=0.0, reduction="none",
+                               label_smoothing_mode="uniform",
+                               class_weights=None, z_loss=0.0, cotangent=None):
+    """d/d targets (probability targets only) of sum(cotangent * loss):
+    w_j (lse - x_j) dq_j/dt_j, dq/dt = 1-eps (uniform) or
+    1 - eps - eps/(K-1) (others; 1 for K = 1)."""
+    r = _ce_rows(logits, targets, axis, label_smoothing, label_smoothing_mode,
+                 None, class_weights, z_loss)
+    assert r["is_prob"]
+    K, eps = r["K"], float(label_smoothing)
+    if label_smoothing_mode == "uniform":
+        dq = 1.0 - eps
+    else:
+        dq = 1.0 if K == 1 else 1.0 - eps - eps / (K - 1)
+    den = _ce_denominator(r, weights, reduction, None, class_weights)
+    g_row = reduce_cotangent(r["row"].shape, reduction, cotangent, den)
+    if weights is not None:
+        g_row = g_row * _f64(weights)
+    g = r["w"] * dq * (r["lse"][..., None] - r["x"]) * g_row[..., None]
+    return np.moveaxis(g, -1, r["axis"])

@@ -681,3 +681,124 @@ def test_nn_module(fl, rng):
     g = mx.grad(lambda a: mod(a, t))(x)
     np.testing.assert_allclose(to_np(g), to_np(mx.grad(
         lambda a: fl.cross_entropy(a, t, **kw))(x)), rtol=1e-6)
+
+
+# --------------------------------------------------------------------------
+# many rows (multi-threaded CPU paths), mixed dtypes
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("N,V", [(20001, 7), (1500, 1000), (3, 50257)])
+def test_many_rows(fl, rng, N, V, reduction):
+    x = _logits(rng, (N, V), mx.float32)
+    t64 = rng.integers(0, V, size=N)
+    t64[::17] = -100
+    t = mx.array(t64.astype(np.int32))
+    w = to_mx(rng.uniform(0, 2, size=N))[0]
+    check_ce(fl, x, t, rng=rng, reduction=reduction, what="many rows")
+    check_ce(fl, x, t, w, rng=rng, reduction=reduction, ignore_index=-100,
+             label_smoothing=0.1, z_loss=1e-4, what="many rows, options")
+    check_ce(fl, x, t, rng=rng, reduction=reduction, ignore_index=-100,
+             class_weights=rng.uniform(0.5, 2, V), what="many rows, cw")
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_weights_with_ignore_index_mean(fl, rng, reduction):
+    """Per-sample weights + ignore_index (no class weights): "mean" divides
+    by the number of non-ignored rows."""
+    x = _logits(rng, (6, 9), mx.float32)
+    t = mx.array(np.array([1, -100, 3, 8, -100, 0], np.int32))
+    w = to_mx(rng.uniform(0.1, 2, 6))[0]
+    check_ce(fl, x, t, w, rng=rng, reduction=reduction, ignore_index=-100)
+    if reduction == "mean":
+        out = fl.cross_entropy(x, t, w, reduction="mean", ignore_index=-100)
+        per = R.cross_entropy(to_np(x), to_np(t), to_np(w), ignore_index=-100)
+        np.testing.assert_allclose(out.item(), per.sum() / 4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("ldt", [mx.float16, mx.bfloat16, mx.float32], ids=dtype_id)
+def test_mixed_input_dtypes_result_in_logits_dtype(fl, rng, ldt):
+    x = _logits(rng, (4, 6), ldt)
+    t = _int_targets(rng, 6, (4,))
+    other = mx.float32 if ldt != mx.float32 else mx.float16
+    w = to_mx(rng.uniform(0.5, 2, 4), other)[0]
+    cw = rng.uniform(0.5, 2, 6)
+    for red in REDUCTIONS:
+        out = fl.cross_entropy(x, t, w, reduction=red,
+                               class_weights=mx.array(cw.astype(np.float32)).astype(other))
+        assert out.dtype == ldt, (red, out.dtype)
+        ref = R.cross_entropy(to_np(x), to_np(t), to_np(w), reduction=red,
+                              class_weights=to_np(mx.array(cw.astype(np.float32)).astype(other)))
+        assert_close(out, ref, ldt, scale=30.0, what=f"mixed {red}")
+        g = mx.grad(lambda a: fl.cross_entropy(a, t, w, reduction=red).sum())(x)
+        assert g.dtype == ldt
+    p = to_mx(_softmax_rows(rng.normal(size=(4, 6))), other)[0]
+    out = fl.cross_entropy(x, p)
+    assert out.dtype == ldt
+    assert_close(out, R.cross_entropy(to_np(x), to_np(p)), ldt, scale=30.0,
+                 what="mixed probs")
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(label_smoothing=0.3),
+                                  dict(label_smoothing=0.3, label_smoothing_mode="others"),
+                                  dict(class_weights=np.array([0.5, 2.0, 1.0, 0.1, 3.0]),
+                                       z_loss=0.1)], ids=_opt_id)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_reference_grad_wrt_prob_targets_fd(rng, opts, reduction):
+    x = rng.normal(size=(3, 5))
+    t = _softmax_rows(rng.normal(size=(3, 5)))
+    w = rng.uniform(0.5, 2, size=3)
+    kw = dict(opts, reduction=reduction)
+    cot = rng.normal(size=3) if reduction == "none" else None
+    num = R.numerical_grad(lambda a: (R.cross_entropy(x, a, w, **kw)
+                                      * (1.0 if cot is None else cot)).sum(), t)
+    np.testing.assert_allclose(R.cross_entropy_grad_targets(x, t, w, cotangent=cot, **kw),
+                               num, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("opts", [dict(), dict(label_smoothing=0.3),
+                                  dict(label_smoothing=0.3, label_smoothing_mode="others"),
+                                  dict(class_weights="rand", z_loss=0.1)], ids=_opt_id)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_grad_wrt_prob_targets(fl, rng, dtype, opts, reduction):
+    """Probability targets are differentiable (as with mlx.nn.losses)."""
+    V = 33
+    x = _logits(rng, (4, V), dtype)
+    t = to_mx(_softmax_rows(rng.normal(size=(4, V))), dtype)[0]
+    w, o = _materialize(rng, dict(opts, weights="rand"), V, (4,), probs=True)
+    mo, ro = _mx_opts(o), _np_opts(o)
+    g = mx.grad(lambda b: fl.cross_entropy(x, b, w, reduction=reduction, **mo).sum())(t)
+    assert g.dtype == dtype
+    gref = R.cross_entropy_grad_targets(to_np(x), to_np(t), to_np(w),
+                                        reduction=reduction, **ro)
+    sc = 8 * np.maximum(1, np.abs(to_np(x)).max())  # |lse - x_j| magnitudes
+    assert_close(g, gref, dtype, scale=sc, what="d/dtargets")
+    # (not compared with mlx.nn.losses: its target gradient is max - x_j
+    # instead of lse - x_j, equal only on the simplex' tangent space)
+
+
+def test_grad_wrt_per_sample_weights(fl, rng):
+    x = _logits(rng, (5, 9), mx.float32)
+    t = mx.array(np.array([1, -100, 3, 8, 0], np.int32))
+    w = to_mx(rng.uniform(0.1, 2, 5))[0]
+    kw = dict(ignore_index=-100, label_smoothing=0.1)
+    g = mx.grad(lambda a: fl.cross_entropy(x, t, a, reduction="sum", **kw))(w)
+    per = R.cross_entropy(to_np(x), to_np(t), **kw)
+    assert_close(g, per, mx.float32, scale=10.0)
+
+
+@pytest.mark.parametrize("value,tdtype,ignore", [
+    (2**32 + 1, mx.int64, None), (2**31, mx.int64, None),
+    (-2**32 + 2, mx.int64, None), (2**63 - 1, mx.int64, None),
+    (2**32 - 1, mx.uint32, -1), (2**32 + 3, mx.int64, 3)], ids=str)
+def test_out_of_range_beyond_int32(fl, rng, value, tdtype, ignore):
+    """Indices that would alias a valid class (or the ignore_index) if
+    truncated to 32 bits are still out of range."""
+    x = _logits(rng, (3, 5), mx.float32)
+    t = mx.array(np.array([value, 1, 2], dtype=np.int64 if tdtype == mx.int64
+                          else np.uint32))
+    assert t.dtype == tdtype
+    for f in (lambda: fl.cross_entropy(x, t, ignore_index=ignore),
+              lambda: fl.softmax_focal_loss(x, t, ignore_index=ignore)):
+        out = to_np(f())
+        assert np.isnan(out[0]) and np.all(np.isfinite(out[1:])), out

@@ -423,3 +423,16 @@ def test_nn_modules(fl, rng):
     np.testing.assert_allclose(
         to_np(fl.nn.SoftmaxFocalLoss(reduction="none")(x, t)),
         to_np(fl.softmax_focal_loss(x, t, reduction="none")), rtol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_many_rows_and_elements(fl, rng, reduction):
+    x = to_mx(rng.normal(size=(20001, 5)) * 3)[0]
+    t64 = rng.integers(0, 5, size=20001)
+    t64[::13] = -100
+    check_softmax(fl, x, mx.array(t64.astype(np.int32)), rng, gamma=2.0,
+                  alpha=rng.uniform(0.1, 1, 5), ignore_index=-100,
+                  reduction=reduction)
+    xs = to_mx(rng.normal(size=(2**18 + 1,)) * 4)[0]
+    ts = _binary(rng, (2**18 + 1,), mx.float32)
+    check_sigmoid(fl, xs, ts, 0.25, 2.0, reduction, rng, "many elements")

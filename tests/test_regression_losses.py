@@ -269,3 +269,17 @@ def test_broadcast_targets_rejected_or_consistent(fl, rng, which, reduction):
                        argnums=(0, 1))(p, t)
     np.testing.assert_allclose(to_np(gp), to_np(gp2), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(to_np(gt), to_np(gt2), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_large_reductions(fl, rng, dtype, reduction):
+    """2**20 + 3 elements: the in-kernel (multi-threaded) reduction must
+    keep fp32-level accuracy (naive fp32 accumulation would not)."""
+    p, t = _pair(rng, (2**20 + 3,), dtype)
+    for which, param in [("smooth_l1", 1.0), ("huber", 0.5), ("smooth_l1", 0.0)]:
+        f = fl.smooth_l1_loss if which == "smooth_l1" else fl.huber_loss
+        ref = (R.smooth_l1 if which == "smooth_l1" else R.huber)(
+            to_np(p), to_np(t), param, reduction)
+        out = f(p, t, param, reduction=reduction)
+        assert_close(out, ref, dtype, what=f"{which} {reduction}")

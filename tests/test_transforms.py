@@ -278,7 +278,7 @@ def _per_batch_gref(case, X, T, r, x_axis, t_axis, cots):
     return np.stack(outs, axis=x_axis)
 
 
-VMAP_AXES = [(0, 0), (1, 1), (2, 1), (-1, None), (0, None), (1, 0)]
+VMAP_AXES = [(0, 0), (1, 1), (2, 1), (-1, None), (0, None), (1, 0), (None, 0)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
@@ -291,8 +291,11 @@ def test_vmap(fl, rng, case, axes, dtype):
     B, N = 3, 4
     xs, ts = zip(*[case.make(rng, (N,), dtype) for _ in range(B)])
     ndim_x = 2
-    xa = x_axis % (ndim_x + 1)
+    if x_axis is None:  # shared inputs, batched targets
+        xs = [xs[0]] * B
+    xa = (x_axis if x_axis is not None else 0) % (ndim_x + 1)
     X = mx.stack(xs, axis=xa)
+    Xin = xs[0] if x_axis is None else X
     if t_axis is None:
         T = ts[0]
     else:
@@ -300,7 +303,7 @@ def test_vmap(fl, rng, case, axes, dtype):
     X64, T64 = to_np(X), to_np(T)
     for r in ("none", "mean", "sum"):
         vf = mx.vmap(lambda a, b: case.f(a, b, r), in_axes=(x_axis, t_axis))
-        out = vf(X, T)
+        out = vf(Xin, T)
         ref = _per_batch_ref(case, X64, T64, r, xa,
                              None if t_axis is None else t_axis % (ts[0].ndim + 1))
         assert out.dtype == dtype
@@ -308,13 +311,20 @@ def test_vmap(fl, rng, case, axes, dtype):
                      what=f"{case} vmap{axes} {r}")
         # gradient of the vmapped function
         cot = to_mx(rng.normal(size=ref.shape), dtype)[0]
-        _, (g,) = mx.vjp(lambda a: vf(a, T), [X], [cot])
+        _, (g,) = mx.vjp(lambda a: vf(a, T), [Xin], [cot])
         gref = _per_batch_gref(case, X64, T64, r, xa,
                                None if t_axis is None else t_axis % (ts[0].ndim + 1),
                                to_np(cot))
-        assert g.shape == X.shape and g.dtype == dtype
-        assert_close(g, gref, dtype, scale=MAG * np.abs(to_np(cot)).max(),
-                     what=f"{case} vmap{axes} grad {r}")
+        mag = None
+        if x_axis is None:  # gradient w.r.t. the shared input: summed
+            mag = np.abs(gref).sum(axis=0)  # B terms, each rounded to dtype
+            gref = gref.sum(axis=0)
+            X_shape = Xin.shape
+        else:
+            X_shape = X.shape
+        assert g.shape == X_shape and g.dtype == dtype
+        assert_close(g, gref, dtype, scale=MAG * B * np.abs(to_np(cot)).max(),
+                     what=f"{case} vmap{axes} grad {r}", mag=mag)
 
 
 @pytest.mark.parametrize("case", CASES, ids=repr)
@@ -360,3 +370,33 @@ def test_vmap_per_sample_weights_and_axis(fl, rng):
                                           to_np(W)[:, b], axis=0,
                                           reduction="sum") for b in range(B)])
     assert_close(g, gref, mx.float32, scale=MAG)
+
+
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_non_contiguous_cotangent(fl, rng, case):
+    x, t = case.make(rng, (4, 5), mx.float32)
+    shape = case.ref(to_np(x), to_np(t), "none").shape
+    C = to_mx(rng.normal(size=shape[::-1]))[0]
+    cot = mx.transpose(C, list(range(len(shape)))[::-1])  # transposed view
+    _, (g,) = mx.vjp(lambda a: case.f(a, t, "none"), [x], [cot])
+    gref = case.gref(to_np(x), to_np(t), "none", to_np(cot))
+    assert_close(g, gref, mx.float32, scale=MAG * 4, what="transposed cotangent")
+    cot = mx.broadcast_to(to_mx(rng.normal(size=shape[-1:]))[0], shape)
+    _, (g,) = mx.vjp(lambda a: case.f(a, t, "none"), [x], [cot])
+    gref = case.gref(to_np(x), to_np(t), "none", to_np(cot))
+    assert_close(g, gref, mx.float32, scale=MAG * 4, what="broadcast cotangent")
+
+
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_stream_argument(fl, rng, case):
+    x, t = case.make(rng, (3,), mx.float32)
+    name = {"ce": "cross_entropy", "smooth_l1": "smooth_l1_loss",
+            "huber": "huber_loss", "sigmoid_focal": "sigmoid_focal_loss",
+            "softmax_focal": "softmax_focal_loss"}[case.name.split("_index")[0]
+                                                   .split("_probs")[0]]
+    f = getattr(fl, name)
+    a = f(x, t, stream=mx.cpu)
+    b = f(x, t, stream=mx.default_stream(mx.cpu))
+    c = f(x, t)
+    np.testing.assert_array_equal(to_np(a), to_np(c))
+    np.testing.assert_array_equal(to_np(b), to_np(c))
