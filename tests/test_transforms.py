@@ -400,3 +400,43 @@ def test_stream_argument(fl, rng, case):
     c = f(x, t)
     np.testing.assert_array_equal(to_np(a), to_np(c))
     np.testing.assert_array_equal(to_np(b), to_np(c))
+
+
+# --------------------------------------------------------------------------
+# NaN confinement and determinism
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_nan_input_stays_in_its_row(fl, rng, case):
+    """A NaN in one example makes that example's loss (and gradient) NaN and
+    leaves every other example exact."""
+    x, t = case.make(rng, (4,), mx.float32)
+    x64 = to_np(x)
+    x64[2, 3] = np.nan
+    x = mx.array(x64.astype(np.float32))
+    out = to_np(case.f(x, t, "none"))
+    ref = case.ref(np.nan_to_num(x64), to_np(t), "none")
+    bad = (np.arange(out.shape[0]) == 2) if out.ndim == 1 else \
+        np.zeros(out.shape, bool)
+    if out.ndim == 2:
+        bad[2, 3] = True
+    if case.name == "ce_index" or case.name == "ce_index_cw" or case.name == "softmax_focal":
+        bad &= to_np(t) != -100  # an ignored row stays 0
+    assert np.all(np.isnan(out[bad])), out
+    assert_close(out[~bad], ref[~bad], mx.float32, scale=MAG, what="other rows")
+    g = to_np(mx.grad(lambda a: case.f(a, t, "none").sum())(x))
+    gref = case.gref(np.nan_to_num(x64), to_np(t), "none", np.ones(out.shape))
+    gbad = np.broadcast_to(bad[..., None], g.shape) if out.ndim == 1 else bad
+    assert_close(g[~gbad], gref[~gbad], mx.float32, scale=MAG, what="other grads")
+
+
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_deterministic(fl, rng, case):
+    """Repeated evaluation (multi-threaded reductions included) is bitwise
+    reproducible."""
+    x, t = case.make(rng, (20000,), mx.float32)
+    for r in ("none", "mean", "sum"):
+        f = lambda a: case.f(a, t, r)  # noqa: E731
+        a = [to_np(f(x)) for _ in range(3)]
+        g = [to_np(mx.grad(lambda z: f(z).sum())(x)) for _ in range(2)]
+        assert all(np.array_equal(a[0], b, equal_nan=True) for b in a[1:]), r
+        assert np.array_equal(g[0], g[1], equal_nan=True), r
