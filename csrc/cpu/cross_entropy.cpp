@@ -48,7 +48,7 @@ template <typename T, bool kSoft, bool kWeighted>
 FLM_INLINE RowSums row_sums(const CeArgs& a, const T* x, const T* t) {
   RowSums r;
   float tbuf[kSoft ? kChunk : 1];
-  r.lse = cpu::online_row(x, a.num_classes, [&](const float* xv, int c0, int n, float shift, float) {
+  r.lse = cpu::online_row(x, a.num_classes, [&](const float* xv, int c0, int n, float shift, float) FL_LAMBDA_INLINE {
     const float* tv = nullptr;
     if constexpr (kSoft) {
       tv = cpu::chunk_as_float(t + c0, n, tbuf);
@@ -93,7 +93,7 @@ FLM_INLINE void store_row(const CeArgs& a, int64_t r, flm::CeRow row) {
 }
 
 template <typename T, bool kSoft, bool kWeighted>
-FLM_INLINE void forward_rows(const CeArgs& a, int64_t begin, int64_t end) {
+FL_VECTOR_CLONES void forward_rows(const CeArgs& a, int64_t begin, int64_t end) {
   const auto c = a.smoothing;
   for (int64_t r = begin; r < end; ++r) {
     const T* x = static_cast<const T*>(a.logits) + r * a.num_classes;
@@ -124,7 +124,7 @@ FLM_INLINE void forward_rows(const CeArgs& a, int64_t begin, int64_t end) {
 }
 
 template <typename T, bool kSoft, bool kWeighted>
-FLM_INLINE void backward_rows(const CeArgs& a, int64_t begin, int64_t end) {
+FL_VECTOR_CLONES void backward_rows(const CeArgs& a, int64_t begin, int64_t end) {
   const auto c = a.smoothing;
   const int K = a.num_classes;
   for (int64_t r = begin; r < end; ++r) {
@@ -155,43 +155,24 @@ FLM_INLINE void backward_rows(const CeArgs& a, int64_t begin, int64_t end) {
   }
 }
 
-// Entry points cloned per instruction set; the layout flags pick the
-// specialised loop outside the row loop.
-template <typename T, bool kBackward>
-FLM_INLINE void rows_for(const CeArgs& a, int64_t begin, int64_t end) {
-  bool soft = a.params.soft_targets, weighted = a.params.has_class_weights;
-  auto run = [&](auto soft_c, auto weighted_c) {
-    if constexpr (kBackward) {
-      backward_rows<T, decltype(soft_c)::value, decltype(weighted_c)::value>(a, begin, end);
-    } else {
-      forward_rows<T, decltype(soft_c)::value, decltype(weighted_c)::value>(a, begin, end);
-    }
-  };
-  using std::false_type, std::true_type;
-  if (soft && weighted) run(true_type{}, true_type{});
-  else if (soft) run(true_type{}, false_type{});
-  else if (weighted) run(false_type{}, true_type{});
-  else run(false_type{}, false_type{});
-}
-
-#define FL_CE_ENTRY(NAME, T, BACKWARD)                                        \
-  FL_VECTOR_CLONES void NAME(const CeArgs& a, int64_t begin, int64_t end) { \
-    rows_for<T, BACKWARD>(a, begin, end);                                     \
-  }
-FL_CE_ENTRY(ce_forward_f32, float, false)
-FL_CE_ENTRY(ce_forward_f16, cpu::Half, false)
-FL_CE_ENTRY(ce_forward_bf16, cpu::BFloat, false)
-FL_CE_ENTRY(ce_backward_f32, float, true)
-FL_CE_ENTRY(ce_backward_f16, cpu::Half, true)
-FL_CE_ENTRY(ce_backward_bf16, cpu::BFloat, true)
-#undef FL_CE_ENTRY
-
 using RowsFn = void (*)(const CeArgs&, int64_t, int64_t);
 
-RowsFn pick(mx::Dtype dtype, bool backward) {
-  if (dtype == mx::float16) return backward ? ce_backward_f16 : ce_forward_f16;
-  if (dtype == mx::bfloat16) return backward ? ce_backward_bf16 : ce_forward_bf16;
-  return backward ? ce_backward_f32 : ce_forward_f32;
+// The instantiation for a dtype and layout; each is cloned per instruction set.
+template <typename T>
+RowsFn pick_layout(const CrossEntropyParams& p, bool backward) {
+  if (p.soft_targets && p.has_class_weights)
+    return backward ? backward_rows<T, true, true> : forward_rows<T, true, true>;
+  if (p.soft_targets)
+    return backward ? backward_rows<T, true, false> : forward_rows<T, true, false>;
+  if (p.has_class_weights)
+    return backward ? backward_rows<T, false, true> : forward_rows<T, false, true>;
+  return backward ? backward_rows<T, false, false> : forward_rows<T, false, false>;
+}
+
+RowsFn pick(mx::Dtype dtype, const CrossEntropyParams& p, bool backward) {
+  RowsFn fn = nullptr;
+  cpu::dispatch_float(dtype, [&](auto zero) { fn = pick_layout<decltype(zero)>(p, backward); });
+  return fn;
 }
 
 CeArgs make_args(const std::vector<mx::array>& inputs, const CrossEntropyParams& p) {
@@ -222,7 +203,7 @@ void CrossEntropy::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx
   a.lse = outputs[1].data<float>();
   a.a_sum = outputs[2].data<float>();
   cpu::dispatch_rows(stream(), inputs, outputs, a.rows, a.num_classes,
-                     [a, fn = pick(inputs[0].dtype(), false)](int64_t b, int64_t e) { fn(a, b, e); });
+                     [a, fn = pick(inputs[0].dtype(), params_, false)](int64_t b, int64_t e) { fn(a, b, e); });
 }
 
 void CrossEntropyVJP::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
@@ -237,7 +218,7 @@ void CrossEntropyVJP::eval_cpu(const std::vector<mx::array>& inputs, std::vector
   a.g_lse = inputs[n - 1].data<float>();
   a.grad = grad.data<void>();
   cpu::dispatch_rows(stream(), inputs, outputs, a.rows, a.num_classes,
-                     [a, fn = pick(inputs[0].dtype(), true)](int64_t b, int64_t e) { fn(a, b, e); });
+                     [a, fn = pick(inputs[0].dtype(), params_, true)](int64_t b, int64_t e) { fn(a, b, e); });
 }
 
 } // namespace fl

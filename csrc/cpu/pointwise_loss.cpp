@@ -49,7 +49,7 @@ FLM_INLINE float grad_of(float x, float t, const PointwiseParams& p) {
 }
 
 template <typename T, PointwiseKind kKind>
-FLM_INLINE void forward_range(const PwArgs& a, int64_t begin, int64_t end) {
+FL_VECTOR_CLONES void forward_range(const PwArgs& a, int64_t begin, int64_t end) {
   const T* x = static_cast<const T*>(a.pred);
   const T* t = static_cast<const T*>(a.target);
   const PointwiseParams p = a.params;
@@ -71,58 +71,54 @@ FLM_INLINE void forward_range(const PwArgs& a, int64_t begin, int64_t end) {
   }
 }
 
-template <typename T, PointwiseKind kKind>
-FLM_INLINE void backward_range(const PwArgs& a, int64_t begin, int64_t end) {
-  const T* x = static_cast<const T*>(a.pred);
-  const T* t = static_cast<const T*>(a.target);
-  T* dx = static_cast<T*>(a.grad);
-  const PointwiseParams p = a.params;
-  bool scalar_cotan = p.reduce != Reduce::None;
-  // d mean / d x_i = 1/n: the scale is applied here, at evaluation time.
-  float g0 = p.reduce == Reduce::Mean ? a.cotan[0] / float(a.size > 0 ? a.size : 1) : a.cotan[0];
+// One loop per cotangent layout (a conditional load would keep it scalar);
+// everything the loop reads is passed by value so the vectorizer sees it is
+// loop-invariant.
+template <typename T, PointwiseKind kKind, bool kScalarCotan>
+FLM_INLINE void backward_loop(const T* x, const T* t, T* dx, const float* cotan, float g0,
+                              PointwiseParams p, int64_t begin, int64_t end) {
   FL_SIMD
   for (int64_t i = begin; i < end; ++i) {
-    float g = scalar_cotan ? g0 : a.cotan[i];
+    float g = kScalarCotan ? g0 : cotan[i];
     dx[i] = cpu::from_float<T>(g * grad_of<kKind>(cpu::to_float(x[i]), cpu::to_float(t[i]), p));
   }
 }
 
-template <typename T, bool kBackward>
-FLM_INLINE void range_for(const PwArgs& a, int64_t begin, int64_t end) {
-  auto run = [&](auto kind) {
-    constexpr PointwiseKind k = decltype(kind)::value;
-    if constexpr (kBackward) {
-      backward_range<T, k>(a, begin, end);
-    } else {
-      forward_range<T, k>(a, begin, end);
-    }
-  };
-  using K = PointwiseKind;
-  switch (a.params.kind) {
-    case K::SmoothL1: run(std::integral_constant<K, K::SmoothL1>{}); break;
-    case K::Huber: run(std::integral_constant<K, K::Huber>{}); break;
-    case K::SigmoidFocal: run(std::integral_constant<K, K::SigmoidFocal>{}); break;
+template <typename T, PointwiseKind kKind>
+FL_VECTOR_CLONES void backward_range(const PwArgs& a, int64_t begin, int64_t end) {
+  const T* x = static_cast<const T*>(a.pred);
+  const T* t = static_cast<const T*>(a.target);
+  T* dx = static_cast<T*>(a.grad);
+  const PointwiseParams p = a.params;
+  if (p.reduce == Reduce::None) {
+    backward_loop<T, kKind, false>(x, t, dx, a.cotan, 0.0f, p, begin, end);
+  } else {
+    // d mean / d x_i = 1/n: the scale is applied here, at evaluation time.
+    float g0 = p.reduce == Reduce::Mean ? a.cotan[0] / float(a.size > 0 ? a.size : 1) : a.cotan[0];
+    backward_loop<T, kKind, true>(x, t, dx, a.cotan, g0, p, begin, end);
   }
 }
 
-#define FL_PW_ENTRY(NAME, T, BACKWARD)                                        \
-  FL_VECTOR_CLONES void NAME(const PwArgs& a, int64_t begin, int64_t end) { \
-    range_for<T, BACKWARD>(a, begin, end);                                    \
-  }
-FL_PW_ENTRY(pw_forward_f32, float, false)
-FL_PW_ENTRY(pw_forward_f16, cpu::Half, false)
-FL_PW_ENTRY(pw_forward_bf16, cpu::BFloat, false)
-FL_PW_ENTRY(pw_backward_f32, float, true)
-FL_PW_ENTRY(pw_backward_f16, cpu::Half, true)
-FL_PW_ENTRY(pw_backward_bf16, cpu::BFloat, true)
-#undef FL_PW_ENTRY
-
 using RangeFn = void (*)(const PwArgs&, int64_t, int64_t);
 
-RangeFn pick(mx::Dtype dtype, bool backward) {
-  if (dtype == mx::float16) return backward ? pw_backward_f16 : pw_forward_f16;
-  if (dtype == mx::bfloat16) return backward ? pw_backward_bf16 : pw_forward_bf16;
-  return backward ? pw_backward_f32 : pw_forward_f32;
+// The instantiation for a dtype and formula; each is cloned per instruction set.
+template <typename T>
+RangeFn pick_kind(PointwiseKind kind, bool backward) {
+  using K = PointwiseKind;
+  switch (kind) {
+    case K::Huber:
+      return backward ? backward_range<T, K::Huber> : forward_range<T, K::Huber>;
+    case K::SigmoidFocal:
+      return backward ? backward_range<T, K::SigmoidFocal> : forward_range<T, K::SigmoidFocal>;
+    default:
+      return backward ? backward_range<T, K::SmoothL1> : forward_range<T, K::SmoothL1>;
+  }
+}
+
+RangeFn pick(mx::Dtype dtype, PointwiseKind kind, bool backward) {
+  RangeFn fn = nullptr;
+  cpu::dispatch_float(dtype, [&](auto zero) { fn = pick_kind<decltype(zero)>(kind, backward); });
+  return fn;
 }
 
 } // namespace
@@ -135,7 +131,7 @@ void PointwiseLoss::eval_cpu(const std::vector<mx::array>& inputs, std::vector<m
   a.target = inputs[1].data<void>();
   a.size = inputs[0].size();
   a.params = params_;
-  RangeFn fn = pick(inputs[0].dtype(), false);
+  RangeFn fn = pick(inputs[0].dtype(), params_.kind, false);
   if (params_.reduce == Reduce::None) {
     a.loss = out.data<float>();
     cpu::dispatch_parallel(stream(), inputs, outputs, a.size, cpu::kMinElementsPerTask,
@@ -175,7 +171,7 @@ void PointwiseLossVJP::eval_cpu(const std::vector<mx::array>& inputs, std::vecto
   a.cotan = inputs[2].data<float>();
   a.grad = grad.data<void>();
   cpu::dispatch_parallel(stream(), inputs, outputs, a.size, cpu::kMinElementsPerTask,
-                         [a, fn = pick(inputs[0].dtype(), true)](int64_t b, int64_t e) { fn(a, b, e); });
+                         [a, fn = pick(inputs[0].dtype(), params_.kind, true)](int64_t b, int64_t e) { fn(a, b, e); });
 }
 
 } // namespace fl

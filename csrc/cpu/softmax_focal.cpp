@@ -34,7 +34,7 @@ FLM_INLINE int64_t row_class(const FocalArgs& a, int64_t r) {
 }
 
 template <typename T>
-FLM_INLINE void forward_rows(const FocalArgs& a, int64_t begin, int64_t end) {
+FL_VECTOR_CLONES void forward_rows(const FocalArgs& a, int64_t begin, int64_t end) {
   for (int64_t r = begin; r < end; ++r) {
     int64_t t = row_class(a, r);
     flm::FocalRow row;
@@ -44,7 +44,7 @@ FLM_INLINE void forward_rows(const FocalArgs& a, int64_t begin, int64_t end) {
       const T* x = static_cast<const T*>(a.logits) + r * a.num_classes;
       float s_other = 0.0f;
       auto st = cpu::online_row(x, a.num_classes, [&](const float* xv, int c0, int n, float shift,
-                                                      float scale) {
+                                                      float scale) FL_LAMBDA_INLINE {
         float s = 0.0f, so = 0.0f;
         int64_t local_t = t - c0; // the target's index in this chunk, if inside
         FL_SIMD_REDUCE(reduction(+ : s, so))
@@ -67,7 +67,7 @@ FLM_INLINE void forward_rows(const FocalArgs& a, int64_t begin, int64_t end) {
 }
 
 template <typename T>
-FLM_INLINE void backward_rows(const FocalArgs& a, int64_t begin, int64_t end) {
+FL_VECTOR_CLONES void backward_rows(const FocalArgs& a, int64_t begin, int64_t end) {
   const int K = a.num_classes;
   for (int64_t r = begin; r < end; ++r) {
     const T* x = static_cast<const T*>(a.logits) + r * K;
@@ -87,24 +87,15 @@ FLM_INLINE void backward_rows(const FocalArgs& a, int64_t begin, int64_t end) {
   }
 }
 
-#define FL_FOCAL_ENTRY(NAME, FN, T)                                              \
-  FL_VECTOR_CLONES void NAME(const FocalArgs& a, int64_t begin, int64_t end) { \
-    FN<T>(a, begin, end);                                                        \
-  }
-FL_FOCAL_ENTRY(focal_forward_f32, forward_rows, float)
-FL_FOCAL_ENTRY(focal_forward_f16, forward_rows, cpu::Half)
-FL_FOCAL_ENTRY(focal_forward_bf16, forward_rows, cpu::BFloat)
-FL_FOCAL_ENTRY(focal_backward_f32, backward_rows, float)
-FL_FOCAL_ENTRY(focal_backward_f16, backward_rows, cpu::Half)
-FL_FOCAL_ENTRY(focal_backward_bf16, backward_rows, cpu::BFloat)
-#undef FL_FOCAL_ENTRY
-
 using RowsFn = void (*)(const FocalArgs&, int64_t, int64_t);
 
 RowsFn pick(mx::Dtype dtype, bool backward) {
-  if (dtype == mx::float16) return backward ? focal_backward_f16 : focal_forward_f16;
-  if (dtype == mx::bfloat16) return backward ? focal_backward_bf16 : focal_forward_bf16;
-  return backward ? focal_backward_f32 : focal_forward_f32;
+  RowsFn fn = nullptr;
+  cpu::dispatch_float(dtype, [&](auto zero) {
+    using T = decltype(zero);
+    fn = backward ? backward_rows<T> : forward_rows<T>;
+  });
+  return fn;
 }
 
 FocalArgs make_args(const std::vector<mx::array>& inputs, const SoftmaxFocalParams& p) {

@@ -9,9 +9,20 @@
 #pragma once
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-#define FL_VECTOR_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+// Feature clones, not arch= clones: GCC refuses to inline a default-target
+// helper (std::min, a lambda) into a function built for another -march, which
+// would leave the hot loop calling out to scalar code.
+#define FL_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define FL_VECTOR_CLONES
+#endif
+
+// Lambdas in a cloned kernel must be inlined into each clone, or the hot loop
+// ends up in a separate function built for the default target.
+#if defined(__GNUC__)
+#define FL_LAMBDA_INLINE __attribute__((always_inline))
+#else
+#define FL_LAMBDA_INLINE
 #endif
 
 #define FL_PRAGMA(x) _Pragma(#x)

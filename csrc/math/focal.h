@@ -25,30 +25,45 @@ FLM_INLINE float focal_alpha_t(float t, float alpha) {
   return alpha < 0.0f ? 1.0f : alpha * t + (1.0f - alpha) * (1.0f - t);
 }
 
-// m = 1 - p_t from p and 1 - p, each computed without cancellation.
-FLM_INLINE float sigmoid_focal_modulator(float p, float q, float t) {
-  return p * (1.0f - t) + q * t;
+// sigmoid(x), sigmoid(-x) = 1 - sigmoid(x) and softplus(x), each without
+// cancellation, from a single exp(-|x|).
+struct SigmoidParts {
+  float p; // sigmoid(x)
+  float q; // 1 - p
+  float softplus; // log(1 + e^x)
+};
+
+FLM_INLINE SigmoidParts sigmoid_parts(float x) {
+  float e = exp_f32(-fabs(x)); // in (0, 1]: never overflows
+  float inv = 1.0f / (1.0f + e);
+  SigmoidParts s;
+  s.p = x >= 0.0f ? inv : e * inv;
+  s.q = x >= 0.0f ? e * inv : inv;
+  s.softplus = fmax(x, 0.0f) + log1p_f32(e);
+  return s;
+}
+
+// m = 1 - p_t = p (1 - t) + (1 - p) t, from p and 1 - p.
+FLM_INLINE float sigmoid_focal_modulator(SigmoidParts s, float t) {
+  return s.p * (1.0f - t) + s.q * t;
 }
 
 FLM_INLINE float sigmoid_focal_loss(float x, float t, float alpha, float gamma) {
-  float p = sigmoid_f32(x);
-  float q = sigmoid_f32(-x);
-  float ce = softplus_f32(x) - x * t;
-  float m = sigmoid_focal_modulator(p, q, t);
-  return focal_alpha_t(t, alpha) * ce * pow_unit(m, gamma);
+  SigmoidParts s = sigmoid_parts(x);
+  float ce = s.softplus - x * t;
+  return focal_alpha_t(t, alpha) * ce * pow_unit(sigmoid_focal_modulator(s, t), gamma);
 }
 
 FLM_INLINE float sigmoid_focal_grad(float x, float t, float alpha, float gamma) {
-  float p = sigmoid_f32(x);
-  float q = sigmoid_f32(-x);
-  float ce = softplus_f32(x) - x * t;
-  float m = sigmoid_focal_modulator(p, q, t);
+  SigmoidParts s = sigmoid_parts(x);
+  float ce = s.softplus - x * t;
+  float m = sigmoid_focal_modulator(s, t);
   float m_pow = pow_unit(m, gamma);
   // r = p(1-p)/m in [0, 1]; its limit when m underflows to 0 is irrelevant
   // because m^gamma = 0 (gamma > 0) or gamma = 0 multiplies it away.
-  float r = m > 0.0f ? (p * q) / m : 1.0f;
+  float r = m > 0.0f ? (s.p * s.q) / m : 1.0f;
   float focus = gamma == 0.0f ? 0.0f : gamma * ce * m_pow * r * (1.0f - 2.0f * t);
-  return focal_alpha_t(t, alpha) * ((p - t) * m_pow + focus);
+  return focal_alpha_t(t, alpha) * ((s.p - t) * m_pow + focus);
 }
 
 // Per-row results of the softmax focal forward pass.

@@ -1,4 +1,4 @@
-// float32 exp, log, log1p, pow, sigmoid and softplus written as straight-line
+// float32 exp, log, log1p and pow written as straight-line
 // arithmetic and bit manipulation, shared by the CPU kernels and the Metal
 // kernels.
 //
@@ -90,26 +90,14 @@ FLM_INLINE float log1p_f32(float x) {
 }
 
 // base^gamma for base in [0, 1] and gamma >= 0, with 0^0 = 1 (the focal
-// losses' (1-p)^gamma at gamma = 0 must reduce to cross-entropy exactly).
+// losses' (1-p)^gamma at gamma = 0 must reduce to cross-entropy exactly:
+// exp(0 * log(base)) is exactly 1). Only the base is tested per element: a
+// select on the loop-invariant gamma mixed with per-element masks stops GCC's
+// vectorizer, so the gamma test is reduced to a scalar computed once.
 FLM_INLINE float pow_unit(float base, float gamma) {
+  float zero_pow = gamma == 0.0f ? 1.0f : 0.0f;
   float y = exp_f32(gamma * log_f32(base));
-  y = (gamma == 1.0f) ? base : y;
-  y = (gamma == 2.0f) ? base * base : y;
-  y = (base == 0.0f) ? 0.0f : y;
-  return (gamma == 0.0f) ? 1.0f : y;
-}
-
-// sigmoid(x) and sigmoid(-x) = 1 - sigmoid(x), each without cancellation.
-FLM_INLINE float sigmoid_f32(float x) {
-  float e = exp_f32(-fabs(x)); // in (0, 1]: never overflows
-  float inv = 1.0f / (1.0f + e);
-  return x >= 0.0f ? inv : e * inv;
-}
-
-// softplus(x) = log(1 + e^x) = max(x, 0) + log1p(e^-|x|): exact for large |x|
-// and relatively accurate where it is tiny (x very negative).
-FLM_INLINE float softplus_f32(float x) {
-  return fmax(x, 0.0f) + log1p_f32(exp_f32(-fabs(x)));
+  return base == 0.0f ? zero_pow : y;
 }
 
 } // namespace flm
