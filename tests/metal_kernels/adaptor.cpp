@@ -1,0 +1,363 @@
+// Harness adaptor for metal/{cross_entropy,softmax_focal,pointwise_loss}.metal
+// (tests/test_metal_kernels.py). Compiled by tests/metal_host after the three
+// .metal sources, in one translation unit, with -I csrc.
+//
+// Every entry point builds its launch plan with csrc/metal/launch_plan.cpp --
+// the same function eval_gpu uses -- and dispatches the instantiation that the
+// plan names, looked up by [[host_name]] in a registry built below. The test
+// checks that the registry's names are exactly the host_name strings of the
+// .metal files, so a plan can only name a kernel that exists in the metallib.
+//
+// Notes for the harness (tests/metal_host, not edited from here):
+//  - Project kernels include csrc headers by paths relative to metal/
+//    ("../csrc/math/...") so that static_check.check(path) works with its
+//    default include dirs; this adaptor itself needs include_dirs=("csrc",).
+//  - This file is compiled after the Metal shim's keyword macros (device,
+//    constant, kernel, thread, threadgroup): it and launch_plan.cpp avoid them
+//    as identifiers.
+#include <cstdint>
+#include <cstring>
+#include <map>
+#include <string>
+
+#include "metal_host.h"
+
+#include "metal/launch_plan.cpp"
+#include "metal/launch_plan.h"
+
+namespace {
+
+using fl::mplan::KDtype;
+using fl::mplan::LaunchPlan;
+
+void run_plan(const LaunchPlan& p, const mh::Kernel& body) {
+  if (p.empty()) {
+    return;
+  }
+  std::vector<std::size_t> tg;
+  if (p.threadgroup_bytes > 0) {
+    tg.push_back(p.threadgroup_bytes);
+  }
+  mh::dispatch_threadgroups({p.grid[0], p.grid[1], p.grid[2]},
+                            {p.group[0], p.group[1], p.group[2]}, tg, body);
+}
+
+template <class Map>
+typename Map::mapped_type lookup(const Map& m, const std::string& name) {
+  auto it = m.find(name);
+  if (it == m.end()) {
+    throw mh::Error("launch plan names '" + name + "', which no [[host_name]] instantiates");
+  }
+  return it->second;
+}
+
+// ---- cross-entropy -----------------------------------------------------------------
+
+struct CeBufs {
+  const void* logits;
+  const int64_t* index;
+  const void* probs;
+  const float* weights;
+  float* loss;
+  float* lse;
+  float* a_sum;
+  const float* g_loss;
+  const float* g_lse;
+  void* grad;
+};
+
+using CeFn = void (*)(const CeBufs&, const CeArgs&, const mh::ThreadCtx&);
+
+template <class T, bool kSoft, bool kW, bool kLooped>
+void ce_fwd_call(const CeBufs& b, const CeArgs& a, const mh::ThreadCtx& t) {
+  ce_forward<T, kSoft, kW, kLooped>(
+      static_cast<const T*>(b.logits), reinterpret_cast<const long*>(b.index),
+      static_cast<const T*>(b.probs), b.weights, b.loss, b.lse, b.a_sum, a,
+      t.threadgroup_memory<float>(0), t.threadgroup_position_in_grid.x,
+      t.thread_index_in_threadgroup, t.threads_per_threadgroup.x, t.thread_index_in_simdgroup,
+      t.simdgroup_index_in_threadgroup, t.simdgroups_per_threadgroup);
+}
+
+template <class T, bool kSoft, bool kW>
+void ce_bwd_call(const CeBufs& b, const CeArgs& a, const mh::ThreadCtx& t) {
+  ce_backward<T, kSoft, kW>(
+      static_cast<const T*>(b.logits), reinterpret_cast<const long*>(b.index),
+      static_cast<const T*>(b.probs), b.weights, b.lse, b.a_sum, b.g_loss, b.g_lse,
+      static_cast<T*>(b.grad), a, t.threadgroup_position_in_grid.xy,
+      t.thread_index_in_threadgroup, t.threads_per_threadgroup.xy);
+}
+
+// ---- softmax focal -------------------------------------------------------------------
+
+struct SfBufs {
+  const void* logits;
+  const int64_t* index;
+  const float* alpha;
+  float* loss;
+  float* lse;
+  float* coef;
+  const float* g_loss;
+  void* grad;
+};
+
+using SfFn = void (*)(const SfBufs&, const SfArgs&, const mh::ThreadCtx&);
+
+template <class T, bool kLooped>
+void sf_fwd_call(const SfBufs& b, const SfArgs& a, const mh::ThreadCtx& t) {
+  sf_forward<T, kLooped>(static_cast<const T*>(b.logits), reinterpret_cast<const long*>(b.index),
+                         b.alpha, b.loss, b.lse, b.coef, a, t.threadgroup_memory<float>(0),
+                         t.threadgroup_position_in_grid.x, t.thread_index_in_threadgroup,
+                         t.threads_per_threadgroup.x, t.thread_index_in_simdgroup,
+                         t.simdgroup_index_in_threadgroup, t.simdgroups_per_threadgroup);
+}
+
+template <class T>
+void sf_bwd_call(const SfBufs& b, const SfArgs& a, const mh::ThreadCtx& t) {
+  sf_backward<T>(static_cast<const T*>(b.logits), reinterpret_cast<const long*>(b.index), b.lse,
+                 b.coef, b.g_loss, static_cast<T*>(b.grad), a, t.threadgroup_position_in_grid.xy,
+                 t.thread_index_in_threadgroup, t.threads_per_threadgroup.xy);
+}
+
+// ---- element-wise ----------------------------------------------------------------------
+
+struct PwBufs {
+  const void* pred;
+  const void* target;
+  float* out; // loss, or partial sums
+  float* result; // sum finish output
+  const float* cotan;
+  void* grad;
+};
+
+using PwFn = void (*)(const PwBufs&, const PwArgs&, const mh::ThreadCtx&);
+
+template <class T, int kKind>
+void pw_fwd_call(const PwBufs& b, const PwArgs& a, const mh::ThreadCtx& t) {
+  pw_forward<T, kKind>(static_cast<const T*>(b.pred), static_cast<const T*>(b.target), b.out, a,
+                       t.threadgroup_position_in_grid.x, t.thread_index_in_threadgroup,
+                       t.threads_per_threadgroup.x);
+}
+
+template <class T, int kKind>
+void pw_partial_call(const PwBufs& b, const PwArgs& a, const mh::ThreadCtx& t) {
+  pw_forward_partial<T, kKind>(
+      static_cast<const T*>(b.pred), static_cast<const T*>(b.target), b.out, a,
+      t.threadgroup_memory<float>(0), t.threadgroup_position_in_grid.x,
+      t.thread_index_in_threadgroup, t.threads_per_threadgroup.x, t.thread_index_in_simdgroup,
+      t.simdgroup_index_in_threadgroup, t.simdgroups_per_threadgroup);
+}
+
+void pw_finish_call(const PwBufs& b, const PwArgs& a, const mh::ThreadCtx& t) {
+  fl_pw_sum_finish(b.out, b.result, a, t.threadgroup_memory<float>(0),
+                   t.thread_index_in_threadgroup, t.threads_per_threadgroup.x,
+                   t.thread_index_in_simdgroup, t.simdgroup_index_in_threadgroup,
+                   t.simdgroups_per_threadgroup);
+}
+
+template <class T, int kKind>
+void pw_bwd_call(const PwBufs& b, const PwArgs& a, const mh::ThreadCtx& t) {
+  pw_backward<T, kKind>(static_cast<const T*>(b.pred), static_cast<const T*>(b.target), b.cotan,
+                        static_cast<T*>(b.grad), a, t.threadgroup_position_in_grid.x,
+                        t.thread_index_in_threadgroup, t.threads_per_threadgroup.x);
+}
+
+// ---- registry: host name -> instantiation ---------------------------------------------
+// Mirrors the FL_INST_* macros of the .metal files; test_metal_kernels.py
+// compares registry_names() with the host_name strings parsed from them.
+
+struct Registry {
+  std::map<std::string, CeFn> ce;
+  std::map<std::string, SfFn> sf;
+  std::map<std::string, PwFn> pw;
+
+  template <class T>
+  void add_dtype(const std::string& d) {
+    add_ce<T, false, false>("hard_nw_" + d);
+    add_ce<T, false, true>("hard_w_" + d);
+    add_ce<T, true, false>("soft_nw_" + d);
+    add_ce<T, true, true>("soft_w_" + d);
+    sf["fl_sf_fwd_block_" + d] = sf_fwd_call<T, false>;
+    sf["fl_sf_fwd_looped_" + d] = sf_fwd_call<T, true>;
+    sf["fl_sf_bwd_" + d] = sf_bwd_call<T>;
+    add_pw<T, 0>("smooth_l1_" + d);
+    add_pw<T, 1>("huber_" + d);
+    add_pw<T, 2>("sigmoid_focal_" + d);
+  }
+  template <class T, bool kSoft, bool kW>
+  void add_ce(const std::string& tail) {
+    ce["fl_ce_fwd_block_" + tail] = ce_fwd_call<T, kSoft, kW, false>;
+    ce["fl_ce_fwd_looped_" + tail] = ce_fwd_call<T, kSoft, kW, true>;
+    ce["fl_ce_bwd_" + tail] = ce_bwd_call<T, kSoft, kW>;
+  }
+  template <class T, int kKind>
+  void add_pw(const std::string& tail) {
+    pw["fl_pw_fwd_none_" + tail] = pw_fwd_call<T, kKind>;
+    pw["fl_pw_fwd_partial_" + tail] = pw_partial_call<T, kKind>;
+    pw["fl_pw_bwd_" + tail] = pw_bwd_call<T, kKind>;
+  }
+
+  Registry() {
+    add_dtype<float>("float32");
+    add_dtype<metal::half>("float16");
+    add_dtype<metal::bfloat>("bfloat16");
+    pw["fl_pw_sum_finish"] = pw_finish_call;
+  }
+};
+
+const Registry& registry() {
+  static const Registry r;
+  return r;
+}
+
+KDtype to_dtype(int dt) {
+  if (dt < 0 || dt > 2) {
+    throw mh::Error("dtype code must be 0 (float32), 1 (float16) or 2 (bfloat16)");
+  }
+  return KDtype(dt);
+}
+
+// Plan summary for Python: looped, grid x/y/z, group x/y/z, threadgroup bytes,
+// elements per thread, number of buffers.
+void describe(const LaunchPlan& p, uint32_t* out) {
+  uint32_t v[10] = {p.looped ? 1u : 0u, p.grid[0], p.grid[1], p.grid[2], p.group[0],
+                    p.group[1], p.group[2], p.threadgroup_bytes, uint32_t(p.elems_per_thread),
+                    uint32_t(p.buffers.size())};
+  std::memcpy(out, v, sizeof v);
+}
+
+} // namespace
+
+extern "C" {
+
+// All registered host names, '\n'-separated, into a uint8 buffer of `cap` bytes.
+int registry_names(uint8_t* out, uint32_t cap) {
+  return mh::guarded([&] {
+    std::string s;
+    for (auto& [k, v] : registry().ce) s += k + "\n";
+    for (auto& [k, v] : registry().sf) s += k + "\n";
+    for (auto& [k, v] : registry().pw) s += k + "\n";
+    if (s.size() + 1 > cap) throw mh::Error("registry_names: buffer too small");
+    std::memcpy(out, s.c_str(), s.size() + 1);
+  });
+}
+
+// which: 0 ce fwd, 1 ce bwd, 2 sf fwd, 3 sf bwd, 4 pw fwd (a = kind, b = reduce),
+// 5 pw bwd (a = kind), 6 pw sum finish (n = partials). Name into name_out (cap 128).
+int plan_info(int which, int dt, int64_t rows, int64_t n, int a, int b, int max_threads,
+              uint32_t* out, uint8_t* name_out) {
+  return mh::guarded([&] {
+    namespace P = fl::mplan;
+    LaunchPlan p;
+    KDtype d = to_dtype(dt);
+    switch (which) {
+      case 0: p = P::ce_forward_plan(d, rows, int(n), a != 0, b != 0, max_threads); break;
+      case 1: p = P::ce_backward_plan(d, rows, int(n), a != 0, b != 0); break;
+      case 2: p = P::sf_forward_plan(d, rows, int(n), max_threads); break;
+      case 3: p = P::sf_backward_plan(d, rows, int(n)); break;
+      case 4: p = P::pw_forward_plan(d, a, uint64_t(n), b); break;
+      case 5: p = P::pw_backward_plan(d, a, uint64_t(n)); break;
+      case 6: p = P::pw_sum_finish_plan(uint64_t(n)); break;
+      default: throw mh::Error("plan_info: unknown kernel family");
+    }
+    describe(p, out);
+    std::string s = p.kernel_name;
+    for (auto& buf : p.buffers) s += "," + buf;
+    if (s.size() + 1 > 512) throw mh::Error("plan_info: name too long");
+    std::memcpy(name_out, s.c_str(), s.size() + 1);
+  });
+}
+
+int ce_forward_run(int dt, int soft, int weighted, int max_threads, const void* logits,
+                   const int64_t* index, const void* probs, const float* weights, float* loss,
+                   float* lse, float* a_sum, int64_t rows, int num_classes, float smoothing,
+                   int mode, int has_ignore, int64_t ignore_index, float z_loss) {
+  return mh::guarded([&] {
+    LaunchPlan p = fl::mplan::ce_forward_plan(to_dtype(dt), rows, num_classes, soft != 0,
+                                              weighted != 0, max_threads);
+    CeArgs args = fl::mplan::make_ce_args(num_classes, smoothing, mode, has_ignore != 0,
+                                          ignore_index, z_loss);
+    CeBufs b{logits, index, probs, weights, loss, lse, a_sum, nullptr, nullptr, nullptr};
+    CeFn fn = lookup(registry().ce, p.kernel_name);
+    run_plan(p, [&](const mh::ThreadCtx& t) { fn(b, args, t); });
+  });
+}
+
+int ce_backward_run(int dt, int soft, int weighted, const void* logits, const int64_t* index,
+                    const void* probs, const float* weights, const float* lse,
+                    const float* a_sum, const float* g_loss, const float* g_lse, void* grad,
+                    int64_t rows, int num_classes, float smoothing, int mode, int has_ignore,
+                    int64_t ignore_index, float z_loss) {
+  return mh::guarded([&] {
+    LaunchPlan p = fl::mplan::ce_backward_plan(to_dtype(dt), rows, num_classes, soft != 0,
+                                               weighted != 0);
+    CeArgs args = fl::mplan::make_ce_args(num_classes, smoothing, mode, has_ignore != 0,
+                                          ignore_index, z_loss);
+    CeBufs b{logits, index, probs, weights, nullptr, const_cast<float*>(lse),
+             const_cast<float*>(a_sum), g_loss, g_lse, grad};
+    CeFn fn = lookup(registry().ce, p.kernel_name);
+    run_plan(p, [&](const mh::ThreadCtx& t) { fn(b, args, t); });
+  });
+}
+
+int sf_forward_run(int dt, int max_threads, const void* logits, const int64_t* index,
+                   const float* alpha, float* loss, float* lse, float* coef, int64_t rows,
+                   int num_classes, float gamma, float alpha_scalar, int has_class_alpha,
+                   int has_ignore, int64_t ignore_index) {
+  return mh::guarded([&] {
+    LaunchPlan p = fl::mplan::sf_forward_plan(to_dtype(dt), rows, num_classes, max_threads);
+    SfArgs args = fl::mplan::make_sf_args(num_classes, gamma, alpha_scalar, has_class_alpha != 0,
+                                          has_ignore != 0, ignore_index);
+    SfBufs b{logits, index, alpha, loss, lse, coef, nullptr, nullptr};
+    SfFn fn = lookup(registry().sf, p.kernel_name);
+    run_plan(p, [&](const mh::ThreadCtx& t) { fn(b, args, t); });
+  });
+}
+
+int sf_backward_run(int dt, const void* logits, const int64_t* index, const float* lse,
+                    const float* coef, const float* g_loss, void* grad, int64_t rows,
+                    int num_classes, float gamma, float alpha_scalar, int has_class_alpha,
+                    int has_ignore, int64_t ignore_index) {
+  return mh::guarded([&] {
+    LaunchPlan p = fl::mplan::sf_backward_plan(to_dtype(dt), rows, num_classes);
+    SfArgs args = fl::mplan::make_sf_args(num_classes, gamma, alpha_scalar, has_class_alpha != 0,
+                                          has_ignore != 0, ignore_index);
+    SfBufs b{logits, index, nullptr, nullptr, const_cast<float*>(lse), const_cast<float*>(coef),
+             g_loss, grad};
+    SfFn fn = lookup(registry().sf, p.kernel_name);
+    run_plan(p, [&](const mh::ThreadCtx& t) { fn(b, args, t); });
+  });
+}
+
+// reduce 0: out[n] = loss. reduce 1/2: partials[max(1, P)] then out[0] = sum (/ n).
+int pw_forward_run(int dt, int kind, int reduce, const void* pred, const void* target,
+                   float* out, float* partials, uint64_t n, float p0, float p1) {
+  return mh::guarded([&] {
+    KDtype d = to_dtype(dt);
+    PwArgs args = fl::mplan::make_pw_args(n, p0, p1, reduce);
+    LaunchPlan p = fl::mplan::pw_forward_plan(d, kind, n, reduce);
+    PwFn fn = lookup(registry().pw, p.kernel_name);
+    if (reduce == 0) {
+      PwBufs b{pred, target, out, nullptr, nullptr, nullptr};
+      run_plan(p, [&](const mh::ThreadCtx& t) { fn(b, args, t); });
+      return;
+    }
+    PwBufs b{pred, target, partials, out, nullptr, nullptr};
+    run_plan(p, [&](const mh::ThreadCtx& t) { fn(b, args, t); });
+    LaunchPlan f = fl::mplan::pw_sum_finish_plan(args.num_partials);
+    PwFn finish = lookup(registry().pw, f.kernel_name);
+    run_plan(f, [&](const mh::ThreadCtx& t) { finish(b, args, t); });
+  });
+}
+
+int pw_backward_run(int dt, int kind, int reduce, const void* pred, const void* target,
+                    const float* cotan, void* grad, uint64_t n, float p0, float p1) {
+  return mh::guarded([&] {
+    PwArgs args = fl::mplan::make_pw_args(n, p0, p1, reduce);
+    LaunchPlan p = fl::mplan::pw_backward_plan(to_dtype(dt), kind, n);
+    PwBufs b{pred, target, nullptr, nullptr, cotan, grad};
+    PwFn fn = lookup(registry().pw, p.kernel_name);
+    run_plan(p, [&](const mh::ThreadCtx& t) { fn(b, args, t); });
+  });
+}
+
+} // extern "C"

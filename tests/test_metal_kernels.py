@@ -1,0 +1,530 @@
+"""The Metal kernels (metal/*.metal) run on the CPU harness (tests/metal_host).
+
+Every instantiation (float32, float16, bfloat16; block and looped; forward and
+backward; every loss and option) is dispatched through the launch plan that
+eval_gpu uses (csrc/metal/launch_plan.cpp, via tests/metal_kernels/adaptor.cpp)
+and compared with the package's CPU primitive (mlx_fused_losses._ext on
+mx.cpu) and with the float64 reference (tests/reference.py). Each launch runs
+under the harness's schedules (forward / reverse fiber order, two poison
+bytes, random order): their outputs must agree bit for bit, no guard byte may
+change, and outputs are pre-filled with a sentinel so that an unwritten or
+poisoned element fails the comparison.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import metal_host as mh
+import reference as ref
+
+pytestmark = pytest.mark.skipif(mh.find_clang() is None, reason="clang++-19 not available")
+
+mx = pytest.importorskip("mlx.core")
+ext = pytest.importorskip("mlx_fused_losses._ext")
+
+REPO = Path(__file__).resolve().parents[1]
+METAL = ["metal/cross_entropy.metal", "metal/softmax_focal.metal", "metal/pointwise_loss.metal"]
+ADAPTOR = "tests/metal_kernels/adaptor.cpp"
+
+V_LIST = [1, 31, 32, 33, 1023, 1024, 1025, 4095, 4097, 50257]
+DTYPES = ["float32", "float16", "bfloat16"]
+DT_CODE = {"float32": 0, "float16": 1, "bfloat16": 2}
+MX_DT = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+# Relative tolerance of a value stored in the dtype (a few ulps).
+DT_TOL = {"float32": 2e-6, "float16": 2e-3, "bfloat16": 1.6e-2}
+SENTINEL = np.float32(-7777.0)  # outputs start here: an unwritten element shows
+
+USED_KERNELS: set[str] = set()
+
+
+# ---- helpers -----------------------------------------------------------------
+
+
+def to_bf16_bits(a: np.ndarray) -> np.ndarray:
+    u = np.ascontiguousarray(a, np.float32).view(np.uint32).astype(np.uint64)
+    r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    return np.where(np.isnan(a), np.uint16(0x7FC0), r)
+
+
+def from_bf16_bits(b: np.ndarray) -> np.ndarray:
+    return (b.astype(np.uint32) << 16).view(np.float32)
+
+
+def as_device(a: np.ndarray, dtype: str):
+    """(array to pass to the kernel, the same values as float32)."""
+    a = np.asarray(a, np.float32)
+    if dtype == "float32":
+        d = a.copy()
+        return d, d.copy()
+    if dtype == "float16":
+        d = a.astype(np.float16)
+        return d, d.astype(np.float32)
+    d = to_bf16_bits(a)
+    return d, from_bf16_bits(d)
+
+
+def from_device(d: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":
+        return from_bf16_bits(d)
+    return d.astype(np.float32)
+
+
+def device_empty(shape, dtype: str) -> np.ndarray:
+    if dtype == "float32":
+        return np.full(shape, SENTINEL, np.float32)
+    if dtype == "float16":
+        return np.full(shape, SENTINEL, np.float16)
+    return np.full(shape, to_bf16_bits(np.array([SENTINEL]))[0], np.uint16)
+
+
+def mx_array(a32: np.ndarray, dtype: str):
+    return mx.array(a32).astype(MX_DT[dtype])
+
+
+def np_of(a) -> np.ndarray:
+    return np.array(a.astype(mx.float32))
+
+
+def assert_close(actual, expected, rtol, atol, what):
+    actual = np.asarray(actual, np.float64)
+    expected = np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, what
+    np.testing.assert_array_equal(np.isnan(actual), np.isnan(expected), err_msg=f"{what}: NaN pattern")
+    fin = ~np.isnan(expected)
+    np.testing.assert_allclose(actual[fin], expected[fin], rtol=rtol, atol=atol, err_msg=what)
+
+
+def plan(lib, which, dt="float32", rows=1, n=1, a=0, b=0, max_threads=1024):
+    out = np.zeros(10, np.uint32)
+    name = np.zeros(512, np.uint8)
+    lib.run("plan_info", np.int32(which), np.int32(DT_CODE[dt]), np.int64(rows), np.int64(n),
+            np.int32(a), np.int32(b), np.int32(max_threads), out, name,
+            schedules=(mh.Schedule(),))
+    text = bytes(name).split(b"\0")[0].decode()
+    kernel, *buffers = text.split(",")
+    keys = ["looped", "gx", "gy", "gz", "tx", "ty", "tz", "tg_bytes", "elems", "nbuf"]
+    info = dict(zip(keys, map(int, out)))
+    info["name"] = kernel
+    info["buffers"] = buffers
+    return info
+
+
+@pytest.fixture(scope="module")
+def lib():
+    return mh.build(METAL, ADAPTOR, include_dirs=("csrc",))
+
+
+def host_names() -> set[str]:
+    """Every [[host_name]] the .metal files instantiate, from their macros."""
+    names = set()
+    ce = (REPO / METAL[0]).read_text()
+    sf = (REPO / METAL[1]).read_text()
+    pw = (REPO / METAL[2]).read_text()
+    assert "FL_INST_CE(float32, float)" in ce and "FL_INST_CE(bfloat16, bfloat)" in ce
+    for d in DTYPES:
+        for tgt in ("hard", "soft"):
+            for w in ("nw", "w"):
+                for var in ("block", "looped"):
+                    names.add(f"fl_ce_fwd_{var}_{tgt}_{w}_{d}")
+                names.add(f"fl_ce_bwd_{tgt}_{w}_{d}")
+        names |= {f"fl_sf_fwd_block_{d}", f"fl_sf_fwd_looped_{d}", f"fl_sf_bwd_{d}"}
+        for k in ("smooth_l1", "huber", "sigmoid_focal"):
+            names |= {f"fl_pw_fwd_none_{k}_{d}", f"fl_pw_fwd_partial_{k}_{d}", f"fl_pw_bwd_{k}_{d}"}
+    names.add("fl_pw_sum_finish")
+    # The macros' string pieces must spell these names.
+    for pattern, text in [(r'"fl_ce_fwd_" #var "_" #tgt "_" #wn "_" #dname', ce),
+                          (r'"fl_ce_bwd_" #tgt "_" #wn "_" #dname', ce),
+                          (r'"fl_sf_fwd_block_" #dname', sf), (r'"fl_sf_fwd_looped_" #dname', sf),
+                          (r'"fl_sf_bwd_" #dname', sf),
+                          (r'"fl_pw_fwd_none_" #kname "_" #dname', pw),
+                          (r'"fl_pw_fwd_partial_" #kname "_" #dname', pw),
+                          (r'"fl_pw_bwd_" #kname "_" #dname', pw),
+                          (r"void fl_pw_sum_finish\(", pw)]:
+        assert re.search(re.escape(pattern) if '"' in pattern else pattern, text), pattern
+    for d, t in [("float32", "float"), ("float16", "half"), ("bfloat16", "bfloat")]:
+        for text, mac in [(ce, "FL_INST_CE"), (sf, "FL_INST_SF"), (pw, "FL_INST_PW")]:
+            assert f"{mac}({d}, {t})" in text
+    return names
+
+
+# ---- static checks and plans ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", METAL)
+def test_static_address_spaces(path):
+    from metal_host import static_check
+
+    r = static_check.check(path)
+    assert r.ok, r.diagnostics
+
+
+def test_registry_matches_host_names(lib):
+    buf = np.zeros(1 << 16, np.uint8)
+    lib.run("registry_names", buf, np.uint32(buf.size), schedules=(mh.Schedule(),))
+    names = set(bytes(buf).split(b"\0")[0].decode().split())
+    assert names == host_names()
+
+
+@pytest.mark.parametrize("max_threads", [1024, 512, 992])
+@pytest.mark.parametrize("K", V_LIST + [4096, 4100, 2048, 2049, 1 << 20])
+def test_row_plan_rules(lib, K, max_threads):
+    usable = max_threads // 32 * 32
+    for which, a in ((0, 0), (0, 1), (2, 0)):
+        p = plan(lib, which, rows=5, n=K, a=a, b=a, max_threads=max_threads)
+        looped = K > usable * 4
+        assert p["looped"] == looped
+        assert p["name"].startswith(("fl_ce_fwd_looped" if looped else "fl_ce_fwd_block") if which == 0
+                                    else ("fl_sf_fwd_looped" if looped else "fl_sf_fwd_block"))
+        assert (p["gx"], p["gy"], p["gz"]) == (5, 1, 1)
+        assert p["tx"] % 32 == 0 and 32 <= p["tx"] <= usable and p["ty"] == p["tz"] == 1
+        if not looped:
+            assert p["tx"] * 4 >= K and (p["tx"] == 32 or (p["tx"] - 32) * 4 < K)
+        assert p["tg_bytes"] == 1024 and p["elems"] == 4
+        assert p["nbuf"] == (8 if which == 0 else 7) == len(p["buffers"])
+    for which in (1, 3):
+        p = plan(lib, which, rows=5, n=K)
+        assert p["gy"] == 5 and p["tx"] % 32 == 0 and p["tx"] <= 256
+        assert p["gx"] * p["tx"] * 4 >= K > (p["gx"] - 1) * p["tx"] * 4
+        assert p["tg_bytes"] == 0
+
+
+def test_plan_buffer_orders(lib):
+    assert plan(lib, 0)["buffers"] == ["logits", "class_index", "target_probs", "class_weights",
+                                       "loss", "lse", "a_sum", "args"]
+    assert plan(lib, 1)["buffers"] == ["logits", "class_index", "target_probs", "class_weights",
+                                       "lse", "a_sum", "g_loss", "g_lse", "grad", "args"]
+    assert plan(lib, 2)["buffers"] == ["logits", "class_index", "class_alpha", "loss", "lse",
+                                       "coef", "args"]
+    assert plan(lib, 3)["buffers"] == ["logits", "class_index", "lse", "coef", "g_loss", "grad",
+                                       "args"]
+    assert plan(lib, 4, n=10)["buffers"] == ["pred", "target", "loss", "args"]
+    assert plan(lib, 4, n=10, b=1)["buffers"] == ["pred", "target", "partials", "args"]
+    assert plan(lib, 5, n=10)["buffers"] == ["pred", "target", "cotan", "grad", "args"]
+    assert plan(lib, 6, n=3)["buffers"] == ["partials", "out", "args"]
+    # Fixed partition of the fused sum: 8192 elements per group, whatever n.
+    p = plan(lib, 4, n=100_000, b=2)
+    assert (p["gx"], p["tx"], p["tg_bytes"]) == (13, 256, 128)
+    assert plan(lib, 6, n=13)["tx"] == 32 and plan(lib, 6, n=5000)["tx"] == 1024
+    assert plan(lib, 0, rows=0, n=10)["gx"] == 0  # nothing to launch
+
+
+# ---- cross-entropy --------------------------------------------------------------------
+
+CE_CASES = {
+    "plain": dict(soft=False, weighted=False, ls=0.0, mode="uniform", ignore=None, z=0.0),
+    "smooth_w_z_ignore": dict(soft=False, weighted=True, ls=0.1, mode="uniform", ignore=-100, z=1e-3),
+    "others_ignore": dict(soft=False, weighted=False, ls=0.2, mode="others", ignore=2, z=0.0),
+    "soft": dict(soft=True, weighted=False, ls=0.0, mode="uniform", ignore=None, z=0.0),
+    "soft_w_others_z": dict(soft=True, weighted=True, ls=0.1, mode="others", ignore=None, z=1e-4),
+}
+
+
+def ce_inputs(K, case, rng):
+    """Logits with awkward rows, targets, class weights (float32 values)."""
+    big = K >= 4095
+    n_plain = 2 if big else 5
+    x = (rng.standard_normal((n_plain + 4, K)) * 3).astype(np.float32)
+    x[1, ::3] = -np.inf  # some -inf logits (the target is moved off them)
+    x[-1, :] = -np.inf  # a row of -inf
+    if case["soft"]:
+        t = rng.random((x.shape[0], K)).astype(np.float32)
+        if K > 1:
+            t[1, ::3] = 0.0  # no mass on the -inf logits
+        t /= t.sum(-1, keepdims=True)
+    else:
+        t = rng.integers(0, K, x.shape[0]).astype(np.int64)
+        t[1] = min(1, K - 1)  # off the -inf columns 0, 3, 6, ... (when K > 1)
+        t[-2] = K  # out of range
+        t[-3] = -5 if case["ignore"] != -5 else -6  # negative, out of range
+        if case["ignore"] is not None:
+            t[-4] = case["ignore"]
+    w = (0.5 + rng.random(K)).astype(np.float32)
+    return x, t, w
+
+
+def ce_run(lib, dtype, K, case, rng, g_lse_scale=0.0):
+    x32, t32, w = ce_inputs(K, case, rng)
+    xd, xr = as_device(x32, dtype)
+    rows = xd.shape[0]
+    if case["soft"]:
+        td, tr = as_device(t32, dtype)
+        index = np.zeros(1, np.int64)
+    else:
+        td, tr, index = xd, t32, t32
+    mode = 0 if case["mode"] == "uniform" else 1
+    has_ig = case["ignore"] is not None
+    ig = case["ignore"] if has_ig else -100
+    weights = w if case["weighted"] else np.ones(1, np.float32)
+    loss, lse, asum = (np.full(rows, SENTINEL, np.float32) for _ in range(3))
+    code = np.int32(DT_CODE[dtype])
+    common = (np.int64(rows), np.int32(K), np.float32(case["ls"]), np.int32(mode),
+              np.int32(has_ig), np.int64(ig), np.float32(case["z"]))
+    lib.run("ce_forward_run", code, np.int32(case["soft"]), np.int32(case["weighted"]),
+            np.int32(1024), xd, index, td, weights, loss, lse, asum, *common)
+    USED_KERNELS.add(plan(lib, 0, dtype, rows, K, case["soft"], case["weighted"])["name"])
+
+    g_loss = (0.5 + rng.random(rows)).astype(np.float32)
+    g_lse = (g_lse_scale * rng.standard_normal(rows)).astype(np.float32)
+    grad = device_empty(xd.shape, dtype)
+    lib.run("ce_backward_run", code, np.int32(case["soft"]), np.int32(case["weighted"]),
+            xd, index, td, weights, lse, asum, g_loss, g_lse, grad, *common)
+    USED_KERNELS.add(plan(lib, 1, dtype, rows, K, case["soft"], case["weighted"])["name"])
+    return dict(x=xr, t=tr, w=w, loss=loss, lse=lse, asum=asum, g_loss=g_loss, g_lse=g_lse,
+                grad=from_device(grad, dtype))
+
+
+def ce_kwargs(case, w):
+    return dict(label_smoothing=case["ls"], label_smoothing_mode=case["mode"],
+                ignore_index=case["ignore"], z_loss=case["z"])
+
+
+@pytest.mark.parametrize("K", V_LIST)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case_name", list(CE_CASES))
+def test_cross_entropy(lib, case_name, dtype, K):
+    case = CE_CASES[case_name]
+    rng = np.random.default_rng(K * 7 + DT_CODE[dtype])
+    r = ce_run(lib, dtype, K, case, rng)
+    x, t, w = r["x"], r["t"], r["w"]
+    kw = ce_kwargs(case, w)
+    cw = w if case["weighted"] else None
+
+    # float64 reference
+    exp_loss = ref.cross_entropy(x, t, class_weights=cw, **kw)
+    scale = 1.0 + np.abs(np.nan_to_num(ref.logsumexp(x), posinf=0, neginf=0))
+    tol = 3e-6 * max(1.0, np.log2(K))
+    assert_close(r["loss"], exp_loss, rtol=tol, atol=tol * scale.max(), what="loss vs float64")
+    valid = np.isfinite(exp_loss)
+    if not case["soft"]:
+        valid &= (t >= 0) & (t < K) & (t != case["ignore"])
+    lse_ref = ref.logsumexp(x)
+    assert_close(r["lse"][valid], lse_ref[valid], rtol=tol, atol=tol, what="lse")
+    if not case["soft"]:
+        ign = (t == case["ignore"]) if case["ignore"] is not None else np.zeros(t.shape, bool)
+        oob = ~ign & ((t < 0) | (t >= K))
+        assert ign.any() == (case["ignore"] is not None) and oob.sum() >= 2
+        assert np.all(r["loss"][ign] == 0) and np.all(r["lse"][ign] == 0)
+        assert np.all(r["asum"][ign] == 0)
+        assert np.all(np.isnan(r["loss"][oob])) and np.all(np.isnan(r["asum"][oob]))
+        assert np.all(r["lse"][oob] == 0)
+
+    # the CPU primitive on the same (rounded) inputs
+    xm = mx_array(x, dtype)
+    tm = mx_array(t, dtype) if case["soft"] else mx.array(t)
+    cwm = mx.array(w) if case["weighted"] else None
+    cpu_loss = ext.cross_entropy(xm, tm, class_weights=cwm, stream=mx.cpu, **kw)
+    assert_close(r["loss"], np_of(cpu_loss), rtol=tol, atol=tol * scale.max(), what="loss vs CPU")
+
+    # backward: g_loss per row, g_lse = 0 (what the CPU vjp of the loss gives)
+    _, (cpu_grad,) = mx.vjp(
+        lambda a: ext.cross_entropy(a, tm, class_weights=cwm, stream=mx.cpu, **kw),
+        [xm], [mx.array(r["g_loss"])])
+    cpu_grad = np_of(cpu_grad)
+    exp_grad = ref.cross_entropy_grad(x, t, class_weights=cw, cotangent=r["g_loss"], **kw)
+    gscale = np.nanmax(np.abs(np.where(np.isinf(exp_grad), np.nan, exp_grad))) if np.any(
+        np.isfinite(exp_grad)) else 1.0
+    # Terms of size g * w * q (~1 for the target) cancel in a gradient element.
+    gscale = max(gscale, float(r["g_loss"].max()) * (float(w.max()) if case["weighted"] else 1.0))
+    gtol = DT_TOL[dtype] + 4e-6
+    assert_close(r["grad"], cpu_grad, rtol=gtol, atol=gtol * gscale, what="grad vs CPU")
+    assert_close(r["grad"], exp_grad, rtol=gtol + 1e-5, atol=(gtol + 1e-5) * gscale,
+                 what="grad vs float64")
+
+
+@pytest.mark.parametrize("K", [33, 4097])
+@pytest.mark.parametrize("case_name", ["plain", "soft_w_others_z"])
+def test_cross_entropy_lse_cotangent(lib, case_name, K):
+    """The g_lse input of the backward kernel: grad += g_lse * softmax(x)."""
+    case = CE_CASES[case_name]
+    rng = np.random.default_rng(K)
+    r = ce_run(lib, "float32", K, case, rng, g_lse_scale=1.0)
+    x, t, w = r["x"], r["t"], r["w"]
+    cw = w if case["weighted"] else None
+    exp = ref.cross_entropy_grad(x, t, class_weights=cw, cotangent=r["g_loss"], **ce_kwargs(case, w))
+    with np.errstate(invalid="ignore", over="ignore"):
+        p = np.exp(x.astype(np.float64) - ref.logsumexp(x)[:, None])
+    exp = exp + r["g_lse"][:, None] * p
+    if not case["soft"]:
+        bad = (t < 0) | (t >= K)
+        exp[bad] = np.nan
+    assert_close(r["grad"], exp, rtol=2e-5, atol=2e-6, what="grad with g_lse")
+
+
+# ---- softmax focal ------------------------------------------------------------------------
+
+SF_CASES = {
+    "gamma2": dict(gamma=2.0, alpha=None, class_alpha=False, ignore=None),
+    "gamma_half_class_alpha_ignore": dict(gamma=0.5, alpha=None, class_alpha=True, ignore=-1),
+    "gamma0_alpha": dict(gamma=0.0, alpha=0.25, class_alpha=False, ignore=None),
+}
+
+
+@pytest.mark.parametrize("K", V_LIST)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case_name", list(SF_CASES))
+def test_softmax_focal(lib, case_name, dtype, K):
+    case = SF_CASES[case_name]
+    rng = np.random.default_rng(K * 11 + DT_CODE[dtype])
+    x32, t, _ = ce_inputs(K, dict(soft=False, ignore=case["ignore"]), rng)
+    x32[0, t[0]] = 12.0  # a confident row: 1 - p_t tiny, exercises s_other
+    xd, x = as_device(x32, dtype)
+    rows = x.shape[0]
+    alpha_arr = (0.1 + 0.8 * rng.random(K)).astype(np.float32)
+    alpha_s = 1.0 if case["alpha"] is None else case["alpha"]
+    has_ig = case["ignore"] is not None
+    ig = case["ignore"] if has_ig else -100
+    code = np.int32(DT_CODE[dtype])
+    loss, lse, coef = (np.full(rows, SENTINEL, np.float32) for _ in range(3))
+    params = (np.int64(rows), np.int32(K), np.float32(case["gamma"]), np.float32(alpha_s),
+              np.int32(case["class_alpha"]), np.int32(has_ig), np.int64(ig))
+    alpha_buf = alpha_arr if case["class_alpha"] else np.ones(1, np.float32)
+    lib.run("sf_forward_run", code, np.int32(1024), xd, t, alpha_buf, loss, lse, coef, *params)
+    USED_KERNELS.add(plan(lib, 2, dtype, rows, K)["name"])
+    g_loss = (0.5 + rng.random(rows)).astype(np.float32)
+    grad = device_empty(xd.shape, dtype)
+    lib.run("sf_backward_run", code, xd, t, lse, coef, g_loss, grad, *params)
+    USED_KERNELS.add(plan(lib, 3, dtype, rows, K)["name"])
+    grad = from_device(grad, dtype)
+
+    ref_alpha = alpha_arr if case["class_alpha"] else case["alpha"]
+    # The reference knows no out-of-range index: those rows must be NaN here.
+    oob = ((t < 0) | (t >= K)) & (t != case["ignore"])
+    assert oob.sum() >= 2
+    t_ref = np.where(oob, 0, t)
+    exp = ref.softmax_focal(x, t_ref, alpha=ref_alpha, gamma=case["gamma"],
+                            ignore_index=case["ignore"])
+    exp[oob] = np.nan
+    assert np.all(np.isnan(coef[oob])) and np.all(lse[oob] == 0)
+    tol = 5e-6 * max(1.0, np.log2(K))
+    assert_close(loss, exp, rtol=tol, atol=tol, what="focal loss vs float64")
+    xm = mx_array(x, dtype)
+    kw = dict(gamma=case["gamma"], alpha=case["alpha"],
+              class_alpha=mx.array(alpha_arr) if case["class_alpha"] else None,
+              ignore_index=case["ignore"])
+    cpu = ext.softmax_focal_loss(xm, mx.array(t), stream=mx.cpu, **kw)
+    assert_close(loss, np_of(cpu), rtol=tol, atol=tol, what="focal loss vs CPU")
+
+    _, (cpu_grad,) = mx.vjp(lambda a: ext.softmax_focal_loss(a, mx.array(t), stream=mx.cpu, **kw),
+                            [xm], [mx.array(g_loss)])
+    exp_grad = ref.softmax_focal_grad(x, t_ref, alpha=ref_alpha, gamma=case["gamma"],
+                                      ignore_index=case["ignore"], cotangent=g_loss)
+    exp_grad[oob] = np.nan
+    fin = np.isfinite(exp_grad)
+    gscale = np.abs(exp_grad[fin]).max() if fin.any() else 1.0
+    gtol = DT_TOL[dtype] + 1e-5
+    assert_close(grad, np_of(cpu_grad), rtol=gtol, atol=gtol * gscale, what="focal grad vs CPU")
+    assert_close(grad, exp_grad, rtol=gtol + 2e-5, atol=(gtol + 2e-5) * gscale,
+                 what="focal grad vs float64")
+
+
+# ---- element-wise losses ------------------------------------------------------------------
+
+PW_CASES = {
+    "smooth_l1": (0, 1.0, 0.0),
+    "smooth_l1_beta0": (0, 0.0, 0.0),
+    "huber": (1, 1.5, 0.0),
+    "sigmoid_focal": (2, 0.25, 2.0),
+    "sigmoid_focal_noalpha_g05": (2, -1.0, 0.5),
+}
+PW_N = [1, 33, 1023, 1025, 8193, 50257]
+REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
+
+
+def pw_reference(kind, p0, p1, x, t, reduction, cot):
+    if kind == 0:
+        return (ref.smooth_l1(x, t, beta=p0, reduction=reduction),
+                ref.smooth_l1_grad(x, t, beta=p0, reduction=reduction, cotangent=cot))
+    if kind == 1:
+        return (ref.huber(x, t, delta=p0, reduction=reduction),
+                ref.huber_grad(x, t, delta=p0, reduction=reduction, cotangent=cot))
+    return (ref.sigmoid_focal(x, t, alpha=p0, gamma=p1, reduction=reduction),
+            ref.sigmoid_focal_grad(x, t, alpha=p0, gamma=p1, reduction=reduction, cotangent=cot))
+
+
+def pw_cpu(kind, p0, p1, xm, tm, reduction):
+    if kind == 0:
+        return ext.smooth_l1_loss(xm, tm, beta=p0, reduction=reduction, stream=mx.cpu)
+    if kind == 1:
+        return ext.huber_loss(xm, tm, delta=p0, reduction=reduction, stream=mx.cpu)
+    return ext.sigmoid_focal_loss(xm, tm, alpha=p0, gamma=p1, reduction=reduction, stream=mx.cpu)
+
+
+@pytest.mark.parametrize("n", PW_N)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", list(REDUCTIONS))
+@pytest.mark.parametrize("case_name", list(PW_CASES))
+def test_pointwise(lib, case_name, reduction, dtype, n):
+    kind, p0, p1 = PW_CASES[case_name]
+    rng = np.random.default_rng(n + 3 * DT_CODE[dtype])
+    x32 = (rng.standard_normal(n) * 3).astype(np.float32)
+    if kind == 2:
+        t32 = (rng.random(n) < 0.3).astype(np.float32)
+        t32[::5] = rng.random(t32[::5].size)  # some soft targets
+        x32[:3] = [30.0, -30.0, 0.0][: min(3, n)]
+    else:
+        t32 = (rng.standard_normal(n) * 2).astype(np.float32)
+        t32[::7] = x32[::7]  # d = 0 exactly
+    xd, x = as_device(x32, dtype)
+    td, t = as_device(t32, dtype)
+    red = REDUCTIONS[reduction]
+    code = np.int32(DT_CODE[dtype])
+    out = np.full(n if red == 0 else 1, SENTINEL, np.float32)
+    partials = np.full(max(1, -(-n // 8192)), SENTINEL, np.float32)
+    lib.run("pw_forward_run", code, np.int32(kind), np.int32(red), xd, td, out, partials,
+            np.uint64(n), np.float32(p0), np.float32(p1))
+    USED_KERNELS.add(plan(lib, 4, dtype, n=n, a=kind, b=red)["name"])
+    if red:
+        USED_KERNELS.add("fl_pw_sum_finish")
+    cot = (0.5 + rng.random(n)).astype(np.float32) if red == 0 else np.array([1.7], np.float32)
+    grad = device_empty(n, dtype)
+    lib.run("pw_backward_run", code, np.int32(kind), np.int32(red), xd, td, cot, grad,
+            np.uint64(n), np.float32(p0), np.float32(p1))
+    USED_KERNELS.add(plan(lib, 5, dtype, n=n, a=kind)["name"])
+    grad = from_device(grad, dtype)
+
+    exp, exp_grad = pw_reference(kind, p0, p1, x, t, reduction, cot if red == 0 else cot[0])
+    exp = np.reshape(exp, out.shape)
+    tol = 2e-6 if red == 0 else 1e-5
+    assert_close(out, exp, rtol=tol, atol=tol, what="loss vs float64")
+    xm, tm = mx_array(x, dtype), mx_array(t, dtype)
+    cpu = np.reshape(np_of(pw_cpu(kind, p0, p1, xm, tm, reduction)), out.shape)
+    assert_close(out, cpu, rtol=tol, atol=tol, what="loss vs CPU")
+
+    _, (cpu_grad,) = mx.vjp(lambda a: pw_cpu(kind, p0, p1, a, tm, reduction), [xm],
+                            [mx.array(cot if red == 0 else cot[0])])
+    # A gradient element is a difference of terms of size ~ g * alpha (focal:
+    # (p - t) m^gamma + focus term), so float32 rounding (and FMA contraction,
+    # which the CPU build and Metal may apply differently) is absolute, relative
+    # to the largest element; float16 results below 6.1e-5 are subnormal.
+    gtol = DT_TOL[dtype] + 2e-6
+    gscale = max(np.abs(exp_grad).max(), 1e-30)
+    gatol = 3e-7 * gscale + (6e-8 if dtype == "float16" else 0.0)
+    assert_close(grad, np_of(cpu_grad), rtol=gtol, atol=gatol, what="grad vs CPU")
+    assert_close(grad, exp_grad, rtol=gtol + 1e-5, atol=gatol, what="grad vs float64")
+
+
+def test_pointwise_empty(lib):
+    """n = 0: no element kernel runs; the sum/mean finish still writes 0."""
+    for red in (1, 2):
+        out = np.full(1, SENTINEL, np.float32)
+        partials = np.full(1, SENTINEL, np.float32)
+        x = np.zeros(1, np.float32)
+        lib.run("pw_forward_run", np.int32(0), np.int32(0), np.int32(red), x, x, out, partials,
+                np.uint64(0), np.float32(1), np.float32(0))
+        assert out[0] == 0.0 and partials[0] == SENTINEL
+
+
+# ---- every instantiation ran ------------------------------------------------------------------
+
+
+def test_zz_every_instantiation_ran():
+    """Runs last (file order): every kernel the .metal files define was launched above."""
+    if not USED_KERNELS:
+        pytest.skip("run with the kernel tests")
+    missing = host_names() - USED_KERNELS
+    assert not missing, sorted(missing)
