@@ -30,25 +30,33 @@ struct PwArgs {
 // do not depend on how many threads ran.
 constexpr int64_t kSumBlock = 1 << 16;
 
-template <PointwiseKind kKind>
+// The CPU kernels' own kind: the sigmoid focal loss with gamma = 2 gets its
+// own instantiation (m * m instead of a pow per element).
+constexpr int kFocalGammaTwo = 3;
+
+template <int kKind>
 FLM_INLINE float loss_of(float x, float t, const PointwiseParams& p) {
-  if constexpr (kKind == PointwiseKind::SigmoidFocal) {
+  if constexpr (kKind == kFocalGammaTwo) {
+    return flm::sigmoid_focal_loss(x, t, p.param0, flm::GammaTwo{});
+  } else if constexpr (kKind == int(PointwiseKind::SigmoidFocal)) {
     return flm::sigmoid_focal_loss(x, t, p.param0, p.param1);
   } else {
-    return flm::regression_loss(int(kKind), x - t, p.param0);
+    return flm::regression_loss(kKind, x - t, p.param0);
   }
 }
 
-template <PointwiseKind kKind>
+template <int kKind>
 FLM_INLINE float grad_of(float x, float t, const PointwiseParams& p) {
-  if constexpr (kKind == PointwiseKind::SigmoidFocal) {
+  if constexpr (kKind == kFocalGammaTwo) {
+    return flm::sigmoid_focal_grad(x, t, p.param0, flm::GammaTwo{});
+  } else if constexpr (kKind == int(PointwiseKind::SigmoidFocal)) {
     return flm::sigmoid_focal_grad(x, t, p.param0, p.param1);
   } else {
-    return flm::regression_grad(int(kKind), x - t, p.param0);
+    return flm::regression_grad(kKind, x - t, p.param0);
   }
 }
 
-template <typename T, PointwiseKind kKind>
+template <typename T, int kKind>
 FL_VECTOR_CLONES void forward_range(const PwArgs& a, int64_t begin, int64_t end) {
   const T* x = static_cast<const T*>(a.pred);
   const T* t = static_cast<const T*>(a.target);
@@ -74,7 +82,7 @@ FL_VECTOR_CLONES void forward_range(const PwArgs& a, int64_t begin, int64_t end)
 // One loop per cotangent layout (a conditional load would keep it scalar);
 // everything the loop reads is passed by value so the vectorizer sees it is
 // loop-invariant.
-template <typename T, PointwiseKind kKind, bool kScalarCotan>
+template <typename T, int kKind, bool kScalarCotan>
 FLM_INLINE void backward_loop(const T* x, const T* t, T* dx, const float* cotan, float g0,
                               PointwiseParams p, int64_t begin, int64_t end) {
   FL_SIMD
@@ -84,7 +92,7 @@ FLM_INLINE void backward_loop(const T* x, const T* t, T* dx, const float* cotan,
   }
 }
 
-template <typename T, PointwiseKind kKind>
+template <typename T, int kKind>
 FL_VECTOR_CLONES void backward_range(const PwArgs& a, int64_t begin, int64_t end) {
   const T* x = static_cast<const T*>(a.pred);
   const T* t = static_cast<const T*>(a.target);
@@ -103,21 +111,25 @@ using RangeFn = void (*)(const PwArgs&, int64_t, int64_t);
 
 // The instantiation for a dtype and formula; each is cloned per instruction set.
 template <typename T>
-RangeFn pick_kind(PointwiseKind kind, bool backward) {
-  using K = PointwiseKind;
-  switch (kind) {
-    case K::Huber:
-      return backward ? backward_range<T, K::Huber> : forward_range<T, K::Huber>;
-    case K::SigmoidFocal:
-      return backward ? backward_range<T, K::SigmoidFocal> : forward_range<T, K::SigmoidFocal>;
+RangeFn pick_kind(const PointwiseParams& p, bool backward) {
+  constexpr int kHuber = int(PointwiseKind::Huber), kFocal = int(PointwiseKind::SigmoidFocal),
+                kSmoothL1 = int(PointwiseKind::SmoothL1);
+  switch (p.kind) {
+    case PointwiseKind::Huber:
+      return backward ? backward_range<T, kHuber> : forward_range<T, kHuber>;
+    case PointwiseKind::SigmoidFocal:
+      if (p.param1 == 2.0f) {
+        return backward ? backward_range<T, kFocalGammaTwo> : forward_range<T, kFocalGammaTwo>;
+      }
+      return backward ? backward_range<T, kFocal> : forward_range<T, kFocal>;
     default:
-      return backward ? backward_range<T, K::SmoothL1> : forward_range<T, K::SmoothL1>;
+      return backward ? backward_range<T, kSmoothL1> : forward_range<T, kSmoothL1>;
   }
 }
 
-RangeFn pick(mx::Dtype dtype, PointwiseKind kind, bool backward) {
+RangeFn pick(mx::Dtype dtype, const PointwiseParams& p, bool backward) {
   RangeFn fn = nullptr;
-  cpu::dispatch_float(dtype, [&](auto zero) { fn = pick_kind<decltype(zero)>(kind, backward); });
+  cpu::dispatch_float(dtype, [&](auto zero) { fn = pick_kind<decltype(zero)>(p, backward); });
   return fn;
 }
 
@@ -131,7 +143,7 @@ void PointwiseLoss::eval_cpu(const std::vector<mx::array>& inputs, std::vector<m
   a.target = inputs[1].data<void>();
   a.size = inputs[0].size();
   a.params = params_;
-  RangeFn fn = pick(inputs[0].dtype(), params_.kind, false);
+  RangeFn fn = pick(inputs[0].dtype(), params_, false);
   if (params_.reduce == Reduce::None) {
     a.loss = out.data<float>();
     cpu::dispatch_parallel(stream(), inputs, outputs, a.size, cpu::kMinElementsPerTask,
@@ -171,7 +183,7 @@ void PointwiseLossVJP::eval_cpu(const std::vector<mx::array>& inputs, std::vecto
   a.cotan = inputs[2].data<float>();
   a.grad = grad.data<void>();
   cpu::dispatch_parallel(stream(), inputs, outputs, a.size, cpu::kMinElementsPerTask,
-                         [a, fn = pick(inputs[0].dtype(), params_.kind, true)](int64_t b, int64_t e) { fn(a, b, e); });
+                         [a, fn = pick(inputs[0].dtype(), params_, true)](int64_t b, int64_t e) { fn(a, b, e); });
 }
 
 } // namespace fl

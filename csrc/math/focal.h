@@ -48,13 +48,16 @@ FLM_INLINE float sigmoid_focal_modulator(SigmoidParts s, float t) {
   return s.p * (1.0f - t) + s.q * t;
 }
 
-FLM_INLINE float sigmoid_focal_loss(float x, float t, float alpha, float gamma) {
+// Gamma: float, or GammaTwo for a kernel specialised to gamma = 2.
+template <typename Gamma>
+FLM_INLINE float sigmoid_focal_loss(float x, float t, float alpha, Gamma gamma) {
   SigmoidParts s = sigmoid_parts(x);
   float ce = s.softplus - x * t;
   return focal_alpha_t(t, alpha) * ce * pow_unit(sigmoid_focal_modulator(s, t), gamma);
 }
 
-FLM_INLINE float sigmoid_focal_grad(float x, float t, float alpha, float gamma) {
+template <typename Gamma>
+FLM_INLINE float sigmoid_focal_grad(float x, float t, float alpha, Gamma gamma) {
   SigmoidParts s = sigmoid_parts(x);
   float ce = s.softplus - x * t;
   float m = sigmoid_focal_modulator(s, t);
@@ -62,7 +65,8 @@ FLM_INLINE float sigmoid_focal_grad(float x, float t, float alpha, float gamma) 
   // r = p(1-p)/m in [0, 1]; its limit when m underflows to 0 is irrelevant
   // because m^gamma = 0 (gamma > 0) or gamma = 0 multiplies it away.
   float r = m > 0.0f ? (s.p * s.q) / m : 1.0f;
-  float focus = gamma == 0.0f ? 0.0f : gamma * ce * m_pow * r * (1.0f - 2.0f * t);
+  float g = gamma_value(gamma);
+  float focus = g == 0.0f ? 0.0f : g * ce * m_pow * r * (1.0f - 2.0f * t);
   return focal_alpha_t(t, alpha) * ((s.p - t) * m_pow + focus);
 }
 

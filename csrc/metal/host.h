@@ -1,0 +1,99 @@
+// Host-side helpers of the eval_gpu implementations (csrc/metal/*.cpp, built
+// only under _METAL_): finding our metallib, building pipelines, binding
+// arrays, and dispatching a fl::mplan::LaunchPlan.
+#pragma once
+
+#include <dlfcn.h>
+
+#include <filesystem>
+#include <stdexcept>
+#include <string>
+
+#include "metal/launch_plan.h"
+#include "mlx/allocator.h"
+#include "mlx/array.h"
+#include "mlx/backend/metal/device.h"
+
+namespace fl::gpu {
+
+namespace mx = mlx::core;
+
+// The directory of this binary (_ext): mlx_fused_losses.metallib is installed
+// beside it (CMakeLists.txt).
+inline std::string binary_dir() {
+  static const std::string dir = [] {
+    Dl_info info;
+    if (!dladdr(reinterpret_cast<void*>(&binary_dir), &info) || info.dli_fname == nullptr) {
+      throw std::runtime_error("mlx_fused_losses: cannot locate its own binary (dladdr failed)");
+    }
+    return std::filesystem::path(info.dli_fname).parent_path().string();
+  }();
+  return dir;
+}
+
+inline MTL::ComputePipelineState* pipeline(mx::metal::Device& d, const std::string& name) {
+  MTL::Library* lib = d.get_library("mlx_fused_losses", binary_dir());
+  return d.get_kernel(name, lib);
+}
+
+inline mplan::KDtype kernel_dtype(mx::Dtype dt) {
+  if (dt == mx::float32) {
+    return mplan::KDtype::float32;
+  }
+  if (dt == mx::float16) {
+    return mplan::KDtype::float16;
+  }
+  if (dt == mx::bfloat16) {
+    return mplan::KDtype::bfloat16;
+  }
+  throw std::runtime_error("mlx_fused_losses: no Metal kernel for this dtype");
+}
+
+// The ops hand the primitives row-contiguous inputs (fl::dense); the kernels
+// index them as such, so anything else is a bug to report, not to compute on.
+inline void require_dense(const mx::array& a, const char* what) {
+  if (!a.flags().row_contiguous) {
+    throw std::runtime_error(std::string("mlx_fused_losses: Metal kernel input '") + what +
+                             "' is not row-contiguous");
+  }
+}
+
+inline void alloc(mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+}
+
+// A plan whose group fits the pipeline: row plans are rebuilt for the
+// pipeline's maxTotalThreadsPerThreadgroup (which can turn block into looped).
+template <class MakePlan>
+mplan::LaunchPlan fit_plan(mx::metal::Device& d, MakePlan make, MTL::ComputePipelineState** kernel) {
+  mplan::LaunchPlan p = make(mplan::kMaxGroupThreads);
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    *kernel = pipeline(d, p.kernel_name);
+    int limit = int((*kernel)->maxTotalThreadsPerThreadgroup());
+    if (int(p.group[0] * p.group[1] * p.group[2]) <= limit) {
+      return p;
+    }
+    p = make(limit);
+  }
+  throw std::runtime_error("mlx_fused_losses: no launch plan fits the pipeline's thread limit");
+}
+
+// Fixed-shape plans (element-wise, backward): the group must fit as planned.
+inline MTL::ComputePipelineState* checked_pipeline(mx::metal::Device& d, const mplan::LaunchPlan& p) {
+  MTL::ComputePipelineState* k = pipeline(d, p.kernel_name);
+  if (p.group[0] * p.group[1] * p.group[2] > k->maxTotalThreadsPerThreadgroup()) {
+    throw std::runtime_error("mlx_fused_losses: kernel " + p.kernel_name +
+                             " cannot run groups of the planned size on this device");
+  }
+  return k;
+}
+
+inline void dispatch(mx::metal::CommandEncoder& enc, const mplan::LaunchPlan& p) {
+  if (p.threadgroup_bytes > 0) {
+    enc.set_threadgroup_memory_length(p.threadgroup_bytes, 0);
+  }
+  enc.dispatch_threadgroups(MTL::Size(p.grid[0], p.grid[1], p.grid[2]),
+                            MTL::Size(p.group[0], p.group[1], p.group[2]));
+}
+
+} // namespace fl::gpu
