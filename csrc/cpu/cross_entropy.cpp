@@ -77,13 +77,9 @@ FLM_INLINE RowSums row_sums(const CeArgs& a, const T* x, const T* t) {
   return r;
 }
 
-// Class index of row r, or -1 for an ignored row, -2 for an out-of-range one.
 FLM_INLINE int64_t row_class(const CeArgs& a, int64_t r) {
-  int64_t t = a.class_index[r];
-  if (a.params.has_ignore_index && t == a.params.ignore_index) {
-    return -1;
-  }
-  return (t < 0 || t >= a.num_classes) ? -2 : t;
+  return cpu::checked_class(a.class_index[r], a.num_classes, a.params.has_ignore_index,
+                            a.params.ignore_index);
 }
 
 FLM_INLINE void store_row(const CeArgs& a, int64_t r, flm::CeRow row) {
@@ -108,7 +104,7 @@ FL_VECTOR_CLONES void forward_rows(const CeArgs& a, int64_t begin, int64_t end) 
     } else {
       int64_t t = row_class(a, r);
       if (t < 0) {
-        store_row(a, r, flm::ce_masked_row(t == -2)); // the row is never read
+        store_row(a, r, flm::ce_masked_row(t == cpu::kOutOfRangeRow)); // the row is never read
         continue;
       }
       RowSums sums = row_sums<T, false, kWeighted>(a, x, nullptr);
@@ -132,8 +128,7 @@ FL_VECTOR_CLONES void backward_rows(const CeArgs& a, int64_t begin, int64_t end)
     T* dx = static_cast<T*>(a.grad) + r * K;
     int64_t t = kSoft ? 0 : row_class(a, r);
     if (t < 0) {
-      T fill = cpu::from_float<T>(t == -2 ? flm::kNaN : 0.0f);
-      std::fill(dx, dx + K, fill);
+      cpu::fill_masked_row(dx, K, t);
       continue;
     }
     float g = a.g_loss[r];

@@ -1,11 +1,11 @@
 // CPU kernels of the element-wise losses: forward reads both inputs once and
 // writes the loss (or a fused float32 sum); backward reads them once more and
 // writes the gradient once. Formulas: math/smooth_l1.h, math/focal.h.
+#include <memory>
 #include <vector>
 
 #include "cpu/dtype.h"
 #include "cpu/dispatch.h"
-#include <memory>
 #include "cpu/vectorize.h"
 #include "math/focal.h"
 #include "math/smooth_l1.h"

@@ -53,4 +53,22 @@ FLM_INLINE flm::LseState online_row(const T* x, int num_classes, ChunkFn&& chunk
   return st;
 }
 
+// What a row's class index means: a class in [0, K), or one of these.
+constexpr int64_t kIgnoredRow = -1;
+constexpr int64_t kOutOfRangeRow = -2;
+
+FLM_INLINE int64_t checked_class(int64_t t, int num_classes, bool has_ignore, int64_t ignore) {
+  if (has_ignore && t == ignore) {
+    return kIgnoredRow;
+  }
+  return (t < 0 || t >= num_classes) ? kOutOfRangeRow : t;
+}
+
+// The gradient row of an ignored row (zeros) or an out-of-range one (NaN).
+template <typename T>
+FLM_INLINE void fill_masked_row(T* dx, int num_classes, int64_t status) {
+  T fill = from_float<T>(status == kOutOfRangeRow ? flm::kNaN : 0.0f);
+  std::fill(dx, dx + num_classes, fill);
+}
+
 } // namespace fl::cpu

@@ -24,13 +24,9 @@ struct FocalArgs {
   void* grad;
 };
 
-// Class index of row r, or -1 for an ignored row, -2 for an out-of-range one.
 FLM_INLINE int64_t row_class(const FocalArgs& a, int64_t r) {
-  int64_t t = a.class_index[r];
-  if (a.params.has_ignore_index && t == a.params.ignore_index) {
-    return -1;
-  }
-  return (t < 0 || t >= a.num_classes) ? -2 : t;
+  return cpu::checked_class(a.class_index[r], a.num_classes, a.params.has_ignore_index,
+                            a.params.ignore_index);
 }
 
 template <typename T>
@@ -39,7 +35,7 @@ FL_VECTOR_CLONES void forward_rows(const FocalArgs& a, int64_t begin, int64_t en
     int64_t t = row_class(a, r);
     flm::FocalRow row;
     if (t < 0) {
-      row = flm::softmax_focal_masked_row(t == -2);
+      row = flm::softmax_focal_masked_row(t == cpu::kOutOfRangeRow);
     } else {
       const T* x = static_cast<const T*>(a.logits) + r * a.num_classes;
       float s_other = 0.0f;
@@ -74,8 +70,7 @@ FL_VECTOR_CLONES void backward_rows(const FocalArgs& a, int64_t begin, int64_t e
     T* dx = static_cast<T*>(a.grad) + r * K;
     int64_t t = row_class(a, r);
     if (t < 0) {
-      T fill = cpu::from_float<T>(t == -2 ? flm::kNaN : 0.0f);
-      std::fill(dx, dx + K, fill);
+      cpu::fill_masked_row(dx, K, t);
       continue;
     }
     float lse = a.lse[r];

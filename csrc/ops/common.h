@@ -3,6 +3,7 @@
 // derive from.
 #pragma once
 
+#include <cstring>
 #include <optional>
 #include <sstream>
 #include <stdexcept>
@@ -76,4 +77,50 @@ std::vector<mx::array> vmap_to_front(
     const std::vector<bool>& broadcast,
     mx::StreamOrDevice s);
 
+// Base of every primitive in this package: a loss is a set of plain
+// parameters (a struct with ==) plus the kernels; equivalence (used by
+// mx.compile to merge identical nodes) is equality of type and parameters.
+template <typename Params>
+class LossPrimitive : public mx::Primitive {
+ public:
+  LossPrimitive(mx::Stream stream, Params params) : mx::Primitive(stream), params_(params) {}
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto* same = dynamic_cast<const LossPrimitive*>(&other);
+    return same && std::strcmp(name(), other.name()) == 0 && params_ == same->params_;
+  }
+  const Params& params() const {
+    return params_;
+  }
+
+ protected:
+  Params params_;
+};
+
 } // namespace fl
+
+// The overrides each loss primitive defines: evaluation (csrc/cpu, csrc/metal),
+// vmap and output shapes (csrc/ops). The forward primitives add FL_VJP.
+#define FL_LOSS_PRIMITIVE(NAME)                                                                 \
+  using LossPrimitive::LossPrimitive;                                                           \
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override; \
+  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override; \
+  std::pair<std::vector<mx::array>, std::vector<int>> vmap(                                     \
+      const std::vector<mx::array>& inputs, const std::vector<int>& axes) override;             \
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;          \
+  const char* name() const override {                                                           \
+    return NAME;                                                                                \
+  }
+
+#define FL_VJP                                        \
+  std::vector<mx::array> vjp(                         \
+      const std::vector<mx::array>& primals,          \
+      const std::vector<mx::array>& cotangents,       \
+      const std::vector<int>& argnums,                \
+      const std::vector<mx::array>& outputs) override;
+
+// eval_gpu of a build without Metal (Linux): MLX never schedules it there.
+#define FL_NO_METAL(CLASS)                                                            \
+  void CLASS::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {      \
+    throw std::runtime_error("mlx_fused_losses was built without Metal");             \
+  }

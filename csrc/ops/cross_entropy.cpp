@@ -117,14 +117,6 @@ std::vector<mx::Shape> CrossEntropyVJP::output_shapes(const std::vector<mx::arra
   return {inputs[0].shape()};
 }
 
-bool CrossEntropy::is_equivalent(const mx::Primitive& other) const {
-  return params_ == static_cast<const CrossEntropy&>(other).params_;
-}
-
-bool CrossEntropyVJP::is_equivalent(const mx::Primitive& other) const {
-  return params_ == static_cast<const CrossEntropyVJP&>(other).params_;
-}
-
 std::vector<mx::array> CrossEntropy::vjp(
     const std::vector<mx::array>& primals,
     const std::vector<mx::array>& cotangents,
@@ -206,12 +198,8 @@ std::pair<std::vector<mx::array>, std::vector<int>> CrossEntropyVJP::vmap(
 }
 
 #ifndef _METAL_
-void CrossEntropy::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
-  throw std::runtime_error("mlx_fused_losses was built without Metal");
-}
-void CrossEntropyVJP::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
-  throw std::runtime_error("mlx_fused_losses was built without Metal");
-}
+FL_NO_METAL(CrossEntropy)
+FL_NO_METAL(CrossEntropyVJP)
 #endif
 
 } // namespace fl

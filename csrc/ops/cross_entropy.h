@@ -37,58 +37,18 @@ mx::array cross_entropy(
 // Forward. Inputs: logits [..., K] (row-contiguous), targets [...] int64 or
 // [..., K] in the logits' dtype, optionally class_weights [K] float32.
 // Outputs (float32, shape [...]): loss, lse, a_sum (see math/cross_entropy.h).
-class CrossEntropy : public mx::Primitive {
+class CrossEntropy : public LossPrimitive<CrossEntropyParams> {
  public:
-  CrossEntropy(mx::Stream stream, CrossEntropyParams params)
-      : mx::Primitive(stream), params_(params) {}
-
-  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
-  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
-  std::vector<mx::array> vjp(
-      const std::vector<mx::array>& primals,
-      const std::vector<mx::array>& cotangents,
-      const std::vector<int>& argnums,
-      const std::vector<mx::array>& outputs) override;
-  std::pair<std::vector<mx::array>, std::vector<int>> vmap(
-      const std::vector<mx::array>& inputs,
-      const std::vector<int>& axes) override;
-  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
-  const char* name() const override {
-    return "FusedCrossEntropy";
-  }
-  bool is_equivalent(const mx::Primitive& other) const override;
-  const CrossEntropyParams& params() const {
-    return params_;
-  }
-
- private:
-  CrossEntropyParams params_;
+  FL_LOSS_PRIMITIVE("FusedCrossEntropy")
+  FL_VJP
 };
 
 // Backward w.r.t. the logits. Inputs: the forward's inputs, then lse, a_sum,
 // and the cotangents of loss and lse (float32, shape [...]).
 // Output: the gradient [..., K] in the logits' dtype, written once.
-class CrossEntropyVJP : public mx::Primitive {
+class CrossEntropyVJP : public LossPrimitive<CrossEntropyParams> {
  public:
-  CrossEntropyVJP(mx::Stream stream, CrossEntropyParams params)
-      : mx::Primitive(stream), params_(params) {}
-
-  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
-  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
-  std::pair<std::vector<mx::array>, std::vector<int>> vmap(
-      const std::vector<mx::array>& inputs,
-      const std::vector<int>& axes) override;
-  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
-  const char* name() const override {
-    return "FusedCrossEntropyVJP";
-  }
-  bool is_equivalent(const mx::Primitive& other) const override;
-  const CrossEntropyParams& params() const {
-    return params_;
-  }
-
- private:
-  CrossEntropyParams params_;
+  FL_LOSS_PRIMITIVE("FusedCrossEntropyVJP")
 };
 
 } // namespace fl

@@ -58,14 +58,6 @@ std::vector<mx::Shape> PointwiseLossVJP::output_shapes(const std::vector<mx::arr
   return {inputs[0].shape()};
 }
 
-bool PointwiseLoss::is_equivalent(const mx::Primitive& other) const {
-  return params_ == static_cast<const PointwiseLoss&>(other).params_;
-}
-
-bool PointwiseLossVJP::is_equivalent(const mx::Primitive& other) const {
-  return params_ == static_cast<const PointwiseLossVJP&>(other).params_;
-}
-
 std::vector<mx::array> PointwiseLoss::vjp(
     const std::vector<mx::array>& primals,
     const std::vector<mx::array>& cotangents,
@@ -129,12 +121,8 @@ std::pair<std::vector<mx::array>, std::vector<int>> PointwiseLossVJP::vmap(
 }
 
 #ifndef _METAL_
-void PointwiseLoss::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
-  throw std::runtime_error("mlx_fused_losses was built without Metal");
-}
-void PointwiseLossVJP::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
-  throw std::runtime_error("mlx_fused_losses was built without Metal");
-}
+FL_NO_METAL(PointwiseLoss)
+FL_NO_METAL(PointwiseLossVJP)
 #endif
 
 } // namespace fl

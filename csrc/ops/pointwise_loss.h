@@ -34,58 +34,18 @@ mx::array pointwise_loss(
 
 // Forward. Inputs: predictions, targets (same shape and dtype, row-contiguous).
 // Output: float32 loss of their shape (Reduce::None) or a scalar (Reduce::Sum).
-class PointwiseLoss : public mx::Primitive {
+class PointwiseLoss : public LossPrimitive<PointwiseParams> {
  public:
-  PointwiseLoss(mx::Stream stream, PointwiseParams params)
-      : mx::Primitive(stream), params_(params) {}
-
-  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
-  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
-  std::vector<mx::array> vjp(
-      const std::vector<mx::array>& primals,
-      const std::vector<mx::array>& cotangents,
-      const std::vector<int>& argnums,
-      const std::vector<mx::array>& outputs) override;
-  std::pair<std::vector<mx::array>, std::vector<int>> vmap(
-      const std::vector<mx::array>& inputs,
-      const std::vector<int>& axes) override;
-  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
-  const char* name() const override {
-    return "FusedPointwiseLoss";
-  }
-  bool is_equivalent(const mx::Primitive& other) const override;
-  const PointwiseParams& params() const {
-    return params_;
-  }
-
- private:
-  PointwiseParams params_;
+  FL_LOSS_PRIMITIVE("FusedPointwiseLoss")
+  FL_VJP
 };
 
 // Backward w.r.t. the predictions. Inputs: predictions, targets, cotangent
 // (float32, of the loss's shape: element-wise, or a scalar for Reduce::Sum).
 // Output: the gradient in the predictions' dtype.
-class PointwiseLossVJP : public mx::Primitive {
+class PointwiseLossVJP : public LossPrimitive<PointwiseParams> {
  public:
-  PointwiseLossVJP(mx::Stream stream, PointwiseParams params)
-      : mx::Primitive(stream), params_(params) {}
-
-  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
-  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
-  std::pair<std::vector<mx::array>, std::vector<int>> vmap(
-      const std::vector<mx::array>& inputs,
-      const std::vector<int>& axes) override;
-  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
-  const char* name() const override {
-    return "FusedPointwiseLossVJP";
-  }
-  bool is_equivalent(const mx::Primitive& other) const override;
-  const PointwiseParams& params() const {
-    return params_;
-  }
-
- private:
-  PointwiseParams params_;
+  FL_LOSS_PRIMITIVE("FusedPointwiseLossVJP")
 };
 
 } // namespace fl

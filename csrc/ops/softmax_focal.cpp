@@ -72,14 +72,6 @@ std::vector<mx::Shape> SoftmaxFocalVJP::output_shapes(const std::vector<mx::arra
   return {inputs[0].shape()};
 }
 
-bool SoftmaxFocal::is_equivalent(const mx::Primitive& other) const {
-  return params_ == static_cast<const SoftmaxFocal&>(other).params_;
-}
-
-bool SoftmaxFocalVJP::is_equivalent(const mx::Primitive& other) const {
-  return params_ == static_cast<const SoftmaxFocalVJP&>(other).params_;
-}
-
 std::vector<mx::array> SoftmaxFocal::vjp(
     const std::vector<mx::array>& primals,
     const std::vector<mx::array>& cotangents,
@@ -134,12 +126,8 @@ std::pair<std::vector<mx::array>, std::vector<int>> SoftmaxFocalVJP::vmap(
 }
 
 #ifndef _METAL_
-void SoftmaxFocal::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
-  throw std::runtime_error("mlx_fused_losses was built without Metal");
-}
-void SoftmaxFocalVJP::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
-  throw std::runtime_error("mlx_fused_losses was built without Metal");
-}
+FL_NO_METAL(SoftmaxFocal)
+FL_NO_METAL(SoftmaxFocalVJP)
 #endif
 
 } // namespace fl

@@ -30,57 +30,17 @@ mx::array softmax_focal_loss(
 
 // Forward. Inputs: logits [..., K], class indices [...] int64, optionally
 // alpha [K] float32. Outputs (float32, [...]): loss, lse, coef (alpha_t * C).
-class SoftmaxFocal : public mx::Primitive {
+class SoftmaxFocal : public LossPrimitive<SoftmaxFocalParams> {
  public:
-  SoftmaxFocal(mx::Stream stream, SoftmaxFocalParams params)
-      : mx::Primitive(stream), params_(params) {}
-
-  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
-  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
-  std::vector<mx::array> vjp(
-      const std::vector<mx::array>& primals,
-      const std::vector<mx::array>& cotangents,
-      const std::vector<int>& argnums,
-      const std::vector<mx::array>& outputs) override;
-  std::pair<std::vector<mx::array>, std::vector<int>> vmap(
-      const std::vector<mx::array>& inputs,
-      const std::vector<int>& axes) override;
-  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
-  const char* name() const override {
-    return "FusedSoftmaxFocal";
-  }
-  bool is_equivalent(const mx::Primitive& other) const override;
-  const SoftmaxFocalParams& params() const {
-    return params_;
-  }
-
- private:
-  SoftmaxFocalParams params_;
+  FL_LOSS_PRIMITIVE("FusedSoftmaxFocal")
+  FL_VJP
 };
 
 // Backward w.r.t. the logits. Inputs: logits, class indices, lse, coef, and
 // the cotangent of the loss. Output: gradient in the logits' dtype.
-class SoftmaxFocalVJP : public mx::Primitive {
+class SoftmaxFocalVJP : public LossPrimitive<SoftmaxFocalParams> {
  public:
-  SoftmaxFocalVJP(mx::Stream stream, SoftmaxFocalParams params)
-      : mx::Primitive(stream), params_(params) {}
-
-  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
-  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
-  std::pair<std::vector<mx::array>, std::vector<int>> vmap(
-      const std::vector<mx::array>& inputs,
-      const std::vector<int>& axes) override;
-  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
-  const char* name() const override {
-    return "FusedSoftmaxFocalVJP";
-  }
-  bool is_equivalent(const mx::Primitive& other) const override;
-  const SoftmaxFocalParams& params() const {
-    return params_;
-  }
-
- private:
-  SoftmaxFocalParams params_;
+  FL_LOSS_PRIMITIVE("FusedSoftmaxFocalVJP")
 };
 
 } // namespace fl

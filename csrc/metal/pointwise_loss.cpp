@@ -1,0 +1,97 @@
+// eval_gpu of the element-wise losses (metal/pointwise_loss.metal); plans from
+// launch_plan.cpp. The fused sum is deterministic: fixed-size blocks give
+// partial sums, which one threadgroup then adds in a fixed order.
+#include "metal/host.h"
+#include "ops/pointwise_loss.h"
+
+namespace fl {
+
+void PointwiseLoss::eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  auto& out = outputs[0];
+  gpu::alloc(out);
+  const auto& pred = inputs[0];
+  const auto& target = inputs[1];
+  gpu::require_dense(pred, "predictions");
+  gpu::require_dense(target, "targets");
+  if (target.dtype() != pred.dtype() || target.size() != pred.size()) {
+    throw std::runtime_error("mlx_fused_losses: targets must reach the kernel like predictions");
+  }
+  const mplan::KDtype dt = gpu::kernel_dtype(pred.dtype());
+  const uint64_t n = pred.size();
+  const int kind = int(params_.kind);
+  const int reduce = int(params_.reduce);
+  PwArgs args = mplan::make_pw_args(n, params_.param0, params_.param1, reduce);
+  auto& s = stream();
+  auto& d = mx::metal::device(s.device);
+  auto& enc = mx::metal::get_command_encoder(s);
+
+  mplan::LaunchPlan plan = mplan::pw_forward_plan(dt, kind, n, reduce);
+  if (reduce == 0) {
+    if (plan.empty()) {
+      return;
+    }
+    enc.set_compute_pipeline_state(gpu::checked_pipeline(d, plan));
+    enc.set_input_array(pred, FL_PW_FWD_PRED);
+    enc.set_input_array(target, FL_PW_FWD_TARGET);
+    enc.set_output_array(out, FL_PW_FWD_OUT);
+    enc.set_bytes(args, FL_PW_FWD_ARGS);
+    gpu::dispatch(enc, plan);
+    return;
+  }
+
+  // Sum / mean: partial sums (at least one slot, so the buffer is valid even
+  // for n = 0), then the finish kernel, which always writes the result.
+  uint64_t num_partials = args.num_partials;
+  mx::array partials({int(num_partials > 0 ? num_partials : 1)}, mx::float32, nullptr, {});
+  gpu::alloc(partials);
+  enc.add_temporary(partials);
+  if (!plan.empty()) {
+    enc.set_compute_pipeline_state(gpu::checked_pipeline(d, plan));
+    enc.set_input_array(pred, FL_PW_FWD_PRED);
+    enc.set_input_array(target, FL_PW_FWD_TARGET);
+    enc.set_output_array(partials, FL_PW_FWD_OUT);
+    enc.set_bytes(args, FL_PW_FWD_ARGS);
+    gpu::dispatch(enc, plan);
+  }
+  mplan::LaunchPlan finish = mplan::pw_sum_finish_plan(num_partials);
+  enc.set_compute_pipeline_state(gpu::checked_pipeline(d, finish));
+  enc.set_input_array(partials, FL_PW_SUM_PARTIALS); // the encoder orders it after the writer
+  enc.set_output_array(out, FL_PW_SUM_OUT);
+  enc.set_bytes(args, FL_PW_SUM_ARGS);
+  gpu::dispatch(enc, finish);
+}
+
+void PointwiseLossVJP::eval_gpu(const std::vector<mx::array>& inputs,
+                                std::vector<mx::array>& outputs) {
+  auto& grad = outputs[0];
+  gpu::alloc(grad);
+  const auto& pred = inputs[0];
+  const auto& target = inputs[1];
+  const auto& cotan = inputs[2];
+  gpu::require_dense(pred, "predictions");
+  gpu::require_dense(target, "targets");
+  gpu::require_dense(cotan, "cotangent");
+  const uint64_t n = pred.size();
+  const int reduce = int(params_.reduce);
+  if (cotan.size() != (reduce == 0 ? n : 1)) {
+    throw std::runtime_error("mlx_fused_losses: cotangent of unexpected size");
+  }
+  mplan::LaunchPlan plan =
+      mplan::pw_backward_plan(gpu::kernel_dtype(pred.dtype()), int(params_.kind), n);
+  if (plan.empty()) {
+    return;
+  }
+  PwArgs args = mplan::make_pw_args(n, params_.param0, params_.param1, reduce);
+  auto& s = stream();
+  auto& d = mx::metal::device(s.device);
+  auto& enc = mx::metal::get_command_encoder(s);
+  enc.set_compute_pipeline_state(gpu::checked_pipeline(d, plan));
+  enc.set_input_array(pred, FL_PW_BWD_PRED);
+  enc.set_input_array(target, FL_PW_BWD_TARGET);
+  enc.set_input_array(cotan, FL_PW_BWD_COTAN);
+  enc.set_output_array(grad, FL_PW_BWD_GRAD);
+  enc.set_bytes(args, FL_PW_BWD_ARGS);
+  gpu::dispatch(enc, plan);
+}
+
+} // namespace fl
