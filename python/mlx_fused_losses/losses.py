@@ -28,6 +28,17 @@ def _check_array(value, name: str) -> None:
         raise TypeError(f"{name} must be an mlx.core.array, got {type(value).__name__}")
 
 
+def _elementwise(ext_fn, first_name: str, first, targets, reduction: str, stream, **params):
+    """Shared path of the element-wise losses: checks, the fused kernel (which
+    also reduces), and the cast back to the input's dtype."""
+    _check_array(first, first_name)
+    _check_array(targets, "targets")
+    _check_reduction(reduction)
+    params = {k: float(v) for k, v in params.items()}
+    loss = ext_fn(first, targets, reduction=reduction, stream=stream, **params)
+    return loss.astype(first.dtype)
+
+
 def _finish(loss: mx.array, reduction: str, dtype: mx.Dtype, count=None) -> mx.array:
     """Reduce a float32 per-element/per-row loss and cast it to ``dtype``.
 
@@ -143,13 +154,9 @@ def smooth_l1_loss(
     ``d = predictions - targets``. ``beta=0`` is plain L1 (MLX divides by zero
     there). A summed or averaged loss is reduced inside the kernel.
     """
-    _check_array(predictions, "predictions")
-    _check_array(targets, "targets")
-    _check_reduction(reduction)
-    loss = _ext.smooth_l1_loss(
-        predictions, targets, beta=float(beta), reduction=reduction, stream=stream
+    return _elementwise(
+        _ext.smooth_l1_loss, "predictions", predictions, targets, reduction, stream, beta=beta
     )
-    return loss.astype(predictions.dtype)
 
 
 def huber_loss(
@@ -164,13 +171,9 @@ def huber_loss(
 
     ``0.5 d**2`` where ``|d| <= delta``, else ``delta (|d| - 0.5 delta)``.
     """
-    _check_array(inputs, "inputs")
-    _check_array(targets, "targets")
-    _check_reduction(reduction)
-    loss = _ext.huber_loss(
-        inputs, targets, delta=float(delta), reduction=reduction, stream=stream
+    return _elementwise(
+        _ext.huber_loss, "inputs", inputs, targets, reduction, stream, delta=delta
     )
-    return loss.astype(inputs.dtype)
 
 
 def sigmoid_focal_loss(
@@ -191,18 +194,16 @@ def sigmoid_focal_loss(
     exactly binary cross-entropy with logits. ``"mean"`` averages over all
     elements. Gradients w.r.t. ``inputs`` only.
     """
-    _check_array(inputs, "inputs")
-    _check_array(targets, "targets")
-    _check_reduction(reduction)
-    loss = _ext.sigmoid_focal_loss(
+    return _elementwise(
+        _ext.sigmoid_focal_loss,
+        "inputs",
         inputs,
         targets,
-        alpha=float(alpha),
-        gamma=float(gamma),
-        reduction=reduction,
-        stream=stream,
+        reduction,
+        stream,
+        alpha=alpha,
+        gamma=gamma,
     )
-    return loss.astype(inputs.dtype)
 
 
 def softmax_focal_loss(
