@@ -141,3 +141,10 @@ struct PwArgs {
 // SIMD-groups, see metal/fl_common.h) and element-wise sums (one per SIMD-group).
 #define FL_ROW_SCRATCH_FLOATS 256
 #define FL_PW_SCRATCH_FLOATS 32
+
+// The host copies these structs byte for byte into a constant buffer
+// (setBytes): both compilers must agree on their size (and, with 64-bit
+// members first and 32-bit ones after, on every offset).
+static_assert(sizeof(CeArgs) == 32, "CeArgs layout");
+static_assert(sizeof(SfArgs) == 32, "SfArgs layout");
+static_assert(sizeof(PwArgs) == 32, "PwArgs layout");
