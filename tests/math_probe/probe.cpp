@@ -1,0 +1,44 @@
+// Element-wise entry points over csrc/math for tests/test_math.py: the shared
+// formulas compiled as the CPU kernels compile them (C++ path, same flags that
+// matter: strict IEEE, -fno-trapping-math), callable through ctypes.
+#include <cstdint>
+
+#include "cpu/dtype.h"
+#include "math/focal.h"
+#include "math/transcendental.h"
+
+extern "C" {
+
+void probe_exp(const float* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = flm::exp_f32(x[i]);
+}
+
+void probe_log(const float* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = flm::log_f32(x[i]);
+}
+
+void probe_log1p(const float* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = flm::log1p_f32(x[i]);
+}
+
+void probe_pow_unit(const float* x, float gamma, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = flm::pow_unit(x[i], gamma);
+}
+
+// float32 -> half / bfloat16 bits -> float32, through the CPU kernels' converters.
+void probe_half_roundtrip(const float* x, uint16_t* bits, float* back, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    auto h = fl::cpu::from_float<fl::cpu::Half>(x[i]);
+    bits[i] = h.bits;
+    back[i] = fl::cpu::to_float(h);
+  }
+}
+
+void probe_bfloat_roundtrip(const float* x, uint16_t* bits, float* back, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    auto b = fl::cpu::from_float<fl::cpu::BFloat>(x[i]);
+    bits[i] = b.bits;
+    back[i] = fl::cpu::to_float(b);
+  }
+}
+}

@@ -1,0 +1,163 @@
+"""Accuracy of the shared float32 math (csrc/math/transcendental.h) and of the
+CPU kernels' half/bfloat16 converters, against float64 / NumPy, over dense
+sweeps of the float32 range. The probe is compiled here from
+tests/math_probe/probe.cpp with the C++ compiler and loaded with ctypes."""
+
+import ctypes
+import hashlib
+import os
+import pathlib
+import shutil
+import subprocess
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PROBE = ROOT / "tests" / "math_probe" / "probe.cpp"
+# The bounds documented in csrc/math/transcendental.h.
+MAX_ULP = {"exp": 2.0, "log": 2.0, "log1p": 2.5}
+
+
+def _compiler():
+    for name in ("g++", "clang++-19", "c++"):
+        if shutil.which(name):
+            return name
+    pytest.skip("no C++ compiler to build the math probe")
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory):
+    sources = [PROBE] + sorted((ROOT / "csrc" / "math").glob("*.h")) + [ROOT / "csrc/cpu/dtype.h"]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
+    out = tmp_path_factory.mktemp("math_probe") / f"probe_{digest}.so"
+    mlx_include = pathlib.Path(mx.__file__).parent / "include"
+    cmd = [
+        _compiler(), "-O2", "-std=c++20", "-shared", "-fPIC",
+        "-fno-fast-math", "-fno-trapping-math",
+        f"-I{ROOT / 'csrc'}", f"-I{mlx_include}", str(PROBE), "-o", str(out),
+    ]
+    subprocess.run(cmd, check=True, capture_output=True)
+    lib = ctypes.CDLL(str(out))
+    return lib
+
+
+def _call(fn, x, *extra):
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    y = np.empty_like(x)
+    ptr = lambda a: a.ctypes.data_as(ctypes.c_void_p)
+    args = [ptr(x)] + [ctypes.c_float(e) for e in extra] + [ptr(y), ctypes.c_int64(x.size)]
+    fn(*args)
+    return y
+
+
+def _ulp_error(got, want64):
+    """|got - want| in units of the float32 spacing at want (finite wants)."""
+    want32 = want64.astype(np.float32)
+    spacing = np.spacing(np.abs(want32)).astype(np.float64)
+    spacing = np.maximum(spacing, np.float64(np.finfo(np.float32).smallest_subnormal))
+    return np.abs(got.astype(np.float64) - want64) / spacing
+
+
+def _all_positive_floats(count, rng):
+    """Random float32 bit patterns covering every exponent, subnormals included."""
+    bits = rng.integers(1, 0x7F800000, size=count, dtype=np.uint32)
+    return bits.view(np.float32)
+
+
+def test_exp_accuracy(probe):
+    rng = np.random.default_rng(0)
+    x = np.concatenate([
+        np.linspace(-104.0, 89.0, 400_001, dtype=np.float32),
+        rng.uniform(-1, 1, 100_000).astype(np.float32),
+        np.float32([-87.3, -88.0, -100.0, -103.9, 88.72, 0.0, -0.0, 1e-30, -1e-30]),
+    ])
+    got = _call(probe.probe_exp, x)
+    want = np.exp(x.astype(np.float64))
+    finite = want < np.finfo(np.float32).max
+    assert _ulp_error(got[finite], want[finite]).max() <= MAX_ULP["exp"]
+    assert np.all(np.isinf(got[~finite]))
+
+
+def test_exp_special_values(probe):
+    x = np.float32([np.inf, -np.inf, np.nan, 89.0, 1000.0, -1000.0])
+    got = _call(probe.probe_exp, x)
+    assert got[0] == np.inf and got[1] == 0.0 and np.isnan(got[2])
+    assert got[3] == np.inf and got[4] == np.inf and got[5] == 0.0
+
+
+def test_log_accuracy(probe):
+    rng = np.random.default_rng(1)
+    x = np.concatenate([
+        _all_positive_floats(500_000, rng),
+        np.linspace(0.5, 2.0, 200_001, dtype=np.float32),
+        np.float32([1.0, np.finfo(np.float32).smallest_subnormal, np.finfo(np.float32).max]),
+    ])
+    got = _call(probe.probe_log, x)
+    want = np.log(x.astype(np.float64))
+    assert _ulp_error(got, want).max() <= MAX_ULP["log"]
+
+
+def test_log_special_values(probe):
+    got = _call(probe.probe_log, np.float32([0.0, -0.0, -1.0, np.inf, np.nan, -np.inf]))
+    assert got[0] == -np.inf and got[1] == -np.inf
+    assert np.isnan(got[2]) and got[3] == np.inf and np.isnan(got[4]) and np.isnan(got[5])
+
+
+def test_log1p_accuracy(probe):
+    rng = np.random.default_rng(2)
+    tiny = _all_positive_floats(200_000, rng)
+    x = np.concatenate([
+        tiny[tiny < 1e6],
+        -tiny[tiny < 0.999],
+        np.linspace(-0.999, 10.0, 200_001, dtype=np.float32),
+    ])
+    got = _call(probe.probe_log1p, x)
+    want = np.log1p(x.astype(np.float64))
+    assert _ulp_error(got, want).max() <= MAX_ULP["log1p"]
+
+
+def test_log1p_special_values(probe):
+    got = _call(probe.probe_log1p, np.float32([-1.0, np.inf, np.nan, -2.0, 0.0, 3e38]))
+    assert got[0] == -np.inf and got[1] == np.inf and np.isnan(got[2]) and np.isnan(got[3])
+    assert got[4] == 0.0 and abs(got[5] - np.log(3e38)) < 1e-4
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.25, 0.5, 1.0, 2.0, 3.5])
+def test_pow_unit(probe, gamma):
+    base = np.concatenate([np.linspace(0, 1, 10_001, dtype=np.float32), np.float32([1e-30, 1e-45])])
+    got = _call(probe.probe_pow_unit, base, gamma)
+    want = np.power(base.astype(np.float64), gamma)
+    if gamma == 0.0:
+        assert np.all(got == 1.0)  # 0**0 = 1: focal with gamma=0 is exactly cross-entropy
+    # exp(gamma * log(b)): relative error grows with |gamma log b| (~ 1e-6 here).
+    np.testing.assert_allclose(got, want, rtol=4e-6, atol=1e-37)
+
+
+@pytest.mark.parametrize(
+    "kind, np_type", [("half", np.float16), ("bfloat", None)]
+)
+def test_16bit_converters_round_to_nearest_even(probe, kind, np_type):
+    rng = np.random.default_rng(3)
+    x = np.concatenate([
+        rng.standard_normal(100_000).astype(np.float32) * 1000,
+        _all_positive_floats(100_000, rng),
+        -_all_positive_floats(100_000, rng),
+        np.float32([0.0, -0.0, np.inf, -np.inf, 65504.0, 65520.0, 6e-8, 3e-8, 1e-8]),
+    ])
+    fn = probe.probe_half_roundtrip if kind == "half" else probe.probe_bfloat_roundtrip
+    bits = np.empty(x.size, np.uint16)
+    back = np.empty_like(x)
+    fn(*(a.ctypes.data_as(ctypes.c_void_p) for a in (x, bits, back)), ctypes.c_int64(x.size))
+    if np_type is not None:
+        with np.errstate(over="ignore"):  # values past 65504 become inf, as intended
+            want = x.astype(np_type)
+    else:
+        # bfloat16 reference: MLX's own conversion (round to nearest even).
+        want = np.array(mx.array(x).astype(mx.bfloat16).astype(mx.float32))
+    np.testing.assert_array_equal(back, want.astype(np.float32))
+    nan = _call(probe.probe_exp, np.float32([np.nan]))  # a NaN to convert
+    fn(nan.ctypes.data_as(ctypes.c_void_p), bits[:1].ctypes.data_as(ctypes.c_void_p),
+       back[:1].ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(1))
+    assert np.isnan(back[0])
