@@ -27,14 +27,14 @@ class RepeatPolicy:
 
     Fast calls get as many samples as fit in ``budget_s``.  Slow calls get
     ``min_repeats`` only while those fit in ``slow_budget_s``, down to a single
-    sample: MLX's composed cross-entropy at 4096x131072 takes ~24 s per
+    sample: MLX's composed cross-entropy at 4096x131072 takes 20-30 s per
     forward+backward on 2 CPU cores, and the full sweep must stay near 15 min.
     """
 
     max_repeats: int = 20
     min_repeats: int = 3
     budget_s: float = 1.0
-    slow_budget_s: float = 15.0
+    slow_budget_s: float = 10.0
 
     def repeats_for(self, warmup_s: float) -> int:
         warmup_s = max(warmup_s, 1e-6)
