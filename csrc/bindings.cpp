@@ -4,9 +4,11 @@
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/variant.h>
+#include <nanobind/stl/vector.h>
 
 #include "cpu/parallel.h"
 #include "ops/cross_entropy.h"
+#include "ops/roofline.h"
 #include "ops/sigmoid_focal.h"
 #include "ops/smooth_l1.h"
 #include "ops/softmax_focal.h"
@@ -90,6 +92,12 @@ NB_MODULE(_ext, m) {
       "logits"_a, "targets"_a, "axis"_a = -1, "gamma"_a = 2.0f, "alpha"_a = nb::none(),
       "class_alpha"_a = nb::none(), "ignore_index"_a = nb::none(), nb::kw_only(),
       "stream"_a = nb::none(), "Per-row float32 softmax focal loss (no reduction).");
+
+  m.def("memory_roofline", &fl::memory_roofline, "reads"_a, "write_like"_a = nb::none(),
+        nb::kw_only(), "stream"_a = nb::none(),
+        "Benchmark primitive (CPU): read each array once and optionally write an array "
+        "shaped like write_like once, with the loss kernels' thread pool. Returns "
+        "[checksums] or [checksums, written].");
 
   m.def("num_threads", &fl::cpu::num_threads,
         "Threads the CPU kernels use (FL_NUM_THREADS, else the usable cores).");
