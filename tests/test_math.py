@@ -118,6 +118,16 @@ def test_log1p_accuracy(probe):
     assert _ulp_error(got, want).max() <= MAX_ULP["log1p"]
 
 
+def test_log1p_unit_accuracy(probe):
+    """log1p on [0, 1] (softplus's log1p(exp(-|x|))) by one reduction step."""
+    rng = np.random.default_rng(4)
+    tiny = _all_positive_floats(200_000, rng)
+    x = np.concatenate([tiny[tiny <= 1.0], np.linspace(0, 1, 200_001, dtype=np.float32)])
+    got = _call(probe.probe_log1p_unit, x)
+    want = np.log1p(x.astype(np.float64))
+    assert _ulp_error(got, want).max() <= MAX_ULP["log"]
+
+
 def test_log1p_special_values(probe):
     got = _call(probe.probe_log1p, np.float32([-1.0, np.inf, np.nan, -2.0, 0.0, 3e38]))
     assert got[0] == -np.inf and got[1] == np.inf and np.isnan(got[2]) and np.isnan(got[3])

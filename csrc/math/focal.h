@@ -39,7 +39,7 @@ FLM_INLINE SigmoidParts sigmoid_parts(float x) {
   SigmoidParts s;
   s.p = x >= 0.0f ? inv : e * inv;
   s.q = x >= 0.0f ? e * inv : inv;
-  s.softplus = fmax(x, 0.0f) + log1p_f32(e);
+  s.softplus = fmax(x, 0.0f) + log1p_unit(e);
   return s;
 }
 

@@ -99,6 +99,14 @@ FLM_INLINE float log1p_f32(float x) {
   return is_nan(x) ? x : y;
 }
 
+// log(1 + x) for x in [0, 1] (softplus's log1p(exp(-|x|))): one reduction
+// step instead of a general log. Above sqrt(2) - 1, 1 + x = 2 (1 + f) with
+// f = (x - 1) / 2, computed exactly (x - 1 is exact for x in [1/2, 1]).
+FLM_INLINE float log1p_unit(float x) {
+  bool high = x > 0.41421356f;
+  return log1p_reduced(high ? (x - 1.0f) * 0.5f : x, high ? 1.0f : 0.0f);
+}
+
 // base^gamma for base in [0, 1] and gamma >= 0, with 0^0 = 1 (the focal
 // losses' (1-p)^gamma at gamma = 0 must reduce to cross-entropy exactly:
 // exp(0 * log(base)) is exactly 1). Only the base is tested per element: a

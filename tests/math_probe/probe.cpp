@@ -21,6 +21,10 @@ void probe_log1p(const float* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] = flm::log1p_f32(x[i]);
 }
 
+void probe_log1p_unit(const float* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = flm::log1p_unit(x[i]);
+}
+
 void probe_pow_unit(const float* x, float gamma, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] = flm::pow_unit(x[i], gamma);
 }
