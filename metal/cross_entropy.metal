@@ -70,7 +70,7 @@ struct CeChunk {
     float4 v = float4(0.0f);
     for (int i = 0; i < R; ++i) {
       if (valid[i]) {
-        s += flm::exp_f32(x[i] - shift);
+        s += flm::exp_nonpos_f32(x[i] - shift);
         v.x += w[i];
         v.y += flm::weighted(w[i], x[i]);
         if (kSoft) {

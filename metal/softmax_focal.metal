@@ -55,7 +55,7 @@ struct SfChunk {
     float so = 0.0f;
     for (int i = 0; i < R; ++i) {
       if (valid[i]) {
-        float e = flm::exp_f32(x[i] - shift);
+        float e = flm::exp_nonpos_f32(x[i] - shift);
         s += e;
         so += long(j0 + i) == target ? 0.0f : e;
       }

@@ -87,6 +87,19 @@ def test_exp_special_values(probe):
     assert got[3] == np.inf and got[4] == np.inf and got[5] == 0.0
 
 
+def test_exp_nonpos_accuracy(probe):
+    """The softmax-term exp: same accuracy down to FLT_MIN, flushes below it."""
+    x = np.concatenate([
+        np.linspace(-87.3, 0.0, 400_001, dtype=np.float32),
+        np.float32([-0.0, -1e-30, -87.33]),
+    ])
+    got = _call(probe.probe_exp_nonpos, x)
+    assert _ulp_error(got, np.exp(x.astype(np.float64))).max() <= MAX_ULP["exp"]
+    below = _call(probe.probe_exp_nonpos, np.float32([-87.34, -100.0, -np.inf]))
+    assert np.all(below == 0.0)
+    assert np.isnan(_call(probe.probe_exp_nonpos, np.float32([np.nan]))[0])
+
+
 def test_log_accuracy(probe):
     rng = np.random.default_rng(1)
     x = np.concatenate([

@@ -59,7 +59,7 @@ FLM_INLINE RowSums row_sums(const CeArgs& a, const T* x, const T* t) {
     for (int i = 0; i < n; ++i) {
       float v = xv[i];
       float w = kWeighted ? wv[i] : 1.0f;
-      s += flm::exp_f32(v - shift);
+      s += flm::exp_nonpos_f32(v - shift);
       sw += w;
       swx += flm::weighted(w, v);
       if constexpr (kSoft) {

@@ -45,7 +45,7 @@ FL_VECTOR_CLONES void forward_rows(const FocalArgs& a, int64_t begin, int64_t en
         int64_t local_t = t - c0; // the target's index in this chunk, if inside
         FL_SIMD_REDUCE(reduction(+ : s, so))
         for (int i = 0; i < n; ++i) {
-          float e = flm::exp_f32(xv[i] - shift);
+          float e = flm::exp_nonpos_f32(xv[i] - shift);
           s += e;
           so += i == local_t ? 0.0f : e;
         }

@@ -128,7 +128,7 @@ FLM_INLINE float ce_row_softmax_coef(float g, float g_lse, float a_sum, float ls
 
 // Backward for one element: coef * p_j - g * w_j q_j.
 FLM_INLINE float ce_grad(float x, float lse, float softmax_coef, float g_target) {
-  return softmax_coef * exp_f32(x - lse) - g_target;
+  return softmax_coef * exp_nonpos_f32(x - lse) - g_target;
 }
 
 } // namespace flm

@@ -105,7 +105,7 @@ FLM_INLINE FocalRow softmax_focal_masked_row(bool out_of_range) {
 
 // Backward for one element: row_coef (p_j - [j == t]), row_coef = g alpha_t C.
 FLM_INLINE float softmax_focal_grad(float x, float lse, float row_coef, bool is_target) {
-  float p = exp_f32(x - lse);
+  float p = exp_nonpos_f32(x - lse);
   return row_coef * (is_target ? p - 1.0f : p);
 }
 
