@@ -32,13 +32,18 @@ FLM_INLINE float exp2_int(float n) {
   return bits_float(u32(i32(n) + 127) << 23);
 }
 
-// e^x. Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, then a degree-7
-// Taylor polynomial (truncation error < 2^-27 relative on that interval).
-// 2^n is applied as two factors so results in the subnormal range round once.
-FLM_INLINE float exp_f32(float x) {
-  float xc = fmin(fmax(x, -104.0f), 89.0f); // e^-104 rounds to 0, e^89 to inf
-  float n = (xc * kLog2e + kRoundMagic) - kRoundMagic;
-  float r = (xc - n * kLn2Hi) - n * kLn2Lo;
+// e^x = poly * 2^n for a clamped x: Cody-Waite reduction x = n ln2 + r,
+// |r| <= ln2/2, then a degree-7 Taylor polynomial (truncation error < 2^-27
+// relative on that interval). Shared by the two exp variants below.
+struct ExpParts {
+  float poly;
+  float n;
+};
+
+FLM_INLINE ExpParts exp_parts(float xc) {
+  ExpParts e;
+  e.n = (xc * kLog2e + kRoundMagic) - kRoundMagic;
+  float r = (xc - e.n * kLn2Hi) - e.n * kLn2Lo;
   float p = 1.0f / 5040.0f;
   p = p * r + 1.0f / 720.0f;
   p = p * r + 1.0f / 120.0f;
@@ -46,30 +51,27 @@ FLM_INLINE float exp_f32(float x) {
   p = p * r + 1.0f / 6.0f;
   p = p * r + 0.5f;
   p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  float n_half = (n * 0.5f + kRoundMagic) - kRoundMagic; // n = n_half + rest
-  float y = p * exp2_int(n_half) * exp2_int(n - n_half);
+  e.poly = p * r + 1.0f;
+  return e;
+}
+
+// e^x over the whole float range. 2^n is applied as two factors so results in
+// the subnormal range round once.
+FLM_INLINE float exp_f32(float x) {
+  ExpParts e = exp_parts(fmin(fmax(x, -104.0f), 89.0f)); // e^-104 -> 0, e^89 -> inf
+  float n_half = (e.n * 0.5f + kRoundMagic) - kRoundMagic; // n = n_half + rest
+  float y = e.poly * exp2_int(n_half) * exp2_int(e.n - n_half);
   return is_nan(x) ? x : y;
 }
 
 // e^x for the softmax terms, x = logit - max or logit - lse <= 0 (valid up to
-// x = 88): the same polynomial as exp_f32 with a single 2^n, where results
-// below FLT_MIN (2^-126) may be flushed to 0. Such a term cannot change a sum
-// that contains the max's e^0 = 1, nor a probability noticeably; dropping the
-// subnormal path and the overflow clamp makes the hot loops ~25% cheaper.
+// x = 88): a single 2^n, and results below FLT_MIN (2^-126) may be flushed to
+// 0. Such a term cannot change a sum that contains the max's e^0 = 1, nor a
+// probability noticeably; dropping the subnormal path and the overflow clamp
+// makes the hot loops ~25% cheaper.
 FLM_INLINE float exp_nonpos_f32(float x) {
-  float xc = fmax(x, -87.33654f); // e^-87.33654 = FLT_MIN: 2^n stays normal
-  float n = (xc * kLog2e + kRoundMagic) - kRoundMagic;
-  float r = (xc - n * kLn2Hi) - n * kLn2Lo;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  float y = x < -87.33654f ? 0.0f : p * exp2_int(n);
+  ExpParts e = exp_parts(fmax(x, -87.33654f)); // e^-87.33654 = FLT_MIN: 2^n stays normal
+  float y = x < -87.33654f ? 0.0f : e.poly * exp2_int(e.n);
   return is_nan(x) ? x : y;
 }
 
