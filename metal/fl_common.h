@@ -6,7 +6,7 @@
 // Reduction scheme (one threadgroup per row, threads a multiple of 32):
 //   1. every SIMD-group merges its 32 lanes' states with simd_max / simd_sum,
 //      each lane first rescaling its exp-sums to the SIMD-group max
-//      (flm::lse_scale, the factor flm::lse_merge uses);
+//      (flm::lse_scale, as the CPU's chunk loop does);
 //   2. lane 0 of each SIMD-group writes its state to threadgroup scratch;
 //   3. after one threadgroup barrier, SIMD-group 0 reads the (at most 32)
 //      states, lanes past the number of SIMD-groups taking the empty state,

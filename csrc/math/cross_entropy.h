@@ -69,14 +69,6 @@ FLM_INLINE float lse_scale(float from_max, float to_max) {
   return from_max == to_max ? 1.0f : exp_f32(from_max - to_max);
 }
 
-// Merge two partial states (from two threads, two SIMD lanes or two chunks).
-FLM_INLINE LseState lse_merge(LseState a, LseState b) {
-  LseState out;
-  out.max = fmax(a.max, b.max);
-  out.sum = a.sum * lse_scale(a.max, out.max) + b.sum * lse_scale(b.max, out.max);
-  return out;
-}
-
 // One term of a_gap: coef * sum_j v_j (m - x_j), from the raw running sums
 // sum_v = sum_j v_j and sum_vx = sum_j v_j x_j (v = class weight, or weight
 // times target probability). A zero coefficient contributes exactly 0, so -inf
