@@ -802,3 +802,61 @@ def test_out_of_range_beyond_int32(fl, rng, value, tdtype, ignore):
               lambda: fl.softmax_focal_loss(x, t, ignore_index=ignore)):
         out = to_np(f())
         assert np.isnan(out[0]) and np.all(np.isfinite(out[1:])), out
+
+
+# ==========================================================================
+# dtype=: the loss in float32 for float16/bfloat16 logits
+# ==========================================================================
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("opts", [{}, dict(label_smoothing=0.1, ignore_index=2)],
+                         ids=["plain", "smooth+ignore"])
+def test_result_dtype_float32(fl, rng, dtype, reduction, opts):
+    """dtype=float32 returns the float32 loss, so a 16-bit model's mean/sum
+    meets the float32 tolerance (it is not rounded to 8 or 11 mantissa bits);
+    the gradient stays in the logits' dtype and equals the default's."""
+    x = _logits(rng, (300, 67), dtype)
+    t = _int_targets(rng, 67, (300,))
+    x64, t64 = to_np(x), to_np(t)
+    kw = dict(opts, reduction=reduction)
+    ref = R.cross_entropy(x64, t64, **kw)
+    got = fl.cross_entropy(x, t, dtype=mx.float32, **kw)
+    assert got.dtype == mx.float32
+    lscale, _ = R.cross_entropy_error_scales(x64, t64, **kw)
+    assert_close(got, ref, mx.float32, scale=lscale, what="float32 loss")
+
+    grad_f32 = mx.grad(lambda a: fl.cross_entropy(a, t, dtype=mx.float32, **kw).sum())(x)
+    grad_default = mx.grad(lambda a: fl.cross_entropy(a, t, **kw).sum())(x)
+    assert grad_f32.dtype == dtype
+    np.testing.assert_array_equal(to_np(grad_f32), to_np(grad_default))
+
+
+def test_result_dtype_bf16_mean_error(fl, rng):
+    """The issue's case: the bf16 mean in the logits' dtype is off by up to
+    ~2e-2 relative; the float32 result is within float32 tolerance."""
+    x = _logits(rng, (2048, 1000), mx.bfloat16, scale=2.0)
+    t = _int_targets(rng, 1000, (2048,))
+    ref = float(R.cross_entropy(to_np(x), to_np(t), reduction="mean"))
+    got = fl.cross_entropy(x, t, reduction="mean", dtype=mx.float32).item()
+    default = fl.cross_entropy(x, t, reduction="mean").item()
+    assert abs(got - ref) <= 2e-5 * abs(ref), (got, ref)
+    # the default rounds to bf16 (8 bits): its error is bf16's, not fp32's
+    assert abs(default - ref) <= 2 ** -8 * abs(ref)
+
+
+def test_result_dtype_module_and_compile(fl, rng):
+    x = _logits(rng, (16, 33), mx.bfloat16)
+    t = _int_targets(rng, 33, (16,))
+    crit = fl.nn.CrossEntropyLoss(dtype=mx.float32)
+    eager = crit(x, t)
+    assert eager.dtype == mx.float32
+    compiled = mx.compile(lambda a: fl.cross_entropy(a, t, reduction="sum", dtype=mx.float32))(x)
+    assert compiled.dtype == mx.float32
+    np.testing.assert_allclose(compiled.item(), eager.item() * 16, rtol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [mx.int32, mx.bool_, "float32", np.float32])
+def test_result_dtype_rejected(fl, bad):
+    from conftest import assert_raises_naming
+    assert_raises_naming((TypeError,), "dtype", fl.cross_entropy,
+                         mx.zeros((2, 3)), mx.array([0, 1]), dtype=bad)

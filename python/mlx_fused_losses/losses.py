@@ -58,6 +58,17 @@ def _finish(loss: mx.array, reduction: str, dtype: mx.Dtype, count=None) -> mx.a
     return loss.astype(dtype)
 
 
+def _result_dtype(dtype, input_dtype: mx.Dtype) -> mx.Dtype:
+    """The dtype a loss is returned in: the input's unless ``dtype`` asks for
+    another floating type (float32 keeps a bf16 model's summed loss from
+    being rounded to 8 bits of mantissa)."""
+    if dtype is None:
+        return input_dtype
+    if not isinstance(dtype, mx.Dtype) or not mx.issubdtype(dtype, mx.floating):
+        raise TypeError(f"dtype must be None or a floating mlx.core.Dtype, got {dtype!r}")
+    return dtype
+
+
 def _kept_rows(targets: mx.array, ignore_index: Optional[int], row_weight=None):
     """Denominator of a "mean" over rows: kept rows, weighted if asked."""
     keep = mx.ones(targets.shape, mx.bool_) if ignore_index is None else targets != ignore_index
@@ -78,6 +89,7 @@ def cross_entropy(
     ignore_index: Optional[int] = None,
     class_weights: Optional[mx.array] = None,
     z_loss: float = 0.0,
+    dtype: Optional[mx.Dtype] = None,
     stream: Union[None, mx.Stream, mx.Device] = None,
 ) -> mx.array:
     """Fused log-softmax + (label-smoothed) cross-entropy.
@@ -101,6 +113,10 @@ def cross_entropy(
             row is ``sum_j w_j q_j (lse - x_j)`` and ``"mean"`` divides by the
             summed weights of the kept rows' target classes.
         z_loss: adds ``z_loss * logsumexp(logits)**2`` per row (PaLM).
+        dtype: the result's dtype; ``None`` keeps the logits' dtype (MLX).
+            ``mx.float32`` returns the float32 loss the kernel and the
+            reduction computed, without rounding it to float16/bfloat16.
+            The gradient is in the logits' dtype either way.
 
     A class index outside ``[0, K)`` that is not ``ignore_index`` gives NaN
     for its row (and its gradient); it never reads out of bounds.
@@ -108,6 +124,7 @@ def cross_entropy(
     _check_array(logits, "logits")
     _check_array(targets, "targets")
     _check_reduction(reduction)
+    result_dtype = _result_dtype(dtype, logits.dtype)
     if class_weights is not None:
         _check_array(class_weights, "class_weights")
     loss = _ext.cross_entropy(
@@ -137,7 +154,7 @@ def cross_entropy(
             safe = mx.clip(targets.astype(mx.int64), 0, k - 1)
             row_weight = class_weights.astype(mx.float32)[safe]
         count = _kept_rows(targets, ignore_index, row_weight)
-    return _finish(loss, reduction, logits.dtype, count)
+    return _finish(loss, reduction, result_dtype, count)
 
 
 def smooth_l1_loss(

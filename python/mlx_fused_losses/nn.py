@@ -21,6 +21,7 @@ class CrossEntropyLoss(nn.Module):
         ignore_index: Optional[int] = None,
         class_weights: Optional[mx.array] = None,
         z_loss: float = 0.0,
+        dtype: Optional[mx.Dtype] = None,
     ):
         super().__init__()
         self._options = dict(
@@ -31,6 +32,7 @@ class CrossEntropyLoss(nn.Module):
             ignore_index=ignore_index,
             class_weights=class_weights,
             z_loss=z_loss,
+            dtype=dtype,
         )
         # Keep class weights out of the trainable parameters.
         self.freeze()
