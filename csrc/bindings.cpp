@@ -6,6 +6,9 @@
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
 
+#include <atomic>
+#include <memory>
+
 #include "cpu/parallel.h"
 #include "ops/cross_entropy.h"
 #include "ops/roofline.h"
@@ -17,6 +20,28 @@ namespace nb = nanobind;
 using namespace nb::literals;
 
 namespace {
+
+// Test hook for the thread pool: run `jobs` back-to-back parallel_for calls
+// over `n` items each (chunks of `grain`) and count how often every item ran.
+// Returns the number of (job, item) pairs that did not run exactly once.
+int64_t parallel_for_miscounts(int64_t jobs, int64_t n, int64_t grain) {
+  int64_t bad = 0;
+  auto counts = std::make_unique<std::atomic<int32_t>[]>(size_t(n));
+  for (int64_t j = 0; j < jobs; ++j) {
+    for (int64_t i = 0; i < n; ++i) {
+      counts[i].store(0, std::memory_order_relaxed);
+    }
+    fl::cpu::parallel_for(n, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        counts[i].fetch_add(1, std::memory_order_relaxed);
+      }
+    });
+    for (int64_t i = 0; i < n; ++i) {
+      bad += counts[i].load(std::memory_order_relaxed) != 1;
+    }
+  }
+  return bad;
+}
 
 // The element-wise primitives fuse "sum" and "mean" into the kernel.
 fl::Reduce to_reduce(const std::string& reduction) {
@@ -101,4 +126,9 @@ NB_MODULE(_ext, m) {
 
   m.def("num_threads", &fl::cpu::num_threads,
         "Threads the CPU kernels use (FL_NUM_THREADS, else the usable cores).");
+
+  m.def("_parallel_for_miscounts", &parallel_for_miscounts, "jobs"_a, "n"_a, "grain"_a = 1,
+        nb::call_guard<nb::gil_scoped_release>(),
+        "Test hook: run `jobs` back-to-back parallel_for calls over n items on the pool "
+        "(GIL released) and return how many items did not run exactly once.");
 }

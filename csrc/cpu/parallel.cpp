@@ -4,6 +4,8 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdlib>
+#include <exception>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -32,11 +34,72 @@ int usable_cores() {
   return std::max(1u, std::thread::hardware_concurrency());
 }
 
-// A job is a list of chunks that the workers and the caller claim with an
-// atomic counter; the caller waits until every chunk has finished.
+// One call of Pool::run: its chunks, its own claim counter and its own count
+// of finished chunks. Workers hold it by shared_ptr and only ever touch the
+// job they were woken for, so a worker that falls behind (descheduled between
+// waking and claiming, or between claiming and comparing) finds its job's
+// counter exhausted: it cannot take a ticket of a later job, run a chunk
+// twice, or count a chunk against a job it does not belong to. The body it
+// points to lives on the caller's stack; that is safe because a chunk is only
+// run after claiming a ticket below `chunks`, and the caller does not return
+// before every such chunk has been counted in `done`.
+struct Job {
+  Job(int64_t chunks, const std::function<void(int64_t)>* body) : chunks(chunks), body(body) {}
+
+  const int64_t chunks;
+  const std::function<void(int64_t)>* const body;
+  std::atomic<int64_t> next{0};
+
+  std::mutex mutex;
+  std::condition_variable finished;
+  int64_t done = 0;           // guarded by mutex
+  std::exception_ptr error;   // the first exception a chunk threw; guarded by mutex
+
+  // Claim and run chunks until none are left, then count them as done.
+  void work(bool jitter) {
+    int64_t count = 0;
+    std::exception_ptr failure;
+    for (int64_t c = next.fetch_add(1); maybe_yield(jitter), c < chunks; c = next.fetch_add(1)) {
+      try {
+        (*body)(c);
+      } catch (...) {
+        // Keep counting: the caller must not wait forever for this chunk.
+        if (!failure) {
+          failure = std::current_exception();
+        }
+      }
+      ++count;
+    }
+    if (count == 0) {
+      return;
+    }
+    std::lock_guard<std::mutex> lock(mutex);
+    if (failure && !error) {
+      error = failure;
+    }
+    done += count;
+    if (done == chunks) {
+      finished.notify_all();
+    }
+  }
+
+  // FL_POOL_JITTER (tests only): yield where a worker can fall behind, so the
+  // stress test in tests/test_thread_pool.py reaches those interleavings often.
+  static void maybe_yield(bool jitter) {
+    if (jitter) {
+      std::this_thread::yield();
+    }
+  }
+};
+
+// Workers sleep until a new job is published; the caller of run() works on
+// its own job too and returns when all of its chunks are done. Several
+// callers may run jobs at once (MLX evaluates on one thread per stream, and a
+// chunk may itself call parallel_for): each caller drains its own job, and the
+// workers help with the most recently published one.
 class Pool {
  public:
-  explicit Pool(int threads) {
+  explicit Pool(int threads) : jitter_(std::getenv("FL_POOL_JITTER") != nullptr) {
     for (int i = 1; i < threads; ++i) {
       workers_.emplace_back([this] { work(); });
     }
@@ -58,63 +121,56 @@ class Pool {
   }
 
   void run(int64_t chunks, const std::function<void(int64_t)>& chunk_body) {
-    // One job at a time: MLX may call us from several streams' threads.
-    std::lock_guard<std::mutex> job_lock(job_mutex_);
+    auto job = std::make_shared<Job>(chunks, &chunk_body);
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      body_ = &chunk_body;
-      chunks_ = chunks;
-      next_.store(0);
-      done_ = 0;
+      current_ = job;
       ++generation_;
     }
     wake_.notify_all();
-    int64_t mine = claim_and_run();
-    std::unique_lock<std::mutex> lock(mutex_);
-    done_ += mine;
-    finished_.wait(lock, [&] { return done_ == chunks_; });
-    body_ = nullptr;
+    job->work(jitter_);
+    {
+      std::unique_lock<std::mutex> lock(job->mutex);
+      job->finished.wait(lock, [&] { return job->done == job->chunks; });
+    }
+    {
+      // Workers that wake from now on find nothing to do for this job.
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (current_ == job) {
+        current_.reset();
+      }
+    }
+    if (job->error) {
+      std::rethrow_exception(job->error);
+    }
   }
 
  private:
-  int64_t claim_and_run() {
-    int64_t count = 0;
-    for (int64_t c = next_.fetch_add(1); c < chunks_; c = next_.fetch_add(1)) {
-      (*body_)(c);
-      ++count;
-    }
-    return count;
-  }
-
   void work() {
     uint64_t seen = 0;
     while (true) {
+      std::shared_ptr<Job> job;
       {
         std::unique_lock<std::mutex> lock(mutex_);
-        wake_.wait(lock, [&] { return stop_ || (generation_ != seen && body_); });
+        wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
         if (stop_) {
           return;
         }
         seen = generation_;
+        job = current_;
       }
-      int64_t mine = claim_and_run();
-      std::lock_guard<std::mutex> lock(mutex_);
-      done_ += mine;
-      if (done_ == chunks_) {
-        finished_.notify_all();
+      if (job) {
+        Job::maybe_yield(jitter_);
+        job->work(jitter_);
       }
     }
   }
 
+  const bool jitter_;
   std::vector<std::thread> workers_;
-  std::mutex job_mutex_;
-  std::mutex mutex_;
+  std::mutex mutex_;  // guards current_, generation_, stop_
   std::condition_variable wake_;
-  std::condition_variable finished_;
-  const std::function<void(int64_t)>* body_ = nullptr;
-  int64_t chunks_ = 0;
-  int64_t done_ = 0;
-  std::atomic<int64_t> next_{0};
+  std::shared_ptr<Job> current_;
   uint64_t generation_ = 0;
   bool stop_ = false;
 };
