@@ -1,0 +1,211 @@
+"""mlx-lm adapters (mlx_fused_losses.lm): the loss and every trainable
+parameter's gradient against mlx-lm's own default_loss, on tiny randomly
+initialised models built from a config (no download), float32.
+
+Skipped when mlx-lm is not installed (it is the optional extra ``[lm]``; CI
+installs it)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten, tree_map
+
+mlx_lm = pytest.importorskip(
+    "mlx_lm", reason="mlx-lm is not installed (pip install 'mlx-fused-losses[lm]')"
+)
+from mlx_lm.tuner import trainer  # noqa: E402
+from mlx_lm.tuner.utils import linear_to_lora_layers  # noqa: E402
+from mlx_lm.utils import _get_classes  # noqa: E402
+
+lm = pytest.importorskip("mlx_fused_losses.lm")
+
+# Loss and gradients of the adapters must equal default_loss's to this
+# relative precision in float32 (the issue's 1e-6), measured against the
+# largest magnitude of each gradient array.
+MATCH = 1e-6
+
+VOCAB, HIDDEN = 97, 64
+
+_LLAMA = dict(
+    model_type="llama",
+    hidden_size=HIDDEN,
+    num_hidden_layers=2,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-5,
+    vocab_size=VOCAB,
+)
+
+# One tiny config per supported model type with a different head: plain,
+# softcapped (gemma2), logits divided (granite) or multiplied (cohere).
+CONFIGS = {
+    "llama-tied": dict(_LLAMA, tie_word_embeddings=True),
+    "llama-untied": dict(_LLAMA, tie_word_embeddings=False),
+    "mistral": dict(_LLAMA, model_type="mistral", tie_word_embeddings=False),
+    "qwen3": dict(_LLAMA, model_type="qwen3", head_dim=16, rope_theta=10000.0,
+                  max_position_embeddings=64, tie_word_embeddings=True),
+    "gemma2": dict(_LLAMA, model_type="gemma2", head_dim=16,
+                   final_logit_softcapping=3.0, query_pre_attn_scalar=16.0),
+    "granite": dict(_LLAMA, model_type="granite", logits_scaling=4.0,
+                    attention_multiplier=0.25, embedding_multiplier=2.0,
+                    residual_multiplier=0.5, max_position_embeddings=64,
+                    attention_bias=False, mlp_bias=False, rope_theta=10000.0,
+                    tie_word_embeddings=False),
+    "cohere": dict(model_type="cohere", hidden_size=HIDDEN, num_hidden_layers=2,
+                   intermediate_size=128, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=VOCAB, logit_scale=0.5),
+}
+
+
+def build(name, seed=0):
+    config = dict(CONFIGS[name])
+    model_type = {"mistral": "llama"}.get(config["model_type"], config["model_type"])
+    model_class, args_class = _get_classes(dict(config, model_type=model_type))
+    mx.random.seed(seed)
+    model = model_class(args_class.from_dict(config))
+    # Random init leaves logits of ~1e-2; spread them so the softmax (and a
+    # softcap) is far from uniform and the gradients are informative.
+    model.update(tree_map(lambda p: p * 4.0 if p.ndim == 2 else p, model.parameters()))
+    mx.eval(model.parameters())
+    return model
+
+
+def make_batch(rng, rows=3, length=13):
+    batch = mx.array(rng.integers(0, VOCAB, size=(rows, length)).astype(np.int32))
+    # (offset, length) per row as iterate_batches yields them: a prompt of
+    # `offset` tokens not trained on, padding after `length`.
+    lengths = mx.array(np.array([[0, length - 1], [3, 9], [1, 5]][:rows], np.int32))
+    return batch, lengths
+
+
+def value_and_grads(model, loss_fn, batch, lengths):
+    (loss, ntoks), grads = nn.value_and_grad(model, loss_fn)(model, batch, lengths)
+    mx.eval(loss, ntoks, grads)
+    return loss, ntoks, dict(tree_flatten(grads))
+
+
+def assert_matches_default_loss(model, loss_fn, batch, lengths):
+    ref_loss, ref_ntoks, ref_grads = value_and_grads(model, trainer.default_loss, batch, lengths)
+    loss, ntoks, grads = value_and_grads(model, loss_fn, batch, lengths)
+    assert loss.dtype == mx.float32 and ntoks.item() == ref_ntoks.item()
+    assert abs(loss.item() - ref_loss.item()) <= MATCH * abs(ref_loss.item()), (
+        loss.item(), ref_loss.item())
+    assert grads.keys() == ref_grads.keys() and len(grads) > 0
+    for name, ref in ref_grads.items():
+        got, ref = np.array(grads[name], np.float64), np.array(ref, np.float64)
+        scale = np.abs(ref).max()
+        assert scale > 0, f"{name}: zero reference gradient (test is vacuous)"
+        err = np.abs(got - ref).max()
+        assert err <= MATCH * scale, f"{name}: max err {err:.3g}, |grad| max {scale:.3g}"
+
+
+@pytest.fixture
+def linear_ready(fl):
+    if not hasattr(fl, "linear_cross_entropy"):
+        pytest.skip("linear_cross_entropy is not built into this package yet")
+
+
+@pytest.mark.parametrize("name", ["llama-tied", "llama-untied"])
+def test_lm_loss_matches_default_loss(fl, rng, name):
+    assert_matches_default_loss(build(name), lm.lm_loss, *make_batch(rng))
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_linear_lm_loss_matches_default_loss(linear_ready, rng, name):
+    assert_matches_default_loss(build(name), lm.linear_lm_loss, *make_batch(rng))
+
+
+def _qlora(name, keys=None):
+    """QLoRA as mlx-lm sets it up: quantize everything (head and embeddings
+    included), freeze, put LoRA adapters on the layers."""
+    model = build(name)
+    nn.quantize(model, group_size=32, bits=4)
+    model.freeze()
+    config = dict(rank=4, scale=2.0, dropout=0.0)
+    if keys is not None:
+        config["keys"] = keys
+    linear_to_lora_layers(model, 2, config)
+    # LoRA's b starts at zero (no gradient for a): give it values so that both
+    # factors are exercised.
+    model.update(tree_map(
+        lambda p: mx.random.normal(p.shape) * 0.1, model.trainable_parameters()))
+    mx.eval(model.parameters())
+    return model
+
+
+@pytest.mark.parametrize("name", ["llama-tied", "llama-untied"])
+def test_quantized_head_qlora(linear_ready, rng, name):
+    model = _qlora(name)
+    head = lm.find_lm_head(model)
+    assert isinstance(head.layer, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+    assert_matches_default_loss(model, lm.linear_lm_loss, *make_batch(rng))
+    assert_matches_default_loss(model, lm.lm_loss, *make_batch(rng))
+
+
+def test_lora_on_unquantized_head(linear_ready, rng):
+    model = build("llama-untied")
+    model.freeze()
+    linear_to_lora_layers(model, 2, dict(rank=4, scale=2.0, dropout=0.0,
+                                         keys=["self_attn.q_proj", "lm_head"]))
+    model.update(tree_map(
+        lambda p: mx.random.normal(p.shape) * 0.1, model.trainable_parameters()))
+    assert "lora_a" in model.lm_head
+    assert_matches_default_loss(model, lm.linear_lm_loss, *make_batch(rng))
+
+
+def test_lora_on_quantized_head_is_refused(linear_ready, rng):
+    model = _qlora("llama-untied", keys=["self_attn.q_proj", "lm_head"])
+    with pytest.raises(ValueError, match="LoRA adapter on a quantized head"):
+        lm.linear_lm_loss(model, *make_batch(rng))
+
+
+def test_unsupported_model_is_refused(linear_ready, rng):
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, VOCAB)
+
+    with pytest.raises(ValueError, match="model_type"):
+        lm.linear_lm_loss(Tiny(), *make_batch(rng))
+    model = build("llama-untied")
+    model.model_type = "minicpm"  # divides the hidden state before its head
+    with pytest.raises(ValueError, match="minicpm"):
+        lm.find_lm_head(model)
+
+
+@pytest.mark.parametrize("batch,lengths,what", [
+    (mx.zeros((3,), mx.int32), mx.zeros((3, 2), mx.int32), "batch"),
+    (mx.zeros((3, 5), mx.int32), mx.zeros((3,), mx.int32), "lengths"),
+])
+def test_bad_batch(fl, batch, lengths, what):
+    with pytest.raises(ValueError, match=what):
+        lm.lm_loss(build("llama-tied"), batch, lengths)
+
+
+@pytest.mark.parametrize("loss_name", ["lm_loss", "linear_lm_loss"])
+def test_trainer_train_runs_with_our_loss(fl, tmp_path, rng, loss_name):
+    """mlx_lm.tuner.trainer.train(..., loss=ours): compiled steps, the loss
+    goes down on a repeated batch."""
+    if loss_name == "linear_lm_loss" and not hasattr(fl, "linear_cross_entropy"):
+        pytest.skip("linear_cross_entropy is not built into this package yet")
+    import mlx.optimizers as optim
+
+    model = build("llama-untied")
+    data = [(list(rng.integers(0, VOCAB, size=20)), 0) for _ in range(4)]
+    reports = []
+
+    class Record(trainer.TrainingCallback):
+        def on_train_loss_report(self, info):
+            reports.append(info["train_loss"])
+
+    args = trainer.TrainingArgs(batch_size=4, iters=6, steps_per_report=1,
+                                steps_per_eval=1000, max_seq_length=32,
+                                adapter_file=str(tmp_path / "adapters.safetensors"))
+    trainer.train(model, optim.Adam(learning_rate=1e-2), data, args=args,
+                  loss=getattr(lm, loss_name), training_callback=Record())
+    assert len(reports) == 6 and all(np.isfinite(reports))
+    assert reports[-1] < reports[0]
