@@ -10,7 +10,8 @@
 //           into registers; threadgroup max; then exp-sums relative to it.
 //   looped  longer rows: each thread keeps an online (max, sum-exp) state over
 //           its strided chunks, one pass over the row.
-// Both end with flk::threadgroup_merge; thread 0 writes loss, lse and a_sum.
+// Both end with flk::threadgroup_merge; thread 0 writes loss, lse, lse_lo and
+// a_sum.
 // Backward: a 2-D grid (chunks of a row, rows) of element-wise threads; each
 // logit is read once and each gradient element written once.
 #include <metal_stdlib>
@@ -64,19 +65,21 @@ struct CeChunk {
     return m;
   }
 
-  // Adds this chunk's sums to `acc`, exp-sums relative to `shift`.
+  // Adds this chunk's sums to `acc` (already moved to its max): exp-sums and
+  // gaps relative to `shift` = flm::lse_ref(acc.m).
   void accumulate(thread flk::RowAcc& acc, float shift) const {
     float s = 0.0f;
     float4 v = float4(0.0f);
     for (int i = 0; i < R; ++i) {
       if (valid[i]) {
+        float d = shift - x[i]; // >= 0, exact near the max
         s += flm::exp_nonpos_f32(x[i] - shift);
         v.x += w[i];
-        v.y += flm::weighted(w[i], x[i]);
+        v.y += flm::weighted(w[i], d);
         if (kSoft) {
           float wt = w[i] * t[i];
           v.z += wt;
-          v.w += flm::weighted(wt, x[i]);
+          v.w += flm::weighted(wt, d);
         }
       }
     }
@@ -95,6 +98,7 @@ template <typename T, bool kSoft, bool kWeighted, bool kLooped>
     device const float* class_weights [[buffer(FL_CE_FWD_WEIGHTS)]],
     device float* loss_out [[buffer(FL_CE_FWD_LOSS)]],
     device float* lse_out [[buffer(FL_CE_FWD_LSE)]],
+    device float* lse_lo_out [[buffer(FL_CE_FWD_LSE_LO)]],
     device float* a_sum_out [[buffer(FL_CE_FWD_ASUM)]],
     constant CeArgs& args [[buffer(FL_CE_FWD_ARGS)]],
     threadgroup float* scratch [[threadgroup(0)]],
@@ -120,6 +124,7 @@ template <typename T, bool kSoft, bool kWeighted, bool kLooped>
         flm::CeRow masked = flm::ce_masked_row(t == -2);
         loss_out[row] = masked.loss;
         lse_out[row] = masked.lse;
+        lse_lo_out[row] = masked.lse_lo;
         a_sum_out[row] = masked.a_sum;
       }
       return;
@@ -132,11 +137,8 @@ template <typename T, bool kSoft, bool kWeighted, bool kLooped>
     // Online log-sum-exp over this thread's chunks j0, j0 + tpg*R, ...
     for (uint j0 = tid * R; j0 < K; j0 += tpg * R) {
       c.load(x, tp, class_weights, j0, K);
-      float m = fmax(acc.m, c.max());
-      float scale = flm::lse_scale(acc.m, m);
-      acc.s *= scale;
-      acc.m = m;
-      c.accumulate(acc, m == -flm::kInf ? 0.0f : m);
+      acc = flk::row_acc_moved(acc, fmax(acc.m, c.max()));
+      c.accumulate(acc, flm::lse_ref(acc.m));
     }
   } else {
     // The whole row is in registers: one load, then max, then exp.
@@ -150,38 +152,34 @@ template <typename T, bool kSoft, bool kWeighted, bool kLooped>
       }
     }
     float m = flk::threadgroup_max(c.max(), scratch, sg, lane, nsg);
-    acc.m = m;
+    acc.m = m; // nothing accumulated yet: no sums to move
     if (j0 < K) {
-      c.accumulate(acc, m == -flm::kInf ? 0.0f : m);
+      c.accumulate(acc, flm::lse_ref(m));
     }
   }
 
   flk::RowAcc r = flk::threadgroup_merge<false, true>(acc, scratch, sg, lane, nsg);
   if (tid == 0) {
-    const float c_t = args.c_target;
-    const float c_o = args.c_other;
-    const float m = r.m;
-    const float sum_w = r.v.x;
-    const float sum_wx = r.v.y;
-    float a_sum;
-    float gap;
+    flm::CeSmoothing c;
+    c.c_target = args.c_target;
+    c.c_other = args.c_other;
+    flm::CeState st;
+    st.lse.max = r.m;
+    st.lse.sum = r.s;
+    st.all.weight = r.v.x;
+    st.all.gap = r.v.y;
+    st.target.weight = r.v.z;
+    st.target.gap = r.v.w;
+    flm::CeRow out;
     if (kSoft) {
-      const float sum_wt = r.v.z;
-      const float sum_wtx = r.v.w;
-      a_sum = c_t * sum_wt + c_o * sum_w;
-      gap = flm::ce_gap(c_t, m, sum_wt, sum_wtx) + flm::ce_gap(c_o, m, sum_w, sum_wx);
+      out = flm::ce_finish_soft(st, c, args.z_loss);
     } else {
       float w_t = kWeighted ? class_weights[t] : 1.0f;
-      float x_t = float(x[t]);
-      a_sum = c_t * w_t + c_o * sum_w;
-      gap = flm::ce_gap(c_t * w_t, m, 1.0f, x_t) + flm::ce_gap(c_o, m, sum_w, sum_wx);
+      out = flm::ce_finish_hard(st, c, w_t, float(x[t]), args.z_loss);
     }
-    flm::LseState st;
-    st.max = m;
-    st.sum = r.s;
-    flm::CeRow out = flm::ce_finish_row(st, a_sum, gap, args.z_loss);
     loss_out[row] = out.loss;
     lse_out[row] = out.lse;
+    lse_lo_out[row] = out.lse_lo;
     a_sum_out[row] = out.a_sum;
   }
 }
@@ -193,6 +191,7 @@ template <typename T, bool kSoft, bool kWeighted>
     device const T* target_probs [[buffer(FL_CE_BWD_PROBS)]],
     device const float* class_weights [[buffer(FL_CE_BWD_WEIGHTS)]],
     device const float* lse_in [[buffer(FL_CE_BWD_LSE)]],
+    device const float* lse_lo_in [[buffer(FL_CE_BWD_LSE_LO)]],
     device const float* a_sum_in [[buffer(FL_CE_BWD_ASUM)]],
     device const float* g_loss [[buffer(FL_CE_BWD_GLOSS)]],
     device const float* g_lse [[buffer(FL_CE_BWD_GLSE)]],
@@ -229,6 +228,7 @@ template <typename T, bool kSoft, bool kWeighted>
 
   const float g = g_loss[row];
   const float lse = lse_in[row];
+  const float lse_lo = lse_lo_in[row];
   const float coef = flm::ce_row_softmax_coef(g, g_lse[row], a_sum_in[row], lse, args.z_loss);
   const float g_other = g * args.c_other;
   const float g_target = g * args.c_target;
@@ -241,7 +241,7 @@ template <typename T, bool kSoft, bool kWeighted>
     } else {
       q = long(j) == t ? g_other + g_target : g_other;
     }
-    dx[j] = T(flm::ce_grad(float(x[j]), lse, coef, w * q));
+    dx[j] = T(flm::ce_grad(float(x[j]), lse, lse_lo, coef, w * q));
   }
 }
 

@@ -5,8 +5,8 @@
 //
 // Reduction scheme (one threadgroup per row, threads a multiple of 32):
 //   1. every SIMD-group merges its 32 lanes' states with simd_max / simd_sum,
-//      each lane first rescaling its exp-sums to the SIMD-group max
-//      (flm::lse_scale, as the CPU's chunk loop does);
+//      each lane first moving its sums to the SIMD-group max (row_acc_moved:
+//      exp-sums scaled, gaps shifted, as the CPU's chunk loop does);
 //   2. lane 0 of each SIMD-group writes its state to threadgroup scratch;
 //   3. after one threadgroup barrier, SIMD-group 0 reads the (at most 32)
 //      states, lanes past the number of SIMD-groups taking the empty state,
@@ -29,14 +29,26 @@ namespace flk {
 //   m:  running max of the logits seen
 //   s:  sum exp(x - m) of the logits seen (relative to m; 0 while m = -inf)
 //   so: a second exp-sum relative to m (softmax focal: without the target)
-//   v:  sums that do not depend on m (cross-entropy: sum_w, sum_wx, sum_wt,
-//       sum_wtx); added, never rescaled
+//   v:  cross-entropy's two weighted gaps relative to m (flm::GapSum, see
+//       csrc/math/cross_entropy.h): (sum_w, sum_w (m - x), sum_wt,
+//       sum_wt (m - x)); a gap grows by delta * its weight when m moves
 struct RowAcc {
   float m;
   float s;
   float so;
   float4 v;
 };
+
+// The same state relative to a new max to_max >= a.m.
+inline RowAcc row_acc_moved(RowAcc a, float to_max) {
+  flm::MaxMove mv = flm::max_move(a.m, to_max);
+  a.m = to_max;
+  a.s *= mv.scale;
+  a.so *= mv.scale;
+  a.v.y += flm::weighted(a.v.x, mv.delta);
+  a.v.w += flm::weighted(a.v.z, mv.delta);
+  return a;
+}
 
 inline RowAcc row_acc_empty() {
   RowAcc a;
@@ -61,11 +73,11 @@ static_assert(FLK_SCRATCH_MAX + 32 <= FL_ROW_SCRATCH_FLOATS, "row scratch too sm
 template <bool kOther, bool kSums>
 inline RowAcc simd_merge(RowAcc a) {
   float gm = simd_max(a.m);
-  float scale = flm::lse_scale(a.m, gm); // exactly 1 where a.m == gm
+  a = row_acc_moved(a, gm); // no change where a.m == gm
   RowAcc r;
   r.m = gm;
-  r.s = simd_sum(a.s * scale);
-  r.so = kOther ? simd_sum(a.so * scale) : 0.0f;
+  r.s = simd_sum(a.s);
+  r.so = kOther ? simd_sum(a.so) : 0.0f;
   r.v = kSums ? simd_sum(a.v) : float4(0.0f);
   return r;
 }

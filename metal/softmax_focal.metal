@@ -74,6 +74,7 @@ template <typename T, bool kLooped>
     device const float* class_alpha [[buffer(FL_SF_FWD_ALPHA)]],
     device float* loss_out [[buffer(FL_SF_FWD_LOSS)]],
     device float* lse_out [[buffer(FL_SF_FWD_LSE)]],
+    device float* lse_lo_out [[buffer(FL_SF_FWD_LSE_LO)]],
     device float* coef_out [[buffer(FL_SF_FWD_COEF)]],
     constant SfArgs& args [[buffer(FL_SF_FWD_ARGS)]],
     threadgroup float* scratch [[threadgroup(0)]],
@@ -95,6 +96,7 @@ template <typename T, bool kLooped>
       flm::FocalRow masked = flm::softmax_focal_masked_row(t == -2);
       loss_out[row] = masked.loss;
       lse_out[row] = masked.lse;
+      lse_lo_out[row] = masked.lse_lo;
       coef_out[row] = masked.coef;
     }
     return;
@@ -105,12 +107,8 @@ template <typename T, bool kLooped>
   if (kLooped) {
     for (uint j0 = tid * R; j0 < K; j0 += tpg * R) {
       c.load(x, j0, K);
-      float m = fmax(acc.m, c.max());
-      float scale = flm::lse_scale(acc.m, m);
-      acc.s *= scale;
-      acc.so *= scale;
-      acc.m = m;
-      c.accumulate(acc, m == -flm::kInf ? 0.0f : m, j0, t);
+      acc = flk::row_acc_moved(acc, fmax(acc.m, c.max()));
+      c.accumulate(acc, flm::lse_ref(acc.m), j0, t);
     }
   } else {
     uint j0 = tid * R;
@@ -120,8 +118,8 @@ template <typename T, bool kLooped>
       c.clear();
     }
     float m = flk::threadgroup_max(c.max(), scratch, sg, lane, nsg);
-    acc.m = m;
-    c.accumulate(acc, m == -flm::kInf ? 0.0f : m, j0, t);
+    acc.m = m; // nothing accumulated yet: no sums to move
+    c.accumulate(acc, flm::lse_ref(m), j0, t);
   }
 
   flk::RowAcc r = flk::threadgroup_merge<true, false>(acc, scratch, sg, lane, nsg);
@@ -131,6 +129,7 @@ template <typename T, bool kLooped>
         flm::softmax_focal_finish_row(r.m, r.s, r.so, float(x[t]), alpha_t, args.gamma);
     loss_out[row] = out.loss;
     lse_out[row] = out.lse;
+    lse_lo_out[row] = out.lse_lo;
     coef_out[row] = out.coef;
   }
 }
@@ -140,6 +139,7 @@ template <typename T>
     device const T* logits [[buffer(FL_SF_BWD_LOGITS)]],
     device const long* class_index [[buffer(FL_SF_BWD_INDEX)]],
     device const float* lse_in [[buffer(FL_SF_BWD_LSE)]],
+    device const float* lse_lo_in [[buffer(FL_SF_BWD_LSE_LO)]],
     device const float* coef_in [[buffer(FL_SF_BWD_COEF)]],
     device const float* g_loss [[buffer(FL_SF_BWD_GLOSS)]],
     device T* grad [[buffer(FL_SF_BWD_GRAD)]],
@@ -171,10 +171,11 @@ template <typename T>
     return;
   }
   const float lse = lse_in[row];
+  const float lse_lo = lse_lo_in[row];
   const float coef = g_loss[row] * coef_in[row];
   for (int i = 0; i < n; ++i) {
     uint j = j0 + i;
-    dx[j] = T(flm::softmax_focal_grad(float(x[j]), lse, coef, long(j) == t));
+    dx[j] = T(flm::softmax_focal_grad(float(x[j]), lse, lse_lo, coef, long(j) == t));
   }
 }
 

@@ -190,7 +190,7 @@ def test_row_plan_rules(lib, K, max_threads):
         if not looped:
             assert p["tx"] * 4 >= K and (p["tx"] == 32 or (p["tx"] - 32) * 4 < K)
         assert p["tg_bytes"] == 1024 and p["elems"] == 4
-        assert p["nbuf"] == (8 if which == 0 else 7) == len(p["buffers"])
+        assert p["nbuf"] == (9 if which == 0 else 8) == len(p["buffers"])
     for which in (1, 3):
         p = plan(lib, which, rows=5, n=K)
         assert p["gy"] == 5 and p["tx"] % 32 == 0 and p["tx"] <= 256
@@ -200,13 +200,13 @@ def test_row_plan_rules(lib, K, max_threads):
 
 def test_plan_buffer_orders(lib):
     assert plan(lib, 0)["buffers"] == ["logits", "class_index", "target_probs", "class_weights",
-                                       "loss", "lse", "a_sum", "args"]
+                                       "loss", "lse", "lse_lo", "a_sum", "args"]
     assert plan(lib, 1)["buffers"] == ["logits", "class_index", "target_probs", "class_weights",
-                                       "lse", "a_sum", "g_loss", "g_lse", "grad", "args"]
+                                       "lse", "lse_lo", "a_sum", "g_loss", "g_lse", "grad", "args"]
     assert plan(lib, 2)["buffers"] == ["logits", "class_index", "class_alpha", "loss", "lse",
-                                       "coef", "args"]
-    assert plan(lib, 3)["buffers"] == ["logits", "class_index", "lse", "coef", "g_loss", "grad",
-                                       "args"]
+                                       "lse_lo", "coef", "args"]
+    assert plan(lib, 3)["buffers"] == ["logits", "class_index", "lse", "lse_lo", "coef", "g_loss",
+                                       "grad", "args"]
     assert plan(lib, 4, n=10)["buffers"] == ["pred", "target", "loss", "args"]
     assert plan(lib, 4, n=10, b=1)["buffers"] == ["pred", "target", "partials", "args"]
     assert plan(lib, 5, n=10)["buffers"] == ["pred", "target", "cotan", "grad", "args"]
@@ -252,8 +252,9 @@ def ce_inputs(K, case, rng):
     return x, t, w
 
 
-def ce_run(lib, dtype, K, case, rng, g_lse_scale=0.0):
-    x32, t32, w = ce_inputs(K, case, rng)
+def ce_run(lib, dtype, K, case, rng, g_lse_scale=0.0, inputs=None):
+    """Forward and backward kernels on ce_inputs (or the given (x, t, w))."""
+    x32, t32, w = ce_inputs(K, case, rng) if inputs is None else inputs
     xd, xr = as_device(x32, dtype)
     rows = xd.shape[0]
     if case["soft"]:
@@ -265,21 +266,22 @@ def ce_run(lib, dtype, K, case, rng, g_lse_scale=0.0):
     has_ig = case["ignore"] is not None
     ig = case["ignore"] if has_ig else -100
     weights = w if case["weighted"] else np.ones(1, np.float32)
-    loss, lse, asum = (np.full(rows, SENTINEL, np.float32) for _ in range(3))
+    loss, lse, lse_lo, asum = (np.full(rows, SENTINEL, np.float32) for _ in range(4))
     code = np.int32(DT_CODE[dtype])
     common = (np.int64(rows), np.int32(K), np.float32(case["ls"]), np.int32(mode),
               np.int32(has_ig), np.int64(ig), np.float32(case["z"]))
     lib.run("ce_forward_run", code, np.int32(case["soft"]), np.int32(case["weighted"]),
-            np.int32(1024), xd, index, td, weights, loss, lse, asum, *common)
+            np.int32(1024), xd, index, td, weights, loss, lse, lse_lo, asum, *common)
     USED_KERNELS.add(plan(lib, 0, dtype, rows, K, case["soft"], case["weighted"])["name"])
 
     g_loss = (0.5 + rng.random(rows)).astype(np.float32)
     g_lse = (g_lse_scale * rng.standard_normal(rows)).astype(np.float32)
     grad = device_empty(xd.shape, dtype)
     lib.run("ce_backward_run", code, np.int32(case["soft"]), np.int32(case["weighted"]),
-            xd, index, td, weights, lse, asum, g_loss, g_lse, grad, *common)
+            xd, index, td, weights, lse, lse_lo, asum, g_loss, g_lse, grad, *common)
     USED_KERNELS.add(plan(lib, 1, dtype, rows, K, case["soft"], case["weighted"])["name"])
-    return dict(x=xr, t=tr, w=w, loss=loss, lse=lse, asum=asum, g_loss=g_loss, g_lse=g_lse,
+    return dict(x=xr, t=tr, w=w, loss=loss, lse=lse, lse_lo=lse_lo, asum=asum, g_loss=g_loss,
+                g_lse=g_lse,
                 grad=from_device(grad, dtype))
 
 
@@ -384,15 +386,16 @@ def test_softmax_focal(lib, case_name, dtype, K):
     has_ig = case["ignore"] is not None
     ig = case["ignore"] if has_ig else -100
     code = np.int32(DT_CODE[dtype])
-    loss, lse, coef = (np.full(rows, SENTINEL, np.float32) for _ in range(3))
+    loss, lse, lse_lo, coef = (np.full(rows, SENTINEL, np.float32) for _ in range(4))
     params = (np.int64(rows), np.int32(K), np.float32(case["gamma"]), np.float32(alpha_s),
               np.int32(case["class_alpha"]), np.int32(has_ig), np.int64(ig))
     alpha_buf = alpha_arr if case["class_alpha"] else np.ones(1, np.float32)
-    lib.run("sf_forward_run", code, np.int32(1024), xd, t, alpha_buf, loss, lse, coef, *params)
+    lib.run("sf_forward_run", code, np.int32(1024), xd, t, alpha_buf, loss, lse, lse_lo, coef,
+            *params)
     USED_KERNELS.add(plan(lib, 2, dtype, rows, K)["name"])
     g_loss = (0.5 + rng.random(rows)).astype(np.float32)
     grad = device_empty(xd.shape, dtype)
-    lib.run("sf_backward_run", code, xd, t, lse, coef, g_loss, grad, *params)
+    lib.run("sf_backward_run", code, xd, t, lse, lse_lo, coef, g_loss, grad, *params)
     USED_KERNELS.add(plan(lib, 3, dtype, rows, K)["name"])
     grad = from_device(grad, dtype)
 
@@ -522,6 +525,69 @@ def test_pointwise_empty(lib):
         lib.run("pw_forward_run", np.int32(0), np.int32(0), np.int32(red), x, x, out, partials,
                 np.uint64(0), np.float32(1), np.float32(0))
         assert out[0] == 0.0 and partials[0] == SENTINEL
+
+
+# ---- numerics at large logits (issue 7 item 2, issue 10 backward accuracy) -----------------
+
+
+def _rel_l2(got, want):
+    return float(np.linalg.norm(np.asarray(got, np.float64) - want) / np.linalg.norm(want))
+
+
+@pytest.mark.parametrize("offset", [1e4, 1e5])
+@pytest.mark.parametrize("K", [33, 4097])
+@pytest.mark.parametrize("case_name", ["plain", "smooth_w_z_ignore", "soft", "soft_w_others_z"])
+def test_cross_entropy_large_offset(lib, case_name, K, offset):
+    """Logits offset + N(0, 1): the gaps are kept relative to the running max,
+    so the float32 loss is within 1e-6 of float64 (a gap formed from raw sums,
+    m * sum(w) - sum(w x), lost 2e-5 (smoothing) to 1.6e-3 (soft) here)."""
+    case = dict(CE_CASES[case_name], ignore=None)
+    rng = np.random.default_rng(int(offset) + K)
+    rows = 6
+    x = (offset + rng.standard_normal((rows, K))).astype(np.float32)
+    if case["soft"]:
+        t = rng.random((rows, K)).astype(np.float32)
+        t /= t.sum(-1, keepdims=True)
+    else:
+        t = rng.integers(0, K, rows).astype(np.int64)
+    w = (0.5 + rng.random(K)).astype(np.float32)
+    r = ce_run(lib, "float32", K, case, rng, inputs=(x, t, w))
+    cw = w if case["weighted"] else None
+    exp = ref.cross_entropy(r["x"], r["t"], class_weights=cw, **ce_kwargs(case, w))
+    err = np.abs(r["loss"] - exp) / np.abs(exp)
+    assert err.max() <= 1e-6, err.max()
+    # lse + lse_lo is the exact float64 max + log(sum) to float32 accuracy of log(sum)
+    lse64 = r["lse"].astype(np.float64) + r["lse_lo"]
+    assert np.abs(lse64 - ref.logsumexp(r["x"])).max() <= 2e-6
+
+
+@pytest.mark.parametrize("which", ["std50", "shift1000"])
+def test_row_gradients_accurate_at_scale(lib, which):
+    """p_j = exp((x_j - lse) - lse_lo): the gradient keeps float32 accuracy at
+    logit std 50 and at an offset of 1000 (with exp(x - lse) from a float32 lse
+    it was 2e-6 / 9e-7 relative L2 on the CPU)."""
+    rng = np.random.default_rng(7)
+    rows, K = 8, 1000
+    if which == "std50":
+        x = (50 * rng.standard_normal((rows, K))).astype(np.float32)
+    else:
+        x = (1000 + rng.standard_normal((rows, K))).astype(np.float32)
+    t = rng.integers(0, K, rows).astype(np.int64)
+    r = ce_run(lib, "float32", K, CE_CASES["plain"], rng, inputs=(x, t, np.ones(K, np.float32)))
+    exp = ref.cross_entropy_grad(x, t, cotangent=r["g_loss"])
+    assert _rel_l2(r["grad"], exp) <= 2e-7
+
+    code = np.int32(0)
+    loss, lse, lse_lo, coef = (np.full(rows, SENTINEL, np.float32) for _ in range(4))
+    params = (np.int64(rows), np.int32(K), np.float32(2.0), np.float32(1.0), np.int32(0),
+              np.int32(0), np.int64(-100))
+    one = np.ones(1, np.float32)
+    lib.run("sf_forward_run", code, np.int32(1024), x, t, one, loss, lse, lse_lo, coef, *params)
+    grad = np.full(x.shape, SENTINEL, np.float32)
+    g_loss = np.ones(rows, np.float32)
+    lib.run("sf_backward_run", code, x, t, lse, lse_lo, coef, g_loss, grad, *params)
+    exp = ref.softmax_focal_grad(x, t, alpha=None, gamma=2.0, cotangent=g_loss)
+    assert _rel_l2(grad, exp) <= 3e-7
 
 
 # ---- every instantiation ran ------------------------------------------------------------------

@@ -13,7 +13,6 @@ namespace fl {
 namespace {
 
 using cpu::kChunk;
-using flm::LseState;
 
 // Pointers and sizes of one call, captured by the dispatched task.
 struct CeArgs {
@@ -28,6 +27,7 @@ struct CeArgs {
   // forward outputs / backward inputs
   float* loss;
   float* lse;
+  float* lse_lo; // lse + lse_lo = the row's exact max + log(sum)
   float* a_sum;
   // backward only
   const float* g_loss;
@@ -35,43 +35,38 @@ struct CeArgs {
   void* grad;
 };
 
-// Sums over one row, in one pass over its logits (and its soft targets).
-struct RowSums {
-  LseState lse = flm::lse_empty();
-  float sum_w = 0.0f; // sum_j w_j
-  float sum_wx = 0.0f; // sum_j w_j x_j
-  float sum_wt = 0.0f; // sum_j w_j t_j          (soft targets)
-  float sum_wtx = 0.0f; // sum_j w_j t_j x_j     (soft targets)
-};
-
+// The state of one row (math/cross_entropy.h), in one pass over its logits
+// (and its soft targets). Each chunk's gaps are taken against the chunk's
+// shift (the running max after it), after moving the earlier sums there.
 template <typename T, bool kSoft, bool kWeighted>
-FLM_INLINE RowSums row_sums(const CeArgs& a, const T* x, const T* t) {
-  RowSums r;
+FLM_INLINE flm::CeState row_state(const CeArgs& a, const T* x, const T* t) {
+  flm::CeState r = flm::ce_state_empty();
   float tbuf[kSoft ? kChunk : 1];
-  r.lse = cpu::online_row(x, a.num_classes, [&](const float* xv, int c0, int n, float shift, float) FL_LAMBDA_INLINE {
+  r.lse = cpu::online_row(x, a.num_classes, [&](const float* xv, int64_t c0, int n,
+                                                 flm::MaxMove mv) FL_LAMBDA_INLINE {
     const float* tv = nullptr;
     if constexpr (kSoft) {
       tv = cpu::chunk_as_float(t + c0, n, tbuf);
     }
     const float* wv = kWeighted ? a.class_weights + c0 : nullptr;
-    float s = 0.0f, sw = 0.0f, swx = 0.0f, swt = 0.0f, swtx = 0.0f;
-    FL_SIMD_REDUCE(reduction(+ : s, sw, swx, swt, swtx))
+    const float shift = mv.shift;
+    float s = 0.0f, sw = 0.0f, gw = 0.0f, swt = 0.0f, gwt = 0.0f;
+    FL_SIMD_REDUCE(reduction(+ : s, sw, gw, swt, gwt))
     for (int i = 0; i < n; ++i) {
       float v = xv[i];
       float w = kWeighted ? wv[i] : 1.0f;
+      float d = shift - v; // >= 0, exact near the max
       s += flm::exp_nonpos_f32(v - shift);
       sw += w;
-      swx += flm::weighted(w, v);
+      gw += flm::weighted(w, d);
       if constexpr (kSoft) {
         float wt = w * tv[i];
         swt += wt;
-        swtx += flm::weighted(wt, v);
+        gwt += flm::weighted(wt, d);
       }
     }
-    r.sum_w += sw;
-    r.sum_wx += swx;
-    r.sum_wt += swt;
-    r.sum_wtx += swtx;
+    r.all = flm::gap_add(flm::gap_moved(r.all, mv), flm::GapSum{sw, gw});
+    r.target = flm::gap_add(flm::gap_moved(r.target, mv), flm::GapSum{swt, gwt});
     return s;
   });
   return r;
@@ -85,6 +80,7 @@ FLM_INLINE int64_t row_class(const CeArgs& a, int64_t r) {
 FLM_INLINE void store_row(const CeArgs& a, int64_t r, flm::CeRow row) {
   a.loss[r] = row.loss;
   a.lse[r] = row.lse;
+  a.lse_lo[r] = row.lse_lo;
   a.a_sum[r] = row.a_sum;
 }
 
@@ -95,26 +91,17 @@ FL_VECTOR_CLONES void forward_rows(const CeArgs& a, int64_t begin, int64_t end) 
     const T* x = static_cast<const T*>(a.logits) + r * a.num_classes;
     if constexpr (kSoft) {
       const T* t = static_cast<const T*>(a.target_probs) + r * a.num_classes;
-      RowSums sums = row_sums<T, true, kWeighted>(a, x, t);
-      float m = sums.lse.max;
-      float a_sum = c.c_target * sums.sum_wt + c.c_other * sums.sum_w;
-      float gap = flm::ce_gap(c.c_target, m, sums.sum_wt, sums.sum_wtx) +
-          flm::ce_gap(c.c_other, m, sums.sum_w, sums.sum_wx);
-      store_row(a, r, flm::ce_finish_row(sums.lse, a_sum, gap, a.params.z_loss));
+      flm::CeState st = row_state<T, true, kWeighted>(a, x, t);
+      store_row(a, r, flm::ce_finish_soft(st, c, a.params.z_loss));
     } else {
       int64_t t = row_class(a, r);
       if (t < 0) {
         store_row(a, r, flm::ce_masked_row(t == cpu::kOutOfRangeRow)); // the row is never read
         continue;
       }
-      RowSums sums = row_sums<T, false, kWeighted>(a, x, nullptr);
-      float m = sums.lse.max;
+      flm::CeState st = row_state<T, false, kWeighted>(a, x, nullptr);
       float w_t = kWeighted ? a.class_weights[t] : 1.0f;
-      float x_t = cpu::to_float(x[t]);
-      float a_sum = c.c_target * w_t + c.c_other * sums.sum_w;
-      float gap = flm::ce_gap(c.c_target * w_t, m, 1.0f, x_t) +
-          flm::ce_gap(c.c_other, m, sums.sum_w, sums.sum_wx);
-      store_row(a, r, flm::ce_finish_row(sums.lse, a_sum, gap, a.params.z_loss));
+      store_row(a, r, flm::ce_finish_hard(st, c, w_t, cpu::to_float(x[t]), a.params.z_loss));
     }
   }
 }
@@ -133,6 +120,7 @@ FL_VECTOR_CLONES void backward_rows(const CeArgs& a, int64_t begin, int64_t end)
     }
     float g = a.g_loss[r];
     float lse = a.lse[r];
+    float lse_lo = a.lse_lo[r];
     float coef = flm::ce_row_softmax_coef(g, a.g_lse[r], a.a_sum[r], lse, a.params.z_loss);
     float g_other = g * c.c_other;
     const T* tp = kSoft ? static_cast<const T*>(a.target_probs) + r * K : nullptr;
@@ -140,12 +128,12 @@ FL_VECTOR_CLONES void backward_rows(const CeArgs& a, int64_t begin, int64_t end)
     for (int j = 0; j < K; ++j) {
       float w = kWeighted ? a.class_weights[j] : 1.0f;
       float q = kSoft ? g_other + g * c.c_target * cpu::to_float(tp[j]) : g_other;
-      dx[j] = cpu::from_float<T>(flm::ce_grad(cpu::to_float(x[j]), lse, coef, w * q));
+      dx[j] = cpu::from_float<T>(flm::ce_grad(cpu::to_float(x[j]), lse, lse_lo, coef, w * q));
     }
     if constexpr (!kSoft) {
       float w_t = kWeighted ? a.class_weights[t] : 1.0f;
       float q_t = g_other + g * c.c_target;
-      dx[t] = cpu::from_float<T>(flm::ce_grad(cpu::to_float(x[t]), lse, coef, w_t * q_t));
+      dx[t] = cpu::from_float<T>(flm::ce_grad(cpu::to_float(x[t]), lse, lse_lo, coef, w_t * q_t));
     }
   }
 }
@@ -196,7 +184,8 @@ void CrossEntropy::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx
   CeArgs a = make_args(inputs, params_);
   a.loss = outputs[0].data<float>();
   a.lse = outputs[1].data<float>();
-  a.a_sum = outputs[2].data<float>();
+  a.lse_lo = outputs[2].data<float>();
+  a.a_sum = outputs[3].data<float>();
   cpu::dispatch_rows(stream(), inputs, outputs, a.rows, a.num_classes,
                      [a, fn = pick(inputs[0].dtype(), params_, false)](int64_t b, int64_t e) { fn(a, b, e); });
 }
@@ -206,8 +195,9 @@ void CrossEntropyVJP::eval_cpu(const std::vector<mx::array>& inputs, std::vector
   grad.set_data(mx::allocator::malloc(grad.nbytes()));
   CeArgs a = make_args(inputs, params_);
   size_t n = inputs.size();
-  // inputs: logits, targets, [class_weights], lse, a_sum, g_loss, g_lse
-  a.lse = const_cast<float*>(inputs[n - 4].data<float>());
+  // inputs: logits, targets, [class_weights], lse, lse_lo, a_sum, g_loss, g_lse
+  a.lse = const_cast<float*>(inputs[n - 5].data<float>());
+  a.lse_lo = const_cast<float*>(inputs[n - 4].data<float>());
   a.a_sum = const_cast<float*>(inputs[n - 3].data<float>());
   a.g_loss = inputs[n - 2].data<float>();
   a.g_lse = inputs[n - 1].data<float>();

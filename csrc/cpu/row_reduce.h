@@ -27,17 +27,25 @@ FLM_INLINE const float* chunk_as_float(const T* src, int n, float* buf) {
   }
 }
 
+// Calls f(c0, n) for the chunks [c0, c0 + n) of a row of K elements, in order.
+// c0 is 64-bit: with K near 2^31, c0 + kChunk would overflow an int.
+template <typename F>
+FLM_INLINE void for_each_chunk(int num_classes, F&& f) {
+  for (int64_t c0 = 0; c0 < num_classes; c0 += kChunk) {
+    f(c0, int(std::min<int64_t>(kChunk, num_classes - c0)));
+  }
+}
+
 // Runs one pass over the K logits of row `x`. For each chunk it calls
-//     float chunk_fn(const float* xv, int c0, int n, float shift, float scale)
-// which must return sum_i exp(xv[i] - shift) over the chunk; `scale` is the
-// factor by which sums relative to the previous max must be multiplied to be
-// relative to the new one (for any exp-sums the loss keeps of its own).
+//     float chunk_fn(const float* xv, int64_t c0, int n, flm::MaxMove mv)
+// which must return sum_i exp(xv[i] - mv.shift) over the chunk, after moving
+// any sums of its own kept relative to the previous max (mv.scale for
+// exp-sums, mv.delta for gaps; see math/cross_entropy.h).
 template <typename T, typename ChunkFn>
 FLM_INLINE flm::LseState online_row(const T* x, int num_classes, ChunkFn&& chunk_fn) {
   flm::LseState st = flm::lse_empty();
   float buf[kChunk];
-  for (int c0 = 0; c0 < num_classes; c0 += kChunk) {
-    int n = std::min(kChunk, num_classes - c0);
+  for_each_chunk(num_classes, [&](int64_t c0, int n) FL_LAMBDA_INLINE {
     const float* xv = chunk_as_float(x + c0, n, buf);
     float cmax = -flm::kInf;
     FL_SIMD_REDUCE(reduction(max : cmax))
@@ -45,11 +53,10 @@ FLM_INLINE flm::LseState online_row(const T* x, int num_classes, ChunkFn&& chunk
       cmax = flm::fmax(cmax, xv[i]);
     }
     float m = flm::fmax(st.max, cmax);
-    float shift = m == -flm::kInf ? 0.0f : m; // all -inf so far: exp(-inf) = 0
-    float scale = flm::lse_scale(st.max, m);
-    st.sum = st.sum * scale + chunk_fn(xv, c0, n, shift, scale);
+    flm::MaxMove mv = flm::max_move(st.max, m);
+    st.sum = st.sum * mv.scale + chunk_fn(xv, c0, n, mv);
     st.max = m;
-  }
+  });
   return st;
 }
 

@@ -19,6 +19,7 @@ struct FocalArgs {
   SoftmaxFocalParams params;
   float* loss;
   float* lse;
+  float* lse_lo;
   float* coef;
   const float* g_loss;
   void* grad;
@@ -39,8 +40,9 @@ FL_VECTOR_CLONES void forward_rows(const FocalArgs& a, int64_t begin, int64_t en
     } else {
       const T* x = static_cast<const T*>(a.logits) + r * a.num_classes;
       float s_other = 0.0f;
-      auto st = cpu::online_row(x, a.num_classes, [&](const float* xv, int c0, int n, float shift,
-                                                      float scale) FL_LAMBDA_INLINE {
+      auto st = cpu::online_row(x, a.num_classes, [&](const float* xv, int64_t c0, int n,
+                                                      flm::MaxMove mv) FL_LAMBDA_INLINE {
+        const float shift = mv.shift;
         float s = 0.0f, so = 0.0f;
         int64_t local_t = t - c0; // the target's index in this chunk, if inside
         FL_SIMD_REDUCE(reduction(+ : s, so))
@@ -49,7 +51,7 @@ FL_VECTOR_CLONES void forward_rows(const FocalArgs& a, int64_t begin, int64_t en
           s += e;
           so += i == local_t ? 0.0f : e;
         }
-        s_other = s_other * scale + so;
+        s_other = s_other * mv.scale + so;
         return s;
       });
       float alpha_t = a.class_alpha ? a.class_alpha[t] : a.params.alpha;
@@ -58,6 +60,7 @@ FL_VECTOR_CLONES void forward_rows(const FocalArgs& a, int64_t begin, int64_t en
     }
     a.loss[r] = row.loss;
     a.lse[r] = row.lse;
+    a.lse_lo[r] = row.lse_lo;
     a.coef[r] = row.coef;
   }
 }
@@ -74,10 +77,11 @@ FL_VECTOR_CLONES void backward_rows(const FocalArgs& a, int64_t begin, int64_t e
       continue;
     }
     float lse = a.lse[r];
+    float lse_lo = a.lse_lo[r];
     float coef = a.g_loss[r] * a.coef[r];
     FL_SIMD
     for (int j = 0; j < K; ++j) {
-      dx[j] = cpu::from_float<T>(flm::softmax_focal_grad(cpu::to_float(x[j]), lse, coef, j == t));
+      dx[j] = cpu::from_float<T>(flm::softmax_focal_grad(cpu::to_float(x[j]), lse, lse_lo, coef, j == t));
     }
   }
 }
@@ -113,7 +117,8 @@ void SoftmaxFocal::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx
   a.class_alpha = params_.has_class_alpha ? inputs[2].data<float>() : nullptr;
   a.loss = outputs[0].data<float>();
   a.lse = outputs[1].data<float>();
-  a.coef = outputs[2].data<float>();
+  a.lse_lo = outputs[2].data<float>();
+  a.coef = outputs[3].data<float>();
   cpu::dispatch_rows(stream(), inputs, outputs, a.rows, a.num_classes,
                      [a, fn = pick(inputs[0].dtype(), false)](int64_t b, int64_t e) { fn(a, b, e); });
 }
@@ -123,8 +128,9 @@ void SoftmaxFocalVJP::eval_cpu(const std::vector<mx::array>& inputs, std::vector
   grad.set_data(mx::allocator::malloc(grad.nbytes()));
   FocalArgs a = make_args(inputs, params_);
   a.lse = const_cast<float*>(inputs[2].data<float>());
-  a.coef = const_cast<float*>(inputs[3].data<float>());
-  a.g_loss = inputs[4].data<float>();
+  a.lse_lo = const_cast<float*>(inputs[3].data<float>());
+  a.coef = const_cast<float*>(inputs[4].data<float>());
+  a.g_loss = inputs[5].data<float>();
   a.grad = grad.data<void>();
   cpu::dispatch_rows(stream(), inputs, outputs, a.rows, a.num_classes,
                      [a, fn = pick(inputs[0].dtype(), true)](int64_t b, int64_t e) { fn(a, b, e); });

@@ -1,5 +1,7 @@
 // Cross-entropy formulas shared by the CPU kernel (csrc/cpu/cross_entropy.cpp)
-// and the Metal kernel (metal/cross_entropy.metal).
+// and the Metal kernel (metal/cross_entropy.metal), and the per-row online
+// state that any kernel reducing a row of logits in pieces can reuse (e.g. the
+// epilogue of a fused linear cross-entropy, which sees a row tile by tile).
 //
 // Definitions. For one row of K logits x, class weights w (all 1 when absent)
 // and a target distribution q, the loss is
@@ -10,15 +12,24 @@
 // is PyTorch's F.cross_entropy(weight=w, label_smoothing=eps) and, without
 // class weights, mlx.nn.losses.cross_entropy.
 //
-// A row is reduced in one pass to:
-//     m      running max of x                 s     sum_j exp(x_j - m)
-//     a_sum  sum_j w_j q_j   ("A")            a_gap sum_j w_j q_j (m - x_j)
-// and then loss = A log(s) + a_gap + z lse^2. Keeping x_j - m inside a_gap
-// (instead of A*lse - sum a_j x_j) avoids cancellation for logits like 1e4.
+// Online state of a row (CeState), everything relative to the running max m
+// (more exactly to ref = lse_ref(m): m, or 0 while m = -inf):
+//     lse.max  m                            lse.sum   s = sum_j exp(x_j - ref)
+//     all      sum_j w_j, and the gap sum_j w_j (ref - x_j)
+//     target   sum_j w_j t_j, and the gap sum_j w_j t_j (ref - x_j)   (soft)
+// Every term of a gap is >= 0 and each x_j - ref is exact (Sterbenz) for the
+// logits near the max, so a gap has no cancellation even for logits like
+// 1e5 + N(0, 1); when the max moves up by d, a gap grows by d * its weight sum
+// (state_move). Then, with A = sum_j w_j q_j,
+//     loss = A log(s) + c_target * gap_target + c_other * gap_all + z lse^2,
+// a sum of non-negative parts.
 //
-// Gradient (one pass, p_j = exp(x_j - lse)):
+// Saved for backward: lse as a float32 pair (lse, lse_lo) with lse + lse_lo =
+// m + log(s) exactly, and A. The gradient (p_j = exp(x_j - lse))
 //     dloss/dx_j = (A + 2 z lse) p_j - w_j q_j
-// so backward needs per row only lse and A, which forward saves.
+// evaluates x_j - lse as (x_j - lse) - lse_lo: exact for the logits that
+// matter, so p_j keeps float32 accuracy whatever the logits' offset or scale
+// (a single float32 lse would cost |lse| * 2^-24 absolute in every exponent).
 #pragma once
 
 #include "transcendental.h"
@@ -35,7 +46,8 @@ struct CeSmoothing {
 };
 
 // q_j = c_other + c_target * t_j. For soft targets the "others" mode gives
-// (1-eps) t + eps/(K-1) (1-t), which is the same linear form.
+// (1-eps) t + eps/(K-1) (1-t), which is the same linear form. c_target is
+// negative in the "others" mode when eps > (K-1)/K; q_j stays >= 0.
 FLM_INLINE CeSmoothing ce_smoothing(float eps, int mode, int num_classes) {
   CeSmoothing c;
   if (mode == kSmoothOthers) {
@@ -49,7 +61,9 @@ FLM_INLINE CeSmoothing ce_smoothing(float eps, int mode, int num_classes) {
   return c;
 }
 
-// Online log-sum-exp state: the max seen so far and the sum of exp(x - max).
+// ---- online log-sum-exp ------------------------------------------------------
+
+// The max seen so far and the sum of exp(x - lse_ref(max)).
 struct LseState {
   float max;
   float sum;
@@ -62,42 +76,163 @@ FLM_INLINE LseState lse_empty() {
   return st;
 }
 
+// What sums are kept relative to: the max, or 0 while every logit seen is
+// -inf (exp(-inf - 0) = 0, where exp(-inf + inf) would be NaN).
+FLM_INLINE float lse_ref(float max) {
+  return max == -kInf ? 0.0f : max;
+}
+
 // Factor that rescales a sum of exp(x - from_max) to be relative to to_max.
 // Equal maxima give exactly 1, which also covers two states that have seen only
-// -inf (where exp(-inf + inf) would be NaN).
+// -inf.
 FLM_INLINE float lse_scale(float from_max, float to_max) {
   return from_max == to_max ? 1.0f : exp_f32(from_max - to_max);
 }
 
-// One term of a_gap: coef * sum_j v_j (m - x_j), from the raw running sums
-// sum_v = sum_j v_j and sum_vx = sum_j v_j x_j (v = class weight, or weight
-// times target probability). A zero coefficient contributes exactly 0, so -inf
-// logits elsewhere in the row cannot turn plain cross-entropy into inf * 0.
-FLM_INLINE float ce_gap(float coef, float m, float sum_v, float sum_vx) {
-  return coef == 0.0f ? 0.0f : coef * (m * sum_v - sum_vx);
+// A move of the running max from `from_max` up to `to_max` (>= from_max):
+//   shift  the new reference, lse_ref(to_max): new terms are exp(x - shift)
+//   scale  multiplies an exp-sum kept relative to the old max
+//   delta  lse_ref(to_max) - lse_ref(from_max): a gap grows by delta * weight
+struct MaxMove {
+  float shift;
+  float scale;
+  float delta;
+};
+
+FLM_INLINE MaxMove max_move(float from_max, float to_max) {
+  MaxMove mv;
+  mv.shift = lse_ref(to_max);
+  mv.scale = lse_scale(from_max, to_max);
+  mv.delta = from_max == to_max ? 0.0f : mv.shift - lse_ref(from_max);
+  return mv;
 }
 
-// Product v * x that treats a zero weight as "absent": 0 * -inf is 0 here, so a
+// Product v * x that treats a zero weight as "absent": 0 * inf is 0 here, so a
 // soft target of 0 on a -inf logit does not make the row NaN.
 FLM_INLINE float weighted(float v, float x) {
   return v == 0.0f ? 0.0f : v * x;
 }
 
+// ---- weighted gaps -------------------------------------------------------------
+
+// weight = sum_j v_j and gap = sum_j v_j (ref - x_j) over the logits seen.
+struct GapSum {
+  float weight;
+  float gap;
+};
+
+FLM_INLINE GapSum gap_empty() {
+  GapSum g;
+  g.weight = 0.0f;
+  g.gap = 0.0f;
+  return g;
+}
+
+// The same sums relative to the moved reference.
+FLM_INLINE GapSum gap_moved(GapSum g, MaxMove mv) {
+  g.gap += weighted(g.weight, mv.delta);
+  return g;
+}
+
+// Sums over disjoint sets of logits, both relative to the same reference.
+FLM_INLINE GapSum gap_add(GapSum a, GapSum b) {
+  a.weight += b.weight;
+  a.gap += b.gap;
+  return a;
+}
+
+// ---- the whole row state -------------------------------------------------------
+
+struct CeState {
+  LseState lse;
+  GapSum all; // v_j = w_j
+  GapSum target; // v_j = w_j t_j (soft targets; unused for class indices)
+};
+
+FLM_INLINE CeState ce_state_empty() {
+  CeState st;
+  st.lse = lse_empty();
+  st.all = gap_empty();
+  st.target = gap_empty();
+  return st;
+}
+
+// The state relative to a new max (to_max >= st.lse.max). A kernel moves its
+// state to max(old max, max of the next piece), then adds that piece's terms
+// exp(x_j - mv.shift), w_j (mv.shift - x_j), ... computed against mv.shift.
+FLM_INLINE CeState ce_state_move(CeState st, float to_max) {
+  MaxMove mv = max_move(st.lse.max, to_max);
+  st.lse.sum *= mv.scale;
+  st.lse.max = to_max;
+  st.all = gap_moved(st.all, mv);
+  st.target = gap_moved(st.target, mv);
+  return st;
+}
+
+// The state of the union of two disjoint pieces of a row (any order: tiles of
+// the vocabulary, threads, SIMD lanes).
+FLM_INLINE CeState ce_state_merge(CeState a, CeState b) {
+  float m = fmax(a.lse.max, b.lse.max);
+  a = ce_state_move(a, m);
+  b = ce_state_move(b, m);
+  a.lse.sum += b.lse.sum;
+  a.all = gap_add(a.all, b.all);
+  a.target = gap_add(a.target, b.target);
+  return a;
+}
+
+// ---- finishing a row -------------------------------------------------------------
+
 // Per-row outputs of the forward pass.
 struct CeRow {
   float loss;
-  float lse;
+  float lse; // float32 log-sum-exp
+  float lse_lo; // its rounding error: lse + lse_lo = max + log(sum) exactly
   float a_sum; // A = sum_j w_j q_j, saved for backward
 };
 
-FLM_INLINE CeRow ce_finish_row(LseState st, float a_sum, float a_gap, float z_loss) {
+// The error-free sum hi + lo = a + b (Knuth's TwoSum: no ordering condition,
+// no FMA). Infinite or NaN sums get lo = 0, so hi alone carries them.
+FLM_INLINE float two_sum_lo(float a, float b, float hi) {
+  float bb = hi - a;
+  float lo = (a - (hi - bb)) + (b - bb);
+  return is_inf(hi) || is_nan(hi) ? 0.0f : lo;
+}
+
+// c_target * gap_target + c_other * gap_all. Each loss term w_j q_j (lse - x_j)
+// has q_j >= 0, so when c_target < 0 ("others" mode, eps > (K-1)/K) and a -inf
+// logit carries weight, the -inf of the first part meets the +inf of the
+// second: the loss is +inf, not NaN. A zero coefficient contributes exactly 0.
+FLM_INLINE float ce_gap_total(float target_part, float other_part) {
+  return (target_part == -kInf && other_part == kInf) ? kInf : target_part + other_part;
+}
+
+FLM_INLINE CeRow ce_finish_row(LseState st, float a_sum, float gap, float z_loss) {
   CeRow r;
   float log_s = log_f32(st.sum);
-  r.lse = st.max + log_s;
+  float ref = lse_ref(st.max);
+  r.lse = ref + log_s;
+  r.lse_lo = two_sum_lo(ref, log_s, r.lse);
   r.a_sum = a_sum;
-  float loss = a_sum * log_s + a_gap;
+  float loss = a_sum * log_s + gap;
   r.loss = z_loss != 0.0f ? loss + z_loss * r.lse * r.lse : loss;
   return r;
+}
+
+// Soft targets: everything is in the state.
+FLM_INLINE CeRow ce_finish_soft(CeState st, CeSmoothing c, float z_loss) {
+  float a_sum = c.c_target * st.target.weight + c.c_other * st.all.weight;
+  float gap = ce_gap_total(weighted(c.c_target, st.target.gap), weighted(c.c_other, st.all.gap));
+  return ce_finish_row(st.lse, a_sum, gap, z_loss);
+}
+
+// Class-index target with weight w_t and logit x_t.
+FLM_INLINE CeRow ce_finish_hard(CeState st, CeSmoothing c, float w_t, float x_t, float z_loss) {
+  float coef_t = c.c_target * w_t;
+  float a_sum = coef_t + c.c_other * st.all.weight;
+  float gap = ce_gap_total(weighted(coef_t, lse_ref(st.lse.max) - x_t),
+                           weighted(c.c_other, st.all.gap));
+  return ce_finish_row(st.lse, a_sum, gap, z_loss);
 }
 
 // The row that an ignored target or an out-of-range class index produces.
@@ -107,20 +242,28 @@ FLM_INLINE CeRow ce_masked_row(bool out_of_range) {
   CeRow r;
   r.loss = out_of_range ? kNaN : 0.0f;
   r.lse = 0.0f;
+  r.lse_lo = 0.0f;
   r.a_sum = out_of_range ? kNaN : 0.0f;
   return r;
 }
 
-// Backward: the coefficient of p_j in the row, g * (A + 2 z lse) + g_lse,
-// where g is the cotangent of the row's loss and g_lse that of its lse.
+// ---- backward ---------------------------------------------------------------------
+
+// The coefficient of p_j in the row, g * (A + 2 z lse) + g_lse, where g is the
+// cotangent of the row's loss and g_lse that of its lse.
 FLM_INLINE float ce_row_softmax_coef(float g, float g_lse, float a_sum, float lse, float z_loss) {
   float dlse = z_loss != 0.0f ? a_sum + 2.0f * z_loss * lse : a_sum;
   return g * dlse + g_lse;
 }
 
+// p_j = exp(x_j - (lse + lse_lo)), the softmax probability of one logit.
+FLM_INLINE float softmax_prob(float x, float lse, float lse_lo) {
+  return exp_nonpos_f32((x - lse) - lse_lo);
+}
+
 // Backward for one element: coef * p_j - g * w_j q_j.
-FLM_INLINE float ce_grad(float x, float lse, float softmax_coef, float g_target) {
-  return softmax_coef * exp_nonpos_f32(x - lse) - g_target;
+FLM_INLINE float ce_grad(float x, float lse, float lse_lo, float softmax_coef, float g_target) {
+  return softmax_coef * softmax_prob(x, lse, lse_lo) - g_target;
 }
 
 } // namespace flm

@@ -14,10 +14,11 @@
 //   cancellation), loss = alpha_t u^gamma (-log p_t).
 // Gradient: d/dx_j = alpha_t C (p_j - [j == t]),
 //   C = u^gamma (1 + gamma p_t (-log p_t) / u), and (-log p_t)/u -> 1 as u -> 0,
-// so backward needs per row only lse and alpha_t C, which forward saves.
+// so backward needs per row only lse (as the pair lse + lse_lo, see
+// cross_entropy.h) and alpha_t C, which forward saves.
 #pragma once
 
-#include "transcendental.h"
+#include "cross_entropy.h"
 
 namespace flm {
 
@@ -74,6 +75,7 @@ FLM_INLINE float sigmoid_focal_grad(float x, float t, float alpha, Gamma gamma) 
 struct FocalRow {
   float loss;
   float lse;
+  float lse_lo; // lse + lse_lo = max + log(sum) exactly
   float coef; // alpha_t * C, saved for backward
 };
 
@@ -83,11 +85,14 @@ FLM_INLINE FocalRow softmax_focal_finish_row(float m, float s, float s_other, fl
                                              float alpha_t, float gamma) {
   FocalRow r;
   float log_s = log_f32(s);
-  r.lse = m + log_s;
+  float ref = lse_ref(m); // what s is relative to
+  r.lse = ref + log_s;
+  r.lse_lo = two_sum_lo(ref, log_s, r.lse);
   float u = s_other / s; // 1 - p_t
-  float p_t = exp_f32(x_t - r.lse);
+  float gap_t = ref - x_t; // exact near the max, whatever the logits' offset
+  float p_t = exp_f32(-gap_t - log_s);
   // -log p_t: from u when p_t is near 1 (log1p keeps its bits), else directly.
-  float nll = u < 0.5f ? -log1p_f32(-u) : (m - x_t) + log_s;
+  float nll = u < 0.5f ? -log1p_f32(-u) : gap_t + log_s;
   float u_pow = pow_unit(u, gamma);
   r.loss = alpha_t * u_pow * nll;
   float ratio = u > 0.0f ? nll / u : 1.0f;
@@ -99,13 +104,15 @@ FLM_INLINE FocalRow softmax_focal_masked_row(bool out_of_range) {
   FocalRow r;
   r.loss = out_of_range ? kNaN : 0.0f;
   r.lse = 0.0f;
+  r.lse_lo = 0.0f;
   r.coef = out_of_range ? kNaN : 0.0f;
   return r;
 }
 
 // Backward for one element: row_coef (p_j - [j == t]), row_coef = g alpha_t C.
-FLM_INLINE float softmax_focal_grad(float x, float lse, float row_coef, bool is_target) {
-  float p = exp_nonpos_f32(x - lse);
+FLM_INLINE float softmax_focal_grad(float x, float lse, float lse_lo, float row_coef,
+                                    bool is_target) {
+  float p = softmax_prob(x, lse, lse_lo);
   return row_coef * (is_target ? p - 1.0f : p);
 }
 

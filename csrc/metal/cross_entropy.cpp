@@ -75,7 +75,8 @@ void CrossEntropy::eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx
                  FL_CE_FWD_WEIGHTS);
   enc.set_output_array(outputs[0], FL_CE_FWD_LOSS);
   enc.set_output_array(outputs[1], FL_CE_FWD_LSE);
-  enc.set_output_array(outputs[2], FL_CE_FWD_ASUM);
+  enc.set_output_array(outputs[2], FL_CE_FWD_LSE_LO);
+  enc.set_output_array(outputs[3], FL_CE_FWD_ASUM);
   enc.set_bytes(l.args, FL_CE_FWD_ARGS);
   gpu::dispatch(enc, plan);
 }
@@ -85,13 +86,15 @@ void CrossEntropyVJP::eval_gpu(const std::vector<mx::array>& inputs,
   auto& grad = outputs[0];
   gpu::alloc(grad);
   CeLayout l = ce_layout(inputs, params_);
-  // inputs: logits, targets, [class_weights], lse, a_sum, g_loss, g_lse
+  // inputs: logits, targets, [class_weights], lse, lse_lo, a_sum, g_loss, g_lse
   size_t n = inputs.size();
-  const auto& lse = inputs[n - 4];
+  const auto& lse = inputs[n - 5];
+  const auto& lse_lo = inputs[n - 4];
   const auto& a_sum = inputs[n - 3];
   const auto& g_loss = inputs[n - 2];
   const auto& g_lse = inputs[n - 1];
   gpu::require_dense(lse, "lse");
+  gpu::require_dense(lse_lo, "lse_lo");
   gpu::require_dense(a_sum, "a_sum");
   gpu::require_dense(g_loss, "g_loss");
   gpu::require_dense(g_lse, "g_lse");
@@ -108,6 +111,7 @@ void CrossEntropyVJP::eval_gpu(const std::vector<mx::array>& inputs,
   bind_ce_inputs(enc, inputs, params_, FL_CE_BWD_LOGITS, FL_CE_BWD_INDEX, FL_CE_BWD_PROBS,
                  FL_CE_BWD_WEIGHTS);
   enc.set_input_array(lse, FL_CE_BWD_LSE);
+  enc.set_input_array(lse_lo, FL_CE_BWD_LSE_LO);
   enc.set_input_array(a_sum, FL_CE_BWD_ASUM);
   enc.set_input_array(g_loss, FL_CE_BWD_GLOSS);
   enc.set_input_array(g_lse, FL_CE_BWD_GLSE);

@@ -32,9 +32,10 @@ typedef uint64_t fl_u64;
 #define FL_CE_FWD_WEIGHTS 3 // [K] float32 class weights
 #define FL_CE_FWD_LOSS 4 // [rows] float32 out
 #define FL_CE_FWD_LSE 5 // [rows] float32 out
-#define FL_CE_FWD_ASUM 6 // [rows] float32 out
-#define FL_CE_FWD_ARGS 7 // constant CeArgs&
-#define FL_CE_FWD_NBUF 8
+#define FL_CE_FWD_LSE_LO 6 // [rows] float32 out: lse's rounding error
+#define FL_CE_FWD_ASUM 7 // [rows] float32 out
+#define FL_CE_FWD_ARGS 8 // constant CeArgs&
+#define FL_CE_FWD_NBUF 9
 
 // Cross-entropy backward
 #define FL_CE_BWD_LOGITS 0
@@ -42,12 +43,13 @@ typedef uint64_t fl_u64;
 #define FL_CE_BWD_PROBS 2
 #define FL_CE_BWD_WEIGHTS 3
 #define FL_CE_BWD_LSE 4 // [rows] float32
-#define FL_CE_BWD_ASUM 5 // [rows] float32
-#define FL_CE_BWD_GLOSS 6 // [rows] float32 cotangent of loss
-#define FL_CE_BWD_GLSE 7 // [rows] float32 cotangent of lse
-#define FL_CE_BWD_GRAD 8 // [rows, K] T out
-#define FL_CE_BWD_ARGS 9
-#define FL_CE_BWD_NBUF 10
+#define FL_CE_BWD_LSE_LO 5 // [rows] float32
+#define FL_CE_BWD_ASUM 6 // [rows] float32
+#define FL_CE_BWD_GLOSS 7 // [rows] float32 cotangent of loss
+#define FL_CE_BWD_GLSE 8 // [rows] float32 cotangent of lse
+#define FL_CE_BWD_GRAD 9 // [rows, K] T out
+#define FL_CE_BWD_ARGS 10
+#define FL_CE_BWD_NBUF 11
 
 // Softmax focal forward
 #define FL_SF_FWD_LOGITS 0
@@ -55,19 +57,21 @@ typedef uint64_t fl_u64;
 #define FL_SF_FWD_ALPHA 2 // [K] float32 per-class alpha
 #define FL_SF_FWD_LOSS 3
 #define FL_SF_FWD_LSE 4
-#define FL_SF_FWD_COEF 5
-#define FL_SF_FWD_ARGS 6
-#define FL_SF_FWD_NBUF 7
+#define FL_SF_FWD_LSE_LO 5
+#define FL_SF_FWD_COEF 6
+#define FL_SF_FWD_ARGS 7
+#define FL_SF_FWD_NBUF 8
 
 // Softmax focal backward
 #define FL_SF_BWD_LOGITS 0
 #define FL_SF_BWD_INDEX 1
 #define FL_SF_BWD_LSE 2
-#define FL_SF_BWD_COEF 3
-#define FL_SF_BWD_GLOSS 4
-#define FL_SF_BWD_GRAD 5
-#define FL_SF_BWD_ARGS 6
-#define FL_SF_BWD_NBUF 7
+#define FL_SF_BWD_LSE_LO 3
+#define FL_SF_BWD_COEF 4
+#define FL_SF_BWD_GLOSS 5
+#define FL_SF_BWD_GRAD 6
+#define FL_SF_BWD_ARGS 7
+#define FL_SF_BWD_NBUF 8
 
 // Pointwise forward (element-wise loss, or per-threadgroup partial sums)
 #define FL_PW_FWD_PRED 0

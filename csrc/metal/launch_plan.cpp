@@ -139,7 +139,8 @@ LaunchPlan ce_forward_plan(KDtype dt, int64_t rows, int num_classes, bool soft_t
   LaunchPlan p = row_forward_plan("fl_ce_fwd_", suffix, rows, num_classes, max_group_threads);
   p.buffers = buffer_names(FL_CE_FWD_NBUF, {{FL_CE_FWD_LOGITS, "logits"}, {FL_CE_FWD_INDEX, "class_index"},
       {FL_CE_FWD_PROBS, "target_probs"}, {FL_CE_FWD_WEIGHTS, "class_weights"},
-      {FL_CE_FWD_LOSS, "loss"}, {FL_CE_FWD_LSE, "lse"}, {FL_CE_FWD_ASUM, "a_sum"},
+      {FL_CE_FWD_LOSS, "loss"}, {FL_CE_FWD_LSE, "lse"}, {FL_CE_FWD_LSE_LO, "lse_lo"},
+      {FL_CE_FWD_ASUM, "a_sum"},
       {FL_CE_FWD_ARGS, "args"}});
   return p;
 }
@@ -151,7 +152,7 @@ LaunchPlan ce_backward_plan(KDtype dt, int64_t rows, int num_classes, bool soft_
   LaunchPlan p = row_backward_plan(name, rows, num_classes);
   p.buffers = buffer_names(FL_CE_BWD_NBUF, {{FL_CE_BWD_LOGITS, "logits"}, {FL_CE_BWD_INDEX, "class_index"},
       {FL_CE_BWD_PROBS, "target_probs"}, {FL_CE_BWD_WEIGHTS, "class_weights"},
-      {FL_CE_BWD_LSE, "lse"}, {FL_CE_BWD_ASUM, "a_sum"}, {FL_CE_BWD_GLOSS, "g_loss"},
+      {FL_CE_BWD_LSE, "lse"}, {FL_CE_BWD_LSE_LO, "lse_lo"}, {FL_CE_BWD_ASUM, "a_sum"}, {FL_CE_BWD_GLOSS, "g_loss"},
       {FL_CE_BWD_GLSE, "g_lse"}, {FL_CE_BWD_GRAD, "grad"}, {FL_CE_BWD_ARGS, "args"}});
   return p;
 }
@@ -176,14 +177,14 @@ LaunchPlan sf_forward_plan(KDtype dt, int64_t rows, int num_classes, int max_gro
                                   num_classes, max_group_threads);
   p.buffers = buffer_names(FL_SF_FWD_NBUF, {{FL_SF_FWD_LOGITS, "logits"}, {FL_SF_FWD_INDEX, "class_index"},
       {FL_SF_FWD_ALPHA, "class_alpha"}, {FL_SF_FWD_LOSS, "loss"}, {FL_SF_FWD_LSE, "lse"},
-      {FL_SF_FWD_COEF, "coef"}, {FL_SF_FWD_ARGS, "args"}});
+      {FL_SF_FWD_LSE_LO, "lse_lo"}, {FL_SF_FWD_COEF, "coef"}, {FL_SF_FWD_ARGS, "args"}});
   return p;
 }
 
 LaunchPlan sf_backward_plan(KDtype dt, int64_t rows, int num_classes) {
   LaunchPlan p = row_backward_plan(std::string("fl_sf_bwd_") + dtype_name(dt), rows, num_classes);
   p.buffers = buffer_names(FL_SF_BWD_NBUF, {{FL_SF_BWD_LOGITS, "logits"}, {FL_SF_BWD_INDEX, "class_index"},
-      {FL_SF_BWD_LSE, "lse"}, {FL_SF_BWD_COEF, "coef"}, {FL_SF_BWD_GLOSS, "g_loss"},
+      {FL_SF_BWD_LSE, "lse"}, {FL_SF_BWD_LSE_LO, "lse_lo"}, {FL_SF_BWD_COEF, "coef"}, {FL_SF_BWD_GLOSS, "g_loss"},
       {FL_SF_BWD_GRAD, "grad"}, {FL_SF_BWD_ARGS, "args"}});
   return p;
 }

@@ -60,7 +60,8 @@ void SoftmaxFocal::eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx
   enc.set_input_array(params_.has_class_alpha ? inputs[2] : inputs[0], FL_SF_FWD_ALPHA);
   enc.set_output_array(outputs[0], FL_SF_FWD_LOSS);
   enc.set_output_array(outputs[1], FL_SF_FWD_LSE);
-  enc.set_output_array(outputs[2], FL_SF_FWD_COEF);
+  enc.set_output_array(outputs[2], FL_SF_FWD_LSE_LO);
+  enc.set_output_array(outputs[3], FL_SF_FWD_COEF);
   enc.set_bytes(l.args, FL_SF_FWD_ARGS);
   gpu::dispatch(enc, plan);
 }
@@ -70,9 +71,9 @@ void SoftmaxFocalVJP::eval_gpu(const std::vector<mx::array>& inputs,
   auto& grad = outputs[0];
   gpu::alloc(grad);
   SfLayout l = sf_layout(inputs, params_);
-  // inputs: logits, class indices, lse, coef, g_loss
-  for (int i = 2; i < 5; ++i) {
-    gpu::require_dense(inputs[i], "lse/coef/g_loss");
+  // inputs: logits, class indices, lse, lse_lo, coef, g_loss
+  for (int i = 2; i < 6; ++i) {
+    gpu::require_dense(inputs[i], "lse/lse_lo/coef/g_loss");
   }
   mplan::LaunchPlan plan = mplan::sf_backward_plan(l.dtype, l.rows, l.num_classes);
   if (plan.empty()) {
@@ -86,8 +87,9 @@ void SoftmaxFocalVJP::eval_gpu(const std::vector<mx::array>& inputs,
   enc.set_input_array(inputs[0], FL_SF_BWD_LOGITS);
   enc.set_input_array(inputs[1], FL_SF_BWD_INDEX);
   enc.set_input_array(inputs[2], FL_SF_BWD_LSE);
-  enc.set_input_array(inputs[3], FL_SF_BWD_COEF);
-  enc.set_input_array(inputs[4], FL_SF_BWD_GLOSS);
+  enc.set_input_array(inputs[3], FL_SF_BWD_LSE_LO);
+  enc.set_input_array(inputs[4], FL_SF_BWD_COEF);
+  enc.set_input_array(inputs[5], FL_SF_BWD_GLOSS);
   enc.set_output_array(grad, FL_SF_BWD_GRAD);
   enc.set_bytes(l.args, FL_SF_BWD_ARGS);
   gpu::dispatch(enc, plan);

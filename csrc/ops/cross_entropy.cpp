@@ -20,8 +20,8 @@ std::vector<mx::array> make_forward(
   }
   auto rows = row_shape(logits);
   return mx::array::make_arrays(
-      {rows, rows, rows},
-      {mx::float32, mx::float32, mx::float32},
+      {rows, rows, rows, rows},
+      {mx::float32, mx::float32, mx::float32, mx::float32},
       std::make_shared<CrossEntropy>(mx::to_stream(s), params),
       inputs);
 }
@@ -110,7 +110,7 @@ mx::array cross_entropy(
 
 std::vector<mx::Shape> CrossEntropy::output_shapes(const std::vector<mx::array>& inputs) {
   auto rows = row_shape(inputs[0]);
-  return {rows, rows, rows};
+  return {rows, rows, rows, rows};
 }
 
 std::vector<mx::Shape> CrossEntropyVJP::output_shapes(const std::vector<mx::array>& inputs) {
@@ -125,16 +125,18 @@ std::vector<mx::array> CrossEntropy::vjp(
   auto s = stream();
   const auto& logits = primals[0];
   const auto& lse = outputs[1];
-  const auto& a_sum = outputs[2];
-  // The third output (a_sum) depends on targets and weights only; its
-  // cotangent never reaches the logits.
+  const auto& lse_lo = outputs[2];
+  const auto& a_sum = outputs[3];
+  // lse_lo is the rounding error of lse (a constant of the evaluation) and
+  // a_sum depends on targets and weights only: their cotangents never reach
+  // the logits.
   auto g_loss = mx::astype(cotangents[0], mx::float32, s);
   auto g_lse = mx::astype(cotangents[1], mx::float32, s);
   std::vector<mx::array> grads;
   for (int arg : argnums) {
     if (arg == 0) {
       std::vector<mx::array> inputs(primals.begin(), primals.end());
-      inputs.insert(inputs.end(), {lse, a_sum, dense(g_loss, s), dense(g_lse, s)});
+      inputs.insert(inputs.end(), {lse, lse_lo, a_sum, dense(g_loss, s), dense(g_lse, s)});
       grads.push_back(mx::array(
           logits.shape(), logits.dtype(), std::make_shared<CrossEntropyVJP>(s, params_),
           inputs));
@@ -144,7 +146,9 @@ std::vector<mx::array> CrossEntropy::vjp(
       auto c = flm::ce_smoothing(
           params_.label_smoothing, params_.smoothing_mode, logits.shape(-1));
       auto x = mx::astype(logits, mx::float32, s);
-      auto d = mx::subtract(mx::expand_dims(lse, -1, s), x, s);
+      // (lse - x) + lse_lo: exact where lse and x are close, whatever their size.
+      auto d = mx::add(mx::subtract(mx::expand_dims(lse, -1, s), x, s),
+                       mx::expand_dims(lse_lo, -1, s), s);
       if (params_.has_class_weights) {
         d = mx::multiply(d, primals[2], s);
       }
@@ -173,7 +177,7 @@ std::pair<std::vector<mx::array>, std::vector<int>> CrossEntropy::vmap(
   if (moved.size() > 2) {
     w = moved[2];
   }
-  return {make_forward(moved[0], moved[1], w, params_, s), {0, 0, 0}};
+  return {make_forward(moved[0], moved[1], w, params_, s), {0, 0, 0, 0}};
 }
 
 std::pair<std::vector<mx::array>, std::vector<int>> CrossEntropyVJP::vmap(

@@ -36,15 +36,17 @@ mx::array cross_entropy(
 
 // Forward. Inputs: logits [..., K] (row-contiguous), targets [...] int64 or
 // [..., K] in the logits' dtype, optionally class_weights [K] float32.
-// Outputs (float32, shape [...]): loss, lse, a_sum (see math/cross_entropy.h).
+// Outputs (float32, shape [...]): loss, lse, lse_lo, a_sum (see
+// math/cross_entropy.h; lse + lse_lo is the row's log-sum-exp to more than
+// float32 precision, which keeps the gradient accurate at any logit offset).
 class CrossEntropy : public LossPrimitive<CrossEntropyParams> {
  public:
   FL_LOSS_PRIMITIVE("FusedCrossEntropy")
   FL_VJP
 };
 
-// Backward w.r.t. the logits. Inputs: the forward's inputs, then lse, a_sum,
-// and the cotangents of loss and lse (float32, shape [...]).
+// Backward w.r.t. the logits. Inputs: the forward's inputs, then lse, lse_lo,
+// a_sum, and the cotangents of loss and lse (float32, shape [...]).
 // Output: the gradient [..., K] in the logits' dtype, written once.
 class CrossEntropyVJP : public LossPrimitive<CrossEntropyParams> {
  public:

@@ -13,7 +13,7 @@ std::vector<mx::array> make_forward(const mx::array& logits, const mx::array& ta
   }
   auto rows = row_shape(logits);
   return mx::array::make_arrays(
-      {rows, rows, rows}, {mx::float32, mx::float32, mx::float32},
+      {rows, rows, rows, rows}, {mx::float32, mx::float32, mx::float32, mx::float32},
       std::make_shared<SoftmaxFocal>(mx::to_stream(s), params), inputs);
 }
 
@@ -65,7 +65,7 @@ mx::array softmax_focal_loss(
 
 std::vector<mx::Shape> SoftmaxFocal::output_shapes(const std::vector<mx::array>& inputs) {
   auto rows = row_shape(inputs[0]);
-  return {rows, rows, rows};
+  return {rows, rows, rows, rows};
 }
 
 std::vector<mx::Shape> SoftmaxFocalVJP::output_shapes(const std::vector<mx::array>& inputs) {
@@ -77,8 +77,8 @@ std::vector<mx::array> SoftmaxFocal::vjp(
     const std::vector<mx::array>& cotangents,
     const std::vector<int>& argnums,
     const std::vector<mx::array>& outputs) {
-  // lse and coef are internal outputs that the Python API never returns, so
-  // their cotangents are zero; only the loss's cotangent matters.
+  // lse, lse_lo and coef are internal outputs that the Python API never
+  // returns, so their cotangents are zero; only the loss's cotangent matters.
   auto s = stream();
   std::vector<mx::array> grads;
   for (int arg : argnums) {
@@ -86,7 +86,7 @@ std::vector<mx::array> SoftmaxFocal::vjp(
       auto g = dense(mx::astype(cotangents[0], mx::float32, s), s);
       grads.push_back(mx::array(
           primals[0].shape(), primals[0].dtype(), std::make_shared<SoftmaxFocalVJP>(s, params_),
-          {primals[0], primals[1], outputs[1], outputs[2], g}));
+          {primals[0], primals[1], outputs[1], outputs[2], outputs[3], g}));
     } else if (arg == 1) {
       grads.push_back(mx::zeros_like(primals[1], s)); // class indices: not differentiable
     } else {
@@ -109,7 +109,7 @@ std::pair<std::vector<mx::array>, std::vector<int>> SoftmaxFocal::vmap(
   if (moved.size() > 2) {
     class_alpha = moved[2];
   }
-  return {make_forward(moved[0], moved[1], class_alpha, params_, s), {0, 0, 0}};
+  return {make_forward(moved[0], moved[1], class_alpha, params_, s), {0, 0, 0, 0}};
 }
 
 std::pair<std::vector<mx::array>, std::vector<int>> SoftmaxFocalVJP::vmap(

@@ -29,14 +29,15 @@ mx::array softmax_focal_loss(
     mx::StreamOrDevice s = {});
 
 // Forward. Inputs: logits [..., K], class indices [...] int64, optionally
-// alpha [K] float32. Outputs (float32, [...]): loss, lse, coef (alpha_t * C).
+// alpha [K] float32. Outputs (float32, [...]): loss, lse, lse_lo (lse's
+// rounding error, see math/cross_entropy.h), coef (alpha_t * C).
 class SoftmaxFocal : public LossPrimitive<SoftmaxFocalParams> {
  public:
   FL_LOSS_PRIMITIVE("FusedSoftmaxFocal")
   FL_VJP
 };
 
-// Backward w.r.t. the logits. Inputs: logits, class indices, lse, coef, and
+// Backward w.r.t. the logits. Inputs: logits, class indices, lse, lse_lo, coef, and
 // the cotangent of the loss. Output: gradient in the logits' dtype.
 class SoftmaxFocalVJP : public LossPrimitive<SoftmaxFocalParams> {
  public:

@@ -60,6 +60,7 @@ struct CeBufs {
   const float* weights;
   float* loss;
   float* lse;
+  float* lse_lo;
   float* a_sum;
   const float* g_loss;
   const float* g_lse;
@@ -72,7 +73,7 @@ template <class T, bool kSoft, bool kW, bool kLooped>
 void ce_fwd_call(const CeBufs& b, const CeArgs& a, const mh::ThreadCtx& t) {
   ce_forward<T, kSoft, kW, kLooped>(
       static_cast<const T*>(b.logits), reinterpret_cast<const long*>(b.index),
-      static_cast<const T*>(b.probs), b.weights, b.loss, b.lse, b.a_sum, a,
+      static_cast<const T*>(b.probs), b.weights, b.loss, b.lse, b.lse_lo, b.a_sum, a,
       t.threadgroup_memory<float>(0), t.threadgroup_position_in_grid.x,
       t.thread_index_in_threadgroup, t.threads_per_threadgroup.x, t.thread_index_in_simdgroup,
       t.simdgroup_index_in_threadgroup, t.simdgroups_per_threadgroup);
@@ -82,7 +83,7 @@ template <class T, bool kSoft, bool kW>
 void ce_bwd_call(const CeBufs& b, const CeArgs& a, const mh::ThreadCtx& t) {
   ce_backward<T, kSoft, kW>(
       static_cast<const T*>(b.logits), reinterpret_cast<const long*>(b.index),
-      static_cast<const T*>(b.probs), b.weights, b.lse, b.a_sum, b.g_loss, b.g_lse,
+      static_cast<const T*>(b.probs), b.weights, b.lse, b.lse_lo, b.a_sum, b.g_loss, b.g_lse,
       static_cast<T*>(b.grad), a, t.threadgroup_position_in_grid.xy,
       t.thread_index_in_threadgroup, t.threads_per_threadgroup.xy);
 }
@@ -95,6 +96,7 @@ struct SfBufs {
   const float* alpha;
   float* loss;
   float* lse;
+  float* lse_lo;
   float* coef;
   const float* g_loss;
   void* grad;
@@ -105,7 +107,7 @@ using SfFn = void (*)(const SfBufs&, const SfArgs&, const mh::ThreadCtx&);
 template <class T, bool kLooped>
 void sf_fwd_call(const SfBufs& b, const SfArgs& a, const mh::ThreadCtx& t) {
   sf_forward<T, kLooped>(static_cast<const T*>(b.logits), reinterpret_cast<const long*>(b.index),
-                         b.alpha, b.loss, b.lse, b.coef, a, t.threadgroup_memory<float>(0),
+                         b.alpha, b.loss, b.lse, b.lse_lo, b.coef, a, t.threadgroup_memory<float>(0),
                          t.threadgroup_position_in_grid.x, t.thread_index_in_threadgroup,
                          t.threads_per_threadgroup.x, t.thread_index_in_simdgroup,
                          t.simdgroup_index_in_threadgroup, t.simdgroups_per_threadgroup);
@@ -114,7 +116,7 @@ void sf_fwd_call(const SfBufs& b, const SfArgs& a, const mh::ThreadCtx& t) {
 template <class T>
 void sf_bwd_call(const SfBufs& b, const SfArgs& a, const mh::ThreadCtx& t) {
   sf_backward<T>(static_cast<const T*>(b.logits), reinterpret_cast<const long*>(b.index), b.lse,
-                 b.coef, b.g_loss, static_cast<T*>(b.grad), a, t.threadgroup_position_in_grid.xy,
+                 b.lse_lo, b.coef, b.g_loss, static_cast<T*>(b.grad), a, t.threadgroup_position_in_grid.xy,
                  t.thread_index_in_threadgroup, t.threads_per_threadgroup.xy);
 }
 
@@ -269,14 +271,15 @@ int plan_info(int which, int dt, int64_t rows, int64_t n, int a, int b, int max_
 
 int ce_forward_run(int dt, int soft, int weighted, int max_threads, const void* logits,
                    const int64_t* index, const void* probs, const float* weights, float* loss,
-                   float* lse, float* a_sum, int64_t rows, int num_classes, float smoothing,
+                   float* lse, float* lse_lo, float* a_sum, int64_t rows, int num_classes,
+                   float smoothing,
                    int mode, int has_ignore, int64_t ignore_index, float z_loss) {
   return mh::guarded([&] {
     LaunchPlan p = fl::mplan::ce_forward_plan(to_dtype(dt), rows, num_classes, soft != 0,
                                               weighted != 0, max_threads);
     CeArgs args = fl::mplan::make_ce_args(num_classes, smoothing, mode, has_ignore != 0,
                                           ignore_index, z_loss);
-    CeBufs b{logits, index, probs, weights, loss, lse, a_sum, nullptr, nullptr, nullptr};
+    CeBufs b{logits, index, probs, weights, loss, lse, lse_lo, a_sum, nullptr, nullptr, nullptr};
     CeFn fn = lookup(registry().ce, p.kernel_name);
     run_plan(p, [&](const mh::ThreadCtx& t) { fn(b, args, t); });
   });
@@ -284,7 +287,7 @@ int ce_forward_run(int dt, int soft, int weighted, int max_threads, const void* 
 
 int ce_backward_run(int dt, int soft, int weighted, const void* logits, const int64_t* index,
                     const void* probs, const float* weights, const float* lse,
-                    const float* a_sum, const float* g_loss, const float* g_lse, void* grad,
+                    const float* lse_lo, const float* a_sum, const float* g_loss, const float* g_lse, void* grad,
                     int64_t rows, int num_classes, float smoothing, int mode, int has_ignore,
                     int64_t ignore_index, float z_loss) {
   return mh::guarded([&] {
@@ -293,35 +296,37 @@ int ce_backward_run(int dt, int soft, int weighted, const void* logits, const in
     CeArgs args = fl::mplan::make_ce_args(num_classes, smoothing, mode, has_ignore != 0,
                                           ignore_index, z_loss);
     CeBufs b{logits, index, probs, weights, nullptr, const_cast<float*>(lse),
-             const_cast<float*>(a_sum), g_loss, g_lse, grad};
+             const_cast<float*>(lse_lo), const_cast<float*>(a_sum), g_loss, g_lse, grad};
     CeFn fn = lookup(registry().ce, p.kernel_name);
     run_plan(p, [&](const mh::ThreadCtx& t) { fn(b, args, t); });
   });
 }
 
 int sf_forward_run(int dt, int max_threads, const void* logits, const int64_t* index,
-                   const float* alpha, float* loss, float* lse, float* coef, int64_t rows,
+                   const float* alpha, float* loss, float* lse, float* lse_lo, float* coef,
+                   int64_t rows,
                    int num_classes, float gamma, float alpha_scalar, int has_class_alpha,
                    int has_ignore, int64_t ignore_index) {
   return mh::guarded([&] {
     LaunchPlan p = fl::mplan::sf_forward_plan(to_dtype(dt), rows, num_classes, max_threads);
     SfArgs args = fl::mplan::make_sf_args(num_classes, gamma, alpha_scalar, has_class_alpha != 0,
                                           has_ignore != 0, ignore_index);
-    SfBufs b{logits, index, alpha, loss, lse, coef, nullptr, nullptr};
+    SfBufs b{logits, index, alpha, loss, lse, lse_lo, coef, nullptr, nullptr};
     SfFn fn = lookup(registry().sf, p.kernel_name);
     run_plan(p, [&](const mh::ThreadCtx& t) { fn(b, args, t); });
   });
 }
 
 int sf_backward_run(int dt, const void* logits, const int64_t* index, const float* lse,
-                    const float* coef, const float* g_loss, void* grad, int64_t rows,
+                    const float* lse_lo, const float* coef, const float* g_loss, void* grad, int64_t rows,
                     int num_classes, float gamma, float alpha_scalar, int has_class_alpha,
                     int has_ignore, int64_t ignore_index) {
   return mh::guarded([&] {
     LaunchPlan p = fl::mplan::sf_backward_plan(to_dtype(dt), rows, num_classes);
     SfArgs args = fl::mplan::make_sf_args(num_classes, gamma, alpha_scalar, has_class_alpha != 0,
                                           has_ignore != 0, ignore_index);
-    SfBufs b{logits, index, nullptr, nullptr, const_cast<float*>(lse), const_cast<float*>(coef),
+    SfBufs b{logits, index, nullptr, nullptr, const_cast<float*>(lse),
+             const_cast<float*>(lse_lo), const_cast<float*>(coef),
              g_loss, grad};
     SfFn fn = lookup(registry().sf, p.kernel_name);
     run_plan(p, [&](const mh::ThreadCtx& t) { fn(b, args, t); });
