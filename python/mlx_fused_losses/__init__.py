@@ -5,10 +5,19 @@ as custom primitives, one pass over the inputs forward and one backward.
     loss = fl.cross_entropy(logits, targets, label_smoothing=0.1, reduction="mean")
 """
 
-import mlx.core  # noqa: F401  (load libmlx and its nanobind types before _ext)
+import importlib.metadata as _metadata
 
-from . import nn
-from .losses import (
+# First of all, before mlx.core or _ext is loaded: the installed mlx must be the
+# release _ext was compiled against (see _mlx_guard.py).
+from ._build_info import MLX_VERSION as _BUILT_WITH_MLX
+from ._mlx_guard import check_mlx_version as _check_mlx_version
+
+_check_mlx_version(_BUILT_WITH_MLX)
+
+import mlx.core  # noqa: E402, F401  (load libmlx and its nanobind types before _ext)
+
+from . import nn  # noqa: E402
+from .losses import (  # noqa: E402
     cross_entropy,
     huber_loss,
     sigmoid_focal_loss,
@@ -16,7 +25,8 @@ from .losses import (
     softmax_focal_loss,
 )
 
-__version__ = "0.1.0"
+# One source of truth: the version in pyproject.toml, via the installed metadata.
+__version__ = _metadata.version("mlx-fused-losses")
 
 __all__ = [
     "cross_entropy",
