@@ -55,15 +55,22 @@ FLM_INLINE flm::CeState row_state(const CeArgs& a, const T* x, const T* t) {
     for (int i = 0; i < n; ++i) {
       float v = xv[i];
       float w = kWeighted ? wv[i] : 1.0f;
-      float d = shift - v; // >= 0, exact near the max
-      s += flm::exp_nonpos_f32(v - shift);
-      sw += w;
-      gw += flm::weighted(w, d);
+      // e = -(shift - v) exactly, so the gaps subtract w * e instead of
+      // adding w * (shift - v): same bits, one subtraction fewer.
+      float e = v - shift; // <= 0, exact near the max
+      s += flm::exp_nonpos_f32(e);
+      if constexpr (kWeighted) {
+        sw += w;
+      }
+      gw -= flm::weighted(w, e);
       if constexpr (kSoft) {
         float wt = w * tv[i];
         swt += wt;
-        gwt += flm::weighted(wt, d);
+        gwt -= flm::weighted(wt, e);
       }
+    }
+    if constexpr (!kWeighted) {
+      sw = float(n); // sum_j 1: exact, no per-element add
     }
     r.all = flm::gap_add(flm::gap_moved(r.all, mv), flm::GapSum{sw, gw});
     r.target = flm::gap_add(flm::gap_moved(r.target, mv), flm::GapSum{swt, gwt});

@@ -36,6 +36,26 @@ FLM_INLINE void for_each_chunk(int num_classes, F&& f) {
   }
 }
 
+// Max of n floats (in L1). A single vector accumulator would make this a chain
+// of dependent max instructions (latency-bound: ~4 cycles per vector); four
+// independent ones over the four quarters let it run at load throughput. The
+// max is exact, so the split changes no result.
+FLM_INLINE float chunk_max(const float* xv, int n) {
+  const int q = n / 4;
+  float m0 = -flm::kInf, m1 = -flm::kInf, m2 = -flm::kInf, m3 = -flm::kInf;
+  FL_SIMD_REDUCE(reduction(max : m0, m1, m2, m3))
+  for (int i = 0; i < q; ++i) {
+    m0 = flm::fmax(m0, xv[i]);
+    m1 = flm::fmax(m1, xv[i + q]);
+    m2 = flm::fmax(m2, xv[i + 2 * q]);
+    m3 = flm::fmax(m3, xv[i + 3 * q]);
+  }
+  for (int i = 4 * q; i < n; ++i) {
+    m3 = flm::fmax(m3, xv[i]);
+  }
+  return flm::fmax(flm::fmax(m0, m1), flm::fmax(m2, m3));
+}
+
 // Runs one pass over the K logits of row `x`. For each chunk it calls
 //     float chunk_fn(const float* xv, int64_t c0, int n, flm::MaxMove mv)
 // which must return sum_i exp(xv[i] - mv.shift) over the chunk, after moving
@@ -47,11 +67,7 @@ FLM_INLINE flm::LseState online_row(const T* x, int num_classes, ChunkFn&& chunk
   float buf[kChunk];
   for_each_chunk(num_classes, [&](int64_t c0, int n) FL_LAMBDA_INLINE {
     const float* xv = chunk_as_float(x + c0, n, buf);
-    float cmax = -flm::kInf;
-    FL_SIMD_REDUCE(reduction(max : cmax))
-    for (int i = 0; i < n; ++i) {
-      cmax = flm::fmax(cmax, xv[i]);
-    }
+    float cmax = chunk_max(xv, n);
     float m = flm::fmax(st.max, cmax);
     flm::MaxMove mv = flm::max_move(st.max, m);
     st.sum = st.sum * mv.scale + chunk_fn(xv, c0, n, mv);

@@ -65,14 +65,19 @@ FLM_INLINE float exp_f32(float x) {
 }
 
 // e^x for the softmax terms, x = logit - max or logit - lse <= 0 (valid up to
-// x = 88): a single 2^n, and results below FLT_MIN (2^-126) may be flushed to
-// 0. Such a term cannot change a sum that contains the max's e^0 = 1, nor a
-// probability noticeably; dropping the subnormal path and the overflow clamp
-// makes the hot loops ~25% cheaper.
+// x = 88): results below FLT_MIN (2^-126) are flushed to 0. Such a term cannot
+// change a sum that contains the max's e^0 = 1, nor a probability noticeably.
+// This is the hot loop of every row-wise kernel, so 2^n is applied by adding n
+// to the polynomial's exponent field (exact, as poly * 2^n is, while the
+// result is normal: for x >= ln FLT_MIN either n > -126 or n = -126 and
+// poly >= 1), with no clamp of the input and no separate NaN test: a NaN x
+// gives a NaN poly, and n = NaN converts to INT_MIN (x86) or 0 (arm64, Metal),
+// both of which shift to 0, so the sum of bits stays NaN. Lanes below the
+// threshold (-inf included) may hold garbage before the final select.
 FLM_INLINE float exp_nonpos_f32(float x) {
-  ExpParts e = exp_parts(fmax(x, -87.33654f)); // e^-87.33654 = FLT_MIN: 2^n stays normal
-  float y = x < -87.33654f ? 0.0f : e.poly * exp2_int(e.n);
-  return is_nan(x) ? x : y;
+  ExpParts e = exp_parts(x);
+  float y = bits_float(float_bits(e.poly) + (u32(i32(e.n)) << 23));
+  return x < -87.33654f ? 0.0f : y; // e^-87.33654 = FLT_MIN
 }
 
 // log(1 + f) + e ln 2 for f in [sqrt(1/2) - 1, sqrt(2) - 1]. With
