@@ -4,6 +4,7 @@
 
 #include "cpu/dtype.h"
 #include "cpu/dispatch.h"
+#include "cpu/output_buffer.h"
 #include "cpu/row_reduce.h"
 #include "math/cross_entropy.h"
 #include "ops/cross_entropy.h"
@@ -130,6 +131,9 @@ FL_VECTOR_CLONES void backward_rows(const CeArgs& a, int64_t begin, int64_t end)
     float lse_lo = a.lse_lo[r];
     float coef = flm::ce_row_softmax_coef(g, a.g_lse[r], a.a_sum[r], lse, a.params.z_loss);
     float g_other = g * c.c_other;
+    // The gradient may overwrite the logits in place (allocate_or_reuse):
+    // read the target's logit before the row loop writes over it.
+    float x_t = kSoft ? 0.0f : cpu::to_float(x[t]);
     const T* tp = kSoft ? static_cast<const T*>(a.target_probs) + r * K : nullptr;
     FL_SIMD
     for (int j = 0; j < K; ++j) {
@@ -140,7 +144,7 @@ FL_VECTOR_CLONES void backward_rows(const CeArgs& a, int64_t begin, int64_t end)
     if constexpr (!kSoft) {
       float w_t = kWeighted ? a.class_weights[t] : 1.0f;
       float q_t = g_other + g * c.c_target;
-      dx[t] = cpu::from_float<T>(flm::ce_grad(cpu::to_float(x[t]), lse, lse_lo, coef, w_t * q_t));
+      dx[t] = cpu::from_float<T>(flm::ce_grad(x_t, lse, lse_lo, coef, w_t * q_t));
     }
   }
 }
@@ -186,7 +190,7 @@ CeArgs make_args(const std::vector<mx::array>& inputs, const CrossEntropyParams&
 
 void CrossEntropy::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   for (auto& out : outputs) {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
+    cpu::allocate(out);
   }
   CeArgs a = make_args(inputs, params_);
   a.loss = outputs[0].data<float>();
@@ -199,7 +203,7 @@ void CrossEntropy::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx
 
 void CrossEntropyVJP::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   auto& grad = outputs[0];
-  grad.set_data(mx::allocator::malloc(grad.nbytes()));
+  cpu::allocate_or_reuse(grad, inputs[0], stream()); // the logits, when nothing else needs them
   CeArgs a = make_args(inputs, params_);
   size_t n = inputs.size();
   // inputs: logits, targets, [class_weights], lse, lse_lo, a_sum, g_loss, g_lse

@@ -6,6 +6,7 @@
 
 #include "cpu/dtype.h"
 #include "cpu/dispatch.h"
+#include "cpu/output_buffer.h"
 #include "cpu/vectorize.h"
 #include "math/focal.h"
 #include "math/smooth_l1.h"
@@ -137,7 +138,6 @@ RangeFn pick(mx::Dtype dtype, const PointwiseParams& p, bool backward) {
 
 void PointwiseLoss::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   auto& out = outputs[0];
-  out.set_data(mx::allocator::malloc(out.nbytes()));
   PwArgs a{};
   a.pred = inputs[0].data<void>();
   a.target = inputs[1].data<void>();
@@ -145,6 +145,8 @@ void PointwiseLoss::eval_cpu(const std::vector<mx::array>& inputs, std::vector<m
   a.params = params_;
   RangeFn fn = pick(inputs[0].dtype(), params_, false);
   if (params_.reduce == Reduce::None) {
+    // A float32 loss may overwrite float32 predictions nobody else needs.
+    cpu::allocate_or_reuse(out, inputs[0], stream());
     a.loss = out.data<float>();
     cpu::dispatch_parallel(stream(), inputs, outputs, a.size, cpu::kMinElementsPerTask,
                            [a, fn](int64_t b, int64_t e) { fn(a, b, e); });
@@ -155,6 +157,7 @@ void PointwiseLoss::eval_cpu(const std::vector<mx::array>& inputs, std::vector<m
   // buffer shared by the tasks and are added, in order and in double, by the
   // last step (a handful of numbers: free).
   int64_t blocks = (a.size + kSumBlock - 1) / kSumBlock;
+  cpu::allocate(out);
   auto partial = std::make_shared<std::vector<float>>(blocks, 0.0f);
   a.loss = partial->data();
   float* result = out.data<float>();
@@ -174,7 +177,7 @@ void PointwiseLoss::eval_cpu(const std::vector<mx::array>& inputs, std::vector<m
 
 void PointwiseLossVJP::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   auto& grad = outputs[0];
-  grad.set_data(mx::allocator::malloc(grad.nbytes()));
+  cpu::allocate_or_reuse(grad, inputs[0], stream()); // the first input, when nothing else needs it
   PwArgs a{};
   a.pred = inputs[0].data<void>();
   a.target = inputs[1].data<void>();

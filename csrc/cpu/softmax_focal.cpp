@@ -2,6 +2,7 @@
 // log-sum-exp that also keeps the non-target mass, so 1 - p_t has no
 // cancellation), one read + one write per element backward.
 #include "cpu/dispatch.h"
+#include "cpu/output_buffer.h"
 #include "cpu/row_reduce.h"
 #include "math/focal.h"
 #include "ops/softmax_focal.h"
@@ -111,7 +112,7 @@ FocalArgs make_args(const std::vector<mx::array>& inputs, const SoftmaxFocalPara
 
 void SoftmaxFocal::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   for (auto& out : outputs) {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
+    cpu::allocate(out);
   }
   FocalArgs a = make_args(inputs, params_);
   a.class_alpha = params_.has_class_alpha ? inputs[2].data<float>() : nullptr;
@@ -125,7 +126,7 @@ void SoftmaxFocal::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx
 
 void SoftmaxFocalVJP::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   auto& grad = outputs[0];
-  grad.set_data(mx::allocator::malloc(grad.nbytes()));
+  cpu::allocate_or_reuse(grad, inputs[0], stream()); // the logits, when nothing else needs them
   FocalArgs a = make_args(inputs, params_);
   a.lse = const_cast<float*>(inputs[2].data<float>());
   a.lse_lo = const_cast<float*>(inputs[3].data<float>());

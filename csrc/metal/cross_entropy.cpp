@@ -84,7 +84,7 @@ void CrossEntropy::eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx
 void CrossEntropyVJP::eval_gpu(const std::vector<mx::array>& inputs,
                                std::vector<mx::array>& outputs) {
   auto& grad = outputs[0];
-  gpu::alloc(grad);
+  gpu::alloc_or_reuse(grad, inputs[0]);
   CeLayout l = ce_layout(inputs, params_);
   // inputs: logits, targets, [class_weights], lse, lse_lo, a_sum, g_loss, g_lse
   size_t n = inputs.size();

@@ -13,6 +13,7 @@
 #include "mlx/allocator.h"
 #include "mlx/array.h"
 #include "mlx/backend/metal/device.h"
+#include "ops/common.h"
 
 namespace fl::gpu {
 
@@ -60,6 +61,18 @@ inline void require_dense(const mx::array& a, const char* what) {
 
 inline void alloc(mx::array& out) {
   out.set_data(mx::allocator::malloc(out.nbytes()));
+}
+
+// The gradient in place: `out` takes over `in`'s buffer under MLX's donation
+// rule, as MLX's own Metal element-wise ops do, else a fresh buffer. Our
+// backward kernels read element i of `in` only in the thread that writes
+// element i of `out` (and before it writes it), so sharing is safe.
+inline void alloc_or_reuse(mx::array& out, const mx::array& in) {
+  if (can_take_over(in, out)) {
+    out.copy_shared_buffer(in);
+  } else {
+    alloc(out);
+  }
 }
 
 // A plan whose group fits the pipeline: row plans are rebuilt for the

@@ -64,7 +64,7 @@ void PointwiseLoss::eval_gpu(const std::vector<mx::array>& inputs, std::vector<m
 void PointwiseLossVJP::eval_gpu(const std::vector<mx::array>& inputs,
                                 std::vector<mx::array>& outputs) {
   auto& grad = outputs[0];
-  gpu::alloc(grad);
+  gpu::alloc_or_reuse(grad, inputs[0]);
   const auto& pred = inputs[0];
   const auto& target = inputs[1];
   const auto& cotan = inputs[2];

@@ -69,7 +69,7 @@ void SoftmaxFocal::eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx
 void SoftmaxFocalVJP::eval_gpu(const std::vector<mx::array>& inputs,
                                std::vector<mx::array>& outputs) {
   auto& grad = outputs[0];
-  gpu::alloc(grad);
+  gpu::alloc_or_reuse(grad, inputs[0]);
   SfLayout l = sf_layout(inputs, params_);
   // inputs: logits, class indices, lse, lse_lo, coef, g_loss
   for (int i = 2; i < 6; ++i) {

@@ -1,5 +1,7 @@
 #include "ops/common.h"
 
+#include "mlx/backend/common/utils.h"
+
 namespace fl {
 
 std::string shape_str(const mx::Shape& shape) {
@@ -55,6 +57,15 @@ mx::array dense(const mx::array& a, mx::StreamOrDevice s) {
 
 mx::Shape row_shape(const mx::array& logits) {
   return mx::Shape(logits.shape().begin(), logits.shape().end() - 1);
+}
+
+bool can_take_over_layout(const mx::array& in, const mx::array& out) {
+  return in.itemsize() == out.itemsize() && in.size() == out.size() && in.flags().row_contiguous &&
+      in.data_shared_ptr() != nullptr;
+}
+
+bool can_take_over(const mx::array& in, const mx::array& out) {
+  return can_take_over_layout(in, out) && mx::is_donatable(in, out);
 }
 
 std::vector<mx::array> vmap_to_front(

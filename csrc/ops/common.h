@@ -69,6 +69,16 @@ mx::array dense(const mx::array& a, mx::StreamOrDevice s);
 // The shape of a row-wise loss: the logits' shape without the last axis.
 mx::Shape row_shape(const mx::array& logits);
 
+// Whether a primitive's output may take over the buffer of its input `in`
+// instead of a fresh one. Layout: same element size and count, `in` dense
+// (row-contiguous, its buffer not much larger than `out`), so element i of
+// both is at the same address and a kernel that writes element i from
+// element i may work in place.
+bool can_take_over_layout(const mx::array& in, const mx::array& out);
+// The layout and MLX's own donation rule (mlx/backend/common/utils.h
+// is_donatable): nothing but this primitive references `in` or its buffer.
+bool can_take_over(const mx::array& in, const mx::array& out);
+
 // Move the vmapped axis of each input to the front; inputs that are not
 // vmapped (axis -1) are broadcast to the batch size where `broadcast` says so.
 std::vector<mx::array> vmap_to_front(

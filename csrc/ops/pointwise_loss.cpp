@@ -35,10 +35,16 @@ mx::array make_forward(const mx::array& pred, const mx::array& target,
 }
 
 mx::array make_backward(const mx::array& pred, const mx::array& target, const mx::array& cotan,
-                        const PointwiseParams& params, mx::StreamOrDevice s) {
+                        const PointwiseParams& params, mx::StreamOrDevice s,
+                        const std::optional<mx::array>& after = std::nullopt) {
+  std::vector<mx::array> inputs = {dense(pred, s), dense(target, s),
+                                   dense(mx::astype(cotan, mx::float32, s), s)};
+  if (after) {
+    inputs.push_back(*after);
+  }
   return mx::array(
       pred.shape(), pred.dtype(), std::make_shared<PointwiseLossVJP>(mx::to_stream(s), params),
-      {dense(pred, s), dense(target, s), dense(mx::astype(cotan, mx::float32, s), s)});
+      std::move(inputs));
 }
 
 } // namespace
@@ -62,9 +68,15 @@ std::vector<mx::array> PointwiseLoss::vjp(
     const std::vector<mx::array>& primals,
     const std::vector<mx::array>& cotangents,
     const std::vector<int>& argnums,
-    const std::vector<mx::array>&) {
+    const std::vector<mx::array>& outputs) {
   auto s = stream();
-  auto grad_pred = make_backward(primals[0], primals[1], cotangents[0], params_, s);
+  // A reduced forward is a scalar: cheap to make the backward wait for it
+  // (see PointwiseLossVJP). An element-wise loss is not held that long.
+  std::optional<mx::array> after;
+  if (params_.reduce != Reduce::None) {
+    after = outputs[0];
+  }
+  auto grad_pred = make_backward(primals[0], primals[1], cotangents[0], params_, s, after);
   std::vector<mx::array> grads;
   for (int arg : argnums) {
     if (arg == 0) {
@@ -102,7 +114,10 @@ std::pair<std::vector<mx::array>, std::vector<int>> PointwiseLossVJP::vmap(
     const std::vector<mx::array>& inputs,
     const std::vector<int>& axes) {
   auto s = stream();
-  auto moved = vmap_to_front(inputs, axes, {true, true, true}, s);
+  // The ordering input (a 4th, if any) is left out: the batched backward is
+  // a new graph.
+  auto moved = vmap_to_front({inputs[0], inputs[1], inputs[2]}, {axes[0], axes[1], axes[2]},
+                             {true, true, true}, s);
   auto cotan = moved[2];
   PointwiseParams p = params_;
   if (p.reduce != Reduce::None) {

@@ -41,8 +41,11 @@ class PointwiseLoss : public LossPrimitive<PointwiseParams> {
 };
 
 // Backward w.r.t. the predictions. Inputs: predictions, targets, cotangent
-// (float32, of the loss's shape: element-wise, or a scalar for Reduce::Sum).
-// Output: the gradient in the predictions' dtype.
+// (float32, of the loss's shape: element-wise, or a scalar for Reduce::Sum),
+// and for a reduced loss the forward's scalar, never read: it orders the
+// backward after the forward, so that once the forward has run nothing but
+// the backward holds the predictions and the gradient can take over their
+// buffer. Output: the gradient in the predictions' dtype.
 class PointwiseLossVJP : public LossPrimitive<PointwiseParams> {
  public:
   FL_LOSS_PRIMITIVE("FusedPointwiseLossVJP")
