@@ -32,7 +32,8 @@ FLAT_SWEEPS = {
     "smoke": [4096, 16384],
 }
 
-DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+DEFAULT_DTYPES = ["float32", "bfloat16"]
 
 
 @dataclass(frozen=True)

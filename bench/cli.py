@@ -1,13 +1,20 @@
-"""Command line entry point: ``python -m bench [--quick | --smoke] ...``."""
+"""Benchmarks of mlx_fused_losses against mlx.nn.losses and a memory roofline.
+
+For every loss x dtype x size, the forward and forward+backward times of ours,
+of MLX's loss and of the roofline (the bytes the loss must move, moved by MLX
+kernels), with peak memory. Prints a table, writes the results as JSON and
+plots GB/s against size. See bench/README.md for what each column means.
+"""
 
 import argparse
 import dataclasses
+import os
 import sys
 
 import mlx.core as mx
 from tqdm import tqdm
 
-from bench.cases import DEFAULT_LOSSES, DTYPES, LOSSES, build_cases
+from bench.cases import DEFAULT_DTYPES, DEFAULT_LOSSES, DTYPES, LOSSES, build_cases
 from bench.plot import plot_results
 from bench.report import format_table, write_json
 from bench.runner import MemoryGuard, run_case
@@ -32,7 +39,13 @@ def _comma_list(choices):
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  python -m bench --quick\n"
+               "  python -m bench --losses cross_entropy --dtypes float16 --repeats 5\n"
+               "  python -m bench --json out/results.json --plot out/results.png")
     sweep = parser.add_mutually_exclusive_group()
     sweep.add_argument("--quick", action="store_const", dest="sweep", const="quick",
                        help="small sizes, finishes in under a minute on 2 CPU cores")
@@ -40,16 +53,42 @@ def parse_args(argv):
                        help="tiny sizes for tests (seconds)")
     parser.set_defaults(sweep="full")
     parser.add_argument("--losses", type=_comma_list(LOSSES), default=DEFAULT_LOSSES,
-                        help=f"comma list from {','.join(LOSSES)} (default {','.join(DEFAULT_LOSSES)})")
-    parser.add_argument("--dtypes", type=_comma_list(DTYPES), default=list(DTYPES),
-                        help="comma list from float32,bfloat16 (default both)")
+                        help=f"comma list from {','.join(LOSSES)} "
+                             f"(default: {','.join(DEFAULT_LOSSES)})")
+    parser.add_argument("--dtypes", type=_comma_list(DTYPES), default=DEFAULT_DTYPES,
+                        help=f"comma list from {','.join(DTYPES)} "
+                             f"(default: {','.join(DEFAULT_DTYPES)})")
     parser.add_argument("--repeats", type=int, default=None,
-                        help="maximum timed repeats per measurement (adaptive below this)")
+                        help="maximum timed repeats per measurement (default: adaptive, "
+                             "up to 20 for the full sweep, 10 for --quick, 3 for --smoke)")
     parser.add_argument("--compile", action="store_true",
-                        help="wrap ours and the MLX reference in mx.compile")
-    parser.add_argument("--json", default="bench_results.json", help="results file")
-    parser.add_argument("--plot", default="bench_results.png", help="plot file")
-    return parser.parse_args(argv)
+                        help="wrap ours and the MLX reference in mx.compile (default: off)")
+    parser.add_argument("--json", default="bench_results.json",
+                        help="results file (default: %(default)s)")
+    parser.add_argument("--plot", default="bench_results.png",
+                        help="plot file, PNG (default: %(default)s)")
+    args = parser.parse_args(argv)
+    for flag in ("json", "plot"):
+        problem = _unwritable(getattr(args, flag))
+        if problem:
+            # Fail now, not after a sweep of several minutes.
+            parser.error(f"--{flag} {getattr(args, flag)!r} cannot be written: {problem}")
+    return args
+
+
+def _unwritable(path: str):
+    """Why ``path`` cannot be written (None if it can). Opens it for
+    appending, which creates nothing that outlives the check and truncates
+    nothing."""
+    existed = os.path.exists(path)
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as err:
+        return err.strerror or str(err)
+    if not existed:
+        os.remove(path)
+    return None
 
 
 def _policy(args) -> RepeatPolicy:

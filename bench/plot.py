@@ -8,7 +8,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from bench.runner import PASSES  # noqa: E402
 
 IMPL_STYLES = {"ours": ("-", "o"), "mlx": ("--", "s"), "roofline": (":", "")}
-DTYPE_COLORS = {"float32": "tab:blue", "bfloat16": "tab:orange"}
+DTYPE_COLORS = {"float32": "tab:blue", "bfloat16": "tab:orange", "float16": "tab:green"}
 
 
 def _series(records, loss, pass_name, dtype):

@@ -12,8 +12,8 @@ from bench.timing import RepeatPolicy, measure
 PASSES = ("fwd", "fwd+bwd")
 MB = 1e6
 # Forward values must agree with the float32 reference to this relative tolerance
-# (bfloat16 outputs alone carry ~4e-3 relative rounding).
-VALUE_TOLERANCE = {"float32": 1e-4, "bfloat16": 1e-2}
+# (bfloat16 outputs alone carry ~4e-3 relative rounding, float16 ~5e-4).
+VALUE_TOLERANCE = {"float32": 1e-4, "bfloat16": 1e-2, "float16": 2e-3}
 
 
 def _memory_budget_bytes() -> int:

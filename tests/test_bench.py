@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("mlx_fused_losses")
+import mlx_fused_losses  # noqa: F401  (a missing package is a failure, not a skip)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TIMING_KEYS = {"median_ms", "min_ms", "max_ms", "q1_ms", "q3_ms", "repeats", "peak_mb", "gbps"}
@@ -55,3 +55,39 @@ def test_forward_values_match_reference(smoke_run):
     mismatched = [(r["loss"], r["dtype"], r["size"], r["forward_rel_diff"])
                   for r in data["results"] if not r["values_match"]]
     assert not mismatched
+
+
+def _bench(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_explains_the_options_and_their_defaults():
+    done = _bench("--help")
+    assert done.returncode == 0, done.stderr
+    text = " ".join(done.stdout.split())
+    assert "mlx.nn.losses" in text  # what the benchmark compares
+    assert "(default: bench_results.json)" in text
+    assert "(default: bench_results.png)" in text
+    assert "float16" in text and "(default: float32,bfloat16)" in text
+
+
+def test_float16_sweep_runs(tmp_path):
+    done = _bench("--smoke", "--losses", "smooth_l1", "--dtypes", "float16",
+                  "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png"))
+    assert done.returncode == 0, done.stderr
+    results = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert {r["dtype"] for r in results} == {"float16"}
+    assert all(r["values_match"] for r in results if r["pass"] == "fwd")
+
+
+@pytest.mark.parametrize("flag", ["--json", "--plot"])
+def test_unwritable_output_fails_before_the_sweep(tmp_path, flag):
+    missing_dir = tmp_path / "no" / "such" / "dir"
+    other = "--plot" if flag == "--json" else "--json"
+    done = _bench(flag, str(missing_dir / "out"), other, str(tmp_path / "ok"),
+                  "--losses", "cross_entropy", timeout=60)
+    assert done.returncode == 2
+    assert flag in done.stderr and "cannot be written" in done.stderr
+    assert "case/s" not in done.stderr  # no progress bar: the sweep never started
+    assert not (tmp_path / "ok").exists()  # the check leaves no file behind

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 import metal_host as mh
+from conftest import CLANG_MISSING
 from metal_host import static_check
 
 pytestmark = pytest.mark.skipif(
-    mh.find_clang() is None, reason="clang++-19 not installed (apt-get install clang-19)"
+    mh.find_clang() is None, reason=CLANG_MISSING
 )
 
 SELFTEST = Path(mh.__file__).parent / "selftest"

@@ -1,5 +1,7 @@
 #include "ops/common.h"
 
+#include <cstdint>
+
 #include "mlx/backend/common/utils.h"
 
 namespace fl {
@@ -45,6 +47,27 @@ mx::array class_indices(const mx::array& targets, const char* name, mx::StreamOr
     fail_type(name, " holds class indices and must have an integer dtype, got ", targets.dtype());
   }
   return mx::astype(targets, mx::int64, s);
+}
+
+std::optional<int64_t> ignore_index_for(const mx::array& targets,
+                                        std::optional<int64_t> ignore_index) {
+  if (!ignore_index) {
+    return std::nullopt;
+  }
+  int64_t v = *ignore_index;
+  auto within = [v](int64_t lo, int64_t hi) { return v >= lo && v <= hi; };
+  bool representable = true;
+  switch (targets.dtype()) {
+    case mx::int8: representable = within(INT8_MIN, INT8_MAX); break;
+    case mx::uint8: representable = within(0, UINT8_MAX); break;
+    case mx::int16: representable = within(INT16_MIN, INT16_MAX); break;
+    case mx::uint16: representable = within(0, UINT16_MAX); break;
+    case mx::int32: representable = within(INT32_MIN, INT32_MAX); break;
+    case mx::uint32: representable = within(0, UINT32_MAX); break;
+    case mx::uint64: representable = v >= 0; break;
+    default: break;  // int64 holds every value
+  }
+  return representable ? ignore_index : std::nullopt;
 }
 
 mx::array move_axis_last(const mx::array& a, int axis, mx::StreamOrDevice s) {

@@ -60,6 +60,13 @@ enum class Reduce { None = 0, Sum = 1, Mean = 2 };
 // index is caught by the kernel and yields NaN).
 mx::array class_indices(const mx::array& targets, const char* name, mx::StreamOrDevice s);
 
+// ignore_index as the kernels compare it with the int64 indices above: none
+// when the targets' dtype cannot hold it (-100 for uint8 or uint64 targets).
+// An index compares in its own dtype, so such a value matches no row, and a
+// uint64 index of 2^64 - 100 (-100 once read as int64) is out of range.
+std::optional<int64_t> ignore_index_for(const mx::array& targets,
+                                        std::optional<int64_t> ignore_index);
+
 // Move `axis` of `a` to the end (no copy if it already is).
 mx::array move_axis_last(const mx::array& a, int axis, mx::StreamOrDevice s);
 

@@ -95,6 +95,7 @@ mx::array cross_entropy(
     }
     t = class_indices(targets, "targets", s);
   }
+  ignore_index = ignore_index_for(targets, ignore_index);
   if (ignore_index) {
     params.has_ignore_index = true;
     params.ignore_index = *ignore_index;

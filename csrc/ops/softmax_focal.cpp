@@ -53,8 +53,14 @@ mx::array softmax_focal_loss(
     params.has_class_alpha = true;
     per_class = mx::astype(*class_alpha, mx::float32, s);
   } else if (alpha) {
+    // A negative or NaN alpha would flip or poison the loss (sigmoid focal's
+    // "alpha < 0 disables it" has no meaning for a per-row softmax weight).
+    if (!(*alpha >= 0.0f)) {
+      fail_value("alpha must be >= 0, got ", *alpha);
+    }
     params.alpha = *alpha;
   }
+  ignore_index = ignore_index_for(targets, ignore_index);
   if (ignore_index) {
     params.has_ignore_index = true;
     params.ignore_index = *ignore_index;

@@ -23,16 +23,42 @@ def _check_reduction(reduction: str) -> None:
         )
 
 
-def _check_array(value, name: str) -> None:
-    if not isinstance(value, mx.array):
-        raise TypeError(f"{name} must be an mlx.core.array, got {type(value).__name__}")
+def _as_array(value, name: str) -> mx.array:
+    """``value`` as an mx.array: NumPy arrays and (nested) Python lists or
+    tuples are converted, as MLX's own ops convert them; anything else is a
+    TypeError naming the argument."""
+    if isinstance(value, mx.array):
+        return value
+    if isinstance(value, (list, tuple)) or type(value).__module__ == "numpy":
+        try:
+            return mx.array(value)
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"{name} could not be converted to an mlx.core.array: {err}") from err
+    raise TypeError(
+        f"{name} must be an mlx.core.array, a NumPy array or a list, got {type(value).__name__}"
+    )
+
+
+def _check_nonnegative_values(a: mx.array, name: str) -> None:
+    """ValueError if an array of per-class factors holds a NaN or a negative
+    value. Skipped while mx.compile or mx.vmap traces the call (the values
+    are not known then); the Module classes check at construction."""
+    bad = mx.any(mx.isnan(a) | (a < 0))
+    try:
+        bad = bad.item()
+    except ValueError as err:
+        if "function transformations" in str(err):
+            return
+        raise
+    if bad:
+        raise ValueError(f"{name} must hold values >= 0 (no NaN), got {a}")
 
 
 def _elementwise(ext_fn, first_name: str, first, targets, reduction: str, stream, **params):
     """Shared path of the element-wise losses: checks, the fused kernel (which
     also reduces), and the cast back to the input's dtype."""
-    _check_array(first, first_name)
-    _check_array(targets, "targets")
+    first = _as_array(first, first_name)
+    targets = _as_array(targets, "targets")
     _check_reduction(reduction)
     params = {k: float(v) for k, v in params.items()}
     loss = ext_fn(first, targets, reduction=reduction, stream=stream, **params)
@@ -48,13 +74,17 @@ def _finish(loss: mx.array, reduction: str, dtype: mx.Dtype, count=None) -> mx.a
     if reduction == "sum":
         loss = loss.sum()
     elif reduction == "mean":
+        # One rule for every loss: a mean over nothing is 0, not NaN (an
+        # empty batch, every row ignored, or kept rows whose class weights add
+        # up to 0), so that one such batch cannot poison a training run.
         if count is None:
-            loss = loss.mean()
+            # sum / n, as with a count, so that an ignore_index that matches
+            # no row gives the very same result as none.
+            loss = loss.sum() / loss.size if loss.size > 0 else mx.zeros((), mx.float32)
         else:
-            # A batch with every row ignored has a zero denominator: the loss
-            # is 0 then (its numerator is 0 too), not NaN.
-            safe = mx.where(count == 0, mx.array(1.0, mx.float32), count)
-            loss = loss.sum() / safe
+            empty = count == 0
+            safe = mx.where(empty, mx.array(1.0, mx.float32), count)
+            loss = mx.where(empty, mx.array(0.0, mx.float32), loss.sum() / safe)
     return loss.astype(dtype)
 
 
@@ -71,6 +101,12 @@ def _result_dtype(dtype, input_dtype: mx.Dtype) -> mx.Dtype:
 
 def _kept_rows(targets: mx.array, ignore_index: Optional[int], row_weight=None):
     """Denominator of a "mean" over rows: kept rows, weighted if asked."""
+    if ignore_index is not None and mx.issubdtype(targets.dtype, mx.integer):
+        # An index compares in its own dtype: a value the dtype cannot hold
+        # (-100 for uint8 targets) matches no row, as in the kernels.
+        info = mx.iinfo(targets.dtype)
+        if not info.min <= ignore_index <= info.max:
+            ignore_index = None
     keep = mx.ones(targets.shape, mx.bool_) if ignore_index is None else targets != ignore_index
     if row_weight is None:
         return keep.astype(mx.float32).sum()
@@ -121,12 +157,12 @@ def cross_entropy(
     A class index outside ``[0, K)`` that is not ``ignore_index`` gives NaN
     for its row (and its gradient); it never reads out of bounds.
     """
-    _check_array(logits, "logits")
-    _check_array(targets, "targets")
+    logits = _as_array(logits, "logits")
+    targets = _as_array(targets, "targets")
     _check_reduction(reduction)
     result_dtype = _result_dtype(dtype, logits.dtype)
     if class_weights is not None:
-        _check_array(class_weights, "class_weights")
+        class_weights = _as_array(class_weights, "class_weights")
     loss = _ext.cross_entropy(
         logits,
         targets,
@@ -139,7 +175,7 @@ def cross_entropy(
         stream=stream,
     )
     if weights is not None:
-        _check_array(weights, "weights")
+        weights = _as_array(weights, "weights")
         if weights.shape != loss.shape:
             raise ValueError(
                 f"weights must have the loss's shape {loss.shape}, got {weights.shape}"
@@ -242,9 +278,12 @@ def softmax_focal_loss(
     ``ignore_index`` rows give 0 and leave the ``"mean"`` denominator, which
     counts kept rows.
     """
-    _check_array(logits, "logits")
-    _check_array(targets, "targets")
+    logits = _as_array(logits, "logits")
+    targets = _as_array(targets, "targets")
     _check_reduction(reduction)
+    if alpha is not None and not isinstance(alpha, (int, float)):
+        alpha = _as_array(alpha, "alpha")
+        _check_nonnegative_values(alpha, "alpha")
     # A 1-D array is per class (read by the kernel); a 0-d array scales the
     # loss afterwards (the loss is linear in it, and no .item() is needed, which
     # mx.compile could not trace); a Python number goes to the kernel.

@@ -1,4 +1,10 @@
-"""``mlx.nn.Module`` wrappers: configure a loss once, call it on (inputs, targets)."""
+"""``mlx.nn.Module`` wrappers: configure a loss once, call it on (inputs, targets).
+
+Each class takes the options of its function in :mod:`mlx_fused_losses.losses`
+(same names and meanings) and shows them in its repr. Array options (class
+weights, per-class alpha) are frozen: they are settings, not trainable
+parameters.
+"""
 
 from typing import Optional, Union
 
@@ -8,8 +14,53 @@ import mlx.nn as nn
 from . import losses
 
 
-class CrossEntropyLoss(nn.Module):
-    """Module form of :func:`mlx_fused_losses.cross_entropy`."""
+def _option_repr(value) -> str:
+    if isinstance(value, mx.array):
+        return f"array(shape={tuple(value.shape)}, dtype={value.dtype})"
+    return repr(value)
+
+
+class _LossModule(nn.Module):
+    """Holds a loss's options in ``self._options`` and shows them in repr."""
+
+    def __init__(self, **options):
+        super().__init__()
+        self._options = options
+        # Keep array options (class weights, alpha) out of the trainable parameters.
+        self.freeze()
+
+    def _extra_repr(self) -> str:
+        return ", ".join(f"{k}={_option_repr(v)}" for k, v in self._options.items())
+
+    def __getattr__(self, name):
+        # The options read as attributes too: CrossEntropyLoss().ignore_index.
+        options = self.get("_options")
+        if options is not None and name in options:
+            return options[name]
+        return super().__getattr__(name)
+
+
+class CrossEntropyLoss(_LossModule):
+    """Cross-entropy over class indices or probabilities, as a Module.
+
+    ``CrossEntropyLoss(...)(logits, targets, weights=None)`` equals
+    ``cross_entropy(logits, targets, weights, **options)``.
+
+    Args:
+        label_smoothing: ``eps`` in [0, 1); 0 disables smoothing.
+        reduction: ``"mean"`` (default, as PyTorch), ``"sum"`` or ``"none"``.
+            ``"mean"`` of an empty batch, of an all-ignored batch or of kept
+            rows whose class weights add up to 0 is 0.
+        axis: the class axis of the logits.
+        label_smoothing_mode: ``"uniform"`` (eps/K on every class, as
+            MLX/PyTorch) or ``"others"`` (1 - eps on the target, eps/(K-1) on
+            the rest).
+        ignore_index: rows whose target equals it give 0 and leave the mean's
+            denominator; a value the targets' dtype cannot hold matches no row.
+        class_weights: shape ``[K]``, PyTorch's ``weight``.
+        z_loss: coefficient of ``logsumexp(logits)**2`` added per row.
+        dtype: the result's dtype (``None``: the logits' dtype).
+    """
 
     def __init__(
         self,
@@ -23,59 +74,89 @@ class CrossEntropyLoss(nn.Module):
         z_loss: float = 0.0,
         dtype: Optional[mx.Dtype] = None,
     ):
-        super().__init__()
-        self._options = dict(
-            axis=axis,
+        super().__init__(
             label_smoothing=label_smoothing,
             reduction=reduction,
+            axis=axis,
             label_smoothing_mode=label_smoothing_mode,
             ignore_index=ignore_index,
             class_weights=class_weights,
             z_loss=z_loss,
             dtype=dtype,
         )
-        # Keep class weights out of the trainable parameters.
-        self.freeze()
 
     def __call__(self, logits: mx.array, targets: mx.array, weights: Optional[mx.array] = None):
         return losses.cross_entropy(logits, targets, weights, **self._options)
 
 
-class SmoothL1Loss(nn.Module):
-    """Module form of :func:`mlx_fused_losses.smooth_l1_loss`."""
+class SmoothL1Loss(_LossModule):
+    """Smooth-L1 loss, as a Module: ``SmoothL1Loss(beta, reduction)(predictions, targets)``.
+
+    Args:
+        beta: the threshold between the quadratic and the linear part (>= 0;
+            0 is plain L1).
+        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``; the mean of
+            an empty input is 0.
+    """
 
     def __init__(self, beta: float = 1.0, reduction: losses.Reduction = "mean"):
-        super().__init__()
-        self.beta, self.reduction = beta, reduction
+        super().__init__(beta=beta, reduction=reduction)
 
     def __call__(self, predictions: mx.array, targets: mx.array):
-        return losses.smooth_l1_loss(predictions, targets, self.beta, self.reduction)
+        return losses.smooth_l1_loss(predictions, targets, **self._options)
 
 
-class HuberLoss(nn.Module):
-    """Module form of :func:`mlx_fused_losses.huber_loss`."""
+class HuberLoss(_LossModule):
+    """Huber loss, as a Module: ``HuberLoss(delta, reduction)(inputs, targets)``.
+
+    Args:
+        delta: the threshold between the quadratic and the linear part (>= 0).
+        reduction: ``"mean"`` (default here, as PyTorch's ``HuberLoss``),
+            ``"sum"`` or ``"none"``; the mean of an empty input is 0.
+    """
 
     def __init__(self, delta: float = 1.0, reduction: losses.Reduction = "mean"):
-        super().__init__()
-        self.delta, self.reduction = delta, reduction
+        super().__init__(delta=delta, reduction=reduction)
 
     def __call__(self, inputs: mx.array, targets: mx.array):
-        return losses.huber_loss(inputs, targets, self.delta, self.reduction)
+        return losses.huber_loss(inputs, targets, **self._options)
 
 
-class SigmoidFocalLoss(nn.Module):
-    """Module form of :func:`mlx_fused_losses.sigmoid_focal_loss`."""
+class SigmoidFocalLoss(_LossModule):
+    """Sigmoid focal loss (torchvision/RetinaNet), as a Module:
+    ``SigmoidFocalLoss(alpha, gamma, reduction)(inputs, targets)``.
+
+    Args:
+        alpha: weight of the positive class in [0, 1]; a negative value
+            disables the alpha weighting. NaN is a ValueError.
+        gamma: focusing exponent (>= 0; 0 is plain BCE-with-logits).
+        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``; the mean of
+            an empty input is 0.
+    """
 
     def __init__(self, alpha: float = 0.25, gamma: float = 2.0, reduction: losses.Reduction = "mean"):
-        super().__init__()
-        self.alpha, self.gamma, self.reduction = alpha, gamma, reduction
+        super().__init__(alpha=alpha, gamma=gamma, reduction=reduction)
 
     def __call__(self, inputs: mx.array, targets: mx.array):
-        return losses.sigmoid_focal_loss(inputs, targets, self.alpha, self.gamma, self.reduction)
+        return losses.sigmoid_focal_loss(inputs, targets, **self._options)
 
 
-class SoftmaxFocalLoss(nn.Module):
-    """Module form of :func:`mlx_fused_losses.softmax_focal_loss`."""
+class SoftmaxFocalLoss(_LossModule):
+    """Multi-class (softmax) focal loss, as a Module:
+    ``SoftmaxFocalLoss(alpha, gamma, reduction)(logits, targets)``.
+
+    Args:
+        alpha: ``None`` (1), a scalar >= 0, or an array of shape ``[K]`` of
+            per-class factors >= 0 (checked here, once). NaN or a negative
+            value is a ValueError.
+        gamma: focusing exponent (>= 0; with 0 and ``alpha=None`` this is
+            cross-entropy).
+        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``; the mean of
+            an empty or all-ignored batch is 0.
+        axis: the class axis of the logits.
+        ignore_index: rows whose target equals it give 0 and leave the mean's
+            denominator; a value the targets' dtype cannot hold matches no row.
+    """
 
     def __init__(
         self,
@@ -86,11 +167,14 @@ class SoftmaxFocalLoss(nn.Module):
         axis: int = -1,
         ignore_index: Optional[int] = None,
     ):
-        super().__init__()
-        self._options = dict(
-            alpha=alpha, gamma=gamma, axis=axis, reduction=reduction, ignore_index=ignore_index
+        if alpha is not None and not isinstance(alpha, (int, float)):
+            alpha = losses._as_array(alpha, "alpha")
+            losses._check_nonnegative_values(alpha, "alpha")
+        elif alpha is not None and not alpha >= 0:
+            raise ValueError(f"alpha must be >= 0, got {alpha}")
+        super().__init__(
+            alpha=alpha, gamma=gamma, reduction=reduction, axis=axis, ignore_index=ignore_index
         )
-        self.freeze()
 
     def __call__(self, logits: mx.array, targets: mx.array):
         return losses.softmax_focal_loss(logits, targets, **self._options)

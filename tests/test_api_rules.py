@@ -1,0 +1,262 @@
+"""One rule for every loss (issue 7, item 9): empty and zero-weight means,
+alpha validation, ignore_index and index dtypes, array-like inputs.
+
+Each test here failed before the rule was implemented: the mean of an empty
+batch was NaN for the row-wise losses, kept class weights adding up to 0 gave
+the plain sum, softmax focal took a NaN or negative alpha, uint8 targets with
+ignore_index=-100 raised under "mean", a uint64 index of 2^64-100 was taken
+for -100 and ignored, and NumPy arrays or lists were a TypeError.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import mlx_fused_losses as fl
+import reference as R
+from conftest import assert_close, to_np
+
+REDUCTIONS = ["none", "mean", "sum"]
+
+
+# -- the mean over nothing is 0 ------------------------------------------------
+
+def _empty_calls():
+    x0 = mx.zeros((0, 5))
+    t0 = mx.zeros((0,), mx.int32)
+    p0 = mx.zeros((0, 3))
+    return {
+        "cross_entropy": lambda: fl.cross_entropy(x0, t0, reduction="mean"),
+        "cross_entropy_probs": lambda: fl.cross_entropy(x0, x0, reduction="mean"),
+        "cross_entropy_class_weights": lambda: fl.cross_entropy(
+            x0, t0, reduction="mean", class_weights=mx.ones((5,))),
+        "softmax_focal_loss": lambda: fl.softmax_focal_loss(x0, t0, reduction="mean"),
+        "smooth_l1_loss": lambda: fl.smooth_l1_loss(p0, p0, reduction="mean"),
+        "huber_loss": lambda: fl.huber_loss(p0, p0, reduction="mean"),
+        "sigmoid_focal_loss": lambda: fl.sigmoid_focal_loss(p0, p0, reduction="mean"),
+    }
+
+
+@pytest.mark.parametrize("name", list(_empty_calls()))
+def test_empty_batch_mean_is_zero(name):
+    out = _empty_calls()[name]()
+    assert out.shape == ()
+    assert float(out.item()) == 0.0, name
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "softmax_focal_loss"])
+def test_empty_batch_mean_gradient_is_empty_and_finite(loss):
+    fn = getattr(fl, loss)
+    g = mx.grad(lambda x: fn(x, mx.zeros((0,), mx.int32), reduction="mean"))(mx.zeros((0, 4)))
+    assert g.shape == (0, 4)
+
+
+# -- class weights of the kept rows adding up to 0 -----------------------------
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+def test_zero_class_weight_total_mean_is_zero(rng, label_smoothing):
+    x = mx.array(rng.normal(size=(6, 4)).astype(np.float32))
+    t = mx.array([1, 1, 1, 1, 1, 1])
+    w = mx.array([1.0, 0.0, 2.0, 3.0])
+    out = fl.cross_entropy(x, t, class_weights=w, reduction="mean",
+                           label_smoothing=label_smoothing)
+    assert float(out.item()) == 0.0
+    g = mx.grad(lambda z: fl.cross_entropy(z, t, class_weights=w, reduction="mean",
+                                           label_smoothing=label_smoothing))(x)
+    assert np.all(to_np(g) == 0.0)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+def test_class_weight_mean_is_continuous_as_a_weight_goes_to_zero(rng, label_smoothing):
+    # While other kept rows keep the denominator positive, the mean moves
+    # continuously as one class's weight goes to 0 (its rows drop out), and
+    # matches the float64 reference on the way.
+    x = rng.normal(size=(8, 4)).astype(np.float32)
+    t = np.array([1, 1, 2, 0, 1, 3, 2, 1])
+    values = []
+    for w1 in [1e-2, 1e-4, 1e-6, 0.0]:
+        w = np.array([1.0, w1, 2.0, 0.5], np.float32)
+        out = fl.cross_entropy(mx.array(x), mx.array(t), class_weights=mx.array(w),
+                               reduction="mean", label_smoothing=label_smoothing)
+        ref = R.cross_entropy(x, t, class_weights=w, reduction="mean",
+                              label_smoothing=label_smoothing)
+        assert_close(out, ref, mx.float32, scale=4.0, what=f"w1={w1}")
+        values.append(float(out.item()))
+    assert abs(values[2] - values[3]) <= 1e-5 * abs(values[3])
+
+
+# -- alpha ---------------------------------------------------------------------
+
+X4 = mx.zeros((3, 4))
+T4 = mx.array([0, 1, 3])
+
+
+@pytest.mark.parametrize("alpha", [
+    float("nan"), -1.0, -1e-9,
+    mx.array(float("nan")), mx.array(-0.5),
+    mx.array([1.0, float("nan"), 1.0, 1.0]), mx.array([1.0, -0.25, 1.0, 1.0]),
+], ids=["nan", "neg", "tiny-neg", "0d-nan", "0d-neg", "class-nan", "class-neg"])
+def test_softmax_focal_rejects_nan_and_negative_alpha(alpha):
+    with pytest.raises(ValueError, match="alpha"):
+        fl.softmax_focal_loss(X4, T4, alpha=alpha)
+    with pytest.raises(ValueError, match="alpha"):
+        fl.nn.SoftmaxFocalLoss(alpha=alpha)
+
+
+def test_softmax_focal_alpha_zero_is_allowed():
+    assert float(fl.softmax_focal_loss(X4, T4, alpha=0.0, reduction="sum").item()) == 0.0
+    out = fl.softmax_focal_loss(X4, T4, alpha=mx.array([0.0, 1.0, 1.0, 1.0]))
+    assert to_np(out)[0] == 0.0
+
+
+def test_sigmoid_focal_alpha_rules():
+    p = mx.array([[0.5, -2.0, 3.0]])
+    t = mx.array([[1.0, 0.0, 1.0]])
+    with pytest.raises(ValueError, match="alpha"):
+        fl.sigmoid_focal_loss(p, t, alpha=float("nan"))
+    with pytest.raises(ValueError, match="alpha"):
+        fl.nn.SigmoidFocalLoss(alpha=float("nan"))(p, t)
+    # alpha < 0 disables the alpha weighting (documented, kept).
+    off = fl.sigmoid_focal_loss(p, t, alpha=-1.0)
+    assert_close(off, R.sigmoid_focal(to_np(p), to_np(t), alpha=-1.0), mx.float32)
+
+
+# -- ignore_index and index dtypes ---------------------------------------------
+
+ROWWISE = {
+    "cross_entropy": (fl.cross_entropy, R.cross_entropy),
+    "softmax_focal_loss": (fl.softmax_focal_loss, R.softmax_focal),
+}
+
+
+@pytest.mark.parametrize("loss", list(ROWWISE))
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype,ignore_index", [
+    (mx.uint8, -100), (mx.int8, -200), (mx.int8, 128), (mx.uint16, 70000), (mx.uint32, -1),
+    (mx.uint64, -100), (mx.int16, 40000),
+])
+def test_unrepresentable_ignore_index_matches_no_row(rng, loss, reduction, dtype, ignore_index):
+    fn, ref_fn = ROWWISE[loss]
+    x = rng.normal(size=(5, 6)).astype(np.float32)
+    t = np.array([0, 5, 2, 2, 1])
+    out = fn(mx.array(x), mx.array(t).astype(dtype), reduction=reduction,
+             ignore_index=ignore_index)
+    plain = fn(mx.array(x), mx.array(t), reduction=reduction)
+    assert np.array_equal(to_np(out), to_np(plain))
+    assert_close(out, ref_fn(x, t, reduction=reduction), mx.float32, scale=3.0)
+
+
+@pytest.mark.parametrize("loss", list(ROWWISE))
+def test_representable_ignore_index_still_ignores_in_small_dtypes(rng, loss):
+    fn, _ = ROWWISE[loss]
+    x = mx.array(rng.normal(size=(4, 6)).astype(np.float32))
+    t = mx.array([0, 255, 2, 255]).astype(mx.uint8)
+    out = fn(x, t, ignore_index=255)
+    assert to_np(out)[1] == 0.0 and to_np(out)[3] == 0.0
+    assert np.all(np.isfinite(to_np(out)))
+    mean = fn(x, t, ignore_index=255, reduction="mean")
+    assert_close(mean, to_np(out).sum() / 2, mx.float32)
+
+
+@pytest.mark.parametrize("loss", list(ROWWISE))
+def test_uint64_index_compares_in_its_own_dtype(rng, loss):
+    fn, _ = ROWWISE[loss]
+    x = mx.array(rng.normal(size=(3, 6)).astype(np.float32))
+    big = np.array([1, 2**64 - 100, 4], np.uint64)
+    t = mx.array(big)
+    assert t.dtype == mx.uint64
+    for reduction in REDUCTIONS:
+        out = to_np(fn(x, t, ignore_index=-100, reduction=reduction))
+        # 2^64 - 100 is not -100: an out-of-range index, a NaN row.
+        assert np.isnan(out).any(), reduction
+    rows = to_np(fn(x, t, ignore_index=-100))
+    assert np.isnan(rows[1]) and np.isfinite(rows[[0, 2]]).all()
+    # A representable ignore_index still works for uint64.
+    kept = to_np(fn(x, mx.array(np.array([1, 3, 4], np.uint64)), ignore_index=3))
+    assert kept[1] == 0.0 and np.isfinite(kept).all()
+
+
+# -- NumPy arrays and lists ----------------------------------------------------
+
+def _array_like_cases(rng):
+    x = rng.normal(size=(4, 5)).astype(np.float32)
+    t = np.array([0, 4, 2, 1])
+    p = rng.normal(size=(3, 4)).astype(np.float32)
+    q = rng.uniform(size=(3, 4)).astype(np.float32)
+    w = rng.uniform(0.5, 2.0, size=(4,)).astype(np.float32)
+    cw = rng.uniform(0.5, 2.0, size=(5,)).astype(np.float32)
+    return [
+        ("cross_entropy", fl.cross_entropy, (x, t), dict(reduction="mean")),
+        ("cross_entropy weights", fl.cross_entropy, (x, t, w), dict(reduction="sum")),
+        ("cross_entropy class_weights", fl.cross_entropy, (x, t), dict(class_weights=cw)),
+        ("cross_entropy probs", fl.cross_entropy, (x, np.full((4, 5), 0.2, np.float32)), {}),
+        ("smooth_l1_loss", fl.smooth_l1_loss, (p, q), {}),
+        ("huber_loss", fl.huber_loss, (p, q), dict(reduction="mean")),
+        ("sigmoid_focal_loss", fl.sigmoid_focal_loss, (p, q), {}),
+        ("softmax_focal_loss", fl.softmax_focal_loss, (x, t), dict(alpha=cw)),
+    ]
+
+
+@pytest.mark.parametrize("kind", ["numpy", "list"])
+def test_numpy_arrays_and_lists_are_accepted(rng, kind):
+    for name, fn, args, kwargs in _array_like_cases(rng):
+        as_mx = fn(*[mx.array(a) for a in args],
+                   **{k: mx.array(v) if isinstance(v, np.ndarray) else v
+                      for k, v in kwargs.items()})
+        convert = (lambda a: a) if kind == "numpy" else (lambda a: a.tolist())
+        got = fn(*[convert(a) for a in args],
+                 **{k: convert(v) if isinstance(v, np.ndarray) else v
+                    for k, v in kwargs.items()})
+        assert isinstance(got, mx.array), name
+        assert np.array_equal(to_np(got), to_np(as_mx)), name
+
+
+def test_other_types_are_a_type_error_naming_the_argument():
+    with pytest.raises(TypeError, match="targets"):
+        fl.smooth_l1_loss(mx.zeros((2,)), "zeros")
+    with pytest.raises(TypeError, match="logits"):
+        fl.cross_entropy({"a": 1}, mx.array([0]))
+    with pytest.raises(TypeError, match="logits"):
+        fl.cross_entropy([[0.0, "x"]], mx.array([0]))
+
+
+def test_numpy_float64_inputs_follow_mlx_conversion(rng):
+    # mx.array turns float64 NumPy data into float32, as mlx.nn.losses sees it.
+    p = rng.normal(size=(3, 4))
+    q = rng.normal(size=(3, 4))
+    out = fl.smooth_l1_loss(p, q)
+    assert out.dtype == mx.float32
+    assert_close(out, R.smooth_l1(p.astype(np.float32), q.astype(np.float32)), mx.float32)
+    assert math.isfinite(float(out.item()))
+
+
+# -- Module classes: docstrings and repr ---------------------------------------
+
+MODULES = [fl.nn.CrossEntropyLoss, fl.nn.SmoothL1Loss, fl.nn.HuberLoss,
+           fl.nn.SigmoidFocalLoss, fl.nn.SoftmaxFocalLoss]
+
+
+@pytest.mark.parametrize("cls", MODULES, ids=lambda c: c.__name__)
+def test_module_docstring_documents_every_option(cls):
+    import inspect
+
+    doc = inspect.getdoc(cls)
+    assert doc and "Args:" in doc
+    for name in inspect.signature(cls.__init__).parameters:
+        if name != "self":
+            assert f"{name}:" in doc, f"{cls.__name__} does not document {name}"
+
+
+def test_module_repr_shows_options():
+    ce = fl.nn.CrossEntropyLoss(0.1, ignore_index=-1, class_weights=mx.ones((5,)))
+    text = repr(ce)
+    assert text.startswith("CrossEntropyLoss(label_smoothing=0.1, reduction='mean'")
+    assert "ignore_index=-1" in text and "class_weights=array(shape=(5,)" in text
+    assert repr(fl.nn.HuberLoss(0.5, "sum")) == "HuberLoss(delta=0.5, reduction='sum')"
+    assert "gamma=3.0" in repr(fl.nn.SoftmaxFocalLoss(gamma=3.0))
+    # Options read as attributes, and the arrays stay out of the trainable parameters.
+    assert ce.ignore_index == -1 and ce.trainable_parameters() == {}
