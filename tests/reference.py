@@ -69,7 +69,8 @@ def reduce(loss, reduction, denominator=None):
         if denominator is None:
             denominator = loss.size
         if denominator == 0:
-            return np.asarray(0.0)
+            # a mean over nothing is 0; a NaN (out-of-range) row still shows
+            return np.asarray(loss.sum() * 0.0)
         return np.asarray(loss.sum() / denominator)
     raise ValueError(reduction)
 

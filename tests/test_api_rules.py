@@ -260,3 +260,30 @@ def test_module_repr_shows_options():
     assert "gamma=3.0" in repr(fl.nn.SoftmaxFocalLoss(gamma=3.0))
     # Options read as attributes, and the arrays stay out of the trainable parameters.
     assert ce.ignore_index == -1 and ce.trainable_parameters() == {}
+
+
+# -- out-of-range rows and the "mean" denominator ------------------------------
+
+def test_out_of_range_row_adds_no_class_weight_to_the_mean(rng):
+    x = mx.array(rng.normal(size=(3, 4)).astype(np.float32))
+    t = mx.array([1, 9, 2])
+    w = mx.array([1.0, 2.0, 3.0, 4.0])
+    loss = fl.cross_entropy(x, t, class_weights=w, reduction="mean")
+    assert np.isnan(loss.item())  # the out-of-range row poisons the loss...
+    g = to_np(mx.grad(lambda a: fl.cross_entropy(a, t, class_weights=w, reduction="mean"))(x))
+    ref = R.cross_entropy_grad(to_np(x)[[0, 2]], np.array([1, 2]), class_weights=to_np(w),
+                               reduction="sum") / (2.0 + 3.0)
+    # ...but the kept rows' gradient divides by their own weights only (2 + 3).
+    assert_close(g[[0, 2]], ref, mx.float32, scale=4.0)
+    assert np.isnan(g[1]).all()
+
+
+def test_mean_over_nothing_keeps_a_nan_row_visible():
+    # Every row ignored or weightless: 0 -- unless a row is NaN (out of range).
+    x = mx.zeros((2, 3))
+    w = mx.array([0.0, 1.0, 1.0])
+    assert fl.cross_entropy(x, mx.array([0, -100]), ignore_index=-100, class_weights=w,
+                            reduction="mean").item() == 0.0
+    out = fl.cross_entropy(x, mx.array([7, -100]), ignore_index=-100, class_weights=w,
+                           reduction="mean")
+    assert np.isnan(out.item())

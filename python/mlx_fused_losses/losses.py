@@ -76,15 +76,15 @@ def _finish(loss: mx.array, reduction: str, dtype: mx.Dtype, count=None) -> mx.a
     elif reduction == "mean":
         # One rule for every loss: a mean over nothing is 0, not NaN (an
         # empty batch, every row ignored, or kept rows whose class weights add
-        # up to 0), so that one such batch cannot poison a training run.
+        # up to 0), so that one such batch cannot poison a training run. It
+        # is the sum times 0: a NaN row (an out-of-range index) still shows.
         if count is None:
-            # sum / n, as with a count, so that an ignore_index that matches
-            # no row gives the very same result as none.
-            loss = loss.sum() / loss.size if loss.size > 0 else mx.zeros((), mx.float32)
+            loss = loss.mean() if loss.size > 0 else mx.zeros((), mx.float32)
         else:
             empty = count == 0
             safe = mx.where(empty, mx.array(1.0, mx.float32), count)
-            loss = mx.where(empty, mx.array(0.0, mx.float32), loss.sum() / safe)
+            total = loss.sum()
+            loss = mx.where(empty, total * 0.0, total / safe)
     return loss.astype(dtype)
 
 
@@ -99,14 +99,19 @@ def _result_dtype(dtype, input_dtype: mx.Dtype) -> mx.Dtype:
     return dtype
 
 
-def _kept_rows(targets: mx.array, ignore_index: Optional[int], row_weight=None):
-    """Denominator of a "mean" over rows: kept rows, weighted if asked."""
+def _ignore_index_for(targets: mx.array, ignore_index: Optional[int]) -> Optional[int]:
+    """An index compares in its own dtype: an ignore_index the targets' dtype
+    cannot hold (-100 for uint8 or uint64 targets) matches no row, exactly as
+    if none was given (csrc/ops/common.cpp applies the same rule)."""
     if ignore_index is not None and mx.issubdtype(targets.dtype, mx.integer):
-        # An index compares in its own dtype: a value the dtype cannot hold
-        # (-100 for uint8 targets) matches no row, as in the kernels.
         info = mx.iinfo(targets.dtype)
         if not info.min <= ignore_index <= info.max:
-            ignore_index = None
+            return None
+    return ignore_index
+
+
+def _kept_rows(targets: mx.array, ignore_index: Optional[int], row_weight=None):
+    """Denominator of a "mean" over rows: kept rows, weighted if asked."""
     keep = mx.ones(targets.shape, mx.bool_) if ignore_index is None else targets != ignore_index
     if row_weight is None:
         return keep.astype(mx.float32).sum()
@@ -161,6 +166,7 @@ def cross_entropy(
     targets = _as_array(targets, "targets")
     _check_reduction(reduction)
     result_dtype = _result_dtype(dtype, logits.dtype)
+    ignore_index = _ignore_index_for(targets, ignore_index)
     if class_weights is not None:
         class_weights = _as_array(class_weights, "class_weights")
     loss = _ext.cross_entropy(
@@ -187,8 +193,13 @@ def cross_entropy(
         row_weight = None
         if class_weights is not None:
             k = class_weights.shape[0]
-            safe = mx.clip(targets.astype(mx.int64), 0, k - 1)
-            row_weight = class_weights.astype(mx.float32)[safe]
+            # An out-of-range index (a NaN row) has no class weight to add;
+            # a uint64 index above 2^63 turns negative here, out of range too.
+            index = targets.astype(mx.int64)
+            in_range = (index >= 0) & (index < k)
+            row_weight = mx.where(
+                in_range, class_weights.astype(mx.float32)[mx.clip(index, 0, k - 1)], 0.0
+            )
         count = _kept_rows(targets, ignore_index, row_weight)
     return _finish(loss, reduction, result_dtype, count)
 
@@ -281,6 +292,7 @@ def softmax_focal_loss(
     logits = _as_array(logits, "logits")
     targets = _as_array(targets, "targets")
     _check_reduction(reduction)
+    ignore_index = _ignore_index_for(targets, ignore_index)
     if alpha is not None and not isinstance(alpha, (int, float)):
         alpha = _as_array(alpha, "alpha")
         _check_nonnegative_values(alpha, "alpha")
