@@ -2,14 +2,17 @@
 // csrc/cpu/pointwise_loss.cpp computes, with the formulas of
 // csrc/math/smooth_l1.h and csrc/math/focal.h.
 //
-//   pw_forward          loss[i] for every element (reduction "none")
+//   pw_forward          loss[i] for every element (reduction "none"), in the
+//                       predictions' dtype (computed in float32, rounded once)
 //   pw_forward_partial  one float32 partial sum per threadgroup over a fixed
 //                       block of FL_PW_GROUP_ELEMS elements
 //   fl_pw_sum_finish       one threadgroup adds the partials in a fixed order and
 //                       divides by n for the mean: the result does not depend
 //                       on scheduling (no atomics)
-//   pw_backward         grad[i] = g * dloss/dpred, g element-wise or the scalar
-//                       cotangent of the sum (divided by n for the mean)
+//   pw_backward         grad[i] = g * dloss/dpred, g element-wise (read in its
+//                       own dtype: float32, or the predictions' 16-bit dtype)
+//                       or the float32 scalar cotangent of the sum (divided by
+//                       n for the mean)
 // Each thread handles FL_PW_READS contiguous elements (per step), read with an
 // unrolled, unmasked fast path and a masked tail.
 #include <metal_stdlib>
@@ -65,7 +68,7 @@ template <typename T, int kKind>
 [[kernel]] void pw_forward(
     device const T* pred [[buffer(FL_PW_FWD_PRED)]],
     device const T* target [[buffer(FL_PW_FWD_TARGET)]],
-    device float* loss [[buffer(FL_PW_FWD_OUT)]],
+    device T* loss [[buffer(FL_PW_FWD_OUT)]],
     constant PwArgs& args [[buffer(FL_PW_FWD_ARGS)]],
     uint group [[threadgroup_position_in_grid]],
     uint tid [[thread_index_in_threadgroup]],
@@ -83,12 +86,12 @@ template <typename T, int kKind>
       tv[k] = float(target[i0 + k]);
     }
     for (int k = 0; k < R; ++k) {
-      loss[i0 + k] = pw_loss<kKind>(xv[k], tv[k], p0, p1);
+      loss[i0 + k] = T(pw_loss<kKind>(xv[k], tv[k], p0, p1));
     }
   } else {
     for (int k = 0; k < R; ++k) {
       if (i0 + k < n) {
-        loss[i0 + k] = pw_loss<kKind>(float(pred[i0 + k]), float(target[i0 + k]), p0, p1);
+        loss[i0 + k] = T(pw_loss<kKind>(float(pred[i0 + k]), float(target[i0 + k]), p0, p1));
       }
     }
   }
@@ -145,11 +148,13 @@ template <typename T, int kKind>
   }
 }
 
-template <typename T, int kKind>
+// G: the cotangent's element type (float, or T for an element-wise cotangent
+// in the predictions' 16-bit dtype: instantiated as the _cot16 kernels).
+template <typename T, typename G, int kKind>
 [[kernel]] void pw_backward(
     device const T* pred [[buffer(FL_PW_BWD_PRED)]],
     device const T* target [[buffer(FL_PW_BWD_TARGET)]],
-    device const float* cotan [[buffer(FL_PW_BWD_COTAN)]],
+    device const G* cotan [[buffer(FL_PW_BWD_COTAN)]],
     device T* grad [[buffer(FL_PW_BWD_GRAD)]],
     constant PwArgs& args [[buffer(FL_PW_BWD_ARGS)]],
     uint group [[threadgroup_position_in_grid]],
@@ -165,35 +170,47 @@ template <typename T, int kKind>
   // d mean / d x_i = 1/n, applied here as on the CPU.
   float g0 = 0.0f;
   if (scalar_cotan) {
-    g0 = args.reduce == 2 ? cotan[0] / float(n > 0 ? n : 1) : cotan[0];
+    g0 = args.reduce == 2 ? float(cotan[0]) / float(n > 0 ? n : 1) : float(cotan[0]);
   }
   const float p0 = args.param0;
   const float p1 = args.param1;
   const int count = n - i0 < ulong(R) ? int(n - i0) : R;
   for (int k = 0; k < count; ++k) {
     ulong i = i0 + k;
-    float g = scalar_cotan ? g0 : cotan[i];
+    float g = scalar_cotan ? g0 : float(cotan[i]);
     grad[i] = T(g * pw_grad<kKind>(float(pred[i]), float(target[i]), p0, p1));
   }
 }
 
 // Host names: fl_pw_fwd_<none|partial>_<kind>_<dtype>, fl_pw_bwd_<kind>_<dtype>
-// (and fl_pw_sum_finish, a plain kernel, above).
+// (float32 cotangent), fl_pw_bwd_<kind>_<dtype>_cot16 (16-bit dtypes: the
+// cotangent in that dtype), and fl_pw_sum_finish, a plain kernel, above.
 #define FL_INST_PW_KIND(kname, K, dname, T)                                                      \
   template [[host_name("fl_pw_fwd_none_" #kname "_" #dname)]] [[kernel]] decltype(               \
       pw_forward<T, K>) pw_forward<T, K>;                                                        \
   template [[host_name("fl_pw_fwd_partial_" #kname "_" #dname)]] [[kernel]] decltype(            \
       pw_forward_partial<T, K>) pw_forward_partial<T, K>;                                        \
-  template [[host_name("fl_pw_bwd_" #kname "_" #dname)]] [[kernel]] decltype(pw_backward<T, K>)  \
-      pw_backward<T, K>;
+  template [[host_name("fl_pw_bwd_" #kname "_" #dname)]] [[kernel]] decltype(                   \
+      pw_backward<T, float, K>) pw_backward<T, float, K>;
 
 #define FL_INST_PW(dname, T)                 \
   FL_INST_PW_KIND(smooth_l1, 0, dname, T)    \
   FL_INST_PW_KIND(huber, 1, dname, T)        \
   FL_INST_PW_KIND(sigmoid_focal, 2, dname, T)
 
+#define FL_INST_PW_COT16_KIND(kname, K, dname, T)                                              \
+  template [[host_name("fl_pw_bwd_" #kname "_" #dname "_cot16")]] [[kernel]] decltype(          \
+      pw_backward<T, T, K>) pw_backward<T, T, K>;
+
+#define FL_INST_PW_COT16(dname, T)                     \
+  FL_INST_PW_COT16_KIND(smooth_l1, 0, dname, T)        \
+  FL_INST_PW_COT16_KIND(huber, 1, dname, T)            \
+  FL_INST_PW_COT16_KIND(sigmoid_focal, 2, dname, T)
+
 FL_INST_PW(float32, float)
 FL_INST_PW(float16, half)
+FL_INST_PW_COT16(float16, half)
 #if __METAL_VERSION__ >= 310
 FL_INST_PW(bfloat16, bfloat)
+FL_INST_PW_COT16(bfloat16, bfloat)
 #endif

@@ -29,7 +29,8 @@ def _compiler():
 
 @pytest.fixture(scope="module")
 def probe(tmp_path_factory):
-    sources = [PROBE] + sorted((ROOT / "csrc" / "math").glob("*.h")) + [ROOT / "csrc/cpu/dtype.h"]
+    sources = [PROBE] + sorted((ROOT / "csrc" / "math").glob("*.h")) + [
+        ROOT / "csrc/cpu" / name for name in ("dtype.h", "convert.h", "convert.cpp", "vectorize.h")]
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
     out = tmp_path_factory.mktemp("math_probe") / f"probe_{digest}.so"
     mlx_include = pathlib.Path(mx.__file__).parent / "include"
@@ -184,3 +185,82 @@ def test_16bit_converters_round_to_nearest_even(probe, kind, np_type):
     fn(nan.ctypes.data_as(ctypes.c_void_p), bits[:1].ctypes.data_as(ctypes.c_void_p),
        back[:1].ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(1))
     assert np.isnan(back[0])
+
+
+# ---- native 16-bit converters (csrc/cpu/convert.h) -----------------------------------------
+
+
+def _float_cases():
+    """float32 inputs that exercise every rounding decision of both 16-bit
+    formats: the three patterns around each tie (below, at, above) for every
+    upper-bit pattern, NaNs with payloads (quiet and signalling, both signs),
+    infinities, overflow thresholds, zeros and float32 subnormals, plus random
+    bits; the length is not a multiple of 16 (vector tails)."""
+    hi13 = np.arange(1 << 19, dtype=np.uint32) << 13  # half: 13 dropped bits
+    hi16 = np.arange(1 << 16, dtype=np.uint32) << 16  # bfloat16: 16 dropped bits
+    near = lambda hi, half_bit: np.concatenate([hi | (half_bit - 1), hi | half_bit, hi | (half_bit + 1)])
+    rng = np.random.default_rng(5)
+    special = np.uint32([
+        0x7F800000, 0xFF800000, 0x7F800001, 0xFF800001, 0x7FC00000, 0xFFC00000, 0x7FBFFFFF,
+        0x7FFFE000, 0xFFFFFFFF, 0x7FA00000, 0x00000000, 0x80000000, 0x00000001, 0x807FFFFF,
+        0x00400000, 0x477FF000, 0x477FEFFF, 0x477FF001, 0x33000000, 0x33000001, 0x387FE000,
+        0x7F7FFFFF, 0x7F7F8000, 0x7F7F7FFF,
+    ])
+    # Blocks of 16 where one subnormal sits among normal values (the
+    # native bfloat16 path falls back for such a block).
+    mixed = rng.integers(0x3F000000, 0x40000000, size=16 * 64, dtype=np.uint32)
+    mixed[::37] = rng.integers(1, 0x00800000, size=mixed[::37].size, dtype=np.uint32)
+    bits = np.concatenate([
+        near(hi13, 0x1000), near(hi16, 0x8000), special, mixed,
+        rng.integers(0, 1 << 32, size=1_000_000, dtype=np.uint64).astype(np.uint32),
+    ])
+    return bits[: bits.size - (bits.size % 16) + 7].view(np.float32).copy()
+
+
+def _run_pair(fn, x, out_dtype):
+    native = np.zeros(x.size, out_dtype)
+    portable = np.zeros(x.size, out_dtype)
+    ptr = lambda a: a.ctypes.data_as(ctypes.c_void_p)
+    ran = fn(ptr(x), ptr(native), ptr(portable), ctypes.c_int64(x.size))
+    return ran, native, portable
+
+
+@pytest.mark.parametrize("fmt", ["half", "bfloat"])
+def test_native_narrowing_is_bit_exact(probe, fmt):
+    """float32 -> 16 bits: the CPU's native instruction (vcvtps2ph,
+    vcvtneps2bf16) gives the portable converter's bits on every case."""
+    fn = probe.probe_narrow_half if fmt == "half" else probe.probe_narrow_bfloat
+    x = _float_cases()
+    ran, native, portable = _run_pair(fn, x, np.uint16)
+    probe.probe_convert_kind.restype = ctypes.c_char_p
+    kind = probe.probe_convert_kind(int(fmt == "half"), 1).decode()
+    if not ran:
+        pytest.skip(f"no native float32 -> {fmt} converter on this CPU ({kind})")
+    diff = np.nonzero(native != portable)[0]
+    assert diff.size == 0, (
+        f"{kind}: {diff.size} differences, e.g. {x.view(np.uint32)[diff[:4]]} -> "
+        f"{native[diff[:4]]} vs portable {portable[diff[:4]]}")
+    # Spot-check the portable bits themselves: NaN stays NaN (quiet, with the
+    # top of its payload), ties go to even.
+    if fmt == "half":
+        finite = np.isfinite(x) & (np.abs(x) < 65520)
+        with np.errstate(over="ignore"):
+            want = x[finite].astype(np.float16).view(np.uint16)
+        np.testing.assert_array_equal(portable[finite], want)
+        nan = np.isnan(x)
+        assert np.all((portable[nan] & 0x7E00) == 0x7E00)
+
+
+def test_native_half_widening_is_bit_exact(probe):
+    """All 65536 half patterns -> float32: vcvtph2ps gives the portable bits
+    (NaN payloads kept, signalling NaNs made quiet)."""
+    h = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    h = np.concatenate([h, h[:7]])  # a vector tail
+    ran, native, portable = _run_pair(probe.probe_widen_half, h, np.float32)
+    finite = (h & 0x7C00) != 0x7C00
+    np.testing.assert_array_equal(portable[finite], h[finite].view(np.float16).astype(np.float32))
+    nan = ((h & 0x7C00) == 0x7C00) & ((h & 0x3FF) != 0)
+    assert np.all(np.isnan(portable[nan]))
+    if not ran:
+        pytest.skip("no native half -> float32 converter on this CPU")
+    np.testing.assert_array_equal(native.view(np.uint32), portable.view(np.uint32))

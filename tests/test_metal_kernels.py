@@ -141,6 +141,8 @@ def host_names() -> set[str]:
         names |= {f"fl_sf_fwd_block_{d}", f"fl_sf_fwd_looped_{d}", f"fl_sf_bwd_{d}"}
         for k in ("smooth_l1", "huber", "sigmoid_focal"):
             names |= {f"fl_pw_fwd_none_{k}_{d}", f"fl_pw_fwd_partial_{k}_{d}", f"fl_pw_bwd_{k}_{d}"}
+            if d != "float32":
+                names.add(f"fl_pw_bwd_{k}_{d}_cot16")
     names.add("fl_pw_sum_finish")
     # The macros' string pieces must spell these names.
     for pattern, text in [(r'"fl_ce_fwd_" #var "_" #tgt "_" #wn "_" #dname', ce),
@@ -150,6 +152,7 @@ def host_names() -> set[str]:
                           (r'"fl_pw_fwd_none_" #kname "_" #dname', pw),
                           (r'"fl_pw_fwd_partial_" #kname "_" #dname', pw),
                           (r'"fl_pw_bwd_" #kname "_" #dname', pw),
+                          (r'"fl_pw_bwd_" #kname "_" #dname "_cot16"', pw),
                           (r"void fl_pw_sum_finish\(", pw)]:
         assert re.search(re.escape(pattern) if '"' in pattern else pattern, text), pattern
     for d, t in [("float32", "float"), ("float16", "half"), ("bfloat16", "bfloat")]:
@@ -482,30 +485,45 @@ def test_pointwise(lib, case_name, reduction, dtype, n):
     td, t = as_device(t32, dtype)
     red = REDUCTIONS[reduction]
     code = np.int32(DT_CODE[dtype])
-    out = np.full(n if red == 0 else 1, SENTINEL, np.float32)
+    # The element-wise loss comes back in the predictions' dtype.
+    out = device_empty(n, dtype) if red == 0 else np.full(1, SENTINEL, np.float32)
     partials = np.full(max(1, -(-n // 8192)), SENTINEL, np.float32)
     lib.run("pw_forward_run", code, np.int32(kind), np.int32(red), xd, td, out, partials,
             np.uint64(n), np.float32(p0), np.float32(p1))
     USED_KERNELS.add(plan(lib, 4, dtype, n=n, a=kind, b=red)["name"])
     if red:
         USED_KERNELS.add("fl_pw_sum_finish")
-    cot = (0.5 + rng.random(n)).astype(np.float32) if red == 0 else np.array([1.7], np.float32)
+    out = from_device(out, dtype) if red == 0 else out
+    # An element-wise cotangent comes in the loss's dtype (read as such by the
+    # _cot16 kernels); a reduced loss's is a float32 scalar.
+    cot16 = red == 0 and dtype != "float32"
+    cot32 = (0.5 + rng.random(n)).astype(np.float32) if red == 0 else np.array([1.7], np.float32)
+    cotd, cot = as_device(cot32, dtype) if cot16 else (cot32, cot32)
     grad = device_empty(n, dtype)
-    lib.run("pw_backward_run", code, np.int32(kind), np.int32(red), xd, td, cot, grad,
-            np.uint64(n), np.float32(p0), np.float32(p1))
-    USED_KERNELS.add(plan(lib, 5, dtype, n=n, a=kind)["name"])
+    lib.run("pw_backward_run", code, np.int32(kind), np.int32(red), xd, td, cotd, np.int32(cot16),
+            grad, np.uint64(n), np.float32(p0), np.float32(p1))
+    USED_KERNELS.add(plan(lib, 5, dtype, n=n, a=kind, b=int(cot16))["name"])
     grad = from_device(grad, dtype)
+    if cot16:
+        # The same cotangent values as float32 (the float32-cotangent kernel,
+        # which vmap of a reduced loss uses): the same gradient bits.
+        grad_f32cot = device_empty(n, dtype)
+        lib.run("pw_backward_run", code, np.int32(kind), np.int32(red), xd, td, cot.copy(),
+                np.int32(0), grad_f32cot, np.uint64(n), np.float32(p0), np.float32(p1))
+        USED_KERNELS.add(plan(lib, 5, dtype, n=n, a=kind, b=0)["name"])
+        np.testing.assert_array_equal(from_device(grad_f32cot, dtype), grad)
 
     exp, exp_grad = pw_reference(kind, p0, p1, x, t, reduction, cot if red == 0 else cot[0])
     exp = np.reshape(exp, out.shape)
-    tol = 2e-6 if red == 0 else 1e-5
+    # Element-wise: float32 math rounded once to the dtype.
+    tol = (2e-6 + (DT_TOL[dtype] if dtype != "float32" else 0.0)) if red == 0 else 1e-5
     assert_close(out, exp, rtol=tol, atol=tol, what="loss vs float64")
     xm, tm = mx_array(x, dtype), mx_array(t, dtype)
     cpu = np.reshape(np_of(pw_cpu(kind, p0, p1, xm, tm, reduction)), out.shape)
     assert_close(out, cpu, rtol=tol, atol=tol, what="loss vs CPU")
 
-    _, (cpu_grad,) = mx.vjp(lambda a: pw_cpu(kind, p0, p1, a, tm, reduction), [xm],
-                            [mx.array(cot if red == 0 else cot[0])])
+    cot_m = mx_array(cot, dtype) if cot16 else mx.array(cot if red == 0 else cot[0])
+    _, (cpu_grad,) = mx.vjp(lambda a: pw_cpu(kind, p0, p1, a, tm, reduction), [xm], [cot_m])
     # A gradient element is a difference of terms of size ~ g * alpha (focal:
     # (p - t) m^gamma + focus term), so float32 rounding (and FMA contraction,
     # which the CPU build and Metal may apply differently) is absolute, relative

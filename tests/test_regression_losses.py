@@ -283,3 +283,45 @@ def test_large_reductions(fl, rng, dtype, reduction):
             to_np(p), to_np(t), param, reduction)
         out = f(p, t, param, reduction=reduction)
         assert_close(out, ref, dtype, what=f"{which} {reduction}")
+
+
+# ==========================================================================
+# 16-bit element-wise losses: the kernels write the loss and read the
+# cotangent in the input dtype (no float32 array plus a cast)
+# ==========================================================================
+_EXT_ELEMENTWISE = {
+    "smooth_l1": lambda p, t: _ext().smooth_l1_loss(p, t, beta=0.7, reduction="none"),
+    "huber": lambda p, t: _ext().huber_loss(p, t, delta=1.3, reduction="none"),
+    "sigmoid_focal": lambda p, t: _ext().sigmoid_focal_loss(
+        p, mx.clip(t, 0, 1), alpha=0.25, gamma=2.0, reduction="none"),
+    "sigmoid_focal_g15": lambda p, t: _ext().sigmoid_focal_loss(
+        p, mx.clip(t, 0, 1), alpha=0.25, gamma=1.5, reduction="none"),
+}
+
+
+def _ext():
+    from mlx_fused_losses import _ext as ext
+    return ext
+
+
+@pytest.mark.parametrize("name", list(_EXT_ELEMENTWISE))
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+def test_elementwise_16bit_loss_and_cotangent_in_input_dtype(rng, name, dtype):
+    """The primitive's loss has the input dtype and equals the float32
+    computation rounded once; its backward takes the 16-bit cotangent as is and
+    equals the float32 backward with that cotangent, rounded once. 4097
+    elements: vector tails and more than one chunk."""
+    fn = _EXT_ELEMENTWISE[name]
+    p, t = _pair(rng, (4097,), dtype)
+    p32, t32 = p.astype(mx.float32), t.astype(mx.float32)
+    loss = fn(p, t)
+    assert loss.dtype == dtype
+    want = fn(p32, t32).astype(dtype)
+    np.testing.assert_array_equal(np.array(loss.astype(mx.float32)), np.array(want.astype(mx.float32)))
+
+    cot = (mx.array(rng.uniform(0.5, 2.0, size=(4097,))) * 3).astype(dtype)
+    _, (grad,) = mx.vjp(lambda a: fn(a, t), [p], [cot])
+    _, (grad32,) = mx.vjp(lambda a: fn(a, t32), [p32], [cot.astype(mx.float32)])
+    assert grad.dtype == dtype
+    np.testing.assert_array_equal(np.array(grad.astype(mx.float32)),
+                                  np.array(grad32.astype(dtype).astype(mx.float32)))

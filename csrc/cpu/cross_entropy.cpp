@@ -14,6 +14,8 @@ namespace fl {
 namespace {
 
 using cpu::kChunk;
+template <typename T>
+constexpr bool kIsFloat = std::is_same_v<T, float>;
 
 // Pointers and sizes of one call, captured by the dispatched task.
 struct CeArgs {
@@ -135,12 +137,23 @@ FL_VECTOR_CLONES void backward_rows(const CeArgs& a, int64_t begin, int64_t end)
     // read the target's logit before the row loop writes over it.
     float x_t = kSoft ? 0.0f : cpu::to_float(x[t]);
     const T* tp = kSoft ? static_cast<const T*>(a.target_probs) + r * K : nullptr;
-    FL_SIMD
-    for (int j = 0; j < K; ++j) {
-      float w = kWeighted ? a.class_weights[j] : 1.0f;
-      float q = kSoft ? g_other + g * c.c_target * cpu::to_float(tp[j]) : g_other;
-      dx[j] = cpu::from_float<T>(flm::ce_grad(cpu::to_float(x[j]), lse, lse_lo, coef, w * q));
-    }
+    // 16-bit rows go through float32 chunks in L1 (widened and narrowed by
+    // convert.h's native converters), so this loop is pure float32.
+    float xbuf[kIsFloat<T> ? 1 : kChunk], tbuf[kSoft && !kIsFloat<T> ? kChunk : 1];
+    float gbuf[kIsFloat<T> ? 1 : kChunk];
+    cpu::for_each_chunk(K, [&](int64_t c0, int n) FL_LAMBDA_INLINE {
+      const float* xv = cpu::chunk_as_float(x + c0, n, xbuf);
+      const float* tv = kSoft ? cpu::chunk_as_float(tp + c0, n, tbuf) : nullptr;
+      const float* wv = kWeighted ? a.class_weights + c0 : nullptr;
+      float* gv = cpu::chunk_out(dx + c0, gbuf);
+      FL_SIMD
+      for (int j = 0; j < n; ++j) {
+        float w = kWeighted ? wv[j] : 1.0f;
+        float q = kSoft ? g_other + g * c.c_target * tv[j] : g_other;
+        gv[j] = flm::ce_grad(xv[j], lse, lse_lo, coef, w * q);
+      }
+      cpu::store_chunk(gv, n, dx + c0);
+    });
     if constexpr (!kSoft) {
       float w_t = kWeighted ? a.class_weights[t] : 1.0f;
       float q_t = g_other + g * c.c_target;

@@ -34,7 +34,10 @@ FLM_INLINE float to_float(Half x) {
   // Shift the exponent and mantissa into place, then rescale by 2^(127-15):
   // exact for normal and subnormal halves alike.
   float f = flm::bits_float(mag << 13) * 5.192296858534828e33f; // 2^112
-  uint32_t bits = mag >= 0x7c00u ? ((mag << 13) | 0x7f800000u) : flm::float_bits(f);
+  // inf stays inf; a NaN keeps its payload and is made quiet, as F16C's
+  // vcvtph2ps does (convert.h's native path must give the same bits).
+  uint32_t special = (mag << 13) | 0x7f800000u | (mag > 0x7c00u ? 0x00400000u : 0u);
+  uint32_t bits = mag >= 0x7c00u ? special : flm::float_bits(f);
   return flm::bits_float(bits | sign);
 }
 
@@ -59,8 +62,9 @@ FLM_INLINE Half from_float<Half>(float x) {
   uint32_t sign = (u >> 16) & 0x8000u;
   uint32_t mag = u & 0x7fffffffu;
   uint32_t out;
-  if (mag >= 0x47800000u) { // >= 65536: inf, or NaN (kept quiet)
-    out = mag > 0x7f800000u ? 0x7e00u : 0x7c00u;
+  if (mag >= 0x47800000u) { // >= 65536: inf; or NaN, quiet, with the top of
+    // its payload, as vcvtps2ph does
+    out = mag > 0x7f800000u ? (0x7e00u | ((mag >> 13) & 0x3ffu)) : 0x7c00u;
   } else if (mag < 0x38800000u) { // below the smallest normal half
     // Adding 0.5 aligns the value's bits with the half subnormal grid; the
     // float addition itself performs round-to-nearest-even.

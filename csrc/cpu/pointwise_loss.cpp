@@ -4,6 +4,7 @@
 #include <memory>
 #include <vector>
 
+#include "cpu/convert.h"
 #include "cpu/dtype.h"
 #include "cpu/dispatch.h"
 #include "cpu/output_buffer.h"
@@ -17,13 +18,15 @@ namespace fl {
 
 namespace {
 
+using cpu::kChunk;
+
 struct PwArgs {
   const void* pred;
   const void* target;
   int64_t size;
   PointwiseParams params;
-  float* loss; // element-wise loss, or per-block partial sums for Reduce::Sum
-  const float* cotan; // backward: element-wise, or one scalar for Reduce::Sum
+  void* loss; // element-wise loss (predictions' dtype), or float32 per-block partial sums
+  const void* cotan; // backward: element-wise (its own dtype), or one float32 scalar
   void* grad;
 };
 
@@ -57,80 +60,119 @@ FLM_INLINE float grad_of(float x, float t, const PointwiseParams& p) {
   }
 }
 
+template <typename T>
+constexpr bool kIsFloat = std::is_same_v<T, float>;
+
+// Elements go through float32 chunks in L1 (16-bit ones widened and narrowed
+// by convert.h's native converters), so the loops are pure float32.
 template <typename T, int kKind>
 FL_VECTOR_CLONES void forward_range(const PwArgs& a, int64_t begin, int64_t end) {
   const T* x = static_cast<const T*>(a.pred);
   const T* t = static_cast<const T*>(a.target);
   const PointwiseParams p = a.params;
+  float xbuf[kIsFloat<T> ? 1 : kChunk], tbuf[kIsFloat<T> ? 1 : kChunk];
   if (p.reduce == Reduce::None) {
-    FL_SIMD
-    for (int64_t i = begin; i < end; ++i) {
-      a.loss[i] = loss_of<kKind>(cpu::to_float(x[i]), cpu::to_float(t[i]), p);
+    T* loss = static_cast<T*>(a.loss); // in the predictions' dtype
+    float lbuf[kIsFloat<T> ? 1 : kChunk];
+    for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
+      int n = int(std::min<int64_t>(kChunk, end - c0));
+      const float* xv = cpu::chunk_as_float(x + c0, n, xbuf);
+      const float* tv = cpu::chunk_as_float(t + c0, n, tbuf);
+      float* lv = cpu::chunk_out(loss + c0, lbuf);
+      FL_SIMD
+      for (int i = 0; i < n; ++i) {
+        lv[i] = loss_of<kKind>(xv[i], tv[i], p);
+      }
+      cpu::store_chunk(lv, n, loss + c0);
     }
     return;
   }
+  float* partials = static_cast<float*>(a.loss);
   for (int64_t b0 = begin; b0 < end; b0 += kSumBlock) {
     int64_t b1 = std::min(end, b0 + kSumBlock);
     float sum = 0.0f;
-    FL_SIMD_REDUCE(reduction(+ : sum))
-    for (int64_t i = b0; i < b1; ++i) {
-      sum += loss_of<kKind>(cpu::to_float(x[i]), cpu::to_float(t[i]), p);
+    for (int64_t c0 = b0; c0 < b1; c0 += kChunk) {
+      int n = int(std::min<int64_t>(kChunk, b1 - c0));
+      const float* xv = cpu::chunk_as_float(x + c0, n, xbuf);
+      const float* tv = cpu::chunk_as_float(t + c0, n, tbuf);
+      FL_SIMD_REDUCE(reduction(+ : sum))
+      for (int i = 0; i < n; ++i) {
+        sum += loss_of<kKind>(xv[i], tv[i], p);
+      }
     }
-    a.loss[b0 / kSumBlock] = sum;
+    partials[b0 / kSumBlock] = sum;
   }
 }
 
-// One loop per cotangent layout (a conditional load would keep it scalar);
-// everything the loop reads is passed by value so the vectorizer sees it is
-// loop-invariant.
-template <typename T, int kKind, bool kScalarCotan>
-FLM_INLINE void backward_loop(const T* x, const T* t, T* dx, const float* cotan, float g0,
+// G: the cotangent's element type (T or float32 element-wise; float32 for the
+// scalar cotangent of a reduced loss). One loop per cotangent layout (a
+// conditional load would keep it scalar); everything the loop reads is passed
+// by value so the vectorizer sees it is loop-invariant.
+template <typename T, typename G, int kKind, bool kScalarCotan>
+FLM_INLINE void backward_loop(const T* x, const T* t, T* dx, const G* cotan, float g0,
                               PointwiseParams p, int64_t begin, int64_t end) {
-  FL_SIMD
-  for (int64_t i = begin; i < end; ++i) {
-    float g = kScalarCotan ? g0 : cotan[i];
-    dx[i] = cpu::from_float<T>(g * grad_of<kKind>(cpu::to_float(x[i]), cpu::to_float(t[i]), p));
+  float xbuf[kIsFloat<T> ? 1 : kChunk], tbuf[kIsFloat<T> ? 1 : kChunk];
+  float gbuf[kIsFloat<G> || kScalarCotan ? 1 : kChunk], dbuf[kIsFloat<T> ? 1 : kChunk];
+  for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
+    int n = int(std::min<int64_t>(kChunk, end - c0));
+    const float* xv = cpu::chunk_as_float(x + c0, n, xbuf);
+    const float* tv = cpu::chunk_as_float(t + c0, n, tbuf);
+    const float* gv = kScalarCotan ? nullptr : cpu::chunk_as_float(cotan + c0, n, gbuf);
+    float* dv = cpu::chunk_out(dx + c0, dbuf);
+    FL_SIMD
+    for (int i = 0; i < n; ++i) {
+      float g = kScalarCotan ? g0 : gv[i];
+      dv[i] = g * grad_of<kKind>(xv[i], tv[i], p);
+    }
+    cpu::store_chunk(dv, n, dx + c0);
   }
 }
 
-template <typename T, int kKind>
+template <typename T, typename G, int kKind>
 FL_VECTOR_CLONES void backward_range(const PwArgs& a, int64_t begin, int64_t end) {
   const T* x = static_cast<const T*>(a.pred);
   const T* t = static_cast<const T*>(a.target);
   T* dx = static_cast<T*>(a.grad);
   const PointwiseParams p = a.params;
   if (p.reduce == Reduce::None) {
-    backward_loop<T, kKind, false>(x, t, dx, a.cotan, 0.0f, p, begin, end);
+    backward_loop<T, G, kKind, false>(x, t, dx, static_cast<const G*>(a.cotan), 0.0f, p, begin,
+                                      end);
   } else {
     // d mean / d x_i = 1/n: the scale is applied here, at evaluation time.
-    float g0 = p.reduce == Reduce::Mean ? a.cotan[0] / float(a.size > 0 ? a.size : 1) : a.cotan[0];
-    backward_loop<T, kKind, true>(x, t, dx, a.cotan, g0, p, begin, end);
+    const float* cotan = static_cast<const float*>(a.cotan);
+    float g0 = p.reduce == Reduce::Mean ? cotan[0] / float(a.size > 0 ? a.size : 1) : cotan[0];
+    backward_loop<T, float, kKind, true>(x, t, dx, cotan, g0, p, begin, end);
   }
 }
 
 using RangeFn = void (*)(const PwArgs&, int64_t, int64_t);
 
-// The instantiation for a dtype and formula; each is cloned per instruction set.
-template <typename T>
+// The instantiation for a dtype, cotangent type and formula; each is cloned
+// per instruction set.
+template <typename T, typename G>
 RangeFn pick_kind(const PointwiseParams& p, bool backward) {
   constexpr int kHuber = int(PointwiseKind::Huber), kFocal = int(PointwiseKind::SigmoidFocal),
                 kSmoothL1 = int(PointwiseKind::SmoothL1);
   switch (p.kind) {
     case PointwiseKind::Huber:
-      return backward ? backward_range<T, kHuber> : forward_range<T, kHuber>;
+      return backward ? backward_range<T, G, kHuber> : forward_range<T, kHuber>;
     case PointwiseKind::SigmoidFocal:
       if (p.param1 == 2.0f) {
-        return backward ? backward_range<T, kFocalGammaTwo> : forward_range<T, kFocalGammaTwo>;
+        return backward ? backward_range<T, G, kFocalGammaTwo> : forward_range<T, kFocalGammaTwo>;
       }
-      return backward ? backward_range<T, kFocal> : forward_range<T, kFocal>;
+      return backward ? backward_range<T, G, kFocal> : forward_range<T, kFocal>;
     default:
-      return backward ? backward_range<T, kSmoothL1> : forward_range<T, kSmoothL1>;
+      return backward ? backward_range<T, G, kSmoothL1> : forward_range<T, kSmoothL1>;
   }
 }
 
-RangeFn pick(mx::Dtype dtype, const PointwiseParams& p, bool backward) {
+// cotan_dtype: the element-wise cotangent's dtype (float32 or `dtype`).
+RangeFn pick(mx::Dtype dtype, mx::Dtype cotan_dtype, const PointwiseParams& p, bool backward) {
   RangeFn fn = nullptr;
-  cpu::dispatch_float(dtype, [&](auto zero) { fn = pick_kind<decltype(zero)>(p, backward); });
+  cpu::dispatch_float(dtype, [&](auto zero) {
+    using T = decltype(zero);
+    fn = cotan_dtype == dtype ? pick_kind<T, T>(p, backward) : pick_kind<T, float>(p, backward);
+  });
   return fn;
 }
 
@@ -143,11 +185,12 @@ void PointwiseLoss::eval_cpu(const std::vector<mx::array>& inputs, std::vector<m
   a.target = inputs[1].data<void>();
   a.size = inputs[0].size();
   a.params = params_;
-  RangeFn fn = pick(inputs[0].dtype(), params_, false);
+  RangeFn fn = pick(inputs[0].dtype(), inputs[0].dtype(), params_, false);
   if (params_.reduce == Reduce::None) {
-    // A float32 loss may overwrite float32 predictions nobody else needs.
+    // The loss (in the predictions' dtype) may overwrite predictions nobody
+    // else needs: each chunk is read before its results are written.
     cpu::allocate_or_reuse(out, inputs[0], stream());
-    a.loss = out.data<float>();
+    a.loss = out.data<void>();
     cpu::dispatch_parallel(stream(), inputs, outputs, a.size, cpu::kMinElementsPerTask,
                            [a, fn](int64_t b, int64_t e) { fn(a, b, e); });
     return;
@@ -183,10 +226,11 @@ void PointwiseLossVJP::eval_cpu(const std::vector<mx::array>& inputs, std::vecto
   a.target = inputs[1].data<void>();
   a.size = inputs[0].size();
   a.params = params_;
-  a.cotan = inputs[2].data<float>();
+  a.cotan = inputs[2].data<void>();
   a.grad = grad.data<void>();
+  RangeFn fn = pick(inputs[0].dtype(), inputs[2].dtype(), params_, true);
   cpu::dispatch_parallel(stream(), inputs, outputs, a.size, cpu::kMinElementsPerTask,
-                         [a, fn = pick(inputs[0].dtype(), params_, true)](int64_t b, int64_t e) { fn(a, b, e); });
+                         [a, fn](int64_t b, int64_t e) { fn(a, b, e); });
 }
 
 } // namespace fl

@@ -6,26 +6,12 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "cpu/convert.h"
 #include "cpu/dtype.h"
 #include "cpu/vectorize.h"
 #include "math/cross_entropy.h"
 
 namespace fl::cpu {
-
-// A chunk of a row as float32: the row itself for float32 input, else
-// converted into `buf`.
-template <typename T>
-FLM_INLINE const float* chunk_as_float(const T* src, int n, float* buf) {
-  if constexpr (std::is_same_v<T, float>) {
-    return src;
-  } else {
-    FL_SIMD
-    for (int i = 0; i < n; ++i) {
-      buf[i] = to_float(src[i]);
-    }
-    return buf;
-  }
-}
 
 // Calls f(c0, n) for the chunks [c0, c0 + n) of a row of K elements, in order.
 // c0 is 64-bit: with K near 2^31, c0 + kChunk would overflow an int.

@@ -80,10 +80,19 @@ FL_VECTOR_CLONES void backward_rows(const FocalArgs& a, int64_t begin, int64_t e
     float lse = a.lse[r];
     float lse_lo = a.lse_lo[r];
     float coef = a.g_loss[r] * a.coef[r];
-    FL_SIMD
-    for (int j = 0; j < K; ++j) {
-      dx[j] = cpu::from_float<T>(flm::softmax_focal_grad(cpu::to_float(x[j]), lse, lse_lo, coef, j == t));
-    }
+    // 16-bit rows go through float32 chunks in L1 (see convert.h).
+    float xbuf[std::is_same_v<T, float> ? 1 : cpu::kChunk];
+    float gbuf[std::is_same_v<T, float> ? 1 : cpu::kChunk];
+    cpu::for_each_chunk(K, [&](int64_t c0, int n) FL_LAMBDA_INLINE {
+      const float* xv = cpu::chunk_as_float(x + c0, n, xbuf);
+      float* gv = cpu::chunk_out(dx + c0, gbuf);
+      const int64_t local_t = t - c0; // the target's index in this chunk, if inside
+      FL_SIMD
+      for (int j = 0; j < n; ++j) {
+        gv[j] = flm::softmax_focal_grad(xv[j], lse, lse_lo, coef, j == local_t);
+      }
+      cpu::store_chunk(gv, n, dx + c0);
+    });
   }
 }
 

@@ -76,7 +76,7 @@ typedef uint64_t fl_u64;
 // Pointwise forward (element-wise loss, or per-threadgroup partial sums)
 #define FL_PW_FWD_PRED 0
 #define FL_PW_FWD_TARGET 1
-#define FL_PW_FWD_OUT 2 // [n] float32 loss, or [groups] float32 partial sums
+#define FL_PW_FWD_OUT 2 // [n] loss in the predictions' dtype, or [groups] float32 partial sums
 #define FL_PW_FWD_ARGS 3
 #define FL_PW_FWD_NBUF 4
 
@@ -89,7 +89,7 @@ typedef uint64_t fl_u64;
 // Pointwise backward
 #define FL_PW_BWD_PRED 0
 #define FL_PW_BWD_TARGET 1
-#define FL_PW_BWD_COTAN 2 // [n] float32, or [1] for a reduced loss
+#define FL_PW_BWD_COTAN 2 // [n] float32 or (_cot16 kernels) the 16-bit dtype; [1] float32 for a reduced loss
 #define FL_PW_BWD_GRAD 3
 #define FL_PW_BWD_ARGS 4
 #define FL_PW_BWD_NBUF 5

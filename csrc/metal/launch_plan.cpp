@@ -253,9 +253,13 @@ LaunchPlan pw_sum_finish_plan(uint64_t num_partials) {
   return p;
 }
 
-LaunchPlan pw_backward_plan(KDtype dt, int kind, uint64_t n) {
-  LaunchPlan p = elementwise_plan(
-      std::string("fl_pw_bwd_") + pw_kind_name(kind) + "_" + dtype_name(dt), n);
+LaunchPlan pw_backward_plan(KDtype dt, int kind, uint64_t n, bool cotan_in_dtype) {
+  // An element-wise cotangent in a 16-bit dtype is read as such (no float32
+  // copy); float32 predictions have only the float32 kernel.
+  bool cot16 = cotan_in_dtype && dt != KDtype::float32;
+  LaunchPlan p = elementwise_plan(std::string("fl_pw_bwd_") + pw_kind_name(kind) + "_" +
+                                      dtype_name(dt) + (cot16 ? "_cot16" : ""),
+                                  n);
   p.buffers = buffer_names(FL_PW_BWD_NBUF, {{FL_PW_BWD_PRED, "pred"}, {FL_PW_BWD_TARGET, "target"},
       {FL_PW_BWD_COTAN, "cotan"}, {FL_PW_BWD_GRAD, "grad"}, {FL_PW_BWD_ARGS, "args"}});
   return p;

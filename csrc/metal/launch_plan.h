@@ -81,7 +81,9 @@ const char* pw_kind_name(int kind);
 LaunchPlan pw_forward_plan(KDtype dt, int kind, uint64_t n, int reduce);
 uint64_t pw_num_partials(uint64_t n);
 LaunchPlan pw_sum_finish_plan(uint64_t num_partials);
-LaunchPlan pw_backward_plan(KDtype dt, int kind, uint64_t n);
+// cotan_in_dtype: the element-wise cotangent has the predictions' dtype (else
+// float32, as is the scalar cotangent of a reduced loss).
+LaunchPlan pw_backward_plan(KDtype dt, int kind, uint64_t n, bool cotan_in_dtype = false);
 PwArgs make_pw_args(uint64_t n, float param0, float param1, int reduce);
 
 } // namespace fl::mplan

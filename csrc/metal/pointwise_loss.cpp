@@ -76,8 +76,14 @@ void PointwiseLossVJP::eval_gpu(const std::vector<mx::array>& inputs,
   if (cotan.size() != (reduce == 0 ? n : 1)) {
     throw std::runtime_error("mlx_fused_losses: cotangent of unexpected size");
   }
-  mplan::LaunchPlan plan =
-      mplan::pw_backward_plan(gpu::kernel_dtype(pred.dtype()), int(params_.kind), n);
+  // ops/pointwise_loss.cpp passes an element-wise cotangent in the
+  // predictions' dtype or float32, a reduced loss's scalar in float32.
+  bool cotan_in_dtype = reduce == 0 && cotan.dtype() == pred.dtype();
+  if (!cotan_in_dtype && cotan.dtype() != mx::float32) {
+    throw std::runtime_error("mlx_fused_losses: cotangent of unexpected dtype");
+  }
+  mplan::LaunchPlan plan = mplan::pw_backward_plan(gpu::kernel_dtype(pred.dtype()),
+                                                   int(params_.kind), n, cotan_in_dtype);
   if (plan.empty()) {
     return;
   }

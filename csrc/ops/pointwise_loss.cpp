@@ -28,17 +28,25 @@ namespace {
 
 mx::array make_forward(const mx::array& pred, const mx::array& target,
                        const PointwiseParams& params, mx::StreamOrDevice s) {
-  mx::Shape shape = params.reduce != Reduce::None ? mx::Shape{} : pred.shape();
+  // Element-wise: the loss in the predictions' dtype, written by the kernel (no
+  // float32 array and cast). A fused sum stays a float32 scalar.
+  bool reduced = params.reduce != Reduce::None;
   return mx::array(
-      shape, mx::float32, std::make_shared<PointwiseLoss>(mx::to_stream(s), params),
+      reduced ? mx::Shape{} : pred.shape(), reduced ? mx::float32 : pred.dtype(),
+      std::make_shared<PointwiseLoss>(mx::to_stream(s), params),
       {dense(pred, s), dense(target, s)});
 }
 
 mx::array make_backward(const mx::array& pred, const mx::array& target, const mx::array& cotan,
                         const PointwiseParams& params, mx::StreamOrDevice s,
                         const std::optional<mx::array>& after = std::nullopt) {
-  std::vector<mx::array> inputs = {dense(pred, s), dense(target, s),
-                                   dense(mx::astype(cotan, mx::float32, s), s)};
+  // The kernel reads an element-wise cotangent in the predictions' dtype or in
+  // float32, as it comes (the loss's own dtype, normally: no cast); any other
+  // dtype, and the scalar cotangent of a reduced loss, as float32.
+  bool as_is = params.reduce == Reduce::None &&
+      (cotan.dtype() == pred.dtype() || cotan.dtype() == mx::float32);
+  auto g = as_is ? cotan : mx::astype(cotan, mx::float32, s);
+  std::vector<mx::array> inputs = {dense(pred, s), dense(target, s), dense(g, s)};
   if (after) {
     inputs.push_back(*after);
   }

@@ -25,7 +25,8 @@ void check_pointwise_inputs(const mx::array& predictions, const mx::array& targe
                             const char* pred_name);
 
 // Loss of predictions vs targets (broadcast together, targets cast to the
-// predictions' dtype): float32, element-wise or summed to a scalar.
+// predictions' dtype): element-wise in the predictions' dtype, or summed to a
+// float32 scalar.
 mx::array pointwise_loss(
     const mx::array& predictions,
     const mx::array& targets,
@@ -33,7 +34,8 @@ mx::array pointwise_loss(
     mx::StreamOrDevice s);
 
 // Forward. Inputs: predictions, targets (same shape and dtype, row-contiguous).
-// Output: float32 loss of their shape (Reduce::None) or a scalar (Reduce::Sum).
+// Output: the loss of their shape in their dtype (Reduce::None, computed in
+// float32 and rounded once), or a float32 scalar (Reduce::Sum / Mean).
 class PointwiseLoss : public LossPrimitive<PointwiseParams> {
  public:
   FL_LOSS_PRIMITIVE("FusedPointwiseLoss")
@@ -41,11 +43,11 @@ class PointwiseLoss : public LossPrimitive<PointwiseParams> {
 };
 
 // Backward w.r.t. the predictions. Inputs: predictions, targets, cotangent
-// (float32, of the loss's shape: element-wise, or a scalar for Reduce::Sum),
-// and for a reduced loss the forward's scalar, never read: it orders the
-// backward after the forward, so that once the forward has run nothing but
-// the backward holds the predictions and the gradient can take over their
-// buffer. Output: the gradient in the predictions' dtype.
+// (element-wise in the predictions' dtype or float32; a float32 scalar for a
+// reduced loss), and for a reduced loss the forward's scalar, never read: it
+// orders the backward after the forward, so that once the forward has run
+// nothing but the backward holds the predictions and the gradient can take
+// over their buffer. Output: the gradient in the predictions' dtype.
 class PointwiseLossVJP : public LossPrimitive<PointwiseParams> {
  public:
   FL_LOSS_PRIMITIVE("FusedPointwiseLossVJP")

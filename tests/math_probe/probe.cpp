@@ -50,3 +50,31 @@ void probe_bfloat_roundtrip(const float* x, uint16_t* bits, float* back, int64_t
   }
 }
 }
+
+// The chunk converters of csrc/cpu/convert.h, native and portable side by side
+// (compiled here from the kernels' own source). Each returns 1 when this CPU
+// has the native converter (and `native` was written), else 0.
+#include "cpu/convert.cpp"
+
+extern "C" {
+
+int probe_widen_half(const uint16_t* x, float* native, float* portable, int64_t n) {
+  auto* h = reinterpret_cast<const fl::cpu::Half*>(x);
+  fl::cpu::convert_impl::widen_portable(h, int(n), portable);
+  return fl::cpu::convert_impl::widen_native(h, int(n), native) ? 1 : 0;
+}
+
+int probe_narrow_half(const float* x, uint16_t* native, uint16_t* portable, int64_t n) {
+  fl::cpu::convert_impl::narrow_portable(x, int(n), reinterpret_cast<fl::cpu::Half*>(portable));
+  return fl::cpu::convert_impl::narrow_native(x, int(n), reinterpret_cast<fl::cpu::Half*>(native)) ? 1 : 0;
+}
+
+int probe_narrow_bfloat(const float* x, uint16_t* native, uint16_t* portable, int64_t n) {
+  fl::cpu::convert_impl::narrow_portable(x, int(n), reinterpret_cast<fl::cpu::BFloat*>(portable));
+  return fl::cpu::convert_impl::narrow_native(x, int(n), reinterpret_cast<fl::cpu::BFloat*>(native)) ? 1 : 0;
+}
+
+const char* probe_convert_kind(int half, int narrowing) {
+  return fl::cpu::convert_impl::native_kind(half != 0, narrowing != 0);
+}
+}

@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstring>
 #include <map>
+#include <type_traits>
 #include <string>
 
 #include "metal_host.h"
@@ -125,9 +126,9 @@ void sf_bwd_call(const SfBufs& b, const SfArgs& a, const mh::ThreadCtx& t) {
 struct PwBufs {
   const void* pred;
   const void* target;
-  float* out; // loss, or partial sums
+  void* out; // loss (predictions' dtype), or float32 partial sums
   float* result; // sum finish output
-  const float* cotan;
+  const void* cotan; // float32, or the predictions' dtype (_cot16 kernels)
   void* grad;
 };
 
@@ -135,7 +136,8 @@ using PwFn = void (*)(const PwBufs&, const PwArgs&, const mh::ThreadCtx&);
 
 template <class T, int kKind>
 void pw_fwd_call(const PwBufs& b, const PwArgs& a, const mh::ThreadCtx& t) {
-  pw_forward<T, kKind>(static_cast<const T*>(b.pred), static_cast<const T*>(b.target), b.out, a,
+  pw_forward<T, kKind>(static_cast<const T*>(b.pred), static_cast<const T*>(b.target),
+                       static_cast<T*>(b.out), a,
                        t.threadgroup_position_in_grid.x, t.thread_index_in_threadgroup,
                        t.threads_per_threadgroup.x);
 }
@@ -143,23 +145,23 @@ void pw_fwd_call(const PwBufs& b, const PwArgs& a, const mh::ThreadCtx& t) {
 template <class T, int kKind>
 void pw_partial_call(const PwBufs& b, const PwArgs& a, const mh::ThreadCtx& t) {
   pw_forward_partial<T, kKind>(
-      static_cast<const T*>(b.pred), static_cast<const T*>(b.target), b.out, a,
-      t.threadgroup_memory<float>(0), t.threadgroup_position_in_grid.x,
+      static_cast<const T*>(b.pred), static_cast<const T*>(b.target), static_cast<float*>(b.out),
+      a, t.threadgroup_memory<float>(0), t.threadgroup_position_in_grid.x,
       t.thread_index_in_threadgroup, t.threads_per_threadgroup.x, t.thread_index_in_simdgroup,
       t.simdgroup_index_in_threadgroup, t.simdgroups_per_threadgroup);
 }
 
 void pw_finish_call(const PwBufs& b, const PwArgs& a, const mh::ThreadCtx& t) {
-  fl_pw_sum_finish(b.out, b.result, a, t.threadgroup_memory<float>(0),
+  fl_pw_sum_finish(static_cast<const float*>(b.out), b.result, a, t.threadgroup_memory<float>(0),
                    t.thread_index_in_threadgroup, t.threads_per_threadgroup.x,
                    t.thread_index_in_simdgroup, t.simdgroup_index_in_threadgroup,
                    t.simdgroups_per_threadgroup);
 }
 
-template <class T, int kKind>
+template <class T, class G, int kKind>
 void pw_bwd_call(const PwBufs& b, const PwArgs& a, const mh::ThreadCtx& t) {
-  pw_backward<T, kKind>(static_cast<const T*>(b.pred), static_cast<const T*>(b.target), b.cotan,
-                        static_cast<T*>(b.grad), a, t.threadgroup_position_in_grid.x,
+  pw_backward<T, G, kKind>(static_cast<const T*>(b.pred), static_cast<const T*>(b.target),
+                        static_cast<const G*>(b.cotan), static_cast<T*>(b.grad), a, t.threadgroup_position_in_grid.x,
                         t.thread_index_in_threadgroup, t.threads_per_threadgroup.x);
 }
 
@@ -195,7 +197,10 @@ struct Registry {
   void add_pw(const std::string& tail) {
     pw["fl_pw_fwd_none_" + tail] = pw_fwd_call<T, kKind>;
     pw["fl_pw_fwd_partial_" + tail] = pw_partial_call<T, kKind>;
-    pw["fl_pw_bwd_" + tail] = pw_bwd_call<T, kKind>;
+    pw["fl_pw_bwd_" + tail] = pw_bwd_call<T, float, kKind>;
+    if constexpr (!std::is_same_v<T, float>) {
+      pw["fl_pw_bwd_" + tail + "_cot16"] = pw_bwd_call<T, T, kKind>;
+    }
   }
 
   Registry() {
@@ -257,7 +262,7 @@ int plan_info(int which, int dt, int64_t rows, int64_t n, int a, int b, int max_
       case 2: p = P::sf_forward_plan(d, rows, int(n), max_threads); break;
       case 3: p = P::sf_backward_plan(d, rows, int(n)); break;
       case 4: p = P::pw_forward_plan(d, a, uint64_t(n), b); break;
-      case 5: p = P::pw_backward_plan(d, a, uint64_t(n)); break;
+      case 5: p = P::pw_backward_plan(d, a, uint64_t(n), b != 0); break;
       case 6: p = P::pw_sum_finish_plan(uint64_t(n)); break;
       default: throw mh::Error("plan_info: unknown kernel family");
     }
@@ -335,7 +340,7 @@ int sf_backward_run(int dt, const void* logits, const int64_t* index, const floa
 
 // reduce 0: out[n] = loss. reduce 1/2: partials[max(1, P)] then out[0] = sum (/ n).
 int pw_forward_run(int dt, int kind, int reduce, const void* pred, const void* target,
-                   float* out, float* partials, uint64_t n, float p0, float p1) {
+                   void* out, float* partials, uint64_t n, float p0, float p1) {
   return mh::guarded([&] {
     KDtype d = to_dtype(dt);
     PwArgs args = fl::mplan::make_pw_args(n, p0, p1, reduce);
@@ -346,7 +351,7 @@ int pw_forward_run(int dt, int kind, int reduce, const void* pred, const void* t
       run_plan(p, [&](const mh::ThreadCtx& t) { fn(b, args, t); });
       return;
     }
-    PwBufs b{pred, target, partials, out, nullptr, nullptr};
+    PwBufs b{pred, target, partials, static_cast<float*>(out), nullptr, nullptr};
     run_plan(p, [&](const mh::ThreadCtx& t) { fn(b, args, t); });
     LaunchPlan f = fl::mplan::pw_sum_finish_plan(args.num_partials);
     PwFn finish = lookup(registry().pw, f.kernel_name);
@@ -354,11 +359,13 @@ int pw_forward_run(int dt, int kind, int reduce, const void* pred, const void* t
   });
 }
 
+// cotan_in_dtype: the element-wise cotangent has the predictions' dtype.
 int pw_backward_run(int dt, int kind, int reduce, const void* pred, const void* target,
-                    const float* cotan, void* grad, uint64_t n, float p0, float p1) {
+                    const void* cotan, int cotan_in_dtype, void* grad, uint64_t n, float p0,
+                    float p1) {
   return mh::guarded([&] {
     PwArgs args = fl::mplan::make_pw_args(n, p0, p1, reduce);
-    LaunchPlan p = fl::mplan::pw_backward_plan(to_dtype(dt), kind, n);
+    LaunchPlan p = fl::mplan::pw_backward_plan(to_dtype(dt), kind, n, cotan_in_dtype != 0);
     PwBufs b{pred, target, nullptr, nullptr, cotan, grad};
     PwFn fn = lookup(registry().pw, p.kernel_name);
     run_plan(p, [&](const mh::ThreadCtx& t) { fn(b, args, t); });
