@@ -264,3 +264,80 @@ def test_native_half_widening_is_bit_exact(probe):
     if not ran:
         pytest.skip("no native half -> float32 converter on this CPU")
     np.testing.assert_array_equal(native.view(np.uint32), portable.view(np.uint32))
+
+
+UB_PROGRAM = r"""
+#include <cstdio>
+#include <limits>
+#include "cpu/row_reduce.h"
+namespace fl::cpu {
+struct Phantom {};
+inline float to_float(Phantom) { return 0.0f; }
+}
+int main() {
+  const float inf = std::numeric_limits<float>::infinity();
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  volatile float specials[] = {inf, 89.0f, 1e30f, nan, -inf, 0.0f};
+  for (float x : specials) std::printf("%g ", flm::exp_nonpos_f32(x));
+  // A row holding +inf and NaN in the same SIMD lane, through the real chunk loop.
+  float row[40];
+  for (int i = 0; i < 40; ++i) row[i] = float(i % 7);
+  row[3] = inf;
+  row[19] = nan;
+  // (3 and 19 share a lane at 8 or 16 lanes; the lane max is then taken over
+  // NaN, which drops the inf, and x - max = +inf reaches the exp.)
+  flm::LseState st = fl::cpu::online_row(row, 40, [&](const float* xv, int64_t, int n,
+                                                      flm::MaxMove mv) {
+    float s = 0.0f;
+    for (int i = 0; i < n; ++i) s += flm::exp_nonpos_f32(xv[i] - mv.shift);
+    return s;
+  });
+  std::printf("| %g %g |", st.max, st.sum);
+  // The chunk walk of online_row over rows of K elements near 2^31 that are
+  // never stored (Phantom: no storage, converts to 0): chunks, sum of their
+  // lengths, the end of the last, and whether any was out of order.
+  for (int K : {2047, 2048, 2049, 2147481599, 2147481600, 2147481601, 2147483647}) {
+    static fl::cpu::Phantom none[1];
+    long long chunks = 0, total = 0, end = 0, bad = 0;
+    fl::cpu::online_row(none, K, [&](const float*, int64_t c0, int n, flm::MaxMove) {
+      bad += (c0 != end || n <= 0 || c0 + n > K) ? 1 : 0;
+      ++chunks;
+      total += n;
+      end = c0 + n;
+      return 0.0f;
+    });
+    std::printf(" %lld,%lld,%lld,%lld", chunks, total, end, bad);
+  }
+  std::printf("\n");
+  return 0;
+}
+"""
+WALK_K = [2047, 2048, 2049, 2**31 - 2049, 2**31 - 2048, 2**31 - 2047, 2**31 - 1]
+
+
+def test_row_loop_no_undefined_behaviour(tmp_path):
+    """Built with -fsanitize=float-cast-overflow,signed-integer-overflow and no
+    recovery, the CPU kernels' math and row loop must run clean:
+    - exp_nonpos_f32(+inf) once converted n = inf to an integer (clang's UBSan
+      flagged it, reached by a row with +inf and NaN in one SIMD lane); now
+      e^inf = inf;
+    - online_row's chunk offset was an int: rows of K > 2^31 - 2048 overflowed
+      it (SIGSEGV in the CE forward at K = 2^31 - 1). The walk must cover
+      [0, K) in order (rows near 2^31 that are never allocated)."""
+    if not shutil.which("g++"):
+        pytest.skip("g++ is needed for the sanitizer build")
+    src = tmp_path / "ub.cpp"
+    src.write_text(UB_PROGRAM)
+    exe = tmp_path / "ub"
+    mlx_include = pathlib.Path(mx.__file__).parent / "include"
+    subprocess.run(["g++", "-O2", "-std=c++20", "-fopenmp-simd", "-fno-trapping-math",
+                    "-fsanitize=float-cast-overflow,signed-integer-overflow",
+                    "-fno-sanitize-recover=all",
+                    f"-I{ROOT / 'csrc'}", f"-I{mlx_include}", str(src), "-o", str(exe)],
+                   check=True, capture_output=True)
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    exps, _, walks = run.stdout.split("|")
+    assert exps.split() == ["inf", "inf", "inf", "nan", "0", "1"], run.stdout
+    for K, walk in zip(WALK_K, walks.split()):
+        assert [int(v) for v in walk.split(",")] == [-(-K // 2048), K, K, 0], (K, walk)

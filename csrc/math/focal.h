@@ -2,6 +2,10 @@
 //
 // Sigmoid focal, element-wise (torchvision.ops.sigmoid_focal_loss semantics):
 //   p = sigmoid(x), ce = softplus(x) - x t,  m = 1 - p_t = p (1 - t) + (1 - p) t
+// ce is evaluated as x (1 - t) + log1p(e^-x) for x >= 0 and -x t + log1p(e^x)
+// for x < 0: both parts >= 0 for t in [0, 1], so a confident prediction
+// (x = 16, t = 1: ce = 1.1e-7) keeps its bits instead of cancelling
+// softplus(16) - 16 to 0. Likewise p - t = p (1 - t) - (1 - p) t.
 //   loss = alpha_t * ce * m^gamma,  alpha_t = alpha t + (1 - alpha)(1 - t)
 //   (alpha < 0 disables alpha_t).
 // Gradient: d/dx = alpha_t [ (p - t) m^gamma + gamma ce m^(gamma-1) p(1-p)(1-2t) ].
@@ -26,12 +30,12 @@ FLM_INLINE float focal_alpha_t(float t, float alpha) {
   return alpha < 0.0f ? 1.0f : alpha * t + (1.0f - alpha) * (1.0f - t);
 }
 
-// sigmoid(x), sigmoid(-x) = 1 - sigmoid(x) and softplus(x), each without
+// sigmoid(x), sigmoid(-x) = 1 - sigmoid(x) and log(1 + e^-|x|), each without
 // cancellation, from a single exp(-|x|).
 struct SigmoidParts {
   float p; // sigmoid(x)
   float q; // 1 - p
-  float softplus; // log(1 + e^x)
+  float log1p_e; // log(1 + e^-|x|) = softplus(x) - max(x, 0)
 };
 
 FLM_INLINE SigmoidParts sigmoid_parts(float x) {
@@ -40,8 +44,16 @@ FLM_INLINE SigmoidParts sigmoid_parts(float x) {
   SigmoidParts s;
   s.p = x >= 0.0f ? inv : e * inv;
   s.q = x >= 0.0f ? e * inv : inv;
-  s.softplus = fmax(x, 0.0f) + log1p_unit(e);
+  s.log1p_e = log1p_unit(e);
   return s;
+}
+
+// Binary cross-entropy with logits, softplus(x) - x t, without cancellation.
+// (weighted: a target of exactly 1 or 0 on an infinite logit of its own sign
+// costs 0, not inf * 0.)
+FLM_INLINE float bce_with_logits(SigmoidParts s, float x, float t) {
+  float linear = x >= 0.0f ? weighted(1.0f - t, x) : weighted(t, -x);
+  return linear + s.log1p_e;
 }
 
 // m = 1 - p_t = p (1 - t) + (1 - p) t, from p and 1 - p.
@@ -53,14 +65,14 @@ FLM_INLINE float sigmoid_focal_modulator(SigmoidParts s, float t) {
 template <typename Gamma>
 FLM_INLINE float sigmoid_focal_loss(float x, float t, float alpha, Gamma gamma) {
   SigmoidParts s = sigmoid_parts(x);
-  float ce = s.softplus - x * t;
+  float ce = bce_with_logits(s, x, t);
   return focal_alpha_t(t, alpha) * ce * pow_unit(sigmoid_focal_modulator(s, t), gamma);
 }
 
 template <typename Gamma>
 FLM_INLINE float sigmoid_focal_grad(float x, float t, float alpha, Gamma gamma) {
   SigmoidParts s = sigmoid_parts(x);
-  float ce = s.softplus - x * t;
+  float ce = bce_with_logits(s, x, t);
   float m = sigmoid_focal_modulator(s, t);
   float m_pow = pow_unit(m, gamma);
   // r = p(1-p)/m in [0, 1]; its limit when m underflows to 0 is irrelevant
@@ -68,7 +80,8 @@ FLM_INLINE float sigmoid_focal_grad(float x, float t, float alpha, Gamma gamma) 
   float r = m > 0.0f ? (s.p * s.q) / m : 1.0f;
   float g = gamma_value(gamma);
   float focus = g == 0.0f ? 0.0f : g * ce * m_pow * r * (1.0f - 2.0f * t);
-  return focal_alpha_t(t, alpha) * ((s.p - t) * m_pow + focus);
+  float p_minus_t = s.p * (1.0f - t) - s.q * t; // exact 1 - p, not p - 1, at t = 1
+  return focal_alpha_t(t, alpha) * (p_minus_t * m_pow + focus);
 }
 
 // Per-row results of the softmax focal forward pass.

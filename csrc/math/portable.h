@@ -83,9 +83,15 @@ FLM_INLINE bool is_nan(float x) {
 FLM_INLINE bool is_inf(float x) {
   return (float_bits(x) & 0x7fffffffu) == 0x7f800000u;
 }
-// sign(x) with sign(0) = 0, as the gradient of |x| at 0.
+// sign(x) with sign(0) = 0, as the gradient of |x| at 0, and sign(NaN) = NaN
+// (a NaN input must give a NaN gradient, not 0).
 FLM_INLINE float sign0(float x) {
-  return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : 0.0f);
+  return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : (is_nan(x) ? x : 0.0f));
+}
+
+// min(max(x, lo), hi) that keeps a NaN x (fmin/fmax would return a bound).
+FLM_INLINE float clamp_keep_nan(float x, float lo, float hi) {
+  return x < lo ? lo : (x > hi ? hi : x);
 }
 
 } // namespace flm

@@ -37,7 +37,7 @@ FLM_INLINE float regression_loss(int kind, float d, float param) {
 // The gradient w.r.t. the target is the negative of this.
 FLM_INLINE float regression_grad(int kind, float d, float param) {
   if (kind == kHuber) {
-    return fmin(fmax(d, -param), param); // clamp(d, -delta, delta)
+    return clamp_keep_nan(d, -param, param); // clamp(d, -delta, delta); NaN stays NaN
   }
   return smooth_l1_grad(d, param);
 }

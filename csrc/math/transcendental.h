@@ -27,7 +27,8 @@ FLM_CONST float kLog2e = 1.4426950408889634f;
 // nearest integer without a call to rint (which does not vectorize everywhere).
 FLM_CONST float kRoundMagic = 12582912.0f;
 
-// 2^n for integer-valued float n in [-126, 127], by building the exponent.
+// 2^n for integer-valued float n in [-126, 128] (128 gives +inf), by building
+// the exponent.
 FLM_INLINE float exp2_int(float n) {
   return bits_float(u32(i32(n) + 127) << 23);
 }
@@ -40,10 +41,8 @@ struct ExpParts {
   float n;
 };
 
-FLM_INLINE ExpParts exp_parts(float xc) {
-  ExpParts e;
-  e.n = (xc * kLog2e + kRoundMagic) - kRoundMagic;
-  float r = (xc - e.n * kLn2Hi) - e.n * kLn2Lo;
+// e^r for |r| <= ln2/2 (a little more is fine).
+FLM_INLINE float exp_poly(float r) {
   float p = 1.0f / 5040.0f;
   p = p * r + 1.0f / 720.0f;
   p = p * r + 1.0f / 120.0f;
@@ -51,7 +50,13 @@ FLM_INLINE ExpParts exp_parts(float xc) {
   p = p * r + 1.0f / 6.0f;
   p = p * r + 0.5f;
   p = p * r + 1.0f;
-  e.poly = p * r + 1.0f;
+  return p * r + 1.0f;
+}
+
+FLM_INLINE ExpParts exp_parts(float xc) {
+  ExpParts e;
+  e.n = (xc * kLog2e + kRoundMagic) - kRoundMagic;
+  e.poly = exp_poly((xc - e.n * kLn2Hi) - e.n * kLn2Lo);
   return e;
 }
 
@@ -67,16 +72,17 @@ FLM_INLINE float exp_f32(float x) {
 // e^x for the softmax terms, x = logit - max or logit - lse <= 0 (valid up to
 // x = 88): results below FLT_MIN (2^-126) are flushed to 0. Such a term cannot
 // change a sum that contains the max's e^0 = 1, nor a probability noticeably.
-// This is the hot loop of every row-wise kernel, so 2^n is applied by adding n
-// to the polynomial's exponent field (exact, as poly * 2^n is, while the
+// This is the hot loop of every row-wise kernel: a single 2^n (exact while the
 // result is normal: for x >= ln FLT_MIN either n > -126 or n = -126 and
-// poly >= 1), with no clamp of the input and no separate NaN test: a NaN x
-// gives a NaN poly, and n = NaN converts to INT_MIN (x86) or 0 (arm64, Metal),
-// both of which shift to 0, so the sum of bits stays NaN. Lanes below the
-// threshold (-inf included) may hold garbage before the final select.
+// poly >= 1) and no separate NaN test. n comes from x clamped to
+// [-87.34, 88.75], so converting it to an integer is always defined (+-inf and
+// NaN would be undefined behaviour there; +inf logits reach here), while r
+// comes from x itself: a NaN x gives a NaN poly, and poly * 2^n stays NaN;
+// +inf gives poly = inf and 2^128 = inf. Lanes below the threshold (-inf
+// included) may hold garbage before the final select.
 FLM_INLINE float exp_nonpos_f32(float x) {
-  ExpParts e = exp_parts(x);
-  float y = bits_float(float_bits(e.poly) + (u32(i32(e.n)) << 23));
+  float n = (fmin(fmax(x, -87.34f), 88.75f) * kLog2e + kRoundMagic) - kRoundMagic;
+  float y = exp_poly((x - n * kLn2Hi) - n * kLn2Lo) * exp2_int(n); // n in [-126, 128]
   return x < -87.33654f ? 0.0f : y; // e^-87.33654 = FLT_MIN
 }
 
