@@ -27,8 +27,7 @@ FLM_CONST float kLog2e = 1.4426950408889634f;
 // nearest integer without a call to rint (which does not vectorize everywhere).
 FLM_CONST float kRoundMagic = 12582912.0f;
 
-// 2^n for integer-valued float n in [-126, 128] (128 gives +inf), by building
-// the exponent.
+// 2^n for integer-valued float n in [-126, 127], by building the exponent.
 FLM_INLINE float exp2_int(float n) {
   return bits_float(u32(i32(n) + 127) << 23);
 }
@@ -72,17 +71,20 @@ FLM_INLINE float exp_f32(float x) {
 // e^x for the softmax terms, x = logit - max or logit - lse <= 0 (valid up to
 // x = 88): results below FLT_MIN (2^-126) are flushed to 0. Such a term cannot
 // change a sum that contains the max's e^0 = 1, nor a probability noticeably.
-// This is the hot loop of every row-wise kernel: a single 2^n (exact while the
-// result is normal: for x >= ln FLT_MIN either n > -126 or n = -126 and
-// poly >= 1) and no separate NaN test. n comes from x clamped to
-// [-87.34, 88.75], so converting it to an integer is always defined (+-inf and
-// NaN would be undefined behaviour there; +inf logits reach here), while r
-// comes from x itself: a NaN x gives a NaN poly, and poly * 2^n stays NaN;
-// +inf gives poly = inf and 2^128 = inf. Lanes below the threshold (-inf
-// included) may hold garbage before the final select.
+// This is the hot loop of every row-wise kernel: no clamp and no NaN test.
+// n is read from the bits of the rounding sum t = x log2e + 1.5 * 2^23 (integer
+// arithmetic, defined for every t: no float-to-int conversion, which would be
+// undefined behaviour for +-inf and NaN), and 2^n is applied by a multiply
+// (exact while the result is normal: for x >= ln FLT_MIN either n > -126 or
+// n = -126 and poly >= 1). Outside the valid range the bits are garbage but
+// harmless: x < ln FLT_MIN (-inf included) is replaced by 0 at the end, and a
+// NaN x (or +inf, reachable only from a row that also holds a NaN) makes r and
+// so poly NaN, which any 2^n keeps NaN.
 FLM_INLINE float exp_nonpos_f32(float x) {
-  float n = (fmin(fmax(x, -87.34f), 88.75f) * kLog2e + kRoundMagic) - kRoundMagic;
-  float y = exp_poly((x - n * kLn2Hi) - n * kLn2Lo) * exp2_int(n); // n in [-126, 128]
+  float t = x * kLog2e + kRoundMagic;
+  float n = t - kRoundMagic;
+  u32 biased_n = float_bits(t) - (float_bits(kRoundMagic) - 127u); // n + 127 for |n| < 2^22
+  float y = exp_poly((x - n * kLn2Hi) - n * kLn2Lo) * bits_float(biased_n << 23);
   return x < -87.33654f ? 0.0f : y; // e^-87.33654 = FLT_MIN
 }
 
