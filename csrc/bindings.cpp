@@ -4,6 +4,7 @@
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/variant.h>
+#include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
 #include <atomic>
@@ -11,6 +12,7 @@
 
 #include "cpu/parallel.h"
 #include "ops/cross_entropy.h"
+#include "ops/linear_cross_entropy.h"
 #include "ops/roofline.h"
 #include "ops/sigmoid_focal.h"
 #include "ops/smooth_l1.h"
@@ -117,6 +119,40 @@ NB_MODULE(_ext, m) {
       "logits"_a, "targets"_a, "axis"_a = -1, "gamma"_a = 2.0f, "alpha"_a = nb::none(),
       "class_alpha"_a = nb::none(), "ignore_index"_a = nb::none(), nb::kw_only(),
       "stream"_a = nb::none(), "Per-row float32 softmax focal loss (no reduction).");
+
+  m.def(
+      "linear_cross_entropy",
+      [](const mlx::core::array& hidden, const mlx::core::array& weight, const mlx::core::array& targets,
+         std::optional<mlx::core::array> bias, std::optional<mlx::core::array> scales,
+         std::optional<mlx::core::array> biases, int group_size, int bits, float label_smoothing,
+         const std::string& label_smoothing_mode, std::optional<int64_t> ignore_index, float z_loss,
+         std::optional<float> logit_softcap, bool sum_rows, std::optional<int64_t> chunk_bytes,
+         bool fuse_grads, mlx::core::StreamOrDevice stream) {
+        return fl::linear_cross_entropy(hidden, weight, targets, bias, scales, biases, group_size, bits,
+                                        label_smoothing, label_smoothing_mode, ignore_index, z_loss,
+                                        logit_softcap, sum_rows, chunk_bytes, fuse_grads, stream);
+      },
+      "hidden"_a, "weight"_a, "targets"_a, "bias"_a = nb::none(), nb::kw_only(), "scales"_a = nb::none(),
+      "biases"_a = nb::none(), "group_size"_a = 64, "bits"_a = 4, "label_smoothing"_a = 0.0f,
+      "label_smoothing_mode"_a = "uniform", "ignore_index"_a = nb::none(), "z_loss"_a = 0.0f,
+      "logit_softcap"_a = nb::none(), "sum_rows"_a = false, "chunk_bytes"_a = nb::none(),
+      "fuse_grads"_a = true, "stream"_a = nb::none(),
+      "Fused linear cross-entropy: [loss (per row, or summed), row max, row log-sum, "
+      "target-is-argmax, entropy, then gradients formed in the forward pass].");
+
+  m.def(
+      "linear_cross_entropy_plan",
+      [](int64_t rows, int64_t hidden_size, int64_t vocab, bool hidden_is_f32, bool weight_is_dense_f32,
+         int threads, std::optional<int64_t> chunk_bytes) {
+        auto plan = fl::plan_chunks(rows, hidden_size, vocab, hidden_is_f32, weight_is_dense_f32, threads,
+                                    chunk_bytes.value_or(fl::kLceDefaultChunkBytes));
+        return std::make_tuple(plan.rows, plan.vocab_tile, plan.bytes);
+      },
+      "rows"_a, "hidden_size"_a, "vocab"_a, "hidden_is_f32"_a, "weight_is_dense_f32"_a, "threads"_a,
+      "chunk_bytes"_a = nb::none(),
+      "The linear cross-entropy's chunk plan: (rows per chunk, weight rows per tile, bytes).");
+  m.attr("LINEAR_CE_DEFAULT_CHUNK_BYTES") = fl::kLceDefaultChunkBytes;
+  m.attr("LINEAR_CE_WEIGHT_TILE_BYTES") = fl::kLceWeightTileBytes;
 
   m.def("memory_roofline", &fl::memory_roofline, "reads"_a, "write_like"_a = nb::none(),
         nb::kw_only(), "stream"_a = nb::none(),

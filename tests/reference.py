@@ -438,3 +438,38 @@ def cross_entropy_grad_targets(logits, targets, weights=None, axis=-1,
         g_row = g_row * _f64(weights)
     g = r["w"] * dq * (r["lse"][..., None] - r["x"]) * g_row[..., None]
     return np.moveaxis(g, -1, r["axis"])
+
+
+# --------------------------------------------------------------------------
+# linear cross-entropy: the composed formula
+# --------------------------------------------------------------------------
+def linear_cross_entropy(hidden, weight, targets, bias=None, logit_softcap=None,
+                         reduction="mean", cotangent=None, **ce_options):
+    """Loss and gradients (hidden, weight, bias) of
+    ``cross_entropy(softcap(hidden @ weight.T + bias), targets, **ce_options)``,
+    all float64. ``cotangent``: of the reduced loss (shape of the loss)."""
+    h = _f64(hidden)
+    H = h.shape[-1]
+    h2 = h.reshape(-1, H)
+    w = _f64(weight)
+    t = np.asarray(targets, np.int64).reshape(-1)
+    y = h2 @ w.T
+    if bias is not None:
+        y = y + _f64(bias)
+    if logit_softcap is not None:
+        th = np.tanh(y / logit_softcap)
+        z, dz_dy = logit_softcap * th, 1.0 - th * th
+    else:
+        z, dz_dy = y, 1.0
+    loss = cross_entropy(z, t, reduction=reduction, **ce_options)
+    if reduction == "none":
+        loss = loss.reshape(np.shape(targets))
+        if cotangent is not None:
+            cotangent = _f64(cotangent).reshape(-1)
+    dz = cross_entropy_grad(z, t, reduction=reduction, cotangent=cotangent,
+                            **ce_options) * dz_dy
+    d_hidden = (dz @ w).reshape(h.shape)
+    d_weight = dz.T @ h2
+    d_bias = dz.sum(0)
+    return dict(loss=loss, logits=z, hidden=d_hidden, weight=d_weight,
+                bias=d_bias, dz=dz)

@@ -17,6 +17,7 @@ _check_mlx_version(_BUILT_WITH_MLX)
 import mlx.core  # noqa: E402, F401  (load libmlx and its nanobind types before _ext)
 
 from . import nn  # noqa: E402
+from .linear_cross_entropy import linear_cross_entropy  # noqa: E402
 from .losses import (  # noqa: E402
     cross_entropy,
     huber_loss,
@@ -34,5 +35,6 @@ __all__ = [
     "huber_loss",
     "sigmoid_focal_loss",
     "softmax_focal_loss",
+    "linear_cross_entropy",
     "nn",
 ]

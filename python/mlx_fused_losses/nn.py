@@ -12,6 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import losses
+from .linear_cross_entropy import linear_cross_entropy
 
 
 def _option_repr(value) -> str:
@@ -182,3 +183,39 @@ class SoftmaxFocalLoss(_LossModule):
 
 # The name users of torchvision/RetinaNet code look for.
 FocalLoss = SigmoidFocalLoss
+
+
+class LinearCrossEntropyLoss(nn.Module):
+    """Module form of :func:`mlx_fused_losses.linear_cross_entropy`: the loss of
+    ``hidden @ weight.T + bias`` without the logits. Called as
+    ``criterion(hidden, weight, targets, bias=None, *, mask=None, scales=None,
+    biases=None, group_size=64, bits=4, return_stats=False)`` (the weight
+    is the model's head, so it is an argument, not a member)."""
+
+    def __init__(
+        self,
+        label_smoothing: float = 0.0,
+        reduction: losses.Reduction = "mean",
+        *,
+        label_smoothing_mode: str = "uniform",
+        ignore_index: Optional[int] = None,
+        z_loss: float = 0.0,
+        logit_softcap: Optional[float] = None,
+        chunk_bytes: Optional[int] = None,
+        dtype: Optional[mx.Dtype] = None,
+    ):
+        super().__init__()
+        self._options = dict(
+            label_smoothing=label_smoothing,
+            reduction=reduction,
+            label_smoothing_mode=label_smoothing_mode,
+            ignore_index=ignore_index,
+            z_loss=z_loss,
+            logit_softcap=logit_softcap,
+            chunk_bytes=chunk_bytes,
+            dtype=dtype,
+        )
+
+    def __call__(self, hidden: mx.array, weight: mx.array, targets: mx.array,
+                 bias: Optional[mx.array] = None, **kwargs):
+        return linear_cross_entropy(hidden, weight, targets, bias, **self._options, **kwargs)

@@ -1,0 +1,60 @@
+// The one BLAS routine the linear cross-entropy needs: float32 GEMM, row-major.
+//
+// MLX's Linux wheel links a reference BLAS (~8 GFLOP/s here), so we link an
+// optimised one ourselves: OpenBLAS from the scipy-openblas32 wheel on Linux
+// (the build NumPy and SciPy ship; its symbols carry a `scipy_` prefix and
+// 32-bit integers) and Accelerate on macOS. CMakeLists.txt picks the library.
+#pragma once
+
+#include <cstdint>
+#include <stdexcept>
+
+#if defined(__APPLE__)
+#ifndef ACCELERATE_NEW_LAPACK
+#define ACCELERATE_NEW_LAPACK
+#endif
+#include <Accelerate/Accelerate.h>
+#define FL_CBLAS_SGEMM cblas_sgemm
+#else
+#include <cblas.h>
+#define FL_CBLAS_SGEMM scipy_cblas_sgemm
+#endif
+
+namespace fl::cpu {
+
+// C[m, n] = op(A) op(B) + beta C with op(X) = X or X^T; all row-major with
+// leading dimensions lda, ldb, ldc. Dimensions must fit BLAS's 32-bit ints
+// (MLX shapes are 32-bit, so they do).
+inline void sgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* a,
+                  int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (m == 0 || n == 0) {
+    return;
+  }
+  if (k == 0) {
+    // BLAS would scale C by beta; with beta = 0 it must become 0.
+    for (int64_t i = 0; i < m; ++i) {
+      for (int64_t j = 0; j < n; ++j) {
+        c[i * ldc + j] = beta == 0.0f ? 0.0f : beta * c[i * ldc + j];
+      }
+    }
+    return;
+  }
+  FL_CBLAS_SGEMM(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans,
+                 int(m), int(n), int(k), 1.0f, a, int(lda), b, int(ldb), beta, c, int(ldc));
+}
+
+// Make the BLAS calls single-threaded: the kernels parallelise the GEMMs
+// themselves, one block per thread of their pool. The wheel's OpenBLAS does
+// not export the per-thread setting, so this sets the library-wide one, once:
+// it concerns only this copy of OpenBLAS (NumPy and SciPy load their own).
+inline void blas_single_thread() {
+#if !defined(__APPLE__)
+  static const bool once = [] {
+    scipy_openblas_set_num_threads(1);
+    return true;
+  }();
+  (void)once;
+#endif
+}
+
+} // namespace fl::cpu

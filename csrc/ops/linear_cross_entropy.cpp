@@ -1,0 +1,382 @@
+#include "ops/linear_cross_entropy.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "math/cross_entropy.h"
+
+namespace fl {
+
+LceChunkPlan plan_chunks(
+    int64_t rows,
+    int64_t hidden_size,
+    int64_t vocab,
+    bool hidden_is_f32,
+    bool weight_is_dense_f32,
+    int threads,
+    int64_t chunk_bytes) {
+  LceChunkPlan plan;
+  int64_t row_bytes = 4 * std::max<int64_t>(hidden_size, 1);
+  plan.vocab_tile = weight_is_dense_f32
+      ? vocab
+      : std::clamp<int64_t>(kLceWeightTileBytes / row_bytes, 1, std::max<int64_t>(vocab, 1));
+  int64_t tile_bytes = weight_is_dense_f32 ? 0 : std::max(threads, 1) * plan.vocab_tile * row_bytes;
+  int64_t per_row = 4 * vocab + (hidden_is_f32 ? 0 : row_bytes);
+  int64_t fit = (chunk_bytes - tile_bytes) / per_row;
+  plan.rows = std::clamp<int64_t>(fit, 1, std::max<int64_t>(rows, 1));
+  plan.bytes = plan.rows * per_row + tile_bytes;
+  return plan;
+}
+
+namespace {
+
+// Build the forward primitive on checked, dense inputs (op, vmap).
+std::vector<mx::array> make_forward(
+    const std::vector<mx::array>& inputs,
+    const LinearCrossEntropyParams& p,
+    std::array<bool, 3> requested,
+    mx::StreamOrDevice s) {
+  auto L = lce_inputs(p);
+  std::vector<mx::array> dense_inputs;
+  for (const auto& in : inputs) {
+    dense_inputs.push_back(dense(in, s));
+  }
+  const auto& hidden = dense_inputs[L.hidden];
+  int vocab = dense_inputs[L.weight].shape(0);
+  auto rows = row_shape(hidden);
+  std::vector<mx::Shape> shapes = {p.sum_rows ? mx::Shape{} : rows, rows, rows, rows, rows};
+  std::vector<mx::Dtype> dtypes = {mx::float32, mx::float32, mx::float32, mx::bool_, mx::float32};
+  if (p.grad_hidden) {
+    shapes.push_back(hidden.shape());
+    dtypes.push_back(mx::float32);
+  }
+  if (p.grad_weight) {
+    shapes.push_back({vocab, hidden.shape(-1)});
+    dtypes.push_back(mx::float32);
+  }
+  if (p.grad_bias) {
+    shapes.push_back({vocab});
+    dtypes.push_back(mx::float32);
+  }
+  auto primitive = std::make_shared<LinearCrossEntropy>(mx::to_stream(s), p);
+  primitive->requested = requested;
+  return mx::array::make_arrays(std::move(shapes), dtypes, primitive, dense_inputs);
+}
+
+std::vector<mx::Shape> grad_shapes(const std::vector<mx::array>& inputs,
+                                   const LinearCrossEntropyParams& p) {
+  auto L = lce_inputs(p);
+  const auto& hidden = inputs[L.hidden];
+  int vocab = inputs[L.weight].shape(0);
+  std::vector<mx::Shape> shapes;
+  if (p.grad_hidden) shapes.push_back(hidden.shape());
+  if (p.grad_weight) shapes.push_back({vocab, hidden.shape(-1)});
+  if (p.grad_bias) shapes.push_back({vocab});
+  return shapes;
+}
+
+std::vector<mx::array> make_backward(
+    const std::vector<mx::array>& inputs,
+    const LinearCrossEntropyParams& p,
+    mx::StreamOrDevice s) {
+  std::vector<mx::array> dense_inputs;
+  for (const auto& in : inputs) {
+    dense_inputs.push_back(dense(in, s));
+  }
+  auto shapes = grad_shapes(dense_inputs, p);
+  std::vector<mx::Dtype> dtypes(shapes.size(), mx::float32);
+  return mx::array::make_arrays(
+      std::move(shapes), dtypes, std::make_shared<LinearCrossEntropyVJP>(mx::to_stream(s), p),
+      dense_inputs);
+}
+
+// vmap of either primitive: run it once per batch element and stack. A loss
+// summed over rows (and the weight gradient summed over rows) must stay per
+// batch element, which flattening the batch into the rows would break.
+template <typename Make>
+std::pair<std::vector<mx::array>, std::vector<int>> vmap_by_slices(
+    const std::vector<mx::array>& inputs,
+    const std::vector<int>& axes,
+    Make make,
+    mx::StreamOrDevice s) {
+  int batch = 0;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    if (axes[i] >= 0) {
+      batch = inputs[i].shape(axes[i]);
+    }
+  }
+  std::vector<std::vector<mx::array>> per_output;
+  for (int b = 0; b < batch; ++b) {
+    std::vector<mx::array> sliced;
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      sliced.push_back(axes[i] >= 0 ? mx::take(inputs[i], b, axes[i], s) : inputs[i]);
+    }
+    auto outs = make(sliced);
+    per_output.resize(outs.size());
+    for (size_t o = 0; o < outs.size(); ++o) {
+      per_output[o].push_back(outs[o]);
+    }
+  }
+  if (batch == 0) {
+    throw std::invalid_argument("linear_cross_entropy: vmap over an empty axis is not supported");
+  }
+  std::vector<mx::array> stacked;
+  for (auto& outs : per_output) {
+    stacked.push_back(mx::stack(outs, 0, s));
+  }
+  return {stacked, std::vector<int>(stacked.size(), 0)};
+}
+
+void check_quantized(const mx::array& w_q, const mx::array& scales, const mx::array& qbiases,
+                     int hidden_size, int group_size, int bits) {
+  if (bits != 2 && bits != 4 && bits != 8) {
+    fail_value("bits must be 2, 4 or 8 (affine quantization), got ", bits);
+  }
+  if (group_size != 32 && group_size != 64 && group_size != 128) {
+    fail_value("group_size must be 32, 64 or 128, got ", group_size);
+  }
+  if (w_q.dtype() != mx::uint32) {
+    fail_type("a quantized weight must be the uint32 matrix mx.quantize returns, got ", w_q.dtype());
+  }
+  if (w_q.ndim() != 2) {
+    fail_value("weight (quantized) must be 2-D (V, H * bits / 32), got ", shape_str(w_q.shape()));
+  }
+  int64_t columns = int64_t(w_q.shape(1)) * 32 / bits;
+  if (columns != hidden_size) {
+    fail_value("weight (quantized, bits=", bits, ") of shape ", shape_str(w_q.shape()), " holds ",
+               columns, " columns, but hidden has H = ", hidden_size);
+  }
+  if (hidden_size % group_size != 0) {
+    fail_value("H = ", hidden_size, " must be a multiple of group_size = ", group_size);
+  }
+  mx::Shape expected = {w_q.shape(0), hidden_size / group_size};
+  for (auto [arr, name] : {std::pair{&scales, "scales"}, std::pair{&qbiases, "biases"}}) {
+    check_float_input(*arr, name);
+    if (arr->shape() != expected) {
+      fail_value(name, " must have shape ", shape_str(expected), " (V, H / group_size) for group_size=",
+                 group_size, ", got ", shape_str(arr->shape()));
+    }
+  }
+}
+
+} // namespace
+
+std::vector<mx::array> linear_cross_entropy(
+    const mx::array& hidden,
+    const mx::array& weight,
+    const mx::array& targets,
+    const std::optional<mx::array>& bias,
+    const std::optional<mx::array>& scales,
+    const std::optional<mx::array>& qbiases,
+    int group_size,
+    int bits,
+    float label_smoothing,
+    const std::string& label_smoothing_mode,
+    std::optional<int64_t> ignore_index,
+    float z_loss,
+    std::optional<float> logit_softcap,
+    bool sum_rows,
+    std::optional<int64_t> chunk_bytes,
+    bool fuse_grads,
+    mx::StreamOrDevice s) {
+  check_float_input(hidden, "hidden");
+  if (hidden.ndim() == 0) {
+    fail_value("hidden must have a feature axis [..., H], got a scalar");
+  }
+  int hidden_size = hidden.shape(-1);
+  LinearCrossEntropyParams p;
+  if (qbiases && !scales) {
+    fail_value("biases (of a quantized weight) given without scales");
+  }
+  if (scales) {
+    if (!qbiases) {
+      fail_value("a quantized weight needs both scales and biases (affine mode), as mx.quantize returns them");
+    }
+    check_quantized(weight, *scales, *qbiases, hidden_size, group_size, bits);
+    p.bits = bits;
+    p.group_size = group_size;
+  } else {
+    check_float_input(weight, "weight");
+    if (weight.ndim() != 2 || weight.shape(1) != hidden_size) {
+      fail_value("weight must have shape (V, H) with H = hidden.shape[-1] = ", hidden_size, ", got ",
+                 shape_str(weight.shape()));
+    }
+  }
+  int vocab = weight.shape(0);
+  if (vocab == 0) {
+    fail_value("weight must have at least one row (class), got shape ", shape_str(weight.shape()));
+  }
+  auto rows = row_shape(hidden);
+  if (targets.shape() != rows) {
+    fail_value("targets must have shape ", shape_str(rows), " (hidden ", shape_str(hidden.shape()),
+               " without its last axis), got ", shape_str(targets.shape()));
+  }
+  auto t = class_indices(targets, "targets", s);
+  if (bias) {
+    check_float_input(*bias, "bias");
+    if (bias->shape() != mx::Shape{vocab}) {
+      fail_value("bias must have shape (", vocab, ",) to match weight's ", vocab, " rows, got ",
+                 shape_str(bias->shape()));
+    }
+    p.has_bias = true;
+  }
+  if (!(label_smoothing >= 0.0f && label_smoothing < 1.0f)) {
+    fail_value("label_smoothing must be in [0, 1), got ", label_smoothing);
+  }
+  p.label_smoothing = label_smoothing;
+  if (label_smoothing_mode == "uniform") {
+    p.smoothing_mode = flm::kSmoothUniform;
+  } else if (label_smoothing_mode == "others") {
+    p.smoothing_mode = flm::kSmoothOthers;
+  } else {
+    fail_value("label_smoothing_mode must be 'uniform' or 'others', got '", label_smoothing_mode, "'");
+  }
+  if (!(z_loss >= 0.0f) || !std::isfinite(z_loss)) {
+    fail_value("z_loss must be a finite number >= 0, got ", z_loss);
+  }
+  p.z_loss = z_loss;
+  if (logit_softcap) {
+    if (!(*logit_softcap > 0.0f) || !std::isfinite(*logit_softcap)) {
+      fail_value("logit_softcap must be a finite number > 0 (or None), got ", *logit_softcap);
+    }
+    p.logit_softcap = *logit_softcap;
+  }
+  if (ignore_index) {
+    p.has_ignore_index = true;
+    p.ignore_index = *ignore_index;
+  }
+  if (chunk_bytes) {
+    if (*chunk_bytes <= 0) {
+      fail_value("chunk_bytes must be > 0 (or None for the default), got ", *chunk_bytes);
+    }
+    p.chunk_bytes = *chunk_bytes;
+  }
+  p.sum_rows = sum_rows;
+  // Gradients in the forward pass need a single cotangent for all rows.
+  // (is_tracer: some transform traces the input; whether it is a gradient is
+  // known only when vjp is called, see the header.)
+  if (fuse_grads && sum_rows) {
+    p.grad_hidden = hidden.is_tracer();
+    p.grad_weight = !p.quantized() && weight.is_tracer();
+    p.grad_bias = bias && bias->is_tracer();
+  }
+  std::vector<mx::array> inputs = {hidden, weight};
+  if (scales) {
+    inputs.push_back(*scales);
+    inputs.push_back(*qbiases);
+  }
+  inputs.push_back(t);
+  if (bias) {
+    // The epilogue adds the bias in float32 (V values: converting is free).
+    inputs.push_back(mx::astype(*bias, mx::float32, s));
+  }
+  auto outputs = make_forward(inputs, p, {}, s);
+  outputs.erase(outputs.begin() + kLceNumStats, outputs.end()); // gradients: the vjp's business
+  return outputs;
+}
+
+std::vector<mx::Shape> LinearCrossEntropy::output_shapes(const std::vector<mx::array>& inputs) {
+  auto rows = row_shape(inputs[lce_inputs(params_).hidden]);
+  std::vector<mx::Shape> shapes = {params_.sum_rows ? mx::Shape{} : rows, rows, rows, rows, rows};
+  for (auto& g : grad_shapes(inputs, params_)) {
+    shapes.push_back(g);
+  }
+  return shapes;
+}
+
+std::vector<mx::Shape> LinearCrossEntropyVJP::output_shapes(const std::vector<mx::array>& inputs) {
+  return grad_shapes(inputs, params_);
+}
+
+std::vector<mx::array> LinearCrossEntropy::vjp(
+    const std::vector<mx::array>& primals,
+    const std::vector<mx::array>& cotangents,
+    const std::vector<int>& argnums,
+    const std::vector<mx::array>& outputs) {
+  auto s = stream();
+  auto L = lce_inputs(params_);
+  // Only the loss is differentiable: the statistics are documented as
+  // constants (their cotangents are ignored).
+  auto g = mx::astype(cotangents[kLceLoss], mx::float32, s);
+  // The forward can still form the gradients it declared if it has not been
+  // evaluated yet (the graph of value_and_grad is built before evaluation).
+  bool fused_ok = outputs[kLceLoss].status() == mx::array::Status::unscheduled;
+  auto fused = [&](int which) {
+    bool declared = which == 0 ? params_.grad_hidden : which == 1 ? params_.grad_weight : params_.grad_bias;
+    return fused_ok && declared;
+  };
+  // What is asked, and what the forward forms for a unit cotangent.
+  LinearCrossEntropyParams missing = params_;
+  missing.grad_hidden = missing.grad_weight = missing.grad_bias = false;
+  for (int arg : argnums) {
+    if (params_.quantized() && (arg == L.weight || arg == L.scales || arg == L.qbiases)) {
+      throw std::invalid_argument(
+          "linear_cross_entropy: a quantized weight (w_q, scales, biases) is frozen and has no "
+          "gradient; differentiate w.r.t. hidden (and bias) only");
+    }
+    missing.grad_hidden |= arg == L.hidden && !fused(0);
+    missing.grad_weight |= arg == L.weight && !fused(1);
+    missing.grad_bias |= arg == L.bias && !fused(2);
+    for (int which = 0; which < 3; ++which) {
+      int index = which == 0 ? L.hidden : which == 1 ? L.weight : L.bias;
+      requested[which] = requested[which] || (arg == index && fused(which));
+    }
+  }
+  std::vector<mx::array> recomputed;
+  if (missing.any_grad()) {
+    auto rows = row_shape(primals[L.hidden]);
+    auto g_rows = params_.sum_rows ? mx::broadcast_to(g, rows, s) : g;
+    std::vector<mx::array> inputs(primals.begin(), primals.end());
+    inputs.insert(inputs.end(), {outputs[kLceRowMax], outputs[kLceRowLogSum], g_rows});
+    recomputed = make_backward(inputs, missing, s);
+  }
+  // Position of a gradient among the fused outputs / the backward's outputs.
+  auto position = [](const LinearCrossEntropyParams& p, int which) {
+    int pos = 0;
+    if (which > 0 && p.grad_hidden) ++pos;
+    if (which > 1 && p.grad_weight) ++pos;
+    return pos;
+  };
+  std::vector<mx::array> grads;
+  for (int arg : argnums) {
+    int which = arg == L.hidden ? 0 : arg == L.weight ? 1 : arg == L.bias ? 2 : -1;
+    if (which < 0) {
+      grads.push_back(mx::zeros_like(primals[arg], s)); // class indices
+      continue;
+    }
+    mx::array grad = fused(which)
+        ? mx::multiply(g, outputs[kLceNumStats + position(params_, which)], s)
+        : recomputed[position(missing, which)];
+    grads.push_back(mx::astype(grad, primals[arg].dtype(), s));
+  }
+  return grads;
+}
+
+std::pair<std::vector<mx::array>, std::vector<int>> LinearCrossEntropy::vmap(
+    const std::vector<mx::array>& inputs,
+    const std::vector<int>& axes) {
+  auto p = params_;
+  auto s = stream();
+  auto asked = requested;
+  return vmap_by_slices(
+      inputs, axes, [&](const std::vector<mx::array>& in) { return make_forward(in, p, asked, s); }, s);
+}
+
+std::pair<std::vector<mx::array>, std::vector<int>> LinearCrossEntropyVJP::vmap(
+    const std::vector<mx::array>& inputs,
+    const std::vector<int>& axes) {
+  auto p = params_;
+  auto s = stream();
+  return vmap_by_slices(inputs, axes, [&](const std::vector<mx::array>& in) { return make_backward(in, p, s); }, s);
+}
+
+// The Metal kernels are a separate piece of work (csrc/metal, metal/): until
+// they exist, the GPU stream says so instead of silently copying to the CPU.
+void LinearCrossEntropy::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  throw std::runtime_error("linear_cross_entropy has no GPU kernel yet: pass stream=mx.cpu");
+}
+void LinearCrossEntropyVJP::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  throw std::runtime_error("linear_cross_entropy has no GPU kernel yet: pass stream=mx.cpu");
+}
+
+} // namespace fl

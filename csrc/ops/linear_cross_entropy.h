@@ -1,0 +1,181 @@
+// Fused linear cross-entropy: the loss of cross_entropy(hidden @ weight.T + bias,
+// targets) without the N x V logits ever existing.
+//
+// Contract.
+//   hidden  [..., H]  float32/float16/bfloat16, row-contiguous (N rows)
+//   weight  [V, H]    float (any of the three), or an affine-quantized matrix
+//                     w_q [V, H * bits / 32] uint32 with scales and biases
+//                     [V, H / group_size] exactly as mx.quantize returns them
+//   targets [...]     int64 class indices (hidden's shape without H)
+//   bias    [V]       optional, float
+// The kernel walks the rows in chunks: a chunk's logits [rows, V] (float32) are
+// one BLAS GEMM, the epilogue (bias, soft-cap, log-sum-exp, loss, statistics and,
+// when gradients are wanted, dZ in place) runs on them, and the chunk buffer is
+// reused. Working memory is plan_chunks(...).bytes, bounded by chunk_bytes.
+//
+// Gradients. With Z the (capped) logits, P = softmax(Z) and Q the smoothed
+// one-hot target, row r's loss is sum_j q_j (lse_r - z_rj) + z_loss lse_r^2, so
+//     dZ_r = g_r ((A + 2 z_loss lse_r) p_r - q_r)       A = sum_j q_j
+//     (times 1 - (z / c)^2 under a soft-cap c, see math/linear_cross_entropy.h)
+//     dH = dZ W,   dW = dZ^T H,   dbias = sum_r dZ_r.
+// Two ways to get them:
+//  - When the loss is summed over rows (reduction "sum"/"mean": one scalar
+//    cotangent g) and inputs are traced, the forward primitive declares
+//    gradient outputs for them. If its vjp is called before it is evaluated
+//    (the usual value_and_grad: the whole graph is built first), the vjp marks
+//    it, and its evaluation forms dH, dW, dbias for g = 1 from the logits it
+//    already has (3 GEMMs per step instead of 4); the vjp multiplies them by g.
+//    Unmarked (a compiled or vmapped loss without gradient), the declared
+//    outputs are never computed nor allocated.
+//  - Otherwise (reduction "none": one cotangent per row, which cannot be
+//    factored out of dW; or a forward already evaluated) the backward
+//    primitive recomputes each chunk's logits from the saved per-row max and
+//    log-sum and applies each row's own g_r.
+// Both accumulate dW in float32 whatever the input dtype. A quantized weight
+// has no gradient (asking for it raises); only hidden's (and bias's).
+#pragma once
+
+#include <array>
+
+#include "ops/common.h"
+
+namespace fl {
+
+// Default working-memory budget of one call (chunk of logits + tiles).
+constexpr int64_t kLceDefaultChunkBytes = int64_t(64) << 20;
+// Weight rows converted (16-bit) or dequantised (quantized) per GEMM tile.
+constexpr int64_t kLceWeightTileBytes = int64_t(2) << 20;
+
+struct LinearCrossEntropyParams {
+  float label_smoothing = 0.0f;
+  int smoothing_mode = 0; // flm::kSmoothUniform | flm::kSmoothOthers
+  bool has_ignore_index = false;
+  int64_t ignore_index = -100;
+  float z_loss = 0.0f;
+  float logit_softcap = 0.0f; // 0: no cap
+  bool has_bias = false;
+  int bits = 0; // 0: dense float weight; 2/4/8: affine-quantized
+  int group_size = 0;
+  int64_t chunk_bytes = kLceDefaultChunkBytes;
+  bool sum_rows = false; // the loss output is the float32 sum over rows (a scalar)
+  // Gradients this primitive has as outputs (forward: declared for the traced
+  // inputs, for a unit cotangent of the summed loss; backward: those the vjp
+  // asked for).
+  bool grad_hidden = false;
+  bool grad_weight = false;
+  bool grad_bias = false;
+
+  bool quantized() const {
+    return bits != 0;
+  }
+  bool any_grad() const {
+    return grad_hidden || grad_weight || grad_bias;
+  }
+  bool operator==(const LinearCrossEntropyParams&) const = default;
+};
+
+// How one call is cut into chunks. Rules (tested at their thresholds):
+//  - a chunk holds whole rows of logits, float32: rows x V x 4 bytes (the
+//    softmax of a row needs all of it before dZ can be formed);
+//  - a hidden chunk is copied to float32 (rows x H x 4) only when hidden is
+//    not float32; BLAS reads a float32 hidden in place;
+//  - a float32 dense weight is read in place, one GEMM over the whole vocabulary
+//    (vocab_tile = V, no tile buffer); otherwise (16-bit or quantized)
+//    vocab_tile = clamp(kLceWeightTileBytes / (4 H), 1, V) rows are converted
+//    to float32 per GEMM, one tile buffer per thread (the GEMMs are split
+//    across the threads);
+//  - rows = clamp((chunk_bytes - tile bytes) / bytes per row, 1, N): at least
+//    one row even when chunk_bytes is smaller than that (the minimum working
+//    memory is one row of logits plus one weight tile).
+struct LceChunkPlan {
+  int64_t rows; // rows of logits per chunk
+  int64_t vocab_tile; // weight rows per GEMM tile
+  int64_t bytes; // working memory: logits chunk + hidden copy + weight tiles
+};
+LceChunkPlan plan_chunks(
+    int64_t rows,
+    int64_t hidden_size,
+    int64_t vocab,
+    bool hidden_is_f32,
+    bool weight_is_dense_f32,
+    int threads,
+    int64_t chunk_bytes);
+
+// Where each input sits in the primitives' input lists (-1: absent).
+struct LceInputs {
+  int hidden = 0;
+  int weight = 1;
+  int scales = -1;
+  int qbiases = -1;
+  int targets = 2;
+  int bias = -1;
+  int count = 3; // inputs of the forward; the backward appends max, logsum, g
+};
+
+inline LceInputs lce_inputs(const LinearCrossEntropyParams& p) {
+  LceInputs in;
+  int next = 2;
+  if (p.quantized()) {
+    in.scales = next++;
+    in.qbiases = next++;
+  }
+  in.targets = next++;
+  if (p.has_bias) {
+    in.bias = next++;
+  }
+  in.count = next;
+  return in;
+}
+
+// Outputs of the forward primitive, in this order.
+enum LceOutput {
+  kLceLoss = 0, // float32, [...] or [] (sum_rows)
+  kLceRowMax, // float32 [...]: max of the row's (capped) logits
+  kLceRowLogSum, // float32 [...]: log sum_j exp(z_j - max); lse = max + logsum
+  kLceCorrect, // bool [...]: the target's logit is the row's maximum
+  kLceEntropy, // float32 [...]: entropy of softmax(z)
+  kLceNumStats, // then dH [..., H], dW [V, H], dbias [V] (float32) when asked
+};
+
+// The op. `scales`/`qbiases` given means `weight` is quantized. Returns the
+// forward primitive's first kLceNumStats outputs (see LceOutput). `sum_rows`
+// fuses the sum over rows; `fuse_grads` lets the forward form the gradients of
+// the traced inputs (only with sum_rows; false: always the backward primitive).
+std::vector<mx::array> linear_cross_entropy(
+    const mx::array& hidden,
+    const mx::array& weight,
+    const mx::array& targets,
+    const std::optional<mx::array>& bias,
+    const std::optional<mx::array>& scales,
+    const std::optional<mx::array>& qbiases,
+    int group_size,
+    int bits,
+    float label_smoothing,
+    const std::string& label_smoothing_mode,
+    std::optional<int64_t> ignore_index,
+    float z_loss,
+    std::optional<float> logit_softcap,
+    bool sum_rows,
+    std::optional<int64_t> chunk_bytes,
+    bool fuse_grads,
+    mx::StreamOrDevice s = {});
+
+// Forward. Inputs: hidden, weight, [scales, qbiases], targets (int64), [bias].
+class LinearCrossEntropy : public LossPrimitive<LinearCrossEntropyParams> {
+ public:
+  FL_LOSS_PRIMITIVE("FusedLinearCrossEntropy")
+  FL_VJP
+  // Set by vjp on a not yet evaluated forward: which declared gradients
+  // (hidden, weight, bias) to compute.
+  std::array<bool, 3> requested{};
+};
+
+// Backward (recomputes the logits chunk by chunk). Inputs: the forward's
+// inputs, then row max, row log-sum and the per-row cotangent (float32 [...]).
+// Outputs (float32): dH, dW, dbias, those flagged in the params, in that order.
+class LinearCrossEntropyVJP : public LossPrimitive<LinearCrossEntropyParams> {
+ public:
+  FL_LOSS_PRIMITIVE("FusedLinearCrossEntropyVJP")
+};
+
+} // namespace fl

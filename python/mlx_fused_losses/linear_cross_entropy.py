@@ -1,0 +1,128 @@
+"""Fused linear cross-entropy: the loss of ``cross_entropy(hidden @ weight.T +
+bias, targets)`` without materialising the N x V logits.
+
+The kernel (``csrc/cpu/linear_cross_entropy.cpp``) walks the rows in chunks of
+at most ``chunk_bytes`` of float32 logits; see ``csrc/ops/linear_cross_entropy.h``
+for the contract and the gradient derivation.
+"""
+
+from typing import Dict, Literal, Optional, Tuple, Union
+
+import mlx.core as mx
+
+from . import _ext
+from .losses import _check_array, _check_reduction, _finish, _kept_rows
+
+# The ignore index a `mask` turns masked rows into when no ignore_index is
+# given: no class index can equal it (classes are >= 0).
+_MASKED_ROW = -(2**63)
+_RESULT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
+
+
+def linear_cross_entropy(
+    hidden: mx.array,
+    weight: mx.array,
+    targets: mx.array,
+    bias: Optional[mx.array] = None,
+    *,
+    label_smoothing: float = 0.0,
+    label_smoothing_mode: Literal["uniform", "others"] = "uniform",
+    ignore_index: Optional[int] = None,
+    z_loss: float = 0.0,
+    logit_softcap: Optional[float] = None,
+    reduction: Literal["none", "mean", "sum"] = "mean",
+    mask: Optional[mx.array] = None,
+    chunk_bytes: Optional[int] = None,
+    scales: Optional[mx.array] = None,
+    biases: Optional[mx.array] = None,
+    group_size: int = 64,
+    bits: int = 4,
+    return_stats: bool = False,
+    dtype: Optional[mx.Dtype] = None,
+    stream: Union[None, mx.Stream, mx.Device] = None,
+) -> Union[mx.array, Tuple[mx.array, Dict[str, mx.array]]]:
+    """Cross-entropy of the logits ``hidden @ weight.T + bias``, fused.
+
+    Equal to ``cross_entropy(softcap(hidden @ weight.T + bias), targets, ...)``
+    with this package's :func:`cross_entropy` options, but the ``[..., V]``
+    logits never exist: working memory is bounded by ``chunk_bytes``.
+
+    Args:
+        hidden: ``[..., H]`` float32/float16/bfloat16 features.
+        weight: ``[V, H]`` (an ``nn.Linear`` weight or a tied embedding table),
+            or the packed ``uint32`` matrix of an affine-quantized one (with
+            ``scales``, ``biases``, ``group_size``, ``bits`` exactly as
+            ``mx.quantize`` returns them; its gradient is not available).
+        targets: class indices, ``hidden``'s shape without ``H``.
+        bias: optional ``[V]`` output bias.
+        label_smoothing, label_smoothing_mode, ignore_index, z_loss: as
+            :func:`mlx_fused_losses.cross_entropy`.
+        logit_softcap: ``c``: the logits become ``c * tanh(z / c)`` before the
+            softmax (Gemma 2). ``None``: no cap.
+        reduction: ``"mean"`` (over kept rows), ``"sum"`` or ``"none"``.
+        mask: optional bool ``[...]``: rows to count (as mlx-lm passes it);
+            masked rows behave as ``ignore_index`` rows.
+        chunk_bytes: working-memory budget (default 64 MiB): the float32
+            logits of ``chunk_bytes // (4 V)`` rows at a time (at least one).
+        return_stats: also return per-row statistics (see below).
+        dtype: dtype of the returned loss. ``None``: ``hidden``'s dtype;
+            ``mx.float32`` keeps the float32 the kernel accumulates in (a
+            bf16 model's mean loss otherwise rounds to bf16).
+
+    Returns:
+        The loss, or ``(loss, stats)`` with ``return_stats=True``, where stats
+        holds float32/bool arrays of ``targets``' shape, computed in the same
+        pass and not differentiable: ``"lse"`` (log-sum-exp of the row's
+        logits), ``"correct"`` (the target's logit is the row's maximum: token
+        accuracy; False for ignored/masked rows) and ``"entropy"`` (of the
+        softmax). They are computed for ignored rows too (except "correct").
+
+    A class index outside ``[0, V)`` that is not ignored gives NaN for its
+    row's loss, and poisons the gradients (every row shares ``weight``).
+    """
+    _check_array(hidden, "hidden")
+    _check_array(weight, "weight")
+    _check_array(targets, "targets")
+    _check_reduction(reduction)
+    for value, name in ((bias, "bias"), (scales, "scales"), (biases, "biases"), (mask, "mask")):
+        if value is not None:
+            _check_array(value, name)
+    if dtype is not None and dtype not in _RESULT_DTYPES:
+        raise TypeError(f"dtype must be None, mx.float32, mx.float16 or mx.bfloat16, got {dtype}")
+    if not mx.issubdtype(targets.dtype, mx.integer):
+        raise TypeError(f"targets holds class indices and must have an integer dtype, got {targets.dtype}")
+    if mask is not None:
+        if mask.dtype != mx.bool_:
+            raise TypeError(f"mask must be a bool array (rows to count), got {mask.dtype}")
+        if mask.shape != targets.shape:
+            raise ValueError(f"mask must have targets' shape {targets.shape}, got {mask.shape}")
+        if ignore_index is None:
+            ignore_index = _MASKED_ROW
+        targets = mx.where(mask, targets.astype(mx.int64), mx.array(ignore_index, mx.int64))
+    if chunk_bytes is not None and (isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int)):
+        raise TypeError(f"chunk_bytes must be an int or None, got {type(chunk_bytes).__name__}")
+    outputs = _ext.linear_cross_entropy(
+        hidden,
+        weight,
+        targets,
+        bias,
+        scales=scales,
+        biases=biases,
+        group_size=int(group_size),
+        bits=int(bits),
+        label_smoothing=float(label_smoothing),
+        label_smoothing_mode=label_smoothing_mode,
+        ignore_index=ignore_index,
+        z_loss=float(z_loss),
+        logit_softcap=None if logit_softcap is None else float(logit_softcap),
+        sum_rows=reduction != "none",
+        chunk_bytes=chunk_bytes,
+        stream=stream,
+    )
+    count = _kept_rows(targets, ignore_index) if reduction == "mean" else None
+    loss = _finish(outputs[0], reduction, hidden.dtype if dtype is None else dtype, count)
+    if not return_stats:
+        return loss
+    row_max, row_logsum, correct, entropy = (mx.stop_gradient(o) for o in outputs[1:5])
+    stats = {"lse": row_max + row_logsum, "correct": correct, "entropy": entropy}
+    return loss, stats

@@ -1,0 +1,565 @@
+"""Fused linear cross-entropy vs the float64 composed formula
+``cross_entropy(softcap(hidden @ weight.T + bias), targets)``: forward, every
+gradient, every option, dtypes, quantized heads, transforms, bad input, memory
+and the chunk plan's thresholds."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import reference as ref
+from conftest import DTYPES, EPS32, SCALE_ULPS, assert_close, assert_raises_naming, dtype_id, to_np
+
+fl = pytest.importorskip("mlx_fused_losses")
+from mlx_fused_losses import _ext  # noqa: E402
+
+GRAD_NAMES = ("hidden", "weight", "bias")
+
+
+def make_inputs(rng, n, h, v, dtype=mx.float32, bias=False, peaked=True, batch=None):
+    """hidden, weight (and bias) rounded to `dtype`, targets; `peaked` makes a
+    few logits per row stand out (x20) so the softmax is not flat."""
+    hid = rng.standard_normal((n, h)).astype(np.float32)
+    w = (rng.standard_normal((v, h)) / np.sqrt(max(h, 1))).astype(np.float32)
+    t = rng.integers(0, v, n)
+    if peaked and n and v > 1:
+        # Make row r's logit of class t_r (and of one other class) large.
+        hot = rng.integers(0, v, n)
+        for r in range(min(n, 8)):
+            w[t[r]] += 2.0 * hid[r] / max(np.linalg.norm(hid[r]) ** 2, 1e-6) * 10
+            w[hot[r]] += 1.0 * hid[r] / max(np.linalg.norm(hid[r]) ** 2, 1e-6) * 10
+    if batch is not None:
+        hid = hid.reshape(batch + (h,))
+        t = t.reshape(batch)
+    out = dict(
+        hidden=mx.array(hid).astype(dtype),
+        weight=mx.array(w).astype(dtype),
+        targets=mx.array(t.astype(np.int32)),
+    )
+    if bias:
+        out["bias"] = mx.array(rng.standard_normal(v).astype(np.float32)).astype(dtype)
+    return out
+
+
+def logit_scale(args):
+    """Per-row magnitude of the fp32 GEMM's inputs: max_j sum_k |h_k w_jk| + |b_j|
+    (the scale of the logits' rounding errors)."""
+    h = np.abs(to_np(args["hidden"])).reshape(-1, args["hidden"].shape[-1])
+    w = np.abs(to_np(args["weight"]))
+    s = h @ w.T
+    if "bias" in args:
+        s = s + np.abs(to_np(args["bias"]))
+    return s.max(-1, initial=1.0) if s.size else np.ones(h.shape[0])
+
+
+def reference(args, **options):
+    for kernel_only in ("chunk_bytes", "dtype", "scales", "biases", "group_size", "bits"):
+        options.pop(kernel_only, None)
+    np_args = {k: to_np(v) for k, v in args.items()}
+    return ref.linear_cross_entropy(
+        np_args["hidden"], np_args["weight"], np_args["targets"], np_args.get("bias"), **options)
+
+
+def fused_loss_and_grads(args, argnames=GRAD_NAMES, cotangent=None, **options):
+    """Loss and the gradients of `argnames` through mx.vjp (the cotangent of
+    the reduced loss; ones by default)."""
+    names = [n for n in argnames if n in args]
+    fixed = {k: v for k, v in args.items() if k not in names}
+
+    def f(*primals):
+        kw = dict(zip(names, primals), **fixed)
+        return fl.linear_cross_entropy(
+            kw.pop("hidden"), kw.pop("weight"), kw.pop("targets"), kw.pop("bias", None), **kw, **options)
+
+    primals = [args[n] for n in names]
+    loss = f(*primals)
+    cot = mx.ones(loss.shape, loss.dtype) if cotangent is None else cotangent
+    (out,), grads = mx.vjp(lambda *p: [f(*p)], primals, [cot])
+    mx.eval(out, grads)
+    return out, dict(zip(names, grads))
+
+
+def row_cotangent(args, reduction, cotangent, ignore_index):
+    """The cotangent each row's loss receives (float64, [N])."""
+    t = np.array(args["targets"]).reshape(-1)
+    if reduction == "none":
+        return np.ones(t.shape) if cotangent is None else to_np(cotangent).reshape(-1)
+    g = 1.0 if cotangent is None else float(to_np(cotangent))
+    if reduction == "mean":
+        kept = t.size if ignore_index is None else int((t != ignore_index).sum())
+        g = g / max(kept, 1)
+    return np.full(t.shape, g)
+
+
+def check_against_reference(args, dtype, cotangent=None, fused_args=None, argnames=GRAD_NAMES,
+                            **options):
+    """`fused_args` (default `args`) go to the kernel, `args` to the reference."""
+    r = reference(args, cotangent=None if cotangent is None else to_np(cotangent), **options)
+    loss, grads = fused_loss_and_grads(fused_args or args, argnames=argnames, cotangent=cotangent,
+                                       **options)
+    scale = logit_scale(args)
+    reduction = options.get("reduction", "mean")
+    loss_scale = scale.reshape(np.shape(r["loss"])) if reduction == "none" else scale.mean() if scale.size else 0.0
+    out_dtype = options.get("dtype") or dtype
+    assert loss.dtype == out_dtype
+    assert_close(loss, r["loss"], out_dtype, scale=loss_scale * (1 + 2 * options.get("z_loss", 0) * 50),
+                 what="loss")
+    # Gradient bound: the magnitudes of the products each gradient sums
+    # (|dZ| |W|, |dZ|^T |H|), plus the logits' rounding carried through the
+    # softmax: dz_rj moves by ~|dz_rj| delta_r (the target's entry by up to
+    # sum_j |dz_rj| delta_r), delta_r ~ the row's logit scale.
+    dz = np.nan_to_num(np.abs(r["dz"]))
+    h = np.abs(to_np(args["hidden"])).reshape(dz.shape[0], -1)
+    w = np.abs(to_np(args["weight"]))
+    mags = {"hidden": (dz @ w).reshape(r["hidden"].shape), "weight": dz.T @ h, "bias": dz.sum(0)}
+    # The target's entry, g (A p_t - q_t), also cancels in float32 when p_t
+    # is near 1: an absolute error of a few ulps of |g| (A p_t + q_t) ~ 2|g|.
+    err = dz.copy()
+    t = np.array(args["targets"]).reshape(-1)
+    rows = np.arange(err.shape[0])
+    ok = (t >= 0) & (t < err.shape[1])
+    err[rows[ok], t[ok]] += dz[ok].sum(-1)
+    err *= scale.reshape(-1, 1)
+    g_rows = np.abs(row_cotangent(args, reduction, cotangent, options.get("ignore_index")))
+    err[rows[ok], t[ok]] += 2 * (1 + 2 * options.get("z_loss", 0) * scale[ok]) * g_rows[ok]
+    logit_err = {"hidden": (err @ w).reshape(r["hidden"].shape), "weight": err.T @ h, "bias": err.sum(0)}
+    for name, g in grads.items():
+        assert g.dtype == args[name].dtype, name
+        assert_close(g, r[name], args[name].dtype, scale=logit_err[name], mag=mags[name],
+                     what=f"d{name}")
+    return loss, grads
+
+
+# ---------------------------------------------------------------------------
+# forward and gradients vs the float64 composed formula
+
+SHAPES = [  # (N, H, V)
+    (5, 7, 1),
+    (9, 1, 31),
+    (16, 64, 32),
+    (13, 7, 33),
+    (24, 64, 4097),
+    (6, 1000, 129),
+]
+
+
+@pytest.mark.parametrize("n,h,v", SHAPES, ids=[f"{n}x{h}x{v}" for n, h, v in SHAPES])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_fp32_shapes(rng, n, h, v, bias, reduction):
+    args = make_inputs(rng, n, h, v, bias=bias)
+    cot = None
+    if reduction == "none":  # non-uniform cotangent: the weight gradient cannot factor it out
+        cot = mx.array(rng.uniform(-2, 2, n).astype(np.float32))
+    # A small chunk budget: several chunks of rows (and several weight tiles).
+    check_against_reference(args, mx.float32, cotangent=cot, reduction=reduction,
+                            chunk_bytes=3 * 4 * v + 7)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("v", [33, 4097])
+def test_dtypes(rng, dtype, v):
+    args = make_inputs(rng, 20, 64, v, dtype=dtype, bias=True)
+    check_against_reference(args, dtype, reduction="mean", chunk_bytes=5 * 4 * v)
+    check_against_reference(args, dtype, reduction="none",
+                            cotangent=mx.array(rng.uniform(0, 1, 20).astype(np.float32)).astype(dtype))
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=dtype_id)
+def test_float32_result(rng, dtype):
+    """dtype=mx.float32 returns the float32 reduction the kernel computed."""
+    args = make_inputs(rng, 64, 32, 300, dtype=dtype)
+    loss = fl.linear_cross_entropy(**args, dtype=mx.float32)
+    low = fl.linear_cross_entropy(**args)
+    assert loss.dtype == mx.float32 and low.dtype == dtype
+    r = reference(args)
+    assert abs(loss.item() - float(r["loss"])) <= 1e-5 * abs(float(r["loss"])) + 1e-5
+    assert abs(low.item() - loss.item()) <= 1e-2 * abs(loss.item())
+
+
+OPTIONS = [
+    dict(label_smoothing=0.1),
+    dict(label_smoothing=0.3, label_smoothing_mode="others"),
+    dict(z_loss=1e-3),
+    dict(logit_softcap=3.0),
+    dict(logit_softcap=30.0, label_smoothing=0.1, z_loss=1e-4),
+    dict(ignore_index=3),
+    dict(ignore_index=-100, label_smoothing=0.2),
+]
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_options(rng, options, reduction):
+    args = make_inputs(rng, 40, 24, 257, bias=True)
+    t = np.array(args["targets"])
+    if "ignore_index" in options:
+        t[::3] = options["ignore_index"]
+        args["targets"] = mx.array(t)
+    cot = mx.array(rng.uniform(-1, 1, 40).astype(np.float32)) if reduction == "none" else None
+    check_against_reference(args, mx.float32, cotangent=cot, reduction=reduction,
+                            chunk_bytes=7 * 257 * 4, **options)
+
+
+def test_softcap_saturated_gradient(rng):
+    """Logits far beyond the cap: tanh saturates and the gradient through it
+    must follow 1 - tanh^2, not be dropped (a bug CCE and Liger shipped)."""
+    args = make_inputs(rng, 12, 16, 50, bias=True)
+    args["hidden"] = args["hidden"] * 3
+    check_against_reference(args, mx.float32, reduction="sum", logit_softcap=2.0)
+    check_against_reference(args, mx.float32, reduction="sum", logit_softcap=0.05)
+
+
+def test_mask_equals_ignore_index(rng):
+    args = make_inputs(rng, 30, 16, 40, bias=True)
+    mask = mx.array(rng.random(30) < 0.6)
+    t_ignored = mx.where(mask, args["targets"], -100)
+    a, ga = fused_loss_and_grads(dict(args), mask=mask)
+    b, gb = fused_loss_and_grads(dict(args, targets=t_ignored), ignore_index=-100)
+    assert np.allclose(to_np(a), to_np(b), rtol=1e-6)
+    for k in ga:
+        assert np.allclose(to_np(ga[k]), to_np(gb[k]), rtol=1e-5, atol=1e-7)
+    # mask with an ignore_index too: both count
+    c = fl.linear_cross_entropy(**dict(args, targets=t_ignored), mask=mx.ones(30, mx.bool_),
+                                ignore_index=-100)
+    assert np.allclose(to_np(c), to_np(b), rtol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_no_rows_and_all_ignored(rng, reduction):
+    empty = make_inputs(rng, 0, 8, 10, bias=True)
+    loss, grads = fused_loss_and_grads(empty, reduction=reduction)
+    assert loss.shape == (() if reduction != "none" else (0,))
+    if reduction != "none":
+        assert loss.item() == 0.0
+    assert grads["hidden"].shape == (0, 8)
+    assert not np.any(to_np(grads["weight"])) and not np.any(to_np(grads["bias"]))
+    args = make_inputs(rng, 6, 8, 10, bias=True)
+    args["targets"] = mx.full((6,), -100, mx.int32)
+    loss, grads = fused_loss_and_grads(args, reduction=reduction, ignore_index=-100)
+    assert not np.any(to_np(loss))  # 0, not NaN
+    for g in grads.values():
+        assert not np.any(to_np(g))
+
+
+def test_batch_shape_and_large_vocab(rng):
+    """[B, T, H] hidden and a GPT-2-sized vocabulary V = 50257 (H = 1000 is
+    in test_fp32_shapes: the float64 reference would dominate the time)."""
+    args = make_inputs(rng, 6, 16, 50257, batch=(2, 3))
+    check_against_reference(args, mx.float32, reduction="mean")
+    check_against_reference(args, mx.float32, reduction="none",
+                            cotangent=mx.array(rng.uniform(-1, 1, (2, 3)).astype(np.float32)))
+
+
+def test_out_of_range_target_is_nan(rng):
+    args = make_inputs(rng, 4, 8, 10)
+    args["targets"] = mx.array([1, 10, 2, -1])
+    loss = to_np(fl.linear_cross_entropy(**args, reduction="none"))
+    assert np.isnan(loss[1]) and np.isnan(loss[3]) and np.isfinite(loss[[0, 2]]).all()
+
+
+def test_fused_and_recomputing_backward_agree(rng):
+    """The gradients formed in the forward pass (sum/mean under a gradient
+    transform) and those of the backward primitive that recomputes the logits."""
+    args = make_inputs(rng, 30, 16, 100, bias=True)
+    opts = dict(label_smoothing=0.1, z_loss=1e-3, logit_softcap=5.0, sum_rows=True, chunk_bytes=4000)
+
+    def loss(fuse):
+        def f(h, w, b):
+            return _ext.linear_cross_entropy(h, w, args["targets"], b, fuse_grads=fuse, **opts)[0]
+        return mx.grad(f, argnums=(0, 1, 2))(args["hidden"], args["weight"], args["bias"])
+
+    for a, b in zip(loss(True), loss(False)):
+        np.testing.assert_allclose(to_np(a), to_np(b), rtol=2e-5, atol=1e-6)
+
+
+def test_only_requested_gradients(rng):
+    """grad w.r.t. hidden alone must not form the [V, H] weight gradient."""
+    n, h, v = 16, 64, 200_000
+    args = make_inputs(rng, n, h, v, peaked=False)
+    mx.eval(args)
+    g = mx.grad(lambda x: fl.linear_cross_entropy(x, args["weight"], args["targets"]))
+    mx.eval(g(args["hidden"]))  # warm-up
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    mx.eval(g(args["hidden"]))
+    extra = mx.get_peak_memory() - base
+    weight_grad_bytes = v * h * 4
+    assert extra < weight_grad_bytes / 2, (extra, weight_grad_bytes)
+
+
+# ---------------------------------------------------------------------------
+# statistics
+
+def test_stats(rng):
+    args = make_inputs(rng, 25, 16, 77, bias=True)
+    t = np.array(args["targets"])
+    t[4] = -100
+    args["targets"] = mx.array(t)
+    loss, stats = fl.linear_cross_entropy(**args, ignore_index=-100, logit_softcap=4.0,
+                                          return_stats=True, chunk_bytes=999)
+    r = reference(args, ignore_index=-100, logit_softcap=4.0)
+    z = r["logits"]
+    lse = ref.logsumexp(z)
+    p = np.exp(z - lse[:, None])
+    entropy = -(p * np.log(p)).sum(-1)
+    correct = (z.argmax(-1) == t)
+    correct[4] = False
+    assert set(stats) == {"lse", "correct", "entropy"}
+    assert_close(stats["lse"], lse, mx.float32, scale=logit_scale(args), what="lse")
+    assert_close(stats["entropy"], entropy, mx.float32, scale=logit_scale(args), what="entropy")
+    assert stats["correct"].dtype == mx.bool_
+    assert np.array_equal(np.array(stats["correct"]), correct)
+    assert correct.sum() >= 5  # peaked rows: the statistic is not trivially False
+    # the statistics are constants for autodiff
+    g = mx.grad(lambda x: fl.linear_cross_entropy(x, args["weight"], args["targets"], args["bias"],
+                                                  return_stats=True)[1]["lse"].sum())(args["hidden"])
+    assert not np.any(to_np(g))
+
+
+# ---------------------------------------------------------------------------
+# quantized heads
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_quantized_head(rng, bits, group_size):
+    h, v = 128, 300
+    args = make_inputs(rng, 18, h, v, bias=True)
+    w_q, scales, biases = mx.quantize(args["weight"], group_size=group_size, bits=bits)
+    dense = dict(args, weight=mx.dequantize(w_q, scales, biases, group_size=group_size, bits=bits))
+    q = dict(hidden=args["hidden"], weight=w_q, targets=args["targets"], bias=args["bias"])
+    qopts = dict(scales=scales, biases=biases, group_size=group_size, bits=bits)
+    for reduction in ("mean", "none"):
+        cot = mx.array(rng.uniform(-1, 1, 18).astype(np.float32)) if reduction == "none" else None
+        check_against_reference(dense, mx.float32, cotangent=cot, fused_args=q, argnames=("hidden", "bias"),
+                                reduction=reduction, chunk_bytes=100_000, **qopts)
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=dtype_id)
+def test_quantized_16bit_scales(rng, dtype):
+    args = make_inputs(rng, 10, 64, 70, dtype=dtype)
+    w_q, scales, biases = mx.quantize(args["weight"], group_size=64, bits=4)
+    assert scales.dtype == dtype
+    # Reference from the same scales in float32 (our dequantisation is float32).
+    w = mx.dequantize(w_q, scales.astype(mx.float32), biases.astype(mx.float32), group_size=64, bits=4)
+    r = reference(dict(args, weight=w), reduction="sum")
+    loss = fl.linear_cross_entropy(args["hidden"], w_q, args["targets"], scales=scales, biases=biases,
+                                   reduction="sum", dtype=mx.float32)
+    assert_close(loss, r["loss"], mx.float32, scale=logit_scale(dict(args, weight=w)).sum())
+
+
+def test_quantized_weight_gradient_raises(rng):
+    args = make_inputs(rng, 4, 64, 20)
+    w_q, scales, biases = mx.quantize(args["weight"], group_size=64, bits=4)
+
+    def f(w):
+        return fl.linear_cross_entropy(args["hidden"], w, args["targets"], scales=scales, biases=biases)
+
+    with pytest.raises(ValueError, match="quantized"):
+        mx.eval(mx.grad(f)(w_q))
+
+
+def test_quantized_never_dequantizes_whole_matrix(rng):
+    n, h, v = 8, 256, 50_000
+    args = make_inputs(rng, n, h, v, peaked=False)
+    w_q, scales, biases = mx.quantize(args["weight"], group_size=64, bits=4)
+    mx.eval(w_q, scales, biases)
+    del args["weight"]
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    mx.eval(fl.linear_cross_entropy(args["hidden"], w_q, args["targets"], scales=scales,
+                                    biases=biases, chunk_bytes=4 << 20))
+    extra = mx.get_peak_memory() - base
+    assert extra < v * h * 4 / 4, extra  # a whole float32 copy would be v*h*4
+
+
+# ---------------------------------------------------------------------------
+# transforms
+
+def test_grad_value_and_grad_compile(rng):
+    args = make_inputs(rng, 12, 16, 40, bias=True)
+
+    def f(h, w, b):
+        return fl.linear_cross_entropy(h, w, args["targets"], b, label_smoothing=0.1)
+
+    prim = (args["hidden"], args["weight"], args["bias"])
+    g_plain = mx.grad(f, argnums=(0, 1, 2))(*prim)
+    val, g_vg = mx.value_and_grad(f, argnums=(0, 1, 2))(*prim)
+    g_comp = mx.compile(mx.grad(f, argnums=(0, 1, 2)))(*prim)
+    r = reference(args, label_smoothing=0.1)
+    assert abs(val.item() - float(r["loss"])) < 1e-5
+    for gs in (g_vg, g_comp):
+        for a, b in zip(g_plain, gs):
+            np.testing.assert_allclose(to_np(a), to_np(b), rtol=1e-5, atol=1e-7)
+    loss_only = mx.compile(f)(*prim)
+    assert abs(loss_only.item() - float(r["loss"])) < 1e-5
+
+
+def test_compile_shapeless(rng):
+    w = make_inputs(rng, 1, 16, 30, bias=True)
+
+    def step(h, t):
+        return mx.value_and_grad(
+            lambda x: fl.linear_cross_entropy(x, w["weight"], t, w["bias"], reduction="sum"))(h)
+
+    compiled = mx.compile(step, shapeless=True)
+    for n in (5, 9, 1):
+        a = make_inputs(rng, n, 16, 30)
+        loss, g = compiled(a["hidden"], a["targets"])
+        r = reference(dict(a, weight=w["weight"], bias=w["bias"]), reduction="sum")
+        assert loss.shape == ()
+        assert abs(loss.item() - float(r["loss"])) < 1e-4 * max(1.0, abs(float(r["loss"])))
+        np.testing.assert_allclose(to_np(g), r["hidden"], rtol=1e-4, atol=1e-6)
+
+
+def test_vmap(rng):
+    B, n, h, v = 3, 5, 8, 20
+    args = make_inputs(rng, B * n, h, v, batch=(B, n))
+
+    def f(x, t):
+        return fl.linear_cross_entropy(x, args["weight"], t, reduction="mean")
+
+    out = mx.vmap(f)(args["hidden"], args["targets"])
+    for b in range(B):
+        r = reference(dict(args, hidden=args["hidden"][b], targets=args["targets"][b]))
+        assert abs(out[b].item() - float(r["loss"])) < 1e-5
+    # vmap of a gradient: per-batch hidden gradients, weight gradient per batch element
+    gw = mx.vmap(mx.grad(lambda w, x, t: fl.linear_cross_entropy(x, w, t, reduction="sum")),
+                 in_axes=(None, 0, 0))(args["weight"], args["hidden"], args["targets"])
+    assert gw.shape == (B, v, h)
+    for b in range(B):
+        r = reference(dict(args, hidden=args["hidden"][b], targets=args["targets"][b]), reduction="sum")
+        np.testing.assert_allclose(to_np(gw[b]), r["weight"], rtol=1e-4, atol=1e-6)
+
+
+def test_module(rng):
+    args = make_inputs(rng, 10, 8, 12, bias=True)
+    crit = fl.nn.LinearCrossEntropyLoss(label_smoothing=0.1, logit_softcap=5.0)
+    a = crit(args["hidden"], args["weight"], args["targets"], args["bias"])
+    b = fl.linear_cross_entropy(**args, label_smoothing=0.1, logit_softcap=5.0)
+    assert a.item() == b.item()
+    loss, stats = crit(args["hidden"], args["weight"], args["targets"], return_stats=True)
+    assert stats["lse"].shape == (10,)
+
+
+# ---------------------------------------------------------------------------
+# memory: no N x V array, forward or backward
+
+def test_memory_bounded_by_chunk_bytes(rng):
+    n, h, v = 256, 32, 60_000  # the logits would be 61 MB
+    args = make_inputs(rng, n, h, v, peaked=False)
+    mx.eval(args)
+    chunk = 2 << 20
+    logits_bytes = n * v * 4
+
+    def run(fn):
+        mx.eval(fn())  # warm-up (graph, pool)
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        mx.eval(fn())
+        return mx.get_peak_memory() - base
+
+    fwd = run(lambda: fl.linear_cross_entropy(**args, chunk_bytes=chunk))
+    assert fwd < chunk + 4 * 1024 * n, fwd
+    grads = mx.grad(lambda x, w: fl.linear_cross_entropy(x, w, args["targets"], chunk_bytes=chunk),
+                    argnums=(0, 1))
+    bwd = run(lambda: grads(args["hidden"], args["weight"]))
+    grad_bytes = (n * h + v * h) * 4 * 2  # float32 gradients, and their input-dtype copies
+    assert bwd < grad_bytes + chunk + 4 * 1024 * n, (bwd, logits_bytes)
+    assert bwd < logits_bytes / 2
+    none_grad = mx.grad(lambda x: (fl.linear_cross_entropy(x, args["weight"], args["targets"],
+                                                           reduction="none", chunk_bytes=chunk)
+                                   * mx.arange(n)).sum())
+    nb = run(lambda: none_grad(args["hidden"]))
+    assert nb < logits_bytes / 2, nb
+
+
+# ---------------------------------------------------------------------------
+# the chunk plan, at its thresholds
+
+def test_plan_thresholds():
+    plan = _ext.linear_cross_entropy_plan
+    N, H, V = 100, 64, 1000
+    per_row = 4 * V
+    # float32 in place: rows = chunk_bytes // (4 V), at least 1, at most N
+    assert plan(N, H, V, True, True, 2, per_row * 3 - 1) == (2, V, per_row * 2)
+    assert plan(N, H, V, True, True, 2, per_row * 3) == (3, V, per_row * 3)
+    assert plan(N, H, V, True, True, 2, per_row * 3 + 1) == (3, V, per_row * 3)
+    assert plan(N, H, V, True, True, 2, per_row - 1)[0] == 1
+    assert plan(N, H, V, True, True, 2, 1)[0] == 1
+    assert plan(N, H, V, True, True, 2, per_row * N + per_row)[0] == N
+    # 16-bit hidden: a float32 copy of the chunk's rows counts too; a 16-bit
+    # weight: one float32 tile per thread
+    per_row16 = 4 * V + 4 * H
+    tile_rows = min(V, _ext.LINEAR_CE_WEIGHT_TILE_BYTES // (4 * H))
+    for threads in (1, 2, 3):
+        tiles = threads * tile_rows * 4 * H
+        assert plan(N, H, V, False, False, threads, tiles + per_row16 * 5) == (5, tile_rows, tiles + per_row16 * 5)
+        assert plan(N, H, V, False, False, threads, tiles + per_row16 * 5 - 1)[0] == 4
+    # weight tile: clamp(tile bytes / 4H, 1, V) rows, at each edge +-1
+    h_edge = _ext.LINEAR_CE_WEIGHT_TILE_BYTES // 4  # one weight row fills the tile budget
+    assert plan(1, h_edge, 10, True, False, 2, 1)[1] == 1
+    assert plan(1, h_edge + 1, 10, True, False, 2, 1)[1] == 1
+    assert plan(1, h_edge - 1, 10, True, False, 2, 1)[1] == 1
+    assert plan(1, h_edge // 2, 10, True, False, 2, 1)[1] == 2
+    v_edge = _ext.LINEAR_CE_WEIGHT_TILE_BYTES // (4 * H)
+    assert plan(1, H, v_edge - 1, True, False, 2, 1)[1] == v_edge - 1
+    assert plan(1, H, v_edge, True, False, 2, 1)[1] == v_edge
+    assert plan(1, H, v_edge + 1, True, False, 2, 1)[1] == v_edge
+    assert plan(0, H, V, True, True, 2, None)[0] == 1
+    assert _ext.LINEAR_CE_DEFAULT_CHUNK_BYTES == plan(10**9, H, 1, True, True, 2, None)[0] * 4
+
+
+@pytest.mark.parametrize("delta", [-1, 0, 1])
+def test_results_at_chunk_threshold(rng, delta):
+    """The result must not depend on where the rows are cut (the budget at a
+    row boundary +-1 byte), with a 16-bit weight converted tile by tile."""
+    n, h, v = 7, 16, 50
+    args = make_inputs(rng, n, h, v, dtype=mx.bfloat16, bias=True)
+    tiles = _ext.num_threads() * min(v, _ext.LINEAR_CE_WEIGHT_TILE_BYTES // (4 * h)) * 4 * h
+    budget = tiles + 3 * (4 * v + 4 * h) + delta
+    check_against_reference(args, mx.bfloat16, reduction="sum", chunk_bytes=budget)
+
+
+# ---------------------------------------------------------------------------
+# bad input: a clear exception naming the argument, before any kernel runs
+
+def test_bad_input(rng):
+    a = make_inputs(rng, 4, 8, 10, bias=True)
+    h, w, t, b = a["hidden"], a["weight"], a["targets"], a["bias"]
+    lce = fl.linear_cross_entropy
+    assert_raises_naming(ValueError, "weight", lce, h, w[:, :7], t)
+    assert_raises_naming(ValueError, "weight", lce, h, w.reshape(-1), t)
+    assert_raises_naming(ValueError, "targets", lce, h, w, t[:3])
+    assert_raises_naming(TypeError, "targets", lce, h, w, t.astype(mx.float32))
+    assert_raises_naming(ValueError, "bias", lce, h, w, t, b[:9])
+    assert_raises_naming(TypeError, "hidden", lce, h.astype(mx.int32), w, t)
+    assert_raises_naming(ValueError, "hidden", lce, mx.array(1.0), w, t)
+    assert_raises_naming(ValueError, "reduction", lce, h, w, t, reduction="avg")
+    assert_raises_naming(ValueError, "label_smoothing", lce, h, w, t, label_smoothing=1.0)
+    assert_raises_naming(ValueError, "label_smoothing_mode", lce, h, w, t, label_smoothing_mode="x")
+    assert_raises_naming(ValueError, "z_loss", lce, h, w, t, z_loss=-1.0)
+    assert_raises_naming(ValueError, "logit_softcap", lce, h, w, t, logit_softcap=0.0)
+    assert_raises_naming(ValueError, "chunk_bytes", lce, h, w, t, chunk_bytes=0)
+    assert_raises_naming(TypeError, "mask", lce, h, w, t, mask=mx.ones(4))
+    assert_raises_naming(ValueError, "mask", lce, h, w, t, mask=mx.ones(3, mx.bool_))
+    assert_raises_naming(TypeError, "dtype", lce, h, w, t, dtype=mx.int32)
+    assert_raises_naming(ValueError, "weight", lce, h, mx.zeros((0, 8)), t)
+    # quantized heads
+    hq = mx.ones((4, 128))
+    w_q, s, qb = mx.quantize(mx.ones((10, 128)), group_size=64, bits=4)
+    assert_raises_naming(ValueError, "bits", lce, hq, w_q, t, scales=s, biases=qb, bits=3)
+    assert_raises_naming(ValueError, "group_size", lce, hq, w_q, t, scales=s, biases=qb, group_size=16)
+    assert_raises_naming(ValueError, ["scales", "group_size"], lce, hq, w_q, t, scales=s, biases=qb,
+                         group_size=32)
+    assert_raises_naming(ValueError, ["H", "columns"], lce, hq, w_q, t, scales=s, biases=qb, bits=8)
+    assert_raises_naming(ValueError, ["hidden", "H"], lce, mx.ones((4, 64)), w_q, t, scales=s, biases=qb)
+    assert_raises_naming(ValueError, "biases", lce, hq, w_q, t, scales=s)
+    assert_raises_naming(ValueError, "scales", lce, hq, w_q, t, biases=qb)
+    assert_raises_naming(TypeError, "uint32", lce, hq, mx.ones((10, 16)), t, scales=s, biases=qb)
+    assert_raises_naming(ValueError, "biases", lce, hq, w_q, t, scales=s, biases=qb[:5])
