@@ -56,8 +56,8 @@ struct LceArgs {
   const float* bias; // float32 [V] or null
   // forward outputs
   float* row_loss; // [N]
-  float* row_max;
-  float* row_logsum;
+  float* lse; // log-sum-exp as a float32 pair: lse + lse_lo exactly
+  float* lse_lo;
   bool* correct;
   float* entropy;
   // backward input: per-row cotangent (null: 1 for every row)
@@ -174,17 +174,18 @@ FLM_INLINE float finish_logits(float* z, int64_t V, const float* bias, float cap
   return m;
 }
 
+// With ref = lse_ref(m) (the max, or 0 for an all -inf row):
 struct RowSums {
-  float sum_exp; // s = sum_j exp(z_j - m)
-  float sum_gap; // sum_j (m - z_j)               (label smoothing)
-  float sum_exp_gap; // sum_j exp(z_j - m) (z_j - m)  (entropy)
+  float sum_exp; // s = sum_j exp(z_j - ref)
+  float sum_gap; // sum_j (ref - z_j)                 (label smoothing)
+  float sum_exp_gap; // sum_j exp(z_j - ref) (z_j - ref)  (entropy)
 };
 
 // One pass over a row whose max is known. Blocks of kChunk are summed in float
 // vector lanes and the blocks in double, so V = 256k loses nothing to the sum.
 FLM_INLINE RowSums row_sums(const float* z, int64_t V, float m, bool with_gap) {
   double s = 0.0, gap = 0.0, ent = 0.0;
-  float shift = m == -flm::kInf ? 0.0f : m; // an all -inf row: exp(-inf) = 0, not NaN
+  float shift = flm::lse_ref(m); // an all -inf row: exp(-inf) = 0, not NaN
   for (int64_t c0 = 0; c0 < V; c0 += cpu::kChunk) {
     int64_t n = std::min<int64_t>(cpu::kChunk, V - c0);
     const float* x = z + c0;
@@ -212,26 +213,25 @@ FLM_INLINE RowSums row_sums(const float* z, int64_t V, float m, bool with_gap) {
 // dZ of one row in place: g ((A + 2 z_loss lse) p - q), times the soft-cap's
 // derivative. The target's logit is read before the row is overwritten.
 template <bool kCap>
-FLM_INLINE void row_gradient(const LceArgs& a, float* z, int64_t t, float m, float log_s, float g) {
+FLM_INLINE void row_gradient(const LceArgs& a, float* z, int64_t t, float lse, float lse_lo, float g) {
   const int64_t V = a.vocab;
   const auto c = a.smoothing;
   const float cap = a.p.logit_softcap;
-  float coef = flm::ce_row_softmax_coef(g, 0.0f, a.a_sum, m + log_s, a.p.z_loss);
+  float coef = flm::ce_row_softmax_coef(g, 0.0f, a.a_sum, lse, a.p.z_loss);
   float g_other = g * c.c_other;
   float z_t = z[t];
   FL_SIMD
   for (int64_t j = 0; j < V; ++j) {
-    // p_j = exp((z_j - m) - log s): the max and the log-sum kept apart.
-    float d = flm::ce_grad(z[j] - m, log_s, coef, g_other);
+    float d = flm::ce_grad(z[j], lse, lse_lo, coef, g_other);
     if constexpr (kCap) d *= flm::softcap_grad(z[j], cap);
     z[j] = d;
   }
-  float d_t = flm::ce_grad(z_t - m, log_s, coef, g_other + g * c.c_target);
+  float d_t = flm::ce_grad(z_t, lse, lse_lo, coef, g_other + g * c.c_target);
   z[t] = kCap ? d_t * flm::softcap_grad(z_t, cap) : d_t;
 }
 
 // Rows [b, e) of the chunk starting at global row r0. Forward: statistics and
-// loss (and dZ if gradients are wanted); backward: dZ from the saved max/log-sum.
+// loss (and dZ if gradients are wanted); backward: dZ from the saved lse.
 template <bool kBias, bool kCap>
 FL_VECTOR_CLONES void epilogue_rows(const LceArgs& a, float* logits, int64_t r0, int64_t b, int64_t e,
                                     bool backward, bool want_dz) {
@@ -242,28 +242,21 @@ FL_VECTOR_CLONES void epilogue_rows(const LceArgs& a, float* logits, int64_t r0,
     float* z = logits + i * V;
     int64_t t = cpu::checked_class(a.targets[r], int(V), a.p.has_ignore_index, a.p.ignore_index);
     float m = finish_logits<kBias, kCap>(z, V, a.bias, a.p.logit_softcap);
-    float log_s;
-    if (backward) {
-      m = a.row_max[r];
-      log_s = a.row_logsum[r];
-    } else {
+    if (!backward) {
+      // The whole row is at hand: one state relative to its final max
+      // (math/cross_entropy.h), no rescaling needed.
       RowSums sums = row_sums(z, V, m, c.c_other != 0.0f);
-      flm::CeRow row;
-      if (t < 0) {
-        row = flm::ce_masked_row(t == cpu::kOutOfRangeRow);
-      } else {
-        // a_gap = c_target (m - z_t) + c_other sum_j (m - z_j), with z - m
-        // kept inside the sums (no cancellation for large logits).
-        float gap = flm::ce_gap(c.c_target, m, 1.0f, z[t]) +
-            (c.c_other == 0.0f ? 0.0f : c.c_other * sums.sum_gap);
-        row = flm::ce_finish_row({m, sums.sum_exp}, a.a_sum, gap, a.p.z_loss);
-      }
-      log_s = flm::log_f32(sums.sum_exp);
+      flm::CeState st = flm::ce_state_empty();
+      st.lse = {m, sums.sum_exp};
+      st.all = {float(V), sums.sum_gap};
+      flm::CeRow row = t < 0 ? flm::ce_masked_row(t == cpu::kOutOfRangeRow)
+                             : flm::ce_finish_hard(st, c, 1.0f, z[t], a.p.z_loss);
+      flm::CeRow stats = flm::ce_finish_row(st.lse, 0.0f, 0.0f, 0.0f); // lse of any row
       a.row_loss[r] = row.loss;
-      a.row_max[r] = m;
-      a.row_logsum[r] = log_s;
+      a.lse[r] = stats.lse;
+      a.lse_lo[r] = stats.lse_lo;
       a.correct[r] = t >= 0 && z[t] == m;
-      a.entropy[r] = log_s - sums.sum_exp_gap / sums.sum_exp;
+      a.entropy[r] = flm::log_f32(sums.sum_exp) - sums.sum_exp_gap / sums.sum_exp;
     }
     if (!want_dz) {
       continue;
@@ -273,7 +266,7 @@ FL_VECTOR_CLONES void epilogue_rows(const LceArgs& a, float* logits, int64_t r0,
       continue;
     }
     float g = a.g_rows ? a.g_rows[r] : 1.0f;
-    row_gradient<kCap>(a, z, t, m, log_s, g);
+    row_gradient<kCap>(a, z, t, a.lse[r], a.lse_lo[r], g);
   }
 }
 
@@ -458,8 +451,8 @@ void LinearCrossEntropy::eval_cpu(const std::vector<mx::array>& inputs, std::vec
   a.d_hidden = grads[0];
   a.d_weight = grads[1];
   a.d_bias = grads[2];
-  a.row_max = outputs[kLceRowMax].data<float>();
-  a.row_logsum = outputs[kLceRowLogSum].data<float>();
+  a.lse = outputs[kLceLse].data<float>();
+  a.lse_lo = outputs[kLceLseLo].data<float>();
   a.correct = outputs[kLceCorrect].data<bool>();
   a.entropy = outputs[kLceEntropy].data<float>();
   float* loss_out = outputs[kLceLoss].data<float>();
@@ -485,9 +478,9 @@ void LinearCrossEntropyVJP::eval_cpu(const std::vector<mx::array>& inputs, std::
     out.set_data(mx::allocator::malloc(out.nbytes()));
   }
   LceArgs a = make_args(inputs, params_);
-  size_t n = inputs.size(); // ..., row max, row log-sum, g
-  a.row_max = const_cast<float*>(inputs[n - 3].data<float>());
-  a.row_logsum = const_cast<float*>(inputs[n - 2].data<float>());
+  size_t n = inputs.size(); // ..., lse, lse_lo, g
+  a.lse = const_cast<float*>(inputs[n - 3].data<float>());
+  a.lse_lo = const_cast<float*>(inputs[n - 2].data<float>());
   a.g_rows = inputs[n - 1].data<float>();
   size_t k = 0; // outputs: those flagged, in the order dH, dW, dbias
   a.d_hidden = params_.grad_hidden ? outputs[k++].data<float>() : nullptr;

@@ -327,7 +327,7 @@ std::vector<mx::array> LinearCrossEntropy::vjp(
     auto rows = row_shape(primals[L.hidden]);
     auto g_rows = params_.sum_rows ? mx::broadcast_to(g, rows, s) : g;
     std::vector<mx::array> inputs(primals.begin(), primals.end());
-    inputs.insert(inputs.end(), {outputs[kLceRowMax], outputs[kLceRowLogSum], g_rows});
+    inputs.insert(inputs.end(), {outputs[kLceLse], outputs[kLceLseLo], g_rows});
     recomputed = make_backward(inputs, missing, s);
   }
   // Position of a gradient among the fused outputs / the backward's outputs.

@@ -29,8 +29,8 @@
 //    outputs are never computed nor allocated.
 //  - Otherwise (reduction "none": one cotangent per row, which cannot be
 //    factored out of dW; or a forward already evaluated) the backward
-//    primitive recomputes each chunk's logits from the saved per-row max and
-//    log-sum and applies each row's own g_r.
+//    primitive recomputes each chunk's logits, takes p from the saved per-row
+//    lse (a float32 pair, see math/cross_entropy.h) and applies each row's g_r.
 // Both accumulate dW in float32 whatever the input dtype. A quantized weight
 // has no gradient (asking for it raises); only hidden's (and bias's).
 #pragma once
@@ -130,8 +130,8 @@ inline LceInputs lce_inputs(const LinearCrossEntropyParams& p) {
 // Outputs of the forward primitive, in this order.
 enum LceOutput {
   kLceLoss = 0, // float32, [...] or [] (sum_rows)
-  kLceRowMax, // float32 [...]: max of the row's (capped) logits
-  kLceRowLogSum, // float32 [...]: log sum_j exp(z_j - max); lse = max + logsum
+  kLceLse, // float32 [...]: log-sum-exp of the row's (capped) logits
+  kLceLseLo, // float32 [...]: its rounding error (lse + lse_lo exact, for backward)
   kLceCorrect, // bool [...]: the target's logit is the row's maximum
   kLceEntropy, // float32 [...]: entropy of softmax(z)
   kLceNumStats, // then dH [..., H], dW [V, H], dbias [V] (float32) when asked
@@ -171,7 +171,7 @@ class LinearCrossEntropy : public LossPrimitive<LinearCrossEntropyParams> {
 };
 
 // Backward (recomputes the logits chunk by chunk). Inputs: the forward's
-// inputs, then row max, row log-sum and the per-row cotangent (float32 [...]).
+// inputs, then lse, lse_lo and the per-row cotangent (float32 [...]).
 // Outputs (float32): dH, dW, dbias, those flagged in the params, in that order.
 class LinearCrossEntropyVJP : public LossPrimitive<LinearCrossEntropyParams> {
  public:

@@ -123,6 +123,6 @@ def linear_cross_entropy(
     loss = _finish(outputs[0], reduction, hidden.dtype if dtype is None else dtype, count)
     if not return_stats:
         return loss
-    row_max, row_logsum, correct, entropy = (mx.stop_gradient(o) for o in outputs[1:5])
-    stats = {"lse": row_max + row_logsum, "correct": correct, "entropy": entropy}
+    lse, correct, entropy = (mx.stop_gradient(outputs[k]) for k in (1, 3, 4))
+    stats = {"lse": lse, "correct": correct, "entropy": entropy}
     return loss, stats
