@@ -29,6 +29,7 @@ from pathlib import Path
 # library, the platform's suffix is added below.
 EXTERNAL_LIBRARIES = [
     "libmlx",  # mlx-cpu (Linux) / mlx-metal (macOS): mlx/lib/libmlx.{so,dylib}
+    "libscipy_openblas",  # scipy-openblas32 (Linux): scipy_openblas32/lib/, the linear CE's BLAS
 ]
 
 # The manylinux policy of mlx-cpu's wheels; a Linux user who can install mlx
