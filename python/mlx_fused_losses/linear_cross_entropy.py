@@ -11,12 +11,11 @@ from typing import Dict, Literal, Optional, Tuple, Union
 import mlx.core as mx
 
 from . import _ext
-from .losses import _check_array, _check_reduction, _finish, _kept_rows
+from .losses import _as_array, _check_reduction, _finish, _ignore_index_for, _kept_rows, _result_dtype
 
 # The ignore index a `mask` turns masked rows into when no ignore_index is
 # given: no class index can equal it (classes are >= 0).
 _MASKED_ROW = -(2**63)
-_RESULT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 
 
 def linear_cross_entropy(
@@ -80,17 +79,18 @@ def linear_cross_entropy(
     A class index outside ``[0, V)`` that is not ignored gives NaN for its
     row's loss, and poisons the gradients (every row shares ``weight``).
     """
-    _check_array(hidden, "hidden")
-    _check_array(weight, "weight")
-    _check_array(targets, "targets")
+    hidden = _as_array(hidden, "hidden")
+    weight = _as_array(weight, "weight")
+    targets = _as_array(targets, "targets")
     _check_reduction(reduction)
-    for value, name in ((bias, "bias"), (scales, "scales"), (biases, "biases"), (mask, "mask")):
-        if value is not None:
-            _check_array(value, name)
-    if dtype is not None and dtype not in _RESULT_DTYPES:
-        raise TypeError(f"dtype must be None, mx.float32, mx.float16 or mx.bfloat16, got {dtype}")
+    bias, scales, biases, mask = (
+        None if value is None else _as_array(value, name)
+        for value, name in ((bias, "bias"), (scales, "scales"), (biases, "biases"), (mask, "mask"))
+    )
+    result_dtype = _result_dtype(dtype, hidden.dtype)
     if not mx.issubdtype(targets.dtype, mx.integer):
         raise TypeError(f"targets holds class indices and must have an integer dtype, got {targets.dtype}")
+    ignore_index = _ignore_index_for(targets, ignore_index)
     if mask is not None:
         if mask.dtype != mx.bool_:
             raise TypeError(f"mask must be a bool array (rows to count), got {mask.dtype}")
@@ -120,7 +120,7 @@ def linear_cross_entropy(
         stream=stream,
     )
     count = _kept_rows(targets, ignore_index) if reduction == "mean" else None
-    loss = _finish(outputs[0], reduction, hidden.dtype if dtype is None else dtype, count)
+    loss = _finish(outputs[0], reduction, result_dtype, count)
     if not return_stats:
         return loss
     lse, correct, entropy = (mx.stop_gradient(outputs[k]) for k in (1, 3, 4))
