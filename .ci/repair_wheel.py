@@ -32,9 +32,11 @@ EXTERNAL_LIBRARIES = [
     "libscipy_openblas",  # scipy-openblas32 (Linux): scipy_openblas32/lib/, the linear CE's BLAS
 ]
 
-# The manylinux policy of mlx-cpu's wheels; a Linux user who can install mlx
-# can install ours. CI asserts the repaired tag is this or lower.
+# The oldest platforms mlx's own wheels support: manylinux_2_35 (mlx-cpu) and
+# macOS 14 (mlx-metal). A user who can install mlx can install ours: the
+# repaired tag must be this or lower (CI asserts it).
 MANYLINUX_GLIBC = (2, 35)
+MACOS_VERSION = (14, 0)
 
 
 def excluded_names(system: str) -> list[str]:
@@ -73,14 +75,16 @@ def repair_macos(wheel: Path, dest: Path) -> None:
     run(cmd + [str(wheel)])
 
 
-def check_linux_tag(tags: list[str]) -> None:
+def check_tags(tags: list[str], system: str) -> None:
+    pattern, newest = {
+        "Linux": (r"manylinux_(\d+)_(\d+)_(?:x86_64|aarch64)", MANYLINUX_GLIBC),
+        "Darwin": (r"macosx_(\d+)_(\d+)_arm64", MACOS_VERSION),
+    }[system]
     for tag in tags:
-        m = re.fullmatch(r"manylinux_(\d+)_(\d+)_(x86_64|aarch64)", tag)
-        assert m, f"not a PEP 600 manylinux tag: {tag}"
-        glibc = (int(m.group(1)), int(m.group(2)))
-        assert glibc <= MANYLINUX_GLIBC, (
-            f"{tag} needs glibc {glibc[0]}.{glibc[1]}, newer than mlx-cpu's "
-            f"{MANYLINUX_GLIBC[0]}.{MANYLINUX_GLIBC[1]}")
+        m = re.fullmatch(pattern, tag)
+        assert m, f"unexpected platform tag {tag} (want {pattern})"
+        version = (int(m.group(1)), int(m.group(2)))
+        assert version <= newest, f"{tag} needs a newer platform than mlx's wheels ({newest})"
 
 
 def check_macos_dependencies(root: Path) -> None:
@@ -100,10 +104,7 @@ def check_macos_dependencies(root: Path) -> None:
 def check_repaired(wheel: Path, system: str) -> None:
     tags = platform_tags(wheel)
     print(f"repaired: {wheel.name}")
-    if system == "Linux":
-        check_linux_tag(tags)
-    else:
-        assert all(re.fullmatch(r"macosx_\d+_\d+_arm64", t) for t in tags), tags
+    check_tags(tags, system)
     with zipfile.ZipFile(wheel) as zf:
         names = zf.namelist()
         with tempfile.TemporaryDirectory() as tmp:

@@ -148,3 +148,46 @@ def test_classifiers_match_the_release_builds():
 def test_metallib_beside_ext():
     ext_dir = Path(fl._ext.__file__).parent
     assert (ext_dir / "mlx_fused_losses.metallib").is_file()
+
+
+def load_repair_script():
+    path = REPO_ROOT / ".ci" / "repair_wheel.py"
+    if not path.exists():
+        pytest.skip(".ci/repair_wheel.py is not beside the tests")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("repair_wheel", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_repair_checks_reject_what_pypi_users_cannot_install():
+    repair = load_repair_script()
+    repair.check_tags(["manylinux_2_35_x86_64"], "Linux")
+    repair.check_tags(["manylinux_2_28_aarch64"], "Linux")
+    repair.check_tags(["macosx_14_0_arm64"], "Darwin")
+    for tags, system in [(["linux_x86_64"], "Linux"), (["manylinux_2_39_x86_64"], "Linux"),
+                         (["macosx_15_0_arm64"], "Darwin"), (["macosx_14_0_x86_64"], "Darwin")]:
+        with pytest.raises(AssertionError):
+            repair.check_tags(tags, system)
+
+
+def test_repair_checks_reject_a_grafted_libmlx(tmp_path):
+    import zipfile
+
+    repair = load_repair_script()
+
+    def wheel(*members):
+        path = tmp_path / "mlx_fused_losses-0.1.0-cp311-cp311-manylinux_2_35_x86_64.whl"
+        with zipfile.ZipFile(path, "w") as zf:
+            for name in members:
+                zf.writestr(name, "")
+        return path
+
+    ok = ["mlx_fused_losses/_ext.so", "mlx_fused_losses-0.1.0.dist-info/licenses/LICENSE"]
+    repair.check_repaired(wheel(*ok), "Linux")
+    with pytest.raises(AssertionError, match="copied in"):
+        repair.check_repaired(wheel(*ok, "mlx_fused_losses.libs/libmlx-1a2b3c4d.so"), "Linux")
+    with pytest.raises(AssertionError, match="LICENSE"):
+        repair.check_repaired(wheel(ok[0]), "Linux")
