@@ -272,7 +272,9 @@ UB_PROGRAM = r"""
 #include "cpu/row_reduce.h"
 namespace fl::cpu {
 struct Phantom {};
-inline float to_float(Phantom) { return 0.0f; }
+inline void widen(const Phantom*, int n, float* dst) {
+  for (int i = 0; i < n; ++i) dst[i] = 0.0f;
+}
 }
 int main() {
   const float inf = std::numeric_limits<float>::infinity();
