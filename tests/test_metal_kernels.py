@@ -624,8 +624,8 @@ def pw_run(lib, kind, reduction, x32, t32, p0, p1, cot):
     lib.run("pw_forward_run", np.int32(0), np.int32(kind), np.int32(red), x32, t32, out,
             partials, np.uint64(n), np.float32(p0), np.float32(p1))
     grad = np.full(n, SENTINEL, np.float32)
-    lib.run("pw_backward_run", np.int32(0), np.int32(kind), np.int32(red), x32, t32, cot, grad,
-            np.uint64(n), np.float32(p0), np.float32(p1))
+    lib.run("pw_backward_run", np.int32(0), np.int32(kind), np.int32(red), x32, t32, cot,
+            np.int32(0), grad, np.uint64(n), np.float32(p0), np.float32(p1))
     return out, grad
 
 
