@@ -41,7 +41,10 @@ struct CeArgs {
 // The state of one row (math/cross_entropy.h), in one pass over its logits
 // (and its soft targets). Each chunk's gaps are taken against the chunk's
 // shift (the running max after it), after moving the earlier sums there.
-template <typename T, bool kSoft, bool kWeighted>
+// kAll = false: the sums over all classes (r.all) are not kept; hard targets
+// without label smoothing never read them (c_other = 0), and dropping them
+// takes an add per element out of the hot loop.
+template <typename T, bool kSoft, bool kWeighted, bool kAll = true>
 FLM_INLINE flm::CeState row_state(const CeArgs& a, const T* x, const T* t) {
   flm::CeState r = flm::ce_state_empty();
   float tbuf[kSoft ? kChunk : 1];
@@ -62,10 +65,12 @@ FLM_INLINE flm::CeState row_state(const CeArgs& a, const T* x, const T* t) {
       // adding w * (shift - v): same bits, one subtraction fewer.
       float e = v - shift; // <= 0, exact near the max
       s += flm::exp_nonpos_f32(e);
-      if constexpr (kWeighted) {
+      if constexpr (kWeighted && kAll) {
         sw += w;
       }
-      gw -= flm::weighted(w, e);
+      if constexpr (kAll) {
+        gw -= flm::weighted(w, e);
+      }
       if constexpr (kSoft) {
         float wt = w * tv[i];
         swt += wt;
@@ -75,7 +80,9 @@ FLM_INLINE flm::CeState row_state(const CeArgs& a, const T* x, const T* t) {
     if constexpr (!kWeighted) {
       sw = float(n); // sum_j 1: exact, no per-element add
     }
-    r.all = flm::gap_add(flm::gap_moved(r.all, mv), flm::GapSum{sw, gw});
+    if constexpr (kAll) {
+      r.all = flm::gap_add(flm::gap_moved(r.all, mv), flm::GapSum{sw, gw});
+    }
     r.target = flm::gap_add(flm::gap_moved(r.target, mv), flm::GapSum{swt, gwt});
     return s;
   });
@@ -94,7 +101,7 @@ FLM_INLINE void store_row(const CeArgs& a, int64_t r, flm::CeRow row) {
   a.a_sum[r] = row.a_sum;
 }
 
-template <typename T, bool kSoft, bool kWeighted>
+template <typename T, bool kSoft, bool kWeighted, bool kAll = true>
 FL_VECTOR_CLONES void forward_rows(const CeArgs& a, int64_t begin, int64_t end) {
   const auto c = a.smoothing;
   for (int64_t r = begin; r < end; ++r) {
@@ -109,7 +116,7 @@ FL_VECTOR_CLONES void forward_rows(const CeArgs& a, int64_t begin, int64_t end) 
         store_row(a, r, flm::ce_masked_row(t == cpu::kOutOfRangeRow)); // the row is never read
         continue;
       }
-      flm::CeState st = row_state<T, false, kWeighted>(a, x, nullptr);
+      flm::CeState st = row_state<T, false, kWeighted, kAll>(a, x, nullptr);
       float w_t = kWeighted ? a.class_weights[t] : 1.0f;
       store_row(a, r, flm::ce_finish_hard(st, c, w_t, cpu::to_float(x[t]), a.params.z_loss));
     }
@@ -165,20 +172,25 @@ FL_VECTOR_CLONES void backward_rows(const CeArgs& a, int64_t begin, int64_t end)
 using RowsFn = void (*)(const CeArgs&, int64_t, int64_t);
 
 // The instantiation for a dtype and layout; each is cloned per instruction set.
+// all_sums: the forward must keep the sums over all classes (c_other != 0).
 template <typename T>
-RowsFn pick_layout(const CrossEntropyParams& p, bool backward) {
+RowsFn pick_layout(const CrossEntropyParams& p, bool backward, bool all_sums) {
   if (p.soft_targets && p.has_class_weights)
     return backward ? backward_rows<T, true, true> : forward_rows<T, true, true>;
   if (p.soft_targets)
     return backward ? backward_rows<T, true, false> : forward_rows<T, true, false>;
+  if (backward)
+    return p.has_class_weights ? backward_rows<T, false, true> : backward_rows<T, false, false>;
   if (p.has_class_weights)
-    return backward ? backward_rows<T, false, true> : forward_rows<T, false, true>;
-  return backward ? backward_rows<T, false, false> : forward_rows<T, false, false>;
+    return all_sums ? forward_rows<T, false, true> : forward_rows<T, false, true, false>;
+  return all_sums ? forward_rows<T, false, false> : forward_rows<T, false, false, false>;
 }
 
-RowsFn pick(mx::Dtype dtype, const CrossEntropyParams& p, bool backward) {
+RowsFn pick(mx::Dtype dtype, const CeArgs& a, bool backward) {
   RowsFn fn = nullptr;
-  cpu::dispatch_float(dtype, [&](auto zero) { fn = pick_layout<decltype(zero)>(p, backward); });
+  cpu::dispatch_float(dtype, [&](auto zero) {
+    fn = pick_layout<decltype(zero)>(a.params, backward, a.smoothing.c_other != 0.0f);
+  });
   return fn;
 }
 
@@ -211,7 +223,7 @@ void CrossEntropy::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx
   a.lse_lo = outputs[2].data<float>();
   a.a_sum = outputs[3].data<float>();
   cpu::dispatch_rows(stream(), inputs, outputs, a.rows, a.num_classes,
-                     [a, fn = pick(inputs[0].dtype(), params_, false)](int64_t b, int64_t e) { fn(a, b, e); });
+                     [a, fn = pick(inputs[0].dtype(), a, false)](int64_t b, int64_t e) { fn(a, b, e); });
 }
 
 void CrossEntropyVJP::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
@@ -227,7 +239,7 @@ void CrossEntropyVJP::eval_cpu(const std::vector<mx::array>& inputs, std::vector
   a.g_lse = inputs[n - 1].data<float>();
   a.grad = grad.data<void>();
   cpu::dispatch_rows(stream(), inputs, outputs, a.rows, a.num_classes,
-                     [a, fn = pick(inputs[0].dtype(), params_, true)](int64_t b, int64_t e) { fn(a, b, e); });
+                     [a, fn = pick(inputs[0].dtype(), a, true)](int64_t b, int64_t e) { fn(a, b, e); });
 }
 
 } // namespace fl
