@@ -39,19 +39,13 @@ const char* native_kind(bool half, bool narrowing);
 } // namespace convert_impl
 
 // A chunk of 16-bit (or float32) elements as float32: the source itself for
-// float32, else widened into `buf` (kChunk floats). Any other element type
-// with a to_float overload (tests use one) is converted element by element.
+// float32, else widened into `buf` (kChunk floats).
 template <typename T>
 FLM_INLINE const float* chunk_as_float(const T* src, int n, float* buf) {
   if constexpr (std::is_same_v<T, float>) {
     return src;
-  } else if constexpr (std::is_same_v<T, Half> || std::is_same_v<T, BFloat>) {
-    widen(src, n, buf);
-    return buf;
   } else {
-    for (int i = 0; i < n; ++i) {
-      buf[i] = to_float(src[i]);
-    }
+    widen(src, n, buf);
     return buf;
   }
 }
