@@ -6,12 +6,13 @@ directly; the value check uses the reference's "none" output (see runner).
 """
 
 from dataclasses import dataclass
-from typing import Callable, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn.losses as mlx_losses
 
 import mlx_fused_losses as fl
+from bench import linear
 
 LABEL_SMOOTHING = 0.1
 SMOOTH_L1_BETA = 1.0
@@ -32,6 +33,15 @@ FLAT_SWEEPS = {
     "smoke": [4096, 16384],
 }
 
+# Linear cross-entropy: (tokens N, hidden H, vocabulary V). The full sweep has
+# the issue's two shapes (MLX's composed baseline alone takes minutes there on
+# 2 CPU cores: its float32 matmul runs on a reference BLAS).
+LINEAR_SWEEPS = {
+    "full": [(2048, 1024, 32000), (1024, 1024, 151936)],
+    "quick": [(256, 256, 8192)],
+    "smoke": [(32, 16, 100)],
+}
+
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 DEFAULT_DTYPES = ["float32", "bfloat16"]
 
@@ -44,6 +54,16 @@ class LossSpec:
     reference: Callable[..., mx.array]  # (*inputs, reduction="mean")
     reference_name: str
     make_inputs: Callable[[Tuple[int, ...], mx.Dtype], list]
+    # Optional, for losses that are not "one array in, its gradient out":
+    sweeps: Optional[Dict[str, List[Tuple[int, ...]]]] = None  # instead of ROW/FLAT_SWEEPS
+    dtype_names: Optional[Tuple[str, ...]] = None  # the only dtypes it runs in
+    grad_argnums: Tuple[int, ...] = (0,)  # inputs differentiated in fwd+bwd
+    # (inputs, backward) -> thunk timed in the "roofline" column instead of
+    # the memory roofline, and the flop count of a pass (GFLOP/s in the plot)
+    roofline: Optional[Callable[[list, bool], Callable[[], object]]] = None
+    flops: Optional[Callable[[Tuple[int, ...], bool], int]] = None
+    # (inputs, backward) -> {name: (thunk, counts MLX memory)}: more baselines
+    extras: Optional[Callable[[list, bool], Dict[str, tuple]]] = None
 
 
 @dataclass(frozen=True)
@@ -152,10 +172,24 @@ LOSSES = {
             reference_name="composed MLX formula",
             make_inputs=_logits_and_class_targets,
         ),
+        LossSpec(
+            name="linear_cross_entropy",
+            rowwise=True,
+            ours=linear.ours,
+            reference=linear.composed,
+            reference_name="mlx.nn.losses.cross_entropy(h @ W.T, t) (composed)",
+            make_inputs=linear.make_inputs,
+            sweeps=LINEAR_SWEEPS,
+            dtype_names=("float32",),
+            grad_argnums=(0, 1),
+            roofline=linear.gemm_yardstick,
+            flops=linear.flops,
+            extras=linear.extra_baselines,
+        ),
     ]
 }
 
-DEFAULT_LOSSES = ["cross_entropy", "smooth_l1", "sigmoid_focal"]
+DEFAULT_LOSSES = ["cross_entropy", "smooth_l1", "sigmoid_focal", "linear_cross_entropy"]
 
 
 def build_cases(loss_names: Sequence[str], dtype_names: Sequence[str], sweep: str):
@@ -163,7 +197,12 @@ def build_cases(loss_names: Sequence[str], dtype_names: Sequence[str], sweep: st
     cases = []
     for name in loss_names:
         spec = LOSSES[name]
-        shapes = ROW_SWEEPS[sweep] if spec.rowwise else [(n,) for n in FLAT_SWEEPS[sweep]]
+        if spec.sweeps is not None:
+            shapes = spec.sweeps[sweep]
+        else:
+            shapes = ROW_SWEEPS[sweep] if spec.rowwise else [(n,) for n in FLAT_SWEEPS[sweep]]
         for dtype_name in dtype_names:
+            if spec.dtype_names is not None and dtype_name not in spec.dtype_names:
+                continue
             cases.extend(Case(spec, dtype_name, shape) for shape in shapes)
     return cases

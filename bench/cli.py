@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from bench.cases import DEFAULT_DTYPES, DEFAULT_LOSSES, DTYPES, LOSSES, build_cases
 from bench.plot import plot_results
-from bench.report import format_table, write_json
+from bench.report import format_extras_table, format_table, write_json
 from bench.runner import MemoryGuard, run_case
 from bench.timing import RepeatPolicy
 
@@ -114,6 +114,10 @@ def main(argv=None) -> int:
 
     print(f"device: {mx.default_device()}, sweep: {args.sweep}, compile: {args.compile}")
     print(format_table(records))
+    extras_table = format_extras_table(records)
+    if extras_table:
+        print("\nfurther baselines (time relative to ours; torch's memory is not MLX's):")
+        print(extras_table)
     settings = {"sweep": args.sweep, "losses": args.losses, "dtypes": args.dtypes,
                 "compile": args.compile, "repeat_policy": vars(policy)}
     write_json(args.json, records, settings)

@@ -26,16 +26,31 @@ def plot_results(records, path, title):
     for row, loss in enumerate(losses):
         for col, pass_name in enumerate(PASSES):
             ax = axes[row][col]
+            # Losses with a flop count (linear cross-entropy: GEMM-bound) are
+            # plotted in GFLOP/s, with their further baselines.
+            metric = "gflops" if any("flops" in r for r in records if r["loss"] == loss) else "gbps"
             for dtype in dtypes:
                 elements, recs = _series(records, loss, pass_name, dtype)
+                if not recs:  # a loss that does not run in this dtype
+                    continue
                 for impl, (line, marker) in IMPL_STYLES.items():
-                    ax.plot(elements, [r[impl]["gbps"] for r in recs], line, marker=marker, markersize=3,
+                    ax.plot(elements, [r[impl][metric] for r in recs], line, marker=marker, markersize=3,
                             color=DTYPE_COLORS.get(dtype), label=f"{impl} {dtype}")
+                extra_names = dict.fromkeys(n for r in recs for n in r.get("extras", {}))
+                for i, name in enumerate(extra_names):
+                    points = [(e, r["extras"][name][metric]) for e, r in zip(elements, recs)
+                              if name in r.get("extras", {})]
+                    ax.plot([e for e, _ in points], [v for _, v in points], "-.", marker="^x+"[i % 3],
+                            markersize=4, color=DTYPE_COLORS.get(dtype), alpha=0.6, label=f"{name} {dtype}")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_title(f"{loss} - {pass_name}")
-            ax.set_xlabel("input elements")
-            ax.set_ylabel("effective GB/s (minimum bytes / time)")
+            if metric == "gflops":
+                ax.set_xlabel("N x H x V")
+                ax.set_ylabel("GFLOP/s (GEMM flops of the pass / time)")
+            else:
+                ax.set_xlabel("input elements")
+                ax.set_ylabel("effective GB/s (minimum bytes / time)")
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
     fig.suptitle(title)

@@ -45,6 +45,27 @@ def format_table(records) -> str:
     return "\n".join(lines)
 
 
+def format_extras_table(records) -> str:
+    """The further baselines some losses have (linear cross-entropy: our CE on
+    materialised logits, torch), beside ours; empty when none ran."""
+    rows = [["loss", "dtype", "size", "pass", "impl", "ms (min-max)", "vs ours", "peak MB"]]
+    for r in records:
+        if "extras" not in r:
+            continue
+        head = [r["loss"], r["dtype"], r["size"], r["pass"]]
+        ours_ms = r["ours"]["median_ms"]
+        rows.append(head + ["ours", _ms_with_spread(r["ours"]), "1.00x", f"{r['ours']['peak_mb']:.3g}"])
+        for name, timing in r["extras"].items():
+            peak = "n/a" if timing["peak_mb"] is None else f"{timing['peak_mb']:.3g}"
+            rows.append(head + [name, _ms_with_spread(timing), f"{timing['median_ms'] / ours_ms:.2f}x", peak])
+    if len(rows) == 1:
+        return ""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
 def environment():
     return {
         "device": str(mx.default_device()),

@@ -53,10 +53,11 @@ class MemoryGuard:
 
 def _callables(case: Case, inputs, use_compile: bool):
     """(ours, mlx, roofline) thunks for each pass; each thunk returns arrays to eval."""
-    ours, reference = case.spec.ours, case.spec.reference
+    ours, reference, argnums = case.spec.ours, case.spec.reference, case.spec.grad_argnums
     fns = {
         "fwd": (ours, reference, roofline.forward_roofline),
-        "fwd+bwd": (mx.value_and_grad(ours), mx.value_and_grad(reference), roofline.forward_backward_roofline),
+        "fwd+bwd": (mx.value_and_grad(ours, argnums=argnums), mx.value_and_grad(reference, argnums=argnums),
+                    roofline.forward_backward_roofline),
     }
     thunks = {}
     for pass_name, (ours_fn, ref_fn, roof_fn) in fns.items():
@@ -67,7 +68,25 @@ def _callables(case: Case, inputs, use_compile: bool):
             "mlx": lambda f=ref_fn: f(*inputs),
             "roofline": lambda f=roof_fn: f(inputs),
         }
+        if case.spec.roofline is not None:  # a loss-specific yardstick instead
+            thunks[pass_name]["roofline"] = case.spec.roofline(inputs, pass_name == "fwd+bwd")
     return thunks
+
+
+def _measure_extras(case: Case, inputs, pass_name: str, policy: RepeatPolicy):
+    """More baselines of a loss (e.g. torch): timing, peak MLX memory where it
+    means something, and throughput."""
+    if case.spec.extras is None:
+        return None
+    backward = pass_name == "fwd+bwd"
+    flops = case.spec.flops(case.shape, backward) if case.spec.flops else None
+    extras = {}
+    for name, (thunk, counts_mlx_memory) in case.spec.extras(inputs, backward).items():
+        timing, peak = measure(thunk, policy)
+        extras[name] = {**timing.to_dict(), "peak_mb": peak / MB if counts_mlx_memory else None}
+        if flops:
+            extras[name]["gflops"] = flops / timing.median_ms / 1e6
+    return extras
 
 
 def _upcast(a: mx.array) -> mx.array:
@@ -120,11 +139,18 @@ def run_case(case: Case, policy: RepeatPolicy, use_compile: bool, guard: MemoryG
     for pass_name, thunks in _callables(case, inputs, use_compile).items():
         record = _base_record(case, pass_name)
         record["bytes"] = roofline.bytes_moved(inputs, output_nbytes, backward=pass_name == "fwd+bwd")
+        if case.spec.flops is not None:
+            record["flops"] = case.spec.flops(case.shape, pass_name == "fwd+bwd")
         for impl, thunk in thunks.items():
             timing, peak = measure(thunk, policy)
             record[impl] = {**timing.to_dict(), "peak_mb": peak / MB, "gbps": record["bytes"] / timing.median_ms / MB}
+            if record.get("flops"):
+                record[impl]["gflops"] = record["flops"] / timing.median_ms / 1e6
             if pass_name == "fwd+bwd" and impl != "roofline":
                 guard.record(case, peak)
+        extras = _measure_extras(case, inputs, pass_name, policy)
+        if extras is not None:
+            record["extras"] = extras
         record["speedup_vs_mlx"] = record["mlx"]["median_ms"] / record["ours"]["median_ms"]
         record["ratio_to_roofline"] = record["ours"]["median_ms"] / record["roofline"]["median_ms"]
         record["forward_rel_diff"] = rel_diff

@@ -91,3 +91,30 @@ def test_unwritable_output_fails_before_the_sweep(tmp_path, flag):
     assert flag in done.stderr and "cannot be written" in done.stderr
     assert "case/s" not in done.stderr  # no progress bar: the sweep never started
     assert not (tmp_path / "ok").exists()  # the check leaves no file behind
+
+
+def test_linear_cross_entropy_rows(tmp_path):
+    """Linear cross-entropy rows: ours, MLX composed, the GEMM yardstick in
+    the roofline column, our CE on materialised logits as a further baseline,
+    forward values checked, GFLOP/s for the plot."""
+    import mlx_fused_losses as fl
+
+    if not hasattr(fl, "linear_cross_entropy"):
+        pytest.skip("linear_cross_entropy is not built into this package yet")
+    json_path = tmp_path / "linear.json"
+    completed = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--losses", "linear_cross_entropy",
+         "--json", str(json_path), "--plot", str(tmp_path / "linear.png")],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert "fl CE on logits" in completed.stdout
+    results = json.loads(json_path.read_text())["results"]
+    assert {(r["loss"], r["dtype"], r["pass"]) for r in results} == {
+        ("linear_cross_entropy", "float32", "fwd"), ("linear_cross_entropy", "float32", "fwd+bwd")}
+    for r in results:
+        assert r["values_match"], r["forward_rel_diff"]
+        assert r["flops"] == (6 if r["pass"] == "fwd+bwd" else 2) * 32 * 16 * 100
+        for timing in [r["ours"], r["mlx"], r["roofline"], *r["extras"].values()]:
+            assert 0 < timing["min_ms"] <= timing["median_ms"] and timing["gflops"] > 0
+        assert r["extras"]["fl CE on logits"]["peak_mb"] > 0
