@@ -196,6 +196,26 @@ def test_quantized_head_qlora(linear_ready, rng, name):
     assert_matches_default_loss(lambda: _qlora(name), lm.lm_loss, *batch)
 
 
+@pytest.mark.parametrize("quantized", [False, True], ids=["dense", "qlora"])
+def test_bfloat16_model(linear_ready, rng, quantized):
+    """A bfloat16 model (as mlx-lm loads most checkpoints): both adapters run,
+    return a float32 loss near mlx-lm's (which sums bf16-rounded token losses)
+    and bf16 gradients."""
+    def make():
+        model = _qlora("llama-untied") if quantized else build("llama-untied")
+        model.set_dtype(mx.bfloat16)
+        return model
+
+    batch = make_batch(rng)
+    mlx_loss, _, _ = value_and_grads(make(), trainer.default_loss, *batch)
+    for loss_fn in (lm.lm_loss, lm.linear_lm_loss):
+        loss, _, grads = value_and_grads(make(), loss_fn, *batch)
+        assert loss.dtype == mx.float32
+        assert abs(loss.item() - mlx_loss.item()) <= 1e-2 * abs(mlx_loss.item())
+        assert all(g.dtype == mx.bfloat16 and np.isfinite(np.array(g.astype(mx.float32))).all()
+                   for g in grads.values())
+
+
 def test_lora_on_unquantized_head(linear_ready, rng):
     def lora_head():
         model = build("llama-untied")
