@@ -15,8 +15,9 @@ For each model, from the same initial weights and batches:
   fl linear  mlx_fused_losses.lm.linear_lm_loss (no logits: body + fused
              linear cross-entropy on the output head)
 The step is compiled like mlx-lm's trainer (nn.value_and_grad + mx.compile).
-The three compute the same loss: the script exits with status 1 if a curve
-differs from mlx-lm's by more than CURVE_ATOL.
+The three compute the same loss: the script exits with status 1 if the
+first step's loss differs from mlx-lm's by more than FIRST_STEP_RTOL or a curve
+by more than CURVE_ATOL (see there why the two differ).
 
 Usage (from the repository root, with `pip install ".[lm]"`):
   python examples/finetune_lm.py            # 20 steps per run, ~10 minutes on 2 cores
@@ -51,9 +52,13 @@ except ImportError:  # pragma: no cover
 from mlx_fused_losses.lm import linear_lm_loss, lm_loss
 
 SEED = 0
-# Curves of the same loss computed three ways, from the same weights and
-# batches, agree to float32 rounding amplified by a few dozen Adam steps.
-CURVE_ATOL = 2e-3
+# The first step's loss is the same function of the same weights and batch:
+# the three agree to float32 rounding. Later steps start from weights that
+# differ by the previous updates' rounding, which Adam amplifies (it divides
+# by the root of tiny second moments): 20 steps here move curves of the same
+# loss apart by up to ~2e-2 while each falls by several nats.
+FIRST_STEP_RTOL = 1e-5
+CURVE_ATOL = 5e-2
 TEXT_MODULES = ["argparse", "textwrap", "difflib", "json.decoder", "collections",
                 "functools", "dataclasses", "pathlib", "statistics", "typing"]
 
@@ -154,8 +159,10 @@ def run_model(title, make_model, tokens, opts, failures):
         curve = " ".join(f"{losses[i]:.3f}" for i in shown)
         diff = max(abs(a - b) for a, b in zip(losses, reference))
         print(f"   {name:<10} {per_step:8.3f} {peak / 1e6:9.1f} {diff:9.1e}   {curve}", flush=True)
-        if not all(np.isfinite(losses)) or diff > CURVE_ATOL:
-            failures.append(f"{title}, {name}: max |loss - mlx-lm loss| = {diff:.3g}")
+        first = abs(losses[0] - reference[0]) / abs(reference[0])
+        if not all(np.isfinite(losses)) or first > FIRST_STEP_RTOL or diff > CURVE_ATOL:
+            failures.append(f"{title}, {name}: first-step relative difference {first:.3g}, "
+                            f"max |loss - mlx-lm loss| = {diff:.3g}")
     if not losses[-1] < losses[0]:
         failures.append(f"{title}: the loss did not fall ({losses[0]:.3f} -> {losses[-1]:.3f})")
 
@@ -200,7 +207,8 @@ def main(argv=None) -> int:
     if failures:
         print("\nFAILED:\n  " + "\n  ".join(failures))
         return 1
-    print(f"\nAll curves agree with mlx-lm's loss to {CURVE_ATOL}.")
+    print(f"\nEvery first-step loss agrees with mlx-lm's to {FIRST_STEP_RTOL} (relative), "
+          f"every curve to {CURVE_ATOL}.")
     return 0
 
 
