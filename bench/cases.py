@@ -64,6 +64,8 @@ class LossSpec:
     flops: Optional[Callable[[Tuple[int, ...], bool], int]] = None
     # (inputs, backward) -> {name: (thunk, counts MLX memory)}: more baselines
     extras: Optional[Callable[[list, bool], Dict[str, tuple]]] = None
+    # PyTorch's version, (*torch tensors) -> mean loss; None where torch has none.
+    torch: Optional[Callable] = None
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,22 @@ def composed_softmax_focal(logits, targets, reduction="mean"):
     return _reduce(-((1 - mx.exp(log_p_t)) ** FOCAL_GAMMA) * log_p_t, reduction)
 
 
+def _fast_cross_entropy(logits, targets, reduction="mean"):
+    """mx.fast.cross_entropy (hard targets, no options; unfused on the CPU)."""
+    return _reduce(mx.fast.cross_entropy(logits, targets), reduction)
+
+
+# PyTorch equivalents (torch is optional: bench/torch_column.py imports it).
+def _torch_cross_entropy(x, t, label_smoothing=0.0):
+    import torch.nn.functional as F
+    return F.cross_entropy(x, t, label_smoothing=label_smoothing)
+
+
+def _torch_smooth_l1(p, t):
+    import torch.nn.functional as F
+    return F.smooth_l1_loss(p, t, beta=SMOOTH_L1_BETA)
+
+
 LOSSES = {
     spec.name: spec
     for spec in [
@@ -141,6 +159,17 @@ LOSSES = {
             ),
             reference_name="mlx.nn.losses.cross_entropy(label_smoothing=0.1)",
             make_inputs=_logits_and_class_targets,
+            torch=lambda x, t: _torch_cross_entropy(x, t, label_smoothing=LABEL_SMOOTHING),
+        ),
+        LossSpec(
+            name="cross_entropy_hard",
+            rowwise=True,
+            ours=lambda x, t, reduction="mean": fl.cross_entropy(x, t, reduction=reduction),
+            reference=_fast_cross_entropy,
+            reference_name="mx.fast.cross_entropy (hard targets)",
+            make_inputs=_logits_and_class_targets,
+            torch=_torch_cross_entropy,
+            sweeps={"full": [(4096, 32768)], "quick": [(1024, 8192)], "smoke": [(64, 512)]},
         ),
         LossSpec(
             name="smooth_l1",
@@ -151,6 +180,7 @@ LOSSES = {
             ),
             reference_name="mlx.nn.losses.smooth_l1_loss",
             make_inputs=_predictions_and_targets,
+            torch=_torch_smooth_l1,
         ),
         LossSpec(
             name="sigmoid_focal",
@@ -189,7 +219,7 @@ LOSSES = {
     ]
 }
 
-DEFAULT_LOSSES = ["cross_entropy", "smooth_l1", "sigmoid_focal", "linear_cross_entropy"]
+DEFAULT_LOSSES = ["cross_entropy", "cross_entropy_hard", "smooth_l1", "sigmoid_focal", "linear_cross_entropy"]
 
 
 def build_cases(loss_names: Sequence[str], dtype_names: Sequence[str], sweep: str):

@@ -14,10 +14,14 @@ import sys
 import mlx.core as mx
 from tqdm import tqdm
 
+from bench import roofline
 from bench.cases import DEFAULT_DTYPES, DEFAULT_LOSSES, DTYPES, LOSSES, build_cases
+from bench.in_graph_memory import run_in_graph_memory
 from bench.plot import plot_results
-from bench.report import format_extras_table, format_table, write_json
+from bench.report import (format_extras_table, format_in_graph_memory, format_page_faults, format_small_shapes,
+                          format_table, write_json)
 from bench.runner import MemoryGuard, run_case
+from bench.small_shapes import run_small_shapes
 from bench.timing import RepeatPolicy
 
 # Per-sweep repeat policy; --repeats overrides max_repeats.
@@ -63,6 +67,9 @@ def parse_args(argv):
                              "up to 20 for the full sweep, 10 for --quick, 3 for --smoke)")
     parser.add_argument("--compile", action="store_true",
                         help="wrap ours and the MLX reference in mx.compile (default: off)")
+    parser.add_argument("--memory-budget", type=float, default=None, metavar="GIB",
+                        help="skip measurements whose predicted peak exceeds this "
+                             "(default: 80%% of the memory limit or RAM)")
     parser.add_argument("--json", default="bench_results.json",
                         help="results file (default: %(default)s)")
     parser.add_argument("--plot", default="bench_results.png",
@@ -99,11 +106,27 @@ def _policy(args) -> RepeatPolicy:
     return policy
 
 
+def _extra_sections(args, policy, records):
+    sections = {
+        "small_shapes": run_small_shapes(args.losses, samples=3 if args.sweep == "smoke" else 9,
+                                         calls=20 if args.sweep == "smoke" else 200),
+        "in_graph_memory": run_in_graph_memory(args.sweep, policy, args.losses),
+    }
+    if roofline.on_cpu():
+        # The gradient sizes of this run (up to 1 GB: each row copies it ~30 times).
+        sizes = sorted({r["elements"] * DTYPES[r["dtype"]].size
+                        for r in records if r["pass"] == "fwd+bwd" and "skipped" not in r
+                        and LOSSES[r["loss"]].roofline is None})
+        sections["page_faults"] = [roofline.page_fault_row(n, repeats=2 if args.sweep == "smoke" else 3)
+                                   for n in sizes if n <= 1 << 30]
+    return sections
+
+
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     policy = _policy(args)
     cases = build_cases(args.losses, args.dtypes, args.sweep)
-    guard = MemoryGuard()
+    guard = MemoryGuard(args.memory_budget)
 
     records = []
     progress = tqdm(cases, desc="bench", unit="case")
@@ -111,6 +134,7 @@ def main(argv=None) -> int:
         progress.set_postfix_str(f"{case.spec.name} {case.dtype_name} {case.size_label}")
         records.extend(run_case(case, policy, args.compile, guard))
     progress.close()  # finish the bar before the table goes to stdout
+    sections = _extra_sections(args, policy, records)
 
     print(f"device: {mx.default_device()}, sweep: {args.sweep}, compile: {args.compile}")
     print(format_table(records))
@@ -118,14 +142,25 @@ def main(argv=None) -> int:
     if extras_table:
         print("\nfurther baselines (time relative to ours; torch's memory is not MLX's):")
         print(extras_table)
+    print("\nSmall shapes (per call, eager and mx.compile):")
+    print(format_small_shapes(sections["small_shapes"]))
+    print("\nLogits inside the differentiated function (f(x) = loss(2 * x, targets)), peak above the inputs:")
+    print(format_in_graph_memory(sections["in_graph_memory"]))
+    if sections.get("page_faults"):
+        print("\nFresh outputs: the cost of writing a new array, by page size:")
+        print(format_page_faults(sections["page_faults"]))
     settings = {"sweep": args.sweep, "losses": args.losses, "dtypes": args.dtypes,
-                "compile": args.compile, "repeat_policy": vars(policy)}
-    write_json(args.json, records, settings)
+                "compile": args.compile, "repeat_policy": vars(policy), "memory_budget_gib": args.memory_budget}
+    write_json(args.json, records, settings, sections)
     plot_results(records, args.plot, f"mlx_fused_losses on {mx.default_device()} ({args.sweep} sweep)")
     print(f"wrote {args.json} and {args.plot}")
 
     # fwd and fwd+bwd rows share one value check, so report it once per case.
     mismatches = [r for r in records if r["pass"] == "fwd" and r.get("values_match") is False]
+    slower = [r for r in sections["small_shapes"] if r["speedup_vs_mlx"] < 1.0]
+    for r in slower:
+        print(f"NOTE: {r['loss']} {'compiled' if r['compiled'] else 'eager'} {r['pass']} at "
+              f"{r['shape']}: {r['ours_us']:.1f} us vs MLX {r['mlx_us']:.1f} us", file=sys.stderr)
     for r in mismatches:
         print(f"WARNING: {r['loss']} {r['dtype']} {r['size']}: forward differs from reference "
               f"by {r['forward_rel_diff']:.2e} (relative)", file=sys.stderr)

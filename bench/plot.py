@@ -7,7 +7,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from bench.runner import PASSES  # noqa: E402
 
-IMPL_STYLES = {"ours": ("-", "o"), "mlx": ("--", "s"), "roofline": (":", "")}
+# "roofline": warm read-only forward, fresh-gradient forward+backward.
+IMPL_STYLES = {"ours": ("-", "o"), "mlx": ("--", "s"), "torch": ("-.", "^"), "roofline": (":", "")}
 DTYPE_COLORS = {"float32": "tab:blue", "bfloat16": "tab:orange", "float16": "tab:green"}
 
 
@@ -34,8 +35,10 @@ def plot_results(records, path, title):
                 if not recs:  # a loss that does not run in this dtype
                     continue
                 for impl, (line, marker) in IMPL_STYLES.items():
-                    ax.plot(elements, [r[impl][metric] for r in recs], line, marker=marker, markersize=3,
-                            color=DTYPE_COLORS.get(dtype), label=f"{impl} {dtype}")
+                    points = [(e, r[impl][metric]) for e, r in zip(elements, recs) if metric in r.get(impl, {})]
+                    if points:
+                        ax.plot(*zip(*points), line, marker=marker, markersize=3,
+                                color=DTYPE_COLORS.get(dtype), label=f"{impl} {dtype}")
                 extra_names = dict.fromkeys(n for r in recs for n in r.get("extras", {}))
                 for i, name in enumerate(extra_names):
                     points = [(e, r["extras"][name][metric]) for e, r in zip(elements, recs)

@@ -1,11 +1,11 @@
-"""Runs one case: ours vs MLX vs roofline, forward and forward+backward."""
+"""Runs one case: ours vs MLX (vs torch) vs the rooflines, forward and forward+backward."""
 
 import os
 
 import mlx.core as mx
 import numpy as np
 
-from bench import roofline
+from bench import roofline, torch_column
 from bench.cases import DTYPES, Case
 from bench.timing import RepeatPolicy, measure
 
@@ -14,62 +14,63 @@ MB = 1e6
 # Forward values must agree with the float32 reference to this relative tolerance
 # (bfloat16 outputs alone carry ~4e-3 relative rounding, float16 ~5e-4).
 VALUE_TOLERANCE = {"float32": 1e-4, "bfloat16": 1e-2, "float16": 2e-3}
+# Peak memory of torch's fwd+bwd, in units of the first input (log-softmax,
+# its gradient and ours): used only to skip it where it would not fit.
+TORCH_PEAK_PER_INPUT = 4
 
 
-def _memory_budget_bytes() -> int:
-    """What one case may use: MLX's limit, capped by the machine's physical RAM."""
+def _memory_budget_bytes(limit_gib=None) -> int:
+    """What one case may use: MLX's limit, capped by the machine's physical RAM
+    (and by --memory-budget where given)."""
     physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return int(0.8 * min(mx.get_memory_limit(), physical))
+    budget = int(0.8 * min(mx.get_memory_limit(), physical))
+    return budget if limit_gib is None else min(budget, int(limit_gib * 2**30))
 
 
 class MemoryGuard:
-    """Skips cases whose peak memory would not fit.
+    """Skips measurements whose peak memory would not fit.
 
     Peak memory is linear in the problem size, so the peak per element measured
-    on the previous (smaller) size of the same loss and dtype predicts the next.
+    on the previous (smaller) size of the same loss, dtype and implementation
+    predicts the next. Ours and the reference are guarded separately: MLX's
+    composed cross-entropy needs ~4x the logits, ours ~2x.
     """
 
-    def __init__(self):
-        self.budget = _memory_budget_bytes()
+    def __init__(self, limit_gib=None):
+        self.budget = _memory_budget_bytes(limit_gib)
         self._peak_per_element = {}
 
-    def _key(self, case: Case):
-        return case.spec.name, case.dtype_name
+    def _key(self, case: Case, impl: str):
+        return case.spec.name, case.dtype_name, impl
 
-    def predicted_peak(self, case: Case) -> int:
-        return int(self._peak_per_element.get(self._key(case), 0.0) * case.elements)
-
-    def skip_reason(self, case: Case):
-        predicted = self.predicted_peak(case)
+    def skip_reason(self, case: Case, impl: str, predicted=None):
+        if predicted is None:
+            predicted = int(self._peak_per_element.get(self._key(case, impl), 0.0) * case.elements)
         if predicted > self.budget:
             return f"needs ~{predicted / 2**30:.1f} GiB, budget {self.budget / 2**30:.1f} GiB"
         return None
 
-    def record(self, case: Case, peak_bytes: int):
-        key = self._key(case)
+    def record(self, case: Case, impl: str, peak_bytes: int):
+        key = self._key(case, impl)
         per_element = peak_bytes / case.elements
         self._peak_per_element[key] = max(self._peak_per_element.get(key, 0.0), per_element)
 
 
-def _callables(case: Case, inputs, use_compile: bool):
-    """(ours, mlx, roofline) thunks for each pass; each thunk returns arrays to eval."""
+def _mlx_thunks(case: Case, inputs, use_compile: bool):
+    """{pass: {"ours": thunk, "mlx": thunk}}; each thunk returns arrays to eval."""
     ours, reference, argnums = case.spec.ours, case.spec.reference, case.spec.grad_argnums
     fns = {
-        "fwd": (ours, reference, roofline.forward_roofline),
-        "fwd+bwd": (mx.value_and_grad(ours, argnums=argnums), mx.value_and_grad(reference, argnums=argnums),
-                    roofline.forward_backward_roofline),
+        "fwd": (ours, reference),
+        "fwd+bwd": (mx.value_and_grad(ours, argnums=argnums), mx.value_and_grad(reference, argnums=argnums)),
     }
     thunks = {}
-    for pass_name, (ours_fn, ref_fn, roof_fn) in fns.items():
-        if use_compile:  # the roofline stays eager: it is one kernel per operand already
+    for pass_name, (ours_fn, ref_fn) in fns.items():
+        if use_compile:
             ours_fn, ref_fn = mx.compile(ours_fn), mx.compile(ref_fn)
         thunks[pass_name] = {
             "ours": lambda f=ours_fn: f(*inputs),
             "mlx": lambda f=ref_fn: f(*inputs),
-            "roofline": lambda f=roof_fn: f(inputs),
         }
-        if case.spec.roofline is not None:  # a loss-specific yardstick instead
-            thunks[pass_name]["roofline"] = case.spec.roofline(inputs, pass_name == "fwd+bwd")
     return thunks
 
 
@@ -124,39 +125,98 @@ def skipped_records(case: Case, reason: str):
     return [{**_base_record(case, p), "skipped": reason} for p in PASSES]
 
 
+def _timed(thunk, policy, nbytes, with_peak=True):
+    timing, peak = measure(thunk, policy)
+    entry = {**timing.to_dict(), "gbps": nbytes / timing.median_ms / MB}
+    if with_peak:
+        entry["peak_mb"] = peak / MB
+    return entry, peak
+
+
+def _fastest(thunks_by_threads, policy, nbytes):
+    """The roofline over thread counts: the variant with the lowest median."""
+    best = None
+    for threads, thunk in thunks_by_threads.items():
+        entry, _ = _timed(thunk, policy, nbytes, with_peak=False)
+        entry["threads"] = threads
+        if best is None or entry["median_ms"] < best["median_ms"]:
+            best = entry
+    return best
+
+
+def _rooflines(record, cpu_roof, inputs, pass_name, policy, case):
+    """Adds "roofline" (what "x roofline" divides by) and, forward+backward on
+    the CPU, "roofline_warm" to the record.
+
+    CPU: forward = warm read-only; forward+backward = with a fresh gradient
+    (the caller keeps the logits, so the gradient is a new array), and the warm
+    one beside it. GPU: MLX's streaming kernels.
+    """
+    nbytes = record["bytes"]
+    if case.spec.roofline is not None:  # a loss-specific yardstick instead (linear CE: its GEMMs)
+        thunk = case.spec.roofline(inputs, pass_name == "fwd+bwd")
+        record["roofline"], _ = _timed(thunk, policy, nbytes, with_peak=False)
+        if record.get("flops"):
+            record["roofline"]["gflops"] = record["flops"] / record["roofline"]["median_ms"] / 1e6
+        return
+    if cpu_roof is None:
+        fn = roofline.gpu_forward if pass_name == "fwd" else roofline.gpu_forward_backward
+        record["roofline"], _ = _timed(lambda: fn(inputs), policy, nbytes, with_peak=False)
+        return
+    by_kind = cpu_roof.thunks(pass_name)
+    if pass_name == "fwd":
+        record["roofline"] = _fastest(by_kind["warm"], policy, nbytes)
+    else:
+        record["roofline_warm"] = _fastest(by_kind["warm"], policy, nbytes)
+        record["roofline"] = _fastest(by_kind["fresh"], policy, nbytes)
+        record["ratio_to_warm_roofline"] = record["ours"]["median_ms"] / record["roofline_warm"]["median_ms"]
+
+
 def run_case(case: Case, policy: RepeatPolicy, use_compile: bool, guard: MemoryGuard):
-    reason = guard.skip_reason(case)
+    reason = guard.skip_reason(case, "ours")
     if reason:
         return skipped_records(case, reason)
 
     mx.random.seed(0)
     inputs = case.spec.make_inputs(case.shape, DTYPES[case.dtype_name])
     mx.eval(inputs)
-    rel_diff = _relative_difference(case, inputs)
+    rel_diff = _relative_difference(case, inputs) if not guard.skip_reason(case, "mlx") else None
     output_nbytes = inputs[0].dtype.size  # scalar ("mean") loss
+    cpu_roof = roofline.CpuRoofline(inputs) if roofline.on_cpu() and case.spec.roofline is None else None
+    torch_thunks = None
+    if not guard.skip_reason(case, "torch", TORCH_PEAK_PER_INPUT * inputs[0].nbytes):
+        torch_thunks = torch_column.thunks(case.spec, inputs)
 
     records = []
-    for pass_name, thunks in _callables(case, inputs, use_compile).items():
+    for pass_name, thunks in _mlx_thunks(case, inputs, use_compile).items():
         record = _base_record(case, pass_name)
         record["bytes"] = roofline.bytes_moved(inputs, output_nbytes, backward=pass_name == "fwd+bwd")
         if case.spec.flops is not None:
             record["flops"] = case.spec.flops(case.shape, pass_name == "fwd+bwd")
         for impl, thunk in thunks.items():
-            timing, peak = measure(thunk, policy)
-            record[impl] = {**timing.to_dict(), "peak_mb": peak / MB, "gbps": record["bytes"] / timing.median_ms / MB}
+            skip = guard.skip_reason(case, impl)
+            if skip:
+                record[impl] = {"skipped": skip}
+                continue
+            record[impl], peak = _timed(thunk, policy, record["bytes"])
             if record.get("flops"):
-                record[impl]["gflops"] = record["flops"] / timing.median_ms / 1e6
-            if pass_name == "fwd+bwd" and impl != "roofline":
-                guard.record(case, peak)
+                record[impl]["gflops"] = record["flops"] / record[impl]["median_ms"] / 1e6
+            if pass_name == "fwd+bwd":
+                guard.record(case, impl, peak)
         extras = _measure_extras(case, inputs, pass_name, policy)
         if extras is not None:
             record["extras"] = extras
-        record["speedup_vs_mlx"] = record["mlx"]["median_ms"] / record["ours"]["median_ms"]
+        if torch_thunks:
+            record["torch"], _ = _timed(torch_thunks[pass_name], policy, record["bytes"], with_peak=False)
+            record["speedup_vs_torch"] = record["torch"]["median_ms"] / record["ours"]["median_ms"]
+        _rooflines(record, cpu_roof, inputs, pass_name, policy, case)
+        if "median_ms" in record["mlx"]:
+            record["speedup_vs_mlx"] = record["mlx"]["median_ms"] / record["ours"]["median_ms"]
         record["ratio_to_roofline"] = record["ours"]["median_ms"] / record["roofline"]["median_ms"]
         record["forward_rel_diff"] = rel_diff
-        record["values_match"] = rel_diff <= VALUE_TOLERANCE[case.dtype_name]
+        record["values_match"] = None if rel_diff is None else rel_diff <= VALUE_TOLERANCE[case.dtype_name]
         records.append(record)
 
-    del inputs, thunks
+    del inputs, thunks, cpu_roof, torch_thunks
     mx.clear_cache()  # hand freed buffers back so the next, larger case has room
     return records

@@ -13,7 +13,6 @@
 #include "cpu/parallel.h"
 #include "ops/cross_entropy.h"
 #include "ops/linear_cross_entropy.h"
-#include "ops/roofline.h"
 #include "ops/sigmoid_focal.h"
 #include "ops/smooth_l1.h"
 #include "ops/softmax_focal.h"
@@ -153,12 +152,6 @@ NB_MODULE(_ext, m) {
       "The linear cross-entropy's chunk plan: (rows per chunk, weight rows per tile, bytes).");
   m.attr("LINEAR_CE_DEFAULT_CHUNK_BYTES") = fl::kLceDefaultChunkBytes;
   m.attr("LINEAR_CE_WEIGHT_TILE_BYTES") = fl::kLceWeightTileBytes;
-
-  m.def("memory_roofline", &fl::memory_roofline, "reads"_a, "write_like"_a = nb::none(),
-        nb::kw_only(), "stream"_a = nb::none(),
-        "Benchmark primitive (CPU): read each array once and optionally write an array "
-        "shaped like write_like once, with the loss kernels' thread pool. Returns "
-        "[checksums] or [checksums, written].");
 
   m.def("num_threads", &fl::cpu::num_threads,
         "Threads the CPU kernels use (FL_NUM_THREADS, else the usable cores).");

@@ -18,7 +18,7 @@ def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     json_path, png_path = out / "results.json", out / "results.png"
     completed = subprocess.run(
-        [sys.executable, "-m", "bench", "--smoke", "--losses", "cross_entropy,smooth_l1,sigmoid_focal,softmax_focal",
+        [sys.executable, "-m", "bench", "--smoke", "--losses", "cross_entropy,cross_entropy_hard,smooth_l1,sigmoid_focal,softmax_focal",
          "--json", str(json_path), "--plot", str(png_path)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
     )
@@ -35,17 +35,22 @@ def test_outputs_exist(smoke_run):
 def test_every_case_has_both_passes_and_sane_timings(smoke_run):
     _, data, _ = smoke_run
     results = data["results"]
-    assert {r["loss"] for r in results} == {"cross_entropy", "smooth_l1", "sigmoid_focal", "softmax_focal"}
+    assert {r["loss"] for r in results} == {"cross_entropy", "cross_entropy_hard", "smooth_l1", "sigmoid_focal",
+                                            "softmax_focal"}
     assert {r["dtype"] for r in results} == {"float32", "bfloat16"}
     assert {r["pass"] for r in results} == {"fwd", "fwd+bwd"}
     for r in results:
         assert "skipped" not in r
-        for impl in ("ours", "mlx", "roofline"):
+        rooflines = ["roofline", "roofline_warm"] if r["pass"] == "fwd+bwd" else ["roofline"]
+        for impl in ["ours", "mlx", *rooflines] + (["torch"] if "torch" in r else []):
             timing = r[impl]
-            assert TIMING_KEYS <= timing.keys()
+            # Only MLX's allocator reports a peak (the rooflines are NumPy).
+            keys = TIMING_KEYS if impl in ("ours", "mlx") else TIMING_KEYS - {"peak_mb"}
+            assert keys <= timing.keys()
             assert 0 < timing["min_ms"] <= timing["median_ms"] <= timing["max_ms"]
             assert timing["repeats"] >= 3
-            assert timing["peak_mb"] > 0
+            if impl in ("ours", "mlx"):
+                assert timing["peak_mb"] > 0
         assert r["bytes"] > 0
         assert r["speedup_vs_mlx"] > 0 and r["ratio_to_roofline"] > 0
 
@@ -118,3 +123,20 @@ def test_linear_cross_entropy_rows(tmp_path):
         for timing in [r["ours"], r["mlx"], r["roofline"], *r["extras"].values()]:
             assert 0 < timing["min_ms"] <= timing["median_ms"] and timing["gflops"] > 0
         assert r["extras"]["fl CE on logits"]["peak_mb"] > 0
+
+
+def test_extra_sections(smoke_run):
+    stdout, data, _ = smoke_run
+    small = data["small_shapes"]
+    assert {(r["loss"], r["compiled"], r["pass"]) for r in small} == {
+        (loss, compiled, p) for loss in {r["loss"] for r in data["results"]}
+        for compiled in (False, True) for p in ("fwd", "fwd+bwd")}
+    assert all(r["ours_us"] > 0 and r["mlx_us"] > 0 for r in small)
+    in_graph = data["in_graph_memory"]
+    assert {r["loss"] for r in in_graph} == {"cross_entropy", "smooth_l1"}
+    for r in in_graph:
+        assert r["ours"]["peak_over_logits"] > 0 and r["mlx"]["peak_over_logits"] > 0
+    if sys.platform.startswith("linux"):  # the CPU rooflines' page-fault rows
+        rows = data["page_faults"]
+        assert rows and all(r["warm_ms"] > 0 and r["fresh_ms"] > 0 and r["fresh_4k_ms"] > 0 for r in rows)
+    assert "Small shapes" in stdout and "peak above the inputs" in stdout

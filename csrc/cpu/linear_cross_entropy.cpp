@@ -17,6 +17,7 @@
 #include "cpu/blas.h"
 #include "cpu/dispatch.h"
 #include "cpu/dtype.h"
+#include "cpu/output_buffer.h"
 #include "cpu/row_reduce.h"
 #include "math/cross_entropy.h"
 #include "math/linear_cross_entropy.h"
@@ -430,7 +431,7 @@ void LinearCrossEntropy::eval_cpu(const std::vector<mx::array>& inputs, std::vec
   // Declared gradient outputs that no vjp asked for are never read: they get
   // no memory and no work.
   for (int k = 0; k < kLceNumStats; ++k) {
-    outputs[k].set_data(mx::allocator::malloc(outputs[k].nbytes()));
+    cpu::allocate(outputs[k]);
   }
   auto p = params_;
   float* grads[3] = {nullptr, nullptr, nullptr};
@@ -440,7 +441,7 @@ void LinearCrossEntropy::eval_cpu(const std::vector<mx::array>& inputs, std::vec
     if (!declared[which]) continue;
     auto& out = outputs[next++];
     if (requested[which]) {
-      out.set_data(mx::allocator::malloc(out.nbytes()));
+      cpu::allocate(out);
       grads[which] = out.data<float>();
     }
   }
@@ -475,7 +476,7 @@ void LinearCrossEntropy::eval_cpu(const std::vector<mx::array>& inputs, std::vec
 
 void LinearCrossEntropyVJP::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   for (auto& out : outputs) {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
+    cpu::allocate(out);
   }
   LceArgs a = make_args(inputs, params_);
   size_t n = inputs.size(); // ..., lse, lse_lo, g
