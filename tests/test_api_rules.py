@@ -287,3 +287,90 @@ def test_mean_over_nothing_keeps_a_nan_row_visible():
     out = fl.cross_entropy(x, mx.array([7, -100]), ignore_index=-100, class_weights=w,
                            reduction="mean")
     assert np.isnan(out.item())
+
+
+# -- broadcast targets are read in place ---------------------------------------
+
+ELEMENTWISE = {
+    "smooth_l1_loss": (lambda p, t, **k: fl.smooth_l1_loss(p, t, beta=0.5, **k),
+                       lambda p, t, r: R.smooth_l1(p, t, 0.5, r)),
+    "huber_loss": (lambda p, t, **k: fl.huber_loss(p, t, delta=1.5, **k),
+                   lambda p, t, r: R.huber(p, t, 1.5, r)),
+    "sigmoid_focal_loss": (lambda p, t, **k: fl.sigmoid_focal_loss(p, t, **k),
+                           lambda p, t, r: R.sigmoid_focal(p, t, reduction=r)),
+}
+BROADCASTS = [((6, 5, 7), (7,)), ((6, 5, 7), (5, 1)), ((6, 5, 7), (6, 1, 7)),
+              ((6, 5, 7), (1, 5, 1)), ((6, 5, 7), ()), ((6, 5, 7), (6, 1, 1)),
+              ((1, 5, 1), (5, 1)), ((0, 4), (4,)), ((70000,), (1,)), ((300, 301), (300, 1))]
+
+
+@pytest.mark.parametrize("loss", list(ELEMENTWISE))
+@pytest.mark.parametrize("shapes", BROADCASTS, ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_broadcast_targets_match_the_reference(rng, loss, shapes, reduction):
+    fn, ref_fn = ELEMENTWISE[loss]
+    pshape, tshape = shapes
+    p = rng.normal(size=pshape).astype(np.float32) * 2
+    t = rng.random(size=tshape).astype(np.float32)
+    out = fn(mx.array(p), mx.array(t), reduction=reduction)
+    ref = ref_fn(p.astype(np.float64), np.broadcast_to(t, pshape).astype(np.float64), reduction)
+    assert_close(out, ref, mx.float32, scale=4.0 if reduction == "none" else 4.0 * max(1, p.size))
+    if loss != "sigmoid_focal_loss":
+        # d/dtargets: the dense target's gradient summed over the broadcast axes
+        tb = mx.array(np.ascontiguousarray(np.broadcast_to(t, pshape)))
+        g = mx.grad(lambda b: fn(mx.array(p), b, reduction="sum"))(mx.array(t))
+        gd = to_np(mx.grad(lambda b: fn(mx.array(p), b, reduction="sum"))(tb))
+        lead = p.ndim - t.ndim
+        axes = tuple(range(lead)) + tuple(lead + i for i, d in enumerate(t.shape)
+                                          if d == 1 and pshape[lead + i] != 1)
+        want = gd.sum(axis=axes, keepdims=True).reshape(t.shape) if axes else gd
+        assert g.shape == t.shape
+        assert_close(g, want, mx.float32, mag=np.abs(gd).sum(axis=axes).reshape(t.shape)
+                     if axes else None)
+
+
+@pytest.mark.parametrize("loss", list(ELEMENTWISE))
+def test_broadcast_targets_under_vmap(rng, loss):
+    fn, ref_fn = ELEMENTWISE[loss]
+    p = rng.normal(size=(3, 4, 5)).astype(np.float32)
+    t = rng.random(size=(5,)).astype(np.float32)
+    tb = rng.random(size=(3, 5)).astype(np.float32)
+    # target not vmapped, lined up with the predictions' last axis
+    out = mx.vmap(lambda a: fn(a, mx.array(t), reduction="sum"))(mx.array(p))
+    ref = [ref_fn(p[i].astype(np.float64), np.broadcast_to(t, (4, 5)), "sum") for i in range(3)]
+    assert_close(out, np.array(ref), mx.float32, scale=40.0)
+    # target vmapped too, with fewer axes than the predictions
+    out = mx.vmap(lambda a, b: fn(a, b, reduction="none"))(mx.array(p), mx.array(tb))
+    ref = np.stack([ref_fn(p[i].astype(np.float64), np.broadcast_to(tb[i], (4, 5)), "none")
+                    for i in range(3)])
+    assert_close(out, ref, mx.float32, scale=4.0)
+
+
+@pytest.mark.parametrize("tshape", [(4096,), (2048, 1), ()], ids=str)
+def test_broadcast_targets_make_no_full_size_copy(tshape):
+    # 8M float32 predictions (32 MiB): a full-size copy of the target would
+    # add 32 MiB to the peak; reading it in place adds nothing of that size.
+    p = mx.random.normal((2048, 4096))
+    t = mx.random.uniform(shape=tshape)
+    mx.eval(p, t)
+    full = p.nbytes
+    for loss in ("smooth_l1_loss", "huber_loss", "sigmoid_focal_loss"):
+        fn = ELEMENTWISE[loss][0]
+        mx.synchronize()
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        mx.eval(fn(p, t, reduction="mean"))
+        assert mx.get_peak_memory() - base < full // 8, (loss, "mean")
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        out = fn(p, t, reduction="none")
+        mx.eval(out)
+        # the float32 loss itself, nothing more of that size
+        assert mx.get_peak_memory() - base < full + full // 8, (loss, "none")
+        del out
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        g = mx.grad(lambda a: fn(a, t, reduction="mean"))(p)
+        mx.eval(g)
+        assert mx.get_peak_memory() - base < full + full // 8, (loss, "grad")
+        del g

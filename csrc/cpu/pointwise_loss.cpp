@@ -1,6 +1,8 @@
 // CPU kernels of the element-wise losses: forward reads both inputs once and
 // writes the loss (or a fused float32 sum); backward reads them once more and
 // writes the gradient once. Formulas: math/smooth_l1.h, math/focal.h.
+#include <algorithm>
+#include <cstring>
 #include <memory>
 #include <vector>
 
@@ -20,9 +22,85 @@ namespace {
 
 using cpu::kChunk;
 
+// A target that broadcasts to the predictions' shape, read in place: the
+// predictions' axes collapsed into groups (innermost first) along which the
+// target either advances with them (stride: target elements per step) or
+// stays put (stride 0).
+struct TargetLayout {
+  std::vector<int64_t> size;
+  std::vector<int64_t> stride;
+
+  TargetLayout(const mx::Shape& pred, const mx::Shape& target) {
+    size_t lead = pred.size() - target.size();
+    int64_t step = 1; // target elements per step along the current axis
+    for (size_t d = pred.size(); d-- > 0;) {
+      int64_t n = pred[d];
+      int64_t tn = d >= lead ? target[d - lead] : 1;
+      if (n == 1) {
+        continue;
+      }
+      int64_t st = tn == 1 ? 0 : step;
+      // Neighbouring axes of one kind are one group: broadcast ones
+      // trivially, advancing ones because the target is row-contiguous.
+      if (!size.empty() && (stride.back() == 0) == (st == 0)) {
+        size.back() *= n;
+      } else {
+        size.push_back(n);
+        stride.push_back(st);
+      }
+      step *= tn;
+    }
+    if (size.empty()) {
+      size.push_back(1);
+      stride.push_back(0);
+    }
+  }
+
+  // The target element that meets the predictions' flat index i.
+  int64_t offset(int64_t i) const {
+    int64_t off = 0;
+    for (size_t g = 0; g < size.size() && i > 0; ++g) {
+      off += (i % size[g]) * stride[g];
+      i /= size[g];
+    }
+    return off;
+  }
+};
+
+// The targets that meet predictions [c0, c0 + n) as float32: the target's own
+// chunk where it has the predictions' shape (layout null), else gathered into
+// `buf` (kChunk floats) run by run along the innermost group: copied where the
+// target advances, replicated where it is broadcast. The loops that read the
+// result are the same either way, so a broadcast target gives the very same
+// numbers as the caller's full-size copy of it would.
+template <typename T>
+FLM_INLINE const float* target_chunk(const TargetLayout* layout, const T* t, int64_t c0, int n,
+                                     float* buf) {
+  if (!layout) {
+    return cpu::chunk_as_float(t + c0, n, buf);
+  }
+  const int64_t inner = layout->size[0];
+  const bool advances = layout->stride[0] != 0;
+  for (int k = 0; k < n;) {
+    int64_t i = c0 + k;
+    int m = int(std::min<int64_t>(n - k, inner - i % inner));
+    const T* run = t + layout->offset(i);
+    if (!advances) {
+      std::fill_n(buf + k, m, cpu::to_float(*run));
+    } else if constexpr (std::is_same_v<T, float>) {
+      std::memcpy(buf + k, run, sizeof(float) * size_t(m));
+    } else {
+      cpu::widen(run, m, buf + k);
+    }
+    k += m;
+  }
+  return buf;
+}
+
 struct PwArgs {
   const void* pred;
   const void* target;
+  const TargetLayout* layout; // null: the target has the predictions' shape
   int64_t size;
   PointwiseParams params;
   void* loss; // element-wise loss (predictions' dtype), or float32 per-block partial sums
@@ -70,14 +148,14 @@ FL_VECTOR_CLONES void forward_range(const PwArgs& a, int64_t begin, int64_t end)
   const T* x = static_cast<const T*>(a.pred);
   const T* t = static_cast<const T*>(a.target);
   const PointwiseParams p = a.params;
-  float xbuf[kIsFloat<T> ? 1 : kChunk], tbuf[kIsFloat<T> ? 1 : kChunk];
+  float xbuf[kIsFloat<T> ? 1 : kChunk], tbuf[kChunk];
   if (p.reduce == Reduce::None) {
     T* loss = static_cast<T*>(a.loss); // in the predictions' dtype
     float lbuf[kIsFloat<T> ? 1 : kChunk];
     for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
       int n = int(std::min<int64_t>(kChunk, end - c0));
       const float* xv = cpu::chunk_as_float(x + c0, n, xbuf);
-      const float* tv = cpu::chunk_as_float(t + c0, n, tbuf);
+      const float* tv = target_chunk(a.layout, t, c0, n, tbuf);
       float* lv = cpu::chunk_out(loss + c0, lbuf);
       FL_SIMD
       for (int i = 0; i < n; ++i) {
@@ -94,7 +172,7 @@ FL_VECTOR_CLONES void forward_range(const PwArgs& a, int64_t begin, int64_t end)
     for (int64_t c0 = b0; c0 < b1; c0 += kChunk) {
       int n = int(std::min<int64_t>(kChunk, b1 - c0));
       const float* xv = cpu::chunk_as_float(x + c0, n, xbuf);
-      const float* tv = cpu::chunk_as_float(t + c0, n, tbuf);
+      const float* tv = target_chunk(a.layout, t, c0, n, tbuf);
       FL_SIMD_REDUCE(reduction(+ : sum))
       for (int i = 0; i < n; ++i) {
         sum += loss_of<kKind>(xv[i], tv[i], p);
@@ -109,14 +187,15 @@ FL_VECTOR_CLONES void forward_range(const PwArgs& a, int64_t begin, int64_t end)
 // conditional load would keep it scalar); everything the loop reads is passed
 // by value so the vectorizer sees it is loop-invariant.
 template <typename T, typename G, int kKind, bool kScalarCotan>
-FLM_INLINE void backward_loop(const T* x, const T* t, T* dx, const G* cotan, float g0,
-                              PointwiseParams p, int64_t begin, int64_t end) {
-  float xbuf[kIsFloat<T> ? 1 : kChunk], tbuf[kIsFloat<T> ? 1 : kChunk];
+FLM_INLINE void backward_loop(const T* x, const T* t, const TargetLayout* layout, T* dx,
+                              const G* cotan, float g0, PointwiseParams p, int64_t begin,
+                              int64_t end) {
+  float xbuf[kIsFloat<T> ? 1 : kChunk], tbuf[kChunk];
   float gbuf[kIsFloat<G> || kScalarCotan ? 1 : kChunk], dbuf[kIsFloat<T> ? 1 : kChunk];
   for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
     int n = int(std::min<int64_t>(kChunk, end - c0));
     const float* xv = cpu::chunk_as_float(x + c0, n, xbuf);
-    const float* tv = cpu::chunk_as_float(t + c0, n, tbuf);
+    const float* tv = target_chunk(layout, t, c0, n, tbuf);
     const float* gv = kScalarCotan ? nullptr : cpu::chunk_as_float(cotan + c0, n, gbuf);
     float* dv = cpu::chunk_out(dx + c0, dbuf);
     FL_SIMD
@@ -135,13 +214,13 @@ FL_VECTOR_CLONES void backward_range(const PwArgs& a, int64_t begin, int64_t end
   T* dx = static_cast<T*>(a.grad);
   const PointwiseParams p = a.params;
   if (p.reduce == Reduce::None) {
-    backward_loop<T, G, kKind, false>(x, t, dx, static_cast<const G*>(a.cotan), 0.0f, p, begin,
-                                      end);
+    backward_loop<T, G, kKind, false>(x, t, a.layout, dx, static_cast<const G*>(a.cotan), 0.0f, p,
+                                      begin, end);
   } else {
     // d mean / d x_i = 1/n: the scale is applied here, at evaluation time.
     const float* cotan = static_cast<const float*>(a.cotan);
     float g0 = p.reduce == Reduce::Mean ? cotan[0] / float(a.size > 0 ? a.size : 1) : cotan[0];
-    backward_loop<T, float, kKind, true>(x, t, dx, cotan, g0, p, begin, end);
+    backward_loop<T, float, kKind, true>(x, t, a.layout, dx, cotan, g0, p, begin, end);
   }
 }
 
@@ -176,6 +255,15 @@ RangeFn pick(mx::Dtype dtype, mx::Dtype cotan_dtype, const PointwiseParams& p, b
   return fn;
 }
 
+// The layout of a target of another shape than the predictions (kept alive
+// by the task that reads it), or null.
+std::shared_ptr<TargetLayout> target_layout(const mx::array& pred, const mx::array& target) {
+  if (target.shape() == pred.shape()) {
+    return nullptr;
+  }
+  return std::make_shared<TargetLayout>(pred.shape(), target.shape());
+}
+
 } // namespace
 
 void PointwiseLoss::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
@@ -185,6 +273,8 @@ void PointwiseLoss::eval_cpu(const std::vector<mx::array>& inputs, std::vector<m
   a.target = inputs[1].data<void>();
   a.size = inputs[0].size();
   a.params = params_;
+  auto layout = target_layout(inputs[0], inputs[1]);
+  a.layout = layout.get();
   RangeFn fn = pick(inputs[0].dtype(), inputs[0].dtype(), params_, false);
   if (params_.reduce == Reduce::None) {
     // The loss (in the predictions' dtype) may overwrite predictions nobody
@@ -192,7 +282,7 @@ void PointwiseLoss::eval_cpu(const std::vector<mx::array>& inputs, std::vector<m
     cpu::allocate_or_reuse(out, inputs[0], stream());
     a.loss = out.data<void>();
     cpu::dispatch_parallel(stream(), inputs, outputs, a.size, cpu::kMinElementsPerTask,
-                           [a, fn](int64_t b, int64_t e) { fn(a, b, e); });
+                           [a, fn, layout](int64_t b, int64_t e) { fn(a, b, e); });
     return;
   }
   // Fused sum: one partial per fixed block (whole blocks per task), so the
@@ -205,7 +295,7 @@ void PointwiseLoss::eval_cpu(const std::vector<mx::array>& inputs, std::vector<m
   a.loss = partial->data();
   float* result = out.data<float>();
   cpu::dispatch_parallel(stream(), inputs, outputs, blocks, 1,
-                         [a, fn, partial](int64_t b, int64_t e) {
+                         [a, fn, partial, layout](int64_t b, int64_t e) {
                            fn(a, b * kSumBlock, std::min(a.size, e * kSumBlock));
                          });
   double divisor = params_.reduce == Reduce::Mean && a.size > 0 ? double(a.size) : 1.0;
@@ -228,9 +318,11 @@ void PointwiseLossVJP::eval_cpu(const std::vector<mx::array>& inputs, std::vecto
   a.params = params_;
   a.cotan = inputs[2].data<void>();
   a.grad = grad.data<void>();
+  auto layout = target_layout(inputs[0], inputs[1]);
+  a.layout = layout.get();
   RangeFn fn = pick(inputs[0].dtype(), inputs[2].dtype(), params_, true);
   cpu::dispatch_parallel(stream(), inputs, outputs, a.size, cpu::kMinElementsPerTask,
-                         [a, fn](int64_t b, int64_t e) { fn(a, b, e); });
+                         [a, fn, layout](int64_t b, int64_t e) { fn(a, b, e); });
 }
 
 } // namespace fl

@@ -26,6 +26,46 @@ void check_pointwise_inputs(const mx::array& predictions, const mx::array& targe
 
 namespace {
 
+// Sum a gradient of the predictions' shape down to a target's shape (which
+// broadcasts to it: fewer leading axes, or 1 where the predictions are longer).
+mx::array sum_to_shape(const mx::array& g, const mx::Shape& shape, mx::StreamOrDevice s) {
+  if (g.shape() == shape) {
+    return g;
+  }
+  int lead = g.ndim() - int(shape.size());
+  std::vector<int> axes;
+  for (int i = 0; i < g.ndim(); ++i) {
+    if (i < lead || (shape[i - lead] == 1 && g.shape(i) != 1)) {
+      axes.push_back(i);
+    }
+  }
+  return mx::reshape(mx::sum(g, axes, true, s), shape, s);
+}
+
+// Under vmap the predictions get the batch axis in front. A vmapped target
+// gets it in front too, followed by unit axes up to the predictions' rank, so
+// that it still lines up with them from the right; a target that is not
+// vmapped lines up as it is (the kernels read it broadcast).
+mx::array align_target(const mx::array& target, int axis, int pred_rank, mx::StreamOrDevice s) {
+  if (axis < 0) {
+    return target;
+  }
+  auto t = axis == 0 ? target : mx::moveaxis(target, axis, 0, s);
+  mx::Shape shape = t.shape();
+  shape.insert(shape.begin() + 1, pred_rank - t.ndim(), 1);
+  return mx::reshape(t, shape, s);
+}
+
+// The target as the kernels of the stream read it: as it is on the CPU (read
+// in place, broadcast), at the predictions' full shape for Metal.
+mx::array target_for_kernels(const mx::array& target, const mx::Shape& pred_shape,
+                             mx::StreamOrDevice s) {
+  if (mx::to_stream(s).device.type == mx::Device::DeviceType::gpu) {
+    return mx::broadcast_to(target, pred_shape, s);
+  }
+  return target;
+}
+
 mx::array make_forward(const mx::array& pred, const mx::array& target,
                        const PointwiseParams& params, mx::StreamOrDevice s) {
   // Element-wise: the loss in the predictions' dtype, written by the kernel (no
@@ -59,9 +99,11 @@ mx::array make_backward(const mx::array& pred, const mx::array& target, const mx
 
 mx::array pointwise_loss(const mx::array& predictions, const mx::array& targets,
                          const PointwiseParams& params, mx::StreamOrDevice s) {
+  // The cast touches the targets' own elements only; a target that
+  // broadcasts is then read in place by the CPU kernels (no copy of the
+  // predictions' size).
   auto t = mx::astype(targets, predictions.dtype(), s);
-  auto both = mx::broadcast_arrays({predictions, t}, s);
-  return make_forward(both[0], both[1], params, s);
+  return make_forward(predictions, target_for_kernels(t, predictions.shape(), s), params, s);
 }
 
 std::vector<mx::Shape> PointwiseLoss::output_shapes(const std::vector<mx::array>& inputs) {
@@ -93,8 +135,9 @@ std::vector<mx::array> PointwiseLoss::vjp(
       throw std::invalid_argument(
           "sigmoid_focal_loss: gradients with respect to targets are not implemented");
     } else {
-      // The regression losses depend on pred - target only.
-      grads.push_back(mx::negative(grad_pred, s));
+      // The regression losses depend on pred - target only; a broadcast
+      // target collects the gradient of every element it was compared with.
+      grads.push_back(sum_to_shape(mx::negative(grad_pred, s), primals[1].shape(), s));
     }
   }
   return grads;
@@ -104,7 +147,9 @@ std::pair<std::vector<mx::array>, std::vector<int>> PointwiseLoss::vmap(
     const std::vector<mx::array>& inputs,
     const std::vector<int>& axes) {
   auto s = stream();
-  auto moved = vmap_to_front(inputs, axes, {true, true}, s);
+  auto moved = vmap_to_front(inputs, axes, {true, false}, s);
+  moved[1] = target_for_kernels(align_target(inputs[1], axes[1], moved[0].ndim(), s),
+                                moved[0].shape(), s);
   if (params_.reduce == Reduce::None) {
     return {{make_forward(moved[0], moved[1], params_, s)}, {0}};
   }
@@ -125,7 +170,9 @@ std::pair<std::vector<mx::array>, std::vector<int>> PointwiseLossVJP::vmap(
   // The ordering input (a 4th, if any) is left out: the batched backward is
   // a new graph.
   auto moved = vmap_to_front({inputs[0], inputs[1], inputs[2]}, {axes[0], axes[1], axes[2]},
-                             {true, true, true}, s);
+                             {true, false, true}, s);
+  moved[1] = target_for_kernels(align_target(inputs[1], axes[1], moved[0].ndim(), s),
+                                moved[0].shape(), s);
   auto cotan = moved[2];
   PointwiseParams p = params_;
   if (p.reduce != Reduce::None) {

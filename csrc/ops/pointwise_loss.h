@@ -1,7 +1,7 @@
 // The element-wise losses (smooth-L1, Huber, sigmoid focal) share one pair of
-// primitives: same layout (two inputs of one shape), same reduction (none, or a
-// fused float32 sum), same backward shape. The formula is picked by `kind`;
-// see csrc/math/smooth_l1.h and csrc/math/focal.h.
+// primitives: same layout (predictions, and targets that broadcast to them),
+// same reduction (none, or a fused float32 sum), same backward shape. The
+// formula is picked by `kind`; see csrc/math/smooth_l1.h and csrc/math/focal.h.
 #pragma once
 
 #include "ops/common.h"
@@ -33,7 +33,8 @@ mx::array pointwise_loss(
     const PointwiseParams& params,
     mx::StreamOrDevice s);
 
-// Forward. Inputs: predictions, targets (same shape and dtype, row-contiguous).
+// Forward. Inputs: predictions, targets (same dtype, row-contiguous; the
+// targets' shape broadcasts to the predictions', read in place on the CPU).
 // Output: the loss of their shape in their dtype (Reduce::None, computed in
 // float32 and rounded once), or a float32 scalar (Reduce::Sum / Mean).
 class PointwiseLoss : public LossPrimitive<PointwiseParams> {
