@@ -315,6 +315,10 @@ def test_broadcast_targets_match_the_reference(rng, loss, shapes, reduction):
     out = fn(mx.array(p), mx.array(t), reduction=reduction)
     ref = ref_fn(p.astype(np.float64), np.broadcast_to(t, pshape).astype(np.float64), reduction)
     assert_close(out, ref, mx.float32, scale=4.0 if reduction == "none" else 4.0 * max(1, p.size))
+    # bit for bit what the caller's full-size copy of the target gives
+    dense = fn(mx.array(p), mx.array(np.ascontiguousarray(np.broadcast_to(t, pshape))),
+               reduction=reduction)
+    assert np.array_equal(to_np(out), to_np(dense), equal_nan=True)
     if loss != "sigmoid_focal_loss":
         # d/dtargets: the dense target's gradient summed over the broadcast axes
         tb = mx.array(np.ascontiguousarray(np.broadcast_to(t, pshape)))
