@@ -237,7 +237,7 @@ def test_numpy_float64_inputs_follow_mlx_conversion(rng):
 # -- Module classes: docstrings and repr ---------------------------------------
 
 MODULES = [fl.nn.CrossEntropyLoss, fl.nn.SmoothL1Loss, fl.nn.HuberLoss,
-           fl.nn.SigmoidFocalLoss, fl.nn.SoftmaxFocalLoss]
+           fl.nn.SigmoidFocalLoss, fl.nn.SoftmaxFocalLoss, fl.nn.LinearCrossEntropyLoss]
 
 
 @pytest.mark.parametrize("cls", MODULES, ids=lambda c: c.__name__)
@@ -258,6 +258,7 @@ def test_module_repr_shows_options():
     assert "ignore_index=-1" in text and "class_weights=array(shape=(5,)" in text
     assert repr(fl.nn.HuberLoss(0.5, "sum")) == "HuberLoss(delta=0.5, reduction='sum')"
     assert "gamma=3.0" in repr(fl.nn.SoftmaxFocalLoss(gamma=3.0))
+    assert "logit_softcap=30.0" in repr(fl.nn.LinearCrossEntropyLoss(logit_softcap=30.0))
     # Options read as attributes, and the arrays stay out of the trainable parameters.
     assert ce.ignore_index == -1 and ce.trainable_parameters() == {}
 

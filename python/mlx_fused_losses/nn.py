@@ -185,12 +185,27 @@ class SoftmaxFocalLoss(_LossModule):
 FocalLoss = SigmoidFocalLoss
 
 
-class LinearCrossEntropyLoss(nn.Module):
+class LinearCrossEntropyLoss(_LossModule):
     """Module form of :func:`mlx_fused_losses.linear_cross_entropy`: the loss of
     ``hidden @ weight.T + bias`` without the logits. Called as
     ``criterion(hidden, weight, targets, bias=None, *, mask=None, scales=None,
     biases=None, group_size=64, bits=4, return_stats=False)`` (the weight
-    is the model's head, so it is an argument, not a member)."""
+    is the model's head, so it is an argument, not a member).
+
+    Args:
+        label_smoothing: ``eps`` in [0, 1); 0 disables smoothing.
+        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
+        label_smoothing_mode: ``"uniform"`` or ``"others"``, as for
+            :class:`CrossEntropyLoss`.
+        ignore_index: rows whose target equals it give 0 and leave the mean's
+            denominator.
+        z_loss: coefficient of ``logsumexp(logits)**2`` added per row.
+        logit_softcap: ``c``: the logits become ``c * tanh(z / c)``; ``None``
+            disables it.
+        chunk_bytes: working-memory budget of the float32 logits of one chunk
+            of rows (``None``: the function's default).
+        dtype: the result's dtype (``None``: ``hidden``'s dtype).
+    """
 
     def __init__(
         self,
@@ -204,8 +219,7 @@ class LinearCrossEntropyLoss(nn.Module):
         chunk_bytes: Optional[int] = None,
         dtype: Optional[mx.Dtype] = None,
     ):
-        super().__init__()
-        self._options = dict(
+        super().__init__(
             label_smoothing=label_smoothing,
             reduction=reduction,
             label_smoothing_mode=label_smoothing_mode,
