@@ -491,3 +491,34 @@ void LinearCrossEntropyVJP::eval_cpu(const std::vector<mx::array>& inputs, std::
 }
 
 } // namespace fl
+
+namespace fl {
+
+void LceScaleGrad::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  const auto& grad = inputs[1];
+  auto& out = outputs[0];
+  if (out.dtype() == mx::float32) {
+    // The forward's gradient output is read by this op only: scale it where
+    // it is instead of holding a second [V, H] copy.
+    out.copy_shared_buffer(grad);
+  } else {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+  }
+  const float* g = inputs[0].data<float>();
+  const float* src = grad.data<float>();
+  void* dst = out.data<void>();
+  mx::Dtype dtype = out.dtype();
+  cpu::dispatch_parallel(stream(), inputs, outputs, out.size(), cpu::kMinElementsPerTask,
+                         [g, src, dst, dtype](int64_t b, int64_t e) {
+                           cpu::dispatch_float(dtype, [&](auto zero) {
+                             using T = decltype(zero);
+                             T* d = static_cast<T*>(dst);
+                             float scale = *g;
+                             for (int64_t i = b; i < e; ++i) {
+                               d[i] = cpu::from_float<T>(scale * src[i]);
+                             }
+                           });
+                         });
+}
+
+} // namespace fl

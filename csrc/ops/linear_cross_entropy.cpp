@@ -344,10 +344,13 @@ std::vector<mx::array> LinearCrossEntropy::vjp(
       grads.push_back(mx::zeros_like(primals[arg], s)); // class indices
       continue;
     }
-    mx::array grad = fused(which)
-        ? mx::multiply(g, outputs[kLceNumStats + position(params_, which)], s)
-        : recomputed[position(missing, which)];
-    grads.push_back(mx::astype(grad, primals[arg].dtype(), s));
+    if (fused(which)) {
+      const auto& unit = outputs[kLceNumStats + position(params_, which)];
+      grads.push_back(mx::array(unit.shape(), primals[arg].dtype(), std::make_shared<LceScaleGrad>(s, primals[arg].dtype()),
+                                {mx::reshape(g, {}, s), unit}));
+    } else {
+      grads.push_back(mx::astype(recomputed[position(missing, which)], primals[arg].dtype(), s));
+    }
   }
   return grads;
 }
@@ -368,6 +371,26 @@ std::pair<std::vector<mx::array>, std::vector<int>> LinearCrossEntropyVJP::vmap(
   auto p = params_;
   auto s = stream();
   return vmap_by_slices(inputs, axes, [&](const std::vector<mx::array>& in) { return make_backward(in, p, s); }, s);
+}
+
+std::pair<std::vector<mx::array>, std::vector<int>> LceScaleGrad::vmap(
+    const std::vector<mx::array>& inputs,
+    const std::vector<int>& axes) {
+  // Batched: plain ops (the buffer reuse is an optimisation of the usual case).
+  auto s = stream();
+  auto g = inputs[0];
+  auto grad = axes[1] >= 0 ? mx::moveaxis(inputs[1], axes[1], 0, s) : inputs[1];
+  if (axes[0] >= 0) {
+    mx::Shape shape(grad.ndim() + (axes[1] >= 0 ? 0 : 1), 1);
+    shape[0] = g.shape(axes[0]);
+    g = mx::reshape(mx::moveaxis(g, axes[0], 0, s), shape, s);
+  }
+  bool batched = axes[0] >= 0 || axes[1] >= 0;
+  return {{mx::astype(mx::multiply(g, grad, s), dtype_, s)}, {batched ? 0 : -1}};
+}
+
+void LceScaleGrad::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  throw std::runtime_error("linear_cross_entropy has no GPU kernel yet: pass stream=mx.cpu");
 }
 
 // The Metal kernels are a separate piece of work (csrc/metal, metal/): until

@@ -178,4 +178,30 @@ class LinearCrossEntropyVJP : public LossPrimitive<LinearCrossEntropyParams> {
   FL_LOSS_PRIMITIVE("FusedLinearCrossEntropyVJP")
 };
 
+// The fused gradients times the cotangent, in the primal's dtype: g * grad.
+// Inputs: g (float32 scalar), grad (float32, a gradient output of the forward
+// that nothing else reads). float32 result: scaled in place in grad's buffer
+// (a copy would double the [V, H] weight gradient's memory); 16-bit: one pass
+// that scales and converts.
+class LceScaleGrad : public mx::Primitive {
+ public:
+  LceScaleGrad(mx::Stream stream, mx::Dtype dtype) : mx::Primitive(stream), dtype_(dtype) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  std::pair<std::vector<mx::array>, std::vector<int>> vmap(
+      const std::vector<mx::array>& inputs, const std::vector<int>& axes) override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {inputs[1].shape()};
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return false; // each instance owns (and scales) its own buffer
+  }
+  const char* name() const override {
+    return "FusedLinearCrossEntropyScaleGrad";
+  }
+
+ private:
+  mx::Dtype dtype_;
+};
+
 } // namespace fl

@@ -1,0 +1,120 @@
+"""The fused linear cross-entropy against its physical yardstick: the GEMMs of
+an unfused step, timed with NumPy's OpenBLAS in the same run (issue 10).
+
+    python -m bench.linear_ce_targets [--repeats 3] [--shapes 2048x1024x32000 ...]
+
+For each (N, H, V), float32, interleaved repeats of:
+  np 1 GEMM    Z = H @ W.T                      (the forward's GEMM)
+  ours fwd     linear_cross_entropy (loss only, reduction="mean")
+  np 3 GEMMs   Z = H @ W.T, dH = Z @ W, dW = Z.T @ H
+  ours f+b     value_and_grad w.r.t. hidden and weight
+Ratios are of the minima (the machine is shared: compare within one run only).
+Targets: fwd <= 1.1 x one GEMM, fwd+bwd <= 1.25 x three GEMMs. Also the peak
+memory of ours above inputs + gradients (must stay <= chunk_bytes + O(N)).
+
+On machines that force OPENBLAS_CORETYPE (an older kernel for NumPy), unset it
+(and OPENBLAS_L2_SIZE) for this command; the script prints the kernel NumPy runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import mlx.core as mx
+import numpy as np
+
+import mlx_fused_losses as fl
+from mlx_fused_losses import _ext
+
+
+def blas_info() -> str:
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return "threadpoolctl not installed"
+    rows = [f"{i.get('internal_api')} {i.get('version')} {i.get('architecture')} "
+            f"threads={i.get('num_threads')} ({i.get('prefix')})"
+            for i in threadpool_info() if i.get("user_api") == "blas"]
+    return "; ".join(rows)
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def run_shape(n: int, h: int, v: int, repeats: int) -> dict:
+    rng = np.random.default_rng(0)
+    hidden = rng.standard_normal((n, h), dtype=np.float32)
+    weight = rng.standard_normal((v, h), dtype=np.float32) / np.float32(np.sqrt(h))
+    targets = rng.integers(0, v, n)
+    hm, wm, tm = mx.array(hidden), mx.array(weight), mx.array(targets)
+    mx.eval(hm, wm, tm)
+    step = mx.value_and_grad(lambda a, b: fl.linear_cross_entropy(a, b, tm), argnums=(0, 1))
+
+    def np_one():
+        hidden @ weight.T
+
+    def np_three():
+        z = hidden @ weight.T
+        z @ weight
+        z.T @ hidden
+
+    def ours_fwd():
+        mx.eval(fl.linear_cross_entropy(hm, wm, tm))
+
+    def ours_fb():
+        mx.eval(step(hm, wm))
+
+    cases = {"np 1 GEMM": np_one, "ours fwd": ours_fwd, "np 3 GEMMs": np_three, "ours f+b": ours_fb}
+    times = {k: [] for k in cases}
+    ours_fb()  # warm-up (pool, allocator)
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            times[name].append(timed(fn))
+    # Peak memory of one step above what was allocated before it (inputs) minus
+    # the gradients it returns.
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    out = step(hm, wm)
+    mx.eval(out)
+    grads_bytes = sum(g.nbytes for g in out[1])
+    extra = mx.get_peak_memory() - base - grads_bytes
+    del out
+    best = {k: min(t) for k, t in times.items()}
+    return dict(shape=(n, h, v), times=times, best=best,
+                fwd_ratio=best["ours fwd"] / best["np 1 GEMM"],
+                fb_ratio=best["ours f+b"] / best["np 3 GEMMs"],
+                extra_bytes=extra, logits_bytes=n * v * 4)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--shapes", nargs="+", default=["2048x1024x32000", "1024x1024x151936"])
+    args = parser.parse_args(argv)
+    mx.set_default_device(mx.cpu)
+    print(f"NumPy BLAS: {blas_info()}")
+    print(f"our threads: {_ext.num_threads()}, chunk_bytes default "
+          f"{_ext.LINEAR_CE_DEFAULT_CHUNK_BYTES >> 20} MiB")
+    for spec in args.shapes:
+        n, h, v = (int(x) for x in spec.split("x"))
+        r = run_shape(n, h, v, args.repeats)
+        gflop = 2 * n * h * v / 1e9
+        print(f"\n(N, H, V) = {r['shape']}  ({gflop:.0f} GFLOP per GEMM)")
+        for name, ts in r["times"].items():
+            print(f"  {name:11s} min {min(ts):7.3f} s  median {statistics.median(ts):7.3f} s  "
+                  f"all {' '.join(f'{t:.3f}' for t in ts)}")
+        print(f"  fwd / 1 GEMM   = {r['fwd_ratio']:.2f}  (target <= 1.10)")
+        print(f"  f+b / 3 GEMMs  = {r['fb_ratio']:.2f}  (target <= 1.25)")
+        print(f"  peak above inputs + gradients: {r['extra_bytes'] / 2**20:.1f} MiB "
+              f"(logits would be {r['logits_bytes'] / 2**20:.0f} MiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
