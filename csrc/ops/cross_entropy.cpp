@@ -37,6 +37,20 @@ void check_class_weights(const mx::array& w, int num_classes) {
 
 } // namespace
 
+int check_label_smoothing(float label_smoothing, const std::string& label_smoothing_mode) {
+  if (!(label_smoothing >= 0.0f && label_smoothing < 1.0f)) {
+    fail_value("label_smoothing must be in [0, 1), got ", label_smoothing);
+  }
+  if (label_smoothing_mode == "uniform") {
+    return flm::kSmoothUniform;
+  }
+  if (label_smoothing_mode != "others") {
+    fail_value(
+        "label_smoothing_mode must be 'uniform' or 'others', got '", label_smoothing_mode, "'");
+  }
+  return flm::kSmoothOthers;
+}
+
 mx::array cross_entropy(
     const mx::array& logits,
     const mx::array& targets,
@@ -49,22 +63,13 @@ mx::array cross_entropy(
     mx::StreamOrDevice s) {
   check_float_input(logits, "logits");
   axis = check_class_axis(logits, axis);
-  if (!(label_smoothing >= 0.0f && label_smoothing < 1.0f)) {
-    fail_value("label_smoothing must be in [0, 1), got ", label_smoothing);
-  }
+  int smoothing_mode = check_label_smoothing(label_smoothing, label_smoothing_mode);
   if (!(z_loss >= 0.0f)) {
     fail_value("z_loss must be >= 0, got ", z_loss);
   }
   CrossEntropyParams params;
   params.label_smoothing = label_smoothing;
-  if (label_smoothing_mode == "uniform") {
-    params.smoothing_mode = flm::kSmoothUniform;
-  } else if (label_smoothing_mode == "others") {
-    params.smoothing_mode = flm::kSmoothOthers;
-  } else {
-    fail_value(
-        "label_smoothing_mode must be 'uniform' or 'others', got '", label_smoothing_mode, "'");
-  }
+  params.smoothing_mode = smoothing_mode;
   params.z_loss = z_loss;
   params.soft_targets = targets.ndim() == logits.ndim();
 

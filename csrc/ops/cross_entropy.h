@@ -20,6 +20,11 @@ struct CrossEntropyParams {
   bool operator==(const CrossEntropyParams&) const = default;
 };
 
+// Checks label_smoothing in [0, 1) and returns the smoothing mode
+// (flm::kSmoothUniform for "uniform", flm::kSmoothOthers for "others"); shared
+// with the linear cross-entropy.
+int check_label_smoothing(float label_smoothing, const std::string& label_smoothing_mode);
+
 // Per-row cross-entropy (float32, shape = logits without `axis`).
 // targets: integer class indices (logits' shape without `axis`) or
 // probabilities (logits' shape). class_weights: shape [K].

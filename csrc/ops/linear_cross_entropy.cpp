@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "math/cross_entropy.h"
+#include "ops/cross_entropy.h"
 
 namespace fl {
 
@@ -220,17 +221,8 @@ std::vector<mx::array> linear_cross_entropy(
     }
     p.has_bias = true;
   }
-  if (!(label_smoothing >= 0.0f && label_smoothing < 1.0f)) {
-    fail_value("label_smoothing must be in [0, 1), got ", label_smoothing);
-  }
+  p.smoothing_mode = check_label_smoothing(label_smoothing, label_smoothing_mode);
   p.label_smoothing = label_smoothing;
-  if (label_smoothing_mode == "uniform") {
-    p.smoothing_mode = flm::kSmoothUniform;
-  } else if (label_smoothing_mode == "others") {
-    p.smoothing_mode = flm::kSmoothOthers;
-  } else {
-    fail_value("label_smoothing_mode must be 'uniform' or 'others', got '", label_smoothing_mode, "'");
-  }
   if (!(z_loss >= 0.0f) || !std::isfinite(z_loss)) {
     fail_value("z_loss must be a finite number >= 0, got ", z_loss);
   }
