@@ -67,6 +67,8 @@ def parse_args(argv):
                              "up to 20 for the full sweep, 10 for --quick, 3 for --smoke)")
     parser.add_argument("--compile", action="store_true",
                         help="wrap ours and the MLX reference in mx.compile (default: off)")
+    parser.add_argument("--sizes", type=lambda text: [s.strip() for s in text.split(",") if s.strip()],
+                        default=None, help="only these sizes of the sweep, e.g. 4096x32768,64M (default: all)")
     parser.add_argument("--memory-budget", type=float, default=None, metavar="GIB",
                         help="skip measurements whose predicted peak exceeds this "
                              "(default: 80%% of the memory limit or RAM)")
@@ -126,6 +128,8 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     policy = _policy(args)
     cases = build_cases(args.losses, args.dtypes, args.sweep)
+    if args.sizes:
+        cases = [c for c in cases if c.size_label in args.sizes]
     guard = MemoryGuard(args.memory_budget)
 
     records = []
