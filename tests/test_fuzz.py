@@ -17,12 +17,18 @@ The same cases pin properties of issue 7's numerics items:
 * BCE-with-logits and the sigmoid focal loss are accurate relative to the loss
   itself for confident logits (no error bound from |x| in float32);
 * "others" smoothing with eps > (K-1)/K and a -inf logit is inf, not NaN;
+* every output is bit-identical at every position and alignment, and for
+  FL_NUM_THREADS 1, 2, 3 and 7 (broadcast targets included).
 Run under ASan+UBSan by .ci/sanitize (a CI step).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -461,6 +467,111 @@ def test_fuzz_covers_every_loss_option_dtype_and_reduction():
         assert ("opt", loss, opt) in seen
     for regime in ["offset", "neg_inf", "nan", "pos_inf", "wide"]:
         assert ("regime", regime) in seen
+
+
+# ---------------------------------------------------------------------------
+# position, alignment and thread count
+# ---------------------------------------------------------------------------
+def test_same_element_same_result_at_every_position():
+    # 47 copies of the same (x, t) pairs at every offset modulo the vector width.
+    rng = np.random.default_rng(SEED)
+    base_x = np.concatenate([rng.normal(size=29) * 4, [10.0, 16.0, -16.0, 0.0, 100.0, -100.0]])
+    base_t = np.concatenate([rng.random(29), [1.0, 1.0, 0.0, 0.5, 0.0, 1.0]])
+    for dtype in DTYPES:
+        for name, kw in [("sigmoid_focal_loss", dict(alpha=0.25, gamma=2.0)),
+                         ("sigmoid_focal_loss", dict(alpha=-1.0, gamma=0.5)),
+                         ("smooth_l1_loss", dict(beta=0.5)), ("huber_loss", dict(delta=1.5))]:
+            fn = getattr(fl, name)
+            for lead in range(0, 9):
+                x = np.concatenate([np.zeros(lead), np.tile(base_x, 47)])
+                t = np.concatenate([np.zeros(lead), np.tile(base_t, 47)])
+                xm, tm = mx.array(x.astype(np.float32)).astype(dtype), \
+                    mx.array(t.astype(np.float32)).astype(dtype)
+                out = to_np(fn(xm, tm, reduction="none", **kw))[lead:].reshape(47, -1)
+                g = mx.grad(lambda a: fn(a, tm, reduction="sum", **kw))(xm)
+                g = to_np(g)[lead:].reshape(47, -1)
+                for a in (out, g):
+                    same = (a == a[0]) | (np.isnan(a) & np.isnan(a[0]))
+                    assert same.all(), f"{name} {kw} {dtype} lead={lead}: differs by position"
+
+
+def test_same_row_same_result_at_every_position():
+    rng = np.random.default_rng(SEED + 1)
+    for K in [7, 33, 1025]:
+        row = rng.normal(size=K) * 3
+        x = np.tile(row, (13, 1))
+        t = np.full(13, K // 2)
+        for name, kw in [("cross_entropy", dict(label_smoothing=0.1)),
+                         ("softmax_focal_loss", dict(gamma=2.0))]:
+            fn = getattr(fl, name)
+            xm = mx.array(x.astype(np.float32))
+            out = to_np(fn(xm, mx.array(t), **kw))
+            g = to_np(mx.grad(lambda a: fn(a, mx.array(t), reduction="sum", **kw))(xm))
+            assert (out == out[0]).all() and (g == g[0]).all(), f"{name} K={K}"
+
+
+# Large enough that every kernel splits its work across threads.
+_THREADS_SCRIPT = r"""
+import hashlib, json, sys
+import numpy as np
+import mlx.core as mx
+sys.path.insert(0, sys.argv[1])
+import test_fuzz as F
+digest = {}
+for i in range(int(sys.argv[2])):
+    case = F.make_case(i)
+    loss, cot, grads = F.run_package(case)
+    h = hashlib.sha256()
+    for a in [loss, *grads]:
+        h.update(np.array(a.astype(mx.float32)).tobytes())
+    digest[i] = h.hexdigest()
+rng = np.random.default_rng(0)
+import mlx_fused_losses as fl
+big = {}
+x = mx.array(rng.normal(size=(300_001,)).astype(np.float32) * 4)
+t = mx.array(rng.random(300_001).astype(np.float32))
+for name, kw in [("sigmoid_focal_loss", {}), ("smooth_l1_loss", {}), ("huber_loss", {})]:
+    for red in ("none", "mean", "sum"):
+        f = getattr(fl, name)
+        out = f(x, t, reduction=red, **kw)
+        g = mx.grad(lambda a: f(a, t, reduction="sum", **kw))(x)
+        big[f"{name}-{red}"] = hashlib.sha256(np.array(out).tobytes() + np.array(g).tobytes()).hexdigest()
+xb = mx.array(rng.normal(size=(601, 500)).astype(np.float32) * 4)
+for tshape in [(500,), (601, 1), ()]:
+    tb = mx.array(rng.random(tshape).astype(np.float32))
+    for name in ("sigmoid_focal_loss", "smooth_l1_loss", "huber_loss"):
+        f = getattr(fl, name)
+        for red in ("none", "mean"):
+            out = f(xb, tb, reduction=red)
+            g = mx.grad(lambda a: f(a, tb, reduction="sum" if red == "none" else red))(xb)
+            big[f"{name}-{red}-{tshape}"] = hashlib.sha256(
+                np.array(out).tobytes() + np.array(g).tobytes()).hexdigest()
+logits = mx.array(rng.normal(size=(67, 3001)).astype(np.float32) * 5)
+labels = mx.array(rng.integers(0, 3001, 67))
+for name in ("cross_entropy", "softmax_focal_loss"):
+    f = getattr(fl, name)
+    out = f(logits, labels, reduction="none")
+    g = mx.grad(lambda a: f(a, labels, reduction="mean"))(logits)
+    big[name] = hashlib.sha256(np.array(out).tobytes() + np.array(g).tobytes()).hexdigest()
+print(json.dumps({"threads": __import__("mlx_fused_losses._ext", fromlist=["x"]).num_threads(),
+                  "cases": digest, "big": big}))
+"""
+
+
+def test_bit_identical_across_thread_counts():
+    results = {}
+    here = str(Path(__file__).resolve().parent)
+    for n in (1, 2, 3, 7):
+        env = {**os.environ, "FL_NUM_THREADS": str(n)}
+        done = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT, here, "300"], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        results[n] = json.loads(done.stdout.strip().splitlines()[-1])
+        assert results[n]["threads"] == n
+    for n in (2, 3, 7):
+        for key in ("cases", "big"):
+            diff = [k for k in results[1][key] if results[1][key][k] != results[n][key][k]]
+            assert not diff, f"FL_NUM_THREADS={n} differs from 1 in {key}: {diff[:10]}"
 
 
 def test_running_on_the_sanitized_build_when_asked():
