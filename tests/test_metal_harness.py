@@ -136,7 +136,7 @@ def test_uninitialised_read_hidden_by_max_is_caught_by_second_poison(lib):
     # max() discards the NaN poison, so one schedule alone sees a plausible result...
     lib.run("max_uninit_f32", x, out, u32(64), schedules=[mh.Schedule()])
     assert out[0] == 63.0
-    # ...which is why the default schedules also poison with 0x7F (3.4e38).
+    # ...which is why the default schedules also poison with finite +-2.7e36.
     with pytest.raises(mh.ScheduleDependent, match="uninitialised threadgroup memory"):
         lib.run("max_uninit_f32", x, out, u32(64))
 
@@ -231,6 +231,147 @@ def test_scalars_must_have_explicit_c_types(lib):
         lib.run("empty_dispatch", 32, u32(0))
 
 
+# ---- each newer check: the broken kernel is reported, its twin passes ------------
+
+LOCKSTEP = [mh.Schedule(order) for order in ("forward", "reverse")] + [mh.Schedule("random", seed=1)]
+
+
+def test_scratch_reuse_across_simd_functions_needs_run_ahead_schedules(lib):
+    x = np.random.default_rng(5).standard_normal(64).astype(np.float32)
+    out = np.full(2, np.nan, np.float32)
+    # Lock-step rounds never let a SIMD-group get ahead: the race stays hidden...
+    lib.run("scratch_reuse", x, out, u32(64), u32(0), schedules=LOCKSTEP)
+    # ...while SIMD-group 1 running ahead overwrites the partial SIMD-group 0 reads.
+    with pytest.raises(mh.ScheduleDependent, match="SIMD-group that runs ahead") as err:
+        lib.run("scratch_reuse", x, out, u32(64), u32(0))
+    assert "ahead_reverse" in str(err.value)
+    out[:] = np.nan
+    lib.run("scratch_reuse", x, out, u32(64), u32(1))
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(out, [x64.sum(), (x64 * x64).sum()], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [64, 96])
+def test_threadgroup_memory_published_by_mem_none_is_reported(lib, threads):
+    x = np.arange(threads, dtype=np.float32)
+    out = np.full(threads, np.nan, np.float32)
+    coherent = [s for s in mh.DEFAULT_SCHEDULES if s.memory == "coherent"]
+    lib.run("exchange_tg", x, out, u32(threads), u32(0), schedules=coherent)
+    with pytest.raises(mh.ScheduleDependent, match="Only the memory model differs"):
+        lib.run("exchange_tg", x, out, u32(threads), u32(0))
+    out[:] = np.nan
+    lib.run("exchange_tg", x, out, u32(threads), u32(1))
+    np.testing.assert_array_equal(out, x[::-1])
+
+
+def test_device_memory_published_by_mem_threadgroup_is_reported(lib):
+    n = 64
+    x = np.arange(n, dtype=np.float32)
+    staged = np.zeros(n, np.float32)
+    out = np.full(n, np.nan, np.float32)
+    with pytest.raises(mh.ScheduleDependent, match="Only the memory model differs"):
+        lib.run("exchange_dev", x, staged, out, u32(n), u32(0))
+    lib.run("exchange_dev", x, staged, out, u32(n), u32(1))
+    np.testing.assert_array_equal(out, 2 * x[::-1])
+
+
+def test_strict_memory_needs_an_ahead_order():
+    with pytest.raises(ValueError, match="needs order"):
+        mh.Schedule("forward", memory="strict")
+
+
+@pytest.mark.parametrize(
+    "entry, dtype, old_poisons",
+    [
+        # min() drops NaN and ignores +huge: only the negative poison shows it.
+        ("extremum_f32", np.float32, (0xFFFF, 0x7F7F)),
+        # half: 0x7F7F is NaN too, dropped by max(): only +65504 shows it.
+        ("extremum_f16", np.float16, (0xFFFF, 0x7F7F)),
+        # int32: all-ones is -1, which max() ignores.
+        ("extremum_i32", np.int32, (0xFFFF,)),
+    ],
+)
+def test_min_and_max_over_unwritten_slots_are_reported(lib, entry, dtype, old_poisons):
+    threads = 64  # 2 of the 32 partial slots written
+    x = (np.random.default_rng(7).integers(1, 1000, threads)).astype(dtype)
+    out = np.zeros(1, dtype)
+    lib.run(entry, x, out, u32(threads), u32(0),
+            schedules=[mh.Schedule(poison=p) for p in old_poisons])
+    with pytest.raises(mh.ScheduleDependent, match="uninitialised threadgroup memory"):
+        lib.run(entry, x, out, u32(threads), u32(0))
+    out[:] = 0
+    lib.run(entry, x, out, u32(threads), u32(1))
+    assert out[0] == (x.min() if entry == "extremum_f32" else x.max())
+
+
+def test_simd_function_in_a_helper_called_from_divergent_branches_is_reported(lib):
+    x = np.ones(32, np.float32)
+    out = np.zeros(32, np.float32)
+    with pytest.raises(mh.KernelError, match="through different call paths") as err:
+        lib.run("helper_simd", x, out, u32(32), u32(0))
+    msg = str(err.value)
+    assert "simd_sum at " + site("bad_divergent_simd.metal", "return simd_sum(v);") in msg
+    assert "threads 0-15 wait" in msg and "threads 16-31 wait" in msg and " via " in msg
+    # The twin: one call by all lanes.
+    lib.run("helper_simd", x, out, u32(32), u32(1))
+    np.testing.assert_array_equal(out, np.full(32, 16 * 1.0 + 16 * 2.0, np.float32))
+
+
+def test_barrier_in_a_helper_called_from_divergent_branches_is_reported(lib):
+    out = np.zeros(64, np.float32)
+    with pytest.raises(mh.KernelError, match="one barrier in a helper called from divergent"):
+        lib.run("helper_barrier", out, u32(64))
+
+
+def test_function_scope_threadgroup_arrays_count_toward_32_kib(lib):
+    x = np.ones(64, np.float32)
+    out = np.zeros(64, np.float32)
+    with pytest.raises(mh.KernelError, match=r"threadgroup arrays \(32768 bytes\) plus "
+                       r"\[\[threadgroup\(n\)\]\] buffers \(16 bytes\) exceed"):
+        lib.run("staging_array", x, out, u32(64), u32(0))
+    lib.run("staging_array", x, out, u32(64), u32(1))
+    np.testing.assert_array_equal(out, np.full(64, 2.0, np.float32))
+
+
+def test_msl_subset_twin_runs(lib):
+    x = np.linspace(-1, 1, 32, dtype=np.float32)
+    out = np.zeros(32, np.float32)
+    lib.run("msl_subset_f32", x, out)
+    staged = np.exp(x.astype(np.float64)) * np.array([0.5, 1, 2, 4])[np.arange(32) % 4]
+    np.testing.assert_allclose(out, staged[::-1] ** 3, rtol=1e-5)
+
+
+def test_overlapping_scratch_slots_in_the_real_block_kernel_are_reported(tmp_path):
+    """The cross-entropy block kernel keeps its max pass in scratch slots apart from
+    the merge's; built with the max slots on the exp-sum slots (a real race: a
+    SIMD-group that runs ahead writes its exp-sum over a max another has not read
+    yet), it passes every lock-step schedule. The ahead schedules report it."""
+    import re as _re
+
+    (tmp_path / "csrc").symlink_to(REPO / "csrc")
+    (tmp_path / "metal").mkdir()
+    for source in PROJECT_KERNELS:
+        (tmp_path / "metal" / source.name).write_text(source.read_text())
+    common = (REPO / "metal" / "fl_common.h").read_text()
+    overlapping, count = _re.subn(r"#define FLK_SCRATCH_MAX \d+", "#define FLK_SCRATCH_MAX FLK_SCRATCH_S",
+                              common)
+    assert count == 1, "fl_common.h no longer defines FLK_SCRATCH_MAX"
+    (tmp_path / "metal" / "fl_common.h").write_text(overlapping)
+    lib = mh.build(sorted((tmp_path / "metal").glob("*.metal")),
+                   "tests/metal_kernels/adaptor.cpp", include_dirs=("csrc",))
+
+    rows, K = 3, 300  # block variant: 96 threads, 3 SIMD-groups
+    x = np.random.default_rng(11).standard_normal((rows, K)).astype(np.float32)
+    index = np.array([0, 7, 299], np.int64)
+    loss, lse, asum = (np.full(rows, np.nan, np.float32) for _ in range(3))
+    args = (np.int32(0), np.int32(0), np.int32(0), np.int32(1024), x, index, x,
+            np.ones(1, np.float32), loss, lse, asum, np.int64(rows), np.int32(K),
+            np.float32(0), np.int32(0), np.int32(0), np.int64(-100), np.float32(0))
+    lib.run("ce_forward_run", *args, schedules=LOCKSTEP)
+    with pytest.raises(mh.ScheduleDependent, match="SIMD-group that runs ahead"):
+        lib.run("ce_forward_run", *args)
+
+
 # ---- static address-space check ---------------------------------------------------
 
 
@@ -248,9 +389,15 @@ def test_static_check_accepts_valid_msl(path):
             "cannot pass pointer to address space '3' as a pointer to address space '1'",
         ),
         ("static_reject_constant_write.metal", "read-only variable is not assignable"),
+        ("static_reject_double.metal", "double"),
+        ("static_reject_exception.metal", "cannot use 'throw' with exceptions disabled"),
+        ("static_reject_std_call.metal", "'std::': MSL has no C++ standard library"),
+        ("static_reject_virtual.metal", "'virtual': MSL has no virtual functions"),
+        ("static_reject_recursion.metal", "recursion (MSL has none): power(float, unsigned int)"),
+        ("static_reject_mutable_global.metal", "mutable global 'calls_so_far'"),
     ],
 )
-def test_static_check_rejects_address_space_errors(name, diagnostic):
+def test_static_check_rejects_what_msl_rejects(name, diagnostic):
     result = static_check.check(SELFTEST / name)
     assert not result.ok
     assert diagnostic in result.diagnostics

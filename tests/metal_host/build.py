@@ -29,7 +29,12 @@ BUILD_DIR = HERE / "_build"
 CXX_FLAGS = (
     "-std=c++20",
     "-fPIC",
-    "-O1",
+    # -O0 with frame pointers: every source-level call is its own call instruction
+    # and frame, so the runtime can tell a helper's SIMD call reached from one
+    # branch from the same call reached from another (no inlining, no merging of
+    # identical branch tails, no duplication of a call into several branches).
+    "-O0",
+    "-fno-omit-frame-pointer",
     "-Wall",
     # MSL attributes ([[buffer(0)]], [[thread_position_in_grid]], ...) mean nothing here.
     "-Wno-unknown-attributes",
@@ -93,6 +98,7 @@ def _runtime_object(clang: str, flags: Sequence[str]) -> Path:
     # A separate object, never inlined into kernel code: to the optimizer a barrier
     # is an opaque call that may change any memory, so kernels reload threadgroup
     # memory after it, as a GPU compiler must.
+    flags = [*flags, "-O1"]  # after -O0: the scheduler itself may be optimised
     key = _key(clang, HERE / "runtime.cpp", flags)
     obj = BUILD_DIR / f"runtime-{key}.o"
     if not obj.exists():

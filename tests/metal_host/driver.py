@@ -15,36 +15,70 @@ from pathlib import Path
 
 import numpy as np
 
-_ORDERS = {"forward": 0, "reverse": 1, "random": 2}
+_ORDERS = {"forward": 0, "reverse": 1, "random": 2, "ahead": 3, "ahead_reverse": 4}
+_MEMORY = {"coherent": 0, "strict": 1}
+
+# Threadgroup-memory poison patterns (16 bits, repeated). NaN alone is not
+# enough: max() and min() drop a NaN, so a reduction over unwritten slots looks
+# right. The two finite patterns are large numbers of either sign in every type.
+POISON_NAN = 0xFFFF  # NaN in float, half and bfloat; -1 in signed integers
+POISON_HUGE = 0x7BFF  # half +65504, float/bfloat +2.7e36, int32 +2080341503
+POISON_HUGE_NEGATIVE = 0xFBFF  # half -65504, float/bfloat -2.7e36, int32 -67109889
 
 
 @dataclass(frozen=True)
 class Schedule:
-    """Order in which ready GPU threads are resumed, and the byte that poisons
-    threadgroup memory at every group start (0xFF: NaN in float/half/bfloat;
-    0x7F: 3.4e38 in float and bfloat, NaN in half)."""
+    """How one run of a launch executes (see include/metal_host.h, Schedule).
+
+    order: "forward", "reverse", "random" (lock-step rounds of all fibers in that
+      order) or "ahead", "ahead_reverse" (one SIMD-group runs as far as it can
+      before the next moves; reverse: SIMD-groups and lanes in reverse order).
+    poison: 16-bit pattern filling threadgroup memory at every group start and
+      the values of SIMD lanes that do not exist.
+    memory: "coherent", or "strict": writes stay invisible to other SIMD-groups
+      until a threadgroup_barrier with the matching mem_flags (needs an ahead order).
+    """
 
     order: str = "forward"
     seed: int = 0
-    poison: int = 0xFF
+    poison: int = POISON_NAN
+    memory: str = "coherent"
 
     def __post_init__(self):
         if self.order not in _ORDERS:
             raise ValueError(f"order must be one of {sorted(_ORDERS)}, got {self.order!r}")
+        if self.memory not in _MEMORY:
+            raise ValueError(f"memory must be one of {sorted(_MEMORY)}, got {self.memory!r}")
+        if self.memory == "strict" and not self.order.startswith("ahead"):
+            raise ValueError("memory='strict' needs order 'ahead' or 'ahead_reverse'")
+        if not 0 <= self.poison <= 0xFFFF:
+            raise ValueError(f"poison must be a 16-bit pattern, got {self.poison:#x}")
 
     def __str__(self):
         seed = f", seed {self.seed}" if self.order == "random" else ""
-        return f"{self.order} order{seed}, poison 0x{self.poison:02X}"
+        memory = ", strict memory" if self.memory == "strict" else ""
+        return f"{self.order} order{seed}, poison 0x{self.poison:04X}{memory}"
 
 
-# Reverse against forward exposes missing barriers (a reader resumed before or after
-# its writers); the second poison byte exposes uninitialised reads that survive the
-# first (max() drops a NaN, but not 3.4e38); the random order mixes SIMD-groups.
+# Each schedule after the first differs from an earlier one in one respect, so
+# that a difference in the outputs names its cause:
+#   reverse order: a missing barrier (a reader resumed before or after its
+#     writers) within lock-step rounds;
+#   ahead / ahead_reverse: a SIMD-group running ahead of the others reuses
+#     threadgroup scratch before they read it (write-after-read across SIMD
+#     functions, which lock-step rounds never show);
+#   strict memory: a read that depends on writes no barrier with the right
+#     mem_flags published;
+#   the finite poisons: uninitialised threadgroup memory hidden from NaN by max()
+#     or min().
 DEFAULT_SCHEDULES = (
     Schedule("forward"),
     Schedule("reverse"),
-    Schedule("forward", poison=0x7F),
-    Schedule("random", seed=1),
+    Schedule("ahead"),
+    Schedule("ahead_reverse"),
+    Schedule("ahead", memory="strict"),
+    Schedule("forward", poison=POISON_HUGE),
+    Schedule("forward", poison=POISON_HUGE_NEGATIVE),
 )
 
 
@@ -121,12 +155,41 @@ def _describe_difference(a: np.ndarray, b: np.ndarray, like: np.ndarray) -> str:
     )
 
 
+def _differences(a: Schedule, b: Schedule) -> set[str]:
+    out = set()
+    if a.order != b.order or (a.order == "random" and a.seed != b.seed):
+        out.add("order")
+    if a.poison != b.poison:
+        out.add("poison")
+    if a.memory != b.memory:
+        out.add("memory")
+    return out
+
+
 def _likely_cause(a: Schedule, b: Schedule) -> str:
-    if a.poison != b.poison and a.order == b.order and a.seed == b.seed:
-        return "Only the poison byte differs: the kernel reads uninitialised threadgroup memory."
-    if a.poison == b.poison:
+    differ = _differences(a, b)
+    if differ == {"poison"}:
+        return "Only the poison differs: the kernel reads uninitialised threadgroup memory."
+    if differ == {"memory"}:
+        return (
+            "Only the memory model differs: a read depends on writes that no barrier with "
+            "the right mem_flags made visible (mem_threadgroup for threadgroup memory, "
+            "mem_device for device memory written by other threads of the group)."
+        )
+    if differ == {"order"}:
+        if {a.order, b.order} & {"ahead", "ahead_reverse"}:
+            return (
+                "Only the thread order differs: a race, e.g. a SIMD-group that runs ahead "
+                "overwrites threadgroup memory another has not read yet (missing "
+                "threadgroup_barrier before reusing scratch?)."
+            )
         return "Only the thread order differs: a race (missing threadgroup_barrier?)."
     return "The result depends on thread order or on uninitialised threadgroup memory."
+
+
+def _reference_run(runs: list, schedule: Schedule):
+    """The earlier run that differs from `schedule` in the fewest respects."""
+    return min(runs, key=lambda run: len(_differences(run[0], schedule)))
 
 
 class Library:
@@ -136,8 +199,12 @@ class Library:
         self.path = path
         self.compiler_output = compiler_output
         self._dll = ctypes.CDLL(str(path))
-        self._dll.mh_set_schedule.argtypes = [ctypes.c_int, ctypes.c_uint64, ctypes.c_int]
+        self._dll.mh_set_schedule.argtypes = [
+            ctypes.c_int, ctypes.c_uint64, ctypes.c_int, ctypes.c_int]
         self._dll.mh_set_schedule.restype = None
+        self._dll.mh_set_device_buffers.argtypes = [
+            ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_size_t), ctypes.c_int]
+        self._dll.mh_set_device_buffers.restype = None
         self._dll.mh_last_error.restype = ctypes.c_char_p
 
     def run(self, entry: str, *args, schedules=DEFAULT_SCHEDULES) -> None:
@@ -162,8 +229,13 @@ class Library:
                 )
         runs = []
         for schedule in schedules:
-            self._dll.mh_set_schedule(_ORDERS[schedule.order], schedule.seed, schedule.poison)
+            self._dll.mh_set_schedule(_ORDERS[schedule.order], schedule.seed, schedule.poison,
+                                      _MEMORY[schedule.memory])
             buffers = {i: _GuardedBuffer(a) for i, a in enumerate(args) if isinstance(a, np.ndarray)}
+            # The device buffers, for the strict memory model.
+            pointers = (ctypes.c_void_p * len(buffers))(*(b.pointer.value for b in buffers.values()))
+            sizes = (ctypes.c_size_t * len(buffers))(*(b.nbytes for b in buffers.values()))
+            self._dll.mh_set_device_buffers(pointers, sizes, len(buffers))
             cargs = [
                 buffers[i].pointer if i in buffers else _SCALARS[a.dtype](a.item())
                 for i, a in enumerate(args)
@@ -179,14 +251,16 @@ class Library:
                     )
             runs.append((schedule, {i: buf.contents() for i, buf in buffers.items()}))
 
-        base_schedule, base = runs[0]
-        for schedule, contents in runs[1:]:
+        for k in range(1, len(runs)):
+            schedule, contents = runs[k]
+            ref_schedule, ref = _reference_run(runs[:k], schedule)
             for i, data in contents.items():
-                if not np.array_equal(data, base[i]):
+                if not np.array_equal(data, ref[i]):
                     raise ScheduleDependent(
-                        f"{entry}: argument {i} differs between [{base_schedule}] and "
-                        f"[{schedule}]: {_describe_difference(base[i], data, args[i])}. "
-                        + _likely_cause(base_schedule, schedule)
+                        f"{entry}: argument {i} differs between [{ref_schedule}] and "
+                        f"[{schedule}]: {_describe_difference(ref[i], data, args[i])}. "
+                        + _likely_cause(ref_schedule, schedule)
                     )
+        base = runs[0][1]
         for i, data in base.items():
             args[i].reshape(-1).view(np.uint8)[:] = data

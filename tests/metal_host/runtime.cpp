@@ -3,24 +3,35 @@
 // Every GPU thread of a threadgroup is a fiber (ucontext) on its own small stack;
 // the groups of a dispatch run one after another on the calling OS thread. A fiber
 // runs until it reaches a rendezvous (threadgroup_barrier, or a SIMD-group function)
-// or returns; the scheduler resumes ready fibers in the schedule's order, and when
-// none is ready it decides what the waiting fibers are waiting for:
-//   - a SIMD-group whose live lanes all wait at the same SIMD function is released
-//     (SIMD functions involve the 32 lanes of ONE SIMD-group, never the whole group,
-//     so `if (simdgroup_index == 0) simd_sum(...)` is valid, as on Apple GPUs);
+// or returns. Which fiber runs next is the schedule's order (metal_host.h):
+//   - lock-step (forward / reverse / random): every ready fiber runs to its next
+//     rendezvous, then everything that can be released is released;
+//   - ahead (forward / reverse): one SIMD-group runs as far as it can, its SIMD
+//     functions released at once, before any other moves.
+// When nothing can run, the scheduler decides what the waiting fibers wait for:
+//   - a SIMD-group whose live lanes all wait at the same SIMD function (same
+//     source site and same call path) is released (SIMD functions involve the 32
+//     lanes of ONE SIMD-group, never the whole group, so
+//     `if (simdgroup_index == 0) simd_sum(...)` is valid, as on Apple GPUs);
 //   - a group whose threads all wait at the same threadgroup_barrier is released;
 //   - anything else can never make progress on a GPU either (divergent barrier,
 //     lanes at different SIMD call sites, a barrier some threads returned before):
 //     it is reported as mh::Error naming the call sites and threads, never a hang.
-// Threadgroup memory is poisoned at every group start and fenced with canaries.
+// Threadgroup memory is poisoned at every group start and fenced with canaries;
+// under the strict memory model (StrictMemory below) writes become visible to
+// other SIMD-groups only through a barrier with the matching mem_flags.
 
 #include "metal_host.h"
 
+#include <cxxabi.h>
+#include <dlfcn.h>
 #include <sys/mman.h>
 #include <ucontext.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <numeric>
 #include <random>
@@ -39,16 +50,33 @@ constexpr std::size_t kStackBytes = 64 * 1024;
 // Fences around each threadgroup buffer, checked after every group.
 constexpr std::size_t kCanaryBytes = 64;
 constexpr unsigned char kCanary = 0xFE;
+// Frames of a rendezvous' call path that are compared (innermost first).
+constexpr unsigned kMaxPathDepth = 48;
 
 enum class State { ready, at_barrier, at_simd, returned };
+
+// The return addresses from the runtime hook up to the fiber's entry: which call
+// of which helper from which branch reached the rendezvous. Kernels are compiled
+// at -O0 with frame pointers (build.py), so every source-level call is its own
+// call instruction and frame.
+struct CallPath {
+  void* ret[kMaxPathDepth];
+  unsigned depth = 0;
+  bool operator==(const CallPath& o) const {
+    return depth == o.depth && std::equal(ret, ret + depth, o.ret);
+  }
+};
 
 struct Fiber {
   ucontext_t context;
   State state;
   detail::Site site;    // where it waits (valid when at_barrier / at_simd)
+  CallPath path;        // how it got there
+  unsigned mem_flags;   // of the barrier it waits at
   unsigned simd_ops;    // SIMD functions called so far: selects the deposit bank
   std::exception_ptr error;
   ThreadCtx ctx;
+  char* stack;
 };
 
 // One stack per fiber, kept for the life of the process and reused by every group,
@@ -83,6 +111,33 @@ bool same_site(const detail::Site& a, const detail::Site& b) {
          std::strcmp(a.loc.file_name(), b.loc.file_name()) == 0;
 }
 
+// "reduce(float)+0x1c <- kernel+0x88": the frames of a path (innermost first),
+// named by the dynamic symbol table where it knows them.
+std::string describe_path(const CallPath& p) {
+  std::string out;
+  for (unsigned i = 0; i < p.depth && i < 6; ++i) {
+    Dl_info info{};
+    std::string frame;
+    if (dladdr(p.ret[i], &info) && info.dli_sname) {
+      int status = 0;
+      char* name = abi::__cxa_demangle(info.dli_sname, nullptr, nullptr, &status);
+      frame = status == 0 && name ? name : info.dli_sname;
+      std::free(name);
+      char off[32];
+      std::snprintf(off, sizeof off, "+0x%lx",
+                    static_cast<unsigned long>(static_cast<char*>(p.ret[i]) -
+                                               static_cast<char*>(info.dli_saddr)));
+      frame += off;
+    } else {
+      char addr[32];
+      std::snprintf(addr, sizeof addr, "%p", p.ret[i]);
+      frame = addr;
+    }
+    out += (i ? " <- " : "") + frame;
+  }
+  return out;
+}
+
 // "0-31, 40, 64-99"; long lists (odd/even splits) are cut after 8 ranges.
 std::string ranges(const std::vector<unsigned>& ids) {
   std::string out;
@@ -107,6 +162,96 @@ class Dispatch;
 thread_local Dispatch* g_dispatch = nullptr;
 thread_local Schedule g_schedule;
 thread_local std::string g_last_error;
+thread_local std::vector<std::pair<unsigned char*, std::size_t>> g_device_buffers;
+
+void fill_pattern(void* p, std::size_t size, uint16_t pattern) {
+  auto* b = static_cast<unsigned char*>(p);
+  // Phase by address, so that a 2-byte element anywhere gets the whole pattern.
+  for (std::size_t i = 0; i < size; ++i)
+    b[i] = (reinterpret_cast<std::uintptr_t>(b + i) & 1) ? pattern >> 8 : pattern & 0xFF;
+}
+
+// The strict memory model. Memory holds the published state ("what every thread
+// sees") while no SIMD-group runs; a SIMD-group's own unpublished writes are put
+// in place when it is switched in and taken out (recorded by comparison with the
+// published copy) when it stops at a barrier. A barrier whose mem_flags cover a
+// region publishes every SIMD-group's pending writes there. A SIMD-group is the
+// unit: its lanes see each other's writes (Metal orders them only with
+// simdgroup_barrier, which this model does not separate).
+//
+// A SIMD-group that stops because it returned is not compared: no barrier can be
+// released after that (it would be one not every thread reaches), so its last
+// writes could only be seen by a race, which the order schedules catch; they are
+// published when the group ends. This keeps kernels without barriers free of
+// comparisons.
+class StrictMemory {
+ public:
+  enum Kind : unsigned { kDevice = detail::kMemDevice, kThreadgroup = detail::kMemThreadgroup };
+
+  void reset_dispatch(unsigned simdgroups_max) {
+    regions_.clear();
+    pending_.assign(simdgroups_max, {});
+    for (auto& [p, n] : g_device_buffers) add(p, n, kDevice);
+  }
+  void start_group(unsigned simdgroups) {
+    // Threadgroup regions belong to one group; device copies are re-read since
+    // a returned SIMD-group's last writes went straight to memory.
+    std::erase_if(regions_, [](const Region& r) { return r.kind == kThreadgroup; });
+    for (Region& r : regions_) std::memcpy(r.published.data(), r.ptr, r.published.size());
+    pending_.assign(simdgroups, {});
+  }
+  // A region whose current contents count as published (just poisoned).
+  void add(unsigned char* p, std::size_t n, Kind kind) {
+    regions_.push_back({p, kind, std::vector<unsigned char>(p, p + n)});
+  }
+  void enter(unsigned sg) {
+    for (const Write& w : pending_[sg]) regions_[w.region].ptr[w.offset] = w.value;
+  }
+  void leave(unsigned sg) {
+    std::vector<Write>& mine = pending_[sg];
+    mine.clear();
+    for (std::size_t r = 0; r < regions_.size(); ++r) {
+      Region& reg = regions_[r];
+      const std::size_t n = reg.published.size();
+      for (std::size_t at = 0; at < n;) {
+        // Compare in blocks; most of memory is unchanged.
+        const std::size_t len = std::min<std::size_t>(256, n - at);
+        if (std::memcmp(reg.ptr + at, reg.published.data() + at, len) != 0) {
+          for (std::size_t i = at; i < at + len; ++i)
+            if (reg.ptr[i] != reg.published[i]) {
+              mine.push_back({r, i, reg.ptr[i]});
+              reg.ptr[i] = reg.published[i];
+            }
+        }
+        at += len;
+      }
+    }
+  }
+  // Called with every SIMD-group switched out.
+  void publish(unsigned kinds) {
+    for (auto& writes : pending_) {
+      std::erase_if(writes, [&](const Write& w) {
+        Region& reg = regions_[w.region];
+        if (!(reg.kind & kinds)) return false;
+        reg.ptr[w.offset] = reg.published[w.offset] = w.value;
+        return true;
+      });
+    }
+  }
+
+ private:
+  struct Region {
+    unsigned char* ptr;
+    Kind kind;
+    std::vector<unsigned char> published;
+  };
+  struct Write {
+    std::size_t region, offset;
+    unsigned char value;
+  };
+  std::vector<Region> regions_;
+  std::vector<std::vector<Write>> pending_;  // per SIMD-group
+};
 
 class Dispatch {
  public:
@@ -124,12 +269,18 @@ class Dispatch {
     if (total > kMaxThreadgroupBytes)
       throw Error("threadgroup memory: " + std::to_string(total) + " bytes requested, Metal allows " +
                   std::to_string(kMaxThreadgroupBytes));
+    tg_buffer_bytes_ = total;
     tg_sizes_ = tg_bytes;
     for (auto& s : tg_storage_) {
       auto addr = reinterpret_cast<std::uintptr_t>(s.data()) + kCanaryBytes;
       tg_ptrs_.push_back(reinterpret_cast<void*>((addr + 15) & ~std::uintptr_t(15)));
     }
     rng_.seed(g_schedule.seed);
+    strict_ = g_schedule.memory == Memory::strict;
+    if (strict_ && g_schedule.order != Order::ahead && g_schedule.order != Order::ahead_reverse)
+      throw Error("the strict memory model needs an `ahead` order (a SIMD-group runs between "
+                  "switches)");
+    if (strict_) memory_.reset_dispatch(kMaxThreadsPerGroup / kSimdWidth);
   }
 
   // Runs one threadgroup of `size` threads (non-uniform dispatches pass smaller
@@ -140,19 +291,28 @@ class Dispatch {
     const unsigned simdgroups = (n + kSimdWidth - 1) / kSimdWidth;
     // Two banks per SIMD-group: a lane can be at most one SIMD function ahead of a
     // lane that has not yet read the previous results (the next rendezvous needs it).
-    // Slots of lanes that do not exist stay all-ones: reading them yields poison.
-    simd_slots_.assign(std::size_t(simdgroups) * 2 * kSimdWidth * detail::kSimdSlotBytes, 0xFF);
+    // Slots of lanes that do not exist keep the poison: reading them yields garbage.
+    simd_slots_.resize(std::size_t(simdgroups) * 2 * kSimdWidth * detail::kSimdSlotBytes);
+    fill_pattern(simd_slots_.data(), simd_slots_.size(), g_schedule.poison);
     for (std::size_t i = 0; i < tg_ptrs_.size(); ++i) {
       std::memset(tg_storage_[i].data(), kCanary, tg_storage_[i].size());
-      std::memset(tg_ptrs_[i], g_schedule.poison, tg_sizes_[i]);
+      fill_pattern(tg_ptrs_[i], tg_sizes_[i], g_schedule.poison);
     }
     tg_locals_seen_.clear();
+    tg_local_bytes_ = 0;
+    if (strict_) {
+      memory_.start_group(simdgroups);
+      for (std::size_t i = 0; i < tg_ptrs_.size(); ++i)
+        memory_.add(static_cast<unsigned char*>(tg_ptrs_[i]), tg_sizes_[i],
+                    StrictMemory::kThreadgroup);
+    }
 
     for (unsigned i = 0; i < n; ++i) {
       Fiber& f = fibers_[i];
       f.state = State::ready;
       f.simd_ops = 0;
       f.error = nullptr;
+      f.stack = stacks_.stack(i);
       ThreadCtx& c = f.ctx;
       uint3 local = {i % size.x, (i / size.x) % size.y, i / (size.x * size.y)};
       c.thread_position_in_threadgroup = local;
@@ -168,35 +328,26 @@ class Dispatch {
       c.simdgroups_per_threadgroup = simdgroups;
       c.threadgroup_buffers = &tg_ptrs_;
       getcontext(&f.context);
-      f.context.uc_stack.ss_sp = stacks_.stack(i);
+      f.context.uc_stack.ss_sp = f.stack;
       f.context.uc_stack.ss_size = kStackBytes;
       f.context.uc_link = nullptr;
       makecontext(&f.context, &Dispatch::fiber_main, 0);
     }
 
-    std::vector<unsigned> order(n);
-    std::iota(order.begin(), order.end(), 0u);
-    if (g_schedule.order == Order::reverse) std::reverse(order.begin(), order.end());
     group_pos_ = group_pos;
-    for (;;) {
-      if (g_schedule.order == Order::random) std::shuffle(order.begin(), order.end(), rng_);
-      for (unsigned i : order) {
-        Fiber& f = fibers_[i];
-        if (f.state != State::ready) continue;
-        current_ = &f;
-        swapcontext(&scheduler_, &f.context);
-        if (f.error) rethrow_from(i, f.error);
-      }
-      if (std::all_of(fibers_.begin(), fibers_.end(),
-                      [](const Fiber& f) { return f.state == State::returned; }))
-        break;
-      release_or_report();
-    }
+    if (g_schedule.order == Order::ahead || g_schedule.order == Order::ahead_reverse)
+      run_ahead(simdgroups);
+    else
+      run_lockstep(n);
+    if (strict_) memory_.publish(StrictMemory::kDevice | StrictMemory::kThreadgroup);
     check_canaries();
   }
 
   // Hooks called from kernel code, on the current fiber's stack.
-  void barrier(const detail::Site& site) { wait(State::at_barrier, site); }
+  void barrier(const detail::Site& site, unsigned mem_flags) {
+    current_->mem_flags = mem_flags;
+    wait(State::at_barrier, site);
+  }
 
   detail::SimdView simd_exchange(const detail::Site& site, const void* value, std::size_t size) {
     Fiber& f = *current_;
@@ -208,8 +359,18 @@ class Dispatch {
     return {bank, lane, live_lanes(sg)};
   }
 
+  // A function-scope `threadgroup` array, reached by a thread: the first thread of
+  // the group poisons it and counts it toward the group's threadgroup memory.
   void threadgroup_local(void* p, std::size_t size) {
-    if (tg_locals_seen_.insert(p).second) std::memset(p, g_schedule.poison, size);
+    if (!tg_locals_seen_.insert(p).second) return;
+    tg_local_bytes_ += size;
+    if (tg_buffer_bytes_ + tg_local_bytes_ > kMaxThreadgroupBytes)
+      throw Error("threadgroup memory: function-scope threadgroup arrays (" +
+                  std::to_string(tg_local_bytes_) + " bytes) plus [[threadgroup(n)]] buffers (" +
+                  std::to_string(tg_buffer_bytes_) + " bytes) exceed the " +
+                  std::to_string(kMaxThreadgroupBytes) + " bytes Metal allows");
+    fill_pattern(p, size, g_schedule.poison);
+    if (strict_) memory_.add(static_cast<unsigned char*>(p), size, StrictMemory::kThreadgroup);
   }
 
  private:
@@ -226,11 +387,96 @@ class Dispatch {
     setcontext(&d.scheduler_);
   }
 
+  // Lock-step rounds: each ready fiber runs to its next rendezvous; then whatever
+  // can be released is released.
+  void run_lockstep(unsigned n) {
+    std::vector<unsigned> order(n);
+    std::iota(order.begin(), order.end(), 0u);
+    if (g_schedule.order == Order::reverse) std::reverse(order.begin(), order.end());
+    for (;;) {
+      if (g_schedule.order == Order::random) std::shuffle(order.begin(), order.end(), rng_);
+      for (unsigned i : order) resume_if_ready(i);
+      if (all_returned()) return;
+      bool released = false;
+      for (unsigned sg = 0; sg * kSimdWidth < n; ++sg) released |= release_simdgroup(sg);
+      if (!released) release_barrier_or_report();
+    }
+  }
+
+  // One SIMD-group at a time, as far as it can go; after any progress the first
+  // SIMD-group in the order gets the next chance (it may have been released).
+  void run_ahead(unsigned simdgroups) {
+    const bool reverse = g_schedule.order == Order::ahead_reverse;
+    for (;;) {
+      bool progressed = false;
+      for (unsigned k = 0; k < simdgroups && !progressed; ++k)
+        progressed = advance_simdgroup(reverse ? simdgroups - 1 - k : k, reverse);
+      if (progressed) continue;
+      if (all_returned()) return;
+      release_barrier_or_report();
+    }
+  }
+
+  // Runs SIMD-group sg until none of its lanes can move; true if any did.
+  bool advance_simdgroup(unsigned sg, bool reverse_lanes) {
+    const unsigned first = sg * kSimdWidth, last = first + live_lanes(sg);
+    auto any_ready = [&] {
+      for (unsigned i = first; i < last; ++i)
+        if (fibers_[i].state == State::ready) return true;
+      return false;
+    };
+    if (!any_ready() && !release_simdgroup(sg)) return false;
+    if (strict_) memory_.enter(sg);
+    bool returned_all;
+    do {
+      for (unsigned k = 0; k < last - first; ++k)
+        resume_if_ready(reverse_lanes ? last - 1 - k : first + k);
+    } while (release_simdgroup(sg));
+    returned_all = std::all_of(fibers_.begin() + first, fibers_.begin() + last,
+                               [](const Fiber& f) { return f.state == State::returned; });
+    if (strict_ && !returned_all) memory_.leave(sg);
+    return true;
+  }
+
+  void resume_if_ready(unsigned i) {
+    Fiber& f = fibers_[i];
+    if (f.state != State::ready) return;
+    current_ = &f;
+    swapcontext(&scheduler_, &f.context);
+    if (f.error) rethrow_from(i, f.error);
+  }
+
+  bool all_returned() const {
+    return std::all_of(fibers_.begin(), fibers_.end(),
+                       [](const Fiber& f) { return f.state == State::returned; });
+  }
+
   void wait(State state, const detail::Site& site) {
     Fiber& f = *current_;
     f.state = state;
     f.site = site;
+    record_path(f);
     swapcontext(&f.context, &scheduler_);
+  }
+
+  // Walks the frame-pointer chain from here to the fiber's first frame.
+  void record_path(Fiber& f) {
+    f.path.depth = 0;
+    const auto lo = reinterpret_cast<std::uintptr_t>(f.stack);
+    const auto hi = lo + kStackBytes;
+    auto* fp = static_cast<void**>(__builtin_frame_address(0));
+    while (f.path.depth < kMaxPathDepth) {
+      const auto at = reinterpret_cast<std::uintptr_t>(fp);
+      if (at < lo || at + 2 * sizeof(void*) > hi) break;
+      f.path.ret[f.path.depth++] = fp[1];
+      auto* next = static_cast<void**>(fp[0]);
+      if (reinterpret_cast<std::uintptr_t>(next) <= at) break;
+      fp = next;
+    }
+  }
+
+  bool same_rendezvous(const Fiber& a, const Fiber& b) const {
+    return same_site(a.site, b.site) && a.path == b.path;
   }
 
   unsigned live_lanes(unsigned sg) const {
@@ -251,12 +497,17 @@ class Dispatch {
            std::to_string(i / kSimdWidth) + ", lane " + std::to_string(i % kSimdWidth) + ")";
   }
 
-  // "threads 0-31 wait in simd_sum at k.metal:9:12; threads 32-63 have returned"
+  // "threads 0-31 wait in simd_sum at k.metal:9:12; threads 32-63 have returned".
+  // Where threads wait at one site through different call paths, each path is
+  // shown.
   std::string describe(unsigned first, unsigned last) const {
     std::vector<std::pair<std::string, std::vector<unsigned>>> parts;
+    std::vector<const Fiber*> shown_paths;
     for (unsigned i = first; i < last; ++i) {
       const Fiber& f = fibers_[i];
       std::string what = f.state == State::returned ? "have returned" : "wait in " + where(f.site);
+      if (f.state != State::returned && paths_differ_at_site(f, first, last))
+        what += " via " + describe_path(f.path);
       auto it = std::find_if(parts.begin(), parts.end(), [&](auto& p) { return p.first == what; });
       if (it == parts.end()) parts.push_back({what, {i}});
       else it->second.push_back(i);
@@ -266,66 +517,81 @@ class Dispatch {
       out += (out.empty() ? "" : "; ") + std::string("threads ") + ranges(ids) + " " + what;
     return out;
   }
-
-  void release_or_report() {
-    bool released = false;
-    const unsigned n = unsigned(fibers_.size());
-    for (unsigned first = 0; first < n; first += kSimdWidth) {
-      const unsigned last = std::min(n, first + kSimdWidth);
-      unsigned at_simd = 0, returned = 0;
-      for (unsigned i = first; i < last; ++i) {
-        at_simd += fibers_[i].state == State::at_simd;
-        returned += fibers_[i].state == State::returned;
-      }
-      if (at_simd == 0) continue;
-      const detail::Site& site = fibers_[first_at_simd(first, last)].site;
-      bool same = true;
-      for (unsigned i = first; i < last; ++i)
-        if (fibers_[i].state == State::at_simd && !same_site(fibers_[i].site, site)) same = false;
-      if (!same)
-        throw Error(group_name() + ", SIMD-group " + std::to_string(first / kSimdWidth) +
-                    ": lanes reached different SIMD-group functions (divergent control flow; "
-                    "this harness requires the whole SIMD-group at each call): " +
-                    describe(first, last));
-      if (returned > 0)
-        throw Error(group_name() + ", SIMD-group " + std::to_string(first / kSimdWidth) + ": " +
-                    where(site) + " reached after some lanes returned: " + describe(first, last));
-      if (at_simd == last - first) {
-        for (unsigned i = first; i < last; ++i) fibers_[i].state = State::ready;
-        released = true;
-      }
+  bool paths_differ_at_site(const Fiber& f, unsigned first, unsigned last) const {
+    for (unsigned i = first; i < last; ++i) {
+      const Fiber& g = fibers_[i];
+      if (g.state != State::returned && same_site(g.site, f.site) && !(g.path == f.path))
+        return true;
     }
-    if (released) return;
+    return false;
+  }
 
-    unsigned at_barrier = 0, returned = 0;
-    for (const Fiber& f : fibers_) {
-      at_barrier += f.state == State::at_barrier;
+  // Releases SIMD-group sg if all its live lanes wait at one SIMD function; throws
+  // if its lanes can never meet (different functions, or some lanes returned).
+  bool release_simdgroup(unsigned sg) {
+    const unsigned first = sg * kSimdWidth, last = first + live_lanes(sg);
+    unsigned at_simd = 0, returned = 0, ready = 0;
+    const Fiber* lead = nullptr;
+    for (unsigned i = first; i < last; ++i) {
+      const Fiber& f = fibers_[i];
+      ready += f.state == State::ready;
       returned += f.state == State::returned;
+      if (f.state == State::at_simd) {
+        ++at_simd;
+        if (!lead) lead = &f;
+      }
     }
-    if (at_barrier + returned == n && at_barrier > 0) {
-      const detail::Site& site = fibers_[first_at_barrier()].site;
-      for (const Fiber& f : fibers_)
-        if (f.state == State::at_barrier && !same_site(f.site, site))
-          throw Error(group_name() + ": threads reached different barriers: " + describe(0, n));
-      if (returned > 0)
-        throw Error(group_name() + ": " + where(site) +
-                    " not reached by every thread of the group: " + describe(0, n));
-      for (Fiber& f : fibers_) f.state = State::ready;
-      return;
+    if (at_simd == 0 || ready > 0) return false;
+    for (unsigned i = first; i < last; ++i) {
+      const Fiber& f = fibers_[i];
+      if (f.state != State::at_simd || same_rendezvous(f, *lead)) continue;
+      throw Error(group_name() + ", SIMD-group " + std::to_string(sg) + ": " +
+                  (same_site(f.site, lead->site)
+                       ? "lanes reached " + where(lead->site) +
+                             " through different call paths (a helper called from divergent "
+                             "branches: on a GPU each branch's call involves only its own "
+                             "lanes)"
+                       : std::string("lanes reached different SIMD-group functions")) +
+                  " (divergent control flow; this harness requires the whole SIMD-group at "
+                  "each call): " +
+                  describe(first, last));
     }
-    throw Error(group_name() + ": deadlock, SIMD-group and threadgroup rendezvous interleaved: " +
-                describe(0, n));
+    if (returned > 0)
+      throw Error(group_name() + ", SIMD-group " + std::to_string(sg) + ": " +
+                  where(lead->site) + " reached after some lanes returned: " +
+                  describe(first, last));
+    if (at_simd != last - first) return false;  // others wait at a barrier: deadlock
+    for (unsigned i = first; i < last; ++i) fibers_[i].state = State::ready;
+    return true;
   }
 
-  unsigned first_at_simd(unsigned first, unsigned last) const {
-    for (unsigned i = first; i < last; ++i)
-      if (fibers_[i].state == State::at_simd) return i;
-    return last;
-  }
-  unsigned first_at_barrier() const {
-    for (unsigned i = 0; i < fibers_.size(); ++i)
-      if (fibers_[i].state == State::at_barrier) return i;
-    return 0;
+  void release_barrier_or_report() {
+    const unsigned n = unsigned(fibers_.size());
+    unsigned at_barrier = 0, returned = 0;
+    const Fiber* lead = nullptr;
+    for (const Fiber& f : fibers_) {
+      returned += f.state == State::returned;
+      if (f.state == State::at_barrier) {
+        ++at_barrier;
+        if (!lead) lead = &f;
+      }
+    }
+    if (at_barrier + returned != n || at_barrier == 0)
+      throw Error(group_name() + ": deadlock, SIMD-group and threadgroup rendezvous interleaved: " +
+                  describe(0, n));
+    for (const Fiber& f : fibers_) {
+      if (f.state != State::at_barrier || same_rendezvous(f, *lead)) continue;
+      throw Error(group_name() + ": threads reached different barriers" +
+                  (same_site(f.site, lead->site)
+                       ? std::string(" (one barrier in a helper called from divergent branches)")
+                       : std::string()) +
+                  ": " + describe(0, n));
+    }
+    if (returned > 0)
+      throw Error(group_name() + ": " + where(lead->site) +
+                  " not reached by every thread of the group: " + describe(0, n));
+    if (strict_) memory_.publish(lead->mem_flags);
+    for (Fiber& f : fibers_) f.state = State::ready;
   }
 
   void check_canaries() const {
@@ -355,8 +621,12 @@ class Dispatch {
   std::vector<std::vector<unsigned char>> tg_storage_;
   std::vector<std::size_t> tg_sizes_;
   std::vector<void*> tg_ptrs_;
+  std::size_t tg_buffer_bytes_ = 0;
+  std::size_t tg_local_bytes_ = 0;
   std::unordered_set<void*> tg_locals_seen_;
   std::mt19937_64 rng_;
+  bool strict_ = false;
+  StrictMemory memory_;
   static inline thread_local StackPool stacks_;
 };
 
@@ -417,7 +687,9 @@ void set_schedule(const Schedule& schedule) { g_schedule = schedule; }
 
 namespace detail {
 
-void threadgroup_barrier(const Site& site) { active(site.op).barrier(site); }
+void threadgroup_barrier(const Site& site, unsigned mem_flags) {
+  active(site.op).barrier(site, mem_flags);
+}
 
 SimdView simd_exchange(const Site& site, const void* value, std::size_t size) {
   return active(site.op).simd_exchange(site, value, size);
@@ -426,6 +698,8 @@ SimdView simd_exchange(const Site& site, const void* value, std::size_t size) {
 void threadgroup_local(void* p, std::size_t size) {
   active("threadgroup variable").threadgroup_local(p, size);
 }
+
+void fill_poison(void* p, std::size_t size) { fill_pattern(p, size, g_schedule.poison); }
 
 void fail(const Site& site, const char* message) { throw Error(where(site) + ": " + message); }
 
@@ -436,8 +710,14 @@ void set_last_error(const char* message) { g_last_error = message; }
 
 extern "C" {
 
-void mh_set_schedule(int order, uint64_t seed, int poison) {
-  mh::set_schedule({mh::Order(order), seed, static_cast<unsigned char>(poison)});
+void mh_set_schedule(int order, uint64_t seed, int poison, int memory) {
+  mh::set_schedule({mh::Order(order), seed, static_cast<uint16_t>(poison), mh::Memory(memory)});
+}
+
+void mh_set_device_buffers(void* const* pointers, const size_t* sizes, int n) {
+  mh::g_device_buffers.clear();
+  for (int i = 0; i < n; ++i)
+    mh::g_device_buffers.emplace_back(static_cast<unsigned char*>(pointers[i]), sizes[i]);
 }
 
 const char* mh_last_error() { return mh::g_last_error.c_str(); }

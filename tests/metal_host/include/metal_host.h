@@ -83,14 +83,34 @@ void dispatch_threadgroups(Dim3 groups, Dim3 threads_per_group,
 void dispatch_threads(Dim3 threads, Dim3 threads_per_group,
                       const std::vector<std::size_t>& threadgroup_bytes, const Kernel& kernel);
 
-// The order in which ready fibers are resumed, and the byte that fills threadgroup
-// memory at every group start. Python runs each launch under several schedules and
-// compares the outputs: a difference means a race or a read of uninitialised memory.
-enum class Order : int { forward = 0, reverse = 1, random = 2 };
+// How a launch is executed. Python runs each launch under several schedules and
+// compares the outputs bit for bit: a difference means a race, a read of
+// uninitialised memory, or a read that depends on a missing memory flag.
+//
+// order: which ready fiber runs next.
+//   forward / reverse / random: lock-step rounds; every ready fiber runs to its
+//     next rendezvous, then released SIMD-groups all continue together.
+//   ahead / ahead_reverse: one SIMD-group at a time runs as far as it can
+//     (through its SIMD functions, up to a threadgroup barrier or its end)
+//     before the next one moves, in SIMD-group order or in reverse order (with
+//     the lanes reversed too). This is how write-after-read races across SIMD
+//     functions show: a SIMD-group reuses scratch that another has not read yet.
+// poison: a 16-bit pattern that fills threadgroup memory at every group start and
+//   the values of SIMD lanes that do not exist (0xFFFF: NaN in float, half and
+//   bfloat; 0x7BFF / 0xFBFF: +-65504 in half, +-2.7e36 in float and bfloat,
+//   large integers of either sign, so that both min and max see garbage).
+// memory: coherent (every write visible at once) or strict: a SIMD-group's
+//   writes stay invisible to the other SIMD-groups until a threadgroup_barrier
+//   whose flags cover that memory (mem_threadgroup for threadgroup memory,
+//   mem_device for the registered device buffers) releases them; strict needs
+//   an `ahead` order, where a SIMD-group is the unit that runs between switches.
+enum class Order : int { forward = 0, reverse = 1, random = 2, ahead = 3, ahead_reverse = 4 };
+enum class Memory : int { coherent = 0, strict = 1 };
 struct Schedule {
   Order order = Order::forward;
   uint64_t seed = 0;
-  unsigned char poison = 0xFF;  // all-ones: NaN in float, half and bfloat
+  uint16_t poison = 0xFFFF;
+  Memory memory = Memory::coherent;
 };
 void set_schedule(const Schedule& schedule);
 
@@ -117,6 +137,9 @@ int guarded(F&& f) noexcept {
 
 extern "C" {
 // For the Python driver (driver.py).
-void mh_set_schedule(int order, uint64_t seed, int poison);
+void mh_set_schedule(int order, uint64_t seed, int poison, int memory);
+// The device buffers of the next run (their data bytes), for the strict memory
+// model; n = 0 leaves device memory coherent.
+void mh_set_device_buffers(void* const* pointers, const size_t* sizes, int n);
 const char* mh_last_error();
 }

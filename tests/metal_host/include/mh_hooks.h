@@ -21,13 +21,17 @@ struct Site {
 
 // Blocks the calling GPU thread until every thread of its threadgroup reaches a
 // barrier; reaching different barriers, or some threads having returned, is an
-// error reported by the scheduler.
-void threadgroup_barrier(const Site& site);
+// error reported by the scheduler. `mem_flags` are metal::mem_flags bits: under
+// the strict memory model they decide which writes the barrier makes visible.
+// A rendezvous is identified by its source site AND the call path that led to
+// it, so one helper reached from two divergent branches is two rendezvous.
+inline constexpr unsigned kMemDevice = 1, kMemThreadgroup = 2;
+void threadgroup_barrier(const Site& site, unsigned mem_flags);
 
 // Blocks until every live lane of the caller's SIMD-group has called simd_exchange
 // at the same site, each depositing `size` bytes. Returns the deposits of all lanes
 // (lane i at offset i * kSimdSlotBytes); inactive lanes of a partial SIMD-group hold
-// poison bytes. The returned memory stays valid until the caller's next SIMD-group
+// the schedule's poison. The returned memory stays valid until the caller's next SIMD-group
 // operation.
 struct SimdView {
   const unsigned char* slots;
@@ -40,6 +44,10 @@ SimdView simd_exchange(const Site& site, const void* value, std::size_t size);
 // to a static by rewrite.py): the first thread of a group to get there poisons it,
 // as the runtime does for [[threadgroup(n)]] buffers at group start.
 void threadgroup_local(void* p, std::size_t size);
+
+// Fills p with the running schedule's poison pattern (what a lane that does not
+// exist, or memory nobody wrote, holds).
+void fill_poison(void* p, std::size_t size);
 
 // Reports a misuse of a Metal function (e.g. a non-uniform shuffle delta) as a
 // kernel error naming the call site.

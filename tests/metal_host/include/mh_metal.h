@@ -365,12 +365,14 @@ inline constexpr mem_flags operator|(mem_flags a, mem_flags b) {
   return mem_flags(unsigned(a) | unsigned(b));
 }
 
-// The runtime executes threads one at a time, so every barrier orders all memory;
-// the flags only matter on a GPU.
-inline void threadgroup_barrier(mem_flags,
+// The flags say which memory the barrier orders; the runtime's strict memory
+// model (metal_host.h, Schedule::memory) honours them: mem_none publishes nothing.
+inline void threadgroup_barrier(mem_flags flags,
                                 std::source_location loc = std::source_location::current()) {
-  mh::detail::threadgroup_barrier({"threadgroup_barrier", loc});
+  mh::detail::threadgroup_barrier({"threadgroup_barrier", loc}, unsigned(flags));
 }
+// A SIMD-group is the runtime's unit of memory visibility, so this only
+// synchronises the lanes.
 inline void simdgroup_barrier(mem_flags,
                               std::source_location loc = std::source_location::current()) {
   mh::detail::simd_exchange({"simdgroup_barrier", loc}, nullptr, 0);
@@ -416,13 +418,13 @@ inline void require_uniform_arg(const Exchange<T>& e, const char* op, std::sourc
 }
 
 // Reading a lane that does not exist (beyond a partial SIMD-group, or past lane 31)
-// is undefined in Metal: return poison (all-ones bits: NaN for floats) so that a
-// kernel relying on it produces visibly wrong output.
+// is undefined in Metal: return the schedule's poison so that a kernel relying on
+// it produces visibly wrong, schedule-dependent output.
 template <class T>
 inline T lane_or_poison(const Exchange<T>& e, unsigned src) {
   if (src < e.view.live) return e.value(src);
   unsigned char bytes[sizeof(T)];
-  for (auto& b : bytes) b = 0xFF;
+  mh::detail::fill_poison(bytes, sizeof bytes);
   return __builtin_bit_cast(T, bytes);
 }
 

@@ -174,3 +174,94 @@ extern "C" int empty_dispatch(uint32_t threads, uint32_t threadgroup_bytes) {
     mh::dispatch_threadgroups({1}, {threads}, {threadgroup_bytes}, [](const mh::ThreadCtx&) {});
   });
 }
+
+// ---- the harness's newer checks: each broken kernel next to its correct twin ----
+
+// One group of `threads` threads with a [[threadgroup(0)]] buffer of 32 slots.
+template <class T, class Kernel>
+static int dispatch_partials(Kernel kernel, const T* x, T* out, uint32_t threads) {
+  return mh::guarded([&] {
+    mh::dispatch_threadgroups({1}, {threads}, {32 * sizeof(T) < 16 ? 16 : 32 * sizeof(T)},
+                              [&](const mh::ThreadCtx& t) {
+      kernel(x, out, t.threadgroup_memory<T>(0), t.thread_index_in_threadgroup,
+             t.thread_index_in_simdgroup, t.simdgroup_index_in_threadgroup,
+             t.simdgroups_per_threadgroup);
+    });
+  });
+}
+
+extern "C" int scratch_reuse(const float* x, float* out, uint32_t threads, uint32_t fixed) {
+  return fixed ? dispatch_partials(sum_and_sum_of_squares<true>, x, out, threads)
+               : dispatch_partials(sum_and_sum_of_squares<false>, x, out, threads);
+}
+
+extern "C" int extremum_f32(const float* x, float* out, uint32_t threads, uint32_t masked) {
+  return masked ? dispatch_partials(extremum_of_partials<float, false, true>, x, out, threads)
+                : dispatch_partials(extremum_of_partials<float, false, false>, x, out, threads);
+}
+
+extern "C" int extremum_f16(const metal::half* x, metal::half* out, uint32_t threads,
+                            uint32_t masked) {
+  return masked ? dispatch_partials(extremum_of_partials<metal::half, true, true>, x, out, threads)
+                : dispatch_partials(extremum_of_partials<metal::half, true, false>, x, out, threads);
+}
+
+extern "C" int extremum_i32(const int* x, int* out, uint32_t threads, uint32_t masked) {
+  return masked ? dispatch_partials(extremum_of_partials<int, true, true>, x, out, threads)
+                : dispatch_partials(extremum_of_partials<int, true, false>, x, out, threads);
+}
+
+extern "C" int exchange_tg(const float* x, float* out, uint32_t threads, uint32_t publish) {
+  return mh::guarded([&] {
+    mh::dispatch_threadgroups({1}, {threads}, {threads * sizeof(float)},
+                              [&](const mh::ThreadCtx& t) {
+      auto kernel = publish ? exchange_threadgroup<true> : exchange_threadgroup<false>;
+      kernel(x, out, t.threadgroup_memory<float>(0), t.thread_index_in_threadgroup,
+             t.threads_per_threadgroup.x);
+    });
+  });
+}
+
+extern "C" int exchange_dev(const float* x, float* staged, float* out, uint32_t threads,
+                            uint32_t publish) {
+  return mh::guarded([&] {
+    mh::dispatch_threadgroups({1}, {threads}, {}, [&](const mh::ThreadCtx& t) {
+      auto kernel = publish ? exchange_device<true> : exchange_device<false>;
+      kernel(x, staged, out, t.thread_index_in_threadgroup, t.threads_per_threadgroup.x);
+    });
+  });
+}
+
+extern "C" int helper_simd(const float* x, float* out, uint32_t threads, uint32_t uniform) {
+  return mh::guarded([&] {
+    mh::dispatch_threadgroups({1}, {threads}, {}, [&](const mh::ThreadCtx& t) {
+      auto kernel = uniform ? helper_uniform : helper_if_else;
+      kernel(x, out, t.thread_position_in_grid.x, t.thread_index_in_simdgroup);
+    });
+  });
+}
+
+extern "C" int helper_barrier(float* out, uint32_t threads) {
+  return mh::guarded([&] {
+    mh::dispatch_threadgroups({1}, {threads}, {}, [&](const mh::ThreadCtx& t) {
+      helper_barrier_if_else(out, t.thread_index_in_threadgroup);
+    });
+  });
+}
+
+extern "C" int staging_array(const float* x, float* out, uint32_t threads, uint32_t at_limit) {
+  return mh::guarded([&] {
+    mh::dispatch_threadgroups({1}, {threads}, {16}, [&](const mh::ThreadCtx& t) {
+      auto kernel = at_limit ? big_staging<8188> : big_staging<8192>;
+      kernel(x, out, t.threadgroup_memory<float>(0), t.thread_index_in_threadgroup);
+    });
+  });
+}
+
+extern "C" int msl_subset_f32(const float* x, float* out) {
+  return mh::guarded([&] {
+    mh::dispatch_threadgroups({1}, {32}, {}, [&](const mh::ThreadCtx& t) {
+      msl_subset(x, out, t.thread_index_in_threadgroup);
+    });
+  });
+}

@@ -53,3 +53,41 @@ kernel void simd_or_barrier(
   }
   out[gid] = v;
 }
+
+// The same SIMD function reached from two divergent branches through one helper:
+// one source site, two call paths. On a GPU each branch's simd_sum involves only
+// its own 16 lanes; a harness that keys rendezvous by source site alone lets all
+// 32 lanes meet and sums across the branches.
+static float lanes_total(float v) {
+  return simd_sum(v);
+}
+
+kernel void helper_if_else(
+    device const float* x [[buffer(0)]],
+    device float* out [[buffer(1)]],
+    uint gid [[thread_position_in_grid]],
+    uint lane [[thread_index_in_simdgroup]]) {
+  float v = x[gid];
+  if (lane < 16) {
+    v = lanes_total(v);
+  } else {
+    v = lanes_total(2.0f * v);
+  }
+  out[gid] = v;
+}
+
+// A barrier in a helper called from divergent branches: two barriers.
+static void sync_group() {
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+}
+
+kernel void helper_barrier_if_else(
+    device float* out [[buffer(0)]],
+    uint tid [[thread_index_in_threadgroup]]) {
+  if (tid % 2 == 0) {
+    sync_group();
+  } else {
+    sync_group();
+  }
+  out[tid] = float(tid);
+}
