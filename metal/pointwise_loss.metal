@@ -26,9 +26,14 @@ using namespace metal;
 
 namespace {
 
-// kKind = fl::PointwiseKind: 0 smooth-L1, 1 Huber, 2 sigmoid focal.
+// kKind = fl::PointwiseKind: 0 smooth-L1, 1 Huber, 2 sigmoid focal; or
+// FL_PW_KIND_FOCAL_GAMMA_TWO: sigmoid focal with gamma = 2 (p1 unused), the
+// same instantiation of the formula as the CPU's kernels.
 template <int kKind>
 inline float pw_loss(float x, float t, float p0, float p1) {
+  if (kKind == FL_PW_KIND_FOCAL_GAMMA_TWO) {
+    return flm::sigmoid_focal_loss(x, t, p0, flm::GammaTwo{});
+  }
   if (kKind == 2) {
     return flm::sigmoid_focal_loss(x, t, p0, p1);
   }
@@ -37,6 +42,9 @@ inline float pw_loss(float x, float t, float p0, float p1) {
 
 template <int kKind>
 inline float pw_grad(float x, float t, float p0, float p1) {
+  if (kKind == FL_PW_KIND_FOCAL_GAMMA_TWO) {
+    return flm::sigmoid_focal_grad(x, t, p0, flm::GammaTwo{});
+  }
   if (kKind == 2) {
     return flm::sigmoid_focal_grad(x, t, p0, p1);
   }
@@ -196,7 +204,8 @@ template <typename T, typename G, int kKind>
 #define FL_INST_PW(dname, T)                 \
   FL_INST_PW_KIND(smooth_l1, 0, dname, T)    \
   FL_INST_PW_KIND(huber, 1, dname, T)        \
-  FL_INST_PW_KIND(sigmoid_focal, 2, dname, T)
+  FL_INST_PW_KIND(sigmoid_focal, 2, dname, T) \
+  FL_INST_PW_KIND(sigmoid_focal_g2, FL_PW_KIND_FOCAL_GAMMA_TWO, dname, T)
 
 #define FL_INST_PW_COT16_KIND(kname, K, dname, T)                                              \
   template [[host_name("fl_pw_bwd_" #kname "_" #dname "_cot16")]] [[kernel]] decltype(          \
@@ -205,12 +214,11 @@ template <typename T, typename G, int kKind>
 #define FL_INST_PW_COT16(dname, T)                     \
   FL_INST_PW_COT16_KIND(smooth_l1, 0, dname, T)        \
   FL_INST_PW_COT16_KIND(huber, 1, dname, T)            \
-  FL_INST_PW_COT16_KIND(sigmoid_focal, 2, dname, T)
+  FL_INST_PW_COT16_KIND(sigmoid_focal, 2, dname, T)   \
+  FL_INST_PW_COT16_KIND(sigmoid_focal_g2, FL_PW_KIND_FOCAL_GAMMA_TWO, dname, T)
 
 FL_INST_PW(float32, float)
 FL_INST_PW(float16, half)
 FL_INST_PW_COT16(float16, half)
-#if __METAL_VERSION__ >= 310
-FL_INST_PW(bfloat16, bfloat)
+FL_INST_PW(bfloat16, bfloat) // Metal 3.1 (fl_common.h requires it)
 FL_INST_PW_COT16(bfloat16, bfloat)
-#endif

@@ -139,7 +139,7 @@ def host_names() -> set[str]:
                     names.add(f"fl_ce_fwd_{var}_{tgt}_{w}_{d}")
                 names.add(f"fl_ce_bwd_{tgt}_{w}_{d}")
         names |= {f"fl_sf_fwd_block_{d}", f"fl_sf_fwd_looped_{d}", f"fl_sf_bwd_{d}"}
-        for k in ("smooth_l1", "huber", "sigmoid_focal"):
+        for k in ("smooth_l1", "huber", "sigmoid_focal", "sigmoid_focal_g2"):
             names |= {f"fl_pw_fwd_none_{k}_{d}", f"fl_pw_fwd_partial_{k}_{d}", f"fl_pw_bwd_{k}_{d}"}
             if d != "float32":
                 names.add(f"fl_pw_bwd_{k}_{d}_cot16")
@@ -444,6 +444,13 @@ PW_CASES = {
     "sigmoid_focal_noalpha_g05": (2, -1.0, 0.5),
 }
 PW_N = [1, 33, 1023, 1025, 8193, 50257]
+# The kernels' own kind for the sigmoid focal loss at gamma = 2 (kernel_args.h,
+# FL_PW_KIND_FOCAL_GAMMA_TWO; launch_plan.cpp's pw_kernel_kind picks it).
+KIND_FOCAL_GAMMA_TWO = 3
+
+
+def kernel_kind(kind, gamma):
+    return KIND_FOCAL_GAMMA_TWO if kind == 2 and gamma == 2.0 else kind
 REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
 
 
@@ -490,7 +497,7 @@ def test_pointwise(lib, case_name, reduction, dtype, n):
     partials = np.full(max(1, -(-n // 8192)), SENTINEL, np.float32)
     lib.run("pw_forward_run", code, np.int32(kind), np.int32(red), xd, td, out, partials,
             np.uint64(n), np.float32(p0), np.float32(p1))
-    USED_KERNELS.add(plan(lib, 4, dtype, n=n, a=kind, b=red)["name"])
+    USED_KERNELS.add(plan(lib, 4, dtype, n=n, a=kernel_kind(kind, p1), b=red)["name"])
     if red:
         USED_KERNELS.add("fl_pw_sum_finish")
     out = from_device(out, dtype) if red == 0 else out
@@ -502,7 +509,7 @@ def test_pointwise(lib, case_name, reduction, dtype, n):
     grad = device_empty(n, dtype)
     lib.run("pw_backward_run", code, np.int32(kind), np.int32(red), xd, td, cotd, np.int32(cot16),
             grad, np.uint64(n), np.float32(p0), np.float32(p1))
-    USED_KERNELS.add(plan(lib, 5, dtype, n=n, a=kind, b=int(cot16))["name"])
+    USED_KERNELS.add(plan(lib, 5, dtype, n=n, a=kernel_kind(kind, p1), b=int(cot16))["name"])
     grad = from_device(grad, dtype)
     if cot16:
         # The same cotangent values as float32 (the float32-cotangent kernel,
@@ -510,7 +517,7 @@ def test_pointwise(lib, case_name, reduction, dtype, n):
         grad_f32cot = device_empty(n, dtype)
         lib.run("pw_backward_run", code, np.int32(kind), np.int32(red), xd, td, cot.copy(),
                 np.int32(0), grad_f32cot, np.uint64(n), np.float32(p0), np.float32(p1))
-        USED_KERNELS.add(plan(lib, 5, dtype, n=n, a=kind, b=0)["name"])
+        USED_KERNELS.add(plan(lib, 5, dtype, n=n, a=kernel_kind(kind, p1), b=0)["name"])
         np.testing.assert_array_equal(from_device(grad_f32cot, dtype), grad)
 
     exp, exp_grad = pw_reference(kind, p0, p1, x, t, reduction, cot if red == 0 else cot[0])
@@ -533,6 +540,50 @@ def test_pointwise(lib, case_name, reduction, dtype, n):
     gatol = 3e-7 * gscale + (6e-8 if dtype == "float16" else 0.0)
     assert_close(grad, np_of(cpu_grad), rtol=gtol, atol=gatol, what="grad vs CPU")
     assert_close(grad, exp_grad, rtol=gtol + 1e-5, atol=gatol, what="grad vs float64")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_sigmoid_focal_gamma_two_is_the_cpu_instantiation(lib, dtype):
+    """gamma = 2 runs the kernels' own instantiation (m * m, as the CPU's kernels),
+    not exp(2 log m): on 16-bit inputs loss and gradient equal the CPU's bit for bit.
+    float32 results differ in the last bits only where the CPU build contracts
+    a * b + c into FMAs (its AVX2 / AVX-512 clones; GCC's default), which this
+    harness does not; there the generic pow path is further off."""
+    n = 4099
+    rng = np.random.default_rng(2)
+    x32 = (rng.standard_normal(n) * 4).astype(np.float32)
+    t32 = (rng.random(n) < 0.3).astype(np.float32)
+    t32[::5] = rng.random(t32[::5].size)
+    xd, x = as_device(x32, dtype)
+    td, t = as_device(t32, dtype)
+    xm, tm = mx_array(x, dtype), mx_array(t, dtype)
+    code = np.int32(DT_CODE[dtype])
+    # The cotangent in the predictions' dtype, as the loss it belongs to.
+    cot16 = dtype != "float32"
+    cotd, cot = as_device((0.5 + rng.random(n)).astype(np.float32), dtype)
+    cpu_loss = np_of(pw_cpu(2, 0.25, 2.0, xm, tm, "none")).astype(np.float32)
+    _, (cpu_grad,) = mx.vjp(lambda a: pw_cpu(2, 0.25, 2.0, a, tm, "none"), [xm],
+                            [mx_array(cot, dtype)])
+    cpu_grad = np_of(cpu_grad).astype(np.float32)
+    single = (mh.Schedule(),)  # schedules are compared by test_pointwise
+    differ = {}
+    for gamma in (2.0, np.nextafter(np.float32(2), np.float32(3))):  # specialised, generic
+        loss = device_empty(n, dtype)
+        lib.run("pw_forward_run", code, np.int32(2), np.int32(0), xd, td, loss,
+                np.zeros(1, np.float32), np.uint64(n), np.float32(0.25), np.float32(gamma),
+                schedules=single)
+        loss = from_device(loss, dtype)
+        grad = device_empty(n, dtype)
+        lib.run("pw_backward_run", code, np.int32(2), np.int32(0), xd, td, cotd,
+                np.int32(cot16), grad, np.uint64(n), np.float32(0.25), np.float32(gamma),
+                schedules=single)
+        grad = from_device(grad, dtype)
+        differ[float(gamma)] = (np.count_nonzero(loss.view(np.uint32) != cpu_loss.view(np.uint32)),
+                                np.count_nonzero(grad.view(np.uint32) != cpu_grad.view(np.uint32)))
+    specialised, generic = differ[2.0], differ[max(differ)]
+    if dtype != "float32":
+        assert specialised == (0, 0), differ
+    assert specialised[0] < generic[0] / 2, differ
 
 
 def test_pointwise_empty(lib):
@@ -710,6 +761,54 @@ def test_others_mode_large_eps_neg_inf_is_inf(lib):
 
 
 # ---- every instantiation ran ------------------------------------------------------------------
+
+
+# ---- a pipeline that allows fewer than 1024 threads per group -----------------------------
+# maxTotalThreadsPerThreadgroup depends on the device and on a kernel's register use; eval_gpu
+# plans every launch for the real limit (gpu::fit_plan), so no plan may exceed it.
+
+PIPELINE_LIMITS = [256, 640]
+
+
+@pytest.fixture
+def pipeline_limit(lib):
+    def set_limit(limit):
+        lib.run("set_pipeline_limit", np.int32(limit), schedules=(mh.Schedule(),))
+
+    yield set_limit
+    set_limit(1024)
+
+
+@pytest.mark.parametrize("limit", PIPELINE_LIMITS)
+def test_every_plan_fits_the_pipeline_limit(lib, limit):
+    usable = limit // 32 * 32
+    for K in (1, 33, 1025, 4097, 50257):
+        for which, a in ((0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (3, 0)):
+            p = plan(lib, which, rows=3, n=K, a=a, b=a, max_threads=limit)
+            assert p["tx"] * p["ty"] * p["tz"] <= usable, (which, K, p)
+    for n in (1, 1000, 100_000, 10_000_000):
+        for which, b in ((4, 0), (4, 1), (5, 0), (6, 0)):
+            p = plan(lib, which, n=n, b=b, max_threads=limit)
+            assert p["tx"] * p["ty"] * p["tz"] <= usable, (which, n, p)
+    # The finish kernel of the fused sum asked for up to 1024 threads whatever the limit.
+    assert plan(lib, 6, n=5000, max_threads=limit)["tx"] == usable
+    # Row kernels turn looped where the limit no longer holds the row in registers.
+    assert plan(lib, 0, rows=3, n=usable * 4 + 1, max_threads=limit)["looped"] == 1
+
+
+@pytest.mark.parametrize("limit", PIPELINE_LIMITS)
+def test_kernels_under_the_pipeline_limit(lib, pipeline_limit, limit):
+    pipeline_limit(limit)
+    # 1500 classes: looped at 256 threads, block at 640; 20000 elements: several partials.
+    test_cross_entropy(lib, "smooth_w_z_ignore", "float32", 1500)
+    test_softmax_focal(lib, "gamma2", "float16", 1500)
+    test_pointwise(lib, "huber", "mean", "float32", 20000)
+    # The finish kernel alone, over more partials than the group has threads.
+    partials = np.random.default_rng(limit).standard_normal(1000).astype(np.float32)
+    out = np.full(1, np.nan, np.float32)
+    lib.run("pw_sum_finish_run", partials, out, np.uint64(1000), np.uint64(5000), np.int32(2))
+    np.testing.assert_allclose(out[0], partials.astype(np.float64).sum() / 5000, rtol=1e-5,
+                               atol=1e-6)
 
 
 def test_zz_every_instantiation_ran():

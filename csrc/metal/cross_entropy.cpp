@@ -98,14 +98,19 @@ void CrossEntropyVJP::eval_gpu(const std::vector<mx::array>& inputs,
   gpu::require_dense(a_sum, "a_sum");
   gpu::require_dense(g_loss, "g_loss");
   gpu::require_dense(g_lse, "g_lse");
-  mplan::LaunchPlan plan = mplan::ce_backward_plan(l.dtype, l.rows, l.num_classes,
-                                                   params_.soft_targets, params_.has_class_weights);
+  auto& s = stream();
+  auto& d = mx::metal::device(s.device);
+  MTL::ComputePipelineState* kernel = nullptr;
+  mplan::LaunchPlan plan = gpu::fit_plan(
+      d,
+      [&](int max_threads) {
+        return mplan::ce_backward_plan(l.dtype, l.rows, l.num_classes, params_.soft_targets,
+                                       params_.has_class_weights, max_threads);
+      },
+      &kernel);
   if (plan.empty()) {
     return;
   }
-  auto& s = stream();
-  auto& d = mx::metal::device(s.device);
-  MTL::ComputePipelineState* kernel = gpu::checked_pipeline(d, plan);
   auto& enc = mx::metal::get_command_encoder(s);
   enc.set_compute_pipeline_state(kernel);
   bind_ce_inputs(enc, inputs, params_, FL_CE_BWD_LOGITS, FL_CE_BWD_INDEX, FL_CE_BWD_PROBS,

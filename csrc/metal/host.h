@@ -75,8 +75,11 @@ inline void alloc_or_reuse(mx::array& out, const mx::array& in) {
   }
 }
 
-// A plan whose group fits the pipeline: row plans are rebuilt for the
-// pipeline's maxTotalThreadsPerThreadgroup (which can turn block into looped).
+// A plan whose group fits the pipeline: every plan takes the pipeline's
+// maxTotalThreadsPerThreadgroup (which depends on the device and on the
+// kernel's register use, so it is only known once the pipeline exists), and
+// the plan for the real limit can name another kernel (block -> looped), whose
+// pipeline then has its own limit. `make(limit)` builds the plan.
 template <class MakePlan>
 mplan::LaunchPlan fit_plan(mx::metal::Device& d, MakePlan make, MTL::ComputePipelineState** kernel) {
   mplan::LaunchPlan p = make(mplan::kMaxGroupThreads);
@@ -89,16 +92,6 @@ mplan::LaunchPlan fit_plan(mx::metal::Device& d, MakePlan make, MTL::ComputePipe
     p = make(limit);
   }
   throw std::runtime_error("mlx_fused_losses: no launch plan fits the pipeline's thread limit");
-}
-
-// Fixed-shape plans (element-wise, backward): the group must fit as planned.
-inline MTL::ComputePipelineState* checked_pipeline(mx::metal::Device& d, const mplan::LaunchPlan& p) {
-  MTL::ComputePipelineState* k = pipeline(d, p.kernel_name);
-  if (p.group[0] * p.group[1] * p.group[2] > k->maxTotalThreadsPerThreadgroup()) {
-    throw std::runtime_error("mlx_fused_losses: kernel " + p.kernel_name +
-                             " cannot run groups of the planned size on this device");
-  }
-  return k;
 }
 
 inline void dispatch(mx::metal::CommandEncoder& enc, const mplan::LaunchPlan& p) {

@@ -120,6 +120,9 @@ struct SfArgs {
 
 // Element-wise losses. kind: 0 smooth-L1, 1 Huber, 2 sigmoid focal
 // (= fl::PointwiseKind); reduce: 0 none, 1 sum, 2 mean (= fl::Reduce).
+// The kernels have one more kind, FL_PW_KIND_FOCAL_GAMMA_TWO: the sigmoid focal
+// loss specialised to gamma = 2 (m * m instead of exp(2 log m), as the CPU's
+// kernels do; launch_plan.cpp's pw_kernel_kind picks it).
 struct PwArgs {
   fl_u64 size; // n, the element count
   fl_u64 num_partials; // sum finish: partial sums to add
@@ -128,6 +131,8 @@ struct PwArgs {
   int reduce;
   int pad0;
 };
+
+#define FL_PW_KIND_FOCAL_GAMMA_TWO 3
 
 // ---- work per thread -------------------------------------------------------------
 

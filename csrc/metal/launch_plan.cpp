@@ -62,26 +62,32 @@ LaunchPlan row_forward_plan(const std::string& prefix, const std::string& suffix
   return p;
 }
 
+int64_t min3(int64_t a, int64_t b, int64_t c) {
+  int64_t m = a < b ? a : b;
+  return m < c ? m : c;
+}
+
 // A 2-D grid over (chunks of a row, rows), no threadgroup memory.
-LaunchPlan row_backward_plan(const std::string& name, int64_t rows, int num_classes) {
+LaunchPlan row_backward_plan(const std::string& name, int64_t rows, int num_classes,
+                             int max_group_threads) {
   check_row_shape(rows, num_classes);
   LaunchPlan p;
   p.kernel_name = name;
   p.elems_per_thread = FL_ROW_READS;
   int64_t need = round_up_simd(ceil_div(num_classes, FL_ROW_READS));
-  p.group[0] = uint32_t(need < kBackwardThreads ? need : kBackwardThreads);
+  p.group[0] = uint32_t(min3(need, kBackwardThreads, usable_threads(max_group_threads)));
   p.grid[0] = uint32_t(ceil_div(num_classes, int64_t(p.group[0]) * FL_ROW_READS));
   p.grid[1] = grid_dim(rows, "rows");
   return p;
 }
 
 // Element-wise: groups of up to 256 threads, FL_PW_READS elements per thread.
-LaunchPlan elementwise_plan(const std::string& name, uint64_t n) {
+LaunchPlan elementwise_plan(const std::string& name, uint64_t n, int max_group_threads) {
   LaunchPlan p;
   p.kernel_name = name;
   p.elems_per_thread = FL_PW_READS;
   int64_t need = round_up_simd(ceil_div(int64_t(n), FL_PW_READS));
-  p.group[0] = uint32_t(need < FL_PW_GROUP_THREADS ? need : FL_PW_GROUP_THREADS);
+  p.group[0] = uint32_t(min3(need, FL_PW_GROUP_THREADS, usable_threads(max_group_threads)));
   p.grid[0] = grid_dim(ceil_div(int64_t(n), int64_t(p.group[0]) * FL_PW_READS), "elements");
   return p;
 }
@@ -146,10 +152,10 @@ LaunchPlan ce_forward_plan(KDtype dt, int64_t rows, int num_classes, bool soft_t
 }
 
 LaunchPlan ce_backward_plan(KDtype dt, int64_t rows, int num_classes, bool soft_targets,
-                            bool class_weights) {
+                            bool class_weights, int max_group_threads) {
   std::string name = std::string("fl_ce_bwd_") + (soft_targets ? "soft" : "hard") + "_" +
       (class_weights ? "w" : "nw") + "_" + dtype_name(dt);
-  LaunchPlan p = row_backward_plan(name, rows, num_classes);
+  LaunchPlan p = row_backward_plan(name, rows, num_classes, max_group_threads);
   p.buffers = buffer_names(FL_CE_BWD_NBUF, {{FL_CE_BWD_LOGITS, "logits"}, {FL_CE_BWD_INDEX, "class_index"},
       {FL_CE_BWD_PROBS, "target_probs"}, {FL_CE_BWD_WEIGHTS, "class_weights"},
       {FL_CE_BWD_LSE, "lse"}, {FL_CE_BWD_LSE_LO, "lse_lo"}, {FL_CE_BWD_ASUM, "a_sum"}, {FL_CE_BWD_GLOSS, "g_loss"},
@@ -181,8 +187,9 @@ LaunchPlan sf_forward_plan(KDtype dt, int64_t rows, int num_classes, int max_gro
   return p;
 }
 
-LaunchPlan sf_backward_plan(KDtype dt, int64_t rows, int num_classes) {
-  LaunchPlan p = row_backward_plan(std::string("fl_sf_bwd_") + dtype_name(dt), rows, num_classes);
+LaunchPlan sf_backward_plan(KDtype dt, int64_t rows, int num_classes, int max_group_threads) {
+  LaunchPlan p = row_backward_plan(std::string("fl_sf_bwd_") + dtype_name(dt), rows, num_classes,
+                                   max_group_threads);
   p.buffers = buffer_names(FL_SF_BWD_NBUF, {{FL_SF_BWD_LOGITS, "logits"}, {FL_SF_BWD_INDEX, "class_index"},
       {FL_SF_BWD_LSE, "lse"}, {FL_SF_BWD_LSE_LO, "lse_lo"}, {FL_SF_BWD_COEF, "coef"}, {FL_SF_BWD_GLOSS, "g_loss"},
       {FL_SF_BWD_GRAD, "grad"}, {FL_SF_BWD_ARGS, "args"}});
@@ -211,28 +218,36 @@ const char* pw_kind_name(int kind) {
       return "huber";
     case 2:
       return "sigmoid_focal";
+    case FL_PW_KIND_FOCAL_GAMMA_TWO:
+      return "sigmoid_focal_g2";
     default:
       throw std::invalid_argument("launch plan: unknown pointwise loss kind");
   }
+}
+
+int pw_kernel_kind(int kind, float gamma) {
+  return kind == 2 && gamma == 2.0f ? FL_PW_KIND_FOCAL_GAMMA_TWO : kind;
 }
 
 uint64_t pw_num_partials(uint64_t n) {
   return (n + FL_PW_GROUP_ELEMS - 1) / FL_PW_GROUP_ELEMS;
 }
 
-LaunchPlan pw_forward_plan(KDtype dt, int kind, uint64_t n, int reduce) {
+LaunchPlan pw_forward_plan(KDtype dt, int kind, uint64_t n, int reduce, int max_group_threads) {
   std::string tail = std::string(pw_kind_name(kind)) + "_" + dtype_name(dt);
   if (reduce == 0) {
-    LaunchPlan p = elementwise_plan("fl_pw_fwd_none_" + tail, n);
+    LaunchPlan p = elementwise_plan("fl_pw_fwd_none_" + tail, n, max_group_threads);
     p.buffers = buffer_names(FL_PW_FWD_NBUF, {{FL_PW_FWD_PRED, "pred"}, {FL_PW_FWD_TARGET, "target"},
         {FL_PW_FWD_OUT, "loss"}, {FL_PW_FWD_ARGS, "args"}});
     return p;
   }
-  // Fixed partition: FL_PW_GROUP_ELEMS elements per group, whatever the device.
+  // Fixed partition: FL_PW_GROUP_ELEMS elements per group, whatever the device
+  // and the group size (the kernel strides over its block with tpg).
   LaunchPlan p;
   p.kernel_name = "fl_pw_fwd_partial_" + tail;
   p.elems_per_thread = FL_PW_READS;
-  p.group[0] = FL_PW_GROUP_THREADS;
+  int t = usable_threads(max_group_threads);
+  p.group[0] = uint32_t(t < FL_PW_GROUP_THREADS ? t : FL_PW_GROUP_THREADS);
   p.grid[0] = grid_dim(int64_t(pw_num_partials(n)), "elements");
   p.threadgroup_bytes = FL_PW_SCRATCH_FLOATS * sizeof(float);
   p.buffers = buffer_names(FL_PW_FWD_NBUF, {{FL_PW_FWD_PRED, "pred"}, {FL_PW_FWD_TARGET, "target"},
@@ -240,12 +255,14 @@ LaunchPlan pw_forward_plan(KDtype dt, int kind, uint64_t n, int reduce) {
   return p;
 }
 
-LaunchPlan pw_sum_finish_plan(uint64_t num_partials) {
+LaunchPlan pw_sum_finish_plan(uint64_t num_partials, int max_group_threads) {
   LaunchPlan p;
   p.kernel_name = "fl_pw_sum_finish";
   p.elems_per_thread = 1;
+  // The kernel strides over the partials with tpg: any group size works.
   int64_t need = round_up_simd(int64_t(num_partials));
-  p.group[0] = uint32_t(need < kMaxGroupThreads ? need : kMaxGroupThreads);
+  int64_t t = usable_threads(max_group_threads);
+  p.group[0] = uint32_t(need < t ? need : t);
   p.grid[0] = 1; // always runs: it writes the result, 0 for no elements
   p.threadgroup_bytes = FL_PW_SCRATCH_FLOATS * sizeof(float);
   p.buffers = buffer_names(FL_PW_SUM_NBUF, {{FL_PW_SUM_PARTIALS, "partials"}, {FL_PW_SUM_OUT, "out"},
@@ -253,13 +270,14 @@ LaunchPlan pw_sum_finish_plan(uint64_t num_partials) {
   return p;
 }
 
-LaunchPlan pw_backward_plan(KDtype dt, int kind, uint64_t n, bool cotan_in_dtype) {
+LaunchPlan pw_backward_plan(KDtype dt, int kind, uint64_t n, bool cotan_in_dtype,
+                            int max_group_threads) {
   // An element-wise cotangent in a 16-bit dtype is read as such (no float32
   // copy); float32 predictions have only the float32 kernel.
   bool cot16 = cotan_in_dtype && dt != KDtype::float32;
   LaunchPlan p = elementwise_plan(std::string("fl_pw_bwd_") + pw_kind_name(kind) + "_" +
                                       dtype_name(dt) + (cot16 ? "_cot16" : ""),
-                                  n);
+                                  n, max_group_threads);
   p.buffers = buffer_names(FL_PW_BWD_NBUF, {{FL_PW_BWD_PRED, "pred"}, {FL_PW_BWD_TARGET, "target"},
       {FL_PW_BWD_COTAN, "cotan"}, {FL_PW_BWD_GRAD, "grad"}, {FL_PW_BWD_ARGS, "args"}});
   return p;

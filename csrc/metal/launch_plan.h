@@ -4,17 +4,22 @@
 // the host code (csrc/metal/*.cpp, macOS only) and the CPU harness tests
 // (tests/metal_kernels/, every platform) dispatch from the same plan.
 //
+// Every plan takes the pipeline's maxTotalThreadsPerThreadgroup (a device and
+// kernel property, 1024 at most; eval_gpu passes the real one, see
+// gpu::fit_plan) and never plans a group larger than it, rounded down to 32.
+//
 // Kernel choice for the row-wise losses (cross-entropy, softmax focal), with
 // R = FL_ROW_READS = 4 elements per thread and T the largest usable group
 // (1024, or the pipeline's maxTotalThreadsPerThreadgroup rounded down to 32):
 //   block   K <= T * R: ceil(K / R) threads rounded up to a multiple of 32
 //           (at least 32), every thread holds its R logits in registers
 //   looped  K >  T * R: T threads, online log-sum-exp over strided chunks
-// Backward (both losses): grid (ceil(K / (t * R)), rows) of t = min(256,
+// Backward (both losses): grid (ceil(K / (t * R)), rows) of t = min(256, T,
 // ceil(K / R) rounded up to 32) threads, R elements per thread.
-// Element-wise losses: groups of 256 threads, FL_PW_READS = 4 elements per
-// thread; the fused sum uses one group per FL_PW_GROUP_ELEMS elements, then
-// one group of up to 1024 threads adds the partial sums.
+// Element-wise losses: groups of min(256, T) threads, FL_PW_READS = 4 elements
+// per thread; the fused sum uses one group per FL_PW_GROUP_ELEMS elements
+// (whatever the group size), then one group of up to T threads adds the
+// partial sums.
 //
 // Identifiers here avoid the MSL keywords (device, constant, kernel, thread,
 // threadgroup): the harness compiles this file after the Metal shim's macros.
@@ -60,7 +65,7 @@ bool row_uses_looped(int num_classes, int max_group_threads = kMaxGroupThreads);
 LaunchPlan ce_forward_plan(KDtype dt, int64_t rows, int num_classes, bool soft_targets,
                            bool class_weights, int max_group_threads = kMaxGroupThreads);
 LaunchPlan ce_backward_plan(KDtype dt, int64_t rows, int num_classes, bool soft_targets,
-                            bool class_weights);
+                            bool class_weights, int max_group_threads = kMaxGroupThreads);
 // smoothing_mode: flm::kSmoothUniform | flm::kSmoothOthers.
 CeArgs make_ce_args(int num_classes, float label_smoothing, int smoothing_mode,
                     bool has_ignore_index, int64_t ignore_index, float z_loss);
@@ -68,7 +73,8 @@ CeArgs make_ce_args(int num_classes, float label_smoothing, int smoothing_mode,
 // ---- softmax focal -------------------------------------------------------------
 LaunchPlan sf_forward_plan(KDtype dt, int64_t rows, int num_classes,
                            int max_group_threads = kMaxGroupThreads);
-LaunchPlan sf_backward_plan(KDtype dt, int64_t rows, int num_classes);
+LaunchPlan sf_backward_plan(KDtype dt, int64_t rows, int num_classes,
+                            int max_group_threads = kMaxGroupThreads);
 SfArgs make_sf_args(int num_classes, float gamma, float alpha, bool has_class_alpha,
                     bool has_ignore_index, int64_t ignore_index);
 
@@ -76,14 +82,19 @@ SfArgs make_sf_args(int num_classes, float gamma, float alpha, bool has_class_al
 // kind: 0 smooth-L1, 1 Huber, 2 sigmoid focal (fl::PointwiseKind);
 // reduce: 0 none, 1 sum, 2 mean (fl::Reduce).
 const char* pw_kind_name(int kind);
+// The kernel kind for a loss kind and its gamma: the sigmoid focal loss with
+// gamma = 2 runs its own instantiation (FL_PW_KIND_FOCAL_GAMMA_TWO), as on the CPU.
+int pw_kernel_kind(int kind, float gamma);
 // reduce == 0: element-wise kernel; else the partial-sum kernel (followed by
 // pw_sum_finish_plan(pw_num_partials(n))).
-LaunchPlan pw_forward_plan(KDtype dt, int kind, uint64_t n, int reduce);
+LaunchPlan pw_forward_plan(KDtype dt, int kind, uint64_t n, int reduce,
+                           int max_group_threads = kMaxGroupThreads);
 uint64_t pw_num_partials(uint64_t n);
-LaunchPlan pw_sum_finish_plan(uint64_t num_partials);
+LaunchPlan pw_sum_finish_plan(uint64_t num_partials, int max_group_threads = kMaxGroupThreads);
 // cotan_in_dtype: the element-wise cotangent has the predictions' dtype (else
 // float32, as is the scalar cotangent of a reduced loss).
-LaunchPlan pw_backward_plan(KDtype dt, int kind, uint64_t n, bool cotan_in_dtype = false);
+LaunchPlan pw_backward_plan(KDtype dt, int kind, uint64_t n, bool cotan_in_dtype = false,
+                            int max_group_threads = kMaxGroupThreads);
 PwArgs make_pw_args(uint64_t n, float param0, float param1, int reduce);
 
 } // namespace fl::mplan

@@ -18,19 +18,22 @@ void PointwiseLoss::eval_gpu(const std::vector<mx::array>& inputs, std::vector<m
   }
   const mplan::KDtype dt = gpu::kernel_dtype(pred.dtype());
   const uint64_t n = pred.size();
-  const int kind = int(params_.kind);
+  const int kind = mplan::pw_kernel_kind(int(params_.kind), params_.param1);
   const int reduce = int(params_.reduce);
   PwArgs args = mplan::make_pw_args(n, params_.param0, params_.param1, reduce);
   auto& s = stream();
   auto& d = mx::metal::device(s.device);
   auto& enc = mx::metal::get_command_encoder(s);
 
-  mplan::LaunchPlan plan = mplan::pw_forward_plan(dt, kind, n, reduce);
+  MTL::ComputePipelineState* kernel = nullptr;
+  mplan::LaunchPlan plan = gpu::fit_plan(
+      d, [&](int max_threads) { return mplan::pw_forward_plan(dt, kind, n, reduce, max_threads); },
+      &kernel);
   if (reduce == 0) {
     if (plan.empty()) {
       return;
     }
-    enc.set_compute_pipeline_state(gpu::checked_pipeline(d, plan));
+    enc.set_compute_pipeline_state(kernel);
     enc.set_input_array(pred, FL_PW_FWD_PRED);
     enc.set_input_array(target, FL_PW_FWD_TARGET);
     enc.set_output_array(out, FL_PW_FWD_OUT);
@@ -46,15 +49,18 @@ void PointwiseLoss::eval_gpu(const std::vector<mx::array>& inputs, std::vector<m
   gpu::alloc(partials);
   enc.add_temporary(partials);
   if (!plan.empty()) {
-    enc.set_compute_pipeline_state(gpu::checked_pipeline(d, plan));
+    enc.set_compute_pipeline_state(kernel);
     enc.set_input_array(pred, FL_PW_FWD_PRED);
     enc.set_input_array(target, FL_PW_FWD_TARGET);
     enc.set_output_array(partials, FL_PW_FWD_OUT);
     enc.set_bytes(args, FL_PW_FWD_ARGS);
     gpu::dispatch(enc, plan);
   }
-  mplan::LaunchPlan finish = mplan::pw_sum_finish_plan(num_partials);
-  enc.set_compute_pipeline_state(gpu::checked_pipeline(d, finish));
+  MTL::ComputePipelineState* finish_kernel = nullptr;
+  mplan::LaunchPlan finish = gpu::fit_plan(
+      d, [&](int max_threads) { return mplan::pw_sum_finish_plan(num_partials, max_threads); },
+      &finish_kernel);
+  enc.set_compute_pipeline_state(finish_kernel);
   enc.set_input_array(partials, FL_PW_SUM_PARTIALS); // the encoder orders it after the writer
   enc.set_output_array(out, FL_PW_SUM_OUT);
   enc.set_bytes(args, FL_PW_SUM_ARGS);
@@ -82,16 +88,23 @@ void PointwiseLossVJP::eval_gpu(const std::vector<mx::array>& inputs,
   if (!cotan_in_dtype && cotan.dtype() != mx::float32) {
     throw std::runtime_error("mlx_fused_losses: cotangent of unexpected dtype");
   }
-  mplan::LaunchPlan plan = mplan::pw_backward_plan(gpu::kernel_dtype(pred.dtype()),
-                                                   int(params_.kind), n, cotan_in_dtype);
+  const mplan::KDtype dt = gpu::kernel_dtype(pred.dtype());
+  const int kind = mplan::pw_kernel_kind(int(params_.kind), params_.param1);
+  auto& s = stream();
+  auto& d = mx::metal::device(s.device);
+  MTL::ComputePipelineState* kernel = nullptr;
+  mplan::LaunchPlan plan = gpu::fit_plan(
+      d,
+      [&](int max_threads) {
+        return mplan::pw_backward_plan(dt, kind, n, cotan_in_dtype, max_threads);
+      },
+      &kernel);
   if (plan.empty()) {
     return;
   }
   PwArgs args = mplan::make_pw_args(n, params_.param0, params_.param1, reduce);
-  auto& s = stream();
-  auto& d = mx::metal::device(s.device);
   auto& enc = mx::metal::get_command_encoder(s);
-  enc.set_compute_pipeline_state(gpu::checked_pipeline(d, plan));
+  enc.set_compute_pipeline_state(kernel);
   enc.set_input_array(pred, FL_PW_BWD_PRED);
   enc.set_input_array(target, FL_PW_BWD_TARGET);
   enc.set_input_array(cotan, FL_PW_BWD_COTAN);

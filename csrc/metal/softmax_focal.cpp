@@ -75,13 +75,18 @@ void SoftmaxFocalVJP::eval_gpu(const std::vector<mx::array>& inputs,
   for (int i = 2; i < 6; ++i) {
     gpu::require_dense(inputs[i], "lse/lse_lo/coef/g_loss");
   }
-  mplan::LaunchPlan plan = mplan::sf_backward_plan(l.dtype, l.rows, l.num_classes);
+  auto& s = stream();
+  auto& d = mx::metal::device(s.device);
+  MTL::ComputePipelineState* kernel = nullptr;
+  mplan::LaunchPlan plan = gpu::fit_plan(
+      d,
+      [&](int max_threads) {
+        return mplan::sf_backward_plan(l.dtype, l.rows, l.num_classes, max_threads);
+      },
+      &kernel);
   if (plan.empty()) {
     return;
   }
-  auto& s = stream();
-  auto& d = mx::metal::device(s.device);
-  MTL::ComputePipelineState* kernel = gpu::checked_pipeline(d, plan);
   auto& enc = mx::metal::get_command_encoder(s);
   enc.set_compute_pipeline_state(kernel);
   enc.set_input_array(inputs[0], FL_SF_BWD_LOGITS);

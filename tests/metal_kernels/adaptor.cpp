@@ -186,6 +186,7 @@ struct Registry {
     add_pw<T, 0>("smooth_l1_" + d);
     add_pw<T, 1>("huber_" + d);
     add_pw<T, 2>("sigmoid_focal_" + d);
+    add_pw<T, FL_PW_KIND_FOCAL_GAMMA_TWO>("sigmoid_focal_g2_" + d);
   }
   template <class T, bool kSoft, bool kW>
   void add_ce(const std::string& tail) {
@@ -234,7 +235,19 @@ void describe(const LaunchPlan& p, uint32_t* out) {
 
 } // namespace
 
+// The pipeline's maxTotalThreadsPerThreadgroup every plan is made for: eval_gpu
+// asks the real pipeline (gpu::fit_plan); tests set smaller limits.
+int g_pipeline_limit = fl::mplan::kMaxGroupThreads;
+
+int limited(int max_threads) {
+  return max_threads < g_pipeline_limit ? max_threads : g_pipeline_limit;
+}
+
 extern "C" {
+
+int set_pipeline_limit(int limit) {
+  return mh::guarded([&] { g_pipeline_limit = limit; });
+}
 
 // All registered host names, '\n'-separated, into a uint8 buffer of `cap` bytes.
 int registry_names(uint8_t* out, uint32_t cap) {
@@ -258,12 +271,12 @@ int plan_info(int which, int dt, int64_t rows, int64_t n, int a, int b, int max_
     KDtype d = to_dtype(dt);
     switch (which) {
       case 0: p = P::ce_forward_plan(d, rows, int(n), a != 0, b != 0, max_threads); break;
-      case 1: p = P::ce_backward_plan(d, rows, int(n), a != 0, b != 0); break;
+      case 1: p = P::ce_backward_plan(d, rows, int(n), a != 0, b != 0, max_threads); break;
       case 2: p = P::sf_forward_plan(d, rows, int(n), max_threads); break;
-      case 3: p = P::sf_backward_plan(d, rows, int(n)); break;
-      case 4: p = P::pw_forward_plan(d, a, uint64_t(n), b); break;
-      case 5: p = P::pw_backward_plan(d, a, uint64_t(n), b != 0); break;
-      case 6: p = P::pw_sum_finish_plan(uint64_t(n)); break;
+      case 3: p = P::sf_backward_plan(d, rows, int(n), max_threads); break;
+      case 4: p = P::pw_forward_plan(d, a, uint64_t(n), b, max_threads); break;
+      case 5: p = P::pw_backward_plan(d, a, uint64_t(n), b != 0, max_threads); break;
+      case 6: p = P::pw_sum_finish_plan(uint64_t(n), max_threads); break;
       default: throw mh::Error("plan_info: unknown kernel family");
     }
     describe(p, out);
@@ -281,7 +294,7 @@ int ce_forward_run(int dt, int soft, int weighted, int max_threads, const void* 
                    int mode, int has_ignore, int64_t ignore_index, float z_loss) {
   return mh::guarded([&] {
     LaunchPlan p = fl::mplan::ce_forward_plan(to_dtype(dt), rows, num_classes, soft != 0,
-                                              weighted != 0, max_threads);
+                                              weighted != 0, limited(max_threads));
     CeArgs args = fl::mplan::make_ce_args(num_classes, smoothing, mode, has_ignore != 0,
                                           ignore_index, z_loss);
     CeBufs b{logits, index, probs, weights, loss, lse, lse_lo, a_sum, nullptr, nullptr, nullptr};
@@ -297,7 +310,7 @@ int ce_backward_run(int dt, int soft, int weighted, const void* logits, const in
                     int64_t ignore_index, float z_loss) {
   return mh::guarded([&] {
     LaunchPlan p = fl::mplan::ce_backward_plan(to_dtype(dt), rows, num_classes, soft != 0,
-                                               weighted != 0);
+                                               weighted != 0, g_pipeline_limit);
     CeArgs args = fl::mplan::make_ce_args(num_classes, smoothing, mode, has_ignore != 0,
                                           ignore_index, z_loss);
     CeBufs b{logits, index, probs, weights, nullptr, const_cast<float*>(lse),
@@ -313,7 +326,8 @@ int sf_forward_run(int dt, int max_threads, const void* logits, const int64_t* i
                    int num_classes, float gamma, float alpha_scalar, int has_class_alpha,
                    int has_ignore, int64_t ignore_index) {
   return mh::guarded([&] {
-    LaunchPlan p = fl::mplan::sf_forward_plan(to_dtype(dt), rows, num_classes, max_threads);
+    LaunchPlan p =
+        fl::mplan::sf_forward_plan(to_dtype(dt), rows, num_classes, limited(max_threads));
     SfArgs args = fl::mplan::make_sf_args(num_classes, gamma, alpha_scalar, has_class_alpha != 0,
                                           has_ignore != 0, ignore_index);
     SfBufs b{logits, index, alpha, loss, lse, lse_lo, coef, nullptr, nullptr};
@@ -327,7 +341,7 @@ int sf_backward_run(int dt, const void* logits, const int64_t* index, const floa
                     int num_classes, float gamma, float alpha_scalar, int has_class_alpha,
                     int has_ignore, int64_t ignore_index) {
   return mh::guarded([&] {
-    LaunchPlan p = fl::mplan::sf_backward_plan(to_dtype(dt), rows, num_classes);
+    LaunchPlan p = fl::mplan::sf_backward_plan(to_dtype(dt), rows, num_classes, g_pipeline_limit);
     SfArgs args = fl::mplan::make_sf_args(num_classes, gamma, alpha_scalar, has_class_alpha != 0,
                                           has_ignore != 0, ignore_index);
     SfBufs b{logits, index, nullptr, nullptr, const_cast<float*>(lse),
@@ -344,7 +358,8 @@ int pw_forward_run(int dt, int kind, int reduce, const void* pred, const void* t
   return mh::guarded([&] {
     KDtype d = to_dtype(dt);
     PwArgs args = fl::mplan::make_pw_args(n, p0, p1, reduce);
-    LaunchPlan p = fl::mplan::pw_forward_plan(d, kind, n, reduce);
+    LaunchPlan p = fl::mplan::pw_forward_plan(d, fl::mplan::pw_kernel_kind(kind, p1), n, reduce,
+                                              g_pipeline_limit);
     PwFn fn = lookup(registry().pw, p.kernel_name);
     if (reduce == 0) {
       PwBufs b{pred, target, out, nullptr, nullptr, nullptr};
@@ -353,7 +368,7 @@ int pw_forward_run(int dt, int kind, int reduce, const void* pred, const void* t
     }
     PwBufs b{pred, target, partials, static_cast<float*>(out), nullptr, nullptr};
     run_plan(p, [&](const mh::ThreadCtx& t) { fn(b, args, t); });
-    LaunchPlan f = fl::mplan::pw_sum_finish_plan(args.num_partials);
+    LaunchPlan f = fl::mplan::pw_sum_finish_plan(args.num_partials, g_pipeline_limit);
     PwFn finish = lookup(registry().pw, f.kernel_name);
     run_plan(f, [&](const mh::ThreadCtx& t) { finish(b, args, t); });
   });
@@ -365,10 +380,25 @@ int pw_backward_run(int dt, int kind, int reduce, const void* pred, const void* 
                     float p1) {
   return mh::guarded([&] {
     PwArgs args = fl::mplan::make_pw_args(n, p0, p1, reduce);
-    LaunchPlan p = fl::mplan::pw_backward_plan(to_dtype(dt), kind, n, cotan_in_dtype != 0);
+    LaunchPlan p = fl::mplan::pw_backward_plan(
+        to_dtype(dt), fl::mplan::pw_kernel_kind(kind, p1), n, cotan_in_dtype != 0, g_pipeline_limit);
     PwBufs b{pred, target, nullptr, nullptr, cotan, grad};
     PwFn fn = lookup(registry().pw, p.kernel_name);
     run_plan(p, [&](const mh::ThreadCtx& t) { fn(b, args, t); });
+  });
+}
+
+// Only the finish kernel of the fused sum, over given partials: out[0] = their
+// sum (/ n for reduce 2), with the plan for the current pipeline limit.
+int pw_sum_finish_run(const float* partials, float* out, uint64_t num_partials, uint64_t n,
+                      int reduce) {
+  return mh::guarded([&] {
+    PwArgs args = fl::mplan::make_pw_args(n, 0.0f, 0.0f, reduce);
+    args.num_partials = num_partials;
+    LaunchPlan f = fl::mplan::pw_sum_finish_plan(num_partials, g_pipeline_limit);
+    PwBufs b{nullptr, nullptr, const_cast<float*>(partials), out, nullptr, nullptr};
+    PwFn finish = lookup(registry().pw, f.kernel_name);
+    run_plan(f, [&](const mh::ThreadCtx& t) { finish(b, args, t); });
   });
 }
 
