@@ -361,13 +361,21 @@ def test_overlapping_scratch_slots_in_the_real_block_kernel_are_reported(tmp_pat
                    "tests/metal_kernels/adaptor.cpp", include_dirs=("csrc",))
 
     rows, K = 3, 300  # block variant: 96 threads, 3 SIMD-groups
-    x = np.random.default_rng(11).standard_normal((rows, K)).astype(np.float32)
+    # Logits near 0: a SIMD-group's exp-sum (~ its element count) exceeds the row max,
+    # so an exp-sum read as a max changes the result.
+    x = (0.1 * np.random.default_rng(11).standard_normal((rows, K))).astype(np.float32)
     index = np.array([0, 7, 299], np.int64)
-    loss, lse, asum = (np.full(rows, np.nan, np.float32) for _ in range(3))
+    loss, lse, lse_lo, asum = (np.full(rows, np.nan, np.float32) for _ in range(4))
+    # tests/metal_kernels/adaptor.cpp: ce_forward_run(dtype, soft, weighted, max_threads,
+    # logits, index, probs, weights, loss, lse, lse_lo, a_sum, rows, K, smoothing, mode,
+    # has_ignore, ignore_index, z_loss)
     args = (np.int32(0), np.int32(0), np.int32(0), np.int32(1024), x, index, x,
-            np.ones(1, np.float32), loss, lse, asum, np.int64(rows), np.int32(K),
+            np.ones(1, np.float32), loss, lse, lse_lo, asum, np.int64(rows), np.int32(K),
             np.float32(0), np.int32(0), np.int32(0), np.int64(-100), np.float32(0))
     lib.run("ce_forward_run", *args, schedules=LOCKSTEP)
+    x64 = x.astype(np.float64)
+    expected = np.log(np.exp(x64).sum(1)) - x64[np.arange(rows), index]
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)  # the call itself is right
     with pytest.raises(mh.ScheduleDependent, match="SIMD-group that runs ahead"):
         lib.run("ce_forward_run", *args)
 

@@ -1,0 +1,5 @@
+// Stub of an Apple system header (see ../README.md): just the declarations
+// metal-cpp and MLX's Metal headers name, with the types Apple gives them.
+#pragma once
+typedef struct dispatch_queue_s* dispatch_queue_t;
+typedef struct dispatch_data_s* dispatch_data_t;

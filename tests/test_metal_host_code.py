@@ -1,0 +1,115 @@
+"""eval_gpu host code (csrc/metal/*.cpp, csrc/ops/*.cpp under _METAL_) compiled with
+clang-19 -fsyntax-only against MLX's real Metal backend headers and Apple's
+metal-cpp from the macOS mlx-metal wheel, with a few Apple system headers stubbed
+(tests/metal_host_code/README.md). Planted wrong calls must be rejected.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+STUBS = REPO / "tests" / "metal_host_code" / "apple_stubs"
+CACHE = Path(os.environ.get("FL_MLX_METAL_CACHE", REPO / "tests" / ".cache"))
+SOURCES = sorted((REPO / "csrc" / "metal").glob("*.cpp")) + sorted((REPO / "csrc" / "ops").glob("*.cpp"))
+CLANG = os.environ.get("MH_CLANGXX") or shutil.which("clang++-19")
+
+pytestmark = pytest.mark.skipif(CLANG is None, reason="clang++-19 not installed")
+
+
+def _download_headers() -> tuple[Path | None, str]:
+    """mlx/include of the macOS mlx-metal wheel matching the installed mlx, or (None, why)."""
+    version = importlib.metadata.version("mlx")
+    root = CACHE / f"mlx-metal-{version}"
+    include = root / "mlx" / "include"
+    if (include / "mlx" / "backend" / "metal" / "device.h").exists():
+        return include, ""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--platform", "macosx_14_0_arm64", f"mlx-metal=={version}", "-d", tmp, "-q"]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        except subprocess.TimeoutExpired:
+            return None, f"`{' '.join(cmd[2:])}` timed out"
+        wheels = list(Path(tmp).glob("mlx_metal-*.whl"))
+        if proc.returncode != 0 or not wheels:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            return None, f"`{' '.join(cmd[2:])}` failed: {' | '.join(tail)}"
+        unpacked = Path(tmp) / "unpacked"
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            wheel.extractall(unpacked, [n for n in wheel.namelist() if n.startswith("mlx/include/")])
+        shutil.rmtree(root, ignore_errors=True)
+        os.replace(unpacked, root)  # whole or not at all, for concurrent test runs
+    return include, ""
+
+
+@pytest.fixture(scope="module")
+def mlx_metal_include() -> Path:
+    include, why = _download_headers()
+    if include is None:
+        pytest.skip(f"cannot get the macOS mlx-metal wheel's headers: {why}")
+    return include
+
+
+def syntax_check(source: Path, include: Path) -> subprocess.CompletedProcess:
+    cmd = [CLANG, "-std=c++20", "-fsyntax-only", "-fblocks", "-D_METAL_",
+           f"-I{REPO / 'csrc'}", f"-I{include}", f"-I{include / 'metal_cpp'}", f"-I{STUBS}",
+           "-x", "c++", str(source)]
+    return subprocess.run(cmd, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_host_code_compiles_against_real_headers(source, mlx_metal_include):
+    proc = syntax_check(source, mlx_metal_include)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_the_headers_are_the_real_ones(mlx_metal_include):
+    # eval_gpu's calls resolve into MLX's encoder and metal-cpp's pipeline state.
+    device_h = (mlx_metal_include / "mlx" / "backend" / "metal" / "device.h").read_text()
+    assert "class MLX_API CommandEncoder" in device_h and "set_input_array" in device_h
+    pipeline = mlx_metal_include / "metal_cpp" / "Metal" / "MTLComputePipeline.hpp"
+    assert "maxTotalThreadsPerThreadgroup" in pipeline.read_text()
+
+
+# Wrong calls planted into real eval_gpu code: each must fail to compile.
+PLANTED = [
+    # Arguments of MLX's CommandEncoder::set_output_array swapped.
+    ("csrc/metal/pointwise_loss.cpp", "enc.set_output_array(out, FL_PW_FWD_OUT);",
+     "enc.set_output_array(FL_PW_FWD_OUT, out);", "set_output_array"),
+    # A metal-cpp method misspelt (capital G), as a stand-in Metal.hpp might accept.
+    ("csrc/metal/host.h", "maxTotalThreadsPerThreadgroup()", "maxTotalThreadsPerThreadGroup()",
+     "no member named 'maxTotalThreadsPerThreadGroup'"),
+    # dispatch_threadgroups takes two MTL::Size values.
+    ("csrc/metal/host.h", "MTL::Size(p.group[0], p.group[1], p.group[2]));",
+     "p.group[0]);", "dispatch_threadgroups"),
+]
+
+
+@pytest.mark.parametrize("path, right, wrong, diagnostic", PLANTED, ids=lambda v: str(v)[:40])
+def test_a_planted_wrong_call_is_rejected(tmp_path, mlx_metal_include, path, right, wrong,
+                                          diagnostic):
+    # A copy of csrc/ with one wrong call; the file compiled is one that uses it.
+    csrc = tmp_path / "csrc"
+    shutil.copytree(REPO / "csrc", csrc)
+    target = tmp_path / path
+    text = target.read_text()
+    assert text.count(right) == 1, f"{path} no longer contains {right!r}"
+    target.write_text(text.replace(right, wrong))
+    source = tmp_path / (path if path.endswith(".cpp") else "csrc/metal/pointwise_loss.cpp")
+    cmd = [CLANG, "-std=c++20", "-fsyntax-only", "-fblocks", "-D_METAL_", f"-I{csrc}",
+           f"-I{mlx_metal_include}", f"-I{mlx_metal_include / 'metal_cpp'}", f"-I{STUBS}",
+           str(source)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode != 0, f"{wrong!r} compiled"
+    assert diagnostic in proc.stderr, proc.stderr[-2000:]
