@@ -268,6 +268,4 @@ template <typename T, bool kSoft, bool kWeighted>
 
 FL_INST_CE(float32, float)
 FL_INST_CE(float16, half)
-#if __METAL_VERSION__ >= 310
-FL_INST_CE(bfloat16, bfloat)
-#endif
+FL_INST_CE(bfloat16, bfloat) // Metal 3.1 (fl_common.h requires it)

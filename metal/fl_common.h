@@ -18,6 +18,14 @@
 
 #include <metal_stdlib>
 
+// The kernels are instantiated for bfloat, which needs Metal 3.1:
+// CMakeLists.txt compiles them with -std=metal3.1 (and -fno-fast-math: they
+// rely on IEEE inf/NaN). A build for an older language version fails here
+// instead of silently losing the bfloat16 kernels.
+#if __METAL_VERSION__ < 310
+#error "mlx_fused_losses kernels need Metal 3.1 (-std=metal3.1, macOS 14): bfloat"
+#endif
+
 #include "../csrc/math/cross_entropy.h"
 #include "../csrc/metal/kernel_args.h"
 

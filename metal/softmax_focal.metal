@@ -189,6 +189,4 @@ template <typename T>
 
 FL_INST_SF(float32, float)
 FL_INST_SF(float16, half)
-#if __METAL_VERSION__ >= 310
-FL_INST_SF(bfloat16, bfloat)
-#endif
+FL_INST_SF(bfloat16, bfloat) // Metal 3.1 (fl_common.h requires it)

@@ -420,3 +420,22 @@ def test_static_check_rejects_what_msl_rejects(name, diagnostic):
 def test_static_check_project_kernels(path):
     result = static_check.check(path)
     assert result.ok, result.diagnostics
+
+
+# ---- the metallib's compile options --------------------------------------------------
+
+
+def test_metallib_options_are_explicit():
+    """IEEE math and Metal 3.1 are passed to mlx_build_metallib, not left to defaults."""
+    cmake = (REPO / "CMakeLists.txt").read_text()
+    call = cmake[cmake.index("mlx_build_metallib(") :]
+    call = call[: call.index(")\n")]
+    options = call[call.index("COMPILE_OPTIONS") :].split("\n")[0].split()[1:]
+    assert "-fno-fast-math" in options and "-std=metal3.1" in options, options
+    for path in PROJECT_KERNELS:  # bfloat16 kernels no longer depend on the version
+        assert "__METAL_VERSION__ >= 310" not in path.read_text(), path
+
+
+def test_kernels_refuse_a_metal_version_without_bfloat():
+    with pytest.raises(mh.BuildError, match="need Metal 3.1"):
+        mh.build(PROJECT_KERNELS, SELFTEST / "adaptor.cpp", defines=("__METAL_VERSION__=300",))

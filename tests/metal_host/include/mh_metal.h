@@ -18,8 +18,11 @@
 
 #include "mh_hooks.h"
 
-// Shared headers choose their Metal code path on this macro, as under `xcrun metal`.
+// Shared headers choose their Metal code path on this macro, as under `xcrun metal`
+// -std=metal3.1 (CMakeLists.txt). A test may define another version.
+#ifndef __METAL_VERSION__
 #define __METAL_VERSION__ 310
+#endif
 
 // MSL's float constants (metal_math).
 #define MAXFLOAT 0x1.fffffep+127f
