@@ -583,7 +583,7 @@ def test_sigmoid_focal_gamma_two_is_the_cpu_instantiation(lib, dtype):
     specialised, generic = differ[2.0], differ[max(differ)]
     if dtype != "float32":
         assert specialised == (0, 0), differ
-    assert specialised[0] < generic[0] / 2, differ
+    assert sum(specialised) < sum(generic), differ
 
 
 def test_pointwise_empty(lib):
