@@ -16,6 +16,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import CLANG_MISSING
 
 REPO = Path(__file__).resolve().parents[1]
 STUBS = REPO / "tests" / "metal_host_code" / "apple_stubs"
@@ -23,7 +24,7 @@ CACHE = Path(os.environ.get("FL_MLX_METAL_CACHE", REPO / "tests" / ".cache"))
 SOURCES = sorted((REPO / "csrc" / "metal").glob("*.cpp")) + sorted((REPO / "csrc" / "ops").glob("*.cpp"))
 CLANG = os.environ.get("MH_CLANGXX") or shutil.which("clang++-19")
 
-pytestmark = pytest.mark.skipif(CLANG is None, reason="clang++-19 not installed")
+pytestmark = pytest.mark.skipif(CLANG is None, reason=CLANG_MISSING)
 
 
 def _download_headers() -> tuple[Path | None, str]:
