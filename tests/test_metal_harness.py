@@ -8,6 +8,7 @@ valid kernels (ours and the project's metal/*.metal) and reject invalid ones.
 
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 import pytest
 
@@ -380,6 +381,105 @@ def test_overlapping_scratch_slots_in_the_real_block_kernel_are_reported(tmp_pat
         lib.run("ce_forward_run", *args)
 
 
+# ---- SIMD-group matrices (ok_simdgroup_matrix.metal, bad_simdgroup_matrix.metal) ---
+
+# Unit roundoff of each element type, and how the kernels get and give its values.
+_UNIT_ROUNDOFF = {"f32": 2.0**-24, "f16": 2.0**-11, "bf16": 2.0**-8}
+
+
+def to_device(x: np.ndarray, tag: str) -> tuple[np.ndarray, np.ndarray]:
+    """(the array a kernel reads, its values as float64) for element type `tag`."""
+    if tag == "f32":
+        d = x.astype(np.float32)
+        return d, d.astype(np.float64)
+    if tag == "f16":
+        d = x.astype(np.float16)
+        return d, d.astype(np.float64)
+    bits = np.array(mx.array(x.astype(np.float32)).astype(mx.bfloat16).view(mx.uint16))
+    return bits, from_device(bits, "bf16")
+
+
+def from_device(d: np.ndarray, tag: str) -> np.ndarray:
+    if tag == "bf16":
+        return np.array(mx.array(d).view(mx.bfloat16).astype(mx.float32)).astype(np.float64)
+    return d.astype(np.float64)
+
+
+def empty(shape, tag: str) -> np.ndarray:
+    """An output that shows unwritten elements (NaN in every type)."""
+    if tag == "bf16":
+        return np.full(shape, 0x7FC0, np.uint16)
+    return np.full(shape, np.nan, np.float16 if tag == "f16" else np.float32)
+
+
+def assert_product_close(got, a64, b64, c64, acc: str):
+    """|got - (a b + c)| within the rounding bound of a K-term sum accumulated in
+    `acc` (gamma_{K+1} (|a| |b| + |c|)), computed from the inputs as rounded."""
+    k = a64.shape[1]
+    u = _UNIT_ROUNDOFF[acc]
+    gamma = (k + 1) * u / (1 - (k + 1) * u)
+    bound = gamma * (np.abs(a64) @ np.abs(b64) + np.abs(c64))
+    err = np.abs(got - (a64 @ b64 + c64))
+    assert np.all(err <= bound), f"max error {err.max():.3g}, at {np.unravel_index(np.argmax(err - bound), err.shape)}"
+
+
+@pytest.mark.parametrize("operand, acc", [("f32", "f32"), ("f16", "f16"), ("bf16", "bf16"),
+                                          ("f16", "f32"), ("bf16", "f32")])
+@pytest.mark.parametrize("transpose_b", [0, 1])
+def test_simdgroup_multiply_accumulate_8x8(lib, operand, acc, transpose_b):
+    rng = np.random.default_rng(20)
+    a, a64 = to_device(rng.standard_normal((8, 8)), operand)
+    b, b64 = to_device(rng.standard_normal((8, 8)), operand)
+    c, c64 = to_device(rng.standard_normal((8, 8)), acc)
+    d = empty((8, 8), acc)
+    entry = f"mma_8x8_{operand}" + ("" if operand == acc else f"_{acc}")
+    lib.run(entry, a, np.ascontiguousarray(b.T) if transpose_b else b, c, d, u32(transpose_b))
+    assert_product_close(from_device(d, acc), a64, b64, c64, acc)
+
+
+def test_simdgroup_matrix_constructors_and_operators(lib):
+    a = np.random.default_rng(21).standard_normal((8, 8)).astype(np.float32)
+    out = np.full((3, 8, 8), np.nan, np.float32)
+    lib.run("matrix_forms_f32", a, out)
+    a64 = a.astype(np.float64)
+    np.testing.assert_array_equal(out[0], 2 * a)  # diagonal 2 I times a: exact
+    assert_product_close(out[1].astype(np.float64), a64, a64, np.zeros((8, 8)), "f32")
+    np.testing.assert_array_equal(out[2], a + 1)
+
+
+def test_simdgroup_matrix_fragment_layout(lib):
+    """Lane l holds row (l/4 & 4) + (l/2) % 4, columns (l/4 & 2) * 2 + (l % 2) * 2 and
+    the next: Apple's layout, which MLX's steel GEMM assumes. Written here as the
+    table metal-flash-attention documents, not as the formula."""
+    x = np.arange(64, dtype=np.float32)
+    lanes = np.full((32, 2), np.nan, np.float32)
+    out = np.full(64, np.nan, np.float32)
+    lib.run("fragment_layout_f32", x, lanes, out)
+    owner = np.array([  # owner[r][c // 2]: the lane holding (r, c) and (r, c + 1)
+        [0, 1, 8, 9], [2, 3, 10, 11], [4, 5, 12, 13], [6, 7, 14, 15],
+        [16, 17, 24, 25], [18, 19, 26, 27], [20, 21, 28, 29], [22, 23, 30, 31]])
+    expected = np.full((32, 2), np.nan, np.float32)
+    for r in range(8):
+        for pair in range(4):
+            expected[owner[r][pair]] = [8 * r + 2 * pair, 8 * r + 2 * pair + 1]
+    np.testing.assert_array_equal(lanes, expected)
+    np.testing.assert_array_equal(out, x)
+
+
+@pytest.mark.parametrize("operand, acc", [("f32", "f32"), ("f16", "f16"), ("bf16", "bf16"),
+                                          ("f16", "f32")])
+def test_tiled_gemm_through_threadgroup_tiles(lib, operand, acc):
+    # 2 x 3 threadgroups of 4 SIMD-groups; K = 40: five staged tiles.
+    m, n, k = 64, 96, 40
+    rng = np.random.default_rng(22)
+    a, a64 = to_device(rng.standard_normal((m, k)), operand)
+    b, b64 = to_device(rng.standard_normal((k, n)), operand)
+    c = empty((m, n), acc)
+    lib.run(f"tiled_gemm_{operand}" + ("" if operand == acc else f"_{acc}"), a, b, c,
+            u32(m), u32(n), u32(k))
+    assert_product_close(from_device(c, acc), a64, b64, np.zeros((m, n)), acc)
+
+
 # ---- static address-space check ---------------------------------------------------
 
 
@@ -403,6 +503,7 @@ def test_static_check_accepts_valid_msl(path):
         ("static_reject_virtual.metal", "'virtual': MSL has no virtual functions"),
         ("static_reject_recursion.metal", "recursion (MSL has none): power(float, unsigned int)"),
         ("static_reject_mutable_global.metal", "mutable global 'calls_so_far'"),
+        ("static_reject_simdgroup_load_constant.metal", "no matching function for call to 'simdgroup_load'"),
     ],
 )
 def test_static_check_rejects_what_msl_rejects(name, diagnostic):

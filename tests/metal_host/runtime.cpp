@@ -36,7 +36,7 @@
 #include <numeric>
 #include <random>
 #include <string>
-#include <unordered_set>
+#include <unordered_map>
 
 namespace mh {
 namespace {
@@ -298,8 +298,10 @@ class Dispatch {
       std::memset(tg_storage_[i].data(), kCanary, tg_storage_[i].size());
       fill_pattern(tg_ptrs_[i], tg_sizes_[i], g_schedule.poison);
     }
-    tg_locals_seen_.clear();
+    tg_locals_.clear();
     tg_local_bytes_ = 0;
+    releases_.assign(simdgroups, 0);
+    collectives_taken_.assign(simdgroups, 0);
     if (strict_) {
       memory_.start_group(simdgroups);
       for (std::size_t i = 0; i < tg_ptrs_.size(); ++i)
@@ -356,13 +358,64 @@ class Dispatch {
                                        detail::kSimdSlotBytes];
     if (size) std::memcpy(bank + lane * detail::kSimdSlotBytes, value, size);
     wait(State::at_simd, site);
-    return {bank, lane, live_lanes(sg)};
+    const bool first = collectives_taken_[sg] != releases_[sg];
+    collectives_taken_[sg] = releases_[sg];
+    return {bank, lane, live_lanes(sg), first};
+  }
+
+  unsigned lane() const { return current_->ctx.thread_index_in_simdgroup; }
+
+  // See detail::check_matrix_access: the memory a SIMD-group matrix load or store
+  // touches must lie in one buffer the runtime knows.
+  void check_matrix_access(const detail::Site& site, const void* const* elements, unsigned count,
+                           std::size_t element_bytes) const {
+    // The buffer holding address b: kind 0 threadgroup buffer, 1 function-scope
+    // threadgroup array, 2 registered device buffer; index within the kind.
+    struct Buffer {
+      const unsigned char* start = nullptr;
+      std::size_t bytes = 0;
+      int kind = -1;
+      std::size_t index = 0;
+    };
+    auto containing = [&](const unsigned char* b) {
+      auto in = [b](const void* p, std::size_t n) {
+        const auto* s = static_cast<const unsigned char*>(p);
+        return b >= s && b < s + n;
+      };
+      for (std::size_t i = 0; i < tg_ptrs_.size(); ++i)
+        if (in(tg_ptrs_[i], tg_sizes_[i]))
+          return Buffer{static_cast<const unsigned char*>(tg_ptrs_[i]), tg_sizes_[i], 0, i};
+      for (auto& [p, n] : tg_locals_)
+        if (in(p, n)) return Buffer{static_cast<const unsigned char*>(p), n, 1, 0};
+      for (std::size_t i = 0; i < g_device_buffers.size(); ++i)
+        if (in(g_device_buffers[i].first, g_device_buffers[i].second))
+          return Buffer{g_device_buffers[i].first, g_device_buffers[i].second, 2, i};
+      return Buffer{};
+    };
+    Buffer home;
+    for (unsigned i = 0; i < count && home.kind < 0; ++i)
+      home = containing(static_cast<const unsigned char*>(elements[i]));
+    if (home.kind < 0) return;  // memory the runtime does not know: an adaptor's own buffer
+    for (unsigned i = 0; i < count; ++i) {
+      const auto* b = static_cast<const unsigned char*>(elements[i]);
+      if (b >= home.start && b + element_bytes <= home.start + home.bytes) continue;
+      const std::string name =
+          home.kind == 0   ? "threadgroup buffer " + std::to_string(home.index)
+          : home.kind == 1 ? std::string("a function-scope threadgroup array")
+                           : "device buffer " + std::to_string(home.index) +
+                                 " (array arguments counted from 0)";
+      throw Error(where(site) + ": element (" + std::to_string(i / 8) + ", " +
+                  std::to_string(i % 8) + ") of the 8x8 matrix is at byte offset " +
+                  std::to_string(static_cast<long long>(b - home.start)) + " of " + name + " (" +
+                  std::to_string(home.bytes) + " bytes), outside it (wrong elements_per_row, "
+                  "matrix_origin or tile size?)");
+    }
   }
 
   // A function-scope `threadgroup` array, reached by a thread: the first thread of
   // the group poisons it and counts it toward the group's threadgroup memory.
   void threadgroup_local(void* p, std::size_t size) {
-    if (!tg_locals_seen_.insert(p).second) return;
+    if (!tg_locals_.emplace(p, size).second) return;
     tg_local_bytes_ += size;
     if (tg_buffer_bytes_ + tg_local_bytes_ > kMaxThreadgroupBytes)
       throw Error("threadgroup memory: function-scope threadgroup arrays (" +
@@ -562,6 +615,7 @@ class Dispatch {
                   describe(first, last));
     if (at_simd != last - first) return false;  // others wait at a barrier: deadlock
     for (unsigned i = first; i < last; ++i) fibers_[i].state = State::ready;
+    ++releases_[sg];
     return true;
   }
 
@@ -623,7 +677,10 @@ class Dispatch {
   std::vector<void*> tg_ptrs_;
   std::size_t tg_buffer_bytes_ = 0;
   std::size_t tg_local_bytes_ = 0;
-  std::unordered_set<void*> tg_locals_seen_;
+  std::unordered_map<void*, std::size_t> tg_locals_;  // function-scope arrays: bytes
+  // Per SIMD-group: rendezvous released, and collectives carried out (by the first
+  // lane to resume after each release); they differ while a release is unclaimed.
+  std::vector<uint64_t> releases_, collectives_taken_;
   std::mt19937_64 rng_;
   bool strict_ = false;
   StrictMemory memory_;
@@ -697,6 +754,13 @@ SimdView simd_exchange(const Site& site, const void* value, std::size_t size) {
 
 void threadgroup_local(void* p, std::size_t size) {
   active("threadgroup variable").threadgroup_local(p, size);
+}
+
+unsigned lane_in_simdgroup() { return active("simdgroup_matrix").lane(); }
+
+void check_matrix_access(const Site& site, const void* const* elements, unsigned count,
+                         std::size_t element_bytes) {
+  active(site.op).check_matrix_access(site, elements, count, element_bytes);
 }
 
 void fill_poison(void* p, std::size_t size) { fill_pattern(p, size, g_schedule.poison); }

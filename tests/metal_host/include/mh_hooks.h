@@ -33,10 +33,17 @@ void threadgroup_barrier(const Site& site, unsigned mem_flags);
 // (lane i at offset i * kSimdSlotBytes); inactive lanes of a partial SIMD-group hold
 // the schedule's poison. The returned memory stays valid until the caller's next SIMD-group
 // operation.
+//
+// `first` is true for exactly one lane per rendezvous: the first of its SIMD-group to
+// run after the release. A collective operation (SIMD-group matrix load, store or
+// product) is carried out by that lane for all 32 at that one moment, as the
+// SIMD-group executes it on a GPU, and its per-lane results are left in the slots
+// (hence writable) for the other lanes to pick up.
 struct SimdView {
-  const unsigned char* slots;
+  unsigned char* slots;
   unsigned lane;       // the caller's lane
   unsigned live;       // lanes 0 .. live-1 exist; the rest of the 32 do not
+  bool first;          // the first lane of the SIMD-group to resume after the release
 };
 SimdView simd_exchange(const Site& site, const void* value, std::size_t size);
 
@@ -44,6 +51,19 @@ SimdView simd_exchange(const Site& site, const void* value, std::size_t size);
 // to a static by rewrite.py): the first thread of a group to get there poisons it,
 // as the runtime does for [[threadgroup(n)]] buffers at group start.
 void threadgroup_local(void* p, std::size_t size);
+
+// The caller's thread_index_in_simdgroup (a SIMD-group matrix constructor needs to
+// know which elements its lane holds).
+unsigned lane_in_simdgroup();
+
+// Checks the memory that a SIMD-group matrix load or store touches: the `count`
+// elements of `element_bytes` bytes at `elements` (row-major over the 8x8 matrix)
+// must all lie in the one threadgroup buffer, function-scope threadgroup array or
+// registered device buffer (the arrays Python passed) that holds any of them;
+// otherwise a kernel error names the site and the first element outside. Memory
+// the runtime does not know (a buffer an adaptor allocated) is not checked.
+void check_matrix_access(const Site& site, const void* const* elements, unsigned count,
+                         std::size_t element_bytes);
 
 // Fills p with the running schedule's poison pattern (what a lane that does not
 // exist, or memory nobody wrote, holds).

@@ -71,6 +71,8 @@ MH_VECTOR_TYPES(short)
 MH_VECTOR_TYPES(ushort)
 MH_VECTOR_TYPES(char)
 MH_VECTOR_TYPES(uchar)
+MH_VECTOR_TYPES(long)
+MH_VECTOR_TYPES(ulong)
 #undef MH_VECTOR_TYPES
 
 namespace detail {
@@ -552,6 +554,8 @@ inline bool simd_any(bool x, MH_LOC) {
 #define uint2(...) mh_make_vec<::metal::uint, 2>(__VA_ARGS__)
 #define uint3(...) mh_make_vec<::metal::uint, 3>(__VA_ARGS__)
 #define uint4(...) mh_make_vec<::metal::uint, 4>(__VA_ARGS__)
+#define long2(...) mh_make_vec<long, 2>(__VA_ARGS__)
+#define ulong2(...) mh_make_vec<::metal::ulong, 2>(__VA_ARGS__)
 
 // Lets the macros above work with or without `using namespace metal`.
 using metal::mh_make_vec;

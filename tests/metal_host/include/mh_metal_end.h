@@ -24,3 +24,5 @@
 #undef uint2
 #undef uint3
 #undef uint4
+#undef long2
+#undef ulong2

@@ -265,3 +265,69 @@ extern "C" int msl_subset_f32(const float* x, float* out) {
     });
   });
 }
+
+// ---- SIMD-group matrices (ok_simdgroup_matrix.metal, bad_simdgroup_matrix.metal) ----
+
+using metal::bfloat;
+using metal::half;
+
+// One SIMD-group: d = a * b + c for 8x8 matrices (b transposed in memory if asked).
+template <class T, class Acc>
+static int run_mma_8x8(const T* a, const T* b, const Acc* c, Acc* d, uint32_t transpose_b) {
+  return mh::guarded([&] {
+    mh::dispatch_threadgroups({1}, {32}, {}, [&](const mh::ThreadCtx&) {
+      if (transpose_b) mma_8x8<T, Acc, true>(a, b, c, d);
+      else mma_8x8<T, Acc, false>(a, b, c, d);
+    });
+  });
+}
+
+#define MH_MMA_8X8_ENTRY(name, T, Acc)                                                   \
+  extern "C" int name(const T* a, const T* b, const Acc* c, Acc* d, uint32_t transpose_b) { \
+    return run_mma_8x8<T, Acc>(a, b, c, d, transpose_b);                                 \
+  }
+MH_MMA_8X8_ENTRY(mma_8x8_f32, float, float)
+MH_MMA_8X8_ENTRY(mma_8x8_f16, half, half)
+MH_MMA_8X8_ENTRY(mma_8x8_bf16, bfloat, bfloat)
+MH_MMA_8X8_ENTRY(mma_8x8_f16_f32, half, float)
+MH_MMA_8X8_ENTRY(mma_8x8_bf16_f32, bfloat, float)
+#undef MH_MMA_8X8_ENTRY
+
+extern "C" int matrix_forms_f32(const float* a, float* out) {
+  return mh::guarded([&] {
+    mh::dispatch_threadgroups({1}, {32}, {}, [&](const mh::ThreadCtx&) { matrix_forms(a, out); });
+  });
+}
+
+extern "C" int fragment_layout_f32(const float* x, float* lanes, float* out) {
+  return mh::guarded([&] {
+    mh::dispatch_threadgroups({1}, {32}, {}, [&](const mh::ThreadCtx& t) {
+      fragment_layout(x, lanes, out, t.thread_index_in_simdgroup);
+    });
+  });
+}
+
+// C[m x n] = A[m x k] B[k x n] by 32x32 blocks, 128 threads per block.
+template <class T, class Acc, class Kernel>
+static int run_tiled_gemm(Kernel kernel, const T* a, const T* b, Acc* c, uint32_t m, uint32_t n,
+                          uint32_t k) {
+  return mh::guarded([&] {
+    const std::size_t tile_bytes = 256 * sizeof(T);
+    mh::dispatch_threadgroups({n / 32, m / 32}, {128}, {tile_bytes, tile_bytes},
+                              [&](const mh::ThreadCtx& t) {
+      kernel(a, b, c, n, k, t.threadgroup_memory<T>(0), t.threadgroup_memory<T>(1),
+             {t.threadgroup_position_in_grid.x, t.threadgroup_position_in_grid.y},
+             t.thread_index_in_threadgroup, t.simdgroup_index_in_threadgroup);
+    });
+  });
+}
+
+#define MH_TILED_GEMM_ENTRY(name, T, Acc)                                                      \
+  extern "C" int name(const T* a, const T* b, Acc* c, uint32_t m, uint32_t n, uint32_t k) {   \
+    return run_tiled_gemm<T, Acc>(tiled_gemm<T, Acc>, a, b, c, m, n, k);                       \
+  }
+MH_TILED_GEMM_ENTRY(tiled_gemm_f32, float, float)
+MH_TILED_GEMM_ENTRY(tiled_gemm_f16, half, half)
+MH_TILED_GEMM_ENTRY(tiled_gemm_bf16, bfloat, bfloat)
+MH_TILED_GEMM_ENTRY(tiled_gemm_f16_f32, half, float)
+#undef MH_TILED_GEMM_ENTRY
