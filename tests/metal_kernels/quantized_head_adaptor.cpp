@@ -1,0 +1,156 @@
+// Harness adaptor for tests/metal_kernels/quantized_head_tile.metal (the tile
+// stager of metal/quantized_head.h), used by tests/test_metal_quantized_head.py.
+//
+// `fence` != 0 copies w_q, scales and biases into memory with an inaccessible
+// page (PROT_NONE) right after the last byte (fence 1) or right before the
+// first (fence 2): a read one element out of bounds, even one whose value is
+// then discarded, kills the process (the test runs that sweep in a
+// subprocess). The harness's guard bytes see only writes and used reads.
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cstdint>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <string>
+
+#include "metal_host.h"
+
+namespace {
+
+struct QhBufs {
+  const uint32_t* w_q;
+  const void* scales;
+  const void* biases;
+  void* out;
+  const metal::int4* shape;
+};
+
+using QhFn = void (*)(const QhBufs&, const mh::ThreadCtx&);
+
+template <class S, int kBits, class TT, int R, int C>
+void qh_call(const QhBufs& b, const mh::ThreadCtx& t) {
+  qh_stage_tile<S, kBits, TT, R, C>(
+      b.w_q, static_cast<const S*>(b.scales), static_cast<const S*>(b.biases),
+      static_cast<TT*>(b.out), *b.shape, t.threadgroup_memory<TT>(0),
+      t.threadgroup_position_in_grid.xy, t.threadgroups_per_grid.xy, t.thread_index_in_threadgroup,
+      t.threads_per_threadgroup.xy);
+}
+
+struct Entry {
+  QhFn fn;
+  int rows, cols, tile_elem_bytes;
+};
+
+struct Registry {
+  std::map<std::string, Entry> fns;
+  template <class S, class TT, int kBits>
+  void add_tiles(const std::string& stem) {
+    fns[stem + "_32x32"] = {qh_call<S, kBits, TT, 32, 32>, 32, 32, int(sizeof(TT))};
+    fns[stem + "_8x16"] = {qh_call<S, kBits, TT, 8, 16>, 8, 16, int(sizeof(TT))};
+    fns[stem + "_16x64"] = {qh_call<S, kBits, TT, 16, 64>, 16, 64, int(sizeof(TT))};
+  }
+  template <class S, class TT>
+  void add(const std::string& sname, const std::string& tname) {
+    std::string stem = "qh_tile_" + sname + "_" + tname + "_b";
+    add_tiles<S, TT, 2>(stem + "2");
+    add_tiles<S, TT, 4>(stem + "4");
+    add_tiles<S, TT, 8>(stem + "8");
+  }
+  Registry() {
+    add<float, float>("float32", "float32");
+    add<metal::half, metal::half>("float16", "float16");
+    add<metal::bfloat, metal::bfloat>("bfloat16", "bfloat16");
+    add<metal::half, float>("float16", "float32");
+    add<metal::bfloat, float>("bfloat16", "float32");
+    add<float, metal::half>("float32", "float16");
+    add<float, metal::bfloat>("float32", "bfloat16");
+  }
+};
+
+const Registry& registry() {
+  static const Registry r;
+  return r;
+}
+
+// A copy of `bytes` bytes placed against an inaccessible page: after its end
+// (where = 1) or before its start (where = 2).
+class Fenced {
+ public:
+  Fenced(const void* src, size_t bytes, int where) {
+    const size_t page = size_t(sysconf(_SC_PAGESIZE));
+    const size_t data_pages = (bytes + page - 1) / page + 1;
+    size_ = (data_pages + 2) * page;
+    void* m = mmap(nullptr, size_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) throw mh::Error("mmap failed");
+    base_ = static_cast<char*>(m);
+    mprotect(base_, page, PROT_NONE);
+    mprotect(base_ + (data_pages + 1) * page, page, PROT_NONE);
+    char* first = base_ + page;
+    char* end = base_ + (data_pages + 1) * page;
+    data_ = where == 1 ? end - bytes : first;
+    std::memcpy(data_, src, bytes);
+  }
+  ~Fenced() {
+    munmap(base_, size_);
+  }
+  const void* data() const {
+    return data_;
+  }
+
+ private:
+  char* base_ = nullptr;
+  char* data_ = nullptr;
+  size_t size_ = 0;
+};
+
+} // namespace
+
+extern "C" {
+
+int qh_registry_names(uint8_t* out, uint32_t cap) {
+  return mh::guarded([&] {
+    std::string s;
+    for (auto& [k, v] : registry().fns) s += k + "\n";
+    if (s.size() + 1 > cap) throw mh::Error("qh_registry_names: buffer too small");
+    std::memcpy(out, s.c_str(), s.size() + 1);
+  });
+}
+
+// out: [ceil(V / R) * R, ceil(H / C) * C] in the tile type. scale_bytes: the
+// size of one scale (4 or 2); fence as above (0: the arrays in place).
+int qh_tile_run(const uint8_t* name, const uint32_t* w_q, const void* scales, const void* biases,
+                void* out, int vocab, int hidden, int group_size, int transposed, int threads,
+                int scale_bytes, int fence) {
+  return mh::guarded([&] {
+    auto it = registry().fns.find(reinterpret_cast<const char*>(name));
+    if (it == registry().fns.end()) throw mh::Error("no such tile kernel");
+    const Entry& e = it->second;
+    int bits_per_word = 0;
+    {
+      std::string n(reinterpret_cast<const char*>(name));
+      bits_per_word = n.find("_b2_") != std::string::npos ? 2 : n.find("_b4_") != std::string::npos ? 4 : 8;
+    }
+    const size_t words = size_t(vocab) * size_t(hidden * bits_per_word / 32);
+    const size_t groups = size_t(vocab) * size_t(hidden / group_size);
+    metal::int4 shape = {vocab, hidden, group_size == 32 ? 5 : group_size == 64 ? 6 : 7, transposed};
+    QhBufs b{w_q, scales, biases, out, &shape};
+    std::unique_ptr<Fenced> fw, fs, fb;
+    if (fence != 0) {
+      fw = std::make_unique<Fenced>(w_q, words * 4, fence);
+      fs = std::make_unique<Fenced>(scales, groups * size_t(scale_bytes), fence);
+      fb = std::make_unique<Fenced>(biases, groups * size_t(scale_bytes), fence);
+      b.w_q = static_cast<const uint32_t*>(fw->data());
+      b.scales = fs->data();
+      b.biases = fb->data();
+    }
+    const uint32_t gx = uint32_t((hidden + e.cols - 1) / e.cols);
+    const uint32_t gy = uint32_t((vocab + e.rows - 1) / e.rows);
+    const size_t tg = (size_t(e.rows * e.cols * e.tile_elem_bytes) + 15) / 16 * 16;
+    mh::dispatch_threadgroups({gx, gy, 1}, {uint32_t(threads), 1, 1}, {tg},
+                              [&](const mh::ThreadCtx& t) { e.fn(b, t); });
+  });
+}
+
+} // extern "C"
