@@ -437,14 +437,29 @@ def test_simdgroup_multiply_accumulate_8x8(lib, operand, acc, transpose_b):
     assert_product_close(from_device(d, acc), a64, b64, c64, acc)
 
 
+def test_half_accumulator_rounds_after_every_step(lib):
+    """The documented model of a half accumulator: 2048 + 1 rounds back to 2048 in
+    half, so eight unit products vanish one by one; a sum kept in float and rounded
+    once would give 2056 (representable in half)."""
+    ones = np.ones((8, 8), np.float16)
+    c = np.full((8, 8), 2048, np.float16)
+    d = np.full((8, 8), np.nan, np.float16)
+    lib.run("mma_8x8_f16", ones, ones, c, d, u32(0))
+    np.testing.assert_array_equal(d, c)
+    d32 = np.full((8, 8), np.nan, np.float32)
+    lib.run("mma_8x8_f16_f32", ones, ones, c.astype(np.float32), d32, u32(0))
+    np.testing.assert_array_equal(d32, np.full((8, 8), 2056, np.float32))
+
+
 def test_simdgroup_matrix_constructors_and_operators(lib):
     a = np.random.default_rng(21).standard_normal((8, 8)).astype(np.float32)
-    out = np.full((3, 8, 8), np.nan, np.float32)
+    out = np.full((4, 8, 8), np.nan, np.float32)
     lib.run("matrix_forms_f32", a, out)
     a64 = a.astype(np.float64)
     np.testing.assert_array_equal(out[0], 2 * a)  # diagonal 2 I times a: exact
     assert_product_close(out[1].astype(np.float64), a64, a64, np.zeros((8, 8)), "f32")
     np.testing.assert_array_equal(out[2], a + 1)
+    np.testing.assert_array_equal(out[3], a.T)
 
 
 def test_simdgroup_matrix_fragment_layout(lib):
@@ -478,6 +493,122 @@ def test_tiled_gemm_through_threadgroup_tiles(lib, operand, acc):
     lib.run(f"tiled_gemm_{operand}" + ("" if operand == acc else f"_{acc}"), a, b, c,
             u32(m), u32(n), u32(k))
     assert_product_close(from_device(c, acc), a64, b64, np.zeros((m, n)), acc)
+
+
+# Each broken use of SIMD-group matrices is reported; its twin passes.
+
+GEMM_FAULTS = {"no_stage_barrier": 0, "no_reuse_barrier": 1, "a_stride_9": 2, "b_stride_16": 3}
+
+
+def run_broken_gemm(lib, fault: str, **kwargs):
+    m, n, k = 32, 64, 24
+    rng = np.random.default_rng(23)
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    b = rng.standard_normal((k, n)).astype(np.float32)
+    c = np.full((m, n), np.nan, np.float32)
+    lib.run("tiled_gemm_broken_f32", u32(GEMM_FAULTS[fault]), a, b, c, u32(m), u32(n), u32(k),
+            **kwargs)
+    return a, b, c
+
+
+def test_tile_loaded_before_it_is_staged_is_reported(lib):
+    # Lock-step rounds let every thread stage before any SIMD-group's load happens
+    # (a load waits for its whole SIMD-group): the race needs a run-ahead schedule...
+    run_broken_gemm(lib, "no_stage_barrier", schedules=LOCKSTEP)
+    # ...where the unstaged part of the tile reaches the result as poison...
+    _, _, c = run_broken_gemm(lib, "no_stage_barrier", schedules=[mh.Schedule("ahead")])
+    assert np.isnan(c).any()
+    with pytest.raises(mh.ScheduleDependent, match="SIMD-group that runs ahead"):
+        run_broken_gemm(lib, "no_stage_barrier")
+    # ...and the strict memory model alone sees the missing publication too.
+    with pytest.raises(mh.ScheduleDependent, match="Only the memory model differs"):
+        run_broken_gemm(lib, "no_stage_barrier",
+                        schedules=[mh.Schedule("ahead"), mh.Schedule("ahead", memory="strict")])
+
+
+def test_tile_restaged_before_every_simdgroup_loaded_it_is_reported(lib):
+    run_broken_gemm(lib, "no_reuse_barrier", schedules=LOCKSTEP)
+    with pytest.raises(mh.ScheduleDependent, match="SIMD-group that runs ahead"):
+        run_broken_gemm(lib, "no_reuse_barrier")
+
+
+def test_tile_read_past_its_end_is_reported(lib):
+    with pytest.raises(mh.KernelError) as err:
+        run_broken_gemm(lib, "a_stride_9")
+    msg = str(err.value)
+    lines = (SELFTEST / "simdgroup_tiled_gemm.h").read_text().splitlines()
+    line = next(i for i, text in enumerate(lines, 1) if "simdgroup_load(a_frag[i]" in text)
+    assert f"simdgroup_load at {SELFTEST}/simdgroup_tiled_gemm.h:{line}:" in msg
+    assert "of threadgroup buffer 0 (1024 bytes), outside it" in msg
+
+
+def test_tile_read_with_a_wrong_row_length_gives_wrong_results(lib):
+    a, b, c = run_broken_gemm(lib, "b_stride_16")  # in bounds and race-free...
+    err = np.abs(c - a.astype(np.float64) @ b)
+    assert err.max() > 1.0  # ...but not the product, which the twins match
+
+
+def test_matrix_load_past_a_device_buffer_is_reported(lib):
+    x = np.arange(64, dtype=np.float32)
+    out = np.full(64, np.nan, np.float32)
+    with pytest.raises(mh.KernelError) as err:
+        lib.run("strided_copy_f32", x, out, u32(9))
+    msg = str(err.value)
+    assert "simdgroup_load at " + site("bad_simdgroup_matrix.metal", "simdgroup_load(m, x, stride)") in msg
+    assert "element (7, 1) of the 8x8 matrix is at byte offset 256 of device buffer 0" in msg
+    lib.run("strided_copy_f32", x, out, u32(8))
+    np.testing.assert_array_equal(out, x)
+
+
+def test_lane_skipping_a_matrix_multiply_is_reported(lib):
+    x = np.random.default_rng(24).standard_normal(64).astype(np.float32)
+    out = np.full(64, np.nan, np.float32)
+    with pytest.raises(mh.KernelError, match="different SIMD-group functions") as err:
+        lib.run("lane_skips_f32", x, out, u32(64), u32(1))
+    msg = str(err.value)
+    assert "simdgroup_multiply_accumulate at " + site(
+        "bad_simdgroup_matrix.metal", "simdgroup_multiply_accumulate(d, a, a, d)") in msg
+    assert "threads 5 wait in simdgroup_store" in msg
+    lib.run("lane_skips_f32", x, out, u32(64), u32(0))
+    x64 = x.reshape(8, 8).astype(np.float64)
+    assert_product_close(out.reshape(8, 8).astype(np.float64), x64, x64, np.ones((8, 8)), "f32")
+
+
+def test_matrix_operation_in_a_partial_simdgroup_is_reported(lib):
+    x = np.ones(64, np.float32)
+    out = np.zeros(64, np.float32)
+    with pytest.raises(mh.KernelError, match="need all 32 lanes") as err:
+        lib.run("lane_skips_f32", x, out, u32(48), u32(0))
+    assert "SIMD-group 1" in str(err.value) or "thread 32" in str(err.value)
+
+
+def test_matrix_load_arguments_must_be_uniform(lib):
+    x = np.ones(128, np.float32)
+    out = np.zeros(64, np.float32)
+    with pytest.raises(mh.KernelError, match="must be the same in all lanes"):
+        lib.run("nonuniform_pointer_f32", x, out)
+
+
+def test_transposed_load_with_an_origin_is_refused(lib):
+    x = np.arange(16 * 16, dtype=np.float32)
+    out = np.full(64, np.nan, np.float32)
+    with pytest.raises(mh.KernelError, match="does not define which layout the origin is in"):
+        lib.run("transposed_origin_f32", x, out, u32(1))
+    lib.run("transposed_origin_f32", x, out, u32(0))  # the pointer offset instead
+    np.testing.assert_array_equal(out.reshape(8, 8), x.reshape(16, 16)[8:16, 0:8].T)
+
+
+def test_uninitialised_accumulator_is_reported(lib):
+    x = np.ones(64, np.float32)
+    out = np.zeros(64, np.float32)
+    with pytest.raises(mh.ScheduleDependent, match="Only the poison differs"):
+        lib.run("uninitialised_accumulator_f32", x, out)
+
+
+def test_fragments_written_with_a_wrong_layout_come_out_misplaced(lib):
+    out = np.full(64, np.nan, np.float32)
+    lib.run("fragment_wrong_layout_f32", out)
+    assert not np.array_equal(out, np.arange(64, dtype=np.float32))  # fragment_layout's twin is
 
 
 # ---- static address-space check ---------------------------------------------------

@@ -331,3 +331,54 @@ MH_TILED_GEMM_ENTRY(tiled_gemm_f16, half, half)
 MH_TILED_GEMM_ENTRY(tiled_gemm_bf16, bfloat, bfloat)
 MH_TILED_GEMM_ENTRY(tiled_gemm_f16_f32, half, float)
 #undef MH_TILED_GEMM_ENTRY
+
+extern "C" int tiled_gemm_broken_f32(uint32_t fault, const float* a, const float* b, float* c,
+                                     uint32_t m, uint32_t n, uint32_t k) {
+  switch (fault) {
+    case 0: return run_tiled_gemm<float, float>(tiled_gemm_broken<0>, a, b, c, m, n, k);
+    case 1: return run_tiled_gemm<float, float>(tiled_gemm_broken<1>, a, b, c, m, n, k);
+    case 2: return run_tiled_gemm<float, float>(tiled_gemm_broken<2>, a, b, c, m, n, k);
+    default: return run_tiled_gemm<float, float>(tiled_gemm_broken<3>, a, b, c, m, n, k);
+  }
+}
+
+// One SIMD-group (or `threads` threads) running a kernel(x, out[, lane]).
+template <class Kernel>
+static int run_one_group(Kernel kernel, uint32_t threads = 32) {
+  return mh::guarded([&] {
+    mh::dispatch_threadgroups({1}, {threads}, {}, [&](const mh::ThreadCtx& t) { kernel(t); });
+  });
+}
+
+extern "C" int strided_copy_f32(const float* x, float* out, uint32_t stride) {
+  return run_one_group([&](const mh::ThreadCtx&) { strided_copy(x, out, stride); });
+}
+
+extern "C" int lane_skips_f32(const float* x, float* out, uint32_t threads, uint32_t skip) {
+  return run_one_group(
+      [&](const mh::ThreadCtx& t) {
+        (skip ? lane_skips_multiply<true> : lane_skips_multiply<false>)(
+            x, out, t.thread_index_in_simdgroup);
+      },
+      threads);
+}
+
+extern "C" int nonuniform_pointer_f32(const float* x, float* out) {
+  return run_one_group(
+      [&](const mh::ThreadCtx& t) { nonuniform_pointer(x, out, t.thread_index_in_simdgroup); });
+}
+
+extern "C" int transposed_origin_f32(const float* x, float* out, uint32_t origin) {
+  return run_one_group([&](const mh::ThreadCtx&) {
+    (origin ? transposed_with_origin<true> : transposed_with_origin<false>)(x, out);
+  });
+}
+
+extern "C" int uninitialised_accumulator_f32(const float* x, float* out) {
+  return run_one_group([&](const mh::ThreadCtx&) { uninitialised_accumulator(x, out); });
+}
+
+extern "C" int fragment_wrong_layout_f32(float* out) {
+  return run_one_group(
+      [&](const mh::ThreadCtx& t) { fragment_wrong_layout(out, t.thread_index_in_simdgroup); });
+}
