@@ -532,6 +532,15 @@ def test_tile_restaged_before_every_simdgroup_loaded_it_is_reported(lib):
         run_broken_gemm(lib, "no_reuse_barrier")
 
 
+def test_matrix_stored_to_threadgroup_memory_read_without_barrier_is_reported(lib):
+    x = np.arange(128, dtype=np.float32)
+    out = np.full(64, np.nan, np.float32)
+    with pytest.raises(mh.ScheduleDependent, match="thread order differs"):
+        lib.run("store_then_read_f32", x, out, u32(0))
+    lib.run("store_then_read_f32", x, out, u32(1))
+    np.testing.assert_array_equal(out, x[64:])
+
+
 def test_tile_read_past_its_end_is_reported(lib):
     with pytest.raises(mh.KernelError) as err:
         run_broken_gemm(lib, "a_stride_9")

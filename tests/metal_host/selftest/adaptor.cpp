@@ -382,3 +382,13 @@ extern "C" int fragment_wrong_layout_f32(float* out) {
   return run_one_group(
       [&](const mh::ThreadCtx& t) { fragment_wrong_layout(out, t.thread_index_in_simdgroup); });
 }
+
+extern "C" int store_then_read_f32(const float* x, float* out, uint32_t barrier) {
+  return mh::guarded([&] {
+    mh::dispatch_threadgroups({1}, {64}, {128 * sizeof(float)}, [&](const mh::ThreadCtx& t) {
+      (barrier ? store_then_read<true> : store_then_read<false>)(
+          x, out, t.threadgroup_memory<float>(0), t.thread_index_in_threadgroup,
+          t.simdgroup_index_in_threadgroup);
+    });
+  });
+}

@@ -112,3 +112,22 @@ kernel void fragment_wrong_layout(
   coords.thread_elements() = float2(float(row * 8 + col), float(row * 8 + col + 1));
   simdgroup_store(coords, out);
 }
+
+// Each SIMD-group stores its 8x8 matrix into threadgroup memory, then every thread
+// reads an element another SIMD-group stored: without the barrier in between
+// (kBarrier false) it reads a matrix not yet stored. 64 threads.
+template <bool kBarrier>
+[[kernel]] void store_then_read(
+    device const float* x [[buffer(0)]],
+    device float* out [[buffer(1)]],
+    threadgroup float* tile [[threadgroup(0)]],
+    uint tid [[thread_index_in_threadgroup]],
+    uint sg [[simdgroup_index_in_threadgroup]]) {
+  simdgroup_float8x8 m;
+  simdgroup_load(m, x + sg * 64);
+  simdgroup_store(m, tile + sg * 64);
+  if (kBarrier) {
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+  }
+  out[tid] = tile[(tid + 64) % 128];
+}
