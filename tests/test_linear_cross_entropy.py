@@ -93,19 +93,11 @@ def row_cotangent(args, reduction, cotangent, ignore_index):
     return np.full(t.shape, g)
 
 
-def check_against_reference(args, dtype, cotangent=None, fused_args=None, argnames=GRAD_NAMES,
-                            **options):
-    """`fused_args` (default `args`) go to the kernel, `args` to the reference."""
-    r = reference(args, cotangent=None if cotangent is None else to_np(cotangent), **options)
-    loss, grads = fused_loss_and_grads(fused_args or args, argnames=argnames, cotangent=cotangent,
-                                       **options)
+def gradient_bounds(args, r, reduction, cotangent=None, ignore_index=None, z_loss=0.0):
+    """(mags, logit_err): per gradient name, the magnitude of the products it
+    sums and the float32 logits' error carried into it (assert_close's `mag`
+    and `scale`); `r` is the float64 reference."""
     scale = logit_scale(args)
-    reduction = options.get("reduction", "mean")
-    loss_scale = scale.reshape(np.shape(r["loss"])) if reduction == "none" else scale.mean() if scale.size else 0.0
-    out_dtype = options.get("dtype") or dtype
-    assert loss.dtype == out_dtype
-    assert_close(loss, r["loss"], out_dtype, scale=loss_scale * (1 + 2 * options.get("z_loss", 0) * 50),
-                 what="loss")
     # Gradient bound: the magnitudes of the products each gradient sums
     # (|dZ| |W|, |dZ|^T |H|), plus the logits' rounding carried through the
     # softmax: dz_rj moves by ~|dz_rj| delta_r (the target's entry by up to
@@ -122,9 +114,27 @@ def check_against_reference(args, dtype, cotangent=None, fused_args=None, argnam
     ok = (t >= 0) & (t < err.shape[1])
     err[rows[ok], t[ok]] += dz[ok].sum(-1)
     err *= scale.reshape(-1, 1)
-    g_rows = np.abs(row_cotangent(args, reduction, cotangent, options.get("ignore_index")))
-    err[rows[ok], t[ok]] += 2 * (1 + 2 * options.get("z_loss", 0) * scale[ok]) * g_rows[ok]
+    g_rows = np.abs(row_cotangent(args, reduction, cotangent, ignore_index))
+    err[rows[ok], t[ok]] += 2 * (1 + 2 * z_loss * scale[ok]) * g_rows[ok]
     logit_err = {"hidden": (err @ w).reshape(r["hidden"].shape), "weight": err.T @ h, "bias": err.sum(0)}
+    return mags, logit_err
+
+
+def check_against_reference(args, dtype, cotangent=None, fused_args=None, argnames=GRAD_NAMES,
+                            **options):
+    """`fused_args` (default `args`) go to the kernel, `args` to the reference."""
+    r = reference(args, cotangent=None if cotangent is None else to_np(cotangent), **options)
+    loss, grads = fused_loss_and_grads(fused_args or args, argnames=argnames, cotangent=cotangent,
+                                       **options)
+    scale = logit_scale(args)
+    reduction = options.get("reduction", "mean")
+    loss_scale = scale.reshape(np.shape(r["loss"])) if reduction == "none" else scale.mean() if scale.size else 0.0
+    out_dtype = options.get("dtype") or dtype
+    assert loss.dtype == out_dtype
+    assert_close(loss, r["loss"], out_dtype, scale=loss_scale * (1 + 2 * options.get("z_loss", 0) * 50),
+                 what="loss")
+    mags, logit_err = gradient_bounds(args, r, reduction, cotangent, options.get("ignore_index"),
+                                      options.get("z_loss", 0))
     for name, g in grads.items():
         assert g.dtype == args[name].dtype, name
         assert_close(g, r[name], args[name].dtype, scale=logit_err[name], mag=mags[name],

@@ -94,6 +94,60 @@ typedef uint64_t fl_u64;
 #define FL_PW_BWD_ARGS 4
 #define FL_PW_BWD_NBUF 5
 
+// Fused linear cross-entropy (metal/linear_cross_entropy.metal). The kernels that
+// read the weight through a head (forward tiles, dZ, dH) share its three slots.
+#define FL_LCE_HIDDEN 0 // [N, H] T
+#define FL_LCE_WEIGHT 1 // [V, H] W (dense head) or the packed matrix of a quantized head
+#define FL_LCE_SCALES 2 // quantized head: [V, H / group_size]; dense: the weight again
+#define FL_LCE_QBIASES 3 // quantized head: [V, H / group_size]; dense: the weight again
+#define FL_LCE_TARGETS 4 // [N] int64 class indices
+#define FL_LCE_BIAS 5 // [V] float32 (no bias: any valid buffer, never read)
+// forward tiles: per (vocabulary split, row) online states, target logits
+#define FL_LCE_FWD_PARTIALS 6 // [S, N] float4 out: (max, sum exp, gap sum, entropy sum)
+#define FL_LCE_FWD_TARGET_LOGIT 7 // [N] float32 out: the target's (capped) logit
+#define FL_LCE_FWD_ARGS 8
+#define FL_LCE_FWD_NBUF 9
+// forward finish: merges the S states of a row, in split order
+#define FL_LCE_FIN_PARTIALS 0
+#define FL_LCE_FIN_TARGET_LOGIT 1
+#define FL_LCE_FIN_TARGETS 2
+#define FL_LCE_FIN_LOSS 3 // [N] float32 out (sum_rows: a temporary, summed after)
+#define FL_LCE_FIN_LSE 4 // [N] float32 out
+#define FL_LCE_FIN_LSE_LO 5 // [N] float32 out
+#define FL_LCE_FIN_CORRECT 6 // [N] bool out
+#define FL_LCE_FIN_ENTROPY 7 // [N] float32 out
+#define FL_LCE_FIN_ARGS 8
+#define FL_LCE_FIN_NBUF 9
+// backward dZ of a row chunk (slots 0-5 as the forward)
+#define FL_LCE_DZ_LSE 6 // [N] float32
+#define FL_LCE_DZ_LSE_LO 7 // [N] float32
+#define FL_LCE_DZ_G 8 // [N] float32 cotangent per row (unit_cotangent: never read)
+#define FL_LCE_DZ_OUT 9 // [chunk_rows, V] float32 out
+#define FL_LCE_DZ_ARGS 10
+#define FL_LCE_DZ_NBUF 11
+// backward dH = dZ W of a row chunk (slots 1-3: the head)
+#define FL_LCE_DH_DZ 0 // [chunk_rows, V] float32
+#define FL_LCE_DH_OUT 4 // [N, H] float32 out (rows row0 .. row0 + chunk_rows)
+#define FL_LCE_DH_ARGS 5
+#define FL_LCE_DH_NBUF 6
+// backward dW (+)= dZ^T H_chunk (dense heads only)
+#define FL_LCE_DW_DZ 0
+#define FL_LCE_DW_HIDDEN 1 // [N, H] T
+#define FL_LCE_DW_OUT 2 // [V, H] float32 in/out
+#define FL_LCE_DW_ARGS 3
+#define FL_LCE_DW_NBUF 4
+// backward dbias (+)= column sums of dZ
+#define FL_LCE_DB_DZ 0
+#define FL_LCE_DB_OUT 1 // [V] float32 in/out
+#define FL_LCE_DB_ARGS 2
+#define FL_LCE_DB_NBUF 3
+// g * gradient in the primal's dtype (LceScaleGrad)
+#define FL_LCE_SCALE_G 0 // [1] float32
+#define FL_LCE_SCALE_SRC 1 // [n] float32
+#define FL_LCE_SCALE_OUT 2 // [n] T (float32: may be the source buffer itself)
+#define FL_LCE_SCALE_ARGS 3 // constant PwArgs& (size = n)
+#define FL_LCE_SCALE_NBUF 4
+
 // ---- argument structs ----------------------------------------------------------
 
 // Cross-entropy (forward and backward).
@@ -134,7 +188,41 @@ struct PwArgs {
 
 #define FL_PW_KIND_FOCAL_GAMMA_TWO 3
 
+// Fused linear cross-entropy: one struct for every kernel of a call; the host
+// changes row0 / chunk_rows / accumulate between the chunks of the backward.
+struct LceArgs {
+  fl_i64 ignore_index;
+  fl_i64 rows; // N
+  fl_i64 row0; // backward: first row of the chunk
+  int vocab; // V
+  int hidden; // H
+  int chunk_rows; // backward: rows in the chunk (the dZ buffer's rows)
+  int vocab_per_split; // forward: columns per vocabulary split (a multiple of FL_LCE_BN)
+  int num_splits; // forward: S
+  int has_ignore_index;
+  int has_bias;
+  int unit_cotangent; // dZ: g = 1 for every row (the forward's fused gradients)
+  int accumulate; // dW, dbias: add to the output (chunks after the first)
+  int bits; // 0: dense head; 2/4/8: affine-quantized head
+  int group_size; // quantized head
+  float c_target; // label smoothing: q_j = c_other + c_target * onehot_j
+  float c_other;
+  float a_sum; // A = sum_j q_j = c_target + c_other * V
+  float z_loss;
+  float softcap; // 0: none
+};
+
 // ---- work per thread -------------------------------------------------------------
+
+// Linear cross-entropy tiles: BM rows x BN columns of the output per
+// threadgroup of FL_LCE_THREADS threads (4 SIMD-groups, 2 x 2, each 16 x 16:
+// 2 x 2 fragments of 8 x 8), BK of the reduction dimension staged per step.
+#define FL_LCE_BM 32
+#define FL_LCE_BN 32
+#define FL_LCE_BK 16
+#define FL_LCE_THREADS 128
+// Element-wise helpers of the linear cross-entropy (dbias, scale): threads per group.
+#define FL_LCE_ROW_THREADS 256
 
 // Row-wise kernels: contiguous elements per thread per step (the block variant
 // holds exactly this many per thread).
@@ -157,3 +245,4 @@ struct PwArgs {
 static_assert(sizeof(CeArgs) == 32, "CeArgs layout");
 static_assert(sizeof(SfArgs) == 32, "SfArgs layout");
 static_assert(sizeof(PwArgs) == 32, "PwArgs layout");
+static_assert(sizeof(LceArgs) == 88, "LceArgs layout");

@@ -293,4 +293,155 @@ PwArgs make_pw_args(uint64_t n, float param0, float param1, int reduce) {
   return a;
 }
 
+// ---- fused linear cross-entropy ----------------------------------------------------
+
+namespace {
+
+// Every GEMM group is FL_LCE_THREADS threads (the kernels' fragment layout).
+void check_lce_group(int max_group_threads) {
+  if (usable_threads(max_group_threads) < FL_LCE_THREADS) {
+    throw std::invalid_argument(
+        "launch plan: the linear cross-entropy kernels need 128 threads per threadgroup");
+  }
+}
+
+LaunchPlan lce_gemm_plan(const std::string& name, int64_t gx, int64_t gy, int max_group_threads) {
+  check_lce_group(max_group_threads);
+  LaunchPlan p;
+  p.kernel_name = name;
+  p.group[0] = FL_LCE_THREADS;
+  p.grid[0] = grid_dim(gx, "linear cross-entropy tiles");
+  p.grid[1] = grid_dim(gy, "linear cross-entropy tiles");
+  return p;
+}
+
+// One thread per element, groups of up to FL_LCE_ROW_THREADS.
+LaunchPlan lce_elementwise_plan(const std::string& name, int64_t n, int max_group_threads) {
+  LaunchPlan p;
+  p.kernel_name = name;
+  int64_t t = usable_threads(max_group_threads);
+  p.group[0] = uint32_t(min3(round_up_simd(n), FL_LCE_ROW_THREADS, t));
+  p.grid[0] = grid_dim(ceil_div(n, p.group[0]), "elements");
+  return p;
+}
+
+} // namespace
+
+LcePlan lce_plan(int64_t rows, int vocab, int hidden, int64_t chunk_bytes) {
+  check_row_shape(rows, vocab);
+  if (hidden < 0 || chunk_bytes <= 0) {
+    throw std::invalid_argument("launch plan: negative H or non-positive chunk_bytes");
+  }
+  LcePlan p;
+  p.rows = rows;
+  p.vocab = vocab;
+  p.hidden = hidden;
+  p.row_blocks = ceil_div(rows, FL_LCE_BM);
+  p.vocab_tiles = ceil_div(vocab, FL_LCE_BN);
+  int64_t tiles = p.vocab_tiles > 0 ? p.vocab_tiles : 1;
+  int64_t want = p.row_blocks > 0 ? ceil_div(kLceTargetGroups, p.row_blocks) : 1;
+  int64_t cap = tiles < kLceMaxSplits ? tiles : kLceMaxSplits;
+  int64_t splits = want < 1 ? 1 : (want > cap ? cap : want);
+  p.vocab_per_split = int(ceil_div(tiles, splits) * FL_LCE_BN);
+  p.splits = vocab > 0 ? int(ceil_div(vocab, p.vocab_per_split)) : 1;
+  int64_t fit = chunk_bytes / (4 * int64_t(vocab > 0 ? vocab : 1));
+  int64_t r = fit < 1 ? 1 : fit;
+  r = r < rows ? r : (rows > 0 ? rows : 1);
+  p.chunk_rows = r > FL_LCE_BM ? r / FL_LCE_BM * FL_LCE_BM : r;
+  return p;
+}
+
+std::string lce_dense_head(KDtype weight) {
+  return std::string("w") + dtype_name(weight);
+}
+
+LaunchPlan lce_forward_plan(KDtype hidden, const std::string& head, const LcePlan& p,
+                            int max_group_threads) {
+  LaunchPlan l = lce_gemm_plan(std::string("fl_lce_fwd_") + dtype_name(hidden) + "_" + head,
+                               p.rows > 0 ? p.splits : 0, p.row_blocks, max_group_threads);
+  l.buffers = buffer_names(FL_LCE_FWD_NBUF, {{FL_LCE_HIDDEN, "hidden"}, {FL_LCE_WEIGHT, "weight"},
+      {FL_LCE_SCALES, "scales"}, {FL_LCE_QBIASES, "qbiases"}, {FL_LCE_TARGETS, "targets"},
+      {FL_LCE_BIAS, "bias"}, {FL_LCE_FWD_PARTIALS, "partials"},
+      {FL_LCE_FWD_TARGET_LOGIT, "target_logit"}, {FL_LCE_FWD_ARGS, "args"}});
+  return l;
+}
+
+LaunchPlan lce_finish_plan(const LcePlan& p, int max_group_threads) {
+  LaunchPlan l = lce_elementwise_plan("fl_lce_fwd_finish", p.rows, max_group_threads);
+  l.buffers = buffer_names(FL_LCE_FIN_NBUF, {{FL_LCE_FIN_PARTIALS, "partials"},
+      {FL_LCE_FIN_TARGET_LOGIT, "target_logit"}, {FL_LCE_FIN_TARGETS, "targets"},
+      {FL_LCE_FIN_LOSS, "loss"}, {FL_LCE_FIN_LSE, "lse"}, {FL_LCE_FIN_LSE_LO, "lse_lo"},
+      {FL_LCE_FIN_CORRECT, "correct"}, {FL_LCE_FIN_ENTROPY, "entropy"}, {FL_LCE_FIN_ARGS, "args"}});
+  return l;
+}
+
+LaunchPlan lce_dz_plan(KDtype hidden, const std::string& head, const LcePlan& p,
+                       int64_t chunk_rows, int max_group_threads) {
+  LaunchPlan l = lce_gemm_plan(std::string("fl_lce_dz_") + dtype_name(hidden) + "_" + head,
+                               p.vocab_tiles, ceil_div(chunk_rows, FL_LCE_BM), max_group_threads);
+  l.buffers = buffer_names(FL_LCE_DZ_NBUF, {{FL_LCE_HIDDEN, "hidden"}, {FL_LCE_WEIGHT, "weight"},
+      {FL_LCE_SCALES, "scales"}, {FL_LCE_QBIASES, "qbiases"}, {FL_LCE_TARGETS, "targets"},
+      {FL_LCE_BIAS, "bias"}, {FL_LCE_DZ_LSE, "lse"}, {FL_LCE_DZ_LSE_LO, "lse_lo"},
+      {FL_LCE_DZ_G, "g"}, {FL_LCE_DZ_OUT, "dz"}, {FL_LCE_DZ_ARGS, "args"}});
+  return l;
+}
+
+LaunchPlan lce_dh_plan(const std::string& head, const LcePlan& p, int64_t chunk_rows,
+                       int max_group_threads) {
+  LaunchPlan l = lce_gemm_plan("fl_lce_dh_" + head, ceil_div(p.hidden, FL_LCE_BN),
+                               ceil_div(chunk_rows, FL_LCE_BM), max_group_threads);
+  l.buffers = buffer_names(FL_LCE_DH_NBUF, {{FL_LCE_DH_DZ, "dz"}, {FL_LCE_WEIGHT, "weight"},
+      {FL_LCE_SCALES, "scales"}, {FL_LCE_QBIASES, "qbiases"}, {FL_LCE_DH_OUT, "dh"},
+      {FL_LCE_DH_ARGS, "args"}});
+  return l;
+}
+
+LaunchPlan lce_dw_plan(KDtype hidden, const LcePlan& p, int max_group_threads) {
+  LaunchPlan l = lce_gemm_plan(std::string("fl_lce_dw_") + dtype_name(hidden),
+                               ceil_div(p.hidden, FL_LCE_BN), ceil_div(p.vocab, FL_LCE_BM),
+                               max_group_threads);
+  l.buffers = buffer_names(FL_LCE_DW_NBUF, {{FL_LCE_DW_DZ, "dz"}, {FL_LCE_DW_HIDDEN, "hidden"},
+      {FL_LCE_DW_OUT, "dw"}, {FL_LCE_DW_ARGS, "args"}});
+  return l;
+}
+
+LaunchPlan lce_dbias_plan(const LcePlan& p, int max_group_threads) {
+  LaunchPlan l = lce_elementwise_plan("fl_lce_dbias", p.vocab, max_group_threads);
+  l.buffers = buffer_names(FL_LCE_DB_NBUF, {{FL_LCE_DB_DZ, "dz"}, {FL_LCE_DB_OUT, "dbias"},
+      {FL_LCE_DB_ARGS, "args"}});
+  return l;
+}
+
+LaunchPlan lce_scale_plan(KDtype out, uint64_t n, int max_group_threads) {
+  LaunchPlan l = lce_elementwise_plan(std::string("fl_lce_scale_") + dtype_name(out), int64_t(n),
+                                      max_group_threads);
+  l.buffers = buffer_names(FL_LCE_SCALE_NBUF, {{FL_LCE_SCALE_G, "g"}, {FL_LCE_SCALE_SRC, "src"},
+      {FL_LCE_SCALE_OUT, "out"}, {FL_LCE_SCALE_ARGS, "args"}});
+  return l;
+}
+
+LceArgs make_lce_args(const LcePlan& p, float label_smoothing, int smoothing_mode,
+                      bool has_ignore_index, int64_t ignore_index, float z_loss, float softcap,
+                      bool has_bias) {
+  LceArgs a{};
+  flm::CeSmoothing c = flm::ce_smoothing(label_smoothing, smoothing_mode, p.vocab);
+  a.ignore_index = ignore_index;
+  a.rows = p.rows;
+  a.row0 = 0;
+  a.vocab = p.vocab;
+  a.hidden = p.hidden;
+  a.chunk_rows = int(p.chunk_rows);
+  a.vocab_per_split = p.vocab_per_split;
+  a.num_splits = p.splits;
+  a.has_ignore_index = has_ignore_index ? 1 : 0;
+  a.has_bias = has_bias ? 1 : 0;
+  a.c_target = c.c_target;
+  a.c_other = c.c_other;
+  // The CPU's A for hard targets without class weights (csrc/cpu/linear_cross_entropy.cpp).
+  a.a_sum = c.c_target + c.c_other * float(p.vocab);
+  a.z_loss = z_loss;
+  a.softcap = softcap;
+  return a;
+}
+
 } // namespace fl::mplan

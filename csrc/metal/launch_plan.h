@@ -97,4 +97,53 @@ LaunchPlan pw_backward_plan(KDtype dt, int kind, uint64_t n, bool cotan_in_dtype
                             int max_group_threads = kMaxGroupThreads);
 PwArgs make_pw_args(uint64_t n, float param0, float param1, int reduce);
 
+// ---- fused linear cross-entropy ----------------------------------------------------
+// Tiles of FL_LCE_BM x FL_LCE_BN outputs, FL_LCE_BK per staged step, one group of
+// FL_LCE_THREADS = 128 threads (4 SIMD-groups of 16 x 16, 2 x 2 fragments each);
+// every GEMM kernel (forward tiles, dZ, dH, dW) uses this one shape. Rules of
+// lce_plan (tested at each threshold +-1):
+//  - forward: B = ceil(N / BM) row blocks; the vocabulary is cut into
+//    S = clamp(ceil(kLceTargetGroups / B), 1, min(ceil(V / BN), kLceMaxSplits))
+//    splits of a whole number of BN tiles, then S = ceil(V / per split) (no
+//    empty split). Grid (S, B): at least ~kLceTargetGroups groups when the
+//    vocabulary allows, and the per-row states are S x N x 16 bytes
+//    (<= 1 KiB per row, never N x V). S depends on N and V only, so results do
+//    not depend on the device.
+//  - backward: rows per chunk R = clamp(chunk_bytes / (4 V), 1, N), rounded down
+//    to a multiple of BM when R > BM; the dZ buffer is R x V float32
+//    (<= chunk_bytes unless one row is already larger, as on the CPU).
+//  - every GEMM group is 128 threads: a pipeline limit below that is an error
+//    (Apple GPUs allow >= 256 for kernels of this size).
+constexpr int kLceTargetGroups = 512;
+constexpr int kLceMaxSplits = 64;
+
+struct LcePlan {
+  int64_t rows = 0; // N
+  int vocab = 0; // V
+  int hidden = 0; // H
+  int64_t row_blocks = 0; // ceil(N / BM)
+  int64_t vocab_tiles = 0; // ceil(V / BN)
+  int splits = 1; // S
+  int vocab_per_split = 0; // a multiple of BN
+  int64_t chunk_rows = 1; // R
+};
+LcePlan lce_plan(int64_t rows, int vocab, int hidden, int64_t chunk_bytes);
+// The head name of a dense weight of dtype dt: "w" + dtype name.
+std::string lce_dense_head(KDtype weight);
+LaunchPlan lce_forward_plan(KDtype hidden, const std::string& head, const LcePlan& p,
+                            int max_group_threads = kMaxGroupThreads);
+LaunchPlan lce_finish_plan(const LcePlan& p, int max_group_threads = kMaxGroupThreads);
+// The backward kernels of one chunk of `chunk_rows` rows.
+LaunchPlan lce_dz_plan(KDtype hidden, const std::string& head, const LcePlan& p,
+                       int64_t chunk_rows, int max_group_threads = kMaxGroupThreads);
+LaunchPlan lce_dh_plan(const std::string& head, const LcePlan& p, int64_t chunk_rows,
+                       int max_group_threads = kMaxGroupThreads);
+LaunchPlan lce_dw_plan(KDtype hidden, const LcePlan& p, int max_group_threads = kMaxGroupThreads);
+LaunchPlan lce_dbias_plan(const LcePlan& p, int max_group_threads = kMaxGroupThreads);
+LaunchPlan lce_scale_plan(KDtype out, uint64_t n, int max_group_threads = kMaxGroupThreads);
+// smoothing_mode: flm::kSmoothUniform | flm::kSmoothOthers; softcap 0: none.
+LceArgs make_lce_args(const LcePlan& p, float label_smoothing, int smoothing_mode,
+                      bool has_ignore_index, int64_t ignore_index, float z_loss, float softcap,
+                      bool has_bias);
+
 } // namespace fl::mplan

@@ -381,17 +381,11 @@ std::pair<std::vector<mx::array>, std::vector<int>> LceScaleGrad::vmap(
   return {{mx::astype(mx::multiply(g, grad, s), dtype_, s)}, {batched ? 0 : -1}};
 }
 
-void LceScaleGrad::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
-  throw std::runtime_error("linear_cross_entropy has no GPU kernel yet: pass stream=mx.cpu");
-}
-
-// The Metal kernels are a separate piece of work (csrc/metal, metal/): until
-// they exist, the GPU stream says so instead of silently copying to the CPU.
-void LinearCrossEntropy::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
-  throw std::runtime_error("linear_cross_entropy has no GPU kernel yet: pass stream=mx.cpu");
-}
-void LinearCrossEntropyVJP::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
-  throw std::runtime_error("linear_cross_entropy has no GPU kernel yet: pass stream=mx.cpu");
-}
+// eval_gpu: csrc/metal/linear_cross_entropy.cpp (Metal builds).
+#ifndef _METAL_
+FL_NO_METAL(LceScaleGrad)
+FL_NO_METAL(LinearCrossEntropy)
+FL_NO_METAL(LinearCrossEntropyVJP)
+#endif
 
 } // namespace fl

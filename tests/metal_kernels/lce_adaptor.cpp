@@ -1,0 +1,353 @@
+// Harness adaptor for metal/linear_cross_entropy.metal (with pointwise_loss.metal
+// for the summed loss's finish kernel), used by tests/test_metal_linear_cross_entropy.py.
+// Compiled by tests/metal_host after the .metal sources, in one translation unit,
+// with -I csrc.
+//
+// Every entry point runs the dispatch sequence of csrc/metal/linear_cross_entropy.cpp
+// (eval_gpu) with the plans of csrc/metal/launch_plan.cpp, and looks each kernel up
+// by the [[host_name]] the plan names in a registry that mirrors the FL_INST_LCE_*
+// macros (the test compares the two). The temporaries eval_gpu allocates (per-split
+// states, target logits, per-row losses, the dZ chunk) come from Python, so the
+// harness guards and compares them too.
+//
+// A quantized head adds its instantiations with Registry::add_head<Head>(name).
+#include <cstdint>
+#include <cstring>
+#include <map>
+#include <string>
+
+#include "metal_host.h"
+
+#include "metal/launch_plan.cpp"
+#include "metal/launch_plan.h"
+
+namespace {
+
+using fl::mplan::KDtype;
+using fl::mplan::LaunchPlan;
+using fl::mplan::LcePlan;
+
+void run_plan(const LaunchPlan& p, const mh::Kernel& body) {
+  if (p.empty()) {
+    return;
+  }
+  std::vector<std::size_t> tg;
+  if (p.threadgroup_bytes > 0) {
+    tg.push_back(p.threadgroup_bytes);
+  }
+  mh::dispatch_threadgroups({p.grid[0], p.grid[1], p.grid[2]},
+                            {p.group[0], p.group[1], p.group[2]}, tg, body);
+}
+
+// Buffers of one call, type-erased (each kernel casts to its instantiation's types).
+struct LceBufs {
+  const void* hidden;
+  const void* weight;
+  const void* scales;
+  const void* qbiases;
+  const int64_t* targets;
+  const float* bias;
+  float* partials;
+  float* target_logit;
+  float* loss;
+  float* lse;
+  float* lse_lo;
+  bool* correct;
+  float* entropy;
+  const float* g;
+  float* dz;
+  float* dh;
+  float* dw;
+  float* dbias;
+};
+
+using LceFn = void (*)(const LceBufs&, const LceArgs&, const mh::ThreadCtx&);
+
+template <class T, class Head>
+void fwd_call(const LceBufs& b, const LceArgs& a, const mh::ThreadCtx& t) {
+  using Wt = typename Head::weight_t;
+  using St = typename Head::scale_t;
+  lce_forward<T, Head>(static_cast<const T*>(b.hidden), static_cast<const Wt*>(b.weight),
+                       static_cast<const St*>(b.scales), static_cast<const St*>(b.qbiases),
+                       reinterpret_cast<const long*>(b.targets), b.bias,
+                       reinterpret_cast<metal::float4*>(b.partials), b.target_logit, a,
+                       t.threadgroup_position_in_grid.xy, t.thread_index_in_threadgroup,
+                       t.thread_index_in_simdgroup, t.simdgroup_index_in_threadgroup);
+}
+
+void finish_call(const LceBufs& b, const LceArgs& a, const mh::ThreadCtx& t) {
+  lce_forward_finish(reinterpret_cast<const metal::float4*>(b.partials), b.target_logit,
+                     reinterpret_cast<const long*>(b.targets), b.loss, b.lse, b.lse_lo, b.correct,
+                     b.entropy, a, t.thread_position_in_grid.x);
+}
+
+template <class T, class Head>
+void dz_call(const LceBufs& b, const LceArgs& a, const mh::ThreadCtx& t) {
+  using Wt = typename Head::weight_t;
+  using St = typename Head::scale_t;
+  lce_dz<T, Head>(static_cast<const T*>(b.hidden), static_cast<const Wt*>(b.weight),
+                  static_cast<const St*>(b.scales), static_cast<const St*>(b.qbiases),
+                  reinterpret_cast<const long*>(b.targets), b.bias, b.lse, b.lse_lo, b.g, b.dz, a,
+                  t.threadgroup_position_in_grid.xy, t.thread_index_in_threadgroup,
+                  t.thread_index_in_simdgroup, t.simdgroup_index_in_threadgroup);
+}
+
+template <class Head>
+void dh_call(const LceBufs& b, const LceArgs& a, const mh::ThreadCtx& t) {
+  using Wt = typename Head::weight_t;
+  using St = typename Head::scale_t;
+  lce_dh<Head>(b.dz, static_cast<const Wt*>(b.weight), static_cast<const St*>(b.scales),
+               static_cast<const St*>(b.qbiases), b.dh, a, t.threadgroup_position_in_grid.xy,
+               t.thread_index_in_threadgroup, t.simdgroup_index_in_threadgroup);
+}
+
+template <class T>
+void dw_call(const LceBufs& b, const LceArgs& a, const mh::ThreadCtx& t) {
+  lce_dw<T>(b.dz, static_cast<const T*>(b.hidden), b.dw, a, t.threadgroup_position_in_grid.xy,
+            t.thread_index_in_threadgroup, t.simdgroup_index_in_threadgroup);
+}
+
+void dbias_call(const LceBufs& b, const LceArgs& a, const mh::ThreadCtx& t) {
+  lce_dbias(b.dz, b.dbias, a, t.thread_position_in_grid.x);
+}
+
+// ---- registry: host name -> instantiation (mirrors the FL_INST_LCE_* macros) ----------
+
+struct Registry {
+  std::map<std::string, LceFn> lce;
+  std::map<std::string, void (*)(const float*, const float*, void*, const PwArgs&,
+                                 const mh::ThreadCtx&)> scale;
+
+  // The kernels that read the weight through a head, for every hidden dtype.
+  template <class Head>
+  void add_head(const std::string& head) {
+    lce["fl_lce_fwd_float32_" + head] = fwd_call<float, Head>;
+    lce["fl_lce_fwd_float16_" + head] = fwd_call<metal::half, Head>;
+    lce["fl_lce_fwd_bfloat16_" + head] = fwd_call<metal::bfloat, Head>;
+    lce["fl_lce_dz_float32_" + head] = dz_call<float, Head>;
+    lce["fl_lce_dz_float16_" + head] = dz_call<metal::half, Head>;
+    lce["fl_lce_dz_bfloat16_" + head] = dz_call<metal::bfloat, Head>;
+    lce["fl_lce_dh_" + head] = dh_call<Head>;
+  }
+
+  template <class T>
+  void add_dtype(const std::string& d) {
+    add_head<lce::DenseHead<T>>("w" + d);
+    lce["fl_lce_dw_" + d] = dw_call<T>;
+    scale["fl_lce_scale_" + d] = [](const float* g, const float* src, void* out, const PwArgs& a,
+                                    const mh::ThreadCtx& t) {
+      lce_scale_grad<T>(g, src, static_cast<T*>(out), a, t.thread_position_in_grid.x);
+    };
+  }
+
+  Registry() {
+    add_dtype<float>("float32");
+    add_dtype<metal::half>("float16");
+    add_dtype<metal::bfloat>("bfloat16");
+    lce["fl_lce_fwd_finish"] = finish_call;
+    lce["fl_lce_dbias"] = dbias_call;
+  }
+};
+
+const Registry& registry() {
+  static const Registry r;
+  return r;
+}
+
+template <class Map>
+typename Map::mapped_type lookup(const Map& m, const std::string& name) {
+  auto it = m.find(name);
+  if (it == m.end()) {
+    throw mh::Error("launch plan names '" + name + "', which no [[host_name]] instantiates");
+  }
+  return it->second;
+}
+
+KDtype to_dtype(int dt) {
+  if (dt < 0 || dt > 2) {
+    throw mh::Error("dtype code must be 0 (float32), 1 (float16) or 2 (bfloat16)");
+  }
+  return KDtype(dt);
+}
+
+int g_pipeline_limit = fl::mplan::kMaxGroupThreads;
+
+void run_lce(const LaunchPlan& p, const LceBufs& b, const LceArgs& a) {
+  LceFn fn = lookup(registry().lce, p.kernel_name);
+  run_plan(p, [&](const mh::ThreadCtx& t) { fn(b, a, t); });
+}
+
+// Options of a call, as eval_gpu gets them from LinearCrossEntropyParams.
+struct Options {
+  float smoothing;
+  int mode;
+  int has_ignore;
+  int64_t ignore_index;
+  float z_loss;
+  float softcap;
+  int has_bias;
+};
+
+LceArgs args_for(const LcePlan& plan, const Options& o) {
+  return fl::mplan::make_lce_args(plan, o.smoothing, o.mode, o.has_ignore != 0, o.ignore_index,
+                                  o.z_loss, o.softcap, o.has_bias != 0);
+}
+
+} // namespace
+
+extern "C" {
+
+int lce_set_pipeline_limit(int limit) {
+  return mh::guarded([&] { g_pipeline_limit = limit; });
+}
+
+int lce_registry_names(uint8_t* out, uint32_t cap) {
+  return mh::guarded([&] {
+    std::string s;
+    for (auto& [k, v] : registry().lce) s += k + "\n";
+    for (auto& [k, v] : registry().scale) s += k + "\n";
+    if (s.size() + 1 > cap) throw mh::Error("registry_names: buffer too small");
+    std::memcpy(out, s.c_str(), s.size() + 1);
+  });
+}
+
+// lce_plan's choices: out = {row_blocks, vocab_tiles, splits, vocab_per_split, chunk_rows}.
+int lce_plan_info(int64_t rows, int vocab, int hidden, int64_t chunk_bytes, int64_t* out) {
+  return mh::guarded([&] {
+    LcePlan p = fl::mplan::lce_plan(rows, vocab, hidden, chunk_bytes);
+    int64_t v[5] = {p.row_blocks, p.vocab_tiles, p.splits, p.vocab_per_split, p.chunk_rows};
+    std::memcpy(out, v, sizeof v);
+  });
+}
+
+// A kernel's launch plan. which: 0 fwd, 1 finish, 2 dz, 3 dh, 4 dw, 5 dbias,
+// 6 scale (n = vocab). out = {grid x, y, z, group x, y, z, threadgroup bytes, buffers};
+// name_out: kernel name and buffer names, comma-separated (cap 512).
+int lce_launch_info(int which, int hdt, int wdt, int64_t rows, int vocab, int hidden,
+                    int64_t chunk_bytes, int64_t chunk_rows, int max_threads, uint32_t* out,
+                    uint8_t* name_out) {
+  return mh::guarded([&] {
+    namespace P = fl::mplan;
+    LcePlan plan = P::lce_plan(rows, vocab, hidden, chunk_bytes);
+    std::string head = P::lce_dense_head(to_dtype(wdt));
+    KDtype h = to_dtype(hdt);
+    LaunchPlan p;
+    switch (which) {
+      case 0: p = P::lce_forward_plan(h, head, plan, max_threads); break;
+      case 1: p = P::lce_finish_plan(plan, max_threads); break;
+      case 2: p = P::lce_dz_plan(h, head, plan, chunk_rows, max_threads); break;
+      case 3: p = P::lce_dh_plan(head, plan, chunk_rows, max_threads); break;
+      case 4: p = P::lce_dw_plan(h, plan, max_threads); break;
+      case 5: p = P::lce_dbias_plan(plan, max_threads); break;
+      case 6: p = P::lce_scale_plan(h, uint64_t(vocab), max_threads); break;
+      default: throw mh::Error("lce_launch_info: unknown kernel");
+    }
+    uint32_t v[8] = {p.grid[0], p.grid[1], p.grid[2], p.group[0], p.group[1], p.group[2],
+                     p.threadgroup_bytes, uint32_t(p.buffers.size())};
+    std::memcpy(out, v, sizeof v);
+    std::string s = p.kernel_name;
+    for (auto& buf : p.buffers) s += "," + buf;
+    if (s.size() + 1 > 512) throw mh::Error("lce_launch_info: name too long");
+    std::memcpy(name_out, s.c_str(), s.size() + 1);
+  });
+}
+
+// The forward of eval_gpu: tiles, finish, and (sum_rows) the sum of the per-row
+// losses in row_loss into loss[0]. partials: [S * N * 4], target_logit, row_loss: [N].
+int lce_forward_run(int hdt, int wdt, const void* hidden, const void* weight,
+                    const int64_t* targets, const float* bias, float* partials,
+                    float* target_logit, float* row_loss, float* loss, float* lse, float* lse_lo,
+                    bool* correct, float* entropy, int64_t rows, int vocab, int hidden_size,
+                    int64_t chunk_bytes, int sum_rows, float smoothing, int mode, int has_ignore,
+                    int64_t ignore_index, float z_loss, float softcap, int has_bias) {
+  return mh::guarded([&] {
+    namespace P = fl::mplan;
+    LcePlan plan = P::lce_plan(rows, vocab, hidden_size, chunk_bytes);
+    LceArgs args = args_for(plan, {smoothing, mode, has_ignore, ignore_index, z_loss, softcap, has_bias});
+    std::string head = P::lce_dense_head(to_dtype(wdt));
+    LceBufs b{};
+    b.hidden = hidden;
+    b.weight = weight;
+    b.scales = weight;
+    b.qbiases = weight;
+    b.targets = targets;
+    b.bias = bias;
+    b.partials = partials;
+    b.target_logit = target_logit;
+    b.loss = sum_rows ? row_loss : loss;
+    b.lse = lse;
+    b.lse_lo = lse_lo;
+    b.correct = correct;
+    b.entropy = entropy;
+    run_lce(P::lce_forward_plan(to_dtype(hdt), head, plan, g_pipeline_limit), b, args);
+    run_lce(P::lce_finish_plan(plan, g_pipeline_limit), b, args);
+    if (sum_rows) {
+      PwArgs sum = P::make_pw_args(uint64_t(rows), 0.0f, 0.0f, 1);
+      sum.num_partials = uint64_t(rows);
+      LaunchPlan f = P::pw_sum_finish_plan(uint64_t(rows), g_pipeline_limit);
+      if (f.kernel_name != "fl_pw_sum_finish") throw mh::Error("unexpected finish kernel");
+      run_plan(f, [&](const mh::ThreadCtx& t) {
+        fl_pw_sum_finish(row_loss, loss, sum, t.threadgroup_memory<float>(0),
+                         t.thread_index_in_threadgroup, t.threads_per_threadgroup.x,
+                         t.thread_index_in_simdgroup, t.simdgroup_index_in_threadgroup,
+                         t.simdgroups_per_threadgroup);
+      });
+    }
+  });
+}
+
+// The backward of eval_gpu, chunk by chunk (g == nullptr when unit_cotangent):
+// dz is the chunk buffer [chunk_rows * V]; dh / dw / dbias those asked for (want_*).
+int lce_backward_run(int hdt, int wdt, const void* hidden, const void* weight,
+                     const int64_t* targets, const float* bias, const float* lse,
+                     const float* lse_lo, const float* g, int unit_cotangent, float* dz, float* dh,
+                     float* dw, float* dbias, int want_dh, int want_dw, int want_dbias, int64_t rows,
+                     int vocab, int hidden_size, int64_t chunk_bytes, float smoothing, int mode,
+                     int has_ignore, int64_t ignore_index, float z_loss, float softcap, int has_bias) {
+  return mh::guarded([&] {
+    namespace P = fl::mplan;
+    LcePlan plan = P::lce_plan(rows, vocab, hidden_size, chunk_bytes);
+    LceArgs base = args_for(plan, {smoothing, mode, has_ignore, ignore_index, z_loss, softcap, has_bias});
+    std::string head = P::lce_dense_head(to_dtype(wdt));
+    KDtype h = to_dtype(hdt);
+    LceBufs b{};
+    b.hidden = hidden;
+    b.weight = weight;
+    b.scales = weight;
+    b.qbiases = weight;
+    b.targets = targets;
+    b.bias = bias;
+    b.lse = const_cast<float*>(lse);
+    b.lse_lo = const_cast<float*>(lse_lo);
+    b.g = g;
+    b.dz = dz;
+    b.dh = dh;
+    b.dw = dw;
+    b.dbias = dbias;
+    const int64_t R = plan.chunk_rows;
+    for (int64_t r0 = 0; r0 < rows || r0 == 0; r0 += R) {
+      const int64_t n = rows - r0 < R ? rows - r0 : R;
+      LceArgs a = base;
+      a.row0 = r0;
+      a.chunk_rows = int(n);
+      a.accumulate = r0 > 0 ? 1 : 0;
+      a.unit_cotangent = unit_cotangent;
+      run_lce(P::lce_dz_plan(h, head, plan, n, g_pipeline_limit), b, a);
+      if (want_dbias) run_lce(P::lce_dbias_plan(plan, g_pipeline_limit), b, a);
+      if (want_dh) run_lce(P::lce_dh_plan(head, plan, n, g_pipeline_limit), b, a);
+      if (want_dw) run_lce(P::lce_dw_plan(h, plan, g_pipeline_limit), b, a);
+      if (rows == 0) break;
+    }
+  });
+}
+
+int lce_scale_run(int dt, const float* g, const float* src, void* out, uint64_t n) {
+  return mh::guarded([&] {
+    LaunchPlan p = fl::mplan::lce_scale_plan(to_dtype(dt), n, g_pipeline_limit);
+    PwArgs a = fl::mplan::make_pw_args(n, 0.0f, 0.0f, 0);
+    auto fn = lookup(registry().scale, p.kernel_name);
+    run_plan(p, [&](const mh::ThreadCtx& t) { fn(g, src, out, a, t); });
+  });
+}
+
+} // extern "C"

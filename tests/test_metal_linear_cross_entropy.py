@@ -1,0 +1,445 @@
+"""The fused linear cross-entropy's Metal kernels (metal/linear_cross_entropy.metal)
+on the CPU harness (tests/metal_host).
+
+Every instantiation (hidden dtype x dense weight dtype; forward tiles, finish,
+dZ, dH, dW, dbias, scale) runs through the launch plans eval_gpu uses
+(csrc/metal/launch_plan.cpp, via tests/metal_kernels/lce_adaptor.cpp, which
+replays eval_gpu's dispatch sequence) on small odd shapes at the tile edges
+(BM = BN = 32 rows / classes, BK = 16 hidden), and is compared with the
+package's CPU primitive (mlx_fused_losses._ext on mx.cpu) and with the float64
+composed formula (tests/reference.py). Each launch runs under the harness's
+schedules and its outputs and temporaries must agree bit for bit.
+
+Harness time: each GPU thread is a fiber; the cases under all seven default
+schedules are the option cases at float32 and one mixed-dtype case (the
+schedules check the tile code, which is the same for every dtype); the other
+dtype pairs run under two schedules (forward order and the strict memory model).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import metal_host as mh
+import reference as ref
+from conftest import CLANG_MISSING, EPS32, SCALE_ULPS, assert_close
+
+pytestmark = [pytest.mark.skipif(mh.find_clang() is None, reason=CLANG_MISSING)]
+
+mx = pytest.importorskip("mlx.core")
+import mlx_fused_losses._ext as ext  # noqa: E402
+
+from test_linear_cross_entropy import gradient_bounds, logit_scale  # noqa: E402
+from test_metal_kernels import DT_CODE, MX_DT, SENTINEL, as_device  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+METAL = ["metal/linear_cross_entropy.metal", "metal/pointwise_loss.metal"]
+ADAPTOR = "tests/metal_kernels/lce_adaptor.cpp"
+DTYPES = ["float32", "float16", "bfloat16"]
+BM, BN, BK = 32, 32, 16
+FAST = (mh.Schedule("forward"), mh.Schedule("ahead", memory="strict"))
+USED: set[str] = set()
+
+
+@pytest.fixture(scope="module")
+def lib():
+    return mh.build(METAL, ADAPTOR, include_dirs=("csrc",))
+
+
+# ---- plans -------------------------------------------------------------------------------
+
+
+def plan_info(lib, rows, vocab, hidden, chunk_bytes=64 << 20):
+    out = np.zeros(5, np.int64)
+    lib.run("lce_plan_info", np.int64(rows), np.int32(vocab), np.int32(hidden),
+            np.int64(chunk_bytes), out, schedules=(mh.Schedule(),))
+    return dict(zip(["row_blocks", "vocab_tiles", "splits", "vocab_per_split", "chunk_rows"],
+                    map(int, out)))
+
+
+def launch_info(lib, which, rows=1, vocab=1, hidden=1, hdt="float32", wdt="float32",
+                chunk_bytes=64 << 20, chunk_rows=1, max_threads=1024):
+    out = np.zeros(8, np.uint32)
+    name = np.zeros(512, np.uint8)
+    lib.run("lce_launch_info", np.int32(which), np.int32(DT_CODE[hdt]), np.int32(DT_CODE[wdt]),
+            np.int64(rows), np.int32(vocab), np.int32(hidden), np.int64(chunk_bytes),
+            np.int64(chunk_rows), np.int32(max_threads), out, name, schedules=(mh.Schedule(),))
+    kernel, *buffers = bytes(name).split(b"\0")[0].decode().split(",")
+    info = dict(zip(["gx", "gy", "gz", "tx", "ty", "tz", "tg_bytes", "nbuf"], map(int, out)))
+    info.update(name=kernel, buffers=buffers)
+    return info
+
+
+def host_names() -> set[str]:
+    """The [[host_name]]s the .metal file instantiates, from its macros."""
+    text = (REPO / METAL[0]).read_text()
+    for d, t in [("float32", "float"), ("float16", "half"), ("bfloat16", "bfloat")]:
+        assert f"FL_INST_LCE_DTYPE({d}, {t})" in text
+    for pattern in ['"fl_lce_fwd_" #hname "_" #head', '"fl_lce_dz_" #hname "_" #head',
+                    '"fl_lce_dh_" #head', '"fl_lce_dw_" #dname', '"fl_lce_scale_" #dname',
+                    "FL_INST_LCE_HEAD(w##dname, lce::DenseHead<T>)",
+                    "void lce_forward_finish(", "void lce_dbias("]:
+        assert pattern in text, pattern
+    names = {"fl_lce_fwd_finish", "fl_lce_dbias"}
+    for w in DTYPES:
+        names.add(f"fl_lce_dh_w{w}")
+        for h in DTYPES:
+            names |= {f"fl_lce_fwd_{h}_w{w}", f"fl_lce_dz_{h}_w{w}"}
+    for d in DTYPES:
+        names |= {f"fl_lce_dw_{d}", f"fl_lce_scale_{d}"}
+    return names
+
+
+def test_registry_matches_host_names(lib):
+    buf = np.zeros(1 << 14, np.uint8)
+    lib.run("lce_registry_names", buf, np.uint32(buf.size), schedules=(mh.Schedule(),))
+    assert set(bytes(buf).split(b"\0")[0].decode().split()) == host_names()
+
+
+def expected_splits(rows, vocab):
+    """lce_plan's rule (launch_plan.h), written out independently."""
+    blocks = -(-rows // BM)
+    tiles = max(-(-vocab // BN), 1)
+    want = -(-512 // blocks) if blocks else 1
+    s = min(max(want, 1), min(tiles, 64))
+    per = -(-tiles // s) * BN
+    return -(-vocab // per), per
+
+
+# Thresholds of the rules: row blocks where ceil(512 / B) crosses the vocabulary's
+# tile count or the 64-split cap (B = 8 -> 64, B = 9 -> 57), the vocabulary's tile
+# edges, and the chunk rows at the BM rounding and at N.
+@pytest.mark.parametrize("rows", [0, 1, 32 * 8 - 1, 32 * 8, 32 * 8 + 1, 32 * 9, 32 * 16 + 1, 32 * 512,
+                                  32 * 512 + 1, 10**6])
+@pytest.mark.parametrize("vocab", [1, 31, 32, 33, 32 * 57, 32 * 64 - 1, 32 * 64, 32 * 64 + 1, 151936])
+def test_plan_split_rules(lib, rows, vocab):
+    p = plan_info(lib, rows, vocab, 64)
+    splits, per = expected_splits(rows, vocab)
+    assert (p["splits"], p["vocab_per_split"]) == (splits, per)
+    assert p["vocab_per_split"] % BN == 0 and 1 <= p["splits"] <= 64
+    assert (p["splits"] - 1) * p["vocab_per_split"] < vocab <= p["splits"] * p["vocab_per_split"]
+    fwd = launch_info(lib, 0, rows, vocab, 64)
+    assert (fwd["gx"], fwd["gy"], fwd["tx"]) == (splits if rows else 0, -(-rows // BM), 128)
+
+
+@pytest.mark.parametrize("fit", [1, 2, 31, 32, 33, 63, 64, 65, 1000])
+@pytest.mark.parametrize("rows", [1, 31, 32, 33, 64, 65, 5000])
+def test_plan_chunk_rules(lib, fit, rows):
+    vocab = 777
+    for extra in (0, 4 * vocab - 1):  # chunk_bytes // (4 V) == fit either way
+        p = plan_info(lib, rows, vocab, 16, chunk_bytes=fit * 4 * vocab + extra)
+        r = min(fit, rows)
+        assert p["chunk_rows"] == (r // BM * BM if r > BM else r)
+    assert plan_info(lib, rows, vocab, 16, chunk_bytes=4 * vocab - 1)["chunk_rows"] == 1
+
+
+def test_plan_buffer_orders_and_grids(lib):
+    assert launch_info(lib, 0)["buffers"] == ["hidden", "weight", "scales", "qbiases", "targets",
+                                              "bias", "partials", "target_logit", "args"]
+    assert launch_info(lib, 1)["buffers"] == ["partials", "target_logit", "targets", "loss", "lse",
+                                              "lse_lo", "correct", "entropy", "args"]
+    assert launch_info(lib, 2)["buffers"] == ["hidden", "weight", "scales", "qbiases", "targets",
+                                              "bias", "lse", "lse_lo", "g", "dz", "args"]
+    assert launch_info(lib, 3)["buffers"] == ["dz", "weight", "scales", "qbiases", "dh", "args"]
+    assert launch_info(lib, 4)["buffers"] == ["dz", "hidden", "dw", "args"]
+    assert launch_info(lib, 5)["buffers"] == ["dz", "dbias", "args"]
+    assert launch_info(lib, 6)["buffers"] == ["g", "src", "out", "args"]
+    dz = launch_info(lib, 2, rows=100, vocab=65, hidden=7, chunk_rows=33)
+    assert (dz["gx"], dz["gy"], dz["tx"], dz["name"]) == (3, 2, 128, "fl_lce_dz_float32_wfloat32")
+    dh = launch_info(lib, 3, rows=100, vocab=65, hidden=33, chunk_rows=32, wdt="bfloat16")
+    assert (dh["gx"], dh["gy"], dh["name"]) == (2, 1, "fl_lce_dh_wbfloat16")
+    dw = launch_info(lib, 4, rows=100, vocab=65, hidden=33, hdt="float16")
+    assert (dw["gx"], dw["gy"], dw["name"]) == (2, 3, "fl_lce_dw_float16")
+    fin = launch_info(lib, 1, rows=300)
+    assert fin["gx"] * fin["tx"] >= 300 and fin["tx"] == 256
+    db = launch_info(lib, 5, vocab=33)
+    assert (db["gx"], db["tx"]) == (1, 64)
+
+
+@pytest.mark.parametrize("limit", [127, 128, 129, 256, 640])
+def test_plans_under_the_pipeline_limit(lib, limit):
+    """Every GEMM group is 128 threads: a pipeline limit below it is refused
+    (127 rounds down to 96 usable threads); element-wise plans fit any limit."""
+    for which in range(7):
+        if limit < 128 and which in (0, 2, 3, 4):
+            with pytest.raises(mh.HarnessError, match="128 threads"):
+                launch_info(lib, which, rows=40, vocab=70, hidden=20, chunk_rows=40,
+                            max_threads=limit)
+            continue
+        p = launch_info(lib, which, rows=4000, vocab=7000, hidden=20, chunk_rows=40,
+                        max_threads=limit)
+        assert p["tx"] * p["ty"] * p["tz"] <= limit // 32 * 32
+
+
+# ---- the kernels ----------------------------------------------------------------------------
+
+CASES = {  # reduction "none" unless sum: per-row losses; sum: the fused sum over rows
+    "plain": dict(ls=0.0, mode="uniform", ignore=None, z=0.0, cap=None, bias=False, sum=False),
+    "smooth_ignore_bias_sum": dict(ls=0.1, mode="uniform", ignore=-100, z=0.0, cap=None, bias=True,
+                                   sum=True),
+    "others_z_cap": dict(ls=0.2, mode="others", ignore=3, z=1e-3, cap=4.0, bias=True, sum=False),
+    "cap_z_sum": dict(ls=0.0, mode="uniform", ignore=None, z=1e-2, cap=2.0, bias=False, sum=True),
+}
+
+
+def make_case(rng, n, h, v, hdt, wdt, case, bad_rows=True):
+    """Rounded inputs (device arrays and float32 values) with awkward rows."""
+    hid = rng.standard_normal((n, h)).astype(np.float32)
+    w = (rng.standard_normal((v, h)) / np.sqrt(max(h, 1))).astype(np.float32)
+    t = rng.integers(0, v, n).astype(np.int64)
+    for r in range(min(n, 6)):  # peaked rows: the target's logit (and another) x20
+        norm = max(float(hid[r] @ hid[r]), 1e-6)
+        w[t[r]] += 20 * hid[r] / norm
+        w[(t[r] + 1) % v] += 10 * hid[r] / norm
+    if case["ignore"] is not None and n > 2:
+        t[2::5] = case["ignore"]
+    if bad_rows and n > 4:
+        t[3] = v  # out of range: NaN row
+        t[-1] = -7 if case["ignore"] != -7 else -8
+    bias = (rng.standard_normal(v) if case["bias"] else np.zeros(1)).astype(np.float32)
+    hd, hr = as_device(hid, hdt)
+    wd, wr = as_device(w, wdt)
+    return dict(hd=hd, hr=hr, wd=wd, wr=wr, t=t, bias=bias, n=n, h=h, v=v, hdt=hdt, wdt=wdt)
+
+
+def options(case):
+    mode = 0 if case["mode"] == "uniform" else 1
+    has_ig = case["ignore"] is not None
+    return (np.float32(case["ls"]), np.int32(mode), np.int32(has_ig),
+            np.int64(case["ignore"] if has_ig else -100), np.float32(case["z"]),
+            np.float32(case["cap"] or 0.0), np.int32(case["bias"]))
+
+
+def gpu_forward(lib, d, case, chunk_bytes, schedules):
+    n, v, h = d["n"], d["v"], d["h"]
+    p = plan_info(lib, n, v, h, chunk_bytes)
+    partials = np.full(max(p["splits"] * n * 4, 4), SENTINEL, np.float32)
+    target_logit = np.full(max(n, 1), SENTINEL, np.float32)
+    row_loss = np.full(max(n, 1), SENTINEL, np.float32)
+    loss = np.full(1 if case["sum"] else max(n, 1), SENTINEL, np.float32)
+    lse, lse_lo, entropy = (np.full(max(n, 1), SENTINEL, np.float32) for _ in range(3))
+    correct = np.full(max(n, 1), 7, np.uint8)
+    lib.run("lce_forward_run", np.int32(DT_CODE[d["hdt"]]), np.int32(DT_CODE[d["wdt"]]), d["hd"],
+            d["wd"], d["t"], d["bias"], partials, target_logit, row_loss, loss, lse, lse_lo, correct,
+            entropy, np.int64(n), np.int32(v), np.int32(h), np.int64(chunk_bytes),
+            np.int32(case["sum"]), *options(case), schedules=schedules)
+    USED.add(launch_info(lib, 0, n, v, h, d["hdt"], d["wdt"], chunk_bytes)["name"])
+    USED.add("fl_lce_fwd_finish")
+    k = slice(0, n)
+    return dict(loss=loss if case["sum"] else loss[k], lse=lse[k], lse_lo=lse_lo[k],
+                correct=correct[k], entropy=entropy[k])
+
+
+def gpu_backward(lib, d, case, lse, lse_lo, g, chunk_bytes, want, schedules):
+    n, v, h = d["n"], d["v"], d["h"]
+    p = plan_info(lib, n, v, h, chunk_bytes)
+    dz = np.full(max(p["chunk_rows"] * v, 1), SENTINEL, np.float32)
+    dh = np.full((max(n, 1), max(h, 1)), SENTINEL, np.float32)
+    dw = np.full((v, max(h, 1)), SENTINEL, np.float32)
+    db = np.full(v, SENTINEL, np.float32)
+    unit = g is None
+    lib.run("lce_backward_run", np.int32(DT_CODE[d["hdt"]]), np.int32(DT_CODE[d["wdt"]]), d["hd"],
+            d["wd"], d["t"], d["bias"], lse, lse_lo, np.ones(1, np.float32) if unit else g,
+            np.int32(unit), dz, dh, dw, db, np.int32("hidden" in want), np.int32("weight" in want),
+            np.int32("bias" in want), np.int64(n), np.int32(v), np.int32(h), np.int64(chunk_bytes),
+            *options(case), schedules=schedules)
+    USED.add(launch_info(lib, 2, n, v, h, d["hdt"], d["wdt"], chunk_bytes, 1)["name"])
+    if "hidden" in want:
+        USED.add(f"fl_lce_dh_w{d['wdt']}")
+    if "weight" in want:
+        USED.add(f"fl_lce_dw_{d['hdt']}")
+    if "bias" in want:
+        USED.add("fl_lce_dbias")
+    return dict(hidden=dh[:n, :h], weight=dw[:, :h], bias=db)
+
+
+def cpu_primitive(d, case, g=None):
+    """The CPU primitive on the same rounded inputs: outputs, and the gradients
+    for the per-row cotangent g (None: forward only)."""
+    hm = mx.array(d["hr"]).astype(MX_DT[d["hdt"]])
+    wm = mx.array(d["wr"]).astype(MX_DT[d["wdt"]])
+    tm = mx.array(d["t"])
+    bm = mx.array(d["bias"]) if case["bias"] else None
+    kw = dict(label_smoothing=case["ls"], label_smoothing_mode=case["mode"],
+              ignore_index=case["ignore"], z_loss=case["z"], logit_softcap=case["cap"],
+              sum_rows=case["sum"], stream=mx.cpu)
+    outs = ext.linear_cross_entropy(hm, wm, tm, bm, **kw)
+    mx.eval(outs)
+    res = [np.array(o.astype(mx.float32)) if o.dtype != mx.bool_ else np.array(o) for o in outs]
+    if g is None:
+        return res, None
+    primals = [hm, wm] + ([bm] if case["bias"] else [])
+
+    def f(*p):
+        return ext.linear_cross_entropy(p[0], p[1], tm, p[2] if case["bias"] else None,
+                                        **dict(kw, sum_rows=False))[0]
+
+    _, grads = mx.vjp(f, primals, [mx.array(g)])
+    names = ["hidden", "weight", "bias"][: len(primals)]
+    return res, {k: np.array(v.astype(mx.float32)) for k, v in zip(names, grads)}
+
+
+def reference64(d, case, g):
+    bias = d["bias"] if case["bias"] else None
+    t = d["t"]
+    # The reference knows no out-of-range index: those rows are checked separately.
+    oob = ((t < 0) | (t >= d["v"])) & (t != (case["ignore"] if case["ignore"] is not None else -10**9))
+    r = ref.linear_cross_entropy(d["hr"], d["wr"], np.where(oob, 0, t), bias,
+                                 logit_softcap=case["cap"], reduction="none", cotangent=g,
+                                 label_smoothing=case["ls"], label_smoothing_mode=case["mode"],
+                                 ignore_index=case["ignore"], z_loss=case["z"])
+    return r, oob
+
+
+def mx_args(d, case):
+    a = dict(hidden=mx.array(d["hr"]), weight=mx.array(d["wr"]), targets=mx.array(d["t"]))
+    if case["bias"]:
+        a["bias"] = mx.array(d["bias"])
+    return a
+
+
+def check_case(lib, case_name, n, h, v, hdt, wdt, chunk_bytes, schedules, seed):
+    case = CASES[case_name]
+    rng = np.random.default_rng(seed)
+    d = make_case(rng, n, h, v, hdt, wdt, case)
+    out = gpu_forward(lib, d, case, chunk_bytes, schedules)
+    cpu, _ = cpu_primitive(d, case)
+    r, oob = reference64(d, case, None)
+    args = mx_args(d, case)
+    scale = logit_scale(args)
+    zf = 1 + 2 * case["z"] * 50
+    # per-row values: vs float64 (bounds of test_linear_cross_entropy) and vs the CPU
+    lse_ref = ref.logsumexp(r["logits"])
+    row_loss = np.where(oob, np.nan, r["loss"])
+    if case["sum"]:
+        assert_close(out["loss"][0], np.nansum(row_loss) if not oob.any() else np.nan, mx.float32,
+                     scale=scale.sum() * zf, what="summed loss vs float64")
+        assert_close(out["loss"][0], cpu[0], mx.float32, scale=scale.sum() * zf, what="summed loss vs CPU")
+    else:
+        assert_close(out["loss"], row_loss, mx.float32, scale=scale * zf, what="loss vs float64")
+        assert_close(out["loss"], cpu[0], mx.float32, scale=scale * zf, what="loss vs CPU")
+    assert_close(out["lse"], lse_ref, mx.float32, scale=scale, what="lse vs float64")
+    assert_close(out["lse"] + out["lse_lo"].astype(np.float64), cpu[1] + cpu[2].astype(np.float64),
+                 mx.float32, scale=scale, what="lse + lse_lo vs CPU")
+    p = np.exp(r["logits"] - lse_ref[:, None])
+    entropy = -(p * np.log(np.where(p > 0, p, 1))).sum(-1)
+    assert_close(out["entropy"], entropy, mx.float32, scale=scale, what="entropy vs float64")
+    assert_close(out["entropy"], cpu[4], mx.float32, scale=scale, what="entropy vs CPU")
+    # correct: the target's logit is the row's max; rows whose top two logits are
+    # closer than the float32 GEMM's error may differ between summation orders
+    z = np.sort(r["logits"], -1)
+    clear = (z[:, -1] - z[:, -2] > 64 * EPS32 * scale) if v > 1 else np.ones(n, bool)
+    assert set(np.unique(out["correct"])) <= {0, 1}
+    np.testing.assert_array_equal(out["correct"][clear].astype(bool), cpu[3][clear])
+    assert out["correct"][:6][clear[:6]].sum() >= 1 or n < 6 or v == 1
+
+    # backward with a non-uniform cotangent per row; NaN rows make dW all NaN, so
+    # the gradients are checked on the targets without out-of-range rows
+    d["t"] = np.where(oob, 0, d["t"])
+    g = rng.uniform(-2, 2, n).astype(np.float32)
+    lse_in = out["lse"].copy()
+    lse_lo_in = out["lse_lo"].copy()
+    want = ("hidden", "weight", "bias") if case["bias"] else ("hidden", "weight")
+    grads = gpu_backward(lib, d, case, lse_in, lse_lo_in, g, chunk_bytes, want, schedules)
+    _, cpu_grads = cpu_primitive(d, case, g)
+    r, _ = reference64(d, case, g.astype(np.float64))
+    args = mx_args(d, case)
+    mags, logit_err = gradient_bounds(args, r, "none", mx.array(g), case["ignore"], case["z"])
+    for name in want:
+        assert_close(grads[name], r[name], mx.float32, scale=logit_err[name], mag=mags[name],
+                     what=f"d{name} vs float64 ({hdt}/{wdt})")
+        # The CPU's gradient comes in the primal's dtype; eval_gpu's float32 one is
+        # converted to it the same way (ops/linear_cross_entropy.cpp, vjp).
+        dt = {"hidden": hdt, "weight": wdt, "bias": "float32"}[name]
+        assert_close(as_device(grads[name], dt)[1], cpu_grads[name], MX_DT[dt],
+                     scale=logit_err[name], mag=mags[name], what=f"d{name} vs CPU ({hdt}/{wdt})")
+    return d, out
+
+
+# Shapes at the tile edges: N around BM, V around BN, H around BK (and H = 7 < BK).
+SHAPES = [(1, 7, 33), (33, 16, 31), (31, 17, 65), (65, 48, 97)]
+
+
+@pytest.mark.parametrize("n,h,v", SHAPES, ids=[f"{n}x{h}x{v}" for n, h, v in SHAPES])
+@pytest.mark.parametrize("case_name", list(CASES))
+def test_float32_cases_all_schedules(lib, case_name, n, h, v):
+    # chunk_bytes: two chunks of rows for the larger shapes
+    check_case(lib, case_name, n, h, v, "float32", "float32", 4 * v * 32, mh.DEFAULT_SCHEDULES,
+               seed=n * 1000 + h * 10 + v)
+
+
+@pytest.mark.parametrize("hdt", DTYPES)
+@pytest.mark.parametrize("wdt", DTYPES)
+def test_dtype_pairs(lib, hdt, wdt):
+    if hdt == wdt == "float32":
+        pytest.skip("test_float32_cases_all_schedules")
+    schedules = mh.DEFAULT_SCHEDULES if (hdt, wdt) == ("bfloat16", "float16") else FAST
+    case = "others_z_cap" if DT_CODE[hdt] <= DT_CODE[wdt] else "smooth_ignore_bias_sum"
+    check_case(lib, case, 37, 23, 70, hdt, wdt, 4 * 70 * 33, schedules, seed=DT_CODE[hdt] * 3 + DT_CODE[wdt])
+
+
+def test_unit_cotangent_and_only_requested_gradients(lib):
+    """The forward's fused gradients: unit cotangent (the g buffer is not read);
+    a gradient not asked for is never written (its sentinel stays)."""
+    case = CASES["smooth_ignore_bias_sum"]
+    rng = np.random.default_rng(5)
+    d = make_case(rng, 20, 9, 40, "float32", "float32", case, bad_rows=False)
+    out = gpu_forward(lib, d, case, 1 << 20, FAST)
+    g1 = gpu_backward(lib, d, case, out["lse"].copy(), out["lse_lo"].copy(), None, 1 << 20,
+                      ("weight",), FAST)
+    ones = gpu_backward(lib, d, case, out["lse"].copy(), out["lse_lo"].copy(),
+                        np.ones(20, np.float32), 1 << 20, ("hidden", "weight", "bias"), FAST)
+    np.testing.assert_array_equal(g1["weight"], ones["weight"])
+    assert np.all(g1["hidden"] == SENTINEL) and np.all(g1["bias"] == SENTINEL)
+
+
+def test_no_rows(lib):
+    """N = 0: no tile runs; the summed loss is 0 and dW, dbias are written as 0."""
+    case = CASES["smooth_ignore_bias_sum"]
+    d = make_case(np.random.default_rng(0), 0, 8, 10, "float32", "float32", case)
+    out = gpu_forward(lib, d, case, 1 << 20, FAST)
+    assert out["loss"][0] == 0.0
+    g = gpu_backward(lib, d, case, np.zeros(1, np.float32), np.zeros(1, np.float32),
+                     np.zeros(1, np.float32), 1 << 20, ("hidden", "weight", "bias"), FAST)
+    assert not np.any(g["weight"]) and not np.any(g["bias"])
+
+
+def test_out_of_range_rows_are_nan(lib):
+    """An index outside [0, V) gives a NaN row (loss, dZ), never a memory access."""
+    case = CASES["plain"]
+    rng = np.random.default_rng(9)
+    d = make_case(rng, 9, 7, 33, "float32", "float32", case)
+    out = gpu_forward(lib, d, case, 1 << 20, FAST)
+    bad = (d["t"] < 0) | (d["t"] >= 33)
+    assert bad.sum() == 2
+    np.testing.assert_array_equal(np.isnan(out["loss"]), bad)
+    assert np.isfinite(out["lse"]).all() and not out["correct"][bad].any()
+    g = gpu_backward(lib, d, case, out["lse"].copy(), out["lse_lo"].copy(),
+                     np.ones(9, np.float32), 1 << 20, ("hidden",), FAST)
+    np.testing.assert_array_equal(np.isnan(g["hidden"]).all(-1), bad)
+    assert np.isfinite(g["hidden"][~bad]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scale_grad(lib, dtype):
+    n = 1000
+    src = np.random.default_rng(1).standard_normal(n).astype(np.float32)
+    g = np.array([-1.75], np.float32)
+    out = np.full(n, SENTINEL, np.float32) if dtype == "float32" else as_device(
+        np.full(n, SENTINEL, np.float32), dtype)[0]
+    lib.run("lce_scale_run", np.int32(DT_CODE[dtype]), g, src, out, np.uint64(n), schedules=FAST)
+    USED.add(f"fl_lce_scale_{dtype}")
+    want, _ = as_device(src * g[0], dtype)
+    np.testing.assert_array_equal(out, want)
+
+
+def test_zz_every_instantiation_ran():
+    """Runs last (file order): every kernel the .metal file defines was launched above."""
+    if not USED:
+        pytest.skip("run with the kernel tests")
+    missing = host_names() - USED
+    assert not missing, sorted(missing)
