@@ -354,3 +354,90 @@ def test_pointwise_awkward_values_gpu(name, reduction, dtype):
     cot = mx.array((0.5 + rng.random(n)).astype(np.float32)) if reduction == "none" else mx.array(1.7)
     gg, cg = grads(loss, xs, cot)
     agree(gg, cg, TOL[dtype] + 2e-6, "gradient GPU vs CPU")
+
+
+# ---- fused linear cross-entropy (metal/linear_cross_entropy.metal) --------------------------
+
+# (N, H, V): tile edges (BM = BN = 32, BK = 16), H = 7 < BK, several row chunks and
+# vocabulary splits, a GPT-2-sized vocabulary.
+LCE_SHAPES = [(1, 7, 33), (65, 48, 97), (300, 130, 4097), (64, 256, 50257)]
+LCE_OPTIONS = {
+    "none": dict(reduction="none"),
+    "mean_smooth_ignore_z_bias": dict(reduction="mean", label_smoothing=0.1, ignore_index=-100,
+                                      z_loss=1e-3, bias=True),
+    "sum_others_cap_bias": dict(reduction="sum", label_smoothing=0.2, label_smoothing_mode="others",
+                                logit_softcap=5.0, bias=True),
+}
+
+
+def lce_inputs(n, h, v, hdt, wdt, rng, bias, ignore_index=None):
+    hid = rng.standard_normal((n, h)).astype(np.float32)
+    w = (rng.standard_normal((v, h)) / np.sqrt(h)).astype(np.float32)
+    t = rng.integers(0, v, n)
+    for r in range(min(n, 8)):  # peaked rows: the softmax is not flat
+        w[t[r]] += 20 * hid[r] / max(float(hid[r] @ hid[r]), 1e-6)
+    if ignore_index is not None:
+        t[1::7] = ignore_index
+    args = [stored(hid, hdt), stored(w, wdt), mx.array(t)]
+    if bias:
+        args.append(stored(rng.standard_normal(v).astype(np.float32), wdt))
+    return args
+
+
+def lce_on(dev, args, opts, chunk_bytes, return_stats=False):
+    kw = {k: v for k, v in opts.items() if k != "bias"}
+    bias = args[3] if len(args) > 3 else None
+    return fl.linear_cross_entropy(args[0], args[1], args[2], bias, chunk_bytes=chunk_bytes,
+                                   return_stats=return_stats, dtype=mx.float32, stream=dev, **kw)
+
+
+@pytest.mark.parametrize("n,h,v", LCE_SHAPES, ids=[f"{n}x{h}x{v}" for n, h, v in LCE_SHAPES])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("option", list(LCE_OPTIONS))
+def test_linear_cross_entropy_gpu_vs_cpu(option, dtype, n, h, v):
+    """Loss, statistics and the gradients w.r.t. hidden, weight and bias on the GPU
+    against the CPU primitive; chunk_bytes forces several row chunks."""
+    opts = LCE_OPTIONS[option]
+    rng = np.random.default_rng(n + h + v)
+    args = lce_inputs(n, h, v, dtype, dtype, rng, opts.get("bias", False), opts.get("ignore_index"))
+    chunk = 4 * v * 40
+    names = [i for i in range(len(args)) if i != 2]  # hidden, weight, [bias]
+    cot = (mx.array(rng.uniform(-1, 1, n).astype(np.float32)) if opts["reduction"] == "none"
+           else mx.array(1.3))
+    out = []
+    for dev in (GPU, mx.cpu):
+        loss, stats = lce_on(dev, args, opts, chunk, return_stats=True)
+
+        def f(*p):
+            full = list(args)
+            for i, a in zip(names, p):
+                full[i] = a
+            return lce_on(dev, full, opts, chunk)
+
+        _, g = mx.vjp(lambda *p: [f(*p)], [args[i] for i in names], [cot])
+        out.append([as_f64(loss), as_f64(stats["lse"]), as_f64(stats["entropy"]),
+                    np.array(stats["correct"])] + [as_f64(x) for x in g])
+    gpu, cpu = out
+    rtol = 2e-5 * max(1.0, np.sqrt(h / 16))
+    agree(gpu[0], cpu[0], rtol, "loss")
+    agree(gpu[1], cpu[1], rtol, "lse")
+    agree(gpu[2], cpu[2], 5 * rtol, "entropy")
+    assert (gpu[3] == cpu[3]).mean() > 0.9 and gpu[3][:8].sum() >= 1
+    for k, (a, b) in enumerate(zip(gpu[4:], cpu[4:])):
+        agree(a, b, TOL[dtype] + 1e-4, f"gradient {k}")
+
+
+def test_linear_cross_entropy_gpu_mixed_dtypes_and_fused_grads():
+    """bfloat16 hidden with a float16 weight; value_and_grad of the mean (the forward
+    forms the gradients, LceScaleGrad scales them) equals the recomputing backward."""
+    rng = np.random.default_rng(3)
+    args = lce_inputs(70, 40, 1000, "bfloat16", "float16", rng, True)
+    opts = dict(reduction="mean", label_smoothing=0.1, bias=True)
+    res = []
+    for dev in (GPU, mx.cpu):
+        vg = mx.value_and_grad(lambda h, w, b: lce_on(dev, [h, w, args[2], b], opts, 1 << 16),
+                               argnums=(0, 1, 2))
+        loss, grads = vg(args[0], args[1], args[3])
+        res.append([as_f64(loss)] + [as_f64(g) for g in grads])
+    for a, b in zip(*res):
+        agree(a, b, 2e-2, "mixed dtypes")
