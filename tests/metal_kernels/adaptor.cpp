@@ -21,36 +21,16 @@
 #include <type_traits>
 #include <string>
 
-#include "metal_host.h"
-
-#include "metal/launch_plan.cpp"
-#include "metal/launch_plan.h"
+#include "plan_runner.h"
 
 namespace {
 
 using fl::mplan::KDtype;
 using fl::mplan::LaunchPlan;
 
-void run_plan(const LaunchPlan& p, const mh::Kernel& body) {
-  if (p.empty()) {
-    return;
-  }
-  std::vector<std::size_t> tg;
-  if (p.threadgroup_bytes > 0) {
-    tg.push_back(p.threadgroup_bytes);
-  }
-  mh::dispatch_threadgroups({p.grid[0], p.grid[1], p.grid[2]},
-                            {p.group[0], p.group[1], p.group[2]}, tg, body);
-}
-
-template <class Map>
-typename Map::mapped_type lookup(const Map& m, const std::string& name) {
-  auto it = m.find(name);
-  if (it == m.end()) {
-    throw mh::Error("launch plan names '" + name + "', which no [[host_name]] instantiates");
-  }
-  return it->second;
-}
+using mkp::lookup;
+using mkp::run_plan;
+using mkp::to_dtype;
 
 // ---- cross-entropy -----------------------------------------------------------------
 
@@ -215,13 +195,6 @@ struct Registry {
 const Registry& registry() {
   static const Registry r;
   return r;
-}
-
-KDtype to_dtype(int dt) {
-  if (dt < 0 || dt > 2) {
-    throw mh::Error("dtype code must be 0 (float32), 1 (float16) or 2 (bfloat16)");
-  }
-  return KDtype(dt);
 }
 
 // Plan summary for Python: looped, grid x/y/z, group x/y/z, threadgroup bytes,

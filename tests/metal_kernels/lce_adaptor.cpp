@@ -16,10 +16,7 @@
 #include <map>
 #include <string>
 
-#include "metal_host.h"
-
-#include "metal/launch_plan.cpp"
-#include "metal/launch_plan.h"
+#include "plan_runner.h"
 
 namespace {
 
@@ -27,17 +24,9 @@ using fl::mplan::KDtype;
 using fl::mplan::LaunchPlan;
 using fl::mplan::LcePlan;
 
-void run_plan(const LaunchPlan& p, const mh::Kernel& body) {
-  if (p.empty()) {
-    return;
-  }
-  std::vector<std::size_t> tg;
-  if (p.threadgroup_bytes > 0) {
-    tg.push_back(p.threadgroup_bytes);
-  }
-  mh::dispatch_threadgroups({p.grid[0], p.grid[1], p.grid[2]},
-                            {p.group[0], p.group[1], p.group[2]}, tg, body);
-}
+using mkp::lookup;
+using mkp::run_plan;
+using mkp::to_dtype;
 
 // Buffers of one call, type-erased (each kernel casts to its instantiation's types).
 struct LceBufs {
@@ -154,22 +143,6 @@ const Registry& registry() {
   return r;
 }
 
-template <class Map>
-typename Map::mapped_type lookup(const Map& m, const std::string& name) {
-  auto it = m.find(name);
-  if (it == m.end()) {
-    throw mh::Error("launch plan names '" + name + "', which no [[host_name]] instantiates");
-  }
-  return it->second;
-}
-
-KDtype to_dtype(int dt) {
-  if (dt < 0 || dt > 2) {
-    throw mh::Error("dtype code must be 0 (float32), 1 (float16) or 2 (bfloat16)");
-  }
-  return KDtype(dt);
-}
-
 int g_pipeline_limit = fl::mplan::kMaxGroupThreads;
 
 void run_lce(const LaunchPlan& p, const LceBufs& b, const LceArgs& a) {
@@ -191,6 +164,20 @@ struct Options {
 LceArgs args_for(const LcePlan& plan, const Options& o) {
   return fl::mplan::make_lce_args(plan, o.smoothing, o.mode, o.has_ignore != 0, o.ignore_index,
                                   o.z_loss, o.softcap, o.has_bias != 0);
+}
+
+// The inputs of the tile kernels (a dense head: the weight in the scale slots,
+// as eval_gpu binds it).
+LceBufs tile_inputs(const void* hidden, const void* weight, const int64_t* targets,
+                    const float* bias) {
+  LceBufs b{};
+  b.hidden = hidden;
+  b.weight = weight;
+  b.scales = weight;
+  b.qbiases = weight;
+  b.targets = targets;
+  b.bias = bias;
+  return b;
 }
 
 } // namespace
@@ -265,13 +252,7 @@ int lce_forward_run(int hdt, int wdt, const void* hidden, const void* weight,
     LcePlan plan = P::lce_plan(rows, vocab, hidden_size, chunk_bytes);
     LceArgs args = args_for(plan, {smoothing, mode, has_ignore, ignore_index, z_loss, softcap, has_bias});
     std::string head = P::lce_dense_head(to_dtype(wdt));
-    LceBufs b{};
-    b.hidden = hidden;
-    b.weight = weight;
-    b.scales = weight;
-    b.qbiases = weight;
-    b.targets = targets;
-    b.bias = bias;
+    LceBufs b = tile_inputs(hidden, weight, targets, bias);
     b.partials = partials;
     b.target_logit = target_logit;
     b.loss = sum_rows ? row_loss : loss;
@@ -310,13 +291,7 @@ int lce_backward_run(int hdt, int wdt, const void* hidden, const void* weight,
     LceArgs base = args_for(plan, {smoothing, mode, has_ignore, ignore_index, z_loss, softcap, has_bias});
     std::string head = P::lce_dense_head(to_dtype(wdt));
     KDtype h = to_dtype(hdt);
-    LceBufs b{};
-    b.hidden = hidden;
-    b.weight = weight;
-    b.scales = weight;
-    b.qbiases = weight;
-    b.targets = targets;
-    b.bias = bias;
+    LceBufs b = tile_inputs(hidden, weight, targets, bias);
     b.lse = const_cast<float*>(lse);
     b.lse_lo = const_cast<float*>(lse_lo);
     b.g = g;

@@ -1,0 +1,47 @@
+// What the harness adaptors of tests/metal_kernels/ share: running a launch plan
+// (csrc/metal/launch_plan.cpp) under the harness, finding the instantiation a
+// plan names, and the dtype codes the Python tests pass. Included by adaptor.cpp
+// and lce_adaptor.cpp after the .metal sources.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "metal_host.h"
+
+#include "metal/launch_plan.cpp"
+#include "metal/launch_plan.h"
+
+namespace mkp {
+
+// dispatchThreadgroups of the plan (nothing for an empty plan).
+inline void run_plan(const fl::mplan::LaunchPlan& p, const mh::Kernel& body) {
+  if (p.empty()) {
+    return;
+  }
+  std::vector<std::size_t> tg;
+  if (p.threadgroup_bytes > 0) {
+    tg.push_back(p.threadgroup_bytes);
+  }
+  mh::dispatch_threadgroups({p.grid[0], p.grid[1], p.grid[2]},
+                            {p.group[0], p.group[1], p.group[2]}, tg, body);
+}
+
+// The registry entry of a [[host_name]]; a plan naming no instantiation is an error.
+template <class Map>
+typename Map::mapped_type lookup(const Map& m, const std::string& name) {
+  auto it = m.find(name);
+  if (it == m.end()) {
+    throw mh::Error("launch plan names '" + name + "', which no [[host_name]] instantiates");
+  }
+  return it->second;
+}
+
+inline fl::mplan::KDtype to_dtype(int dt) {
+  if (dt < 0 || dt > 2) {
+    throw mh::Error("dtype code must be 0 (float32), 1 (float16) or 2 (bfloat16)");
+  }
+  return fl::mplan::KDtype(dt);
+}
+
+} // namespace mkp
