@@ -33,11 +33,16 @@ using namespace metal;
 
 namespace flk {
 
+// The head policy of the linear cross-entropy kernels (the interface of
+// DenseHead in metal/linear_cross_entropy.metal): the kernels read W only
+// through stage().
 template <typename S, int kBits>
 struct QuantizedHead {
   static_assert(kBits == 2 || kBits == 4 || kBits == 8, "affine bits must be 2, 4 or 8");
   static constexpr int kPerWord = 32 / kBits; // values in one uint32
   static constexpr uint kMask = (1u << kBits) - 1u;
+  typedef uint weight_t; // the packed words
+  typedef S scale_t; // scales and biases
 
   device const uint* w_q; // [V, words_per_row]
   device const S* scales; // [V, groups_per_row]
@@ -46,6 +51,20 @@ struct QuantizedHead {
   int hidden; // H, a multiple of group_size
   int group_shift; // log2(group_size)
 
+  QuantizedHead(
+      device const uint* w_q_,
+      device const S* scales_,
+      device const S* biases_,
+      int vocab_,
+      int hidden_,
+      int group_size)
+      : w_q(w_q_),
+        scales(scales_),
+        biases(biases_),
+        vocab(vocab_),
+        hidden(hidden_),
+        group_shift(group_size == 32 ? 5 : group_size == 64 ? 6 : 7) {}
+
   int words_per_row() const {
     return hidden / kPerWord;
   }
@@ -53,55 +72,50 @@ struct QuantizedHead {
     return hidden >> group_shift;
   }
 
-  // Dequantises rows [v0, v0 + R) x columns [k0, k0 + C) of W into
-  // tile[i * row_stride + j * col_stride] (i < R, j < C) as TT, zero outside
-  // V x H. Strides let a caller keep the tile row-major (row_stride = ld,
-  // col_stride = 1) or transposed (row_stride = 1, col_stride = ld).
-  // k0 must be a multiple of kPerWord (tiles start at multiples of C). The
-  // threads tid = 0 .. nthreads - 1 of the group share the work, one packed
-  // word (kPerWord values) at a time; the caller puts the threadgroup barrier
-  // between this and the reads of the tile.
-  template <typename TT, int R, int C>
+  // Dequantises W[v0 + i, h0 + j] (i < BV, j < BH) into
+  // dst[i * stride_v + j * stride_h] as TT, 0 where v0 + i >= V or
+  // h0 + j >= H (never reading there). Strides let a caller keep the block
+  // row-major (stride_v = ld, stride_h = 1) or transposed (stride_v = 1,
+  // stride_h = ld). h0 must be a multiple of kPerWord (blocks start at
+  // multiples of BH). The threads tid = 0 .. nthreads - 1 of the group share
+  // the work, one packed word (kPerWord values) at a time; no barrier inside
+  // (the caller puts one between staging and reading).
+  template <int BV, int BH, typename TT>
   void stage(
-      threadgroup TT* tile,
-      int row_stride,
-      int col_stride,
+      threadgroup TT* dst,
       int v0,
-      int k0,
+      int h0,
+      int stride_v,
+      int stride_h,
       uint tid,
       uint nthreads) const {
-    static_assert(C % kPerWord == 0, "a tile row must hold whole packed words");
-    constexpr int kWordsPerTileRow = C / kPerWord;
+    static_assert(BH % kPerWord == 0, "a staged row must hold whole packed words");
+    constexpr int kWordsPerBlockRow = BH / kPerWord;
     const int words = words_per_row();
     const int groups = groups_per_row();
-    for (uint u = tid; u < uint(R * kWordsPerTileRow); u += nthreads) {
-      const int i = int(u) / kWordsPerTileRow;
-      const int jw = int(u) % kWordsPerTileRow;
+    for (uint u = tid; u < uint(BV * kWordsPerBlockRow); u += nthreads) {
+      const int i = int(u) / kWordsPerBlockRow;
+      const int jw = int(u) % kWordsPerBlockRow;
       const int v = v0 + i;
-      const int k = k0 + jw * kPerWord; // first column of this word
-      threadgroup TT* dst = tile + i * row_stride + jw * kPerWord * col_stride;
-      if (v < vocab && k < hidden) {
+      const int h = h0 + jw * kPerWord; // first column of this word
+      threadgroup TT* out = dst + i * stride_v + jw * kPerWord * stride_h;
+      if (v < vocab && h < hidden) {
         const ulong row = ulong(v);
-        const uint word = w_q[row * ulong(words) + ulong(k / kPerWord)];
-        const ulong g = row * ulong(groups) + ulong(k >> group_shift);
+        const uint word = w_q[row * ulong(words) + ulong(h / kPerWord)];
+        const ulong g = row * ulong(groups) + ulong(h >> group_shift);
         const float scale = float(scales[g]);
         const float shift = float(biases[g]);
         for (int e = 0; e < kPerWord; ++e) {
           const uint q = (word >> uint(e * kBits)) & kMask;
-          dst[e * col_stride] = TT(fma(scale, float(q), shift));
+          out[e * stride_h] = TT(fma(scale, float(q), shift));
         }
       } else {
         for (int e = 0; e < kPerWord; ++e) {
-          dst[e * col_stride] = TT(0.0f);
+          out[e * stride_h] = TT(0.0f);
         }
       }
     }
   }
 };
-
-// log2 of a group size of 32, 64 or 128 (the host passes the shift).
-inline int group_shift_of(int group_size) {
-  return group_size == 32 ? 5 : group_size == 64 ? 6 : 7;
-}
 
 } // namespace flk

@@ -134,7 +134,7 @@ int qh_tile_run(const uint8_t* name, const uint32_t* w_q, const void* scales, co
     }
     const size_t words = size_t(vocab) * size_t(hidden * bits_per_word / 32);
     const size_t groups = size_t(vocab) * size_t(hidden / group_size);
-    metal::int4 shape = {vocab, hidden, group_size == 32 ? 5 : group_size == 64 ? 6 : 7, transposed};
+    metal::int4 shape = {vocab, hidden, group_size, transposed};
     QhBufs b{w_q, scales, biases, out, &shape};
     std::unique_ptr<Fenced> fw, fs, fb;
     if (fence != 0) {

@@ -16,26 +16,20 @@ template <typename S, int kBits, typename TT, int R, int C>
     device const S* scales [[buffer(1)]],
     device const S* biases [[buffer(2)]],
     device TT* out [[buffer(3)]],
-    constant int4& shape [[buffer(4)]], // V, H, group_shift, transposed
+    constant int4& shape [[buffer(4)]], // V, H, group_size, transposed
     threadgroup TT* tile [[threadgroup(0)]],
     uint2 group [[threadgroup_position_in_grid]],
     uint2 groups [[threadgroups_per_grid]],
     uint tid [[thread_index_in_threadgroup]],
     uint2 tpg [[threads_per_threadgroup]]) {
-  flk::QuantizedHead<S, kBits> head;
-  head.w_q = w_q;
-  head.scales = scales;
-  head.biases = biases;
-  head.vocab = shape.x;
-  head.hidden = shape.y;
-  head.group_shift = shape.z;
+  const flk::QuantizedHead<S, kBits> head(w_q, scales, biases, shape.x, shape.y, shape.z);
   const bool transposed = shape.w != 0;
   const int v0 = int(group.y) * R;
   const int k0 = int(group.x) * C;
   const int row_stride = transposed ? 1 : C;
   const int col_stride = transposed ? R : 1;
   const uint nthreads = tpg.x * tpg.y;
-  head.template stage<TT, R, C>(tile, row_stride, col_stride, v0, k0, tid, nthreads);
+  head.template stage<R, C>(tile, v0, k0, row_stride, col_stride, tid, nthreads);
   threadgroup_barrier(mem_flags::mem_threadgroup);
   const ulong ld_out = ulong(groups.x) * ulong(C);
   // Read in the reverse thread order of the staging loop.
