@@ -67,6 +67,7 @@
 #include <metal_stdlib>
 
 #include "fl_common.h"
+#include "quantized_head.h"
 #include "../csrc/math/cross_entropy.h"
 #include "../csrc/math/linear_cross_entropy.h"
 #include "../csrc/metal/kernel_args.h"
@@ -581,3 +582,15 @@ template <typename T>
 FL_INST_LCE_DTYPE(float32, float)
 FL_INST_LCE_DTYPE(float16, half)
 FL_INST_LCE_DTYPE(bfloat16, bfloat) // Metal 3.1 (fl_common.h requires it)
+
+// Affine-quantized heads (metal/quantized_head.h), named q<bits>_<scale dtype>
+// (launch_plan.cpp: lce_quantized_head): forward tiles, dZ and dH for every
+// hidden dtype; no dW (a quantized weight has no gradient, as on the CPU).
+#define FL_INST_LCE_QUANTIZED(sname, S)                \
+  FL_INST_LCE_HEAD(q2_##sname, flk::QuantizedHead2<S>) \
+  FL_INST_LCE_HEAD(q4_##sname, flk::QuantizedHead4<S>) \
+  FL_INST_LCE_HEAD(q8_##sname, flk::QuantizedHead8<S>)
+
+FL_INST_LCE_QUANTIZED(float32, float)
+FL_INST_LCE_QUANTIZED(float16, half)
+FL_INST_LCE_QUANTIZED(bfloat16, bfloat)

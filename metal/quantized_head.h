@@ -29,6 +29,8 @@
 
 #include <metal_stdlib>
 
+#include "../csrc/metal/kernel_args.h"
+
 using namespace metal;
 
 namespace flk {
@@ -64,6 +66,14 @@ struct QuantizedHead {
         vocab(vocab_),
         hidden(hidden_),
         group_shift(group_size == 32 ? 5 : group_size == 64 ? 6 : 7) {}
+
+  // As the kernels build a head: from the bound buffers and the call's args.
+  QuantizedHead(
+      device const uint* w_q_,
+      device const S* scales_,
+      device const S* biases_,
+      constant LceArgs& args)
+      : QuantizedHead(w_q_, scales_, biases_, args.vocab, args.hidden, args.group_size) {}
 
   int words_per_row() const {
     return hidden / kPerWord;
@@ -117,5 +127,15 @@ struct QuantizedHead {
     }
   }
 };
+
+// One name per bits value, for the instantiation macros of
+// linear_cross_entropy.metal (a macro argument cannot hold the comma of
+// QuantizedHead<S, kBits>).
+template <typename S>
+using QuantizedHead2 = QuantizedHead<S, 2>;
+template <typename S>
+using QuantizedHead4 = QuantizedHead<S, 4>;
+template <typename S>
+using QuantizedHead8 = QuantizedHead<S, 8>;
 
 } // namespace flk

@@ -361,6 +361,23 @@ def test_quantized_16bit_scales(rng, dtype):
     assert_close(loss, r["loss"], mx.float32, scale=logit_scale(dict(args, weight=w)).sum())
 
 
+@pytest.mark.parametrize("scale_dt,bias_dt", [(mx.float32, mx.float16), (mx.bfloat16, mx.float32),
+                                               (mx.float16, mx.bfloat16)], ids=str)
+def test_quantized_scales_and_biases_of_different_dtypes(rng, scale_dt, bias_dt):
+    """Biases in another dtype than the scales are promoted with them (exactly;
+    they used to be read as the scales' dtype: garbage). The reference takes
+    both in float32 (mx.dequantize of mixed dtypes computes in the scales')."""
+    args = make_inputs(rng, 10, 64, 70)
+    w_q, scales, biases = mx.quantize(args["weight"], group_size=32, bits=4)
+    scales, biases = scales.astype(scale_dt), biases.astype(bias_dt)
+    w = mx.dequantize(w_q, scales.astype(mx.float32), biases.astype(mx.float32), group_size=32,
+                      bits=4)
+    r = reference(dict(args, weight=w), reduction="sum")
+    loss = fl.linear_cross_entropy(args["hidden"], w_q, args["targets"], scales=scales, biases=biases,
+                                   group_size=32, reduction="sum", dtype=mx.float32)
+    assert_close(loss, r["loss"], mx.float32, scale=logit_scale(dict(args, weight=w)).sum())
+
+
 def test_quantized_weight_gradient_raises(rng):
     args = make_inputs(rng, 4, 64, 20)
     w_q, scales, biases = mx.quantize(args["weight"], group_size=64, bits=4)

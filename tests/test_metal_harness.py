@@ -351,7 +351,7 @@ def test_overlapping_scratch_slots_in_the_real_block_kernel_are_reported(tmp_pat
 
     (tmp_path / "csrc").symlink_to(REPO / "csrc")
     (tmp_path / "metal").mkdir()
-    for source in PROJECT_KERNELS:
+    for source in [*PROJECT_KERNELS, *(REPO / "metal").glob("*.h")]:  # kernels and headers
         (tmp_path / "metal" / source.name).write_text(source.read_text())
     common = (REPO / "metal" / "fl_common.h").read_text()
     overlapping, count = _re.subn(r"#define FLK_SCRATCH_MAX \d+", "#define FLK_SCRATCH_MAX FLK_SCRATCH_S",

@@ -43,6 +43,7 @@ DTYPES = ["float32", "float16", "bfloat16"]
 BM, BN, BK = 32, 32, 16
 FAST = (mh.Schedule("forward"), mh.Schedule("ahead", memory="strict"))
 USED: set[str] = set()
+QUANTIZED_HEADS = [f"q{bits}_{d}" for bits in (2, 4, 8) for d in DTYPES]
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +92,14 @@ def host_names() -> set[str]:
             names |= {f"fl_lce_fwd_{h}_w{w}", f"fl_lce_dz_{h}_w{w}"}
     for d in DTYPES:
         names |= {f"fl_lce_dw_{d}", f"fl_lce_scale_{d}"}
+    # Quantized heads (tests/test_metal_quantized_head.py runs them): forward
+    # tiles, dZ and dH, no dW.
+    for d, t in [("float32", "float"), ("float16", "half"), ("bfloat16", "bfloat")]:
+        assert f"FL_INST_LCE_QUANTIZED({d}, {t})" in text
+    for q in QUANTIZED_HEADS:
+        names.add(f"fl_lce_dh_{q}")
+        for h in DTYPES:
+            names |= {f"fl_lce_fwd_{h}_{q}", f"fl_lce_dz_{h}_{q}"}
     return names
 
 
@@ -214,6 +223,23 @@ def options(case):
             np.float32(case["cap"] or 0.0), np.int32(case["bias"]))
 
 
+def head_name(d):
+    """The head eval_gpu picks: w<dtype>, or q<bits>_<scale dtype> for a quantized
+    weight (d["q"], made by tests/test_metal_quantized_head.py)."""
+    q = d.get("q")
+    return f"q{q['bits']}_{q['sdt']}" if q else f"w{d['wdt']}"
+
+
+def head_run_args(d):
+    """(entry suffix, leading arguments) of lce_forward_run / lce_backward_run, or
+    of their _q forms, which take the packed weight, its scales and biases."""
+    q = d.get("q")
+    if q is None:
+        return "", (np.int32(DT_CODE[d["hdt"]]), np.int32(DT_CODE[d["wdt"]]), d["hd"], d["wd"])
+    return "_q", (np.int32(DT_CODE[d["hdt"]]), np.int32(q["bits"]), np.int32(q["group_size"]),
+                  np.int32(DT_CODE[q["sdt"]]), d["hd"], q["w_q"], q["scales"], q["biases"])
+
+
 def gpu_forward(lib, d, case, chunk_bytes, schedules):
     n, v, h = d["n"], d["v"], d["h"]
     p = plan_info(lib, n, v, h, chunk_bytes)
@@ -223,11 +249,11 @@ def gpu_forward(lib, d, case, chunk_bytes, schedules):
     loss = np.full(1 if case["sum"] else max(n, 1), SENTINEL, np.float32)
     lse, lse_lo, entropy = (np.full(max(n, 1), SENTINEL, np.float32) for _ in range(3))
     correct = np.full(max(n, 1), 7, np.uint8)
-    lib.run("lce_forward_run", np.int32(DT_CODE[d["hdt"]]), np.int32(DT_CODE[d["wdt"]]), d["hd"],
-            d["wd"], d["t"], d["bias"], partials, target_logit, row_loss, loss, lse, lse_lo, correct,
-            entropy, np.int64(n), np.int32(v), np.int32(h), np.int64(chunk_bytes),
-            np.int32(case["sum"]), *options(case), schedules=schedules)
-    USED.add(launch_info(lib, 0, n, v, h, d["hdt"], d["wdt"], chunk_bytes)["name"])
+    suffix, head = head_run_args(d)
+    lib.run("lce_forward_run" + suffix, *head, d["t"], d["bias"], partials, target_logit, row_loss,
+            loss, lse, lse_lo, correct, entropy, np.int64(n), np.int32(v), np.int32(h),
+            np.int64(chunk_bytes), np.int32(case["sum"]), *options(case), schedules=schedules)
+    USED.add(f"fl_lce_fwd_{d['hdt']}_{head_name(d)}")
     USED.add("fl_lce_fwd_finish")
     k = slice(0, n)
     return dict(loss=loss if case["sum"] else loss[k], lse=lse[k], lse_lo=lse_lo[k],
@@ -242,14 +268,15 @@ def gpu_backward(lib, d, case, lse, lse_lo, g, chunk_bytes, want, schedules):
     dw = np.full((v, max(h, 1)), SENTINEL, np.float32)
     db = np.full(v, SENTINEL, np.float32)
     unit = g is None
-    lib.run("lce_backward_run", np.int32(DT_CODE[d["hdt"]]), np.int32(DT_CODE[d["wdt"]]), d["hd"],
-            d["wd"], d["t"], d["bias"], lse, lse_lo, np.ones(1, np.float32) if unit else g,
+    suffix, head = head_run_args(d)
+    lib.run("lce_backward_run" + suffix, *head, d["t"], d["bias"], lse, lse_lo,
+            np.ones(1, np.float32) if unit else g,
             np.int32(unit), dz, dh, dw, db, np.int32("hidden" in want), np.int32("weight" in want),
             np.int32("bias" in want), np.int64(n), np.int32(v), np.int32(h), np.int64(chunk_bytes),
             *options(case), schedules=schedules)
-    USED.add(launch_info(lib, 2, n, v, h, d["hdt"], d["wdt"], chunk_bytes, 1)["name"])
+    USED.add(f"fl_lce_dz_{d['hdt']}_{head_name(d)}")
     if "hidden" in want:
-        USED.add(f"fl_lce_dh_w{d['wdt']}")
+        USED.add(f"fl_lce_dh_{head_name(d)}")
     if "weight" in want:
         USED.add(f"fl_lce_dw_{d['hdt']}")
     if "bias" in want:
@@ -261,25 +288,29 @@ def cpu_primitive(d, case, g=None):
     """The CPU primitive on the same rounded inputs: outputs, and the gradients
     for the per-row cotangent g (None: forward only)."""
     hm = mx.array(d["hr"]).astype(MX_DT[d["hdt"]])
-    wm = mx.array(d["wr"]).astype(MX_DT[d["wdt"]])
+    q = d.get("q")
+    wm = q["mx"][0] if q else mx.array(d["wr"]).astype(MX_DT[d["wdt"]])
     tm = mx.array(d["t"])
     bm = mx.array(d["bias"]) if case["bias"] else None
     kw = dict(label_smoothing=case["ls"], label_smoothing_mode=case["mode"],
               ignore_index=case["ignore"], z_loss=case["z"], logit_softcap=case["cap"],
               sum_rows=case["sum"], stream=mx.cpu)
+    if q:  # the packed weight is a constant: no gradient
+        kw.update(scales=q["mx"][1], biases=q["mx"][2], group_size=q["group_size"], bits=q["bits"])
     outs = ext.linear_cross_entropy(hm, wm, tm, bm, **kw)
     mx.eval(outs)
     res = [np.array(o.astype(mx.float32)) if o.dtype != mx.bool_ else np.array(o) for o in outs]
     if g is None:
         return res, None
-    primals = [hm, wm] + ([bm] if case["bias"] else [])
+    names = ["hidden"] + ([] if q else ["weight"]) + (["bias"] if case["bias"] else [])
+    primals = [{"hidden": hm, "weight": wm, "bias": bm}[k] for k in names]
 
     def f(*p):
-        return ext.linear_cross_entropy(p[0], p[1], tm, p[2] if case["bias"] else None,
+        x = dict(zip(names, p))
+        return ext.linear_cross_entropy(x["hidden"], x.get("weight", wm), tm, x.get("bias"),
                                         **dict(kw, sum_rows=False))[0]
 
     _, grads = mx.vjp(f, primals, [mx.array(g)])
-    names = ["hidden", "weight", "bias"][: len(primals)]
     return res, {k: np.array(v.astype(mx.float32)) for k, v in zip(names, grads)}
 
 
@@ -302,10 +333,11 @@ def mx_args(d, case):
     return a
 
 
-def check_case(lib, case_name, n, h, v, hdt, wdt, chunk_bytes, schedules, seed):
+def check_case(lib, case_name, n, h, v, hdt, wdt, chunk_bytes, schedules, seed, make=make_case):
+    """make: builds the inputs (test_metal_quantized_head.py passes a quantized head's)."""
     case = CASES[case_name]
     rng = np.random.default_rng(seed)
-    d = make_case(rng, n, h, v, hdt, wdt, case)
+    d = make(rng, n, h, v, hdt, wdt, case)
     out = gpu_forward(lib, d, case, chunk_bytes, schedules)
     cpu, _ = cpu_primitive(d, case)
     r, oob = reference64(d, case, None)
@@ -343,7 +375,7 @@ def check_case(lib, case_name, n, h, v, hdt, wdt, chunk_bytes, schedules, seed):
     g = rng.uniform(-2, 2, n).astype(np.float32)
     lse_in = out["lse"].copy()
     lse_lo_in = out["lse_lo"].copy()
-    want = ("hidden", "weight", "bias") if case["bias"] else ("hidden", "weight")
+    want = ("hidden",) + (() if d.get("q") else ("weight",)) + (("bias",) if case["bias"] else ())
     grads = gpu_backward(lib, d, case, lse_in, lse_lo_in, g, chunk_bytes, want, schedules)
     _, cpu_grads = cpu_primitive(d, case, g)
     r, _ = reference64(d, case, g.astype(np.float64))
@@ -441,5 +473,6 @@ def test_zz_every_instantiation_ran():
     """Runs last (file order): every kernel the .metal file defines was launched above."""
     if not USED:
         pytest.skip("run with the kernel tests")
-    missing = host_names() - USED
+    quantized = {n for n in host_names() if n.endswith(tuple(QUANTIZED_HEADS))}
+    missing = host_names() - quantized - USED
     assert not missing, sorted(missing)

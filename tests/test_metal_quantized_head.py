@@ -231,3 +231,108 @@ def test_no_read_out_of_bounds_against_inaccessible_pages(lib):
                           timeout=600)
     assert proc.returncode == 0 and "fenced sweep ok" in proc.stdout, (
         f"rc {proc.returncode} (-11: a read hit an inaccessible page)\n{proc.stderr[-3000:]}")
+
+
+# ---- the linear cross-entropy kernels with a quantized head -------------------------------
+# Every quantized instantiation of metal/linear_cross_entropy.metal (forward tiles
+# and dZ for each hidden dtype, dH; heads q<bits>_<scale dtype>) through eval_gpu's
+# dispatch sequence (tests/metal_kernels/lce_adaptor.cpp, lce_*_run_q), checked by
+# test_metal_linear_cross_entropy.check_case against the CPU primitive with the
+# same packed weight and the float64 reference on the weight the kernel multiplies
+# by (the fma dequantisation, exact in float64). Gradients: hidden (and bias).
+
+import test_metal_linear_cross_entropy as lce  # noqa: E402
+
+DT_CODE = {"float32": 0, "float16": 1, "bfloat16": 2}
+
+
+@pytest.fixture(scope="module")
+def lce_lib():
+    return mh.build(lce.METAL, lce.ADAPTOR, include_dirs=("csrc",))
+
+
+def dequantize64(w_q, scales, biases, group_size, bits) -> np.ndarray:
+    """scale * q + bias in float64 (exact products, one rounding in the sum)."""
+    q = unpack(np.array(w_q), bits).astype(np.float64)
+    s = np.array(scales.astype(mx.float32)).astype(np.float64).repeat(group_size, 1)
+    b = np.array(biases.astype(mx.float32)).astype(np.float64).repeat(group_size, 1)
+    return s * q + b
+
+
+def quantized_maker(bits, group_size):
+    """A make_case for check_case: the dense case's weight quantized with
+    mx.quantize in the scale dtype (check_case's `wdt`)."""
+
+    def make(rng, n, h, v, hdt, sdt, case):
+        d = lce.make_case(rng, n, h, v, hdt, "float32", case)
+        w_q, scales, biases = mx.quantize(mx.array(d["wr"]).astype(MX_DT[sdt]),
+                                          group_size=group_size, bits=bits)
+        # The weight the kernels multiply by: fma(scale, q, bias) rounded to float32.
+        d["wr"] = dequantize64(w_q, scales, biases, group_size, bits).astype(np.float32)
+        d["wd"] = None
+        d["q"] = dict(bits=bits, group_size=group_size, sdt=sdt, w_q=np.array(w_q),
+                      scales=device_array(scales, sdt), biases=device_array(biases, sdt),
+                      mx=(w_q, scales, biases))
+        return d
+
+    return make
+
+
+def test_quantized_head_names(lce_lib):
+    name = np.zeros(64, np.uint8)
+    for bits in (2, 4, 8):
+        for sdt in DT_CODE:
+            lce_lib.run("lce_quantized_head_name", np.int32(bits), np.int32(DT_CODE[sdt]), name,
+                        schedules=(mh.Schedule(),))
+            assert bytes(name).split(b"\0")[0].decode() == f"q{bits}_{sdt}"
+    with pytest.raises(mh.HarnessError, match="bits must be 2, 4 or 8"):
+        lce_lib.run("lce_quantized_head_name", np.int32(3), np.int32(0), name,
+                    schedules=(mh.Schedule(),))
+
+
+# (N, H, V): N and V around the 32-row / 32-class tiles, H a multiple of the
+# group size (mx.quantize requires it) with BK = 16 steps, the last tile of V
+# mostly past its end.
+Q_SHAPES = {32: (33, 96, 65), 64: (31, 64, 33), 128: (1, 128, 97)}
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_every_bits_and_group_size_all_schedules(lce_lib, bits, group_size):
+    n, h, v = Q_SHAPES[group_size]
+    case = "others_z_cap" if bits != 4 else "smooth_ignore_bias_sum"
+    # chunk_bytes: two row chunks when N > 32
+    lce.check_case(lce_lib, case, n, h, v, "float32", "float32", 4 * v * 32,
+                   mh.DEFAULT_SCHEDULES, seed=bits * 100 + group_size,
+                   make=quantized_maker(bits, group_size))
+
+
+@pytest.mark.parametrize("sdt", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("hdt", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_every_instantiation(lce_lib, bits, hdt, sdt):
+    """Each quantized head (bits, scale dtype) with each hidden dtype, options
+    and group size rotating, under two schedules (the tile code is the one the
+    cases above run under all seven)."""
+    k = bits + DT_CODE[hdt] * 3 + DT_CODE[sdt]
+    lce.check_case(lce_lib, list(lce.CASES)[k % 4], 37, 64, 70, hdt, sdt, 4 * 70 * 33, lce.FAST,
+                   seed=k, make=quantized_maker(bits, (32, 64)[k % 2]))
+
+
+def test_zz_every_quantized_instantiation_ran():
+    """Runs after the tests above (file order): every quantized kernel the .metal
+    file defines was launched."""
+    quantized = {n for n in lce.host_names() if n.endswith(tuple(lce.QUANTIZED_HEADS))}
+    if not quantized & lce.USED:
+        pytest.skip("run with the kernel tests")
+    missing = quantized - lce.USED
+    assert not missing, sorted(missing)
+
+
+def test_quantized_weight_has_no_dw_kernel(lce_lib):
+    case = lce.CASES["plain"]
+    d = quantized_maker(4, 32)(np.random.default_rng(3), 5, 32, 20, "float32", "float32", case)
+    out = lce.gpu_forward(lce_lib, d, case, 1 << 20, lce.FAST)
+    with pytest.raises(mh.HarnessError, match="no gradient"):
+        lce.gpu_backward(lce_lib, d, case, out["lse"].copy(), out["lse_lo"].copy(),
+                         np.ones(5, np.float32), 1 << 20, ("hidden", "weight"), lce.FAST)

@@ -355,6 +355,13 @@ std::string lce_dense_head(KDtype weight) {
   return std::string("w") + dtype_name(weight);
 }
 
+std::string lce_quantized_head(int bits, KDtype scales) {
+  if (bits != 2 && bits != 4 && bits != 8) {
+    throw std::invalid_argument("lce_quantized_head: bits must be 2, 4 or 8");
+  }
+  return "q" + std::to_string(bits) + "_" + dtype_name(scales);
+}
+
 LaunchPlan lce_forward_plan(KDtype hidden, const std::string& head, const LcePlan& p,
                             int max_group_threads) {
   LaunchPlan l = lce_gemm_plan(std::string("fl_lce_fwd_") + dtype_name(hidden) + "_" + head,

@@ -130,6 +130,11 @@ struct LcePlan {
 LcePlan lce_plan(int64_t rows, int vocab, int hidden, int64_t chunk_bytes);
 // The head name of a dense weight of dtype dt: "w" + dtype name.
 std::string lce_dense_head(KDtype weight);
+// The head name of an affine-quantized weight (metal/quantized_head.h): "q" +
+// bits + "_" + the scales' dtype name, e.g. q4_bfloat16; bits 2, 4 or 8 (the
+// op checks them; anything else here is a bug and throws). The group size is
+// a runtime argument (LceArgs::group_size).
+std::string lce_quantized_head(int bits, KDtype scales);
 LaunchPlan lce_forward_plan(KDtype hidden, const std::string& head, const LcePlan& p,
                             int max_group_threads = kMaxGroupThreads);
 LaunchPlan lce_finish_plan(const LcePlan& p, int max_group_threads = kMaxGroupThreads);

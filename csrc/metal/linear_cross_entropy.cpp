@@ -32,12 +32,22 @@ struct LceCall {
   mx::metal::CommandEncoder& enc;
 };
 
-// The head that reads the weight. Dense: the weight's dtype.
+// The head that reads the weight. Dense: the weight's dtype. Quantized
+// (metal/quantized_head.h): bits and the scales' dtype (the op gives scales and
+// biases one dtype); w_q must reach the kernel as packed uint32.
 std::string head_name(const std::vector<mx::array>& inputs, const LinearCrossEntropyParams& p,
                       const LceInputs& L) {
   if (p.quantized()) {
-    throw std::runtime_error(
-        "linear_cross_entropy: no Metal kernel for a quantized weight yet: pass stream=mx.cpu");
+    const auto& scales = inputs[L.scales];
+    const auto& qbiases = inputs[L.qbiases];
+    gpu::require_dense(scales, "scales");
+    gpu::require_dense(qbiases, "biases");
+    if (inputs[L.weight].dtype() != mx::uint32 || qbiases.dtype() != scales.dtype()) {
+      throw std::runtime_error(
+          "mlx_fused_losses: a quantized weight must reach the kernel as uint32 with scales and "
+          "biases of one dtype");
+    }
+    return mplan::lce_quantized_head(p.bits, gpu::kernel_dtype(scales.dtype()));
   }
   return mplan::lce_dense_head(gpu::kernel_dtype(inputs[L.weight].dtype()));
 }

@@ -254,8 +254,13 @@ std::vector<mx::array> linear_cross_entropy(
   }
   std::vector<mx::array> inputs = {hidden, weight};
   if (scales) {
-    inputs.push_back(*scales);
-    inputs.push_back(*qbiases);
+    // The kernels read scales and biases as one dtype: both in their promoted
+    // type (mx.dequantize's result type; the conversion is exact, and a no-op
+    // for what mx.quantize returns). Before, biases of another dtype than the
+    // scales were read as the scales' dtype (garbage, and past their end).
+    auto sdt = mx::promote_types(scales->dtype(), qbiases->dtype());
+    inputs.push_back(mx::astype(*scales, sdt, s));
+    inputs.push_back(mx::astype(*qbiases, sdt, s));
   }
   inputs.push_back(t);
   if (bias) {

@@ -10,7 +10,9 @@
 // states, target logits, per-row losses, the dZ chunk) come from Python, so the
 // harness guards and compares them too.
 //
-// A quantized head adds its instantiations with Registry::add_head<Head>(name).
+// Quantized heads (metal/quantized_head.h) are registered with
+// Registry::add_head<Head>(name) like the dense ones; lce_forward_run_q and
+// lce_backward_run_q run the same dispatch sequences with such a head.
 #include <cstdint>
 #include <cstring>
 #include <map>
@@ -129,10 +131,20 @@ struct Registry {
     };
   }
 
+  template <class S>
+  void add_quantized(const std::string& d) {
+    add_head<flk::QuantizedHead2<S>>("q2_" + d);
+    add_head<flk::QuantizedHead4<S>>("q4_" + d);
+    add_head<flk::QuantizedHead8<S>>("q8_" + d);
+  }
+
   Registry() {
     add_dtype<float>("float32");
     add_dtype<metal::half>("float16");
     add_dtype<metal::bfloat>("bfloat16");
+    add_quantized<float>("float32");
+    add_quantized<metal::half>("float16");
+    add_quantized<metal::bfloat>("bfloat16");
     lce["fl_lce_fwd_finish"] = finish_call;
     lce["fl_lce_dbias"] = dbias_call;
   }
@@ -178,6 +190,44 @@ LceBufs tile_inputs(const void* hidden, const void* weight, const int64_t* targe
   b.targets = targets;
   b.bias = bias;
   return b;
+}
+
+// The quantized head of the running lce_*_run_q call (bits 0: the weight is
+// dense, of dtype code wdt). Set and cleared by those entry points, because
+// the harness copies the scale arrays per call.
+struct QuantizedWeight {
+  int bits = 0;
+  int group_size = 0;
+  int scale_dtype = 0;
+  const void* scales = nullptr;
+  const void* qbiases = nullptr;
+};
+QuantizedWeight g_quantized;
+
+// eval_gpu's choice of head (csrc/metal/linear_cross_entropy.cpp).
+std::string head_for(int wdt) {
+  if (g_quantized.bits != 0) {
+    return fl::mplan::lce_quantized_head(g_quantized.bits, to_dtype(g_quantized.scale_dtype));
+  }
+  return fl::mplan::lce_dense_head(to_dtype(wdt));
+}
+
+// The head's buffers and arguments, as eval_gpu binds them.
+void bind_head(LceBufs& b, LceArgs& a) {
+  if (g_quantized.bits != 0) {
+    b.scales = g_quantized.scales;
+    b.qbiases = g_quantized.qbiases;
+    a.bits = g_quantized.bits;
+    a.group_size = g_quantized.group_size;
+  }
+}
+
+template <class F>
+int with_quantized(const QuantizedWeight& q, F run) {
+  g_quantized = q;
+  int rc = run();
+  g_quantized = QuantizedWeight{};
+  return rc;
 }
 
 } // namespace
@@ -251,8 +301,9 @@ int lce_forward_run(int hdt, int wdt, const void* hidden, const void* weight,
     namespace P = fl::mplan;
     LcePlan plan = P::lce_plan(rows, vocab, hidden_size, chunk_bytes);
     LceArgs args = args_for(plan, {smoothing, mode, has_ignore, ignore_index, z_loss, softcap, has_bias});
-    std::string head = P::lce_dense_head(to_dtype(wdt));
+    std::string head = head_for(wdt);
     LceBufs b = tile_inputs(hidden, weight, targets, bias);
+    bind_head(b, args);
     b.partials = partials;
     b.target_logit = target_logit;
     b.loss = sum_rows ? row_loss : loss;
@@ -289,9 +340,10 @@ int lce_backward_run(int hdt, int wdt, const void* hidden, const void* weight,
     namespace P = fl::mplan;
     LcePlan plan = P::lce_plan(rows, vocab, hidden_size, chunk_bytes);
     LceArgs base = args_for(plan, {smoothing, mode, has_ignore, ignore_index, z_loss, softcap, has_bias});
-    std::string head = P::lce_dense_head(to_dtype(wdt));
+    std::string head = head_for(wdt);
     KDtype h = to_dtype(hdt);
     LceBufs b = tile_inputs(hidden, weight, targets, bias);
+    bind_head(b, base);
     b.lse = const_cast<float*>(lse);
     b.lse_lo = const_cast<float*>(lse_lo);
     b.g = g;
@@ -313,6 +365,54 @@ int lce_backward_run(int hdt, int wdt, const void* hidden, const void* weight,
       if (want_dw) run_lce(P::lce_dw_plan(h, plan, g_pipeline_limit), b, a);
       if (rows == 0) break;
     }
+  });
+}
+
+// lce_quantized_head(bits, sdt) into name_out (cap 64): the suffix eval_gpu's
+// plans give a quantized head's kernels.
+int lce_quantized_head_name(int bits, int sdt, uint8_t* name_out) {
+  return mh::guarded([&] {
+    std::string s = fl::mplan::lce_quantized_head(bits, to_dtype(sdt));
+    if (s.size() + 1 > 64) throw mh::Error("lce_quantized_head_name: name too long");
+    std::memcpy(name_out, s.c_str(), s.size() + 1);
+  });
+}
+
+// lce_forward_run / lce_backward_run with an affine-quantized weight: w_q
+// packed uint32 [V, H * bits / 32], scales and qbiases [V, H / group_size] of
+// dtype code sdt. A quantized weight has no gradient: want_dw must be 0 (dw is
+// never written).
+int lce_forward_run_q(int hdt, int bits, int group_size, int sdt, const void* hidden,
+                      const uint32_t* w_q, const void* scales, const void* qbiases,
+                      const int64_t* targets, const float* bias, float* partials,
+                      float* target_logit, float* row_loss, float* loss, float* lse, float* lse_lo,
+                      bool* correct, float* entropy, int64_t rows, int vocab, int hidden_size,
+                      int64_t chunk_bytes, int sum_rows, float smoothing, int mode, int has_ignore,
+                      int64_t ignore_index, float z_loss, float softcap, int has_bias) {
+  return with_quantized({bits, group_size, sdt, scales, qbiases}, [&] {
+    return lce_forward_run(hdt, 0, hidden, w_q, targets, bias, partials, target_logit, row_loss,
+                           loss, lse, lse_lo, correct, entropy, rows, vocab, hidden_size,
+                           chunk_bytes, sum_rows, smoothing, mode, has_ignore, ignore_index,
+                           z_loss, softcap, has_bias);
+  });
+}
+
+int lce_backward_run_q(int hdt, int bits, int group_size, int sdt, const void* hidden,
+                       const uint32_t* w_q, const void* scales, const void* qbiases,
+                       const int64_t* targets, const float* bias, const float* lse,
+                       const float* lse_lo, const float* g, int unit_cotangent, float* dz,
+                       float* dh, float* dw, float* dbias, int want_dh, int want_dw,
+                       int want_dbias, int64_t rows, int vocab, int hidden_size,
+                       int64_t chunk_bytes, float smoothing, int mode, int has_ignore,
+                       int64_t ignore_index, float z_loss, float softcap, int has_bias) {
+  if (want_dw != 0) {
+    return mh::guarded([] { throw mh::Error("a quantized weight has no gradient (no dW kernel)"); });
+  }
+  return with_quantized({bits, group_size, sdt, scales, qbiases}, [&] {
+    return lce_backward_run(hdt, 0, hidden, w_q, targets, bias, lse, lse_lo, g, unit_cotangent,
+                            dz, dh, dw, dbias, want_dh, 0, want_dbias, rows, vocab,
+                            hidden_size, chunk_bytes, smoothing, mode, has_ignore, ignore_index,
+                            z_loss, softcap, has_bias);
   });
 }
 
