@@ -1,0 +1,398 @@
+"""Performance model of the Metal linear cross-entropy (docs/metal_linear_cross_entropy.md).
+
+Every number of the doc's tables is computed here from the kernels' tile
+constants (parsed from csrc/metal/kernel_args.h, csrc/metal/launch_plan.h and
+metal/linear_cross_entropy.metal, so a change of tiles changes the tables) and
+from sourced hardware numbers (HARDWARE, SOURCES below).
+
+    python -m bench.metal_lce_model           # print the tables
+    python -m bench.metal_lce_model --write   # rewrite them in the doc
+    python -m bench.metal_lce_model --check   # exit 1 if the doc's tables are stale
+
+Pure Python, no MLX, no GPU: a model, not a measurement (the doc says what a Mac
+must measure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DOC = REPO / "docs" / "metal_linear_cross_entropy.md"
+KIB = 1024
+
+# ---- sources ---------------------------------------------------------------------------
+
+SOURCES = {
+    "mb": "philipturner/metal-benchmarks README (commit dc2adc6, 2024): per-core register file "
+          "~208 KB, threadgroup memory ~60 KB, 384-3072 threads; clocks, cores and FP32 GFLOPS of "
+          "M1/M1 Max/M2/M2 Max; SLC (L3) sizes; matrix FFMA32 101.7 per core-cycle of 128 on "
+          "M1 and later; I32 bit shifts 32 per core-cycle (a quarter of the 128 FMA lanes)",
+    "apple": "Apple Newsroom: M1 Pro/M1 Max (2021-10-18: 200 / 400 GB/s), M2 (2022-06-06: "
+             "100 GB/s), M2 Pro/M2 Max (2023-01-17: 200 / 400 GB/s), M3 family (2023-10-30: "
+             "M3 100 GB/s, M3 Max up to 400 GB/s), M4 (2024-05-07: 120 GB/s), M4 Pro/M4 Max "
+             "(2024-10-30: 273 / 546 GB/s). M1: LPDDR4X-4266 on a 128-bit bus, "
+             "4266e6 x 16 B = 68.3 GB/s",
+    "tables": "Apple, Metal Feature Set Tables: 32 KiB threadgroup memory and 1024 threads per "
+              "threadgroup at most",
+    "mlx": "ml-explore/mlx mlx/backend/metal/matmul.cpp (commit 846d176): steel GEMM tiles "
+           "bm x bn x bk, wm x wn SIMD-groups (GEMM_TPARAM_MACRO); quantized.cpp qmm: 32 x 32 x 32",
+    "mfa": "philipturner/metal-flash-attention README: a tuned simdgroup_matrix GEMM reaches "
+           "87.2 % (FP32) / 93.3 % (FP16) of the ALU peak (M1 Max)",
+}
+
+# Per-core limits (source "mb"; threads per group: "tables").
+TG_MEMORY_PER_CORE = 60 * KIB  # "~60 KB"
+REGISTERS_PER_CORE = 208 * KIB  # "~208 KB"
+MAX_THREADS_PER_CORE = 3072
+MATRIX_FFMA_EFFICIENCY = 101.7 / 128  # measured matmul FFMA32 / peak FFMA per core-cycle
+
+
+@dataclass(frozen=True)
+class Chip:
+    name: str
+    cores: int
+    gflops: float  # FP32 peak
+    gbps: float  # DRAM bandwidth
+    slc_mb: float | None  # system level cache (None: not published)
+    flops_source: str  # "mb", or "assumed" (Apple publishes no GPU clock)
+
+
+# M3/M4: Apple publishes neither GPU clock nor FLOPS; assumed at M2's 1.398 GHz x
+# 256 FP32 FLOP per core-cycle (the per-core rate of Apple 7/8, source "mb").
+def _assumed(cores: int) -> float:
+    return cores * 256 * 1.398
+
+
+HARDWARE = [
+    Chip("M1 (8-core GPU)", 8, 2617, 68.25, 8, "mb"),
+    Chip("M1 Max (32)", 32, 10617, 400, 48, "mb"),
+    Chip("M2 (10)", 10, 3579, 100, 8, "mb"),
+    Chip("M2 Max (38)", 38, 13600, 400, 48, "mb"),
+    Chip("M3 (10)", 10, _assumed(10), 100, None, "assumed"),
+    Chip("M4 (10)", 10, _assumed(10), 120, None, "assumed"),
+    Chip("M4 Max (40)", 40, _assumed(40), 546, None, "assumed"),
+]
+
+# ---- the kernels' tiles, read from the sources --------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tiles:
+    bm: int
+    bn: int
+    bk: int
+    threads: int
+    pad_a: int  # threadgroup leading-dimension padding (elements)
+    pad_b: int
+    pad_c: int  # 0: no Cs tile
+    stage_bytes: int  # bytes of a staged element (float staging: 4)
+    target_groups: int = 512
+    max_splits: int = 64
+
+    @property
+    def simd_groups(self) -> int:
+        return self.threads // 32
+
+    def frags_per_simd(self) -> tuple[int, int]:
+        """8x8 fragments of a SIMD-group's block: (rows, cols), 2 x 2 SIMD-groups."""
+        return self.bm // 2 // 8, self.bn // 2 // 8
+
+
+def _define(text: str, name: str) -> int:
+    m = re.search(rf"#define {name} (\d+)", text)
+    if not m:
+        raise ValueError(f"{name} not found")
+    return int(m.group(1))
+
+
+def our_tiles(repo: Path = REPO) -> Tiles:
+    args = (repo / "csrc/metal/kernel_args.h").read_text()
+    plan = (repo / "csrc/metal/launch_plan.h").read_text()
+    metal = (repo / "metal/linear_cross_entropy.metal").read_text()
+    pads = {}
+    for ld, dim in (("kLDA", "BK"), ("kLDB", "BN"), ("kLDC", "BN")):
+        m = re.search(rf"{ld} = FL_LCE_{dim} \+ (\d+)", metal)
+        if not m:
+            raise ValueError(f"{ld} not found in linear_cross_entropy.metal")
+        pads[ld] = int(m.group(1))
+    if not re.search(r"threadgroup float As\[lce::kBM \* lce::kLDA\]", metal):
+        raise ValueError("the model assumes float staging (threadgroup float As/Bs/Cs)")
+    return Tiles(
+        bm=_define(args, "FL_LCE_BM"), bn=_define(args, "FL_LCE_BN"), bk=_define(args, "FL_LCE_BK"),
+        threads=_define(args, "FL_LCE_THREADS"), pad_a=pads["kLDA"], pad_b=pads["kLDB"],
+        pad_c=pads["kLDC"], stage_bytes=4,
+        target_groups=int(re.search(r"kLceTargetGroups = (\d+)", plan).group(1)),
+        max_splits=int(re.search(r"kLceMaxSplits = (\d+)", plan).group(1)))
+
+
+# MLX's steel GEMM (source "mlx"): 2 x 2 SIMD-groups, padding 16 bytes / sizeof(T), no Cs.
+MLX_F32 = Tiles(64, 64, 16, 128, 4, 4, 0, 4)
+MLX_F16 = Tiles(64, 64, 16, 128, 8, 8, 0, 2)
+MLX_QMM = Tiles(32, 32, 32, 128, 8, 8, 0, 2)  # qmm_t: half tiles, 2 x 2 SIMD-groups
+
+# ---- per-tile quantities ---------------------------------------------------------------------
+
+
+def tg_bytes(t: Tiles) -> int:
+    """As [BM][BK+pa], Bs [BK][BN+pb] (ours; MLX's B of an nt GEMM is the same size), Cs."""
+    a = t.bm * (t.bk + t.pad_a)
+    b = t.bk * (t.bn + t.pad_b)
+    c = t.bm * (t.bn + t.pad_c) if t.pad_c else 0
+    return (a + b + c) * t.stage_bytes
+
+
+def groups_per_core_tg(t: Tiles) -> int:
+    return min(TG_MEMORY_PER_CORE // tg_bytes(t), MAX_THREADS_PER_CORE // t.threads)
+
+
+def max_registers_for(t: Tiles, groups: int) -> int:
+    """32-bit registers per thread below which `groups` groups fit the register file."""
+    return REGISTERS_PER_CORE // (groups * t.threads * 4)
+
+
+def loads_per_mma(t: Tiles) -> float:
+    fm, fn = t.frags_per_simd()
+    return (fm + fn) / (fm * fn)
+
+
+def flops_per_step(t: Tiles) -> int:
+    return 2 * t.bm * t.bn * t.bk
+
+
+def tile_intensity(t: Tiles, bytes_a: float, bytes_b: float) -> float:
+    """FLOP per byte read from device memory by one output tile: 2 BM BN / (BM s_a + BN s_b)."""
+    return 2 * t.bm * t.bn / (t.bm * bytes_a + t.bn * bytes_b)
+
+
+def quantized_bytes(bits: int, group: int, scale_bytes: int = 2) -> float:
+    """Bytes per weight element: bits / 8 + (scale + bias) / group_size."""
+    return bits / 8 + 2 * scale_bytes / group
+
+
+# Instruction-slot estimate of one BK step of a group (32-wide SIMD instructions).
+# Assumptions, stated in the doc: an 8x8x8 MMA issues 512 FMA = 16 slots; a float
+# 8x8 fragment load 2 slots; staging an element C_STAGE slots per 32 elements
+# (address, load, convert, store), MLX's vector loads C_STAGE_VEC; a quantized
+# element C_QUANT (quarter-rate shift = 4, and, convert, fma, store) plus its
+# word's loads and scale conversions (C_QWORD per word).
+C_STAGE, C_STAGE_VEC, C_QUANT, C_QWORD = 5, 2, 8, 8
+
+
+def slot_shares(t: Tiles, stage_cost: float, quant_bits: int | None = None) -> float:
+    """Fraction of a group's issue slots that are MMAs, per BK step."""
+    mmas = (t.bm // 8) * (t.bn // 8) * (t.bk // 8)
+    fm, fn = t.frags_per_simd()
+    loads = t.simd_groups * (t.bk // 8) * (fm + fn) * 2
+    a_elems, b_elems = t.bm * t.bk, t.bn * t.bk
+    if quant_bits is None:
+        stage = (a_elems + b_elems) * stage_cost / 32
+    else:
+        per_word = 32 // quant_bits
+        stage = (a_elems * stage_cost + b_elems * (C_QUANT + C_QWORD / per_word)) / 32
+    return mmas * 16 / (mmas * 16 + loads + stage)
+
+
+# ---- the launch plan's rules (launch_plan.cpp lce_plan), for the shapes ---------------------
+
+
+def plan(t: Tiles, n: int, v: int, chunk_bytes: int = 64 << 20) -> dict:
+    blocks = -(-n // t.bm)
+    tiles = max(-(-v // t.bn), 1)
+    want = -(-t.target_groups // blocks) if blocks else 1
+    splits = min(max(want, 1), min(tiles, t.max_splits))
+    per = -(-tiles // splits) * t.bn
+    splits = -(-v // per)
+    r = min(max(chunk_bytes // (4 * v), 1), n)
+    chunk_rows = r // t.bm * t.bm if r > t.bm else r
+    return dict(row_blocks=blocks, vocab_tiles=tiles, splits=splits, vocab_per_split=per,
+                chunk_rows=chunk_rows, chunks=-(-n // chunk_rows))
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    n: int
+    h: int
+    v: int
+    s_h: float  # bytes per hidden element
+    s_w: float  # bytes per weight element (quantized: with scales and biases)
+    quantized: bool
+
+
+SHAPES = [
+    Shape("7B head, bf16: N 8192, H 4096, V 151936", 8192, 4096, 151936, 2, 2, False),
+    Shape("same, 4-bit head (g64, bf16 scales)", 8192, 4096, 151936, 2, quantized_bytes(4, 64), True),
+    Shape("small: N 2048, H 2048, V 32000, fp32", 2048, 2048, 32000, 4, 4, False),
+]
+
+
+def traffic(t: Tiles, s: Shape, chip: Chip, chunk_bytes: int = 64 << 20) -> dict:
+    """FLOPs and DRAM bytes of one training step (forward + backward, gradients for
+    hidden and, dense heads only, the weight), as the kernels run it."""
+    p = plan(t, s.n, s.v, chunk_bytes)
+    g = groups_per_core_tg(t) * chip.cores  # groups in flight
+    nvh = s.n * s.v * s.h
+    # forward: Z once; backward: Z again (dZ), dH, and dW for a dense weight
+    flops = 2 * nvh * (2 + 1 + (0 if s.quantized else 1))
+    # forward DRAM: hidden once; W once per wave of row blocks that run together
+    # (the groups of one split walk its vocabulary in the same order)
+    blocks_in_flight = max(1, g // p["splits"])
+    w_bytes = s.v * s.h * s.s_w
+    fwd = s.n * s.h * s.s_h + w_bytes * math.ceil(p["row_blocks"] / blocks_in_flight)
+    # backward per chunk: W read by dZ and by dH; dZ written once, read by dH, dW, dbias;
+    # dW (float32) read and written by every chunk after the first
+    bwd = 2 * w_bytes * p["chunks"] + 16 * s.n * s.v + 2 * s.n * s.h * s.s_h
+    if not s.quantized:
+        bwd += 4 * s.v * s.h * (2 * p["chunks"] - 1)
+    # The hidden rows a group re-reads for every vocabulary tile (forward and dZ):
+    # served by the SLC while the in-flight groups' row blocks fit it, else DRAM.
+    rereads = 2 * s.n * s.h * s.s_h * p["vocab_tiles"]
+    working_set = blocks_in_flight * t.bm * s.h * s.s_h
+    # (an unpublished SLC size counts as fitting: flagged "?" in the table)
+    fits = chip.slc_mb is None or working_set <= chip.slc_mb * 1e6
+    dram = fwd + bwd + (0 if fits else rereads)
+    return dict(flops=flops, dram=dram, rereads=rereads, working_set=working_set, fits=fits,
+                plan=p, in_flight=g, blocks_in_flight=blocks_in_flight)
+
+
+# ---- tables -----------------------------------------------------------------------------------
+
+
+def _fmt(x: float, digits: int = 3) -> str:
+    return f"{x:.{digits}g}"
+
+
+def table_tiles(t: Tiles) -> str:
+    rows = [("ours (fwd, dZ, dH, dW)", t, C_STAGE), ("MLX steel GEMM fp32", MLX_F32, C_STAGE_VEC),
+            ("MLX steel GEMM fp16/bf16", MLX_F16, C_STAGE_VEC), ("MLX qmm (quantized)", MLX_QMM, C_STAGE_VEC)]
+    out = ["| tiles | BM x BN x BK, threads | FLOP per BK step | threadgroup bytes | groups / core "
+           "(threadgroup memory) | registers / thread at that occupancy | fragment loads per MMA | "
+           "FLOP / device byte fp32, bf16, 4-bit W | MMA share of issue slots |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
+    for name, x, c in rows:
+        gpc = groups_per_core_tg(x)
+        inten = [tile_intensity(x, 4, 4), tile_intensity(x, 2, 2),
+                 tile_intensity(x, 2, quantized_bytes(4, 64))]
+        out.append(f"| {name} | {x.bm} x {x.bn} x {x.bk}, {x.threads} | {flops_per_step(x)} | "
+                   f"{tg_bytes(x)} | {gpc} | {max_registers_for(x, gpc)} | {_fmt(loads_per_mma(x))} | "
+                   f"{' / '.join(_fmt(i) for i in inten)} | {slot_shares(x, c):.0%} |")
+    q = slot_shares(t, C_STAGE, quant_bits=4)
+    out.append(f"| ours, 4-bit head | {t.bm} x {t.bn} x {t.bk}, {t.threads} | {flops_per_step(t)} | "
+               f"{tg_bytes(t)} | {groups_per_core_tg(t)} | {max_registers_for(t, groups_per_core_tg(t))} | "
+               f"{_fmt(loads_per_mma(t))} | - | {q:.0%} |")
+    return "\n".join(out)
+
+
+def table_chips() -> str:
+    out = ["| chip | GPU cores | FP32 TFLOP/s | DRAM GB/s | SLC MB | machine balance FLOP/B | FLOPs from |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for c in HARDWARE:
+        slc = "-" if c.slc_mb is None else _fmt(c.slc_mb)
+        out.append(f"| {c.name} | {c.cores} | {c.gflops / 1000:.2f} | {_fmt(c.gbps)} | {slc} | "
+                   f"{c.gflops / c.gbps:.0f} | {'metal-benchmarks' if c.flops_source == 'mb' else 'assumed: cores x 256 x 1.398 GHz'} |")
+    return "\n".join(out)
+
+
+def slc_verdict(chip: Chip, fits: bool) -> str:
+    if chip.slc_mb is None:
+        return "SLC size unpublished: ?"
+    return "yes" if fits else "no: DRAM"
+
+
+def table_shapes(t: Tiles) -> str:
+    out = ["| shape | chip | plan: splits, chunk rows x chunks | GFLOP / step | DRAM GB / step | "
+           "hidden re-reads GB (working set MB, in SLC?) | compute s (at peak) | DRAM s | bound | "
+           "expected fraction of FP32 peak |",
+           "| --- | --- | --- | ---: | ---: | --- | ---: | ---: | --- | ---: |"]
+    share_dense = slot_shares(t, C_STAGE)
+    for s in SHAPES:
+        share = slot_shares(t, C_STAGE, quant_bits=4) if s.quantized else share_dense
+        for chip in (HARDWARE[0], HARDWARE[3], HARDWARE[6]):
+            r = traffic(t, s, chip)
+            p = r["plan"]
+            tc = r["flops"] / (chip.gflops * 1e9)
+            tm = r["dram"] / (chip.gbps * 1e9)
+            bound = "compute" if tc >= tm else "DRAM"
+            # on-chip: the matmul FFMA efficiency times our MMA share of issue slots;
+            # off-chip: the DRAM time caps it
+            frac = min(MATRIX_FFMA_EFFICIENCY * share, tc / tm)
+            out.append(f"| {s.name} | {chip.name} | {p['splits']}, {p['chunk_rows']} x {p['chunks']} | "
+                       f"{r['flops'] / 1e9:.0f} | {r['dram'] / 1e9:.0f} | {r['rereads'] / 1e9:.0f} "
+                       f"({r['working_set'] / 1e6:.1f}, {slc_verdict(chip, r['fits'])}) | "
+                       f"{tc:.2f} | {tm:.2f} | {bound} | "
+                       f"{frac:.0%} |")
+    return "\n".join(out)
+
+
+def table_backward(t: Tiles) -> str:
+    """One pass with partials vs two recomputing passes vs the chosen dZ chunks."""
+    out = ["| backward (dense head), shape | FLOPs (x N V H) | extra bytes, formula | GB |",
+           "| --- | --- | --- | ---: |"]
+    s = SHAPES[0]
+    p = plan(t, s.n, s.v)
+    nvh = s.n * s.v * s.h
+    one = 4 * (s.n * s.h * p["vocab_tiles"] + s.v * s.h * p["row_blocks"]) * 2
+    two = 8 * (s.n * s.h * p["vocab_tiles"] + s.v * s.h * p["row_blocks"])
+    chosen = 16 * s.n * s.v + 4 * s.v * s.h * (2 * p["chunks"] - 1)
+    big = plan(t, s.n, s.v, 1 << 30)
+    chosen_big = 16 * s.n * s.v + 4 * s.v * s.h * (2 * big["chunks"] - 1)
+    del nvh
+    out += [
+        f"| one pass, per-tile partials of dH and dW, reduced after | 6 | partials written and read: "
+        f"8 (N H ceil(V/BN) + V H ceil(N/BM)) | {one / 1e9:.0f} |",
+        f"| two passes recomputing Z (row blocks: dH; vocabulary blocks: dW) | 8 | accumulators read "
+        f"and written per tile: 8 (N H ceil(V/BN) + V H ceil(N/BM)) | {two / 1e9:.0f} |",
+        f"| chosen: dZ per row chunk (R = {p['chunk_rows']}, {p['chunks']} chunks at 64 MiB) | 6 "
+        f"| dZ: 16 N V; dW read+write per chunk: 4 V H (2 chunks - 1) | {chosen / 1e9:.0f} |",
+        f"| chosen, chunk_bytes = 1 GiB (R = {big['chunk_rows']}, {big['chunks']} chunks) | 6 | same "
+        f"| {chosen_big / 1e9:.0f} |",
+    ]
+    return "\n".join(out)
+
+
+TABLES = {"tiles": table_tiles, "chips": lambda t: table_chips(), "shapes": table_shapes,
+          "backward": table_backward}
+
+
+def render(t: Tiles) -> dict[str, str]:
+    return {k: f(t) for k, f in TABLES.items()}
+
+
+def fill(doc: str, tables: dict[str, str]) -> str:
+    for name, body in tables.items():
+        pattern = re.compile(rf"(<!-- model:{name} -->\n).*?(\n<!-- /model:{name} -->)", re.S)
+        if not pattern.search(doc):
+            raise ValueError(f"the doc has no <!-- model:{name} --> block")
+        doc = pattern.sub(lambda m: m.group(1) + body + m.group(2), doc)
+    return doc
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--write", action="store_true", help="rewrite the tables in the doc")
+    ap.add_argument("--check", action="store_true", help="fail if the doc's tables are stale")
+    a = ap.parse_args(argv)
+    tables = render(our_tiles())
+    if a.write or a.check:
+        doc = DOC.read_text()
+        new = fill(doc, tables)
+        if a.check:
+            if new != doc:
+                print(f"{DOC} is stale: run python -m bench.metal_lce_model --write", file=sys.stderr)
+                return 1
+            return 0
+        DOC.write_text(new)
+        return 0
+    for name, body in tables.items():
+        print(f"## {name}\n\n{body}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

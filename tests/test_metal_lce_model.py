@@ -1,0 +1,57 @@
+"""bench/metal_lce_model.py, the performance model of the Metal linear cross-entropy
+(docs/metal_linear_cross_entropy.md): its tables are what the script computes from
+the kernels' current constants, and its copy of the launch plan's rules agrees
+with the plan itself (csrc/metal/launch_plan.cpp through the harness)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bench import metal_lce_model as model
+from conftest import CLANG_MISSING
+
+
+def test_doc_tables_are_what_the_model_computes():
+    assert model.main(["--check"]) == 0, "run python -m bench.metal_lce_model --write"
+
+
+def test_tiles_come_from_the_kernel_sources():
+    t = model.our_tiles()
+    # kernel_args.h / linear_cross_entropy.metal as the doc describes them; a change
+    # there changes the tables (the check above) and must change the doc's prose too.
+    assert (t.bm, t.bn, t.bk, t.threads) == (32, 32, 16, 128)
+    assert model.tg_bytes(t) == 4 * (32 * 20 + 16 * 36 + 32 * 36) <= 32 * 1024
+    assert model.loads_per_mma(t) == 1.0 and model.loads_per_mma(model.MLX_F32) == 0.5
+
+
+def test_formulas():
+    assert model.quantized_bytes(4, 64) == 0.5625
+    assert model.quantized_bytes(8, 32, scale_bytes=4) == 1.25
+    t = model.our_tiles()
+    dense, quant = model.SHAPES[0], model.SHAPES[1]
+    chip = model.HARDWARE[0]
+    nvh = dense.n * dense.v * dense.h
+    assert model.traffic(t, dense, chip)["flops"] == 8 * nvh
+    assert model.traffic(t, quant, chip)["flops"] == 6 * nvh
+    # the forward's weight traffic never exceeds one read per row block
+    p = model.plan(t, dense.n, dense.v)
+    assert p["chunk_rows"] * p["chunks"] >= dense.n > p["chunk_rows"] * (p["chunks"] - 1)
+
+
+@pytest.mark.parametrize("rows,vocab,chunk", [(8192, 151936, 64 << 20), (2048, 32000, 64 << 20),
+                                             (8192, 151936, 1 << 30), (33, 70, 4 * 70 * 33),
+                                             (1, 1, 1)])
+def test_plan_rules_match_the_launch_plan(rows, vocab, chunk):
+    mh = pytest.importorskip("metal_host")
+    if mh.find_clang() is None:
+        pytest.skip(CLANG_MISSING)
+    lib = mh.build(["metal/linear_cross_entropy.metal", "metal/pointwise_loss.metal"],
+                   "tests/metal_kernels/lce_adaptor.cpp", include_dirs=("csrc",))
+    out = np.zeros(5, np.int64)
+    lib.run("lce_plan_info", np.int64(rows), np.int32(vocab), np.int32(64), np.int64(chunk), out,
+            schedules=(mh.Schedule(),))
+    real = dict(zip(["row_blocks", "vocab_tiles", "splits", "vocab_per_split", "chunk_rows"],
+                    map(int, out)))
+    mine = model.plan(model.our_tiles(), rows, vocab, chunk)
+    assert {k: mine[k] for k in real} == real
