@@ -441,3 +441,98 @@ def test_linear_cross_entropy_gpu_mixed_dtypes_and_fused_grads():
         res.append([as_f64(loss)] + [as_f64(g) for g in grads])
     for a, b in zip(*res):
         agree(a, b, 2e-2, "mixed dtypes")
+
+
+# ---- fused linear cross-entropy, quantized heads (metal/quantized_head.h) --------------------
+
+
+def lce_quantized(args, bits, group_size, scale_dtype=None):
+    """args with the weight replaced by mx.quantize's packed head (scales in the
+    weight's dtype, or scale_dtype): (args, scales, biases)."""
+    w = args[1] if scale_dtype is None else args[1].astype(DTYPES[scale_dtype])
+    w_q, scales, biases = mx.quantize(w, group_size=group_size, bits=bits)
+    mx.eval(w_q, scales, biases)
+    return [args[0], w_q, *args[2:]], scales, biases
+
+
+def lce_quantized_both(args, scales, biases, opts, chunk, bits, group_size, cot):
+    """Loss, lse, entropy, correct and the gradients w.r.t. hidden and bias on the GPU
+    and on the CPU (the packed weight, its scales and biases are constants)."""
+    kw = {k: v for k, v in opts.items() if k != "bias"}
+    kw.update(scales=scales, biases=biases, group_size=group_size, bits=bits, chunk_bytes=chunk,
+              dtype=mx.float32)
+    has_bias = len(args) > 3
+    out = []
+    for dev in (GPU, mx.cpu):
+        def f(h, *b):
+            return fl.linear_cross_entropy(h, args[1], args[2], b[0] if b else None, stream=dev, **kw)
+
+        loss, stats = fl.linear_cross_entropy(args[0], args[1], args[2], args[3] if has_bias else None,
+                                              return_stats=True, stream=dev, **kw)
+        primals = [args[0]] + ([args[3]] if has_bias else [])
+        _, g = mx.vjp(lambda *p: [f(*p)], primals, [cot])
+        out.append([as_f64(loss), as_f64(stats["lse"]), as_f64(stats["entropy"]),
+                    np.array(stats["correct"])] + [as_f64(x) for x in g])
+    return out
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_linear_cross_entropy_quantized_gpu_vs_cpu(dtype, bits, group_size):
+    """mx.quantize's packed head (scales in the model's dtype) on the GPU against the
+    CPU primitive on the same packed arrays: loss, statistics and the gradients
+    w.r.t. hidden and bias (a quantized weight has none). N and V off the 32-tiles,
+    H a multiple of the group size (mx.quantize requires it), several row chunks."""
+    option = list(LCE_OPTIONS)[(bits // 4 + group_size // 64) % len(LCE_OPTIONS)]
+    opts = LCE_OPTIONS[option]
+    n, h, v = 67, 2 * group_size + (128 if group_size < 128 else 0), 1000 + bits
+    rng = np.random.default_rng(bits * 1000 + group_size)
+    dense = lce_inputs(n, h, v, dtype, dtype, rng, opts.get("bias", False), opts.get("ignore_index"))
+    args, scales, biases = lce_quantized(dense, bits, group_size)
+    cot = (mx.array(rng.uniform(-1, 1, n).astype(np.float32)) if opts["reduction"] == "none"
+           else mx.array(1.3))
+    gpu, cpu = lce_quantized_both(args, scales, biases, opts, 4 * v * 40, bits, group_size, cot)
+    rtol = 2e-5 * max(1.0, np.sqrt(h / 16))
+    agree(gpu[0], cpu[0], rtol, "loss")
+    agree(gpu[1], cpu[1], rtol, "lse")
+    agree(gpu[2], cpu[2], 5 * rtol, "entropy")
+    assert (gpu[3] == cpu[3]).mean() > 0.9
+    for k, (a, b) in enumerate(zip(gpu[4:], cpu[4:])):
+        agree(a, b, TOL[dtype] + 1e-4, f"gradient {k}")
+
+
+@pytest.mark.parametrize("scale_dtype,bias_dtype", [("float32", "float32"), ("float16", "bfloat16")])
+def test_linear_cross_entropy_quantized_gpu_other_scale_dtypes(scale_dtype, bias_dtype):
+    """bfloat16 hidden with float32 scales (head q4_float32 under a bfloat16 kernel),
+    and scales and biases of two 16-bit dtypes (promoted together by the op), at a
+    GPT-2-sized vocabulary (several vocabulary splits)."""
+    rng = np.random.default_rng(11)
+    dense = lce_inputs(40, 128, 50257, "bfloat16", "float32", rng, True)
+    args, scales, biases = lce_quantized(dense, 4, 64, scale_dtype)
+    biases = biases.astype(DTYPES[bias_dtype])
+    opts = dict(reduction="none", label_smoothing=0.1, bias=True)
+    cot = mx.array(rng.uniform(-1, 1, 40).astype(np.float32))
+    gpu, cpu = lce_quantized_both(args, scales, biases, opts, 1 << 22, 4, 64, cot)
+    agree(gpu[0], cpu[0], 1e-4, "loss")
+    agree(gpu[1], cpu[1], 1e-4, "lse")
+    for k, (a, b) in enumerate(zip(gpu[4:], cpu[4:])):
+        agree(a, b, TOL["bfloat16"] + 1e-4, f"gradient {k}")
+
+
+def test_linear_cross_entropy_quantized_gpu_fused_grads():
+    """value_and_grad of the mean: the forward forms dH (and dbias) for a unit
+    cotangent, LceScaleGrad scales them; equals the CPU's."""
+    rng = np.random.default_rng(5)
+    dense = lce_inputs(70, 64, 777, "float16", "float16", rng, True)
+    args, scales, biases = lce_quantized(dense, 8, 32)
+    res = []
+    for dev in (GPU, mx.cpu):
+        vg = mx.value_and_grad(
+            lambda h, b: fl.linear_cross_entropy(h, args[1], args[2], b, scales=scales, biases=biases,
+                                                 group_size=32, bits=8, label_smoothing=0.1,
+                                                 dtype=mx.float32, stream=dev), argnums=(0, 1))
+        loss, grads = vg(args[0], args[3])
+        res.append([as_f64(loss)] + [as_f64(g) for g in grads])
+    for a, b in zip(*res):
+        agree(a, b, 2e-2, "quantized fused gradients")
