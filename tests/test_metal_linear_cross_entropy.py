@@ -414,6 +414,13 @@ def test_dtype_pairs(lib, hdt, wdt):
     check_case(lib, case, 37, 23, 70, hdt, wdt, 4 * 70 * 33, schedules, seed=DT_CODE[hdt] * 3 + DT_CODE[wdt])
 
 
+def test_a_few_hundred(lib):
+    """N, H, V of a few hundred, off every tile edge: 5 row blocks, 9 vocabulary
+    tiles in splits of one, 9 reduction steps, 3 row chunks."""
+    check_case(lib, "others_z_cap", 129, 131, 257, "bfloat16", "float32", 4 * 257 * 64, FAST,
+               seed=129)
+
+
 def test_unit_cotangent_and_only_requested_gradients(lib):
     """The forward's fused gradients: unit cotangent (the g buffer is not read);
     a gradient not asked for is never written (its sentinel stays)."""
@@ -454,6 +461,59 @@ def test_out_of_range_rows_are_nan(lib):
                      np.ones(9, np.float32), 1 << 20, ("hidden",), FAST)
     np.testing.assert_array_equal(np.isnan(g["hidden"]).all(-1), bad)
     assert np.isfinite(g["hidden"][~bad]).all()
+
+
+def test_hidden_size_zero(lib):
+    """H = 0: no reduction steps at all (gemm_tile runs no barrier); the logits
+    are the bias, as on the CPU."""
+    case = CASES["smooth_ignore_bias_sum"]
+    d = make_case(np.random.default_rng(4), 5, 0, 2100, "float32", "float32", case, bad_rows=False)
+    assert plan_info(lib, 5, 2100, 0)["vocab_per_split"] == 2 * BN  # two tiles per split
+    out = gpu_forward(lib, d, case, 1 << 20, FAST)
+    cpu, _ = cpu_primitive(d, case)
+    assert_close(out["loss"][0], cpu[0], mx.float32, scale=5 * float(np.abs(d["bias"]).max()),
+                 what="loss")
+    assert_close(out["entropy"], cpu[4], mx.float32, scale=float(np.abs(d["bias"]).max()),
+                 what="entropy")
+    g = gpu_backward(lib, d, case, out["lse"].copy(), out["lse_lo"].copy(),
+                     np.ones(5, np.float32), 1 << 20, ("hidden", "weight", "bias"), FAST)
+    _, cpu_g = cpu_primitive(d, case, np.ones(5, np.float32))
+    assert g["hidden"].shape == (5, 0) and g["weight"].shape == (2100, 0)
+    assert_close(g["bias"], cpu_g["bias"], mx.float32, scale=1.0, what="dbias")
+
+
+# Bugs planted in the real kernel file: the harness must report each.
+PLANTED = {
+    # staging the next BK step while another SIMD-group still multiplies the last
+    "restage_before_all_loaded": (
+        "    threadgroup_barrier(mem_flags::mem_threadgroup);\n    a.stage(As, k0, tid, uint(kThreads));",
+        "    a.stage(As, k0, tid, uint(kThreads));", mh.ScheduleDependent),
+    # multiplying a tile before every thread has staged it
+    "load_before_staged": (
+        "    b.stage(Bs, k0, tid, uint(kThreads));\n    threadgroup_barrier(mem_flags::mem_threadgroup);",
+        "    b.stage(Bs, k0, tid, uint(kThreads));", mh.ScheduleDependent),
+    # the weight tile staged untransposed (a wrong stride): wrong numbers
+    "wrong_stride": (
+        "src.template stage<kBN, kBK>(Bs, n0, k0, 1, kLDB, tid, n);",
+        "src.template stage<kBN, kBK>(Bs, n0, k0, kLDB, 1, tid, n);", AssertionError),
+}
+
+
+@pytest.mark.parametrize("bug", list(PLANTED))
+def test_planted_bugs_in_the_real_kernels_are_reported(tmp_path, bug):
+    right, wrong, error = PLANTED[bug]
+    (tmp_path / "csrc").symlink_to(REPO / "csrc")
+    (tmp_path / "metal").mkdir()
+    for source in METAL + ["metal/fl_common.h"]:
+        (tmp_path / source).write_text((REPO / source).read_text())
+    kernel = tmp_path / METAL[0]
+    text = kernel.read_text()
+    assert text.count(right) == 1, bug
+    kernel.write_text(text.replace(right, wrong))
+    broken = mh.build([tmp_path / m for m in METAL], ADAPTOR, include_dirs=("csrc",))
+    with pytest.raises(error):
+        check_case(broken, "plain", 33, 24, 40, "float32", "float32", 1 << 20,
+                   mh.DEFAULT_SCHEDULES[:5], seed=1)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
