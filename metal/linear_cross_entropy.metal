@@ -44,26 +44,29 @@
 //
 // Backward: why dZ per row chunk, not one pass with partials nor two recomputing
 // passes (on paper, N rows, V classes, H hidden, tiles BM = BN = 32; example
-// N = 8192, H = 4096, V = 151936, float32 accumulators):
+// N = 8192, H = 4096, V = 151936, float32 accumulators, an M-series GPU at
+// ~14 TFLOP/s fp32 and ~0.4 TB/s; 6 N V H = 31 TFLOP of GEMMs take ~2.2 s):
 //   one pass with per-tile partials: each (row block, vocabulary tile) computes
 //     Z once and emits partial dH [BM x H] and dW [BN x H] blocks to be reduced
-//     afterwards: (V/BN) N H + (N/BM) V H floats of partials = 2 x 4748 x N x H
-//     ... here 2.6 TB. Out of the question without float atomics (which would
+//     afterwards: (V/BN) N H + (N/BM) V H = 2 x 4748 x N x H floats of partials,
+//     1.3 TB here. Out of the question without float atomics (which would
 //     also make the result depend on timing).
 //   two passes recomputing Z (one over row blocks for dH, one over vocabulary
 //     blocks for dW): 8 N V H FLOPs (Z twice) instead of 6, and each pass keeps
 //     its [BM x H] / [BN x H] accumulator in device memory (too big for a
-//     group), read and written once per tile: 8 N V H / BN bytes per pass =
-//     2 x 1.3 TB here, 32 FLOP per byte: bandwidth-bound on an M-series GPU
-//     (~14 TFLOP/s fp32 against 0.4 TB/s is 35 FLOP/byte).
+//     group), read and written once per tile: 8 N V H / BN bytes per pass,
+//     2 x 1.3 TB here (~6 s), BN / 2 = 16 FLOP per byte: bandwidth-bound
+//     (the GPU needs ~35 FLOP per byte).
 //   chosen: per chunk of R rows (R x V x 4 bytes <= chunk_bytes, as the CPU
 //     path), dZ written once (float32) and read by the dH GEMM, the dW GEMM and
 //     the dbias sum: 6 N V H FLOPs (the minimum: Z, dH, dW), 12 N V bytes of dZ
-//     traffic (15 GB here, ~4 % of the GEMM time) and dW read+written once per
-//     chunk: 8 V H N / R bytes (R = 110 at V = 151936 and 64 MiB: 0.4 TB, the
-//     dW GEMM of a chunk has R / 4 = 27 FLOP per byte). A larger chunk_bytes
-//     trades memory for that traffic, as on the CPU. Deterministic: every
-//     output element is written by one thread per dispatch, chunks in order.
+//     traffic (15 GB here, ~40 ms) and dW read + written once per chunk:
+//     8 V H N / R bytes. That is the cost beyond the GEMMs: R = 96 at the
+//     default 64 MiB (110 rows rounded down to a multiple of BM) gives 0.43 TB,
+//     ~1 s (the dW GEMM of a chunk does R / 4 = 24 FLOP per byte); a larger
+//     chunk_bytes divides it (256 MiB: R = 416, 0.1 TB), as on the CPU.
+//     Deterministic: every output element is written by one thread per
+//     dispatch, chunks in order.
 #include <metal_stdlib>
 
 #include "fl_common.h"
