@@ -16,6 +16,7 @@ from bench import linear
 
 LABEL_SMOOTHING = 0.1
 SMOOTH_L1_BETA = 1.0
+HUBER_DELTA = 1.0
 FOCAL_ALPHA = 0.25
 FOCAL_GAMMA = 2.0
 
@@ -43,7 +44,7 @@ LINEAR_SWEEPS = {
 }
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
-DEFAULT_DTYPES = ["float32", "bfloat16"]
+DEFAULT_DTYPES = ["float32", "bfloat16", "float16"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,9 @@ class LossSpec:
     extras: Optional[Callable[[list, bool], Dict[str, tuple]]] = None
     # PyTorch's version, (*torch tensors) -> mean loss; None where torch has none.
     torch: Optional[Callable] = None
+    # More references for the small-shape table, {name: fn like ``reference``}
+    # (hard-target cross-entropy: mlx.nn.losses besides mx.fast.cross_entropy).
+    small_shape_references: Optional[Dict[str, Callable[..., mx.array]]] = None
 
 
 @dataclass(frozen=True)
@@ -145,6 +149,11 @@ def _torch_smooth_l1(p, t):
     return F.smooth_l1_loss(p, t, beta=SMOOTH_L1_BETA)
 
 
+def _torch_huber(p, t):
+    import torch.nn.functional as F
+    return F.huber_loss(p, t, delta=HUBER_DELTA)
+
+
 LOSSES = {
     spec.name: spec
     for spec in [
@@ -170,6 +179,9 @@ LOSSES = {
             make_inputs=_logits_and_class_targets,
             torch=_torch_cross_entropy,
             sweeps={"full": [(4096, 32768)], "quick": [(1024, 8192)], "smoke": [(64, 512)]},
+            small_shape_references={
+                "mlx.nn.losses": lambda x, t, reduction="mean": mlx_losses.cross_entropy(x, t, reduction=reduction),
+            },
         ),
         LossSpec(
             name="smooth_l1",
@@ -181,6 +193,17 @@ LOSSES = {
             reference_name="mlx.nn.losses.smooth_l1_loss",
             make_inputs=_predictions_and_targets,
             torch=_torch_smooth_l1,
+        ),
+        LossSpec(
+            name="huber",
+            rowwise=False,
+            ours=lambda p, t, reduction="mean": fl.huber_loss(p, t, delta=HUBER_DELTA, reduction=reduction),
+            reference=lambda p, t, reduction="mean": mlx_losses.huber_loss(
+                p, t, delta=HUBER_DELTA, reduction=reduction
+            ),
+            reference_name="mlx.nn.losses.huber_loss",
+            make_inputs=_predictions_and_targets,
+            torch=_torch_huber,
         ),
         LossSpec(
             name="sigmoid_focal",
@@ -219,7 +242,8 @@ LOSSES = {
     ]
 }
 
-DEFAULT_LOSSES = ["cross_entropy", "cross_entropy_hard", "smooth_l1", "sigmoid_focal", "linear_cross_entropy"]
+DEFAULT_LOSSES = ["cross_entropy", "cross_entropy_hard", "softmax_focal", "smooth_l1", "huber", "sigmoid_focal",
+                  "linear_cross_entropy"]
 
 
 def build_cases(loss_names: Sequence[str], dtype_names: Sequence[str], sweep: str):

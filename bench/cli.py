@@ -8,8 +8,11 @@ plots GB/s against size. See bench/README.md for what each column means.
 
 import argparse
 import dataclasses
+import fnmatch
 import os
 import sys
+import threading
+import time
 
 import mlx.core as mx
 from tqdm import tqdm
@@ -22,6 +25,7 @@ from bench.report import (format_extras_table, format_in_graph_memory, format_pa
                           format_table, write_json)
 from bench.runner import MemoryGuard, run_case
 from bench.small_shapes import run_small_shapes
+from bench.targets import evaluate, format_targets
 from bench.timing import RepeatPolicy
 
 # Per-sweep repeat policy; --repeats overrides max_repeats.
@@ -69,6 +73,11 @@ def parse_args(argv):
                         help="wrap ours and the MLX reference in mx.compile (default: off)")
     parser.add_argument("--sizes", type=lambda text: [s.strip() for s in text.split(",") if s.strip()],
                         default=None, help="only these sizes of the sweep, e.g. 4096x32768,64M (default: all)")
+    parser.add_argument("--cases", type=lambda text: [s.strip() for s in text.split(",") if s.strip()],
+                        default=None, metavar="LOSS:DTYPE:SIZE,...",
+                        help="only the cases that match one of these patterns (shell wildcards), e.g. "
+                             "'*:float32:*,cross_entropy:*16:*' runs every loss in float32 and "
+                             "cross-entropy in bfloat16 and float16 too (default: all)")
     parser.add_argument("--memory-budget", type=float, default=None, metavar="GIB",
                         help="skip measurements whose predicted peak exceeds this "
                              "(default: 80%% of the memory limit or RAM)")
@@ -110,8 +119,8 @@ def _policy(args) -> RepeatPolicy:
 
 def _extra_sections(args, policy, records):
     sections = {
-        "small_shapes": run_small_shapes(args.losses, samples=3 if args.sweep == "smoke" else 9,
-                                         calls=20 if args.sweep == "smoke" else 200),
+        "small_shapes": (run_small_shapes(args.losses, samples=3, calls=5) if args.sweep == "smoke"
+                         else run_small_shapes(args.losses)),
         "in_graph_memory": run_in_graph_memory(args.sweep, policy, args.losses),
     }
     if roofline.on_cpu():
@@ -124,12 +133,42 @@ def _extra_sections(args, policy, records):
     return sections
 
 
+class LoadSampler:
+    """The machine's 1-minute load average, sampled every few seconds during
+    the run (on a shared machine the ratios of one run are what can be
+    compared; the load says how much the absolute times are inflated)."""
+
+    def __init__(self, every_s=5.0):
+        self.samples = [os.getloadavg()[0]]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(every_s,), daemon=True)
+        self._thread.start()
+
+    def _run(self, every_s):
+        while not self._stop.wait(every_s):
+            self.samples.append(os.getloadavg()[0])
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+        self.samples.append(os.getloadavg()[0])
+        ordered = sorted(self.samples)
+        return {"min": ordered[0], "median": ordered[len(ordered) // 2], "max": ordered[-1],
+                "samples": len(ordered), "cpus": os.cpu_count()}
+
+
 def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    load = LoadSampler()
+    started = time.time()
     policy = _policy(args)
     cases = build_cases(args.losses, args.dtypes, args.sweep)
     if args.sizes:
         cases = [c for c in cases if c.size_label in args.sizes]
+    if args.cases:
+        cases = [c for c in cases
+                 if any(fnmatch.fnmatchcase(f"{c.spec.name}:{c.dtype_name}:{c.size_label}", p) for p in args.cases)]
     guard = MemoryGuard(args.memory_budget)
 
     records = []
@@ -153,18 +192,26 @@ def main(argv=None) -> int:
     if sections.get("page_faults"):
         print("\nFresh outputs: the cost of writing a new array, by page size:")
         print(format_page_faults(sections["page_faults"]))
+    run = {"command": " ".join(["python -m bench", *argv]),
+           "started_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(started)),
+           "wall_s": time.time() - started, "load_average_1min": load.stop()}
+    sections["targets"] = evaluate({"results": records, **sections})
+    print("\nIssue 9 targets:")
+    print(format_targets(sections["targets"]))
     settings = {"sweep": args.sweep, "losses": args.losses, "dtypes": args.dtypes,
                 "compile": args.compile, "repeat_policy": vars(policy), "memory_budget_gib": args.memory_budget}
-    write_json(args.json, records, settings, sections)
+    write_json(args.json, records, settings, {"run": run, **sections})
     plot_results(records, args.plot, f"mlx_fused_losses on {mx.default_device()} ({args.sweep} sweep)")
     print(f"wrote {args.json} and {args.plot}")
 
     # fwd and fwd+bwd rows share one value check, so report it once per case.
     mismatches = [r for r in records if r["pass"] == "fwd" and r.get("values_match") is False]
-    slower = [r for r in sections["small_shapes"] if r["speedup_vs_mlx"] < 1.0]
-    for r in slower:
-        print(f"NOTE: {r['loss']} {'compiled' if r['compiled'] else 'eager'} {r['pass']} at "
-              f"{r['shape']}: {r['ours_us']:.1f} us vs MLX {r['mlx_us']:.1f} us", file=sys.stderr)
+    for r in sections["small_shapes"]:
+        for name, (us, speedup) in {"MLX": (r["mlx_us"], r["speedup_vs_mlx"]),
+                                    **{k: (o["us"], o["speedup"]) for k, o in r["others"].items()}}.items():
+            if speedup < 1.0:
+                print(f"NOTE: {r['loss']} {'compiled' if r['compiled'] else 'eager'} {r['pass']} at "
+                      f"{r['shape']}: {r['ours_us']:.1f} us vs {name} {us:.1f} us", file=sys.stderr)
     for r in mismatches:
         print(f"WARNING: {r['loss']} {r['dtype']} {r['size']}: forward differs from reference "
               f"by {r['forward_rel_diff']:.2e} (relative)", file=sys.stderr)

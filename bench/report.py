@@ -69,9 +69,12 @@ def format_table(records) -> str:
 
 
 def format_small_shapes(records) -> str:
-    header = ["loss", "shape", "compiled", "pass", "ours us/call (min)", "mlx us/call (min)", "speedup vs mlx"]
+    header = ["loss", "shape", "compiled", "pass", "ours us/call (min)", "mlx us/call (min)", "speedup vs mlx",
+              "other references"]
     rows = [[r["loss"], "x".join(map(str, r["shape"])), "yes" if r["compiled"] else "no", r["pass"],
-             f"{r['ours_us']:.1f}", f"{r['mlx_us']:.1f}", f"{r['speedup_vs_mlx']:.2f}x"] for r in records]
+             f"{r['ours_us']:.1f}", f"{r['mlx_us']:.1f}", f"{r['speedup_vs_mlx']:.2f}x",
+             ", ".join(f"{k} {o['us']:.1f} us ({o['speedup']:.2f}x)" for k, o in r.get("others", {}).items()) or "-"]
+            for r in records]
     return _grid(header, rows)
 
 

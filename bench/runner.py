@@ -7,7 +7,7 @@ import numpy as np
 
 from bench import roofline, torch_column
 from bench.cases import DTYPES, Case
-from bench.timing import RepeatPolicy, measure
+from bench.timing import RepeatPolicy, measure, measure_interleaved
 
 PASSES = ("fwd", "fwd+bwd")
 MB = 1e6
@@ -125,51 +125,31 @@ def skipped_records(case: Case, reason: str):
     return [{**_base_record(case, p), "skipped": reason} for p in PASSES]
 
 
-def _timed(thunk, policy, nbytes, with_peak=True):
-    timing, peak = measure(thunk, policy)
+def _entry(timing, peak, nbytes, with_peak=True):
     entry = {**timing.to_dict(), "gbps": nbytes / timing.median_ms / MB}
     if with_peak:
         entry["peak_mb"] = peak / MB
-    return entry, peak
+    return entry
 
 
-def _fastest(thunks_by_threads, policy, nbytes):
-    """The roofline over thread counts: the variant with the lowest median."""
-    best = None
-    for threads, thunk in thunks_by_threads.items():
-        entry, _ = _timed(thunk, policy, nbytes, with_peak=False)
-        entry["threads"] = threads
-        if best is None or entry["median_ms"] < best["median_ms"]:
-            best = entry
-    return best
-
-
-def _rooflines(record, cpu_roof, inputs, pass_name, policy, case):
-    """Adds "roofline" (what "x roofline" divides by) and, forward+backward on
-    the CPU, "roofline_warm" to the record.
+def _roofline_thunks(cpu_roof, inputs, pass_name, case):
+    """{(kind, threads): thunk} of the yardsticks of a pass; kind "roofline"
+    is what "x roofline" divides by, "roofline_warm" the warm one beside it.
 
     CPU: forward = warm read-only; forward+backward = with a fresh gradient
     (the caller keeps the logits, so the gradient is a new array), and the warm
-    one beside it. GPU: MLX's streaming kernels.
+    one beside it; each on one thread and on the kernels' threads (the faster
+    counts). GPU: MLX's streaming kernels. A loss with its own yardstick
+    (linear cross-entropy: its GEMMs) has that instead.
     """
-    nbytes = record["bytes"]
-    if case.spec.roofline is not None:  # a loss-specific yardstick instead (linear CE: its GEMMs)
-        thunk = case.spec.roofline(inputs, pass_name == "fwd+bwd")
-        record["roofline"], _ = _timed(thunk, policy, nbytes, with_peak=False)
-        if record.get("flops"):
-            record["roofline"]["gflops"] = record["flops"] / record["roofline"]["median_ms"] / 1e6
-        return
+    if case.spec.roofline is not None:
+        return {("roofline", None): case.spec.roofline(inputs, pass_name == "fwd+bwd")}
     if cpu_roof is None:
         fn = roofline.gpu_forward if pass_name == "fwd" else roofline.gpu_forward_backward
-        record["roofline"], _ = _timed(lambda: fn(inputs), policy, nbytes, with_peak=False)
-        return
+        return {("roofline", None): lambda: fn(inputs)}
     by_kind = cpu_roof.thunks(pass_name)
-    if pass_name == "fwd":
-        record["roofline"] = _fastest(by_kind["warm"], policy, nbytes)
-    else:
-        record["roofline_warm"] = _fastest(by_kind["warm"], policy, nbytes)
-        record["roofline"] = _fastest(by_kind["fresh"], policy, nbytes)
-        record["ratio_to_warm_roofline"] = record["ours"]["median_ms"] / record["roofline_warm"]["median_ms"]
+    kinds = {"roofline": "warm"} if pass_name == "fwd" else {"roofline_warm": "warm", "roofline": "fresh"}
+    return {(key, threads): thunk for key, kind in kinds.items() for threads, thunk in by_kind[kind].items()}
 
 
 def run_case(case: Case, policy: RepeatPolicy, use_compile: bool, guard: MemoryGuard):
@@ -190,26 +170,45 @@ def run_case(case: Case, policy: RepeatPolicy, use_compile: bool, guard: MemoryG
     records = []
     for pass_name, thunks in _mlx_thunks(case, inputs, use_compile).items():
         record = _base_record(case, pass_name)
-        record["bytes"] = roofline.bytes_moved(inputs, output_nbytes, backward=pass_name == "fwd+bwd")
+        nbytes = record["bytes"] = roofline.bytes_moved(inputs, output_nbytes, backward=pass_name == "fwd+bwd")
         if case.spec.flops is not None:
             record["flops"] = case.spec.flops(case.shape, pass_name == "fwd+bwd")
+        # Everything of the pass is timed in one interleaved measurement, so
+        # that its ratios (speedups, x roofline) come from the same moments.
+        timed = {}
         for impl, thunk in thunks.items():
             skip = guard.skip_reason(case, impl)
             if skip:
                 record[impl] = {"skipped": skip}
-                continue
-            record[impl], peak = _timed(thunk, policy, record["bytes"])
-            if record.get("flops"):
-                record[impl]["gflops"] = record["flops"] / record[impl]["median_ms"] / 1e6
-            if pass_name == "fwd+bwd":
-                guard.record(case, impl, peak)
+            else:
+                timed[impl] = thunk
+        if torch_thunks:
+            timed["torch"] = torch_thunks[pass_name]
+        roofs = _roofline_thunks(cpu_roof, inputs, pass_name, case)
+        timed.update(roofs)
+        results = measure_interleaved(timed, policy)
+        for impl in ("ours", "mlx"):
+            if impl in results:
+                timing, peak = results[impl]
+                record[impl] = _entry(timing, peak, nbytes)
+                if pass_name == "fwd+bwd":
+                    guard.record(case, impl, peak)
+        if "torch" in results:
+            record["torch"] = _entry(*results["torch"], nbytes, with_peak=False)
+            record["speedup_vs_torch"] = record["torch"]["median_ms"] / record["ours"]["median_ms"]
+        for key, threads in roofs:
+            entry = {**_entry(*results[(key, threads)], nbytes, with_peak=False), "threads": threads}
+            if key not in record or entry["median_ms"] < record[key]["median_ms"]:
+                record[key] = entry  # the fastest thread count
+        if record.get("flops"):
+            for impl in ("ours", "mlx", "roofline"):
+                if "median_ms" in record[impl]:
+                    record[impl]["gflops"] = record["flops"] / record[impl]["median_ms"] / 1e6
         extras = _measure_extras(case, inputs, pass_name, policy)
         if extras is not None:
             record["extras"] = extras
-        if torch_thunks:
-            record["torch"], _ = _timed(torch_thunks[pass_name], policy, record["bytes"], with_peak=False)
-            record["speedup_vs_torch"] = record["torch"]["median_ms"] / record["ours"]["median_ms"]
-        _rooflines(record, cpu_roof, inputs, pass_name, policy, case)
+        if "roofline_warm" in record:
+            record["ratio_to_warm_roofline"] = record["ours"]["median_ms"] / record["roofline_warm"]["median_ms"]
         if "median_ms" in record["mlx"]:
             record["speedup_vs_mlx"] = record["mlx"]["median_ms"] / record["ours"]["median_ms"]
         record["ratio_to_roofline"] = record["ours"]["median_ms"] / record["roofline"]["median_ms"]

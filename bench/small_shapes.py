@@ -21,9 +21,15 @@ def _per_call_us(fn, inputs, calls):
     return 1e6 * (time.perf_counter() - start) / calls
 
 
-def run_small_shapes(loss_names, samples=9, calls=200):
-    """One record per loss x (eager, compiled) x pass; ours and MLX alternate
-    sample by sample so that load on the machine hits both alike."""
+def run_small_shapes(loss_names, samples=45, calls=40):
+    """One record per loss x (eager, compiled) x pass.
+
+    Ours and each reference alternate sample by sample, and the samples are
+    short (``calls`` calls each), so that a burst of load from other processes
+    hits every implementation alike; the minimum over many samples is what
+    counts (at a few microseconds per call, load only ever adds time, and it
+    adds the most to medians).
+    """
     records = []
     for name in loss_names:
         spec = LOSSES[name]
@@ -33,26 +39,27 @@ def run_small_shapes(loss_names, samples=9, calls=200):
         mx.random.seed(0)
         inputs = spec.make_inputs(shape, mx.float32)
         mx.eval(inputs)
+        others = spec.small_shape_references or {}
         for compiled in (False, True):
             for pass_name in ("fwd", "fwd+bwd"):
-                fns = {"ours": spec.ours, "mlx": spec.reference}
+                fns = {"ours": spec.ours, "mlx": spec.reference, **others}
                 if pass_name == "fwd+bwd":
                     fns = {k: mx.value_and_grad(f) for k, f in fns.items()}
                 if compiled:
                     fns = {k: mx.compile(f) for k, f in fns.items()}
                 times = {k: [] for k in fns}
-                for k, f in fns.items():
+                for f in fns.values():
                     _per_call_us(f, inputs, 10)  # warm up (and compile)
                 for _ in range(samples):
                     for k, f in fns.items():
                         times[k].append(_per_call_us(f, inputs, calls))
-                # The minimum: at a few microseconds per call, other processes'
-                # load only ever adds time, and it adds the most to medians.
                 ours, ref = min(times["ours"]), min(times["mlx"])
                 records.append({
                     "loss": name, "shape": list(shape), "compiled": compiled, "pass": pass_name,
+                    "reference": spec.reference_name,
                     "ours_us": ours, "mlx_us": ref, "speedup_vs_mlx": ref / ours,
                     "ours_us_median": statistics.median(times["ours"]),
                     "mlx_us_median": statistics.median(times["mlx"]),
+                    "others": {k: {"us": min(times[k]), "speedup": min(times[k]) / ours} for k in others},
                 })
     return records

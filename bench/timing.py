@@ -3,7 +3,7 @@
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, Dict, Tuple
 
 import mlx.core as mx
 
@@ -52,6 +52,16 @@ def _run_once(fn: Callable) -> float:
     return time.perf_counter() - start
 
 
+def _timing(samples_ms) -> Timing:
+    samples = sorted(samples_ms)
+    if len(samples) >= 2:
+        q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
+    else:
+        q1 = q3 = samples[0]
+    return Timing(median_ms=statistics.median(samples), min_ms=samples[0], max_ms=samples[-1],
+                  q1_ms=q1, q3_ms=q3, repeats=len(samples))
+
+
 def measure(fn: Callable, policy: RepeatPolicy):
     """Time ``fn`` (which returns arrays) -> (Timing, peak memory in bytes).
 
@@ -59,22 +69,30 @@ def measure(fn: Callable, policy: RepeatPolicy):
     before it and read right after, so it covers exactly one call, including the
     inputs that are already resident.
     """
-    mx.synchronize()
-    mx.reset_peak_memory()
-    warmup_s = _run_once(fn)
-    peak_bytes = mx.get_peak_memory()
+    return measure_interleaved({"fn": fn}, policy)["fn"]
 
-    samples = sorted(_run_once(fn) * 1e3 for _ in range(policy.repeats_for(warmup_s)))
-    if len(samples) >= 2:
-        q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
-    else:
-        q1 = q3 = samples[0]
-    timing = Timing(
-        median_ms=statistics.median(samples),
-        min_ms=samples[0],
-        max_ms=samples[-1],
-        q1_ms=q1,
-        q3_ms=q3,
-        repeats=len(samples),
-    )
-    return timing, peak_bytes
+
+def measure_interleaved(fns: Dict[str, Callable], policy: RepeatPolicy) -> Dict[str, Tuple[Timing, int]]:
+    """Time several thunks against each other -> {name: (Timing, peak bytes)}.
+
+    Each gets its warmup call (the peak-memory probe, as in ``measure``) and
+    its own number of repeats from the policy, but the timed calls go round
+    robin, one of each per round: on a machine that others load too, a burst
+    of their work then slows every implementation of a round alike, instead
+    of all the repeats of whichever was being timed, and the ratios between
+    them (x roofline, speedups) keep their meaning.
+    """
+    warmups = {}
+    for name, fn in fns.items():
+        mx.synchronize()
+        mx.reset_peak_memory()
+        warmup_s = _run_once(fn)
+        warmups[name] = (warmup_s, mx.get_peak_memory())
+    remaining = {name: policy.repeats_for(warmup_s) for name, (warmup_s, _) in warmups.items()}
+    samples = {name: [] for name in fns}
+    while any(remaining.values()):
+        for name, fn in fns.items():
+            if remaining[name]:
+                samples[name].append(_run_once(fn) * 1e3)
+                remaining[name] -= 1
+    return {name: (_timing(samples[name]), warmups[name][1]) for name in fns}

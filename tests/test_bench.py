@@ -18,8 +18,9 @@ def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     json_path, png_path = out / "results.json", out / "results.png"
     completed = subprocess.run(
-        [sys.executable, "-m", "bench", "--smoke", "--losses", "cross_entropy,cross_entropy_hard,smooth_l1,sigmoid_focal,softmax_focal",
-         "--json", str(json_path), "--plot", str(png_path)],
+        [sys.executable, "-m", "bench", "--smoke", "--losses",
+         "cross_entropy,cross_entropy_hard,smooth_l1,huber,sigmoid_focal,softmax_focal",
+         "--dtypes", "float32,bfloat16", "--json", str(json_path), "--plot", str(png_path)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
     )
     assert completed.returncode == 0, completed.stderr
@@ -35,8 +36,8 @@ def test_outputs_exist(smoke_run):
 def test_every_case_has_both_passes_and_sane_timings(smoke_run):
     _, data, _ = smoke_run
     results = data["results"]
-    assert {r["loss"] for r in results} == {"cross_entropy", "cross_entropy_hard", "smooth_l1", "sigmoid_focal",
-                                            "softmax_focal"}
+    assert {r["loss"] for r in results} == {"cross_entropy", "cross_entropy_hard", "smooth_l1", "huber",
+                                            "sigmoid_focal", "softmax_focal"}
     assert {r["dtype"] for r in results} == {"float32", "bfloat16"}
     assert {r["pass"] for r in results} == {"fwd", "fwd+bwd"}
     for r in results:
@@ -74,7 +75,11 @@ def test_help_explains_the_options_and_their_defaults():
     assert "mlx.nn.losses" in text  # what the benchmark compares
     assert "(default: bench_results.json)" in text
     assert "(default: bench_results.png)" in text
-    assert "float16" in text and "(default: float32,bfloat16)" in text
+    assert "(default: float32,bfloat16,float16)" in text
+    # The default table has the 16-bit rows and every loss, softmax focal and Huber included.
+    # (argparse breaks long comma lists anywhere: compare without whitespace.)
+    compact = "".join(done.stdout.split())
+    assert "(default:cross_entropy,cross_entropy_hard,softmax_focal,smooth_l1,huber,sigmoid_focal," in compact
 
 
 def test_float16_sweep_runs(tmp_path):
@@ -140,3 +145,54 @@ def test_extra_sections(smoke_run):
         rows = data["page_faults"]
         assert rows and all(r["warm_ms"] > 0 and r["fresh_ms"] > 0 and r["fresh_4k_ms"] > 0 for r in rows)
     assert "Small shapes" in stdout and "peak above the inputs" in stdout
+
+
+def test_cases_filter_runs_only_the_matching_cases(tmp_path):
+    json_path = tmp_path / "r.json"
+    done = _bench("--smoke", "--losses", "cross_entropy,smooth_l1", "--dtypes", "float32,bfloat16",
+                  "--cases", "*:float32:*,cross_entropy:bfloat16:64x512",
+                  "--json", str(json_path), "--plot", str(tmp_path / "r.png"))
+    assert done.returncode == 0, done.stderr
+    data = json.loads(json_path.read_text())
+    assert {(r["loss"], r["dtype"], r["size"]) for r in data["results"]} == {
+        ("cross_entropy", "float32", "64x128"), ("cross_entropy", "float32", "64x512"),
+        ("cross_entropy", "bfloat16", "64x512"),
+        ("smooth_l1", "float32", "4096"), ("smooth_l1", "float32", "16384")}
+    # The run records how it was made and how loaded the machine was.
+    assert data["run"]["command"].startswith("python -m bench --smoke")
+    load = data["run"]["load_average_1min"]
+    assert 0 <= load["min"] <= load["median"] <= load["max"] and load["samples"] >= 2
+    # Issue 9's verdicts: computed for every target, "not measured" where the
+    # run has no such row (smoke sizes are not the headline sizes).
+    verdicts = {v["key"]: v for v in data["targets"]}
+    assert verdicts["ce_fwd_bwd"]["met"] is None and verdicts["ce_fwd_bwd"]["measured"] is None
+    assert verdicts["in_graph_peak"]["measured"] > 0 and verdicts["small_shapes"]["measured"] > 0
+
+
+def _row(loss, dtype, size, pass_name, **fields):
+    return {"loss": loss, "dtype": dtype, "size": size, "pass": pass_name, **fields}
+
+
+def test_target_verdicts_follow_the_numbers():
+    from bench.targets import evaluate
+
+    data = {
+        "results": [
+            _row("cross_entropy", "float32", "4096x32768", "fwd+bwd", ratio_to_roofline=1.49, speedup_vs_torch=4.9),
+            _row("cross_entropy", "bfloat16", "4096x32768", "fwd+bwd", ratio_to_roofline=1.61),
+            _row("cross_entropy", "float16", "4096x32768", "fwd+bwd", skipped="needs ~9 GiB"),
+            _row("smooth_l1", "float32", "64M", "fwd", ratio_to_roofline=1.5),
+        ],
+        "in_graph_memory": [{"ours": {"peak_over_logits": 1.0}}, {"ours": {"peak_over_logits": 1.2}}],
+        "small_shapes": [{"speedup_vs_mlx": 1.3, "others": {"mlx.nn.losses": {"speedup": 0.97}}}],
+    }
+    verdicts = {v["key"]: v for v in evaluate(data)}
+    assert verdicts["ce_fwd_bwd"]["met"] is True and verdicts["ce_fwd_bwd"]["measured"] == 1.49
+    assert verdicts["ce_vs_torch"]["met"] is False  # an "at least" target: 4.9 < 5
+    assert verdicts["ce_bfloat16_fwd_bwd"]["met"] is False and verdicts["ce_bfloat16_fwd_bwd"]["why_missed"]
+    assert verdicts["ce_float16_fwd_bwd"]["met"] is None  # skipped row: not measured
+    assert verdicts["smooth_l1_fwd"]["met"] is True  # the limit itself is met
+    assert verdicts["in_graph_peak"]["measured"] == 1.2 and verdicts["in_graph_peak"]["met"] is False
+    assert verdicts["small_shapes"]["measured"] == 0.97 and verdicts["small_shapes"]["met"] is False
+    assert verdicts["ce_fwd_bwd"]["why_missed"] == ""
+

@@ -1,6 +1,7 @@
 #include "ops/common.h"
 
 #include <cstdint>
+#include <cstring>
 
 #include "mlx/backend/common/utils.h"
 
@@ -74,8 +75,44 @@ mx::array move_axis_last(const mx::array& a, int axis, mx::StreamOrDevice s) {
   return axis == a.ndim() - 1 ? a : mx::moveaxis(a, axis, -1, s);
 }
 
+namespace {
+
+// MLX's Contiguous::eval_cpu passes its input on (shares the buffer) when it
+// is row-contiguous and its buffer is at most this much larger than the view;
+// a small view of a big buffer is copied, so that the rest can be freed.
+constexpr size_t kViewSlackBytes = 16384;
+
+// Whether `a` is, or once evaluated will be, laid out as MLX's Contiguous
+// would pass it on. Known without evaluating anything for an evaluated array,
+// for the two primitives that keep their input's layout (Copy, which mx.vjp
+// puts on every primal, shares its input's buffer; AsType of a contiguous
+// input copies it with the same strides into a buffer of its own), and for a
+// Full of one value (the zero cotangent of an output nobody differentiates),
+// which is written into a new dense buffer.
+bool known_dense(const mx::array& a) {
+  if (a.is_available()) {
+    return a.flags().row_contiguous && a.buffer_size() <= a.nbytes() + kViewSlackBytes;
+  }
+  if (!a.has_primitive() || a.inputs().size() != 1) {
+    return false;
+  }
+  const char* name = a.primitive().name();
+  const auto& in = a.inputs()[0];
+  if (std::strcmp(name, "Full") == 0) {
+    // mx.full broadcasts its value to the shape first; a broadcast of one
+    // value holds one value (data_size 1), which Full copies as a scalar.
+    const auto& value = in.has_primitive() && std::strcmp(in.primitive().name(), "Broadcast") == 0
+        ? in.inputs()[0]
+        : in;
+    return value.is_available() && value.data_size() == 1;
+  }
+  return (std::strcmp(name, "Copy") == 0 || std::strcmp(name, "AsType") == 0) && known_dense(in);
+}
+
+} // namespace
+
 mx::array dense(const mx::array& a, mx::StreamOrDevice s) {
-  return mx::contiguous(a, false, s);
+  return known_dense(a) ? a : mx::contiguous(a, false, s);
 }
 
 mx::Shape row_shape(const mx::array& logits) {
