@@ -336,3 +336,33 @@ def test_quantized_weight_has_no_dw_kernel(lce_lib):
     with pytest.raises(mh.HarnessError, match="no gradient"):
         lce.gpu_backward(lce_lib, d, case, out["lse"].copy(), out["lse_lo"].copy(),
                          np.ones(5, np.float32), 1 << 20, ("hidden", "weight"), lce.FAST)
+
+
+FENCED_KERNELS = r"""
+import sys
+sys.path.insert(0, {tests!r})
+import numpy as np
+import metal_host as mh
+import test_metal_quantized_head as t
+lib = mh.build(t.lce.METAL, t.lce.ADAPTOR, include_dirs=("csrc",))
+one = (mh.Schedule(),)
+for fence in (1, 2):
+    lib.run("lce_set_fence", np.int32(fence), schedules=one)
+    for bits in (2, 4, 8):
+        for gs, sdt in ((32, "float32"), (64, "bfloat16"), (128, "float16")):
+            n, h, v = t.Q_SHAPES[gs]
+            t.lce.check_case(lib, "smooth_ignore_bias_sum", n, h, v, "float16", sdt, 4 * v * 32, one,
+                             seed=bits + gs, make=t.quantized_maker(bits, gs))
+print("fenced kernels ok")
+"""
+
+
+def test_quantized_kernels_read_nothing_out_of_bounds():
+    """The forward, dZ and dH kernels of every bits value, with w_q, scales and
+    biases against inaccessible pages after their end and before their start
+    (lce_set_fence): a read one byte out of bounds faults. In a subprocess."""
+    code = FENCED_KERNELS.format(tests=str(REPO / "tests"))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0 and "fenced kernels ok" in proc.stdout, (
+        f"rc {proc.returncode} (-11: a read hit an inaccessible page)\n{proc.stderr[-3000:]}")

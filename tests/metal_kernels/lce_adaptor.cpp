@@ -16,8 +16,10 @@
 #include <cstdint>
 #include <cstring>
 #include <map>
+#include <memory>
 #include <string>
 
+#include "fenced.h"
 #include "plan_runner.h"
 
 namespace {
@@ -222,12 +224,33 @@ void bind_head(LceBufs& b, LceArgs& a) {
   }
 }
 
+// lce_set_fence: the _q entries copy w_q, scales and biases against an
+// inaccessible page (fenced.h; 0: in place).
+int g_fence = 0;
+
+// Runs run(w_q) with the quantized head q (w_q, scales, biases fenced when asked).
 template <class F>
-int with_quantized(const QuantizedWeight& q, F run) {
-  g_quantized = q;
-  int rc = run();
-  g_quantized = QuantizedWeight{};
-  return rc;
+int with_quantized(QuantizedWeight q, const uint32_t* w_q, int64_t vocab, int hidden, F run) {
+  return mh::guarded([&] {
+    std::unique_ptr<mkp::Fenced> fw, fs, fb;
+    if (g_fence != 0) {
+      const std::size_t words = std::size_t(vocab) * std::size_t(hidden / (32 / q.bits));
+      const std::size_t groups = std::size_t(vocab) * std::size_t(hidden / q.group_size);
+      const std::size_t scale_bytes = q.scale_dtype == 0 ? 4 : 2;
+      fw = std::make_unique<mkp::Fenced>(w_q, words * 4, g_fence);
+      fs = std::make_unique<mkp::Fenced>(q.scales, groups * scale_bytes, g_fence);
+      fb = std::make_unique<mkp::Fenced>(q.qbiases, groups * scale_bytes, g_fence);
+      w_q = static_cast<const uint32_t*>(fw->data());
+      q.scales = fs->data();
+      q.qbiases = fb->data();
+    }
+    g_quantized = q;
+    int rc = run(w_q);
+    g_quantized = QuantizedWeight{};
+    if (rc != 0) {
+      throw mh::Error(mh_last_error());
+    }
+  });
 }
 
 } // namespace
@@ -368,6 +391,10 @@ int lce_backward_run(int hdt, int wdt, const void* hidden, const void* weight,
   });
 }
 
+int lce_set_fence(int where) {
+  return mh::guarded([&] { g_fence = where; });
+}
+
 // lce_quantized_head(bits, sdt) into name_out (cap 64): the suffix eval_gpu's
 // plans give a quantized head's kernels.
 int lce_quantized_head_name(int bits, int sdt, uint8_t* name_out) {
@@ -389,8 +416,9 @@ int lce_forward_run_q(int hdt, int bits, int group_size, int sdt, const void* hi
                       bool* correct, float* entropy, int64_t rows, int vocab, int hidden_size,
                       int64_t chunk_bytes, int sum_rows, float smoothing, int mode, int has_ignore,
                       int64_t ignore_index, float z_loss, float softcap, int has_bias) {
-  return with_quantized({bits, group_size, sdt, scales, qbiases}, [&] {
-    return lce_forward_run(hdt, 0, hidden, w_q, targets, bias, partials, target_logit, row_loss,
+  return with_quantized({bits, group_size, sdt, scales, qbiases}, w_q, vocab, hidden_size,
+                        [&](const uint32_t* w) {
+    return lce_forward_run(hdt, 0, hidden, w, targets, bias, partials, target_logit, row_loss,
                            loss, lse, lse_lo, correct, entropy, rows, vocab, hidden_size,
                            chunk_bytes, sum_rows, smoothing, mode, has_ignore, ignore_index,
                            z_loss, softcap, has_bias);
@@ -408,8 +436,9 @@ int lce_backward_run_q(int hdt, int bits, int group_size, int sdt, const void* h
   if (want_dw != 0) {
     return mh::guarded([] { throw mh::Error("a quantized weight has no gradient (no dW kernel)"); });
   }
-  return with_quantized({bits, group_size, sdt, scales, qbiases}, [&] {
-    return lce_backward_run(hdt, 0, hidden, w_q, targets, bias, lse, lse_lo, g, unit_cotangent,
+  return with_quantized({bits, group_size, sdt, scales, qbiases}, w_q, vocab, hidden_size,
+                        [&](const uint32_t* w) {
+    return lce_backward_run(hdt, 0, hidden, w, targets, bias, lse, lse_lo, g, unit_cotangent,
                             dz, dh, dw, dbias, want_dh, 0, want_dbias, rows, vocab,
                             hidden_size, chunk_bytes, smoothing, mode, has_ignore, ignore_index,
                             z_loss, softcap, has_bias);

@@ -1,20 +1,15 @@
 // Harness adaptor for tests/metal_kernels/quantized_head_tile.metal (the tile
 // stager of metal/quantized_head.h), used by tests/test_metal_quantized_head.py.
 //
-// `fence` != 0 copies w_q, scales and biases into memory with an inaccessible
-// page (PROT_NONE) right after the last byte (fence 1) or right before the
-// first (fence 2): a read one element out of bounds, even one whose value is
-// then discarded, kills the process (the test runs that sweep in a
-// subprocess). The harness's guard bytes see only writes and used reads.
-#include <sys/mman.h>
-#include <unistd.h>
-
+// `fence` != 0 copies w_q, scales and biases against an inaccessible page right
+// after their last byte (fence 1) or before their first (fence 2): fenced.h.
 #include <cstdint>
 #include <cstring>
 #include <map>
 #include <memory>
 #include <string>
 
+#include "fenced.h"
 #include "metal_host.h"
 
 namespace {
@@ -74,37 +69,6 @@ const Registry& registry() {
   return r;
 }
 
-// A copy of `bytes` bytes placed against an inaccessible page: after its end
-// (where = 1) or before its start (where = 2).
-class Fenced {
- public:
-  Fenced(const void* src, size_t bytes, int where) {
-    const size_t page = size_t(sysconf(_SC_PAGESIZE));
-    const size_t data_pages = (bytes + page - 1) / page + 1;
-    size_ = (data_pages + 2) * page;
-    void* m = mmap(nullptr, size_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (m == MAP_FAILED) throw mh::Error("mmap failed");
-    base_ = static_cast<char*>(m);
-    mprotect(base_, page, PROT_NONE);
-    mprotect(base_ + (data_pages + 1) * page, page, PROT_NONE);
-    char* first = base_ + page;
-    char* end = base_ + (data_pages + 1) * page;
-    data_ = where == 1 ? end - bytes : first;
-    std::memcpy(data_, src, bytes);
-  }
-  ~Fenced() {
-    munmap(base_, size_);
-  }
-  const void* data() const {
-    return data_;
-  }
-
- private:
-  char* base_ = nullptr;
-  char* data_ = nullptr;
-  size_t size_ = 0;
-};
-
 } // namespace
 
 extern "C" {
@@ -136,11 +100,11 @@ int qh_tile_run(const uint8_t* name, const uint32_t* w_q, const void* scales, co
     const size_t groups = size_t(vocab) * size_t(hidden / group_size);
     metal::int4 shape = {vocab, hidden, group_size, transposed};
     QhBufs b{w_q, scales, biases, out, &shape};
-    std::unique_ptr<Fenced> fw, fs, fb;
+    std::unique_ptr<mkp::Fenced> fw, fs, fb;
     if (fence != 0) {
-      fw = std::make_unique<Fenced>(w_q, words * 4, fence);
-      fs = std::make_unique<Fenced>(scales, groups * size_t(scale_bytes), fence);
-      fb = std::make_unique<Fenced>(biases, groups * size_t(scale_bytes), fence);
+      fw = std::make_unique<mkp::Fenced>(w_q, words * 4, fence);
+      fs = std::make_unique<mkp::Fenced>(scales, groups * size_t(scale_bytes), fence);
+      fb = std::make_unique<mkp::Fenced>(biases, groups * size_t(scale_bytes), fence);
       b.w_q = static_cast<const uint32_t*>(fw->data());
       b.scales = fs->data();
       b.biases = fb->data();
