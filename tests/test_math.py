@@ -101,6 +101,23 @@ def test_exp_nonpos_accuracy(probe):
     assert np.isnan(_call(probe.probe_exp_nonpos, np.float32([np.nan]))[0])
 
 
+def test_exp_neg_is_exp_bit_for_bit(probe):
+    """exp_neg_f32 (the sigmoid losses' e^-|x| and pow_unit's exp) scales by
+    2^(n+64) * 2^-64 instead of exp_f32's two data-dependent factors: the same
+    bits for every x <= 0, through the subnormal results down to 0, and NaN."""
+    rng = np.random.default_rng(5)
+    neg_bits = rng.integers(0x80000000, 0xC2D00000, size=400_000, dtype=np.uint32)  # -0 .. -104
+    x = np.concatenate([
+        np.linspace(-110.0, 0.0, 400_001, dtype=np.float32),
+        neg_bits.view(np.float32),
+        np.float32([-0.0, 0.0, -87.33654, -87.34, -103.97, -103.98, -104.0, -1e4, -np.inf]),
+    ])
+    got, want = _call(probe.probe_exp_neg, x), _call(probe.probe_exp, x)
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+    assert (got[(x > -103.2) & (x < -87.4)] > 0).all()  # subnormal results are kept
+    assert np.isnan(_call(probe.probe_exp_neg, np.float32([np.nan]))[0])
+
+
 def test_log_accuracy(probe):
     rng = np.random.default_rng(1)
     x = np.concatenate([
@@ -289,9 +306,13 @@ int main() {
   // (3 and 19 share a lane at 8 or 16 lanes; the lane max is then taken over
   // NaN, which drops the inf, and x - max = +inf reaches the exp.)
   flm::LseState st = fl::cpu::online_row(row, 40, [&](const float* xv, int64_t, int n,
-                                                      flm::MaxMove mv) {
+                                                      flm::MaxMove mv, const float* next,
+                                                      float& next_max, auto fuse) {
     float s = 0.0f;
     for (int i = 0; i < n; ++i) s += flm::exp_nonpos_f32(xv[i] - mv.shift);
+    if constexpr (decltype(fuse)::value) {
+      for (int i = 0; i < n; ++i) next_max = flm::fmax(next_max, next[i]);
+    }
     return s;
   });
   std::printf("| %g %g |", st.max, st.sum);
@@ -301,7 +322,8 @@ int main() {
   for (int K : {2047, 2048, 2049, 2147481599, 2147481600, 2147481601, 2147483647}) {
     static fl::cpu::Phantom none[1];
     long long chunks = 0, total = 0, end = 0, bad = 0;
-    fl::cpu::online_row(none, K, [&](const float*, int64_t c0, int n, flm::MaxMove) {
+    fl::cpu::online_row(none, K, [&](const float*, int64_t c0, int n, flm::MaxMove, const float*,
+                                     float&, auto) {
       bad += (c0 != end || n <= 0 || c0 + n > K) ? 1 : 0;
       ++chunks;
       total += n;

@@ -320,6 +320,50 @@ def test_row_bits_independent_of_alignment(fl, case, K, dtype):
     assert (grad == grad[0]).all()
 
 
+# The CPU row loop (csrc/cpu/row_reduce.h) reads rows in chunks of 2048 and
+# takes a float32 chunk's max inside the previous chunk's exp loop when both are
+# full (so from K = 4096 on); a short last chunk, and 16-bit rows, get a max
+# loop of their own.
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("K", [2049, 4096, 4097, 6143, 6144, 8193])
+@pytest.mark.parametrize("case", ["ce_smooth", "ce_soft", "softmax_focal"])
+def test_row_max_in_every_chunk(fl, case, K, dtype):
+    """One logit 100 above the rest (N(0, 1)) in turn in the first chunk, in a
+    chunk whose max the previous chunk's loop takes, in the last (short)
+    chunk and at the row's last element: loss and gradient match float64. A
+    chunk max that missed the spike would exponentiate x - max = ~100, which
+    overflows float32."""
+    from conftest import assert_close
+
+    rng = np.random.default_rng(K)
+    spots = sorted({0, 2047, 2048, min(4100, K - 1), K - 2048, K - 1})
+    N = len(spots)
+    x = rng.standard_normal((N, K)).astype(np.float32)
+    x[np.arange(N), spots] += 100.0
+    xm = mx.array(x).astype(dtype)
+    x64 = np.array(xm.astype(mx.float32), np.float64)
+    t = rng.integers(0, K, N)
+    t[0] = spots[0]  # a target on the spike, the rest elsewhere
+    p = rng.random((N, K))
+    pm = mx.array((p / p.sum(-1, keepdims=True)).astype(np.float32)).astype(dtype)
+    p64 = np.array(pm.astype(mx.float32), np.float64)
+    if case == "ce_smooth":
+        fn = lambda a, r: fl.cross_entropy(a, mx.array(t), label_smoothing=0.1, reduction=r)
+        want = R.cross_entropy(x64, t, label_smoothing=0.1)
+        gwant = R.cross_entropy_grad(x64, t, label_smoothing=0.1, reduction="sum")
+    elif case == "ce_soft":
+        fn = lambda a, r: fl.cross_entropy(a, pm, reduction=r)
+        want = R.cross_entropy(x64, p64)
+        gwant = R.cross_entropy_grad(x64, p64, reduction="sum")
+    else:
+        fn = lambda a, r: fl.softmax_focal_loss(a, mx.array(t), reduction=r)
+        want = R.softmax_focal(x64, t)
+        gwant = R.softmax_focal_grad(x64, t, reduction="sum")
+    assert_close(fn(xm, "none"), want, dtype, what="loss")
+    g = mx.grad(lambda a: fn(a, "sum"))(xm)
+    assert_close(g, gwant, dtype, what="grad")
+
+
 THREADS_SCRIPT = r"""
 import hashlib, json, sys
 import numpy as np, mlx.core as mx

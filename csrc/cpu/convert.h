@@ -15,6 +15,7 @@
 #include <type_traits>
 
 #include "cpu/dtype.h"
+#include "cpu/vectorize.h"
 
 namespace fl::cpu {
 
@@ -47,6 +48,29 @@ FLM_INLINE const float* chunk_as_float(const T* src, int n, float* buf) {
   } else {
     widen(src, n, buf);
     return buf;
+  }
+}
+
+// Asks the caches for elements [c0, c0 + kChunk) of 16-bit elements at x that lie
+// below `end` (the row's or the range's end), one chunk ahead of their widening (chunk_as_float). Hardware
+// prefetchers follow a stream only within a 4 KB page, and a chunk of 16-bit
+// elements is one page that is read in one burst (the widening) between runs
+// of arithmetic on L1: without this, each chunk's loads wait for memory anew.
+// float32 chunks are read in place by the loops that compute on them (the
+// row loop fuses its max pass into them, see row_reduce.h), and there prefetching measured no
+// gain, so it is left out. A prefetch never faults; it is kept inside the
+// data anyway.
+template <typename T>
+FLM_INLINE void prefetch_chunk(const T* x, int64_t c0, int64_t end) {
+  if constexpr (!std::is_same_v<T, float>) {
+    if (c0 >= end) {
+      return;
+    }
+    const char* p = reinterpret_cast<const char*>(x + c0);
+    const char* stop = reinterpret_cast<const char*>(x + std::min<int64_t>(c0 + kChunk, end));
+    for (; p < stop; p += 64) {
+      __builtin_prefetch(p, 0, 3);
+    }
   }
 }
 

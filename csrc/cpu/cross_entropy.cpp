@@ -48,17 +48,22 @@ template <typename T, bool kSoft, bool kWeighted, bool kAll = true>
 FLM_INLINE flm::CeState row_state(const CeArgs& a, const T* x, const T* t) {
   flm::CeState r = flm::ce_state_empty();
   float tbuf[kSoft ? kChunk : 1];
-  r.lse = cpu::online_row(x, a.num_classes, [&](const float* xv, int64_t c0, int n,
-                                                 flm::MaxMove mv) FL_LAMBDA_INLINE {
+  r.lse = cpu::online_row(x, a.num_classes, [&](const float* xv, int64_t c0, int n, flm::MaxMove mv,
+                                                 const float* next, float& next_max,
+                                                 auto fuse) FL_LAMBDA_INLINE {
     const float* tv = nullptr;
     if constexpr (kSoft) {
+      cpu::prefetch_chunk(t, c0 + cpu::kChunk, a.num_classes);
       tv = cpu::chunk_as_float(t + c0, n, tbuf);
     }
     const float* wv = kWeighted ? a.class_weights + c0 : nullptr;
     const float shift = mv.shift;
-    float s = 0.0f, sw = 0.0f, gw = 0.0f, swt = 0.0f, gwt = 0.0f;
-    FL_SIMD_REDUCE(reduction(+ : s, sw, gw, swt, gwt))
+    float s = 0.0f, sw = 0.0f, gw = 0.0f, swt = 0.0f, gwt = 0.0f, nm = -flm::kInf;
+    FL_SIMD_REDUCE(reduction(+ : s, sw, gw, swt, gwt) reduction(max : nm))
     for (int i = 0; i < n; ++i) {
+      if constexpr (decltype(fuse)::value) {
+        nm = flm::fmax(nm, next[i]);
+      }
       float v = xv[i];
       float w = kWeighted ? wv[i] : 1.0f;
       // e = -(shift - v) exactly, so the gaps subtract w * e instead of
@@ -84,6 +89,7 @@ FLM_INLINE flm::CeState row_state(const CeArgs& a, const T* x, const T* t) {
       r.all = flm::gap_add(flm::gap_moved(r.all, mv), flm::GapSum{sw, gw});
     }
     r.target = flm::gap_add(flm::gap_moved(r.target, mv), flm::GapSum{swt, gwt});
+    next_max = nm;
     return s;
   });
   return r;
@@ -149,6 +155,10 @@ FL_VECTOR_CLONES void backward_rows(const CeArgs& a, int64_t begin, int64_t end)
     float xbuf[kIsFloat<T> ? 1 : kChunk], tbuf[kSoft && !kIsFloat<T> ? kChunk : 1];
     float gbuf[kIsFloat<T> ? 1 : kChunk];
     cpu::for_each_chunk(K, [&](int64_t c0, int n) FL_LAMBDA_INLINE {
+      cpu::prefetch_chunk(x, c0 + cpu::kChunk, K);
+      if constexpr (kSoft) {
+        cpu::prefetch_chunk(tp, c0 + cpu::kChunk, K);
+      }
       const float* xv = cpu::chunk_as_float(x + c0, n, xbuf);
       const float* tv = kSoft ? cpu::chunk_as_float(tp + c0, n, tbuf) : nullptr;
       const float* wv = kWeighted ? a.class_weights + c0 : nullptr;

@@ -154,6 +154,8 @@ FL_VECTOR_CLONES void forward_range(const PwArgs& a, int64_t begin, int64_t end)
     float lbuf[kIsFloat<T> ? 1 : kChunk];
     for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
       int n = int(std::min<int64_t>(kChunk, end - c0));
+      cpu::prefetch_chunk(x, c0 + kChunk, end);
+      cpu::prefetch_chunk(t, a.layout ? end : c0 + kChunk, end); // a broadcast target is small
       const float* xv = cpu::chunk_as_float(x + c0, n, xbuf);
       const float* tv = target_chunk(a.layout, t, c0, n, tbuf);
       float* lv = cpu::chunk_out(loss + c0, lbuf);
@@ -171,6 +173,8 @@ FL_VECTOR_CLONES void forward_range(const PwArgs& a, int64_t begin, int64_t end)
     float sum = 0.0f;
     for (int64_t c0 = b0; c0 < b1; c0 += kChunk) {
       int n = int(std::min<int64_t>(kChunk, b1 - c0));
+      cpu::prefetch_chunk(x, c0 + kChunk, end);
+      cpu::prefetch_chunk(t, a.layout ? end : c0 + kChunk, end);
       const float* xv = cpu::chunk_as_float(x + c0, n, xbuf);
       const float* tv = target_chunk(a.layout, t, c0, n, tbuf);
       FL_SIMD_REDUCE(reduction(+ : sum))
@@ -194,6 +198,11 @@ FLM_INLINE void backward_loop(const T* x, const T* t, const TargetLayout* layout
   float gbuf[kIsFloat<G> || kScalarCotan ? 1 : kChunk], dbuf[kIsFloat<T> ? 1 : kChunk];
   for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
     int n = int(std::min<int64_t>(kChunk, end - c0));
+    cpu::prefetch_chunk(x, c0 + kChunk, end);
+    cpu::prefetch_chunk(t, layout ? end : c0 + kChunk, end); // a broadcast target is small
+    if constexpr (!kScalarCotan) {
+      cpu::prefetch_chunk(cotan, c0 + kChunk, end);
+    }
     const float* xv = cpu::chunk_as_float(x + c0, n, xbuf);
     const float* tv = target_chunk(layout, t, c0, n, tbuf);
     const float* gv = kScalarCotan ? nullptr : cpu::chunk_as_float(cotan + c0, n, gbuf);

@@ -11,6 +11,7 @@
 #include "cpu/vectorize.h"
 #include "math/cross_entropy.h"
 
+
 namespace fl::cpu {
 
 // Calls f(c0, n) for the chunks [c0, c0 + n) of a row of K elements, in order.
@@ -43,22 +44,53 @@ FLM_INLINE float chunk_max(const float* xv, int n) {
 }
 
 // Runs one pass over the K logits of row `x`. For each chunk it calls
-//     float chunk_fn(const float* xv, int64_t c0, int n, flm::MaxMove mv)
+//     float chunk_fn(const float* xv, int64_t c0, int n, flm::MaxMove mv,
+//                    const float* next, float& next_max, auto fuse)
 // which must return sum_i exp(xv[i] - mv.shift) over the chunk, after moving
 // any sums of its own kept relative to the previous max (mv.scale for
-// exp-sums, mv.delta for gaps; see math/cross_entropy.h).
+// exp-sums, mv.delta for gaps; see math/cross_entropy.h). When `fuse` is
+// std::true_type, `next` holds the following chunk (n elements too) and the
+// same loop must also set next_max = the max of next[0, n).
+//
+// Why fused: a chunk's max has to be known before its exps, so the chunk is
+// read twice, once from memory and once from L1. Done as two loops, the
+// first waits for memory and the second for the arithmetic, one after the
+// other (while the exps run, no load reaches memory and the hardware
+// prefetcher idles). Taking the next chunk's max inside this chunk's exp loop
+// keeps memory and arithmetic busy together. The max is exact, so where it is
+// taken changes no result. The last chunk (shorter) and 16-bit rows (widened
+// first, by convert.h's native converters) take their max in a loop of its own.
 template <typename T, typename ChunkFn>
 FLM_INLINE flm::LseState online_row(const T* x, int num_classes, ChunkFn&& chunk_fn) {
   flm::LseState st = flm::lse_empty();
-  float buf[kChunk];
-  for_each_chunk(num_classes, [&](int64_t c0, int n) FL_LAMBDA_INLINE {
-    const float* xv = chunk_as_float(x + c0, n, buf);
-    float cmax = chunk_max(xv, n);
+  constexpr bool kWiden = !std::is_same_v<T, float>;
+  float buf[kWiden ? 2 : 1][kWiden ? kChunk : 1];
+  int n = int(std::min<int64_t>(kChunk, num_classes));
+  const float* xv = chunk_as_float(x, n, buf[0]);
+  float cmax = n > 0 ? chunk_max(xv, n) : -flm::kInf;
+  int which = 0;
+  for (int64_t c0 = 0; c0 < num_classes; c0 += kChunk) {
+    const int64_t c1 = c0 + kChunk; // 64-bit: c0 + kChunk may pass 2^31
+    const int n1 = c1 < num_classes ? int(std::min<int64_t>(kChunk, num_classes - c1)) : 0;
     float m = flm::fmax(st.max, cmax);
     flm::MaxMove mv = flm::max_move(st.max, m);
-    st.sum = st.sum * mv.scale + chunk_fn(xv, c0, n, mv);
+    which ^= kWiden ? 1 : 0;
+    prefetch_chunk(x, c1 + kChunk, num_classes); // widened by the next step
+    const float* next = n1 > 0 ? chunk_as_float(x + c1, n1, buf[which]) : nullptr;
+    float next_max = -flm::kInf;
+    float s;
+    if (!kWiden && n1 == n) {
+      s = chunk_fn(xv, c0, n, mv, next, next_max, std::true_type{});
+    } else {
+      s = chunk_fn(xv, c0, n, mv, next, next_max, std::false_type{});
+      next_max = n1 > 0 ? chunk_max(next, n1) : -flm::kInf;
+    }
+    st.sum = st.sum * mv.scale + s;
     st.max = m;
-  });
+    xv = next;
+    n = n1;
+    cmax = next_max;
+  }
   return st;
 }
 

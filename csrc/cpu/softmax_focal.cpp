@@ -42,17 +42,22 @@ FL_VECTOR_CLONES void forward_rows(const FocalArgs& a, int64_t begin, int64_t en
       const T* x = static_cast<const T*>(a.logits) + r * a.num_classes;
       float s_other = 0.0f;
       auto st = cpu::online_row(x, a.num_classes, [&](const float* xv, int64_t c0, int n,
-                                                      flm::MaxMove mv) FL_LAMBDA_INLINE {
+                                                      flm::MaxMove mv, const float* next,
+                                                      float& next_max, auto fuse) FL_LAMBDA_INLINE {
         const float shift = mv.shift;
-        float s = 0.0f, so = 0.0f;
+        float s = 0.0f, so = 0.0f, nm = -flm::kInf;
         int64_t local_t = t - c0; // the target's index in this chunk, if inside
-        FL_SIMD_REDUCE(reduction(+ : s, so))
+        FL_SIMD_REDUCE(reduction(+ : s, so) reduction(max : nm))
         for (int i = 0; i < n; ++i) {
+          if constexpr (decltype(fuse)::value) {
+            nm = flm::fmax(nm, next[i]); // online_row: the next chunk's max
+          }
           float e = flm::exp_nonpos_f32(xv[i] - shift);
           s += e;
           so += i == local_t ? 0.0f : e;
         }
         s_other = s_other * mv.scale + so;
+        next_max = nm;
         return s;
       });
       float alpha_t = a.class_alpha ? a.class_alpha[t] : a.params.alpha;
@@ -84,6 +89,7 @@ FL_VECTOR_CLONES void backward_rows(const FocalArgs& a, int64_t begin, int64_t e
     float xbuf[std::is_same_v<T, float> ? 1 : cpu::kChunk];
     float gbuf[std::is_same_v<T, float> ? 1 : cpu::kChunk];
     cpu::for_each_chunk(K, [&](int64_t c0, int n) FL_LAMBDA_INLINE {
+      cpu::prefetch_chunk(x, c0 + cpu::kChunk, K);
       const float* xv = cpu::chunk_as_float(x + c0, n, xbuf);
       float* gv = cpu::chunk_out(dx + c0, gbuf);
       const int64_t local_t = t - c0; // the target's index in this chunk, if inside

@@ -39,7 +39,7 @@ struct SigmoidParts {
 };
 
 FLM_INLINE SigmoidParts sigmoid_parts(float x) {
-  float e = exp_f32(-fabs(x)); // in (0, 1]: never overflows
+  float e = exp_neg_f32(-fabs(x)); // in (0, 1]: never overflows
   float inv = 1.0f / (1.0f + e);
   SigmoidParts s;
   s.p = x >= 0.0f ? inv : e * inv;
@@ -69,17 +69,27 @@ FLM_INLINE float sigmoid_focal_loss(float x, float t, float alpha, Gamma gamma) 
   return focal_alpha_t(t, alpha) * ce * pow_unit(sigmoid_focal_modulator(s, t), gamma);
 }
 
+// m^gamma * r with r = p(1-p)/m in [0, 1] (the focus term's m^(gamma-1)
+// p(1-p), finite for every gamma >= 0); its limit when m underflows to 0 is
+// irrelevant because m^gamma = 0 (gamma > 0) or gamma = 0 multiplies it away.
+FLM_INLINE float focal_m_pow_r(float m, float m_pow, SigmoidParts s, float) {
+  float r = m > 0.0f ? (s.p * s.q) / m : 1.0f;
+  return m_pow * r;
+}
+// gamma = 2: m^2 p(1-p)/m = m p(1-p), with no division (the costliest
+// instruction of the loop) and no m = 0 special case.
+FLM_INLINE float focal_m_pow_r(float m, float, SigmoidParts s, GammaTwo) {
+  return m * (s.p * s.q);
+}
+
 template <typename Gamma>
 FLM_INLINE float sigmoid_focal_grad(float x, float t, float alpha, Gamma gamma) {
   SigmoidParts s = sigmoid_parts(x);
   float ce = bce_with_logits(s, x, t);
   float m = sigmoid_focal_modulator(s, t);
   float m_pow = pow_unit(m, gamma);
-  // r = p(1-p)/m in [0, 1]; its limit when m underflows to 0 is irrelevant
-  // because m^gamma = 0 (gamma > 0) or gamma = 0 multiplies it away.
-  float r = m > 0.0f ? (s.p * s.q) / m : 1.0f;
   float g = gamma_value(gamma);
-  float focus = g == 0.0f ? 0.0f : g * ce * m_pow * r * (1.0f - 2.0f * t);
+  float focus = g == 0.0f ? 0.0f : g * ce * focal_m_pow_r(m, m_pow, s, gamma) * (1.0f - 2.0f * t);
   float p_minus_t = s.p * (1.0f - t) - s.q * t; // exact 1 - p, not p - 1, at t = 1
   return focal_alpha_t(t, alpha) * (p_minus_t * m_pow + focus);
 }

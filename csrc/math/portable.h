@@ -28,6 +28,9 @@ FLM_INLINE u32 float_bits(float x) {
 FLM_INLINE float bits_float(u32 u) {
   return as_type<float>(u);
 }
+FLM_INLINE float mul_add(float a, float b, float c) {
+  return fma(a, b, c);
+}
 } // namespace flm
 
 #else // C++
@@ -65,6 +68,21 @@ FLM_INLINE float fmin(float a, float b) {
 }
 FLM_INLINE float fabs(float a) {
   return bits_float(float_bits(a) & 0x7fffffffu);
+}
+// a * b + c rounded once (IEEE-754 fusedMultiplyAdd). The shared formulas ask
+// for their FMAs by name rather than leaving them to the compiler's
+// contraction (the build passes -ffp-contract=off): an explicit FMA has one
+// exactly specified result, so the vector body of a loop, its scalar tail,
+// another instruction set and the Metal kernels all compute the same bits.
+// Where the CPU has FMA instructions (every clone but x86-64's baseline one,
+// see cpu/vectorize.h) this is one instruction and vectorizes; the baseline
+// x86-64 clone gets libm's exact software fmaf: slower, same results.
+FLM_INLINE float mul_add(float a, float b, float c) {
+#if defined(__GNUC__)
+  return __builtin_fmaf(a, b, c);
+#else
+  return std::fma(a, b, c);
+#endif
 }
 } // namespace flm
 

@@ -41,21 +41,28 @@ struct ExpParts {
 };
 
 // e^r for |r| <= ln2/2 (a little more is fine).
+// Horner with FMAs: one rounding per step.
 FLM_INLINE float exp_poly(float r) {
   float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  return p * r + 1.0f;
+  p = mul_add(p, r, 1.0f / 720.0f);
+  p = mul_add(p, r, 1.0f / 120.0f);
+  p = mul_add(p, r, 1.0f / 24.0f);
+  p = mul_add(p, r, 1.0f / 6.0f);
+  p = mul_add(p, r, 0.5f);
+  p = mul_add(p, r, 1.0f);
+  return mul_add(p, r, 1.0f);
+}
+
+// r = x - n ln2 in two FMAs: n * kLn2Hi is exact anyway, and the FMA keeps
+// n * kLn2Lo's rounding out of r.
+FLM_INLINE float exp_reduce(float x, float n) {
+  return mul_add(-n, kLn2Lo, mul_add(-n, kLn2Hi, x));
 }
 
 FLM_INLINE ExpParts exp_parts(float xc) {
   ExpParts e;
-  e.n = (xc * kLog2e + kRoundMagic) - kRoundMagic;
-  e.poly = exp_poly((xc - e.n * kLn2Hi) - e.n * kLn2Lo);
+  e.n = mul_add(xc, kLog2e, kRoundMagic) - kRoundMagic;
+  e.poly = exp_poly(exp_reduce(xc, e.n));
   return e;
 }
 
@@ -63,9 +70,24 @@ FLM_INLINE ExpParts exp_parts(float xc) {
 // the subnormal range round once.
 FLM_INLINE float exp_f32(float x) {
   ExpParts e = exp_parts(fmin(fmax(x, -104.0f), 89.0f)); // e^-104 -> 0, e^89 -> inf
-  float n_half = (e.n * 0.5f + kRoundMagic) - kRoundMagic; // n = n_half + rest
+  float n_half = mul_add(e.n, 0.5f, kRoundMagic) - kRoundMagic; // n = n_half + rest
   float y = e.poly * exp2_int(n_half) * exp2_int(e.n - n_half);
   return is_nan(x) ? x : y;
+}
+
+// e^x for x <= 0 (or NaN), subnormal results included: the same bits as
+// exp_f32 there, for fewer operations (the sigmoid losses' e^-|x|, and
+// pow_unit's e^(gamma log b)). 2^n is applied as 2^(n + 64) (built from the
+// bits of the rounding sum, as in exp_nonpos_f32; normal for n >= -150) times
+// the constant 2^-64: the first product is exact, the second rounds once, the
+// single rounding of poly * 2^n that exp_f32's two factors also give. The
+// clamp at -104 (e^-104 rounds to 0) keeps a NaN x, which then makes poly NaN.
+FLM_INLINE float exp_neg_f32(float x) {
+  float xc = x < -104.0f ? -104.0f : x;
+  float t = mul_add(xc, kLog2e, kRoundMagic);
+  float n = t - kRoundMagic;
+  u32 biased_n = float_bits(t) - (float_bits(kRoundMagic) - 127u - 64u); // n + 64 + 127
+  return exp_poly(exp_reduce(xc, n)) * bits_float(biased_n << 23) * 5.421010862427522e-20f; // 2^-64
 }
 
 // e^x for the softmax terms, x = logit - max or logit - lse <= 0 (valid up to
@@ -81,10 +103,10 @@ FLM_INLINE float exp_f32(float x) {
 // NaN x (or +inf, reachable only from a row that also holds a NaN) makes r and
 // so poly NaN, which any 2^n keeps NaN.
 FLM_INLINE float exp_nonpos_f32(float x) {
-  float t = x * kLog2e + kRoundMagic;
+  float t = mul_add(x, kLog2e, kRoundMagic);
   float n = t - kRoundMagic;
   u32 biased_n = float_bits(t) - (float_bits(kRoundMagic) - 127u); // n + 127 for |n| < 2^22
-  float y = exp_poly((x - n * kLn2Hi) - n * kLn2Lo) * bits_float(biased_n << 23);
+  float y = exp_poly(exp_reduce(x, n)) * bits_float(biased_n << 23);
   return x < -87.33654f ? 0.0f : y; // e^-87.33654 = FLT_MIN
 }
 
@@ -97,12 +119,12 @@ FLM_INLINE float log1p_reduced(float f, float e) {
   float s = f / (2.0f + f);
   float z = s * s;
   float r = 2.0f / 9.0f;
-  r = r * z + 2.0f / 7.0f;
-  r = r * z + 2.0f / 5.0f;
-  r = r * z + 2.0f / 3.0f;
+  r = mul_add(r, z, 2.0f / 7.0f);
+  r = mul_add(r, z, 2.0f / 5.0f);
+  r = mul_add(r, z, 2.0f / 3.0f);
   r = r * z;
   float half_f2 = 0.5f * f * f;
-  return e * kLn2Hi + (f - (half_f2 - (s * (half_f2 + r) + e * kLn2Lo)));
+  return mul_add(e, kLn2Hi, f - (half_f2 - mul_add(s, half_f2 + r, e * kLn2Lo)));
 }
 
 // Natural log: x = 2^e * m with m in [sqrt(1/2), sqrt(2)), then log1p_reduced.
@@ -150,7 +172,7 @@ FLM_INLINE float log1p_unit(float x) {
 // vectorizer, so the gamma test is reduced to a scalar computed once.
 FLM_INLINE float pow_unit(float base, float gamma) {
   float zero_pow = gamma == 0.0f ? 1.0f : 0.0f;
-  float y = exp_f32(gamma * log_f32(base));
+  float y = exp_neg_f32(gamma * log_f32(base)); // log(base) <= 0
   return base == 0.0f ? zero_pow : y;
 }
 

@@ -17,6 +17,10 @@ void probe_exp_nonpos(const float* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] = flm::exp_nonpos_f32(x[i]);
 }
 
+void probe_exp_neg(const float* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = flm::exp_neg_f32(x[i]);
+}
+
 void probe_log(const float* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] = flm::log_f32(x[i]);
 }
