@@ -247,9 +247,11 @@ def traffic(t: Tiles, s: Shape, chip: Chip, chunk_bytes: int = 64 << 20) -> dict
     blocks_in_flight = max(1, g // p["splits"])
     w_bytes = s.v * s.h * s.s_w
     fwd = s.n * s.h * s.s_h + w_bytes * math.ceil(p["row_blocks"] / blocks_in_flight)
-    # backward per chunk: W read by dZ and by dH; dZ written once, read by dH, dW, dbias;
+    # backward per chunk: W read by dZ and by dH; dZ (float32) written once and read by
+    # dH and (dense) dW (the shapes have no bias, whose dbias would read it once more);
     # dW (float32) read and written by every chunk after the first
-    bwd = 2 * w_bytes * p["chunks"] + 16 * s.n * s.v + 2 * s.n * s.h * s.s_h
+    dz_bytes = 4 * s.n * s.v * (2 if s.quantized else 3)
+    bwd = 2 * w_bytes * p["chunks"] + dz_bytes + 2 * s.n * s.h * s.s_h
     if not s.quantized:
         bwd += 4 * s.v * s.h * (2 * p["chunks"] - 1)
     # The hidden rows a group re-reads for every vocabulary tile (forward and dZ):
@@ -341,9 +343,9 @@ def table_backward(t: Tiles) -> str:
     nvh = s.n * s.v * s.h
     one = 4 * (s.n * s.h * p["vocab_tiles"] + s.v * s.h * p["row_blocks"]) * 2
     two = 8 * (s.n * s.h * p["vocab_tiles"] + s.v * s.h * p["row_blocks"])
-    chosen = 16 * s.n * s.v + 4 * s.v * s.h * (2 * p["chunks"] - 1)
+    chosen = 12 * s.n * s.v + 4 * s.v * s.h * (2 * p["chunks"] - 1)
     big = plan(t, s.n, s.v, 1 << 30)
-    chosen_big = 16 * s.n * s.v + 4 * s.v * s.h * (2 * big["chunks"] - 1)
+    chosen_big = 12 * s.n * s.v + 4 * s.v * s.h * (2 * big["chunks"] - 1)
     del nvh
     out += [
         f"| one pass, per-tile partials of dH and dW, reduced after | 6 | partials written and read: "
@@ -351,7 +353,7 @@ def table_backward(t: Tiles) -> str:
         f"| two passes recomputing Z (row blocks: dH; vocabulary blocks: dW) | 8 | accumulators read "
         f"and written per tile: 8 (N H ceil(V/BN) + V H ceil(N/BM)) | {two / 1e9:.0f} |",
         f"| chosen: dZ per row chunk (R = {p['chunk_rows']}, {p['chunks']} chunks at 64 MiB) | 6 "
-        f"| dZ: 16 N V; dW read+write per chunk: 4 V H (2 chunks - 1) | {chosen / 1e9:.0f} |",
+        f"| dZ: 12 N V (16 with a bias); dW read+write per chunk: 4 V H (2 chunks - 1) | {chosen / 1e9:.0f} |",
         f"| chosen, chunk_bytes = 1 GiB (R = {big['chunk_rows']}, {big['chunks']} chunks) | 6 | same "
         f"| {chosen_big / 1e9:.0f} |",
     ]
