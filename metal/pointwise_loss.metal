@@ -15,6 +15,11 @@
 //                       n for the mean)
 // Each thread handles FL_PW_READS contiguous elements (per step), read with an
 // unrolled, unmasked fast path and a masked tail.
+// Every kernel comes in two variants (the launch plan picks one): the target
+// has the predictions' shape and is read at the same index, or (_bcast) it
+// broadcasts to them and is read in place through its PwTargetLayout
+// (kernel_args.h): no full-size copy of it exists. The contiguous variants
+// never read the layout buffer.
 #include <metal_stdlib>
 
 #include "fl_common.h"
@@ -51,19 +56,69 @@ inline float pw_grad(float x, float t, float p0, float p1) {
   return flm::regression_grad(kKind, x - t, p0);
 }
 
+// The target element that meets the predictions' flat index i (64-bit: the
+// offsets of a large array do not fit 32 bits).
+template <bool kBcast>
+inline ulong pw_target_index(constant PwTargetLayout& lay, ulong i) {
+  if (!kBcast) {
+    return i;
+  }
+  ulong off = 0;
+  for (int g = 0; g < lay.ndim; ++g) {
+    const ulong size = ulong(lay.size[g]);
+    off += (i % size) * ulong(lay.stride[g]);
+    i /= size;
+  }
+  return off;
+}
+
+// The target elements of a thread's R contiguous elements i0, i0 + 1, ...:
+// within the innermost group's run they step by its stride, so one full
+// index (divisions per group) serves the run and only a run boundary inside
+// the R elements costs another.
+struct PwTargetWalk {
+  ulong base; // target element of i0
+  ulong run; // elements i0 + k with k < run share i0's innermost run
+  ulong step; // the innermost group's stride
+};
+
+template <bool kBcast>
+inline PwTargetWalk pw_target_walk(constant PwTargetLayout& lay, ulong i0) {
+  PwTargetWalk w;
+  w.base = pw_target_index<kBcast>(lay, i0);
+  w.step = 1;
+  w.run = ~ulong(0);
+  if (kBcast) {
+    w.step = lay.ndim > 0 ? ulong(lay.stride[0]) : 0;
+    w.run = lay.ndim > 0 ? ulong(lay.size[0]) - i0 % ulong(lay.size[0]) : ~ulong(0);
+  }
+  return w;
+}
+
+template <bool kBcast>
+inline ulong pw_target_at(PwTargetWalk w, constant PwTargetLayout& lay, ulong i0, int k) {
+  if (!kBcast) {
+    return i0 + ulong(k);
+  }
+  return ulong(k) < w.run ? w.base + ulong(k) * w.step : pw_target_index<kBcast>(lay, i0 + ulong(k));
+}
+
 // Sum of the losses of elements [i0, i0 + R) that are < n.
-template <typename T, int kKind, int R>
-inline float pw_chunk_sum(device const T* pred, device const T* target, ulong i0, ulong n,
-                          float p0, float p1) {
+template <typename T, int kKind, int R, bool kBcast>
+inline float pw_chunk_sum(device const T* pred, device const T* target,
+                          constant PwTargetLayout& lay, ulong i0, ulong n, float p0, float p1) {
   float s = 0.0f;
+  const PwTargetWalk w = pw_target_walk<kBcast>(lay, i0);
   if (i0 + R <= n) {
     for (int k = 0; k < R; ++k) {
-      s += pw_loss<kKind>(float(pred[i0 + k]), float(target[i0 + k]), p0, p1);
+      s += pw_loss<kKind>(float(pred[i0 + k]), float(target[pw_target_at<kBcast>(w, lay, i0, k)]),
+                          p0, p1);
     }
   } else {
     for (int k = 0; k < R; ++k) {
       if (i0 + k < n) {
-        s += pw_loss<kKind>(float(pred[i0 + k]), float(target[i0 + k]), p0, p1);
+        s += pw_loss<kKind>(float(pred[i0 + k]),
+                            float(target[pw_target_at<kBcast>(w, lay, i0, k)]), p0, p1);
       }
     }
   }
@@ -72,12 +127,13 @@ inline float pw_chunk_sum(device const T* pred, device const T* target, ulong i0
 
 } // namespace
 
-template <typename T, int kKind>
+template <typename T, int kKind, bool kBcast>
 [[kernel]] void pw_forward(
     device const T* pred [[buffer(FL_PW_FWD_PRED)]],
     device const T* target [[buffer(FL_PW_FWD_TARGET)]],
     device T* loss [[buffer(FL_PW_FWD_OUT)]],
     constant PwArgs& args [[buffer(FL_PW_FWD_ARGS)]],
+    constant PwTargetLayout& tlayout [[buffer(FL_PW_FWD_TLAYOUT)]],
     uint group [[threadgroup_position_in_grid]],
     uint tid [[thread_index_in_threadgroup]],
     uint tpg [[threads_per_threadgroup]]) {
@@ -86,12 +142,13 @@ template <typename T, int kKind>
   const ulong i0 = (ulong(group) * tpg + tid) * R;
   const float p0 = args.param0;
   const float p1 = args.param1;
+  const PwTargetWalk w = pw_target_walk<kBcast>(tlayout, i0);
   if (i0 + R <= n) {
     float xv[R];
     float tv[R];
     for (int k = 0; k < R; ++k) {
       xv[k] = float(pred[i0 + k]);
-      tv[k] = float(target[i0 + k]);
+      tv[k] = float(target[pw_target_at<kBcast>(w, tlayout, i0, k)]);
     }
     for (int k = 0; k < R; ++k) {
       loss[i0 + k] = T(pw_loss<kKind>(xv[k], tv[k], p0, p1));
@@ -99,18 +156,20 @@ template <typename T, int kKind>
   } else {
     for (int k = 0; k < R; ++k) {
       if (i0 + k < n) {
-        loss[i0 + k] = T(pw_loss<kKind>(float(pred[i0 + k]), float(target[i0 + k]), p0, p1));
+        loss[i0 + k] = T(pw_loss<kKind>(
+            float(pred[i0 + k]), float(target[pw_target_at<kBcast>(w, tlayout, i0, k)]), p0, p1));
       }
     }
   }
 }
 
-template <typename T, int kKind>
+template <typename T, int kKind, bool kBcast>
 [[kernel]] void pw_forward_partial(
     device const T* pred [[buffer(FL_PW_FWD_PRED)]],
     device const T* target [[buffer(FL_PW_FWD_TARGET)]],
     device float* partials [[buffer(FL_PW_FWD_OUT)]],
     constant PwArgs& args [[buffer(FL_PW_FWD_ARGS)]],
+    constant PwTargetLayout& tlayout [[buffer(FL_PW_FWD_TLAYOUT)]],
     threadgroup float* scratch [[threadgroup(0)]],
     uint group [[threadgroup_position_in_grid]],
     uint tid [[thread_index_in_threadgroup]],
@@ -125,7 +184,8 @@ template <typename T, int kKind>
   const ulong end = n - begin < ulong(FL_PW_GROUP_ELEMS) ? n : begin + ulong(FL_PW_GROUP_ELEMS);
   float s = 0.0f;
   for (ulong i0 = begin + ulong(tid) * R; i0 < end; i0 += ulong(tpg) * R) {
-    s += pw_chunk_sum<T, kKind, R>(pred, target, i0, end, args.param0, args.param1);
+    s += pw_chunk_sum<T, kKind, R, kBcast>(pred, target, tlayout, i0, end, args.param0,
+                                           args.param1);
   }
   s = flk::threadgroup_sum(s, scratch, sg, lane, nsg);
   if (tid == 0) {
@@ -158,13 +218,14 @@ template <typename T, int kKind>
 
 // G: the cotangent's element type (float, or T for an element-wise cotangent
 // in the predictions' 16-bit dtype: instantiated as the _cot16 kernels).
-template <typename T, typename G, int kKind>
+template <typename T, typename G, int kKind, bool kBcast>
 [[kernel]] void pw_backward(
     device const T* pred [[buffer(FL_PW_BWD_PRED)]],
     device const T* target [[buffer(FL_PW_BWD_TARGET)]],
     device const G* cotan [[buffer(FL_PW_BWD_COTAN)]],
     device T* grad [[buffer(FL_PW_BWD_GRAD)]],
     constant PwArgs& args [[buffer(FL_PW_BWD_ARGS)]],
+    constant PwTargetLayout& tlayout [[buffer(FL_PW_BWD_TLAYOUT)]],
     uint group [[threadgroup_position_in_grid]],
     uint tid [[thread_index_in_threadgroup]],
     uint tpg [[threads_per_threadgroup]]) {
@@ -183,23 +244,30 @@ template <typename T, typename G, int kKind>
   const float p0 = args.param0;
   const float p1 = args.param1;
   const int count = n - i0 < ulong(R) ? int(n - i0) : R;
+  const PwTargetWalk w = pw_target_walk<kBcast>(tlayout, i0);
   for (int k = 0; k < count; ++k) {
     ulong i = i0 + k;
     float g = scalar_cotan ? g0 : float(cotan[i]);
-    grad[i] = T(g * pw_grad<kKind>(float(pred[i]), float(target[i]), p0, p1));
+    float t = float(target[pw_target_at<kBcast>(w, tlayout, i0, k)]);
+    grad[i] = T(g * pw_grad<kKind>(float(pred[i]), t, p0, p1));
   }
 }
 
 // Host names: fl_pw_fwd_<none|partial>_<kind>_<dtype>, fl_pw_bwd_<kind>_<dtype>
 // (float32 cotangent), fl_pw_bwd_<kind>_<dtype>_cot16 (16-bit dtypes: the
-// cotangent in that dtype), and fl_pw_sum_finish, a plain kernel, above.
-#define FL_INST_PW_KIND(kname, K, dname, T)                                                      \
-  template [[host_name("fl_pw_fwd_none_" #kname "_" #dname)]] [[kernel]] decltype(               \
-      pw_forward<T, K>) pw_forward<T, K>;                                                        \
-  template [[host_name("fl_pw_fwd_partial_" #kname "_" #dname)]] [[kernel]] decltype(            \
-      pw_forward_partial<T, K>) pw_forward_partial<T, K>;                                        \
-  template [[host_name("fl_pw_bwd_" #kname "_" #dname)]] [[kernel]] decltype(                   \
-      pw_backward<T, float, K>) pw_backward<T, float, K>;
+// cotangent in that dtype), each also with the suffix _bcast (the target read
+// through its layout), and fl_pw_sum_finish, a plain kernel, above.
+#define FL_INST_PW_KIND_B(kname, K, dname, T, B, sfx)                                            \
+  template [[host_name("fl_pw_fwd_none_" #kname "_" #dname sfx)]] [[kernel]] decltype(           \
+      pw_forward<T, K, B>) pw_forward<T, K, B>;                                                  \
+  template [[host_name("fl_pw_fwd_partial_" #kname "_" #dname sfx)]] [[kernel]] decltype(        \
+      pw_forward_partial<T, K, B>) pw_forward_partial<T, K, B>;                                  \
+  template [[host_name("fl_pw_bwd_" #kname "_" #dname sfx)]] [[kernel]] decltype(               \
+      pw_backward<T, float, K, B>) pw_backward<T, float, K, B>;
+
+#define FL_INST_PW_KIND(kname, K, dname, T)           \
+  FL_INST_PW_KIND_B(kname, K, dname, T, false, "")    \
+  FL_INST_PW_KIND_B(kname, K, dname, T, true, "_bcast")
 
 #define FL_INST_PW(dname, T)                 \
   FL_INST_PW_KIND(smooth_l1, 0, dname, T)    \
@@ -207,9 +275,13 @@ template <typename T, typename G, int kKind>
   FL_INST_PW_KIND(sigmoid_focal, 2, dname, T) \
   FL_INST_PW_KIND(sigmoid_focal_g2, FL_PW_KIND_FOCAL_GAMMA_TWO, dname, T)
 
-#define FL_INST_PW_COT16_KIND(kname, K, dname, T)                                              \
-  template [[host_name("fl_pw_bwd_" #kname "_" #dname "_cot16")]] [[kernel]] decltype(          \
-      pw_backward<T, T, K>) pw_backward<T, T, K>;
+#define FL_INST_PW_COT16_KIND_B(kname, K, dname, T, B, sfx)                                    \
+  template [[host_name("fl_pw_bwd_" #kname "_" #dname "_cot16" sfx)]] [[kernel]] decltype(      \
+      pw_backward<T, T, K, B>) pw_backward<T, T, K, B>;
+
+#define FL_INST_PW_COT16_KIND(kname, K, dname, T)          \
+  FL_INST_PW_COT16_KIND_B(kname, K, dname, T, false, "")   \
+  FL_INST_PW_COT16_KIND_B(kname, K, dname, T, true, "_bcast")
 
 #define FL_INST_PW_COT16(dname, T)                     \
   FL_INST_PW_COT16_KIND(smooth_l1, 0, dname, T)        \

@@ -536,3 +536,73 @@ def test_linear_cross_entropy_quantized_gpu_fused_grads():
         res.append([as_f64(loss)] + [as_f64(g) for g in grads])
     for a, b in zip(*res):
         agree(a, b, 2e-2, "quantized fused gradients")
+
+
+# ---- broadcast targets, read in place by the _bcast kernels ------------------------------------
+
+def _transposed_middle(rng, shape):
+    # (N, 1, K) from the transpose of a (K, N) array: a non-contiguous view
+    n, _, k = shape
+    return mx.array(rng.standard_normal((k, n)).astype(np.float32)).T[:, None, :]
+
+
+BCAST_TARGETS = {
+    "scalar": ((37, 41), lambda rng, s: mx.array(np.float32(rng.standard_normal()))),
+    "row_1xK": ((70, 131), lambda rng, s: mx.array(rng.standard_normal((1, s[1])).astype(np.float32))),
+    "column_Nx1": ((129, 67), lambda rng, s: mx.array(rng.standard_normal((s[0], 1)).astype(np.float32))),
+    "middle_axis": ((5, 9, 203), lambda rng, s: mx.array(
+        rng.standard_normal((s[0], 1, s[2])).astype(np.float32))),
+    "transposed_middle": ((6, 5, 77), _transposed_middle),
+    "leading_axes": ((3, 4, 1000), lambda rng, s: mx.array(rng.standard_normal(s[2]).astype(np.float32))),
+}
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("target", list(BCAST_TARGETS))
+def test_pointwise_broadcast_target_gpu_vs_cpu(target, reduction, dtype):
+    pshape, make = BCAST_TARGETS[target]
+    rng = np.random.default_rng(len(target))
+    x = mx.array((rng.standard_normal(pshape) * 3).astype(np.float32)).astype(DTYPES[dtype])
+    t = make(rng, pshape)
+    for name, f in POINTWISE.items():
+        tt = mx.sigmoid(3 * t) if name.startswith("sigmoid") else t
+
+        def loss(a, stream):
+            return f(a, tt, reduction, stream)
+
+        g, c = both(loss, x)
+        close(g, c, 1e-5 if reduction == "none" else 2e-5)
+        cot = (mx.array((0.5 + rng.random(pshape)).astype(np.float32)) if reduction == "none"
+               else mx.array(1.7))
+        gg, cg = grads(loss, x, cot)
+        close(gg, cg, TOL[dtype] + 2e-6)
+
+
+@pytest.mark.parametrize("tshape", [(4096,), (2048, 1), ()], ids=str)
+def test_broadcast_targets_make_no_full_size_copy_gpu(tshape):
+    # 8M float32 predictions (32 MiB) on the GPU: a full-size copy of the
+    # target (the Metal path before the _bcast kernels) would add 32 MiB to
+    # the peak; reading it in place adds nothing of that size.
+    p = mx.random.normal((2048, 4096), stream=GPU)
+    t = mx.random.uniform(shape=tshape, stream=GPU)
+    mx.eval(p, t)
+    full = p.nbytes
+    for name, f in POINTWISE.items():
+        mx.synchronize()
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        mx.eval(f(p, t, "mean", GPU))
+        assert mx.get_peak_memory() - base < full // 8, (name, "mean")
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        out = f(p, t, "none", GPU)
+        mx.eval(out)
+        assert mx.get_peak_memory() - base < full + full // 8, (name, "none")
+        del out
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        g = mx.grad(lambda a: f(a, t, "mean", GPU))(p)
+        mx.eval(g)
+        assert mx.get_peak_memory() - base < full + full // 8, (name, "grad")
+        del g

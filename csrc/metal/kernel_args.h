@@ -78,7 +78,8 @@ typedef uint64_t fl_u64;
 #define FL_PW_FWD_TARGET 1
 #define FL_PW_FWD_OUT 2 // [n] loss in the predictions' dtype, or [groups] float32 partial sums
 #define FL_PW_FWD_ARGS 3
-#define FL_PW_FWD_NBUF 4
+#define FL_PW_FWD_TLAYOUT 4 // constant PwTargetLayout& (read by the _bcast kernels only)
+#define FL_PW_FWD_NBUF 5
 
 // Pointwise sum finish (one threadgroup: partials -> scalar)
 #define FL_PW_SUM_PARTIALS 0
@@ -92,7 +93,8 @@ typedef uint64_t fl_u64;
 #define FL_PW_BWD_COTAN 2 // [n] float32 or (_cot16 kernels) the 16-bit dtype; [1] float32 for a reduced loss
 #define FL_PW_BWD_GRAD 3
 #define FL_PW_BWD_ARGS 4
-#define FL_PW_BWD_NBUF 5
+#define FL_PW_BWD_TLAYOUT 5 // constant PwTargetLayout& (read by the _bcast kernels only)
+#define FL_PW_BWD_NBUF 6
 
 // Fused linear cross-entropy (metal/linear_cross_entropy.metal). The kernels that
 // read the weight through a head (forward tiles, dZ, dH) share its three slots.
@@ -188,6 +190,21 @@ struct PwArgs {
 
 #define FL_PW_KIND_FOCAL_GAMMA_TWO 3
 
+// A target that broadcasts to the predictions' shape, read in place by the
+// _bcast kernels (launch_plan.h, make_pw_target_layout): the predictions' axes
+// collapsed into groups, innermost first, along which the target advances
+// (stride: target elements per step) or stays put (stride 0). The target
+// element that meets flat index i is sum_g (i_g % size[g]) * stride[g] with
+// i_g = i / (size[0] ... size[g-1]), in 64-bit arithmetic. Groups past ndim
+// are unused.
+#define FL_PW_MAX_TARGET_GROUPS 8
+struct PwTargetLayout {
+  fl_i64 size[FL_PW_MAX_TARGET_GROUPS];
+  fl_i64 stride[FL_PW_MAX_TARGET_GROUPS];
+  int ndim; // 0: every element meets target element 0 (a scalar target)
+  int pad0;
+};
+
 // Fused linear cross-entropy: one struct for every kernel of a call; the host
 // changes row0 / chunk_rows / accumulate between the chunks of the backward.
 struct LceArgs {
@@ -245,4 +262,5 @@ struct LceArgs {
 static_assert(sizeof(CeArgs) == 32, "CeArgs layout");
 static_assert(sizeof(SfArgs) == 32, "SfArgs layout");
 static_assert(sizeof(PwArgs) == 32, "PwArgs layout");
+static_assert(sizeof(PwTargetLayout) == 16 * FL_PW_MAX_TARGET_GROUPS + 8, "PwTargetLayout layout");
 static_assert(sizeof(LceArgs) == 88, "LceArgs layout");

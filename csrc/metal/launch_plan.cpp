@@ -233,12 +233,73 @@ uint64_t pw_num_partials(uint64_t n) {
   return (n + FL_PW_GROUP_ELEMS - 1) / FL_PW_GROUP_ELEMS;
 }
 
-LaunchPlan pw_forward_plan(KDtype dt, int kind, uint64_t n, int reduce, int max_group_threads) {
-  std::string tail = std::string(pw_kind_name(kind)) + "_" + dtype_name(dt);
+bool make_pw_target_layout(const std::vector<int64_t>& pred_shape,
+                           const std::vector<int64_t>& target_shape, PwTargetLayout* layout) {
+  if (target_shape.size() > pred_shape.size()) {
+    throw std::invalid_argument("launch plan: the target has more axes than the predictions");
+  }
+  *layout = PwTargetLayout{};
+  const size_t lead = pred_shape.size() - target_shape.size();
+  std::vector<int64_t> size;
+  std::vector<int64_t> stride;
+  int64_t step = 1; // target elements per step along the current axis
+  for (size_t d = pred_shape.size(); d-- > 0;) {
+    const int64_t pn = pred_shape[d];
+    const int64_t tn = d >= lead ? target_shape[d - lead] : 1;
+    if (tn != 1 && tn != pn) {
+      throw std::invalid_argument("launch plan: the target does not broadcast to the predictions");
+    }
+    if (pn == 1) {
+      continue;
+    }
+    const int64_t st = tn == 1 ? 0 : step;
+    // Neighbouring axes of one kind form one group: broadcast ones trivially,
+    // advancing ones because the target is row-contiguous.
+    if (!size.empty() && (stride.back() == 0) == (st == 0)) {
+      size.back() *= pn;
+    } else {
+      size.push_back(pn);
+      stride.push_back(st);
+    }
+    step *= tn;
+  }
+  while (!stride.empty() && stride.back() == 0) {
+    size.pop_back();
+    stride.pop_back();
+  }
+  if (size.size() > size_t(FL_PW_MAX_TARGET_GROUPS)) {
+    return false;
+  }
+  layout->ndim = int(size.size());
+  for (size_t g = 0; g < size.size(); ++g) {
+    layout->size[g] = size[g];
+    layout->stride[g] = stride[g];
+  }
+  return true;
+}
+
+bool pw_target_is_identity(const PwTargetLayout& layout, uint64_t n) {
+  if (layout.ndim == 0) {
+    return n <= 1;
+  }
+  return layout.ndim == 1 && layout.stride[0] == 1 && uint64_t(layout.size[0]) >= n;
+}
+
+namespace {
+
+const char* pw_variant(const PwTargetLayout* target, uint64_t n) {
+  return target == nullptr || pw_target_is_identity(*target, n) ? "" : "_bcast";
+}
+
+} // namespace
+
+LaunchPlan pw_forward_plan(KDtype dt, int kind, uint64_t n, int reduce, int max_group_threads,
+                           const PwTargetLayout* target) {
+  std::string tail = std::string(pw_kind_name(kind)) + "_" + dtype_name(dt) + pw_variant(target, n);
   if (reduce == 0) {
     LaunchPlan p = elementwise_plan("fl_pw_fwd_none_" + tail, n, max_group_threads);
     p.buffers = buffer_names(FL_PW_FWD_NBUF, {{FL_PW_FWD_PRED, "pred"}, {FL_PW_FWD_TARGET, "target"},
-        {FL_PW_FWD_OUT, "loss"}, {FL_PW_FWD_ARGS, "args"}});
+        {FL_PW_FWD_OUT, "loss"}, {FL_PW_FWD_ARGS, "args"}, {FL_PW_FWD_TLAYOUT, "target_layout"}});
     return p;
   }
   // Fixed partition: FL_PW_GROUP_ELEMS elements per group, whatever the device
@@ -251,7 +312,7 @@ LaunchPlan pw_forward_plan(KDtype dt, int kind, uint64_t n, int reduce, int max_
   p.grid[0] = grid_dim(int64_t(pw_num_partials(n)), "elements");
   p.threadgroup_bytes = FL_PW_SCRATCH_FLOATS * sizeof(float);
   p.buffers = buffer_names(FL_PW_FWD_NBUF, {{FL_PW_FWD_PRED, "pred"}, {FL_PW_FWD_TARGET, "target"},
-      {FL_PW_FWD_OUT, "partials"}, {FL_PW_FWD_ARGS, "args"}});
+      {FL_PW_FWD_OUT, "partials"}, {FL_PW_FWD_ARGS, "args"}, {FL_PW_FWD_TLAYOUT, "target_layout"}});
   return p;
 }
 
@@ -271,15 +332,17 @@ LaunchPlan pw_sum_finish_plan(uint64_t num_partials, int max_group_threads) {
 }
 
 LaunchPlan pw_backward_plan(KDtype dt, int kind, uint64_t n, bool cotan_in_dtype,
-                            int max_group_threads) {
+                            int max_group_threads, const PwTargetLayout* target) {
   // An element-wise cotangent in a 16-bit dtype is read as such (no float32
   // copy); float32 predictions have only the float32 kernel.
   bool cot16 = cotan_in_dtype && dt != KDtype::float32;
   LaunchPlan p = elementwise_plan(std::string("fl_pw_bwd_") + pw_kind_name(kind) + "_" +
-                                      dtype_name(dt) + (cot16 ? "_cot16" : ""),
+                                      dtype_name(dt) + (cot16 ? "_cot16" : "") +
+                                      pw_variant(target, n),
                                   n, max_group_threads);
   p.buffers = buffer_names(FL_PW_BWD_NBUF, {{FL_PW_BWD_PRED, "pred"}, {FL_PW_BWD_TARGET, "target"},
-      {FL_PW_BWD_COTAN, "cotan"}, {FL_PW_BWD_GRAD, "grad"}, {FL_PW_BWD_ARGS, "args"}});
+      {FL_PW_BWD_COTAN, "cotan"}, {FL_PW_BWD_GRAD, "grad"}, {FL_PW_BWD_ARGS, "args"},
+      {FL_PW_BWD_TLAYOUT, "target_layout"}});
   return p;
 }
 

@@ -85,16 +85,34 @@ const char* pw_kind_name(int kind);
 // The kernel kind for a loss kind and its gamma: the sigmoid focal loss with
 // gamma = 2 runs its own instantiation (FL_PW_KIND_FOCAL_GAMMA_TWO), as on the CPU.
 int pw_kernel_kind(int kind, float gamma);
+// Broadcast targets (the _bcast kernels), rules:
+//  - make_pw_target_layout collapses the predictions' axes (unit axes dropped),
+//    innermost first, into groups along which the target advances or stays
+//    put (neighbouring axes of one kind merge), then drops the outermost
+//    groups while they are broadcast (they never move the target index). It
+//    returns false, and the target must reach the kernels at full size,
+//    when more than FL_PW_MAX_TARGET_GROUPS groups remain.
+//  - pw_target_is_identity: the layout maps every i < n to i (one advancing
+//    group of stride 1, or n <= 1 and no group): the plain kernels, which
+//    read the target at the predictions' index, serve it.
+//  - the plans take the layout (null: a target of the predictions' shape) and
+//    name the _bcast instantiation unless it is the identity; the group,
+//    grid and partition are those of the plain kernels.
+bool make_pw_target_layout(const std::vector<int64_t>& pred_shape,
+                           const std::vector<int64_t>& target_shape, PwTargetLayout* layout);
+bool pw_target_is_identity(const PwTargetLayout& layout, uint64_t n);
 // reduce == 0: element-wise kernel; else the partial-sum kernel (followed by
 // pw_sum_finish_plan(pw_num_partials(n))).
 LaunchPlan pw_forward_plan(KDtype dt, int kind, uint64_t n, int reduce,
-                           int max_group_threads = kMaxGroupThreads);
+                           int max_group_threads = kMaxGroupThreads,
+                           const PwTargetLayout* target = nullptr);
 uint64_t pw_num_partials(uint64_t n);
 LaunchPlan pw_sum_finish_plan(uint64_t num_partials, int max_group_threads = kMaxGroupThreads);
 // cotan_in_dtype: the element-wise cotangent has the predictions' dtype (else
 // float32, as is the scalar cotangent of a reduced loss).
 LaunchPlan pw_backward_plan(KDtype dt, int kind, uint64_t n, bool cotan_in_dtype = false,
-                            int max_group_threads = kMaxGroupThreads);
+                            int max_group_threads = kMaxGroupThreads,
+                            const PwTargetLayout* target = nullptr);
 PwArgs make_pw_args(uint64_t n, float param0, float param1, int reduce);
 
 // ---- fused linear cross-entropy ----------------------------------------------------

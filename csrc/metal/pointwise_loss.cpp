@@ -1,10 +1,33 @@
 // eval_gpu of the element-wise losses (metal/pointwise_loss.metal); plans from
 // launch_plan.cpp. The fused sum is deterministic: fixed-size blocks give
-// partial sums, which one threadgroup then adds in a fixed order.
+// partial sums, which one threadgroup then adds in a fixed order. A target
+// that broadcasts to the predictions is read in place (the _bcast kernels,
+// through its PwTargetLayout): no full-size copy of it.
 #include "metal/host.h"
 #include "ops/pointwise_loss.h"
 
 namespace fl {
+
+namespace {
+
+// The layout the kernels read the target through (bound for every variant;
+// the plain kernels never read it). The op passes a row-contiguous target of
+// the predictions' dtype whose shape broadcasts to theirs, in few enough
+// groups (ops/pointwise_loss.cpp, target_for_kernels).
+PwTargetLayout target_layout(const mx::array& pred, const mx::array& target) {
+  if (target.dtype() != pred.dtype()) {
+    throw std::runtime_error("mlx_fused_losses: targets must reach the kernel in the predictions' dtype");
+  }
+  PwTargetLayout layout;
+  std::vector<int64_t> pshape(pred.shape().begin(), pred.shape().end());
+  std::vector<int64_t> tshape(target.shape().begin(), target.shape().end());
+  if (!mplan::make_pw_target_layout(pshape, tshape, &layout)) {
+    throw std::runtime_error("mlx_fused_losses: targets broadcast in too many groups for the kernel");
+  }
+  return layout;
+}
+
+} // namespace
 
 void PointwiseLoss::eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   auto& out = outputs[0];
@@ -13,9 +36,7 @@ void PointwiseLoss::eval_gpu(const std::vector<mx::array>& inputs, std::vector<m
   const auto& target = inputs[1];
   gpu::require_dense(pred, "predictions");
   gpu::require_dense(target, "targets");
-  if (target.dtype() != pred.dtype() || target.size() != pred.size()) {
-    throw std::runtime_error("mlx_fused_losses: targets must reach the kernel like predictions");
-  }
+  const PwTargetLayout layout = target_layout(pred, target);
   const mplan::KDtype dt = gpu::kernel_dtype(pred.dtype());
   const uint64_t n = pred.size();
   const int kind = mplan::pw_kernel_kind(int(params_.kind), params_.param1);
@@ -27,7 +48,10 @@ void PointwiseLoss::eval_gpu(const std::vector<mx::array>& inputs, std::vector<m
 
   MTL::ComputePipelineState* kernel = nullptr;
   mplan::LaunchPlan plan = gpu::fit_plan(
-      d, [&](int max_threads) { return mplan::pw_forward_plan(dt, kind, n, reduce, max_threads); },
+      d,
+      [&](int max_threads) {
+        return mplan::pw_forward_plan(dt, kind, n, reduce, max_threads, &layout);
+      },
       &kernel);
   if (reduce == 0) {
     if (plan.empty()) {
@@ -38,6 +62,7 @@ void PointwiseLoss::eval_gpu(const std::vector<mx::array>& inputs, std::vector<m
     enc.set_input_array(target, FL_PW_FWD_TARGET);
     enc.set_output_array(out, FL_PW_FWD_OUT);
     enc.set_bytes(args, FL_PW_FWD_ARGS);
+    enc.set_bytes(layout, FL_PW_FWD_TLAYOUT);
     gpu::dispatch(enc, plan);
     return;
   }
@@ -54,6 +79,7 @@ void PointwiseLoss::eval_gpu(const std::vector<mx::array>& inputs, std::vector<m
     enc.set_input_array(target, FL_PW_FWD_TARGET);
     enc.set_output_array(partials, FL_PW_FWD_OUT);
     enc.set_bytes(args, FL_PW_FWD_ARGS);
+    enc.set_bytes(layout, FL_PW_FWD_TLAYOUT);
     gpu::dispatch(enc, plan);
   }
   MTL::ComputePipelineState* finish_kernel = nullptr;
@@ -77,6 +103,7 @@ void PointwiseLossVJP::eval_gpu(const std::vector<mx::array>& inputs,
   gpu::require_dense(pred, "predictions");
   gpu::require_dense(target, "targets");
   gpu::require_dense(cotan, "cotangent");
+  const PwTargetLayout layout = target_layout(pred, target);
   const uint64_t n = pred.size();
   const int reduce = int(params_.reduce);
   if (cotan.size() != (reduce == 0 ? n : 1)) {
@@ -96,7 +123,7 @@ void PointwiseLossVJP::eval_gpu(const std::vector<mx::array>& inputs,
   mplan::LaunchPlan plan = gpu::fit_plan(
       d,
       [&](int max_threads) {
-        return mplan::pw_backward_plan(dt, kind, n, cotan_in_dtype, max_threads);
+        return mplan::pw_backward_plan(dt, kind, n, cotan_in_dtype, max_threads, &layout);
       },
       &kernel);
   if (plan.empty()) {
@@ -110,6 +137,7 @@ void PointwiseLossVJP::eval_gpu(const std::vector<mx::array>& inputs,
   enc.set_input_array(cotan, FL_PW_BWD_COTAN);
   enc.set_output_array(grad, FL_PW_BWD_GRAD);
   enc.set_bytes(args, FL_PW_BWD_ARGS);
+  enc.set_bytes(layout, FL_PW_BWD_TLAYOUT);
   gpu::dispatch(enc, plan);
 }
 

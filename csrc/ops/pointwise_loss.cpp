@@ -1,5 +1,6 @@
 #include "ops/pointwise_loss.h"
 
+#include "metal/launch_plan.h"
 #include "mlx/utils.h"
 
 namespace fl {
@@ -56,12 +57,20 @@ mx::array align_target(const mx::array& target, int axis, int pred_rank, mx::Str
   return mx::reshape(t, shape, s);
 }
 
-// The target as the kernels of the stream read it: as it is on the CPU (read
-// in place, broadcast), at the predictions' full shape for Metal.
+// The target as the kernels of the stream read it: as it is (read in place,
+// broadcast) on the CPU, and on Metal too unless its broadcast needs more
+// groups than the kernels' layout holds (metal/launch_plan.h,
+// make_pw_target_layout: alternating broadcast axes, rank >= 9), then at the
+// predictions' full shape.
 mx::array target_for_kernels(const mx::array& target, const mx::Shape& pred_shape,
                              mx::StreamOrDevice s) {
   if (mx::to_stream(s).device.type == mx::Device::DeviceType::gpu) {
-    return mx::broadcast_to(target, pred_shape, s);
+    PwTargetLayout layout;
+    std::vector<int64_t> pshape(pred_shape.begin(), pred_shape.end());
+    std::vector<int64_t> tshape(target.shape().begin(), target.shape().end());
+    if (!mplan::make_pw_target_layout(pshape, tshape, &layout)) {
+      return mx::broadcast_to(target, pred_shape, s);
+    }
   }
   return target;
 }
@@ -100,8 +109,8 @@ mx::array make_backward(const mx::array& pred, const mx::array& target, const mx
 mx::array pointwise_loss(const mx::array& predictions, const mx::array& targets,
                          const PointwiseParams& params, mx::StreamOrDevice s) {
   // The cast touches the targets' own elements only; a target that
-  // broadcasts is then read in place by the CPU kernels (no copy of the
-  // predictions' size).
+  // broadcasts is then read in place by the CPU and Metal kernels (no copy
+  // of the predictions' size).
   auto t = mx::astype(targets, predictions.dtype(), s);
   return make_forward(predictions, target_for_kernels(t, predictions.shape(), s), params, s);
 }

@@ -34,7 +34,8 @@ mx::array pointwise_loss(
     mx::StreamOrDevice s);
 
 // Forward. Inputs: predictions, targets (same dtype, row-contiguous; the
-// targets' shape broadcasts to the predictions', read in place on the CPU).
+// targets' shape broadcasts to the predictions', read in place by the CPU and
+// Metal kernels).
 // Output: the loss of their shape in their dtype (Reduce::None, computed in
 // float32 and rounded once), or a float32 scalar (Reduce::Sum / Mean).
 class PointwiseLoss : public LossPrimitive<PointwiseParams> {

@@ -18,9 +18,11 @@
 #include <cstdint>
 #include <cstring>
 #include <map>
+#include <memory>
 #include <type_traits>
 #include <string>
 
+#include "fenced.h"
 #include "plan_runner.h"
 
 namespace {
@@ -110,23 +112,24 @@ struct PwBufs {
   float* result; // sum finish output
   const void* cotan; // float32, or the predictions' dtype (_cot16 kernels)
   void* grad;
+  const PwTargetLayout* layout; // bound for every variant, read by the _bcast ones
 };
 
 using PwFn = void (*)(const PwBufs&, const PwArgs&, const mh::ThreadCtx&);
 
-template <class T, int kKind>
+template <class T, int kKind, bool kBcast>
 void pw_fwd_call(const PwBufs& b, const PwArgs& a, const mh::ThreadCtx& t) {
-  pw_forward<T, kKind>(static_cast<const T*>(b.pred), static_cast<const T*>(b.target),
-                       static_cast<T*>(b.out), a,
+  pw_forward<T, kKind, kBcast>(static_cast<const T*>(b.pred), static_cast<const T*>(b.target),
+                       static_cast<T*>(b.out), a, *b.layout,
                        t.threadgroup_position_in_grid.x, t.thread_index_in_threadgroup,
                        t.threads_per_threadgroup.x);
 }
 
-template <class T, int kKind>
+template <class T, int kKind, bool kBcast>
 void pw_partial_call(const PwBufs& b, const PwArgs& a, const mh::ThreadCtx& t) {
-  pw_forward_partial<T, kKind>(
+  pw_forward_partial<T, kKind, kBcast>(
       static_cast<const T*>(b.pred), static_cast<const T*>(b.target), static_cast<float*>(b.out),
-      a, t.threadgroup_memory<float>(0), t.threadgroup_position_in_grid.x,
+      a, *b.layout, t.threadgroup_memory<float>(0), t.threadgroup_position_in_grid.x,
       t.thread_index_in_threadgroup, t.threads_per_threadgroup.x, t.thread_index_in_simdgroup,
       t.simdgroup_index_in_threadgroup, t.simdgroups_per_threadgroup);
 }
@@ -138,10 +141,11 @@ void pw_finish_call(const PwBufs& b, const PwArgs& a, const mh::ThreadCtx& t) {
                    t.simdgroups_per_threadgroup);
 }
 
-template <class T, class G, int kKind>
+template <class T, class G, int kKind, bool kBcast>
 void pw_bwd_call(const PwBufs& b, const PwArgs& a, const mh::ThreadCtx& t) {
-  pw_backward<T, G, kKind>(static_cast<const T*>(b.pred), static_cast<const T*>(b.target),
-                        static_cast<const G*>(b.cotan), static_cast<T*>(b.grad), a, t.threadgroup_position_in_grid.x,
+  pw_backward<T, G, kKind, kBcast>(static_cast<const T*>(b.pred), static_cast<const T*>(b.target),
+                        static_cast<const G*>(b.cotan), static_cast<T*>(b.grad), a, *b.layout,
+                        t.threadgroup_position_in_grid.x,
                         t.thread_index_in_threadgroup, t.threads_per_threadgroup.x);
 }
 
@@ -176,11 +180,16 @@ struct Registry {
   }
   template <class T, int kKind>
   void add_pw(const std::string& tail) {
-    pw["fl_pw_fwd_none_" + tail] = pw_fwd_call<T, kKind>;
-    pw["fl_pw_fwd_partial_" + tail] = pw_partial_call<T, kKind>;
-    pw["fl_pw_bwd_" + tail] = pw_bwd_call<T, float, kKind>;
+    add_pw_variant<T, kKind, false>(tail, "");
+    add_pw_variant<T, kKind, true>(tail, "_bcast");
+  }
+  template <class T, int kKind, bool kBcast>
+  void add_pw_variant(const std::string& tail, const std::string& sfx) {
+    pw["fl_pw_fwd_none_" + tail + sfx] = pw_fwd_call<T, kKind, kBcast>;
+    pw["fl_pw_fwd_partial_" + tail + sfx] = pw_partial_call<T, kKind, kBcast>;
+    pw["fl_pw_bwd_" + tail + sfx] = pw_bwd_call<T, float, kKind, kBcast>;
     if constexpr (!std::is_same_v<T, float>) {
-      pw["fl_pw_bwd_" + tail + "_cot16"] = pw_bwd_call<T, T, kKind>;
+      pw["fl_pw_bwd_" + tail + "_cot16" + sfx] = pw_bwd_call<T, T, kKind, kBcast>;
     }
   }
 
@@ -325,25 +334,84 @@ int sf_backward_run(int dt, const void* logits, const int64_t* index, const floa
   });
 }
 
+} // extern "C"
+
+namespace {
+
+uint64_t element_count(const int64_t* shape, int ndim) {
+  uint64_t n = 1;
+  for (int i = 0; i < ndim; ++i) n *= uint64_t(shape[i]);
+  return n;
+}
+
+// A target of shape tshape[0 .. tnd) read against predictions of shape
+// pshape[0 .. pnd): its layout (launch_plan.cpp's rules; an error if it does
+// not fit), and its data, copied against an inaccessible page for fence 1
+// (after its end) / 2 (before its start) so that a stray read faults.
+struct BcastTarget {
+  PwTargetLayout layout;
+  uint64_t n; // the predictions' element count
+  const void* data;
+  std::unique_ptr<mkp::Fenced> fenced;
+
+  BcastTarget(int dt, const void* target, const int64_t* pshape, int pnd, const int64_t* tshape,
+              int tnd, int fence)
+      : n(element_count(pshape, pnd)), data(target) {
+    if (!fl::mplan::make_pw_target_layout(std::vector<int64_t>(pshape, pshape + pnd),
+                                          std::vector<int64_t>(tshape, tshape + tnd), &layout)) {
+      throw mh::Error("the target broadcasts in more than FL_PW_MAX_TARGET_GROUPS groups");
+    }
+    if (fence != 0) {
+      size_t bytes = size_t(element_count(tshape, tnd)) * size_t(fl::mplan::dtype_size(to_dtype(dt)));
+      fenced = std::make_unique<mkp::Fenced>(target, bytes, fence);
+      data = fenced->data();
+    }
+  }
+};
+
+void pw_forward_impl(int dt, int kind, int reduce, const void* pred, const void* target,
+                     void* out, float* partials, uint64_t n, float p0, float p1,
+                     const PwTargetLayout* layout) {
+  KDtype d = to_dtype(dt);
+  PwArgs args = fl::mplan::make_pw_args(n, p0, p1, reduce);
+  LaunchPlan p = fl::mplan::pw_forward_plan(d, fl::mplan::pw_kernel_kind(kind, p1), n, reduce,
+                                            g_pipeline_limit, layout);
+  PwTargetLayout unread{}; // the plain kernels get a layout they never read
+  const PwTargetLayout* bound = layout ? layout : &unread;
+  PwFn fn = lookup(registry().pw, p.kernel_name);
+  if (reduce == 0) {
+    PwBufs b{pred, target, out, nullptr, nullptr, nullptr, bound};
+    run_plan(p, [&](const mh::ThreadCtx& t) { fn(b, args, t); });
+    return;
+  }
+  PwBufs b{pred, target, partials, static_cast<float*>(out), nullptr, nullptr, bound};
+  run_plan(p, [&](const mh::ThreadCtx& t) { fn(b, args, t); });
+  LaunchPlan f = fl::mplan::pw_sum_finish_plan(args.num_partials, g_pipeline_limit);
+  PwFn finish = lookup(registry().pw, f.kernel_name);
+  run_plan(f, [&](const mh::ThreadCtx& t) { finish(b, args, t); });
+}
+
+void pw_backward_impl(int dt, int kind, int reduce, const void* pred, const void* target,
+                      const void* cotan, int cotan_in_dtype, void* grad, uint64_t n, float p0,
+                      float p1, const PwTargetLayout* layout) {
+  PwArgs args = fl::mplan::make_pw_args(n, p0, p1, reduce);
+  LaunchPlan p = fl::mplan::pw_backward_plan(to_dtype(dt), fl::mplan::pw_kernel_kind(kind, p1), n,
+                                             cotan_in_dtype != 0, g_pipeline_limit, layout);
+  PwTargetLayout unread{};
+  PwBufs b{pred, target, nullptr, nullptr, cotan, grad, layout ? layout : &unread};
+  PwFn fn = lookup(registry().pw, p.kernel_name);
+  run_plan(p, [&](const mh::ThreadCtx& t) { fn(b, args, t); });
+}
+
+} // namespace
+
+extern "C" {
+
 // reduce 0: out[n] = loss. reduce 1/2: partials[max(1, P)] then out[0] = sum (/ n).
 int pw_forward_run(int dt, int kind, int reduce, const void* pred, const void* target,
                    void* out, float* partials, uint64_t n, float p0, float p1) {
   return mh::guarded([&] {
-    KDtype d = to_dtype(dt);
-    PwArgs args = fl::mplan::make_pw_args(n, p0, p1, reduce);
-    LaunchPlan p = fl::mplan::pw_forward_plan(d, fl::mplan::pw_kernel_kind(kind, p1), n, reduce,
-                                              g_pipeline_limit);
-    PwFn fn = lookup(registry().pw, p.kernel_name);
-    if (reduce == 0) {
-      PwBufs b{pred, target, out, nullptr, nullptr, nullptr};
-      run_plan(p, [&](const mh::ThreadCtx& t) { fn(b, args, t); });
-      return;
-    }
-    PwBufs b{pred, target, partials, static_cast<float*>(out), nullptr, nullptr};
-    run_plan(p, [&](const mh::ThreadCtx& t) { fn(b, args, t); });
-    LaunchPlan f = fl::mplan::pw_sum_finish_plan(args.num_partials, g_pipeline_limit);
-    PwFn finish = lookup(registry().pw, f.kernel_name);
-    run_plan(f, [&](const mh::ThreadCtx& t) { finish(b, args, t); });
+    pw_forward_impl(dt, kind, reduce, pred, target, out, partials, n, p0, p1, nullptr);
   });
 }
 
@@ -352,12 +420,59 @@ int pw_backward_run(int dt, int kind, int reduce, const void* pred, const void* 
                     const void* cotan, int cotan_in_dtype, void* grad, uint64_t n, float p0,
                     float p1) {
   return mh::guarded([&] {
-    PwArgs args = fl::mplan::make_pw_args(n, p0, p1, reduce);
-    LaunchPlan p = fl::mplan::pw_backward_plan(
-        to_dtype(dt), fl::mplan::pw_kernel_kind(kind, p1), n, cotan_in_dtype != 0, g_pipeline_limit);
-    PwBufs b{pred, target, nullptr, nullptr, cotan, grad};
-    PwFn fn = lookup(registry().pw, p.kernel_name);
-    run_plan(p, [&](const mh::ThreadCtx& t) { fn(b, args, t); });
+    pw_backward_impl(dt, kind, reduce, pred, target, cotan, cotan_in_dtype, grad, n, p0, p1,
+                     nullptr);
+  });
+}
+
+// The same with a target of its own (row-contiguous) shape that broadcasts to
+// the predictions' shape, read through its layout, as eval_gpu binds it
+// (fence: see BcastTarget).
+int pw_forward_bcast_run(int dt, int kind, int reduce, const void* pred, const void* target,
+                         void* out, float* partials, float p0, float p1, const int64_t* pshape,
+                         int pnd, const int64_t* tshape, int tnd, int fence) {
+  return mh::guarded([&] {
+    BcastTarget t(dt, target, pshape, pnd, tshape, tnd, fence);
+    pw_forward_impl(dt, kind, reduce, pred, t.data, out, partials, t.n, p0, p1, &t.layout);
+  });
+}
+
+int pw_backward_bcast_run(int dt, int kind, int reduce, const void* pred, const void* target,
+                          const void* cotan, int cotan_in_dtype, void* grad, float p0, float p1,
+                          const int64_t* pshape, int pnd, const int64_t* tshape, int tnd,
+                          int fence) {
+  return mh::guarded([&] {
+    BcastTarget t(dt, target, pshape, pnd, tshape, tnd, fence);
+    pw_backward_impl(dt, kind, reduce, pred, t.data, cotan, cotan_in_dtype, grad, t.n, p0, p1,
+                     &t.layout);
+  });
+}
+
+// The layout's rules for Python: out = [fits, identity, ndim, size[0..8), stride[0..8)]
+// and the forward (which 4, b = reduce) or backward (which 5, b = cot16) plan's
+// kernel name into name_out (cap 128).
+int pw_layout_info(const int64_t* pshape, int pnd, const int64_t* tshape, int tnd, int which,
+                   int dt, int kind, int b, int64_t* out, uint8_t* name_out) {
+  return mh::guarded([&] {
+    PwTargetLayout layout;
+    bool fits = fl::mplan::make_pw_target_layout(std::vector<int64_t>(pshape, pshape + pnd),
+                                                 std::vector<int64_t>(tshape, tshape + tnd), &layout);
+    uint64_t n = element_count(pshape, pnd);
+    out[0] = fits;
+    out[1] = fits && fl::mplan::pw_target_is_identity(layout, n);
+    out[2] = layout.ndim;
+    for (int g = 0; g < FL_PW_MAX_TARGET_GROUPS; ++g) {
+      out[3 + g] = layout.size[g];
+      out[3 + FL_PW_MAX_TARGET_GROUPS + g] = layout.stride[g];
+    }
+    std::string name;
+    if (fits) {
+      LaunchPlan p = which == 4
+          ? fl::mplan::pw_forward_plan(to_dtype(dt), kind, n, b, g_pipeline_limit, &layout)
+          : fl::mplan::pw_backward_plan(to_dtype(dt), kind, n, b != 0, g_pipeline_limit, &layout);
+      name = p.kernel_name;
+    }
+    std::memcpy(name_out, name.c_str(), name.size() + 1);
   });
 }
 
@@ -369,7 +484,7 @@ int pw_sum_finish_run(const float* partials, float* out, uint64_t num_partials, 
     PwArgs args = fl::mplan::make_pw_args(n, 0.0f, 0.0f, reduce);
     args.num_partials = num_partials;
     LaunchPlan f = fl::mplan::pw_sum_finish_plan(num_partials, g_pipeline_limit);
-    PwBufs b{nullptr, nullptr, const_cast<float*>(partials), out, nullptr, nullptr};
+    PwBufs b{nullptr, nullptr, const_cast<float*>(partials), out, nullptr, nullptr, nullptr};
     PwFn finish = lookup(registry().pw, f.kernel_name);
     run_plan(f, [&](const mh::ThreadCtx& t) { finish(b, args, t); });
   });
