@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import fnmatch
 import os
+import shlex
 import sys
 import threading
 import time
@@ -56,7 +57,7 @@ def parse_args(argv):
                "  python -m bench --json out/results.json --plot out/results.png")
     sweep = parser.add_mutually_exclusive_group()
     sweep.add_argument("--quick", action="store_const", dest="sweep", const="quick",
-                       help="small sizes, finishes in under a minute on 2 CPU cores")
+                       help="small sizes, about 1.5 min on 2 CPU cores")
     sweep.add_argument("--smoke", action="store_const", dest="sweep", const="smoke",
                        help="tiny sizes for tests (seconds)")
     parser.set_defaults(sweep="full")
@@ -192,7 +193,7 @@ def main(argv=None) -> int:
     if sections.get("page_faults"):
         print("\nFresh outputs: the cost of writing a new array, by page size:")
         print(format_page_faults(sections["page_faults"]))
-    run = {"command": " ".join(["python -m bench", *argv]),
+    run = {"command": "python -m bench " + shlex.join(argv),
            "started_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(started)),
            "wall_s": time.time() - started, "load_average_1min": load.stop()}
     sections["targets"] = evaluate({"results": records, **sections})

@@ -105,7 +105,8 @@ def render(data, plot_path="docs/bench_cpu.png") -> str:
     parts = [
         BEGIN,
         f"One run of `{run['command']}`, started {run['started_utc']} UTC, {run['wall_s'] / 60:.0f} min; "
-        f"mlx {env['mlx_version']}, torch {env['torch_version'] or 'not installed'}, {env['platform']}. "
+        f"mlx {env['mlx_version']}, torch {env['torch_version'] or 'not installed'}, {env['platform']}, "
+        f"{env.get('cpu_model', env['processor'])}. "
         f"Load average (1 min) during the run: median {load['median']:.1f} (min {load['min']:.1f}, max "
         f"{load['max']:.1f}, {load['samples']} samples) on {load['cpus']} CPUs. Times are medians; ratios are "
         "of medians taken in this run.",

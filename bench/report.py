@@ -115,9 +115,21 @@ def format_extras_table(records) -> str:
     return "\n".join(lines)
 
 
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:  # not Linux
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment():
     return {
         "device": str(mx.default_device()),
+        "cpu_model": _cpu_model(),
         "mlx_version": mx.__version__,
         "torch_version": torch_column.version(),
         "platform": platform.platform(),

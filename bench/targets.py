@@ -26,17 +26,22 @@ DTYPE_LABELS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 # Why a target is missed, where the team measured the cause (printed only for
 # a missed target, beside its number).
 COMPUTE_BOUND_FORWARD = (
-    "compute-bound on 2 cores: an exp per element (built with -ffp-contract=off, for results "
-    "bit-identical across positions and thread counts) costs more than reading the element")
+    "an exp per element on 2 cores: its arithmetic and the memory reads do not fully overlap, "
+    "so the pass runs slower than the read alone")
 WHY_MISSED = {
     "forward": COMPUTE_BOUND_FORWARD,
-    "sigmoid_focal": "compute-bound: an exp, a log1p and a division per element, forward and again "
-                     "in the backward (which recomputes them rather than store them)",
+    "sigmoid_focal": "compute-bound: an exp, a log1p and divisions per element (the backward "
+                     "recomputes them rather than store them: 2 exp/log1p and 4 divisions over fwd+bwd)",
     "softmax_focal": "compute-bound: an exp per element in each pass, plus the focal terms",
-    "16-bit": "compute-bound: a 16-bit pass moves half the bytes of an fp32 one (its roofline halves) "
-              "but does the same exp per element, plus the conversions",
+    "16-bit": "its roofline halves with the bytes but the work per element does not: in perf (bf16), "
+              "25-35% of the time is the OS zero-filling the fresh gradient's huge pages (which the "
+              "roofline also pays), ~30% widening 16-bit chunks to float32, ~16% the exp loops",
     "small_shapes": "at 32 x 10 both sides are a handful of graph nodes at ~1 us each; the slowest "
                     "row differs by less than the spread of repeated runs on this shared machine",
+    "small_shapes_fast": "parity rather than a win, compiled forward: under mx.compile the layouts are "
+                         "unknown while tracing, so our kernel's inputs keep their Contiguous nodes, and our "
+                         "primitive writes 4 outputs (the loss and the backward's row statistics) against "
+                         "MLX's lighter chain of views; repeated runs put this row on both sides of 1",
 }
 
 
@@ -70,13 +75,26 @@ def _in_graph_peak(data):
     return max((r["ours"]["peak_over_logits"] for r in rows), default=None)
 
 
+def _is_fast_reference(name: str) -> bool:
+    return name.startswith("mx.fast")
+
+
 def _small_shapes_slowest(data):
-    """The lowest speedup of ours over any reference at small shapes."""
+    """The lowest speedup of ours over MLX's own losses at small shapes:
+    mlx.nn.losses, or the composed MLX formula where it has no such loss
+    (mx.fast.cross_entropy is judged on its own, below)."""
     ratios = []
     for r in data.get("small_shapes") or []:
-        ratios.append(r["speedup_vs_mlx"])
-        ratios.extend(o["speedup"] for o in r.get("others", {}).values())
+        if not _is_fast_reference(r.get("reference", "")):
+            ratios.append(r["speedup_vs_mlx"])
+        ratios.extend(o["speedup"] for k, o in r.get("others", {}).items() if not _is_fast_reference(k))
     return min(ratios, default=None)
+
+
+def _small_shapes_fast_slowest(data):
+    """The lowest speedup of hard-target cross-entropy over mx.fast.cross_entropy."""
+    rows = [r for r in data.get("small_shapes") or [] if _is_fast_reference(r.get("reference", ""))]
+    return min((r["speedup_vs_mlx"] for r in rows), default=None)
 
 
 def _targets() -> List[Target]:
@@ -111,9 +129,13 @@ def _targets() -> List[Target]:
         "roofline", 1.5, True, "x fresh roofline",
         _field("softmax_focal", "float32", ROW_SIZE, "fwd+bwd", "ratio_to_roofline"), WHY_MISSED["softmax_focal"]))
     targets.append(Target(
-        "small_shapes", "never slower than mlx.nn.losses (and mx.fast.cross_entropy) at small shapes, "
-        "eager and compiled, fwd and fwd+bwd: the slowest row's speedup >= 1", 1.0, False, "x (slowest row)",
-        _small_shapes_slowest, WHY_MISSED["small_shapes"]))
+        "small_shapes", "never slower than mlx.nn.losses (composed MLX ops for the focal losses) at small "
+        "shapes, eager and compiled, fwd and fwd+bwd: the slowest row's speedup >= 1", 1.0, False,
+        "x (slowest row)", _small_shapes_slowest, WHY_MISSED["small_shapes"]))
+    targets.append(Target(
+        "small_shapes_fast", "hard-target CE never slower than mx.fast.cross_entropy(x, t).mean() at small "
+        "shapes, eager and compiled, fwd and fwd+bwd", 1.0, False, "x (slowest row)",
+        _small_shapes_fast_slowest, WHY_MISSED["small_shapes_fast"]))
     return targets
 
 

@@ -86,9 +86,9 @@ constexpr size_t kViewSlackBytes = 16384;
 // would pass it on. Known without evaluating anything for an evaluated array,
 // for the two primitives that keep their input's layout (Copy, which mx.vjp
 // puts on every primal, shares its input's buffer; AsType of a contiguous
-// input copies it with the same strides into a buffer of its own), and for a
-// Full of one value (the zero cotangent of an output nobody differentiates),
-// which is written into a new dense buffer.
+// input copies it with the same strides), and for a Full of one value (the
+// zero cotangent of an output nobody differentiates), which is written into
+// a new dense buffer.
 bool known_dense(const mx::array& a) {
   if (a.is_available()) {
     return a.flags().row_contiguous && a.buffer_size() <= a.nbytes() + kViewSlackBytes;
@@ -106,6 +106,8 @@ bool known_dense(const mx::array& a) {
         : in;
     return value.is_available() && value.data_size() == 1;
   }
+  // (Not AsType of any one-dimensional input: a broadcast counts as
+  // contiguous in MLX and keeps its zero strides through the cast.)
   return (std::strcmp(name, "Copy") == 0 || std::strcmp(name, "AsType") == 0) && known_dense(in);
 }
 
