@@ -12,6 +12,7 @@
 #include "cpu/output_buffer.h"
 #include "cpu/vectorize.h"
 #include "math/focal.h"
+#include "ops/broadcast_groups.h"
 #include "math/smooth_l1.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "ops/pointwise_loss.h"
@@ -22,34 +23,16 @@ namespace {
 
 using cpu::kChunk;
 
-// A target that broadcasts to the predictions' shape, read in place: the
-// predictions' axes collapsed into groups (innermost first) along which the
-// target either advances with them (stride: target elements per step) or
-// stays put (stride 0).
+// A target that broadcasts to the predictions' shape, read in place through
+// its broadcast groups (ops/broadcast_groups.h, the rule the Metal kernels use).
 struct TargetLayout {
   std::vector<int64_t> size;
   std::vector<int64_t> stride;
 
   TargetLayout(const mx::Shape& pred, const mx::Shape& target) {
-    size_t lead = pred.size() - target.size();
-    int64_t step = 1; // target elements per step along the current axis
-    for (size_t d = pred.size(); d-- > 0;) {
-      int64_t n = pred[d];
-      int64_t tn = d >= lead ? target[d - lead] : 1;
-      if (n == 1) {
-        continue;
-      }
-      int64_t st = tn == 1 ? 0 : step;
-      // Neighbouring axes of one kind are one group: broadcast ones
-      // trivially, advancing ones because the target is row-contiguous.
-      if (!size.empty() && (stride.back() == 0) == (st == 0)) {
-        size.back() *= n;
-      } else {
-        size.push_back(n);
-        stride.push_back(st);
-      }
-      step *= tn;
-    }
+    BroadcastGroups g = collapse_broadcast_groups(pred, target);
+    size = std::move(g.size);
+    stride = std::move(g.stride);
     if (size.empty()) {
       size.push_back(1);
       stride.push_back(0);

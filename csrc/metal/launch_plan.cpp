@@ -6,6 +6,7 @@
 #include <stdexcept>
 
 #include "math/cross_entropy.h"
+#include "ops/broadcast_groups.h"
 
 namespace fl::mplan {
 
@@ -235,34 +236,10 @@ uint64_t pw_num_partials(uint64_t n) {
 
 bool make_pw_target_layout(const std::vector<int64_t>& pred_shape,
                            const std::vector<int64_t>& target_shape, PwTargetLayout* layout) {
-  if (target_shape.size() > pred_shape.size()) {
-    throw std::invalid_argument("launch plan: the target has more axes than the predictions");
-  }
   *layout = PwTargetLayout{};
-  const size_t lead = pred_shape.size() - target_shape.size();
-  std::vector<int64_t> size;
-  std::vector<int64_t> stride;
-  int64_t step = 1; // target elements per step along the current axis
-  for (size_t d = pred_shape.size(); d-- > 0;) {
-    const int64_t pn = pred_shape[d];
-    const int64_t tn = d >= lead ? target_shape[d - lead] : 1;
-    if (tn != 1 && tn != pn) {
-      throw std::invalid_argument("launch plan: the target does not broadcast to the predictions");
-    }
-    if (pn == 1) {
-      continue;
-    }
-    const int64_t st = tn == 1 ? 0 : step;
-    // Neighbouring axes of one kind form one group: broadcast ones trivially,
-    // advancing ones because the target is row-contiguous.
-    if (!size.empty() && (stride.back() == 0) == (st == 0)) {
-      size.back() *= pn;
-    } else {
-      size.push_back(pn);
-      stride.push_back(st);
-    }
-    step *= tn;
-  }
+  BroadcastGroups groups = collapse_broadcast_groups(pred_shape, target_shape);
+  std::vector<int64_t>& size = groups.size;
+  std::vector<int64_t>& stride = groups.stride;
   while (!stride.empty() && stride.back() == 0) {
     size.pop_back();
     stride.pop_back();
