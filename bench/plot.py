@@ -8,7 +8,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from bench.runner import PASSES  # noqa: E402
 
 # "roofline": warm read-only forward, fresh-gradient forward+backward.
-IMPL_STYLES = {"ours": ("-", "o"), "mlx": ("--", "s"), "torch": ("-.", "^"), "roofline": (":", "")}
+# The roofline has a marker too: a run of one size per loss (the README's) draws
+# single points, and a line style alone would leave it invisible.
+IMPL_STYLES = {"ours": ("-", "o"), "mlx": ("--", "s"), "torch": ("-.", "^"), "roofline": (":", "x")}
 DTYPE_COLORS = {"float32": "tab:blue", "bfloat16": "tab:orange", "float16": "tab:green"}
 
 
@@ -57,6 +59,25 @@ def plot_results(records, path, title):
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))  # room for the title
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def main(argv=None) -> int:
+    """python -m bench.plot RESULTS.json OUT.png: the plot again from a run's JSON."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m bench.plot", description=main.__doc__)
+    parser.add_argument("json")
+    parser.add_argument("png")
+    args = parser.parse_args(argv)
+    data = json.load(open(args.json))
+    plot_results(data["results"], args.png,
+                 f"mlx_fused_losses on {data['environment']['device']} ({data['settings']['sweep']} sweep)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

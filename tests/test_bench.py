@@ -210,3 +210,15 @@ def test_readme_performance_block_is_rendered_from_docs_json():
     if not json_path.exists() or not readme.exists():
         pytest.skip("docs/bench_cpu.json or README.md is not in this tree (a wheel's test sources)")
     assert readme_block(readme.read_text()) == render(json.loads(json_path.read_text()))
+
+
+def test_plot_again_from_the_json(smoke_run, tmp_path):
+    """python -m bench.plot redraws a run's plot from its JSON (the README's
+    plot comes from the same run as its tables)."""
+    _, data, _ = smoke_run
+    json_path, png_path = tmp_path / "r.json", tmp_path / "again.png"
+    json_path.write_text(json.dumps(data))
+    done = subprocess.run([sys.executable, "-m", "bench.plot", str(json_path), str(png_path)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
