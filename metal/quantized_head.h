@@ -41,8 +41,11 @@ namespace flk {
 template <typename S, int kBits>
 struct QuantizedHead {
   static_assert(kBits == 2 || kBits == 4 || kBits == 8, "affine bits must be 2, 4 or 8");
-  static constexpr int kPerWord = 32 / kBits; // values in one uint32
-  static constexpr uint kMask = (1u << kBits) - 1u;
+  // Static data members have static storage: MSL puts those in the constant
+  // address space only (MSL specification 4.2, "program scope variables must be
+  // declared in the constant address space"), as MLX writes them.
+  static constexpr constant int kPerWord = 32 / kBits; // values in one uint32
+  static constexpr constant uint kMask = (1u << kBits) - 1u;
   typedef uint weight_t; // the packed words
   typedef S scale_t; // scales and biases
 

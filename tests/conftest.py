@@ -55,6 +55,20 @@ def pytest_configure(config):
 # The one skip reason for every test that needs the harness compiler.
 CLANG_MISSING = "clang++-19 not found (apt-get install clang-19, or set MH_CLANGXX)"
 
+# The static MSL check's AST rules read clang's AST through libclang's Python
+# bindings (the `clang` package of the test extra; Debian's libclang1-19 comes with
+# clang-19). Without them the static check cannot run: its tests skip, saying so.
+def _libclang_missing() -> str | None:
+    import importlib.util
+
+    if importlib.util.find_spec("clang") is None:
+        return "libclang bindings missing: pip install clang==19.1.7 (the test extra)"
+    return None
+
+
+needs_libclang = pytest.mark.skipif(_libclang_missing() is not None,
+                                    reason=str(_libclang_missing()))
+
 # Tests run on the CPU build of MLX.
 mx.set_default_device(mx.cpu)
 

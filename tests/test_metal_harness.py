@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import metal_host as mh
-from conftest import CLANG_MISSING
+from conftest import CLANG_MISSING, needs_libclang
 from metal_host import static_check
 
 pytestmark = pytest.mark.skipif(
@@ -621,12 +621,14 @@ def test_fragments_written_with_a_wrong_layout_come_out_misplaced(lib):
 # ---- static address-space check ---------------------------------------------------
 
 
+@needs_libclang
 @pytest.mark.parametrize("path", DYNAMIC_SOURCES, ids=lambda p: p.name)
 def test_static_check_accepts_valid_msl(path):
     result = static_check.check(path)
     assert result.ok, result.diagnostics
 
 
+@needs_libclang
 @pytest.mark.parametrize(
     "name, diagnostic",
     [
@@ -651,6 +653,56 @@ def test_static_check_rejects_what_msl_rejects(name, diagnostic):
     assert f"selftest/{name}:" in result.diagnostics
 
 
+def _marked_rules(name: str) -> list[tuple[int, str]]:
+    """(line, message) of each `// REJECT: message` line of a self-test file."""
+    lines = (SELFTEST / name).read_text().splitlines()
+    return [(i, text.split("// REJECT: ", 1)[1].strip())
+            for i, text in enumerate(lines, 1) if "// REJECT: " in text]
+
+
+@needs_libclang
+def test_static_check_rejects_each_msl_rule_a_cpp_compiler_accepts():
+    """Every MSL rule of msl_rules.py (and the compiler flags standing in for the
+    rest) on its own line of static_reject_msl_rules.metal: each line is reported,
+    with its message, and nothing else is (the twins in ok_msl_rules.metal pass)."""
+    name = "static_reject_msl_rules.metal"
+    marked = _marked_rules(name)
+    assert len(marked) >= 20
+    result = static_check.check(SELFTEST / name)
+    assert not result.ok
+    prefix = f"tests/metal_host/selftest/{name}:"
+    reported = [line for line in result.diagnostics.splitlines()
+                if line.startswith(prefix) and ": error: " in line]
+    for line, message in marked:
+        at_line = [r for r in reported if r.startswith(f"{prefix}{line}:")]
+        assert any(message in r for r in at_line), (line, message, at_line or result.diagnostics)
+    marked_lines = {line for line, _ in marked}
+    stray = [r for r in reported if int(r[len(prefix):].split(":")[0]) not in marked_lines]
+    assert not stray, stray
+
+
+@needs_libclang
+def test_quantized_head_constants_live_in_constant_space(tmp_path):
+    """The defect of issue 16: metal/quantized_head.h's static data members without
+    `constant` (only reachable through an instantiation the IR never had). A copy of
+    metal/ with the old declarations must fail the check; the real one passes
+    (test_static_check_project_kernels)."""
+    import shutil
+
+    copy = tmp_path / "metal"
+    shutil.copytree(REPO / "metal", copy)
+    header = copy / "quantized_head.h"
+    text = header.read_text()
+    assert "static constexpr constant int kPerWord" in text
+    header.write_text(text.replace("static constexpr constant", "static constexpr"))
+    (tmp_path / "csrc").symlink_to(REPO / "csrc")
+    result = static_check.check(copy / "linear_cross_entropy.metal", include_dirs=(tmp_path,))
+    assert not result.ok
+    assert "static data member 'kPerWord' not in the constant address space" in result.diagnostics
+    assert "static data member 'kMask' not in the constant address space" in result.diagnostics
+
+
+@needs_libclang
 @pytest.mark.parametrize(
     "path",
     PROJECT_KERNELS or [pytest.param(None, marks=pytest.mark.skip(reason="no metal/*.metal yet"))],
@@ -665,12 +717,14 @@ def test_static_check_project_kernels(path):
 
 
 def test_metallib_options_are_explicit():
-    """IEEE math and Metal 3.1 are passed to mlx_build_metallib, not left to defaults."""
+    """IEEE math, no FMA contraction (rounding like the CPU build's -ffp-contract=off)
+    and Metal 3.1 are passed to mlx_build_metallib, not left to defaults."""
     cmake = (REPO / "CMakeLists.txt").read_text()
     call = cmake[cmake.index("mlx_build_metallib(") :]
     call = call[: call.index(")\n")]
     options = call[call.index("COMPILE_OPTIONS") :].split("\n")[0].split()[1:]
     assert "-fno-fast-math" in options and "-std=metal3.1" in options, options
+    assert "-ffp-contract=off" in options, options
     for path in PROJECT_KERNELS:  # bfloat16 kernels no longer depend on the version
         assert "__METAL_VERSION__ >= 310" not in path.read_text(), path
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import metal_host as mh
-from conftest import CLANG_MISSING
+from conftest import CLANG_MISSING, needs_libclang
 import reference as ref
 
 pytestmark = [
@@ -167,6 +167,7 @@ def host_names() -> set[str]:
 # ---- static checks and plans ------------------------------------------------------------
 
 
+@needs_libclang
 @pytest.mark.parametrize("path", METAL)
 def test_static_address_spaces(path):
     from metal_host import static_check

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 import metal_host as mh
-from conftest import CLANG_MISSING
+from conftest import CLANG_MISSING, needs_libclang
 
 pytestmark = pytest.mark.skipif(mh.find_clang() is None, reason=CLANG_MISSING)
 
@@ -145,6 +145,7 @@ def check_tiles(staged, quantized, V, H, group_size, bits, sdt, tdt):
     assert np.all(np.abs(inside - mlx_dq) <= bound)
 
 
+@needs_libclang
 def test_static_address_spaces():
     from metal_host import static_check
 

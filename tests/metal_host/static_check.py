@@ -1,13 +1,16 @@
 """Static check of .metal sources: what `xcrun metal` would reject, without it.
 
-No MSL compiler runs on Linux, so clang's C++ mode stands in for it, in three steps
-(the sources go through the same rewrites as the dynamic build, rewrite.py):
+No MSL compiler runs on Linux, so clang's C++ mode stands in for it, in four steps
+(the sources go through the same rewrites as the dynamic build, rewrite.py, and
+`[[kernel]]` becomes a mark the AST rules find):
 
 1. Address spaces and semantics: static_include/metal_stdlib maps
    device/constant/threadgroup to distinct clang address spaces, so passing a
    pointer into one space where another is expected, or writing through a
    constant pointer, is a compile error as in Metal; -fno-exceptions rejects
-   `throw` and `try`.
+   `throw` and `try`, -fno-rtti `typeid` and `dynamic_cast` of polymorphic types,
+   -Werror=vla variable-length arrays (MSL has none; C++ clang allows them as an
+   extension).
 2. Tokens of the kernel's own code (the .metal file and the project headers it
    includes, after preprocessing; never the shim or system headers): `double`
    (Metal has no 64-bit float), `virtual`, `std::` (MSL has no C++ standard
@@ -16,6 +19,13 @@ No MSL compiler runs on Linux, so clang's C++ mode stands in for it, in three st
    graph of the defined functions) and mutable globals (a variable at namespace
    or function scope with static storage that is neither `constant` nor a
    function-scope `threadgroup` array).
+4. clang's AST of the kernel's own code (msl_rules.py, through libclang): every
+   declaration, used or not, against the rules of the MSL specification that C++
+   lacks: static storage outside `constant` (static data members too), where
+   threadgroup variables live, thread_local, lambdas, goto, new/delete, RTTI,
+   virtual functions, function pointers, double types (also deduced ones), C/C++
+   library calls, and kernel signatures (void return, address spaces of pointer
+   parameters, no overloads). Each rule cites its section there.
 
     python tests/metal_host/static_check.py metal/*.metal
 """
@@ -38,6 +48,7 @@ if __package__ in (None, ""):  # run as a script: make the package importable
 
 from .build import (
     BUILD_DIR, INCLUDE, REPO, STATIC_INCLUDE, BuildError, _clang, _display_name, _in_repo)
+from .msl_rules import KERNEL_MARK, ast_violations
 from .rewrite import translation_unit_source
 
 FLAGS = (
@@ -47,6 +58,10 @@ FLAGS = (
     "-Wno-unknown-attributes",
     # MSL has no exceptions: `throw` / `try` become errors.
     "-fno-exceptions",
+    # MSL 1.5.4: no type identification or dynamic_cast (msl_rules.py reports them
+    # too, with the section); no variable-length arrays (C99 arrays are not C++ nor MSL).
+    "-fno-rtti",
+    "-Werror=vla",
     # A kernel could compile and still be wrong for Metal; these are the usual ones.
     "-Werror=double-promotion",
     "-Werror=return-type",
@@ -193,23 +208,34 @@ def ir_violations(ir: str, display: str) -> list[str]:
     return errors
 
 
+# `[[kernel]]` (the attribute spelling of MSL's `kernel`) as a mark clang keeps in the
+# AST; the `kernel` keyword gets the same mark from static_include/metal_stdlib.
+# Instantiation lines lost their attributes in rewrite.py already.
+_KERNEL_ATTRIBUTE = re.compile(r"\[\[\s*kernel\s*\]\]")
+
+
 def check(path: str | os.PathLike, include_dirs: Iterable[str | os.PathLike] = (REPO,)) -> Result:
     """Checks one .metal file (a relative path is taken from the repository root)."""
     clang = _clang()
     path = _in_repo(path)
     BUILD_DIR.mkdir(exist_ok=True)
+    source = translation_unit_source(_display_name(path), path.read_text())
+    source = _KERNEL_ATTRIBUTE.sub(f'[[clang::annotate("{KERNEL_MARK}")]]', source)
     with tempfile.NamedTemporaryFile("w", dir=BUILD_DIR, suffix=".cpp", delete=False) as f:
-        f.write(translation_unit_source(_display_name(path), path.read_text()))
+        f.write(source)
     try:
-        cmd = [clang, *FLAGS, f"-I{STATIC_INCLUDE}", f"-iquote{path.parent}"]
-        cmd += [f"-I{_in_repo(d)}" for d in include_dirs]
+        args = [*FLAGS, f"-I{STATIC_INCLUDE}", f"-iquote{path.parent}"]
+        args += [f"-I{_in_repo(d)}" for d in include_dirs]
         # Step 1 (and the IR for step 3): -O0 keeps every call and global.
-        proc = subprocess.run([*cmd, "-O0", "-S", "-emit-llvm", "-o", "-", f.name],
+        proc = subprocess.run([clang, *args, "-O0", "-S", "-emit-llvm", "-o", "-", f.name],
                               capture_output=True, text=True)
+        # Step 4 runs whether or not clang accepted the file: an AST rule broken beside
+        # a compile error is reported too.
+        errors = ast_violations(f.name, args, _display_name(path))
         if proc.returncode != 0:
-            return Result(path, False, proc.stderr)
-        errors = ir_violations(proc.stdout, _display_name(path))
-        pre = subprocess.run([*cmd, "-E", f.name], capture_output=True, text=True)
+            return Result(path, False, "\n".join([proc.stderr, *errors]))
+        errors = ir_violations(proc.stdout, _display_name(path)) + errors
+        pre = subprocess.run([clang, *args, "-E", f.name], capture_output=True, text=True)
         if pre.returncode != 0:
             return Result(path, False, pre.stderr)
         errors = forbidden_tokens(pre.stdout) + errors
