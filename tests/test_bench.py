@@ -1,6 +1,11 @@
-"""Smoke test for the benchmark suite: tiny sizes, checks the JSON and PNG."""
+"""Smoke test for the benchmark suite: tiny sizes, checks the JSON and PNG.
+
+The benchmark is part of the installed package (``python -m
+mlx_fused_losses.bench``): every run here starts in a temporary directory
+outside the source tree, so it uses what pip installed, not the checkout."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +15,7 @@ import pytest
 import mlx_fused_losses  # noqa: F401  (a missing package is a failure, not a skip)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+BENCH = "mlx_fused_losses.bench"
 TIMING_KEYS = {"median_ms", "min_ms", "max_ms", "q1_ms", "q3_ms", "repeats", "peak_mb", "gbps"}
 
 
@@ -18,13 +24,13 @@ def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     json_path, png_path = out / "results.json", out / "results.png"
     completed = subprocess.run(
-        [sys.executable, "-m", "bench", "--smoke", "--losses",
+        [sys.executable, "-m", BENCH, "--smoke", "--losses",
          "cross_entropy,cross_entropy_hard,smooth_l1,huber,sigmoid_focal,softmax_focal",
          "--dtypes", "float32,bfloat16", "--json", str(json_path), "--plot", str(png_path)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+        cwd=out, capture_output=True, text=True, timeout=120,
     )
     assert completed.returncode == 0, completed.stderr
-    return completed.stdout, json.loads(json_path.read_text()), png_path
+    return completed.stdout + completed.stderr, json.loads(json_path.read_text()), png_path
 
 
 def test_outputs_exist(smoke_run):
@@ -63,13 +69,13 @@ def test_forward_values_match_reference(smoke_run):
     assert not mismatched
 
 
-def _bench(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=REPO_ROOT,
+def _bench(*args, module=BENCH, timeout=120, cwd):
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_help_explains_the_options_and_their_defaults():
-    done = _bench("--help")
+def test_help_explains_the_options_and_their_defaults(tmp_path):
+    done = _bench("--help", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     text = " ".join(done.stdout.split())
     assert "mlx.nn.losses" in text  # what the benchmark compares
@@ -84,7 +90,7 @@ def test_help_explains_the_options_and_their_defaults():
 
 def test_float16_sweep_runs(tmp_path):
     done = _bench("--smoke", "--losses", "smooth_l1", "--dtypes", "float16",
-                  "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png"))
+                  "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png"), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     results = json.loads((tmp_path / "r.json").read_text())["results"]
     assert {r["dtype"] for r in results} == {"float16"}
@@ -96,7 +102,7 @@ def test_unwritable_output_fails_before_the_sweep(tmp_path, flag):
     missing_dir = tmp_path / "no" / "such" / "dir"
     other = "--plot" if flag == "--json" else "--json"
     done = _bench(flag, str(missing_dir / "out"), other, str(tmp_path / "ok"),
-                  "--losses", "cross_entropy", timeout=60)
+                  "--losses", "cross_entropy", timeout=60, cwd=tmp_path)
     assert done.returncode == 2
     assert flag in done.stderr and "cannot be written" in done.stderr
     assert "case/s" not in done.stderr  # no progress bar: the sweep never started
@@ -112,11 +118,8 @@ def test_linear_cross_entropy_rows(tmp_path):
     if not hasattr(fl, "linear_cross_entropy"):
         pytest.skip("linear_cross_entropy is not built into this package yet")
     json_path = tmp_path / "linear.json"
-    completed = subprocess.run(
-        [sys.executable, "-m", "bench", "--smoke", "--losses", "linear_cross_entropy",
-         "--json", str(json_path), "--plot", str(tmp_path / "linear.png")],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
-    )
+    completed = _bench("--smoke", "--losses", "linear_cross_entropy",
+                       "--json", str(json_path), "--plot", str(tmp_path / "linear.png"), cwd=tmp_path)
     assert completed.returncode == 0, completed.stderr
     assert "fl CE on logits" in completed.stdout
     results = json.loads(json_path.read_text())["results"]
@@ -151,7 +154,7 @@ def test_cases_filter_runs_only_the_matching_cases(tmp_path):
     json_path = tmp_path / "r.json"
     done = _bench("--smoke", "--losses", "cross_entropy,smooth_l1", "--dtypes", "float32,bfloat16",
                   "--cases", "*:float32:*,cross_entropy:bfloat16:64x512",
-                  "--json", str(json_path), "--plot", str(tmp_path / "r.png"))
+                  "--json", str(json_path), "--plot", str(tmp_path / "r.png"), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     data = json.loads(json_path.read_text())
     assert {(r["loss"], r["dtype"], r["size"]) for r in data["results"]} == {
@@ -159,10 +162,10 @@ def test_cases_filter_runs_only_the_matching_cases(tmp_path):
         ("cross_entropy", "bfloat16", "64x512"),
         ("smooth_l1", "float32", "4096"), ("smooth_l1", "float32", "16384")}
     # The run records how it was made and how loaded the machine was.
-    assert data["run"]["command"].startswith("python -m bench --smoke")
+    assert data["run"]["command"].startswith(f"python -m {BENCH} --smoke")
     load = data["run"]["load_average_1min"]
     assert 0 <= load["min"] <= load["median"] <= load["max"] and load["samples"] >= 2
-    # Issue 9's verdicts: computed for every target, "not measured" where the
+    # The goals' verdicts: computed for every goal, "not measured" where the
     # run has no such row (smoke sizes are not the headline sizes).
     verdicts = {v["key"]: v for v in data["targets"]}
     assert verdicts["ce_fwd_bwd"]["met"] is None and verdicts["ce_fwd_bwd"]["measured"] is None
@@ -174,7 +177,7 @@ def _row(loss, dtype, size, pass_name, **fields):
 
 
 def test_target_verdicts_follow_the_numbers():
-    from bench.targets import evaluate
+    from mlx_fused_losses.bench.targets import evaluate
 
     data = {
         "results": [
@@ -202,9 +205,9 @@ def test_target_verdicts_follow_the_numbers():
 
 
 def test_readme_performance_block_is_rendered_from_docs_json():
-    """The README's numbers are exactly what bench/readme.py renders from
-    docs/bench_cpu.json: no number in that block is edited by hand."""
-    from bench.readme import readme_block, render
+    """The README's numbers are exactly what mlx_fused_losses.bench.readme
+    renders from docs/bench_cpu.json: no number in that block is edited by hand."""
+    from mlx_fused_losses.bench.readme import readme_block, render
 
     json_path, readme = REPO_ROOT / "docs" / "bench_cpu.json", REPO_ROOT / "README.md"
     if not json_path.exists() or not readme.exists():
@@ -213,12 +216,91 @@ def test_readme_performance_block_is_rendered_from_docs_json():
 
 
 def test_plot_again_from_the_json(smoke_run, tmp_path):
-    """python -m bench.plot redraws a run's plot from its JSON (the README's
-    plot comes from the same run as its tables)."""
+    """python -m mlx_fused_losses.bench.plot redraws a run's plot from its JSON
+    (the README's plot comes from the same run as its tables)."""
     _, data, _ = smoke_run
     json_path, png_path = tmp_path / "r.json", tmp_path / "again.png"
     json_path.write_text(json.dumps(data))
-    done = subprocess.run([sys.executable, "-m", "bench.plot", str(json_path), str(png_path)], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=120)
+    done = _bench(str(json_path), str(png_path), module=f"{BENCH}.plot", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---- what a user sees -------------------------------------------------------------------
+
+# Words of the project's own bookkeeping, which mean nothing to a user: the issue
+# tracker, the goals' JSON keys, paths of the machines the project is built on.
+def _bookkeeping(text: str) -> list:
+    from mlx_fused_losses.bench.targets import TARGETS
+
+    found = re.findall(r"\bissues?\b[^\n]{0,40}", text, flags=re.IGNORECASE)
+    found += [t.key for t in TARGETS if re.search(rf"\b{re.escape(t.key)}\b", text)]
+    found += re.findall(r"/work/\S*", text)
+    return found
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """The installed package's quick benchmark (one loss), run from a directory
+    outside the source tree."""
+    out = tmp_path_factory.mktemp("quick")
+    done = _bench("--quick", "--losses", "smooth_l1", "--dtypes", "float32",
+                  "--json", str(out / "r.json"), "--plot", str(out / "r.png"), cwd=out, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout + done.stderr, json.loads((out / "r.json").read_text())
+
+
+def test_quick_run_from_any_directory(quick_run):
+    output, data = quick_run
+    assert {(r["size"], r["pass"]) for r in data["results"]} == {
+        (s, p) for s in ("262144", "1M") for p in ("fwd", "fwd+bwd")}
+    assert "speedup vs mlx" in output and "Performance goals" in output
+    assert data["run"]["command"].startswith(f"python -m {BENCH} --quick")
+
+
+def test_goals_say_what_they_measure_and_unmeasured_ones_take_one_line(quick_run):
+    output, data = quick_run
+    goals = output[output.index("Performance goals"):]
+    verdicts = data["targets"]
+    measured = [v for v in verdicts if v["met"] is not None]
+    assert measured and len(measured) < len(verdicts)  # a quick run measures some, not all
+    for v in measured:
+        assert f"{v['what']}: {v['measured']:.2f}x (goal {v['goal']})" in goals
+    # One summary line for the rest, not one "[not measured]" line each.
+    assert "[not measured]" not in output
+    assert f"{len(verdicts) - len(measured)} of {len(verdicts)} goals not measured" in goals
+    assert "--sizes 4096x32768,64M" in goals
+
+
+def test_format_targets_lists_measured_goals_only():
+    from mlx_fused_losses.bench.targets import evaluate, format_targets
+
+    everything_missing = format_targets(evaluate({"results": []}))
+    assert everything_missing.count("\n") == 0 and "17 of 17 goals not measured" in everything_missing
+    one = format_targets(evaluate({"results": [
+        _row("smooth_l1", "float32", "64M", "fwd", ratio_to_roofline=1.7)]}))
+    first, rest = one.split("\n")
+    assert first.startswith("[missed] smooth-L1 fp32 64M forward vs memory bandwidth limit")
+    assert "1.70x (goal <= 1.5x)" in first and "16 of 17" in rest
+
+
+def test_output_and_readme_block_have_no_bookkeeping_words(smoke_run, quick_run, tmp_path):
+    from mlx_fused_losses.bench.readme import render
+
+    texts = {"smoke run": smoke_run[0], "quick run": quick_run[0]}
+    for module in (BENCH, f"{BENCH}.plot", f"{BENCH}.readme", f"{BENCH}.linear_ce_targets"):
+        done = _bench("--help", module=module, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        texts[f"{module} --help"] = done.stdout
+    json_path = REPO_ROOT / "docs" / "bench_cpu.json"
+    if json_path.exists():  # not among a wheel's test sources
+        texts["README block"] = render(json.loads(json_path.read_text()))
+    found = {name: _bookkeeping(text) for name, text in texts.items()}
+    assert not any(found.values()), found
+
+
+def test_bookkeeping_scan_finds_what_it_looks_for():
+    assert _bookkeeping("Issue 9 targets:\n[met] x") == ["Issue 9 targets:"]
+    assert _bookkeeping("see the issue's sizes") and _bookkeeping("key ce_fwd_bwd here")
+    assert _bookkeeping("pip install /work/main") == ["/work/main"]
+    assert not _bookkeeping("cross-entropy fwd+bwd vs memory bandwidth limit: 1.15x (goal <= 1.5x)")

@@ -1,4 +1,4 @@
-"""bench/metal_lce_model.py, the performance model of the Metal linear cross-entropy
+"""tools/metal_lce_model.py, the performance model of the Metal linear cross-entropy
 (docs/metal_linear_cross_entropy.md): its tables are what the script computes from
 the kernels' current constants, and its copy of the launch plan's rules agrees
 with the plan itself (csrc/metal/launch_plan.cpp through the harness)."""
@@ -8,12 +8,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench import metal_lce_model as model
+from tools import metal_lce_model as model
 from conftest import CLANG_MISSING
 
 
 def test_doc_tables_are_what_the_model_computes():
-    assert model.main(["--check"]) == 0, "run python -m bench.metal_lce_model --write"
+    assert model.main(["--check"]) == 0, "run python -m tools.metal_lce_model --write"
 
 
 def test_tiles_come_from_the_kernel_sources():

@@ -1,7 +1,7 @@
-"""Microbenchmarks for mlx_fused_losses.
+"""Microbenchmarks for mlx_fused_losses (installed with the ``[bench]`` extra).
 
-Run from the repository root with ``python -m bench`` (``--help`` for options).
-Each case is timed on the current default device:
+Run from any directory with ``python -m mlx_fused_losses.bench`` (``--help``
+for options). Each case is timed on the current default device:
 
 * ``ours``     - the fused primitive from ``mlx_fused_losses``;
 * ``mlx``      - ``mlx.nn.losses`` (or the composed MLX formula where MLX has
@@ -9,5 +9,7 @@ Each case is timed on the current default device:
 * ``torch``    - PyTorch's loss, where ``import torch`` works (optional);
 * ``roofline`` - NumPy (on a GPU: MLX ops) moving exactly the bytes the loss
                  must move, into warm and into fresh memory, see
-                 :mod:`bench.roofline`.
+                 :mod:`mlx_fused_losses.bench.roofline`.
+
+Importing ``mlx_fused_losses`` does not import this package.
 """

@@ -5,7 +5,7 @@ import platform
 
 import mlx.core as mx
 
-from bench import torch_column
+from . import torch_column
 
 
 def _ms(value: float) -> str:

@@ -5,7 +5,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: the bench runs on machines without a display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from bench.runner import PASSES  # noqa: E402
+from .runner import PASSES  # noqa: E402
 
 # "roofline": warm read-only forward, fresh-gradient forward+backward.
 # The roofline has a marker too: a run of one size per loss (the README's) draws
@@ -65,13 +65,13 @@ def plot_results(records, path, title):
 
 
 def main(argv=None) -> int:
-    """python -m bench.plot RESULTS.json OUT.png: the plot again from a run's JSON."""
+    """The plot again from a run's JSON (RESULTS.json -> OUT.png)."""
     import argparse
     import json
 
-    parser = argparse.ArgumentParser(prog="python -m bench.plot", description=main.__doc__)
-    parser.add_argument("json")
-    parser.add_argument("png")
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=main.__doc__)
+    parser.add_argument("json", help=f"results of python -m {__package__} --json")
+    parser.add_argument("png", help="the plot to write (PNG)")
     args = parser.parse_args(argv)
     data = json.load(open(args.json))
     plot_results(data["results"], args.png,

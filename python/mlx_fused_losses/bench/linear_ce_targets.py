@@ -1,7 +1,7 @@
 """The fused linear cross-entropy against its physical yardstick: the GEMMs of
-an unfused step, timed with NumPy's OpenBLAS in the same run (issue 10).
+an unfused step, timed with NumPy's OpenBLAS in the same run .
 
-    python -m bench.linear_ce_targets [--repeats 3] [--shapes 2048x1024x32000 ...]
+    python -m mlx_fused_losses.bench.linear_ce_targets [--repeats 3] [--shapes 2048x1024x32000 ...]
 
 For each (N, H, V), float32, interleaved repeats of:
   np 1 GEMM    Z = H @ W.T                      (the forward's GEMM)
@@ -93,9 +93,12 @@ def run_shape(n: int, h: int, v: int, repeats: int) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--shapes", nargs="+", default=["2048x1024x32000", "1024x1024x151936"])
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="interleaved repeats per shape; ratios are of the minima (default: %(default)s)")
+    parser.add_argument("--shapes", nargs="+", default=["2048x1024x32000", "1024x1024x151936"], metavar="NxHxV",
+                        help="tokens x hidden x vocabulary, float32 (default: %(default)s)")
     args = parser.parse_args(argv)
     mx.set_default_device(mx.cpu)
     print(f"NumPy BLAS: {blas_info()}")

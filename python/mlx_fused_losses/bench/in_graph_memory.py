@@ -6,8 +6,8 @@ above the inputs is ~1x the logits' size (target: <= 1.1x)."""
 
 import mlx.core as mx
 
-from bench.cases import DTYPES, LOSSES
-from bench.timing import measure
+from .cases import DTYPES, LOSSES
+from .timing import measure
 
 SHAPES = {
     "full": {"cross_entropy": (4096, 32768), "smooth_l1": (64 * 2**20,)},

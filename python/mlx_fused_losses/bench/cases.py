@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn.losses as mlx_losses
 
 import mlx_fused_losses as fl
-from bench import linear
+from . import linear
 
 LABEL_SMOOTHING = 0.1
 SMOOTH_L1_BETA = 1.0
@@ -35,7 +35,7 @@ FLAT_SWEEPS = {
 }
 
 # Linear cross-entropy: (tokens N, hidden H, vocabulary V). The full sweep has
-# the two shapes (MLX's composed baseline alone takes minutes there on
+# the two headline shapes (MLX's composed baseline alone takes minutes there on
 # 2 CPU cores: its float32 matmul runs on a reference BLAS).
 LINEAR_SWEEPS = {
     "full": [(2048, 1024, 32000), (1024, 1024, 151936)],

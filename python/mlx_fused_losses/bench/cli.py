@@ -3,7 +3,8 @@
 For every loss x dtype x size, the forward and forward+backward times of ours,
 of MLX's loss and of the roofline (the bytes the loss must move, moved by MLX
 kernels), with peak memory. Prints a table, writes the results as JSON and
-plots GB/s against size. See bench/README.md for what each column means.
+plots GB/s against size. docs/benchmarks.md (in the source distribution) says
+what each column means.
 """
 
 import argparse
@@ -18,16 +19,19 @@ import time
 import mlx.core as mx
 from tqdm import tqdm
 
-from bench import roofline
-from bench.cases import DEFAULT_DTYPES, DEFAULT_LOSSES, DTYPES, LOSSES, build_cases
-from bench.in_graph_memory import run_in_graph_memory
-from bench.plot import plot_results
-from bench.report import (format_extras_table, format_in_graph_memory, format_page_faults, format_small_shapes,
+from . import roofline
+from .cases import DEFAULT_DTYPES, DEFAULT_LOSSES, DTYPES, LOSSES, build_cases
+from .in_graph_memory import run_in_graph_memory
+from .plot import plot_results
+from .report import (format_extras_table, format_in_graph_memory, format_page_faults, format_small_shapes,
                           format_table, write_json)
-from bench.runner import MemoryGuard, run_case
-from bench.small_shapes import run_small_shapes
-from bench.targets import evaluate, format_targets
-from bench.timing import RepeatPolicy
+from .runner import MemoryGuard, run_case
+from .small_shapes import run_small_shapes
+from .targets import evaluate, format_targets
+from .timing import RepeatPolicy
+
+# How this benchmark is run (what --help and the recorded command line say).
+PROG = f"python -m {__package__}"
 
 # Per-sweep repeat policy; --repeats overrides max_repeats.
 POLICIES = {
@@ -49,12 +53,12 @@ def _comma_list(choices):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(
-        prog="python -m bench", description=__doc__,
+        prog=PROG, description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
-               "  python -m bench --quick\n"
-               "  python -m bench --losses cross_entropy --dtypes float16 --repeats 5\n"
-               "  python -m bench --json out/results.json --plot out/results.png")
+               f"  {PROG} --quick\n"
+               f"  {PROG} --losses cross_entropy --dtypes float16 --repeats 5\n"
+               f"  {PROG} --json out/results.json --plot out/results.png")
     sweep = parser.add_mutually_exclusive_group()
     sweep.add_argument("--quick", action="store_const", dest="sweep", const="quick",
                        help="small sizes, about 1.5 min on 2 CPU cores")
@@ -193,11 +197,11 @@ def main(argv=None) -> int:
     if sections.get("page_faults"):
         print("\nFresh outputs: the cost of writing a new array, by page size:")
         print(format_page_faults(sections["page_faults"]))
-    run = {"command": "python -m bench " + shlex.join(argv),
+    run = {"command": f"{PROG} " + shlex.join(argv),
            "started_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(started)),
            "wall_s": time.time() - started, "load_average_1min": load.stop()}
     sections["targets"] = evaluate({"results": records, **sections})
-    print("\nIssue 9 targets:")
+    print("\nPerformance goals, judged on this run:")
     print(format_targets(sections["targets"]))
     settings = {"sweep": args.sweep, "losses": args.losses, "dtypes": args.dtypes,
                 "compile": args.compile, "repeat_policy": vars(policy), "memory_budget_gib": args.memory_budget}

@@ -10,7 +10,7 @@ Baselines, all on the same arrays:
                         where it exists (2.13+), else ``F.cross_entropy(h @ W.T)``;
 * ``roofline`` column - the GEMMs an unfused step needs, by NumPy's BLAS
   (OpenBLAS in NumPy's wheels): forward ``h @ W.T``; forward+backward also
-  ``G @ W`` and ``G.T @ h`` with an N x V ``G``. "x roofline" is the issue's
+  ``G @ W`` and ``G.T @ h`` with an N x V ``G``. "x roofline" is the
   yardstick: time / (those GEMMs).
 
 fwd+bwd differentiates w.r.t. hidden and weight (the weight gradient is the

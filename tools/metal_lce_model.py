@@ -5,9 +5,9 @@ constants (parsed from csrc/metal/kernel_args.h, csrc/metal/launch_plan.h and
 metal/linear_cross_entropy.metal, so a change of tiles changes the tables) and
 from sourced hardware numbers (HARDWARE, SOURCES below).
 
-    python -m bench.metal_lce_model           # print the tables
-    python -m bench.metal_lce_model --write   # rewrite them in the doc
-    python -m bench.metal_lce_model --check   # exit 1 if the doc's tables are stale
+    python -m tools.metal_lce_model           # print the tables
+    python -m tools.metal_lce_model --write   # rewrite them in the doc
+    python -m tools.metal_lce_model --check   # exit 1 if the doc's tables are stale
 
 Pure Python, no MLX, no GPU: a model, not a measurement (the doc says what a Mac
 must measure).
@@ -388,7 +388,7 @@ def main(argv=None) -> int:
         new = fill(doc, tables)
         if a.check:
             if new != doc:
-                print(f"{DOC} is stale: run python -m bench.metal_lce_model --write", file=sys.stderr)
+                print(f"{DOC} is stale: run python -m tools.metal_lce_model --write", file=sys.stderr)
                 return 1
             return 0
         DOC.write_text(new)

@@ -5,9 +5,9 @@ import os
 import mlx.core as mx
 import numpy as np
 
-from bench import roofline, torch_column
-from bench.cases import DTYPES, Case
-from bench.timing import RepeatPolicy, measure, measure_interleaved
+from . import roofline, torch_column
+from .cases import DTYPES, Case
+from .timing import RepeatPolicy, measure, measure_interleaved
 
 PASSES = ("fwd", "fwd+bwd")
 MB = 1e6

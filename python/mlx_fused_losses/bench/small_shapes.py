@@ -8,7 +8,7 @@ import time
 
 import mlx.core as mx
 
-from bench.cases import LOSSES
+from .cases import LOSSES
 
 ROW_SHAPE = (32, 10)
 FLAT_SHAPE = (320,)
