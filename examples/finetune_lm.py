@@ -168,25 +168,29 @@ def run_model(title, make_model, tokens, opts, failures):
         failures.append(f"{title}: the loss did not fall ({losses[0]:.3f} -> {losses[-1]:.3f})")
 
 
+# Defaults of the size options, without and with --quick.
+SIZES = {"full": dict(hidden=128, steps=20, batch=4, seq=64), "quick": dict(hidden=64, steps=5, batch=2, seq=16)}
+VOCAB_SIZES = (32000, 151936)  # Llama 2's and Qwen's vocabularies
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="small model and few steps (under 2 minutes on 2 cores)")
-    parser.add_argument("--vocab-sizes", type=int, nargs=2, metavar=("SMALL", "LARGE"),
-                        help="vocabulary of the untied and the tied model (32000 151936)")
-    parser.add_argument("--hidden", type=int, help="hidden size (multiple of 64)")
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--steps", type=int)
-    parser.add_argument("--batch", type=int)
-    parser.add_argument("--seq", type=int)
-    parser.add_argument("--lr", type=float, default=3e-3)
+                        help="small model and few steps, under 2 minutes on 2 cores (default: off)")
+    parser.add_argument("--vocab-sizes", type=int, nargs=2, metavar=("SMALL", "LARGE"), default=list(VOCAB_SIZES),
+                        help="vocabulary of the untied and the tied model (default: %s)"
+                             % " ".join(map(str, VOCAB_SIZES)))
+    for name, what in [("hidden", "hidden size (multiple of 64)"), ("steps", "training steps per run"),
+                       ("batch", "sequences per step"), ("seq", "tokens per sequence")]:
+        parser.add_argument(f"--{name}", type=int,
+                            help=f"{what} (default: {SIZES['full'][name]}, {SIZES['quick'][name]} with --quick)")
+    parser.add_argument("--layers", type=int, default=2, help="transformer layers (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=3e-3, help="Adam's learning rate (default: %(default)s)")
     opts = parser.parse_args(argv)
-    defaults = (dict(hidden=64, steps=5, batch=2, seq=16) if opts.quick
-                else dict(hidden=128, steps=20, batch=4, seq=64))
-    for key, value in defaults.items():
+    for key, value in SIZES["quick" if opts.quick else "full"].items():
         if getattr(opts, key) is None:
             setattr(opts, key, value)
-    small, large = opts.vocab_sizes or (32000, 151936)
+    small, large = opts.vocab_sizes
 
     print(f"mlx {mx.__version__}, device {mx.default_device()}; text: source of "
           f"{', '.join(TEXT_MODULES)}", flush=True)

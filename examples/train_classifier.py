@@ -13,9 +13,10 @@ differ in the last bit of a gradient take slightly different Adam steps, and ove
 20 epochs the trajectories drift apart by more than any one step's rounding.
 (c) shows what label smoothing does to confidence and calibration.
 
-Usage (from the repository root):  python examples/train_classifier.py
+Usage (from the repository root):  python examples/train_classifier.py [--epochs N] [--seed S]
 """
 
+import argparse
 import statistics
 import sys
 import time
@@ -33,6 +34,7 @@ from sklearn.model_selection import train_test_split
 
 import mlx_fused_losses as fl
 
+# Defaults of the command-line options.
 SEED = 0
 EPOCHS = 20
 BATCH_SIZE = 64
@@ -70,11 +72,11 @@ class MLP(nn.Module):
         return self.layers[-1](x)
 
 
-def load_data():
+def load_data(seed):
     digits = load_digits()
     x = (digits.data / 16.0).astype(np.float32)  # pixel values are 0..16
     x_train, x_test, y_train, y_test = train_test_split(
-        x, digits.target.astype(np.int32), test_size=0.25, random_state=SEED, stratify=digits.target
+        x, digits.target.astype(np.int32), test_size=0.25, random_state=seed, stratify=digits.target
     )
     return x_train, x_test, y_train, y_test
 
@@ -107,21 +109,21 @@ def make_train_step(model, optimizer, loss_fn, use_compile: bool):
     return partial(mx.compile, inputs=state, outputs=state)(step)
 
 
-def train(run: Run, initial_params, data):
+def train(run: Run, initial_params, data, opts):
     x_train, _, y_train, _ = data
-    model = MLP(x_train.shape[1], HIDDEN, 10)
+    model = MLP(x_train.shape[1], opts.hidden, 10)
     model.update(tree_map(lambda p: mx.array(p), initial_params))  # identical init across runs
-    optimizer = optim.Adam(learning_rate=LEARNING_RATE)
+    optimizer = optim.Adam(learning_rate=opts.lr)
     use_compile = compile_works(run.loss_fn)
     step = make_train_step(model, optimizer, run.loss_fn, use_compile)
 
-    batch_order = np.random.default_rng(SEED)  # identical batch order across runs
+    batch_order = np.random.default_rng(opts.seed)  # identical batch order across runs
     epoch_losses, step_seconds = [], []
-    for epoch in range(EPOCHS):
+    for epoch in range(opts.epochs):
         permutation = batch_order.permutation(len(x_train))
         batch_losses = []
-        for start in range(0, len(permutation), BATCH_SIZE):
-            index = permutation[start:start + BATCH_SIZE]
+        for start in range(0, len(permutation), opts.batch_size):
+            index = permutation[start:start + opts.batch_size]
             x, y = mx.array(x_train[index]), mx.array(y_train[index])
             began = time.perf_counter()
             loss = step(x, y)
@@ -156,20 +158,46 @@ def print_loss_curves(curves):
     names = list(curves)
     print("\nper-epoch mean training loss")
     print("epoch  " + "  ".join(f"{n[:3]:>10}" for n in names))
-    for epoch in range(EPOCHS):
+    for epoch in range(len(curves[names[0]])):
         print(f"{epoch + 1:5d}  " + "  ".join(f"{curves[n][epoch]:10.6f}" for n in names))
 
 
-def main() -> int:
-    data = load_data()
-    mx.random.seed(SEED)
-    initial_params = MLP(data[0].shape[1], HIDDEN, 10).parameters()
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=_at_least(2), default=EPOCHS,
+                        help="training epochs per run; the first one's steps are not timed, as they include "
+                             "compilation (default: %(default)s, at least 2)")
+    parser.add_argument("--seed", type=int, default=SEED,
+                        help="seed of the train/test split, the initial weights and the batch order "
+                             "(default: %(default)s)")
+    parser.add_argument("--batch-size", type=_at_least(1), default=BATCH_SIZE,
+                        help="examples per training step (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=LEARNING_RATE, help="Adam's learning rate (default: %(default)s)")
+    parser.add_argument("--hidden", type=_at_least(1), default=HIDDEN,
+                        help="width of the MLP's two hidden layers (default: %(default)s)")
+    return parser.parse_args(argv)
+
+
+def _at_least(low):
+    def parse(text):
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return parse
+
+
+def main(argv=None) -> int:
+    opts = parse_args(argv)
+    data = load_data(opts.seed)
+    mx.random.seed(opts.seed)
+    initial_params = MLP(data[0].shape[1], opts.hidden, 10).parameters()
     mx.eval(initial_params)
 
     curves, summary, trained = {}, [], []
     for run in RUNS:
         print(f"training {run.name}")
-        model, curve, step_s, compiled = train(run, initial_params, data)
+        model, curve, step_s, compiled = train(run, initial_params, data, opts)
         curves[run.name] = curve
         trained.append(model)
         summary.append((run.name, step_s, compiled, *evaluate(model, data[1], data[3])))
@@ -185,7 +213,7 @@ def main() -> int:
 
     worst = 0.0
     for params in [initial_params] + [model.parameters() for model in trained[:2]]:
-        worst = max(worst, same_parameter_difference(RUNS[0], RUNS[1], params, data))
+        worst = max(worst, same_parameter_difference(RUNS[0], RUNS[1], params, data, opts))
     print(f"(a) vs (b) at the same parameters, every training batch: "
           f"max relative difference of loss and gradients {worst:.3e} (tolerance {STEP_RTOL:g})")
     if worst > STEP_RTOL:
@@ -194,15 +222,15 @@ def main() -> int:
     return 0
 
 
-def same_parameter_difference(run_a: Run, run_b: Run, params, data) -> float:
+def same_parameter_difference(run_a: Run, run_b: Run, params, data, opts) -> float:
     """Largest relative difference between run_a's and run_b's loss and parameter
     gradients, at the given parameters, over every training batch."""
     x_train, _, y_train, _ = data
-    model = MLP(x_train.shape[1], HIDDEN, 10)
+    model = MLP(x_train.shape[1], opts.hidden, 10)
     model.update(tree_map(lambda p: mx.array(p), params))
     worst = 0.0
-    for start in range(0, len(x_train), BATCH_SIZE):
-        x, y = mx.array(x_train[start:start + BATCH_SIZE]), mx.array(y_train[start:start + BATCH_SIZE])
+    for start in range(0, len(x_train), opts.batch_size):
+        x, y = mx.array(x_train[start:start + opts.batch_size]), mx.array(y_train[start:start + opts.batch_size])
         results = []
         for run in (run_a, run_b):
             loss, grads = nn.value_and_grad(model, lambda m, x, y, f=run.loss_fn: f(m(x), y))(model, x, y)

@@ -1,0 +1,64 @@
+"""The examples explain themselves: ``python examples/NAME.py --help`` prints
+the help and exits 0 at once (it used to start training), from any directory,
+and every option says what it does and what its default is."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted((REPO / "examples").glob("*.py"))
+# What an example may need beyond the package and the test extra: the
+# [examples] and [lm] extras.
+EXTRA_MODULES = {"sklearn": "examples", "mlx_lm": "lm"}
+
+
+def option_entries(help_text: str) -> dict[str, str]:
+    """argparse's "options:" section as {invocation: help text}."""
+    section = help_text.split("\noptions:\n", 1)[1]
+    entries: list[list[str]] = []
+    for line in section.split("\n"):
+        if re.match(r"  -", line):
+            invocation, _, text = line.strip().partition("  ")
+            entries.append([invocation, text.strip()])
+        elif line.startswith("   ") and entries:
+            entries[-1][1] = (entries[-1][1] + " " + line.strip()).strip()
+        elif not line.strip() or not line.startswith(" "):
+            break  # the end of the section (an epilog or another group follows)
+    return {invocation: text for invocation, text in entries}
+
+
+def test_option_entries_reads_argparse_help():
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="x")
+    parser.add_argument("--short", type=int, default=1, help="a short one (default: %(default)s)")
+    parser.add_argument("--a-rather-long-option-name", metavar="VALUE", help="help on the next line")
+    parser.add_argument("--bare")
+    entries = option_entries(parser.format_help())
+    assert entries == {"-h, --help": "show this help message and exit", "--short SHORT": "a short one (default: 1)",
+                       "--a-rather-long-option-name VALUE": "help on the next line", "--bare BARE": ""}
+
+
+@pytest.mark.skipif(not EXAMPLES, reason="examples/ is not in this tree")
+@pytest.mark.parametrize("example", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_example_help(example, tmp_path):
+    done = subprocess.run([sys.executable, str(example), "--help"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    missing = re.search(r"No module named '(\w+)", done.stderr)
+    if done.returncode and missing and missing.group(1) in EXTRA_MODULES:
+        pytest.skip(f"{example.name} needs {missing.group(1)} (the [{EXTRA_MODULES[missing.group(1)]}] extra)")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"usage: {example.name}"), done.stdout[:500]
+    entries = option_entries(done.stdout)
+    assert len(entries) > 1, "no options besides --help"
+    for invocation, text in entries.items():
+        if invocation == "-h, --help":
+            continue
+        assert text, f"{example.name} {invocation}: no help text"
+        assert re.search(r"\(default: [^)]+\)", text), f"{example.name} {invocation}: no default in {text!r}"
