@@ -304,3 +304,14 @@ def test_bookkeeping_scan_finds_what_it_looks_for():
     assert _bookkeeping("see the issue's sizes") and _bookkeeping("key ce_fwd_bwd here")
     assert _bookkeeping("pip install /work/main") == ["/work/main"]
     assert not _bookkeeping("cross-entropy fwd+bwd vs memory bandwidth limit: 1.15x (goal <= 1.5x)")
+
+
+@pytest.mark.parametrize("missing", ["matplotlib", "tqdm"])
+def test_missing_bench_extra_is_named(missing, tmp_path):
+    """Without the [bench] extra's packages the benchmark says which one is
+    missing and how to install it, not a traceback."""
+    code = (f"import runpy, sys; sys.modules[{missing!r}] = None; sys.argv = ['bench', '--help']; "
+            f"runpy.run_module({BENCH!r}, run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert f"needs {missing}" in done.stderr and "[bench] extra" in done.stderr and "Traceback" not in done.stderr

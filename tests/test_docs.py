@@ -173,3 +173,19 @@ def test_the_command_check_catches_a_stale_name():
                   "python examples/nowhere.py  # comment\n")
     with pytest.raises(AssertionError, match=r"python -m bench: no such module.*examples/nowhere.py"):
         test_shell_block_names_modules_and_scripts_that_exist(block)
+
+
+# The project's bookkeeping, which means nothing to a reader: the tracker's issue
+# numbers and the paths of the machines it is built on.
+BOOKKEEPING = re.compile(r"\bissue[ -]#?\d+|\bthe issue\b|\bissue's\b|/work/\S*", re.IGNORECASE)
+USER_FACING = [*DOCUMENTS, REPO / "CHANGELOG.md", *sorted((REPO / "examples").glob("*.py"))]
+
+
+def test_user_facing_text_has_no_bookkeeping():
+    found = {str(p.relative_to(REPO)): BOOKKEEPING.findall(p.read_text()) for p in USER_FACING if p.exists()}
+    assert found, "none of the user-facing files is in this tree"
+    assert not any(found.values()), {k: v for k, v in found.items() if v}
+    # (what it catches; "issues" as a verb is English, not bookkeeping)
+    assert BOOKKEEPING.findall("issue 9's targets, the issue's sizes, pip install /work/main") == [
+        "issue 9", "the issue", "/work/main"]
+    assert not BOOKKEEPING.findall("each SIMD-group issues 4 loads")
