@@ -260,7 +260,9 @@ def test_quick_run_from_any_directory(quick_run):
 
 def test_goals_say_what_they_measure_and_unmeasured_ones_take_one_line(quick_run):
     output, data = quick_run
-    goals = output[output.index("Performance goals"):]
+    block = output[output.index("Performance goals"):output.index("wrote ")]
+    assert max(map(len, block.split("\n"))) <= 100  # wrapped for a terminal
+    goals = " ".join(block.split())
     verdicts = data["targets"]
     measured = [v for v in verdicts if v["met"] is not None]
     assert measured and len(measured) < len(verdicts)  # a quick run measures some, not all
@@ -275,13 +277,16 @@ def test_goals_say_what_they_measure_and_unmeasured_ones_take_one_line(quick_run
 def test_format_targets_lists_measured_goals_only():
     from mlx_fused_losses.bench.targets import evaluate, format_targets
 
-    everything_missing = format_targets(evaluate({"results": []}))
+    everything_missing = format_targets(evaluate({"results": []}), width=1000)
     assert everything_missing.count("\n") == 0 and "17 of 17 goals not measured" in everything_missing
     one = format_targets(evaluate({"results": [
-        _row("smooth_l1", "float32", "64M", "fwd", ratio_to_roofline=1.7)]}))
+        _row("smooth_l1", "float32", "64M", "fwd", ratio_to_roofline=1.7)]}), width=1000)
     first, rest = one.split("\n")
     assert first.startswith("[missed] smooth-L1 fp32 64M forward vs memory bandwidth limit")
     assert "1.70x (goal <= 1.5x)" in first and "16 of 17" in rest
+    wrapped = format_targets(evaluate({"results": []}), width=60).split("\n")
+    assert len(wrapped) > 1 and all(len(line) <= 60 for line in wrapped)
+    assert all(line.startswith("    ") for line in wrapped[1:])
 
 
 def test_output_and_readme_block_have_no_bookkeeping_words(smoke_run, quick_run, tmp_path):

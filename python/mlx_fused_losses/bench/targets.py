@@ -7,6 +7,7 @@ by hand ("not measured" where the run left the row out, e.g. under
 (``mlx_fused_losses.bench.readme``).
 """
 
+import textwrap
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
@@ -168,20 +169,21 @@ def verdict_word(v) -> str:
     return {True: "met", False: "missed", None: "not measured"}[v["met"]]
 
 
-def format_targets(verdicts) -> str:
-    """One line per measured goal; the goals this run did not measure are
-    counted in one line, not listed."""
-    lines = []
+def format_targets(verdicts, width=100) -> str:
+    """One paragraph per measured goal (wrapped to ``width`` columns); the goals
+    this run did not measure are counted in one paragraph, not listed."""
+    paragraphs = []
     for v in verdicts:
         if v["met"] is None:
             continue
-        line = f"[{verdict_word(v)}] {v['what']}: {v['measured']:.2f}x (goal {v['goal']})"
+        text = f"[{verdict_word(v)}] {v['what']}: {v['measured']:.2f}x (goal {v['goal']})"
         if v["why_missed"]:
-            line += f" - {v['why_missed']}"
-        lines.append(line)
+            text += f" - {v['why_missed']}"
+        paragraphs.append(text)
     unmeasured = sum(v["met"] is None for v in verdicts)
     if unmeasured:
-        lines.append(f"{unmeasured} of {len(verdicts)} goals not measured: they are judged at {ROW_SIZE} "
-                     f"(row losses) and {FLAT_SIZE} (element-wise losses), float32 and cross-entropy in "
-                     f"bfloat16/float16 too; run with --sizes {ROW_SIZE},{FLAT_SIZE} for all of them.")
-    return "\n".join(lines)
+        paragraphs.append(f"{unmeasured} of {len(verdicts)} goals not measured: they are judged at {ROW_SIZE} "
+                          f"(row losses) and {FLAT_SIZE} (element-wise losses), float32 and cross-entropy in "
+                          f"bfloat16/float16 too; run with --sizes {ROW_SIZE},{FLAT_SIZE} for all of them.")
+    return "\n".join(textwrap.fill(text, width=width, subsequent_indent="    ", break_on_hyphens=False,
+                                    break_long_words=False) for text in paragraphs)
