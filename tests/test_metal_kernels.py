@@ -955,6 +955,26 @@ def test_row_nan_propagates(lib, case_name, K):
     assert np.isfinite(r["grad"][~row]).all()
 
 
+@pytest.mark.parametrize("kind,alpha,gamma", [(2, 0.25, 0.5), (KIND_FOCAL_GAMMA_TWO, 0.25, 2.0)])
+def test_sigmoid_focal_target_outside_unit_interval_is_nan(lib, kind, alpha, gamma):
+    """The Metal kernels mark a target outside [0, 1] as the CPU ones do
+    (csrc/math/focal.h): NaN loss and gradient for that element only, and a
+    NaN sum; the ends 0 and 1 are targets."""
+    n = 37
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal(n) * 3).astype(np.float32)
+    t = rng.random(n).astype(np.float32)
+    t[[0, 17, 36]] = [-0.5, 1.5, -1e-7]
+    t[[1, 2]] = [0.0, 1.0]
+    bad = np.zeros(n, bool)
+    bad[[0, 17, 36]] = True
+    loss, grad = pw_run(lib, kind, "none", x, t, alpha, gamma, np.ones(n, np.float32))
+    np.testing.assert_array_equal(np.isnan(loss), bad)
+    np.testing.assert_array_equal(np.isnan(grad), bad)
+    total, _ = pw_run(lib, kind, "sum", x, t, alpha, gamma, np.ones(1, np.float32))
+    assert np.isnan(total[0])
+
+
 def test_sigmoid_focal_confident_predictions(lib):
     """BCE-with-logits without cancellation: x in [-100, 100], hard and soft
     targets, within 4 ulp of float64 (softplus(x) - x t gave 4.5776e-5 for

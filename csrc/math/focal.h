@@ -61,12 +61,22 @@ FLM_INLINE float sigmoid_focal_modulator(SigmoidParts s, float t) {
   return s.p * (1.0f - t) + s.q * t;
 }
 
+// `value` where the target t is in [0, 1], else NaN (a NaN t included). The
+// formula is no loss outside [0, 1] (it goes negative, and the forms above
+// rely on t in [0, 1]); the kernel itself marks such an element, so nothing
+// reads the targets on the host: no sync, the same under mx.compile, as an
+// out-of-range class index gives a NaN row.
+FLM_INLINE float if_unit_target(float t, float value) {
+  return t >= 0.0f && t <= 1.0f ? value : kNaN;
+}
+
 // Gamma: float, or GammaTwo for a kernel specialised to gamma = 2.
 template <typename Gamma>
 FLM_INLINE float sigmoid_focal_loss(float x, float t, float alpha, Gamma gamma) {
   SigmoidParts s = sigmoid_parts(x);
   float ce = bce_with_logits(s, x, t);
-  return focal_alpha_t(t, alpha) * ce * pow_unit(sigmoid_focal_modulator(s, t), gamma);
+  return if_unit_target(
+      t, focal_alpha_t(t, alpha) * ce * pow_unit(sigmoid_focal_modulator(s, t), gamma));
 }
 
 // m^gamma * r with r = p(1-p)/m in [0, 1] (the focus term's m^(gamma-1)
@@ -91,7 +101,7 @@ FLM_INLINE float sigmoid_focal_grad(float x, float t, float alpha, Gamma gamma) 
   float g = gamma_value(gamma);
   float focus = g == 0.0f ? 0.0f : g * ce * focal_m_pow_r(m, m_pow, s, gamma) * (1.0f - 2.0f * t);
   float p_minus_t = s.p * (1.0f - t) - s.q * t; // exact 1 - p, not p - 1, at t = 1
-  return focal_alpha_t(t, alpha) * (p_minus_t * m_pow + focus);
+  return if_unit_target(t, focal_alpha_t(t, alpha) * (p_minus_t * m_pow + focus));
 }
 
 // Per-row results of the softmax focal forward pass.
