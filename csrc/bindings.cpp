@@ -153,6 +153,31 @@ NB_MODULE(_ext, m) {
   m.attr("LINEAR_CE_DEFAULT_CHUNK_BYTES") = fl::kLceDefaultChunkBytes;
   m.attr("LINEAR_CE_WEIGHT_TILE_BYTES") = fl::kLceWeightTileBytes;
 
+  // The op's own checks of the options that need no inputs, for the Module
+  // classes to run at construction (python/mlx_fused_losses/losses.py: the
+  // _*_options functions, shared by each function and its Module).
+  m.def(
+      "check_cross_entropy_options",
+      [](float label_smoothing, const std::string& label_smoothing_mode, float z_loss,
+         std::optional<mlx::core::array> class_weights) {
+        fl::check_cross_entropy_options(label_smoothing, label_smoothing_mode, z_loss, class_weights);
+      },
+      "label_smoothing"_a, "label_smoothing_mode"_a, "z_loss"_a, "class_weights"_a = nb::none());
+  m.def("check_smooth_l1_options", &fl::check_smooth_l1_options, "beta"_a);
+  m.def("check_huber_options", &fl::check_huber_options, "delta"_a);
+  m.def("check_sigmoid_focal_options", &fl::check_sigmoid_focal_options, "alpha"_a, "gamma"_a);
+  m.def("check_softmax_focal_options", &fl::check_softmax_focal_options, "gamma"_a,
+        "alpha"_a = nb::none());
+  m.def(
+      "check_linear_cross_entropy_options",
+      [](float label_smoothing, const std::string& label_smoothing_mode, float z_loss,
+         std::optional<float> logit_softcap, std::optional<int64_t> chunk_bytes) {
+        fl::check_linear_cross_entropy_options(label_smoothing, label_smoothing_mode, z_loss,
+                                               logit_softcap, chunk_bytes);
+      },
+      "label_smoothing"_a, "label_smoothing_mode"_a, "z_loss"_a, "logit_softcap"_a = nb::none(),
+      "chunk_bytes"_a = nb::none());
+
   m.def("num_threads", &fl::cpu::num_threads,
         "Threads the CPU kernels use (FL_NUM_THREADS, else the usable cores).");
 

@@ -379,3 +379,93 @@ def test_broadcast_targets_make_no_full_size_copy(tshape):
         mx.eval(g)
         assert mx.get_peak_memory() - base < full + full // 8, (loss, "grad")
         del g
+
+
+# -- PyTorch's -100 padding in the Module classes (issue 18, item 6) -----------
+
+def test_modules_ignore_pytorch_padding_by_default(rng):
+    """Labels padded with -100 gave a NaN loss and NaN gradients silently;
+    the modules now default to ignore_index=-100 as PyTorch's do."""
+    x = mx.array(rng.normal(size=(5, 6)).astype(np.float32))
+    t = mx.array([1, -100, 3, -100, 0])
+    kept_x, kept_t = x[mx.array([0, 2, 4])], mx.array([1, 3, 0])
+    for module, fn in [(fl.nn.CrossEntropyLoss(), fl.cross_entropy),
+                       (fl.nn.SoftmaxFocalLoss(), fl.softmax_focal_loss)]:
+        assert module.ignore_index == -100
+        out = module(x, t)
+        assert_close(out, fn(kept_x, kept_t, reduction="mean"), mx.float32, scale=4.0)
+        g = to_np(mx.grad(lambda a: module(a, t))(x))
+        assert np.isfinite(g).all() and (g[[1, 3]] == 0).all()
+    h = mx.array(rng.normal(size=(5, 8)).astype(np.float32))
+    w = mx.array(rng.normal(size=(6, 8)).astype(np.float32))
+    lce = fl.nn.LinearCrossEntropyLoss()
+    assert lce.ignore_index == -100
+    assert_close(lce(h, w, t), fl.linear_cross_entropy(h[mx.array([0, 2, 4])], w, kept_t),
+                 mx.float32, scale=8.0)
+    gh, gw = mx.grad(lambda a, b: lce(a, b, t), argnums=(0, 1))(h, w)
+    assert np.isfinite(to_np(gw)).all() and (to_np(gh)[[1, 3]] == 0).all()
+    # The functions keep MLX's default (no ignore_index): -100 is out of
+    # range there, a NaN row, as documented.
+    assert np.isnan(fl.cross_entropy(x, t, reduction="mean").item())
+    assert np.isnan(fl.linear_cross_entropy(h, w, t).item())
+
+
+def test_probability_targets_accept_a_negative_ignore_index(rng):
+    """As PyTorch: a negative ignore_index matches no probability row (so the
+    module's default works with probabilities); a class index >= 0 cannot
+    apply to probabilities and is an error."""
+    x = mx.array(rng.normal(size=(4, 5)).astype(np.float32))
+    q = mx.softmax(mx.array(rng.normal(size=(4, 5)).astype(np.float32)), axis=-1)
+    plain = fl.cross_entropy(x, q, reduction="mean")
+    assert np.array_equal(to_np(fl.nn.CrossEntropyLoss()(x, q)), to_np(plain))
+    assert np.array_equal(to_np(fl.cross_entropy(x, q, ignore_index=-100, reduction="mean")),
+                          to_np(plain))
+    with pytest.raises(ValueError, match="ignore_index"):
+        fl.cross_entropy(x, q, ignore_index=0)
+    with pytest.raises(ValueError, match="ignore_index"):
+        fl.nn.CrossEntropyLoss(ignore_index=2)(x, q)
+
+
+# -- sigmoid focal targets outside [0, 1] (issue 18, item 8) -------------------
+
+def test_sigmoid_focal_target_outside_unit_interval_is_nan(rng):
+    """A target outside [0, 1] gave a finite, even negative, loss. It is now
+    NaN for that element (loss and gradient), found by the kernel itself: no
+    check on the host, so no sync and nothing different under mx.compile."""
+    x = mx.array([[0.5, -2.0, 3.0, 1.0, 0.0]])
+    t = mx.array([[1.5, -0.5, 1.0, 0.0, 0.3]])
+    for fn in (fl.sigmoid_focal_loss, mx.compile(fl.sigmoid_focal_loss)):
+        out = to_np(fn(x, t))
+        assert np.isnan(out[0, :2]).all() and np.isfinite(out[0, 2:]).all()
+        assert_close(out[0, 2:], R.sigmoid_focal(to_np(x)[:, 2:], to_np(t)[:, 2:])[0],
+                     mx.float32)
+        g = to_np(mx.grad(lambda a: fn(a, t).sum())(x))
+        assert np.isnan(g[0, :2]).all() and np.isfinite(g[0, 2:]).all()
+    for reduction in ("mean", "sum"):
+        assert np.isnan(fl.sigmoid_focal_loss(x, t, reduction=reduction).item())
+    for dtype in (mx.float16, mx.bfloat16):
+        assert np.isnan(to_np(fl.sigmoid_focal_loss(x.astype(dtype), t))[0, :2]).all()
+    # the ends of the interval are targets
+    ends = fl.sigmoid_focal_loss(x[:, :2], mx.array([[0.0, 1.0]]))
+    assert np.isfinite(to_np(ends)).all()
+
+
+# -- one rule for an out-of-range index, masked or not (issue 18, item 10) -----
+
+@pytest.mark.parametrize("dtype,bad", [(mx.int64, -(2**63)), (mx.uint64, 2**63)])
+def test_mask_does_not_hide_an_out_of_range_target(rng, dtype, bad):
+    """With a mask (and no ignore_index), masked rows were turned into the
+    index -2^63 and every row equal to it was ignored: an unmasked target of
+    -2^63 (or a uint64 2^63, which int64 reads as -2^63) was silently left
+    out, while without the mask it gave NaN. Now only masked rows and
+    ignore_index rows are left out; any other index outside [0, V) is NaN."""
+    h = mx.array(rng.normal(size=(4, 8)).astype(np.float32))
+    w = mx.array(rng.normal(size=(6, 8)).astype(np.float32))
+    t = mx.array(np.array([1, bad, 3, 2], np.int64 if dtype == mx.int64 else np.uint64))
+    assert t.dtype == dtype
+    mask = mx.array([True, True, True, False])
+    for kw in ({}, {"mask": mask}):
+        rows = to_np(fl.linear_cross_entropy(h, w, t, reduction="none", **kw))
+        assert np.isnan(rows[1]) and np.isfinite(rows[[0, 2]]).all(), kw
+        assert np.isnan(fl.linear_cross_entropy(h, w, t, **kw).item()), kw
+    assert to_np(fl.linear_cross_entropy(h, w, t, reduction="none", mask=mask))[3] == 0.0

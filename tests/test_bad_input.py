@@ -137,7 +137,7 @@ def test_edge_values_are_accepted(fl):
             fl.cross_entropy(X.T, T, axis=-2),
             fl.cross_entropy(X, T, z_loss=0.0, class_weights=mx.ones((5,))),
             fl.smooth_l1_loss(P, Q, beta=0.0),
-            fl.huber_loss(P, Q, delta=0.0),
+            fl.huber_loss(P, Q, delta=1e-30),
             fl.sigmoid_focal_loss(P, Q, gamma=0.0, alpha=-1.0),
             fl.softmax_focal_loss(X, T, gamma=0.0, alpha=0.5),
             fl.softmax_focal_loss(X.T, T, axis=0))
@@ -192,3 +192,175 @@ def test_ext_is_installed_not_build_dir(fl):
     assert "build" not in parts and "_skbuild" not in parts, ext_file
     pkg_dir = os.path.realpath(os.path.dirname(fl.__file__))
     assert os.path.dirname(ext_file) == pkg_dir, (ext_file, pkg_dir)
+
+
+# --------------------------------------------------------------------------
+# PyTorch habits and bad arguments (issue 18, items 7-9). Each case below was
+# accepted, truncated, or answered with another library's message before.
+# --------------------------------------------------------------------------
+H8 = mx.zeros((4, 8))
+W8 = mx.zeros((5, 8))
+T5 = mx.array([0, 1, 2, 4])
+
+# (module class, constructor options, the function those options belong to,
+# the arguments to call it with, the name the message must say)
+OPTION_CASES = [
+    ("CrossEntropyLoss", dict(reduction="avg"), "cross_entropy", (X, T), "reduction"),
+    ("CrossEntropyLoss", dict(label_smoothing=1.5), "cross_entropy", (X, T), "label_smoothing"),
+    ("CrossEntropyLoss", dict(label_smoothing_mode="ohters"), "cross_entropy", (X, T),
+     "label_smoothing_mode"),
+    ("CrossEntropyLoss", dict(z_loss=-1.0), "cross_entropy", (X, T), "z_loss"),
+    ("CrossEntropyLoss", dict(z_loss=float("inf")), "cross_entropy", (X, T), "z_loss"),
+    ("CrossEntropyLoss", dict(ignore_index=1.0), "cross_entropy", (X, T), "ignore_index"),
+    ("CrossEntropyLoss", dict(ignore_index="a"), "cross_entropy", (X, T), "ignore_index"),
+    ("CrossEntropyLoss", dict(ignore_index=2**64), "cross_entropy", (X, T), "ignore_index"),
+    ("CrossEntropyLoss", dict(class_weights=mx.array([1.0, -1.0, 1.0, 1.0, 1.0])),
+     "cross_entropy", (X, T), "class_weights"),
+    ("CrossEntropyLoss", dict(class_weights=mx.ones((5,), mx.int32)), "cross_entropy", (X, T),
+     "class_weights"),
+    ("CrossEntropyLoss", dict(dtype=mx.int32), "cross_entropy", (X, T), "dtype"),
+    ("CrossEntropyLoss", dict(weight=mx.ones((5,))), "cross_entropy", (X, T), "class_weights"),
+    ("SmoothL1Loss", dict(beta=-1.0), "smooth_l1_loss", (P, Q), "beta"),
+    ("SmoothL1Loss", dict(beta="1"), "smooth_l1_loss", (P, Q), "beta"),
+    ("SmoothL1Loss", dict(reduction="avg"), "smooth_l1_loss", (P, Q), "reduction"),
+    ("HuberLoss", dict(delta=-1.0), "huber_loss", (P, Q), "delta"),
+    ("HuberLoss", dict(delta=0.0), "huber_loss", (P, Q), "delta"),
+    ("HuberLoss", dict(delta=1e-50), "huber_loss", (P, Q), "delta"),
+    ("SigmoidFocalLoss", dict(gamma=-1.0), "sigmoid_focal_loss", (P, Q), "gamma"),
+    ("SigmoidFocalLoss", dict(alpha=1.5), "sigmoid_focal_loss", (P, Q), "alpha"),
+    ("SigmoidFocalLoss", dict(reduction="avg"), "sigmoid_focal_loss", (P, Q), "reduction"),
+    ("SoftmaxFocalLoss", dict(gamma=-1.0), "softmax_focal_loss", (X, T), "gamma"),
+    ("SoftmaxFocalLoss", dict(alpha=-0.5), "softmax_focal_loss", (X, T), "alpha"),
+    ("SoftmaxFocalLoss", dict(reduction="avg"), "softmax_focal_loss", (X, T), "reduction"),
+    ("SoftmaxFocalLoss", dict(ignore_index=1.0), "softmax_focal_loss", (X, T), "ignore_index"),
+    ("LinearCrossEntropyLoss", dict(reduction="avg"), "linear_cross_entropy", (H8, W8, T5),
+     "reduction"),
+    ("LinearCrossEntropyLoss", dict(label_smoothing=1.5), "linear_cross_entropy", (H8, W8, T5),
+     "label_smoothing"),
+    ("LinearCrossEntropyLoss", dict(z_loss=-1.0), "linear_cross_entropy", (H8, W8, T5), "z_loss"),
+    ("LinearCrossEntropyLoss", dict(logit_softcap=0.0), "linear_cross_entropy", (H8, W8, T5),
+     "logit_softcap"),
+    ("LinearCrossEntropyLoss", dict(logit_softcap=1e-50), "linear_cross_entropy",
+     (H8, W8, T5), "logit_softcap"),
+    ("LinearCrossEntropyLoss", dict(chunk_bytes=0), "linear_cross_entropy", (H8, W8, T5),
+     "chunk_bytes"),
+    ("LinearCrossEntropyLoss", dict(chunk_bytes=2**70), "linear_cross_entropy", (H8, W8, T5),
+     "chunk_bytes"),
+    ("LinearCrossEntropyLoss", dict(chunk_bytes=1e6), "linear_cross_entropy", (H8, W8, T5),
+     "chunk_bytes"),
+    ("LinearCrossEntropyLoss", dict(ignore_index="a"), "linear_cross_entropy", (H8, W8, T5),
+     "ignore_index"),
+    ("LinearCrossEntropyLoss", dict(dtype="float32"), "linear_cross_entropy", (H8, W8, T5),
+     "dtype"),
+]
+
+
+@pytest.mark.parametrize("case", OPTION_CASES,
+                         ids=[f"{c[0]}-{next(iter(c[1]))}={c[1][next(iter(c[1]))]!r}"[:60]
+                              for c in OPTION_CASES])
+def test_module_constructor_validates_like_the_function(fl, case):
+    """The constructor rejects what the function rejects, with the same
+    message (one check per argument, shared): before, ``reduction="avg"``,
+    ``label_smoothing=1.5``, ``gamma=-1``, ``delta=-1`` and the rest were
+    accepted and failed only at the first call."""
+    mod, options, fn, args, name = case
+    from_module = assert_raises_naming(ERR, name, getattr(fl.nn, mod), **options)
+    from_function = assert_raises_naming(ERR, name, getattr(fl, fn), *args, **options)
+    assert type(from_module) is type(from_function)
+    assert str(from_module) == str(from_function)
+    assert "incompatible function arguments" not in str(from_function)
+
+
+@pytest.mark.parametrize("mod,options", [
+    ("CrossEntropyLoss", dict(label_smoothing=0.999, z_loss=0.0, class_weights=mx.zeros((5,)))),
+    ("SmoothL1Loss", dict(beta=0.0)),
+    ("HuberLoss", dict(delta=1e-30)),
+    ("SigmoidFocalLoss", dict(alpha=-1.0, gamma=0.0)),
+    ("SoftmaxFocalLoss", dict(alpha=0.0, gamma=0.0, ignore_index=np.int64(3))),
+    ("LinearCrossEntropyLoss", dict(logit_softcap=30, chunk_bytes=np.int32(4096),
+                                    dtype=mx.float32)),
+])
+def test_module_constructor_accepts_edge_values(fl, mod, options):
+    getattr(fl.nn, mod)(**options)
+
+
+def test_huber_delta_must_be_positive(fl):
+    """delta = 0 made the loss and its gradient 0 everywhere: nothing trained
+    (PyTorch rejects delta <= 0). smooth_l1's beta = 0 stays plain L1."""
+    for delta in (0.0, -0.0, 1e-50):
+        assert_raises_naming(ValueError, "delta", fl.huber_loss, P, Q, delta=delta)
+        assert_raises_naming(ValueError, "delta", fl.nn.HuberLoss, delta=delta)
+    # 1e-50 is > 0 but float32 (the kernels') rounds it to 0: said as such
+    err = assert_raises_naming(ValueError, "delta", fl.huber_loss, P, Q, delta=1e-50)
+    assert "1e-50" in str(err) and "got 0" not in str(err)
+    mx.eval(fl.smooth_l1_loss(P, Q, beta=0.0), fl.huber_loss(P, Q, delta=1e-30))
+
+
+def test_tiny_logit_softcap_is_not_reported_as_zero(fl):
+    err = assert_raises_naming(ValueError, "logit_softcap", fl.linear_cross_entropy,
+                               H8, W8, T5, logit_softcap=1e-50)
+    assert "1e-50" in str(err) and "got 0" not in str(err)
+
+
+@pytest.mark.parametrize("kw,name", [
+    (dict(bits=4.7), "bits"), (dict(group_size="32"), "group_size"),
+    (dict(group_size=64.0), "group_size"), (dict(bits=True), "bits"),
+])
+def test_quantization_ints_are_not_truncated(fl, kw, name):
+    w_q, scales, biases = mx.quantize(mx.zeros((5, 64)), group_size=64, bits=4)
+    err = assert_raises_naming(TypeError, name, fl.linear_cross_entropy, mx.zeros((4, 64)),
+                               w_q, T5, scales=scales, biases=biases, **kw)
+    assert "incompatible function arguments" not in str(err)
+
+
+def test_unsupported_bit_width_names_the_formats_and_lm_loss(fl):
+    w_q, scales, biases = mx.quantize(mx.zeros((5, 64)), group_size=64, bits=3)
+    err = assert_raises_naming(ValueError, "bits", fl.linear_cross_entropy, mx.zeros((4, 64)),
+                               w_q, T5, scales=scales, biases=biases, bits=3)
+    msg = str(err)
+    assert "bits=3" in msg and "2, 4" in msg and "8" in msg and "lm_loss" in msg
+
+
+def test_packed_weight_without_scales_says_what_to_pass(fl):
+    w_q, _, _ = mx.quantize(mx.zeros((5, 64)), group_size=64, bits=4)
+    err = assert_raises_naming(TypeError, "weight", fl.linear_cross_entropy, mx.zeros((4, 64)),
+                               w_q, T5)
+    assert "scales=" in str(err) and "biases=" in str(err) and "mx.quantize" in str(err)
+
+
+@pytest.mark.parametrize("fn,args", [
+    ("cross_entropy", (X, T.reshape(4, 1))),
+    ("cross_entropy", (X, T.reshape(4, 1).astype(mx.int64))),
+    ("cross_entropy", (mx.zeros((4, 1)), mx.zeros((4, 1), mx.int32))),
+    ("softmax_focal_loss", (X, T.reshape(4, 1))),
+    ("linear_cross_entropy", (H8, W8, T5.reshape(4, 1))),
+], ids=["ce", "ce-int64", "ce-one-class", "softmax-focal", "linear-ce"])
+def test_column_of_labels_says_squeeze(fl, fn, args):
+    """[N, 1] integer labels (a PyTorch/Keras habit) are named as such."""
+    err = assert_raises_naming(ERR, "targets", getattr(fl, fn), *args)
+    assert "squeeze" in str(err)
+
+
+def test_pytorch_weight_keyword_points_to_class_weights(fl):
+    for call in (lambda: fl.cross_entropy(X, T, weight=mx.ones((5,))),
+                 lambda: fl.nn.CrossEntropyLoss(weight=mx.ones((5,)))):
+        with pytest.raises(TypeError, match="class_weights="):
+            call()
+
+
+@pytest.mark.parametrize("fn,args", [
+    ("cross_entropy", (X, T)), ("softmax_focal_loss", (X, T)),
+    ("linear_cross_entropy", (H8, W8, T5)),
+])
+@pytest.mark.parametrize("value", [1.0, "a", 2**63, True])
+def test_ignore_index_must_be_an_int64(fl, fn, args, value):
+    err = assert_raises_naming(ERR, "ignore_index", getattr(fl, fn), *args, ignore_index=value)
+    assert "incompatible function arguments" not in str(err)
+
+
+def test_negative_class_weights_are_rejected(fl):
+    w = mx.array([1.0, 2.0, -0.5, 1.0, 1.0])
+    assert_raises_naming(ValueError, "class_weights", fl.cross_entropy, X, T, class_weights=w)
+    assert_raises_naming(ValueError, "class_weights", fl.nn.CrossEntropyLoss, class_weights=w)
+    nan = mx.array([1.0, float("nan"), 1.0, 1.0, 1.0])
+    assert_raises_naming(ValueError, "class_weights", fl.cross_entropy, X, T, class_weights=nan)

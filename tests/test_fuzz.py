@@ -193,7 +193,7 @@ def _gen_elementwise(rng, loss):
     if loss == "smooth_l1_loss":
         case["kwargs"]["beta"] = float(_pick(rng, [0.0, 0.1, 1.0, 2.5]))
     elif loss == "huber_loss":
-        case["kwargs"]["delta"] = float(_pick(rng, [0.0, 0.5, 1.0, 3.0]))
+        case["kwargs"]["delta"] = float(_pick(rng, [1e-3, 0.5, 1.0, 3.0]))  # > 0 (PyTorch)
     else:
         case["kwargs"]["alpha"] = float(_pick(rng, [-1.0, 0.0, 0.25, 0.5, 1.0]))
         case["kwargs"]["gamma"] = float(_pick(rng, [0.0, 0.5, 1.0, 2.0, 3.5]))

@@ -299,3 +299,22 @@ def test_finetune_example_quick(linear_ready, capsys):
     assert status == 0, out
     for name in ("mlx-lm", "fl CE", "fl linear"):
         assert out.count(f"   {name} ") == 3, out
+
+
+def test_counted_out_of_range_target_is_nan_in_both_losses(linear_ready, rng):
+    """One rule for lm_loss and linear_lm_loss (issue 18, item 10): a counted
+    target outside the vocabulary is a NaN loss, whatever its value; only the
+    tokens mlx-lm's lengths leave out are ignored. lm_loss turned masked
+    tokens into -100 and ignored every -100, so a counted -100 target was
+    silently left out (while linear_lm_loss gave NaN)."""
+    batch, lengths = make_batch(rng)
+    model = build("llama-tied")
+    for bad in (-100, VOCAB):
+        # the last position is only a target (never an input), counted in row 0
+        b = mx.concatenate([batch[:, :-1], mx.array([[bad], [0], [0]], mx.int32)], axis=1)
+        for loss_fn in (lm.lm_loss, lm.linear_lm_loss):
+            loss, ntoks = loss_fn(model, b, lengths)
+            assert np.isnan(loss.item()), (loss_fn.__name__, bad)
+    # and the masked tokens still do not count
+    loss, _ = lm.lm_loss(model, batch, lengths)
+    assert np.isfinite(loss.item())

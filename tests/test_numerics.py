@@ -116,7 +116,8 @@ def _elementwise_cases(fl):
         "smooth_l1": lambda x, t, **kw: fl.smooth_l1_loss(x, t, beta=1.0, **kw),
         "smooth_l1_beta0": lambda x, t, **kw: fl.smooth_l1_loss(x, t, beta=0.0, **kw),
         "huber": lambda x, t, **kw: fl.huber_loss(x, t, delta=1.5, **kw),
-        "huber_delta0": lambda x, t, **kw: fl.huber_loss(x, t, delta=0.0, **kw),
+        # (delta = 0 is rejected, as PyTorch does: the smallest float32 normal)
+        "huber_tiny_delta": lambda x, t, **kw: fl.huber_loss(x, t, delta=1.2e-38, **kw),
         "sigmoid_focal": lambda x, t, **kw: fl.sigmoid_focal_loss(x, t, **kw),
         "sigmoid_focal_g05_noalpha": lambda x, t, **kw: fl.sigmoid_focal_loss(
             x, t, alpha=-1.0, gamma=0.5, **kw),
@@ -126,7 +127,7 @@ def _elementwise_cases(fl):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("where", ["pred", "target"])
-@pytest.mark.parametrize("case", ["smooth_l1", "smooth_l1_beta0", "huber", "huber_delta0",
+@pytest.mark.parametrize("case", ["smooth_l1", "smooth_l1_beta0", "huber", "huber_tiny_delta",
                                   "sigmoid_focal", "sigmoid_focal_g05_noalpha",
                                   "sigmoid_focal_g0"])
 def test_elementwise_nan_propagates(fl, case, where, dtype):

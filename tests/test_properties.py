@@ -149,7 +149,8 @@ def test_regression_matches_reference(fl, shape, dtype, reduction, param,
     p = _layout(to_mx(rng.normal(size=shape) * 3, dtype)[0], layout)
     t = to_mx(rng.normal(size=shape) * 3, dtype)[0]
     check_reg(fl, "smooth_l1", p, t, param, reduction, rng)
-    check_reg(fl, "huber", p, t, param, reduction, rng)
+    if param > 0:  # huber's delta must be > 0 (tests/test_bad_input.py)
+        check_reg(fl, "huber", p, t, param, reduction, rng)
 
 
 @given(batch_shapes, st.floats(0.05, 5.0), seeds)

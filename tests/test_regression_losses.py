@@ -144,7 +144,7 @@ def test_smooth_l1_shapes(fl, rng, dtype, shape, beta):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("delta", [0.0, 0.5, 1.0, 15.0])
+@pytest.mark.parametrize("delta", [0.01, 0.5, 1.0, 15.0])
 def test_huber_shapes(fl, rng, dtype, shape, delta):
     p, t = _pair(rng, shape, dtype, spread=10.0)
     for red in REDUCTIONS:
@@ -169,6 +169,8 @@ def test_non_contiguous(fl, rng, which):
 @pytest.mark.parametrize("param", [0.0, 1.0, 2.0])
 def test_kinks_and_zero(fl, rng, dtype, which, param):
     """|d| exactly at the threshold, d = 0, and large |d|."""
+    if which == "huber" and param == 0.0:
+        pytest.skip("huber's delta must be > 0 (tests/test_bad_input.py)")
     t = mx.array(np.array([0.0, 0.0, 0.0, 1.0, -1.0, 3.0, 0.0, 5.0], np.float32))
     p = t + mx.array(np.array([param, -param, 0.0, 0.0, param, -param, 1e4, -1e3],
                               np.float32))

@@ -43,6 +43,23 @@ int check_class_axis(const mx::array& logits, int axis) {
   return axis;
 }
 
+std::string squeeze_hint(const mx::Shape& got, const mx::Shape& expected) {
+  if (got.size() != expected.size() + 1) {
+    return "";
+  }
+  for (size_t i = 0; i < got.size(); ++i) {
+    mx::Shape without = got;
+    without.erase(without.begin() + i);
+    if (got[i] == 1 && without == expected) {
+      std::ostringstream hint;
+      hint << "; class indices with an extra axis of size 1? squeeze it: targets.squeeze(" << i
+           << ") has shape " << shape_str(expected);
+      return hint.str();
+    }
+  }
+  return "";
+}
+
 mx::array class_indices(const mx::array& targets, const char* name, mx::StreamOrDevice s) {
   if (!mx::issubdtype(targets.dtype(), mx::integer)) {
     fail_type(name, " holds class indices and must have an integer dtype, got ", targets.dtype());

@@ -55,6 +55,11 @@ int check_class_axis(const mx::array& logits, int axis);
 // stays correct when the size changes.
 enum class Reduce { None = 0, Sum = 1, Mean = 2 };
 
+// A hint for class indices given with an extra axis of size 1 (the [N, 1]
+// labels of PyTorch/Keras habits): when `got` is `expected` with one such
+// axis inserted, "; squeeze it: targets.squeeze(i) has shape (...)", else "".
+std::string squeeze_hint(const mx::Shape& got, const mx::Shape& expected);
+
 // Integer class indices as the kernels read them (int64: any integer dtype
 // converts without wrapping into the valid range; a negative or too large
 // index is caught by the kernel and yields NaN).

@@ -1,5 +1,7 @@
 #include "ops/cross_entropy.h"
 
+#include <cmath>
+
 #include "math/cross_entropy.h"
 
 namespace fl {
@@ -26,16 +28,35 @@ std::vector<mx::array> make_forward(
       inputs);
 }
 
-void check_class_weights(const mx::array& w, int num_classes) {
-  if (w.ndim() != 1 || w.shape(0) != num_classes) {
+void check_class_weights_length(const mx::array& w, int num_classes) {
+  if (w.shape(0) != num_classes) {
     fail_value(
         "class_weights must have shape (", num_classes, ",) to match the ", num_classes,
         " classes of logits, got ", shape_str(w.shape()));
   }
-  check_float_input(w, "class_weights");
 }
 
 } // namespace
+
+void check_z_loss(float z_loss) {
+  if (!(z_loss >= 0.0f) || !std::isfinite(z_loss)) {
+    fail_value("z_loss must be a finite number >= 0, got ", z_loss);
+  }
+}
+
+int check_cross_entropy_options(float label_smoothing, const std::string& label_smoothing_mode,
+                                float z_loss, const std::optional<mx::array>& class_weights) {
+  int mode = check_label_smoothing(label_smoothing, label_smoothing_mode);
+  check_z_loss(z_loss);
+  if (class_weights) {
+    if (class_weights->ndim() != 1) {
+      fail_value("class_weights must be 1-D, one weight per class (PyTorch's weight), got shape ",
+                 shape_str(class_weights->shape()));
+    }
+    check_float_input(*class_weights, "class_weights");
+  }
+  return mode;
+}
 
 int check_label_smoothing(float label_smoothing, const std::string& label_smoothing_mode) {
   if (!(label_smoothing >= 0.0f && label_smoothing < 1.0f)) {
@@ -61,12 +82,10 @@ mx::array cross_entropy(
     const std::optional<mx::array>& class_weights,
     float z_loss,
     mx::StreamOrDevice s) {
+  int smoothing_mode =
+      check_cross_entropy_options(label_smoothing, label_smoothing_mode, z_loss, class_weights);
   check_float_input(logits, "logits");
   axis = check_class_axis(logits, axis);
-  int smoothing_mode = check_label_smoothing(label_smoothing, label_smoothing_mode);
-  if (!(z_loss >= 0.0f)) {
-    fail_value("z_loss must be >= 0, got ", z_loss);
-  }
   CrossEntropyParams params;
   params.label_smoothing = label_smoothing;
   params.smoothing_mode = smoothing_mode;
@@ -75,7 +94,23 @@ mx::array cross_entropy(
 
   auto x = move_axis_last(logits, axis, s);
   mx::array t = targets;
+  auto index_shape = logits.shape();
+  index_shape.erase(index_shape.begin() + axis);
+  auto index_shape_error = [&](const std::string& hint) {
+    fail_value(
+        "targets must be class indices of shape ", shape_str(index_shape),
+        " (logits ", shape_str(logits.shape()), " without axis ", axis,
+        ") or probabilities of the logits' shape, got ", shape_str(targets.shape()), hint);
+  };
   if (params.soft_targets) {
+    // Integer targets of the logits' rank are class indices with an extra
+    // axis ([N, 1] labels), not probabilities: say so.
+    if (mx::issubdtype(targets.dtype(), mx::integer)) {
+      auto hint = squeeze_hint(targets.shape(), index_shape);
+      if (!hint.empty()) {
+        index_shape_error(hint);
+      }
+    }
     if (targets.shape() != logits.shape()) {
       fail_value(
           "targets of probabilities must have the logits' shape ", shape_str(logits.shape()),
@@ -85,18 +120,18 @@ mx::array cross_entropy(
       fail_type("targets of the logits' shape are probabilities and must be floating, got ",
                 targets.dtype());
     }
-    if (ignore_index) {
-      fail_value("ignore_index applies to class-index targets, not to probabilities");
+    // As PyTorch: an index cannot apply to probabilities, but a negative
+    // one (the Module's default -100) matches no row and is accepted.
+    if (ignore_index && *ignore_index >= 0) {
+      fail_value("ignore_index=", *ignore_index,
+                 " applies to class-index targets, not to probabilities (a negative one, "
+                 "PyTorch's default -100, matches no row)");
     }
+    ignore_index = std::nullopt;
     t = mx::astype(move_axis_last(targets, axis, s), logits.dtype(), s);
   } else {
-    auto expected = logits.shape();
-    expected.erase(expected.begin() + axis);
-    if (targets.shape() != expected) {
-      fail_value(
-          "targets must be class indices of shape ", shape_str(expected),
-          " (logits ", shape_str(logits.shape()), " without axis ", axis,
-          ") or probabilities of the logits' shape, got ", shape_str(targets.shape()));
+    if (targets.shape() != index_shape) {
+      index_shape_error("");
     }
     t = class_indices(targets, "targets", s);
   }
@@ -107,7 +142,7 @@ mx::array cross_entropy(
   }
   std::optional<mx::array> w;
   if (class_weights) {
-    check_class_weights(*class_weights, logits.shape(axis));
+    check_class_weights_length(*class_weights, logits.shape(axis));
     params.has_class_weights = true;
     w = mx::astype(*class_weights, mx::float32, s);
   }

@@ -25,6 +25,18 @@ struct CrossEntropyParams {
 // with the linear cross-entropy.
 int check_label_smoothing(float label_smoothing, const std::string& label_smoothing_mode);
 
+// z_loss: a finite number >= 0; shared with the linear cross-entropy.
+void check_z_loss(float z_loss);
+
+// The checks of cross_entropy's options that need no logits: label
+// smoothing, z_loss, and class_weights' rank and dtype (their length is
+// checked against the logits by the op). The op runs them first, and
+// nn.CrossEntropyLoss at construction (bindings.cpp:
+// check_cross_entropy_options), so both reject an option with one message.
+// Returns the smoothing mode.
+int check_cross_entropy_options(float label_smoothing, const std::string& label_smoothing_mode,
+                                float z_loss, const std::optional<mx::array>& class_weights);
+
 // Per-row cross-entropy (float32, shape = logits without `axis`).
 // targets: integer class indices (logits' shape without `axis`) or
 // probabilities (logits' shape). class_weights: shape [K].

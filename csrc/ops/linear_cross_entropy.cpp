@@ -130,11 +130,18 @@ std::pair<std::vector<mx::array>, std::vector<int>> vmap_by_slices(
 
 void check_quantized(const mx::array& w_q, const mx::array& scales, const mx::array& qbiases,
                      int hidden_size, int group_size, int bits) {
+  // The formats the kernels read (mx.quantize also makes 3, 5 and 6 bits and
+  // floating-point modes; mlx-community models use 3 and 6 bits too).
+  constexpr const char* kFormats =
+      "linear_cross_entropy reads affine-quantized heads of 2, 4 or 8 bits with group_size "
+      "32, 64 or 128 (mx.quantize's defaults: bits=4, group_size=64); for a model quantized "
+      "otherwise, mlx_fused_losses.lm.lm_loss works with every model (fused cross-entropy on "
+      "the model's logits)";
   if (bits != 2 && bits != 4 && bits != 8) {
-    fail_value("bits must be 2, 4 or 8 (affine quantization), got ", bits);
+    fail_value("bits=", bits, " is not supported: ", kFormats);
   }
   if (group_size != 32 && group_size != 64 && group_size != 128) {
-    fail_value("group_size must be 32, 64 or 128, got ", group_size);
+    fail_value("group_size=", group_size, " is not supported: ", kFormats);
   }
   if (w_q.dtype() != mx::uint32) {
     fail_type("a quantized weight must be the uint32 matrix mx.quantize returns, got ", w_q.dtype());
@@ -162,6 +169,21 @@ void check_quantized(const mx::array& w_q, const mx::array& scales, const mx::ar
 
 } // namespace
 
+int check_linear_cross_entropy_options(float label_smoothing,
+                                       const std::string& label_smoothing_mode, float z_loss,
+                                       std::optional<float> logit_softcap,
+                                       std::optional<int64_t> chunk_bytes) {
+  int mode = check_label_smoothing(label_smoothing, label_smoothing_mode);
+  check_z_loss(z_loss);
+  if (logit_softcap && (!(*logit_softcap > 0.0f) || !std::isfinite(*logit_softcap))) {
+    fail_value("logit_softcap must be a finite number > 0 (or None), got ", *logit_softcap);
+  }
+  if (chunk_bytes && *chunk_bytes <= 0) {
+    fail_value("chunk_bytes must be > 0 (or None for the default), got ", *chunk_bytes);
+  }
+  return mode;
+}
+
 std::vector<mx::array> linear_cross_entropy(
     const mx::array& hidden,
     const mx::array& weight,
@@ -180,12 +202,14 @@ std::vector<mx::array> linear_cross_entropy(
     std::optional<int64_t> chunk_bytes,
     bool fuse_grads,
     mx::StreamOrDevice s) {
+  LinearCrossEntropyParams p;
+  p.smoothing_mode = check_linear_cross_entropy_options(label_smoothing, label_smoothing_mode,
+                                                        z_loss, logit_softcap, chunk_bytes);
   check_float_input(hidden, "hidden");
   if (hidden.ndim() == 0) {
     fail_value("hidden must have a feature axis [..., H], got a scalar");
   }
   int hidden_size = hidden.shape(-1);
-  LinearCrossEntropyParams p;
   if (qbiases && !scales) {
     fail_value("biases (of a quantized weight) given without scales");
   }
@@ -197,6 +221,11 @@ std::vector<mx::array> linear_cross_entropy(
     p.bits = bits;
     p.group_size = group_size;
   } else {
+    if (weight.dtype() == mx::uint32) {
+      fail_type("weight is uint32: the packed matrix of a quantized head needs the scales= and "
+                "biases= that mx.quantize returned with it (w_q, scales, biases = "
+                "mx.quantize(W, group_size, bits)), and the same group_size= and bits=");
+    }
     check_float_input(weight, "weight");
     if (weight.ndim() != 2 || weight.shape(1) != hidden_size) {
       fail_value("weight must have shape (V, H) with H = hidden.shape[-1] = ", hidden_size, ", got ",
@@ -210,7 +239,8 @@ std::vector<mx::array> linear_cross_entropy(
   auto rows = row_shape(hidden);
   if (targets.shape() != rows) {
     fail_value("targets must have shape ", shape_str(rows), " (hidden ", shape_str(hidden.shape()),
-               " without its last axis), got ", shape_str(targets.shape()));
+               " without its last axis), got ", shape_str(targets.shape()),
+               squeeze_hint(targets.shape(), rows));
   }
   auto t = class_indices(targets, "targets", s);
   if (bias) {
@@ -221,16 +251,9 @@ std::vector<mx::array> linear_cross_entropy(
     }
     p.has_bias = true;
   }
-  p.smoothing_mode = check_label_smoothing(label_smoothing, label_smoothing_mode);
   p.label_smoothing = label_smoothing;
-  if (!(z_loss >= 0.0f) || !std::isfinite(z_loss)) {
-    fail_value("z_loss must be a finite number >= 0, got ", z_loss);
-  }
   p.z_loss = z_loss;
   if (logit_softcap) {
-    if (!(*logit_softcap > 0.0f) || !std::isfinite(*logit_softcap)) {
-      fail_value("logit_softcap must be a finite number > 0 (or None), got ", *logit_softcap);
-    }
     p.logit_softcap = *logit_softcap;
   }
   if (ignore_index) {
@@ -238,9 +261,6 @@ std::vector<mx::array> linear_cross_entropy(
     p.ignore_index = *ignore_index;
   }
   if (chunk_bytes) {
-    if (*chunk_bytes <= 0) {
-      fail_value("chunk_bytes must be > 0 (or None for the default), got ", *chunk_bytes);
-    }
     p.chunk_bytes = *chunk_bytes;
   }
   p.sum_rows = sum_rows;

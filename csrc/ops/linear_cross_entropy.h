@@ -137,6 +137,15 @@ enum LceOutput {
   kLceNumStats, // then dH [..., H], dW [V, H], dbias [V] (float32) when asked
 };
 
+// The checks of the options that need no inputs (label smoothing, z_loss,
+// logit_softcap, chunk_bytes): run by the op and by
+// nn.LinearCrossEntropyLoss at construction (bindings.cpp). Returns the
+// smoothing mode.
+int check_linear_cross_entropy_options(float label_smoothing,
+                                       const std::string& label_smoothing_mode, float z_loss,
+                                       std::optional<float> logit_softcap,
+                                       std::optional<int64_t> chunk_bytes);
+
 // The op. `scales`/`qbiases` given means `weight` is quantized. Returns the
 // forward primitive's first kLceNumStats outputs (see LceOutput). `sum_rows`
 // fuses the sum over rows; `fuse_grads` lets the forward form the gradients of

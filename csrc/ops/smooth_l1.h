@@ -5,6 +5,12 @@
 
 namespace fl {
 
+// The checks of each loss's option, run by the op and by the Module at
+// construction (bindings.cpp): beta >= 0 (0 is plain L1); delta > 0 (as
+// PyTorch: delta = 0 is the zero loss, so nothing would train).
+void check_smooth_l1_options(float beta);
+void check_huber_options(float delta);
+
 // Element-wise (Reduce::None) or summed float32 smooth-L1 loss.
 mx::array smooth_l1_loss(const mx::array& predictions, const mx::array& targets, float beta,
                          Reduce reduce, mx::StreamOrDevice s = {});

@@ -19,6 +19,17 @@ std::vector<mx::array> make_forward(const mx::array& logits, const mx::array& ta
 
 } // namespace
 
+void check_softmax_focal_options(float gamma, std::optional<float> alpha) {
+  if (!(gamma >= 0.0f)) {
+    fail_value("gamma must be >= 0, got ", gamma);
+  }
+  // A negative or NaN alpha would flip or poison the loss (sigmoid focal's
+  // "alpha < 0 disables it" has no meaning for a per-row softmax weight).
+  if (alpha && !(*alpha >= 0.0f)) {
+    fail_value("alpha must be >= 0, got ", *alpha);
+  }
+}
+
 mx::array softmax_focal_loss(
     const mx::array& logits,
     const mx::array& targets,
@@ -28,17 +39,15 @@ mx::array softmax_focal_loss(
     const std::optional<mx::array>& class_alpha,
     std::optional<int64_t> ignore_index,
     mx::StreamOrDevice s) {
+  check_softmax_focal_options(gamma, class_alpha ? std::nullopt : alpha);
   check_float_input(logits, "logits");
   axis = check_class_axis(logits, axis);
-  if (!(gamma >= 0.0f)) {
-    fail_value("gamma must be >= 0, got ", gamma);
-  }
   auto expected = logits.shape();
   expected.erase(expected.begin() + axis);
   if (targets.shape() != expected) {
     fail_value("targets must be class indices of shape ", shape_str(expected), " (logits ",
                shape_str(logits.shape()), " without axis ", axis, "), got ",
-               shape_str(targets.shape()));
+               shape_str(targets.shape()), squeeze_hint(targets.shape(), expected));
   }
   SoftmaxFocalParams params;
   params.gamma = gamma;
@@ -53,11 +62,6 @@ mx::array softmax_focal_loss(
     params.has_class_alpha = true;
     per_class = mx::astype(*class_alpha, mx::float32, s);
   } else if (alpha) {
-    // A negative or NaN alpha would flip or poison the loss (sigmoid focal's
-    // "alpha < 0 disables it" has no meaning for a per-row softmax weight).
-    if (!(*alpha >= 0.0f)) {
-      fail_value("alpha must be >= 0, got ", *alpha);
-    }
     params.alpha = *alpha;
   }
   ignore_index = ignore_index_for(targets, ignore_index);

@@ -16,6 +16,11 @@ struct SoftmaxFocalParams {
   bool operator==(const SoftmaxFocalParams&) const = default;
 };
 
+// gamma >= 0 and a scalar alpha >= 0 (a per-class alpha array is checked
+// for NaN/negative values in Python, where its values can be read): run by
+// the op and by nn.SoftmaxFocalLoss at construction (bindings.cpp).
+void check_softmax_focal_options(float gamma, std::optional<float> alpha);
+
 // Per-row float32 loss (logits' shape without `axis`). `alpha` is either a
 // scalar or an array of shape [K] (per class); neither means 1.
 mx::array softmax_focal_loss(

@@ -11,11 +11,38 @@ from typing import Dict, Literal, Optional, Tuple, Union
 import mlx.core as mx
 
 from . import _ext
-from .losses import _as_array, _check_reduction, _finish, _ignore_index_for, _kept_rows, _result_dtype
+from .losses import (
+    _as_array,
+    _check_reduction,
+    _finish,
+    _float_option,
+    _ignore_index_for,
+    _index_option,
+    _int_option,
+    _kept_rows,
+    _masked_targets,
+    _result_dtype,
+)
 
-# The ignore index a `mask` turns masked rows into when no ignore_index is
-# given: no class index can equal it (classes are >= 0).
-_MASKED_ROW = -(2**63)
+
+def _linear_cross_entropy_options(label_smoothing, reduction, label_smoothing_mode, ignore_index,
+                                  z_loss, logit_softcap, chunk_bytes, dtype):
+    """The options of linear_cross_entropy that need no inputs, checked as
+    the op checks them; shared with nn.LinearCrossEntropyLoss (which runs
+    them at construction)."""
+    _check_reduction(reduction)
+    label_smoothing = _float_option(label_smoothing, "label_smoothing")
+    z_loss = _float_option(z_loss, "z_loss")
+    if logit_softcap is not None:
+        logit_softcap = _float_option(logit_softcap, "logit_softcap")
+    if chunk_bytes is not None:
+        chunk_bytes = _int_option(chunk_bytes, "chunk_bytes")
+    ignore_index = _index_option(ignore_index)
+    _ext.check_linear_cross_entropy_options(
+        label_smoothing, label_smoothing_mode, z_loss, logit_softcap, chunk_bytes
+    )
+    _result_dtype(dtype, mx.float32)
+    return label_smoothing, ignore_index, z_loss, logit_softcap, chunk_bytes
 
 
 def linear_cross_entropy(
@@ -60,7 +87,8 @@ def linear_cross_entropy(
             softmax (Gemma 2). ``None``: no cap.
         reduction: ``"mean"`` (over kept rows), ``"sum"`` or ``"none"``.
         mask: optional bool ``[...]``: rows to count (as mlx-lm passes it);
-            masked rows behave as ``ignore_index`` rows.
+            masked rows behave as ``ignore_index`` rows. An unmasked row
+            whose index is out of range is NaN, as without a mask.
         chunk_bytes: working-memory budget (default 64 MiB): the float32
             logits of ``chunk_bytes // (4 V)`` rows at a time (at least one).
         return_stats: also return per-row statistics (see below).
@@ -76,13 +104,20 @@ def linear_cross_entropy(
         accuracy; False for ignored/masked rows) and ``"entropy"`` (of the
         softmax). They are computed for ignored rows too (except "correct").
 
-    A class index outside ``[0, V)`` that is not ignored gives NaN for its
-    row's loss, and poisons the gradients (every row shares ``weight``).
+    No ``ignore_index`` by default (as :func:`mlx_fused_losses.cross_entropy`;
+    :class:`mlx_fused_losses.nn.LinearCrossEntropyLoss` defaults to -100, as
+    PyTorch's modules): a class index outside ``[0, V)`` that is neither
+    ``ignore_index`` nor masked gives NaN for its row's loss, and poisons
+    the gradients (every row shares ``weight``).
     """
     hidden = _as_array(hidden, "hidden")
     weight = _as_array(weight, "weight")
     targets = _as_array(targets, "targets")
-    _check_reduction(reduction)
+    label_smoothing, ignore_index, z_loss, logit_softcap, chunk_bytes = (
+        _linear_cross_entropy_options(label_smoothing, reduction, label_smoothing_mode,
+                                      ignore_index, z_loss, logit_softcap, chunk_bytes, dtype)
+    )
+    group_size, bits = _int_option(group_size, "group_size"), _int_option(bits, "bits")
     bias, scales, biases, mask = (
         None if value is None else _as_array(value, name)
         for value, name in ((bias, "bias"), (scales, "scales"), (biases, "biases"), (mask, "mask"))
@@ -96,11 +131,7 @@ def linear_cross_entropy(
             raise TypeError(f"mask must be a bool array (rows to count), got {mask.dtype}")
         if mask.shape != targets.shape:
             raise ValueError(f"mask must have targets' shape {targets.shape}, got {mask.shape}")
-        if ignore_index is None:
-            ignore_index = _MASKED_ROW
-        targets = mx.where(mask, targets.astype(mx.int64), mx.array(ignore_index, mx.int64))
-    if chunk_bytes is not None and (isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int)):
-        raise TypeError(f"chunk_bytes must be an int or None, got {type(chunk_bytes).__name__}")
+        targets, ignore_index = _masked_targets(targets, mask, ignore_index)
     outputs = _ext.linear_cross_entropy(
         hidden,
         weight,
@@ -108,13 +139,13 @@ def linear_cross_entropy(
         bias,
         scales=scales,
         biases=biases,
-        group_size=int(group_size),
-        bits=int(bits),
-        label_smoothing=float(label_smoothing),
+        group_size=group_size,
+        bits=bits,
+        label_smoothing=label_smoothing,
         label_smoothing_mode=label_smoothing_mode,
         ignore_index=ignore_index,
-        z_loss=float(z_loss),
-        logit_softcap=None if logit_softcap is None else float(logit_softcap),
+        z_loss=z_loss,
+        logit_softcap=logit_softcap,
         sum_rows=reduction != "none",
         chunk_bytes=chunk_bytes,
         stream=stream,

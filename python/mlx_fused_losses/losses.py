@@ -6,6 +6,10 @@ Every loss is computed in float32 inside the kernels and returned in the dtype
 of its main input; reductions accumulate in float32.
 """
 
+import math
+import numbers
+import operator
+import struct
 from typing import Literal, Optional, Union
 
 import mlx.core as mx
@@ -20,6 +24,60 @@ def _check_reduction(reduction: str) -> None:
     if reduction not in _REDUCTIONS:
         raise ValueError(
             f"reduction must be one of {_REDUCTIONS}, got {reduction!r}"
+        )
+
+
+# Scalar options: their types are checked here (a str, a float where an int
+# is meant, or an int outside int64 would otherwise be converted silently or
+# refused by nanobind's generic message); their values by the C++ op, whose
+# checks the Module classes also call at construction (_ext.check_*_options).
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_FLT_MAX = 3.4028234663852886e38
+
+
+def _float_option(value, name: str) -> float:
+    """``value`` as the float the kernels compute with (float32). TypeError
+    for a non-number (a str, a bool, None); ValueError for a value float32
+    turns into something else: a nonzero number that rounds to 0 (the C++
+    check would report "got 0") or a finite one that overflows to inf."""
+    if type(value) is not float:
+        if isinstance(value, (str, bytes, bool)) or not hasattr(value, "__float__"):
+            raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+        value = float(value)
+    magnitude = abs(value)
+    if 0.0 < magnitude < 1e-37 and struct.unpack("f", struct.pack("f", value))[0] == 0.0:
+        raise ValueError(
+            f"{name}={value!r} rounds to 0 in float32, the precision the kernels compute in"
+        )
+    if _FLT_MAX < magnitude < math.inf:
+        raise ValueError(f"{name}={value!r} overflows float32, the precision the kernels compute in")
+    return value
+
+
+def _int_option(value, name: str) -> int:
+    """``value`` as an int64: an int or a NumPy integer, never a float, a str
+    or a bool (``bits=4.7`` was truncated to 4, ``group_size="32"`` parsed)."""
+    if type(value) is not int:
+        if isinstance(value, bool) or not hasattr(value, "__index__"):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+        value = operator.index(value)
+    if not _INT64_MIN <= value <= _INT64_MAX:
+        raise ValueError(f"{name}={value} does not fit in a 64-bit integer")
+    return value
+
+
+def _index_option(value, name: str = "ignore_index") -> Optional[int]:
+    """A class index option (``ignore_index``): None or an int64."""
+    return None if value is None else _int_option(value, name)
+
+
+def _reject_pytorch_weight(weight) -> None:
+    """``weight=`` is PyTorch's name for per-class weights; here it is
+    ``class_weights=`` (``weights`` is MLX's per-sample weights)."""
+    if weight is not None:
+        raise TypeError(
+            "weight= is PyTorch's name for per-class weights: pass class_weights= "
+            "(shape [K]) here; weights= (MLX's name) multiplies each sample's loss"
         )
 
 
@@ -54,14 +112,14 @@ def _check_nonnegative_values(a: mx.array, name: str) -> None:
         raise ValueError(f"{name} must hold values >= 0 (no NaN), got {a}")
 
 
-def _elementwise(ext_fn, first_name: str, first, targets, reduction: str, stream, *params: float):
-    """Shared path of the element-wise losses: checks, the fused kernel (which
-    also reduces), and the cast back to the input's dtype. ``params`` are the
-    loss's float options in the order of ``ext_fn``'s signature (passed by
-    position: at 320 elements the call's overhead is what gets measured)."""
+def _elementwise(ext_fn, first_name: str, first, targets, reduction: str, stream, params):
+    """Shared path of the element-wise losses: the fused kernel (which also
+    reduces) and the cast back to the input's dtype. ``params`` are the
+    loss's checked float options (its ``_*_options``) in the order of
+    ``ext_fn``'s signature (passed by position: at 320 elements the call's
+    overhead is what gets measured)."""
     first = _as_array(first, first_name)
     targets = _as_array(targets, "targets")
-    _check_reduction(reduction)
     loss = ext_fn(first, targets, *params, reduction, stream=stream)
     return loss.astype(first.dtype)
 
@@ -111,12 +169,86 @@ def _ignore_index_for(targets: mx.array, ignore_index: Optional[int]) -> Optiona
     return ignore_index
 
 
+# The ignore index a `mask` turns masked rows into when no ignore_index is
+# given: no class index can equal it (classes are >= 0).
+_MASKED_ROW = -(2**63)
+
+
+def _masked_targets(targets: mx.array, mask: mx.array, ignore_index: Optional[int]):
+    """(int64 targets, ignore_index) where the rows ``mask`` leaves out are
+    ignored rows. One rule with or without a mask: a row is left out when it
+    is masked or its index equals ``ignore_index``; any other index outside
+    the classes is a NaN row. So without an ignore_index, an unmasked index
+    equal to the masked rows' marker (an int64 -2^63, or a uint64 2^63, which
+    int64 reads as -2^63) becomes -1: out of range too, not ignored."""
+    targets = targets.astype(mx.int64)
+    if ignore_index is None:
+        ignore_index = _MASKED_ROW
+        targets = mx.where(targets == _MASKED_ROW, mx.array(-1, mx.int64), targets)
+    return mx.where(mask, targets, mx.array(ignore_index, mx.int64)), ignore_index
+
+
 def _kept_rows(targets: mx.array, ignore_index: Optional[int], row_weight=None):
     """Denominator of a "mean" over rows: kept rows, weighted if asked."""
     keep = mx.ones(targets.shape, mx.bool_) if ignore_index is None else targets != ignore_index
     if row_weight is None:
         return keep.astype(mx.float32).sum()
     return mx.where(keep, row_weight, 0.0).sum()
+
+
+# -- the options of each loss, checked once for the function and the Module ---
+# Each returns the options as the op takes them; the C++ checks of their
+# values (_ext.check_*_options) are the ones the op itself runs.
+
+def _cross_entropy_options(label_smoothing, reduction, label_smoothing_mode, ignore_index,
+                           class_weights, z_loss, dtype, weight=None):
+    _reject_pytorch_weight(weight)
+    _check_reduction(reduction)
+    label_smoothing = _float_option(label_smoothing, "label_smoothing")
+    z_loss = _float_option(z_loss, "z_loss")
+    ignore_index = _index_option(ignore_index)
+    if class_weights is not None:
+        class_weights = _as_array(class_weights, "class_weights")
+    _ext.check_cross_entropy_options(label_smoothing, label_smoothing_mode, z_loss, class_weights)
+    if class_weights is not None:
+        _check_nonnegative_values(class_weights, "class_weights")
+    _result_dtype(dtype, mx.float32)
+    return label_smoothing, ignore_index, class_weights, z_loss
+
+
+def _smooth_l1_options(beta, reduction):
+    _check_reduction(reduction)
+    beta = _float_option(beta, "beta")
+    _ext.check_smooth_l1_options(beta)
+    return (beta,)
+
+
+def _huber_options(delta, reduction):
+    _check_reduction(reduction)
+    delta = _float_option(delta, "delta")
+    _ext.check_huber_options(delta)
+    return (delta,)
+
+
+def _sigmoid_focal_options(alpha, gamma, reduction):
+    _check_reduction(reduction)
+    alpha, gamma = _float_option(alpha, "alpha"), _float_option(gamma, "gamma")
+    _ext.check_sigmoid_focal_options(alpha, gamma)
+    return alpha, gamma
+
+
+def _softmax_focal_options(alpha, gamma, reduction, ignore_index):
+    """(gamma, alpha as a float, None or an mx.array, ignore_index)."""
+    _check_reduction(reduction)
+    gamma = _float_option(gamma, "gamma")
+    ignore_index = _index_option(ignore_index)
+    if isinstance(alpha, numbers.Real) and not isinstance(alpha, bool):
+        alpha = _float_option(alpha, "alpha")
+    elif alpha is not None:
+        alpha = _as_array(alpha, "alpha")
+        _check_nonnegative_values(alpha, "alpha")
+    _ext.check_softmax_focal_options(gamma, alpha if isinstance(alpha, float) else None)
+    return gamma, alpha, ignore_index
 
 
 def cross_entropy(
@@ -133,6 +265,7 @@ def cross_entropy(
     z_loss: float = 0.0,
     dtype: Optional[mx.Dtype] = None,
     stream: Union[None, mx.Stream, mx.Device] = None,
+    weight: None = None,
 ) -> mx.array:
     """Fused log-softmax + (label-smoothed) cross-entropy.
 
@@ -159,26 +292,35 @@ def cross_entropy(
             ``mx.float32`` returns the float32 loss the kernel and the
             reduction computed, without rounding it to float16/bfloat16.
             The gradient is in the logits' dtype either way.
+        weight: PyTorch's name for ``class_weights``; passing it is a
+            TypeError that says so (``weights`` is MLX's per-sample weights).
 
-    A class index outside ``[0, K)`` that is not ``ignore_index`` gives NaN
-    for its row (and its gradient); it never reads out of bounds.
+    No ``ignore_index`` by default (MLX's behaviour): a class index outside
+    ``[0, K)`` that is not ``ignore_index`` -- PyTorch's -100 padding
+    included -- gives NaN for its row (and its gradient); it never reads out
+    of bounds. (:class:`mlx_fused_losses.nn.CrossEntropyLoss` defaults to
+    ``ignore_index=-100``, as PyTorch's.) With probability targets a
+    negative ``ignore_index`` matches no row and one >= 0 is a ValueError,
+    as in PyTorch. ``class_weights`` must be >= 0 (checked when the call is
+    not traced by ``mx.compile``/``mx.vmap``; the Module checks once).
     """
     logits = _as_array(logits, "logits")
     targets = _as_array(targets, "targets")
-    _check_reduction(reduction)
+    label_smoothing, ignore_index, class_weights, z_loss = _cross_entropy_options(
+        label_smoothing, reduction, label_smoothing_mode, ignore_index, class_weights, z_loss,
+        dtype, weight,
+    )
     result_dtype = _result_dtype(dtype, logits.dtype)
     ignore_index = _ignore_index_for(targets, ignore_index)
-    if class_weights is not None:
-        class_weights = _as_array(class_weights, "class_weights")
     loss = _ext.cross_entropy(
         logits,
         targets,
         axis=axis,
-        label_smoothing=float(label_smoothing),
+        label_smoothing=label_smoothing,
         label_smoothing_mode=label_smoothing_mode,
         ignore_index=ignore_index,
         class_weights=class_weights,
-        z_loss=float(z_loss),
+        z_loss=z_loss,
         stream=stream,
     )
     if weights is not None:
@@ -220,7 +362,8 @@ def smooth_l1_loss(
     there). A summed or averaged loss is reduced inside the kernel.
     """
     return _elementwise(
-        _ext.smooth_l1_loss, "predictions", predictions, targets, reduction, stream, float(beta)
+        _ext.smooth_l1_loss, "predictions", predictions, targets, reduction, stream,
+        _smooth_l1_options(beta, reduction),
     )
 
 
@@ -235,9 +378,12 @@ def huber_loss(
     """Huber loss, as :func:`mlx.nn.losses.huber_loss`.
 
     ``0.5 d**2`` where ``|d| <= delta``, else ``delta (|d| - 0.5 delta)``.
+    ``delta`` must be > 0 (as PyTorch; MLX's ``delta=0`` is the zero loss:
+    nothing would train).
     """
     return _elementwise(
-        _ext.huber_loss, "inputs", inputs, targets, reduction, stream, float(delta)
+        _ext.huber_loss, "inputs", inputs, targets, reduction, stream,
+        _huber_options(delta, reduction),
     )
 
 
@@ -255,19 +401,16 @@ def sigmoid_focal_loss(
     ``alpha_t * BCE_with_logits(x, t) * (1 - p_t)**gamma`` with
     ``p = sigmoid(x)``, ``p_t = p t + (1 - p)(1 - t)`` and
     ``alpha_t = alpha t + (1 - alpha)(1 - t)``; ``alpha < 0`` disables
-    ``alpha_t``. Targets are in [0, 1]. With ``gamma=0`` and ``alpha<0`` this is
-    exactly binary cross-entropy with logits. ``"mean"`` averages over all
-    elements. Gradients w.r.t. ``inputs`` only.
+    ``alpha_t``. Targets are in [0, 1] (soft targets allowed); an element
+    whose target is outside [0, 1] gets a NaN loss and gradient (the formula
+    is no loss there: it can go negative), found by the kernel itself, with
+    no check that would read the targets on the host. With ``gamma=0`` and
+    ``alpha<0`` this is exactly binary cross-entropy with logits.
+    ``"mean"`` averages over all elements. Gradients w.r.t. ``inputs`` only.
     """
     return _elementwise(
-        _ext.sigmoid_focal_loss,
-        "inputs",
-        inputs,
-        targets,
-        reduction,
-        stream,
-        float(alpha),
-        float(gamma),
+        _ext.sigmoid_focal_loss, "inputs", inputs, targets, reduction, stream,
+        _sigmoid_focal_options(alpha, gamma, reduction),
     )
 
 
@@ -292,11 +435,8 @@ def softmax_focal_loss(
     """
     logits = _as_array(logits, "logits")
     targets = _as_array(targets, "targets")
-    _check_reduction(reduction)
+    gamma, alpha, ignore_index = _softmax_focal_options(alpha, gamma, reduction, ignore_index)
     ignore_index = _ignore_index_for(targets, ignore_index)
-    if alpha is not None and not isinstance(alpha, (int, float)):
-        alpha = _as_array(alpha, "alpha")
-        _check_nonnegative_values(alpha, "alpha")
     # A 1-D array is per class (read by the kernel); a 0-d array scales the
     # loss afterwards (the loss is linear in it, and no .item() is needed, which
     # mx.compile could not trace); a Python number goes to the kernel.
@@ -306,12 +446,12 @@ def softmax_focal_loss(
     elif isinstance(alpha, mx.array):
         class_alpha = alpha
     elif alpha is not None:
-        scalar_alpha = float(alpha)
+        scalar_alpha = alpha
     loss = _ext.softmax_focal_loss(
         logits,
         targets,
         axis=axis,
-        gamma=float(gamma),
+        gamma=gamma,
         alpha=scalar_alpha,
         class_alpha=class_alpha,
         ignore_index=ignore_index,

@@ -1,9 +1,13 @@
 """``mlx.nn.Module`` wrappers: configure a loss once, call it on (inputs, targets).
 
 Each class takes the options of its function in :mod:`mlx_fused_losses.losses`
-(same names and meanings) and shows them in its repr. Array options (class
-weights, per-class alpha) are frozen: they are settings, not trainable
-parameters.
+(same names and meanings) and shows them in its repr. Two defaults differ from
+the functions', as PyTorch's modules differ from MLX's functions:
+``reduction="mean"`` and, for the losses over class indices,
+``ignore_index=-100`` (PyTorch's padding label). The constructor checks every
+option with the function's own checks, so a bad option fails there, with the
+function's message, not at the first call. Array options (class weights,
+per-class alpha) are frozen: they are settings, not trainable parameters.
 """
 
 from typing import Optional, Union
@@ -12,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import losses
-from .linear_cross_entropy import linear_cross_entropy
+from .linear_cross_entropy import _linear_cross_entropy_options, linear_cross_entropy
 
 
 def _option_repr(value) -> str:
@@ -58,9 +62,13 @@ class CrossEntropyLoss(_LossModule):
             the rest).
         ignore_index: rows whose target equals it give 0 and leave the mean's
             denominator; a value the targets' dtype cannot hold matches no row.
-        class_weights: shape ``[K]``, PyTorch's ``weight``.
+            Default -100, PyTorch's padding label (``None``: no row ignored,
+            an out-of-range index is a NaN row). With probability targets a
+            negative value matches no row.
+        class_weights: shape ``[K]`` of values >= 0, PyTorch's ``weight``.
         z_loss: coefficient of ``logsumexp(logits)**2`` added per row.
         dtype: the result's dtype (``None``: the logits' dtype).
+        weight: PyTorch's name for ``class_weights``: a TypeError that says so.
     """
 
     def __init__(
@@ -70,11 +78,16 @@ class CrossEntropyLoss(_LossModule):
         *,
         axis: int = -1,
         label_smoothing_mode: str = "uniform",
-        ignore_index: Optional[int] = None,
+        ignore_index: Optional[int] = -100,
         class_weights: Optional[mx.array] = None,
         z_loss: float = 0.0,
         dtype: Optional[mx.Dtype] = None,
+        weight: None = None,
     ):
+        _, _, class_weights, _ = losses._cross_entropy_options(
+            label_smoothing, reduction, label_smoothing_mode, ignore_index, class_weights, z_loss,
+            dtype, weight,
+        )
         super().__init__(
             label_smoothing=label_smoothing,
             reduction=reduction,
@@ -101,6 +114,7 @@ class SmoothL1Loss(_LossModule):
     """
 
     def __init__(self, beta: float = 1.0, reduction: losses.Reduction = "mean"):
+        losses._smooth_l1_options(beta, reduction)
         super().__init__(beta=beta, reduction=reduction)
 
     def __call__(self, predictions: mx.array, targets: mx.array):
@@ -111,12 +125,14 @@ class HuberLoss(_LossModule):
     """Huber loss, as a Module: ``HuberLoss(delta, reduction)(inputs, targets)``.
 
     Args:
-        delta: the threshold between the quadratic and the linear part (>= 0).
+        delta: the threshold between the quadratic and the linear part (> 0,
+            as PyTorch's; 0 would make the loss 0 everywhere).
         reduction: ``"mean"`` (default here, as PyTorch's ``HuberLoss``),
             ``"sum"`` or ``"none"``; the mean of an empty input is 0.
     """
 
     def __init__(self, delta: float = 1.0, reduction: losses.Reduction = "mean"):
+        losses._huber_options(delta, reduction)
         super().__init__(delta=delta, reduction=reduction)
 
     def __call__(self, inputs: mx.array, targets: mx.array):
@@ -136,6 +152,7 @@ class SigmoidFocalLoss(_LossModule):
     """
 
     def __init__(self, alpha: float = 0.25, gamma: float = 2.0, reduction: losses.Reduction = "mean"):
+        losses._sigmoid_focal_options(alpha, gamma, reduction)
         super().__init__(alpha=alpha, gamma=gamma, reduction=reduction)
 
     def __call__(self, inputs: mx.array, targets: mx.array):
@@ -157,6 +174,8 @@ class SoftmaxFocalLoss(_LossModule):
         axis: the class axis of the logits.
         ignore_index: rows whose target equals it give 0 and leave the mean's
             denominator; a value the targets' dtype cannot hold matches no row.
+            Default -100, as :class:`CrossEntropyLoss` (``None``: no row
+            ignored).
     """
 
     def __init__(
@@ -166,13 +185,9 @@ class SoftmaxFocalLoss(_LossModule):
         reduction: losses.Reduction = "mean",
         *,
         axis: int = -1,
-        ignore_index: Optional[int] = None,
+        ignore_index: Optional[int] = -100,
     ):
-        if alpha is not None and not isinstance(alpha, (int, float)):
-            alpha = losses._as_array(alpha, "alpha")
-            losses._check_nonnegative_values(alpha, "alpha")
-        elif alpha is not None and not alpha >= 0:
-            raise ValueError(f"alpha must be >= 0, got {alpha}")
+        _, alpha, _ = losses._softmax_focal_options(alpha, gamma, reduction, ignore_index)
         super().__init__(
             alpha=alpha, gamma=gamma, reduction=reduction, axis=axis, ignore_index=ignore_index
         )
@@ -198,7 +213,8 @@ class LinearCrossEntropyLoss(_LossModule):
         label_smoothing_mode: ``"uniform"`` or ``"others"``, as for
             :class:`CrossEntropyLoss`.
         ignore_index: rows whose target equals it give 0 and leave the mean's
-            denominator.
+            denominator. Default -100, PyTorch's padding label (``None``: no
+            row ignored, an out-of-range index is a NaN row).
         z_loss: coefficient of ``logsumexp(logits)**2`` added per row.
         logit_softcap: ``c``: the logits become ``c * tanh(z / c)``; ``None``
             disables it.
@@ -213,12 +229,14 @@ class LinearCrossEntropyLoss(_LossModule):
         reduction: losses.Reduction = "mean",
         *,
         label_smoothing_mode: str = "uniform",
-        ignore_index: Optional[int] = None,
+        ignore_index: Optional[int] = -100,
         z_loss: float = 0.0,
         logit_softcap: Optional[float] = None,
         chunk_bytes: Optional[int] = None,
         dtype: Optional[mx.Dtype] = None,
     ):
+        _linear_cross_entropy_options(label_smoothing, reduction, label_smoothing_mode,
+                                      ignore_index, z_loss, logit_softcap, chunk_bytes, dtype)
         super().__init__(
             label_smoothing=label_smoothing,
             reduction=reduction,
