@@ -296,6 +296,14 @@ def test_huber_delta_must_be_positive(fl):
     mx.eval(fl.smooth_l1_loss(P, Q, beta=0.0), fl.huber_loss(P, Q, delta=1e-30))
 
 
+@pytest.mark.parametrize("value", [1e39, -1e39, 10**400])
+def test_number_beyond_float32_is_a_value_error(fl, value):
+    """A finite option that float32 turns into inf is said as such (an int
+    beyond float64 raised OverflowError from float())."""
+    err = assert_raises_naming(ValueError, "z_loss", fl.cross_entropy, X, T, z_loss=value)
+    assert "float32" in str(err)
+
+
 def test_tiny_logit_softcap_is_not_reported_as_zero(fl):
     err = assert_raises_naming(ValueError, "logit_softcap", fl.linear_cross_entropy,
                                H8, W8, T5, logit_softcap=1e-50)

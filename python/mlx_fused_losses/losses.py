@@ -43,7 +43,10 @@ def _float_option(value, name: str) -> float:
     if type(value) is not float:
         if isinstance(value, (str, bytes, bool)) or not hasattr(value, "__float__"):
             raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an int beyond float64
+            raise ValueError(f"{name}={value} overflows float32, the precision the kernels compute in") from None
     magnitude = abs(value)
     if 0.0 < magnitude < 1e-37 and struct.unpack("f", struct.pack("f", value))[0] == 0.0:
         raise ValueError(
