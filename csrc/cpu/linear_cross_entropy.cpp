@@ -524,13 +524,9 @@ namespace fl {
 void LceScaleGrad::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   const auto& grad = inputs[1];
   auto& out = outputs[0];
-  if (out.dtype() == mx::float32) {
-    // The forward's gradient output is read by this op only: scale it where
-    // it is instead of holding a second [V, H] copy.
-    out.copy_shared_buffer(grad);
-  } else {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-  }
+  // float32: scale the forward's gradient output where it is (no second
+  // [V, H] copy) if nothing else reads it; element i from element i only.
+  cpu::allocate_or_reuse(out, grad, stream());
   const float* g = inputs[0].data<float>();
   const float* src = grad.data<float>();
   void* dst = out.data<void>();

@@ -266,11 +266,9 @@ void LceScaleGrad::eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx
   const auto& g = inputs[0];
   const auto& grad = inputs[1];
   auto& out = outputs[0];
-  if (out.dtype() == mx::float32) {
-    out.copy_shared_buffer(grad); // scaled in place, as on the CPU (ops/linear_cross_entropy.h)
-  } else {
-    gpu::alloc(out);
-  }
+  // float32: scaled in place when MLX's donation rule allows, as on the CPU
+  // (ops/linear_cross_entropy.h); each thread reads element i, then writes it.
+  gpu::alloc_or_reuse(out, grad);
   gpu::require_dense(grad, "grad");
   const uint64_t n = out.size();
   auto& s = stream();

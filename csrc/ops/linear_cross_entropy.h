@@ -177,6 +177,13 @@ class LinearCrossEntropy : public LossPrimitive<LinearCrossEntropyParams> {
   // Set by vjp on a not yet evaluated forward: which declared gradients
   // (hidden, weight, bias) to compute.
   std::array<bool, 3> requested{};
+  // Equal parameters and the same requested gradients: mx.compile merges
+  // identical calls, and a forward asked for dH only must not stand in for
+  // one asked for dW (whose output it never allocates).
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto* same = dynamic_cast<const LinearCrossEntropy*>(&other);
+    return same && LossPrimitive::is_equivalent(other) && requested == same->requested;
+  }
 };
 
 // Backward (recomputes the logits chunk by chunk). Inputs: the forward's
@@ -188,10 +195,12 @@ class LinearCrossEntropyVJP : public LossPrimitive<LinearCrossEntropyParams> {
 };
 
 // The fused gradients times the cotangent, in the primal's dtype: g * grad.
-// Inputs: g (float32 scalar), grad (float32, a gradient output of the forward
-// that nothing else reads). float32 result: scaled in place in grad's buffer
-// (a copy would double the [V, H] weight gradient's memory); 16-bit: one pass
-// that scales and converts.
+// Inputs: g (float32 scalar), grad (float32, a gradient output of the
+// forward). float32 result: scaled in place in grad's buffer when MLX's
+// donation rule allows it (a copy would double the [V, H] weight gradient's
+// memory), in a fresh buffer when anything else still reads grad (compile
+// merges identical forwards: 2 L(x) + 3 L(x) has two of these on one grad);
+// 16-bit: one pass that scales and converts.
 class LceScaleGrad : public mx::Primitive {
  public:
   LceScaleGrad(mx::Stream stream, mx::Dtype dtype) : mx::Primitive(stream), dtype_(dtype) {}
@@ -203,7 +212,8 @@ class LceScaleGrad : public mx::Primitive {
     return {inputs[1].shape()};
   }
   bool is_equivalent(const mx::Primitive& other) const override {
-    return false; // each instance owns (and scales) its own buffer
+    auto* same = dynamic_cast<const LceScaleGrad*>(&other);
+    return same && same->dtype_ == dtype_;
   }
   const char* name() const override {
     return "FusedLinearCrossEntropyScaleGrad";
