@@ -178,6 +178,23 @@ NB_MODULE(_ext, m) {
       "label_smoothing"_a, "label_smoothing_mode"_a, "z_loss"_a, "logit_softcap"_a = nb::none(),
       "chunk_bytes"_a = nb::none());
 
+  // Counts for the Python reductions that hold at whatever size a shapeless
+  // mx.compile runs the graph (ops/common.h); constants outside such a trace.
+  m.def(
+      "element_count",
+      [](const mlx::core::array& a, mlx::core::Dtype dtype, mlx::core::StreamOrDevice stream) {
+        return fl::element_count(a, fl::axes_from(a, 0), dtype, stream);
+      },
+      "a"_a, "dtype"_a = mlx::core::float32, nb::kw_only(), "stream"_a = nb::none(),
+      "The number of elements of a, as a scalar of dtype, counted when the graph runs.");
+  m.def(
+      "mean_factor",
+      [](const mlx::core::array& a, mlx::core::StreamOrDevice stream) {
+        return fl::mean_factor(a, fl::axes_from(a, 0), stream);
+      },
+      "a"_a, nb::kw_only(), "stream"_a = nb::none(),
+      "float32 1 / a.size (1 for an empty a), the factor of a mean, counted when the graph runs.");
+
   m.def("num_threads", &fl::cpu::num_threads,
         "Threads the CPU kernels use (FL_NUM_THREADS, else the usable cores).");
 

@@ -147,6 +147,34 @@ bool can_take_over(const mx::array& in, const mx::array& out) {
   return can_take_over_layout(in, out) && mx::is_donatable(in, out);
 }
 
+std::vector<int> axes_from(const mx::array& a, int first) {
+  std::vector<int> axes;
+  for (int i = first; i < a.ndim(); ++i) {
+    axes.push_back(i);
+  }
+  return axes;
+}
+
+mx::array element_count(const mx::array& a, std::vector<int> axes, mx::Dtype dtype,
+                        mx::StreamOrDevice s) {
+  return mx::number_of_elements(a, std::move(axes), false, dtype, s);
+}
+
+mx::array mean_factor(const mx::array& a, std::vector<int> axes, mx::StreamOrDevice s) {
+  bool empty = false;
+  for (int axis : axes) {
+    empty = empty || a.shape(axis) == 0;
+  }
+  auto inverse = mx::number_of_elements(a, std::move(axes), true, mx::float32, s);
+  if (inverse.has_primitive()) {
+    // Known when the graph runs: 1 / 0 = inf becomes 1, and 1 / n <= 1 stays.
+    return mx::minimum(inverse, mx::array(1.0f), s);
+  }
+  // Known now (no shapeless trace): MLX's own constant 1 / n, the factor
+  // mx.mean multiplies by, bit for bit; 1 instead of 1 / 0.
+  return empty ? mx::array(1.0f) : inverse;
+}
+
 std::vector<mx::array> vmap_to_front(
     const std::vector<mx::array>& inputs,
     const std::vector<int>& axes,

@@ -91,6 +91,19 @@ bool can_take_over_layout(const mx::array& in, const mx::array& out);
 // is_donatable): nothing but this primitive references `in` or its buffer.
 bool can_take_over(const mx::array& in, const mx::array& out);
 
+// Counts that must hold for the shapes a graph is run at, not only for those
+// it was built at: under mx.compile(shapeless=True) a graph traced at one
+// size is run at others, so a count is a NumberOfElements node evaluated with
+// the graph there (mx::number_of_elements; elsewhere it is a constant, no node).
+//   element_count: the number of elements of `a` along `axes`, as `dtype`.
+//   mean_factor: what a mean over `axes` multiplies the sum by (float32):
+//     1 / that number, or 1 where there are none (a mean over nothing is 0).
+mx::array element_count(const mx::array& a, std::vector<int> axes, mx::Dtype dtype,
+                        mx::StreamOrDevice s);
+mx::array mean_factor(const mx::array& a, std::vector<int> axes, mx::StreamOrDevice s);
+// The axes [first, a.ndim()).
+std::vector<int> axes_from(const mx::array& a, int first);
+
 // Move the vmapped axis of each input to the front; inputs that are not
 // vmapped (axis -1) are broadcast to the batch size where `broadcast` says so.
 std::vector<mx::array> vmap_to_front(

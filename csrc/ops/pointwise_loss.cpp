@@ -166,9 +166,14 @@ std::pair<std::vector<mx::array>, std::vector<int>> PointwiseLoss::vmap(
   // elements, then reduce everything but the batch axis.
   PointwiseParams elementwise = params_;
   elementwise.reduce = Reduce::None;
-  auto loss = make_forward(moved[0], moved[1], elementwise, s);
-  auto flat = mx::reshape(loss, {loss.shape(0), -1}, s);
-  auto reduced = params_.reduce == Reduce::Sum ? mx::sum(flat, 1, false, s) : mx::mean(flat, 1, false, s);
+  // (float32, as the fused reduction; the mean of an entry with no elements
+  // is 0, and its count is taken when the graph runs: see mean_factor.)
+  auto loss = mx::astype(make_forward(moved[0], moved[1], elementwise, s), mx::float32, s);
+  auto entry = axes_from(loss, 1);
+  auto reduced = mx::sum(loss, entry, false, s);
+  if (params_.reduce == Reduce::Mean) {
+    reduced = mx::multiply(reduced, mean_factor(loss, entry, s), s);
+  }
   return {{reduced}, {0}};
 }
 
@@ -187,13 +192,14 @@ std::pair<std::vector<mx::array>, std::vector<int>> PointwiseLossVJP::vmap(
   if (p.reduce != Reduce::None) {
     // One scalar cotangent per batch entry: spread it over that entry (divided
     // by the entry's size for a mean).
-    mx::Shape shape = cotan.shape();
-    shape.resize(moved[0].ndim(), 1);
-    cotan = mx::broadcast_to(mx::reshape(cotan, shape, s), moved[0].shape(), s);
+    // (No size is frozen into the graph: the entry's count and shape are
+    // those the graph runs at, for a shapeless compile.)
+    auto entry = axes_from(moved[0], 1);
+    cotan = mx::expand_dims(cotan, entry, s);
     if (p.reduce == Reduce::Mean) {
-      int64_t per_entry = moved[0].shape(0) ? moved[0].size() / moved[0].shape(0) : 1;
-      cotan = mx::divide(cotan, mx::array(float(per_entry > 0 ? per_entry : 1)), s);
+      cotan = mx::multiply(cotan, mean_factor(moved[0], entry, s), s);
     }
+    cotan = mx::broadcast_arrays({cotan, moved[0]}, s)[0];
     p.reduce = Reduce::None;
   }
   return {{make_backward(moved[0], moved[1], cotan, p, s)}, {0}};

@@ -140,8 +140,12 @@ def _finish(loss: mx.array, reduction: str, dtype: mx.Dtype, count=None) -> mx.a
         # empty batch, every row ignored, or kept rows whose class weights add
         # up to 0), so that one such batch cannot poison a training run. It
         # is the sum times 0: a NaN row (an out-of-range index) still shows.
+        # Sizes are counted when the graph runs (_ext.mean_factor,
+        # _ext.element_count), never read from .size or .shape here: a
+        # shapeless mx.compile runs the graph traced at one size at others.
         if count is None:
-            loss = loss.mean() if loss.size > 0 else mx.zeros((), mx.float32)
+            # (the sum times 1 / size, as loss.mean(), which gives NaN for 0)
+            loss = loss.sum() * _ext.mean_factor(loss)
         else:
             empty = count == 0
             safe = mx.where(empty, mx.array(1.0, mx.float32), count)
@@ -192,8 +196,11 @@ def _masked_targets(targets: mx.array, mask: mx.array, ignore_index: Optional[in
 
 
 def _kept_rows(targets: mx.array, ignore_index: Optional[int], row_weight=None):
-    """Denominator of a "mean" over rows: kept rows, weighted if asked."""
-    keep = mx.ones(targets.shape, mx.bool_) if ignore_index is None else targets != ignore_index
+    """Denominator of a "mean" over rows: kept rows, weighted if asked.
+    (Counted when the graph runs: no shape is frozen into a shapeless trace.)"""
+    if ignore_index is None:
+        return _ext.element_count(targets) if row_weight is None else row_weight.sum()
+    keep = targets != ignore_index
     if row_weight is None:
         return keep.astype(mx.float32).sum()
     return mx.where(keep, row_weight, 0.0).sum()
@@ -338,7 +345,9 @@ def cross_entropy(
     if reduction == "mean" and not soft and (ignore_index is not None or class_weights is not None):
         row_weight = None
         if class_weights is not None:
-            k = class_weights.shape[0]
+            # (K as an array counted when the graph runs: a shapeless trace
+            # may run at another number of classes)
+            k = _ext.element_count(class_weights, mx.int64)
             # An out-of-range index (a NaN row) has no class weight to add;
             # a uint64 index above 2^63 turns negative here, out of range too.
             index = targets.astype(mx.int64)
