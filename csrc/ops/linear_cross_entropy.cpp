@@ -91,6 +91,16 @@ std::vector<mx::array> make_backward(
       dense_inputs);
 }
 
+// Element b of `x` along `axis`, that axis dropped: a view (mx::take would
+// refuse an array with no elements, e.g. a batch of examples without rows).
+mx::array element_along(const mx::array& x, int b, int axis, mx::StreamOrDevice s) {
+  mx::Shape start(x.ndim(), 0);
+  mx::Shape stop = x.shape();
+  start[axis] = b;
+  stop[axis] = b + 1;
+  return mx::squeeze(mx::slice(x, start, stop, s), axis, s);
+}
+
 // vmap of either primitive: run it once per batch element and stack. A loss
 // summed over rows (and the weight gradient summed over rows) must stay per
 // batch element, which flattening the batch into the rows would break.
@@ -110,7 +120,7 @@ std::pair<std::vector<mx::array>, std::vector<int>> vmap_by_slices(
   for (int b = 0; b < batch; ++b) {
     std::vector<mx::array> sliced;
     for (size_t i = 0; i < inputs.size(); ++i) {
-      sliced.push_back(axes[i] >= 0 ? mx::take(inputs[i], b, axes[i], s) : inputs[i]);
+      sliced.push_back(axes[i] >= 0 ? element_along(inputs[i], b, axes[i], s) : inputs[i]);
     }
     auto outs = make(sliced);
     per_output.resize(outs.size());
@@ -118,10 +128,28 @@ std::pair<std::vector<mx::array>, std::vector<int>> vmap_by_slices(
       per_output[o].push_back(outs[o]);
     }
   }
-  if (batch == 0) {
-    throw std::invalid_argument("linear_cross_entropy: vmap over an empty axis is not supported");
-  }
   std::vector<mx::array> stacked;
+  if (batch == 0) {
+    // No examples: empty outputs of the batched shapes and dtypes. One
+    // example's graph (on zeros of an example's shape, never evaluated) says
+    // what they are.
+    std::vector<mx::array> example;
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      const auto& x = inputs[i];
+      if (axes[i] < 0) {
+        example.push_back(x);
+        continue;
+      }
+      mx::Shape shape = x.shape();
+      shape.erase(shape.begin() + axes[i]);
+      example.push_back(mx::zeros(shape, x.dtype(), s));
+    }
+    for (const auto& out : make(example)) {
+      mx::Shape shape = out.shape();
+      shape.insert(shape.begin(), 0);
+      stacked.push_back(mx::zeros(shape, out.dtype(), s));
+    }
+  }
   for (auto& outs : per_output) {
     stacked.push_back(mx::stack(outs, 0, s));
   }
