@@ -32,6 +32,19 @@ import mlx_fused_losses as fl
 
 mx.set_default_device(mx.cpu)
 
+# The CPU kernels here; on a Mac the Metal ones too (their eval_gpu takes
+# over buffers under the same rule).
+DEVICES = {"cpu": mx.cpu}
+if hasattr(mx, "metal") and mx.metal.is_available():
+    DEVICES["gpu"] = mx.gpu
+
+
+@pytest.fixture(params=list(DEVICES), autouse=True)
+def device(request):
+    """Every test of this file runs with each device's default stream."""
+    with mx.stream(DEVICES[request.param]):
+        yield request.param
+
 K = 7  # classes (element-wise losses: trailing axis)
 H = 32  # linear CE hidden size (a multiple of the quantization group)
 V = 11  # linear CE vocabulary
@@ -217,9 +230,9 @@ def _different_requests(case):
     _compare(_flat(mx.compile(step)(*args)), _flat(step(*args)), case.dtype, f"{case} requests")
 
 
-def _run_in_subprocess(what, names):
+def _run_in_subprocess(what, device, names):
     proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), what, *names],
+        [sys.executable, os.path.abspath(__file__), what, device, *names],
         capture_output=True, text=True, timeout=600, cwd=os.path.dirname(os.path.abspath(__file__)),
     )
     assert proc.returncode == 0, (
@@ -229,12 +242,12 @@ def _run_in_subprocess(what, names):
     assert not failures, "\n\n".join(f"{k}: {v}" for k, v in failures.items())
 
 
-def test_different_requests():
+def test_different_requests(device):
     """In one compiled step: the forward alone, each gradient alone, all of
     them with the value, and all in another order, of the same call. (A
     segfault before: equivalence ignored which gradients the linear CE was
     asked for, and compile kept one forward for all.)"""
-    _run_in_subprocess("requests", [c.name for c in CASES])
+    _run_in_subprocess("requests", device, [c.name for c in CASES])
 
 
 # --------------------------------------------------------------------------
@@ -345,14 +358,16 @@ def test_mlx_limits_the_readme_names():
 
 
 if __name__ == "__main__":
-    # python test_compile_matrix.py requests NAME...: run those cases'
-    # different-requests checks; print {name: error} as JSON on the last line.
-    what, names = sys.argv[1], sys.argv[2:]
+    # python test_compile_matrix.py requests DEVICE NAME...: run those cases'
+    # different-requests checks on DEVICE's default stream; print
+    # {name: error} as JSON on the last line.
+    what, device_name, names = sys.argv[1], sys.argv[2], sys.argv[3:]
     check = {"requests": _different_requests}[what]
     failures = {}
     for name in names:
         try:
-            check(CASE_BY_NAME[name])
+            with mx.stream(DEVICES[device_name]):
+                check(CASE_BY_NAME[name])
         except Exception as err:  # noqa: BLE001 - reported to the parent test
             failures[name] = f"{type(err).__name__}: {err}"
         print(f"{name}: {'FAILED' if name in failures else 'ok'}", file=sys.stderr, flush=True)

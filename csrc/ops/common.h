@@ -114,7 +114,11 @@ std::vector<mx::array> vmap_to_front(
 
 // Base of every primitive in this package: a loss is a set of plain
 // parameters (a struct with ==) plus the kernels; equivalence (used by
-// mx.compile to merge identical nodes) is equality of type and parameters.
+// mx.compile to merge identical nodes: same type, same inputs) is equality of
+// type and parameters. Whatever else changes a primitive's outputs (state set
+// after construction, as the linear CE's requested gradients) must be
+// compared too, by an override: compile lets the one it keeps stand in for
+// the other (tests/test_compile_matrix.py).
 template <typename Params>
 class LossPrimitive : public mx::Primitive {
  public:
