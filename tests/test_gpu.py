@@ -39,6 +39,11 @@ GPU = mx.cpu if os.environ.get("FL_GPU_TESTS_ON_CPU") == "1" else mx.gpu
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 # Relative tolerance of a stored value (outputs and gradients in the dtype).
 TOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
+# Apple GPUs flush float32 and bfloat16 subnormals to zero (operands and results), the
+# CPU keeps them: a flushed value is off by less than FLT_MIN, whatever the array's
+# scale (an all-subnormal expected array would otherwise need exact agreement).
+# tests/test_metal_subnormals.py runs the kernels flushed against these tolerances.
+FLUSH_ATOL = float(np.finfo(np.float32).tiny)
 
 
 def both(fn, *arrays):
@@ -54,7 +59,7 @@ def close(gpu, cpu, rtol, atol_scale=None):
     np.testing.assert_array_equal(np.isnan(gpu), np.isnan(cpu))
     fin = ~np.isnan(cpu)
     scale = np.abs(cpu[fin]).max() if fin.any() else 1.0
-    atol = rtol * (scale if atol_scale is None else atol_scale)
+    atol = max(rtol * (scale if atol_scale is None else atol_scale), FLUSH_ATOL)
     np.testing.assert_allclose(gpu[fin], cpu[fin], rtol=rtol, atol=atol)
 
 
@@ -205,8 +210,8 @@ def agree(actual, expected, rtol, what):
                                   np.isinf(expected) * np.sign(expected), err_msg=f"{what}: inf")
     fin = np.isfinite(expected)
     scale = np.abs(expected[fin]).max() if fin.any() else 1.0
-    np.testing.assert_allclose(actual[fin], expected[fin], rtol=rtol, atol=rtol * scale,
-                               err_msg=what)
+    np.testing.assert_allclose(actual[fin], expected[fin], rtol=rtol,
+                               atol=max(rtol * scale, FLUSH_ATOL), err_msg=what)
 
 
 def awkward_rows(K, dtype, rng, ignore_index):

@@ -618,6 +618,45 @@ def test_fragments_written_with_a_wrong_layout_come_out_misplaced(lib):
     assert not np.array_equal(out, np.arange(64, dtype=np.float32))  # fragment_layout's twin is
 
 
+# ---- flushing float32 subnormals like an Apple GPU ------------------------------------
+
+
+def test_flush_subnormals_mode_flushes_like_an_apple_gpu(lib):
+    """Without the mode every probe gives the CPU's IEEE subnormal; with it, zero (float32
+    and bfloat16 operands and results), while a half subnormal survives; and the mode
+    ends with the launch (the Python process keeps IEEE subnormals)."""
+    tiny = np.finfo(np.float32).tiny
+    x = np.array([1e-20, 1e-40, -100.0, 1e-30, 2.0], np.float32)
+    xb = np.array([0x0020], np.uint16)  # bfloat16 subnormal 2^-128
+    xh = np.array([np.float16(2.0**-20)], np.float16)  # half subnormal
+    assert 0 < x[1] < tiny and 0 < xh[0] < np.finfo(np.float16).tiny
+
+    plain = np.full(8, np.nan, np.float32)
+    lib.run("subnormal_probe_f32", x, xb, xh, plain, flush_subnormals=False)
+    for i in (0, 1, 2, 4, 5):
+        assert 0 < plain[i] < tiny, (i, plain)
+    assert plain[3] == 0.0 and plain[6] == np.float32(2.0**-19) and plain[7] == 1.0, plain
+
+    flushed = np.full(8, np.nan, np.float32)
+    lib.run("subnormal_probe_f32", x, xb, xh, flushed, flush_subnormals=True)
+    np.testing.assert_array_equal(flushed, [0, 0, 0, 0, 0, 0, np.float32(2.0**-19), 0])
+
+    # Back to IEEE after the launch, in this thread.
+    assert np.float32(1e-20) * np.float32(1e-20) > 0
+
+
+def test_flush_subnormals_default_comes_from_the_environment(lib, monkeypatch):
+    x = np.array([1e-20, 1e-40, -100.0, 1e-30, 2.0], np.float32)
+    xb, xh = np.array([0x0020], np.uint16), np.array([np.float16(2.0**-20)], np.float16)
+    out = np.full(8, np.nan, np.float32)
+    monkeypatch.setenv(mh.FLUSH_SUBNORMALS_ENV, "1")
+    lib.run("subnormal_probe_f32", x, xb, xh, out)
+    assert out[0] == 0.0
+    monkeypatch.setenv(mh.FLUSH_SUBNORMALS_ENV, "0")
+    lib.run("subnormal_probe_f32", x, xb, xh, out)
+    assert out[0] > 0.0
+
+
 # ---- static address-space check ---------------------------------------------------
 
 
@@ -683,7 +722,8 @@ def test_static_check_rejects_each_msl_rule_a_cpp_compiler_accepts():
 
 @needs_libclang
 def test_quantized_head_constants_live_in_constant_space(tmp_path):
-    """The defect of issue 16: metal/quantized_head.h's static data members without
+    """The defect found by reading against the MSL specification: metal/quantized_head.h's
+    static data members without
     `constant` (only reachable through an instantiation the IR never had). A copy of
     metal/ with the old declarations must fail the check; the real one passes
     (test_static_check_project_kernels)."""

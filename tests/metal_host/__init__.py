@@ -16,6 +16,7 @@ from typing import Iterable
 from .build import REPO, BuildError, compile_library, find_clang
 from .driver import (
     DEFAULT_SCHEDULES,
+    FLUSH_SUBNORMALS_ENV,
     HarnessError,
     KernelError,
     Library,
@@ -25,6 +26,7 @@ from .driver import (
     OutOfBounds,
     Schedule,
     ScheduleDependent,
+    flush_subnormals_default,
 )
 
 
@@ -41,6 +43,7 @@ def build(
 
 __all__ = [
     "DEFAULT_SCHEDULES",
+    "FLUSH_SUBNORMALS_ENV",
     "BuildError",
     "HarnessError",
     "KernelError",
@@ -53,4 +56,5 @@ __all__ = [
     "ScheduleDependent",
     "build",
     "find_clang",
+    "flush_subnormals_default",
 ]

@@ -40,6 +40,11 @@ CXX_FLAGS = (
     "-Wno-unknown-attributes",
     # Metal has no double: `x * 0.1` would compute in double here but in float there.
     "-Werror=double-promotion",
+    # No a * b + c fused behind the source's back, as in the metallib (CMakeLists.txt
+    # builds it with -ffp-contract=off) and the CPU build. clang's default is `on`,
+    # which fuses on aarch64 hosts (and x86 ones built with FMA): the harness would
+    # then round differently from both.
+    "-ffp-contract=off",
     # Round every half/bfloat operation to the type, as the GPU does, instead of
     # computing expressions in float.
     "-Xclang",

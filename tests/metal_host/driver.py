@@ -10,6 +10,7 @@ into the caller's arrays.
 from __future__ import annotations
 
 import ctypes
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -192,6 +193,16 @@ def _reference_run(runs: list, schedule: Schedule):
     return min(runs, key=lambda run: len(_differences(run[0], schedule)))
 
 
+FLUSH_SUBNORMALS_ENV = "MH_FLUSH_SUBNORMALS"
+
+
+def flush_subnormals_default() -> bool:
+    """MH_FLUSH_SUBNORMALS=1 runs every kernel launch like an Apple GPU: float32
+    subnormals flushed to zero (the kernel suites then compare with the GPU tests'
+    tolerances; see tests/test_metal_subnormals.py)."""
+    return os.environ.get(FLUSH_SUBNORMALS_ENV, "0") not in ("", "0")
+
+
 class Library:
     """A built harness library (see metal_host.build)."""
 
@@ -206,8 +217,11 @@ class Library:
             ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_size_t), ctypes.c_int]
         self._dll.mh_set_device_buffers.restype = None
         self._dll.mh_last_error.restype = ctypes.c_char_p
+        self._dll.mh_set_flush_subnormals.argtypes = [ctypes.c_int]
+        self._dll.mh_set_flush_subnormals.restype = None
 
-    def run(self, entry: str, *args, schedules=DEFAULT_SCHEDULES) -> None:
+    def run(self, entry: str, *args, schedules=DEFAULT_SCHEDULES,
+            flush_subnormals: bool | None = None) -> None:
         """Calls `extern "C" int entry(...)` once per schedule.
 
         Arrays are passed as device pointers (copied in and, after all checks, the
@@ -215,7 +229,12 @@ class Library:
         place). Scalars must be NumPy scalars (np.uint32(n), np.float32(x)) so that
         their C type is explicit. Raises KernelError, OutOfBounds or
         ScheduleDependent.
+
+        flush_subnormals: float32 subnormals read and written as zero while the
+        kernels run, as Apple GPUs do (runtime.cpp). None: flush_subnormals_default().
         """
+        if flush_subnormals is None:
+            flush_subnormals = flush_subnormals_default()
         fn = getattr(self._dll, entry)
         fn.restype = ctypes.c_int
         for a in args:
@@ -231,6 +250,7 @@ class Library:
         for schedule in schedules:
             self._dll.mh_set_schedule(_ORDERS[schedule.order], schedule.seed, schedule.poison,
                                       _MEMORY[schedule.memory])
+            self._dll.mh_set_flush_subnormals(int(flush_subnormals))
             buffers = {i: _GuardedBuffer(a) for i, a in enumerate(args) if isinstance(a, np.ndarray)}
             # The device buffers, for the strict memory model.
             pointers = (ctypes.c_void_p * len(buffers))(*(b.pointer.value for b in buffers.values()))

@@ -38,6 +38,10 @@
 #include <string>
 #include <unordered_map>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#endif
+
 namespace mh {
 namespace {
 
@@ -162,6 +166,58 @@ class Dispatch;
 thread_local Dispatch* g_dispatch = nullptr;
 thread_local Schedule g_schedule;
 thread_local std::string g_last_error;
+thread_local bool g_flush_subnormals = false;
+
+// Apple GPUs flush float32 subnormals to zero, in operands and in results, even
+// without fast math (MLX's metallibs pass -fno-fast-math and still see it:
+// ml-explore/mlx#4205, M3 Pro: float32 and bfloat16 subnormals read as zero, float16
+// ones survive; the applegpu probes of fma model the same flush). With
+// mh_set_flush_subnormals(1) the CPU does the same while kernel code runs: x86
+// MXCSR.FTZ (results) and .DAZ (operands), aarch64 FPCR.FZ (both; FZ16 stays off).
+// Fibers inherit the setting: their contexts are made (getcontext) inside the
+// dispatch, and swapcontext saves and restores the control register with the rest.
+// float16 and bfloat16 values are widened to float by integer conversions here, so a
+// bfloat16 subnormal (a float32 subnormal once widened) is flushed at its first
+// arithmetic operation and a half subnormal (a normal float32) is not, as on the GPU.
+// Sets flush-to-zero on or off for the calling thread; returns the previous control
+// word for restore_float_control.
+uint64_t set_flush_subnormals(bool flush) {
+#if defined(__x86_64__) || defined(__i386__)
+  const unsigned saved = _mm_getcsr();
+  constexpr unsigned kFtzDaz = 0x8040;  // bit 15 flush-to-zero, bit 6 denormals-are-zero
+  _mm_setcsr(flush ? (saved | kFtzDaz) : (saved & ~kFtzDaz));
+  return saved;
+#elif defined(__aarch64__)
+  uint64_t saved;
+  __asm__ volatile("mrs %0, fpcr" : "=r"(saved));
+  const uint64_t fz = uint64_t(1) << 24;
+  const uint64_t want = flush ? (saved | fz) : (saved & ~fz);
+  __asm__ volatile("msr fpcr, %0" : : "r"(want));
+  return saved;
+#else
+  if (flush) throw Error("flushing subnormals is implemented for x86-64 and aarch64 only");
+  return 0;
+#endif
+}
+
+void restore_float_control(uint64_t saved) {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_setcsr(static_cast<unsigned>(saved));
+#elif defined(__aarch64__)
+  __asm__ volatile("msr fpcr, %0" : : "r"(saved));
+#else
+  (void)saved;
+#endif
+}
+
+// The dispatch's floating-point environment, restored when it ends.
+struct FloatEnvironment {
+  const uint64_t saved;
+  explicit FloatEnvironment(bool flush) : saved(set_flush_subnormals(flush)) {}
+  ~FloatEnvironment() { restore_float_control(saved); }
+  FloatEnvironment(const FloatEnvironment&) = delete;
+  FloatEnvironment& operator=(const FloatEnvironment&) = delete;
+};
 thread_local std::vector<std::pair<unsigned char*, std::size_t>> g_device_buffers;
 
 void fill_pattern(void* p, std::size_t size, uint16_t pattern) {
@@ -430,6 +486,10 @@ class Dispatch {
   static void fiber_main() {
     Dispatch& d = *g_dispatch;
     Fiber& f = *d.current_;
+    // Inherited from the context it was made in; explicit all the same. Nothing to
+    // restore: the fiber ends in setcontext to the scheduler, whose context holds
+    // the dispatch's setting.
+    set_flush_subnormals(g_flush_subnormals);
     try {
       d.kernel_(f.ctx);
     } catch (...) {
@@ -700,6 +760,7 @@ void run(Dim3 groups, Dim3 tpg, Dim3 threads, const std::vector<std::size_t>& tg
   check_group_size(tpg);
   if (uint64_t(threads.x) * threads.y * threads.z == 0)
     throw Error("empty dispatch: the host code must skip it rather than dispatch 0 threads");
+  const FloatEnvironment float_environment(g_flush_subnormals);
   Dispatch d(kernel, tg_bytes);
   struct Scope {
     Dispatch* saved;
@@ -785,6 +846,9 @@ void mh_set_device_buffers(void* const* pointers, const size_t* sizes, int n) {
 }
 
 const char* mh_last_error() { return mh::g_last_error.c_str(); }
+
+// 1: float32 subnormals flushed to zero in the dispatches that follow, as on Apple GPUs.
+void mh_set_flush_subnormals(int flush) { mh::g_flush_subnormals = flush != 0; }
 
 // clang lowers float -> __bf16 conversions (metal::bfloat) to these libcalls, which
 // libgcc only provides from GCC 13 on: round to nearest even, NaNs stay quiet NaNs.

@@ -392,3 +392,12 @@ extern "C" int store_then_read_f32(const float* x, float* out, uint32_t barrier)
     });
   });
 }
+
+extern "C" int subnormal_probe_f32(const float* x, const metal::bfloat* xb, const metal::half* xh,
+                                   float* out) {
+  return mh::guarded([&] {
+    mh::dispatch_threads({1}, {1}, {}, [&](const mh::ThreadCtx& t) {
+      subnormal_probe(x, xb, xh, out, t.thread_position_in_grid.x);
+    });
+  });
+}
