@@ -30,7 +30,8 @@ Specification (version 3.2, the "MSL" below) that forbids it:
   pointer and reference parameters in device, constant or threadgroup (MSL 4, "the
   arguments to a kernel function that are a pointer or reference must be declared
   with an address space attribute"; `thread` is for locals), and no overloading
-  (MSL 1.5.1: graphics and kernel functions cannot be overloaded).
+  (MSL 1.5.1: graphics and kernel functions cannot be overloaded); no function is
+  called `main` (MSL 1.5.4).
 
 Rules clang enforces itself in the check's C++ mode are not repeated here: writes
 through `constant` and cross-address-space pointers (address_space attributes),
@@ -188,6 +189,9 @@ class _Walker:
             self._double(cursor, cursor.result_type, f"function '{cursor.spelling}' returns")
             return
         self._double(cursor, cursor.result_type, f"function '{cursor.spelling}' returns")
+        if cursor.spelling == "main" and cursor.semantic_parent.kind == K.TRANSLATION_UNIT:
+            self.report(cursor, "function named 'main'",
+                        "MSL 1.5.4: Metal functions cannot be called main")
         if not self._is_kernel(cursor):
             return
         self.kernels.setdefault(cursor.spelling, []).append(self._where(cursor))

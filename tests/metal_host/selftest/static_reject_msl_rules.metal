@@ -31,6 +31,10 @@ struct Derived : Base {
   float scale;
 };
 
+int main() { // REJECT: function named 'main'
+  return 0;
+}
+
 static float square(float x) {
   return x * x;
 }
