@@ -55,7 +55,7 @@ def logit_scale(args):
 
 
 def reference(args, **options):
-    for kernel_only in ("chunk_bytes", "dtype", "scales", "biases", "group_size", "bits"):
+    for kernel_only in ("chunk_bytes", "dtype", "scales", "biases", "group_size", "bits", "mode"):
         options.pop(kernel_only, None)
     np_args = {k: to_np(v) for k, v in args.items()}
     return ref.linear_cross_entropy(

@@ -91,7 +91,8 @@ def float64_twin(model):
     for name, layer in model.named_modules():
         if isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
             weight = mx.dequantize(layer["weight"], layer["scales"], layer.get("biases"),
-                                   layer.group_size, layer.bits)
+                                   layer.group_size, layer.bits, mode=layer.mode,
+                                   dtype=mx.float32)
             if isinstance(layer, nn.QuantizedLinear):
                 replacement = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in layer)
                 if "bias" in layer:
@@ -169,11 +170,12 @@ def test_linear_lm_loss_matches_default_loss(linear_ready, rng, name):
                                 direct=False)
 
 
-def _qlora(name, keys=None):
+def _qlora(name, keys=None, **quantization):
     """QLoRA as mlx-lm sets it up: quantize everything (head and embeddings
-    included), freeze, put LoRA adapters on the layers."""
+    included; group_size=32, bits=4 unless `quantization` says otherwise),
+    freeze, put LoRA adapters on the layers."""
     model = build(name)
-    nn.quantize(model, group_size=32, bits=4)
+    nn.quantize(model, **(quantization or dict(group_size=32, bits=4)))
     model.freeze()
     config = dict(rank=4, scale=2.0, dropout=0.0)
     if keys is not None:
@@ -194,6 +196,28 @@ def test_quantized_head_qlora(linear_ready, rng, name):
     batch = make_batch(rng)
     assert_matches_default_loss(lambda: _qlora(name), lm.linear_lm_loss, *batch, direct=False)
     assert_matches_default_loss(lambda: _qlora(name), lm.lm_loss, *batch)
+
+
+# mlx-community's other widths (3 and 6 bits straddle the packed words) and
+# MLX's floating-point modes (no biases; uint8 E8M0/E4M3 scales).
+FORMATS = {"affine3": dict(bits=3), "affine6": dict(bits=6),
+           "affine5-g32": dict(bits=5, group_size=32), "mxfp4": dict(mode="mxfp4"),
+           "mxfp8": dict(mode="mxfp8"), "nvfp4": dict(mode="nvfp4")}
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("name", ["llama-tied", "llama-untied"])
+def test_quantized_head_every_format(linear_ready, rng, name, fmt):
+    """nn.quantize(model, bits=3 / bits=6 / mode="mxfp4" ...): linear_lm_loss
+    reads the head as quantized and matches mlx-lm's loss and gradients."""
+    head = lm.find_lm_head(_qlora(name, **FORMATS[fmt]))
+    expected = dict(dict(mode="affine"), **FORMATS[fmt])
+    assert head.layer.mode == expected["mode"] and head.layer["weight"].dtype == mx.uint32
+    if "bits" in expected:
+        assert head.layer.bits == expected["bits"]
+    batch = make_batch(rng)
+    assert_matches_default_loss(lambda: _qlora(name, **FORMATS[fmt]), lm.linear_lm_loss, *batch,
+                                direct=False)
 
 
 @pytest.mark.parametrize("quantized", [False, True], ids=["dense", "qlora"])

@@ -18,6 +18,7 @@
 #include "cpu/dispatch.h"
 #include "cpu/dtype.h"
 #include "cpu/output_buffer.h"
+#include "cpu/quantized_head.h"
 #include "cpu/row_reduce.h"
 #include "math/cross_entropy.h"
 #include "math/linear_cross_entropy.h"
@@ -48,9 +49,9 @@ struct LceArgs {
   int64_t rows, hidden, vocab;
   const void* hidden_data;
   mx::Dtype hidden_dtype = mx::float32;
-  const void* weight_data; // [V, H] float, or [V, H * bits / 32] uint32
+  const void* weight_data; // [V, H] float, or [V, H * bits / 32] uint32 (quantized)
   mx::Dtype weight_dtype = mx::float32;
-  const void* scales; // quantized: [V, H / group_size] in scale_dtype
+  const void* scales; // quantized: [V, H / group_size] in scale_dtype (fp modes: uint8)
   const void* qbiases;
   mx::Dtype scale_dtype = mx::float32;
   const int64_t* targets;
@@ -90,36 +91,6 @@ void convert_block(const T* src, Block b, float* dst) {
   }
 }
 
-// Affine dequantisation of a weight block: w = scale * q + bias per group, q
-// packed little-end first in uint32 words (as mx.quantize packs it). Column
-// blocks start and end on group boundaries.
-template <typename S>
-void dequantize_block(const LceArgs& a, Block b, float* dst) {
-  const int bits = a.p.bits;
-  const int group = a.p.group_size;
-  const int per_word = 32 / bits;
-  const uint32_t mask = (1u << bits) - 1u;
-  const int64_t words = a.hidden / per_word;
-  const int64_t groups = a.hidden / group;
-  auto wq = static_cast<const uint32_t*>(a.weight_data);
-  auto sc = static_cast<const S*>(a.scales);
-  auto qb = static_cast<const S*>(a.qbiases);
-  for (int64_t i = 0; i < b.rows; ++i) {
-    const int64_t v = b.row0 + i;
-    for (int64_t g = b.col0 / group; g < (b.col0 + b.cols) / group; ++g) {
-      float scale = cpu::to_float(sc[v * groups + g]);
-      float shift = cpu::to_float(qb[v * groups + g]);
-      const uint32_t* w = wq + v * words + g * group / per_word;
-      float* d = dst + i * b.cols + (g * group - b.col0);
-      FL_SIMD
-      for (int j = 0; j < group; ++j) {
-        uint32_t q = (w[j / per_word] >> ((j % per_word) * bits)) & mask;
-        d[j] = scale * float(q) + shift;
-      }
-    }
-  }
-}
-
 // A block of the weight as float32, and its leading dimension: W itself when
 // it is a dense float32 matrix, else converted / dequantised into `tile`.
 std::pair<const float*, int64_t> weight_block(const LceArgs& a, Block b, float* tile) {
@@ -127,7 +98,16 @@ std::pair<const float*, int64_t> weight_block(const LceArgs& a, Block b, float* 
     return {static_cast<const float*>(a.weight_data) + b.row0 * a.hidden + b.col0, a.hidden};
   }
   if (a.p.quantized()) {
-    cpu::dispatch_float(a.scale_dtype, [&](auto zero) { dequantize_block<decltype(zero)>(a, b, tile); });
+    cpu::QuantizedMatrix q;
+    q.w_q = static_cast<const uint32_t*>(a.weight_data);
+    q.scales = a.scales;
+    q.biases = a.qbiases;
+    q.scale_dtype = a.scale_dtype;
+    q.mode = a.p.quant_mode;
+    q.bits = a.p.bits;
+    q.group_size = a.p.group_size;
+    q.hidden = a.hidden;
+    cpu::dequantize_block(q, b.row0, b.rows, b.col0, b.cols, tile);
   } else {
     cpu::dispatch_float(a.weight_dtype, [&](auto zero) {
       convert_block(static_cast<const decltype(zero)*>(a.weight_data), b, tile);
@@ -430,7 +410,7 @@ LceArgs make_args(const std::vector<mx::array>& inputs, const LinearCrossEntropy
   a.weight_dtype = weight.dtype();
   if (p.quantized()) {
     a.scales = inputs[L.scales].data<void>();
-    a.qbiases = inputs[L.qbiases].data<void>();
+    a.qbiases = L.qbiases >= 0 ? inputs[L.qbiases].data<void>() : nullptr; // affine only
     a.scale_dtype = inputs[L.scales].dtype();
   }
   a.targets = inputs[L.targets].data<int64_t>();

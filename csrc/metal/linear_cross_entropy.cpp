@@ -37,6 +37,11 @@ struct LceCall {
 // biases one dtype); w_q must reach the kernel as packed uint32.
 std::string head_name(const std::vector<mx::array>& inputs, const LinearCrossEntropyParams& p,
                       const LceInputs& L) {
+  if (p.quantized() && p.quant_mode != 0) {
+    throw std::runtime_error(
+        "mlx_fused_losses: the Metal linear cross-entropy reads affine-quantized heads only (the "
+        "CPU reads every mode); use stream=mx.cpu");
+  }
   if (p.quantized()) {
     const auto& scales = inputs[L.scales];
     const auto& qbiases = inputs[L.qbiases];

@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "math/cross_entropy.h"
+#include "math/quantized.h"
 #include "ops/cross_entropy.h"
 
 namespace fl {
@@ -156,20 +157,71 @@ std::pair<std::vector<mx::array>, std::vector<int>> vmap_by_slices(
   return {stacked, std::vector<int>(stacked.size(), 0)};
 }
 
-void check_quantized(const mx::array& w_q, const mx::array& scales, const mx::array& qbiases,
-                     int hidden_size, int group_size, int bits) {
-  // The formats the kernels read (mx.quantize also makes 3, 5 and 6 bits and
-  // floating-point modes; mlx-community models use 3 and 6 bits too).
-  constexpr const char* kFormats =
-      "linear_cross_entropy reads affine-quantized heads of 2, 4 or 8 bits with group_size "
-      "32, 64 or 128 (mx.quantize's defaults: bits=4, group_size=64); for a model quantized "
-      "otherwise, mlx_fused_losses.lm.lm_loss works with every model (fused cross-entropy on "
-      "the model's logits)";
-  if (bits != 2 && bits != 4 && bits != 8) {
-    fail_value("bits=", bits, " is not supported: ", kFormats);
+} // namespace
+
+namespace {
+
+// What mx.quantize accepts per mode in mlx 0.32.4 (mlx/ops.cpp:
+// quantization_params_from_mode and the fp_quantize checks).
+struct QuantFormat {
+  const char* name;
+  int mode;
+  int default_group_size, default_bits;
+};
+constexpr QuantFormat kQuantFormats[] = {
+    {"affine", flm::kQuantAffine, 64, 4},
+    {"mxfp4", flm::kQuantMxfp4, 32, 4},
+    {"mxfp8", flm::kQuantMxfp8, 32, 8},
+    {"nvfp4", flm::kQuantNvfp4, 16, 4},
+};
+
+const QuantFormat& quant_format(int mode) {
+  for (const auto& f : kQuantFormats) {
+    if (f.mode == mode) return f;
   }
-  if (group_size != 32 && group_size != 64 && group_size != 128) {
-    fail_value("group_size=", group_size, " is not supported: ", kFormats);
+  throw std::logic_error("unknown quantization mode");
+}
+
+} // namespace
+
+int quant_mode_from_name(const std::string& mode) {
+  for (const auto& f : kQuantFormats) {
+    if (mode == f.name) return f.mode;
+  }
+  fail_value("mode='", mode, "' is not a quantization mode of mx.quantize: 'affine', 'mxfp4', "
+             "'mxfp8' or 'nvfp4'");
+}
+
+void check_quantized_head(const mx::array& w_q, const mx::array& scales,
+                          const std::optional<mx::array>& qbiases, int hidden_size, int group_size,
+                          int bits, int mode) {
+  const QuantFormat& f = quant_format(mode);
+  if (mode == flm::kQuantAffine) {
+    if (bits < 1 || bits > 8 || bits == 7) {
+      fail_value("bits=", bits, " is not an affine quantization of mx.quantize: bits must be 1, 2, "
+                 "3, 4, 5, 6 or 8");
+    }
+    if (group_size != 32 && group_size != 64 && group_size != 128) {
+      fail_value("group_size=", group_size, " is not an affine quantization of mx.quantize: "
+                 "group_size must be 32, 64 or 128");
+    }
+    if (!qbiases) {
+      fail_value("a quantized weight of mode='affine' needs both scales= and biases=, as "
+                 "mx.quantize returns them");
+    }
+  } else {
+    if (bits != f.default_bits) {
+      fail_value("bits=", bits, " does not match mode='", f.name, "', which has bits=",
+                 f.default_bits);
+    }
+    if (group_size != f.default_group_size) {
+      fail_value("group_size=", group_size, " does not match mode='", f.name,
+                 "', which has group_size=", f.default_group_size);
+    }
+    if (qbiases) {
+      fail_value("mode='", f.name, "' has no biases (mx.quantize returns only w_q and scales); "
+                 "pass biases=None");
+    }
   }
   if (w_q.dtype() != mx::uint32) {
     fail_type("a quantized weight must be the uint32 matrix mx.quantize returns, got ", w_q.dtype());
@@ -178,24 +230,31 @@ void check_quantized(const mx::array& w_q, const mx::array& scales, const mx::ar
     fail_value("weight (quantized) must be 2-D (V, H * bits / 32), got ", shape_str(w_q.shape()));
   }
   int64_t columns = int64_t(w_q.shape(1)) * 32 / bits;
-  if (columns != hidden_size) {
+  if (int64_t(w_q.shape(1)) * 32 % bits != 0 || columns != hidden_size) {
     fail_value("weight (quantized, bits=", bits, ") of shape ", shape_str(w_q.shape()), " holds ",
-               columns, " columns, but hidden has H = ", hidden_size);
+               double(w_q.shape(1)) * 32 / bits, " columns, but hidden has H = ", hidden_size);
   }
   if (hidden_size % group_size != 0) {
     fail_value("H = ", hidden_size, " must be a multiple of group_size = ", group_size);
   }
   mx::Shape expected = {w_q.shape(0), hidden_size / group_size};
-  for (auto [arr, name] : {std::pair{&scales, "scales"}, std::pair{&qbiases, "biases"}}) {
-    check_float_input(*arr, name);
+  std::vector<std::pair<const mx::array*, const char*>> groups = {{&scales, "scales"}};
+  if (qbiases) {
+    groups.push_back({&*qbiases, "biases"});
+  }
+  for (auto [arr, name] : groups) {
+    if (mode == flm::kQuantAffine) {
+      check_float_input(*arr, name);
+    } else if (arr->dtype() != mx::uint8) {
+      fail_type(name, " of mode='", f.name, "' must be the uint8 codes mx.quantize returns, got ",
+                arr->dtype());
+    }
     if (arr->shape() != expected) {
       fail_value(name, " must have shape ", shape_str(expected), " (V, H / group_size) for group_size=",
                  group_size, ", got ", shape_str(arr->shape()));
     }
   }
 }
-
-} // namespace
 
 int check_linear_cross_entropy_options(float label_smoothing,
                                        const std::string& label_smoothing_mode, float z_loss,
@@ -221,6 +280,7 @@ std::vector<mx::array> linear_cross_entropy(
     const std::optional<mx::array>& qbiases,
     int group_size,
     int bits,
+    const std::string& mode,
     float label_smoothing,
     const std::string& label_smoothing_mode,
     std::optional<int64_t> ignore_index,
@@ -241,18 +301,21 @@ std::vector<mx::array> linear_cross_entropy(
   if (qbiases && !scales) {
     fail_value("biases (of a quantized weight) given without scales");
   }
+  const int quant_mode = quant_mode_from_name(mode);
+  if (quant_mode != flm::kQuantAffine && !scales) {
+    fail_value("mode='", mode, "' describes a quantized weight: pass the scales= that mx.quantize "
+               "returned with it");
+  }
   if (scales) {
-    if (!qbiases) {
-      fail_value("a quantized weight needs both scales and biases (affine mode), as mx.quantize returns them");
-    }
-    check_quantized(weight, *scales, *qbiases, hidden_size, group_size, bits);
+    p.quant_mode = quant_mode;
+    check_quantized_head(weight, *scales, qbiases, hidden_size, group_size, bits, p.quant_mode);
     p.bits = bits;
     p.group_size = group_size;
   } else {
     if (weight.dtype() == mx::uint32) {
       fail_type("weight is uint32: the packed matrix of a quantized head needs the scales= and "
                 "biases= that mx.quantize returned with it (w_q, scales, biases = "
-                "mx.quantize(W, group_size, bits)), and the same group_size= and bits=");
+                "mx.quantize(W, group_size, bits)), and the same group_size=, bits= and mode=");
     }
     check_float_input(weight, "weight");
     if (weight.ndim() != 2 || weight.shape(1) != hidden_size) {
@@ -301,7 +364,9 @@ std::vector<mx::array> linear_cross_entropy(
     p.grad_bias = bias && bias->is_tracer();
   }
   std::vector<mx::array> inputs = {hidden, weight};
-  if (scales) {
+  if (scales && !qbiases) {
+    inputs.push_back(*scales); // uint8 codes (floating-point modes)
+  } else if (scales) {
     // The kernels read scales and biases as one dtype: both in their promoted
     // type (mx.dequantize's result type; the conversion is exact, and a no-op
     // for what mx.quantize returns). Before, biases of another dtype than the

@@ -3,9 +3,11 @@
 //
 // Contract.
 //   hidden  [..., H]  float32/float16/bfloat16, row-contiguous (N rows)
-//   weight  [V, H]    float (any of the three), or an affine-quantized matrix
-//                     w_q [V, H * bits / 32] uint32 with scales and biases
-//                     [V, H / group_size] exactly as mx.quantize returns them
+//   weight  [V, H]    float (any of the three), or a quantized matrix
+//                     w_q [V, H * bits / 32] uint32 with scales (and, in
+//                     affine mode, biases) [V, H / group_size] exactly as
+//                     mx.quantize returns them: every mode, bits and group
+//                     size of mlx 0.32.4 (math/quantized.h)
 //   targets [...]     int64 class indices (hidden's shape without H)
 //   bias    [V]       optional, float
 // The kernel walks the rows in chunks: a chunk's logits [rows, V] (float32) are
@@ -54,8 +56,9 @@ struct LinearCrossEntropyParams {
   float z_loss = 0.0f;
   float logit_softcap = 0.0f; // 0: no cap
   bool has_bias = false;
-  int bits = 0; // 0: dense float weight; 2/4/8: affine-quantized
+  int bits = 0; // 0: dense float weight; else the quantized head's bits
   int group_size = 0;
+  int quant_mode = 0; // quantized: flm::kQuantAffine/Mxfp4/Mxfp8/Nvfp4 (math/quantized.h)
   int64_t chunk_bytes = kLceDefaultChunkBytes;
   bool sum_rows = false; // the loss output is the float32 sum over rows (a scalar)
   // Gradients this primitive has as outputs (forward: declared for the traced
@@ -67,6 +70,10 @@ struct LinearCrossEntropyParams {
 
   bool quantized() const {
     return bits != 0;
+  }
+  // Affine heads have biases; the floating-point modes only scales (uint8).
+  bool quantized_affine() const {
+    return quantized() && quant_mode == 0;
   }
   bool any_grad() const {
     return grad_hidden || grad_weight || grad_bias;
@@ -117,6 +124,8 @@ inline LceInputs lce_inputs(const LinearCrossEntropyParams& p) {
   int next = 2;
   if (p.quantized()) {
     in.scales = next++;
+  }
+  if (p.quantized_affine()) {
     in.qbiases = next++;
   }
   in.targets = next++;
@@ -146,7 +155,18 @@ int check_linear_cross_entropy_options(float label_smoothing,
                                        std::optional<float> logit_softcap,
                                        std::optional<int64_t> chunk_bytes);
 
-// The op. `scales`/`qbiases` given means `weight` is quantized. Returns the
+// The quantization mode named as mx.quantize names it ("affine", "mxfp4",
+// "mxfp8", "nvfp4") -> flm::kQuant*; ValueError naming `mode` otherwise.
+int quant_mode_from_name(const std::string& mode);
+
+// The checks of a quantized head (w_q, scales, biases as mx.quantize returns
+// them for mode, group_size, bits) against H; ValueError/TypeError naming the
+// argument otherwise. Also the test hook _ext.dequantize_head's checks.
+void check_quantized_head(const mx::array& w_q, const mx::array& scales,
+                          const std::optional<mx::array>& qbiases, int hidden_size, int group_size,
+                          int bits, int mode);
+
+// The op. `scales` given means `weight` is quantized (`mode`: its format). Returns the
 // forward primitive's first kLceNumStats outputs (see LceOutput). `sum_rows`
 // fuses the sum over rows; `fuse_grads` lets the forward form the gradients of
 // the traced inputs (only with sum_rows; false: always the backward primitive).
@@ -159,6 +179,7 @@ std::vector<mx::array> linear_cross_entropy(
     const std::optional<mx::array>& qbiases,
     int group_size,
     int bits,
+    const std::string& mode,
     float label_smoothing,
     const std::string& label_smoothing_mode,
     std::optional<int64_t> ignore_index,

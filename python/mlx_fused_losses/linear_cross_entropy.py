@@ -45,6 +45,24 @@ def _linear_cross_entropy_options(label_smoothing, reduction, label_smoothing_mo
     return label_smoothing, ignore_index, z_loss, logit_softcap, chunk_bytes
 
 
+# mx.quantize's default (group_size, bits) per mode (mlx 0.32.4).
+_QUANT_DEFAULTS = {"affine": (64, 4), "mxfp4": (32, 4), "mxfp8": (32, 8), "nvfp4": (16, 4)}
+
+
+def _quantization_params(mode, group_size, bits) -> Tuple[int, int]:
+    """(group_size, bits) as ints, None filled in with ``mode``'s defaults as
+    ``mx.quantize`` does; the op checks the values against the mode."""
+    if not isinstance(mode, str):
+        raise TypeError(f"mode must be a str (a mode of mx.quantize), got {type(mode).__name__}")
+    if mode not in _QUANT_DEFAULTS:
+        raise ValueError(f"mode={mode!r} is not a quantization mode of mx.quantize: "
+                         f"{', '.join(map(repr, _QUANT_DEFAULTS))}")
+    default_group_size, default_bits = _QUANT_DEFAULTS[mode]
+    group_size = default_group_size if group_size is None else _int_option(group_size, "group_size")
+    bits = default_bits if bits is None else _int_option(bits, "bits")
+    return group_size, bits
+
+
 def linear_cross_entropy(
     hidden: mx.array,
     weight: mx.array,
@@ -61,8 +79,9 @@ def linear_cross_entropy(
     chunk_bytes: Optional[int] = None,
     scales: Optional[mx.array] = None,
     biases: Optional[mx.array] = None,
-    group_size: int = 64,
-    bits: int = 4,
+    group_size: Optional[int] = None,
+    bits: Optional[int] = None,
+    mode: Literal["affine", "mxfp4", "mxfp8", "nvfp4"] = "affine",
     return_stats: bool = False,
     dtype: Optional[mx.Dtype] = None,
     stream: Union[None, mx.Stream, mx.Device] = None,
@@ -76,9 +95,13 @@ def linear_cross_entropy(
     Args:
         hidden: ``[..., H]`` float32/float16/bfloat16 features.
         weight: ``[V, H]`` (an ``nn.Linear`` weight or a tied embedding table),
-            or the packed ``uint32`` matrix of an affine-quantized one (with
-            ``scales``, ``biases``, ``group_size``, ``bits`` exactly as
-            ``mx.quantize`` returns them; its gradient is not available).
+            or the packed ``uint32`` matrix of a quantized one, with
+            ``scales`` (and ``biases`` in ``"affine"`` mode), ``group_size``,
+            ``bits`` and ``mode`` as ``mx.quantize`` takes and returns them:
+            affine with 1, 2, 3, 4, 5, 6 or 8 bits and group size 32, 64 or
+            128, ``"mxfp4"``, ``"mxfp8"``, ``"nvfp4"`` (without
+            ``global_scale``). ``group_size``/``bits`` default to the mode's
+            defaults, as in ``mx.quantize``. Its gradient is not available.
         targets: class indices, ``hidden``'s shape without ``H``.
         bias: optional ``[V]`` output bias.
         label_smoothing, label_smoothing_mode, ignore_index, z_loss: as
@@ -117,7 +140,7 @@ def linear_cross_entropy(
         _linear_cross_entropy_options(label_smoothing, reduction, label_smoothing_mode,
                                       ignore_index, z_loss, logit_softcap, chunk_bytes, dtype)
     )
-    group_size, bits = _int_option(group_size, "group_size"), _int_option(bits, "bits")
+    group_size, bits = _quantization_params(mode, group_size, bits)
     bias, scales, biases, mask = (
         None if value is None else _as_array(value, name)
         for value, name in ((bias, "bias"), (scales, "scales"), (biases, "biases"), (mask, "mask"))
@@ -141,6 +164,7 @@ def linear_cross_entropy(
         biases=biases,
         group_size=group_size,
         bits=bits,
+        mode=mode,
         label_smoothing=label_smoothing,
         label_smoothing_mode=label_smoothing_mode,
         ignore_index=ignore_index,

@@ -183,17 +183,14 @@ def _head_operands(layer: nn.Module, path: str, hidden: mx.array):
     """(hidden, weight [V, H'], keyword arguments of linear_cross_entropy) with
     ``hidden @ weight.T (+ bias)`` equal to the layer's logits."""
     if isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-        if layer.mode != "affine":
-            raise ValueError(
-                f"{path}: quantization mode {layer.mode!r} is not supported by "
-                "linear_cross_entropy (affine 2, 4 or 8 bits only); "
-                "mlx_fused_losses.lm.lm_loss works with every model"
-            )
+        # Every mode of mx.quantize (affine at any bits, mxfp4/mxfp8/nvfp4:
+        # no biases) is read by the kernels as the layer holds it.
         kwargs = dict(
             scales=layer["scales"],
             biases=layer.get("biases"),
             group_size=layer.group_size,
             bits=layer.bits,
+            mode=layer.mode,
         )
         if "bias" in layer:
             kwargs["bias"] = layer["bias"]

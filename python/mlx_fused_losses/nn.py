@@ -204,7 +204,7 @@ class LinearCrossEntropyLoss(_LossModule):
     """Module form of :func:`mlx_fused_losses.linear_cross_entropy`: the loss of
     ``hidden @ weight.T + bias`` without the logits. Called as
     ``criterion(hidden, weight, targets, bias=None, *, mask=None, scales=None,
-    biases=None, group_size=64, bits=4, return_stats=False)`` (the weight
+    biases=None, group_size=None, bits=None, mode="affine", return_stats=False)`` (the weight
     is the model's head, so it is an argument, not a member).
 
     Args:
