@@ -56,21 +56,14 @@ void CrossEntropy::eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx
     gpu::alloc(out);
   }
   CeLayout l = ce_layout(inputs, params_);
-  auto& s = stream();
-  auto& d = mx::metal::device(s.device);
-  MTL::ComputePipelineState* kernel = nullptr;
-  mplan::LaunchPlan plan = gpu::fit_plan(
-      d,
-      [&](int max_threads) {
-        return mplan::ce_forward_plan(l.dtype, l.rows, l.num_classes, params_.soft_targets,
-                                      params_.has_class_weights, max_threads);
-      },
-      &kernel);
-  if (plan.empty()) {
+  auto x = gpu::launch(stream(), [&](int max_threads) {
+    return mplan::ce_forward_plan(l.dtype, l.rows, l.num_classes, params_.soft_targets,
+                                  params_.has_class_weights, max_threads);
+  });
+  if (!x) {
     return;
   }
-  auto& enc = mx::metal::get_command_encoder(s);
-  enc.set_compute_pipeline_state(kernel);
+  auto& enc = x.encoder();
   bind_ce_inputs(enc, inputs, params_, FL_CE_FWD_LOGITS, FL_CE_FWD_INDEX, FL_CE_FWD_PROBS,
                  FL_CE_FWD_WEIGHTS);
   enc.set_output_array(outputs[0], FL_CE_FWD_LOSS);
@@ -78,7 +71,7 @@ void CrossEntropy::eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx
   enc.set_output_array(outputs[2], FL_CE_FWD_LSE_LO);
   enc.set_output_array(outputs[3], FL_CE_FWD_ASUM);
   enc.set_bytes(l.args, FL_CE_FWD_ARGS);
-  gpu::dispatch(enc, plan);
+  x.dispatch();
 }
 
 void CrossEntropyVJP::eval_gpu(const std::vector<mx::array>& inputs,
@@ -98,21 +91,14 @@ void CrossEntropyVJP::eval_gpu(const std::vector<mx::array>& inputs,
   gpu::require_dense(a_sum, "a_sum");
   gpu::require_dense(g_loss, "g_loss");
   gpu::require_dense(g_lse, "g_lse");
-  auto& s = stream();
-  auto& d = mx::metal::device(s.device);
-  MTL::ComputePipelineState* kernel = nullptr;
-  mplan::LaunchPlan plan = gpu::fit_plan(
-      d,
-      [&](int max_threads) {
-        return mplan::ce_backward_plan(l.dtype, l.rows, l.num_classes, params_.soft_targets,
-                                       params_.has_class_weights, max_threads);
-      },
-      &kernel);
-  if (plan.empty()) {
+  auto x = gpu::launch(stream(), [&](int max_threads) {
+    return mplan::ce_backward_plan(l.dtype, l.rows, l.num_classes, params_.soft_targets,
+                                   params_.has_class_weights, max_threads);
+  });
+  if (!x) {
     return;
   }
-  auto& enc = mx::metal::get_command_encoder(s);
-  enc.set_compute_pipeline_state(kernel);
+  auto& enc = x.encoder();
   bind_ce_inputs(enc, inputs, params_, FL_CE_BWD_LOGITS, FL_CE_BWD_INDEX, FL_CE_BWD_PROBS,
                  FL_CE_BWD_WEIGHTS);
   enc.set_input_array(lse, FL_CE_BWD_LSE);
@@ -122,7 +108,7 @@ void CrossEntropyVJP::eval_gpu(const std::vector<mx::array>& inputs,
   enc.set_input_array(g_lse, FL_CE_BWD_GLSE);
   enc.set_output_array(grad, FL_CE_BWD_GRAD);
   enc.set_bytes(l.args, FL_CE_BWD_ARGS);
-  gpu::dispatch(enc, plan);
+  x.dispatch();
 }
 
 } // namespace fl

@@ -102,4 +102,42 @@ inline void dispatch(mx::metal::CommandEncoder& enc, const mplan::LaunchPlan& p)
                             MTL::Size(p.group[0], p.group[1], p.group[2]));
 }
 
+// One kernel launch of an eval_gpu: the plan fitted to its pipeline and, when
+// there is work, the stream's encoder with that pipeline set. False (no
+// encoder) for an empty plan: nothing to bind or dispatch.
+struct Launch {
+  mplan::LaunchPlan plan;
+  mx::metal::CommandEncoder* enc = nullptr;
+
+  explicit operator bool() const {
+    return enc != nullptr;
+  }
+  mx::metal::CommandEncoder& encoder() const {
+    if (enc == nullptr) {
+      throw std::logic_error("mlx_fused_losses: a launch with an empty plan has no encoder");
+    }
+    return *enc;
+  }
+  void dispatch() const {
+    gpu::dispatch(*enc, plan);
+  }
+};
+
+// The prologue every dispatch of every eval_gpu shares: device, fit_plan, stop
+// on an empty plan, encoder, pipeline. The encoder is fetched here, at each
+// launch, never kept across launches: a call split across command buffers
+// (CommandBuffers below) gets the stream's current one after each commit.
+template <class MakePlan>
+Launch launch(mx::Stream s, MakePlan make) {
+  Launch l;
+  MTL::ComputePipelineState* kernel = nullptr;
+  l.plan = fit_plan(mx::metal::device(s.device), make, &kernel);
+  if (l.plan.empty()) {
+    return l;
+  }
+  l.enc = &mx::metal::get_command_encoder(s);
+  l.enc->set_compute_pipeline_state(kernel);
+  return l;
+}
+
 } // namespace fl::gpu

@@ -42,28 +42,22 @@ void PointwiseLoss::eval_gpu(const std::vector<mx::array>& inputs, std::vector<m
   const int kind = mplan::pw_kernel_kind(int(params_.kind), params_.param1);
   const int reduce = int(params_.reduce);
   PwArgs args = mplan::make_pw_args(n, params_.param0, params_.param1, reduce);
-  auto& s = stream();
-  auto& d = mx::metal::device(s.device);
-  auto& enc = mx::metal::get_command_encoder(s);
-
-  MTL::ComputePipelineState* kernel = nullptr;
-  mplan::LaunchPlan plan = gpu::fit_plan(
-      d,
-      [&](int max_threads) {
-        return mplan::pw_forward_plan(dt, kind, n, reduce, max_threads, &layout);
-      },
-      &kernel);
+  const mx::Stream s = stream();
+  auto elementwise = [&](int max_threads) {
+    return mplan::pw_forward_plan(dt, kind, n, reduce, max_threads, &layout);
+  };
   if (reduce == 0) {
-    if (plan.empty()) {
+    auto x = gpu::launch(s, elementwise);
+    if (!x) {
       return;
     }
-    enc.set_compute_pipeline_state(kernel);
+    auto& enc = x.encoder();
     enc.set_input_array(pred, FL_PW_FWD_PRED);
     enc.set_input_array(target, FL_PW_FWD_TARGET);
     enc.set_output_array(out, FL_PW_FWD_OUT);
     enc.set_bytes(args, FL_PW_FWD_ARGS);
     enc.set_bytes(layout, FL_PW_FWD_TLAYOUT);
-    gpu::dispatch(enc, plan);
+    x.dispatch();
     return;
   }
 
@@ -72,25 +66,24 @@ void PointwiseLoss::eval_gpu(const std::vector<mx::array>& inputs, std::vector<m
   uint64_t num_partials = args.num_partials;
   mx::array partials({int(num_partials > 0 ? num_partials : 1)}, mx::float32, nullptr, {});
   gpu::alloc(partials);
-  enc.add_temporary(partials);
-  if (!plan.empty()) {
-    enc.set_compute_pipeline_state(kernel);
+  mx::metal::get_command_encoder(s).add_temporary(partials);
+  if (auto x = gpu::launch(s, elementwise)) {
+    auto& enc = x.encoder();
     enc.set_input_array(pred, FL_PW_FWD_PRED);
     enc.set_input_array(target, FL_PW_FWD_TARGET);
     enc.set_output_array(partials, FL_PW_FWD_OUT);
     enc.set_bytes(args, FL_PW_FWD_ARGS);
     enc.set_bytes(layout, FL_PW_FWD_TLAYOUT);
-    gpu::dispatch(enc, plan);
+    x.dispatch();
   }
-  MTL::ComputePipelineState* finish_kernel = nullptr;
-  mplan::LaunchPlan finish = gpu::fit_plan(
-      d, [&](int max_threads) { return mplan::pw_sum_finish_plan(num_partials, max_threads); },
-      &finish_kernel);
-  enc.set_compute_pipeline_state(finish_kernel);
+  // Never empty: it always writes the result.
+  auto finish = gpu::launch(
+      s, [&](int max_threads) { return mplan::pw_sum_finish_plan(num_partials, max_threads); });
+  auto& enc = finish.encoder();
   enc.set_input_array(partials, FL_PW_SUM_PARTIALS); // the encoder orders it after the writer
   enc.set_output_array(out, FL_PW_SUM_OUT);
   enc.set_bytes(args, FL_PW_SUM_ARGS);
-  gpu::dispatch(enc, finish);
+  finish.dispatch();
 }
 
 void PointwiseLossVJP::eval_gpu(const std::vector<mx::array>& inputs,
@@ -117,28 +110,21 @@ void PointwiseLossVJP::eval_gpu(const std::vector<mx::array>& inputs,
   }
   const mplan::KDtype dt = gpu::kernel_dtype(pred.dtype());
   const int kind = mplan::pw_kernel_kind(int(params_.kind), params_.param1);
-  auto& s = stream();
-  auto& d = mx::metal::device(s.device);
-  MTL::ComputePipelineState* kernel = nullptr;
-  mplan::LaunchPlan plan = gpu::fit_plan(
-      d,
-      [&](int max_threads) {
-        return mplan::pw_backward_plan(dt, kind, n, cotan_in_dtype, max_threads, &layout);
-      },
-      &kernel);
-  if (plan.empty()) {
+  auto x = gpu::launch(stream(), [&](int max_threads) {
+    return mplan::pw_backward_plan(dt, kind, n, cotan_in_dtype, max_threads, &layout);
+  });
+  if (!x) {
     return;
   }
   PwArgs args = mplan::make_pw_args(n, params_.param0, params_.param1, reduce);
-  auto& enc = mx::metal::get_command_encoder(s);
-  enc.set_compute_pipeline_state(kernel);
+  auto& enc = x.encoder();
   enc.set_input_array(pred, FL_PW_BWD_PRED);
   enc.set_input_array(target, FL_PW_BWD_TARGET);
   enc.set_input_array(cotan, FL_PW_BWD_COTAN);
   enc.set_output_array(grad, FL_PW_BWD_GRAD);
   enc.set_bytes(args, FL_PW_BWD_ARGS);
   enc.set_bytes(layout, FL_PW_BWD_TLAYOUT);
-  gpu::dispatch(enc, plan);
+  x.dispatch();
 }
 
 } // namespace fl

@@ -40,20 +40,13 @@ void SoftmaxFocal::eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx
   if (params_.has_class_alpha) {
     gpu::require_dense(inputs[2], "alpha");
   }
-  auto& s = stream();
-  auto& d = mx::metal::device(s.device);
-  MTL::ComputePipelineState* kernel = nullptr;
-  mplan::LaunchPlan plan = gpu::fit_plan(
-      d,
-      [&](int max_threads) {
-        return mplan::sf_forward_plan(l.dtype, l.rows, l.num_classes, max_threads);
-      },
-      &kernel);
-  if (plan.empty()) {
+  auto x = gpu::launch(stream(), [&](int max_threads) {
+    return mplan::sf_forward_plan(l.dtype, l.rows, l.num_classes, max_threads);
+  });
+  if (!x) {
     return;
   }
-  auto& enc = mx::metal::get_command_encoder(s);
-  enc.set_compute_pipeline_state(kernel);
+  auto& enc = x.encoder();
   enc.set_input_array(inputs[0], FL_SF_FWD_LOGITS);
   enc.set_input_array(inputs[1], FL_SF_FWD_INDEX);
   // Unused without per-class alpha: bound to the logits, never read.
@@ -63,7 +56,7 @@ void SoftmaxFocal::eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx
   enc.set_output_array(outputs[2], FL_SF_FWD_LSE_LO);
   enc.set_output_array(outputs[3], FL_SF_FWD_COEF);
   enc.set_bytes(l.args, FL_SF_FWD_ARGS);
-  gpu::dispatch(enc, plan);
+  x.dispatch();
 }
 
 void SoftmaxFocalVJP::eval_gpu(const std::vector<mx::array>& inputs,
@@ -75,20 +68,13 @@ void SoftmaxFocalVJP::eval_gpu(const std::vector<mx::array>& inputs,
   for (int i = 2; i < 6; ++i) {
     gpu::require_dense(inputs[i], "lse/lse_lo/coef/g_loss");
   }
-  auto& s = stream();
-  auto& d = mx::metal::device(s.device);
-  MTL::ComputePipelineState* kernel = nullptr;
-  mplan::LaunchPlan plan = gpu::fit_plan(
-      d,
-      [&](int max_threads) {
-        return mplan::sf_backward_plan(l.dtype, l.rows, l.num_classes, max_threads);
-      },
-      &kernel);
-  if (plan.empty()) {
+  auto x = gpu::launch(stream(), [&](int max_threads) {
+    return mplan::sf_backward_plan(l.dtype, l.rows, l.num_classes, max_threads);
+  });
+  if (!x) {
     return;
   }
-  auto& enc = mx::metal::get_command_encoder(s);
-  enc.set_compute_pipeline_state(kernel);
+  auto& enc = x.encoder();
   enc.set_input_array(inputs[0], FL_SF_BWD_LOGITS);
   enc.set_input_array(inputs[1], FL_SF_BWD_INDEX);
   enc.set_input_array(inputs[2], FL_SF_BWD_LSE);
@@ -97,7 +83,7 @@ void SoftmaxFocalVJP::eval_gpu(const std::vector<mx::array>& inputs,
   enc.set_input_array(inputs[5], FL_SF_BWD_GLOSS);
   enc.set_output_array(grad, FL_SF_BWD_GRAD);
   enc.set_bytes(l.args, FL_SF_BWD_ARGS);
-  gpu::dispatch(enc, plan);
+  x.dispatch();
 }
 
 } // namespace fl
