@@ -304,7 +304,9 @@ inline void logits_tile(device const T* hidden, Head head, long m0, int v0, long
 
 // ---- forward ---------------------------------------------------------------------------
 
-// Grid (S splits, ceil(N / BM) row blocks), FL_LCE_THREADS threads.
+// Grid (S splits, row blocks of the launch), FL_LCE_THREADS threads: the rows
+// from args.row0 (a multiple of BM; the host cuts N rows into launches of
+// bounded work, launch_plan.h lce_schedule).
 template <typename T, typename Head>
 [[kernel]] void lce_forward(
     device const T* hidden [[buffer(FL_LCE_HIDDEN)]],
@@ -325,7 +327,7 @@ template <typename T, typename Head>
   threadgroup float Cs[lce::kBM * lce::kLDC];
   Head head(weight, scales, qbiases, args);
   const int V = args.vocab;
-  const long m0 = long(group.y) * lce::kBM;
+  const long m0 = args.row0 + long(group.y) * lce::kBM;
   const int v_begin = int(group.x) * args.vocab_per_split;
   const int v_end = min(V, v_begin + args.vocab_per_split);
 

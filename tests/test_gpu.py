@@ -448,6 +448,38 @@ def test_linear_cross_entropy_gpu_mixed_dtypes_and_fused_grads():
         agree(a, b, 2e-2, "mixed dtypes")
 
 
+def test_linear_cross_entropy_gpu_across_command_buffers():
+    """A step of ~8.8 TFLOP: more than the plan's 2^40 FLOPs per command buffer
+    (csrc/metal/launch_plan.h), so eval_gpu splits the forward into launches of
+    2016 rows (row0 = 0, 2016, 4032) and commits between them and between the
+    backward's chunks (docs/metal_linear_cross_entropy.md, Command buffers).
+    Against the same maths composed from MLX's own ops on the GPU (float32
+    logits: 128 MB at this V). Run with MTL_DEBUG_LAYER=1 to have Metal check
+    the commits (a completion handler added after commit is an error there)."""
+    n, h, v = 4096, 32768, 8192
+    assert v * (2 * h + 1) * 2048 > 2**40  # fewer than 2048 rows per launch
+    rng = np.random.default_rng(11)
+    hid = stored((rng.standard_normal((n, h)) / 8).astype(np.float32), "bfloat16")
+    w = stored((rng.standard_normal((v, h)) / np.sqrt(h)).astype(np.float32), "bfloat16")
+    t = mx.array(rng.integers(0, v, n))
+
+    def fused(a, b):
+        return fl.linear_cross_entropy(a, b, t, reduction="mean", dtype=mx.float32, stream=GPU)
+
+    def composed(a, b):
+        z = mx.matmul(a.astype(mx.float32), b.astype(mx.float32).T, stream=GPU)
+        lse = mx.logsumexp(z, axis=-1, stream=GPU)
+        zt = mx.take_along_axis(z, t[:, None], axis=-1, stream=GPU)[:, 0]
+        return mx.mean(lse - zt, stream=GPU)
+
+    res = []
+    for f in (fused, composed):
+        loss, (gh, gw) = mx.value_and_grad(f, argnums=(0, 1))(hid, w)
+        res.append([as_f64(loss), as_f64(gh), as_f64(gw)])
+    for (a, b), what in zip(zip(*res), ("loss", "dH", "dW")):
+        agree(a, b, 1e-3, f"{what} across command buffers")
+
+
 # ---- fused linear cross-entropy, quantized heads (metal/quantized_head.h) --------------------
 
 

@@ -94,7 +94,29 @@ PLANTED = [
     # dispatch_threadgroups takes two MTL::Size values.
     ("csrc/metal/host.h", "MTL::Size(p.group[0], p.group[1], p.group[2]));",
      "p.group[0]);", "dispatch_threadgroups"),
+    # The commit of an older MLX (metal::Device::commit_command_buffer, before the
+    # CommandEncoder owned its command buffer): not in 0.32.4's encoder.
+    ("csrc/metal/host.h", "enc.commit([kept = kept_]() {});", "enc.commit_command_buffer();",
+     "no member named 'commit_command_buffer'"),
+    # metal-cpp's completion handler takes the command buffer.
+    ("csrc/metal/host.h", "addCompletedHandler([kept = kept_](MTL::CommandBuffer*) {});",
+     "addCompletedHandler([kept = kept_]() {});", "addCompletedHandler"),
 ]
+
+
+def test_every_eval_gpu_launches_through_the_helper():
+    # The prologue (device, plan fit, empty plan, encoder, pipeline) is written once,
+    # in gpu::launch (csrc/metal/host.h); the eval_gpu files only call it.
+    sources = sorted((REPO / "csrc" / "metal").glob("*.cpp")) + sorted((REPO / "csrc" / "ops").glob("*.cpp"))
+    with_eval_gpu = 0
+    for path in sources:
+        text = path.read_text()
+        for call in ("fit_plan(", "set_compute_pipeline_state(", "get_kernel(", "metal::device("):
+            assert call not in text, f"{path.name} calls {call} itself: use gpu::launch"
+        if "::eval_gpu(" in text:
+            with_eval_gpu += 1
+            assert "gpu::launch(" in text, path.name
+    assert with_eval_gpu >= 4
 
 
 @pytest.mark.parametrize("path, right, wrong, diagnostic", PLANTED, ids=lambda v: str(v)[:40])

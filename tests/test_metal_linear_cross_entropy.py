@@ -109,9 +109,17 @@ def test_registry_matches_host_names(lib):
     assert set(bytes(buf).split(b"\0")[0].decode().split()) == host_names()
 
 
-def expected_splits(rows, vocab):
+def expected_forward_rows(rows, vocab, hidden, bound=2**40):
+    """Rows of one forward tile launch (launch_plan.h, work per launch)."""
+    per_row = vocab * (2 * hidden + 1)
+    fit = bound // per_row if per_row else rows
+    fwd = max(BM, fit // BM * BM)
+    return min(fwd, rows) if rows else 1
+
+
+def expected_splits(rows, vocab, hidden=64):
     """lce_plan's rule (launch_plan.h), written out independently."""
-    blocks = -(-rows // BM)
+    blocks = -(-expected_forward_rows(rows, vocab, hidden) // BM) if rows else 0
     tiles = max(-(-vocab // BN), 1)
     want = -(-512 // blocks) if blocks else 1
     s = min(max(want, 1), min(tiles, 64))
@@ -121,7 +129,9 @@ def expected_splits(rows, vocab):
 
 # Thresholds of the rules: row blocks where ceil(512 / B) crosses the vocabulary's
 # tile count or the 64-split cap (B = 8 -> 64, B = 9 -> 57), the vocabulary's tile
-# edges, and the chunk rows at the BM rounding and at N.
+# edges, and the chunk rows at the BM rounding and at N. At 10**6 rows and V =
+# 151936 the forward runs in launches of 56096 rows (2^40 / (V (2 64 + 1))): S
+# counts their row blocks (test_metal_command_buffers.py has that rule's edges).
 @pytest.mark.parametrize("rows", [0, 1, 32 * 8 - 1, 32 * 8, 32 * 8 + 1, 32 * 9, 32 * 16 + 1, 32 * 512,
                                   32 * 512 + 1, 10**6])
 @pytest.mark.parametrize("vocab", [1, 31, 32, 33, 32 * 57, 32 * 64 - 1, 32 * 64, 32 * 64 + 1, 151936])

@@ -94,6 +94,7 @@ class Tiles:
     stage_bytes: int  # bytes of a staged element (float staging: 4)
     target_groups: int = 512
     max_splits: int = 64
+    max_buffer_flops: int = 1 << 40  # launch_plan.h kLceMaxBufferFlops
 
     @property
     def simd_groups(self) -> int:
@@ -128,7 +129,9 @@ def our_tiles(repo: Path = REPO) -> Tiles:
         threads=_define(args, "FL_LCE_THREADS"), pad_a=pads["kLDA"], pad_b=pads["kLDB"],
         pad_c=pads["kLDC"], stage_bytes=4,
         target_groups=int(re.search(r"kLceTargetGroups = (\d+)", plan).group(1)),
-        max_splits=int(re.search(r"kLceMaxSplits = (\d+)", plan).group(1)))
+        max_splits=int(re.search(r"kLceMaxSplits = (\d+)", plan).group(1)),
+        max_buffer_flops=1 << int(re.search(r"kLceMaxBufferFlops = int64_t\(1\) << (\d+)",
+                                            plan).group(1)))
 
 
 # MLX's steel GEMM (source "mlx"): 2 x 2 SIMD-groups, padding 16 bytes / sizeof(T), no Cs.
@@ -203,17 +206,23 @@ def slot_shares(t: Tiles, stage_cost: float, quant_bits: int | None = None) -> f
 # ---- the launch plan's rules (launch_plan.cpp lce_plan), for the shapes ---------------------
 
 
-def plan(t: Tiles, n: int, v: int, chunk_bytes: int = 64 << 20) -> dict:
+def plan(t: Tiles, n: int, v: int, chunk_bytes: int = 64 << 20, h: int = 64) -> dict:
     blocks = -(-n // t.bm)
     tiles = max(-(-v // t.bn), 1)
-    want = -(-t.target_groups // blocks) if blocks else 1
+    # work per launch (command buffers): F rows of 2 V H + V FLOPs
+    row_flops = v * (2 * h + 1)
+    fit = t.max_buffer_flops // row_flops if row_flops else n
+    forward_rows = min(max(t.bm, fit // t.bm * t.bm), n) if n else 1
+    launch_blocks = -(-forward_rows // t.bm)
+    want = -(-t.target_groups // launch_blocks) if blocks else 1
     splits = min(max(want, 1), min(tiles, t.max_splits))
     per = -(-tiles // splits) * t.bn
     splits = -(-v // per)
-    r = min(max(chunk_bytes // (4 * v), 1), n)
+    r = min(max(min(chunk_bytes // (4 * v), fit), 1), n)
     chunk_rows = r // t.bm * t.bm if r > t.bm else r
     return dict(row_blocks=blocks, vocab_tiles=tiles, splits=splits, vocab_per_split=per,
-                chunk_rows=chunk_rows, chunks=-(-n // chunk_rows))
+                chunk_rows=chunk_rows, chunks=-(-n // chunk_rows), forward_rows=forward_rows,
+                forward_launches=-(-n // forward_rows))
 
 
 @dataclass(frozen=True)
@@ -237,16 +246,20 @@ SHAPES = [
 def traffic(t: Tiles, s: Shape, chip: Chip, chunk_bytes: int = 64 << 20) -> dict:
     """FLOPs and DRAM bytes of one training step (forward + backward, gradients for
     hidden and, dense heads only, the weight), as the kernels run it."""
-    p = plan(t, s.n, s.v, chunk_bytes)
+    p = plan(t, s.n, s.v, chunk_bytes, s.h)
     g = groups_per_core_tg(t) * chip.cores  # groups in flight
     nvh = s.n * s.v * s.h
     # forward: Z once; backward: Z again (dZ), dH, and dW for a dense weight
     flops = 2 * nvh * (2 + 1 + (0 if s.quantized else 1))
     # forward DRAM: hidden once; W once per wave of row blocks that run together
-    # (the groups of one split walk its vocabulary in the same order)
+    # (the groups of one split walk its vocabulary in the same order), waves counted
+    # per forward launch (launches of forward_rows rows, one after another)
     blocks_in_flight = max(1, g // p["splits"])
     w_bytes = s.v * s.h * s.s_w
-    fwd = s.n * s.h * s.s_h + w_bytes * math.ceil(p["row_blocks"] / blocks_in_flight)
+    full, last = divmod(s.n, p["forward_rows"])
+    waves = full * math.ceil(-(-p["forward_rows"] // t.bm) / blocks_in_flight)
+    waves += math.ceil(-(-last // t.bm) / blocks_in_flight)
+    fwd = s.n * s.h * s.s_h + w_bytes * waves
     # backward per chunk: W read by dZ and by dH; dZ (float32) written once and read by
     # dH and (dense) dW (the shapes have no bias, whose dbias would read it once more);
     # dW (float32) read and written by every chunk after the first
@@ -310,7 +323,7 @@ def slc_verdict(chip: Chip, fits: bool) -> str:
 
 
 def table_shapes(t: Tiles) -> str:
-    out = ["| shape | chip | plan: splits, chunk rows x chunks | GFLOP / step | DRAM GB / step | "
+    out = ["| shape | chip | plan: splits, forward launches x rows, chunk rows x chunks | GFLOP / step | DRAM GB / step | "
            "hidden re-reads GB (working set MB, in SLC?) | compute s (at peak) | DRAM s | bound | "
            "expected fraction of FP32 peak |",
            "| --- | --- | --- | ---: | ---: | --- | ---: | ---: | --- | ---: |"]
@@ -326,7 +339,8 @@ def table_shapes(t: Tiles) -> str:
             # on-chip: the matmul FFMA efficiency times our MMA share of issue slots;
             # off-chip: the DRAM time caps it
             frac = min(MATRIX_FFMA_EFFICIENCY * share, tc / tm)
-            out.append(f"| {s.name} | {chip.name} | {p['splits']}, {p['chunk_rows']} x {p['chunks']} | "
+            out.append(f"| {s.name} | {chip.name} | {p['splits']}, {p['forward_launches']} x "
+                       f"{p['forward_rows']}, {p['chunk_rows']} x {p['chunks']} | "
                        f"{r['flops'] / 1e9:.0f} | {r['dram'] / 1e9:.0f} | {r['rereads'] / 1e9:.0f} "
                        f"({r['working_set'] / 1e6:.1f}, {slc_verdict(chip, r['fits'])}) | "
                        f"{tc:.2f} | {tm:.2f} | {bound} | "
@@ -339,12 +353,12 @@ def table_backward(t: Tiles) -> str:
     out = ["| backward (dense head), shape | FLOPs (x N V H) | extra bytes, formula | GB |",
            "| --- | --- | --- | ---: |"]
     s = SHAPES[0]
-    p = plan(t, s.n, s.v)
+    p = plan(t, s.n, s.v, h=s.h)
     nvh = s.n * s.v * s.h
     one = 4 * (s.n * s.h * p["vocab_tiles"] + s.v * s.h * p["row_blocks"]) * 2
     two = 8 * (s.n * s.h * p["vocab_tiles"] + s.v * s.h * p["row_blocks"])
     chosen = 12 * s.n * s.v + 4 * s.v * s.h * (2 * p["chunks"] - 1)
-    big = plan(t, s.n, s.v, 1 << 30)
+    big = plan(t, s.n, s.v, 1 << 30, s.h)
     chosen_big = 12 * s.n * s.v + 4 * s.v * s.h * (2 * big["chunks"] - 1)
     del nvh
     out += [

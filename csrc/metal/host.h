@@ -6,8 +6,11 @@
 #include <dlfcn.h>
 
 #include <filesystem>
+#include <functional>
+#include <memory>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "metal/launch_plan.h"
 #include "mlx/allocator.h"
@@ -139,5 +142,78 @@ Launch launch(mx::Stream s, MakePlan make) {
   l.enc->set_compute_pipeline_state(kernel);
   return l;
 }
+
+// One eval_gpu's work split across command buffers (MLX itself commits only
+// between primitives: mlx/backend/metal/eval.cpp, gpu::eval). The caller
+// launches in order and calls commit() at each segment boundary of its plan,
+// then finish() after its last launch.
+//  - commit(): CommandEncoder::end_encoding() then commit(), as gpu::eval does.
+//    Reads in the next buffer wait for this one's writes through the fences
+//    MLX's encoder keeps for every array bound with set_input_array /
+//    set_output_array, except temporaries (end_encoding drops them from that
+//    bookkeeping), so scratch arrays that cross segments must not be
+//    add_temporary'd: keep() them instead. Each buffer of the call ends with
+//    end_encoding(wait_in_flight = true), which makes its encoder wait for the
+//    fences of every earlier encoder whose outputs are still in flight: the
+//    output rows an earlier buffer wrote (dH) are complete when the last
+//    buffer, the one MLX signals the outputs' readiness from, is.
+//  - keep(a): every committed buffer's completion handler, and the last
+//    buffer's, hold the kept arrays (inputs, outputs, scratch), so nothing a
+//    buffer reads or writes is freed or reused before it has run.
+//  - finish(pad): MLX 0.32.4's gpu::eval keeps the command buffer that was
+//    current when eval_gpu started and, unless needs_commit() is true when
+//    eval_gpu returns, adds its completion handler to that buffer, which after
+//    a commit here is committed already (Metal rejects that). So after a
+//    commit, finish pads the last buffer with empty launches (pad()) until
+//    needs_commit() holds (more launches than the device's max ops per
+//    buffer, 20-50); gpu::eval then commits it. Where MLX_MAX_OPS_PER_BUFFER
+//    is set to kMaxPadLaunches or more (padding would cost more than it
+//    saves), commit() does nothing and the call stays in one buffer.
+// Every launch fetches the encoder anew (launch() above), never across a commit.
+class CommandBuffers {
+ public:
+  static constexpr int kMaxPadLaunches = 256;
+
+  explicit CommandBuffers(mx::Stream s) : s_(s) {
+    auto [max_ops, max_mb] = mx::metal::device(s.device).get_max_ops_mb_per_buffer();
+    (void)max_mb;
+    split_ = max_ops < kMaxPadLaunches;
+  }
+
+  void keep(const mx::array& a) {
+    if (a.data_shared_ptr()) {
+      kept_.push_back(a.data_shared_ptr()); // the buffer, not the graph (as gpu::eval)
+    }
+  }
+  void commit() {
+    if (!split_) {
+      return;
+    }
+    auto& enc = mx::metal::get_command_encoder(s_);
+    enc.end_encoding(/* wait_in_flight */ true);
+    enc.commit([kept = kept_]() {});
+    committed_ = true;
+  }
+  void finish(const std::function<void()>& pad) {
+    auto& enc = mx::metal::get_command_encoder(s_);
+    enc.get_command_buffer()->addCompletedHandler([kept = kept_](MTL::CommandBuffer*) {});
+    if (!committed_) {
+      return;
+    }
+    for (int i = 0; i <= kMaxPadLaunches && !enc.needs_commit(); ++i) {
+      pad();
+    }
+    if (!enc.needs_commit()) {
+      throw std::runtime_error("mlx_fused_losses: the last command buffer cannot be handed to MLX");
+    }
+    enc.end_encoding(/* wait_in_flight */ true); // gpu::eval's own end_encoding is then a no-op
+  }
+
+ private:
+  mx::Stream s_;
+  std::vector<std::shared_ptr<mx::array::Data>> kept_;
+  bool split_ = true;
+  bool committed_ = false;
+};
 
 } // namespace fl::gpu

@@ -206,11 +206,12 @@ struct PwTargetLayout {
 };
 
 // Fused linear cross-entropy: one struct for every kernel of a call; the host
-// changes row0 / chunk_rows / accumulate between the chunks of the backward.
+// changes row0 between the forward tile launches, and row0 / chunk_rows /
+// accumulate between the chunks of the backward.
 struct LceArgs {
   fl_i64 ignore_index;
   fl_i64 rows; // N
-  fl_i64 row0; // backward: first row of the chunk
+  fl_i64 row0; // first row of the forward tile launch or of the backward chunk
   int vocab; // V
   int hidden; // H
   int chunk_rows; // backward: rows in the chunk (the dZ buffer's rows)

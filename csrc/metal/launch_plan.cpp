@@ -365,30 +365,106 @@ LaunchPlan lce_elementwise_plan(const std::string& name, int64_t n, int max_grou
   return p;
 }
 
+// The work of one row of a GEMM launch: V (2 H + 1) (lce_launch_flops).
+int64_t lce_gemm_row_flops(const LcePlan& p) {
+  return int64_t(p.vocab) * (2 * int64_t(p.hidden) + 1);
+}
+
 } // namespace
 
-LcePlan lce_plan(int64_t rows, int vocab, int hidden, int64_t chunk_bytes) {
+LcePlan lce_plan(int64_t rows, int vocab, int hidden, int64_t chunk_bytes,
+                 int64_t max_buffer_flops) {
   check_row_shape(rows, vocab);
-  if (hidden < 0 || chunk_bytes <= 0) {
-    throw std::invalid_argument("launch plan: negative H or non-positive chunk_bytes");
+  if (hidden < 0 || chunk_bytes <= 0 || max_buffer_flops <= 0) {
+    throw std::invalid_argument(
+        "launch plan: negative H, or non-positive chunk_bytes or max_buffer_flops");
   }
   LcePlan p;
   p.rows = rows;
   p.vocab = vocab;
   p.hidden = hidden;
+  p.max_buffer_flops = max_buffer_flops;
   p.row_blocks = ceil_div(rows, FL_LCE_BM);
   p.vocab_tiles = ceil_div(vocab, FL_LCE_BN);
+  // F: the rows one GEMM launch may cover (unlimited when a row costs nothing).
+  const int64_t row_flops = lce_gemm_row_flops(p);
+  const int64_t fit_flops = row_flops > 0 ? max_buffer_flops / row_flops : rows;
+  int64_t fwd = fit_flops / FL_LCE_BM * FL_LCE_BM;
+  fwd = fwd < FL_LCE_BM ? FL_LCE_BM : fwd;
+  p.forward_rows = fwd < rows ? fwd : (rows > 0 ? rows : 1);
+  const int64_t launch_blocks = ceil_div(p.forward_rows, FL_LCE_BM);
   int64_t tiles = p.vocab_tiles > 0 ? p.vocab_tiles : 1;
-  int64_t want = p.row_blocks > 0 ? ceil_div(kLceTargetGroups, p.row_blocks) : 1;
+  int64_t want = p.row_blocks > 0 ? ceil_div(kLceTargetGroups, launch_blocks) : 1;
   int64_t cap = tiles < kLceMaxSplits ? tiles : kLceMaxSplits;
   int64_t splits = want < 1 ? 1 : (want > cap ? cap : want);
   p.vocab_per_split = int(ceil_div(tiles, splits) * FL_LCE_BN);
   p.splits = vocab > 0 ? int(ceil_div(vocab, p.vocab_per_split)) : 1;
   int64_t fit = chunk_bytes / (4 * int64_t(vocab > 0 ? vocab : 1));
+  fit = fit < fit_flops ? fit : fit_flops;
   int64_t r = fit < 1 ? 1 : fit;
   r = r < rows ? r : (rows > 0 ? rows : 1);
   p.chunk_rows = r > FL_LCE_BM ? r / FL_LCE_BM * FL_LCE_BM : r;
   return p;
+}
+
+int64_t lce_launch_flops(const LcePlan& p, LceKernel k, int64_t rows) {
+  switch (k) {
+    case LceKernel::forward:
+    case LceKernel::dz:
+    case LceKernel::dh:
+    case LceKernel::dw:
+      return rows * lce_gemm_row_flops(p);
+    case LceKernel::dbias:
+      return rows * int64_t(p.vocab);
+    case LceKernel::finish:
+      return rows * int64_t(p.splits);
+    case LceKernel::sum:
+      return rows;
+  }
+  throw std::invalid_argument("lce_launch_flops: unknown kernel");
+}
+
+std::vector<LceLaunch> lce_schedule(const LcePlan& p, const LceWork& w) {
+  std::vector<LceLaunch> out;
+  auto add = [&](LceKernel k, int64_t row0, int64_t rows) {
+    LceLaunch l;
+    l.kernel = k;
+    l.row0 = row0;
+    l.rows = rows;
+    l.flops = lce_launch_flops(p, k, rows);
+    out.push_back(l);
+  };
+  const int64_t N = p.rows;
+  if (w.forward) {
+    for (int64_t r0 = 0; r0 < N; r0 += p.forward_rows) {
+      add(LceKernel::forward, r0, N - r0 < p.forward_rows ? N - r0 : p.forward_rows);
+    }
+    add(LceKernel::finish, 0, N);
+    if (w.sum_rows) {
+      add(LceKernel::sum, 0, N);
+    }
+  }
+  if (w.dh || w.dw || w.dbias) {
+    for (int64_t r0 = 0; r0 < N || r0 == 0; r0 += p.chunk_rows) {
+      const int64_t rows = N - r0 < p.chunk_rows ? N - r0 : p.chunk_rows;
+      add(LceKernel::dz, r0, rows);
+      if (w.dbias) add(LceKernel::dbias, r0, rows);
+      if (w.dh) add(LceKernel::dh, r0, rows);
+      if (w.dw) add(LceKernel::dw, r0, rows);
+      if (N == 0) break;
+    }
+  }
+  int segment = 0;
+  int64_t work = 0;
+  for (auto& l : out) {
+    if (work > 0 && l.flops > p.max_buffer_flops - work) {
+      ++segment;
+      work = 0;
+    }
+    work += l.flops;
+    l.segment = segment;
+  }
+  return out;
 }
 
 std::string lce_dense_head(KDtype weight) {
@@ -403,9 +479,11 @@ std::string lce_quantized_head(int bits, KDtype scales) {
 }
 
 LaunchPlan lce_forward_plan(KDtype hidden, const std::string& head, const LcePlan& p,
-                            int max_group_threads) {
+                            int max_group_threads, int64_t launch_rows) {
+  const int64_t rows = launch_rows < 0 ? p.rows : launch_rows;
   LaunchPlan l = lce_gemm_plan(std::string("fl_lce_fwd_") + dtype_name(hidden) + "_" + head,
-                               p.rows > 0 ? p.splits : 0, p.row_blocks, max_group_threads);
+                               rows > 0 ? p.splits : 0, ceil_div(rows, FL_LCE_BM),
+                               max_group_threads);
   l.buffers = buffer_names(FL_LCE_FWD_NBUF, {{FL_LCE_HIDDEN, "hidden"}, {FL_LCE_WEIGHT, "weight"},
       {FL_LCE_SCALES, "scales"}, {FL_LCE_QBIASES, "qbiases"}, {FL_LCE_TARGETS, "targets"},
       {FL_LCE_BIAS, "bias"}, {FL_LCE_FWD_PARTIALS, "partials"},

@@ -132,8 +132,26 @@ PwArgs make_pw_args(uint64_t n, float param0, float param1, int reduce);
 //    (<= chunk_bytes unless one row is already larger, as on the CPU).
 //  - every GEMM group is 128 threads: a pipeline limit below that is an error
 //    (Apple GPUs allow >= 256 for kernels of this size).
+//  - work per launch (command buffers, below): with F = floor(max_buffer_flops /
+//    (2 V H)) rows (the rows one GEMM launch may cover; unlimited for H = 0),
+//    the forward tiles run in launches of forward_rows = min(N, max(BM, F
+//    rounded down to a multiple of BM)) rows, and S above counts the row blocks
+//    of one such launch, not of all N rows (B = ceil(forward_rows / BM)); the
+//    backward's R is also at most F (at least 1, then the BM rounding).
 constexpr int kLceTargetGroups = 512;
 constexpr int kLceMaxSplits = 64;
+
+// Command buffers. MLX commits a stream's command buffer between primitives
+// (when CommandEncoder::needs_commit(): more than ~40 launches or ~40 MB of
+// inputs in it), never inside one primitive's eval_gpu, so a call of the linear
+// CE would be one command buffer whatever its size: ~12 s of GPU work at N 8192,
+// H 4096, V 151936 on a base M1 (2.6 TFLOP/s fp32), past the macOS GPU watchdog.
+// Its eval_gpu commits instead at the segment boundaries of lce_schedule, so no
+// command buffer holds more than kLceMaxBufferFlops (2^40 = 1.1e12 FLOPs: 0.42 s
+// at a base M1's fp32 peak, 0.08 s at an M-Max's) of the work counted by
+// lce_launch_flops, unless one row block of the forward (2 BM V H FLOPs) or one
+// row of a GEMM (2 V H) is already more: V H > 2^34 (64 GiB of float32 weight).
+constexpr int64_t kLceMaxBufferFlops = int64_t(1) << 40;
 
 struct LcePlan {
   int64_t rows = 0; // N
@@ -144,8 +162,11 @@ struct LcePlan {
   int splits = 1; // S
   int vocab_per_split = 0; // a multiple of BN
   int64_t chunk_rows = 1; // R
+  int64_t forward_rows = 1; // rows of one forward tile launch (a multiple of BM, or N)
+  int64_t max_buffer_flops = kLceMaxBufferFlops; // the bound lce_schedule keeps
 };
-LcePlan lce_plan(int64_t rows, int vocab, int hidden, int64_t chunk_bytes);
+LcePlan lce_plan(int64_t rows, int vocab, int hidden, int64_t chunk_bytes,
+                 int64_t max_buffer_flops = kLceMaxBufferFlops);
 // The head name of a dense weight of dtype dt: "w" + dtype name.
 std::string lce_dense_head(KDtype weight);
 // The head name of an affine-quantized weight (metal/quantized_head.h): "q" +
@@ -153,8 +174,10 @@ std::string lce_dense_head(KDtype weight);
 // op checks them; anything else here is a bug and throws). The group size is
 // a runtime argument (LceArgs::group_size).
 std::string lce_quantized_head(int bits, KDtype scales);
+// The forward tiles of rows [row0, row0 + launch_rows) (LceArgs::row0 = row0, a
+// multiple of BM); launch_rows < 0: all N rows in one launch.
 LaunchPlan lce_forward_plan(KDtype hidden, const std::string& head, const LcePlan& p,
-                            int max_group_threads = kMaxGroupThreads);
+                            int max_group_threads = kMaxGroupThreads, int64_t launch_rows = -1);
 LaunchPlan lce_finish_plan(const LcePlan& p, int max_group_threads = kMaxGroupThreads);
 // The backward kernels of one chunk of `chunk_rows` rows.
 LaunchPlan lce_dz_plan(KDtype hidden, const std::string& head, const LcePlan& p,
@@ -164,6 +187,37 @@ LaunchPlan lce_dh_plan(const std::string& head, const LcePlan& p, int64_t chunk_
 LaunchPlan lce_dw_plan(KDtype hidden, const LcePlan& p, int max_group_threads = kMaxGroupThreads);
 LaunchPlan lce_dbias_plan(const LcePlan& p, int max_group_threads = kMaxGroupThreads);
 LaunchPlan lce_scale_plan(KDtype out, uint64_t n, int max_group_threads = kMaxGroupThreads);
+// The launches of one linear CE call in order, and the command buffer each goes
+// in. A forward: the tile launches of forward_rows rows, the finish (per row),
+// the sum of the per-row losses (sum_rows). Then, when gradients are asked for,
+// the backward: per chunk of R rows, dZ, then dbias, dH, dW (those asked for);
+// N = 0 still has one empty chunk (dW and dbias are written, zeros).
+// Segments: launches go into the current command buffer (segment 0 is the one
+// eval_gpu starts in) until the next launch would take its work past
+// p.max_buffer_flops; then the buffer is committed and a new segment starts.
+// A segment's work is thus at most the bound, or it is one launch.
+enum class LceKernel : int { forward = 0, finish, sum, dz, dbias, dh, dw };
+struct LceLaunch {
+  LceKernel kernel = LceKernel::forward;
+  int64_t row0 = 0; // first row (forward launch or backward chunk)
+  int64_t rows = 0; // rows of the forward launch or of the chunk
+  int64_t flops = 0; // lce_launch_flops
+  int segment = 0;
+};
+struct LceWork {
+  bool forward = false;
+  bool sum_rows = false;
+  bool dh = false;
+  bool dw = false;
+  bool dbias = false;
+};
+// Work of a launch over `rows` rows: 2 rows V H per GEMM (forward tiles, dZ,
+// dH, dW; a quantized head's dequantization is not counted), rows V for dbias
+// (and added to each GEMM's count for its epilogue), rows S for the finish, N
+// for the sum.
+int64_t lce_launch_flops(const LcePlan& p, LceKernel k, int64_t rows);
+std::vector<LceLaunch> lce_schedule(const LcePlan& p, const LceWork& w);
+
 // smoothing_mode: flm::kSmoothUniform | flm::kSmoothOthers; softcap 0: none.
 LceArgs make_lce_args(const LcePlan& p, float label_smoothing, int smoothing_mode,
                       bool has_ignore_index, int64_t ignore_index, float z_loss, float softcap,

@@ -4,14 +4,19 @@
 // come from launch_plan.cpp (lce_plan and the lce_*_plan functions), the same
 // plans the CPU harness dispatches (tests/metal_kernels/lce_adaptor.cpp).
 //
-// One call:
-//   forward   lce_forward (per split and row block) -> lce_forward_finish (per
-//             row) [-> fl_pw_sum_finish for the summed loss]
+// One call, in the order of mplan::lce_schedule:
+//   forward   lce_forward (per split and row block, in launches of
+//             plan.forward_rows rows) -> lce_forward_finish (per row)
+//             [-> fl_pw_sum_finish for the summed loss]
 //   backward  per chunk of rows: lce_dz -> lce_dbias, lce_dh, lce_dw (those
 //             asked for); the encoder orders each reader after its writer and
 //             the next chunk's dZ after the last reader (set_input/output_array).
 // The forward with fused gradients (ops/linear_cross_entropy.h) runs the
 // backward with a unit cotangent from the lse it has just written.
+// Command buffers: the schedule's segments, each committed before the next
+// starts (gpu::CommandBuffers), hold at most plan.max_buffer_flops of work.
+#include <optional>
+
 #include "metal/host.h"
 #include "ops/linear_cross_entropy.h"
 
@@ -19,7 +24,7 @@ namespace fl {
 
 namespace {
 
-// What every dispatch of one call shares.
+// What every launch of one call shares.
 struct LceCall {
   const std::vector<mx::array>& inputs;
   const LinearCrossEntropyParams& p;
@@ -28,8 +33,8 @@ struct LceCall {
   std::string head; // the weight's head name (kernel name suffix)
   mplan::LcePlan plan;
   LceArgs args;
-  mx::metal::Device& d;
-  mx::metal::CommandEncoder& enc;
+  mx::Stream s;
+  gpu::CommandBuffers buffers;
 };
 
 // The head that reads the weight. Dense: the weight's dtype. Quantized
@@ -57,8 +62,10 @@ std::string head_name(const std::vector<mx::array>& inputs, const LinearCrossEnt
   return mplan::lce_dense_head(gpu::kernel_dtype(inputs[L.weight].dtype()));
 }
 
-LceCall make_call(const std::vector<mx::array>& inputs, const LinearCrossEntropyParams& p,
-                  mx::Stream s) {
+// The call's plan; its inputs and outputs are kept alive by every command
+// buffer it fills (gpu::CommandBuffers).
+LceCall make_call(const std::vector<mx::array>& inputs, const std::vector<mx::array>& outputs,
+                  const LinearCrossEntropyParams& p, mx::Stream s) {
   LceInputs L = lce_inputs(p);
   const auto& hidden = inputs[L.hidden];
   const auto& weight = inputs[L.weight];
@@ -85,84 +92,49 @@ LceCall make_call(const std::vector<mx::array>& inputs, const LinearCrossEntropy
                                       p.logit_softcap, p.has_bias);
   args.bits = p.bits;
   args.group_size = p.group_size;
-  auto& d = mx::metal::device(s.device);
-  return LceCall{inputs, p, L, gpu::kernel_dtype(hidden.dtype()), head_name(inputs, p, L),
-                 plan, args, d, mx::metal::get_command_encoder(s)};
+  LceCall c{inputs, p, L, gpu::kernel_dtype(hidden.dtype()), head_name(inputs, p, L),
+            plan, args, s, gpu::CommandBuffers(s)};
+  for (const auto& a : inputs) {
+    c.buffers.keep(a);
+  }
+  for (const auto& a : outputs) {
+    c.buffers.keep(a);
+  }
+  return c;
 }
 
-mx::array temporary(LceCall& c, int64_t floats) {
+// Scratch memory of the call. Not an encoder temporary: it may be written in
+// one command buffer and read in the next (gpu::CommandBuffers).
+mx::array scratch(LceCall& c, int64_t floats) {
   mx::array t({int(floats > 0 ? floats : 1)}, mx::float32, nullptr, {});
   gpu::alloc(t);
-  c.enc.add_temporary(t);
+  c.buffers.keep(t);
   return t;
 }
 
 // The head's three buffer slots (a dense head reads only the weight).
-void bind_head(LceCall& c) {
+void bind_head(LceCall& c, mx::metal::CommandEncoder& enc) {
   const auto& w = c.inputs[c.L.weight];
-  c.enc.set_input_array(w, FL_LCE_WEIGHT);
-  c.enc.set_input_array(c.p.quantized() ? c.inputs[c.L.scales] : w, FL_LCE_SCALES);
-  c.enc.set_input_array(c.p.quantized() ? c.inputs[c.L.qbiases] : w, FL_LCE_QBIASES);
+  enc.set_input_array(w, FL_LCE_WEIGHT);
+  enc.set_input_array(c.p.quantized() ? c.inputs[c.L.scales] : w, FL_LCE_SCALES);
+  enc.set_input_array(c.p.quantized() ? c.inputs[c.L.qbiases] : w, FL_LCE_QBIASES);
 }
 
 // Hidden, head, targets, bias: slots 0-5 of the forward and dZ kernels.
-void bind_tile_inputs(LceCall& c) {
+void bind_tile_inputs(LceCall& c, mx::metal::CommandEncoder& enc) {
   const auto& hidden = c.inputs[c.L.hidden];
-  c.enc.set_input_array(hidden, FL_LCE_HIDDEN);
-  bind_head(c);
-  c.enc.set_input_array(c.inputs[c.L.targets], FL_LCE_TARGETS);
-  c.enc.set_input_array(c.p.has_bias ? c.inputs[c.L.bias] : hidden, FL_LCE_BIAS);
+  enc.set_input_array(hidden, FL_LCE_HIDDEN);
+  bind_head(c, enc);
+  enc.set_input_array(c.inputs[c.L.targets], FL_LCE_TARGETS);
+  enc.set_input_array(c.p.has_bias ? c.inputs[c.L.bias] : hidden, FL_LCE_BIAS);
 }
 
-template <class MakePlan>
-bool start(LceCall& c, MakePlan make, mplan::LaunchPlan* plan) {
-  MTL::ComputePipelineState* kernel = nullptr;
-  *plan = gpu::fit_plan(c.d, make, &kernel);
-  if (plan->empty()) {
-    return false;
-  }
-  c.enc.set_compute_pipeline_state(kernel);
-  return true;
-}
-
-// loss (per row, or the summed scalar), lse, lse_lo, correct, entropy.
-void run_forward(LceCall& c, std::vector<mx::array>& outputs) {
-  const int64_t N = c.plan.rows;
-  mx::array partials = temporary(c, int64_t(c.plan.splits) * N * 4);
-  mx::array target_logit = temporary(c, N);
-  mplan::LaunchPlan lp;
-  if (start(c, [&](int t) { return mplan::lce_forward_plan(c.hidden_dt, c.head, c.plan, t); }, &lp)) {
-    bind_tile_inputs(c);
-    c.enc.set_output_array(partials, FL_LCE_FWD_PARTIALS);
-    c.enc.set_output_array(target_logit, FL_LCE_FWD_TARGET_LOGIT);
-    c.enc.set_bytes(c.args, FL_LCE_FWD_ARGS);
-    gpu::dispatch(c.enc, lp);
-  }
-  mx::array row_loss = c.p.sum_rows ? temporary(c, N) : outputs[kLceLoss];
-  if (start(c, [&](int t) { return mplan::lce_finish_plan(c.plan, t); }, &lp)) {
-    c.enc.set_input_array(partials, FL_LCE_FIN_PARTIALS);
-    c.enc.set_input_array(target_logit, FL_LCE_FIN_TARGET_LOGIT);
-    c.enc.set_input_array(c.inputs[c.L.targets], FL_LCE_FIN_TARGETS);
-    c.enc.set_output_array(row_loss, FL_LCE_FIN_LOSS);
-    c.enc.set_output_array(outputs[kLceLse], FL_LCE_FIN_LSE);
-    c.enc.set_output_array(outputs[kLceLseLo], FL_LCE_FIN_LSE_LO);
-    c.enc.set_output_array(outputs[kLceCorrect], FL_LCE_FIN_CORRECT);
-    c.enc.set_output_array(outputs[kLceEntropy], FL_LCE_FIN_ENTROPY);
-    c.enc.set_bytes(c.args, FL_LCE_FIN_ARGS);
-    gpu::dispatch(c.enc, lp);
-  }
-  if (c.p.sum_rows) {
-    // The per-row losses added by one group in a fixed order (the element-wise
-    // losses' finish kernel); it always runs and writes 0 for N = 0.
-    PwArgs sum = mplan::make_pw_args(uint64_t(N), 0.0f, 0.0f, 1);
-    sum.num_partials = uint64_t(N);
-    start(c, [&](int t) { return mplan::pw_sum_finish_plan(uint64_t(N), t); }, &lp);
-    c.enc.set_input_array(row_loss, FL_PW_SUM_PARTIALS);
-    c.enc.set_output_array(outputs[kLceLoss], FL_PW_SUM_OUT);
-    c.enc.set_bytes(sum, FL_PW_SUM_ARGS);
-    gpu::dispatch(c.enc, lp);
-  }
-}
+// The forward's outputs: loss (per row, or the summed scalar), lse, lse_lo,
+// correct, entropy; nullptr: no forward in this call.
+struct LceStats {
+  std::vector<mx::array>* outputs = nullptr;
+  std::optional<mx::array> partials, target_logit, row_loss; // scratch, or the loss itself
+};
 
 struct LceGrads {
   mx::array* dh = nullptr; // float32 [N, H]
@@ -170,55 +142,154 @@ struct LceGrads {
   mx::array* dbias = nullptr; // float32 [V]
 };
 
-// The gradients asked for, chunk by chunk; g == nullptr: a unit cotangent.
-void run_backward(LceCall& c, const mx::array& lse, const mx::array& lse_lo, const mx::array* g,
-                  LceGrads out) {
-  const int64_t N = c.plan.rows;
-  const int64_t R = c.plan.chunk_rows;
-  mx::array dz = temporary(c, R * c.plan.vocab);
-  const auto& hidden = c.inputs[c.L.hidden];
-  // N = 0 still runs one empty chunk: dW and dbias are written (zeros).
-  for (int64_t r0 = 0; r0 < N || r0 == 0; r0 += R) {
-    const int64_t rows = N - r0 < R ? N - r0 : R;
-    LceArgs args = c.args;
-    args.row0 = r0;
-    args.chunk_rows = int(rows);
-    args.accumulate = r0 > 0 ? 1 : 0;
+// One launch of the schedule (launch_plan.h lce_schedule).
+void run_launch(LceCall& c, const mplan::LceLaunch& l, LceStats& f, const mx::array& lse,
+                const mx::array& lse_lo, const mx::array* g, LceGrads& out, std::optional<mx::array>& dz_chunk) {
+  using K = mplan::LceKernel;
+  const mplan::LcePlan& P = c.plan;
+  mx::array* dz = dz_chunk ? &*dz_chunk : nullptr; // set when the call has a backward
+  LceArgs args = c.args;
+  args.row0 = l.row0;
+  if (l.kernel == K::dz || l.kernel == K::dbias || l.kernel == K::dh || l.kernel == K::dw) {
+    args.chunk_rows = int(l.rows);
+    args.accumulate = l.row0 > 0 ? 1 : 0;
     args.unit_cotangent = g == nullptr ? 1 : 0;
-    mplan::LaunchPlan lp;
-    if (start(c, [&](int t) { return mplan::lce_dz_plan(c.hidden_dt, c.head, c.plan, rows, t); }, &lp)) {
-      bind_tile_inputs(c);
-      c.enc.set_input_array(lse, FL_LCE_DZ_LSE);
-      c.enc.set_input_array(lse_lo, FL_LCE_DZ_LSE_LO);
-      c.enc.set_input_array(g ? *g : lse, FL_LCE_DZ_G);
-      c.enc.set_output_array(dz, FL_LCE_DZ_OUT);
-      c.enc.set_bytes(args, FL_LCE_DZ_ARGS);
-      gpu::dispatch(c.enc, lp);
-    }
-    if (out.dbias && start(c, [&](int t) { return mplan::lce_dbias_plan(c.plan, t); }, &lp)) {
-      c.enc.set_input_array(dz, FL_LCE_DB_DZ);
-      c.enc.set_output_array(*out.dbias, FL_LCE_DB_OUT);
-      c.enc.set_bytes(args, FL_LCE_DB_ARGS);
-      gpu::dispatch(c.enc, lp);
-    }
-    if (out.dh && start(c, [&](int t) { return mplan::lce_dh_plan(c.head, c.plan, rows, t); }, &lp)) {
-      c.enc.set_input_array(dz, FL_LCE_DH_DZ);
-      bind_head(c);
-      c.enc.set_output_array(*out.dh, FL_LCE_DH_OUT);
-      c.enc.set_bytes(args, FL_LCE_DH_ARGS);
-      gpu::dispatch(c.enc, lp);
-    }
-    if (out.dw && start(c, [&](int t) { return mplan::lce_dw_plan(c.hidden_dt, c.plan, t); }, &lp)) {
-      c.enc.set_input_array(dz, FL_LCE_DW_DZ);
-      c.enc.set_input_array(hidden, FL_LCE_DW_HIDDEN);
-      c.enc.set_output_array(*out.dw, FL_LCE_DW_OUT);
-      c.enc.set_bytes(args, FL_LCE_DW_ARGS);
-      gpu::dispatch(c.enc, lp);
-    }
-    if (N == 0) {
-      break;
-    }
   }
+  switch (l.kernel) {
+    case K::forward:
+      if (auto x = gpu::launch(c.s, [&](int t) {
+            return mplan::lce_forward_plan(c.hidden_dt, c.head, P, t, l.rows);
+          })) {
+        auto& enc = x.encoder();
+        bind_tile_inputs(c, enc);
+        enc.set_output_array(*f.partials, FL_LCE_FWD_PARTIALS);
+        enc.set_output_array(*f.target_logit, FL_LCE_FWD_TARGET_LOGIT);
+        enc.set_bytes(args, FL_LCE_FWD_ARGS);
+        x.dispatch();
+      }
+      return;
+    case K::finish:
+      if (auto x = gpu::launch(c.s, [&](int t) { return mplan::lce_finish_plan(P, t); })) {
+        auto& o = *f.outputs;
+        auto& enc = x.encoder();
+        enc.set_input_array(*f.partials, FL_LCE_FIN_PARTIALS);
+        enc.set_input_array(*f.target_logit, FL_LCE_FIN_TARGET_LOGIT);
+        enc.set_input_array(c.inputs[c.L.targets], FL_LCE_FIN_TARGETS);
+        enc.set_output_array(*f.row_loss, FL_LCE_FIN_LOSS);
+        enc.set_output_array(o[kLceLse], FL_LCE_FIN_LSE);
+        enc.set_output_array(o[kLceLseLo], FL_LCE_FIN_LSE_LO);
+        enc.set_output_array(o[kLceCorrect], FL_LCE_FIN_CORRECT);
+        enc.set_output_array(o[kLceEntropy], FL_LCE_FIN_ENTROPY);
+        enc.set_bytes(args, FL_LCE_FIN_ARGS);
+        x.dispatch();
+      }
+      return;
+    case K::sum: {
+      // The per-row losses added by one group in a fixed order (the element-wise
+      // losses' finish kernel); it always runs and writes 0 for N = 0.
+      PwArgs sum = mplan::make_pw_args(uint64_t(P.rows), 0.0f, 0.0f, 1);
+      sum.num_partials = uint64_t(P.rows);
+      auto x = gpu::launch(c.s, [&](int t) { return mplan::pw_sum_finish_plan(uint64_t(P.rows), t); });
+      auto& enc = x.encoder();
+      enc.set_input_array(*f.row_loss, FL_PW_SUM_PARTIALS);
+      enc.set_output_array((*f.outputs)[kLceLoss], FL_PW_SUM_OUT);
+      enc.set_bytes(sum, FL_PW_SUM_ARGS);
+      x.dispatch();
+      return;
+    }
+    case K::dz:
+      if (auto x = gpu::launch(c.s, [&](int t) {
+            return mplan::lce_dz_plan(c.hidden_dt, c.head, P, l.rows, t);
+          })) {
+        auto& enc = x.encoder();
+        bind_tile_inputs(c, enc);
+        enc.set_input_array(lse, FL_LCE_DZ_LSE);
+        enc.set_input_array(lse_lo, FL_LCE_DZ_LSE_LO);
+        enc.set_input_array(g ? *g : lse, FL_LCE_DZ_G);
+        enc.set_output_array(*dz, FL_LCE_DZ_OUT);
+        enc.set_bytes(args, FL_LCE_DZ_ARGS);
+        x.dispatch();
+      }
+      return;
+    case K::dbias:
+      if (auto x = gpu::launch(c.s, [&](int t) { return mplan::lce_dbias_plan(P, t); })) {
+        auto& enc = x.encoder();
+        enc.set_input_array(*dz, FL_LCE_DB_DZ);
+        enc.set_output_array(*out.dbias, FL_LCE_DB_OUT);
+        enc.set_bytes(args, FL_LCE_DB_ARGS);
+        x.dispatch();
+      }
+      return;
+    case K::dh:
+      if (auto x = gpu::launch(c.s, [&](int t) { return mplan::lce_dh_plan(c.head, P, l.rows, t); })) {
+        auto& enc = x.encoder();
+        enc.set_input_array(*dz, FL_LCE_DH_DZ);
+        bind_head(c, enc);
+        enc.set_output_array(*out.dh, FL_LCE_DH_OUT);
+        enc.set_bytes(args, FL_LCE_DH_ARGS);
+        x.dispatch();
+      }
+      return;
+    case K::dw:
+      if (auto x = gpu::launch(c.s, [&](int t) { return mplan::lce_dw_plan(c.hidden_dt, P, t); })) {
+        auto& enc = x.encoder();
+        enc.set_input_array(*dz, FL_LCE_DW_DZ);
+        enc.set_input_array(c.inputs[c.L.hidden], FL_LCE_DW_HIDDEN);
+        enc.set_output_array(*out.dw, FL_LCE_DW_OUT);
+        enc.set_bytes(args, FL_LCE_DW_ARGS);
+        x.dispatch();
+      }
+      return;
+  }
+}
+
+// A launch that does nothing (lce_scale_grad over 0 elements), to pad the last
+// command buffer (gpu::CommandBuffers::finish).
+void pad_launch(LceCall& c, const mx::array& any_float32) {
+  PwArgs none = mplan::make_pw_args(0, 0.0f, 0.0f, 0);
+  auto x = gpu::launch(c.s, [&](int t) {
+    return mplan::lce_scale_plan(mplan::KDtype::float32, 1, t);
+  });
+  auto& enc = x.encoder();
+  enc.set_input_array(any_float32, FL_LCE_SCALE_G);
+  enc.set_input_array(any_float32, FL_LCE_SCALE_SRC);
+  enc.set_input_array(any_float32, FL_LCE_SCALE_OUT); // never written: size 0
+  enc.set_bytes(none, FL_LCE_SCALE_ARGS);
+  x.dispatch();
+}
+
+// Every launch of the call in lce_schedule's order, committing the command
+// buffer at each segment boundary. f.outputs null: no forward; lse, lse_lo:
+// the forward's (written by it) or the vjp's inputs; g == nullptr: a unit
+// cotangent.
+void run(LceCall& c, LceStats& f, const mx::array& lse, const mx::array& lse_lo,
+         const mx::array* g, LceGrads out) {
+  mplan::LceWork w;
+  w.forward = f.outputs != nullptr;
+  w.sum_rows = w.forward && c.p.sum_rows;
+  w.dh = out.dh != nullptr;
+  w.dw = out.dw != nullptr;
+  w.dbias = out.dbias != nullptr;
+  const std::vector<mplan::LceLaunch> launches = mplan::lce_schedule(c.plan, w);
+  const int64_t N = c.plan.rows;
+  if (w.forward) {
+    f.partials = scratch(c, int64_t(c.plan.splits) * N * 4);
+    f.target_logit = scratch(c, N);
+    f.row_loss = c.p.sum_rows ? scratch(c, N) : (*f.outputs)[kLceLoss];
+  }
+  std::optional<mx::array> dz;
+  if (w.dh || w.dw || w.dbias) {
+    dz = scratch(c, c.plan.chunk_rows * c.plan.vocab);
+  }
+  int segment = 0;
+  for (const auto& l : launches) {
+    if (l.segment != segment) {
+      c.buffers.commit();
+      segment = l.segment;
+    }
+    run_launch(c, l, f, lse, lse_lo, g, out, dz);
+  }
+  c.buffers.finish([&] { pad_launch(c, lse); });
 }
 
 } // namespace
@@ -239,11 +310,12 @@ void LinearCrossEntropy::eval_gpu(const std::vector<mx::array>& inputs, std::vec
       grads[which] = &out;
     }
   }
-  LceCall c = make_call(inputs, params_, stream());
-  run_forward(c, outputs);
-  if (grads[0] || grads[1] || grads[2]) {
-    run_backward(c, outputs[kLceLse], outputs[kLceLseLo], nullptr, {grads[0], grads[1], grads[2]});
-  }
+  LceCall c = make_call(inputs, outputs, params_, stream());
+  LceStats f;
+  f.outputs = &outputs;
+  // The forward with fused gradients runs the backward with a unit cotangent
+  // from the lse it has just written.
+  run(c, f, outputs[kLceLse], outputs[kLceLseLo], nullptr, {grads[0], grads[1], grads[2]});
 }
 
 void LinearCrossEntropyVJP::eval_gpu(const std::vector<mx::array>& inputs,
@@ -251,7 +323,7 @@ void LinearCrossEntropyVJP::eval_gpu(const std::vector<mx::array>& inputs,
   for (auto& out : outputs) {
     gpu::alloc(out);
   }
-  LceCall c = make_call(inputs, params_, stream());
+  LceCall c = make_call(inputs, outputs, params_, stream());
   size_t n = inputs.size(); // ..., lse, lse_lo, g
   const auto& lse = inputs[n - 3];
   const auto& lse_lo = inputs[n - 2];
@@ -264,7 +336,8 @@ void LinearCrossEntropyVJP::eval_gpu(const std::vector<mx::array>& inputs,
   out.dh = params_.grad_hidden ? &outputs[k++] : nullptr;
   out.dw = params_.grad_weight ? &outputs[k++] : nullptr;
   out.dbias = params_.grad_bias ? &outputs[k++] : nullptr;
-  run_backward(c, lse, lse_lo, &g, out);
+  LceStats none;
+  run(c, none, lse, lse_lo, &g, out);
 }
 
 void LceScaleGrad::eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
@@ -276,22 +349,19 @@ void LceScaleGrad::eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx
   gpu::alloc_or_reuse(out, grad);
   gpu::require_dense(grad, "grad");
   const uint64_t n = out.size();
-  auto& s = stream();
-  auto& d = mx::metal::device(s.device);
-  MTL::ComputePipelineState* kernel = nullptr;
-  mplan::LaunchPlan plan = gpu::fit_plan(
-      d, [&](int t) { return mplan::lce_scale_plan(gpu::kernel_dtype(out.dtype()), n, t); }, &kernel);
-  if (plan.empty()) {
+  auto x = gpu::launch(stream(), [&](int t) {
+    return mplan::lce_scale_plan(gpu::kernel_dtype(out.dtype()), n, t);
+  });
+  if (!x) {
     return;
   }
   PwArgs args = mplan::make_pw_args(n, 0.0f, 0.0f, 0);
-  auto& enc = mx::metal::get_command_encoder(s);
-  enc.set_compute_pipeline_state(kernel);
+  auto& enc = x.encoder();
   enc.set_input_array(g, FL_LCE_SCALE_G);
   enc.set_input_array(grad, FL_LCE_SCALE_SRC);
   enc.set_output_array(out, FL_LCE_SCALE_OUT);
   enc.set_bytes(args, FL_LCE_SCALE_ARGS);
-  gpu::dispatch(enc, plan);
+  x.dispatch();
 }
 
 } // namespace fl

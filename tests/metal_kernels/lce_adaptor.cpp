@@ -18,6 +18,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "fenced.h"
 #include "plan_runner.h"
@@ -158,6 +159,9 @@ const Registry& registry() {
 }
 
 int g_pipeline_limit = fl::mplan::kMaxGroupThreads;
+// The plan's work bound per command buffer (lce_set_max_buffer_flops): small
+// values cut the small shapes here into several forward launches and chunks.
+int64_t g_max_buffer_flops = fl::mplan::kLceMaxBufferFlops;
 
 void run_lce(const LaunchPlan& p, const LceBufs& b, const LceArgs& a) {
   LceFn fn = lookup(registry().lce, p.kernel_name);
@@ -261,6 +265,39 @@ int lce_set_pipeline_limit(int limit) {
   return mh::guarded([&] { g_pipeline_limit = limit; });
 }
 
+int lce_set_max_buffer_flops(int64_t flops) {
+  return mh::guarded([&] { g_max_buffer_flops = flops; });
+}
+
+// lce_schedule(lce_plan(..., max_buffer_flops), work): plan = {forward_rows,
+// chunk_rows, splits}; out[5 i ..] = {kernel, row0, rows, flops, segment} of
+// launch i (at most cap); returns through *count the number of launches.
+int lce_schedule_info(int64_t rows, int vocab, int hidden, int64_t chunk_bytes,
+                      int64_t max_buffer_flops, int forward, int sum_rows, int dh, int dw,
+                      int dbias, int64_t* plan, int64_t* out, int64_t cap, int64_t* count) {
+  return mh::guarded([&] {
+    namespace P = fl::mplan;
+    LcePlan p = P::lce_plan(rows, vocab, hidden, chunk_bytes, max_buffer_flops);
+    P::LceWork w;
+    w.forward = forward != 0;
+    w.sum_rows = sum_rows != 0;
+    w.dh = dh != 0;
+    w.dw = dw != 0;
+    w.dbias = dbias != 0;
+    std::vector<P::LceLaunch> launches = P::lce_schedule(p, w);
+    plan[0] = p.forward_rows;
+    plan[1] = p.chunk_rows;
+    plan[2] = p.splits;
+    *count = int64_t(launches.size());
+    if (*count > cap) throw mh::Error("lce_schedule_info: out too small");
+    for (size_t i = 0; i < launches.size(); ++i) {
+      const P::LceLaunch& l = launches[i];
+      int64_t v[5] = {int64_t(l.kernel), l.row0, l.rows, l.flops, l.segment};
+      std::memcpy(out + 5 * i, v, sizeof v);
+    }
+  });
+}
+
 int lce_registry_names(uint8_t* out, uint32_t cap) {
   return mh::guarded([&] {
     std::string s;
@@ -271,10 +308,11 @@ int lce_registry_names(uint8_t* out, uint32_t cap) {
   });
 }
 
-// lce_plan's choices: out = {row_blocks, vocab_tiles, splits, vocab_per_split, chunk_rows}.
+// lce_plan's choices (at the bound lce_set_max_buffer_flops set): out = {row_blocks,
+// vocab_tiles, splits, vocab_per_split, chunk_rows}.
 int lce_plan_info(int64_t rows, int vocab, int hidden, int64_t chunk_bytes, int64_t* out) {
   return mh::guarded([&] {
-    LcePlan p = fl::mplan::lce_plan(rows, vocab, hidden, chunk_bytes);
+    LcePlan p = fl::mplan::lce_plan(rows, vocab, hidden, chunk_bytes, g_max_buffer_flops);
     int64_t v[5] = {p.row_blocks, p.vocab_tiles, p.splits, p.vocab_per_split, p.chunk_rows};
     std::memcpy(out, v, sizeof v);
   });
@@ -288,7 +326,7 @@ int lce_launch_info(int which, int hdt, int wdt, int64_t rows, int vocab, int hi
                     uint8_t* name_out) {
   return mh::guarded([&] {
     namespace P = fl::mplan;
-    LcePlan plan = P::lce_plan(rows, vocab, hidden, chunk_bytes);
+    LcePlan plan = P::lce_plan(rows, vocab, hidden, chunk_bytes, g_max_buffer_flops);
     std::string head = P::lce_dense_head(to_dtype(wdt));
     KDtype h = to_dtype(hdt);
     LaunchPlan p;
@@ -322,7 +360,7 @@ int lce_forward_run(int hdt, int wdt, const void* hidden, const void* weight,
                     int64_t ignore_index, float z_loss, float softcap, int has_bias) {
   return mh::guarded([&] {
     namespace P = fl::mplan;
-    LcePlan plan = P::lce_plan(rows, vocab, hidden_size, chunk_bytes);
+    LcePlan plan = P::lce_plan(rows, vocab, hidden_size, chunk_bytes, g_max_buffer_flops);
     LceArgs args = args_for(plan, {smoothing, mode, has_ignore, ignore_index, z_loss, softcap, has_bias});
     std::string head = head_for(wdt);
     LceBufs b = tile_inputs(hidden, weight, targets, bias);
@@ -334,8 +372,20 @@ int lce_forward_run(int hdt, int wdt, const void* hidden, const void* weight,
     b.lse_lo = lse_lo;
     b.correct = correct;
     b.entropy = entropy;
-    run_lce(P::lce_forward_plan(to_dtype(hdt), head, plan, g_pipeline_limit), b, args);
-    run_lce(P::lce_finish_plan(plan, g_pipeline_limit), b, args);
+    P::LceWork w;
+    w.forward = true;
+    w.sum_rows = sum_rows != 0;
+    for (const P::LceLaunch& l : P::lce_schedule(plan, w)) {
+      LceArgs a = args;
+      a.row0 = l.row0;
+      if (l.kernel == P::LceKernel::forward) {
+        run_lce(P::lce_forward_plan(to_dtype(hdt), head, plan, g_pipeline_limit, l.rows), b, a);
+      } else if (l.kernel == P::LceKernel::finish) {
+        run_lce(P::lce_finish_plan(plan, g_pipeline_limit), b, a);
+      } else if (l.kernel != P::LceKernel::sum) {
+        throw mh::Error("lce_forward_run: a backward launch in a forward schedule");
+      }
+    }
     if (sum_rows) {
       PwArgs sum = P::make_pw_args(uint64_t(rows), 0.0f, 0.0f, 1);
       sum.num_partials = uint64_t(rows);
@@ -361,7 +411,7 @@ int lce_backward_run(int hdt, int wdt, const void* hidden, const void* weight,
                      int has_ignore, int64_t ignore_index, float z_loss, float softcap, int has_bias) {
   return mh::guarded([&] {
     namespace P = fl::mplan;
-    LcePlan plan = P::lce_plan(rows, vocab, hidden_size, chunk_bytes);
+    LcePlan plan = P::lce_plan(rows, vocab, hidden_size, chunk_bytes, g_max_buffer_flops);
     LceArgs base = args_for(plan, {smoothing, mode, has_ignore, ignore_index, z_loss, softcap, has_bias});
     std::string head = head_for(wdt);
     KDtype h = to_dtype(hdt);
@@ -374,19 +424,24 @@ int lce_backward_run(int hdt, int wdt, const void* hidden, const void* weight,
     b.dh = dh;
     b.dw = dw;
     b.dbias = dbias;
-    const int64_t R = plan.chunk_rows;
-    for (int64_t r0 = 0; r0 < rows || r0 == 0; r0 += R) {
-      const int64_t n = rows - r0 < R ? rows - r0 : R;
+    P::LceWork w;
+    w.dh = want_dh != 0;
+    w.dw = want_dw != 0;
+    w.dbias = want_dbias != 0;
+    for (const P::LceLaunch& l : P::lce_schedule(plan, w)) {
+      const int64_t n = l.rows;
       LceArgs a = base;
-      a.row0 = r0;
+      a.row0 = l.row0;
       a.chunk_rows = int(n);
-      a.accumulate = r0 > 0 ? 1 : 0;
+      a.accumulate = l.row0 > 0 ? 1 : 0;
       a.unit_cotangent = unit_cotangent;
-      run_lce(P::lce_dz_plan(h, head, plan, n, g_pipeline_limit), b, a);
-      if (want_dbias) run_lce(P::lce_dbias_plan(plan, g_pipeline_limit), b, a);
-      if (want_dh) run_lce(P::lce_dh_plan(head, plan, n, g_pipeline_limit), b, a);
-      if (want_dw) run_lce(P::lce_dw_plan(h, plan, g_pipeline_limit), b, a);
-      if (rows == 0) break;
+      switch (l.kernel) {
+        case P::LceKernel::dz: run_lce(P::lce_dz_plan(h, head, plan, n, g_pipeline_limit), b, a); break;
+        case P::LceKernel::dbias: run_lce(P::lce_dbias_plan(plan, g_pipeline_limit), b, a); break;
+        case P::LceKernel::dh: run_lce(P::lce_dh_plan(head, plan, n, g_pipeline_limit), b, a); break;
+        case P::LceKernel::dw: run_lce(P::lce_dw_plan(h, plan, g_pipeline_limit), b, a); break;
+        default: throw mh::Error("lce_backward_run: a forward launch in a backward schedule");
+      }
     }
   });
 }
