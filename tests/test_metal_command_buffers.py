@@ -5,7 +5,7 @@ CE's eval_gpu commits its own at the segment boundaries of the plan
 (csrc/metal/launch_plan.h: lce_plan's forward_rows and chunk_rows caps,
 lce_schedule's segments; csrc/metal/host.h: gpu::CommandBuffers). Here, on any
 machine, through the harness build of launch_plan.cpp: the rules at their
-thresholds (+-1), every segment within the bound at the issue's shape (N 8192,
+thresholds (+-1), every segment within the bound at the 7B head shape (N 8192,
 H 4096, V 151936: ~31 TFLOP of backward, one command buffer of ~12 s on a base
 M1 before) and at larger ones, and the kernels run in bounded launches (several
 forward launches from row0, capped chunks) still agree with the CPU primitive.
@@ -179,11 +179,11 @@ def test_no_rows(lib):
     assert all(l["rows"] == 0 and l["segment"] == 0 for l in launches)
 
 
-# ---- the issue's shape and larger: every buffer within the bound --------------------------
+# ---- the 7B head's shape and larger: every buffer within the bound --------------------------
 
 
 @pytest.mark.parametrize("rows,hidden,vocab,chunk_bytes", [
-    (8192, 4096, 151936, 64 << 20),  # issue #16: the 7B head at the default chunk
+    (8192, 4096, 151936, 64 << 20),  # the 7B head at the default chunk
     (8192, 4096, 151936, 1 << 30),  # the GPU's recommended larger chunk
     (65536, 8192, 256000, 4 << 30),
     (10**6, 2048, 32000, 64 << 20),
