@@ -13,6 +13,7 @@
 #include "cpu/parallel.h"
 #include "cpu/quantized_head.h"
 #include "mlx/transforms.h"
+#include "ops/accurate_sum.h"
 #include "ops/cross_entropy.h"
 #include "ops/linear_cross_entropy.h"
 #include "ops/sigmoid_focal.h"
@@ -67,19 +68,46 @@ NB_MODULE(_ext, m) {
     }
   });
 
+  // cross_entropy: the per-row loss; cross_entropy_outputs: [loss, lse] (the
+  // lse differentiable; the wrappers' z term and statistics read it).
+  auto cross_entropy_outputs = [](const mlx::core::array& logits, const mlx::core::array& targets,
+                                  int axis, float label_smoothing,
+                                  const std::string& label_smoothing_mode,
+                                  std::optional<int64_t> ignore_index,
+                                  std::optional<mlx::core::array> class_weights, float z_loss,
+                                  mlx::core::StreamOrDevice stream) {
+    return fl::cross_entropy(logits, targets, axis, label_smoothing, label_smoothing_mode,
+                             ignore_index, class_weights, z_loss, stream);
+  };
   m.def(
       "cross_entropy",
-      [](const mlx::core::array& logits, const mlx::core::array& targets, int axis,
-         float label_smoothing, const std::string& label_smoothing_mode,
-         std::optional<int64_t> ignore_index, std::optional<mlx::core::array> class_weights,
-         float z_loss, mlx::core::StreamOrDevice stream) {
-        return fl::cross_entropy(logits, targets, axis, label_smoothing, label_smoothing_mode,
-                                 ignore_index, class_weights, z_loss, stream);
+      [cross_entropy_outputs](const mlx::core::array& logits, const mlx::core::array& targets,
+                              int axis, float label_smoothing,
+                              const std::string& label_smoothing_mode,
+                              std::optional<int64_t> ignore_index,
+                              std::optional<mlx::core::array> class_weights, float z_loss,
+                              mlx::core::StreamOrDevice stream) {
+        return cross_entropy_outputs(logits, targets, axis, label_smoothing, label_smoothing_mode,
+                                     ignore_index, class_weights, z_loss, stream)[0];
       },
       "logits"_a, "targets"_a, "axis"_a = -1, "label_smoothing"_a = 0.0f,
       "label_smoothing_mode"_a = "uniform", "ignore_index"_a = nb::none(),
       "class_weights"_a = nb::none(), "z_loss"_a = 0.0f, nb::kw_only(), "stream"_a = nb::none(),
       "Per-row float32 cross-entropy (no reduction).");
+  m.def(
+      "cross_entropy_outputs", cross_entropy_outputs, "logits"_a, "targets"_a, "axis"_a = -1,
+      "label_smoothing"_a = 0.0f, "label_smoothing_mode"_a = "uniform",
+      "ignore_index"_a = nb::none(), "class_weights"_a = nb::none(), "z_loss"_a = 0.0f,
+      nb::kw_only(), "stream"_a = nb::none(),
+      "As cross_entropy: [per-row float32 loss, per-row log-sum-exp (0 on ignored rows)].");
+
+  m.def(
+      "accurate_sum",
+      [](const mlx::core::array& a, mlx::core::StreamOrDevice stream) {
+        return fl::accurate_sum(a, stream);
+      },
+      "a"_a, nb::kw_only(), "stream"_a = nb::none(),
+      "float32 sum of all elements of a, accumulated beyond float32 (double on the CPU).");
 
   m.def(
       "smooth_l1_loss",

@@ -204,11 +204,22 @@ template <typename T, int kKind, bool kBcast>
     uint lane [[thread_index_in_simdgroup]],
     uint sg [[simdgroup_index_in_threadgroup]],
     uint nsg [[simdgroups_per_threadgroup]]) {
+  // Each thread's strided run with Neumaier's compensation (c collects the
+  // low bits every addition rounds off), so a run of thousands of values
+  // (a mean over a million rows, ops/accurate_sum.h) keeps float32 accuracy;
+  // the runs' sums then meet in a tree, log2(threads) roundings deep.
   float s = 0.0f;
+  float c = 0.0f;
   for (ulong i = tid; i < args.num_partials; i += tpg) {
-    s += partials[i];
+    float v = partials[i];
+    float t = s + v;
+    // (an inf or NaN sum carries itself: its rounding error would be NaN)
+    if (!flm::is_inf(t) && !flm::is_nan(t)) {
+      c += fabs(s) >= fabs(v) ? (s - t) + v : (v - t) + s;
+    }
+    s = t;
   }
-  s = flk::threadgroup_sum(s, scratch, sg, lane, nsg);
+  s = flk::threadgroup_sum(s + c, scratch, sg, lane, nsg);
   if (tid == 0) {
     // Mean over zero elements is 0 (0 / 1), as on the CPU.
     float divisor = (args.reduce == 2 && args.size > 0) ? float(args.size) : 1.0f;

@@ -168,15 +168,19 @@ def _ce_rows(logits, targets, axis, label_smoothing, mode, ignore_index,
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         # 0 * (lse - (-inf)) := 0 (a class with zero target mass contributes 0)
         terms = np.where(wq == 0, 0.0, wq * (lse[..., None] - x))
-        row = terms.sum(-1) + z_loss * lse * lse
+        ce_row = terms.sum(-1)
+        z_row = z_loss * lse * lse
+        row = ce_row + z_row
         p = np.exp(x - lse[..., None])
     row = np.where(ignored, 0.0, row)
     row = np.where(oob, np.nan, row)
+    ce_row = np.where(oob, np.nan, np.where(ignored, 0.0, ce_row))
+    z_row = np.where(ignored | oob, 0.0, z_row)
     if is_prob:
         cw_t = None
     else:
         cw_t = np.where(valid, w[np.where(valid, t, 0)], 0.0)
-    return dict(x=x, t=t, q=q, w=w, wq=wq, lse=lse, p=p, row=row,
+    return dict(x=x, t=t, q=q, w=w, wq=wq, lse=lse, p=p, row=row, ce_row=ce_row, z_row=z_row,
                 ignored=ignored, oob=oob, valid=valid, is_prob=is_prob,
                 axis=axis, cw_t=cw_t, K=K)
 
@@ -194,16 +198,27 @@ def _ce_denominator(r, weights, reduction, ignore_index, class_weights):
     return r["row"].size
 
 
+def _ce_z_denominator(r, reduction, class_weights, z_loss):
+    """The mean's denominator of the z term when it differs from the
+    cross-entropy's: class-weighted mean over class indices, where the
+    cross-entropy is divided by the summed class weights and the z term
+    (not class-weighted) by the number of kept rows (Liger's rule)."""
+    if reduction != "mean" or r["is_prob"] or class_weights is None or z_loss == 0.0:
+        return None
+    return int((~r["ignored"]).sum())
+
+
 def cross_entropy(logits, targets, weights=None, axis=-1, label_smoothing=0.0,
                   reduction="none", label_smoothing_mode="uniform",
                   ignore_index=None, class_weights=None, z_loss=0.0):
     r = _ce_rows(logits, targets, axis, label_smoothing, label_smoothing_mode,
                  ignore_index, class_weights, z_loss)
-    loss = r["row"]
-    if weights is not None:
-        loss = loss * _f64(weights)
+    wts = 1.0 if weights is None else _f64(weights)
     den = _ce_denominator(r, weights, reduction, ignore_index, class_weights)
-    return reduce(loss, reduction, den)
+    zden = _ce_z_denominator(r, reduction, class_weights, z_loss)
+    if zden is not None:
+        return reduce(r["ce_row"] * wts, reduction, den) + reduce(r["z_row"] * wts, reduction, zden)
+    return reduce(r["row"] * wts, reduction, den)
 
 
 def cross_entropy_grad(logits, targets, weights=None, axis=-1,
@@ -217,15 +232,19 @@ def cross_entropy_grad(logits, targets, weights=None, axis=-1,
     r = _ce_rows(logits, targets, axis, label_smoothing, label_smoothing_mode,
                  ignore_index, class_weights, z_loss)
     den = _ce_denominator(r, weights, reduction, ignore_index, class_weights)
+    zden = _ce_z_denominator(r, reduction, class_weights, z_loss)
     g_row = reduce_cotangent(r["row"].shape, reduction, cotangent, den)
+    g_zrow = g_row if zden is None else reduce_cotangent(r["row"].shape, reduction, cotangent, zden)
     if weights is not None:
         g_row = g_row * _f64(weights)
+        g_zrow = g_zrow * _f64(weights)
     sw = r["wq"].sum(-1, keepdims=True)
     with np.errstate(invalid="ignore"):
-        d = sw * r["p"] - r["wq"] + 2.0 * z_loss * r["lse"][..., None] * r["p"]
+        d = (sw * r["p"] - r["wq"]) * g_row[..., None] \
+            + 2.0 * z_loss * r["lse"][..., None] * r["p"] * g_zrow[..., None]
     d = np.where(r["ignored"][..., None], 0.0, d)
     d = np.where(r["oob"][..., None], np.nan, d)
-    g = d * g_row[..., None]
+    g = d
     g = np.where(r["ignored"][..., None], 0.0, g)
     return np.moveaxis(g, -1, r["axis"])
 
@@ -413,6 +432,10 @@ def cross_entropy_error_scales(logits, targets, weights=None, axis=-1,
     den = _ce_denominator(r, weights, reduction, ignore_index, class_weights)
     loss_scale = reduce(per_row, reduction, den)
     g_row = np.abs(reduce_cotangent(r["row"].shape, reduction, cotangent, den))
+    zden = _ce_z_denominator(r, reduction, class_weights, z_loss)
+    if zden is not None:  # the z term's own denominator: both bounds
+        loss_scale = loss_scale + reduce(per_row, reduction, zden)
+        g_row = g_row + np.abs(reduce_cotangent(r["row"].shape, reduction, cotangent, zden))
     grad_scale = (per_row * g_row)[..., None] * np.ones_like(x)
     return loss_scale, np.moveaxis(grad_scale, -1, r["axis"])
 

@@ -1068,6 +1068,26 @@ def test_kernels_under_the_pipeline_limit(lib, pipeline_limit, limit):
                                atol=1e-6)
 
 
+def test_sum_finish_accuracy(lib):
+    """The finish kernel is also the Metal side of the means' accurate sum
+    (csrc/ops/accurate_sum.h): each thread's strided run is compensated, so
+    400,000 values in runs of ~390 per thread come within a few float32
+    roundings of the float64 sum (an uncompensated run drifts by ~1e-6:
+    checked by the assertion on the relative error); inf and NaN carry."""
+    rng = np.random.default_rng(5)
+    n = 400_000
+    values = rng.uniform(0.0, 1.0, n).astype(np.float32)
+    out = np.full(1, np.nan, np.float32)
+    lib.run("pw_sum_finish_run", values, out, np.uint64(n), np.uint64(n), np.int32(1))
+    want = values.astype(np.float64).sum()
+    assert abs(out[0] - want) / want <= 2.0 ** -22, (out[0], want)
+    for special, expect in ((np.inf, np.isposinf), (np.nan, np.isnan)):
+        v = values[:5000].copy()
+        v[1234] = special
+        lib.run("pw_sum_finish_run", v, out, np.uint64(v.size), np.uint64(v.size), np.int32(1))
+        assert expect(out[0]), (special, out[0])
+
+
 def test_zz_every_instantiation_ran():
     """Runs last (file order): every kernel the .metal files define was launched above."""
     if not USED_KERNELS:

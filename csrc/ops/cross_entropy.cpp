@@ -72,7 +72,7 @@ int check_label_smoothing(float label_smoothing, const std::string& label_smooth
   return flm::kSmoothOthers;
 }
 
-mx::array cross_entropy(
+std::vector<mx::array> cross_entropy(
     const mx::array& logits,
     const mx::array& targets,
     int axis,
@@ -146,7 +146,8 @@ mx::array cross_entropy(
     params.has_class_weights = true;
     w = mx::astype(*class_weights, mx::float32, s);
   }
-  return make_forward(x, t, w, params, s)[0];
+  auto out = make_forward(x, t, w, params, s);
+  return {out[0], out[1]};
 }
 
 std::vector<mx::Shape> CrossEntropy::output_shapes(const std::vector<mx::array>& inputs) {

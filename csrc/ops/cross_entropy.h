@@ -37,10 +37,11 @@ void check_z_loss(float z_loss);
 int check_cross_entropy_options(float label_smoothing, const std::string& label_smoothing_mode,
                                 float z_loss, const std::optional<mx::array>& class_weights);
 
-// Per-row cross-entropy (float32, shape = logits without `axis`).
-// targets: integer class indices (logits' shape without `axis`) or
-// probabilities (logits' shape). class_weights: shape [K].
-mx::array cross_entropy(
+// Per-row cross-entropy and log-sum-exp (float32, shape = logits without
+// `axis`; the lse is differentiable: the backward takes its cotangent, and is
+// 0 on ignored rows). targets: integer class indices (logits' shape without
+// `axis`) or probabilities (logits' shape). class_weights: shape [K].
+std::vector<mx::array> cross_entropy(
     const mx::array& logits,
     const mx::array& targets,
     int axis,

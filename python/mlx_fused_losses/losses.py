@@ -3,7 +3,8 @@ the compiled module ``_ext``. Signatures follow ``mlx.nn.losses``; options that
 PyTorch users expect (``ignore_index``, class weights) are keyword-only.
 
 Every loss is computed in float32 inside the kernels and returned in the dtype
-of its main input; reductions accumulate in float32.
+of its main input; sums and means of per-row losses accumulate in double (CPU)
+or with compensation (Metal): a mean is as accurate as its rows.
 """
 
 import math
@@ -133,8 +134,13 @@ def _finish(loss: mx.array, reduction: str, dtype: mx.Dtype, count=None) -> mx.a
     ``count`` replaces the number of elements as the denominator of "mean"
     (rows kept after ignore_index, or their summed class weights).
     """
+    return _reduce(loss, reduction, count).astype(dtype)
+
+
+def _reduce(loss: mx.array, reduction: str, count=None) -> mx.array:
+    """``_finish`` without the cast: the float32 sum or mean."""
     if reduction == "sum":
-        loss = loss.sum()
+        loss = _sum(loss)
     elif reduction == "mean":
         # One rule for every loss: a mean over nothing is 0, not NaN (an
         # empty batch, every row ignored, or kept rows whose class weights add
@@ -145,13 +151,21 @@ def _finish(loss: mx.array, reduction: str, dtype: mx.Dtype, count=None) -> mx.a
         # shapeless mx.compile runs the graph traced at one size at others.
         if count is None:
             # (the sum times 1 / size, as loss.mean(), which gives NaN for 0)
-            loss = loss.sum() * _ext.mean_factor(loss)
+            loss = _sum(loss) * _ext.mean_factor(loss)
         else:
             empty = count == 0
             safe = mx.where(empty, mx.array(1.0, mx.float32), count)
-            total = loss.sum()
+            total = _sum(loss)
             loss = mx.where(empty, total * 0.0, total / safe)
-    return loss.astype(dtype)
+    return loss
+
+
+def _sum(values: mx.array) -> mx.array:
+    """The float32 sum of per-row values, accumulated beyond float32 (double
+    on the CPU, compensated on Metal: csrc/ops/accurate_sum.h), so that a
+    mean is as accurate as its rows. A scalar (a sum the kernel already
+    took) is its own sum."""
+    return values if values.ndim == 0 else _ext.accurate_sum(values)
 
 
 def _result_dtype(dtype, input_dtype: mx.Dtype) -> mx.Dtype:
@@ -198,12 +212,14 @@ def _masked_targets(targets: mx.array, mask: mx.array, ignore_index: Optional[in
 def _kept_rows(targets: mx.array, ignore_index: Optional[int], row_weight=None):
     """Denominator of a "mean" over rows: kept rows, weighted if asked.
     (Counted when the graph runs: no shape is frozen into a shapeless trace.)"""
+    # (A count of rows is exact in float32 up to 2^24 rows; summed weights
+    # are added with _sum, as accurately as the losses.)
     if ignore_index is None:
-        return _ext.element_count(targets) if row_weight is None else row_weight.sum()
+        return _ext.element_count(targets) if row_weight is None else _sum(row_weight)
     keep = targets != ignore_index
     if row_weight is None:
         return keep.astype(mx.float32).sum()
-    return mx.where(keep, row_weight, 0.0).sum()
+    return _sum(mx.where(keep, row_weight, 0.0))
 
 
 # -- the options of each loss, checked once for the function and the Module ---
@@ -297,7 +313,11 @@ def cross_entropy(
         class_weights: shape ``[K]``, as PyTorch's ``weight``: the loss of a
             row is ``sum_j w_j q_j (lse - x_j)`` and ``"mean"`` divides by the
             summed weights of the kept rows' target classes.
-        z_loss: adds ``z_loss * logsumexp(logits)**2`` per row (PaLM).
+        z_loss: adds ``z_loss * logsumexp(logits)**2`` per row (PaLM). Not
+            weighted by ``class_weights``: with them, ``"mean"`` divides the
+            cross-entropy by the summed class weights and the z term by the
+            number of kept rows (as Liger), so scaling every class weight
+            by the same factor leaves the loss unchanged.
         dtype: the result's dtype; ``None`` keeps the logits' dtype (MLX).
             ``mx.float32`` returns the float32 loss the kernel and the
             reduction computed, without rounding it to float16/bfloat16.
@@ -322,7 +342,15 @@ def cross_entropy(
     )
     result_dtype = _result_dtype(dtype, logits.dtype)
     ignore_index = _ignore_index_for(targets, ignore_index)
-    loss = _ext.cross_entropy(
+    soft = targets.ndim == logits.ndim
+    # The mean of a class-weighted loss divides the cross-entropy by the kept
+    # rows' summed class weights (PyTorch) and the z term by the number of
+    # kept rows (Liger): the z term is not weighted per row, and dividing it
+    # by the weights would make the loss depend on their scale. So the
+    # kernel leaves z out and it is added here from the row's lse (which is
+    # differentiable, and 0 on ignored rows).
+    split_z = reduction == "mean" and not soft and class_weights is not None and z_loss != 0.0
+    loss, lse = _ext.cross_entropy_outputs(
         logits,
         targets,
         axis=axis,
@@ -330,18 +358,21 @@ def cross_entropy(
         label_smoothing_mode=label_smoothing_mode,
         ignore_index=ignore_index,
         class_weights=class_weights,
-        z_loss=z_loss,
+        z_loss=0.0 if split_z else z_loss,
         stream=stream,
     )
+    z_rows = lse * lse * z_loss if split_z else None
     if weights is not None:
         weights = _as_array(weights, "weights")
         if weights.shape != loss.shape:
             raise ValueError(
                 f"weights must have the loss's shape {loss.shape}, got {weights.shape}"
             )
-        loss = loss * weights.astype(mx.float32)
+        weights = weights.astype(mx.float32)
+        loss = loss * weights
+        if z_rows is not None:
+            z_rows = z_rows * weights
     count = None
-    soft = targets.ndim == logits.ndim
     if reduction == "mean" and not soft and (ignore_index is not None or class_weights is not None):
         row_weight = None
         if class_weights is not None:
@@ -356,6 +387,9 @@ def cross_entropy(
                 in_range, class_weights.astype(mx.float32)[mx.clip(index, 0, k - 1)], 0.0
             )
         count = _kept_rows(targets, ignore_index, row_weight)
+    if z_rows is not None:
+        mean = _reduce(loss, reduction, count) + _reduce(z_rows, reduction, _kept_rows(targets, ignore_index))
+        return mean.astype(result_dtype)
     return _finish(loss, reduction, result_dtype, count)
 
 
