@@ -15,17 +15,13 @@ void AccurateSum::eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx:
   const uint64_t n = x.size();
   PwArgs args = mplan::make_pw_args(n, 0.0f, 0.0f, 1);
   args.num_partials = n;
-  auto& s = stream();
-  auto& d = mx::metal::device(s.device);
-  auto& enc = mx::metal::get_command_encoder(s);
-  MTL::ComputePipelineState* kernel = nullptr;
-  mplan::LaunchPlan plan = gpu::fit_plan(
-      d, [&](int max_threads) { return mplan::pw_sum_finish_plan(n, max_threads); }, &kernel);
-  enc.set_compute_pipeline_state(kernel);
+  // (the plan always has one group: the kernel writes 0 for no elements)
+  gpu::Launch l = gpu::launch(stream(), [&](int t) { return mplan::pw_sum_finish_plan(n, t); });
+  auto& enc = l.encoder();
   enc.set_input_array(x, FL_PW_SUM_PARTIALS);
   enc.set_output_array(out, FL_PW_SUM_OUT);
   enc.set_bytes(args, FL_PW_SUM_ARGS);
-  gpu::dispatch(enc, plan);
+  l.dispatch();
 }
 
 } // namespace fl
