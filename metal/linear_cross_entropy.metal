@@ -588,14 +588,22 @@ FL_INST_LCE_DTYPE(float32, float)
 FL_INST_LCE_DTYPE(float16, half)
 FL_INST_LCE_DTYPE(bfloat16, bfloat) // Metal 3.1 (fl_common.h requires it)
 
-// Affine-quantized heads (metal/quantized_head.h), named q<bits>_<scale dtype>
-// (launch_plan.cpp: lce_quantized_head): forward tiles, dZ and dH for every
-// hidden dtype; no dW (a quantized weight has no gradient, as on the CPU).
+// Quantized heads (metal/quantized_head.h), named as launch_plan.cpp's
+// lce_quantized_head names them: q<bits>_<scale dtype> (affine) or the mode
+// (mxfp4, mxfp8, nvfp4): forward tiles, dZ and dH for every hidden dtype; no
+// dW (a quantized weight has no gradient, as on the CPU).
 #define FL_INST_LCE_QUANTIZED(sname, S)                \
+  FL_INST_LCE_HEAD(q1_##sname, flk::QuantizedHead1<S>) \
   FL_INST_LCE_HEAD(q2_##sname, flk::QuantizedHead2<S>) \
+  FL_INST_LCE_HEAD(q3_##sname, flk::QuantizedHead3<S>) \
   FL_INST_LCE_HEAD(q4_##sname, flk::QuantizedHead4<S>) \
+  FL_INST_LCE_HEAD(q5_##sname, flk::QuantizedHead5<S>) \
+  FL_INST_LCE_HEAD(q6_##sname, flk::QuantizedHead6<S>) \
   FL_INST_LCE_HEAD(q8_##sname, flk::QuantizedHead8<S>)
 
 FL_INST_LCE_QUANTIZED(float32, float)
 FL_INST_LCE_QUANTIZED(float16, half)
 FL_INST_LCE_QUANTIZED(bfloat16, bfloat)
+FL_INST_LCE_HEAD(mxfp4, flk::Mxfp4Head)
+FL_INST_LCE_HEAD(mxfp8, flk::Mxfp8Head)
+FL_INST_LCE_HEAD(nvfp4, flk::Nvfp4Head)

@@ -483,21 +483,26 @@ def test_linear_cross_entropy_gpu_across_command_buffers():
 # ---- fused linear cross-entropy, quantized heads (metal/quantized_head.h) --------------------
 
 
-def lce_quantized(args, bits, group_size, scale_dtype=None):
+def lce_quantized(args, bits, group_size, scale_dtype=None, mode="affine"):
     """args with the weight replaced by mx.quantize's packed head (scales in the
-    weight's dtype, or scale_dtype): (args, scales, biases)."""
+    weight's dtype, or scale_dtype; uint8 and no biases for the floating-point
+    modes): (args, scales, biases)."""
     w = args[1] if scale_dtype is None else args[1].astype(DTYPES[scale_dtype])
-    w_q, scales, biases = mx.quantize(w, group_size=group_size, bits=bits)
+    if mode != "affine":
+        w_q, scales = mx.quantize(w, mode=mode)
+        biases = None
+    else:
+        w_q, scales, biases = mx.quantize(w, group_size=group_size, bits=bits)
     mx.eval(w_q, scales, biases)
     return [args[0], w_q, *args[2:]], scales, biases
 
 
-def lce_quantized_both(args, scales, biases, opts, chunk, bits, group_size, cot):
+def lce_quantized_both(args, scales, biases, opts, chunk, bits, group_size, cot, mode="affine"):
     """Loss, lse, entropy, correct and the gradients w.r.t. hidden and bias on the GPU
     and on the CPU (the packed weight, its scales and biases are constants)."""
     kw = {k: v for k, v in opts.items() if k != "bias"}
     kw.update(scales=scales, biases=biases, group_size=group_size, bits=bits, chunk_bytes=chunk,
-              dtype=mx.float32)
+              dtype=mx.float32, mode=mode)
     has_bias = len(args) > 3
     out = []
     for dev in (GPU, mx.cpu):
@@ -514,7 +519,7 @@ def lce_quantized_both(args, scales, biases, opts, chunk, bits, group_size, cot)
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 8])
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_linear_cross_entropy_quantized_gpu_vs_cpu(dtype, bits, group_size):
     """mx.quantize's packed head (scales in the model's dtype) on the GPU against the
@@ -530,6 +535,31 @@ def test_linear_cross_entropy_quantized_gpu_vs_cpu(dtype, bits, group_size):
     cot = (mx.array(rng.uniform(-1, 1, n).astype(np.float32)) if opts["reduction"] == "none"
            else mx.array(1.3))
     gpu, cpu = lce_quantized_both(args, scales, biases, opts, 4 * v * 40, bits, group_size, cot)
+    rtol = 2e-5 * max(1.0, np.sqrt(h / 16))
+    agree(gpu[0], cpu[0], rtol, "loss")
+    agree(gpu[1], cpu[1], rtol, "lse")
+    agree(gpu[2], cpu[2], 5 * rtol, "entropy")
+    assert (gpu[3] == cpu[3]).mean() > 0.9
+    for k, (a, b) in enumerate(zip(gpu[4:], cpu[4:])):
+        agree(a, b, TOL[dtype] + 1e-4, f"gradient {k}")
+
+
+@pytest.mark.parametrize("mode", ["mxfp4", "mxfp8", "nvfp4"])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_linear_cross_entropy_fp_quantized_gpu_vs_cpu(dtype, mode):
+    """MLX's floating-point modes (uint8 E8M0/E4M3 scales, no biases) on the GPU
+    against the CPU primitive on the same packed arrays. The weights' scales
+    stay far from float32 subnormals, which an Apple GPU flushes."""
+    group_size, bits = {"mxfp4": (32, 4), "mxfp8": (32, 8), "nvfp4": (16, 4)}[mode]
+    opts = LCE_OPTIONS[list(LCE_OPTIONS)[len(mode) % len(LCE_OPTIONS)]]
+    n, h, v = 67, 192, 1003
+    rng = np.random.default_rng(len(mode) * 100 + bits)
+    dense = lce_inputs(n, h, v, dtype, dtype, rng, opts.get("bias", False), opts.get("ignore_index"))
+    args, scales, _ = lce_quantized(dense, bits, group_size, mode=mode)
+    cot = (mx.array(rng.uniform(-1, 1, n).astype(np.float32)) if opts["reduction"] == "none"
+           else mx.array(1.3))
+    gpu, cpu = lce_quantized_both(args, scales, None, opts, 4 * v * 40, bits, group_size, cot,
+                                  mode=mode)
     rtol = 2e-5 * max(1.0, np.sqrt(h / 16))
     agree(gpu[0], cpu[0], rtol, "loss")
     agree(gpu[1], cpu[1], rtol, "lse")

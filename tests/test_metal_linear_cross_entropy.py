@@ -43,7 +43,11 @@ DTYPES = ["float32", "float16", "bfloat16"]
 BM, BN, BK = 32, 32, 16
 FAST = (mh.Schedule("forward"), mh.Schedule("ahead", memory="strict"))
 USED: set[str] = set()
-QUANTIZED_HEADS = [f"q{bits}_{d}" for bits in (2, 4, 8) for d in DTYPES]
+# Every format of mx.quantize (metal/quantized_head.h): affine q<bits>_<scale
+# dtype>, and the floating-point modes (uint8 scales, one head each).
+AFFINE_BITS = (1, 2, 3, 4, 5, 6, 8)
+FP_MODES = ("mxfp4", "mxfp8", "nvfp4")
+QUANTIZED_HEADS = [f"q{bits}_{d}" for bits in AFFINE_BITS for d in DTYPES] + list(FP_MODES)
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +100,10 @@ def host_names() -> set[str]:
     # tiles, dZ and dH, no dW.
     for d, t in [("float32", "float"), ("float16", "half"), ("bfloat16", "bfloat")]:
         assert f"FL_INST_LCE_QUANTIZED({d}, {t})" in text
+    for bits in AFFINE_BITS:
+        assert f"FL_INST_LCE_HEAD(q{bits}_##sname, flk::QuantizedHead{bits}<S>)" in text
+    for mode in FP_MODES:
+        assert f"FL_INST_LCE_HEAD({mode}, flk::{mode.capitalize()}Head)" in text
     for q in QUANTIZED_HEADS:
         names.add(f"fl_lce_dh_{q}")
         for h in DTYPES:
@@ -234,10 +242,12 @@ def options(case):
 
 
 def head_name(d):
-    """The head eval_gpu picks: w<dtype>, or q<bits>_<scale dtype> for a quantized
-    weight (d["q"], made by tests/test_metal_quantized_head.py)."""
+    """The head eval_gpu picks: w<dtype>, or q<bits>_<scale dtype> / the mode
+    for a quantized weight (d["q"], made by tests/test_metal_quantized_head.py)."""
     q = d.get("q")
-    return f"q{q['bits']}_{q['sdt']}" if q else f"w{d['wdt']}"
+    if not q:
+        return f"w{d['wdt']}"
+    return f"q{q['bits']}_{q['sdt']}" if q["mode"] == "affine" else q["mode"]
 
 
 def head_run_args(d):
@@ -246,8 +256,13 @@ def head_run_args(d):
     q = d.get("q")
     if q is None:
         return "", (np.int32(DT_CODE[d["hdt"]]), np.int32(DT_CODE[d["wdt"]]), d["hd"], d["wd"])
-    return "_q", (np.int32(DT_CODE[d["hdt"]]), np.int32(q["bits"]), np.int32(q["group_size"]),
-                  np.int32(DT_CODE[q["sdt"]]), d["hd"], q["w_q"], q["scales"], q["biases"])
+    return "_q", (np.int32(DT_CODE[d["hdt"]]), np.int32(QUANT_MODE_CODE[q["mode"]]),
+                  np.int32(q["bits"]), np.int32(q["group_size"]),
+                  np.int32(DT_CODE.get(q["sdt"], 0)), d["hd"], q["w_q"], q["scales"], q["biases"])
+
+
+# flm::kQuant* (csrc/math/quantized.h)
+QUANT_MODE_CODE = {"affine": 0, "mxfp4": 1, "mxfp8": 2, "nvfp4": 3}
 
 
 def gpu_forward(lib, d, case, chunk_bytes, schedules):
@@ -306,7 +321,8 @@ def cpu_primitive(d, case, g=None):
               ignore_index=case["ignore"], z_loss=case["z"], logit_softcap=case["cap"],
               sum_rows=case["sum"], stream=mx.cpu)
     if q:  # the packed weight is a constant: no gradient
-        kw.update(scales=q["mx"][1], biases=q["mx"][2], group_size=q["group_size"], bits=q["bits"])
+        kw.update(scales=q["mx"][1], biases=q["mx"][2], group_size=q["group_size"], bits=q["bits"],
+                  mode=q["mode"])
     outs = ext.linear_cross_entropy(hm, wm, tm, bm, **kw)
     mx.eval(outs)
     res = [np.array(o.astype(mx.float32)) if o.dtype != mx.bool_ else np.array(o) for o in outs]

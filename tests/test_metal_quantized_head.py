@@ -1,15 +1,18 @@
-"""The quantized-head tile stager (metal/quantized_head.h) on the Metal harness.
+"""The quantized-head tile stagers (metal/quantized_head.h) on the Metal harness.
 
 A test kernel (tests/metal_kernels/quantized_head_tile.metal) stages tiles of
 mx.quantize's packed weight, dequantised, into threadgroup memory and copies
-them out. Checked against the float64 dequantisation of the same packed data
-(the fma is correctly rounded: within half a float32 ulp, then rounded to the
-tile type) and against mx.dequantize (within one float32 ulp: it rounds
-scale * q before adding the bias), for bits 2/4/8, group sizes 32/64/128,
-every scale and tile type, row-major and transposed tiles, odd V and tiles
-that overhang V and H (zeros there), under the harness's schedules. A
-subprocess repeats a sweep with the inputs against inaccessible pages, so that
-any read out of bounds, even one whose value is discarded, fails.
+them out. Affine heads (bits 1, 2, 3, 4, 5, 6, 8; 3/5/6 straddle words) are
+checked against the float64 dequantisation of the same packed data (the fma
+is correctly rounded: within half a float32 ulp, then rounded to the tile
+type) and against mx.dequantize (within one float32 ulp: it rounds scale * q
+before adding the bias); the floating-point modes (mxfp4, mxfp8, nvfp4)
+against mx.dequantize(..., dtype=mx.float32) exactly (their products are
+exact), for group sizes 32/64/128 (16 for nvfp4), every scale and tile type,
+row-major and transposed tiles, odd V and tiles that overhang V and H (zeros
+there), under the harness's schedules. A subprocess repeats a sweep with the
+inputs against inaccessible pages, so that any read out of bounds, even one
+whose value is discarded, fails.
 """
 
 from __future__ import annotations
@@ -38,6 +41,14 @@ MX_DT = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 PAIRS = [("float32", "float32"), ("float16", "float16"), ("bfloat16", "bfloat16"),
          ("float16", "float32"), ("bfloat16", "float32"), ("float32", "float16"),
          ("float32", "bfloat16")]
+AFFINE_BITS = [1, 2, 3, 4, 5, 6, 8]
+# mode -> (group_size, bits): the only ones mx.quantize accepts for it.
+FP_MODES = {"mxfp4": (32, 4), "mxfp8": (32, 8), "nvfp4": (16, 4)}
+
+
+def head_of(bits, sdt, mode="affine"):
+    """The head name of the launch plans (launch_plan.cpp: lce_quantized_head)."""
+    return f"q{bits}_{sdt}" if mode == "affine" else mode
 
 
 def to_bf16_bits(a: np.ndarray) -> np.ndarray:
@@ -76,21 +87,24 @@ def device_array(a, dtype: str) -> np.ndarray:
     return np.array(a)
 
 
-def quantized_weight(V, H, group_size, bits, dtype, seed):
-    """mx.quantize of a weight whose rows span several magnitudes."""
+def quantized_weight(V, H, group_size, bits, dtype, seed, mode="affine"):
+    """mx.quantize of a weight whose rows span several magnitudes: (w_q,
+    scales, biases), biases None for the floating-point modes."""
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((V, H)) * (10.0 ** (np.arange(V) % 5 - 2))[:, None]
     w[0, : min(H, group_size)] = 0.25  # a constant group: scale 0
-    w_q, scales, biases = mx.quantize(mx.array(w.astype(np.float32)).astype(MX_DT[dtype]),
-                                      group_size=group_size, bits=bits)
-    return w_q, scales, biases
+    w = mx.array(w.astype(np.float32)).astype(MX_DT[dtype])
+    if mode != "affine":
+        return (*mx.quantize(w, mode=mode), None)
+    return mx.quantize(w, group_size=group_size, bits=bits)
 
 
 def unpack(w_q: np.ndarray, bits: int) -> np.ndarray:
-    per = 32 // bits
-    shifts = (np.arange(per, dtype=np.uint32) * bits)[None, None, :]
-    q = (w_q[:, :, None] >> shifts) & np.uint32((1 << bits) - 1)
-    return q.reshape(w_q.shape[0], -1)
+    """The values of each row's little-endian bit stream (a value may straddle
+    two words)."""
+    stream = (w_q[:, :, None] >> np.arange(32, dtype=np.uint32)) & np.uint32(1)
+    fields = stream.reshape(w_q.shape[0], -1, bits).astype(np.uint32)
+    return (fields << np.arange(bits, dtype=np.uint32)).sum(-1)
 
 
 @pytest.fixture(scope="module")
@@ -99,9 +113,10 @@ def lib():
 
 
 def run_tiles(lib, V, H, group_size, bits, sdt, tdt, tile, transposed, threads, seed,
-              fence=0, schedules=mh.DEFAULT_SCHEDULES):
-    """(staged weight as float32 [V, H], the padded output, the quantized arrays)."""
-    w_q, scales, biases = quantized_weight(V, H, group_size, bits, sdt, seed)
+              fence=0, schedules=mh.DEFAULT_SCHEDULES, mode="affine"):
+    """(staged weight as float32 [V, H], the padded output, the quantized arrays).
+    sdt: the dtype of the weight mx.quantize gets (the scales' for affine)."""
+    w_q, scales, biases = quantized_weight(V, H, group_size, bits, sdt, seed, mode)
     R, C = TILES[tile]
     rows, cols = -(-V // R) * R, -(-H // C) * C
     sentinel = np.float32(-7777.0)
@@ -111,12 +126,31 @@ def run_tiles(lib, V, H, group_size, bits, sdt, tdt, tile, transposed, threads, 
         out = np.full((rows, cols), sentinel, np.float16)
     else:
         out = np.full((rows, cols), to_bf16_bits(np.array([sentinel]))[0], np.uint16)
-    name = f"qh_tile_{sdt}_{tdt}_b{bits}_{tile}".encode() + b"\0"
-    lib.run("qh_tile_run", np.frombuffer(name, np.uint8).copy(), np.array(w_q),
-            device_array(scales, sdt), device_array(biases, sdt), out, np.int32(V), np.int32(H),
-            np.int32(group_size), np.int32(transposed), np.int32(threads),
-            np.int32(4 if sdt == "float32" else 2), np.int32(fence), schedules=schedules)
+    name = f"qh_tile_{head_of(bits, sdt, mode)}_{tdt}_{tile}".encode() + b"\0"
+    if mode == "affine":
+        s_dev, b_dev = device_array(scales, sdt), device_array(biases, sdt)
+        scale_bytes = 4 if sdt == "float32" else 2
+    else:  # uint8 codes, no biases (the kernel gets the scales twice, as eval_gpu binds them)
+        s_dev = b_dev = np.array(scales)
+        scale_bytes = 1
+    lib.run("qh_tile_run", np.frombuffer(name, np.uint8).copy(), np.array(w_q), s_dev, b_dev,
+            out, np.int32(V), np.int32(H), np.int32(group_size), np.int32(transposed),
+            np.int32(threads), np.int32(scale_bytes), np.int32(fence), schedules=schedules)
     return from_bits(out, tdt), (w_q, scales, biases)
+
+
+def check_fp_tiles(staged, quantized, V, H, mode, tdt):
+    """Floating-point modes: exact float32 products (mx.dequantize with
+    dtype=float32), rounded to the tile type; zeros past V and H."""
+    w_q, scales, _ = quantized
+    assert np.all(staged[V:, :] == 0) and np.all(staged[:, H:] == 0), "tile overhang not zero"
+    exact = np.array(mx.dequantize(w_q, scales, mode=mode, dtype=mx.float32))
+    expected = round_to(exact, tdt)
+    inside = staged[:V, :H]
+    mismatch = np.argwhere(inside != expected)
+    assert mismatch.size == 0, (
+        f"{len(mismatch)} elements differ from mx.dequantize, first at {tuple(mismatch[0])}: "
+        f"{inside[tuple(mismatch[0])]!r} vs {expected[tuple(mismatch[0])]!r}")
 
 
 def check_tiles(staged, quantized, V, H, group_size, bits, sdt, tdt):
@@ -160,13 +194,18 @@ def test_registry_matches_host_names(lib):
     text = (REPO / METAL[0]).read_text()
     pairs = re.findall(r"^QH_INST_BITS\((\w+), \w+, (\w+), \w+\)$", text, re.MULTILINE)
     assert sorted(pairs) == sorted(PAIRS)
-    expected = {f"qh_tile_{s}_{t}_b{bits}_{tile}" for s, t in pairs for bits in (2, 4, 8)
+    for bits in AFFINE_BITS:
+        assert f"QH_INST_TILES(q{bits}_##sname, flk::QuantizedHead{bits}<S>, tname, TT)" in text
+    fp_tiles = re.findall(r"^QH_INST_FP\((\w+), \w+\)$", text, re.MULTILINE)
+    assert sorted(fp_tiles) == sorted(MX_DT)
+    expected = {f"qh_tile_q{bits}_{s}_{t}_{tile}" for s, t in pairs for bits in AFFINE_BITS
                 for tile in TILES}
+    expected |= {f"qh_tile_{m}_{t}_{tile}" for m in FP_MODES for t in fp_tiles for tile in TILES}
     assert names == expected
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", AFFINE_BITS)
 def test_every_bits_and_group_size(lib, bits, group_size):
     # V = 37: two row tiles, the second mostly past V; H = 3 groups: the last
     # column tile past H.
@@ -177,7 +216,7 @@ def test_every_bits_and_group_size(lib, bits, group_size):
 
 
 @pytest.mark.parametrize("sdt,tdt", PAIRS)
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", AFFINE_BITS)
 def test_every_scale_and_tile_dtype(lib, bits, sdt, tdt):
     k = PAIRS.index((sdt, tdt)) + bits
     tile = list(TILES)[k % 3]
@@ -185,6 +224,42 @@ def test_every_scale_and_tile_dtype(lib, bits, sdt, tdt):
     staged, qz = run_tiles(lib, V, H, group_size, bits, sdt, tdt, tile, transposed=k % 2,
                            threads=(32, 64, 256)[k % 3], seed=k)
     check_tiles(staged, qz, V, H, group_size, bits, sdt, tdt)
+
+
+@pytest.mark.parametrize("tdt", list(MX_DT))
+@pytest.mark.parametrize("mode", list(FP_MODES))
+def test_fp_modes_every_tile(lib, mode, tdt):
+    """Each floating-point head, tile type and tile shape, row-major and
+    transposed; weights of each dtype mx.quantize takes."""
+    group_size, bits = FP_MODES[mode]
+    for k, tile in enumerate(TILES):
+        V, H = 37, 3 * 32
+        wdt = list(MX_DT)[(k + list(MX_DT).index(tdt)) % 3]
+        staged, qz = run_tiles(lib, V, H, group_size, bits, wdt, tdt, tile, transposed=k % 2,
+                               threads=(32, 96, 256)[k], seed=k, mode=mode)
+        check_fp_tiles(staged, qz, V, H, mode, tdt)
+
+
+def test_fp_modes_every_code(lib):
+    """Every element code under many scale codes (E8M0 and E4M3; products
+    that stay normal float32, as an Apple GPU flushes subnormals)."""
+    for mode, (group_size, bits) in FP_MODES.items():
+        V, H = 64, 4 * group_size
+        codes = (np.arange(V * H * bits // 8) * 7 % 256).astype(np.uint8)
+        w_q = mx.array(codes.view(np.uint32).reshape(V, -1))
+        lo, hi = (112, 140) if mode != "nvfp4" else (40, 120)  # E8M0 2^-15..2^13 / E4M3 normals
+        s = lo + np.arange(V * (H // group_size)) % (hi - lo)
+        scales = mx.array(s.astype(np.uint8).reshape(V, H // group_size))
+        R, C = TILES["32x32"]
+        out = np.full((-(-V // R) * R, -(-H // C) * C), -7777.0, np.float32)
+        name = f"qh_tile_{mode}_float32_32x32".encode() + b"\0"
+        lib.run("qh_tile_run", np.frombuffer(name, np.uint8).copy(), np.array(w_q),
+                np.array(scales), np.array(scales), out, np.int32(V), np.int32(H),
+                np.int32(group_size), np.int32(0), np.int32(64), np.int32(1), np.int32(0),
+                schedules=(mh.Schedule(),))
+        expected = np.array(mx.dequantize(w_q, scales, mode=mode, dtype=mx.float32))
+        same = (out[:V, :H] == expected) | (np.isnan(out[:V, :H]) & np.isnan(expected))
+        assert same.all(), (mode, np.argwhere(~same)[:3])
 
 
 @pytest.mark.parametrize("transposed", [0, 1])
@@ -213,13 +288,18 @@ import test_metal_quantized_head as t
 lib = mh.build(t.METAL, t.ADAPTOR, include_dirs=("csrc",))
 one = (mh.Schedule(),)
 for fence in (1, 2):
-    for bits in (2, 4, 8):
+    for bits in t.AFFINE_BITS:
         for gs in (32, 64, 128):
             for sdt, tdt in (("float32", "float32"), ("bfloat16", "bfloat16")):
                 V, H = 13, 2 * gs
                 staged, qz = t.run_tiles(lib, V, H, gs, bits, sdt, tdt, "32x32", fence - 1, 64,
                                          seed=gs + bits, fence=fence, schedules=one)
                 t.check_tiles(staged, qz, V, H, gs, bits, sdt, tdt)
+    for mode, (gs, bits) in t.FP_MODES.items():
+        V, H = 13, 4 * gs
+        staged, qz = t.run_tiles(lib, V, H, gs, bits, "bfloat16", "float32", "8x16", fence - 1,
+                                 64, seed=gs, fence=fence, schedules=one, mode=mode)
+        t.check_fp_tiles(staged, qz, V, H, mode, "float32")
 print("fenced sweep ok")
 """
 
@@ -260,35 +340,52 @@ def dequantize64(w_q, scales, biases, group_size, bits) -> np.ndarray:
     return s * q + b
 
 
-def quantized_maker(bits, group_size):
+def quantized_maker(bits, group_size, mode="affine"):
     """A make_case for check_case: the dense case's weight quantized with
-    mx.quantize in the scale dtype (check_case's `wdt`)."""
+    mx.quantize in check_case's `wdt` (the scale dtype of an affine head; the
+    floating-point modes' scales are uint8 whatever it is)."""
 
     def make(rng, n, h, v, hdt, sdt, case):
         d = lce.make_case(rng, n, h, v, hdt, "float32", case)
-        w_q, scales, biases = mx.quantize(mx.array(d["wr"]).astype(MX_DT[sdt]),
-                                          group_size=group_size, bits=bits)
-        # The weight the kernels multiply by: fma(scale, q, bias) rounded to float32.
-        d["wr"] = dequantize64(w_q, scales, biases, group_size, bits).astype(np.float32)
+        w = mx.array(d["wr"]).astype(MX_DT[sdt])
+        if mode == "affine":
+            w_q, scales, biases = mx.quantize(w, group_size=group_size, bits=bits)
+            # The weight the kernels multiply by: fma(scale, q, bias) rounded to float32.
+            d["wr"] = dequantize64(w_q, scales, biases, group_size, bits).astype(np.float32)
+            s_dev, b_dev = device_array(scales, sdt), device_array(biases, sdt)
+        else:
+            w_q, scales = mx.quantize(w, mode=mode)
+            biases = None
+            # Exact products (none subnormal at these magnitudes).
+            d["wr"] = np.array(mx.dequantize(w_q, scales, mode=mode, dtype=mx.float32))
+            s_dev = b_dev = np.array(scales)
         d["wd"] = None
-        d["q"] = dict(bits=bits, group_size=group_size, sdt=sdt, w_q=np.array(w_q),
-                      scales=device_array(scales, sdt), biases=device_array(biases, sdt),
-                      mx=(w_q, scales, biases))
+        d["q"] = dict(mode=mode, bits=bits, group_size=group_size, sdt=sdt, w_q=np.array(w_q),
+                      scales=s_dev, biases=b_dev, mx=(w_q, scales, biases))
         return d
 
     return make
 
 
+QMODE = {"affine": 0, "mxfp4": 1, "mxfp8": 2, "nvfp4": 3}  # flm::kQuant*
+
+
 def test_quantized_head_names(lce_lib):
     name = np.zeros(64, np.uint8)
-    for bits in (2, 4, 8):
+
+    def head(mode, bits, sdt):
+        lce_lib.run("lce_quantized_head_name", np.int32(QMODE[mode]), np.int32(bits),
+                    np.int32(DT_CODE[sdt]), name, schedules=(mh.Schedule(),))
+        return bytes(name).split(b"\0")[0].decode()
+
+    for bits in AFFINE_BITS:
         for sdt in DT_CODE:
-            lce_lib.run("lce_quantized_head_name", np.int32(bits), np.int32(DT_CODE[sdt]), name,
-                        schedules=(mh.Schedule(),))
-            assert bytes(name).split(b"\0")[0].decode() == f"q{bits}_{sdt}"
-    with pytest.raises(mh.HarnessError, match="bits must be 2, 4 or 8"):
-        lce_lib.run("lce_quantized_head_name", np.int32(3), np.int32(0), name,
-                    schedules=(mh.Schedule(),))
+            assert head("affine", bits, sdt) == f"q{bits}_{sdt}"
+    for mode, (_, bits) in FP_MODES.items():
+        assert head(mode, bits, "float32") == mode == head(mode, bits, "bfloat16")
+    for bad in (0, 7, 9):
+        with pytest.raises(mh.HarnessError, match="affine bits must be 1-6 or 8"):
+            head("affine", bad, "float32")
 
 
 # (N, H, V): N and V around the 32-row / 32-class tiles, H a multiple of the
@@ -298,7 +395,7 @@ Q_SHAPES = {32: (33, 96, 65), 64: (31, 64, 33), 128: (1, 128, 97)}
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", AFFINE_BITS)
 def test_every_bits_and_group_size_all_schedules(lce_lib, bits, group_size):
     n, h, v = Q_SHAPES[group_size]
     case = "others_z_cap" if bits != 4 else "smooth_ignore_bias_sum"
@@ -308,15 +405,42 @@ def test_every_bits_and_group_size_all_schedules(lce_lib, bits, group_size):
                    make=quantized_maker(bits, group_size))
 
 
+@pytest.mark.parametrize("mode", list(FP_MODES))
+def test_fp_modes_all_schedules(lce_lib, mode):
+    group_size, bits = FP_MODES[mode]
+    n, h, v = 33, 96, 65
+    lce.check_case(lce_lib, "smooth_ignore_bias_sum", n, h, v, "float32", "bfloat16", 4 * v * 32,
+                   mh.DEFAULT_SCHEDULES, seed=group_size + bits,
+                   make=quantized_maker(bits, group_size, mode))
+
+
+@pytest.mark.parametrize("hdt", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("mode", list(FP_MODES))
+def test_every_fp_instantiation(lce_lib, mode, hdt):
+    """Each floating-point head with each hidden dtype (forward tiles, dZ, dH),
+    options rotating, weights quantized from each dtype."""
+    group_size, bits = FP_MODES[mode]
+    k = list(FP_MODES).index(mode) + DT_CODE[hdt] * 3
+    lce.check_case(lce_lib, list(lce.CASES)[k % 4], 37, 64, 70, hdt, list(DT_CODE)[k % 3],
+                   4 * 70 * 33, lce.FAST, seed=k, make=quantized_maker(bits, group_size, mode))
+
+
 @pytest.mark.parametrize("sdt", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("hdt", ["float32", "float16", "bfloat16"])
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", AFFINE_BITS)
 def test_every_instantiation(lce_lib, bits, hdt, sdt):
     """Each quantized head (bits, scale dtype) with each hidden dtype, options
     and group size rotating, under two schedules (the tile code is the one the
     cases above run under all seven)."""
     k = bits + DT_CODE[hdt] * 3 + DT_CODE[sdt]
-    lce.check_case(lce_lib, list(lce.CASES)[k % 4], 37, 64, 70, hdt, sdt, 4 * 70 * 33, lce.FAST,
+    case = list(lce.CASES)[k % 4]
+    if bits == 1 and case == "cap_z_sum":
+        # A 1-bit head under cap_z_sum's 2.0 soft-cap leaves no row whose top
+        # two logits differ by more than the float32 GEMM's error, so
+        # check_case's accuracy statistic would be vacuous there (it refuses
+        # that). 1 bit with a cap (4.0) runs in others_z_cap.
+        case = "others_z_cap"
+    lce.check_case(lce_lib, case, 37, 64, 70, hdt, sdt, 4 * 70 * 33, lce.FAST,
                    seed=k, make=quantized_maker(bits, (32, 64)[k % 2]))
 
 
@@ -349,17 +473,21 @@ lib = mh.build(t.lce.METAL, t.lce.ADAPTOR, include_dirs=("csrc",))
 one = (mh.Schedule(),)
 for fence in (1, 2):
     lib.run("lce_set_fence", np.int32(fence), schedules=one)
-    for bits in (2, 4, 8):
+    for bits in t.AFFINE_BITS:
         for gs, sdt in ((32, "float32"), (64, "bfloat16"), (128, "float16")):
             n, h, v = t.Q_SHAPES[gs]
             t.lce.check_case(lib, "smooth_ignore_bias_sum", n, h, v, "float16", sdt, 4 * v * 32, one,
                              seed=bits + gs, make=t.quantized_maker(bits, gs))
+    for mode, (gs, bits) in t.FP_MODES.items():
+        n, h, v = t.Q_SHAPES[32]
+        t.lce.check_case(lib, "smooth_ignore_bias_sum", n, h, v, "float16", "float32", 4 * v * 32,
+                         one, seed=gs, make=t.quantized_maker(bits, gs, mode))
 print("fenced kernels ok")
 """
 
 
 def test_quantized_kernels_read_nothing_out_of_bounds():
-    """The forward, dZ and dH kernels of every bits value, with w_q, scales and
+    """The forward, dZ and dH kernels of every format, with w_q, scales and
     biases against inaccessible pages after their end and before their start
     (lce_set_fence): a read one byte out of bounds faults. In a subprocess."""
     code = FENCED_KERNELS.format(tests=str(REPO / "tests"))

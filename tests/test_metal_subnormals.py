@@ -133,7 +133,7 @@ def test_pointwise_with_flushed_subnormals(lib, monkeypatch, case):
 # its three large parametrized families (cross-entropy, softmax focal, element-wise) only
 # at size 33 and 4097, and not the check that the whole file ran every instantiation (a
 # subset does not); the linear cross-entropy's dtype pairs and its few-hundred shape
-# (3 row chunks), and the quantized head at every bits x group size.
+# (3 row chunks), and the quantized head at every bits x group size and every fp mode.
 SUITE_PARTS = {
     "kernels": (["tests/test_metal_kernels.py"],
                 "(not test_cross_entropy and not test_softmax_focal and not test_pointwise"
@@ -141,7 +141,8 @@ SUITE_PARTS = {
     "linear_ce": (["tests/test_metal_linear_cross_entropy.py",
                    "tests/test_metal_quantized_head.py"],
                   "test_dtype_pairs or test_a_few_hundred"
-                  " or test_every_bits_and_group_size and not all_schedules", 17),
+                  " or test_every_bits_and_group_size and not all_schedules"
+                  " or test_fp_modes_every_tile", 17),
 }
 
 

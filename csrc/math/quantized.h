@@ -30,11 +30,10 @@
 
 namespace flm {
 
-// QuantMode (LinearCrossEntropyParams::quant_mode, LceArgs::quant_mode).
-FLM_CONST i32 kQuantAffine = 0;
-FLM_CONST i32 kQuantMxfp4 = 1;
-FLM_CONST i32 kQuantMxfp8 = 2;
-FLM_CONST i32 kQuantNvfp4 = 3;
+// The mode (LinearCrossEntropyParams::quant_mode). An enum, not FLM_CONST
+// constants: plain C++ that includes this header after a Metal source had
+// portable.h (the harness's translation units) has no `constant` to expand.
+enum QuantMode : int { kQuantAffine = 0, kQuantMxfp4 = 1, kQuantMxfp8 = 2, kQuantNvfp4 = 3 };
 
 // Value k (0-based within the words) of a bit stream of `bits`-wide values,
 // given the word holding its first bit (`lo`) and the next word (`hi`, read

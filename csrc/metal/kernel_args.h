@@ -221,7 +221,7 @@ struct LceArgs {
   int has_bias;
   int unit_cotangent; // dZ: g = 1 for every row (the forward's fused gradients)
   int accumulate; // dW, dbias: add to the output (chunks after the first)
-  int bits; // 0: dense head; 2/4/8: affine-quantized head
+  int bits; // 0: dense head; else the quantized head's bits (mode: the kernel's head)
   int group_size; // quantized head
   float c_target; // label smoothing: q_j = c_other + c_target * onehot_j
   float c_other;

@@ -6,6 +6,7 @@
 #include <stdexcept>
 
 #include "math/cross_entropy.h"
+#include "math/quantized.h"
 #include "ops/broadcast_groups.h"
 
 namespace fl::mplan {
@@ -471,11 +472,18 @@ std::string lce_dense_head(KDtype weight) {
   return std::string("w") + dtype_name(weight);
 }
 
-std::string lce_quantized_head(int bits, KDtype scales) {
-  if (bits != 2 && bits != 4 && bits != 8) {
-    throw std::invalid_argument("lce_quantized_head: bits must be 2, 4 or 8");
+std::string lce_quantized_head(int mode, int bits, KDtype scales) {
+  switch (mode) {
+    case flm::kQuantAffine:
+      if (bits < 1 || bits > 8 || bits == 7) {
+        throw std::invalid_argument("lce_quantized_head: affine bits must be 1-6 or 8");
+      }
+      return "q" + std::to_string(bits) + "_" + dtype_name(scales);
+    case flm::kQuantMxfp4: return "mxfp4";
+    case flm::kQuantMxfp8: return "mxfp8";
+    case flm::kQuantNvfp4: return "nvfp4";
+    default: throw std::invalid_argument("lce_quantized_head: unknown quantization mode");
   }
-  return "q" + std::to_string(bits) + "_" + dtype_name(scales);
 }
 
 LaunchPlan lce_forward_plan(KDtype hidden, const std::string& head, const LcePlan& p,

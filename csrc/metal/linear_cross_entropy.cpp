@@ -38,26 +38,31 @@ struct LceCall {
 };
 
 // The head that reads the weight. Dense: the weight's dtype. Quantized
-// (metal/quantized_head.h): bits and the scales' dtype (the op gives scales and
-// biases one dtype); w_q must reach the kernel as packed uint32.
+// (metal/quantized_head.h): the mode, bits and (affine) the scales' dtype (the
+// op gives scales and biases one dtype; the floating-point modes have uint8
+// scales and no biases); w_q must reach the kernel as packed uint32.
 std::string head_name(const std::vector<mx::array>& inputs, const LinearCrossEntropyParams& p,
                       const LceInputs& L) {
-  if (p.quantized() && p.quant_mode != 0) {
-    throw std::runtime_error(
-        "mlx_fused_losses: the Metal linear cross-entropy reads affine-quantized heads only (the "
-        "CPU reads every mode); use stream=mx.cpu");
-  }
   if (p.quantized()) {
     const auto& scales = inputs[L.scales];
-    const auto& qbiases = inputs[L.qbiases];
     gpu::require_dense(scales, "scales");
-    gpu::require_dense(qbiases, "biases");
-    if (inputs[L.weight].dtype() != mx::uint32 || qbiases.dtype() != scales.dtype()) {
-      throw std::runtime_error(
-          "mlx_fused_losses: a quantized weight must reach the kernel as uint32 with scales and "
-          "biases of one dtype");
+    if (inputs[L.weight].dtype() != mx::uint32) {
+      throw std::runtime_error("mlx_fused_losses: a quantized weight must reach the kernel as uint32");
     }
-    return mplan::lce_quantized_head(p.bits, gpu::kernel_dtype(scales.dtype()));
+    if (!p.quantized_affine()) {
+      if (scales.dtype() != mx::uint8) {
+        throw std::runtime_error("mlx_fused_losses: fp-mode scales must reach the kernel as uint8");
+      }
+      return mplan::lce_quantized_head(p.quant_mode, p.bits, mplan::KDtype::float32);
+    }
+    const auto& qbiases = inputs[L.qbiases];
+    gpu::require_dense(qbiases, "biases");
+    if (qbiases.dtype() != scales.dtype()) {
+      throw std::runtime_error(
+          "mlx_fused_losses: a quantized weight's scales and biases must reach the kernel in one "
+          "dtype");
+    }
+    return mplan::lce_quantized_head(p.quant_mode, p.bits, gpu::kernel_dtype(scales.dtype()));
   }
   return mplan::lce_dense_head(gpu::kernel_dtype(inputs[L.weight].dtype()));
 }
@@ -116,8 +121,11 @@ mx::array scratch(LceCall& c, int64_t floats) {
 void bind_head(LceCall& c, mx::metal::CommandEncoder& enc) {
   const auto& w = c.inputs[c.L.weight];
   enc.set_input_array(w, FL_LCE_WEIGHT);
-  enc.set_input_array(c.p.quantized() ? c.inputs[c.L.scales] : w, FL_LCE_SCALES);
-  enc.set_input_array(c.p.quantized() ? c.inputs[c.L.qbiases] : w, FL_LCE_QBIASES);
+  // The floating-point modes have no biases: their scales fill both slots (the
+  // head never reads the second).
+  const auto& scales = c.p.quantized() ? c.inputs[c.L.scales] : w;
+  enc.set_input_array(scales, FL_LCE_SCALES);
+  enc.set_input_array(c.p.quantized_affine() ? c.inputs[c.L.qbiases] : scales, FL_LCE_QBIASES);
 }
 
 // Hidden, head, targets, bias: slots 0-5 of the forward and dZ kernels.

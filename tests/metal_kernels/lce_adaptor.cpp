@@ -136,8 +136,12 @@ struct Registry {
 
   template <class S>
   void add_quantized(const std::string& d) {
+    add_head<flk::QuantizedHead1<S>>("q1_" + d);
     add_head<flk::QuantizedHead2<S>>("q2_" + d);
+    add_head<flk::QuantizedHead3<S>>("q3_" + d);
     add_head<flk::QuantizedHead4<S>>("q4_" + d);
+    add_head<flk::QuantizedHead5<S>>("q5_" + d);
+    add_head<flk::QuantizedHead6<S>>("q6_" + d);
     add_head<flk::QuantizedHead8<S>>("q8_" + d);
   }
 
@@ -148,6 +152,9 @@ struct Registry {
     add_quantized<float>("float32");
     add_quantized<metal::half>("float16");
     add_quantized<metal::bfloat>("bfloat16");
+    add_head<flk::Mxfp4Head>("mxfp4");
+    add_head<flk::Mxfp8Head>("mxfp8");
+    add_head<flk::Nvfp4Head>("nvfp4");
     lce["fl_lce_fwd_finish"] = finish_call;
     lce["fl_lce_dbias"] = dbias_call;
   }
@@ -200,8 +207,11 @@ LceBufs tile_inputs(const void* hidden, const void* weight, const int64_t* targe
 
 // The quantized head of the running lce_*_run_q call (bits 0: the weight is
 // dense, of dtype code wdt). Set and cleared by those entry points, because
-// the harness copies the scale arrays per call.
+// the harness copies the scale arrays per call. mode: flm::kQuant*; the
+// floating-point modes have uint8 scales (scale_dtype unused) and no biases
+// (qbiases: the scales again, as eval_gpu binds them).
 struct QuantizedWeight {
+  int mode = 0;
   int bits = 0;
   int group_size = 0;
   int scale_dtype = 0;
@@ -213,7 +223,10 @@ QuantizedWeight g_quantized;
 // eval_gpu's choice of head (csrc/metal/linear_cross_entropy.cpp).
 std::string head_for(int wdt) {
   if (g_quantized.bits != 0) {
-    return fl::mplan::lce_quantized_head(g_quantized.bits, to_dtype(g_quantized.scale_dtype));
+    return fl::mplan::lce_quantized_head(
+        g_quantized.mode, g_quantized.bits,
+        g_quantized.mode == flm::kQuantAffine ? to_dtype(g_quantized.scale_dtype)
+                                              : fl::mplan::KDtype::float32);
   }
   return fl::mplan::lce_dense_head(to_dtype(wdt));
 }
@@ -222,7 +235,7 @@ std::string head_for(int wdt) {
 void bind_head(LceBufs& b, LceArgs& a) {
   if (g_quantized.bits != 0) {
     b.scales = g_quantized.scales;
-    b.qbiases = g_quantized.qbiases;
+    b.qbiases = g_quantized.mode == flm::kQuantAffine ? g_quantized.qbiases : g_quantized.scales;
     a.bits = g_quantized.bits;
     a.group_size = g_quantized.group_size;
   }
@@ -238,15 +251,18 @@ int with_quantized(QuantizedWeight q, const uint32_t* w_q, int64_t vocab, int hi
   return mh::guarded([&] {
     std::unique_ptr<mkp::Fenced> fw, fs, fb;
     if (g_fence != 0) {
-      const std::size_t words = std::size_t(vocab) * std::size_t(hidden / (32 / q.bits));
+      const std::size_t words = std::size_t(vocab) * std::size_t(hidden) * q.bits / 32;
       const std::size_t groups = std::size_t(vocab) * std::size_t(hidden / q.group_size);
-      const std::size_t scale_bytes = q.scale_dtype == 0 ? 4 : 2;
+      const bool affine = q.mode == flm::kQuantAffine;
+      const std::size_t scale_bytes = !affine ? 1 : q.scale_dtype == 0 ? 4 : 2;
       fw = std::make_unique<mkp::Fenced>(w_q, words * 4, g_fence);
       fs = std::make_unique<mkp::Fenced>(q.scales, groups * scale_bytes, g_fence);
-      fb = std::make_unique<mkp::Fenced>(q.qbiases, groups * scale_bytes, g_fence);
       w_q = static_cast<const uint32_t*>(fw->data());
       q.scales = fs->data();
-      q.qbiases = fb->data();
+      if (affine) {
+        fb = std::make_unique<mkp::Fenced>(q.qbiases, groups * scale_bytes, g_fence);
+        q.qbiases = fb->data();
+      }
     }
     g_quantized = q;
     int rc = run(w_q);
@@ -450,28 +466,29 @@ int lce_set_fence(int where) {
   return mh::guarded([&] { g_fence = where; });
 }
 
-// lce_quantized_head(bits, sdt) into name_out (cap 64): the suffix eval_gpu's
-// plans give a quantized head's kernels.
-int lce_quantized_head_name(int bits, int sdt, uint8_t* name_out) {
+// lce_quantized_head(mode, bits, sdt) into name_out (cap 64): the suffix
+// eval_gpu's plans give a quantized head's kernels.
+int lce_quantized_head_name(int mode, int bits, int sdt, uint8_t* name_out) {
   return mh::guarded([&] {
-    std::string s = fl::mplan::lce_quantized_head(bits, to_dtype(sdt));
+    std::string s = fl::mplan::lce_quantized_head(mode, bits, to_dtype(sdt));
     if (s.size() + 1 > 64) throw mh::Error("lce_quantized_head_name: name too long");
     std::memcpy(name_out, s.c_str(), s.size() + 1);
   });
 }
 
-// lce_forward_run / lce_backward_run with an affine-quantized weight: w_q
-// packed uint32 [V, H * bits / 32], scales and qbiases [V, H / group_size] of
-// dtype code sdt. A quantized weight has no gradient: want_dw must be 0 (dw is
+// lce_forward_run / lce_backward_run with a quantized weight of mode qmode
+// (flm::kQuant*): w_q packed uint32 [V, H * bits / 32], scales and qbiases
+// [V, H / group_size] of dtype code sdt (affine), or uint8 scales and qbiases
+// ignored (floating-point modes). A quantized weight has no gradient: want_dw must be 0 (dw is
 // never written).
-int lce_forward_run_q(int hdt, int bits, int group_size, int sdt, const void* hidden,
+int lce_forward_run_q(int hdt, int qmode, int bits, int group_size, int sdt, const void* hidden,
                       const uint32_t* w_q, const void* scales, const void* qbiases,
                       const int64_t* targets, const float* bias, float* partials,
                       float* target_logit, float* row_loss, float* loss, float* lse, float* lse_lo,
                       bool* correct, float* entropy, int64_t rows, int vocab, int hidden_size,
                       int64_t chunk_bytes, int sum_rows, float smoothing, int mode, int has_ignore,
                       int64_t ignore_index, float z_loss, float softcap, int has_bias) {
-  return with_quantized({bits, group_size, sdt, scales, qbiases}, w_q, vocab, hidden_size,
+  return with_quantized({qmode, bits, group_size, sdt, scales, qbiases}, w_q, vocab, hidden_size,
                         [&](const uint32_t* w) {
     return lce_forward_run(hdt, 0, hidden, w, targets, bias, partials, target_logit, row_loss,
                            loss, lse, lse_lo, correct, entropy, rows, vocab, hidden_size,
@@ -480,7 +497,7 @@ int lce_forward_run_q(int hdt, int bits, int group_size, int sdt, const void* hi
   });
 }
 
-int lce_backward_run_q(int hdt, int bits, int group_size, int sdt, const void* hidden,
+int lce_backward_run_q(int hdt, int qmode, int bits, int group_size, int sdt, const void* hidden,
                        const uint32_t* w_q, const void* scales, const void* qbiases,
                        const int64_t* targets, const float* bias, const float* lse,
                        const float* lse_lo, const float* g, int unit_cotangent, float* dz,
@@ -491,7 +508,7 @@ int lce_backward_run_q(int hdt, int bits, int group_size, int sdt, const void* h
   if (want_dw != 0) {
     return mh::guarded([] { throw mh::Error("a quantized weight has no gradient (no dW kernel)"); });
   }
-  return with_quantized({bits, group_size, sdt, scales, qbiases}, w_q, vocab, hidden_size,
+  return with_quantized({qmode, bits, group_size, sdt, scales, qbiases}, w_q, vocab, hidden_size,
                         [&](const uint32_t* w) {
     return lce_backward_run(hdt, 0, hidden, w, targets, bias, lse, lse_lo, g, unit_cotangent,
                             dz, dh, dw, dbias, want_dh, 0, want_dbias, rows, vocab,

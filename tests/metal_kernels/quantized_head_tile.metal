@@ -10,11 +10,11 @@
 
 using namespace metal;
 
-template <typename S, int kBits, typename TT, int R, int C>
+template <typename Head, typename TT, int R, int C>
 [[kernel]] void qh_stage_tile(
     device const uint* w_q [[buffer(0)]],
-    device const S* scales [[buffer(1)]],
-    device const S* biases [[buffer(2)]],
+    device const typename Head::scale_t* scales [[buffer(1)]],
+    device const typename Head::scale_t* biases [[buffer(2)]],
     device TT* out [[buffer(3)]],
     constant int4& shape [[buffer(4)]], // V, H, group_size, transposed
     threadgroup TT* tile [[threadgroup(0)]],
@@ -22,7 +22,7 @@ template <typename S, int kBits, typename TT, int R, int C>
     uint2 groups [[threadgroups_per_grid]],
     uint tid [[thread_index_in_threadgroup]],
     uint2 tpg [[threads_per_threadgroup]]) {
-  const flk::QuantizedHead<S, kBits> head(w_q, scales, biases, shape.x, shape.y, shape.z);
+  const Head head(w_q, scales, biases, shape.x, shape.y, shape.z);
   const bool transposed = shape.w != 0;
   const int v0 = int(group.y) * R;
   const int k0 = int(group.x) * C;
@@ -41,19 +41,25 @@ template <typename S, int kBits, typename TT, int R, int C>
   }
 }
 
-#define QH_INST(sname, S, bits, tname, TT, R, C)                                                 \
-  template [[host_name("qh_tile_" #sname "_" #tname "_b" #bits "_" #R "x" #C)]] [[kernel]]      \
-  decltype(qh_stage_tile<S, bits, TT, R, C>) qh_stage_tile<S, bits, TT, R, C>;
+// Host names qh_tile_<head>_<tile type>_<R>x<C>, <head> as the launch plans
+// name it (q<bits>_<scale dtype>, mxfp4, mxfp8, nvfp4).
+#define QH_INST(hname, Head, tname, TT, R, C)                                           \
+  template [[host_name("qh_tile_" #hname "_" #tname "_" #R "x" #C)]] [[kernel]]         \
+  decltype(qh_stage_tile<Head, TT, R, C>) qh_stage_tile<Head, TT, R, C>;
 
-#define QH_INST_TILES(sname, S, bits, tname, TT) \
-  QH_INST(sname, S, bits, tname, TT, 32, 32)     \
-  QH_INST(sname, S, bits, tname, TT, 8, 16)      \
-  QH_INST(sname, S, bits, tname, TT, 16, 64)
+#define QH_INST_TILES(hname, Head, tname, TT) \
+  QH_INST(hname, Head, tname, TT, 32, 32)     \
+  QH_INST(hname, Head, tname, TT, 8, 16)      \
+  QH_INST(hname, Head, tname, TT, 16, 64)
 
-#define QH_INST_BITS(sname, S, tname, TT)  \
-  QH_INST_TILES(sname, S, 2, tname, TT)    \
-  QH_INST_TILES(sname, S, 4, tname, TT)    \
-  QH_INST_TILES(sname, S, 8, tname, TT)
+#define QH_INST_BITS(sname, S, tname, TT)                              \
+  QH_INST_TILES(q1_##sname, flk::QuantizedHead1<S>, tname, TT)         \
+  QH_INST_TILES(q2_##sname, flk::QuantizedHead2<S>, tname, TT)         \
+  QH_INST_TILES(q3_##sname, flk::QuantizedHead3<S>, tname, TT)         \
+  QH_INST_TILES(q4_##sname, flk::QuantizedHead4<S>, tname, TT)         \
+  QH_INST_TILES(q5_##sname, flk::QuantizedHead5<S>, tname, TT)         \
+  QH_INST_TILES(q6_##sname, flk::QuantizedHead6<S>, tname, TT)         \
+  QH_INST_TILES(q8_##sname, flk::QuantizedHead8<S>, tname, TT)
 
 QH_INST_BITS(float32, float, float32, float)
 QH_INST_BITS(float16, half, float16, half)
@@ -62,3 +68,12 @@ QH_INST_BITS(float16, half, float32, float)
 QH_INST_BITS(bfloat16, bfloat, float32, float)
 QH_INST_BITS(float32, float, float16, half)
 QH_INST_BITS(float32, float, bfloat16, bfloat)
+
+#define QH_INST_FP(tname, TT)                        \
+  QH_INST_TILES(mxfp4, flk::Mxfp4Head, tname, TT)   \
+  QH_INST_TILES(mxfp8, flk::Mxfp8Head, tname, TT)   \
+  QH_INST_TILES(nvfp4, flk::Nvfp4Head, tname, TT)
+
+QH_INST_FP(float32, float)
+QH_INST_FP(float16, half)
+QH_INST_FP(bfloat16, bfloat)
