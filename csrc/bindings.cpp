@@ -213,13 +213,22 @@ NB_MODULE(_ext, m) {
          int threads, std::optional<int64_t> chunk_bytes) {
         auto plan = fl::plan_chunks(rows, hidden_size, vocab, hidden_is_f32, weight_is_dense_f32, threads,
                                     chunk_bytes.value_or(fl::kLceDefaultChunkBytes));
-        return std::make_tuple(plan.rows, plan.vocab_tile, plan.bytes);
+        nb::dict d;
+        d["rows"] = plan.rows;
+        d["vocab_tile"] = plan.vocab_tile;
+        d["dw_tile"] = plan.dw_tile;
+        d["hidden_tile"] = plan.hidden_tile;
+        d["bytes"] = plan.bytes;
+        return d;
       },
       "rows"_a, "hidden_size"_a, "vocab"_a, "hidden_is_f32"_a, "weight_is_dense_f32"_a, "threads"_a,
       "chunk_bytes"_a = nb::none(),
-      "The linear cross-entropy's chunk plan: (rows per chunk, weight rows per tile, bytes).");
+      "The linear cross-entropy's chunk plan (ops/linear_cross_entropy.h): rows per chunk, "
+      "vocab_tile, dw_tile, hidden_tile, bytes of working memory.");
   m.attr("LINEAR_CE_DEFAULT_CHUNK_BYTES") = fl::kLceDefaultChunkBytes;
   m.attr("LINEAR_CE_WEIGHT_TILE_BYTES") = fl::kLceWeightTileBytes;
+  m.attr("LINEAR_CE_DENSE_TILE_BYTES") = fl::kLceDenseTileBytes;
+  m.attr("LINEAR_CE_HIDDEN_TILE") = fl::kLceHiddenTile;
 
   // The op's own checks of the options that need no inputs, for the Module
   // classes to run at construction (python/mlx_fused_losses/losses.py: the

@@ -18,7 +18,10 @@ The same cases pin properties of issue 7's numerics items:
   itself for confident logits (no error bound from |x| in float32);
 * "others" smoothing with eps > (K-1)/K and a -inf logit is inf, not NaN;
 * every output is bit-identical at every position and alignment, and for
-  FL_NUM_THREADS 1, 2, 3 and 7 (broadcast targets included).
+  FL_NUM_THREADS 1, 2, 3 and 7 (broadcast targets included); so is every
+  output and gradient of the linear cross-entropy across FL_NUM_THREADS
+  (issue 18: its GEMM blocks followed the thread count), with OpenBLAS made
+  multithreaded mid-run in some runs.
 Run under ASan+UBSan by .ci/sanitize (a CI step).
 """
 
@@ -512,7 +515,7 @@ def test_same_row_same_result_at_every_position():
 
 # Large enough that every kernel splits its work across threads.
 _THREADS_SCRIPT = r"""
-import hashlib, json, sys
+import hashlib, json, os, sys
 import numpy as np
 import mlx.core as mx
 sys.path.insert(0, sys.argv[1])
@@ -553,23 +556,89 @@ for name in ("cross_entropy", "softmax_focal_loss"):
     out = f(logits, labels, reduction="none")
     g = mx.grad(lambda a: f(a, labels, reduction="mean"))(logits)
     big[name] = hashlib.sha256(np.array(out).tobytes() + np.array(g).tobytes()).hexdigest()
+
+# The linear cross-entropy: every output and gradient, dense and quantized
+# heads, at shapes with several row chunks and ragged vocabulary and hidden
+# tiles (the first is issue 18's: 44 of 257 row losses moved with the thread
+# count). sys.argv[3] = "poke" sets our OpenBLAS copy multithreaded after the
+# first call (as another user of that library could): its threading must not
+# change a bit either.
+def lce_digest(hidden, weight, targets, bias=None, **kw):
+    def loss(h, w, b, red, **more):
+        return fl.linear_cross_entropy(h, w, targets, b, reduction=red, **kw, **more)
+    dense = "scales" not in kw
+    args = [hidden] + ([weight] if dense else []) + ([bias] if bias is not None else [])
+    def call(red, *a):
+        a = list(a)
+        h = a.pop(0)
+        w = a.pop(0) if dense else weight
+        b = a.pop(0) if bias is not None else None
+        return loss(h, w, b, red)
+    per_row, stats = loss(hidden, weight, bias, "none", return_stats=True)
+    argnums = tuple(range(len(args)))
+    cot = mx.array(np.linspace(-1.0, 2.0, per_row.size, dtype=np.float32).reshape(per_row.shape))
+    total, g_sum = mx.value_and_grad(lambda *a: call("sum", *a), argnums=argnums)(*args)
+    mean, g_mean = mx.value_and_grad(lambda *a: call("mean", *a), argnums=argnums)(*args)
+    g_rows = mx.grad(lambda *a: (call("none", *a) * cot).sum(), argnums=argnums)(*args)
+    outs = [per_row, stats["lse"], stats["correct"], stats["entropy"], total, *g_sum, mean, *g_mean,
+            *g_rows]
+    mx.eval(outs)
+    return hashlib.sha256(b"".join(np.array(o.view(mx.uint16) if o.dtype == mx.bfloat16 else o).tobytes()
+                                  for o in outs)).hexdigest()
+
+def lce_inputs(n, h, v, dtype=mx.float32, bias=False, seed=0):
+    r = np.random.default_rng(seed)
+    x = mx.array((r.normal(size=(n, h)) * 2).astype(np.float32)).astype(dtype)
+    w = mx.array((r.normal(size=(v, h)) / np.sqrt(h)).astype(np.float32)).astype(dtype)
+    t = mx.array(r.integers(0, v, n))
+    b = mx.array(r.normal(size=(v,)).astype(np.float32)) if bias else None
+    return x, w, t, b
+
+lce = {}
+x, w, t, b = lce_inputs(257, 64, 31)
+lce["issue-18"] = lce_digest(x, w, t, chunk_bytes=199 * 31 * 4)
+if sys.argv[3] == "poke":
+    import scipy_openblas32
+    scipy_openblas32.dll.scipy_openblas_set_num_threads(int(os.environ["FL_NUM_THREADS"]))
+x, w, t, b = lce_inputs(257, 64, 31, bias=True)
+lce["issue-18-bias-options"] = lce_digest(x, w, t, b, chunk_bytes=199 * 31 * 4, label_smoothing=0.1,
+                                          z_loss=1e-3, logit_softcap=5.0)
+# OpenBLAS run threaded splits this GEMM differently (different bits).
+x, w, t, b = lce_inputs(300, 700, 1000)
+lce["f32-300x700x1000"] = lce_digest(x, w, t)
+# f32: several vocab tiles (ragged last) and hidden tiles (ragged last), 3 chunks.
+x, w, t, b = lce_inputs(70, 600, 4500, bias=True)
+lce["f32-70x600x4500"] = lce_digest(x, w, t, b, chunk_bytes=25 * 4500 * 4)
+for dt in (mx.bfloat16, mx.float16):
+    x, w, t, b = lce_inputs(45, 600, 2000, dtype=dt, bias=True)
+    lce[f"{str(dt).split('.')[-1]}-45x600x2000"] = lce_digest(x, w, t, b, chunk_bytes=20 * (2000 + 600) * 4)
+x, w, t, b = lce_inputs(40, 640, 2100, bias=True)
+wq, sc, qb = mx.quantize(w, group_size=64, bits=4)
+lce["q4-40x640x2100"] = lce_digest(x, wq, t, b, scales=sc, biases=qb, group_size=64, bits=4,
+                                   chunk_bytes=15 * 2100 * 4)
+x, w, t, b = lce_inputs(33, 256, 9000, dtype=mx.bfloat16)
+wq, sc, qb = mx.quantize(w, group_size=32, bits=8)
+lce["q8-33x256x9000"] = lce_digest(x, wq, t, scales=sc, biases=qb, group_size=32, bits=8,
+                                   chunk_bytes=10 * (9000 + 256) * 4)
 print(json.dumps({"threads": __import__("mlx_fused_losses._ext", fromlist=["x"]).num_threads(),
-                  "cases": digest, "big": big}))
+                  "cases": digest, "big": big, "lce": lce}))
 """
 
 
 def test_bit_identical_across_thread_counts():
     results = {}
     here = str(Path(__file__).resolve().parent)
+    # Our OpenBLAS copy made multithreaded mid-run at 2 and 7 threads (Linux).
+    poke = {n: "poke" if n in (2, 7) and sys.platform == "linux" else "-" for n in (1, 2, 3, 7)}
     for n in (1, 2, 3, 7):
         env = {**os.environ, "FL_NUM_THREADS": str(n)}
-        done = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT, here, "300"], env=env,
+        done = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT, here, "300", poke[n]], env=env,
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
         results[n] = json.loads(done.stdout.strip().splitlines()[-1])
         assert results[n]["threads"] == n
     for n in (2, 3, 7):
-        for key in ("cases", "big"):
+        for key in ("cases", "big", "lce"):
             diff = [k for k in results[1][key] if results[1][key][k] != results[n][key][k]]
             assert not diff, f"FL_NUM_THREADS={n} differs from 1 in {key}: {diff[:10]}"
 

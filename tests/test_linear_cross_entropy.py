@@ -404,7 +404,7 @@ def test_quantized_never_dequantizes_whole_matrix(rng):
     # The working memory is the plan's (a logits chunk plus one dequantised
     # weight tile per thread: it grows with FL_NUM_THREADS), plus O(rows) outputs;
     # a whole float32 copy of the weight would be v*h*4.
-    plan_bytes = _ext.linear_cross_entropy_plan(n, h, v, True, False, _ext.num_threads(), 4 << 20)[2]
+    plan_bytes = _ext.linear_cross_entropy_plan(n, h, v, True, False, _ext.num_threads(), 4 << 20)["bytes"]
     assert extra <= plan_bytes + (1 << 20), (extra, plan_bytes)
     assert extra < v * h * 4 / 2, extra
 
@@ -517,9 +517,13 @@ def test_memory_bounded_by_chunk_bytes(rng):
 # the chunk plan, at its thresholds
 
 def test_plan_thresholds():
-    plan = _ext.linear_cross_entropy_plan
+    def plan(*args):
+        p = _ext.linear_cross_entropy_plan(*args)
+        return p["rows"], p["vocab_tile"], p["bytes"]
+
     N, H, V = 100, 64, 1000
     per_row = 4 * V
+    dense_rows = _ext.LINEAR_CE_DENSE_TILE_BYTES // (4 * H)  # 32768 > V: one tile
     # float32 in place: rows = chunk_bytes // (4 V), at least 1, at most N
     assert plan(N, H, V, True, True, 2, per_row * 3 - 1) == (2, V, per_row * 2)
     assert plan(N, H, V, True, True, 2, per_row * 3) == (3, V, per_row * 3)
@@ -528,13 +532,15 @@ def test_plan_thresholds():
     assert plan(N, H, V, True, True, 2, 1)[0] == 1
     assert plan(N, H, V, True, True, 2, per_row * N + per_row)[0] == N
     # 16-bit hidden: a float32 copy of the chunk's rows counts too; a 16-bit
-    # weight: one float32 tile per thread
+    # weight: one float32 tile per thread on top, the rows the same at every
+    # thread count (the chunking decides how dW is summed)
     per_row16 = 4 * V + 4 * H
     tile_rows = min(V, _ext.LINEAR_CE_WEIGHT_TILE_BYTES // (4 * H))
-    for threads in (1, 2, 3):
+    for threads in (1, 2, 3, 7):
         tiles = threads * tile_rows * 4 * H
-        assert plan(N, H, V, False, False, threads, tiles + per_row16 * 5) == (5, tile_rows, tiles + per_row16 * 5)
-        assert plan(N, H, V, False, False, threads, tiles + per_row16 * 5 - 1)[0] == 4
+        assert plan(N, H, V, False, False, threads, per_row16 * 5) == (5, tile_rows, tiles + per_row16 * 5)
+        assert plan(N, H, V, False, False, threads, per_row16 * 5 - 1)[0] == 4
+        assert plan(N, H, V, False, True, threads, per_row16 * 5) == (5, min(V, dense_rows), per_row16 * 5)
     # weight tile: clamp(tile bytes / 4H, 1, V) rows, at each edge +-1
     h_edge = _ext.LINEAR_CE_WEIGHT_TILE_BYTES // 4  # one weight row fills the tile budget
     assert plan(1, h_edge, 10, True, False, 2, 1)[1] == 1
@@ -545,6 +551,20 @@ def test_plan_thresholds():
     assert plan(1, H, v_edge - 1, True, False, 2, 1)[1] == v_edge - 1
     assert plan(1, H, v_edge, True, False, 2, 1)[1] == v_edge
     assert plan(1, H, v_edge + 1, True, False, 2, 1)[1] == v_edge
+    # dense float32 weight (read in place) and dW tiles: the same rule with
+    # LINEAR_CE_DENSE_TILE_BYTES; dH tiles: min(H, LINEAR_CE_HIDDEN_TILE) columns
+    d_edge = _ext.LINEAR_CE_DENSE_TILE_BYTES // (4 * H)
+    for dense in (True, False):
+        for v, rows in [(d_edge - 1, d_edge - 1), (d_edge, d_edge), (d_edge + 1, d_edge)]:
+            p = _ext.linear_cross_entropy_plan(1, H, v, True, dense, 2, 1)
+            assert p["dw_tile"] == rows and (p["vocab_tile"] == rows or not dense), (dense, v, p)
+    d_h_edge = _ext.LINEAR_CE_DENSE_TILE_BYTES // 4
+    assert _ext.linear_cross_entropy_plan(1, d_h_edge + 1, 10, True, True, 2, 1)["vocab_tile"] == 1
+    assert _ext.linear_cross_entropy_plan(1, d_h_edge // 2, 10, True, True, 2, 1)["dw_tile"] == 2
+    ht = _ext.LINEAR_CE_HIDDEN_TILE
+    assert ht % 128 == 0  # column blocks of a quantized weight start on group boundaries
+    for h, cols in [(1, 1), (ht - 1, ht - 1), (ht, ht), (ht + 1, ht), (10 * ht, ht)]:
+        assert _ext.linear_cross_entropy_plan(1, h, 10, True, True, 2, None)["hidden_tile"] == cols
     assert plan(0, H, V, True, True, 2, None)[0] == 1
     assert _ext.LINEAR_CE_DEFAULT_CHUNK_BYTES == plan(10**9, H, 1, True, True, 2, None)[0] * 4
 
@@ -555,8 +575,7 @@ def test_results_at_chunk_threshold(rng, delta):
     row boundary +-1 byte), with a 16-bit weight converted tile by tile."""
     n, h, v = 7, 16, 50
     args = make_inputs(rng, n, h, v, dtype=mx.bfloat16, bias=True)
-    tiles = _ext.num_threads() * min(v, _ext.LINEAR_CE_WEIGHT_TILE_BYTES // (4 * h)) * 4 * h
-    budget = tiles + 3 * (4 * v + 4 * h) + delta
+    budget = 3 * (4 * v + 4 * h) + delta
     check_against_reference(args, mx.bfloat16, reduction="sum", chunk_bytes=budget)
 
 

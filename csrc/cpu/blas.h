@@ -43,17 +43,29 @@ inline void sgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, c
                  int(m), int(n), int(k), 1.0f, a, int(lda), b, int(ldb), beta, c, int(ldc));
 }
 
-// Make the BLAS calls single-threaded: the kernels parallelise the GEMMs
-// themselves, one block per thread of their pool. The wheel's OpenBLAS does
-// not export the per-thread setting, so this sets the library-wide one, once:
-// it concerns only this copy of OpenBLAS (NumPy and SciPy load their own).
+// Make this thread's BLAS calls single-threaded: the kernels split the GEMMs
+// into tiles themselves, one per task of their pool, and a BLAS that threads a
+// GEMM can change its bits (OpenBLAS 0.3.34 run with 2+ threads splits
+// e.g. a 300 x 1000 x 700 sgemm differently: other roundings), so results
+// would follow OPENBLAS_NUM_THREADS. Called before every tiled phase, not once:
+// the setting can be changed by anyone who loads the same library.
+//  - OpenBLAS (pthreads build, as in the wheel): one library-wide count, which
+//    the wheel does not let us set per thread; it concerns only this copy
+//    (NumPy and SciPy load their own). Reading it is a load; set only if
+//    someone changed it.
+//  - Accelerate: a per-thread setting, macOS 15 and later (earlier systems
+//    choose for themselves; nothing to set).
 inline void blas_single_thread() {
-#if !defined(__APPLE__)
-  static const bool once = [] {
+#if defined(__APPLE__)
+#if defined(__MAC_OS_X_VERSION_MAX_ALLOWED) && __MAC_OS_X_VERSION_MAX_ALLOWED >= 150000
+  if (__builtin_available(macOS 15.0, *)) {
+    BLASSetThreading(BLAS_THREADING_SINGLE_THREADED);
+  }
+#endif
+#else
+  if (scipy_openblas_get_num_threads() != 1) {
     scipy_openblas_set_num_threads(1);
-    return true;
-  }();
-  (void)once;
+  }
 #endif
 }
 

@@ -9,9 +9,10 @@
 //      gradients are wanted), with the formulas of math/cross_entropy.h;
 //   3. dbias += column sums of dZ, dH_c = dZ W, dW += dZ^T H_c (BLAS; dW and
 //      dbias accumulate in float32).
-// The GEMMs run on OpenBLAS's (or Accelerate's) threads, the epilogue on ours;
-// the phases alternate, so the two pools never compete for the cores.
+// The GEMMs run as tiles of fixed shapes on our pool (single-threaded BLAS
+// calls; see for_each_tile), the epilogue row-parallel on the same pool.
 #include <algorithm>
+#include <atomic>
 #include <vector>
 
 #include "cpu/blas.h"
@@ -299,36 +300,42 @@ void add_column_sums(const float* dz, int64_t n, int64_t V, float* d_bias) {
   });
 }
 
-// The GEMMs are split into one static part per thread of our pool, each part
-// a single-threaded BLAS call on its own block of the output: one pool owns the
-// cores (OpenBLAS's own threads, competing with ours and with other processes
-// on a loaded machine, cost up to 100x on small calls), and the result does
-// not depend on timing.
-std::pair<int64_t, int64_t> part_range(int64_t n, int parts, int part, int64_t align) {
-  int64_t units = (n + align - 1) / align;
-  int64_t per = (units + parts - 1) / parts * align;
-  int64_t begin = std::min(n, part * per);
-  return {begin, std::min(n, begin + per)};
-}
-
+// The GEMMs run as tiles whose shapes come from the chunk plan alone, never
+// from the thread count, each a single-threaded BLAS call writing its own
+// block of the output (or, for dH, its own columns, adding the vocabulary
+// tiles in order). Whichever thread runs a tile, and however many threads
+// there are, every output element is computed by the same BLAS call on the
+// same operands: the same bits (tests/test_fuzz.py, FL_NUM_THREADS 1/2/3/7).
+// One pool owns the cores (OpenBLAS's own threads, competing with ours and
+// with other processes on a loaded machine, cost up to 100x on small calls).
+// Threads take tiles from a shared counter in order (larger tiles first where
+// the caller puts them first), each with its own weight tile buffer (`slot`).
 template <typename Body>
-void for_each_part(int parts, Body&& body) {
-  cpu::parallel_for(parts, 1, [&](int64_t b, int64_t e) {
+void for_each_tile(int64_t tiles, Body&& body) {
+  std::atomic<int64_t> next{0};
+  const int64_t slots = std::min<int64_t>(tiles, cpu::num_threads());
+  cpu::parallel_for(slots, 1, [&](int64_t b, int64_t e) {
     cpu::blas_single_thread();
-    for (int64_t part = b; part < e; ++part) {
-      body(int(part));
+    for (int64_t slot = b; slot < e; ++slot) {
+      for (int64_t t = next.fetch_add(1); t < tiles; t = next.fetch_add(1)) {
+        body(slot, t);
+      }
     }
   });
+}
+
+int64_t tile_count(int64_t n, int64_t tile) {
+  return (n + tile - 1) / tile;
 }
 
 // The whole call: forward (stats, loss, and the gradients for a unit cotangent
 // when asked) or backward (gradients from saved statistics).
 void run_chunks(const LceArgs& a, bool backward) {
   const int64_t N = a.rows, H = a.hidden, V = a.vocab;
-  const int parts = cpu::num_threads();
+  const int threads = cpu::num_threads();
   bool dense_f32 = !a.p.quantized() && a.weight_dtype == mx::float32;
-  LceChunkPlan plan =
-      plan_chunks(N, H, V, a.hidden_dtype == mx::float32, dense_f32, parts, a.p.chunk_bytes);
+  const LceChunkPlan plan =
+      plan_chunks(N, H, V, a.hidden_dtype == mx::float32, dense_f32, threads, a.p.chunk_bytes);
   bool want_dz = a.p.any_grad();
   if (a.d_bias) {
     std::fill(a.d_bias, a.d_bias + V, 0.0f);
@@ -341,24 +348,23 @@ void run_chunks(const LceArgs& a, bool backward) {
   }
   Scratch logits_buffer(plan.rows * V * 4);
   Scratch hidden_buffer(a.hidden_dtype == mx::float32 ? 0 : plan.rows * H * 4);
-  const int64_t tile_floats = dense_f32 ? 0 : plan.vocab_tile * H;
-  Scratch tile_buffer(parts * tile_floats * 4);
+  // One weight tile per thread (a whole number of cache lines each).
+  const int64_t tile_floats = dense_f32 ? 0 : (plan.vocab_tile * H + 15) / 16 * 16;
+  Scratch tile_buffer(threads * tile_floats * 4);
   float* logits = logits_buffer.data();
   EpilogueFn epilogue = pick_epilogue(a.p);
   int64_t row_grain = std::max<int64_t>(1, cpu::rows_per_task(V));
-  // Column blocks of the weight start on group boundaries (quantized).
-  const int64_t col_align = a.p.quantized() ? a.p.group_size : 16;
+  const int64_t vocab_tiles = tile_count(V, plan.vocab_tile);
+  const int64_t dh_tiles = a.d_hidden ? tile_count(H, plan.hidden_tile) : 0;
+  const int64_t dw_tiles = a.d_weight ? tile_count(V, plan.dw_tile) : 0;
 
   for (int64_t r0 = 0; r0 < N; r0 += plan.rows) {
     const int64_t n = std::min(plan.rows, N - r0);
     const float* h = hidden_rows(a, r0, n, hidden_buffer.data());
-    for_each_part(parts, [&](int part) { // Z = H_c W^T, a vocabulary range per part
-      auto [v_begin, v_end] = part_range(V, parts, part, 16);
-      for (int64_t v0 = v_begin; v0 < v_end; v0 += plan.vocab_tile) {
-        int64_t nv = std::min(plan.vocab_tile, v_end - v0);
-        auto [w, ldw] = weight_block(a, {v0, nv, 0, H, H}, tile_buffer.data() + part * tile_floats);
-        cpu::sgemm(false, true, n, nv, H, h, H, w, ldw, 0.0f, logits + v0, V);
-      }
+    for_each_tile(vocab_tiles, [&](int64_t slot, int64_t t) { // Z = H_c W^T
+      const int64_t v0 = t * plan.vocab_tile, nv = std::min(plan.vocab_tile, V - v0);
+      auto [w, ldw] = weight_block(a, {v0, nv, 0, H, H}, tile_buffer.data() + slot * tile_floats);
+      cpu::sgemm(false, true, n, nv, H, h, H, w, ldw, 0.0f, logits + v0, V);
     });
     cpu::parallel_for(n, row_grain, [&](int64_t b, int64_t e) {
       epilogue(a, logits, r0, b, e, backward, want_dz);
@@ -369,25 +375,24 @@ void run_chunks(const LceArgs& a, bool backward) {
     if (a.d_bias) {
       add_column_sums(logits, n, V, a.d_bias);
     }
-    if (a.d_weight || a.d_hidden) {
-      for_each_part(parts, [&](int part) {
-        if (a.d_weight) { // dW += dZ^T H_c (float32), a vocabulary range per part
-          auto [v_begin, v_end] = part_range(V, parts, part, 16);
-          cpu::sgemm(true, false, v_end - v_begin, H, n, logits + v_begin, V, h, H,
-                     r0 == 0 ? 0.0f : 1.0f, a.d_weight + v_begin * H, H);
+    // dH tiles first: each is the whole vocabulary for its columns, the
+    // largest tiles of the phase.
+    for_each_tile(dh_tiles + dw_tiles, [&](int64_t slot, int64_t t) {
+      if (t < dh_tiles) { // dH_c = dZ W, columns [h0, h0 + nh)
+        const int64_t h0 = t * plan.hidden_tile, nh = std::min(plan.hidden_tile, H - h0);
+        float* tile = tile_buffer.data() + slot * tile_floats;
+        for (int64_t v0 = 0; v0 < V; v0 += plan.vocab_tile) {
+          const int64_t nv = std::min(plan.vocab_tile, V - v0);
+          auto [w, ldw] = weight_block(a, {v0, nv, h0, nh, H}, tile);
+          cpu::sgemm(false, false, n, nh, nv, logits + v0, V, w, ldw, v0 == 0 ? 0.0f : 1.0f,
+                     a.d_hidden + r0 * H + h0, H);
         }
-        if (a.d_hidden) { // dH_c = dZ W, a column range of H per part
-          auto [h_begin, h_end] = part_range(H, parts, part, col_align);
-          float* tile = tile_buffer.data() + part * tile_floats;
-          for (int64_t v0 = 0; v0 < V && h_end > h_begin; v0 += plan.vocab_tile) {
-            int64_t nv = std::min(plan.vocab_tile, V - v0);
-            auto [w, ldw] = weight_block(a, {v0, nv, h_begin, h_end - h_begin, H}, tile);
-            cpu::sgemm(false, false, n, h_end - h_begin, nv, logits + v0, V, w, ldw,
-                       v0 == 0 ? 0.0f : 1.0f, a.d_hidden + r0 * H + h_begin, H);
-          }
-        }
-      });
-    }
+      } else { // dW += dZ^T H_c (float32), rows [v0, v0 + nv)
+        const int64_t v0 = (t - dh_tiles) * plan.dw_tile, nv = std::min(plan.dw_tile, V - v0);
+        cpu::sgemm(true, false, nv, H, n, logits + v0, V, h, H, r0 == 0 ? 0.0f : 1.0f,
+                   a.d_weight + v0 * H, H);
+      }
+    });
   }
 }
 

@@ -19,13 +19,15 @@ LceChunkPlan plan_chunks(
     int64_t chunk_bytes) {
   LceChunkPlan plan;
   int64_t row_bytes = 4 * std::max<int64_t>(hidden_size, 1);
-  plan.vocab_tile = weight_is_dense_f32
-      ? vocab
-      : std::clamp<int64_t>(kLceWeightTileBytes / row_bytes, 1, std::max<int64_t>(vocab, 1));
+  auto tile_rows = [&](int64_t tile_bytes) {
+    return std::clamp<int64_t>(tile_bytes / row_bytes, 1, std::max<int64_t>(vocab, 1));
+  };
+  plan.vocab_tile = tile_rows(weight_is_dense_f32 ? kLceDenseTileBytes : kLceWeightTileBytes);
+  plan.dw_tile = tile_rows(kLceDenseTileBytes);
+  plan.hidden_tile = std::clamp<int64_t>(hidden_size, 1, kLceHiddenTile);
+  int64_t per_row = std::max<int64_t>(4 * vocab + (hidden_is_f32 ? 0 : row_bytes), 1);
+  plan.rows = std::clamp<int64_t>(chunk_bytes / per_row, 1, std::max<int64_t>(rows, 1));
   int64_t tile_bytes = weight_is_dense_f32 ? 0 : std::max(threads, 1) * plan.vocab_tile * row_bytes;
-  int64_t per_row = 4 * vocab + (hidden_is_f32 ? 0 : row_bytes);
-  int64_t fit = (chunk_bytes - tile_bytes) / per_row;
-  plan.rows = std::clamp<int64_t>(fit, 1, std::max<int64_t>(rows, 1));
   plan.bytes = plan.rows * per_row + tile_bytes;
   return plan;
 }

@@ -43,10 +43,20 @@
 
 namespace fl {
 
-// Default working-memory budget of one call (chunk of logits + tiles).
+// Default working-memory budget of one call's chunk (logits + hidden copy).
 constexpr int64_t kLceDefaultChunkBytes = int64_t(64) << 20;
-// Weight rows converted (16-bit) or dequantised (quantized) per GEMM tile.
+// Weight rows converted (16-bit) or dequantised (quantized) per GEMM tile, as
+// float32 bytes: one such tile per thread, on top of the chunk.
 constexpr int64_t kLceWeightTileBytes = int64_t(2) << 20;
+// Float32 bytes of weight (or weight-gradient) rows per GEMM where nothing is
+// converted (a dense float32 weight; dW += dZ^T H). Smaller tiles cost
+// OpenBLAS a repacking of the hidden chunk each: at (524 rows, H 1024) tiles
+// of 512 rows ran ~20% slower than one GEMM over the vocabulary, 2048 rows
+// (8 MiB) within noise of it.
+constexpr int64_t kLceDenseTileBytes = int64_t(8) << 20;
+// Columns of dH per GEMM: a multiple of every quantization group size (the
+// weight's column blocks start on group boundaries).
+constexpr int64_t kLceHiddenTile = 512;
 
 struct LinearCrossEntropyParams {
   float label_smoothing = 0.0f;
@@ -81,22 +91,31 @@ struct LinearCrossEntropyParams {
   bool operator==(const LinearCrossEntropyParams&) const = default;
 };
 
-// How one call is cut into chunks. Rules (tested at their thresholds):
+// How one call is cut into chunks and tiles. Nothing but `bytes` depends on
+// the thread count: every GEMM has a shape fixed by (N, H, V, dtypes,
+// chunk_bytes) and every output element is written by one tile, so the
+// result is the same bits whichever thread runs a tile and however many there
+// are (OpenBLAS single-threaded: cpu/blas.h). Rules (tested at their
+// thresholds):
 //  - a chunk holds whole rows of logits, float32: rows x V x 4 bytes (the
 //    softmax of a row needs all of it before dZ can be formed);
 //  - a hidden chunk is copied to float32 (rows x H x 4) only when hidden is
 //    not float32; BLAS reads a float32 hidden in place;
-//  - a float32 dense weight is read in place, one GEMM over the whole vocabulary
-//    (vocab_tile = V, no tile buffer); otherwise (16-bit or quantized)
-//    vocab_tile = clamp(kLceWeightTileBytes / (4 H), 1, V) rows are converted
-//    to float32 per GEMM, one tile buffer per thread (the GEMMs are split
-//    across the threads);
-//  - rows = clamp((chunk_bytes - tile bytes) / bytes per row, 1, N): at least
-//    one row even when chunk_bytes is smaller than that (the minimum working
-//    memory is one row of logits plus one weight tile).
+//  - rows = clamp(chunk_bytes / bytes per row, 1, N): at least one row even
+//    when chunk_bytes is smaller than that;
+//  - vocab_tile weight rows per logits GEMM (and per step of dH = dZ W): a
+//    float32 dense weight is read in place, clamp(kLceDenseTileBytes / (4 H),
+//    1, V) rows; otherwise (16-bit or quantized) clamp(kLceWeightTileBytes /
+//    (4 H), 1, V) rows are converted to float32 per tile, into one tile
+//    buffer per thread (working memory: bytes = rows x bytes per row +
+//    threads x tile bytes);
+//  - dw_tile = clamp(kLceDenseTileBytes / (4 H), 1, V) rows of dW per GEMM;
+//  - hidden_tile = min(kLceHiddenTile, H) columns of dH per GEMM.
 struct LceChunkPlan {
   int64_t rows; // rows of logits per chunk
-  int64_t vocab_tile; // weight rows per GEMM tile
+  int64_t vocab_tile; // weight rows per logits GEMM tile (and dH step)
+  int64_t dw_tile; // rows of dW per GEMM tile
+  int64_t hidden_tile; // columns of dH per GEMM tile
   int64_t bytes; // working memory: logits chunk + hidden copy + weight tiles
 };
 LceChunkPlan plan_chunks(
