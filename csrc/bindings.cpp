@@ -228,6 +228,7 @@ NB_MODULE(_ext, m) {
   m.attr("LINEAR_CE_DEFAULT_CHUNK_BYTES") = fl::kLceDefaultChunkBytes;
   m.attr("LINEAR_CE_WEIGHT_TILE_BYTES") = fl::kLceWeightTileBytes;
   m.attr("LINEAR_CE_DENSE_TILE_BYTES") = fl::kLceDenseTileBytes;
+  m.attr("LINEAR_CE_MIN_DENSE_TILES") = fl::kLceMinDenseTiles;
   m.attr("LINEAR_CE_HIDDEN_TILE") = fl::kLceHiddenTile;
 
   // The op's own checks of the options that need no inputs, for the Module

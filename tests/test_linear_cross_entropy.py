@@ -5,6 +5,8 @@ and the chunk plan's thresholds."""
 
 from __future__ import annotations
 
+import math
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -521,26 +523,33 @@ def test_plan_thresholds():
         p = _ext.linear_cross_entropy_plan(*args)
         return p["rows"], p["vocab_tile"], p["bytes"]
 
+    def dense_rows(h, v):
+        # a dense float32 weight's tile (and dW's): at most DENSE_TILE_BYTES of
+        # rows, at least MIN_DENSE_TILES tiles (rows a multiple of 16)
+        by_bytes = min(v, max(1, _ext.LINEAR_CE_DENSE_TILE_BYTES // (4 * h)))
+        return min(by_bytes, math.ceil(math.ceil(v / _ext.LINEAR_CE_MIN_DENSE_TILES) / 16) * 16)
+
     N, H, V = 100, 64, 1000
     per_row = 4 * V
-    dense_rows = _ext.LINEAR_CE_DENSE_TILE_BYTES // (4 * H)  # 32768 > V: one tile
+    dr = dense_rows(H, V)
+    assert dr == 128
     # float32 in place: rows = chunk_bytes // (4 V), at least 1, at most N
-    assert plan(N, H, V, True, True, 2, per_row * 3 - 1) == (2, V, per_row * 2)
-    assert plan(N, H, V, True, True, 2, per_row * 3) == (3, V, per_row * 3)
-    assert plan(N, H, V, True, True, 2, per_row * 3 + 1) == (3, V, per_row * 3)
+    assert plan(N, H, V, True, True, 2, per_row * 3 - 1) == (2, dr, per_row * 2)
+    assert plan(N, H, V, True, True, 2, per_row * 3) == (3, dr, per_row * 3)
+    assert plan(N, H, V, True, True, 2, per_row * 3 + 1) == (3, dr, per_row * 3)
     assert plan(N, H, V, True, True, 2, per_row - 1)[0] == 1
     assert plan(N, H, V, True, True, 2, 1)[0] == 1
     assert plan(N, H, V, True, True, 2, per_row * N + per_row)[0] == N
     # 16-bit hidden: a float32 copy of the chunk's rows counts too; a 16-bit
-    # weight: one float32 tile per thread on top, the rows the same at every
-    # thread count (the chunking decides how dW is summed)
+    # weight: one float32 tile per thread on top. Nothing else depends on the
+    # thread count (the chunking decides how dW is summed).
     per_row16 = 4 * V + 4 * H
     tile_rows = min(V, _ext.LINEAR_CE_WEIGHT_TILE_BYTES // (4 * H))
     for threads in (1, 2, 3, 7):
         tiles = threads * tile_rows * 4 * H
         assert plan(N, H, V, False, False, threads, per_row16 * 5) == (5, tile_rows, tiles + per_row16 * 5)
         assert plan(N, H, V, False, False, threads, per_row16 * 5 - 1)[0] == 4
-        assert plan(N, H, V, False, True, threads, per_row16 * 5) == (5, min(V, dense_rows), per_row16 * 5)
+        assert plan(N, H, V, False, True, threads, per_row16 * 5) == (5, dr, per_row16 * 5)
     # weight tile: clamp(tile bytes / 4H, 1, V) rows, at each edge +-1
     h_edge = _ext.LINEAR_CE_WEIGHT_TILE_BYTES // 4  # one weight row fills the tile budget
     assert plan(1, h_edge, 10, True, False, 2, 1)[1] == 1
@@ -551,16 +560,20 @@ def test_plan_thresholds():
     assert plan(1, H, v_edge - 1, True, False, 2, 1)[1] == v_edge - 1
     assert plan(1, H, v_edge, True, False, 2, 1)[1] == v_edge
     assert plan(1, H, v_edge + 1, True, False, 2, 1)[1] == v_edge
-    # dense float32 weight (read in place) and dW tiles: the same rule with
-    # LINEAR_CE_DENSE_TILE_BYTES; dH tiles: min(H, LINEAR_CE_HIDDEN_TILE) columns
-    d_edge = _ext.LINEAR_CE_DENSE_TILE_BYTES // (4 * H)
-    for dense in (True, False):
-        for v, rows in [(d_edge - 1, d_edge - 1), (d_edge, d_edge), (d_edge + 1, d_edge)]:
-            p = _ext.linear_cross_entropy_plan(1, H, v, True, dense, 2, 1)
-            assert p["dw_tile"] == rows and (p["vocab_tile"] == rows or not dense), (dense, v, p)
-    d_h_edge = _ext.LINEAR_CE_DENSE_TILE_BYTES // 4
-    assert _ext.linear_cross_entropy_plan(1, d_h_edge + 1, 10, True, True, 2, 1)["vocab_tile"] == 1
-    assert _ext.linear_cross_entropy_plan(1, d_h_edge // 2, 10, True, True, 2, 1)["dw_tile"] == 2
+    # dense float32 weight (read in place) and dW tiles, at each edge of both
+    # limits: the byte budget (in H) and the tile count (in V)
+    assert (dense_rows(1024, 32000), dense_rows(1024, 151936), dense_rows(64, 31)) == (4000, 4096, 16)
+    d_h = _ext.LINEAR_CE_DENSE_TILE_BYTES // 4  # one row fills the budget
+    m16 = 16 * _ext.LINEAR_CE_MIN_DENSE_TILES
+    cases = [(h, 10) for h in (d_h - 1, d_h, d_h + 1, d_h // 2)]
+    cases += [(1024, v) for v in (1, 15, 16, 17, m16 - 1, m16, m16 + 1, 32640, 32641, 32768, 32769, 10**6)]
+    for h, v in cases:
+        for dense in (True, False):
+            p = _ext.linear_cross_entropy_plan(1, h, v, True, dense, 2, 1)
+            assert p["dw_tile"] == dense_rows(h, v), (h, v, p)
+            if dense:
+                assert p["vocab_tile"] == dense_rows(h, v), (h, v, p)
+    # dH tiles: min(H, LINEAR_CE_HIDDEN_TILE) columns
     ht = _ext.LINEAR_CE_HIDDEN_TILE
     assert ht % 128 == 0  # column blocks of a quantized weight start on group boundaries
     for h, cols in [(1, 1), (ht - 1, ht - 1), (ht, ht), (ht + 1, ht), (10 * ht, ht)]:

@@ -22,8 +22,10 @@ LceChunkPlan plan_chunks(
   auto tile_rows = [&](int64_t tile_bytes) {
     return std::clamp<int64_t>(tile_bytes / row_bytes, 1, std::max<int64_t>(vocab, 1));
   };
-  plan.vocab_tile = tile_rows(weight_is_dense_f32 ? kLceDenseTileBytes : kLceWeightTileBytes);
-  plan.dw_tile = tile_rows(kLceDenseTileBytes);
+  int64_t spread = ((vocab + kLceMinDenseTiles - 1) / kLceMinDenseTiles + 15) / 16 * 16;
+  int64_t dense_rows = std::min(tile_rows(kLceDenseTileBytes), std::max<int64_t>(spread, 1));
+  plan.vocab_tile = weight_is_dense_f32 ? dense_rows : tile_rows(kLceWeightTileBytes);
+  plan.dw_tile = dense_rows;
   plan.hidden_tile = std::clamp<int64_t>(hidden_size, 1, kLceHiddenTile);
   int64_t per_row = std::max<int64_t>(4 * vocab + (hidden_is_f32 ? 0 : row_bytes), 1);
   plan.rows = std::clamp<int64_t>(chunk_bytes / per_row, 1, std::max<int64_t>(rows, 1));

@@ -48,12 +48,15 @@ constexpr int64_t kLceDefaultChunkBytes = int64_t(64) << 20;
 // Weight rows converted (16-bit) or dequantised (quantized) per GEMM tile, as
 // float32 bytes: one such tile per thread, on top of the chunk.
 constexpr int64_t kLceWeightTileBytes = int64_t(2) << 20;
-// Float32 bytes of weight (or weight-gradient) rows per GEMM where nothing is
-// converted (a dense float32 weight; dW += dZ^T H). Smaller tiles cost
-// OpenBLAS a repacking of the hidden chunk each: at (524 rows, H 1024) tiles
-// of 512 rows ran ~20% slower than one GEMM over the vocabulary, 2048 rows
-// (8 MiB) within noise of it.
-constexpr int64_t kLceDenseTileBytes = int64_t(8) << 20;
+// Where nothing is converted (a dense float32 weight read in place; dW +=
+// dZ^T H): at most this many float32 bytes of weight (or dW) rows per GEMM,
+// and at least kLceMinDenseTiles tiles so that that many threads share a
+// GEMM. Each tile costs OpenBLAS a repacking of the hidden chunk: at (524
+// rows, H 1024, V 32000), single-threaded CPU time over one GEMM for the
+// whole vocabulary, tiles of 512 / 2048 / 4096 rows: +8% / +4% / +1% (logits),
+// +6% / +1% (dW at 2048 / 4096).
+constexpr int64_t kLceDenseTileBytes = int64_t(16) << 20;
+constexpr int64_t kLceMinDenseTiles = 8;
 // Columns of dH per GEMM: a multiple of every quantization group size (the
 // weight's column blocks start on group boundaries).
 constexpr int64_t kLceHiddenTile = 512;
@@ -104,12 +107,13 @@ struct LinearCrossEntropyParams {
 //  - rows = clamp(chunk_bytes / bytes per row, 1, N): at least one row even
 //    when chunk_bytes is smaller than that;
 //  - vocab_tile weight rows per logits GEMM (and per step of dH = dZ W): a
-//    float32 dense weight is read in place, clamp(kLceDenseTileBytes / (4 H),
-//    1, V) rows; otherwise (16-bit or quantized) clamp(kLceWeightTileBytes /
-//    (4 H), 1, V) rows are converted to float32 per tile, into one tile
+//    float32 dense weight is read in place, dense_rows = min(clamp(
+//    kLceDenseTileBytes / (4 H), 1, V), ceil(V / kLceMinDenseTiles) rounded
+//    up to 16) rows; otherwise (16-bit or quantized) clamp(kLceWeightTileBytes
+//    / (4 H), 1, V) rows are converted to float32 per tile, into one tile
 //    buffer per thread (working memory: bytes = rows x bytes per row +
 //    threads x tile bytes);
-//  - dw_tile = clamp(kLceDenseTileBytes / (4 H), 1, V) rows of dW per GEMM;
+//  - dw_tile = dense_rows rows of dW per GEMM;
 //  - hidden_tile = min(kLceHiddenTile, H) columns of dH per GEMM.
 struct LceChunkPlan {
   int64_t rows; // rows of logits per chunk
