@@ -620,6 +620,14 @@ x, w, t, b = lce_inputs(33, 256, 9000, dtype=mx.bfloat16)
 wq, sc, qb = mx.quantize(w, group_size=32, bits=8)
 lce["q8-33x256x9000"] = lce_digest(x, wq, t, scales=sc, biases=qb, group_size=32, bits=8,
                                    chunk_bytes=10 * (9000 + 256) * 4)
+# Words that straddle (3 bits) and a floating-point mode: other dequantisers.
+x, w, t, b = lce_inputs(21, 576, 1500, seed=1)
+wq, sc, qb = mx.quantize(w, group_size=32, bits=3)
+lce["q3-21x576x1500"] = lce_digest(x, wq, t, scales=sc, biases=qb, group_size=32, bits=3,
+                                   chunk_bytes=8 * 1500 * 4)
+wq, sc = mx.quantize(w, mode="mxfp4")[:2]
+lce["mxfp4-21x576x1500"] = lce_digest(x, wq, t, scales=sc, biases=None, mode="mxfp4",
+                                      chunk_bytes=8 * 1500 * 4)
 print(json.dumps({"threads": __import__("mlx_fused_losses._ext", fromlist=["x"]).num_threads(),
                   "cases": digest, "big": big, "lce": lce}))
 """
