@@ -154,17 +154,17 @@ NB_MODULE(_ext, m) {
       [](const mlx::core::array& hidden, const mlx::core::array& weight, const mlx::core::array& targets,
          std::optional<mlx::core::array> bias, std::optional<mlx::core::array> scales,
          std::optional<mlx::core::array> biases, int group_size, int bits, const std::string& mode,
-         float label_smoothing, const std::string& label_smoothing_mode,
+         std::optional<mlx::core::array> global_scale, float label_smoothing, const std::string& label_smoothing_mode,
          std::optional<int64_t> ignore_index, float z_loss, std::optional<float> logit_softcap,
          bool sum_rows, std::optional<int64_t> chunk_bytes, bool fuse_grads,
          mlx::core::StreamOrDevice stream) {
         return fl::linear_cross_entropy(hidden, weight, targets, bias, scales, biases, group_size, bits,
-                                        mode, label_smoothing, label_smoothing_mode, ignore_index, z_loss,
+                                        mode, global_scale, label_smoothing, label_smoothing_mode, ignore_index, z_loss,
                                         logit_softcap, sum_rows, chunk_bytes, fuse_grads, stream);
       },
       "hidden"_a, "weight"_a, "targets"_a, "bias"_a = nb::none(), nb::kw_only(), "scales"_a = nb::none(),
       "biases"_a = nb::none(), "group_size"_a = 64, "bits"_a = 4, "mode"_a = "affine",
-      "label_smoothing"_a = 0.0f,
+      "global_scale"_a = nb::none(), "label_smoothing"_a = 0.0f,
       "label_smoothing_mode"_a = "uniform", "ignore_index"_a = nb::none(), "z_loss"_a = 0.0f,
       "logit_softcap"_a = nb::none(), "sum_rows"_a = false, "chunk_bytes"_a = nb::none(),
       "fuse_grads"_a = true, "stream"_a = nb::none(),
@@ -177,17 +177,22 @@ NB_MODULE(_ext, m) {
   m.def(
       "dequantize_head",
       [](const mlx::core::array& w_q, const mlx::core::array& scales,
-         std::optional<mlx::core::array> biases, int group_size, int bits, const std::string& mode) {
+         std::optional<mlx::core::array> biases, int group_size, int bits, const std::string& mode,
+         std::optional<mlx::core::array> global_scale) {
         namespace mx = mlx::core;
         int qmode = fl::quant_mode_from_name(mode);
         if (w_q.ndim() != 2) {
           throw std::invalid_argument("dequantize_head: w_q must be 2-D");
         }
         int hidden = bits > 0 ? int(int64_t(w_q.shape(1)) * 32 / bits) : 0;
-        fl::check_quantized_head(w_q, scales, biases, hidden, group_size, bits, qmode);
+        fl::check_quantized_head(w_q, scales, biases, hidden, group_size, bits, qmode,
+                                 global_scale);
         std::vector<mx::array> in = {mx::contiguous(w_q), mx::contiguous(scales)};
         if (biases) {
           in.push_back(mx::contiguous(mx::astype(*biases, scales.dtype())));
+        }
+        if (global_scale) {
+          in.push_back(mx::reshape(mx::astype(*global_scale, mx::float32), {1}));
         }
         mx::eval(in);
         fl::cpu::QuantizedMatrix q;
@@ -199,13 +204,14 @@ NB_MODULE(_ext, m) {
         q.bits = bits;
         q.group_size = group_size;
         q.hidden = hidden;
+        q.global_scale = global_scale ? in.back().data<float>() : nullptr;
         int vocab = w_q.shape(0);
         std::vector<float> out(size_t(vocab) * size_t(hidden));
         fl::cpu::dequantize_block(q, 0, vocab, 0, hidden, out.data());
         return mx::array(out.begin(), mx::Shape{vocab, hidden}, mx::float32);
       },
       "w_q"_a, "scales"_a, "biases"_a = nb::none(), "group_size"_a, "bits"_a, "mode"_a = "affine",
-      "The CPU unpacking of a quantized head, as a float32 [V, H] array (test hook).");
+      "global_scale"_a = nb::none(), "The CPU unpacking of a quantized head, as a float32 [V, H] array (test hook).");
 
   m.def(
       "linear_cross_entropy_plan",

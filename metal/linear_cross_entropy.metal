@@ -590,7 +590,7 @@ FL_INST_LCE_DTYPE(bfloat16, bfloat) // Metal 3.1 (fl_common.h requires it)
 
 // Quantized heads (metal/quantized_head.h), named as launch_plan.cpp's
 // lce_quantized_head names them: q<bits>_<scale dtype> (affine) or the mode
-// (mxfp4, mxfp8, nvfp4): forward tiles, dZ and dH for every hidden dtype; no
+// (mxfp4, mxfp8, nvfp4; nvfp4_global with a global scale): forward tiles, dZ and dH for every hidden dtype; no
 // dW (a quantized weight has no gradient, as on the CPU).
 #define FL_INST_LCE_QUANTIZED(sname, S)                \
   FL_INST_LCE_HEAD(q1_##sname, flk::QuantizedHead1<S>) \
@@ -607,3 +607,4 @@ FL_INST_LCE_QUANTIZED(bfloat16, bfloat)
 FL_INST_LCE_HEAD(mxfp4, flk::Mxfp4Head)
 FL_INST_LCE_HEAD(mxfp8, flk::Mxfp8Head)
 FL_INST_LCE_HEAD(nvfp4, flk::Nvfp4Head)
+FL_INST_LCE_HEAD(nvfp4_global, flk::Nvfp4GlobalHead)

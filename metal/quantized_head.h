@@ -11,6 +11,7 @@
 //       w[v, k] = fma(scales[v, g], q[v, k], biases[v, g]),  g = k / group_size
 //   FpQuantizedHead<kMode>    mxfp4, mxfp8, nvfp4: uint8 scale codes, no biases
 //       w[v, k] = element(code[v, k]) * scale(scales[v, g])
+//   (nvfp4 with a global scale g: scale(scales[v, g]) * (g / 2688) first)
 // w_q is uint32 [V, H * bits / 32], one little-endian bit stream per row.
 // mx.quantize requires H to be a multiple of group_size (>= 16), so a row is a
 // whole number of words and, for the widths that divide 32 (1, 2, 4, 8 bits
@@ -27,8 +28,8 @@
 // (equal to mx.dequantize(..., dtype=mx.float32)) except where it is a float32
 // subnormal, which an Apple GPU flushes to zero (only with E8M0 scales below
 // 2^-117 for mxfp8, 2^-125 for mxfp4; MLX's own Metal kernels compute the same
-// product). The nvfp4 global_scale of mx.quantize is not read (the op takes
-// none).
+// product). nvfp4 with mx.quantize's global_scale: scale * (global / 2688)
+// first, as mx.dequantize and MLX's loader round it.
 //
 // Bounds: tile elements outside [0, V) x [0, H) are written as 0 and nothing
 // outside w_q, scales or biases is read: the address of a word is formed only
@@ -166,9 +167,13 @@ struct QuantizedHead {
 // The floating-point modes (kMode: flm::kQuantMxfp4, kQuantMxfp8 or
 // kQuantNvfp4): 4-bit codes 8 per word or 8-bit codes 4 per word, one uint8
 // scale code per group (E8M0, or E4M3 for nvfp4), no biases: the host binds
-// the scales to both scale slots and the second is never read.
-template <int kMode>
+// the scales to both scale slots and the second is never read, except by an
+// nvfp4 head with a global scale (kGlobal): the host binds mx.quantize's
+// global_scale (float32 [1]) to the second slot, and every group scale is
+// multiplied by flm::nvfp4_global_factor of it (as mx.dequantize does).
+template <int kMode, bool kGlobal = false>
 struct FpQuantizedHead {
+  static_assert(!kGlobal || kMode == flm::kQuantNvfp4, "a global scale is nvfp4's only");
   static constexpr constant int kBits = kMode == flm::kQuantMxfp8 ? 8 : 4;
   static constexpr constant int kPerWord = 32 / kBits;
   static constexpr constant uint kMask = (1u << kBits) - 1u;
@@ -180,23 +185,27 @@ struct FpQuantizedHead {
   int vocab;
   int hidden;
   int group_shift;
+  float factor; // the global scale's factor (kGlobal), else 1
 
+  // `second`: the second scale slot (unread, or the global scale: a float32
+  // buffer bound there, read through a cast in the same address space).
   FpQuantizedHead(
       device const uint* w_q_,
       device const uchar* scales_,
-      device const uchar* unused_biases,
+      device const uchar* second,
       int vocab_,
       int hidden_,
       int group_size)
       : w_q(w_q_), scales(scales_), vocab(vocab_), hidden(hidden_),
-        group_shift(group_shift_of(group_size)) {}
+        group_shift(group_shift_of(group_size)),
+        factor(kGlobal ? flm::nvfp4_global_factor(*(device const float*)second) : 1.0f) {}
 
   FpQuantizedHead(
       device const uint* w_q_,
       device const uchar* scales_,
-      device const uchar* unused_biases,
+      device const uchar* second,
       constant LceArgs& args)
-      : FpQuantizedHead(w_q_, scales_, unused_biases, args.vocab, args.hidden, args.group_size) {}
+      : FpQuantizedHead(w_q_, scales_, second, args.vocab, args.hidden, args.group_size) {}
 
   // As QuantizedHead::stage, a word (kPerWord values) per unit.
   template <int BV, int BH, typename TT>
@@ -221,8 +230,11 @@ struct FpQuantizedHead {
       if (v < vocab && h < hidden) {
         const ulong row = ulong(v);
         const uint word = w_q[row * ulong(words) + ulong(h / kPerWord)];
-        const float scale =
+        float scale =
             flm::fp_scale_value(kMode, uint(scales[row * ulong(groups) + ulong(h >> group_shift)]));
+        if (kGlobal) {
+          scale = scale * factor;
+        }
         for (int e = 0; e < kPerWord; ++e) {
           const uint code = (word >> uint(e * kBits)) & kMask;
           out[e * stride_h] = TT(flm::fp_element_value(kMode, code) * scale);
@@ -256,5 +268,6 @@ using QuantizedHead8 = QuantizedHead<S, 8>;
 typedef FpQuantizedHead<flm::kQuantMxfp4> Mxfp4Head;
 typedef FpQuantizedHead<flm::kQuantMxfp8> Mxfp8Head;
 typedef FpQuantizedHead<flm::kQuantNvfp4> Nvfp4Head;
+typedef FpQuantizedHead<flm::kQuantNvfp4, true> Nvfp4GlobalHead;
 
 } // namespace flk

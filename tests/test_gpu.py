@@ -483,13 +483,13 @@ def test_linear_cross_entropy_gpu_across_command_buffers():
 # ---- fused linear cross-entropy, quantized heads (metal/quantized_head.h) --------------------
 
 
-def lce_quantized(args, bits, group_size, scale_dtype=None, mode="affine"):
+def lce_quantized(args, bits, group_size, scale_dtype=None, mode="affine", global_scale=None):
     """args with the weight replaced by mx.quantize's packed head (scales in the
     weight's dtype, or scale_dtype; uint8 and no biases for the floating-point
     modes): (args, scales, biases)."""
     w = args[1] if scale_dtype is None else args[1].astype(DTYPES[scale_dtype])
     if mode != "affine":
-        w_q, scales = mx.quantize(w, mode=mode)
+        w_q, scales = mx.quantize(w, mode=mode, global_scale=global_scale)
         biases = None
     else:
         w_q, scales, biases = mx.quantize(w, group_size=group_size, bits=bits)
@@ -497,12 +497,13 @@ def lce_quantized(args, bits, group_size, scale_dtype=None, mode="affine"):
     return [args[0], w_q, *args[2:]], scales, biases
 
 
-def lce_quantized_both(args, scales, biases, opts, chunk, bits, group_size, cot, mode="affine"):
+def lce_quantized_both(args, scales, biases, opts, chunk, bits, group_size, cot, mode="affine",
+                       global_scale=None):
     """Loss, lse, entropy, correct and the gradients w.r.t. hidden and bias on the GPU
     and on the CPU (the packed weight, its scales and biases are constants)."""
     kw = {k: v for k, v in opts.items() if k != "bias"}
     kw.update(scales=scales, biases=biases, group_size=group_size, bits=bits, chunk_bytes=chunk,
-              dtype=mx.float32, mode=mode)
+              dtype=mx.float32, mode=mode, global_scale=global_scale)
     has_bias = len(args) > 3
     out = []
     for dev in (GPU, mx.cpu):
@@ -544,22 +545,25 @@ def test_linear_cross_entropy_quantized_gpu_vs_cpu(dtype, bits, group_size):
         agree(a, b, TOL[dtype] + 1e-4, f"gradient {k}")
 
 
-@pytest.mark.parametrize("mode", ["mxfp4", "mxfp8", "nvfp4"])
+@pytest.mark.parametrize("mode", ["mxfp4", "mxfp8", "nvfp4", "nvfp4_global"])
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_linear_cross_entropy_fp_quantized_gpu_vs_cpu(dtype, mode):
-    """MLX's floating-point modes (uint8 E8M0/E4M3 scales, no biases) on the GPU
-    against the CPU primitive on the same packed arrays. The weights' scales
-    stay far from float32 subnormals, which an Apple GPU flushes."""
+    """MLX's floating-point modes (uint8 E8M0/E4M3 scales, no biases; nvfp4 also
+    with mx.quantize's global scale) on the GPU against the CPU primitive on the
+    same packed arrays. The weights' scales stay far from float32 subnormals,
+    which an Apple GPU flushes."""
+    global_scale = mx.array(0.37, mx.float32) if mode == "nvfp4_global" else None
+    mode = mode.replace("_global", "")
     group_size, bits = {"mxfp4": (32, 4), "mxfp8": (32, 8), "nvfp4": (16, 4)}[mode]
     opts = LCE_OPTIONS[list(LCE_OPTIONS)[len(mode) % len(LCE_OPTIONS)]]
     n, h, v = 67, 192, 1003
     rng = np.random.default_rng(len(mode) * 100 + bits)
     dense = lce_inputs(n, h, v, dtype, dtype, rng, opts.get("bias", False), opts.get("ignore_index"))
-    args, scales, _ = lce_quantized(dense, bits, group_size, mode=mode)
+    args, scales, _ = lce_quantized(dense, bits, group_size, mode=mode, global_scale=global_scale)
     cot = (mx.array(rng.uniform(-1, 1, n).astype(np.float32)) if opts["reduction"] == "none"
            else mx.array(1.3))
     gpu, cpu = lce_quantized_both(args, scales, None, opts, 4 * v * 40, bits, group_size, cot,
-                                  mode=mode)
+                                  mode=mode, global_scale=global_scale)
     rtol = 2e-5 * max(1.0, np.sqrt(h / 16))
     agree(gpu[0], cpu[0], rtol, "loss")
     agree(gpu[1], cpu[1], rtol, "lse")

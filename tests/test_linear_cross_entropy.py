@@ -57,7 +57,8 @@ def logit_scale(args):
 
 
 def reference(args, **options):
-    for kernel_only in ("chunk_bytes", "dtype", "scales", "biases", "group_size", "bits", "mode"):
+    for kernel_only in ("chunk_bytes", "dtype", "scales", "biases", "group_size", "bits", "mode",
+                        "global_scale"):
         options.pop(kernel_only, None)
     np_args = {k: to_np(v) for k, v in args.items()}
     return ref.linear_cross_entropy(

@@ -47,7 +47,8 @@ USED: set[str] = set()
 # dtype>, and the floating-point modes (uint8 scales, one head each).
 AFFINE_BITS = (1, 2, 3, 4, 5, 6, 8)
 FP_MODES = ("mxfp4", "mxfp8", "nvfp4")
-QUANTIZED_HEADS = [f"q{bits}_{d}" for bits in AFFINE_BITS for d in DTYPES] + list(FP_MODES)
+QUANTIZED_HEADS = ([f"q{bits}_{d}" for bits in AFFINE_BITS for d in DTYPES] + list(FP_MODES)
+                   + ["nvfp4_global"])
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +105,7 @@ def host_names() -> set[str]:
         assert f"FL_INST_LCE_HEAD(q{bits}_##sname, flk::QuantizedHead{bits}<S>)" in text
     for mode in FP_MODES:
         assert f"FL_INST_LCE_HEAD({mode}, flk::{mode.capitalize()}Head)" in text
+    assert "FL_INST_LCE_HEAD(nvfp4_global, flk::Nvfp4GlobalHead)" in text
     for q in QUANTIZED_HEADS:
         names.add(f"fl_lce_dh_{q}")
         for h in DTYPES:
@@ -247,7 +249,9 @@ def head_name(d):
     q = d.get("q")
     if not q:
         return f"w{d['wdt']}"
-    return f"q{q['bits']}_{q['sdt']}" if q["mode"] == "affine" else q["mode"]
+    if q["mode"] == "affine":
+        return f"q{q['bits']}_{q['sdt']}"
+    return q["mode"] + ("_global" if q.get("global_scale") is not None else "")
 
 
 def head_run_args(d):
@@ -257,7 +261,7 @@ def head_run_args(d):
     if q is None:
         return "", (np.int32(DT_CODE[d["hdt"]]), np.int32(DT_CODE[d["wdt"]]), d["hd"], d["wd"])
     return "_q", (np.int32(DT_CODE[d["hdt"]]), np.int32(QUANT_MODE_CODE[q["mode"]]),
-                  np.int32(q["bits"]), np.int32(q["group_size"]),
+                  np.int32(q.get("global_scale") is not None), np.int32(q["bits"]), np.int32(q["group_size"]),
                   np.int32(DT_CODE.get(q["sdt"], 0)), d["hd"], q["w_q"], q["scales"], q["biases"])
 
 
@@ -322,7 +326,7 @@ def cpu_primitive(d, case, g=None):
               sum_rows=case["sum"], stream=mx.cpu)
     if q:  # the packed weight is a constant: no gradient
         kw.update(scales=q["mx"][1], biases=q["mx"][2], group_size=q["group_size"], bits=q["bits"],
-                  mode=q["mode"])
+                  mode=q["mode"], global_scale=q.get("global_scale"))
     outs = ext.linear_cross_entropy(hm, wm, tm, bm, **kw)
     mx.eval(outs)
     res = [np.array(o.astype(mx.float32)) if o.dtype != mx.bool_ else np.array(o) for o in outs]

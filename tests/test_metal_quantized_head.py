@@ -46,9 +46,11 @@ AFFINE_BITS = [1, 2, 3, 4, 5, 6, 8]
 FP_MODES = {"mxfp4": (32, 4), "mxfp8": (32, 8), "nvfp4": (16, 4)}
 
 
-def head_of(bits, sdt, mode="affine"):
+def head_of(bits, sdt, mode="affine", global_scale=None):
     """The head name of the launch plans (launch_plan.cpp: lce_quantized_head)."""
-    return f"q{bits}_{sdt}" if mode == "affine" else mode
+    if mode == "affine":
+        return f"q{bits}_{sdt}"
+    return mode + ("_global" if global_scale is not None else "")
 
 
 def to_bf16_bits(a: np.ndarray) -> np.ndarray:
@@ -87,7 +89,7 @@ def device_array(a, dtype: str) -> np.ndarray:
     return np.array(a)
 
 
-def quantized_weight(V, H, group_size, bits, dtype, seed, mode="affine"):
+def quantized_weight(V, H, group_size, bits, dtype, seed, mode="affine", global_scale=None):
     """mx.quantize of a weight whose rows span several magnitudes: (w_q,
     scales, biases), biases None for the floating-point modes."""
     rng = np.random.default_rng(seed)
@@ -95,7 +97,7 @@ def quantized_weight(V, H, group_size, bits, dtype, seed, mode="affine"):
     w[0, : min(H, group_size)] = 0.25  # a constant group: scale 0
     w = mx.array(w.astype(np.float32)).astype(MX_DT[dtype])
     if mode != "affine":
-        return (*mx.quantize(w, mode=mode), None)
+        return (*mx.quantize(w, mode=mode, global_scale=global_scale), None)
     return mx.quantize(w, group_size=group_size, bits=bits)
 
 
@@ -113,10 +115,10 @@ def lib():
 
 
 def run_tiles(lib, V, H, group_size, bits, sdt, tdt, tile, transposed, threads, seed,
-              fence=0, schedules=mh.DEFAULT_SCHEDULES, mode="affine"):
+              fence=0, schedules=mh.DEFAULT_SCHEDULES, mode="affine", global_scale=None):
     """(staged weight as float32 [V, H], the padded output, the quantized arrays).
     sdt: the dtype of the weight mx.quantize gets (the scales' for affine)."""
-    w_q, scales, biases = quantized_weight(V, H, group_size, bits, sdt, seed, mode)
+    w_q, scales, biases = quantized_weight(V, H, group_size, bits, sdt, seed, mode, global_scale)
     R, C = TILES[tile]
     rows, cols = -(-V // R) * R, -(-H // C) * C
     sentinel = np.float32(-7777.0)
@@ -126,12 +128,15 @@ def run_tiles(lib, V, H, group_size, bits, sdt, tdt, tile, transposed, threads, 
         out = np.full((rows, cols), sentinel, np.float16)
     else:
         out = np.full((rows, cols), to_bf16_bits(np.array([sentinel]))[0], np.uint16)
-    name = f"qh_tile_{head_of(bits, sdt, mode)}_{tdt}_{tile}".encode() + b"\0"
+    name = f"qh_tile_{head_of(bits, sdt, mode, global_scale)}_{tdt}_{tile}".encode() + b"\0"
     if mode == "affine":
         s_dev, b_dev = device_array(scales, sdt), device_array(biases, sdt)
         scale_bytes = 4 if sdt == "float32" else 2
-    else:  # uint8 codes, no biases (the kernel gets the scales twice, as eval_gpu binds them)
+    else:  # uint8 codes, no biases (the kernel gets the scales twice, as eval_gpu binds them,
+        # or the scales and the global scale)
         s_dev = b_dev = np.array(scales)
+        if global_scale is not None:
+            b_dev = np.array(global_scale.astype(mx.float32)).reshape(1)
         scale_bytes = 1
     lib.run("qh_tile_run", np.frombuffer(name, np.uint8).copy(), np.array(w_q), s_dev, b_dev,
             out, np.int32(V), np.int32(H), np.int32(group_size), np.int32(transposed),
@@ -139,12 +144,14 @@ def run_tiles(lib, V, H, group_size, bits, sdt, tdt, tile, transposed, threads, 
     return from_bits(out, tdt), (w_q, scales, biases)
 
 
-def check_fp_tiles(staged, quantized, V, H, mode, tdt):
-    """Floating-point modes: exact float32 products (mx.dequantize with
-    dtype=float32), rounded to the tile type; zeros past V and H."""
+def check_fp_tiles(staged, quantized, V, H, mode, tdt, global_scale=None):
+    """Floating-point modes: float32 products as mx.dequantize(dtype=float32)
+    forms them (exact; with nvfp4's global scale, rounded where it rounds),
+    rounded to the tile type; zeros past V and H."""
     w_q, scales, _ = quantized
     assert np.all(staged[V:, :] == 0) and np.all(staged[:, H:] == 0), "tile overhang not zero"
-    exact = np.array(mx.dequantize(w_q, scales, mode=mode, dtype=mx.float32))
+    exact = np.array(mx.dequantize(w_q, scales, mode=mode, dtype=mx.float32,
+                                   global_scale=global_scale))
     expected = round_to(exact, tdt)
     inside = staged[:V, :H]
     mismatch = np.argwhere(inside != expected)
@@ -200,7 +207,8 @@ def test_registry_matches_host_names(lib):
     assert sorted(fp_tiles) == sorted(MX_DT)
     expected = {f"qh_tile_q{bits}_{s}_{t}_{tile}" for s, t in pairs for bits in AFFINE_BITS
                 for tile in TILES}
-    expected |= {f"qh_tile_{m}_{t}_{tile}" for m in FP_MODES for t in fp_tiles for tile in TILES}
+    expected |= {f"qh_tile_{m}_{t}_{tile}" for m in [*FP_MODES, "nvfp4_global"]
+                 for t in fp_tiles for tile in TILES}
     assert names == expected
 
 
@@ -238,6 +246,17 @@ def test_fp_modes_every_tile(lib, mode, tdt):
         staged, qz = run_tiles(lib, V, H, group_size, bits, wdt, tdt, tile, transposed=k % 2,
                                threads=(32, 96, 256)[k], seed=k, mode=mode)
         check_fp_tiles(staged, qz, V, H, mode, tdt)
+
+
+@pytest.mark.parametrize("tdt", list(MX_DT))
+def test_nvfp4_global_scale_every_tile(lib, tdt):
+    """nvfp4 with mx.quantize's global scale (bound in the biases slot)."""
+    for k, tile in enumerate(TILES):
+        V, H = 37, 3 * 32
+        g = mx.array([0.37, 11.0, 2.5e-3][k], mx.float32)
+        staged, qz = run_tiles(lib, V, H, 16, 4, list(MX_DT)[k], tdt, tile, transposed=k % 2,
+                               threads=(32, 96, 256)[k], seed=k, mode="nvfp4", global_scale=g)
+        check_fp_tiles(staged, qz, V, H, "nvfp4", tdt, global_scale=g)
 
 
 def test_fp_modes_every_code(lib):
@@ -300,6 +319,10 @@ for fence in (1, 2):
         staged, qz = t.run_tiles(lib, V, H, gs, bits, "bfloat16", "float32", "8x16", fence - 1,
                                  64, seed=gs, fence=fence, schedules=one, mode=mode)
         t.check_fp_tiles(staged, qz, V, H, mode, "float32")
+    g = t.mx.array(0.37, t.mx.float32)
+    staged, qz = t.run_tiles(lib, 13, 64, 16, 4, "float32", "float32", "8x16", fence - 1, 64,
+                             seed=3, fence=fence, schedules=one, mode="nvfp4", global_scale=g)
+    t.check_fp_tiles(staged, qz, 13, 64, "nvfp4", "float32", global_scale=g)
 print("fenced sweep ok")
 """
 
@@ -340,7 +363,7 @@ def dequantize64(w_q, scales, biases, group_size, bits) -> np.ndarray:
     return s * q + b
 
 
-def quantized_maker(bits, group_size, mode="affine"):
+def quantized_maker(bits, group_size, mode="affine", global_scale=None):
     """A make_case for check_case: the dense case's weight quantized with
     mx.quantize in check_case's `wdt` (the scale dtype of an affine head; the
     floating-point modes' scales are uint8 whatever it is)."""
@@ -354,14 +377,19 @@ def quantized_maker(bits, group_size, mode="affine"):
             d["wr"] = dequantize64(w_q, scales, biases, group_size, bits).astype(np.float32)
             s_dev, b_dev = device_array(scales, sdt), device_array(biases, sdt)
         else:
-            w_q, scales = mx.quantize(w, mode=mode)
+            w_q, scales = mx.quantize(w, mode=mode, global_scale=global_scale)
             biases = None
-            # Exact products (none subnormal at these magnitudes).
-            d["wr"] = np.array(mx.dequantize(w_q, scales, mode=mode, dtype=mx.float32))
+            # Exact products (none subnormal at these magnitudes); with a global
+            # scale, rounded as the kernels round them.
+            d["wr"] = np.array(mx.dequantize(w_q, scales, mode=mode, dtype=mx.float32,
+                                             global_scale=global_scale))
             s_dev = b_dev = np.array(scales)
+            if global_scale is not None:  # bound in the biases slot
+                b_dev = np.array(global_scale.astype(mx.float32)).reshape(1)
         d["wd"] = None
         d["q"] = dict(mode=mode, bits=bits, group_size=group_size, sdt=sdt, w_q=np.array(w_q),
-                      scales=s_dev, biases=b_dev, mx=(w_q, scales, biases))
+                      scales=s_dev, biases=b_dev, mx=(w_q, scales, biases),
+                      global_scale=global_scale)
         return d
 
     return make
@@ -373,9 +401,10 @@ QMODE = {"affine": 0, "mxfp4": 1, "mxfp8": 2, "nvfp4": 3}  # flm::kQuant*
 def test_quantized_head_names(lce_lib):
     name = np.zeros(64, np.uint8)
 
-    def head(mode, bits, sdt):
+    def head(mode, bits, sdt, global_scale=0):
         lce_lib.run("lce_quantized_head_name", np.int32(QMODE[mode]), np.int32(bits),
-                    np.int32(DT_CODE[sdt]), name, schedules=(mh.Schedule(),))
+                    np.int32(DT_CODE[sdt]), np.int32(global_scale), name,
+                    schedules=(mh.Schedule(),))
         return bytes(name).split(b"\0")[0].decode()
 
     for bits in AFFINE_BITS:
@@ -383,9 +412,12 @@ def test_quantized_head_names(lce_lib):
             assert head("affine", bits, sdt) == f"q{bits}_{sdt}"
     for mode, (_, bits) in FP_MODES.items():
         assert head(mode, bits, "float32") == mode == head(mode, bits, "bfloat16")
+    assert head("nvfp4", 4, "float32", global_scale=1) == "nvfp4_global"
     for bad in (0, 7, 9):
         with pytest.raises(mh.HarnessError, match="affine bits must be 1-6 or 8"):
             head("affine", bad, "float32")
+    with pytest.raises(mh.HarnessError, match="nvfp4's only"):
+        head("mxfp4", 4, "float32", global_scale=1)
 
 
 # (N, H, V): N and V around the 32-row / 32-class tiles, H a multiple of the
@@ -412,6 +444,20 @@ def test_fp_modes_all_schedules(lce_lib, mode):
     lce.check_case(lce_lib, "smooth_ignore_bias_sum", n, h, v, "float32", "bfloat16", 4 * v * 32,
                    mh.DEFAULT_SCHEDULES, seed=group_size + bits,
                    make=quantized_maker(bits, group_size, mode))
+
+
+def test_nvfp4_global_scale_all_schedules(lce_lib):
+    lce.check_case(lce_lib, "others_z_cap", 33, 96, 65, "float32", "float32", 4 * 65 * 32,
+                   mh.DEFAULT_SCHEDULES, seed=5,
+                   make=quantized_maker(4, 16, "nvfp4", mx.array(0.37, mx.float32)))
+
+
+@pytest.mark.parametrize("hdt", ["float32", "float16", "bfloat16"])
+def test_every_nvfp4_global_instantiation(lce_lib, hdt):
+    k = DT_CODE[hdt]
+    lce.check_case(lce_lib, list(lce.CASES)[k], 37, 64, 70, hdt, list(DT_CODE)[2 - k],
+                   4 * 70 * 33, lce.FAST, seed=k + 20,
+                   make=quantized_maker(4, 16, "nvfp4", mx.array([3.0, 0.05, 1.7][k], mx.float32)))
 
 
 @pytest.mark.parametrize("hdt", ["float32", "float16", "bfloat16"])
@@ -482,6 +528,9 @@ for fence in (1, 2):
         n, h, v = t.Q_SHAPES[32]
         t.lce.check_case(lib, "smooth_ignore_bias_sum", n, h, v, "float16", "float32", 4 * v * 32,
                          one, seed=gs, make=t.quantized_maker(bits, gs, mode))
+    n, h, v = t.Q_SHAPES[32]
+    t.lce.check_case(lib, "smooth_ignore_bias_sum", n, h, v, "float16", "float32", 4 * v * 32,
+                     one, seed=9, make=t.quantized_maker(4, 16, "nvfp4", t.mx.array(0.37)))
 print("fenced kernels ok")
 """
 

@@ -1,6 +1,6 @@
 """Quantized heads on the CPU: every format mx.quantize produces in mlx 0.32.4
 (affine with 1, 2, 3, 4, 5, 6 and 8 bits at group sizes 32, 64 and 128;
-mxfp4, mxfp8, nvfp4).
+mxfp4, mxfp8, nvfp4 with and without its global_scale).
 
 - The unpacking (csrc/cpu/quantized_head.cpp, through the test hook
   _ext.dequantize_head) equals mx.dequantize bit for bit: on mx.quantize's
@@ -94,6 +94,30 @@ def test_fp_unpacking_of_every_code(mode):
     assert not np.isfinite(np.array(ours)).all()
 
 
+@pytest.mark.parametrize("dtype", SCALE_DTYPES, ids=dtype_id)
+def test_nvfp4_global_scale_unpacking_equals_mx_dequantize(rng, dtype):
+    """nvfp4 with mx.quantize's global_scale: every group scale times
+    global / (448 * 6), rounded where mx.dequantize rounds (not exact)."""
+    w = spread_weight(rng, 11, 256, dtype)
+    for g in (mx.abs(w).max().astype(mx.float32), mx.array(0.37, mx.float32)):
+        w_q, scales = mx.quantize(w, mode="nvfp4", global_scale=g)
+        ours = _ext.dequantize_head(w_q, scales, None, 16, 4, "nvfp4", global_scale=g)
+        ref = mx.dequantize(w_q, scales, mode="nvfp4", global_scale=g, dtype=mx.float32)
+        assert_same_bits(ours, ref, f"nvfp4 global_scale={g.item()}")
+        # the global scale is read: without it the values differ
+        assert not np.array_equal(np.array(ours), np.array(
+            _ext.dequantize_head(w_q, scales, None, 16, 4, "nvfp4")))
+    # every element and scale code under an awkward global scale
+    v, h = 256, 128
+    codes = (np.arange(v * h // 2) * 7 % 256).astype(np.uint8)
+    w_q = mx.array(codes.view(np.uint32).reshape(v, -1))
+    scales = mx.array((np.arange(v * h // 16) % 256).astype(np.uint8).reshape(v, -1))
+    g = mx.array(3.3e-3, mx.float32)
+    assert_same_bits(_ext.dequantize_head(w_q, scales, None, 16, 4, "nvfp4", global_scale=g),
+                     mx.dequantize(w_q, scales, mode="nvfp4", global_scale=g, dtype=mx.float32),
+                     "nvfp4 every code, global scale")
+
+
 def test_affine_unpacking_of_every_code(rng):
     """Random words (every value of every width) with random scales/biases."""
     for bits in AFFINE_BITS:
@@ -163,6 +187,20 @@ def test_linear_ce_every_format(rng, fmt):
                                atol=1e-5 * np.abs(np.array(g_d)).max())
 
 
+def test_linear_ce_nvfp4_global_scale(rng):
+    n, h, v = 13, 128, 97
+    args = make_inputs(rng, n, h, v, bias=True)
+    g = mx.abs(args["weight"]).max()
+    w_q, scales = mx.quantize(args["weight"], mode="nvfp4", global_scale=g)
+    w = mx.dequantize(w_q, scales, mode="nvfp4", global_scale=g, dtype=mx.float32)
+    qopts = dict(scales=scales, mode="nvfp4", global_scale=g)
+    for reduction in ("mean", "none"):
+        cot = mx.array(rng.uniform(-1, 1, n).astype(np.float32)) if reduction == "none" else None
+        check_against_reference(dict(args, weight=w), mx.float32, cotangent=cot,
+                                fused_args=dict(args, weight=w_q), argnames=("hidden", "bias"),
+                                reduction=reduction, chunk_bytes=3 * 4 * v + 7, **qopts)
+
+
 @pytest.mark.parametrize("mode", list(FP_MODES))
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=dtype_id)
 def test_linear_ce_fp_modes_16bit_hidden(rng, mode, dtype):
@@ -230,6 +268,14 @@ def test_bad_formats_are_refused_naming_the_argument(rng):
                          mode="mxfp4")
     assert_raises_naming(ValueError, "biases", lce, h, w_q, t, scales=s, bits=3, group_size=32)
     assert_raises_naming(ValueError, "scales", lce, h, w, t, mode="nvfp4")
+    # global_scale: nvfp4 only, one value
+    n_q, n_s = mx.quantize(w, mode="nvfp4")
+    assert_raises_naming(ValueError, "global_scale", lce, h, f_q, t, scales=f_s, mode="mxfp4",
+                         global_scale=mx.array(1.0))
+    assert_raises_naming(ValueError, "global_scale", lce, h, n_q, t, scales=n_s, mode="nvfp4",
+                         global_scale=mx.ones((2,)))
+    assert_raises_naming(TypeError, "global_scale", lce, h, n_q, t, scales=n_s, mode="nvfp4",
+                         global_scale=mx.array(1, mx.int32))
     # an fp head read as affine: the scales are uint8 codes, not floats
     assert_raises_naming(TypeError, "scales", lce, h, f_q, t, scales=f_s, biases=f_s, bits=4,
                          group_size=32)

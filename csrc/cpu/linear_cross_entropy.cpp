@@ -54,6 +54,7 @@ struct LceArgs {
   mx::Dtype weight_dtype = mx::float32;
   const void* scales; // quantized: [V, H / group_size] in scale_dtype (fp modes: uint8)
   const void* qbiases;
+  const float* global_scale = nullptr; // nvfp4: float32 [1], or null
   mx::Dtype scale_dtype = mx::float32;
   const int64_t* targets;
   const float* bias; // float32 [V] or null
@@ -103,6 +104,7 @@ std::pair<const float*, int64_t> weight_block(const LceArgs& a, Block b, float* 
     q.w_q = static_cast<const uint32_t*>(a.weight_data);
     q.scales = a.scales;
     q.biases = a.qbiases;
+    q.global_scale = a.global_scale;
     q.scale_dtype = a.scale_dtype;
     q.mode = a.p.quant_mode;
     q.bits = a.p.bits;
@@ -417,6 +419,7 @@ LceArgs make_args(const std::vector<mx::array>& inputs, const LinearCrossEntropy
     a.scales = inputs[L.scales].data<void>();
     a.qbiases = L.qbiases >= 0 ? inputs[L.qbiases].data<void>() : nullptr; // affine only
     a.scale_dtype = inputs[L.scales].dtype();
+    a.global_scale = L.global_scale >= 0 ? inputs[L.global_scale].data<float>() : nullptr;
   }
   a.targets = inputs[L.targets].data<int64_t>();
   a.bias = p.has_bias ? inputs[L.bias].data<float>() : nullptr;

@@ -77,10 +77,15 @@ void fp_block(const QuantizedMatrix& m, int64_t row0, int64_t rows, int64_t col0
   const int64_t words = m.hidden / kPerWord;
   const int64_t groups = m.hidden / group;
   auto sc = static_cast<const uint8_t*>(m.scales);
+  const bool global = m.global_scale != nullptr;
+  const float factor = global ? flm::nvfp4_global_factor(*m.global_scale) : 1.0f;
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t v = row0 + i;
     for (int64_t g = col0 / group; g < (col0 + cols) / group; ++g) {
-      const float scale = flm::fp_scale_value(kMode, sc[v * groups + g]);
+      float scale = flm::fp_scale_value(kMode, sc[v * groups + g]);
+      if (global) {
+        scale = scale * factor;
+      }
       const uint32_t* w = m.w_q + v * words + g * group / kPerWord;
       float* d = dst + i * cols + (g * group - col0);
       FL_SIMD

@@ -9,7 +9,9 @@
 // biases), dtype=mx.float32:
 //   affine  float(scale) * q + float(bias), two float32 roundings (product,
 //           then sum): 16-bit scales and biases are converted exactly first
-//   fp      element * scale, exact (see math/quantized.h)
+//   fp      element * scale, exact (see math/quantized.h); nvfp4 with a global
+//           scale: element * (scale * nvfp4_global_factor(global)), rounded
+//           where mx.dequantize rounds
 #pragma once
 
 #include <cstdint>
@@ -27,6 +29,7 @@ struct QuantizedMatrix {
   int bits = 0;
   int group_size = 0;
   int64_t hidden = 0;
+  const float* global_scale = nullptr; // nvfp4: mx.quantize's global_scale, or null
 };
 
 // W[row0 + i, col0 + j] as float32 into dst[i * cols + j] for i < rows,

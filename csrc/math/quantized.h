@@ -10,6 +10,7 @@
 //   mxfp4    4                 32           E2M1 (fp4)       E8M0 (uint8)   no
 //   mxfp8    8                 32           E4M3 (fp8)       E8M0 (uint8)   no
 //   nvfp4    4                 16           E2M1 (fp4)       E4M3 (uint8)   no
+//            (optionally with a float32 global scale: nvfp4_global_factor)
 //
 // Packing (MLX's affine_dequantize / fp_dequantize fallbacks define it): a row's
 // values form one little-endian bit stream, value k in bits [k * bits, (k + 1) *
@@ -86,6 +87,14 @@ FLM_INLINE float fp_scale_value(i32 mode, u32 code) {
 // The element of a floating-point mode from its 4- or 8-bit code.
 FLM_INLINE float fp_element_value(i32 mode, u32 code) {
   return mode == kQuantMxfp8 ? e4m3_value(code) : e2m1_value(code);
+}
+
+// nvfp4's optional global scale (mx.quantize(..., global_scale=g)) multiplies
+// every group scale by g / (448 * 6) (E4M3's and E2M1's largest values), in
+// float32, before the element: scale = e4m3(code) * nvfp4_global_factor(g),
+// as mx.dequantize and MLX's Metal loader compute it.
+FLM_INLINE float nvfp4_global_factor(float global_scale) {
+  return global_scale / 2688.0f;
 }
 
 } // namespace flm

@@ -101,7 +101,8 @@ typedef uint64_t fl_u64;
 #define FL_LCE_HIDDEN 0 // [N, H] T
 #define FL_LCE_WEIGHT 1 // [V, H] W (dense head) or the packed matrix of a quantized head
 #define FL_LCE_SCALES 2 // quantized head: [V, H / group_size]; dense: the weight again
-#define FL_LCE_QBIASES 3 // quantized head: [V, H / group_size]; dense: the weight again
+#define FL_LCE_QBIASES 3 // affine head: biases [V, H / group_size]; fp heads: the scales again,
+                         // or nvfp4's global scale (float32 [1]); dense: the weight again
 #define FL_LCE_TARGETS 4 // [N] int64 class indices
 #define FL_LCE_BIAS 5 // [V] float32 (no bias: any valid buffer, never read)
 // forward tiles: per (vocabulary split, row) online states, target logits

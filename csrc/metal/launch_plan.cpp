@@ -472,7 +472,10 @@ std::string lce_dense_head(KDtype weight) {
   return std::string("w") + dtype_name(weight);
 }
 
-std::string lce_quantized_head(int mode, int bits, KDtype scales) {
+std::string lce_quantized_head(int mode, int bits, KDtype scales, bool global_scale) {
+  if (global_scale && mode != flm::kQuantNvfp4) {
+    throw std::invalid_argument("lce_quantized_head: a global scale is nvfp4's only");
+  }
   switch (mode) {
     case flm::kQuantAffine:
       if (bits < 1 || bits > 8 || bits == 7) {
@@ -481,7 +484,7 @@ std::string lce_quantized_head(int mode, int bits, KDtype scales) {
       return "q" + std::to_string(bits) + "_" + dtype_name(scales);
     case flm::kQuantMxfp4: return "mxfp4";
     case flm::kQuantMxfp8: return "mxfp8";
-    case flm::kQuantNvfp4: return "nvfp4";
+    case flm::kQuantNvfp4: return global_scale ? "nvfp4_global" : "nvfp4";
     default: throw std::invalid_argument("lce_quantized_head: unknown quantization mode");
   }
 }

@@ -172,10 +172,10 @@ std::string lce_dense_head(KDtype weight);
 // The head name of a quantized weight (metal/quantized_head.h), mode one of
 // flm::kQuant* (math/quantized.h): affine: "q" + bits + "_" + the scales' dtype
 // name, e.g. q3_bfloat16, bits 1-6 or 8; the floating-point modes: "mxfp4",
-// "mxfp8", "nvfp4" (uint8 scales; `scales` is not read). The op checks mode
-// and bits; anything else here is a bug and throws. The group size is a
-// runtime argument (LceArgs::group_size).
-std::string lce_quantized_head(int mode, int bits, KDtype scales);
+// "mxfp8", "nvfp4" (uint8 scales; `scales` is not read), "nvfp4_global"
+// with a global scale. The op checks mode and bits; anything else here is a
+// bug and throws. The group size is a runtime argument (LceArgs::group_size).
+std::string lce_quantized_head(int mode, int bits, KDtype scales, bool global_scale = false);
 // The forward tiles of rows [row0, row0 + launch_rows) (LceArgs::row0 = row0, a
 // multiple of BM); launch_rows < 0: all N rows in one launch.
 LaunchPlan lce_forward_plan(KDtype hidden, const std::string& head, const LcePlan& p,

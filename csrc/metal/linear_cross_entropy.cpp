@@ -53,7 +53,11 @@ std::string head_name(const std::vector<mx::array>& inputs, const LinearCrossEnt
       if (scales.dtype() != mx::uint8) {
         throw std::runtime_error("mlx_fused_losses: fp-mode scales must reach the kernel as uint8");
       }
-      return mplan::lce_quantized_head(p.quant_mode, p.bits, mplan::KDtype::float32);
+      if (p.has_global_scale) {
+        gpu::require_dense(inputs[L.global_scale], "global_scale");
+      }
+      return mplan::lce_quantized_head(p.quant_mode, p.bits, mplan::KDtype::float32,
+                                       p.has_global_scale);
     }
     const auto& qbiases = inputs[L.qbiases];
     gpu::require_dense(qbiases, "biases");
@@ -122,10 +126,13 @@ void bind_head(LceCall& c, mx::metal::CommandEncoder& enc) {
   const auto& w = c.inputs[c.L.weight];
   enc.set_input_array(w, FL_LCE_WEIGHT);
   // The floating-point modes have no biases: their scales fill both slots (the
-  // head never reads the second).
+  // head never reads the second), or nvfp4's global scale the second.
   const auto& scales = c.p.quantized() ? c.inputs[c.L.scales] : w;
   enc.set_input_array(scales, FL_LCE_SCALES);
-  enc.set_input_array(c.p.quantized_affine() ? c.inputs[c.L.qbiases] : scales, FL_LCE_QBIASES);
+  enc.set_input_array(c.p.quantized_affine()   ? c.inputs[c.L.qbiases]
+                      : c.p.has_global_scale ? c.inputs[c.L.global_scale]
+                                             : scales,
+                      FL_LCE_QBIASES);
 }
 
 // Hidden, head, targets, bias: slots 0-5 of the forward and dZ kernels.

@@ -198,8 +198,19 @@ int quant_mode_from_name(const std::string& mode) {
 
 void check_quantized_head(const mx::array& w_q, const mx::array& scales,
                           const std::optional<mx::array>& qbiases, int hidden_size, int group_size,
-                          int bits, int mode) {
+                          int bits, int mode, const std::optional<mx::array>& global_scale) {
   const QuantFormat& f = quant_format(mode);
+  if (global_scale) {
+    if (mode != flm::kQuantNvfp4) {
+      fail_value("global_scale is only for mode='nvfp4' (as in mx.quantize), got mode='", f.name,
+                 "'");
+    }
+    check_float_input(*global_scale, "global_scale");
+    if (global_scale->size() != 1) {
+      fail_value("global_scale must be a single value (as mx.quantize takes it), got shape ",
+                 shape_str(global_scale->shape()));
+    }
+  }
   if (mode == flm::kQuantAffine) {
     if (bits < 1 || bits > 8 || bits == 7) {
       fail_value("bits=", bits, " is not an affine quantization of mx.quantize: bits must be 1, 2, "
@@ -285,6 +296,7 @@ std::vector<mx::array> linear_cross_entropy(
     int group_size,
     int bits,
     const std::string& mode,
+    const std::optional<mx::array>& global_scale,
     float label_smoothing,
     const std::string& label_smoothing_mode,
     std::optional<int64_t> ignore_index,
@@ -306,13 +318,18 @@ std::vector<mx::array> linear_cross_entropy(
     fail_value("biases (of a quantized weight) given without scales");
   }
   const int quant_mode = quant_mode_from_name(mode);
+  if (global_scale && !scales) {
+    fail_value("global_scale (of an nvfp4 weight) given without scales");
+  }
   if (quant_mode != flm::kQuantAffine && !scales) {
     fail_value("mode='", mode, "' describes a quantized weight: pass the scales= that mx.quantize "
                "returned with it");
   }
   if (scales) {
     p.quant_mode = quant_mode;
-    check_quantized_head(weight, *scales, qbiases, hidden_size, group_size, bits, p.quant_mode);
+    check_quantized_head(weight, *scales, qbiases, hidden_size, group_size, bits, p.quant_mode,
+                         global_scale);
+    p.has_global_scale = global_scale.has_value();
     p.bits = bits;
     p.group_size = group_size;
   } else {
@@ -370,6 +387,10 @@ std::vector<mx::array> linear_cross_entropy(
   std::vector<mx::array> inputs = {hidden, weight};
   if (scales && !qbiases) {
     inputs.push_back(*scales); // uint8 codes (floating-point modes)
+    if (global_scale) {
+      // float32 [1]: read as float32 by the kernels, as mx.dequantize reads it
+      inputs.push_back(mx::reshape(mx::astype(*global_scale, mx::float32, s), {1}, s));
+    }
   } else if (scales) {
     // The kernels read scales and biases as one dtype: both in their promoted
     // type (mx.dequantize's result type; the conversion is exact, and a no-op
@@ -423,7 +444,8 @@ std::vector<mx::array> LinearCrossEntropy::vjp(
   LinearCrossEntropyParams missing = params_;
   missing.grad_hidden = missing.grad_weight = missing.grad_bias = false;
   for (int arg : argnums) {
-    if (params_.quantized() && (arg == L.weight || arg == L.scales || arg == L.qbiases)) {
+    if (params_.quantized() && (arg == L.weight || arg == L.scales || arg == L.qbiases ||
+                                arg == L.global_scale)) {
       throw std::invalid_argument(
           "linear_cross_entropy: a quantized weight (w_q, scales, biases) is frozen and has no "
           "gradient; differentiate w.r.t. hidden (and bias) only");

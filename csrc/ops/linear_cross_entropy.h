@@ -72,6 +72,7 @@ struct LinearCrossEntropyParams {
   int bits = 0; // 0: dense float weight; else the quantized head's bits
   int group_size = 0;
   int quant_mode = 0; // quantized: flm::kQuantAffine/Mxfp4/Mxfp8/Nvfp4 (math/quantized.h)
+  bool has_global_scale = false; // nvfp4 with mx.quantize's global_scale (an input)
   int64_t chunk_bytes = kLceDefaultChunkBytes;
   bool sum_rows = false; // the loss output is the float32 sum over rows (a scalar)
   // Gradients this primitive has as outputs (forward: declared for the traced
@@ -137,6 +138,7 @@ struct LceInputs {
   int weight = 1;
   int scales = -1;
   int qbiases = -1;
+  int global_scale = -1; // nvfp4: float32 [1]
   int targets = 2;
   int bias = -1;
   int count = 3; // inputs of the forward; the backward appends max, logsum, g
@@ -150,6 +152,9 @@ inline LceInputs lce_inputs(const LinearCrossEntropyParams& p) {
   }
   if (p.quantized_affine()) {
     in.qbiases = next++;
+  }
+  if (p.has_global_scale) {
+    in.global_scale = next++;
   }
   in.targets = next++;
   if (p.has_bias) {
@@ -187,7 +192,8 @@ int quant_mode_from_name(const std::string& mode);
 // argument otherwise. Also the test hook _ext.dequantize_head's checks.
 void check_quantized_head(const mx::array& w_q, const mx::array& scales,
                           const std::optional<mx::array>& qbiases, int hidden_size, int group_size,
-                          int bits, int mode);
+                          int bits, int mode,
+                          const std::optional<mx::array>& global_scale = std::nullopt);
 
 // The op. `scales` given means `weight` is quantized (`mode`: its format). Returns the
 // forward primitive's first kLceNumStats outputs (see LceOutput). `sum_rows`
@@ -203,6 +209,7 @@ std::vector<mx::array> linear_cross_entropy(
     int group_size,
     int bits,
     const std::string& mode,
+    const std::optional<mx::array>& global_scale,
     float label_smoothing,
     const std::string& label_smoothing_mode,
     std::optional<int64_t> ignore_index,
@@ -213,7 +220,8 @@ std::vector<mx::array> linear_cross_entropy(
     bool fuse_grads,
     mx::StreamOrDevice s = {});
 
-// Forward. Inputs: hidden, weight, [scales, qbiases], targets (int64), [bias].
+// Forward. Inputs: hidden, weight, [scales, [qbiases (affine)], [global_scale
+// (nvfp4)]], targets (int64), [bias].
 class LinearCrossEntropy : public LossPrimitive<LinearCrossEntropyParams> {
  public:
   FL_LOSS_PRIMITIVE("FusedLinearCrossEntropy")

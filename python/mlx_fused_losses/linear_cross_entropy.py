@@ -82,6 +82,7 @@ def linear_cross_entropy(
     group_size: Optional[int] = None,
     bits: Optional[int] = None,
     mode: Literal["affine", "mxfp4", "mxfp8", "nvfp4"] = "affine",
+    global_scale: Optional[mx.array] = None,
     return_stats: bool = False,
     dtype: Optional[mx.Dtype] = None,
     stream: Union[None, mx.Stream, mx.Device] = None,
@@ -99,9 +100,10 @@ def linear_cross_entropy(
             ``scales`` (and ``biases`` in ``"affine"`` mode), ``group_size``,
             ``bits`` and ``mode`` as ``mx.quantize`` takes and returns them:
             affine with 1, 2, 3, 4, 5, 6 or 8 bits and group size 32, 64 or
-            128, ``"mxfp4"``, ``"mxfp8"``, ``"nvfp4"`` (without
-            ``global_scale``). ``group_size``/``bits`` default to the mode's
-            defaults, as in ``mx.quantize``. Its gradient is not available.
+            128, ``"mxfp4"``, ``"mxfp8"``, ``"nvfp4"`` (with the
+            ``global_scale`` given to ``mx.quantize``, if any).
+            ``group_size``/``bits`` default to the mode's defaults, as in
+            ``mx.quantize``. Its gradient is not available.
         targets: class indices, ``hidden``'s shape without ``H``.
         bias: optional ``[V]`` output bias.
         label_smoothing, label_smoothing_mode, ignore_index, z_loss: as
@@ -141,9 +143,10 @@ def linear_cross_entropy(
                                       ignore_index, z_loss, logit_softcap, chunk_bytes, dtype)
     )
     group_size, bits = _quantization_params(mode, group_size, bits)
-    bias, scales, biases, mask = (
+    bias, scales, biases, mask, global_scale = (
         None if value is None else _as_array(value, name)
-        for value, name in ((bias, "bias"), (scales, "scales"), (biases, "biases"), (mask, "mask"))
+        for value, name in ((bias, "bias"), (scales, "scales"), (biases, "biases"), (mask, "mask"),
+                            (global_scale, "global_scale"))
     )
     result_dtype = _result_dtype(dtype, hidden.dtype)
     if not mx.issubdtype(targets.dtype, mx.integer):
@@ -165,6 +168,7 @@ def linear_cross_entropy(
         group_size=group_size,
         bits=bits,
         mode=mode,
+        global_scale=global_scale,
         label_smoothing=label_smoothing,
         label_smoothing_mode=label_smoothing_mode,
         ignore_index=ignore_index,

@@ -155,6 +155,7 @@ struct Registry {
     add_head<flk::Mxfp4Head>("mxfp4");
     add_head<flk::Mxfp8Head>("mxfp8");
     add_head<flk::Nvfp4Head>("nvfp4");
+    add_head<flk::Nvfp4GlobalHead>("nvfp4_global");
     lce["fl_lce_fwd_finish"] = finish_call;
     lce["fl_lce_dbias"] = dbias_call;
   }
@@ -209,9 +210,11 @@ LceBufs tile_inputs(const void* hidden, const void* weight, const int64_t* targe
 // dense, of dtype code wdt). Set and cleared by those entry points, because
 // the harness copies the scale arrays per call. mode: flm::kQuant*; the
 // floating-point modes have uint8 scales (scale_dtype unused) and no biases
-// (qbiases: the scales again, as eval_gpu binds them).
+// (qbiases: the scales again, as eval_gpu binds them, or nvfp4's float32
+// global scale).
 struct QuantizedWeight {
   int mode = 0;
+  int global_scale = 0; // nvfp4: qbiases is the float32 global scale
   int bits = 0;
   int group_size = 0;
   int scale_dtype = 0;
@@ -226,7 +229,8 @@ std::string head_for(int wdt) {
     return fl::mplan::lce_quantized_head(
         g_quantized.mode, g_quantized.bits,
         g_quantized.mode == flm::kQuantAffine ? to_dtype(g_quantized.scale_dtype)
-                                              : fl::mplan::KDtype::float32);
+                                              : fl::mplan::KDtype::float32,
+        g_quantized.global_scale != 0);
   }
   return fl::mplan::lce_dense_head(to_dtype(wdt));
 }
@@ -235,7 +239,9 @@ std::string head_for(int wdt) {
 void bind_head(LceBufs& b, LceArgs& a) {
   if (g_quantized.bits != 0) {
     b.scales = g_quantized.scales;
-    b.qbiases = g_quantized.mode == flm::kQuantAffine ? g_quantized.qbiases : g_quantized.scales;
+    b.qbiases = g_quantized.mode == flm::kQuantAffine || g_quantized.global_scale != 0
+                    ? g_quantized.qbiases
+                    : g_quantized.scales;
     a.bits = g_quantized.bits;
     a.group_size = g_quantized.group_size;
   }
@@ -261,6 +267,9 @@ int with_quantized(QuantizedWeight q, const uint32_t* w_q, int64_t vocab, int hi
       q.scales = fs->data();
       if (affine) {
         fb = std::make_unique<mkp::Fenced>(q.qbiases, groups * scale_bytes, g_fence);
+        q.qbiases = fb->data();
+      } else if (q.global_scale != 0) {
+        fb = std::make_unique<mkp::Fenced>(q.qbiases, sizeof(float), g_fence);
         q.qbiases = fb->data();
       }
     }
@@ -466,11 +475,11 @@ int lce_set_fence(int where) {
   return mh::guarded([&] { g_fence = where; });
 }
 
-// lce_quantized_head(mode, bits, sdt) into name_out (cap 64): the suffix
+// lce_quantized_head(mode, bits, sdt, global_scale) into name_out (cap 64): the suffix
 // eval_gpu's plans give a quantized head's kernels.
-int lce_quantized_head_name(int mode, int bits, int sdt, uint8_t* name_out) {
+int lce_quantized_head_name(int mode, int bits, int sdt, int global_scale, uint8_t* name_out) {
   return mh::guarded([&] {
-    std::string s = fl::mplan::lce_quantized_head(mode, bits, to_dtype(sdt));
+    std::string s = fl::mplan::lce_quantized_head(mode, bits, to_dtype(sdt), global_scale != 0);
     if (s.size() + 1 > 64) throw mh::Error("lce_quantized_head_name: name too long");
     std::memcpy(name_out, s.c_str(), s.size() + 1);
   });
@@ -479,16 +488,17 @@ int lce_quantized_head_name(int mode, int bits, int sdt, uint8_t* name_out) {
 // lce_forward_run / lce_backward_run with a quantized weight of mode qmode
 // (flm::kQuant*): w_q packed uint32 [V, H * bits / 32], scales and qbiases
 // [V, H / group_size] of dtype code sdt (affine), or uint8 scales and qbiases
-// ignored (floating-point modes). A quantized weight has no gradient: want_dw must be 0 (dw is
+// ignored (floating-point modes) or the float32 global scale (nvfp4,
+// global_scale != 0). A quantized weight has no gradient: want_dw must be 0 (dw is
 // never written).
-int lce_forward_run_q(int hdt, int qmode, int bits, int group_size, int sdt, const void* hidden,
+int lce_forward_run_q(int hdt, int qmode, int global_scale, int bits, int group_size, int sdt, const void* hidden,
                       const uint32_t* w_q, const void* scales, const void* qbiases,
                       const int64_t* targets, const float* bias, float* partials,
                       float* target_logit, float* row_loss, float* loss, float* lse, float* lse_lo,
                       bool* correct, float* entropy, int64_t rows, int vocab, int hidden_size,
                       int64_t chunk_bytes, int sum_rows, float smoothing, int mode, int has_ignore,
                       int64_t ignore_index, float z_loss, float softcap, int has_bias) {
-  return with_quantized({qmode, bits, group_size, sdt, scales, qbiases}, w_q, vocab, hidden_size,
+  return with_quantized({qmode, global_scale, bits, group_size, sdt, scales, qbiases}, w_q, vocab, hidden_size,
                         [&](const uint32_t* w) {
     return lce_forward_run(hdt, 0, hidden, w, targets, bias, partials, target_logit, row_loss,
                            loss, lse, lse_lo, correct, entropy, rows, vocab, hidden_size,
@@ -497,7 +507,7 @@ int lce_forward_run_q(int hdt, int qmode, int bits, int group_size, int sdt, con
   });
 }
 
-int lce_backward_run_q(int hdt, int qmode, int bits, int group_size, int sdt, const void* hidden,
+int lce_backward_run_q(int hdt, int qmode, int global_scale, int bits, int group_size, int sdt, const void* hidden,
                        const uint32_t* w_q, const void* scales, const void* qbiases,
                        const int64_t* targets, const float* bias, const float* lse,
                        const float* lse_lo, const float* g, int unit_cotangent, float* dz,
@@ -508,7 +518,7 @@ int lce_backward_run_q(int hdt, int qmode, int bits, int group_size, int sdt, co
   if (want_dw != 0) {
     return mh::guarded([] { throw mh::Error("a quantized weight has no gradient (no dW kernel)"); });
   }
-  return with_quantized({qmode, bits, group_size, sdt, scales, qbiases}, w_q, vocab, hidden_size,
+  return with_quantized({qmode, global_scale, bits, group_size, sdt, scales, qbiases}, w_q, vocab, hidden_size,
                         [&](const uint32_t* w) {
     return lce_backward_run(hdt, 0, hidden, w, targets, bias, lse, lse_lo, g, unit_cotangent,
                             dz, dh, dw, dbias, want_dh, 0, want_dbias, rows, vocab,

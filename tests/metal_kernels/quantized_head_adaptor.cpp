@@ -38,15 +38,16 @@ struct Entry {
   QhFn fn;
   int rows, cols, tile_elem_bytes;
   int bits; // of the packed words
+  bool global_scale; // nvfp4_global: `biases` is the float32 global scale
 };
 
 struct Registry {
   std::map<std::string, Entry> fns;
   template <class Head, class TT>
-  void add_tiles(const std::string& stem, int bits) {
-    fns[stem + "_32x32"] = {qh_call<Head, TT, 32, 32>, 32, 32, int(sizeof(TT)), bits};
-    fns[stem + "_8x16"] = {qh_call<Head, TT, 8, 16>, 8, 16, int(sizeof(TT)), bits};
-    fns[stem + "_16x64"] = {qh_call<Head, TT, 16, 64>, 16, 64, int(sizeof(TT)), bits};
+  void add_tiles(const std::string& stem, int bits, bool global = false) {
+    fns[stem + "_32x32"] = {qh_call<Head, TT, 32, 32>, 32, 32, int(sizeof(TT)), bits, global};
+    fns[stem + "_8x16"] = {qh_call<Head, TT, 8, 16>, 8, 16, int(sizeof(TT)), bits, global};
+    fns[stem + "_16x64"] = {qh_call<Head, TT, 16, 64>, 16, 64, int(sizeof(TT)), bits, global};
   }
   template <class S, class TT>
   void add(const std::string& sname, const std::string& tname) {
@@ -64,6 +65,7 @@ struct Registry {
     add_tiles<flk::Mxfp4Head, TT>("qh_tile_mxfp4_" + tname, 4);
     add_tiles<flk::Mxfp8Head, TT>("qh_tile_mxfp8_" + tname, 8);
     add_tiles<flk::Nvfp4Head, TT>("qh_tile_nvfp4_" + tname, 4);
+    add_tiles<flk::Nvfp4GlobalHead, TT>("qh_tile_nvfp4_global_" + tname, 4, true);
   }
   Registry() {
     add<float, float>("float32", "float32");
@@ -99,7 +101,8 @@ int qh_registry_names(uint8_t* out, uint32_t cap) {
 
 // out: [ceil(V / R) * R, ceil(H / C) * C] in the tile type. scale_bytes: the
 // size of one scale (4, 2, or 1: the uint8 codes of the floating-point modes,
-// whose heads have no biases: `biases` is then not fenced, and never read);
+// whose heads have no biases: `biases` is then not fenced, and never read,
+// except by nvfp4_global, where it is the float32 global scale);
 // fence as above (0: the arrays in place).
 int qh_tile_run(const uint8_t* name, const uint32_t* w_q, const void* scales, const void* biases,
                 void* out, int vocab, int hidden, int group_size, int transposed, int threads,
@@ -118,7 +121,10 @@ int qh_tile_run(const uint8_t* name, const uint32_t* w_q, const void* scales, co
       fs = std::make_unique<mkp::Fenced>(scales, groups * size_t(scale_bytes), fence);
       b.w_q = static_cast<const uint32_t*>(fw->data());
       b.scales = fs->data();
-      if (scale_bytes == 1) {
+      if (e.global_scale) {
+        fb = std::make_unique<mkp::Fenced>(biases, sizeof(float), fence);
+        b.biases = fb->data();
+      } else if (scale_bytes == 1) {
         b.biases = b.scales;
       } else {
         fb = std::make_unique<mkp::Fenced>(biases, groups * size_t(scale_bytes), fence);

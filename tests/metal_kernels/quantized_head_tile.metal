@@ -42,7 +42,7 @@ template <typename Head, typename TT, int R, int C>
 }
 
 // Host names qh_tile_<head>_<tile type>_<R>x<C>, <head> as the launch plans
-// name it (q<bits>_<scale dtype>, mxfp4, mxfp8, nvfp4).
+// name it (q<bits>_<scale dtype>, mxfp4, mxfp8, nvfp4, nvfp4_global).
 #define QH_INST(hname, Head, tname, TT, R, C)                                           \
   template [[host_name("qh_tile_" #hname "_" #tname "_" #R "x" #C)]] [[kernel]]         \
   decltype(qh_stage_tile<Head, TT, R, C>) qh_stage_tile<Head, TT, R, C>;
@@ -72,7 +72,8 @@ QH_INST_BITS(float32, float, bfloat16, bfloat)
 #define QH_INST_FP(tname, TT)                        \
   QH_INST_TILES(mxfp4, flk::Mxfp4Head, tname, TT)   \
   QH_INST_TILES(mxfp8, flk::Mxfp8Head, tname, TT)   \
-  QH_INST_TILES(nvfp4, flk::Nvfp4Head, tname, TT)
+  QH_INST_TILES(nvfp4, flk::Nvfp4Head, tname, TT)   \
+  QH_INST_TILES(nvfp4_global, flk::Nvfp4GlobalHead, tname, TT)
 
 QH_INST_FP(float32, float)
 QH_INST_FP(float16, half)
