@@ -75,9 +75,10 @@ NB_MODULE(_ext, m) {
                                   const std::string& label_smoothing_mode,
                                   std::optional<int64_t> ignore_index,
                                   std::optional<mlx::core::array> class_weights, float z_loss,
+                                  std::optional<float> logit_softcap,
                                   mlx::core::StreamOrDevice stream) {
     return fl::cross_entropy(logits, targets, axis, label_smoothing, label_smoothing_mode,
-                             ignore_index, class_weights, z_loss, stream);
+                             ignore_index, class_weights, z_loss, logit_softcap, stream);
   };
   m.def(
       "cross_entropy",
@@ -86,19 +87,22 @@ NB_MODULE(_ext, m) {
                               const std::string& label_smoothing_mode,
                               std::optional<int64_t> ignore_index,
                               std::optional<mlx::core::array> class_weights, float z_loss,
+                              std::optional<float> logit_softcap,
                               mlx::core::StreamOrDevice stream) {
         return cross_entropy_outputs(logits, targets, axis, label_smoothing, label_smoothing_mode,
-                                     ignore_index, class_weights, z_loss, stream)[0];
+                                     ignore_index, class_weights, z_loss, logit_softcap,
+                                     stream)[0];
       },
       "logits"_a, "targets"_a, "axis"_a = -1, "label_smoothing"_a = 0.0f,
       "label_smoothing_mode"_a = "uniform", "ignore_index"_a = nb::none(),
-      "class_weights"_a = nb::none(), "z_loss"_a = 0.0f, nb::kw_only(), "stream"_a = nb::none(),
+      "class_weights"_a = nb::none(), "z_loss"_a = 0.0f, nb::kw_only(),
+      "logit_softcap"_a = nb::none(), "stream"_a = nb::none(),
       "Per-row float32 cross-entropy (no reduction).");
   m.def(
       "cross_entropy_outputs", cross_entropy_outputs, "logits"_a, "targets"_a, "axis"_a = -1,
       "label_smoothing"_a = 0.0f, "label_smoothing_mode"_a = "uniform",
       "ignore_index"_a = nb::none(), "class_weights"_a = nb::none(), "z_loss"_a = 0.0f,
-      nb::kw_only(), "stream"_a = nb::none(),
+      nb::kw_only(), "logit_softcap"_a = nb::none(), "stream"_a = nb::none(),
       "As cross_entropy: [per-row float32 loss, per-row log-sum-exp (0 on ignored rows)].");
 
   m.def(
@@ -243,10 +247,12 @@ NB_MODULE(_ext, m) {
   m.def(
       "check_cross_entropy_options",
       [](float label_smoothing, const std::string& label_smoothing_mode, float z_loss,
-         std::optional<mlx::core::array> class_weights) {
-        fl::check_cross_entropy_options(label_smoothing, label_smoothing_mode, z_loss, class_weights);
+         std::optional<mlx::core::array> class_weights, std::optional<float> logit_softcap) {
+        fl::check_cross_entropy_options(label_smoothing, label_smoothing_mode, z_loss, class_weights,
+                                        logit_softcap);
       },
-      "label_smoothing"_a, "label_smoothing_mode"_a, "z_loss"_a, "class_weights"_a = nb::none());
+      "label_smoothing"_a, "label_smoothing_mode"_a, "z_loss"_a, "class_weights"_a = nb::none(),
+      "logit_softcap"_a = nb::none());
   m.def("check_smooth_l1_options", &fl::check_smooth_l1_options, "beta"_a);
   m.def("check_huber_options", &fl::check_huber_options, "delta"_a);
   m.def("check_sigmoid_focal_options", &fl::check_sigmoid_focal_options, "alpha"_a, "gamma"_a);

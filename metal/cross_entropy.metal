@@ -1,5 +1,5 @@
 // Fused cross-entropy kernels (label smoothing, class weights, soft targets,
-// z-loss, ignore_index). They compute exactly what csrc/cpu/cross_entropy.cpp
+// z-loss, ignore_index, logit soft-cap). They compute exactly what csrc/cpu/cross_entropy.cpp
 // computes, with the same formulas (csrc/math/cross_entropy.h); only the order
 // of the float32 sums differs.
 //
@@ -18,11 +18,18 @@
 
 #include "fl_common.h"
 #include "../csrc/math/cross_entropy.h"
+#include "../csrc/math/softcap.h"
 #include "../csrc/metal/kernel_args.h"
 
 using namespace metal;
 
 namespace {
+
+// A logit as the loss sees it: soft-capped when args.softcap != 0
+// (csrc/math/softcap.h; the same float32 formula as the CPU kernel).
+inline float ce_logit(float x, float cap) {
+  return cap != 0.0f ? flm::softcap(x, cap) : x;
+}
 
 // The per-element part of the forward sums, for one chunk of up to R logits
 // (masked lanes have valid[i] = false and are skipped).
@@ -38,10 +45,11 @@ struct CeChunk {
       device const T* trow,
       device const float* weights,
       uint j0,
-      uint K) {
+      uint K,
+      float cap) {
     if (j0 + R <= K) {
       for (int i = 0; i < R; ++i) {
-        x[i] = float(xrow[j0 + i]);
+        x[i] = ce_logit(float(xrow[j0 + i]), cap);
         w[i] = kWeighted ? weights[j0 + i] : 1.0f;
         t[i] = kSoft ? float(trow[j0 + i]) : 0.0f;
         valid[i] = true;
@@ -50,7 +58,7 @@ struct CeChunk {
       for (int i = 0; i < R; ++i) {
         uint j = j0 + i;
         valid[i] = j < K;
-        x[i] = valid[i] ? float(xrow[j]) : -flm::kInf;
+        x[i] = valid[i] ? ce_logit(float(xrow[j]), cap) : -flm::kInf;
         w[i] = (kWeighted && valid[i]) ? weights[j] : (valid[i] ? 1.0f : 0.0f);
         t[i] = (kSoft && valid[i]) ? float(trow[j]) : 0.0f;
       }
@@ -136,7 +144,7 @@ template <typename T, bool kSoft, bool kWeighted, bool kLooped>
   if (kLooped) {
     // Online log-sum-exp over this thread's chunks j0, j0 + tpg*R, ...
     for (uint j0 = tid * R; j0 < K; j0 += tpg * R) {
-      c.load(x, tp, class_weights, j0, K);
+      c.load(x, tp, class_weights, j0, K, args.softcap);
       acc = flk::row_acc_moved(acc, fmax(acc.m, c.max()));
       c.accumulate(acc, flm::lse_ref(acc.m));
     }
@@ -144,7 +152,7 @@ template <typename T, bool kSoft, bool kWeighted, bool kLooped>
     // The whole row is in registers: one load, then max, then exp.
     uint j0 = tid * R;
     if (j0 < K) {
-      c.load(x, tp, class_weights, j0, K);
+      c.load(x, tp, class_weights, j0, K, args.softcap);
     } else {
       for (int i = 0; i < R; ++i) {
         c.x[i] = -flm::kInf;
@@ -175,7 +183,7 @@ template <typename T, bool kSoft, bool kWeighted, bool kLooped>
       out = flm::ce_finish_soft(st, c, args.z_loss);
     } else {
       float w_t = kWeighted ? class_weights[t] : 1.0f;
-      out = flm::ce_finish_hard(st, c, w_t, float(x[t]), args.z_loss);
+      out = flm::ce_finish_hard(st, c, w_t, ce_logit(float(x[t]), args.softcap), args.z_loss);
     }
     loss_out[row] = out.loss;
     lse_out[row] = out.lse;
@@ -241,7 +249,10 @@ template <typename T, bool kSoft, bool kWeighted>
     } else {
       q = long(j) == t ? g_other + g_target : g_other;
     }
-    dx[j] = T(flm::ce_grad(float(x[j]), lse, lse_lo, coef, w * q));
+    // Capped: d/dx = d/dz * (1 - (z / c)^2), z = softcap(x) (csrc/math/softcap.h).
+    float z = ce_logit(float(x[j]), args.softcap);
+    float d = flm::ce_grad(z, lse, lse_lo, coef, w * q);
+    dx[j] = T(args.softcap != 0.0f ? d * flm::softcap_grad(z, args.softcap) : d);
   }
 }
 

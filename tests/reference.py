@@ -208,9 +208,15 @@ def _ce_z_denominator(r, reduction, class_weights, z_loss):
     return int((~r["ignored"]).sum())
 
 
+def softcap(x, cap):
+    """Gemma 2's logit soft-cap ``cap * tanh(x / cap)`` in float64 (None: x)."""
+    return _f64(x) if cap is None else cap * np.tanh(_f64(x) / cap)
+
+
 def cross_entropy(logits, targets, weights=None, axis=-1, label_smoothing=0.0,
                   reduction="none", label_smoothing_mode="uniform",
-                  ignore_index=None, class_weights=None, z_loss=0.0):
+                  ignore_index=None, class_weights=None, z_loss=0.0, logit_softcap=None):
+    logits = softcap(logits, logit_softcap)
     r = _ce_rows(logits, targets, axis, label_smoothing, label_smoothing_mode,
                  ignore_index, class_weights, z_loss)
     wts = 1.0 if weights is None else _f64(weights)
@@ -224,11 +230,18 @@ def cross_entropy(logits, targets, weights=None, axis=-1, label_smoothing=0.0,
 def cross_entropy_grad(logits, targets, weights=None, axis=-1,
                        label_smoothing=0.0, reduction="none",
                        label_smoothing_mode="uniform", ignore_index=None,
-                       class_weights=None, z_loss=0.0, cotangent=None):
+                       class_weights=None, z_loss=0.0, cotangent=None, logit_softcap=None):
     """d/d logits of sum(cotangent * loss); same shape/axis layout as logits.
 
-    d row / d x_k = (sum_j w_j q_j) p_k - w_k q_k + 2 z lse p_k
+    d row / d x_k = (sum_j w_j q_j) p_k - w_k q_k + 2 z lse p_k (of the capped
+    logits z = c tanh(x / c), times dz/dx = 1 - tanh(x / c)^2 under a cap c)
     """
+    if logit_softcap is not None:
+        th = np.tanh(_f64(logits) / logit_softcap)
+        g = cross_entropy_grad(logit_softcap * th, targets, weights, axis, label_smoothing,
+                               reduction, label_smoothing_mode, ignore_index, class_weights,
+                               z_loss, cotangent)
+        return g * (1.0 - th * th)
     r = _ce_rows(logits, targets, axis, label_smoothing, label_smoothing_mode,
                  ignore_index, class_weights, z_loss)
     den = _ce_denominator(r, weights, reduction, ignore_index, class_weights)
@@ -414,12 +427,13 @@ def cross_entropy_error_scales(logits, targets, weights=None, axis=-1,
                                label_smoothing=0.0, reduction="none",
                                label_smoothing_mode="uniform",
                                ignore_index=None, class_weights=None,
-                               z_loss=0.0, cotangent=None):
+                               z_loss=0.0, cotangent=None, logit_softcap=None):
     """Magnitudes used for the fp32-arithmetic part of the error bound
     (see conftest.assert_close): for the loss, |row weight| * (sum_j w_j q_j
     + 2 z |lse|) * max(1, max|x_row|) (reduced like the loss), and for the
     gradient the same per-row quantity times |cotangent| broadcast over the
     class axis."""
+    logits = softcap(logits, logit_softcap)
     r = _ce_rows(logits, targets, axis, label_smoothing, label_smoothing_mode,
                  ignore_index, class_weights, z_loss)
     x = r["x"]

@@ -10,7 +10,7 @@ run eagerly:
 * mx.vmap over a batch whose examples have no rows.
 
 Each case drives the forward and backward primitives of one loss
-configuration: cross_entropy (hard, class weights, ignore_index, soft
+configuration: cross_entropy (hard, class weights, ignore_index, soft-cap, soft
 targets, per-row), smooth_l1, huber, sigmoid focal, softmax focal, and the
 linear cross-entropy (forward-formed gradients and their scaling in float32
 and bfloat16, the recomputing backward, a quantized head, return_stats).
@@ -111,6 +111,9 @@ CASES = [
     Case("ce_class_weights_z_ignore_mean", lambda r, n: (_normal(r, (n, K)), _labels(r, n, ignored=True)),
          lambda x, t: (fl.cross_entropy(x, t, class_weights=CW, z_loss=0.05, ignore_index=-100,
                                         reduction="mean"),), (0,)),
+    Case("ce_softcap_smooth_mean", lambda r, n: (_normal(r, (n, K), 4.0), _labels(r, n, ignored=True)),
+         lambda x, t: (fl.cross_entropy(x, t, logit_softcap=3.0, label_smoothing=0.1,
+                                        ignore_index=-100, reduction="mean"),), (0,)),
     Case("ce_ignore_mean", lambda r, n: (_normal(r, (n, K)), _labels(r, n, ignored=True)),
          lambda x, t: (fl.cross_entropy(x, t, ignore_index=-100, z_loss=1e-3, reduction="mean"),), (0,)),
     Case("ce_probs_sum", lambda r, n: (_normal(r, (n, K)), mx.softmax(_normal(r, (n, K)), axis=-1)),

@@ -961,3 +961,128 @@ def test_accurate_sum(fl):
     b = mx.array(rng.standard_normal((3, 4, 5)).astype(np.float32))
     np.testing.assert_allclose(np.array(mx.vmap(_ext.accurate_sum, in_axes=1)(b)),
                                np.array(b).sum(axis=(0, 2)), rtol=1e-6)
+
+
+# ==========================================================================
+# 4. logit_softcap (Gemma 2): the loss of c * tanh(logits / c)
+# ==========================================================================
+SOFTCAP_OPTIONS = [
+    dict(logit_softcap=2.5),
+    dict(logit_softcap=30.0, label_smoothing=0.1, z_loss=1e-3),
+    dict(logit_softcap=1.5, class_weights="rand", ignore_index=-100, z_loss=0.2),
+    dict(logit_softcap=4.0, label_smoothing=0.2, label_smoothing_mode="others", weights="rand"),
+]
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("opts", SOFTCAP_OPTIONS, ids=_opt_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("V", [1, 31, 33, 4097])
+def test_logit_softcap_vs_reference(fl, rng, V, dtype, opts, reduction):
+    """Forward and gradient w.r.t. the raw logits against float64, hard
+    targets with ignored rows and soft targets, awkward vocabularies."""
+    bshape = (3, 4) if V < 4097 else (5,)
+    for probs in (False, True):
+        w, o = _materialize(rng, opts, V, bshape, probs=probs)
+        x = _logits(rng, bshape + (V,), dtype, scale=6.0)  # beyond the cap: tanh saturates
+        if probs:
+            t = to_mx(_softmax_rows(rng.normal(size=bshape + (V,))), dtype)[0]
+        else:
+            t64 = rng.integers(0, V, size=bshape)
+            if "ignore_index" in o:
+                t64.flat[::3] = o["ignore_index"]
+            t = mx.array(t64.astype(np.int32))
+        check_ce(fl, x, t, w, rng=rng, reduction=reduction, what=f"probs={probs}", **o)
+
+
+def test_logit_softcap_changes_the_loss_and_neg_inf(fl, rng):
+    """The cap is applied (not ignored): a capped loss differs from the
+    uncapped one; a -inf logit becomes -c (finite) and gets no gradient."""
+    x = mx.array([[8.0, -np.inf, 0.5, 3.0]])
+    t = mx.array([2])
+    capped = fl.cross_entropy(x, t, logit_softcap=2.0).item()
+    z = 2.0 * np.tanh(np.array([8.0, -np.inf, 0.5, 3.0]) / 2.0)
+    want = np.log(np.exp(z).sum()) - z[2]
+    assert abs(capped - want) <= 1e-6 * want
+    assert abs(capped - fl.cross_entropy(x, t).item()) > 1.0
+    g = np.array(mx.grad(lambda a: fl.cross_entropy(a, t, logit_softcap=2.0).sum())(x))
+    assert np.all(np.isfinite(g)) and g[0, 1] == 0.0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_logit_softcap_matches_linear_cross_entropy(fl, rng, dtype):
+    """The same logits through cross_entropy(logit_softcap=c) and the fused
+    linear CE with the same option: loss and the gradients w.r.t. hidden and
+    weight (through hidden @ weight.T) agree."""
+    N, H, V = 37, 24, 257
+    h = to_mx(rng.normal(size=(N, H)), dtype)[0]
+    W = to_mx(rng.normal(size=(V, H)) * 0.6, dtype)[0]
+    t64 = rng.integers(0, V, N)
+    t64[::5] = -100
+    t = mx.array(t64.astype(np.int32))
+    opts = dict(logit_softcap=3.0, label_smoothing=0.1, z_loss=1e-3, ignore_index=-100,
+                reduction="mean", dtype=mx.float32)
+
+    def via_logits(h, W):
+        logits = (h.astype(mx.float32) @ W.astype(mx.float32).T)
+        return fl.cross_entropy(logits, t, **opts)
+
+    def fused(h, W):
+        return fl.linear_cross_entropy(h.astype(mx.float32), W.astype(mx.float32), t, **opts)
+
+    (a, ga), (b, gb) = (mx.value_and_grad(f, argnums=(0, 1))(h, W) for f in (via_logits, fused))
+    assert abs(a.item() - b.item()) <= 2e-6 * abs(b.item())
+    for x, y in zip(ga, gb):
+        np.testing.assert_allclose(to_np(x), to_np(y), rtol=2e-4, atol=2e-6)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("inf"), float("nan")])
+def test_logit_softcap_rejected(fl, bad):
+    x, t = mx.zeros((2, 3)), mx.array([0, 1])
+    with pytest.raises(ValueError, match="logit_softcap must be a finite number > 0"):
+        fl.cross_entropy(x, t, logit_softcap=bad)
+    with pytest.raises(ValueError, match="logit_softcap must be a finite number > 0"):
+        fl.nn.CrossEntropyLoss(logit_softcap=bad)
+    with pytest.raises(TypeError, match="logit_softcap must be a number"):
+        fl.cross_entropy(x, t, logit_softcap="30")
+
+
+# Liger-Kernel's own cases (test/transformers/test_cross_entropy.py:
+# test_correctness_with_softcap_once and
+# test_correctness_with_weight_with_other_params_once), as our tests: their
+# B*T = 3*423 rows, standard-normal logits, reductions, options and
+# tolerances (float32 atol 1e-8 / rtol 1e-6, bfloat16 rtol 5e-2), judged
+# against float64 instead of PyTorch. Vocabulary 1031 (odd) instead of
+# 32000, to keep the suite fast.
+LIGER_CASES = [
+    dict(logit_softcap=30.0),
+    dict(logit_softcap=30.0, class_weights="unit", ignore_index=-100, z_loss=1e-4,
+         label_smoothing=0.1),
+    dict(logit_softcap=40.0, class_weights="unit", ignore_index=42, z_loss=1e-5,
+         label_smoothing=0.2),
+]
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("opts", LIGER_CASES, ids=_opt_id)
+@pytest.mark.parametrize("dtype,atol,rtol", [(mx.float32, 1e-8, 1e-6), (mx.bfloat16, 1e-8, 5e-2)],
+                         ids=["fp32", "bf16"])
+def test_liger_softcap_cases(fl, dtype, atol, rtol, opts, reduction):
+    rng = np.random.default_rng(0)
+    N, V = 3 * 423, 1031
+    o = dict(opts)
+    if o.get("class_weights") == "unit":
+        o["class_weights"] = rng.random(V).astype(np.float32)  # torch.rand(V)
+    x = to_mx(rng.standard_normal((N, V)), dtype)[0]
+    t64 = rng.integers(0, V, N)
+    if "ignore_index" in o:  # Liger: a random number (1 .. N/2) of rows ignored
+        t64[rng.permutation(N)[:rng.integers(1, N // 2)]] = o["ignore_index"]
+    t = mx.array(t64)
+    x64, ro, mo = to_np(x), _np_opts(o), _mx_opts(o)
+    want = R.cross_entropy(x64, t64, reduction=reduction, **ro)
+    cot = np.ones(want.shape)
+    got, vjps = mx.vjp(lambda a: fl.cross_entropy(a, t, reduction=reduction, dtype=mx.float32, **mo),
+                       [x], [mx.array(cot.astype(np.float32))])
+    np.testing.assert_allclose(np.array(got[0]), want, atol=atol, rtol=rtol)
+    gwant = R.cross_entropy_grad(x64, t64, reduction=reduction, cotangent=cot, **ro)
+    np.testing.assert_allclose(to_np(vjps[0]), gwant, atol=atol, rtol=rtol)

@@ -80,8 +80,10 @@ def grads(loss_fn, x, cot):
         dict(),
         dict(label_smoothing=0.1, ignore_index=-100, z_loss=1e-3, weighted=True),
         dict(label_smoothing=0.2, label_smoothing_mode="others", soft=True),
+        dict(logit_softcap=2.5, ignore_index=-100, z_loss=1e-3, weighted=True),
+        dict(logit_softcap=4.0, soft=True),
     ],
-    ids=["plain", "smooth_ignore_weights_z", "soft_others"],
+    ids=["plain", "smooth_ignore_weights_z", "soft_others", "softcap_ignore_weights_z", "softcap_soft"],
 )
 def test_cross_entropy_gpu_vs_cpu(K, dtype, opts):
     opts = dict(opts)

@@ -236,6 +236,10 @@ CE_CASES = {
     "others_ignore": dict(soft=False, weighted=False, ls=0.2, mode="others", ignore=2, z=0.0),
     "soft": dict(soft=True, weighted=False, ls=0.0, mode="uniform", ignore=None, z=0.0),
     "soft_w_others_z": dict(soft=True, weighted=True, ls=0.1, mode="others", ignore=None, z=1e-4),
+    # logit_softcap: the kernels cap every logit they read (csrc/math/softcap.h)
+    "cap_w_z_ignore": dict(soft=False, weighted=True, ls=0.1, mode="uniform", ignore=-100, z=1e-3,
+                           cap=2.5),
+    "soft_cap": dict(soft=True, weighted=False, ls=0.0, mode="uniform", ignore=None, z=0.0, cap=4.0),
 }
 
 
@@ -279,7 +283,7 @@ def ce_run(lib, dtype, K, case, rng, g_lse_scale=0.0, inputs=None):
     loss, lse, lse_lo, asum = (np.full(rows, SENTINEL, np.float32) for _ in range(4))
     code = np.int32(DT_CODE[dtype])
     common = (np.int64(rows), np.int32(K), np.float32(case["ls"]), np.int32(mode),
-              np.int32(has_ig), np.int64(ig), np.float32(case["z"]))
+              np.int32(has_ig), np.int64(ig), np.float32(case["z"]), np.float32(case.get("cap", 0.0)))
     lib.run("ce_forward_run", code, np.int32(case["soft"]), np.int32(case["weighted"]),
             np.int32(1024), xd, index, td, weights, loss, lse, lse_lo, asum, *common)
     USED_KERNELS.add(plan(lib, 0, dtype, rows, K, case["soft"], case["weighted"])["name"])
@@ -297,7 +301,7 @@ def ce_run(lib, dtype, K, case, rng, g_lse_scale=0.0, inputs=None):
 
 def ce_kwargs(case, w):
     return dict(label_smoothing=case["ls"], label_smoothing_mode=case["mode"],
-                ignore_index=case["ignore"], z_loss=case["z"])
+                ignore_index=case["ignore"], z_loss=case["z"], logit_softcap=case.get("cap"))
 
 
 @pytest.mark.parametrize("K", V_LIST)
@@ -319,7 +323,7 @@ def test_cross_entropy(lib, case_name, dtype, K):
     valid = np.isfinite(exp_loss)
     if not case["soft"]:
         valid &= (t >= 0) & (t < K) & (t != case["ignore"])
-    lse_ref = ref.logsumexp(x)
+    lse_ref = ref.logsumexp(ref.softcap(x, case.get("cap")))
     assert_close(r["lse"][valid], lse_ref[valid], rtol=tol, atol=tol, what="lse")
     if not case["soft"]:
         ign = (t == case["ignore"]) if case["ignore"] is not None else np.zeros(t.shape, bool)

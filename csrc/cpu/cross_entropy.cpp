@@ -1,12 +1,14 @@
 // CPU kernels of the fused cross-entropy: one pass over each row forward,
 // one read + one write per element backward. Formulas: math/cross_entropy.h.
 #include <algorithm>
+#include <vector>
 
 #include "cpu/dtype.h"
 #include "cpu/dispatch.h"
 #include "cpu/output_buffer.h"
 #include "cpu/row_reduce.h"
 #include "math/cross_entropy.h"
+#include "math/softcap.h"
 #include "ops/cross_entropy.h"
 
 namespace fl {
@@ -44,8 +46,9 @@ struct CeArgs {
 // kAll = false: the sums over all classes (r.all) are not kept; hard targets
 // without label smoothing never read them (c_other = 0), and dropping them
 // takes an add per element out of the hot loop.
-template <typename T, bool kSoft, bool kWeighted, bool kAll = true>
-FLM_INLINE flm::CeState row_state(const CeArgs& a, const T* x, const T* t) {
+// X: the logits' type (T, or float for capped logits); P: the soft targets'.
+template <bool kSoft, bool kWeighted, bool kAll, typename X, typename P>
+FLM_INLINE flm::CeState row_state(const CeArgs& a, const X* x, const P* t) {
   flm::CeState r = flm::ce_state_empty();
   float tbuf[kSoft ? kChunk : 1];
   r.lse = cpu::online_row(x, a.num_classes, [&](const float* xv, int64_t c0, int n, flm::MaxMove mv,
@@ -107,24 +110,47 @@ FLM_INLINE void store_row(const CeArgs& a, int64_t r, flm::CeRow row) {
   a.a_sum[r] = row.a_sum;
 }
 
+// The loss of one row whose logits are x (type X): T, or float for capped ones.
+template <bool kSoft, bool kWeighted, bool kAll, typename X, typename T>
+FLM_INLINE flm::CeRow forward_row(const CeArgs& a, const X* x, const T* probs, int64_t t) {
+  const auto c = a.smoothing;
+  if constexpr (kSoft) {
+    return flm::ce_finish_soft(row_state<true, kWeighted, true>(a, x, probs), c, a.params.z_loss);
+  } else {
+    flm::CeState st = row_state<false, kWeighted, kAll>(a, x, probs);
+    float w_t = kWeighted ? a.class_weights[t] : 1.0f;
+    return flm::ce_finish_hard(st, c, w_t, cpu::to_float(x[t]), a.params.z_loss);
+  }
+}
+
 template <typename T, bool kSoft, bool kWeighted, bool kAll = true>
 FL_VECTOR_CLONES void forward_rows(const CeArgs& a, int64_t begin, int64_t end) {
-  const auto c = a.smoothing;
+  const int K = a.num_classes;
+  const float cap = a.params.logit_softcap;
+  // Soft-capped logits: the row is capped once into this buffer (float32,
+  // math/softcap.h) and the row loop runs on it as on float32 logits.
+  std::vector<float> capped(cap != 0.0f ? size_t(K) : 0);
   for (int64_t r = begin; r < end; ++r) {
-    const T* x = static_cast<const T*>(a.logits) + r * a.num_classes;
-    if constexpr (kSoft) {
-      const T* t = static_cast<const T*>(a.target_probs) + r * a.num_classes;
-      flm::CeState st = row_state<T, true, kWeighted>(a, x, t);
-      store_row(a, r, flm::ce_finish_soft(st, c, a.params.z_loss));
+    const T* x = static_cast<const T*>(a.logits) + r * K;
+    const T* probs = kSoft ? static_cast<const T*>(a.target_probs) + r * K : nullptr;
+    int64_t t = kSoft ? 0 : row_class(a, r);
+    if (t < 0) {
+      store_row(a, r, flm::ce_masked_row(t == cpu::kOutOfRangeRow)); // the row is never read
+      continue;
+    }
+    if (cap != 0.0f) {
+      float* z = capped.data();
+      cpu::for_each_chunk(K, [&](int64_t c0, int n) FL_LAMBDA_INLINE {
+        float buf[kIsFloat<T> ? 1 : kChunk];
+        const float* xv = cpu::chunk_as_float(x + c0, n, buf);
+        FL_SIMD
+        for (int j = 0; j < n; ++j) {
+          z[c0 + j] = flm::softcap(xv[j], cap);
+        }
+      });
+      store_row(a, r, forward_row<kSoft, kWeighted, kAll>(a, z, probs, t));
     } else {
-      int64_t t = row_class(a, r);
-      if (t < 0) {
-        store_row(a, r, flm::ce_masked_row(t == cpu::kOutOfRangeRow)); // the row is never read
-        continue;
-      }
-      flm::CeState st = row_state<T, false, kWeighted, kAll>(a, x, nullptr);
-      float w_t = kWeighted ? a.class_weights[t] : 1.0f;
-      store_row(a, r, flm::ce_finish_hard(st, c, w_t, cpu::to_float(x[t]), a.params.z_loss));
+      store_row(a, r, forward_row<kSoft, kWeighted, kAll>(a, x, probs, t));
     }
   }
 }
@@ -148,7 +174,11 @@ FL_VECTOR_CLONES void backward_rows(const CeArgs& a, int64_t begin, int64_t end)
     float g_other = g * c.c_other;
     // The gradient may overwrite the logits in place (allocate_or_reuse):
     // read the target's logit before the row loop writes over it.
+    const float cap = a.params.logit_softcap;
     float x_t = kSoft ? 0.0f : cpu::to_float(x[t]);
+    if (cap != 0.0f) {
+      x_t = flm::softcap(x_t, cap);
+    }
     const T* tp = kSoft ? static_cast<const T*>(a.target_probs) + r * K : nullptr;
     // 16-bit rows go through float32 chunks in L1 (widened and narrowed by
     // convert.h's native converters), so this loop is pure float32.
@@ -163,18 +193,30 @@ FL_VECTOR_CLONES void backward_rows(const CeArgs& a, int64_t begin, int64_t end)
       const float* tv = kSoft ? cpu::chunk_as_float(tp + c0, n, tbuf) : nullptr;
       const float* wv = kWeighted ? a.class_weights + c0 : nullptr;
       float* gv = cpu::chunk_out(dx + c0, gbuf);
-      FL_SIMD
-      for (int j = 0; j < n; ++j) {
-        float w = kWeighted ? wv[j] : 1.0f;
-        float q = kSoft ? g_other + g * c.c_target * tv[j] : g_other;
-        gv[j] = flm::ce_grad(xv[j], lse, lse_lo, coef, w * q);
+      if (cap != 0.0f) {
+        // d/dx = d/dz * (1 - (z / c)^2) with z = softcap(x) (math/softcap.h)
+        FL_SIMD
+        for (int j = 0; j < n; ++j) {
+          float w = kWeighted ? wv[j] : 1.0f;
+          float q = kSoft ? g_other + g * c.c_target * tv[j] : g_other;
+          float z = flm::softcap(xv[j], cap);
+          gv[j] = flm::ce_grad(z, lse, lse_lo, coef, w * q) * flm::softcap_grad(z, cap);
+        }
+      } else {
+        FL_SIMD
+        for (int j = 0; j < n; ++j) {
+          float w = kWeighted ? wv[j] : 1.0f;
+          float q = kSoft ? g_other + g * c.c_target * tv[j] : g_other;
+          gv[j] = flm::ce_grad(xv[j], lse, lse_lo, coef, w * q);
+        }
       }
       cpu::store_chunk(gv, n, dx + c0);
     });
     if constexpr (!kSoft) {
       float w_t = kWeighted ? a.class_weights[t] : 1.0f;
       float q_t = g_other + g * c.c_target;
-      dx[t] = cpu::from_float<T>(flm::ce_grad(x_t, lse, lse_lo, coef, w_t * q_t));
+      float d_t = flm::ce_grad(x_t, lse, lse_lo, coef, w_t * q_t);
+      dx[t] = cpu::from_float<T>(cap != 0.0f ? d_t * flm::softcap_grad(x_t, cap) : d_t);
     }
   }
 }

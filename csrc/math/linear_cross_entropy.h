@@ -1,42 +1,15 @@
 // Formulas of the fused linear cross-entropy that are not plain cross-entropy:
-// the logit soft-cap (Gemma 2) and its derivative. Shared by the CPU kernel
-// (csrc/cpu/linear_cross_entropy.cpp) and the Metal kernels; the loss and the
-// gradient of the logits themselves come from cross_entropy.h.
-//
-// Soft-cap: z = c tanh(y / c) with y the raw logit (hidden . w + bias).
-//     dz/dy = 1 - tanh(y / c)^2 = 1 - (z / c)^2,
-// so the backward needs only the capped logit z, which the kernel holds anyway.
+// the row state of a vocabulary seen in tiles, with its entropy sum. Shared by
+// the CPU kernel (csrc/cpu/linear_cross_entropy.cpp) and the Metal kernels; the
+// loss and the gradient of the logits themselves come from cross_entropy.h,
+// the logit soft-cap from softcap.h (z = softcap(hidden . w + bias)).
 #pragma once
 
 #include "cross_entropy.h"
+#include "softcap.h"
 #include "transcendental.h"
 
 namespace flm {
-
-// tanh for float32 in straight-line code (vectorizes). For |x| >= 1/8 it is
-// (1 - e) / (1 + e) with e = exp(-2|x|) (no cancellation: 1 - e >= 0.22);
-// below, the odd Taylor series to x^7 (next term < 2e-9 relative), where
-// 1 - e would lose most of its digits.
-FLM_INLINE float tanh_f32(float x) {
-  float ax = fabs(x);
-  float e = exp_nonpos_f32(-2.0f * ax);
-  float big = (1.0f - e) / (1.0f + e);
-  float x2 = x * x;
-  // x - x^3/3 + 2x^5/15 - 17x^7/315
-  float small = ax * (1.0f + x2 * (-0.33333333f + x2 * (0.13333333f + x2 * -0.05396825f)));
-  float t = ax < 0.125f ? small : big;
-  return x < 0.0f ? -t : t;
-}
-
-FLM_INLINE float softcap(float y, float cap) {
-  return cap * tanh_f32(y / cap);
-}
-
-// d softcap / dy written with the capped value z = softcap(y, cap).
-FLM_INLINE float softcap_grad(float z, float cap) {
-  float t = z / cap;
-  return 1.0f - t * t;
-}
 
 // ---- a row seen in pieces (the Metal kernels' vocabulary tiles) -----------------
 //

@@ -22,7 +22,7 @@ CeLayout ce_layout(const std::vector<mx::array>& inputs, const CrossEntropyParam
   l.num_classes = logits.ndim() ? logits.shape(-1) : 1;
   l.rows = l.num_classes ? int64_t(logits.size()) / l.num_classes : 0;
   l.args = mplan::make_ce_args(l.num_classes, p.label_smoothing, p.smoothing_mode,
-                               p.has_ignore_index, p.ignore_index, p.z_loss);
+                               p.has_ignore_index, p.ignore_index, p.z_loss, p.logit_softcap);
   gpu::require_dense(logits, "logits");
   gpu::require_dense(inputs[1], "targets");
   if (!p.soft_targets && inputs[1].dtype() != mx::int64) {

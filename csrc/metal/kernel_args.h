@@ -161,7 +161,7 @@ struct CeArgs {
   float c_target; // label smoothing: q_j = c_other + c_target * t_j
   float c_other;
   float z_loss;
-  int pad0;
+  float softcap; // logit_softcap c (the logits become c tanh(x / c)); 0: none
 };
 
 // Softmax focal (forward and backward).

@@ -166,7 +166,7 @@ LaunchPlan ce_backward_plan(KDtype dt, int64_t rows, int num_classes, bool soft_
 }
 
 CeArgs make_ce_args(int num_classes, float label_smoothing, int smoothing_mode,
-                    bool has_ignore_index, int64_t ignore_index, float z_loss) {
+                    bool has_ignore_index, int64_t ignore_index, float z_loss, float logit_softcap) {
   CeArgs a{};
   flm::CeSmoothing c = flm::ce_smoothing(label_smoothing, smoothing_mode, num_classes);
   a.ignore_index = ignore_index;
@@ -175,6 +175,7 @@ CeArgs make_ce_args(int num_classes, float label_smoothing, int smoothing_mode,
   a.c_target = c.c_target;
   a.c_other = c.c_other;
   a.z_loss = z_loss;
+  a.softcap = logit_softcap;
   return a;
 }
 

@@ -67,8 +67,10 @@ LaunchPlan ce_forward_plan(KDtype dt, int64_t rows, int num_classes, bool soft_t
 LaunchPlan ce_backward_plan(KDtype dt, int64_t rows, int num_classes, bool soft_targets,
                             bool class_weights, int max_group_threads = kMaxGroupThreads);
 // smoothing_mode: flm::kSmoothUniform | flm::kSmoothOthers.
+// logit_softcap: 0 for none.
 CeArgs make_ce_args(int num_classes, float label_smoothing, int smoothing_mode,
-                    bool has_ignore_index, int64_t ignore_index, float z_loss);
+                    bool has_ignore_index, int64_t ignore_index, float z_loss,
+                    float logit_softcap = 0.0f);
 
 // ---- softmax focal -------------------------------------------------------------
 LaunchPlan sf_forward_plan(KDtype dt, int64_t rows, int num_classes,

@@ -44,10 +44,18 @@ void check_z_loss(float z_loss) {
   }
 }
 
+void check_logit_softcap(std::optional<float> logit_softcap) {
+  if (logit_softcap && (!(*logit_softcap > 0.0f) || !std::isfinite(*logit_softcap))) {
+    fail_value("logit_softcap must be a finite number > 0 (or None), got ", *logit_softcap);
+  }
+}
+
 int check_cross_entropy_options(float label_smoothing, const std::string& label_smoothing_mode,
-                                float z_loss, const std::optional<mx::array>& class_weights) {
+                                float z_loss, const std::optional<mx::array>& class_weights,
+                                std::optional<float> logit_softcap) {
   int mode = check_label_smoothing(label_smoothing, label_smoothing_mode);
   check_z_loss(z_loss);
+  check_logit_softcap(logit_softcap);
   if (class_weights) {
     if (class_weights->ndim() != 1) {
       fail_value("class_weights must be 1-D, one weight per class (PyTorch's weight), got shape ",
@@ -81,15 +89,17 @@ std::vector<mx::array> cross_entropy(
     std::optional<int64_t> ignore_index,
     const std::optional<mx::array>& class_weights,
     float z_loss,
+    std::optional<float> logit_softcap,
     mx::StreamOrDevice s) {
-  int smoothing_mode =
-      check_cross_entropy_options(label_smoothing, label_smoothing_mode, z_loss, class_weights);
+  int smoothing_mode = check_cross_entropy_options(label_smoothing, label_smoothing_mode, z_loss,
+                                                   class_weights, logit_softcap);
   check_float_input(logits, "logits");
   axis = check_class_axis(logits, axis);
   CrossEntropyParams params;
   params.label_smoothing = label_smoothing;
   params.smoothing_mode = smoothing_mode;
   params.z_loss = z_loss;
+  params.logit_softcap = logit_softcap.value_or(0.0f);
   params.soft_targets = targets.ndim() == logits.ndim();
 
   auto x = move_axis_last(logits, axis, s);
@@ -188,6 +198,10 @@ std::vector<mx::array> CrossEntropy::vjp(
       auto c = flm::ce_smoothing(
           params_.label_smoothing, params_.smoothing_mode, logits.shape(-1));
       auto x = mx::astype(logits, mx::float32, s);
+      if (params_.logit_softcap != 0.0f) { // the loss sees the capped logits
+        auto c = mx::array(params_.logit_softcap);
+        x = mx::multiply(c, mx::tanh(mx::divide(x, c, s), s), s);
+      }
       // (lse - x) + lse_lo: exact where lse and x are close, whatever their size.
       auto d = mx::add(mx::subtract(mx::expand_dims(lse, -1, s), x, s),
                        mx::expand_dims(lse_lo, -1, s), s);

@@ -16,6 +16,7 @@ struct CrossEntropyParams {
   float z_loss = 0.0f;
   bool soft_targets = false; // targets are probabilities of the logits' shape
   bool has_class_weights = false;
+  float logit_softcap = 0.0f; // 0: no cap; else z = c tanh(x / c) (math/softcap.h)
 
   bool operator==(const CrossEntropyParams&) const = default;
 };
@@ -28,6 +29,10 @@ int check_label_smoothing(float label_smoothing, const std::string& label_smooth
 // z_loss: a finite number >= 0; shared with the linear cross-entropy.
 void check_z_loss(float z_loss);
 
+// logit_softcap: None or a finite number > 0; shared with the linear
+// cross-entropy.
+void check_logit_softcap(std::optional<float> logit_softcap);
+
 // The checks of cross_entropy's options that need no logits: label
 // smoothing, z_loss, and class_weights' rank and dtype (their length is
 // checked against the logits by the op). The op runs them first, and
@@ -35,7 +40,8 @@ void check_z_loss(float z_loss);
 // check_cross_entropy_options), so both reject an option with one message.
 // Returns the smoothing mode.
 int check_cross_entropy_options(float label_smoothing, const std::string& label_smoothing_mode,
-                                float z_loss, const std::optional<mx::array>& class_weights);
+                                float z_loss, const std::optional<mx::array>& class_weights,
+                                std::optional<float> logit_softcap = std::nullopt);
 
 // Per-row cross-entropy and log-sum-exp (float32, shape = logits without
 // `axis`; the lse is differentiable: the backward takes its cotangent, and is
@@ -50,6 +56,7 @@ std::vector<mx::array> cross_entropy(
     std::optional<int64_t> ignore_index,
     const std::optional<mx::array>& class_weights,
     float z_loss,
+    std::optional<float> logit_softcap,
     mx::StreamOrDevice s = {});
 
 // Forward. Inputs: logits [..., K] (row-contiguous), targets [...] int64 or

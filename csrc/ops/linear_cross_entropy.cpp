@@ -277,9 +277,7 @@ int check_linear_cross_entropy_options(float label_smoothing,
                                        std::optional<int64_t> chunk_bytes) {
   int mode = check_label_smoothing(label_smoothing, label_smoothing_mode);
   check_z_loss(z_loss);
-  if (logit_softcap && (!(*logit_softcap > 0.0f) || !std::isfinite(*logit_softcap))) {
-    fail_value("logit_softcap must be a finite number > 0 (or None), got ", *logit_softcap);
-  }
+  check_logit_softcap(logit_softcap);
   if (chunk_bytes && *chunk_bytes <= 0) {
     fail_value("chunk_bytes must be > 0 (or None for the default), got ", *chunk_bytes);
   }

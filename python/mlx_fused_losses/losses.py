@@ -227,19 +227,22 @@ def _kept_rows(targets: mx.array, ignore_index: Optional[int], row_weight=None):
 # values (_ext.check_*_options) are the ones the op itself runs.
 
 def _cross_entropy_options(label_smoothing, reduction, label_smoothing_mode, ignore_index,
-                           class_weights, z_loss, dtype, weight=None):
+                           class_weights, z_loss, dtype, weight=None, logit_softcap=None):
     _reject_pytorch_weight(weight)
     _check_reduction(reduction)
     label_smoothing = _float_option(label_smoothing, "label_smoothing")
     z_loss = _float_option(z_loss, "z_loss")
+    if logit_softcap is not None:
+        logit_softcap = _float_option(logit_softcap, "logit_softcap")
     ignore_index = _index_option(ignore_index)
     if class_weights is not None:
         class_weights = _as_array(class_weights, "class_weights")
-    _ext.check_cross_entropy_options(label_smoothing, label_smoothing_mode, z_loss, class_weights)
+    _ext.check_cross_entropy_options(label_smoothing, label_smoothing_mode, z_loss, class_weights,
+                                     logit_softcap)
     if class_weights is not None:
         _check_nonnegative_values(class_weights, "class_weights")
     _result_dtype(dtype, mx.float32)
-    return label_smoothing, ignore_index, class_weights, z_loss
+    return label_smoothing, ignore_index, class_weights, z_loss, logit_softcap
 
 
 def _smooth_l1_options(beta, reduction):
@@ -289,6 +292,7 @@ def cross_entropy(
     ignore_index: Optional[int] = None,
     class_weights: Optional[mx.array] = None,
     z_loss: float = 0.0,
+    logit_softcap: Optional[float] = None,
     dtype: Optional[mx.Dtype] = None,
     stream: Union[None, mx.Stream, mx.Device] = None,
     weight: None = None,
@@ -318,6 +322,10 @@ def cross_entropy(
             cross-entropy by the summed class weights and the z term by the
             number of kept rows (as Liger), so scaling every class weight
             by the same factor leaves the loss unchanged.
+        logit_softcap: ``c > 0``: the loss (and its lse and z term) is that
+            of ``c * tanh(logits / c)`` (Gemma 2's final-logit soft-cap), as
+            :func:`linear_cross_entropy`'s ``logit_softcap``; the gradient
+            is w.r.t. the raw logits. ``None``: no cap.
         dtype: the result's dtype; ``None`` keeps the logits' dtype (MLX).
             ``mx.float32`` returns the float32 loss the kernel and the
             reduction computed, without rounding it to float16/bfloat16.
@@ -336,9 +344,9 @@ def cross_entropy(
     """
     logits = _as_array(logits, "logits")
     targets = _as_array(targets, "targets")
-    label_smoothing, ignore_index, class_weights, z_loss = _cross_entropy_options(
+    label_smoothing, ignore_index, class_weights, z_loss, logit_softcap = _cross_entropy_options(
         label_smoothing, reduction, label_smoothing_mode, ignore_index, class_weights, z_loss,
-        dtype, weight,
+        dtype, weight, logit_softcap,
     )
     result_dtype = _result_dtype(dtype, logits.dtype)
     ignore_index = _ignore_index_for(targets, ignore_index)
@@ -359,6 +367,7 @@ def cross_entropy(
         ignore_index=ignore_index,
         class_weights=class_weights,
         z_loss=0.0 if split_z else z_loss,
+        logit_softcap=logit_softcap,
         stream=stream,
     )
     z_rows = lse * lse * z_loss if split_z else None

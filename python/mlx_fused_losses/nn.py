@@ -67,6 +67,8 @@ class CrossEntropyLoss(_LossModule):
             negative value matches no row.
         class_weights: shape ``[K]`` of values >= 0, PyTorch's ``weight``.
         z_loss: coefficient of ``logsumexp(logits)**2`` added per row.
+        logit_softcap: ``c``: the logits become ``c * tanh(logits / c)``
+            before the softmax (Gemma 2); ``None``: no cap.
         dtype: the result's dtype (``None``: the logits' dtype).
         weight: PyTorch's name for ``class_weights``: a TypeError that says so.
     """
@@ -81,12 +83,13 @@ class CrossEntropyLoss(_LossModule):
         ignore_index: Optional[int] = -100,
         class_weights: Optional[mx.array] = None,
         z_loss: float = 0.0,
+        logit_softcap: Optional[float] = None,
         dtype: Optional[mx.Dtype] = None,
         weight: None = None,
     ):
-        _, _, class_weights, _ = losses._cross_entropy_options(
+        _, _, class_weights, _, _ = losses._cross_entropy_options(
             label_smoothing, reduction, label_smoothing_mode, ignore_index, class_weights, z_loss,
-            dtype, weight,
+            dtype, weight, logit_softcap,
         )
         super().__init__(
             label_smoothing=label_smoothing,
@@ -96,6 +99,7 @@ class CrossEntropyLoss(_LossModule):
             ignore_index=ignore_index,
             class_weights=class_weights,
             z_loss=z_loss,
+            logit_softcap=logit_softcap,
             dtype=dtype,
         )
 

@@ -273,12 +273,12 @@ int ce_forward_run(int dt, int soft, int weighted, int max_threads, const void* 
                    const int64_t* index, const void* probs, const float* weights, float* loss,
                    float* lse, float* lse_lo, float* a_sum, int64_t rows, int num_classes,
                    float smoothing,
-                   int mode, int has_ignore, int64_t ignore_index, float z_loss) {
+                   int mode, int has_ignore, int64_t ignore_index, float z_loss, float softcap) {
   return mh::guarded([&] {
     LaunchPlan p = fl::mplan::ce_forward_plan(to_dtype(dt), rows, num_classes, soft != 0,
                                               weighted != 0, limited(max_threads));
     CeArgs args = fl::mplan::make_ce_args(num_classes, smoothing, mode, has_ignore != 0,
-                                          ignore_index, z_loss);
+                                          ignore_index, z_loss, softcap);
     CeBufs b{logits, index, probs, weights, loss, lse, lse_lo, a_sum, nullptr, nullptr, nullptr};
     CeFn fn = lookup(registry().ce, p.kernel_name);
     run_plan(p, [&](const mh::ThreadCtx& t) { fn(b, args, t); });
@@ -289,12 +289,12 @@ int ce_backward_run(int dt, int soft, int weighted, const void* logits, const in
                     const void* probs, const float* weights, const float* lse,
                     const float* lse_lo, const float* a_sum, const float* g_loss, const float* g_lse, void* grad,
                     int64_t rows, int num_classes, float smoothing, int mode, int has_ignore,
-                    int64_t ignore_index, float z_loss) {
+                    int64_t ignore_index, float z_loss, float softcap) {
   return mh::guarded([&] {
     LaunchPlan p = fl::mplan::ce_backward_plan(to_dtype(dt), rows, num_classes, soft != 0,
                                                weighted != 0, g_pipeline_limit);
     CeArgs args = fl::mplan::make_ce_args(num_classes, smoothing, mode, has_ignore != 0,
-                                          ignore_index, z_loss);
+                                          ignore_index, z_loss, softcap);
     CeBufs b{logits, index, probs, weights, nullptr, const_cast<float*>(lse),
              const_cast<float*>(lse_lo), const_cast<float*>(a_sum), g_loss, g_lse, grad};
     CeFn fn = lookup(registry().ce, p.kernel_name);
