@@ -11,7 +11,7 @@ run eagerly:
 
 Each case drives the forward and backward primitives of one loss
 configuration: cross_entropy (hard, class weights, ignore_index, soft-cap, soft
-targets, per-row), smooth_l1, huber, sigmoid focal, softmax focal, and the
+targets, per-row, return_stats), smooth_l1, huber, sigmoid focal, softmax focal, and the
 linear cross-entropy (forward-formed gradients and their scaling in float32
 and bfloat16, the recomputing backward, a quantized head, return_stats).
 Shapes are small: the graphs, not the kernels, are under test.
@@ -99,6 +99,11 @@ def _lce_quantized(rng, n):
     return h, w_q, scales, biases, t, b
 
 
+def _ce_with_stats(loss_and_stats):
+    loss, stats = loss_and_stats
+    return (loss,) + tuple(stats[k] for k in sorted(stats))
+
+
 def _lce(h, w, t, b, **kw):
     return fl.linear_cross_entropy(h, w, t, b, ignore_index=-100, **kw)
 
@@ -114,6 +119,9 @@ CASES = [
     Case("ce_softcap_smooth_mean", lambda r, n: (_normal(r, (n, K), 4.0), _labels(r, n, ignored=True)),
          lambda x, t: (fl.cross_entropy(x, t, logit_softcap=3.0, label_smoothing=0.1,
                                         ignore_index=-100, reduction="mean"),), (0,)),
+    Case("ce_return_stats", lambda r, n: (_normal(r, (n, K)), _labels(r, n, ignored=True)),
+         lambda x, t: _ce_with_stats(fl.cross_entropy(x, t, ignore_index=-100, logit_softcap=3.0,
+                                                      reduction="mean", return_stats=True)), (0,)),
     Case("ce_ignore_mean", lambda r, n: (_normal(r, (n, K)), _labels(r, n, ignored=True)),
          lambda x, t: (fl.cross_entropy(x, t, ignore_index=-100, z_loss=1e-3, reduction="mean"),), (0,)),
     Case("ce_probs_sum", lambda r, n: (_normal(r, (n, K)), mx.softmax(_normal(r, (n, K)), axis=-1)),

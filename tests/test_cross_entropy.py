@@ -1086,3 +1086,117 @@ def test_liger_softcap_cases(fl, dtype, atol, rtol, opts, reduction):
     np.testing.assert_allclose(np.array(got[0]), want, atol=atol, rtol=rtol)
     gwant = R.cross_entropy_grad(x64, t64, reduction=reduction, cotangent=cot, **ro)
     np.testing.assert_allclose(to_np(vjps[0]), gwant, atol=atol, rtol=rtol)
+
+
+# ==========================================================================
+# 5. return_stats: (loss, {"lse", "correct", "entropy", "argmax"})
+# ==========================================================================
+def _stats_f64(x, t, axis=-1, cap=None, ignore_index=None, soft=False):
+    z = np.moveaxis(R.softcap(x, cap), axis, -1)
+    lse = R.logsumexp(z)
+    p = np.exp(z - lse[..., None])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        entropy = -np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0).sum(-1)
+    argmax = z.argmax(-1)
+    K = z.shape[-1]
+    if soft:
+        cls, kept = np.moveaxis(t, axis, -1).argmax(-1), np.ones(lse.shape, bool)
+    else:
+        cls = np.asarray(t, np.int64)
+        kept = (cls >= 0) & (cls < K) & ((cls != ignore_index) if ignore_index is not None else True)
+    target = np.take_along_axis(z, np.clip(cls, 0, K - 1)[..., None], -1)[..., 0]
+    correct = kept & (target == z.max(-1))
+    return lse, entropy, argmax, correct
+
+
+@pytest.mark.parametrize("cap", [None, 3.0])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("V", [1, 31, 33, 4097])
+def test_return_stats_vs_reference(fl, rng, V, dtype, cap):
+    """Every statistic against float64 of the (capped) logits, for hard
+    targets with ignored and out-of-range rows and for soft targets; the loss
+    is the one return_stats=False gives; stats are not differentiable."""
+    bshape = (3, 5)
+    x = _logits(rng, bshape + (V,), dtype, scale=4.0)
+    x64 = to_np(x)
+    # peaked rows: the target is the argmax of some rows (accuracy not all False)
+    t64 = x64.argmax(-1)
+    t64[0, ::2] = rng.integers(0, V, 3)
+    t64[1, 1] = -100
+    t64[2, 2] = V  # out of range
+    t = mx.array(t64.astype(np.int32))
+    p = to_mx(_softmax_rows(rng.normal(size=bshape + (V,))), dtype)[0]
+    for targets, soft in ((t, False), (p, True)):
+        kw = dict(ignore_index=-100, logit_softcap=cap, reduction="mean", label_smoothing=0.1)
+        loss, stats = fl.cross_entropy(x, targets, return_stats=True, **kw)
+        assert set(stats) == {"lse", "correct", "entropy", "argmax"}
+        plain = fl.cross_entropy(x, targets, **kw)
+        assert np.array_equal(to_np(loss), to_np(plain), equal_nan=True)
+        lse, entropy, argmax, correct = _stats_f64(x64, to_np(targets), cap=cap, ignore_index=-100,
+                                                   soft=soft)
+        for key, want in (("lse", lse), ("entropy", entropy)):
+            assert stats[key].dtype == mx.float32 and stats[key].shape == bshape
+            np.testing.assert_allclose(to_np(stats[key]), want, rtol=2e-6,
+                                       atol=2e-6 * max(1.0, np.abs(lse).max()), err_msg=key)
+        assert stats["argmax"].dtype == mx.int64
+        if cap is None:  # (capping in float32 can tie two large logits; float64 cannot)
+            assert np.array_equal(np.array(stats["argmax"]), argmax)
+            assert np.array_equal(np.array(stats["correct"]), correct)
+            if not soft and V > 1:
+                assert correct.sum() >= 5 and not correct[1, 1] and not correct[2, 2]
+        assert stats["correct"].dtype == mx.bool_
+        g = mx.grad(lambda a: sum(v.astype(mx.float32).sum() for v in fl.cross_entropy(
+            a, targets, return_stats=True, **kw)[1].values()))(x)
+        assert not np.any(to_np(g))
+
+
+def test_return_stats_other_axis_and_linear_ce(fl, rng):
+    """Class axis 1 of [N, K, L] logits; and the linear CE's statistics on the
+    same logits (same keys, same values)."""
+    x = _logits(rng, (2, 9, 4), mx.float32)
+    t = mx.array(rng.integers(0, 9, (2, 4)).astype(np.int32))
+    _, stats = fl.cross_entropy(x, t, axis=1, return_stats=True)
+    lse, entropy, argmax, correct = _stats_f64(to_np(x), to_np(t), axis=1)
+    np.testing.assert_allclose(to_np(stats["lse"]), lse, rtol=2e-6)
+    np.testing.assert_allclose(to_np(stats["entropy"]), entropy, rtol=2e-6, atol=2e-6)
+    assert np.array_equal(np.array(stats["argmax"]), argmax)
+    assert np.array_equal(np.array(stats["correct"]), correct)
+
+    N, H, V = 29, 16, 70
+    h = mx.array(rng.normal(size=(N, H)).astype(np.float32))
+    W = mx.array((rng.normal(size=(V, H)) * 0.8).astype(np.float32))
+    t64 = rng.integers(0, V, N)
+    t64[::4] = -100
+    t = mx.array(t64)
+    opts = dict(ignore_index=-100, logit_softcap=5.0, return_stats=True)
+    _, a = fl.cross_entropy(h @ W.T, t, **opts)
+    _, b = fl.linear_cross_entropy(h, W, t, **opts)
+    for key in ("lse", "entropy"):
+        np.testing.assert_allclose(to_np(a[key]), to_np(b[key]), rtol=3e-6, atol=3e-6, err_msg=key)
+    assert np.array_equal(np.array(a["correct"]), np.array(b["correct"]))
+
+
+def test_liger_structured_output_case(fl):
+    """Liger-Kernel's test_liger_cross_entropy_structured_output, as our test:
+    predicted tokens are the logits' argmax (int64), token accuracy the mean
+    of "correct" and consistent with them; the loss still differentiates."""
+    logits = mx.array([[2.0, 0.5, -1.0], [0.1, 1.5, 0.3], [0.7, -0.2, 0.9]])
+    targets = mx.array([0, 1, 2])
+    loss, stats = fl.cross_entropy(logits, targets, reduction="mean", z_loss=1e-4, return_stats=True)
+    assert loss.shape == ()
+    expected = np.array(logits).argmax(-1)
+    assert stats["argmax"].dtype == mx.int64 and stats["argmax"].shape == (3,)
+    assert np.array_equal(np.array(stats["argmax"]), expected)
+    accuracy = stats["correct"].astype(mx.float32).mean().item()
+    assert abs(accuracy - (expected == np.array(targets)).mean()) <= 1e-6
+    g = mx.grad(lambda a: fl.cross_entropy(a, targets, reduction="mean", return_stats=True)[0])(logits)
+    assert np.any(np.array(g))
+
+
+def test_return_stats_empty_batch(fl):
+    """No rows: empty statistics of the rows' shape (mx.argmax refuses an
+    empty array when built)."""
+    for t in (mx.zeros((0,), mx.int32), mx.zeros((0, 5))):
+        loss, stats = fl.cross_entropy(mx.zeros((0, 5)), t, return_stats=True, reduction="mean")
+        assert loss.item() == 0.0
+        assert {k: v.shape for k, v in stats.items()} == dict.fromkeys(stats, (0,))

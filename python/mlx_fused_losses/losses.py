@@ -11,7 +11,7 @@ import math
 import numbers
 import operator
 import struct
-from typing import Literal, Optional, Union
+from typing import Dict, Literal, Optional, Tuple, Union
 
 import mlx.core as mx
 
@@ -293,10 +293,11 @@ def cross_entropy(
     class_weights: Optional[mx.array] = None,
     z_loss: float = 0.0,
     logit_softcap: Optional[float] = None,
+    return_stats: bool = False,
     dtype: Optional[mx.Dtype] = None,
     stream: Union[None, mx.Stream, mx.Device] = None,
     weight: None = None,
-) -> mx.array:
+) -> Union[mx.array, Tuple[mx.array, Dict[str, mx.array]]]:
     """Fused log-softmax + (label-smoothed) cross-entropy.
 
     A drop-in for :func:`mlx.nn.losses.cross_entropy` with PyTorch's options.
@@ -326,6 +327,18 @@ def cross_entropy(
             of ``c * tanh(logits / c)`` (Gemma 2's final-logit soft-cap), as
             :func:`linear_cross_entropy`'s ``logit_softcap``; the gradient
             is w.r.t. the raw logits. ``None``: no cap.
+        return_stats: also return per-row statistics, as
+            :func:`linear_cross_entropy`: ``(loss, stats)`` with float32/bool
+            arrays of the rows' shape (``logits`` without ``axis``), not
+            differentiable, of the (capped) logits: ``"lse"``, ``"entropy"``
+            (of the softmax), ``"correct"`` (the target's logit is the row's
+            maximum: token accuracy; False for ignored and out-of-range rows;
+            for probability targets the most probable class is the target)
+            and ``"argmax"`` (int64, the first class of maximal logit, as
+            ``mx.argmax``: the predicted token). lse and entropy are computed for ignored rows
+            too. They cost extra passes over the logits (MLX ops and a
+            second kernel pass for the lse of every row), not fused into the
+            loss's pass.
         dtype: the result's dtype; ``None`` keeps the logits' dtype (MLX).
             ``mx.float32`` returns the float32 loss the kernel and the
             reduction computed, without rounding it to float16/bfloat16.
@@ -398,8 +411,50 @@ def cross_entropy(
         count = _kept_rows(targets, ignore_index, row_weight)
     if z_rows is not None:
         mean = _reduce(loss, reduction, count) + _reduce(z_rows, reduction, _kept_rows(targets, ignore_index))
-        return mean.astype(result_dtype)
-    return _finish(loss, reduction, result_dtype, count)
+        loss = mean.astype(result_dtype)
+    else:
+        loss = _finish(loss, reduction, result_dtype, count)
+    if not return_stats:
+        return loss
+    return loss, _row_stats(logits, targets, axis, soft, ignore_index, logit_softcap, stream)
+
+
+def _row_stats(logits, targets, axis, soft, ignore_index, logit_softcap, stream) -> Dict[str, mx.array]:
+    """cross_entropy's return_stats: the linear CE's statistics (lse,
+    correct, entropy) and argmax, of the (capped) logits, for every row.
+    (No shape is read here: a shapeless mx.compile runs this at others.)"""
+    x = mx.stop_gradient(logits)
+    t = mx.stop_gradient(targets)
+    # The lse of every row, ignored ones included, from the kernel (accurate
+    # at any offset; the loss's own lse is 0 on ignored rows): for class
+    # indices, a pass with class 0 as every row's target.
+    probe = t if soft else mx.zeros_like(t).astype(mx.int32)
+    _, lse = _ext.cross_entropy_outputs(x, probe, axis=axis, logit_softcap=logit_softcap,
+                                        stream=stream)
+    z = mx.moveaxis(x, axis, -1).astype(mx.float32)
+    if logit_softcap is not None:
+        z = logit_softcap * mx.tanh(z / logit_softcap)
+    d = z - lse[..., None]  # log p <= 0 (-inf where p = 0)
+    p = mx.exp(d)
+    entropy = -mx.where(p > 0, p * d, 0.0).sum(-1)
+    # (mx.argmax refuses an empty array when the op is built; the empty
+    # result is taken from lse's shape. A shapeless trace built at a
+    # non-empty size runs the argmax at an empty one without complaint.)
+    argmax = (mx.argmax(z, axis=-1) if z.size else mx.zeros_like(lse)).astype(mx.int64)
+    if soft:
+        cls = (mx.argmax(mx.moveaxis(t, axis, -1), axis=-1) if z.size else argmax).astype(mx.int64)
+        kept = mx.ones_like(cls).astype(mx.bool_)
+    else:
+        # K counted when the graph runs (elements / rows; no rows: no use)
+        k = _ext.element_count(z, mx.int64) // mx.maximum(_ext.element_count(lse, mx.int64), 1)
+        index = t.astype(mx.int64)
+        kept = (index >= 0) & (index < k)
+        if ignore_index is not None:
+            kept = kept & (index != ignore_index)
+        cls = mx.clip(index, 0, mx.maximum(k - 1, 0))
+    target_logit = mx.take_along_axis(z, cls[..., None], axis=-1).squeeze(-1)
+    correct = kept & (target_logit == z.max(-1))
+    return {"lse": lse, "correct": correct, "entropy": entropy, "argmax": argmax}
 
 
 def smooth_l1_loss(
