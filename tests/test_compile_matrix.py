@@ -148,6 +148,9 @@ CASES = [
          lambda x, t: (fl.softmax_focal_loss(x, t, alpha=ALPHA, reduction="mean"),), (0,)),
     # forward-formed gradients, scaled by the cotangent (LceScaleGrad)
     Case("lce_mean", _lce_args, lambda h, w, t, b: (_lce(h, w, t, b, label_smoothing=0.1),), (0, 1, 3)),
+    Case("lce_token_weights_mean",
+         lambda r, n: _lce_args(r, n) + (_normal(r, (n,), 0.5) + 1.0,),
+         lambda h, w, t, b, tw: (_lce(h, w, t, b, weights=tw, label_smoothing=0.1),), (0, 1, 4)),
     Case("lce_mean_default", lambda r, n: _lce_args(r, n)[:3],
          lambda h, w, t: (fl.linear_cross_entropy(h, w, t),), (0, 1)),
     Case("lce_sum_bf16", lambda r, n: _lce_args(r, n, mx.bfloat16),

@@ -630,3 +630,60 @@ def test_bad_input(rng):
     assert_raises_naming(ValueError, "scales", lce, hq, w_q, t, biases=qb)
     assert_raises_naming(TypeError, "uint32", lce, hq, mx.ones((10, 16)), t, scales=s, biases=qb)
     assert_raises_naming(ValueError, "biases", lce, hq, w_q, t, scales=s, biases=qb[:5])
+
+
+# ---- per-token weights= ------------------------------------------------------
+GRAD_TOL = {mx.float32: 1e-4, mx.float16: 2e-3, mx.bfloat16: 1.6e-2}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("v", [1, 31, 33, 4097])
+def test_token_weights(rng, v, dtype, reduction):
+    """Per-token weights multiply each row's loss (cross_entropy's weights=):
+    loss and gradients w.r.t. hidden, weight, bias and the weights against
+    float64, with ignored rows and a non-uniform cotangent for "none"."""
+    n, h = 11, 7
+    args = make_inputs(rng, n, h, v, dtype=dtype, bias=True)
+    t = np.array(args["targets"]).astype(np.int64)
+    t[::4] = -100
+    args["targets"] = mx.array(t.astype(np.int32))
+    tw64 = rng.uniform(0.2, 2.0, n)
+    tw = mx.array(tw64.astype(np.float32)).astype(dtype)
+    opts = dict(ignore_index=-100, label_smoothing=0.1, z_loss=1e-3, logit_softcap=6.0,
+                reduction=reduction)
+    cot64 = rng.uniform(0.5, 1.5, n) if reduction == "none" else np.array(1.0)
+    np_args = {k: to_np(x) for k, x in args.items()}
+    want = ref.linear_cross_entropy(np_args["hidden"], np_args["weight"], np_args["targets"],
+                                    np_args["bias"], weights=to_np(tw), cotangent=cot64, **opts)
+    # d loss / d weights_r = the row's unweighted loss times its cotangent
+    rows = ref.linear_cross_entropy(np_args["hidden"], np_args["weight"], np_args["targets"],
+                                    np_args["bias"], **dict(opts, reduction="none"))["loss"]
+    kept = max(int((t != -100).sum()), 1)
+    dw_want = rows * (cot64 if reduction == "none" else 1.0) / (kept if reduction == "mean" else 1.0)
+
+    def f(hid, w, b, tok):
+        return fl.linear_cross_entropy(hid, w, args["targets"], b, weights=tok, dtype=mx.float32,
+                                       **opts)
+
+    primals = [args["hidden"], args["weight"], args["bias"], tw]
+    (loss,), grads = mx.vjp(lambda *p: [f(*p)], primals, [mx.array(cot64.astype(np.float32))])
+    np.testing.assert_allclose(to_np(loss), want["loss"], rtol=2e-5,
+                               atol=2e-5 * max(1.0, np.abs(want["loss"]).max()))
+    tol = GRAD_TOL[dtype]
+    # (absolute floor: one row's share of the loss, the size of the terms that
+    # cancel in a sum over rows, as in the bias gradient at V = 1)
+    floor = 1.0 / kept if reduction == "mean" else 1.0
+    for got, exp, name in zip(grads, (want["hidden"], want["weight"], want["bias"], dw_want),
+                              ("hidden", "weight", "bias", "weights")):
+        assert got.dtype == dtype, name
+        np.testing.assert_allclose(to_np(got), exp, rtol=tol,
+                                   atol=tol * max(floor, np.abs(exp).max()), err_msg=name)
+
+
+def test_token_weights_rejected(rng):
+    args = make_inputs(rng, 4, 3, 5)
+    with pytest.raises(ValueError, match=r"weights \(per-token\) must have targets' shape"):
+        fl.linear_cross_entropy(**args, weights=mx.ones((5,)))
+    with pytest.raises(TypeError, match=r"weights \(per-token\) must be floating"):
+        fl.linear_cross_entropy(**args, weights=mx.ones((4,), mx.int32))

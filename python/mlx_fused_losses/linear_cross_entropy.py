@@ -76,6 +76,7 @@ def linear_cross_entropy(
     logit_softcap: Optional[float] = None,
     reduction: Literal["none", "mean", "sum"] = "mean",
     mask: Optional[mx.array] = None,
+    weights: Optional[mx.array] = None,
     chunk_bytes: Optional[int] = None,
     scales: Optional[mx.array] = None,
     biases: Optional[mx.array] = None,
@@ -114,6 +115,13 @@ def linear_cross_entropy(
         mask: optional bool ``[...]``: rows to count (as mlx-lm passes it);
             masked rows behave as ``ignore_index`` rows. An unmasked row
             whose index is out of range is NaN, as without a mask.
+        weights: optional float ``[...]`` (``targets``' shape): per-token
+            weights multiplying each row's loss, as
+            :func:`mlx_fused_losses.cross_entropy`'s ``weights`` (MLX's
+            per-sample weights): ``"mean"`` still divides by the kept rows,
+            and the loss is differentiable w.r.t. them. With them a summed or
+            averaged loss takes the recomputing backward (per-row
+            cotangents), not the gradients formed in the forward pass.
         chunk_bytes: working-memory budget (default 64 MiB): the float32
             logits of ``chunk_bytes // (4 V)`` rows at a time (at least one).
         return_stats: also return per-row statistics (see below).
@@ -158,6 +166,14 @@ def linear_cross_entropy(
         if mask.shape != targets.shape:
             raise ValueError(f"mask must have targets' shape {targets.shape}, got {mask.shape}")
         targets, ignore_index = _masked_targets(targets, mask, ignore_index)
+    if weights is not None:
+        weights = _as_array(weights, "weights")
+        if not mx.issubdtype(weights.dtype, mx.floating):
+            raise TypeError(f"weights (per-token) must be floating, got {weights.dtype}")
+        if weights.shape != targets.shape:
+            raise ValueError(
+                f"weights (per-token) must have targets' shape {targets.shape}, got {weights.shape}"
+            )
     outputs = _ext.linear_cross_entropy(
         hidden,
         weight,
@@ -174,12 +190,15 @@ def linear_cross_entropy(
         ignore_index=ignore_index,
         z_loss=z_loss,
         logit_softcap=logit_softcap,
-        sum_rows=reduction != "none",
+        # Weighted rows are summed here (after the weights), so the kernel
+        # returns them one by one.
+        sum_rows=reduction != "none" and weights is None,
         chunk_bytes=chunk_bytes,
         stream=stream,
     )
+    rows = outputs[0] if weights is None else outputs[0] * weights.astype(mx.float32)
     count = _kept_rows(targets, ignore_index) if reduction == "mean" else None
-    loss = _finish(outputs[0], reduction, result_dtype, count)
+    loss = _finish(rows, reduction, result_dtype, count)
     if not return_stats:
         return loss
     lse, correct, entropy = (mx.stop_gradient(outputs[k]) for k in (1, 3, 4))
