@@ -687,3 +687,44 @@ def test_token_weights_rejected(rng):
         fl.linear_cross_entropy(**args, weights=mx.ones((5,)))
     with pytest.raises(TypeError, match=r"weights \(per-token\) must be floating"):
         fl.linear_cross_entropy(**args, weights=mx.ones((4,), mx.int32))
+
+
+# ---- Apple Cut Cross-Entropy's forward cases (tests/test_cce_loss_forward.py) --
+# As our tests: their shapes (N, V, D), inputs (e ~ N(0, 1/D), c ~ N(0, 1),
+# half of c's first rows copied from e: peaked rows; bias * 0.01), 20% of the
+# targets ignored, soft-cap None or 20, reduction "none", and their bound:
+# |truth - ours| <= |truth - plain| + error_tol, truth the float64 loss of
+# the rounded inputs, "plain" the loss of the logits rounded to the dtype
+# (their torch reference). Without shift= (not an option here). The loss
+# runs through the fused linear CE and through cross_entropy on the logits.
+CCE_TOL = {mx.float32: 1e-5, mx.float16: 1e-3, mx.bfloat16: 1e-2}
+
+
+@pytest.mark.parametrize("shape", [(256, 512, 128), (252, 507, 128), (252, 507, 123)], ids=str)
+@pytest.mark.parametrize("invalids", [False, True])
+@pytest.mark.parametrize("has_bias", [True, False])
+@pytest.mark.parametrize("softcap", [None, 20.0])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_cce_forward_cases(dtype, softcap, has_bias, invalids, shape):
+    N, V, D = shape
+    rng = np.random.default_rng(0)
+    e = rng.standard_normal((N, D)) / D ** 0.5
+    c = rng.standard_normal((V, D))
+    c[: min(N, V) // 2] = e[: min(N, V) // 2]
+    e, c = (mx.array(a.astype(np.float32)).astype(dtype) for a in (e, c))
+    bias = mx.array((rng.standard_normal(V) * 0.01).astype(np.float32)).astype(dtype) if has_bias else None
+    t = rng.integers(0, V, N)
+    if invalids:
+        t[rng.permutation(N)[: int(0.2 * N)]] = -100
+    e64, c64 = to_np(e), to_np(c)
+    z64 = e64 @ c64.T + (to_np(bias) if has_bias else 0.0)
+    truth = ref.cross_entropy(ref.softcap(z64, softcap), t, ignore_index=-100)
+    logits = mx.array(z64.astype(np.float32)).astype(dtype)  # what a model in dtype would hold
+    plain = ref.cross_entropy(ref.softcap(to_np(logits), softcap), t, ignore_index=-100)
+    bound = np.abs(truth - plain) + CCE_TOL[dtype]
+    opts = dict(ignore_index=-100, logit_softcap=softcap, reduction="none", dtype=mx.float32)
+    fused = to_np(fl.linear_cross_entropy(e.reshape(4, -1, D), c, mx.array(t).reshape(4, -1), bias,
+                                          **opts)).reshape(-1)
+    assert np.all(np.abs(truth - fused) <= CCE_TOL[dtype]), np.abs(truth - fused).max()
+    on_logits = to_np(fl.cross_entropy(logits, mx.array(t), **opts))
+    assert np.all(np.abs(truth - on_logits) <= bound), (np.abs(truth - on_logits) - bound).max()
