@@ -18,21 +18,26 @@ namespace {
 template <int kBits>
 FLM_INLINE void affine_group(const uint32_t* w, int group, float scale, float shift, float* d) {
   constexpr bool kStraddles = 32 % kBits != 0;
+  const int last_word = group * kBits / 32 - 1; // a group's values fill whole words
   FL_SIMD
   for (int j = 0; j < group; ++j) {
     const int o = j * kBits;
     const int word = o >> 5;
     const int shift_bits = o & 31;
-    // Read the next word only when the value reaches into it: the last value
-    // of a row never does (a group's values fill whole words).
-    const uint32_t hi = kStraddles && shift_bits + kBits > 32 ? w[word + 1] : 0u;
+    // The next word, which straddled_code reads only when the value reaches
+    // into it; loaded unconditionally (the loop vectorizes) but never past the
+    // group's last word (the last value of a row never straddles).
+    const int next = word < last_word ? word + 1 : word;
+    const uint32_t hi = kStraddles ? w[next] : 0u;
     const uint32_t q = flm::straddled_code(w[word], hi, shift_bits, kBits);
     d[j] = scale * float(q) + shift;
   }
 }
 
+// The loops are cloned per instruction-set level (cpu/vectorize.h), as every
+// CPU kernel's: a plain x86-64 build of them would be SSE2 only.
 template <typename S, int kBits>
-void affine_block(const QuantizedMatrix& m, int64_t row0, int64_t rows, int64_t col0,
+FL_VECTOR_CLONES void affine_block(const QuantizedMatrix& m, int64_t row0, int64_t rows, int64_t col0,
                   int64_t cols, float* dst) {
   const int group = m.group_size;
   const int64_t words = m.hidden * kBits / 32;
@@ -68,7 +73,7 @@ void affine_dispatch(const QuantizedMatrix& m, int64_t row0, int64_t rows, int64
 // Floating-point modes: 4-bit codes 8 per word or 8-bit codes 4 per word,
 // lowest first; one uint8 scale code per group.
 template <int kMode>
-void fp_block(const QuantizedMatrix& m, int64_t row0, int64_t rows, int64_t col0, int64_t cols,
+FL_VECTOR_CLONES void fp_block(const QuantizedMatrix& m, int64_t row0, int64_t rows, int64_t col0, int64_t cols,
               float* dst) {
   constexpr int kBits = kMode == flm::kQuantMxfp8 ? 8 : 4;
   constexpr int kPerWord = 32 / kBits;
