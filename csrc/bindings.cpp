@@ -14,6 +14,10 @@
 #include "cpu/quantized_head.h"
 #include "mlx/transforms.h"
 #include "ops/accurate_sum.h"
+#include "metal/launch_plan.h"
+#ifdef _METAL_
+#include "metal/library_names.h"
+#endif
 #include "ops/cross_entropy.h"
 #include "ops/linear_cross_entropy.h"
 #include "ops/sigmoid_focal.h"
@@ -284,6 +288,25 @@ NB_MODULE(_ext, m) {
       },
       "a"_a, nb::kw_only(), "stream"_a = nb::none(),
       "float32 1 / a.size (1 for an empty a), the factor of a mean, counted when the graph runs.");
+
+  // Plain C++ on every platform: the kernel names every launch plan the host can
+  // build asks for (tests/test_kernel_names.py checks them against the names
+  // metal/*.metal defines; check_gpu against the loaded metallib).
+  m.def(
+      "launch_plan_kernels",
+      [] {
+        std::vector<std::tuple<std::string, std::string>> out;
+        for (const auto& k : fl::mplan::enumerate_plan_kernels()) {
+          out.emplace_back(k.kernel, k.plan);
+        }
+        return out;
+      },
+      "[(kernel name, the launch-plan call that asks for it)] over every option the host "
+      "can plan for.");
+#ifdef _METAL_
+  m.def("metallib_function_names", &fl::gpu::metallib_function_names,
+        "The function names of the loaded mlx_fused_losses.metallib (macOS builds only).");
+#endif
 
   m.def("num_threads", &fl::cpu::num_threads,
         "Threads the CPU kernels use (FL_NUM_THREADS, else the usable cores).");

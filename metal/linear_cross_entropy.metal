@@ -31,7 +31,7 @@
 //                  (simd_max), the state moved to it, exp-sum, gap sum and
 //                  entropy sum (simd_sum); the target's logit from the one lane
 //                  that holds it. Writes one state per (split, row).
-//   lce_forward_finish  one thread per row merges its S states in split order
+//   fl_lce_fwd_finish  one thread per row merges its S states in split order
 //                  (deterministic, no atomics), then loss, lse, lse_lo, correct,
 //                  entropy with the CPU's formulas.
 //   lce_dz         (row tile, vocabulary tile) of a row chunk: Z recomputed,
@@ -39,7 +39,7 @@
 //                  from the saved lse; float32 into the chunk's dZ buffer.
 //   lce_dh         dH[chunk] = dZ W          (K = V, weight through the head)
 //   lce_dw         dW (+)= dZ^T H[chunk]     (K = chunk rows; float32, dense only)
-//   lce_dbias      dbias (+)= column sums of dZ, rows in order (as the CPU)
+//   fl_lce_dbias   dbias (+)= column sums of dZ, rows in order (as the CPU)
 //   lce_scale_grad g * grad in the primal's dtype (the forward's fused gradients)
 //
 // Backward: why dZ per row chunk, not one pass with partials nor two recomputing
@@ -373,8 +373,9 @@ template <typename T, typename Head>
 }
 
 // One thread per row: the S states of the row merged in split order, then the
-// CPU's per-row outputs. Grid ceil(N / threads).
-[[kernel]] void lce_forward_finish(
+// CPU's per-row outputs. Grid ceil(N / threads). A plain kernel: its function
+// name is its metallib name, fl_ prefixed like every host name (lce_finish_plan).
+[[kernel]] void fl_lce_fwd_finish(
     device const float4* partials [[buffer(FL_LCE_FIN_PARTIALS)]],
     device const float* target_logit [[buffer(FL_LCE_FIN_TARGET_LOGIT)]],
     device const long* targets [[buffer(FL_LCE_FIN_TARGETS)]],
@@ -531,8 +532,8 @@ template <typename T>
 }
 
 // dbias[v] (+)= sum over the chunk's rows of dZ[r, v], rows in order (the CPU's
-// order): one thread per column.
-[[kernel]] void lce_dbias(
+// order): one thread per column. A plain kernel named as lce_dbias_plan asks.
+[[kernel]] void fl_lce_dbias(
     device const float* dz [[buffer(FL_LCE_DB_DZ)]],
     device float* dbias [[buffer(FL_LCE_DB_OUT)]],
     constant LceArgs& args [[buffer(FL_LCE_DB_ARGS)]],

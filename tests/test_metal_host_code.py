@@ -101,6 +101,8 @@ PLANTED = [
     # metal-cpp's completion handler takes the command buffer.
     ("csrc/metal/host.h", "addCompletedHandler([kept = kept_](MTL::CommandBuffer*) {});",
      "addCompletedHandler([kept = kept_]() {});", "addCompletedHandler"),
+    # The metallib's function list (check_gpu's self-check): NS::String has no c_str().
+    ("csrc/metal/library_names.cpp", "->utf8String()", "->c_str()", "c_str"),
 ]
 
 
@@ -117,6 +119,11 @@ def test_every_eval_gpu_launches_through_the_helper():
             with_eval_gpu += 1
             assert "gpu::launch(" in text, path.name
     assert with_eval_gpu >= 4
+
+
+def test_the_metallib_listing_is_checked():
+    # _ext.metallib_function_names (macOS) is host code like eval_gpu's.
+    assert REPO / "csrc" / "metal" / "library_names.cpp" in SOURCES
 
 
 @pytest.mark.parametrize("path, right, wrong, diagnostic", PLANTED, ids=lambda v: str(v)[:40])

@@ -13,7 +13,6 @@ poisoned element fails the comparison.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ import pytest
 
 import metal_host as mh
 from conftest import CLANG_MISSING, needs_libclang
+from metal_host.kernel_names import kernel_names
 import reference as ref
 
 pytestmark = [
@@ -126,42 +126,9 @@ def lib():
 
 
 def host_names() -> set[str]:
-    """Every [[host_name]] the .metal files instantiate, from their macros."""
-    names = set()
-    ce = (REPO / METAL[0]).read_text()
-    sf = (REPO / METAL[1]).read_text()
-    pw = (REPO / METAL[2]).read_text()
-    assert "FL_INST_CE(float32, float)" in ce and "FL_INST_CE(bfloat16, bfloat)" in ce
-    for d in DTYPES:
-        for tgt in ("hard", "soft"):
-            for w in ("nw", "w"):
-                for var in ("block", "looped"):
-                    names.add(f"fl_ce_fwd_{var}_{tgt}_{w}_{d}")
-                names.add(f"fl_ce_bwd_{tgt}_{w}_{d}")
-        names |= {f"fl_sf_fwd_block_{d}", f"fl_sf_fwd_looped_{d}", f"fl_sf_bwd_{d}"}
-        for k in ("smooth_l1", "huber", "sigmoid_focal", "sigmoid_focal_g2"):
-            for b in ("", "_bcast"):  # the target read at the predictions' index / broadcast
-                names |= {f"fl_pw_fwd_none_{k}_{d}{b}", f"fl_pw_fwd_partial_{k}_{d}{b}",
-                          f"fl_pw_bwd_{k}_{d}{b}"}
-                if d != "float32":
-                    names.add(f"fl_pw_bwd_{k}_{d}_cot16{b}")
-    names.add("fl_pw_sum_finish")
-    # The macros' string pieces must spell these names.
-    for pattern, text in [(r'"fl_ce_fwd_" #var "_" #tgt "_" #wn "_" #dname', ce),
-                          (r'"fl_ce_bwd_" #tgt "_" #wn "_" #dname', ce),
-                          (r'"fl_sf_fwd_block_" #dname', sf), (r'"fl_sf_fwd_looped_" #dname', sf),
-                          (r'"fl_sf_bwd_" #dname', sf),
-                          (r'"fl_pw_fwd_none_" #kname "_" #dname sfx', pw),
-                          (r'"fl_pw_fwd_partial_" #kname "_" #dname sfx', pw),
-                          (r'"fl_pw_bwd_" #kname "_" #dname sfx', pw),
-                          (r'"fl_pw_bwd_" #kname "_" #dname "_cot16" sfx', pw),
-                          (r'T, false, "")', pw), (r'T, true, "_bcast")', pw),
-                          (r"void fl_pw_sum_finish\(", pw)]:
-        assert re.search(re.escape(pattern) if '"' in pattern else pattern, text), pattern
-    for d, t in [("float32", "float"), ("float16", "half"), ("bfloat16", "bfloat")]:
-        for text, mac in [(ce, "FL_INST_CE"), (sf, "FL_INST_SF"), (pw, "FL_INST_PW")]:
-            assert f"{mac}({d}, {t})" in text
-    return names
+    """Every kernel name the .metal files define (derived from the sources after
+    preprocessing: metal_host/kernel_names.py)."""
+    return kernel_names(METAL)
 
 
 # ---- static checks and plans ------------------------------------------------------------
@@ -176,11 +143,14 @@ def test_static_address_spaces(path):
     assert r.ok, r.diagnostics
 
 
-def test_registry_matches_host_names(lib):
+def test_kernel_table_is_the_sources_names(lib):
+    # The harness finds a plan's kernel in a table build.py generates from the
+    # sources: it holds every name they define, and no other.
     buf = np.zeros(1 << 16, np.uint8)
-    lib.run("registry_names", buf, np.uint32(buf.size), schedules=(mh.Schedule(),))
-    names = set(bytes(buf).split(b"\0")[0].decode().split())
-    assert names == host_names()
+    lib.run("mh_kernel_names", buf, np.uint32(buf.size), schedules=(mh.Schedule(),))
+    names = bytes(buf).split(b"\0")[0].decode().split()
+    assert len(names) == len(set(names))
+    assert set(names) == host_names()
 
 
 @pytest.mark.parametrize("max_threads", [1024, 512, 992])

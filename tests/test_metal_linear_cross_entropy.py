@@ -34,6 +34,7 @@ mx = pytest.importorskip("mlx.core")
 import mlx_fused_losses._ext as ext  # noqa: E402
 
 from test_linear_cross_entropy import gradient_bounds, logit_scale  # noqa: E402
+from metal_host.kernel_names import kernel_names  # noqa: E402
 from test_metal_kernels import DT_CODE, MX_DT, SENTINEL, as_device  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,42 +82,15 @@ def launch_info(lib, which, rows=1, vocab=1, hidden=1, hdt="float32", wdt="float
 
 
 def host_names() -> set[str]:
-    """The [[host_name]]s the .metal file instantiates, from its macros."""
-    text = (REPO / METAL[0]).read_text()
-    for d, t in [("float32", "float"), ("float16", "half"), ("bfloat16", "bfloat")]:
-        assert f"FL_INST_LCE_DTYPE({d}, {t})" in text
-    for pattern in ['"fl_lce_fwd_" #hname "_" #head', '"fl_lce_dz_" #hname "_" #head',
-                    '"fl_lce_dh_" #head', '"fl_lce_dw_" #dname', '"fl_lce_scale_" #dname',
-                    "FL_INST_LCE_HEAD(w##dname, lce::DenseHead<T>)",
-                    "void lce_forward_finish(", "void lce_dbias("]:
-        assert pattern in text, pattern
-    names = {"fl_lce_fwd_finish", "fl_lce_dbias"}
-    for w in DTYPES:
-        names.add(f"fl_lce_dh_w{w}")
-        for h in DTYPES:
-            names |= {f"fl_lce_fwd_{h}_w{w}", f"fl_lce_dz_{h}_w{w}"}
-    for d in DTYPES:
-        names |= {f"fl_lce_dw_{d}", f"fl_lce_scale_{d}"}
-    # Quantized heads (tests/test_metal_quantized_head.py runs them): forward
-    # tiles, dZ and dH, no dW.
-    for d, t in [("float32", "float"), ("float16", "half"), ("bfloat16", "bfloat")]:
-        assert f"FL_INST_LCE_QUANTIZED({d}, {t})" in text
-    for bits in AFFINE_BITS:
-        assert f"FL_INST_LCE_HEAD(q{bits}_##sname, flk::QuantizedHead{bits}<S>)" in text
-    for mode in FP_MODES:
-        assert f"FL_INST_LCE_HEAD({mode}, flk::{mode.capitalize()}Head)" in text
-    assert "FL_INST_LCE_HEAD(nvfp4_global, flk::Nvfp4GlobalHead)" in text
-    for q in QUANTIZED_HEADS:
-        names.add(f"fl_lce_dh_{q}")
-        for h in DTYPES:
-            names |= {f"fl_lce_fwd_{h}_{q}", f"fl_lce_dz_{h}_{q}"}
-    return names
+    """The kernel names the .metal files define (derived from the sources after
+    preprocessing: metal_host/kernel_names.py)."""
+    return kernel_names(METAL[:1])
 
 
-def test_registry_matches_host_names(lib):
+def test_kernel_table_is_the_sources_names(lib):
     buf = np.zeros(1 << 14, np.uint8)
-    lib.run("lce_registry_names", buf, np.uint32(buf.size), schedules=(mh.Schedule(),))
-    assert set(bytes(buf).split(b"\0")[0].decode().split()) == host_names()
+    lib.run("mh_kernel_names", buf, np.uint32(buf.size), schedules=(mh.Schedule(),))
+    assert set(bytes(buf).split(b"\0")[0].decode().split()) == kernel_names(METAL)
 
 
 def expected_forward_rows(rows, vocab, hidden, bound=2**40):

@@ -35,9 +35,19 @@ inline std::string binary_dir() {
   return dir;
 }
 
+// Our metallib on device d (MLX loads it once and caches it by name).
+inline MTL::Library* library(mx::metal::Device& d) {
+  return d.get_library("mlx_fused_losses", binary_dir());
+}
+
+// ... on the default GPU: the metallib the first eval_gpu would load
+// (library_names.cpp lists its functions for check_gpu).
+inline MTL::Library* default_library() {
+  return library(mx::metal::device(mx::Device::gpu));
+}
+
 inline MTL::ComputePipelineState* pipeline(mx::metal::Device& d, const std::string& name) {
-  MTL::Library* lib = d.get_library("mlx_fused_losses", binary_dir());
-  return d.get_kernel(name, lib);
+  return d.get_kernel(name, library(d));
 }
 
 inline mplan::KDtype kernel_dtype(mx::Dtype dt) {

@@ -581,4 +581,124 @@ LceArgs make_lce_args(const LcePlan& p, float label_smoothing, int smoothing_mod
   return a;
 }
 
+// ---- every kernel the host can ask for --------------------------------------------------
+
+namespace {
+
+// Collects the plans' kernel names with the call that built them.
+struct PlanCollector {
+  std::vector<PlanKernel> out;
+  void add(const LaunchPlan& p, const std::string& call) {
+    out.push_back({p.kernel_name, call});
+  }
+};
+
+std::string flag(bool b) {
+  return b ? "true" : "false";
+}
+
+} // namespace
+
+std::vector<PlanKernel> enumerate_plan_kernels() {
+  PlanCollector c;
+  // eval_gpu plans for kMaxGroupThreads first, then for the pipeline's own
+  // limit (gpu::fit_plan), which may be any multiple of 32 up to 1024: the
+  // limits at which a plan's choice can change (the row kernels' block/looped
+  // boundary moves with it), and class counts on both sides of each.
+  const int limits[] = {kMaxGroupThreads, 512, 256, 128, 64, 32};
+  const int classes[] = {0, 1, 4 * 32, 4 * 32 + 1, 4 * 1024, 4 * 1024 + 1, 1 << 20};
+  for (int d = 0; d < kNumKDtypes; ++d) {
+    const KDtype dt = KDtype(d);
+    const std::string dn = dtype_name(dt);
+    for (int limit : limits) {
+      for (int k : classes) {
+        const std::string at = ", K=" + std::to_string(k) + ", limit=" + std::to_string(limit);
+        for (bool soft : {false, true}) {
+          for (bool weights : {false, true}) {
+            const std::string opt = dn + ", soft=" + flag(soft) + ", weights=" + flag(weights) + at;
+            c.add(ce_forward_plan(dt, 3, k, soft, weights, limit), "ce_forward_plan(" + opt + ")");
+            c.add(ce_backward_plan(dt, 3, k, soft, weights, limit), "ce_backward_plan(" + opt + ")");
+          }
+        }
+        c.add(sf_forward_plan(dt, 3, k, limit), "sf_forward_plan(" + dn + at + ")");
+        c.add(sf_backward_plan(dt, 3, k, limit), "sf_backward_plan(" + dn + at + ")");
+      }
+    }
+    // Element-wise: every loss kind (gamma = 2 has its own kernels), reduction,
+    // cotangent dtype, and target shape (the predictions' own, broadcast along
+    // inner or outer axes, a scalar).
+    const std::vector<int64_t> pred = {4, 5};
+    const std::vector<std::vector<int64_t>> targets = {{4, 5}, {1, 5}, {4, 1}, {}};
+    for (int kind = 0; kind < kPwLossKinds; ++kind) {
+      for (float gamma : {2.0f, 1.5f}) {
+        const int kk = pw_kernel_kind(kind, gamma);
+        for (const auto& tshape : targets) {
+          PwTargetLayout layout;
+          if (!make_pw_target_layout(pred, tshape, &layout)) {
+            throw std::logic_error("enumerate_plan_kernels: a target layout that does not fit");
+          }
+          const std::string opt = dn + ", kind=" + std::to_string(kind) + ", gamma=" +
+              (gamma == 2.0f ? "2" : "1.5") + ", target ndim=" + std::to_string(tshape.size()) +
+              (tshape.empty() ? "" : " [" + std::to_string(tshape[0]) + "," +
+                                         std::to_string(tshape[1]) + "]");
+          for (int reduce = 0; reduce < 3; ++reduce) {
+            c.add(pw_forward_plan(dt, kk, 20, reduce, kMaxGroupThreads, &layout),
+                  "pw_forward_plan(" + opt + ", reduce=" + std::to_string(reduce) + ")");
+          }
+          for (bool cot : {false, true}) {
+            c.add(pw_backward_plan(dt, kk, 20, cot, kMaxGroupThreads, &layout),
+                  "pw_backward_plan(" + opt + ", cotan_in_dtype=" + flag(cot) + ")");
+          }
+        }
+      }
+    }
+    c.add(lce_scale_plan(dt, 10), "lce_scale_plan(" + dn + ")");
+  }
+  c.add(pw_sum_finish_plan(7), "pw_sum_finish_plan()");
+
+  // Linear CE: every hidden dtype x head (dW depends on the hidden dtype only).
+  std::vector<std::string> heads;
+  for (int w = 0; w < kNumKDtypes; ++w) {
+    heads.push_back(lce_dense_head(KDtype(w)));
+  }
+  // Quantized: every mode x bits x scale dtype lce_quantized_head names a head
+  // for (it throws std::invalid_argument for the others; the floating-point
+  // modes name one head whatever the bits and dtype).
+  for (int mode = flm::kQuantAffine; mode <= flm::kQuantNvfp4; ++mode) {
+    for (int bits = 1; bits <= 8; ++bits) {
+      for (int s = 0; s < kNumKDtypes; ++s) {
+        std::string head;
+        try {
+          head = lce_quantized_head(mode, bits, KDtype(s));
+        } catch (const std::invalid_argument&) {
+          continue;
+        }
+        bool seen = false;
+        for (const std::string& h : heads) {
+          seen = seen || h == head;
+        }
+        if (!seen) {
+          heads.push_back(head);
+        }
+      }
+    }
+  }
+  const LcePlan plan = lce_plan(100, 1000, 64, int64_t(1) << 20);
+  c.add(lce_finish_plan(plan), "lce_finish_plan()");
+  c.add(lce_dbias_plan(plan), "lce_dbias_plan()");
+  for (int h = 0; h < kNumKDtypes; ++h) {
+    const KDtype ht = KDtype(h);
+    const std::string hn = dtype_name(ht);
+    for (const std::string& head : heads) {
+      c.add(lce_forward_plan(ht, head, plan), "lce_forward_plan(" + hn + ", " + head + ")");
+      c.add(lce_dz_plan(ht, head, plan, plan.chunk_rows), "lce_dz_plan(" + hn + ", " + head + ")");
+    }
+    c.add(lce_dw_plan(ht, plan), "lce_dw_plan(" + hn + ")");
+  }
+  for (const std::string& head : heads) {
+    c.add(lce_dh_plan(head, plan, plan.chunk_rows), "lce_dh_plan(" + head + ")");
+  }
+  return c.out;
+}
+
 } // namespace fl::mplan

@@ -35,6 +35,7 @@ namespace fl::mplan {
 
 // The element types the kernels are instantiated for (names as MLX spells them).
 enum class KDtype : int { float32 = 0, float16 = 1, bfloat16 = 2 };
+constexpr int kNumKDtypes = 3;
 const char* dtype_name(KDtype dt);
 int dtype_size(KDtype dt);
 
@@ -81,6 +82,9 @@ SfArgs make_sf_args(int num_classes, float gamma, float alpha, bool has_class_al
                     bool has_ignore_index, int64_t ignore_index);
 
 // ---- element-wise losses ---------------------------------------------------------
+// The loss kinds the op passes: fl::PointwiseKind's values 0 .. kPwLossKinds - 1
+// (ops/pointwise_loss.h asserts the count).
+constexpr int kPwLossKinds = 3;
 // kind: 0 smooth-L1, 1 Huber, 2 sigmoid focal (fl::PointwiseKind);
 // reduce: 0 none, 1 sum, 2 mean (fl::Reduce).
 const char* pw_kind_name(int kind);
@@ -226,5 +230,23 @@ std::vector<LceLaunch> lce_schedule(const LcePlan& p, const LceWork& w);
 LceArgs make_lce_args(const LcePlan& p, float label_smoothing, int smoothing_mode,
                       bool has_ignore_index, int64_t ignore_index, float z_loss, float softcap,
                       bool has_bias);
+
+// ---- every kernel the host can ask for ------------------------------------------------
+// The kernel names of every launch plan eval_gpu can build, found by calling
+// the plan functions above over the whole option space: every loss, dtype and
+// option (soft/hard targets, class weights, block/looped rows at every usable
+// pipeline limit, reductions, gamma = 2, plain/broadcast targets, 16-bit
+// cotangents), and for the linear CE every hidden dtype x head (dense weight of
+// every dtype; quantized: every mode, bits and scale dtype lce_quantized_head
+// names) with its finish, backward and scale kernels. Each entry: the kernel
+// name and the plan call that asked for it (for messages). _ext exports it
+// (launch_plan_kernels) on every platform; the tests check each name against
+// those metal/*.metal defines, and python -m mlx_fused_losses.check_gpu
+// against the loaded metallib.
+struct PlanKernel {
+  std::string kernel;
+  std::string plan;
+};
+std::vector<PlanKernel> enumerate_plan_kernels();
 
 } // namespace fl::mplan

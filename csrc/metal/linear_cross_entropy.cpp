@@ -6,9 +6,9 @@
 //
 // One call, in the order of mplan::lce_schedule:
 //   forward   lce_forward (per split and row block, in launches of
-//             plan.forward_rows rows) -> lce_forward_finish (per row)
+//             plan.forward_rows rows) -> fl_lce_fwd_finish (per row)
 //             [-> fl_pw_sum_finish for the summed loss]
-//   backward  per chunk of rows: lce_dz -> lce_dbias, lce_dh, lce_dw (those
+//   backward  per chunk of rows: lce_dz -> fl_lce_dbias, lce_dh, lce_dw (those
 //             asked for); the encoder orders each reader after its writer and
 //             the next chunk's dZ after the last reader (set_input/output_array).
 // The forward with fused gradients (ops/linear_cross_entropy.h) runs the

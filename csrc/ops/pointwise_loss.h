@@ -4,11 +4,15 @@
 // formula is picked by `kind`; see csrc/math/smooth_l1.h and csrc/math/focal.h.
 #pragma once
 
+#include "metal/launch_plan.h"
 #include "ops/common.h"
 
 namespace fl {
 
 enum class PointwiseKind : int { SmoothL1 = 0, Huber = 1, SigmoidFocal = 2 };
+// The Metal kernel-name enumeration (mplan::enumerate_plan_kernels) covers kinds
+// 0 .. kPwLossKinds - 1: a new kind must be counted there.
+static_assert(int(PointwiseKind::SigmoidFocal) + 1 == mplan::kPwLossKinds);
 
 struct PointwiseParams {
   PointwiseKind kind = PointwiseKind::SmoothL1;

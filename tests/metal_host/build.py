@@ -3,8 +3,9 @@
 The translation unit is generated: metal_host.h first (the standard headers it
 pulls in must precede the shim's keyword macros), then each .metal source
 rewritten by rewrite.py under a #line directive, then mh_metal_end.h (which
-removes those macros), then the adaptor .cpp, which calls the kernels by their C++
-names. Outputs are cached under _build/ by a hash of the preprocessed
+removes those macros), then the kernel table (mh_kernels.h: every kernel of the
+sources by its metallib name, generated from the sources by kernel_names.py), then
+the adaptor .cpp, which finds a launch plan's kernel in that table by name. Outputs are cached under _build/ by a hash of the preprocessed
 source and the flags, so a rebuild happens exactly when some included file changed.
 """
 
@@ -114,6 +115,23 @@ def _runtime_object(clang: str, flags: Sequence[str]) -> Path:
     return obj
 
 
+def _cxx_string(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _kernel_table_source(metal: Sequence[Path], include_dirs, defines) -> str:
+    """mh::kernel_table() of the translation unit, from the sources' own kernel names."""
+    from .kernel_names import kernel_instances  # imports this module
+
+    rows = [f"      ::mh::kernel_entry({_cxx_string(k.name)}, &{k.function}, "
+            f"{_cxx_string(k.function)}, {_cxx_string(k.source)}),\n"
+            for k in kernel_instances(metal, include_dirs, defines)]
+    return ('#include "mh_kernels.h"\n'
+            "const std::vector<::mh::KernelEntry>& mh::kernel_table() {\n"
+            "  static const std::vector<::mh::KernelEntry> table = {\n"
+            + "".join(rows) + "  };\n  return table;\n}\n")
+
+
 def compile_library(
     metal: Iterable[str | os.PathLike],
     adaptor: str | os.PathLike,
@@ -126,6 +144,8 @@ def compile_library(
     clang = _clang()
     BUILD_DIR.mkdir(exist_ok=True)
     metal = [_in_repo(m) for m in metal]
+    include_dirs = list(include_dirs)
+    defines = list(defines)
     adaptor = _in_repo(adaptor)
     flags = [*CXX_FLAGS, f"-I{INCLUDE}"]
     # Quoted includes in a .metal file are relative to its own directory.
@@ -137,6 +157,7 @@ def compile_library(
     # Repository-relative names keep diagnostics and reported call sites short.
     parts += [translation_unit_source(_display_name(m), m.read_text()) for m in metal]
     parts.append('#include "mh_metal_end.h"\n')
+    parts.append(_kernel_table_source(metal, include_dirs, defines))
     parts.append(f'#include "{adaptor}"\n')
     tu_text = "".join(parts)
     tu = BUILD_DIR / f"tu-{hashlib.sha256(tu_text.encode()).hexdigest()[:24]}.cpp"

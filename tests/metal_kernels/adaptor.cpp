@@ -3,10 +3,10 @@
 // .metal sources, in one translation unit, with -I csrc.
 //
 // Every entry point builds its launch plan with csrc/metal/launch_plan.cpp --
-// the same function eval_gpu uses -- and dispatches the instantiation that the
-// plan names, looked up by [[host_name]] in a registry built below. The test
-// checks that the registry's names are exactly the host_name strings of the
-// .metal files, so a plan can only name a kernel that exists in the metallib.
+// the same function eval_gpu uses -- and dispatches the kernel that the plan
+// names, found by that name in the harness's kernel table (mh_kernels.h), which
+// build.py generates from the .metal sources: a plan can only run a kernel the
+// metallib defines under that name.
 //
 // Notes for the harness (tests/metal_host, not edited from here):
 //  - Project kernels include csrc headers by paths relative to metal/
@@ -30,7 +30,6 @@ namespace {
 using fl::mplan::KDtype;
 using fl::mplan::LaunchPlan;
 
-using mkp::lookup;
 using mkp::run_plan;
 using mkp::to_dtype;
 
@@ -50,25 +49,30 @@ struct CeBufs {
   void* grad;
 };
 
-using CeFn = void (*)(const CeBufs&, const CeArgs&, const mh::ThreadCtx&);
-
-template <class T, bool kSoft, bool kW, bool kLooped>
-void ce_fwd_call(const CeBufs& b, const CeArgs& a, const mh::ThreadCtx& t) {
-  ce_forward<T, kSoft, kW, kLooped>(
-      static_cast<const T*>(b.logits), reinterpret_cast<const long*>(b.index),
-      static_cast<const T*>(b.probs), b.weights, b.loss, b.lse, b.lse_lo, b.a_sum, a,
-      t.threadgroup_memory<float>(0), t.threadgroup_position_in_grid.x,
-      t.thread_index_in_threadgroup, t.threads_per_threadgroup.x, t.thread_index_in_simdgroup,
-      t.simdgroup_index_in_threadgroup, t.simdgroups_per_threadgroup);
+// The kernel a plan names, called with the buffers of one call. The function
+// type of a family depends on the dtype only (the bool template parameters
+// change no argument), so each call site names the family's type for its T.
+template <class T>
+void ce_fwd_call(const LaunchPlan& p, const CeBufs& b, const CeArgs& a) {
+  auto* fn = mh::kernel<decltype(ce_forward<T, false, false, false>)>(p.kernel_name);
+  run_plan(p, [&](const mh::ThreadCtx& t) {
+    fn(static_cast<const T*>(b.logits), reinterpret_cast<const long*>(b.index),
+       static_cast<const T*>(b.probs), b.weights, b.loss, b.lse, b.lse_lo, b.a_sum, a,
+       t.threadgroup_memory<float>(0), t.threadgroup_position_in_grid.x,
+       t.thread_index_in_threadgroup, t.threads_per_threadgroup.x, t.thread_index_in_simdgroup,
+       t.simdgroup_index_in_threadgroup, t.simdgroups_per_threadgroup);
+  });
 }
 
-template <class T, bool kSoft, bool kW>
-void ce_bwd_call(const CeBufs& b, const CeArgs& a, const mh::ThreadCtx& t) {
-  ce_backward<T, kSoft, kW>(
-      static_cast<const T*>(b.logits), reinterpret_cast<const long*>(b.index),
-      static_cast<const T*>(b.probs), b.weights, b.lse, b.lse_lo, b.a_sum, b.g_loss, b.g_lse,
-      static_cast<T*>(b.grad), a, t.threadgroup_position_in_grid.xy,
-      t.thread_index_in_threadgroup, t.threads_per_threadgroup.xy);
+template <class T>
+void ce_bwd_call(const LaunchPlan& p, const CeBufs& b, const CeArgs& a) {
+  auto* fn = mh::kernel<decltype(ce_backward<T, false, false>)>(p.kernel_name);
+  run_plan(p, [&](const mh::ThreadCtx& t) {
+    fn(static_cast<const T*>(b.logits), reinterpret_cast<const long*>(b.index),
+       static_cast<const T*>(b.probs), b.weights, b.lse, b.lse_lo, b.a_sum, b.g_loss, b.g_lse,
+       static_cast<T*>(b.grad), a, t.threadgroup_position_in_grid.xy,
+       t.thread_index_in_threadgroup, t.threads_per_threadgroup.xy);
+  });
 }
 
 // ---- softmax focal -------------------------------------------------------------------
@@ -85,22 +89,26 @@ struct SfBufs {
   void* grad;
 };
 
-using SfFn = void (*)(const SfBufs&, const SfArgs&, const mh::ThreadCtx&);
-
-template <class T, bool kLooped>
-void sf_fwd_call(const SfBufs& b, const SfArgs& a, const mh::ThreadCtx& t) {
-  sf_forward<T, kLooped>(static_cast<const T*>(b.logits), reinterpret_cast<const long*>(b.index),
-                         b.alpha, b.loss, b.lse, b.lse_lo, b.coef, a, t.threadgroup_memory<float>(0),
-                         t.threadgroup_position_in_grid.x, t.thread_index_in_threadgroup,
-                         t.threads_per_threadgroup.x, t.thread_index_in_simdgroup,
-                         t.simdgroup_index_in_threadgroup, t.simdgroups_per_threadgroup);
+template <class T>
+void sf_fwd_call(const LaunchPlan& p, const SfBufs& b, const SfArgs& a) {
+  auto* fn = mh::kernel<decltype(sf_forward<T, false>)>(p.kernel_name);
+  run_plan(p, [&](const mh::ThreadCtx& t) {
+    fn(static_cast<const T*>(b.logits), reinterpret_cast<const long*>(b.index), b.alpha, b.loss,
+       b.lse, b.lse_lo, b.coef, a, t.threadgroup_memory<float>(0),
+       t.threadgroup_position_in_grid.x, t.thread_index_in_threadgroup,
+       t.threads_per_threadgroup.x, t.thread_index_in_simdgroup,
+       t.simdgroup_index_in_threadgroup, t.simdgroups_per_threadgroup);
+  });
 }
 
 template <class T>
-void sf_bwd_call(const SfBufs& b, const SfArgs& a, const mh::ThreadCtx& t) {
-  sf_backward<T>(static_cast<const T*>(b.logits), reinterpret_cast<const long*>(b.index), b.lse,
-                 b.lse_lo, b.coef, b.g_loss, static_cast<T*>(b.grad), a, t.threadgroup_position_in_grid.xy,
-                 t.thread_index_in_threadgroup, t.threads_per_threadgroup.xy);
+void sf_bwd_call(const LaunchPlan& p, const SfBufs& b, const SfArgs& a) {
+  auto* fn = mh::kernel<decltype(sf_backward<T>)>(p.kernel_name);
+  run_plan(p, [&](const mh::ThreadCtx& t) {
+    fn(static_cast<const T*>(b.logits), reinterpret_cast<const long*>(b.index), b.lse, b.lse_lo,
+       b.coef, b.g_loss, static_cast<T*>(b.grad), a, t.threadgroup_position_in_grid.xy,
+       t.thread_index_in_threadgroup, t.threads_per_threadgroup.xy);
+  });
 }
 
 // ---- element-wise ----------------------------------------------------------------------
@@ -115,95 +123,56 @@ struct PwBufs {
   const PwTargetLayout* layout; // bound for every variant, read by the _bcast ones
 };
 
-using PwFn = void (*)(const PwBufs&, const PwArgs&, const mh::ThreadCtx&);
-
-template <class T, int kKind, bool kBcast>
-void pw_fwd_call(const PwBufs& b, const PwArgs& a, const mh::ThreadCtx& t) {
-  pw_forward<T, kKind, kBcast>(static_cast<const T*>(b.pred), static_cast<const T*>(b.target),
-                       static_cast<T*>(b.out), a, *b.layout,
-                       t.threadgroup_position_in_grid.x, t.thread_index_in_threadgroup,
-                       t.threads_per_threadgroup.x);
+template <class T>
+void pw_fwd_call(const LaunchPlan& p, const PwBufs& b, const PwArgs& a) {
+  auto* fn = mh::kernel<decltype(pw_forward<T, 0, false>)>(p.kernel_name);
+  run_plan(p, [&](const mh::ThreadCtx& t) {
+    fn(static_cast<const T*>(b.pred), static_cast<const T*>(b.target), static_cast<T*>(b.out), a,
+       *b.layout, t.threadgroup_position_in_grid.x, t.thread_index_in_threadgroup,
+       t.threads_per_threadgroup.x);
+  });
 }
 
-template <class T, int kKind, bool kBcast>
-void pw_partial_call(const PwBufs& b, const PwArgs& a, const mh::ThreadCtx& t) {
-  pw_forward_partial<T, kKind, kBcast>(
-      static_cast<const T*>(b.pred), static_cast<const T*>(b.target), static_cast<float*>(b.out),
-      a, *b.layout, t.threadgroup_memory<float>(0), t.threadgroup_position_in_grid.x,
-      t.thread_index_in_threadgroup, t.threads_per_threadgroup.x, t.thread_index_in_simdgroup,
-      t.simdgroup_index_in_threadgroup, t.simdgroups_per_threadgroup);
+template <class T>
+void pw_partial_call(const LaunchPlan& p, const PwBufs& b, const PwArgs& a) {
+  auto* fn = mh::kernel<decltype(pw_forward_partial<T, 0, false>)>(p.kernel_name);
+  run_plan(p, [&](const mh::ThreadCtx& t) {
+    fn(static_cast<const T*>(b.pred), static_cast<const T*>(b.target), static_cast<float*>(b.out),
+       a, *b.layout, t.threadgroup_memory<float>(0), t.threadgroup_position_in_grid.x,
+       t.thread_index_in_threadgroup, t.threads_per_threadgroup.x, t.thread_index_in_simdgroup,
+       t.simdgroup_index_in_threadgroup, t.simdgroups_per_threadgroup);
+  });
 }
 
-void pw_finish_call(const PwBufs& b, const PwArgs& a, const mh::ThreadCtx& t) {
-  fl_pw_sum_finish(static_cast<const float*>(b.out), b.result, a, t.threadgroup_memory<float>(0),
-                   t.thread_index_in_threadgroup, t.threads_per_threadgroup.x,
-                   t.thread_index_in_simdgroup, t.simdgroup_index_in_threadgroup,
-                   t.simdgroups_per_threadgroup);
+void pw_finish_call(const LaunchPlan& p, const PwBufs& b, const PwArgs& a) {
+  auto* fn = mh::kernel<decltype(fl_pw_sum_finish)>(p.kernel_name);
+  run_plan(p, [&](const mh::ThreadCtx& t) {
+    fn(static_cast<const float*>(b.out), b.result, a, t.threadgroup_memory<float>(0),
+       t.thread_index_in_threadgroup, t.threads_per_threadgroup.x, t.thread_index_in_simdgroup,
+       t.simdgroup_index_in_threadgroup, t.simdgroups_per_threadgroup);
+  });
 }
 
-template <class T, class G, int kKind, bool kBcast>
-void pw_bwd_call(const PwBufs& b, const PwArgs& a, const mh::ThreadCtx& t) {
-  pw_backward<T, G, kKind, kBcast>(static_cast<const T*>(b.pred), static_cast<const T*>(b.target),
-                        static_cast<const G*>(b.cotan), static_cast<T*>(b.grad), a, *b.layout,
-                        t.threadgroup_position_in_grid.x,
-                        t.thread_index_in_threadgroup, t.threads_per_threadgroup.x);
+// G: the cotangent's type (float, or T for the _cot16 kernels).
+template <class T, class G>
+void pw_bwd_call(const LaunchPlan& p, const PwBufs& b, const PwArgs& a) {
+  auto* fn = mh::kernel<decltype(pw_backward<T, G, 0, false>)>(p.kernel_name);
+  run_plan(p, [&](const mh::ThreadCtx& t) {
+    fn(static_cast<const T*>(b.pred), static_cast<const T*>(b.target),
+       static_cast<const G*>(b.cotan), static_cast<T*>(b.grad), a, *b.layout,
+       t.threadgroup_position_in_grid.x, t.thread_index_in_threadgroup,
+       t.threads_per_threadgroup.x);
+  });
 }
 
-// ---- registry: host name -> instantiation ---------------------------------------------
-// Mirrors the FL_INST_* macros of the .metal files; test_metal_kernels.py
-// compares registry_names() with the host_name strings parsed from them.
-
-struct Registry {
-  std::map<std::string, CeFn> ce;
-  std::map<std::string, SfFn> sf;
-  std::map<std::string, PwFn> pw;
-
-  template <class T>
-  void add_dtype(const std::string& d) {
-    add_ce<T, false, false>("hard_nw_" + d);
-    add_ce<T, false, true>("hard_w_" + d);
-    add_ce<T, true, false>("soft_nw_" + d);
-    add_ce<T, true, true>("soft_w_" + d);
-    sf["fl_sf_fwd_block_" + d] = sf_fwd_call<T, false>;
-    sf["fl_sf_fwd_looped_" + d] = sf_fwd_call<T, true>;
-    sf["fl_sf_bwd_" + d] = sf_bwd_call<T>;
-    add_pw<T, 0>("smooth_l1_" + d);
-    add_pw<T, 1>("huber_" + d);
-    add_pw<T, 2>("sigmoid_focal_" + d);
-    add_pw<T, FL_PW_KIND_FOCAL_GAMMA_TWO>("sigmoid_focal_g2_" + d);
+// f.template operator()<T>() for the element type of dtype code dt.
+template <class F>
+void with_dtype(KDtype dt, F&& f) {
+  switch (dt) {
+    case KDtype::float32: f.template operator()<float>(); break;
+    case KDtype::float16: f.template operator()<metal::half>(); break;
+    case KDtype::bfloat16: f.template operator()<metal::bfloat>(); break;
   }
-  template <class T, bool kSoft, bool kW>
-  void add_ce(const std::string& tail) {
-    ce["fl_ce_fwd_block_" + tail] = ce_fwd_call<T, kSoft, kW, false>;
-    ce["fl_ce_fwd_looped_" + tail] = ce_fwd_call<T, kSoft, kW, true>;
-    ce["fl_ce_bwd_" + tail] = ce_bwd_call<T, kSoft, kW>;
-  }
-  template <class T, int kKind>
-  void add_pw(const std::string& tail) {
-    add_pw_variant<T, kKind, false>(tail, "");
-    add_pw_variant<T, kKind, true>(tail, "_bcast");
-  }
-  template <class T, int kKind, bool kBcast>
-  void add_pw_variant(const std::string& tail, const std::string& sfx) {
-    pw["fl_pw_fwd_none_" + tail + sfx] = pw_fwd_call<T, kKind, kBcast>;
-    pw["fl_pw_fwd_partial_" + tail + sfx] = pw_partial_call<T, kKind, kBcast>;
-    pw["fl_pw_bwd_" + tail + sfx] = pw_bwd_call<T, float, kKind, kBcast>;
-    if constexpr (!std::is_same_v<T, float>) {
-      pw["fl_pw_bwd_" + tail + "_cot16" + sfx] = pw_bwd_call<T, T, kKind, kBcast>;
-    }
-  }
-
-  Registry() {
-    add_dtype<float>("float32");
-    add_dtype<metal::half>("float16");
-    add_dtype<metal::bfloat>("bfloat16");
-    pw["fl_pw_sum_finish"] = pw_finish_call;
-  }
-};
-
-const Registry& registry() {
-  static const Registry r;
-  return r;
 }
 
 // Plan summary for Python: looped, grid x/y/z, group x/y/z, threadgroup bytes,
@@ -229,18 +198,6 @@ extern "C" {
 
 int set_pipeline_limit(int limit) {
   return mh::guarded([&] { g_pipeline_limit = limit; });
-}
-
-// All registered host names, '\n'-separated, into a uint8 buffer of `cap` bytes.
-int registry_names(uint8_t* out, uint32_t cap) {
-  return mh::guarded([&] {
-    std::string s;
-    for (auto& [k, v] : registry().ce) s += k + "\n";
-    for (auto& [k, v] : registry().sf) s += k + "\n";
-    for (auto& [k, v] : registry().pw) s += k + "\n";
-    if (s.size() + 1 > cap) throw mh::Error("registry_names: buffer too small");
-    std::memcpy(out, s.c_str(), s.size() + 1);
-  });
 }
 
 // which: 0 ce fwd, 1 ce bwd, 2 sf fwd, 3 sf bwd, 4 pw fwd (a = kind, b = reduce),
@@ -280,8 +237,7 @@ int ce_forward_run(int dt, int soft, int weighted, int max_threads, const void* 
     CeArgs args = fl::mplan::make_ce_args(num_classes, smoothing, mode, has_ignore != 0,
                                           ignore_index, z_loss, softcap);
     CeBufs b{logits, index, probs, weights, loss, lse, lse_lo, a_sum, nullptr, nullptr, nullptr};
-    CeFn fn = lookup(registry().ce, p.kernel_name);
-    run_plan(p, [&](const mh::ThreadCtx& t) { fn(b, args, t); });
+    with_dtype(to_dtype(dt), [&]<class T>() { ce_fwd_call<T>(p, b, args); });
   });
 }
 
@@ -297,8 +253,7 @@ int ce_backward_run(int dt, int soft, int weighted, const void* logits, const in
                                           ignore_index, z_loss, softcap);
     CeBufs b{logits, index, probs, weights, nullptr, const_cast<float*>(lse),
              const_cast<float*>(lse_lo), const_cast<float*>(a_sum), g_loss, g_lse, grad};
-    CeFn fn = lookup(registry().ce, p.kernel_name);
-    run_plan(p, [&](const mh::ThreadCtx& t) { fn(b, args, t); });
+    with_dtype(to_dtype(dt), [&]<class T>() { ce_bwd_call<T>(p, b, args); });
   });
 }
 
@@ -313,8 +268,7 @@ int sf_forward_run(int dt, int max_threads, const void* logits, const int64_t* i
     SfArgs args = fl::mplan::make_sf_args(num_classes, gamma, alpha_scalar, has_class_alpha != 0,
                                           has_ignore != 0, ignore_index);
     SfBufs b{logits, index, alpha, loss, lse, lse_lo, coef, nullptr, nullptr};
-    SfFn fn = lookup(registry().sf, p.kernel_name);
-    run_plan(p, [&](const mh::ThreadCtx& t) { fn(b, args, t); });
+    with_dtype(to_dtype(dt), [&]<class T>() { sf_fwd_call<T>(p, b, args); });
   });
 }
 
@@ -329,8 +283,7 @@ int sf_backward_run(int dt, const void* logits, const int64_t* index, const floa
     SfBufs b{logits, index, nullptr, nullptr, const_cast<float*>(lse),
              const_cast<float*>(lse_lo), const_cast<float*>(coef),
              g_loss, grad};
-    SfFn fn = lookup(registry().sf, p.kernel_name);
-    run_plan(p, [&](const mh::ThreadCtx& t) { fn(b, args, t); });
+    with_dtype(to_dtype(dt), [&]<class T>() { sf_bwd_call<T>(p, b, args); });
   });
 }
 
@@ -378,17 +331,14 @@ void pw_forward_impl(int dt, int kind, int reduce, const void* pred, const void*
                                             g_pipeline_limit, layout);
   PwTargetLayout unread{}; // the plain kernels get a layout they never read
   const PwTargetLayout* bound = layout ? layout : &unread;
-  PwFn fn = lookup(registry().pw, p.kernel_name);
   if (reduce == 0) {
     PwBufs b{pred, target, out, nullptr, nullptr, nullptr, bound};
-    run_plan(p, [&](const mh::ThreadCtx& t) { fn(b, args, t); });
+    with_dtype(d, [&]<class T>() { pw_fwd_call<T>(p, b, args); });
     return;
   }
   PwBufs b{pred, target, partials, static_cast<float*>(out), nullptr, nullptr, bound};
-  run_plan(p, [&](const mh::ThreadCtx& t) { fn(b, args, t); });
-  LaunchPlan f = fl::mplan::pw_sum_finish_plan(args.num_partials, g_pipeline_limit);
-  PwFn finish = lookup(registry().pw, f.kernel_name);
-  run_plan(f, [&](const mh::ThreadCtx& t) { finish(b, args, t); });
+  with_dtype(d, [&]<class T>() { pw_partial_call<T>(p, b, args); });
+  pw_finish_call(fl::mplan::pw_sum_finish_plan(args.num_partials, g_pipeline_limit), b, args);
 }
 
 void pw_backward_impl(int dt, int kind, int reduce, const void* pred, const void* target,
@@ -399,8 +349,14 @@ void pw_backward_impl(int dt, int kind, int reduce, const void* pred, const void
                                              cotan_in_dtype != 0, g_pipeline_limit, layout);
   PwTargetLayout unread{};
   PwBufs b{pred, target, nullptr, nullptr, cotan, grad, layout ? layout : &unread};
-  PwFn fn = lookup(registry().pw, p.kernel_name);
-  run_plan(p, [&](const mh::ThreadCtx& t) { fn(b, args, t); });
+  with_dtype(to_dtype(dt), [&]<class T>() {
+    // The _cot16 kernels read a cotangent of the predictions' 16-bit dtype.
+    if (cotan_in_dtype != 0 && !std::is_same_v<T, float>) {
+      pw_bwd_call<T, T>(p, b, args);
+    } else {
+      pw_bwd_call<T, float>(p, b, args);
+    }
+  });
 }
 
 } // namespace
@@ -483,10 +439,8 @@ int pw_sum_finish_run(const float* partials, float* out, uint64_t num_partials, 
   return mh::guarded([&] {
     PwArgs args = fl::mplan::make_pw_args(n, 0.0f, 0.0f, reduce);
     args.num_partials = num_partials;
-    LaunchPlan f = fl::mplan::pw_sum_finish_plan(num_partials, g_pipeline_limit);
     PwBufs b{nullptr, nullptr, const_cast<float*>(partials), out, nullptr, nullptr, nullptr};
-    PwFn finish = lookup(registry().pw, f.kernel_name);
-    run_plan(f, [&](const mh::ThreadCtx& t) { finish(b, args, t); });
+    pw_finish_call(fl::mplan::pw_sum_finish_plan(num_partials, g_pipeline_limit), b, args);
   });
 }
 

@@ -4,14 +4,13 @@
 // with -I csrc.
 //
 // Every entry point runs the dispatch sequence of csrc/metal/linear_cross_entropy.cpp
-// (eval_gpu) with the plans of csrc/metal/launch_plan.cpp, and looks each kernel up
-// by the [[host_name]] the plan names in a registry that mirrors the FL_INST_LCE_*
-// macros (the test compares the two). The temporaries eval_gpu allocates (per-split
+// (eval_gpu) with the plans of csrc/metal/launch_plan.cpp, and finds each kernel
+// by the name the plan gives it in the harness's kernel table (mh_kernels.h,
+// generated from the .metal sources). The temporaries eval_gpu allocates (per-split
 // states, target logits, per-row losses, the dZ chunk) come from Python, so the
 // harness guards and compares them too.
 //
-// Quantized heads (metal/quantized_head.h) are registered with
-// Registry::add_head<Head>(name) like the dense ones; lce_forward_run_q and
+// Quantized heads (metal/quantized_head.h): lce_forward_run_q and
 // lce_backward_run_q run the same dispatch sequences with such a head.
 #include <cstdint>
 #include <cstring>
@@ -29,7 +28,6 @@ using fl::mplan::KDtype;
 using fl::mplan::LaunchPlan;
 using fl::mplan::LcePlan;
 
-using mkp::lookup;
 using mkp::run_plan;
 using mkp::to_dtype;
 
@@ -55,126 +53,86 @@ struct LceBufs {
   float* dbias;
 };
 
-using LceFn = void (*)(const LceBufs&, const LceArgs&, const mh::ThreadCtx&);
-
+// The kernel a plan names, with the buffers of one call. A kernel's function type
+// depends on the hidden dtype T and on the head's weight and scale types only.
 template <class T, class Head>
-void fwd_call(const LceBufs& b, const LceArgs& a, const mh::ThreadCtx& t) {
+void fwd_call(const LaunchPlan& p, const LceBufs& b, const LceArgs& a) {
   using Wt = typename Head::weight_t;
   using St = typename Head::scale_t;
-  lce_forward<T, Head>(static_cast<const T*>(b.hidden), static_cast<const Wt*>(b.weight),
-                       static_cast<const St*>(b.scales), static_cast<const St*>(b.qbiases),
-                       reinterpret_cast<const long*>(b.targets), b.bias,
-                       reinterpret_cast<metal::float4*>(b.partials), b.target_logit, a,
-                       t.threadgroup_position_in_grid.xy, t.thread_index_in_threadgroup,
-                       t.thread_index_in_simdgroup, t.simdgroup_index_in_threadgroup);
+  auto* fn = mh::kernel<decltype(lce_forward<T, Head>)>(p.kernel_name);
+  run_plan(p, [&](const mh::ThreadCtx& t) {
+    fn(static_cast<const T*>(b.hidden), static_cast<const Wt*>(b.weight),
+       static_cast<const St*>(b.scales), static_cast<const St*>(b.qbiases),
+       reinterpret_cast<const long*>(b.targets), b.bias,
+       reinterpret_cast<metal::float4*>(b.partials), b.target_logit, a,
+       t.threadgroup_position_in_grid.xy, t.thread_index_in_threadgroup,
+       t.thread_index_in_simdgroup, t.simdgroup_index_in_threadgroup);
+  });
 }
 
-void finish_call(const LceBufs& b, const LceArgs& a, const mh::ThreadCtx& t) {
-  lce_forward_finish(reinterpret_cast<const metal::float4*>(b.partials), b.target_logit,
-                     reinterpret_cast<const long*>(b.targets), b.loss, b.lse, b.lse_lo, b.correct,
-                     b.entropy, a, t.thread_position_in_grid.x);
+void finish_call(const LaunchPlan& p, const LceBufs& b, const LceArgs& a) {
+  auto* fn = mh::kernel<decltype(fl_lce_fwd_finish)>(p.kernel_name);
+  run_plan(p, [&](const mh::ThreadCtx& t) {
+    fn(reinterpret_cast<const metal::float4*>(b.partials), b.target_logit,
+       reinterpret_cast<const long*>(b.targets), b.loss, b.lse, b.lse_lo, b.correct, b.entropy, a,
+       t.thread_position_in_grid.x);
+  });
 }
 
 template <class T, class Head>
-void dz_call(const LceBufs& b, const LceArgs& a, const mh::ThreadCtx& t) {
+void dz_call(const LaunchPlan& p, const LceBufs& b, const LceArgs& a) {
   using Wt = typename Head::weight_t;
   using St = typename Head::scale_t;
-  lce_dz<T, Head>(static_cast<const T*>(b.hidden), static_cast<const Wt*>(b.weight),
-                  static_cast<const St*>(b.scales), static_cast<const St*>(b.qbiases),
-                  reinterpret_cast<const long*>(b.targets), b.bias, b.lse, b.lse_lo, b.g, b.dz, a,
-                  t.threadgroup_position_in_grid.xy, t.thread_index_in_threadgroup,
-                  t.thread_index_in_simdgroup, t.simdgroup_index_in_threadgroup);
+  auto* fn = mh::kernel<decltype(lce_dz<T, Head>)>(p.kernel_name);
+  run_plan(p, [&](const mh::ThreadCtx& t) {
+    fn(static_cast<const T*>(b.hidden), static_cast<const Wt*>(b.weight),
+       static_cast<const St*>(b.scales), static_cast<const St*>(b.qbiases),
+       reinterpret_cast<const long*>(b.targets), b.bias, b.lse, b.lse_lo, b.g, b.dz, a,
+       t.threadgroup_position_in_grid.xy, t.thread_index_in_threadgroup,
+       t.thread_index_in_simdgroup, t.simdgroup_index_in_threadgroup);
+  });
 }
 
 template <class Head>
-void dh_call(const LceBufs& b, const LceArgs& a, const mh::ThreadCtx& t) {
+void dh_call(const LaunchPlan& p, const LceBufs& b, const LceArgs& a) {
   using Wt = typename Head::weight_t;
   using St = typename Head::scale_t;
-  lce_dh<Head>(b.dz, static_cast<const Wt*>(b.weight), static_cast<const St*>(b.scales),
-               static_cast<const St*>(b.qbiases), b.dh, a, t.threadgroup_position_in_grid.xy,
-               t.thread_index_in_threadgroup, t.simdgroup_index_in_threadgroup);
+  auto* fn = mh::kernel<decltype(lce_dh<Head>)>(p.kernel_name);
+  run_plan(p, [&](const mh::ThreadCtx& t) {
+    fn(b.dz, static_cast<const Wt*>(b.weight), static_cast<const St*>(b.scales),
+       static_cast<const St*>(b.qbiases), b.dh, a, t.threadgroup_position_in_grid.xy,
+       t.thread_index_in_threadgroup, t.simdgroup_index_in_threadgroup);
+  });
 }
 
 template <class T>
-void dw_call(const LceBufs& b, const LceArgs& a, const mh::ThreadCtx& t) {
-  lce_dw<T>(b.dz, static_cast<const T*>(b.hidden), b.dw, a, t.threadgroup_position_in_grid.xy,
-            t.thread_index_in_threadgroup, t.simdgroup_index_in_threadgroup);
+void dw_call(const LaunchPlan& p, const LceBufs& b, const LceArgs& a) {
+  auto* fn = mh::kernel<decltype(lce_dw<T>)>(p.kernel_name);
+  run_plan(p, [&](const mh::ThreadCtx& t) {
+    fn(b.dz, static_cast<const T*>(b.hidden), b.dw, a, t.threadgroup_position_in_grid.xy,
+       t.thread_index_in_threadgroup, t.simdgroup_index_in_threadgroup);
+  });
 }
 
-void dbias_call(const LceBufs& b, const LceArgs& a, const mh::ThreadCtx& t) {
-  lce_dbias(b.dz, b.dbias, a, t.thread_position_in_grid.x);
+void dbias_call(const LaunchPlan& p, const LceBufs& b, const LceArgs& a) {
+  auto* fn = mh::kernel<decltype(fl_lce_dbias)>(p.kernel_name);
+  run_plan(p, [&](const mh::ThreadCtx& t) { fn(b.dz, b.dbias, a, t.thread_position_in_grid.x); });
 }
 
-// ---- registry: host name -> instantiation (mirrors the FL_INST_LCE_* macros) ----------
-
-struct Registry {
-  std::map<std::string, LceFn> lce;
-  std::map<std::string, void (*)(const float*, const float*, void*, const PwArgs&,
-                                 const mh::ThreadCtx&)> scale;
-
-  // The kernels that read the weight through a head, for every hidden dtype.
-  template <class Head>
-  void add_head(const std::string& head) {
-    lce["fl_lce_fwd_float32_" + head] = fwd_call<float, Head>;
-    lce["fl_lce_fwd_float16_" + head] = fwd_call<metal::half, Head>;
-    lce["fl_lce_fwd_bfloat16_" + head] = fwd_call<metal::bfloat, Head>;
-    lce["fl_lce_dz_float32_" + head] = dz_call<float, Head>;
-    lce["fl_lce_dz_float16_" + head] = dz_call<metal::half, Head>;
-    lce["fl_lce_dz_bfloat16_" + head] = dz_call<metal::bfloat, Head>;
-    lce["fl_lce_dh_" + head] = dh_call<Head>;
+// f.template operator()<T>() for the element type of dtype code dt.
+template <class F>
+void with_dtype(KDtype dt, F&& f) {
+  switch (dt) {
+    case KDtype::float32: f.template operator()<float>(); break;
+    case KDtype::float16: f.template operator()<metal::half>(); break;
+    case KDtype::bfloat16: f.template operator()<metal::bfloat>(); break;
   }
-
-  template <class T>
-  void add_dtype(const std::string& d) {
-    add_head<lce::DenseHead<T>>("w" + d);
-    lce["fl_lce_dw_" + d] = dw_call<T>;
-    scale["fl_lce_scale_" + d] = [](const float* g, const float* src, void* out, const PwArgs& a,
-                                    const mh::ThreadCtx& t) {
-      lce_scale_grad<T>(g, src, static_cast<T*>(out), a, t.thread_position_in_grid.x);
-    };
-  }
-
-  template <class S>
-  void add_quantized(const std::string& d) {
-    add_head<flk::QuantizedHead1<S>>("q1_" + d);
-    add_head<flk::QuantizedHead2<S>>("q2_" + d);
-    add_head<flk::QuantizedHead3<S>>("q3_" + d);
-    add_head<flk::QuantizedHead4<S>>("q4_" + d);
-    add_head<flk::QuantizedHead5<S>>("q5_" + d);
-    add_head<flk::QuantizedHead6<S>>("q6_" + d);
-    add_head<flk::QuantizedHead8<S>>("q8_" + d);
-  }
-
-  Registry() {
-    add_dtype<float>("float32");
-    add_dtype<metal::half>("float16");
-    add_dtype<metal::bfloat>("bfloat16");
-    add_quantized<float>("float32");
-    add_quantized<metal::half>("float16");
-    add_quantized<metal::bfloat>("bfloat16");
-    add_head<flk::Mxfp4Head>("mxfp4");
-    add_head<flk::Mxfp8Head>("mxfp8");
-    add_head<flk::Nvfp4Head>("nvfp4");
-    add_head<flk::Nvfp4GlobalHead>("nvfp4_global");
-    lce["fl_lce_fwd_finish"] = finish_call;
-    lce["fl_lce_dbias"] = dbias_call;
-  }
-};
-
-const Registry& registry() {
-  static const Registry r;
-  return r;
 }
 
 int g_pipeline_limit = fl::mplan::kMaxGroupThreads;
 // The plan's work bound per command buffer (lce_set_max_buffer_flops): small
 // values cut the small shapes here into several forward launches and chunks.
 int64_t g_max_buffer_flops = fl::mplan::kLceMaxBufferFlops;
-
-void run_lce(const LaunchPlan& p, const LceBufs& b, const LceArgs& a) {
-  LceFn fn = lookup(registry().lce, p.kernel_name);
-  run_plan(p, [&](const mh::ThreadCtx& t) { fn(b, a, t); });
-}
 
 // Options of a call, as eval_gpu gets them from LinearCrossEntropyParams.
 struct Options {
@@ -251,6 +209,24 @@ void bind_head(LceBufs& b, LceArgs& a) {
 // inaccessible page (fenced.h; 0: in place).
 int g_fence = 0;
 
+// f.template operator()<Head>() with a head of the types eval_gpu binds
+// (head_for): dense of dtype code wdt, or the running _q call's quantized
+// head. A kernel's function type depends on its head's weight and scale types
+// only, so one head stands for every bits value (affine: QuantizedHead4<S>)
+// or mode (floating point: Mxfp4Head): the kernel that runs is the one the
+// plan's name finds in the table, and mh::kernel checks the type.
+template <class F>
+void with_head(int wdt, F&& f) {
+  if (g_quantized.bits == 0) {
+    with_dtype(to_dtype(wdt), [&]<class W>() { f.template operator()<lce::DenseHead<W>>(); });
+  } else if (g_quantized.mode != flm::kQuantAffine) {
+    f.template operator()<flk::Mxfp4Head>();
+  } else {
+    with_dtype(to_dtype(g_quantized.scale_dtype),
+               [&]<class S>() { f.template operator()<flk::QuantizedHead4<S>>(); });
+  }
+}
+
 // Runs run(w_q) with the quantized head q (w_q, scales, biases fenced when asked).
 template <class F>
 int with_quantized(QuantizedWeight q, const uint32_t* w_q, int64_t vocab, int hidden, F run) {
@@ -320,16 +296,6 @@ int lce_schedule_info(int64_t rows, int vocab, int hidden, int64_t chunk_bytes,
       int64_t v[5] = {int64_t(l.kernel), l.row0, l.rows, l.flops, l.segment};
       std::memcpy(out + 5 * i, v, sizeof v);
     }
-  });
-}
-
-int lce_registry_names(uint8_t* out, uint32_t cap) {
-  return mh::guarded([&] {
-    std::string s;
-    for (auto& [k, v] : registry().lce) s += k + "\n";
-    for (auto& [k, v] : registry().scale) s += k + "\n";
-    if (s.size() + 1 > cap) throw mh::Error("registry_names: buffer too small");
-    std::memcpy(out, s.c_str(), s.size() + 1);
   });
 }
 
@@ -404,9 +370,12 @@ int lce_forward_run(int hdt, int wdt, const void* hidden, const void* weight,
       LceArgs a = args;
       a.row0 = l.row0;
       if (l.kernel == P::LceKernel::forward) {
-        run_lce(P::lce_forward_plan(to_dtype(hdt), head, plan, g_pipeline_limit, l.rows), b, a);
+        LaunchPlan tiles = P::lce_forward_plan(to_dtype(hdt), head, plan, g_pipeline_limit, l.rows);
+        with_dtype(to_dtype(hdt), [&]<class T>() {
+          with_head(wdt, [&]<class Head>() { fwd_call<T, Head>(tiles, b, a); });
+        });
       } else if (l.kernel == P::LceKernel::finish) {
-        run_lce(P::lce_finish_plan(plan, g_pipeline_limit), b, a);
+        finish_call(P::lce_finish_plan(plan, g_pipeline_limit), b, a);
       } else if (l.kernel != P::LceKernel::sum) {
         throw mh::Error("lce_forward_run: a backward launch in a forward schedule");
       }
@@ -415,12 +384,12 @@ int lce_forward_run(int hdt, int wdt, const void* hidden, const void* weight,
       PwArgs sum = P::make_pw_args(uint64_t(rows), 0.0f, 0.0f, 1);
       sum.num_partials = uint64_t(rows);
       LaunchPlan f = P::pw_sum_finish_plan(uint64_t(rows), g_pipeline_limit);
-      if (f.kernel_name != "fl_pw_sum_finish") throw mh::Error("unexpected finish kernel");
+      auto* finish = mh::kernel<decltype(fl_pw_sum_finish)>(f.kernel_name);
       run_plan(f, [&](const mh::ThreadCtx& t) {
-        fl_pw_sum_finish(row_loss, loss, sum, t.threadgroup_memory<float>(0),
-                         t.thread_index_in_threadgroup, t.threads_per_threadgroup.x,
-                         t.thread_index_in_simdgroup, t.simdgroup_index_in_threadgroup,
-                         t.simdgroups_per_threadgroup);
+        finish(row_loss, loss, sum, t.threadgroup_memory<float>(0),
+               t.thread_index_in_threadgroup, t.threads_per_threadgroup.x,
+               t.thread_index_in_simdgroup, t.simdgroup_index_in_threadgroup,
+               t.simdgroups_per_threadgroup);
       });
     }
   });
@@ -461,10 +430,24 @@ int lce_backward_run(int hdt, int wdt, const void* hidden, const void* weight,
       a.accumulate = l.row0 > 0 ? 1 : 0;
       a.unit_cotangent = unit_cotangent;
       switch (l.kernel) {
-        case P::LceKernel::dz: run_lce(P::lce_dz_plan(h, head, plan, n, g_pipeline_limit), b, a); break;
-        case P::LceKernel::dbias: run_lce(P::lce_dbias_plan(plan, g_pipeline_limit), b, a); break;
-        case P::LceKernel::dh: run_lce(P::lce_dh_plan(head, plan, n, g_pipeline_limit), b, a); break;
-        case P::LceKernel::dw: run_lce(P::lce_dw_plan(h, plan, g_pipeline_limit), b, a); break;
+        case P::LceKernel::dz: {
+          LaunchPlan dz = P::lce_dz_plan(h, head, plan, n, g_pipeline_limit);
+          with_dtype(h, [&]<class T>() {
+            with_head(wdt, [&]<class Head>() { dz_call<T, Head>(dz, b, a); });
+          });
+          break;
+        }
+        case P::LceKernel::dbias: dbias_call(P::lce_dbias_plan(plan, g_pipeline_limit), b, a); break;
+        case P::LceKernel::dh: {
+          LaunchPlan dh = P::lce_dh_plan(head, plan, n, g_pipeline_limit);
+          with_head(wdt, [&]<class Head>() { dh_call<Head>(dh, b, a); });
+          break;
+        }
+        case P::LceKernel::dw: {
+          LaunchPlan dw = P::lce_dw_plan(h, plan, g_pipeline_limit);
+          with_dtype(h, [&]<class T>() { dw_call<T>(dw, b, a); });
+          break;
+        }
         default: throw mh::Error("lce_backward_run: a forward launch in a backward schedule");
       }
     }
@@ -531,8 +514,12 @@ int lce_scale_run(int dt, const float* g, const float* src, void* out, uint64_t 
   return mh::guarded([&] {
     LaunchPlan p = fl::mplan::lce_scale_plan(to_dtype(dt), n, g_pipeline_limit);
     PwArgs a = fl::mplan::make_pw_args(n, 0.0f, 0.0f, 0);
-    auto fn = lookup(registry().scale, p.kernel_name);
-    run_plan(p, [&](const mh::ThreadCtx& t) { fn(g, src, out, a, t); });
+    with_dtype(to_dtype(dt), [&]<class T>() {
+      auto* fn = mh::kernel<decltype(lce_scale_grad<T>)>(p.kernel_name);
+      run_plan(p, [&](const mh::ThreadCtx& t) {
+        fn(g, src, static_cast<T*>(out), a, t.thread_position_in_grid.x);
+      });
+    });
   });
 }
 

@@ -1,6 +1,7 @@
 // What the harness adaptors of tests/metal_kernels/ share: running a launch plan
-// (csrc/metal/launch_plan.cpp) under the harness, finding the instantiation a
-// plan names, and the dtype codes the Python tests pass. Included by adaptor.cpp
+// (csrc/metal/launch_plan.cpp) under the harness and the dtype codes the Python
+// tests pass. The kernel a plan names comes from mh::kernel (mh_kernels.h: the
+// table build.py derives from the .metal sources). Included by adaptor.cpp
 // and lce_adaptor.cpp after the .metal sources.
 #pragma once
 
@@ -8,6 +9,7 @@
 #include <vector>
 
 #include "metal_host.h"
+#include "mh_kernels.h"
 
 #include "metal/launch_plan.cpp"
 #include "metal/launch_plan.h"
@@ -25,16 +27,6 @@ inline void run_plan(const fl::mplan::LaunchPlan& p, const mh::Kernel& body) {
   }
   mh::dispatch_threadgroups({p.grid[0], p.grid[1], p.grid[2]},
                             {p.group[0], p.group[1], p.group[2]}, tg, body);
-}
-
-// The registry entry of a [[host_name]]; a plan naming no instantiation is an error.
-template <class Map>
-typename Map::mapped_type lookup(const Map& m, const std::string& name) {
-  auto it = m.find(name);
-  if (it == m.end()) {
-    throw mh::Error("launch plan names '" + name + "', which no [[host_name]] instantiates");
-  }
-  return it->second;
 }
 
 inline fl::mplan::KDtype to_dtype(int dt) {

@@ -4,6 +4,7 @@
 // `fence` != 0 copies w_q, scales and biases against an inaccessible page right
 // after their last byte (fence 1) or before their first (fence 2): fenced.h.
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -11,6 +12,7 @@
 
 #include "fenced.h"
 #include "metal_host.h"
+#include "mh_kernels.h"
 
 namespace {
 
@@ -22,82 +24,76 @@ struct QhBufs {
   const metal::int4* shape;
 };
 
-using QhFn = void (*)(const QhBufs&, const mh::ThreadCtx&);
-
-template <class Head, class TT, int R, int C>
-void qh_call(const QhBufs& b, const mh::ThreadCtx& t) {
-  using S = typename Head::scale_t;
-  qh_stage_tile<Head, TT, R, C>(
-      b.w_q, static_cast<const S*>(b.scales), static_cast<const S*>(b.biases),
-      static_cast<TT*>(b.out), *b.shape, t.threadgroup_memory<TT>(0),
-      t.threadgroup_position_in_grid.xy, t.threadgroups_per_grid.xy, t.thread_index_in_threadgroup,
-      t.threads_per_threadgroup.xy);
+// The dtype code of a dtype name as the kernel names spell it.
+int dtype_code(const std::string& d) {
+  if (d == "float32") return 0;
+  if (d == "float16") return 1;
+  if (d == "bfloat16") return 2;
+  throw mh::Error("unknown dtype '" + d + "' in a tile kernel name");
 }
 
-struct Entry {
-  QhFn fn;
-  int rows, cols, tile_elem_bytes;
-  int bits; // of the packed words
-  bool global_scale; // nvfp4_global: `biases` is the float32 global scale
+template <class F>
+void with_dtype(int code, F&& f) {
+  switch (code) {
+    case 0: f.template operator()<float>(); break;
+    case 1: f.template operator()<metal::half>(); break;
+    default: f.template operator()<metal::bfloat>(); break;
+  }
+}
+
+// What a kernel name says (QH_INST in quantized_head_tile.metal):
+// qh_tile_<head>_<tile dtype>_<R>x<C>, the head q<bits>_<scale dtype> (affine)
+// or mxfp4 / mxfp8 / nvfp4 / nvfp4_global. The kernel itself comes from the harness's table
+// (mh_kernels.h, generated from the .metal source), by that name.
+struct TileName {
+  int fp_mode = -1; // flm::kQuant* of a floating-point head, else -1 (affine)
+  int scale_dtype = 0, tile_dtype = 0, bits = 0, rows = 0, cols = 0;
+  bool global_scale = false; // nvfp4_global: `biases` is the float32 global scale
 };
 
-struct Registry {
-  std::map<std::string, Entry> fns;
-  template <class Head, class TT>
-  void add_tiles(const std::string& stem, int bits, bool global = false) {
-    fns[stem + "_32x32"] = {qh_call<Head, TT, 32, 32>, 32, 32, int(sizeof(TT)), bits, global};
-    fns[stem + "_8x16"] = {qh_call<Head, TT, 8, 16>, 8, 16, int(sizeof(TT)), bits, global};
-    fns[stem + "_16x64"] = {qh_call<Head, TT, 16, 64>, 16, 64, int(sizeof(TT)), bits, global};
+TileName parse(const std::string& name) {
+  TileName n;
+  char s[16], t[16];
+  if (std::sscanf(name.c_str(), "qh_tile_q%d_%15[a-z0-9]_%15[a-z0-9]_%dx%d", &n.bits, s, t, &n.rows,
+                  &n.cols) == 5) {
+    n.scale_dtype = dtype_code(s);
+    n.tile_dtype = dtype_code(t);
+    return n;
   }
-  template <class S, class TT>
-  void add(const std::string& sname, const std::string& tname) {
-    auto stem = [&](int bits) { return "qh_tile_q" + std::to_string(bits) + "_" + sname + "_" + tname; };
-    add_tiles<flk::QuantizedHead1<S>, TT>(stem(1), 1);
-    add_tiles<flk::QuantizedHead2<S>, TT>(stem(2), 2);
-    add_tiles<flk::QuantizedHead3<S>, TT>(stem(3), 3);
-    add_tiles<flk::QuantizedHead4<S>, TT>(stem(4), 4);
-    add_tiles<flk::QuantizedHead5<S>, TT>(stem(5), 5);
-    add_tiles<flk::QuantizedHead6<S>, TT>(stem(6), 6);
-    add_tiles<flk::QuantizedHead8<S>, TT>(stem(8), 8);
+  char mode[8];
+  std::string rest = name;
+  const std::string global = "qh_tile_nvfp4_global_";
+  if (rest.rfind(global, 0) == 0) {
+    n.global_scale = true;
+    rest = "qh_tile_nvfp4_" + rest.substr(global.size());
   }
-  template <class TT>
-  void add_fp(const std::string& tname) {
-    add_tiles<flk::Mxfp4Head, TT>("qh_tile_mxfp4_" + tname, 4);
-    add_tiles<flk::Mxfp8Head, TT>("qh_tile_mxfp8_" + tname, 8);
-    add_tiles<flk::Nvfp4Head, TT>("qh_tile_nvfp4_" + tname, 4);
-    add_tiles<flk::Nvfp4GlobalHead, TT>("qh_tile_nvfp4_global_" + tname, 4, true);
+  if (std::sscanf(rest.c_str(), "qh_tile_%5[a-z0-9]_%15[a-z0-9]_%dx%d", mode, t, &n.rows,
+                  &n.cols) == 4) {
+    const std::string m(mode);
+    n.fp_mode = m == "mxfp4" ? flm::kQuantMxfp4 : m == "mxfp8" ? flm::kQuantMxfp8
+              : m == "nvfp4" ? flm::kQuantNvfp4 : -1;
+    n.bits = m == "mxfp8" ? 8 : 4;
+    n.tile_dtype = dtype_code(t);
+    if (n.fp_mode >= 0) return n;
   }
-  Registry() {
-    add<float, float>("float32", "float32");
-    add<metal::half, metal::half>("float16", "float16");
-    add<metal::bfloat, metal::bfloat>("bfloat16", "bfloat16");
-    add<metal::half, float>("float16", "float32");
-    add<metal::bfloat, float>("bfloat16", "float32");
-    add<float, metal::half>("float32", "float16");
-    add<float, metal::bfloat>("float32", "bfloat16");
-    add_fp<float>("float32");
-    add_fp<metal::half>("float16");
-    add_fp<metal::bfloat>("bfloat16");
-  }
-};
+  throw mh::Error("not a tile kernel name: " + name);
+}
 
-const Registry& registry() {
-  static const Registry r;
-  return r;
+// f.template operator()<Head>() for a head of the name's scale type: the
+// function type of a tile kernel depends on the head's scale type and the tile
+// type only (bits, mode, R and C are in the name).
+template <class F>
+void with_head_type(const TileName& n, F&& f) {
+  if (n.fp_mode >= 0) {
+    f.template operator()<flk::Mxfp4Head>();
+    return;
+  }
+  with_dtype(n.scale_dtype, [&]<class S>() { f.template operator()<flk::QuantizedHead4<S>>(); });
 }
 
 } // namespace
 
 extern "C" {
-
-int qh_registry_names(uint8_t* out, uint32_t cap) {
-  return mh::guarded([&] {
-    std::string s;
-    for (auto& [k, v] : registry().fns) s += k + "\n";
-    if (s.size() + 1 > cap) throw mh::Error("qh_registry_names: buffer too small");
-    std::memcpy(out, s.c_str(), s.size() + 1);
-  });
-}
 
 // out: [ceil(V / R) * R, ceil(H / C) * C] in the tile type. scale_bytes: the
 // size of one scale (4, 2, or 1: the uint8 codes of the floating-point modes,
@@ -108,9 +104,8 @@ int qh_tile_run(const uint8_t* name, const uint32_t* w_q, const void* scales, co
                 void* out, int vocab, int hidden, int group_size, int transposed, int threads,
                 int scale_bytes, int fence) {
   return mh::guarded([&] {
-    auto it = registry().fns.find(reinterpret_cast<const char*>(name));
-    if (it == registry().fns.end()) throw mh::Error("no such tile kernel");
-    const Entry& e = it->second;
+    const std::string kname(reinterpret_cast<const char*>(name));
+    const TileName e = parse(kname);
     const size_t words = size_t(vocab) * size_t(hidden) * size_t(e.bits) / 32;
     const size_t groups = size_t(vocab) * size_t(hidden / group_size);
     metal::int4 shape = {vocab, hidden, group_size, transposed};
@@ -133,9 +128,20 @@ int qh_tile_run(const uint8_t* name, const uint32_t* w_q, const void* scales, co
     }
     const uint32_t gx = uint32_t((hidden + e.cols - 1) / e.cols);
     const uint32_t gy = uint32_t((vocab + e.rows - 1) / e.rows);
-    const size_t tg = (size_t(e.rows * e.cols * e.tile_elem_bytes) + 15) / 16 * 16;
-    mh::dispatch_threadgroups({gx, gy, 1}, {uint32_t(threads), 1, 1}, {tg},
-                              [&](const mh::ThreadCtx& t) { e.fn(b, t); });
+    with_head_type(e, [&]<class Head>() {
+      with_dtype(e.tile_dtype, [&]<class TT>() {
+        using S = typename Head::scale_t;
+        auto* fn = mh::kernel<decltype(qh_stage_tile<Head, TT, 32, 32>)>(kname);
+        const size_t tg = (size_t(e.rows * e.cols) * sizeof(TT) + 15) / 16 * 16;
+        mh::dispatch_threadgroups({gx, gy, 1}, {uint32_t(threads), 1, 1}, {tg},
+                                  [&](const mh::ThreadCtx& t) {
+          fn(b.w_q, static_cast<const S*>(b.scales), static_cast<const S*>(b.biases),
+             static_cast<TT*>(b.out), *b.shape, t.threadgroup_memory<TT>(0),
+             t.threadgroup_position_in_grid.xy, t.threadgroups_per_grid.xy,
+             t.thread_index_in_threadgroup, t.threads_per_threadgroup.xy);
+        });
+      });
+    });
   });
 }
 
