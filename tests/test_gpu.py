@@ -24,26 +24,41 @@ mx = pytest.importorskip("mlx.core")
 import mlx_fused_losses as fl  # noqa: E402  (missing: a failure, not a skip)
 import mlx_fused_losses._ext as ext  # noqa: E402
 
+# The tolerances, the comparison (which lets flushed float32 subnormals pass: Apple
+# GPUs flush them) and the kernel-name check are those of the self-check command.
+from mlx_fused_losses import check_gpu  # noqa: E402
+from mlx_fused_losses.check_gpu import FLUSH_ATOL, TOL  # noqa: E402
+
 HAVE_METAL = hasattr(mx, "metal") and mx.metal.is_available()
 if os.environ.get("FL_REQUIRE_GPU") == "1" and not HAVE_METAL:
     raise RuntimeError("FL_REQUIRE_GPU=1 but MLX finds no Metal device: the GPU tests cannot run")
+# The device under test: tests/test_gpu.py can be dry-run on the CPU against itself
+# (FL_GPU_TESTS_ON_CPU=1) to check the test code where no Mac is at hand.
+ON_CPU = os.environ.get("FL_GPU_TESTS_ON_CPU") == "1"
+GPU = mx.cpu if ON_CPU else mx.gpu
 pytestmark = [
-    pytest.mark.skipif(not HAVE_METAL, reason="no Metal GPU"),
+    pytest.mark.skipif(not (HAVE_METAL or ON_CPU), reason="no Metal GPU"),
     # The float64 references compute -inf - -inf and NaN rows on purpose.
     pytest.mark.filterwarnings("ignore::RuntimeWarning"),
 ]
-# The device under test: tests/test_gpu.py can be dry-run on the CPU against itself
-# (FL_GPU_TESTS_ON_CPU=1) to check the test code where no Mac is at hand.
-GPU = mx.cpu if os.environ.get("FL_GPU_TESTS_ON_CPU") == "1" else mx.gpu
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-# Relative tolerance of a stored value (outputs and gradients in the dtype).
-TOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
-# Apple GPUs flush float32 and bfloat16 subnormals to zero (operands and results), the
-# CPU keeps them: a flushed value is off by less than FLT_MIN, whatever the array's
-# scale (an all-subnormal expected array would otherwise need exact agreement).
-# tests/test_metal_subnormals.py runs the kernels flushed against these tolerances.
-FLUSH_ATOL = float(np.finfo(np.float32).tiny)
+# TOL (relative tolerance of a value stored in the dtype) and FLUSH_ATOL come from
+# check_gpu. Apple GPUs flush float32 and bfloat16 subnormals to zero (operands and
+# results), the CPU keeps them: a flushed value is off by less than FLT_MIN, whatever
+# the array's scale (an all-subnormal expected array would otherwise need exact
+# agreement). tests/test_metal_subnormals.py runs the kernels flushed against these
+# tolerances.
+
+
+@pytest.mark.skipif(ON_CPU, reason="the metallib is only loaded on a Metal device")
+def test_metallib_defines_every_kernel_the_plans_ask_for():
+    """Every name of _ext.launch_plan_kernels() (every plan the host can build) is a
+    function of the loaded metallib: a misspelt name fails here, not in a user's
+    first call ("Unable to load kernel")."""
+    names = check_gpu.compare_names(ext.metallib_function_names(), ext.launch_plan_kernels())
+    assert names.ok, "\n".join(f"{n}: asked for by {p[0]}" for n, p in names.missing.items())
+    assert names.planned > 200
 
 
 def both(fn, *arrays):
@@ -55,12 +70,11 @@ def both(fn, *arrays):
     return out
 
 
-def close(gpu, cpu, rtol, atol_scale=None):
-    np.testing.assert_array_equal(np.isnan(gpu), np.isnan(cpu))
-    fin = ~np.isnan(cpu)
-    scale = np.abs(cpu[fin]).max() if fin.any() else 1.0
-    atol = max(rtol * (scale if atol_scale is None else atol_scale), FLUSH_ATOL)
-    np.testing.assert_allclose(gpu[fin], cpu[fin], rtol=rtol, atol=atol)
+def close(gpu, cpu, rtol):
+    """check_gpu.disagreement: NaN/inf patterns equal, finite values within rtol
+    of themselves and of the largest |cpu|, or below the smallest normal float32."""
+    why = check_gpu.disagreement(gpu, cpu, rtol)
+    assert why is None, why
 
 
 def grads(loss_fn, x, cot):
@@ -205,15 +219,10 @@ def as_f64(a: mx.array) -> np.ndarray:
 
 
 def agree(actual, expected, rtol, what):
-    """Same NaN and infinity pattern; finite values within rtol of the finite scale."""
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    np.testing.assert_array_equal(np.isnan(actual), np.isnan(expected), err_msg=f"{what}: NaN")
-    np.testing.assert_array_equal(np.isinf(actual) * np.sign(actual),
-                                  np.isinf(expected) * np.sign(expected), err_msg=f"{what}: inf")
-    fin = np.isfinite(expected)
-    scale = np.abs(expected[fin]).max() if fin.any() else 1.0
-    np.testing.assert_allclose(actual[fin], expected[fin], rtol=rtol,
-                               atol=max(rtol * scale, FLUSH_ATOL), err_msg=what)
+    """Same NaN and infinity pattern; finite values within rtol of the finite scale
+    (check_gpu.disagreement, which also lets flushed float32 subnormals pass)."""
+    why = check_gpu.disagreement(actual, expected, rtol)
+    assert why is None, f"{what}: {why}"
 
 
 def awkward_rows(K, dtype, rng, ignore_index):
