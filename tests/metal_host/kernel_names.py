@@ -95,11 +95,10 @@ def parse_preprocessed(text: str, source: str) -> list[KernelInstance]:
     for m in re.finditer(rf"\[\[\s*{_MARK}\s*\]\]|\b{_MARK}\b", text):
         # The attribute groups around the marker, and what precedes them.
         start, end = m.start(), m.end()
-        while True:
-            back = text[:start].rstrip()
-            if back.endswith("]]"):
-                g = back.rfind("[[")
-                start = g
+        while True:  # (windows of the text: it is ~1 MB after preprocessing)
+            back = text[max(0, start - 400):start].rstrip()
+            if back.endswith("]]") and "[[" in back:
+                start = max(0, start - 400) + back.rfind("[[")
                 continue
             break
         while True:
@@ -110,8 +109,8 @@ def parse_preprocessed(text: str, source: str) -> list[KernelInstance]:
             end = g.end()
         attrs = text[start:end]
         host = _HOST_NAME.search(attrs)
-        before = text[:start].rstrip()
-        rest = text[end:]
+        before = text[max(0, start - 400):start].rstrip()
+        rest = text[end:end + 400]
         if re.search(r"\btemplate$", before):
             # Explicit instantiation: template [[host_name(..)]] [[kernel]] decltype(F) F;
             if host is None:
