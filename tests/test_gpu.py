@@ -27,7 +27,7 @@ import mlx_fused_losses._ext as ext  # noqa: E402
 # The tolerances, the comparison (which lets flushed float32 subnormals pass: Apple
 # GPUs flush them) and the kernel-name check are those of the self-check command.
 from mlx_fused_losses import check_gpu  # noqa: E402
-from mlx_fused_losses.check_gpu import FLUSH_ATOL, TOL  # noqa: E402
+from mlx_fused_losses.check_gpu import FLUSH_ATOL, TOL  # noqa: E402, F401  (test_metal_subnormals)
 
 HAVE_METAL = hasattr(mx, "metal") and mx.metal.is_available()
 if os.environ.get("FL_REQUIRE_GPU") == "1" and not HAVE_METAL:
