@@ -58,7 +58,7 @@ def test_the_enumeration_covers_the_option_space():
             assert f"fl_lce_dh_q{bits}_{d}" in names
             assert f"fl_lce_fwd_{d}_q{bits}_bfloat16" in names
     assert "fl_pw_bwd_huber_float16_cot16" in names and "fl_pw_sum_finish" in names
-    for mode in ("mxfp4", "mxfp8", "nvfp4"):
+    for mode in ("mxfp4", "mxfp8", "nvfp4", "nvfp4_global"):
         assert f"fl_lce_dz_float16_{mode}" in names and f"fl_lce_dh_{mode}" in names
     # The call that asked for a name is reported with it.
     assert kernels["fl_pw_sum_finish"].startswith("pw_sum_finish_plan(")

@@ -661,24 +661,26 @@ std::vector<PlanKernel> enumerate_plan_kernels() {
   for (int w = 0; w < kNumKDtypes; ++w) {
     heads.push_back(lce_dense_head(KDtype(w)));
   }
-  // Quantized: every mode x bits x scale dtype lce_quantized_head names a head
-  // for (it throws std::invalid_argument for the others; the floating-point
+  // Quantized: every mode x bits x scale dtype x global scale lce_quantized_head
+  // names a head for (it throws std::invalid_argument for the others; the floating-point
   // modes name one head whatever the bits and dtype).
   for (int mode = flm::kQuantAffine; mode <= flm::kQuantNvfp4; ++mode) {
     for (int bits = 1; bits <= 8; ++bits) {
       for (int s = 0; s < kNumKDtypes; ++s) {
-        std::string head;
-        try {
-          head = lce_quantized_head(mode, bits, KDtype(s));
-        } catch (const std::invalid_argument&) {
-          continue;
-        }
-        bool seen = false;
-        for (const std::string& h : heads) {
-          seen = seen || h == head;
-        }
-        if (!seen) {
-          heads.push_back(head);
+        for (bool global_scale : {false, true}) {
+          std::string head;
+          try {
+            head = lce_quantized_head(mode, bits, KDtype(s), global_scale);
+          } catch (const std::invalid_argument&) {
+            continue;
+          }
+          bool seen = false;
+          for (const std::string& h : heads) {
+            seen = seen || h == head;
+          }
+          if (!seen) {
+            heads.push_back(head);
+          }
         }
       }
     }
