@@ -103,12 +103,15 @@ constexpr size_t kViewSlackBytes = 16384;
 // would pass it on. Known without evaluating anything for an evaluated array,
 // for the two primitives that keep their input's layout (Copy, which mx.vjp
 // puts on every primal, shares its input's buffer; AsType of a contiguous
-// input copies it with the same strides), and for a Full of one value (the
+// input copies it with the same strides), for a Full of one value (the
 // zero cotangent of an output nobody differentiates), which is written into
-// a new dense buffer.
+// a new dense buffer, and for the outputs of our own kernels.
 bool known_dense(const mx::array& a) {
   if (a.is_available()) {
     return a.flags().row_contiguous && a.buffer_size() <= a.nbytes() + kViewSlackBytes;
+  }
+  if (a.has_primitive() && dynamic_cast<const DenseOutputPrimitive*>(&a.primitive()) != nullptr) {
+    return true; // one of our kernels' outputs
   }
   if (!a.has_primitive() || a.inputs().size() != 1) {
     return false;

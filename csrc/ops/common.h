@@ -119,10 +119,19 @@ std::vector<mx::array> vmap_to_front(
 // after construction, as the linear CE's requested gradients) must be
 // compared too, by an override: compile lets the one it keeps stand in for
 // the other (tests/test_compile_matrix.py).
-template <typename Params>
-class LossPrimitive : public mx::Primitive {
+// Marks a primitive whose every output is written into a row-contiguous
+// buffer of its own size (cpu::allocate / gpu::alloc, or a dense input's
+// buffer taken over): dense() passes such outputs on without a Contiguous
+// node (a per-row loss into the accurate sum of its mean, for instance).
+class DenseOutputPrimitive : public mx::Primitive {
  public:
-  LossPrimitive(mx::Stream stream, Params params) : mx::Primitive(stream), params_(params) {}
+  using mx::Primitive::Primitive;
+};
+
+template <typename Params>
+class LossPrimitive : public DenseOutputPrimitive {
+ public:
+  LossPrimitive(mx::Stream stream, Params params) : DenseOutputPrimitive(stream), params_(params) {}
 
   bool is_equivalent(const mx::Primitive& other) const override {
     auto* same = dynamic_cast<const LossPrimitive*>(&other);
