@@ -32,6 +32,7 @@ using fl::mplan::LaunchPlan;
 
 using mkp::run_plan;
 using mkp::to_dtype;
+using mkp::with_dtype;
 
 // ---- cross-entropy -----------------------------------------------------------------
 
@@ -163,16 +164,6 @@ void pw_bwd_call(const LaunchPlan& p, const PwBufs& b, const PwArgs& a) {
        t.threadgroup_position_in_grid.x, t.thread_index_in_threadgroup,
        t.threads_per_threadgroup.x);
   });
-}
-
-// f.template operator()<T>() for the element type of dtype code dt.
-template <class F>
-void with_dtype(KDtype dt, F&& f) {
-  switch (dt) {
-    case KDtype::float32: f.template operator()<float>(); break;
-    case KDtype::float16: f.template operator()<metal::half>(); break;
-    case KDtype::bfloat16: f.template operator()<metal::bfloat>(); break;
-  }
 }
 
 // Plan summary for Python: looped, grid x/y/z, group x/y/z, threadgroup bytes,

@@ -30,6 +30,7 @@ using fl::mplan::LcePlan;
 
 using mkp::run_plan;
 using mkp::to_dtype;
+using mkp::with_dtype;
 
 // Buffers of one call, type-erased (each kernel casts to its instantiation's types).
 struct LceBufs {
@@ -117,16 +118,6 @@ void dw_call(const LaunchPlan& p, const LceBufs& b, const LceArgs& a) {
 void dbias_call(const LaunchPlan& p, const LceBufs& b, const LceArgs& a) {
   auto* fn = mh::kernel<decltype(fl_lce_dbias)>(p.kernel_name);
   run_plan(p, [&](const mh::ThreadCtx& t) { fn(b.dz, b.dbias, a, t.thread_position_in_grid.x); });
-}
-
-// f.template operator()<T>() for the element type of dtype code dt.
-template <class F>
-void with_dtype(KDtype dt, F&& f) {
-  switch (dt) {
-    case KDtype::float32: f.template operator()<float>(); break;
-    case KDtype::float16: f.template operator()<metal::half>(); break;
-    case KDtype::bfloat16: f.template operator()<metal::bfloat>(); break;
-  }
 }
 
 int g_pipeline_limit = fl::mplan::kMaxGroupThreads;

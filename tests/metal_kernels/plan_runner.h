@@ -36,4 +36,14 @@ inline fl::mplan::KDtype to_dtype(int dt) {
   return fl::mplan::KDtype(dt);
 }
 
+// f.template operator()<T>() for the element type of dtype code dt.
+template <class F>
+void with_dtype(fl::mplan::KDtype dt, F&& f) {
+  switch (dt) {
+    case fl::mplan::KDtype::float32: f.template operator()<float>(); break;
+    case fl::mplan::KDtype::float16: f.template operator()<metal::half>(); break;
+    case fl::mplan::KDtype::bfloat16: f.template operator()<metal::bfloat>(); break;
+  }
+}
+
 } // namespace mkp
