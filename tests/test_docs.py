@@ -103,8 +103,26 @@ def test_every_python_block_runs_or_says_why_not():
     assert len(ran) + len(skipped) == len(PYTHON_BLOCKS)
 
 
+# Packages of an optional extra that a runnable block may import: without the
+# extra installed (cibuildwheel tests with [test,bench] only) the block is skipped.
+EXTRAS = {"mlx_lm": "mlx-lm is not installed (the [lm] extra)"}
+
+
+def _imported_top_level_modules(code: str) -> set:
+    names = set()
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module.split(".")[0])
+    return names
+
+
 @pytest.mark.parametrize("block", RUNNABLE, ids=[b.name for b in RUNNABLE])
 def test_python_block_runs_as_written(block, tmp_path):
+    for module in sorted(_imported_top_level_modules(block.code) & EXTRAS.keys()):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(EXTRAS[module])
     script = tmp_path / "snippet.py"
     script.write_text(block.code)
     done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
@@ -189,3 +207,107 @@ def test_user_facing_text_has_no_bookkeeping():
     assert BOOKKEEPING.findall("issue 9's targets, the issue's sizes, pip install /work/main") == [
         "issue 9", "the issue", "/work/main"]
     assert not BOOKKEEPING.findall("each SIMD-group issues 4 loads")
+
+
+# ---- links --------------------------------------------------------------------------------
+
+LINK = re.compile(r"!?\[(?:[^\]\[]|\[[^\]]*\])*\]\(([^)\s]+)\)")
+
+
+def _outside_fences(text: str) -> str:
+    """The text without its fenced blocks."""
+    lines, fence = [], None
+    for line in text.split("\n"):
+        opening = re.match(r" *(`{3,}|~{3,})", line)
+        if opening and fence is None:
+            fence = opening.group(1)
+            continue
+        if fence is not None:
+            if re.match(rf" *{fence[0]}{{{len(fence)},}}\s*$", line):
+                fence = None
+            continue
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _outside_code(text: str) -> str:
+    """The text without its fenced blocks and inline code spans (links there are not links)."""
+    return re.sub(r"`[^`\n]*`", "``", _outside_fences(text))
+
+
+def anchors(text: str) -> set:
+    """The #fragments GitHub gives a Markdown file's headings: lower case, spaces
+    to hyphens, punctuation other than - and _ dropped; repeats get -1, -2, ..."""
+    seen, found = {}, set()
+    for line in _outside_fences(text).replace("`", "").split("\n"):
+        heading = re.match(r"#{1,6} +(.*?)\s*#*\s*$", line)
+        if not heading:
+            continue
+        slug = re.sub(r"[^\w\- ]", "", heading.group(1).strip().lower()).replace(" ", "-")
+        count = seen.get(slug, 0)
+        seen[slug] = count + 1
+        found.add(slug if count == 0 else f"{slug}-{count}")
+    return found
+
+
+def broken_links(path: Path) -> list:
+    problems = []
+    for target in LINK.findall(_outside_code(path.read_text())):
+        if re.match(r"[a-z][a-z0-9+.-]*:", target):  # https:, mailto:
+            continue
+        file_part, _, fragment = target.partition("#")
+        linked = (path.parent / file_part).resolve() if file_part else path
+        if not linked.exists():
+            shown = linked.relative_to(REPO) if linked.is_relative_to(REPO) else linked
+            problems.append(f"{target}: no file {shown}")
+        elif fragment and linked.suffix == ".md" and fragment not in anchors(linked.read_text()):
+            problems.append(f"{target}: no heading #{fragment} in {linked.name}")
+    return problems
+
+
+@pytest.mark.parametrize("path", [p for p in DOCUMENTS if p.exists()], ids=lambda p: str(p.relative_to(REPO)))
+def test_relative_links_and_anchors_resolve(path):
+    assert not broken_links(path), f"{path.relative_to(REPO)}: {broken_links(path)}"
+
+
+def test_the_link_check_catches_a_broken_link(tmp_path):
+    assert anchors("# API reference\n## `cross_entropy`\n## smooth_l1_loss / huber_loss\n## Errors\n## Errors\n"
+                   "```\n# not a heading\n```\n### Metal: linear cross-entropy\n") == {
+        "api-reference", "cross_entropy", "smooth_l1_loss--huber_loss", "errors", "errors-1",
+        "metal-linear-cross-entropy"}
+    (tmp_path / "other.md").write_text("# Other\n## Part two\n")
+    page = tmp_path / "page.md"
+    page.write_text("# Page\n[ok](other.md#part-two) [ok](#page) ![img](other.md) [web](https://x.org/#y)\n"
+                    "[gone](missing.md) [bad](other.md#part-three) [self](#nowhere) `[code](nope.md)`\n"
+                    "```\n[in a block](nope.md)\n```\n")
+    assert broken_links(page) == [
+        f"missing.md: no file {tmp_path / 'missing.md'}", "other.md#part-three: no heading #part-three in other.md",
+        "#nowhere: no heading #nowhere in page.md"]
+
+
+def test_api_table_names_every_public_loss():
+    """The README's API table lists every public function and Module, and
+    docs/api.md describes each (a new loss cannot be left out of either)."""
+    import inspect
+
+    import mlx_fused_losses as fl
+    import mlx_fused_losses.nn as fl_nn
+
+    if not (REPO / "README.md").exists() or not (REPO / "docs" / "api.md").exists():
+        pytest.skip("README.md or docs/api.md is not in this tree")
+    names = [n for n in fl.__all__ if n != "nn"]
+    names += [n for n, v in vars(fl_nn).items()
+              if inspect.isclass(v) and v.__module__ == fl_nn.__name__ and not n.startswith("_")]
+    try:
+        import mlx_fused_losses.lm as lm
+        names += [n for n, v in vars(lm).items()
+                  if inspect.isfunction(v) and v.__module__ == lm.__name__ and n.endswith("_loss")]
+    except ImportError:  # mlx-lm not installed: its two losses are still named below
+        names += ["lm_loss", "linear_lm_loss"]
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("\n## API\n"):]
+    table = "\n".join(line for line in table.split("\n")[2:] if line.startswith("|"))
+    api = (REPO / "docs" / "api.md").read_text()
+    missing = {n: [where for where, text in (("README API table", table), ("docs/api.md", api))
+                   if not re.search(rf"`(?:[\w.]+\.)?{n}[`(]", text)] for n in names}
+    assert len(names) >= 12 and not any(missing.values()), {n: w for n, w in missing.items() if w}
