@@ -224,7 +224,7 @@ def test_duplicated_calls(case):
     # (Not every output of both: MLX 0.32.4's compile fails, IndexError
     # "_Map_base::at", on any merged multi-output primitive whose outputs
     # are returned while one of them also feeds another op, its own
-    # mx.divmod included; see the README, transforms.)
+    # mx.divmod included; see docs/api.md, "Under mx.compile and mx.vmap".)
     both = lambda *a: (case.f(*a), case.f(*a)[0])  # noqa: E731
     _compare(_flat(mx.compile(both)(*args)), _flat(both(*args)), case.dtype, f"{case} forward twice")
 
@@ -358,9 +358,9 @@ def test_vmap_of_linear_ce_refuses_a_shapeless_trace():
 
 
 def test_mlx_limits_the_readme_names():
-    """The two MLX 0.32.4 compile limits the README names (and this matrix
+    """The two MLX 0.32.4 compile limits docs/api.md names (and this matrix
     works around), shown with MLX's own ops. When MLX fixes them this fails:
-    update the README and drop the workarounds (shapeless_empty, both())."""
+    update docs/api.md and drop the workarounds (shapeless_empty, both())."""
     x, y = mx.array([5.0, 7.0]), mx.array([2.0, 3.0])
 
     def g(a, b):

@@ -9,8 +9,8 @@ thresholds (+-1), every segment within the bound at the 7B head shape (N 8192,
 H 4096, V 151936: ~31 TFLOP of backward, one command buffer of ~12 s on a base
 M1 before) and at larger ones, and the kernels run in bounded launches (several
 forward launches from row0, capped chunks) still agree with the CPU primitive.
-What only a Mac can show (the commits themselves, the watchdog) is in the
-README's Metal section.
+What only a Mac can show (the commits themselves, the watchdog) is in
+docs/metal.md.
 """
 
 from __future__ import annotations

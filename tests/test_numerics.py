@@ -251,7 +251,7 @@ def test_sigmoid_focal_within_ulps_of_float64(fl, target, gamma):
 def test_others_mode_large_eps_neg_inf_is_inf(fl, dtype):
     """eps = 0.9 > (K-1)/K = 2/3 makes the one-hot coefficient negative: a -inf
     logit gave -inf + inf = NaN. Every class has q_j >= 0 and the -inf class
-    has q_j > 0, so the loss is +inf (as the README says)."""
+    has q_j > 0, so the loss is +inf (as docs/numerics.md says)."""
     inf = float("inf")
     x = mx.array([[-inf, 0.0, 1.0], [0.5, -inf, 1.0], [0.5, 0.0, 1.0]]).astype(dtype)
     t = mx.array([0, 0, 2])

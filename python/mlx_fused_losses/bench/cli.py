@@ -3,7 +3,7 @@
 For every loss x dtype x size, the forward and forward+backward times of ours,
 of MLX's loss and of the roofline (the bytes the loss must move, moved by MLX
 kernels), with peak memory. Prints a table, writes the results as JSON and
-plots GB/s against size. docs/benchmarks.md (in the source distribution) says
+plots GB/s against size. docs/performance.md (in the source distribution) says
 what each column means.
 """
 

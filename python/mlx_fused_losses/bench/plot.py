@@ -8,7 +8,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from .runner import PASSES  # noqa: E402
 
 # "roofline": warm read-only forward, fresh-gradient forward+backward.
-# The roofline has a marker too: a run of one size per loss (the README's) draws
+# The roofline has a marker too: a run of one size per loss (docs/performance.md's) draws
 # single points, and a line style alone would leave it invisible.
 IMPL_STYLES = {"ours": ("-", "o"), "mlx": ("--", "s"), "torch": ("-.", "^"), "roofline": (":", "x")}
 DTYPE_COLORS = {"float32": "tab:blue", "bfloat16": "tab:orange", "float16": "tab:green"}

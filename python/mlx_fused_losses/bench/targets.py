@@ -3,7 +3,7 @@
 Each goal names the rows of the run it is judged on, what it measures and the
 limit; the verdict is computed here from the measured numbers, never written
 by hand ("not measured" where the run left the row out, e.g. under
-``--sizes``). The README's performance tables are rendered from these
+``--sizes``). The performance tables of docs/performance.md are rendered from these
 (``mlx_fused_losses.bench.readme``).
 """
 
