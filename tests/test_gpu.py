@@ -218,10 +218,10 @@ def as_f64(a: mx.array) -> np.ndarray:
     return np.array(a.astype(mx.float32), dtype=np.float64)
 
 
-def agree(actual, expected, rtol, what):
+def agree(actual, expected, rtol, what, scale=None):
     """Same NaN and infinity pattern; finite values within rtol of the finite scale
     (check_gpu.disagreement, which also lets flushed float32 subnormals pass)."""
-    why = check_gpu.disagreement(actual, expected, rtol)
+    why = check_gpu.disagreement(actual, expected, rtol, scale)
     assert why is None, f"{what}: {why}"
 
 
@@ -283,7 +283,11 @@ def test_cross_entropy_awkward_rows_gpu(option, dtype, K):
     gg, cg = grads(loss, xs, cot)
     agree(gg, cg, TOL[dtype] + 1e-5, "gradient GPU vs CPU")
     exp_grad = ref.cross_entropy_grad(xr, t, class_weights=weights, cotangent=np.array(cot), **opts)
-    agree(gg[REF_ROWS], exp_grad[REF_ROWS], TOL[dtype] + 1e-4, "gradient vs float64")
+    # Judged against the gradient's natural size, |cot| x the largest class weight:
+    # at K = 1 every exact gradient is 0 and a float32 rounding of 2^-24 * |cot| in
+    # the kernel is no error.
+    grad_scale = float(np.abs(np.array(cot)).max()) * (1.0 if weights is None else float(weights.max()))
+    agree(gg[REF_ROWS], exp_grad[REF_ROWS], TOL[dtype] + 1e-4, "gradient vs float64", grad_scale)
 
 
 @pytest.mark.parametrize("K", ODD_K)

@@ -66,10 +66,12 @@ def lce_rtol(dtype: str) -> float:
     return TOL[dtype] + 1e-4
 
 
-def disagreement(actual, expected, rtol: float) -> Optional[str]:
+def disagreement(actual, expected, rtol: float, scale: Optional[float] = None) -> Optional[str]:
     """None if actual and expected agree: the same NaN and infinity pattern, finite
-    values within rtol of themselves plus rtol of the largest finite |expected|,
-    and never closer than FLUSH_ATOL is asked. Else a one-line description."""
+    values within rtol of themselves plus rtol of the scale (by default the largest
+    finite |expected|; a caller passes the quantity's natural magnitude where the
+    expected values can all be 0, e.g. a gradient's cotangent), and never closer
+    than FLUSH_ATOL is asked. Else a one-line description."""
     a = np.asarray(actual, np.float64)
     e = np.asarray(expected, np.float64)
     if a.shape != e.shape:
@@ -81,7 +83,8 @@ def disagreement(actual, expected, rtol: float) -> Optional[str]:
     fin = np.isfinite(e)
     if not fin.any():
         return None
-    scale = float(np.abs(e[fin]).max())
+    if scale is None:
+        scale = float(np.abs(e[fin]).max())
     atol = max(rtol * scale, FLUSH_ATOL)
     err = np.abs(a[fin] - e[fin])
     allowed = atol + rtol * np.abs(e[fin])
