@@ -17,6 +17,7 @@ _check_mlx_version(_BUILT_WITH_MLX)
 import mlx.core  # noqa: E402, F401  (load libmlx and its nanobind types before _ext)
 
 from . import nn  # noqa: E402
+from .alignment import cpo_loss, dpo_loss, grpo_loss, kto_loss, orpo_loss, simpo_loss  # noqa: E402
 from .linear_cross_entropy import linear_cross_entropy  # noqa: E402
 from .losses import (  # noqa: E402
     cross_entropy,
@@ -36,5 +37,11 @@ __all__ = [
     "sigmoid_focal_loss",
     "softmax_focal_loss",
     "linear_cross_entropy",
+    "dpo_loss",
+    "orpo_loss",
+    "simpo_loss",
+    "cpo_loss",
+    "kto_loss",
+    "grpo_loss",
     "nn",
 ]
