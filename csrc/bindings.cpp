@@ -10,6 +10,7 @@
 #include <atomic>
 #include <memory>
 
+#include "cpu/chunked_head.h"
 #include "cpu/parallel.h"
 #include "cpu/quantized_head.h"
 #include "mlx/transforms.h"
@@ -220,6 +221,29 @@ NB_MODULE(_ext, m) {
       },
       "w_q"_a, "scales"_a, "biases"_a = nb::none(), "group_size"_a, "bits"_a, "mode"_a = "affine",
       "global_scale"_a = nb::none(), "The CPU unpacking of a quantized head, as a float32 [V, H] array (test hook).");
+
+  // Test hook of the chunked-head driver (cpu/chunked_head.h): per-chunk Z
+  // (and a second head's Z2) copied out, dz written over Z, the driver's dH,
+  // dW, dbias; the last output counts the chunks.
+  m.def(
+      "chunked_head_probe",
+      [](const mlx::core::array& hidden, const mlx::core::array& weight, std::optional<mlx::core::array> dz,
+         std::optional<mlx::core::array> scales, std::optional<mlx::core::array> biases, int group_size, int bits,
+         const std::string& mode, std::optional<mlx::core::array> hidden2, std::optional<mlx::core::array> weight2,
+         std::optional<mlx::core::array> scales2, std::optional<mlx::core::array> biases2, int group_size2,
+         int bits2, const std::string& mode2, std::optional<int64_t> chunk_bytes) {
+        fl::cpu::ProbeHead one{hidden, weight, scales, biases, group_size, bits, mode};
+        std::optional<fl::cpu::ProbeHead> two;
+        if (hidden2 && weight2) {
+          two = fl::cpu::ProbeHead{*hidden2, *weight2, scales2, biases2, group_size2, bits2, mode2};
+        }
+        return fl::cpu::chunked_head_probe(one, two, dz, chunk_bytes.value_or(fl::kLceDefaultChunkBytes));
+      },
+      "hidden"_a, "weight"_a, "dz"_a = nb::none(), nb::kw_only(), "scales"_a = nb::none(),
+      "biases"_a = nb::none(), "group_size"_a = 64, "bits"_a = 4, "mode"_a = "affine",
+      "hidden2"_a = nb::none(), "weight2"_a = nb::none(), "scales2"_a = nb::none(), "biases2"_a = nb::none(),
+      "group_size2"_a = 64, "bits2"_a = 4, "mode2"_a = "affine", "chunk_bytes"_a = nb::none(),
+      "The chunked-head driver's GEMMs without a loss (test hook): [z, z2, (dH, dW, dbias), chunks].");
 
   m.def(
       "linear_cross_entropy_plan",

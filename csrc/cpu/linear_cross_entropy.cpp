@@ -1,61 +1,31 @@
 // CPU kernels of the fused linear cross-entropy (contract and gradient
-// derivation: ops/linear_cross_entropy.h).
-//
-// One call walks the rows in chunks (plan_chunks). Per chunk:
-//   1. Z = H_c W^T into the float32 chunk buffer (BLAS; a 16-bit or quantized
-//      weight is converted / dequantised tile by tile, never as a whole);
-//   2. the epilogue, row-parallel on our pool: bias, soft-cap, max, then the
-//      log-sum-exp, loss and statistics (forward) and dZ in place (when
-//      gradients are wanted), with the formulas of math/cross_entropy.h;
-//   3. dbias += column sums of dZ, dH_c = dZ W, dW += dZ^T H_c (BLAS; dW and
-//      dbias accumulate in float32).
-// The GEMMs run as tiles of fixed shapes on our pool (single-threaded BLAS
-// calls; see for_each_tile), the epilogue row-parallel on the same pool.
+// derivation: ops/linear_cross_entropy.h): the chunked-head driver
+// (cpu/chunked_head.h: per chunk Z = H_c W^T, then dH, dW, dbias from dZ) with
+// the cross-entropy epilogue below, row-parallel on our pool: bias, soft-cap,
+// max, then the log-sum-exp, loss and statistics (forward) and dZ in place
+// (when gradients are wanted), with the formulas of math/cross_entropy.h.
 #include <algorithm>
-#include <atomic>
 #include <vector>
 
-#include "cpu/blas.h"
+#include "cpu/chunked_head.h"
 #include "cpu/dispatch.h"
 #include "cpu/dtype.h"
 #include "cpu/output_buffer.h"
-#include "cpu/quantized_head.h"
 #include "cpu/row_reduce.h"
 #include "math/cross_entropy.h"
 #include "math/linear_cross_entropy.h"
-#include "mlx/allocator.h"
 #include "ops/linear_cross_entropy.h"
 
 namespace fl {
 
 namespace {
 
-// Working memory from MLX's allocator, so that mx.get_peak_memory() accounts
-// for it (the memory tests rely on that).
-class Scratch {
- public:
-  explicit Scratch(int64_t bytes) : data_(mx::allocator::malloc(size_t(std::max<int64_t>(bytes, 4)))) {}
-  float* data() {
-    return static_cast<float*>(data_.buffer().raw_ptr());
-  }
-
- private:
-  mx::allocator::Data data_; // returned to the allocator on destruction
-};
-
 struct LceArgs {
   LinearCrossEntropyParams p;
   flm::CeSmoothing smoothing;
   float a_sum; // A = sum_j q_j of every kept row (hard targets, no class weights)
   int64_t rows, hidden, vocab;
-  const void* hidden_data;
-  mx::Dtype hidden_dtype = mx::float32;
-  const void* weight_data; // [V, H] float, or [V, H * bits / 32] uint32 (quantized)
-  mx::Dtype weight_dtype = mx::float32;
-  const void* scales; // quantized: [V, H / group_size] in scale_dtype (fp modes: uint8)
-  const void* qbiases;
-  const float* global_scale = nullptr; // nvfp4: float32 [1], or null
-  mx::Dtype scale_dtype = mx::float32;
+  cpu::HeadOperands head; // hidden and weight, as the driver reads them
   const int64_t* targets;
   const float* bias; // float32 [V] or null
   // forward outputs
@@ -66,72 +36,9 @@ struct LceArgs {
   float* entropy;
   // backward input: per-row cotangent (null: 1 for every row)
   const float* g_rows;
-  // gradients (null when not wanted)
-  float* d_hidden;
-  float* d_weight;
-  float* d_bias;
+  // gradients (null when not wanted): formed by the driver from dZ
+  cpu::HeadGrads grads;
 };
-
-// ---------------------------------------------------------------------------
-// Operands as float32: in place when they already are, else converted.
-// These run inside one part of a partitioned phase (one thread): serial.
-
-// A block [rows x cols] of a row-major matrix with leading dimension `ld`.
-struct Block {
-  int64_t row0, rows, col0, cols, ld;
-};
-
-template <typename T>
-void convert_block(const T* src, Block b, float* dst) {
-  for (int64_t i = 0; i < b.rows; ++i) {
-    const T* s = src + (b.row0 + i) * b.ld + b.col0;
-    float* d = dst + i * b.cols;
-    FL_SIMD
-    for (int64_t j = 0; j < b.cols; ++j) {
-      d[j] = cpu::to_float(s[j]);
-    }
-  }
-}
-
-// A block of the weight as float32, and its leading dimension: W itself when
-// it is a dense float32 matrix, else converted / dequantised into `tile`.
-std::pair<const float*, int64_t> weight_block(const LceArgs& a, Block b, float* tile) {
-  if (!a.p.quantized() && a.weight_dtype == mx::float32) {
-    return {static_cast<const float*>(a.weight_data) + b.row0 * a.hidden + b.col0, a.hidden};
-  }
-  if (a.p.quantized()) {
-    cpu::QuantizedMatrix q;
-    q.w_q = static_cast<const uint32_t*>(a.weight_data);
-    q.scales = a.scales;
-    q.biases = a.qbiases;
-    q.global_scale = a.global_scale;
-    q.scale_dtype = a.scale_dtype;
-    q.mode = a.p.quant_mode;
-    q.bits = a.p.bits;
-    q.group_size = a.p.group_size;
-    q.hidden = a.hidden;
-    cpu::dequantize_block(q, b.row0, b.rows, b.col0, b.cols, tile);
-  } else {
-    cpu::dispatch_float(a.weight_dtype, [&](auto zero) {
-      convert_block(static_cast<const decltype(zero)*>(a.weight_data), b, tile);
-    });
-  }
-  return {tile, b.cols};
-}
-
-// Rows [r0, r0 + n) of hidden as float32 (in place, or converted in parallel).
-const float* hidden_rows(const LceArgs& a, int64_t r0, int64_t n, float* buffer) {
-  if (a.hidden_dtype == mx::float32) {
-    return static_cast<const float*>(a.hidden_data) + r0 * a.hidden;
-  }
-  cpu::parallel_for(n, 1, [&](int64_t b, int64_t e) {
-    cpu::dispatch_float(a.hidden_dtype, [&](auto zero) {
-      convert_block(static_cast<const decltype(zero)*>(a.hidden_data),
-                    Block{r0 + b, e - b, 0, a.hidden, a.hidden}, buffer + b * a.hidden);
-    });
-  });
-  return buffer;
-}
 
 // ---------------------------------------------------------------------------
 // The epilogue: one row of logits, in the chunk buffer.
@@ -289,113 +196,20 @@ EpilogueFn pick_epilogue(const LinearCrossEntropyParams& p) {
   return cap ? epilogue_rows<false, true> : epilogue_rows<false, false>;
 }
 
-// dbias[j] += sum_i dZ[i, j], parallel over column blocks.
-void add_column_sums(const float* dz, int64_t n, int64_t V, float* d_bias) {
-  cpu::parallel_for(V, cpu::kChunk, [&](int64_t b, int64_t e) {
-    for (int64_t i = 0; i < n; ++i) {
-      const float* row = dz + i * V;
-      FL_SIMD
-      for (int64_t j = b; j < e; ++j) {
-        d_bias[j] += row[j];
-      }
-    }
-  });
-}
-
-// The GEMMs run as tiles whose shapes come from the chunk plan alone, never
-// from the thread count, each a single-threaded BLAS call writing its own
-// block of the output (or, for dH, its own columns, adding the vocabulary
-// tiles in order). Whichever thread runs a tile, and however many threads
-// there are, every output element is computed by the same BLAS call on the
-// same operands: the same bits (tests/test_fuzz.py, FL_NUM_THREADS 1/2/3/7).
-// One pool owns the cores (OpenBLAS's own threads, competing with ours and
-// with other processes on a loaded machine, cost up to 100x on small calls).
-// Threads take tiles from a shared counter in order (larger tiles first where
-// the caller puts them first), each with its own weight tile buffer (`slot`).
-template <typename Body>
-void for_each_tile(int64_t tiles, Body&& body) {
-  std::atomic<int64_t> next{0};
-  const int64_t slots = std::min<int64_t>(tiles, cpu::num_threads());
-  cpu::parallel_for(slots, 1, [&](int64_t b, int64_t e) {
-    cpu::blas_single_thread();
-    for (int64_t slot = b; slot < e; ++slot) {
-      for (int64_t t = next.fetch_add(1); t < tiles; t = next.fetch_add(1)) {
-        body(slot, t);
-      }
-    }
-  });
-}
-
-int64_t tile_count(int64_t n, int64_t tile) {
-  return (n + tile - 1) / tile;
-}
-
 // The whole call: forward (stats, loss, and the gradients for a unit cotangent
-// when asked) or backward (gradients from saved statistics).
+// when asked) or backward (gradients from saved statistics): the driver with
+// this epilogue.
 void run_chunks(const LceArgs& a, bool backward) {
-  const int64_t N = a.rows, H = a.hidden, V = a.vocab;
-  const int threads = cpu::num_threads();
-  bool dense_f32 = !a.p.quantized() && a.weight_dtype == mx::float32;
-  const LceChunkPlan plan =
-      plan_chunks(N, H, V, a.hidden_dtype == mx::float32, dense_f32, threads, a.p.chunk_bytes);
-  bool want_dz = a.p.any_grad();
-  if (a.d_bias) {
-    std::fill(a.d_bias, a.d_bias + V, 0.0f);
-  }
-  if (a.d_weight && N == 0) {
-    std::fill(a.d_weight, a.d_weight + V * H, 0.0f);
-  }
-  if (N == 0) {
-    return;
-  }
-  Scratch logits_buffer(plan.rows * V * 4);
-  Scratch hidden_buffer(a.hidden_dtype == mx::float32 ? 0 : plan.rows * H * 4);
-  // One weight tile per thread (a whole number of cache lines each).
-  const int64_t tile_floats = dense_f32 ? 0 : (plan.vocab_tile * H + 15) / 16 * 16;
-  Scratch tile_buffer(threads * tile_floats * 4);
-  float* logits = logits_buffer.data();
-  EpilogueFn epilogue = pick_epilogue(a.p);
-  int64_t row_grain = std::max<int64_t>(1, cpu::rows_per_task(V));
-  const int64_t vocab_tiles = tile_count(V, plan.vocab_tile);
-  const int64_t dh_tiles = a.d_hidden ? tile_count(H, plan.hidden_tile) : 0;
-  const int64_t dw_tiles = a.d_weight ? tile_count(V, plan.dw_tile) : 0;
-
-  for (int64_t r0 = 0; r0 < N; r0 += plan.rows) {
-    const int64_t n = std::min(plan.rows, N - r0);
-    const float* h = hidden_rows(a, r0, n, hidden_buffer.data());
-    for_each_tile(vocab_tiles, [&](int64_t slot, int64_t t) { // Z = H_c W^T
-      const int64_t v0 = t * plan.vocab_tile, nv = std::min(plan.vocab_tile, V - v0);
-      auto [w, ldw] = weight_block(a, {v0, nv, 0, H, H}, tile_buffer.data() + slot * tile_floats);
-      cpu::sgemm(false, true, n, nv, H, h, H, w, ldw, 0.0f, logits + v0, V);
-    });
-    cpu::parallel_for(n, row_grain, [&](int64_t b, int64_t e) {
-      epilogue(a, logits, r0, b, e, backward, want_dz);
-    });
-    if (!want_dz) {
-      continue;
-    }
-    if (a.d_bias) {
-      add_column_sums(logits, n, V, a.d_bias);
-    }
-    // dH tiles first: each is the whole vocabulary for its columns, the
-    // largest tiles of the phase.
-    for_each_tile(dh_tiles + dw_tiles, [&](int64_t slot, int64_t t) {
-      if (t < dh_tiles) { // dH_c = dZ W, columns [h0, h0 + nh)
-        const int64_t h0 = t * plan.hidden_tile, nh = std::min(plan.hidden_tile, H - h0);
-        float* tile = tile_buffer.data() + slot * tile_floats;
-        for (int64_t v0 = 0; v0 < V; v0 += plan.vocab_tile) {
-          const int64_t nv = std::min(plan.vocab_tile, V - v0);
-          auto [w, ldw] = weight_block(a, {v0, nv, h0, nh, H}, tile);
-          cpu::sgemm(false, false, n, nh, nv, logits + v0, V, w, ldw, v0 == 0 ? 0.0f : 1.0f,
-                     a.d_hidden + r0 * H + h0, H);
-        }
-      } else { // dW += dZ^T H_c (float32), rows [v0, v0 + nv)
-        const int64_t v0 = (t - dh_tiles) * plan.dw_tile, nv = std::min(plan.dw_tile, V - v0);
-        cpu::sgemm(true, false, nv, H, n, logits + v0, V, h, H, r0 == 0 ? 0.0f : 1.0f,
-                   a.d_weight + v0 * H, H);
-      }
-    });
-  }
+  cpu::ChunkedHeadCall call;
+  call.rows = a.rows;
+  call.head = a.head;
+  call.grads = a.grads;
+  call.chunk_bytes = a.p.chunk_bytes;
+  const bool want_dz = a.grads.any();
+  const EpilogueFn epilogue = pick_epilogue(a.p);
+  cpu::run_chunked_head(call, [&](const cpu::HeadChunk& c) {
+    c.for_rows([&](int64_t b, int64_t e) { epilogue(a, c.z, c.row0, b, e, backward, want_dz); });
+  });
 }
 
 LceArgs make_args(const std::vector<mx::array>& inputs, const LinearCrossEntropyParams& p) {
@@ -411,16 +225,7 @@ LceArgs make_args(const std::vector<mx::array>& inputs, const LinearCrossEntropy
     a.rows = inputs[L.targets].size();
   }
   a.vocab = weight.shape(0);
-  a.hidden_data = hidden.data<void>();
-  a.hidden_dtype = hidden.dtype();
-  a.weight_data = weight.data<void>();
-  a.weight_dtype = weight.dtype();
-  if (p.quantized()) {
-    a.scales = inputs[L.scales].data<void>();
-    a.qbiases = L.qbiases >= 0 ? inputs[L.qbiases].data<void>() : nullptr; // affine only
-    a.scale_dtype = inputs[L.scales].dtype();
-    a.global_scale = L.global_scale >= 0 ? inputs[L.global_scale].data<float>() : nullptr;
-  }
+  a.head = cpu::head_operands(inputs, L, p);
   a.targets = inputs[L.targets].data<int64_t>();
   a.bias = p.has_bias ? inputs[L.bias].data<float>() : nullptr;
   a.smoothing = flm::ce_smoothing(p.label_smoothing, p.smoothing_mode, int(a.vocab));
@@ -464,9 +269,7 @@ void LinearCrossEntropy::eval_cpu(const std::vector<mx::array>& inputs, std::vec
   p.grad_weight = grads[1] != nullptr;
   p.grad_bias = grads[2] != nullptr;
   LceArgs a = make_args(inputs, p);
-  a.d_hidden = grads[0];
-  a.d_weight = grads[1];
-  a.d_bias = grads[2];
+  a.grads = {grads[0], grads[1], grads[2]};
   a.lse = outputs[kLceLse].data<float>();
   a.lse_lo = outputs[kLceLseLo].data<float>();
   a.correct = outputs[kLceCorrect].data<bool>();
@@ -499,9 +302,9 @@ void LinearCrossEntropyVJP::eval_cpu(const std::vector<mx::array>& inputs, std::
   a.lse_lo = const_cast<float*>(inputs[n - 2].data<float>());
   a.g_rows = inputs[n - 1].data<float>();
   size_t k = 0; // outputs: those flagged, in the order dH, dW, dbias
-  a.d_hidden = params_.grad_hidden ? outputs[k++].data<float>() : nullptr;
-  a.d_weight = params_.grad_weight ? outputs[k++].data<float>() : nullptr;
-  a.d_bias = params_.grad_bias ? outputs[k++].data<float>() : nullptr;
+  a.grads.d_hidden = params_.grad_hidden ? outputs[k++].data<float>() : nullptr;
+  a.grads.d_weight = params_.grad_weight ? outputs[k++].data<float>() : nullptr;
+  a.grads.d_bias = params_.grad_bias ? outputs[k++].data<float>() : nullptr;
   register_and_run(stream(), inputs, outputs, [a]() { run_chunks(a, true); });
 }
 

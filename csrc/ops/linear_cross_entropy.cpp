@@ -31,6 +31,7 @@ LceChunkPlan plan_chunks(
   plan.rows = std::clamp<int64_t>(chunk_bytes / per_row, 1, std::max<int64_t>(rows, 1));
   int64_t tile_bytes = weight_is_dense_f32 ? 0 : std::max(threads, 1) * plan.vocab_tile * row_bytes;
   plan.bytes = plan.rows * per_row + tile_bytes;
+  plan.row_bytes = per_row;
   return plan;
 }
 

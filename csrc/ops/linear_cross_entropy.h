@@ -122,6 +122,7 @@ struct LceChunkPlan {
   int64_t dw_tile; // rows of dW per GEMM tile
   int64_t hidden_tile; // columns of dH per GEMM tile
   int64_t bytes; // working memory: logits chunk + hidden copy + weight tiles
+  int64_t row_bytes; // chunk bytes per row: 4 V (logits) + 4 H where hidden is copied
 };
 LceChunkPlan plan_chunks(
     int64_t rows,
