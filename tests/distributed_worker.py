@@ -45,7 +45,22 @@ def vocab_case(case, inputs, group, start, stop):
     def scalar(loss):
         return (loss.astype(mx.float32) * cot).sum() if reduction == "none" else loss.astype(mx.float32)
 
-    if case["kind"] == "linear":
+    if case["kind"] == "linear" and "quantized" in case:
+        # Rows are quantized independently (groups run along H): the shard of
+        # the quantized head is the quantized shard.
+        q = case["quantized"]
+        packed, scales, biases = mx.quantize(inputs["weight"], group_size=q["group_size"], bits=q["bits"])
+
+        def f(hidden):
+            loss, stats = fld.vocab_parallel_linear_cross_entropy(
+                hidden, packed[start:stop], targets, vocab_start=start, group=group, scales=scales[start:stop],
+                biases=biases[start:stop], group_size=q["group_size"], bits=q["bits"], return_stats=True,
+                **options)
+            return scalar(loss), (loss, stats)
+
+        (_, (loss, stats)), d_hidden = mx.value_and_grad(f)(inputs["hidden"].astype(dtype))
+        out = {"loss": loss, "d_hidden": d_hidden}
+    elif case["kind"] == "linear":
         hidden = inputs["hidden"].astype(dtype)
         weight = inputs["weight"][start:stop].astype(dtype)
         bias = inputs["bias"][start:stop].astype(dtype) if use_bias else None

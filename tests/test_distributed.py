@@ -30,7 +30,7 @@ import mlx_fused_losses.distributed as fld
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "distributed_worker.py"
-N, H, V = 13, 8, 31
+N, H, V = 13, 32, 31
 TIMEOUT = 90.0  # seconds for one launch (all its cases); a few seconds is usual
 STATS = ("lse", "entropy", "correct", "argmax")
 
@@ -48,6 +48,8 @@ VOCAB_CASES = [
     {"name": "masked_sum", "options": {"reduction": "sum", "mask": True}, "targets": "unpadded"},
     {"name": "bf16", "dtype": "bfloat16", "bias": True,
      "options": {"ignore_index": -100, "reduction": "sum", "dtype": mx.float32}},
+    {"name": "quantized", "quantized": {"bits": 4, "group_size": 32},
+     "options": {"ignore_index": -100, "label_smoothing": 0.1}},
 ]
 DATA_CASES = [
     {"name": "dp_linear", "kind": "linear"},
@@ -138,7 +140,22 @@ def reference(case, kind):
         return (loss.astype(mx.float32) * cot).sum() if reduction == "none" else loss.astype(mx.float32)
 
     softcap = options.get("logit_softcap")
-    if kind == "linear":
+    if kind == "linear" and "quantized" in case:
+        q = case["quantized"]
+        packed, scales, biases = mx.quantize(inputs["weight"], group_size=q["group_size"], bits=q["bits"])
+        hidden = inputs["hidden"].astype(dtype)
+
+        def f(hidden):
+            loss, stats = fl.linear_cross_entropy(hidden, packed, targets, scales=scales, biases=biases,
+                                                  group_size=q["group_size"], bits=q["bits"], return_stats=True,
+                                                  **options)
+            return scalar(loss), (loss, stats)
+
+        (_, (loss, stats)), d_hidden = mx.value_and_grad(f)(hidden)
+        out = {"loss": loss, "d_hidden": d_hidden}
+        z = hidden.astype(mx.float32) @ mx.dequantize(packed, scales, biases, group_size=q["group_size"],
+                                                      bits=q["bits"]).T
+    elif kind == "linear":
         hidden, weight = inputs["hidden"].astype(dtype), inputs["weight"].astype(dtype)
         bias = inputs["bias"].astype(dtype) if case.get("bias") else None
 
@@ -205,6 +222,8 @@ def check_vocab(ranks, case, kind, shards):
                 parts = np.abs(d_logits) @ np.abs(make_inputs()["weight"].astype(np.float64))
             assert_close(got["d_hidden"], ref["d_hidden"], dtype, scale=1.0, mag=parts,
                          what=f"{name} rank {r} d_hidden")
+            if "quantized" in case:  # (a quantized head has no gradient)
+                continue
             assert_close(got["d_weight"], ref["d_weight"][start:stop], dtype, scale=1.0,
                          what=f"{name} rank {r} d_weight")
             if "d_bias" in ref:
@@ -215,10 +234,14 @@ def check_vocab(ranks, case, kind, shards):
                          what=f"{name} rank {r} d_logits")
 
 
+def logits_case(case):
+    """Whether a case has a form on logits (no mask there, no quantized head)."""
+    return not case.get("options", {}).get("mask") and "quantized" not in case
+
+
 def vocab_cases():
     return [{**c, "name": f"{kind}_{c['name']}", "kind": kind, "mode": "vocab"}
-            for kind in ("linear", "logits") for c in VOCAB_CASES
-            if not (kind == "logits" and c.get("options", {}).get("mask"))]
+            for kind in ("linear", "logits") for c in VOCAB_CASES if kind == "linear" or logits_case(c)]
 
 
 @pytest.mark.parametrize("processes", [2, 3])
@@ -227,9 +250,8 @@ def test_vocab_parallel_matches_the_full_head(tmp_path, processes):
     ranks = run_ranks(tmp_path, processes, vocab_cases(), shards=shards)
     for case in VOCAB_CASES:
         for kind in ("linear", "logits"):
-            if kind == "logits" and case.get("options", {}).get("mask"):
-                continue
-            check_vocab(ranks, case, kind, shards)
+            if kind == "linear" or logits_case(case):
+                check_vocab(ranks, case, kind, shards)
 
 
 @pytest.mark.parametrize("processes", [2, 3])
@@ -260,7 +282,7 @@ EXPECTED_ERRORS = {
     "gap": ("must tile [0, V)", "must tile [0, V)"),
     "overlap": ("must tile [0, V)", "must tile [0, V)"),
     "hidden_size": ("rank(s) [1] rejected their arguments: rank 1: ValueError: weight's shard",
-                    "ValueError: weight's shard [V_r, H] = (15, 7) does not match hidden's H = 8"),
+                    "ValueError: weight's shard [V_r, H] = (15, 31) does not match hidden's H = 32"),
     "targets_differ": ("hold different targets", "hold different targets"),
     "options_differ": ("different shapes, dtypes or options", "different shapes, dtypes or options"),
     "unowned": ("1 target(s) lie outside [0, 31)", "1 target(s) lie outside [0, 31)"),

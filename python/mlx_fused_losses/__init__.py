@@ -16,7 +16,7 @@ _check_mlx_version(_BUILT_WITH_MLX)
 
 import mlx.core  # noqa: E402, F401  (load libmlx and its nanobind types before _ext)
 
-from . import nn  # noqa: E402
+from . import distributed, nn  # noqa: E402
 from .alignment import cpo_loss, dpo_loss, grpo_loss, kto_loss, orpo_loss, simpo_loss  # noqa: E402
 from .linear_cross_entropy import linear_cross_entropy  # noqa: E402
 from .losses import (  # noqa: E402
@@ -44,4 +44,5 @@ __all__ = [
     "kto_loss",
     "grpo_loss",
     "nn",
+    "distributed",
 ]
