@@ -81,9 +81,10 @@ NB_MODULE(_ext, m) {
                                   std::optional<int64_t> ignore_index,
                                   std::optional<mlx::core::array> class_weights, float z_loss,
                                   std::optional<float> logit_softcap,
-                                  mlx::core::StreamOrDevice stream) {
+                                  mlx::core::StreamOrDevice stream, bool return_stats) {
     return fl::cross_entropy(logits, targets, axis, label_smoothing, label_smoothing_mode,
-                             ignore_index, class_weights, z_loss, logit_softcap, stream);
+                             ignore_index, class_weights, z_loss, logit_softcap, return_stats,
+                             stream);
   };
   m.def(
       "cross_entropy",
@@ -96,7 +97,7 @@ NB_MODULE(_ext, m) {
                               mlx::core::StreamOrDevice stream) {
         return cross_entropy_outputs(logits, targets, axis, label_smoothing, label_smoothing_mode,
                                      ignore_index, class_weights, z_loss, logit_softcap,
-                                     stream)[0];
+                                     stream, false)[0];
       },
       "logits"_a, "targets"_a, "axis"_a = -1, "label_smoothing"_a = 0.0f,
       "label_smoothing_mode"_a = "uniform", "ignore_index"_a = nb::none(),
@@ -108,7 +109,10 @@ NB_MODULE(_ext, m) {
       "label_smoothing"_a = 0.0f, "label_smoothing_mode"_a = "uniform",
       "ignore_index"_a = nb::none(), "class_weights"_a = nb::none(), "z_loss"_a = 0.0f,
       nb::kw_only(), "logit_softcap"_a = nb::none(), "stream"_a = nb::none(),
-      "As cross_entropy: [per-row float32 loss, per-row log-sum-exp (0 on ignored rows)].");
+      "return_stats"_a = false,
+      "As cross_entropy: [per-row float32 loss, per-row log-sum-exp (0 on ignored rows)]; "
+      "return_stats: then the row statistics, not differentiable: lse of every row, entropy, "
+      "argmax (int64), correct (bool), from the loss's pass.");
 
   m.def(
       "accurate_sum",

@@ -11,7 +11,13 @@
 //   looped  longer rows: each thread keeps an online (max, sum-exp) state over
 //           its strided chunks, one pass over the row.
 // Both end with flk::threadgroup_merge; thread 0 writes loss, lse, lse_lo and
-// a_sum.
+// a_sum. With args.stats (return_stats, a uniform branch) every thread also
+// keeps the entropy sum and the first maximal logit (and soft target) of its
+// elements (csrc/math/cross_entropy.h, "row statistics"); after the merge the
+// row's max is broadcast, each thread moves its entropy sum to it, and one
+// more reduction (a sum and two argmax merges) gives thread 0 the statistics.
+// Ignored and out-of-range rows are then reduced too (their statistics are
+// their logits'), and written with the masked row's loss.
 // Backward: a 2-D grid (chunks of a row, rows) of element-wise threads; each
 // logit is read once and each gradient element written once.
 #include <metal_stdlib>
@@ -73,6 +79,31 @@ struct CeChunk {
     return m;
   }
 
+  // return_stats: adds this chunk's entropy terms (relative to `shift`, as
+  // accumulate) to `ent` and its elements j0, j0 + 1, ... to the argmaxes of
+  // the logits and (soft) of the target probabilities.
+  void accumulate_stats(
+      thread float& ent,
+      thread flm::ArgMax& best,
+      thread flm::ArgMax& target_best,
+      float shift,
+      uint j0) const {
+    for (int i = 0; i < R; ++i) {
+      if (valid[i]) {
+        float e = x[i] - shift;
+        ent += flm::entropy_term(flm::exp_nonpos_f32(e), e);
+        flm::ArgMax here;
+        here.key = flm::argmax_key(x[i]);
+        here.index = int(j0) + i;
+        best = flm::argmax_merge(best, here);
+        if (kSoft) {
+          here.key = flm::argmax_key(t[i]);
+          target_best = flm::argmax_merge(target_best, here);
+        }
+      }
+    }
+  }
+
   // Adds this chunk's sums to `acc` (already moved to its max): exp-sums and
   // gaps relative to `shift` = flm::lse_ref(acc.m).
   void accumulate(thread flk::RowAcc& acc, float shift) const {
@@ -96,6 +127,84 @@ struct CeChunk {
   }
 };
 
+// The argmax over the SIMD-group, in every lane: the largest key, and the
+// lowest index among the lanes holding it.
+inline flm::ArgMax simd_argmax(flm::ArgMax a) {
+  flm::ArgMax r;
+  r.key = simd_max(a.key);
+  r.index = simd_min(a.key == r.key ? a.index : 0x7FFFFFFF);
+  return r;
+}
+
+// Scratch slots of the statistics' reduction (floats; keys and indices stored
+// by bits). Used only after the row merge's readers are past a barrier.
+#define CE_STATS_ENT 0
+#define CE_STATS_KEY 32
+#define CE_STATS_INDEX 64
+#define CE_STATS_TKEY 96
+#define CE_STATS_TINDEX 128
+// One slot for the row's max, broadcast: the block variant's max slots, free
+// once every thread has passed the row merge's barrier (and disjoint from the
+// five rows of 32 above, which end at 160 <= FLK_SCRATCH_MAX = 224).
+#define CE_STATS_ROW_MAX FLK_SCRATCH_MAX
+
+// The row statistics of the whole group, valid in SIMD-group 0. row_max: the
+// merged row's max (valid in SIMD-group 0); ent, best, target_best, acc: this
+// thread's. Every thread of the group must call it (two barriers).
+struct CeRowStats {
+  float ent; // relative to lse_ref(row_max)
+  flm::ArgMax best;
+  flm::ArgMax target_best;
+};
+
+inline CeRowStats ce_stats_merge(
+    float row_max,
+    float ent,
+    flm::ArgMax best,
+    flm::ArgMax target_best,
+    flk::RowAcc acc,
+    threadgroup float* scratch,
+    uint tid,
+    uint sg,
+    uint lane,
+    uint nsg) {
+  if (tid == 0) {
+    scratch[CE_STATS_ROW_MAX] = row_max;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  float m = scratch[CE_STATS_ROW_MAX];
+  // This thread's entropy sum, moved from its own max to the row's.
+  ent = flm::entropy_sum_moved(ent, acc.s, flm::max_move(acc.m, m));
+  ent = simd_sum(ent);
+  best = simd_argmax(best);
+  target_best = simd_argmax(target_best);
+  if (lane == 0) {
+    scratch[CE_STATS_ENT + sg] = ent;
+    scratch[CE_STATS_KEY + sg] = as_type<float>(best.key);
+    scratch[CE_STATS_INDEX + sg] = as_type<float>(best.index);
+    scratch[CE_STATS_TKEY + sg] = as_type<float>(target_best.key);
+    scratch[CE_STATS_TINDEX + sg] = as_type<float>(target_best.index);
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  CeRowStats r;
+  r.ent = 0.0f;
+  r.best = flm::argmax_empty();
+  r.target_best = flm::argmax_empty();
+  if (sg == 0) {
+    if (lane < nsg) {
+      r.ent = scratch[CE_STATS_ENT + lane];
+      r.best.key = as_type<uint>(scratch[CE_STATS_KEY + lane]);
+      r.best.index = as_type<int>(scratch[CE_STATS_INDEX + lane]);
+      r.target_best.key = as_type<uint>(scratch[CE_STATS_TKEY + lane]);
+      r.target_best.index = as_type<int>(scratch[CE_STATS_TINDEX + lane]);
+    }
+    r.ent = simd_sum(r.ent);
+    r.best = simd_argmax(r.best);
+    r.target_best = simd_argmax(r.target_best);
+  }
+  return r;
+}
+
 } // namespace
 
 template <typename T, bool kSoft, bool kWeighted, bool kLooped>
@@ -109,6 +218,10 @@ template <typename T, bool kSoft, bool kWeighted, bool kLooped>
     device float* lse_lo_out [[buffer(FL_CE_FWD_LSE_LO)]],
     device float* a_sum_out [[buffer(FL_CE_FWD_ASUM)]],
     constant CeArgs& args [[buffer(FL_CE_FWD_ARGS)]],
+    device float* stat_lse_out [[buffer(FL_CE_FWD_STAT_LSE)]],
+    device float* entropy_out [[buffer(FL_CE_FWD_ENTROPY)]],
+    device long* argmax_out [[buffer(FL_CE_FWD_ARGMAX)]],
+    device bool* correct_out [[buffer(FL_CE_FWD_CORRECT)]],
     threadgroup float* scratch [[threadgroup(0)]],
     uint row [[threadgroup_position_in_grid]],
     uint tid [[thread_index_in_threadgroup]],
@@ -122,12 +235,13 @@ template <typename T, bool kSoft, bool kWeighted, bool kLooped>
   device const T* x = logits + offset;
   device const T* tp = target_probs + (kSoft ? offset : 0);
 
+  const bool stats = args.stats != 0; // uniform
   long t = 0;
   if (!kSoft) {
     // Same value in every thread: the whole group returns here or none does,
     // before any barrier. A bad index never reaches a memory access.
     t = flk::row_class(class_index[row], args.num_classes, args.has_ignore_index, args.ignore_index);
-    if (t < 0) {
+    if (t < 0 && !stats) {
       if (tid == 0) {
         flm::CeRow masked = flm::ce_masked_row(t == -2);
         loss_out[row] = masked.loss;
@@ -141,12 +255,22 @@ template <typename T, bool kSoft, bool kWeighted, bool kLooped>
 
   flk::RowAcc acc = flk::row_acc_empty();
   CeChunk<T, kSoft, kWeighted, R> c;
+  float ent = 0.0f; // return_stats (math/cross_entropy.h)
+  flm::ArgMax best = flm::argmax_empty();
+  flm::ArgMax target_best = flm::argmax_empty();
   if (kLooped) {
     // Online log-sum-exp over this thread's chunks j0, j0 + tpg*R, ...
     for (uint j0 = tid * R; j0 < K; j0 += tpg * R) {
       c.load(x, tp, class_weights, j0, K, args.softcap);
-      acc = flk::row_acc_moved(acc, fmax(acc.m, c.max()));
+      float to_max = fmax(acc.m, c.max());
+      if (stats) {
+        ent = flm::entropy_sum_moved(ent, acc.s, flm::max_move(acc.m, to_max));
+      }
+      acc = flk::row_acc_moved(acc, to_max);
       c.accumulate(acc, flm::lse_ref(acc.m));
+      if (stats) {
+        c.accumulate_stats(ent, best, target_best, flm::lse_ref(acc.m), j0);
+      }
     }
   } else {
     // The whole row is in registers: one load, then max, then exp.
@@ -163,10 +287,20 @@ template <typename T, bool kSoft, bool kWeighted, bool kLooped>
     acc.m = m; // nothing accumulated yet: no sums to move
     if (j0 < K) {
       c.accumulate(acc, flm::lse_ref(m));
+      if (stats) {
+        c.accumulate_stats(ent, best, target_best, flm::lse_ref(m), j0);
+      }
     }
   }
 
   flk::RowAcc r = flk::threadgroup_merge<false, true>(acc, scratch, sg, lane, nsg);
+  CeRowStats rs;
+  rs.ent = 0.0f;
+  rs.best = flm::argmax_empty();
+  rs.target_best = flm::argmax_empty();
+  if (stats) {
+    rs = ce_stats_merge(r.m, ent, best, target_best, acc, scratch, tid, sg, lane, nsg);
+  }
   if (tid == 0) {
     flm::CeSmoothing c;
     c.c_target = args.c_target;
@@ -179,11 +313,25 @@ template <typename T, bool kSoft, bool kWeighted, bool kLooped>
     st.target.weight = r.v.z;
     st.target.gap = r.v.w;
     flm::CeRow out;
+    bool correct = false;
     if (kSoft) {
       out = flm::ce_finish_soft(st, c, args.z_loss);
-    } else {
+      if (stats) {
+        correct = ce_logit(float(x[rs.target_best.index]), args.softcap) == r.m;
+      }
+    } else if (t >= 0) {
       float w_t = kWeighted ? class_weights[t] : 1.0f;
-      out = flm::ce_finish_hard(st, c, w_t, ce_logit(float(x[t]), args.softcap), args.z_loss);
+      float x_t = ce_logit(float(x[t]), args.softcap);
+      out = flm::ce_finish_hard(st, c, w_t, x_t, args.z_loss);
+      correct = x_t == r.m;
+    } else { // (only with stats: without, such rows returned at the start)
+      out = flm::ce_masked_row(t == -2);
+    }
+    if (stats) {
+      stat_lse_out[row] = flm::ce_finish_row(st.lse, 0.0f, 0.0f, 0.0f).lse;
+      entropy_out[row] = flm::softmax_entropy(r.s, rs.ent);
+      argmax_out[row] = long(rs.best.index);
+      correct_out[row] = correct;
     }
     loss_out[row] = out.loss;
     lse_out[row] = out.lse;

@@ -1176,6 +1176,34 @@ def test_return_stats_other_axis_and_linear_ce(fl, rng):
     assert np.array_equal(np.array(a["correct"]), np.array(b["correct"]))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_return_stats_argmax_ties_nan_inf(fl, dtype):
+    """argmax is mx.argmax's: the first maximal index, ties across the CPU
+    kernel's 2048-element chunks and inside one, a NaN (the first NaN wins),
+    +inf, and a row of -inf (index 0; its entropy is NaN, its lse -inf);
+    entropy of rows with -inf entries is finite. Hard and soft targets."""
+    V = 5000
+    x = np.random.default_rng(3).normal(size=(7, V)).astype(np.float32)
+    x[0, [10, 2047, 2048, 4999]] = 9.0  # first tie at 10
+    x[1, [4097, 2049]] = 9.0  # the tie inside the second chunk and later: 2049
+    x[2, [3000, 100]] = np.nan  # first NaN
+    x[3, 777] = np.inf
+    x[4, :] = -np.inf
+    x[5, ::2] = -np.inf
+    x[6, [4999, 4998]] = 9.0  # in the last chunk
+    xm = to_mx(x, dtype)[0]
+    want = np.array(mx.argmax(xm, axis=-1)).astype(np.int64)
+    assert list(want[:4]) == [10, 2049, 100, 777] and want[4] == 0 and want[6] == 4998
+    t = mx.array(np.arange(7) * 700)
+    p = mx.softmax(mx.array(np.random.default_rng(4).normal(size=(7, V)).astype(np.float32)), axis=-1)
+    for targets in (t, p.astype(xm.dtype)):
+        _, stats = fl.cross_entropy(xm, targets, return_stats=True)
+        assert np.array_equal(np.array(stats["argmax"]), want)
+        ent, lse = to_np(stats["entropy"]), to_np(stats["lse"])
+        assert np.isnan(ent[4]) and lse[4] == -np.inf
+        assert np.all(np.isfinite(ent[[0, 1, 5, 6]])) and ent[5] > 0
+
+
 def test_liger_structured_output_case(fl):
     """Liger-Kernel's test_liger_cross_entropy_structured_output, as our test:
     predicted tokens are the logits' argmax (int64), token accuracy the mean

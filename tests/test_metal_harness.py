@@ -369,10 +369,12 @@ def test_overlapping_scratch_slots_in_the_real_block_kernel_are_reported(tmp_pat
     loss, lse, lse_lo, asum = (np.full(rows, np.nan, np.float32) for _ in range(4))
     # tests/metal_kernels/adaptor.cpp: ce_forward_run(dtype, soft, weighted, max_threads,
     # logits, index, probs, weights, loss, lse, lse_lo, a_sum, rows, K, smoothing, mode,
-    # has_ignore, ignore_index, z_loss, softcap)
+    # has_ignore, ignore_index, z_loss, softcap, stats, stat_lse, entropy, argmax, correct)
     args = (np.int32(0), np.int32(0), np.int32(0), np.int32(1024), x, index, x,
             np.ones(1, np.float32), loss, lse, lse_lo, asum, np.int64(rows), np.int32(K),
-            np.float32(0), np.int32(0), np.int32(0), np.int64(-100), np.float32(0), np.float32(0))
+            np.float32(0), np.int32(0), np.int32(0), np.int64(-100), np.float32(0), np.float32(0),
+            np.int32(0), np.zeros(1, np.float32), np.zeros(1, np.float32), np.zeros(1, np.int64),
+            np.zeros(1, np.uint8))
     lib.run("ce_forward_run", *args, schedules=LOCKSTEP)
     x64 = x.astype(np.float64)
     expected = np.log(np.exp(x64).sum(1)) - x64[np.arange(rows), index]

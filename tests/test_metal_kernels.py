@@ -168,7 +168,7 @@ def test_row_plan_rules(lib, K, max_threads):
         if not looped:
             assert p["tx"] * 4 >= K and (p["tx"] == 32 or (p["tx"] - 32) * 4 < K)
         assert p["tg_bytes"] == 1024 and p["elems"] == 4
-        assert p["nbuf"] == (9 if which == 0 else 8) == len(p["buffers"])
+        assert p["nbuf"] == (13 if which == 0 else 8) == len(p["buffers"])
     for which in (1, 3):
         p = plan(lib, which, rows=5, n=K)
         assert p["gy"] == 5 and p["tx"] % 32 == 0 and p["tx"] <= 256
@@ -178,7 +178,8 @@ def test_row_plan_rules(lib, K, max_threads):
 
 def test_plan_buffer_orders(lib):
     assert plan(lib, 0)["buffers"] == ["logits", "class_index", "target_probs", "class_weights",
-                                       "loss", "lse", "lse_lo", "a_sum", "args"]
+                                       "loss", "lse", "lse_lo", "a_sum", "args", "stat_lse",
+                                       "entropy", "argmax", "correct"]
     assert plan(lib, 1)["buffers"] == ["logits", "class_index", "target_probs", "class_weights",
                                        "lse", "lse_lo", "a_sum", "g_loss", "g_lse", "grad", "args"]
     assert plan(lib, 2)["buffers"] == ["logits", "class_index", "class_alpha", "loss", "lse",
@@ -236,8 +237,9 @@ def ce_inputs(K, case, rng):
     return x, t, w
 
 
-def ce_run(lib, dtype, K, case, rng, g_lse_scale=0.0, inputs=None):
-    """Forward and backward kernels on ce_inputs (or the given (x, t, w))."""
+def ce_run(lib, dtype, K, case, rng, g_lse_scale=0.0, inputs=None, stats=False):
+    """Forward and backward kernels on ce_inputs (or the given (x, t, w));
+    stats: the forward with return_stats (its outputs under "stats")."""
     x32, t32, w = ce_inputs(K, case, rng) if inputs is None else inputs
     xd, xr = as_device(x32, dtype)
     rows = xd.shape[0]
@@ -254,8 +256,13 @@ def ce_run(lib, dtype, K, case, rng, g_lse_scale=0.0, inputs=None):
     code = np.int32(DT_CODE[dtype])
     common = (np.int64(rows), np.int32(K), np.float32(case["ls"]), np.int32(mode),
               np.int32(has_ig), np.int64(ig), np.float32(case["z"]), np.float32(case.get("cap", 0.0)))
+    n_stat = rows if stats else 1  # (without stats: never touched)
+    stat_out = dict(lse=np.full(n_stat, SENTINEL, np.float32),
+                    entropy=np.full(n_stat, SENTINEL, np.float32),
+                    argmax=np.full(n_stat, -7, np.int64), correct=np.full(n_stat, 7, np.uint8))
     lib.run("ce_forward_run", code, np.int32(case["soft"]), np.int32(case["weighted"]),
-            np.int32(1024), xd, index, td, weights, loss, lse, lse_lo, asum, *common)
+            np.int32(1024), xd, index, td, weights, loss, lse, lse_lo, asum, *common,
+            np.int32(stats), *stat_out.values())
     USED_KERNELS.add(plan(lib, 0, dtype, rows, K, case["soft"], case["weighted"])["name"])
 
     g_loss = (0.5 + rng.random(rows)).astype(np.float32)
@@ -265,7 +272,7 @@ def ce_run(lib, dtype, K, case, rng, g_lse_scale=0.0, inputs=None):
             xd, index, td, weights, lse, lse_lo, asum, g_loss, g_lse, grad, *common)
     USED_KERNELS.add(plan(lib, 1, dtype, rows, K, case["soft"], case["weighted"])["name"])
     return dict(x=xr, t=tr, w=w, loss=loss, lse=lse, lse_lo=lse_lo, asum=asum, g_loss=g_loss,
-                g_lse=g_lse,
+                g_lse=g_lse, stats=stat_out if stats else None,
                 grad=from_device(grad, dtype))
 
 
@@ -344,6 +351,59 @@ def test_cross_entropy_lse_cotangent(lib, case_name, K):
         bad = (t < 0) | (t >= K)
         exp[bad] = np.nan
     assert_close(r["grad"], exp, rtol=2e-5, atol=2e-6, what="grad with g_lse")
+
+
+@pytest.mark.parametrize("K", [1, 33, 1025, 4097])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case_name", list(CE_CASES))
+def test_cross_entropy_stats(lib, case_name, dtype, K):
+    """return_stats (CeArgs.stats): the loss outputs are the bits the plain
+    forward writes; lse, entropy, argmax and correct of every row (ignored,
+    out-of-range and all -inf rows included) against float64 and equal to
+    the CPU primitive's (argmax and correct: exactly; the same float32
+    soft-cap formula on both). Block (K <= 4096) and looped variants; a
+    row whose max appears twice, in different threads (the first wins)."""
+    case = CE_CASES[case_name]
+    rng = np.random.default_rng(K * 11 + DT_CODE[dtype])
+    x, t, w = ce_inputs(K, case, rng)
+    if K > 1:
+        x[0, K // 2] = x[0, K - 1] = x[0].max() + 1.0  # a tie: index K // 2 wins
+    plain = ce_run(lib, dtype, K, case, np.random.default_rng(0), inputs=(x, t, w))
+    r = ce_run(lib, dtype, K, case, np.random.default_rng(0), inputs=(x, t, w), stats=True)
+    for key in ("loss", "lse", "lse_lo", "asum", "grad"):
+        np.testing.assert_array_equal(r[key], plain[key], err_msg=key)
+    s = r["stats"]
+    xr, tr = r["x"], r["t"]
+    z64 = ref.softcap(xr, case.get("cap"))
+    lse64 = ref.logsumexp(z64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = np.exp(z64 - lse64[:, None])
+        ent64 = -np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0).sum(-1)
+    ent64[np.isneginf(lse64)] = np.nan  # a row of -inf has no softmax
+    tol = 3e-6 * max(1.0, np.log2(K))
+    assert_close(s["lse"], lse64, rtol=tol, atol=tol, what="stat lse")
+    assert_close(s["entropy"], ent64, rtol=tol, atol=tol * (1.0 + np.log(K)), what="entropy")
+    assert set(np.unique(s["correct"])) <= {0, 1}
+    # the CPU primitive on the same (rounded) inputs
+    xm = mx_array(xr, dtype)
+    tm = mx_array(tr, dtype) if case["soft"] else mx.array(tr)
+    cwm = mx.array(w) if case["weighted"] else None
+    cpu = ext.cross_entropy_outputs(xm, tm, class_weights=cwm, stream=mx.cpu, return_stats=True,
+                                    **ce_kwargs(case, w))
+    np.testing.assert_array_equal(s["argmax"], np.array(cpu[4]))
+    np.testing.assert_array_equal(s["correct"].astype(bool), np.array(cpu[5]))
+    assert_close(s["lse"], np.array(cpu[2]), rtol=tol, atol=tol, what="lse vs CPU")
+    assert_close(s["entropy"], np.array(cpu[3]), rtol=tol, atol=tol * (1.0 + np.log(K)),
+                 what="entropy vs CPU")
+    if case.get("cap") is None:  # (float64 capping cannot tie where float32 does)
+        np.testing.assert_array_equal(s["argmax"], z64.argmax(-1))
+        if K > 1:
+            assert s["argmax"][0] == K // 2
+        cls = tr.argmax(-1) if case["soft"] else np.clip(tr, 0, K - 1).astype(np.int64)
+        kept = np.ones(len(tr), bool) if case["soft"] else (
+            (tr >= 0) & (tr < K) & ((tr != case["ignore"]) if case["ignore"] is not None else True))
+        want = kept & (z64[np.arange(len(tr)), cls] == z64.max(-1))
+        np.testing.assert_array_equal(s["correct"].astype(bool), want)
 
 
 # ---- softmax focal ------------------------------------------------------------------------

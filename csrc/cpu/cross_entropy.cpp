@@ -34,11 +34,45 @@ struct CeArgs {
   float* lse;
   float* lse_lo; // lse + lse_lo = the row's exact max + log(sum)
   float* a_sum;
+  // forward with params.stats (return_stats): of every row, ignored ones too
+  float* stat_lse;
+  float* entropy;
+  int64_t* argmax;
+  bool* correct;
   // backward only
   const float* g_loss;
   const float* g_lse;
   void* grad;
 };
+
+// What return_stats adds to a row's state (math/cross_entropy.h, "row
+// statistics"): the entropy sum with the exp-sum it is moved with, and the
+// first maximal logit (and, for soft targets, the first maximal probability).
+struct RowStats {
+  float sum = 0.0f;
+  float ent = 0.0f;
+  flm::ArgMax argmax = flm::argmax_empty();
+  flm::ArgMax target_argmax = flm::argmax_empty();
+};
+
+// The running argmax after a chunk [c0, c0 + n) of floats in L1: the chunk's
+// max key (an integer max: vectorizes), then, only where it beats the running
+// one, the first index holding it.
+FLM_INLINE flm::ArgMax chunk_argmax(flm::ArgMax best, const float* v, int64_t c0, int n) {
+  flm::u32 km = 0u;
+  FL_SIMD_REDUCE(reduction(max : km))
+  for (int i = 0; i < n; ++i) {
+    km = std::max(km, flm::argmax_key(v[i]));
+  }
+  if (km <= best.key) {
+    return best; // (a tie: the earlier index stays)
+  }
+  int i = 0;
+  while (flm::argmax_key(v[i]) != km) {
+    ++i;
+  }
+  return flm::ArgMax{km, flm::i32(c0 + i)};
+}
 
 // The state of one row (math/cross_entropy.h), in one pass over its logits
 // (and its soft targets). Each chunk's gaps are taken against the chunk's
@@ -47,8 +81,10 @@ struct CeArgs {
 // without label smoothing never read them (c_other = 0), and dropping them
 // takes an add per element out of the hot loop.
 // X: the logits' type (T, or float for capped logits); P: the soft targets'.
-template <bool kSoft, bool kWeighted, bool kAll, typename X, typename P>
-FLM_INLINE flm::CeState row_state(const CeArgs& a, const X* x, const P* t) {
+// kStats: also the row statistics of return_stats (RowStats), in the same loop.
+template <bool kSoft, bool kWeighted, bool kAll, bool kStats = false, typename X, typename P>
+FLM_INLINE flm::CeState row_state(const CeArgs& a, const X* x, const P* t,
+                                  RowStats* stats = nullptr) {
   flm::CeState r = flm::ce_state_empty();
   float tbuf[kSoft ? kChunk : 1];
   r.lse = cpu::online_row(x, a.num_classes, [&](const float* xv, int64_t c0, int n, flm::MaxMove mv,
@@ -61,8 +97,15 @@ FLM_INLINE flm::CeState row_state(const CeArgs& a, const X* x, const P* t) {
     }
     const float* wv = kWeighted ? a.class_weights + c0 : nullptr;
     const float shift = mv.shift;
-    float s = 0.0f, sw = 0.0f, gw = 0.0f, swt = 0.0f, gwt = 0.0f, nm = -flm::kInf;
-    FL_SIMD_REDUCE(reduction(+ : s, sw, gw, swt, gwt) reduction(max : nm))
+    float s = 0.0f, sw = 0.0f, gw = 0.0f, swt = 0.0f, gwt = 0.0f, nm = -flm::kInf, ent = 0.0f;
+    if constexpr (kStats) {
+      stats->ent = flm::entropy_sum_moved(stats->ent, stats->sum, mv);
+      stats->argmax = chunk_argmax(stats->argmax, xv, c0, n);
+      if constexpr (kSoft) {
+        stats->target_argmax = chunk_argmax(stats->target_argmax, tv, c0, n);
+      }
+    }
+    FL_SIMD_REDUCE(reduction(+ : s, sw, gw, swt, gwt, ent) reduction(max : nm))
     for (int i = 0; i < n; ++i) {
       if constexpr (decltype(fuse)::value) {
         nm = flm::fmax(nm, next[i]);
@@ -72,7 +115,11 @@ FLM_INLINE flm::CeState row_state(const CeArgs& a, const X* x, const P* t) {
       // e = -(shift - v) exactly, so the gaps subtract w * e instead of
       // adding w * (shift - v): same bits, one subtraction fewer.
       float e = v - shift; // <= 0, exact near the max
-      s += flm::exp_nonpos_f32(e);
+      float exp_e = flm::exp_nonpos_f32(e);
+      s += exp_e;
+      if constexpr (kStats) {
+        ent += flm::entropy_term(exp_e, e);
+      }
       if constexpr (kWeighted && kAll) {
         sw += w;
       }
@@ -92,6 +139,10 @@ FLM_INLINE flm::CeState row_state(const CeArgs& a, const X* x, const P* t) {
       r.all = flm::gap_add(flm::gap_moved(r.all, mv), flm::GapSum{sw, gw});
     }
     r.target = flm::gap_add(flm::gap_moved(r.target, mv), flm::GapSum{swt, gwt});
+    if constexpr (kStats) {
+      stats->sum = stats->sum * mv.scale + s; // online_row's sum, kept here for the moves
+      stats->ent += ent;
+    }
     next_max = nm;
     return s;
   });
@@ -151,6 +202,59 @@ FL_VECTOR_CLONES void forward_rows(const CeArgs& a, int64_t begin, int64_t end) 
       store_row(a, r, forward_row<kSoft, kWeighted, kAll>(a, z, probs, t));
     } else {
       store_row(a, r, forward_row<kSoft, kWeighted, kAll>(a, x, probs, t));
+    }
+  }
+}
+
+// forward_rows with return_stats: every row's loss (as forward_rows) and its
+// statistics from the same pass. Ignored and out-of-range rows are reduced too
+// (their lse, entropy and argmax are those of their logits), and written with
+// the masked row's loss.
+template <typename T, bool kSoft, bool kWeighted>
+FL_VECTOR_CLONES void forward_rows_stats(const CeArgs& a, int64_t begin, int64_t end) {
+  const int K = a.num_classes;
+  const float cap = a.params.logit_softcap;
+  std::vector<float> capped(cap != 0.0f ? size_t(K) : 0);
+  for (int64_t r = begin; r < end; ++r) {
+    const T* x = static_cast<const T*>(a.logits) + r * K;
+    const T* probs = kSoft ? static_cast<const T*>(a.target_probs) + r * K : nullptr;
+    int64_t t = kSoft ? 0 : row_class(a, r);
+    auto row = [&](const auto* z) FL_LAMBDA_INLINE {
+      RowStats rs;
+      flm::CeState st = row_state<kSoft, kWeighted, true, true>(a, z, probs, &rs);
+      flm::CeRow out;
+      bool correct;
+      if constexpr (kSoft) {
+        out = flm::ce_finish_soft(st, a.smoothing, a.params.z_loss);
+        correct = cpu::to_float(z[rs.target_argmax.index]) == st.lse.max;
+      } else if (t >= 0) {
+        float w_t = kWeighted ? a.class_weights[t] : 1.0f;
+        float z_t = cpu::to_float(z[t]);
+        out = flm::ce_finish_hard(st, a.smoothing, w_t, z_t, a.params.z_loss);
+        correct = z_t == st.lse.max;
+      } else {
+        out = flm::ce_masked_row(t == cpu::kOutOfRangeRow);
+        correct = false;
+      }
+      store_row(a, r, out);
+      a.stat_lse[r] = flm::ce_finish_row(st.lse, 0.0f, 0.0f, 0.0f).lse;
+      a.entropy[r] = flm::softmax_entropy(rs.sum, rs.ent);
+      a.argmax[r] = rs.argmax.index;
+      a.correct[r] = correct;
+    };
+    if (cap != 0.0f) {
+      float* z = capped.data();
+      cpu::for_each_chunk(K, [&](int64_t c0, int n) FL_LAMBDA_INLINE {
+        float buf[kIsFloat<T> ? 1 : kChunk];
+        const float* xv = cpu::chunk_as_float(x + c0, n, buf);
+        FL_SIMD
+        for (int j = 0; j < n; ++j) {
+          z[c0 + j] = flm::softcap(xv[j], cap);
+        }
+      });
+      row(static_cast<const float*>(z));
+    } else {
+      row(x);
     }
   }
 }
@@ -227,6 +331,11 @@ using RowsFn = void (*)(const CeArgs&, int64_t, int64_t);
 // all_sums: the forward must keep the sums over all classes (c_other != 0).
 template <typename T>
 RowsFn pick_layout(const CrossEntropyParams& p, bool backward, bool all_sums) {
+  if (!backward && p.stats) {
+    if (p.soft_targets)
+      return p.has_class_weights ? forward_rows_stats<T, true, true> : forward_rows_stats<T, true, false>;
+    return p.has_class_weights ? forward_rows_stats<T, false, true> : forward_rows_stats<T, false, false>;
+  }
   if (p.soft_targets && p.has_class_weights)
     return backward ? backward_rows<T, true, true> : forward_rows<T, true, true>;
   if (p.soft_targets)
@@ -274,6 +383,12 @@ void CrossEntropy::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx
   a.lse = outputs[1].data<float>();
   a.lse_lo = outputs[2].data<float>();
   a.a_sum = outputs[3].data<float>();
+  if (params_.stats) { // (outputs: CrossEntropy's contract, ops/cross_entropy.h)
+    a.stat_lse = outputs[4].data<float>();
+    a.entropy = outputs[5].data<float>();
+    a.argmax = outputs[6].data<int64_t>();
+    a.correct = outputs[7].data<bool>();
+  }
   cpu::dispatch_rows(stream(), inputs, outputs, a.rows, a.num_classes,
                      [a, fn = pick(inputs[0].dtype(), a, false)](int64_t b, int64_t e) { fn(a, b, e); });
 }

@@ -247,6 +247,61 @@ FLM_INLINE CeRow ce_masked_row(bool out_of_range) {
   return r;
 }
 
+// ---- row statistics (return_stats) ---------------------------------------------------
+//
+// Entropy of softmax(x), H = lse - sum_j p_j x_j = log(s) - ent / s, from the
+// exp-sum s of the state and the entropy sum
+//     ent = sum_j exp(x_j - ref) (x_j - ref)          (every term <= 0),
+// kept relative to the same reference. When the reference moves up by delta,
+// each exp term is scaled by scale = exp(-delta) and each (x_j - ref) loses
+// delta: ent' = scale * (ent - delta * s). A -inf logit adds exactly 0
+// (entropy_term: exp 0 times -inf). A row of -inf only has no softmax: NaN.
+
+// The term of one logit, e = x - ref <= 0 and its exp.
+FLM_INLINE float entropy_term(float exp_e, float e) {
+  return weighted(exp_e, e);
+}
+
+// ent relative to the moved reference; `sum` is the exp-sum before the move.
+FLM_INLINE float entropy_sum_moved(float ent, float sum, MaxMove mv) {
+  // weighted: an empty sum (s = 0) moved from -inf stays 0 (not 0 * inf).
+  float moved = ent - weighted(sum, mv.delta);
+  return weighted(mv.scale, moved); // scale 0 (all terms underflow): 0, whatever `moved`
+}
+
+FLM_INLINE float softmax_entropy(float sum, float ent) {
+  return log_f32(sum) - ent / sum;
+}
+
+// The predicted class: the first index of the row's maximal logit, as
+// mx.argmax (a NaN is larger than any number; -0 equals +0). argmax_key maps a
+// logit to an unsigned integer with that order, so a kernel finds the max key
+// of a piece with integer max instructions (vectorized, or simd_max) and the
+// first index holding it; two pieces merge with argmax_merge.
+FLM_INLINE u32 argmax_key(float x) {
+  u32 u = x == 0.0f ? 0u : float_bits(x); // -0 -> +0
+  u32 key = (u & 0x80000000u) != 0u ? ~u : (u | 0x80000000u);
+  return is_nan(x) ? 0xFFFFFFFFu : key;
+}
+
+struct ArgMax {
+  u32 key; // argmax_key of the best logit (0: nothing seen; every logit's key is > 0)
+  i32 index; // its index
+};
+
+FLM_INLINE ArgMax argmax_empty() {
+  ArgMax a;
+  a.key = 0u;
+  a.index = 0;
+  return a;
+}
+
+// The best of two pieces: the larger key, and of equal keys the lower index.
+FLM_INLINE ArgMax argmax_merge(ArgMax a, ArgMax b) {
+  bool take_b = b.key > a.key || (b.key == a.key && b.index < a.index);
+  return take_b ? b : a;
+}
+
 // ---- backward ---------------------------------------------------------------------
 
 // The coefficient of p_j in the row, g * (A + 2 z lse) + g_lse, where g is the

@@ -35,9 +35,7 @@ FLM_INLINE LceRowState lce_state_empty() {
 // The state relative to a new max to_max >= st.ce.lse.max.
 FLM_INLINE LceRowState lce_state_move(LceRowState st, float to_max) {
   MaxMove mv = max_move(st.ce.lse.max, to_max);
-  // weighted: an empty sum (s = 0) moved from -inf stays 0 (not 0 * inf).
-  float moved = st.ent - weighted(st.ce.lse.sum, mv.delta);
-  st.ent = weighted(mv.scale, moved); // scale 0 (all terms underflow): 0, whatever `moved`
+  st.ent = entropy_sum_moved(st.ent, st.ce.lse.sum, mv);
   st.ce = ce_state_move(st.ce, to_max);
   return st;
 }
@@ -63,7 +61,7 @@ FLM_INLINE LceRowState lce_state_merge(LceRowState a, LceRowState b) {
 
 // Entropy (nats) of the softmax of the row.
 FLM_INLINE float lce_entropy(LceRowState st) {
-  return log_f32(st.ce.lse.sum) - st.ent / st.ce.lse.sum;
+  return softmax_entropy(st.ce.lse.sum, st.ent);
 }
 
 } // namespace flm

@@ -22,7 +22,8 @@ CeLayout ce_layout(const std::vector<mx::array>& inputs, const CrossEntropyParam
   l.num_classes = logits.ndim() ? logits.shape(-1) : 1;
   l.rows = l.num_classes ? int64_t(logits.size()) / l.num_classes : 0;
   l.args = mplan::make_ce_args(l.num_classes, p.label_smoothing, p.smoothing_mode,
-                               p.has_ignore_index, p.ignore_index, p.z_loss, p.logit_softcap);
+                               p.has_ignore_index, p.ignore_index, p.z_loss, p.logit_softcap,
+                               p.stats);
   gpu::require_dense(logits, "logits");
   gpu::require_dense(inputs[1], "targets");
   if (!p.soft_targets && inputs[1].dtype() != mx::int64) {
@@ -70,6 +71,13 @@ void CrossEntropy::eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx
   enc.set_output_array(outputs[1], FL_CE_FWD_LSE);
   enc.set_output_array(outputs[2], FL_CE_FWD_LSE_LO);
   enc.set_output_array(outputs[3], FL_CE_FWD_ASUM);
+  // return_stats: outputs 4-7 (ops/cross_entropy.h); otherwise the slots get
+  // the loss buffer, which the kernel then never reaches through them.
+  const int stat_slots[] = {FL_CE_FWD_STAT_LSE, FL_CE_FWD_ENTROPY, FL_CE_FWD_ARGMAX,
+                            FL_CE_FWD_CORRECT};
+  for (int i = 0; i < 4; ++i) {
+    enc.set_output_array(params_.stats ? outputs[4 + i] : outputs[0], stat_slots[i]);
+  }
   enc.set_bytes(l.args, FL_CE_FWD_ARGS);
   x.dispatch();
 }

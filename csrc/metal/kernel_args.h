@@ -35,7 +35,12 @@ typedef uint64_t fl_u64;
 #define FL_CE_FWD_LSE_LO 6 // [rows] float32 out: lse's rounding error
 #define FL_CE_FWD_ASUM 7 // [rows] float32 out
 #define FL_CE_FWD_ARGS 8 // constant CeArgs&
-#define FL_CE_FWD_NBUF 9
+// return_stats (args.stats != 0; otherwise bound to the loss buffer, never touched):
+#define FL_CE_FWD_STAT_LSE 9 // [rows] float32 out: lse of every row
+#define FL_CE_FWD_ENTROPY 10 // [rows] float32 out
+#define FL_CE_FWD_ARGMAX 11 // [rows] int64 out
+#define FL_CE_FWD_CORRECT 12 // [rows] bool out
+#define FL_CE_FWD_NBUF 13
 
 // Cross-entropy backward
 #define FL_CE_BWD_LOGITS 0
@@ -162,6 +167,8 @@ struct CeArgs {
   float c_other;
   float z_loss;
   float softcap; // logit_softcap c (the logits become c tanh(x / c)); 0: none
+  int stats; // forward: 1 = also write the row statistics (return_stats)
+  int pad0;
 };
 
 // Softmax focal (forward and backward).
@@ -261,7 +268,7 @@ struct LceArgs {
 // The host copies these structs byte for byte into a constant buffer
 // (setBytes): both compilers must agree on their size (and, with 64-bit
 // members first and 32-bit ones after, on every offset).
-static_assert(sizeof(CeArgs) == 32, "CeArgs layout");
+static_assert(sizeof(CeArgs) == 40, "CeArgs layout");
 static_assert(sizeof(SfArgs) == 32, "SfArgs layout");
 static_assert(sizeof(PwArgs) == 32, "PwArgs layout");
 static_assert(sizeof(PwTargetLayout) == 16 * FL_PW_MAX_TARGET_GROUPS + 8, "PwTargetLayout layout");

@@ -149,7 +149,8 @@ LaunchPlan ce_forward_plan(KDtype dt, int64_t rows, int num_classes, bool soft_t
       {FL_CE_FWD_PROBS, "target_probs"}, {FL_CE_FWD_WEIGHTS, "class_weights"},
       {FL_CE_FWD_LOSS, "loss"}, {FL_CE_FWD_LSE, "lse"}, {FL_CE_FWD_LSE_LO, "lse_lo"},
       {FL_CE_FWD_ASUM, "a_sum"},
-      {FL_CE_FWD_ARGS, "args"}});
+      {FL_CE_FWD_ARGS, "args"}, {FL_CE_FWD_STAT_LSE, "stat_lse"}, {FL_CE_FWD_ENTROPY, "entropy"},
+      {FL_CE_FWD_ARGMAX, "argmax"}, {FL_CE_FWD_CORRECT, "correct"}});
   return p;
 }
 
@@ -166,7 +167,8 @@ LaunchPlan ce_backward_plan(KDtype dt, int64_t rows, int num_classes, bool soft_
 }
 
 CeArgs make_ce_args(int num_classes, float label_smoothing, int smoothing_mode,
-                    bool has_ignore_index, int64_t ignore_index, float z_loss, float logit_softcap) {
+                    bool has_ignore_index, int64_t ignore_index, float z_loss, float logit_softcap,
+                    bool stats) {
   CeArgs a{};
   flm::CeSmoothing c = flm::ce_smoothing(label_smoothing, smoothing_mode, num_classes);
   a.ignore_index = ignore_index;
@@ -176,6 +178,7 @@ CeArgs make_ce_args(int num_classes, float label_smoothing, int smoothing_mode,
   a.c_other = c.c_other;
   a.z_loss = z_loss;
   a.softcap = logit_softcap;
+  a.stats = stats ? 1 : 0;
   return a;
 }
 

@@ -71,7 +71,7 @@ LaunchPlan ce_backward_plan(KDtype dt, int64_t rows, int num_classes, bool soft_
 // logit_softcap: 0 for none.
 CeArgs make_ce_args(int num_classes, float label_smoothing, int smoothing_mode,
                     bool has_ignore_index, int64_t ignore_index, float z_loss,
-                    float logit_softcap = 0.0f);
+                    float logit_softcap = 0.0f, bool stats = false);
 
 // ---- softmax focal -------------------------------------------------------------
 LaunchPlan sf_forward_plan(KDtype dt, int64_t rows, int num_classes,

@@ -21,11 +21,13 @@ std::vector<mx::array> make_forward(
     inputs.push_back(dense(*class_weights, s));
   }
   auto rows = row_shape(logits);
+  std::vector<mx::Shape> shapes(params.stats ? 8 : 4, rows);
+  std::vector<mx::Dtype> dtypes = {mx::float32, mx::float32, mx::float32, mx::float32};
+  if (params.stats) {
+    dtypes.insert(dtypes.end(), {mx::float32, mx::float32, mx::int64, mx::bool_});
+  }
   return mx::array::make_arrays(
-      {rows, rows, rows, rows},
-      {mx::float32, mx::float32, mx::float32, mx::float32},
-      std::make_shared<CrossEntropy>(mx::to_stream(s), params),
-      inputs);
+      shapes, dtypes, std::make_shared<CrossEntropy>(mx::to_stream(s), params), inputs);
 }
 
 void check_class_weights_length(const mx::array& w, int num_classes) {
@@ -90,6 +92,7 @@ std::vector<mx::array> cross_entropy(
     const std::optional<mx::array>& class_weights,
     float z_loss,
     std::optional<float> logit_softcap,
+    bool stats,
     mx::StreamOrDevice s) {
   int smoothing_mode = check_cross_entropy_options(label_smoothing, label_smoothing_mode, z_loss,
                                                    class_weights, logit_softcap);
@@ -101,6 +104,7 @@ std::vector<mx::array> cross_entropy(
   params.z_loss = z_loss;
   params.logit_softcap = logit_softcap.value_or(0.0f);
   params.soft_targets = targets.ndim() == logits.ndim();
+  params.stats = stats;
 
   auto x = move_axis_last(logits, axis, s);
   mx::array t = targets;
@@ -157,12 +161,14 @@ std::vector<mx::array> cross_entropy(
     w = mx::astype(*class_weights, mx::float32, s);
   }
   auto out = make_forward(x, t, w, params, s);
+  if (stats) {
+    return {out[0], out[1], out[4], out[5], out[6], out[7]};
+  }
   return {out[0], out[1]};
 }
 
 std::vector<mx::Shape> CrossEntropy::output_shapes(const std::vector<mx::array>& inputs) {
-  auto rows = row_shape(inputs[0]);
-  return {rows, rows, rows, rows};
+  return std::vector<mx::Shape>(params_.stats ? 8 : 4, row_shape(inputs[0]));
 }
 
 std::vector<mx::Shape> CrossEntropyVJP::output_shapes(const std::vector<mx::array>& inputs) {
@@ -184,13 +190,16 @@ std::vector<mx::array> CrossEntropy::vjp(
   // the logits.
   auto g_loss = mx::astype(cotangents[0], mx::float32, s);
   auto g_lse = mx::astype(cotangents[1], mx::float32, s);
+  // (the statistics' cotangents, outputs 4-7, are ignored: not differentiable)
+  auto backward_params = params_;
+  backward_params.stats = false;
   std::vector<mx::array> grads;
   for (int arg : argnums) {
     if (arg == 0) {
       std::vector<mx::array> inputs(primals.begin(), primals.end());
       inputs.insert(inputs.end(), {lse, lse_lo, a_sum, dense(g_loss, s), dense(g_lse, s)});
       grads.push_back(mx::array(
-          logits.shape(), logits.dtype(), std::make_shared<CrossEntropyVJP>(s, params_),
+          logits.shape(), logits.dtype(), std::make_shared<CrossEntropyVJP>(s, backward_params),
           inputs));
     } else if (arg == 1 && params_.soft_targets) {
       // d loss / d t_j = c_target * w_j (lse - x_j): an N x K array by nature,
@@ -233,7 +242,8 @@ std::pair<std::vector<mx::array>, std::vector<int>> CrossEntropy::vmap(
   if (moved.size() > 2) {
     w = moved[2];
   }
-  return {make_forward(moved[0], moved[1], w, params_, s), {0, 0, 0, 0}};
+  return {make_forward(moved[0], moved[1], w, params_, s),
+          std::vector<int>(params_.stats ? 8 : 4, 0)};
 }
 
 std::pair<std::vector<mx::array>, std::vector<int>> CrossEntropyVJP::vmap(

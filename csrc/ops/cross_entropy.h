@@ -17,6 +17,7 @@ struct CrossEntropyParams {
   bool soft_targets = false; // targets are probabilities of the logits' shape
   bool has_class_weights = false;
   float logit_softcap = 0.0f; // 0: no cap; else z = c tanh(x / c) (math/softcap.h)
+  bool stats = false; // forward: also the row statistics (return_stats)
 
   bool operator==(const CrossEntropyParams&) const = default;
 };
@@ -47,6 +48,10 @@ int check_cross_entropy_options(float label_smoothing, const std::string& label_
 // `axis`; the lse is differentiable: the backward takes its cotangent, and is
 // 0 on ignored rows). targets: integer class indices (logits' shape without
 // `axis`) or probabilities (logits' shape). class_weights: shape [K].
+// stats: four more outputs, the row statistics of return_stats, computed in
+// the loss's pass and not differentiable: lse (float32, of every row, ignored
+// ones too), entropy (float32), argmax (int64) and correct (bool), as
+// CrossEntropy's outputs 4-7.
 std::vector<mx::array> cross_entropy(
     const mx::array& logits,
     const mx::array& targets,
@@ -57,6 +62,7 @@ std::vector<mx::array> cross_entropy(
     const std::optional<mx::array>& class_weights,
     float z_loss,
     std::optional<float> logit_softcap,
+    bool stats = false,
     mx::StreamOrDevice s = {});
 
 // Forward. Inputs: logits [..., K] (row-contiguous), targets [...] int64 or
@@ -64,6 +70,12 @@ std::vector<mx::array> cross_entropy(
 // Outputs (float32, shape [...]): loss, lse, lse_lo, a_sum (see
 // math/cross_entropy.h; lse + lse_lo is the row's log-sum-exp to more than
 // float32 precision, which keeps the gradient accurate at any logit offset).
+// With params.stats, then (shape [...]) of the (capped) logits of every row:
+// lse (float32), entropy of the softmax (float32; NaN for a row of -inf),
+// argmax (int64: the first maximal logit, as mx.argmax) and correct (bool:
+// the target's logit is the row's max; soft targets: the first most probable
+// class's; false for ignored and out-of-range rows). Their cotangents are
+// ignored.
 class CrossEntropy : public LossPrimitive<CrossEntropyParams> {
  public:
   FL_LOSS_PRIMITIVE("FusedCrossEntropy")

@@ -335,10 +335,10 @@ def cross_entropy(
             maximum: token accuracy; False for ignored and out-of-range rows;
             for probability targets the most probable class is the target)
             and ``"argmax"`` (int64, the first class of maximal logit, as
-            ``mx.argmax``: the predicted token). lse and entropy are computed for ignored rows
-            too. They cost extra passes over the logits (MLX ops and a
-            second kernel pass for the lse of every row), not fused into the
-            loss's pass.
+            ``mx.argmax``: the predicted token). lse, entropy and argmax are
+            computed for ignored rows too; entropy is NaN for a row whose
+            logits are all -inf. They come from the loss's own pass over the
+            logits (a few per-element operations more, no extra pass).
         dtype: the result's dtype; ``None`` keeps the logits' dtype (MLX).
             ``mx.float32`` returns the float32 loss the kernel and the
             reduction computed, without rounding it to float16/bfloat16.
@@ -371,7 +371,7 @@ def cross_entropy(
     # kernel leaves z out and it is added here from the row's lse (which is
     # differentiable, and 0 on ignored rows).
     split_z = reduction == "mean" and not soft and class_weights is not None and z_loss != 0.0
-    loss, lse = _ext.cross_entropy_outputs(
+    outputs = _ext.cross_entropy_outputs(
         logits,
         targets,
         axis=axis,
@@ -382,7 +382,9 @@ def cross_entropy(
         z_loss=0.0 if split_z else z_loss,
         logit_softcap=logit_softcap,
         stream=stream,
+        return_stats=bool(return_stats),
     )
+    loss, lse = outputs[0], outputs[1]
     z_rows = lse * lse * z_loss if split_z else None
     if weights is not None:
         weights = _as_array(weights, "weights")
@@ -416,45 +418,10 @@ def cross_entropy(
         loss = _finish(loss, reduction, result_dtype, count)
     if not return_stats:
         return loss
-    return loss, _row_stats(logits, targets, axis, soft, ignore_index, logit_softcap, stream)
-
-
-def _row_stats(logits, targets, axis, soft, ignore_index, logit_softcap, stream) -> Dict[str, mx.array]:
-    """cross_entropy's return_stats: the linear CE's statistics (lse,
-    correct, entropy) and argmax, of the (capped) logits, for every row.
-    (No shape is read here: a shapeless mx.compile runs this at others.)"""
-    x = mx.stop_gradient(logits)
-    t = mx.stop_gradient(targets)
-    # The lse of every row, ignored ones included, from the kernel (accurate
-    # at any offset; the loss's own lse is 0 on ignored rows): for class
-    # indices, a pass with class 0 as every row's target.
-    probe = t if soft else mx.zeros_like(t).astype(mx.int32)
-    _, lse = _ext.cross_entropy_outputs(x, probe, axis=axis, logit_softcap=logit_softcap,
-                                        stream=stream)
-    z = mx.moveaxis(x, axis, -1).astype(mx.float32)
-    if logit_softcap is not None:
-        z = logit_softcap * mx.tanh(z / logit_softcap)
-    d = z - lse[..., None]  # log p <= 0 (-inf where p = 0)
-    p = mx.exp(d)
-    entropy = -mx.where(p > 0, p * d, 0.0).sum(-1)
-    # (mx.argmax refuses an empty array when the op is built; the empty
-    # result is taken from lse's shape. A shapeless trace built at a
-    # non-empty size runs the argmax at an empty one without complaint.)
-    argmax = (mx.argmax(z, axis=-1) if z.size else mx.zeros_like(lse)).astype(mx.int64)
-    if soft:
-        cls = (mx.argmax(mx.moveaxis(t, axis, -1), axis=-1) if z.size else argmax).astype(mx.int64)
-        kept = mx.ones_like(cls).astype(mx.bool_)
-    else:
-        # K counted when the graph runs (elements / rows; no rows: no use)
-        k = _ext.element_count(z, mx.int64) // mx.maximum(_ext.element_count(lse, mx.int64), 1)
-        index = t.astype(mx.int64)
-        kept = (index >= 0) & (index < k)
-        if ignore_index is not None:
-            kept = kept & (index != ignore_index)
-        cls = mx.clip(index, 0, mx.maximum(k - 1, 0))
-    target_logit = mx.take_along_axis(z, cls[..., None], axis=-1).squeeze(-1)
-    correct = kept & (target_logit == z.max(-1))
-    return {"lse": lse, "correct": correct, "entropy": entropy, "argmax": argmax}
+    # From the loss's own pass (csrc/ops/cross_entropy.h: CrossEntropy's
+    # outputs 4-7); their cotangents are ignored, stop_gradient says so.
+    stats = dict(zip(("lse", "entropy", "argmax", "correct"), map(mx.stop_gradient, outputs[2:])))
+    return loss, stats
 
 
 def smooth_l1_loss(

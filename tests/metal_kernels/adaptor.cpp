@@ -48,6 +48,11 @@ struct CeBufs {
   const float* g_loss;
   const float* g_lse;
   void* grad;
+  // forward with return_stats (CeArgs.stats); otherwise the loss buffer, as eval_gpu binds
+  float* stat_lse;
+  float* entropy;
+  int64_t* argmax;
+  uint8_t* correct;
 };
 
 // The kernel a plan names, called with the buffers of one call. The function
@@ -59,7 +64,8 @@ void ce_fwd_call(const LaunchPlan& p, const CeBufs& b, const CeArgs& a) {
   run_plan(p, [&](const mh::ThreadCtx& t) {
     fn(static_cast<const T*>(b.logits), reinterpret_cast<const long*>(b.index),
        static_cast<const T*>(b.probs), b.weights, b.loss, b.lse, b.lse_lo, b.a_sum, a,
-       t.threadgroup_memory<float>(0), t.threadgroup_position_in_grid.x,
+       b.stat_lse, b.entropy, reinterpret_cast<long*>(b.argmax),
+       reinterpret_cast<bool*>(b.correct), t.threadgroup_memory<float>(0), t.threadgroup_position_in_grid.x,
        t.thread_index_in_threadgroup, t.threads_per_threadgroup.x, t.thread_index_in_simdgroup,
        t.simdgroup_index_in_threadgroup, t.simdgroups_per_threadgroup);
   });
@@ -221,13 +227,20 @@ int ce_forward_run(int dt, int soft, int weighted, int max_threads, const void* 
                    const int64_t* index, const void* probs, const float* weights, float* loss,
                    float* lse, float* lse_lo, float* a_sum, int64_t rows, int num_classes,
                    float smoothing,
-                   int mode, int has_ignore, int64_t ignore_index, float z_loss, float softcap) {
+                   int mode, int has_ignore, int64_t ignore_index, float z_loss, float softcap,
+                   int stats, float* stat_lse, float* entropy, int64_t* argmax, uint8_t* correct) {
   return mh::guarded([&] {
     LaunchPlan p = fl::mplan::ce_forward_plan(to_dtype(dt), rows, num_classes, soft != 0,
                                               weighted != 0, limited(max_threads));
     CeArgs args = fl::mplan::make_ce_args(num_classes, smoothing, mode, has_ignore != 0,
-                                          ignore_index, z_loss, softcap);
-    CeBufs b{logits, index, probs, weights, loss, lse, lse_lo, a_sum, nullptr, nullptr, nullptr};
+                                          ignore_index, z_loss, softcap, stats != 0);
+    CeBufs b{logits, index, probs, weights, loss, lse, lse_lo, a_sum, nullptr, nullptr, nullptr,
+             stat_lse, entropy, argmax, correct};
+    if (stats == 0) { // as eval_gpu: the statistics' slots get the loss buffer
+      b.stat_lse = b.entropy = loss;
+      b.argmax = reinterpret_cast<int64_t*>(loss);
+      b.correct = reinterpret_cast<uint8_t*>(loss);
+    }
     with_dtype(to_dtype(dt), [&]<class T>() { ce_fwd_call<T>(p, b, args); });
   });
 }
@@ -243,7 +256,8 @@ int ce_backward_run(int dt, int soft, int weighted, const void* logits, const in
     CeArgs args = fl::mplan::make_ce_args(num_classes, smoothing, mode, has_ignore != 0,
                                           ignore_index, z_loss, softcap);
     CeBufs b{logits, index, probs, weights, nullptr, const_cast<float*>(lse),
-             const_cast<float*>(lse_lo), const_cast<float*>(a_sum), g_loss, g_lse, grad};
+             const_cast<float*>(lse_lo), const_cast<float*>(a_sum), g_loss, g_lse, grad,
+             nullptr, nullptr, nullptr, nullptr};
     with_dtype(to_dtype(dt), [&]<class T>() { ce_bwd_call<T>(p, b, args); });
   });
 }
