@@ -21,6 +21,7 @@
 #endif
 #include "ops/cross_entropy.h"
 #include "ops/linear_cross_entropy.h"
+#include "ops/row_stats.h"
 #include "ops/sigmoid_focal.h"
 #include "ops/smooth_l1.h"
 #include "ops/softmax_focal.h"
@@ -183,6 +184,43 @@ NB_MODULE(_ext, m) {
       "fuse_grads"_a = true, "stream"_a = nb::none(),
       "Fused linear cross-entropy: [loss (per row, or summed), row max, row log-sum, "
       "target-is-argmax, entropy, then gradients formed in the forward pass].");
+
+  // Per-row statistics (ops/row_stats.h: the contract): the scorer's
+  // primitive, also the building block of distillation and of the
+  // vocabulary-parallel losses (vocab_start: this head's first global class).
+  m.def(
+      "linear_row_stats",
+      [](const mlx::core::array& hidden, const mlx::core::array& weight, std::optional<mlx::core::array> targets,
+         std::optional<mlx::core::array> bias, const std::vector<std::string>& stats,
+         std::optional<mlx::core::array> scales, std::optional<mlx::core::array> biases, int group_size, int bits,
+         const std::string& mode, std::optional<mlx::core::array> global_scale, float temperature,
+         std::optional<float> logit_softcap, std::optional<int64_t> ignore_index, std::optional<int64_t> vocab_start,
+         std::optional<int64_t> chunk_bytes, mlx::core::StreamOrDevice stream) {
+        return fl::linear_row_stats(hidden, weight, targets, bias, scales, biases, group_size, bits, mode,
+                                    global_scale, stats, temperature, logit_softcap, ignore_index, vocab_start,
+                                    chunk_bytes, stream);
+      },
+      "hidden"_a, "weight"_a, "targets"_a = nb::none(), "bias"_a = nb::none(), nb::kw_only(), "stats"_a,
+      "scales"_a = nb::none(), "biases"_a = nb::none(), "group_size"_a = 64, "bits"_a = 4, "mode"_a = "affine",
+      "global_scale"_a = nb::none(), "temperature"_a = 1.0f, "logit_softcap"_a = nb::none(),
+      "ignore_index"_a = nb::none(), "vocab_start"_a = nb::none(), "chunk_bytes"_a = nb::none(),
+      "stream"_a = nb::none(),
+      "Per-row statistics of z = softcap(hidden @ weight.T + bias) / temperature without the logits: "
+      "a list of float32 arrays (argmax int64), one per name in stats ('lse', 'target', 'logit_sum', "
+      "'expected', 'max', 'argmax'); see csrc/ops/row_stats.h.");
+  m.def(
+      "row_stats",
+      [](const mlx::core::array& logits, std::optional<mlx::core::array> targets,
+         const std::vector<std::string>& stats, float temperature, std::optional<float> logit_softcap,
+         std::optional<int64_t> ignore_index, std::optional<int64_t> vocab_start,
+         mlx::core::StreamOrDevice stream) {
+        return fl::row_stats(logits, targets, stats, temperature, logit_softcap, ignore_index, vocab_start,
+                             stream);
+      },
+      "logits"_a, "targets"_a = nb::none(), nb::kw_only(), "stats"_a, "temperature"_a = 1.0f,
+      "logit_softcap"_a = nb::none(), "ignore_index"_a = nb::none(), "vocab_start"_a = nb::none(),
+      "stream"_a = nb::none(),
+      "Per-row statistics of z = softcap(logits) / temperature (class axis last), as linear_row_stats.");
 
   // Test hook of the CPU unpacking of quantized heads (cpu/quantized_head.h):
   // the whole [V, H] matrix as float32, evaluated now. The kernels never

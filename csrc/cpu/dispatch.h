@@ -2,6 +2,7 @@
 // alive until the task ran) and split the work across the pool when it runs.
 #pragma once
 
+#include <utility>
 #include <vector>
 
 #include "cpu/parallel.h"
@@ -23,6 +24,21 @@ void dispatch_parallel(mlx::core::Stream stream, const std::vector<mlx::core::ar
     enc.set_output_array(out);
   }
   enc.dispatch([n, grain, body]() { parallel_for(n, grain, body); });
+}
+
+// One task that splits its own work (the chunked-head kernels): run on the
+// stream after the arrays are registered.
+template <typename Task>
+void dispatch_task(mlx::core::Stream stream, const std::vector<mlx::core::array>& inputs,
+                   std::vector<mlx::core::array>& outputs, Task task) {
+  auto& enc = mlx::core::cpu::get_command_encoder(stream);
+  for (const auto& in : inputs) {
+    enc.set_input_array(in);
+  }
+  for (auto& out : outputs) {
+    enc.set_output_array(out);
+  }
+  enc.dispatch(std::move(task));
 }
 
 // Row-wise kernels: enough rows per task to amortise waking a thread.

@@ -12,6 +12,7 @@
 #include "cpu/dtype.h"
 #include "cpu/output_buffer.h"
 #include "cpu/row_reduce.h"
+#include "cpu/row_sums.h"
 #include "math/cross_entropy.h"
 #include "math/linear_cross_entropy.h"
 #include "ops/linear_cross_entropy.h"
@@ -65,69 +66,6 @@ FLM_INLINE float finish_logits(float* z, int64_t V, const float* bias, float cap
   return m;
 }
 
-// With ref = lse_ref(m) (the max, or 0 for an all -inf row):
-struct RowSums {
-  float sum_exp; // s = sum_j exp(z_j - ref)
-  float sum_gap; // sum_j (ref - z_j)                 (label smoothing)
-  float sum_exp_gap; // sum_j exp(z_j - ref) (z_j - ref)  (entropy)
-};
-
-// Partial sums per block of a row: element j of a block goes to lane
-// j % kSumLanes. Written out rather than left to an `omp simd` reduction so
-// that the order of the additions, hence the rounding, is the same whether the
-// compiler vectorizes the loop (16, 8 or 4 lanes) or not: unvectorized (the
-// ASan/UBSan build), a block of 2048 was summed in a single float, and on
-// peaked rows (1 + 2047 terms each below half an ulp of the sum) the lse came
-// out ~140 ulp off, 2.6e-5 in the gradients at V = 4097, where 16 lanes lose
-// ~20 ulp (tests/test_linear_cross_entropy.py under .ci/sanitize).
-constexpr int kSumLanes = 16;
-
-// One pass over a row whose max is known. Each block of kChunk is summed in
-// kSumLanes float lanes, and the lanes and blocks in double, so V = 256k
-// loses nothing to the sum.
-FLM_INLINE RowSums row_sums(const float* z, int64_t V, float m, bool with_gap) {
-  double s = 0.0, gap = 0.0, ent = 0.0;
-  float shift = flm::lse_ref(m); // an all -inf row: exp(-inf) = 0, not NaN
-  for (int64_t c0 = 0; c0 < V; c0 += cpu::kChunk) {
-    const int64_t n = std::min<int64_t>(cpu::kChunk, V - c0);
-    const int64_t whole = n - n % kSumLanes;
-    const float* x = z + c0;
-    float bs[kSumLanes] = {}, bg[kSumLanes] = {}, be[kSumLanes] = {};
-    auto add = [&](int64_t j, int lane) FL_LAMBDA_INLINE {
-      float d = x[j] - shift;
-      float e = flm::exp_nonpos_f32(d);
-      bs[lane] += e;
-      be[lane] += flm::weighted(e, d);
-    };
-    for (int64_t j = 0; j < whole; j += kSumLanes) {
-      FL_SIMD
-      for (int lane = 0; lane < kSumLanes; ++lane) {
-        add(j + lane, lane);
-      }
-    }
-    for (int64_t j = whole; j < n; ++j) {
-      add(j, int(j - whole));
-    }
-    if (with_gap) {
-      for (int64_t j = 0; j < whole; j += kSumLanes) {
-        FL_SIMD
-        for (int lane = 0; lane < kSumLanes; ++lane) {
-          bg[lane] += shift - x[j + lane];
-        }
-      }
-      for (int64_t j = whole; j < n; ++j) {
-        bg[j - whole] += shift - x[j];
-      }
-    }
-    for (int lane = 0; lane < kSumLanes; ++lane) {
-      s += bs[lane];
-      gap += bg[lane];
-      ent += be[lane];
-    }
-  }
-  return {float(s), float(gap), float(ent)};
-}
-
 // dZ of one row in place: g ((A + 2 z_loss lse) p - q), times the soft-cap's
 // derivative. The target's logit is read before the row is overwritten.
 template <bool kCap>
@@ -163,7 +101,7 @@ FL_VECTOR_CLONES void epilogue_rows(const LceArgs& a, float* logits, int64_t r0,
     if (!backward) {
       // The whole row is at hand: one state relative to its final max
       // (math/cross_entropy.h), no rescaling needed.
-      RowSums sums = row_sums(z, V, m, c.c_other != 0.0f);
+      cpu::RowSums sums = cpu::row_sums(z, V, m, c.c_other != 0.0f);
       flm::CeState st = flm::ce_state_empty();
       st.lse = {m, sums.sum_exp};
       st.all = {float(V), sums.sum_gap};
@@ -233,18 +171,6 @@ LceArgs make_args(const std::vector<mx::array>& inputs, const LinearCrossEntropy
   return a;
 }
 
-void register_and_run(mx::Stream stream, const std::vector<mx::array>& inputs,
-                      std::vector<mx::array>& outputs, std::function<void()> task) {
-  auto& enc = mx::cpu::get_command_encoder(stream);
-  for (const auto& in : inputs) {
-    enc.set_input_array(in);
-  }
-  for (auto& out : outputs) {
-    enc.set_output_array(out);
-  }
-  enc.dispatch(std::move(task));
-}
-
 } // namespace
 
 void LinearCrossEntropy::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
@@ -276,7 +202,7 @@ void LinearCrossEntropy::eval_cpu(const std::vector<mx::array>& inputs, std::vec
   a.entropy = outputs[kLceEntropy].data<float>();
   float* loss_out = outputs[kLceLoss].data<float>();
   bool sum_rows = p.sum_rows;
-  register_and_run(stream(), inputs, outputs, [a, loss_out, sum_rows]() mutable {
+  cpu::dispatch_task(stream(), inputs, outputs, [a, loss_out, sum_rows]() mutable {
     // The summed loss needs the per-row values first (O(N)), added in a
     // fixed order in double: the result does not depend on the thread count.
     std::vector<float> per_row(sum_rows ? size_t(a.rows) : 0);
@@ -305,7 +231,7 @@ void LinearCrossEntropyVJP::eval_cpu(const std::vector<mx::array>& inputs, std::
   a.grads.d_hidden = params_.grad_hidden ? outputs[k++].data<float>() : nullptr;
   a.grads.d_weight = params_.grad_weight ? outputs[k++].data<float>() : nullptr;
   a.grads.d_bias = params_.grad_bias ? outputs[k++].data<float>() : nullptr;
-  register_and_run(stream(), inputs, outputs, [a]() { run_chunks(a, true); });
+  cpu::dispatch_task(stream(), inputs, outputs, [a]() { run_chunks(a, true); });
 }
 
 } // namespace fl

@@ -6,6 +6,7 @@
 #include "math/cross_entropy.h"
 #include "math/quantized.h"
 #include "ops/cross_entropy.h"
+#include "ops/vmap_slices.h"
 
 namespace fl {
 
@@ -95,71 +96,6 @@ std::vector<mx::array> make_backward(
   return mx::array::make_arrays(
       std::move(shapes), dtypes, std::make_shared<LinearCrossEntropyVJP>(mx::to_stream(s), p),
       dense_inputs);
-}
-
-// Element b of `x` along `axis`, that axis dropped: a view (mx::take would
-// refuse an array with no elements, e.g. a batch of examples without rows).
-mx::array element_along(const mx::array& x, int b, int axis, mx::StreamOrDevice s) {
-  mx::Shape start(x.ndim(), 0);
-  mx::Shape stop = x.shape();
-  start[axis] = b;
-  stop[axis] = b + 1;
-  return mx::squeeze(mx::slice(x, start, stop, s), axis, s);
-}
-
-// vmap of either primitive: run it once per batch element and stack. A loss
-// summed over rows (and the weight gradient summed over rows) must stay per
-// batch element, which flattening the batch into the rows would break.
-template <typename Make>
-std::pair<std::vector<mx::array>, std::vector<int>> vmap_by_slices(
-    const std::vector<mx::array>& inputs,
-    const std::vector<int>& axes,
-    Make make,
-    mx::StreamOrDevice s) {
-  int batch = 0;
-  for (size_t i = 0; i < inputs.size(); ++i) {
-    if (axes[i] >= 0) {
-      batch = inputs[i].shape(axes[i]);
-    }
-  }
-  std::vector<std::vector<mx::array>> per_output;
-  for (int b = 0; b < batch; ++b) {
-    std::vector<mx::array> sliced;
-    for (size_t i = 0; i < inputs.size(); ++i) {
-      sliced.push_back(axes[i] >= 0 ? element_along(inputs[i], b, axes[i], s) : inputs[i]);
-    }
-    auto outs = make(sliced);
-    per_output.resize(outs.size());
-    for (size_t o = 0; o < outs.size(); ++o) {
-      per_output[o].push_back(outs[o]);
-    }
-  }
-  std::vector<mx::array> stacked;
-  if (batch == 0) {
-    // No examples: empty outputs of the batched shapes and dtypes. One
-    // example's graph (on zeros of an example's shape, never evaluated) says
-    // what they are.
-    std::vector<mx::array> example;
-    for (size_t i = 0; i < inputs.size(); ++i) {
-      const auto& x = inputs[i];
-      if (axes[i] < 0) {
-        example.push_back(x);
-        continue;
-      }
-      mx::Shape shape = x.shape();
-      shape.erase(shape.begin() + axes[i]);
-      example.push_back(mx::zeros(shape, x.dtype(), s));
-    }
-    for (const auto& out : make(example)) {
-      mx::Shape shape = out.shape();
-      shape.insert(shape.begin(), 0);
-      stacked.push_back(mx::zeros(shape, out.dtype(), s));
-    }
-  }
-  for (auto& outs : per_output) {
-    stacked.push_back(mx::stack(outs, 0, s));
-  }
-  return {stacked, std::vector<int>(stacked.size(), 0)};
 }
 
 } // namespace
@@ -272,23 +208,10 @@ void check_quantized_head(const mx::array& w_q, const mx::array& scales,
   }
 }
 
-int check_linear_cross_entropy_options(float label_smoothing,
-                                       const std::string& label_smoothing_mode, float z_loss,
-                                       std::optional<float> logit_softcap,
-                                       std::optional<int64_t> chunk_bytes) {
-  int mode = check_label_smoothing(label_smoothing, label_smoothing_mode);
-  check_z_loss(z_loss);
-  check_logit_softcap(logit_softcap);
-  if (chunk_bytes && *chunk_bytes <= 0) {
-    fail_value("chunk_bytes must be > 0 (or None for the default), got ", *chunk_bytes);
-  }
-  return mode;
-}
-
-std::vector<mx::array> linear_cross_entropy(
+LinearHeadOperands check_linear_head(
     const mx::array& hidden,
     const mx::array& weight,
-    const mx::array& targets,
+    const std::optional<mx::array>& targets,
     const std::optional<mx::array>& bias,
     const std::optional<mx::array>& scales,
     const std::optional<mx::array>& qbiases,
@@ -296,18 +219,8 @@ std::vector<mx::array> linear_cross_entropy(
     int bits,
     const std::string& mode,
     const std::optional<mx::array>& global_scale,
-    float label_smoothing,
-    const std::string& label_smoothing_mode,
-    std::optional<int64_t> ignore_index,
-    float z_loss,
-    std::optional<float> logit_softcap,
-    bool sum_rows,
-    std::optional<int64_t> chunk_bytes,
-    bool fuse_grads,
+    LinearCrossEntropyParams& p,
     mx::StreamOrDevice s) {
-  LinearCrossEntropyParams p;
-  p.smoothing_mode = check_linear_cross_entropy_options(label_smoothing, label_smoothing_mode,
-                                                        z_loss, logit_softcap, chunk_bytes);
   check_float_input(hidden, "hidden");
   if (hidden.ndim() == 0) {
     fail_value("hidden must have a feature axis [..., H], got a scalar");
@@ -347,13 +260,16 @@ std::vector<mx::array> linear_cross_entropy(
   if (vocab == 0) {
     fail_value("weight must have at least one row (class), got shape ", shape_str(weight.shape()));
   }
-  auto rows = row_shape(hidden);
-  if (targets.shape() != rows) {
-    fail_value("targets must have shape ", shape_str(rows), " (hidden ", shape_str(hidden.shape()),
-               " without its last axis), got ", shape_str(targets.shape()),
-               squeeze_hint(targets.shape(), rows));
+  LinearHeadOperands out;
+  if (targets) {
+    auto rows = row_shape(hidden);
+    if (targets->shape() != rows) {
+      fail_value("targets must have shape ", shape_str(rows), " (hidden ", shape_str(hidden.shape()),
+                 " without its last axis), got ", shape_str(targets->shape()),
+                 squeeze_hint(targets->shape(), rows));
+    }
+    out.targets = class_indices(*targets, "targets", s);
   }
-  auto t = class_indices(targets, "targets", s);
   if (bias) {
     check_float_input(*bias, "bias");
     if (bias->shape() != mx::Shape{vocab}) {
@@ -361,7 +277,66 @@ std::vector<mx::array> linear_cross_entropy(
                  shape_str(bias->shape()));
     }
     p.has_bias = true;
+    // The epilogue adds the bias in float32 (V values: converting is free).
+    out.bias = mx::astype(*bias, mx::float32, s);
   }
+  out.head = {hidden, weight};
+  if (scales && !qbiases) {
+    out.head.push_back(*scales); // uint8 codes (floating-point modes)
+    if (global_scale) {
+      // float32 [1]: read as float32 by the kernels, as mx.dequantize reads it
+      out.head.push_back(mx::reshape(mx::astype(*global_scale, mx::float32, s), {1}, s));
+    }
+  } else if (scales) {
+    // The kernels read scales and biases as one dtype: both in their promoted
+    // type (mx.dequantize's result type; the conversion is exact, and a no-op
+    // for what mx.quantize returns). Before, biases of another dtype than the
+    // scales were read as the scales' dtype (garbage, and past their end).
+    auto sdt = mx::promote_types(scales->dtype(), qbiases->dtype());
+    out.head.push_back(mx::astype(*scales, sdt, s));
+    out.head.push_back(mx::astype(*qbiases, sdt, s));
+  }
+  return out;
+}
+
+int check_linear_cross_entropy_options(float label_smoothing,
+                                       const std::string& label_smoothing_mode, float z_loss,
+                                       std::optional<float> logit_softcap,
+                                       std::optional<int64_t> chunk_bytes) {
+  int mode = check_label_smoothing(label_smoothing, label_smoothing_mode);
+  check_z_loss(z_loss);
+  check_logit_softcap(logit_softcap);
+  if (chunk_bytes && *chunk_bytes <= 0) {
+    fail_value("chunk_bytes must be > 0 (or None for the default), got ", *chunk_bytes);
+  }
+  return mode;
+}
+
+std::vector<mx::array> linear_cross_entropy(
+    const mx::array& hidden,
+    const mx::array& weight,
+    const mx::array& targets,
+    const std::optional<mx::array>& bias,
+    const std::optional<mx::array>& scales,
+    const std::optional<mx::array>& qbiases,
+    int group_size,
+    int bits,
+    const std::string& mode,
+    const std::optional<mx::array>& global_scale,
+    float label_smoothing,
+    const std::string& label_smoothing_mode,
+    std::optional<int64_t> ignore_index,
+    float z_loss,
+    std::optional<float> logit_softcap,
+    bool sum_rows,
+    std::optional<int64_t> chunk_bytes,
+    bool fuse_grads,
+    mx::StreamOrDevice s) {
+  LinearCrossEntropyParams p;
+  p.smoothing_mode = check_linear_cross_entropy_options(label_smoothing, label_smoothing_mode,
+                                                        z_loss, logit_softcap, chunk_bytes);
+  auto head = check_linear_head(hidden, weight, targets, bias, scales, qbiases, group_size, bits, mode,
+                                global_scale, p, s);
   p.label_smoothing = label_smoothing;
   p.z_loss = z_loss;
   if (logit_softcap) {
@@ -383,26 +358,10 @@ std::vector<mx::array> linear_cross_entropy(
     p.grad_weight = !p.quantized() && weight.is_tracer();
     p.grad_bias = bias && bias->is_tracer();
   }
-  std::vector<mx::array> inputs = {hidden, weight};
-  if (scales && !qbiases) {
-    inputs.push_back(*scales); // uint8 codes (floating-point modes)
-    if (global_scale) {
-      // float32 [1]: read as float32 by the kernels, as mx.dequantize reads it
-      inputs.push_back(mx::reshape(mx::astype(*global_scale, mx::float32, s), {1}, s));
-    }
-  } else if (scales) {
-    // The kernels read scales and biases as one dtype: both in their promoted
-    // type (mx.dequantize's result type; the conversion is exact, and a no-op
-    // for what mx.quantize returns). Before, biases of another dtype than the
-    // scales were read as the scales' dtype (garbage, and past their end).
-    auto sdt = mx::promote_types(scales->dtype(), qbiases->dtype());
-    inputs.push_back(mx::astype(*scales, sdt, s));
-    inputs.push_back(mx::astype(*qbiases, sdt, s));
-  }
-  inputs.push_back(t);
-  if (bias) {
-    // The epilogue adds the bias in float32 (V values: converting is free).
-    inputs.push_back(mx::astype(*bias, mx::float32, s));
+  std::vector<mx::array> inputs = head.head;
+  inputs.push_back(*head.targets);
+  if (head.bias) {
+    inputs.push_back(*head.bias);
   }
   auto outputs = make_forward(inputs, p, {}, s);
   outputs.erase(outputs.begin() + kLceNumStats, outputs.end()); // gradients: the vjp's business

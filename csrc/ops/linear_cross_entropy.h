@@ -196,6 +196,33 @@ void check_quantized_head(const mx::array& w_q, const mx::array& scales,
                           int bits, int mode,
                           const std::optional<mx::array>& global_scale = std::nullopt);
 
+// The checks of a linear head's operands shared by every head loss (the linear
+// CE, the row statistics): hidden [..., H] float; weight [V >= 1, H] float or
+// quantized (scales given; check_quantized_head); targets (when given) of
+// hidden's row shape, any integer dtype; bias [V]. Fills p's head fields
+// (bits, group_size, quant_mode, has_global_scale, has_bias) and returns the
+// primitive's inputs: head = hidden, weight, [scales, [qbiases], [global_scale
+// float32 [1]]] (as lce_inputs orders them), the targets as int64 and the
+// bias as float32.
+struct LinearHeadOperands {
+  std::vector<mx::array> head;
+  std::optional<mx::array> targets;
+  std::optional<mx::array> bias;
+};
+LinearHeadOperands check_linear_head(
+    const mx::array& hidden,
+    const mx::array& weight,
+    const std::optional<mx::array>& targets,
+    const std::optional<mx::array>& bias,
+    const std::optional<mx::array>& scales,
+    const std::optional<mx::array>& qbiases,
+    int group_size,
+    int bits,
+    const std::string& mode,
+    const std::optional<mx::array>& global_scale,
+    LinearCrossEntropyParams& p,
+    mx::StreamOrDevice s);
+
 // The op. `scales` given means `weight` is quantized (`mode`: its format). Returns the
 // forward primitive's first kLceNumStats outputs (see LceOutput). `sum_rows`
 // fuses the sum over rows; `fuse_grads` lets the forward form the gradients of

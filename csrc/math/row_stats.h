@@ -1,0 +1,77 @@
+// Per-row statistics of a row of logits, and their gradients: the maths of
+// the scorer (log-probs, entropy) and of what distillation and the
+// vocabulary-parallel losses build from it. Shared by the CPU kernels
+// (csrc/cpu/row_stats.cpp) and the Metal ones.
+//
+// Definitions. A row's logits are z_j = softcap(y_j) / T (y: the given logits,
+// or x . w_j + b_j of a linear head; T the temperature > 0; no cap: z = y / T),
+// p = softmax(z). Over the row's V classes:
+//     lse       = log sum_j exp(z_j)                 dlse/dz_j      = p_j
+//     target    = z_t (0 where t is ignored or another shard's)
+//                                                    dtarget/dz_j   = [j == t]
+//     logit_sum = sum_j z_j                          dsum/dz_j      = 1
+//     expected  = E_p[z] = sum_j p_j z_j             dexpected/dz_j = p_j (1 + z_j - expected)
+//     max, argmax (not differentiable)
+// (dexpected/dz_j = p_j + sum_k z_k dp_k/dz_j with dp_k/dz_j = p_k([k == j] - p_j),
+// so p_j + p_j z_j - p_j sum_k p_k z_k.) Then log p(t) = target - lse and the
+// entropy is lse - expected. With per-row cotangents g_lse, g_t, g_sum, g_exp:
+//     dL/dz_j = (g_lse + g_exp (1 + z_j - expected)) p_j + g_t [j == t] + g_sum
+//     dL/dy_j = dL/dz_j * softcap'(y_j) / T,   softcap' = 1 - (c / cap)^2, c = T z_j
+// (math/softcap.h). p_j comes from the saved lse pair (cross_entropy.h
+// softmax_prob). A zero cotangent contributes exactly 0 (never 0 * inf), and a
+// -inf logit (p_j = 0) gets the gradient g_sum only.
+//
+// expected from the sums of one pass relative to ref = lse_ref(max):
+// s = sum_j exp(z_j - ref), ent = sum_j exp(z_j - ref)(z_j - ref) (<= 0 terms),
+//     expected = ref + ent / s,   entropy = lse - expected = log(s) - ent / s
+// (the linear cross-entropy's entropy, linear_cross_entropy.h).
+#pragma once
+
+#include "cross_entropy.h"
+#include "softcap.h"
+#include "transcendental.h"
+
+namespace flm {
+
+// Which statistics a call computes (bits of an int).
+enum RowStat : int {
+  kStatLse = 1,
+  kStatTarget = 2,
+  kStatLogitSum = 4,
+  kStatExpected = 8,
+  kStatMax = 16,
+  kStatArgmax = 32,
+  kStatDifferentiable = kStatLse | kStatTarget | kStatLogitSum | kStatExpected,
+  kStatAll = 63,
+};
+
+// Whether a statistic needs the row's softmax sums (one exp per logit).
+FLM_INLINE bool row_stats_need_sums(int stats) {
+  return (stats & (kStatLse | kStatExpected)) != 0;
+}
+
+// The per-row cotangents of the differentiable statistics (0: absent).
+struct RowStatsCotangent {
+  float lse;
+  float target;
+  float logit_sum;
+  float expected;
+};
+
+FLM_INLINE float row_expected(float ref, float sum_exp, float ent) {
+  return ref + ent / sum_exp;
+}
+
+// dL/dz_j for a class other than the target (the target adds g.target).
+FLM_INLINE float row_stats_grad(float z, float lse, float lse_lo, float expected, RowStatsCotangent g) {
+  float p = softmax_prob(z, lse, lse_lo);
+  float coef = g.lse + weighted(g.expected, (1.0f + z) - expected);
+  return weighted(p, coef) + g.logit_sum;
+}
+
+// The chain factor dz/dy: softcap'(y) / T from the scaled logit z (cap 0: none).
+FLM_INLINE float row_stats_chain(float z, float cap, float temperature, float inv_temperature) {
+  return cap != 0.0f ? softcap_grad(z * temperature, cap) * inv_temperature : inv_temperature;
+}
+
+} // namespace flm
