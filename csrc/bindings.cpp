@@ -208,6 +208,8 @@ NB_MODULE(_ext, m) {
       "Per-row statistics of z = softcap(hidden @ weight.T + bias) / temperature without the logits: "
       "a list of float32 arrays (argmax int64), one per name in stats ('lse', 'target', 'logit_sum', "
       "'expected', 'max', 'argmax'); see csrc/ops/row_stats.h.");
+  m.def("check_row_stats_options", &fl::check_row_stats_options, "temperature"_a, "logit_softcap"_a = nb::none(),
+        "chunk_bytes"_a = nb::none(), "The row statistics' option checks (temperature, logit_softcap, chunk_bytes).");
   m.def(
       "row_stats",
       [](const mlx::core::array& logits, std::optional<mlx::core::array> targets,

@@ -13,7 +13,9 @@ Each case drives the forward and backward primitives of one loss
 configuration: cross_entropy (hard, class weights, ignore_index, soft-cap, soft
 targets, per-row, return_stats), smooth_l1, huber, sigmoid focal, softmax focal, and the
 linear cross-entropy (forward-formed gradients and their scaling in float32
-and bfloat16, the recomputing backward, a quantized head, return_stats).
+and bfloat16, the recomputing backward, a quantized head, return_stats), and
+the row statistics (linear_log_probs with entropy, quantized, every statistic
+of _ext.linear_row_stats, log_probs in bfloat16).
 Shapes are small: the graphs, not the kernels, are under test.
 """
 
@@ -168,6 +170,23 @@ CASES = [
          lambda h, q, s, qb, t, b: (lambda loss, st: (_squares(loss), st["lse"], st["entropy"]))(
              *fl.linear_cross_entropy(h, q, t, b, scales=s, biases=qb, group_size=32, bits=4,
                                       reduction="none", return_stats=True)), (0, 5)),
+    # the row statistics (scorer): per-token log p and entropy, each row its own cotangent
+    Case("linear_log_probs_entropy", _lce_args,
+         lambda h, w, t, b: (lambda lp, ent: (_squares(lp) + (ent * lp).sum(), lp, ent))(
+             *fl.linear_log_probs(h, w, t, b, ignore_index=-100, return_entropy=True, temperature=0.7,
+                                  logit_softcap=5.0)), (0, 1, 3)),
+    Case("linear_log_probs_quantized", _lce_quantized,
+         lambda h, q, s, qb, t, b: (lambda lp: (_squares(lp), lp))(
+             fl.linear_log_probs(h, q, t, b, scales=s, biases=qb, group_size=32, bits=4, ignore_index=-100)),
+         (0, 5)),
+    Case("linear_row_stats_all", _lce_args,
+         lambda h, w, t, b: (lambda lse, tg, sm, ex, mx_, am: (
+             _squares(lse) + (tg * ex).sum() + (sm * sm).sum(), lse, tg, sm, ex, mx_, am))(
+             *fl._ext.linear_row_stats(h, w, t, b, stats=["lse", "target", "logit_sum", "expected", "max",
+                                                          "argmax"], vocab_start=3)), (0, 1, 3)),
+    Case("log_probs_bf16", lambda r, n: (_normal(r, (n, K), dtype=mx.bfloat16), _labels(r, n, ignored=True)),
+         lambda x, t: (lambda lp, ent: (_squares(lp) + (ent * lp).sum(), lp, ent))(
+             *fl.log_probs(x, t, ignore_index=-100, return_entropy=True, temperature=2.0)), (0,), mx.bfloat16),
 ]
 CASE_BY_NAME = {c.name: c for c in CASES}
 

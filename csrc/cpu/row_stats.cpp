@@ -43,12 +43,14 @@ struct RowStatsArgs {
   float* target = nullptr;
   float* logit_sum = nullptr;
   float* expected = nullptr;
+  float* expected_lo = nullptr;
   float* max = nullptr;
   int64_t* argmax = nullptr;
   // backward inputs: saved statistics, cotangents (null: absent)
   const float* saved_lse = nullptr;
   const float* saved_lse_lo = nullptr;
   const float* saved_expected = nullptr;
+  const float* saved_expected_lo = nullptr;
   const float* g_lse = nullptr;
   const float* g_target = nullptr;
   const float* g_logit_sum = nullptr;
@@ -109,7 +111,9 @@ FLM_INLINE void forward_row(const RowStatsArgs& a, const float* z, int64_t r, fl
     a.lse[r] = row.lse;
     a.lse_lo[r] = row.lse_lo;
     if (stats & flm::kStatExpected) {
-      a.expected[r] = flm::row_expected(flm::lse_ref(m), sums.sum_exp, sums.sum_exp_gap);
+      flm::FloatPair ex = flm::row_expected(flm::lse_ref(m), sums.sum_exp, sums.sum_exp_gap);
+      a.expected[r] = ex.hi;
+      a.expected_lo[r] = ex.lo;
     }
   }
   if (stats & flm::kStatTarget) {
@@ -137,7 +141,9 @@ FLM_INLINE void backward_row(const RowStatsArgs& a, const float* z, D* dst, int6
   }
   const float lse = a.saved_lse ? a.saved_lse[r] : 0.0f;
   const float lse_lo = a.saved_lse_lo ? a.saved_lse_lo[r] : 0.0f;
-  const float e = a.saved_expected ? a.saved_expected[r] : 0.0f;
+  flm::FloatPair e;
+  e.hi = a.saved_expected ? a.saved_expected[r] : 0.0f;
+  e.lo = a.saved_expected_lo ? a.saved_expected_lo[r] : 0.0f;
   const float cap = a.cap, temp = a.temperature, inv_t = a.inv_temperature;
   const float z_t = t >= 0 ? z[t] : 0.0f; // read before dst (maybe z) is written
   if (g.lse != 0.0f || g.expected != 0.0f) {
@@ -245,7 +251,10 @@ void set_outputs(RowStatsArgs& a, std::vector<mx::array>& outputs) {
   }
   if (stats & flm::kStatTarget) a.target = outputs[at(flm::kStatTarget)].data<float>();
   if (stats & flm::kStatLogitSum) a.logit_sum = outputs[at(flm::kStatLogitSum)].data<float>();
-  if (stats & flm::kStatExpected) a.expected = outputs[at(flm::kStatExpected)].data<float>();
+  if (stats & flm::kStatExpected) {
+    a.expected = outputs[at(flm::kStatExpected)].data<float>();
+    a.expected_lo = outputs[at(flm::kStatExpected) + 1].data<float>();
+  }
   if (stats & flm::kStatMax) a.max = outputs[at(flm::kStatMax)].data<float>();
   if (stats & flm::kStatArgmax) a.argmax = outputs[at(flm::kStatArgmax)].data<int64_t>();
 }
@@ -259,6 +268,7 @@ void set_backward_inputs(RowStatsArgs& a, const std::vector<mx::array>& inputs, 
   }
   if (cot & flm::kStatExpected) {
     a.saved_expected = inputs[k++].data<float>();
+    a.saved_expected_lo = inputs[k++].data<float>();
   }
   if (cot & flm::kStatLse) a.g_lse = inputs[k++].data<float>();
   if (cot & flm::kStatTarget) a.g_target = inputs[k++].data<float>();

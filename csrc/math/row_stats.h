@@ -24,7 +24,11 @@
 // expected from the sums of one pass relative to ref = lse_ref(max):
 // s = sum_j exp(z_j - ref), ent = sum_j exp(z_j - ref)(z_j - ref) (<= 0 terms),
 //     expected = ref + ent / s,   entropy = lse - expected = log(s) - ent / s
-// (the linear cross-entropy's entropy, linear_cross_entropy.h).
+// (the linear cross-entropy's entropy, linear_cross_entropy.h). Like the lse,
+// expected is kept as a float32 pair (expected + expected_lo = ref + ent / s
+// exactly): with logits near 1e4 a single float32 is 5e-4 off, which
+// lse - expected (the entropy) and z_j - expected (its gradient) would
+// inherit; (z_j - expected) - expected_lo keeps float32 accuracy.
 #pragma once
 
 #include "cross_entropy.h"
@@ -58,14 +62,24 @@ struct RowStatsCotangent {
   float expected;
 };
 
-FLM_INLINE float row_expected(float ref, float sum_exp, float ent) {
-  return ref + ent / sum_exp;
+// expected as a float32 pair (hi, lo): hi + lo = ref + ent / s exactly.
+struct FloatPair {
+  float hi;
+  float lo;
+};
+
+FLM_INLINE FloatPair row_expected(float ref, float sum_exp, float ent) {
+  float q = ent / sum_exp;
+  FloatPair e;
+  e.hi = ref + q;
+  e.lo = two_sum_lo(ref, q, e.hi);
+  return e;
 }
 
 // dL/dz_j for a class other than the target (the target adds g.target).
-FLM_INLINE float row_stats_grad(float z, float lse, float lse_lo, float expected, RowStatsCotangent g) {
+FLM_INLINE float row_stats_grad(float z, float lse, float lse_lo, FloatPair expected, RowStatsCotangent g) {
   float p = softmax_prob(z, lse, lse_lo);
-  float coef = g.lse + weighted(g.expected, (1.0f + z) - expected);
+  float coef = g.lse + weighted(g.expected, 1.0f + ((z - expected.hi) - expected.lo));
   return weighted(p, coef) + g.logit_sum;
 }
 

@@ -16,6 +16,19 @@ constexpr const char* kStatNames[] = {"lse", "target", "logit_sum", "expected", 
 constexpr int kStatBits[] = {flm::kStatLse,      flm::kStatTarget, flm::kStatLogitSum,
                              flm::kStatExpected, flm::kStatMax,    flm::kStatArgmax};
 
+// "lse_lo" / "expected_lo" name the low halves of the pairs: the statistic
+// whose half they are.
+std::string lo_of(const std::string& name) {
+  if (name == "lse_lo") return "lse";
+  if (name == "expected_lo") return "expected";
+  return name;
+}
+
+// A statistic kept as a float32 pair: two outputs (hi, lo).
+bool is_pair(int bit) {
+  return bit == flm::kStatLse || bit == flm::kStatExpected;
+}
+
 int parse_stats(const std::vector<std::string>& names) {
   if (names.empty()) {
     fail_value("stats must name at least one of 'lse', 'target', 'logit_sum', 'expected', 'max', "
@@ -23,8 +36,8 @@ int parse_stats(const std::vector<std::string>& names) {
   }
   int stats = 0;
   for (const auto& name : names) {
-    int bit = row_stat_bit(name);
-    if (stats & bit) {
+    int bit = row_stat_bit(lo_of(name));
+    if ((stats & bit) && lo_of(name) == name) {
       fail_value("stats names '", name, "' twice");
     }
     stats |= bit;
@@ -42,7 +55,7 @@ std::vector<mx::Shape> stats_shapes(const mx::Shape& rows, int stats) {
   for (int bit : kStatBits) {
     if (stats & bit) {
       shapes.push_back(rows);
-      if (bit == flm::kStatLse) shapes.push_back(rows); // lse_lo
+      if (is_pair(bit)) shapes.push_back(rows); // its lo half
     }
   }
   return shapes;
@@ -53,7 +66,7 @@ std::vector<mx::Dtype> stats_dtypes(int stats) {
   for (int bit : kStatBits) {
     if (stats & bit) {
       dtypes.push_back(bit == flm::kStatArgmax ? mx::int64 : mx::float32);
-      if (bit == flm::kStatLse) dtypes.push_back(mx::float32); // lse_lo
+      if (is_pair(bit)) dtypes.push_back(mx::float32); // its lo half
     }
   }
   return dtypes;
@@ -113,7 +126,9 @@ void append_backward_inputs(std::vector<mx::array>& inputs, int stats, int cot_b
     inputs.push_back(outputs[k + 1]);
   }
   if (cot_bits & flm::kStatExpected) {
-    inputs.push_back(outputs[row_stat_output(stats, flm::kStatExpected)]);
+    int k = row_stat_output(stats, flm::kStatExpected);
+    inputs.push_back(outputs[k]);
+    inputs.push_back(outputs[k + 1]);
   }
   for (int bit : kStatBits) {
     if (cot_bits & bit) {
@@ -127,7 +142,8 @@ std::vector<mx::array> in_request_order(const std::vector<mx::array>& outputs, i
                                         const std::vector<std::string>& names) {
   std::vector<mx::array> out;
   for (const auto& name : names) {
-    out.push_back(outputs[row_stat_output(stats, row_stat_bit(name))]);
+    const std::string base = lo_of(name);
+    out.push_back(outputs[row_stat_output(stats, row_stat_bit(base)) + (base != name ? 1 : 0)]);
   }
   return out;
 }
@@ -152,6 +168,14 @@ void set_common(RowStatsParams& p, int stats, float temperature, std::optional<f
   }
 }
 
+// Where the primitives run: the CPU stream for now, whatever `s` says (the
+// Metal kernels are not written yet; on Apple silicon the CPU reads the GPU's
+// arrays in place, MLX orders the two streams).
+mx::StreamOrDevice kernel_stream(mx::StreamOrDevice s) {
+  mx::Stream st = mx::to_stream(s);
+  return st.device == mx::Device::gpu ? mx::StreamOrDevice(mx::default_stream(mx::Device::cpu)) : s;
+}
+
 const std::optional<mx::array>& targets_if_needed(const std::optional<mx::array>& targets, int stats) {
   static const std::optional<mx::array> none;
   if ((stats & flm::kStatTarget) && !targets) {
@@ -167,7 +191,7 @@ int row_stat_bit(const std::string& name) {
     if (name == kStatNames[i]) return kStatBits[i];
   }
   fail_value("stats: unknown statistic '", name, "'; expected 'lse', 'target', 'logit_sum', 'expected', "
-             "'max' or 'argmax'");
+             "'max', 'argmax', 'lse_lo' or 'expected_lo'");
 }
 
 int row_stat_output(int stats, int bit) {
@@ -175,7 +199,7 @@ int row_stat_output(int stats, int bit) {
   int k = 0;
   for (int b : kStatBits) {
     if (b == bit) return k;
-    if (stats & b) k += b == flm::kStatLse ? 2 : 1;
+    if (stats & b) k += is_pair(b) ? 2 : 1;
   }
   return -1;
 }
@@ -218,6 +242,7 @@ std::vector<mx::array> linear_row_stats(
     std::optional<int64_t> vocab_start,
     std::optional<int64_t> chunk_bytes,
     mx::StreamOrDevice s) {
+  s = kernel_stream(s);
   check_row_stats_options(temperature, logit_softcap, chunk_bytes);
   const int asked = parse_stats(stats);
   RowStatsParams p;
@@ -249,6 +274,7 @@ std::vector<mx::array> row_stats(
     std::optional<int64_t> ignore_index,
     std::optional<int64_t> vocab_start,
     mx::StreamOrDevice s) {
+  s = kernel_stream(s);
   check_row_stats_options(temperature, logit_softcap, std::nullopt);
   const int asked = parse_stats(stats);
   check_float_input(logits, "logits");
@@ -386,11 +412,14 @@ std::pair<std::vector<mx::array>, std::vector<int>> RowStatsVJP::vmap(
       inputs, axes, [&](const std::vector<mx::array>& in) { return make_logits_backward(in, p, s); }, s);
 }
 
-#ifndef _METAL_
-FL_NO_METAL(LinearRowStats)
-FL_NO_METAL(LinearRowStatsVJP)
-FL_NO_METAL(RowStats)
-FL_NO_METAL(RowStatsVJP)
-#endif
+// Never scheduled: the ops put these primitives on the CPU stream (kernel_stream).
+#define FL_ROW_STATS_CPU_ONLY(CLASS)                                                      \
+  void CLASS::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {          \
+    throw std::logic_error(#CLASS " runs on the CPU stream (no Metal kernels yet)");     \
+  }
+FL_ROW_STATS_CPU_ONLY(LinearRowStats)
+FL_ROW_STATS_CPU_ONLY(LinearRowStatsVJP)
+FL_ROW_STATS_CPU_ONLY(RowStats)
+FL_ROW_STATS_CPU_ONLY(RowStatsVJP)
 
 } // namespace fl

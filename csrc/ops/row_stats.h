@@ -17,7 +17,12 @@
 //   stats   which of "lse", "target", "logit_sum", "expected", "max",
 //           "argmax" to compute; only those are outputs and only their work is
 //           done (no exp pass without "lse"/"expected"). "expected" computes
-//           the lse too (it needs it).
+//           the lse too (it needs it). lse and expected are float32 pairs
+//           (math/row_stats.h): "lse_lo" / "expected_lo" also return their
+//           low halves (constants), so that target - lse and lse - expected
+//           can be formed to float32 accuracy when the logits are large:
+//           log p = (target - lse) - lse_lo,
+//           entropy = (lse - expected) + (lse_lo - expected_lo).
 //   options temperature > 0, logit_softcap (> 0 or none), ignore_index
 //           (target 0 on those rows), vocab_start (none: this head is the whole
 //           vocabulary and a target outside [0, V) gives a NaN target; an int:
@@ -29,8 +34,8 @@
 // with its own per-row cotangent (hidden, weight, bias for the linear form,
 // logits for the other); max and argmax (the global index of the first
 // maximum) are constants.
-// Saved for the backward: the lse as a float32 pair (an extra output lse_lo
-// beside lse), and expected. The backward recomputes each chunk's logits
+// Saved for the backward: the lse and expected pairs (each lo half an extra
+// output after its statistic). The backward recomputes each chunk's logits
 // (linear) and forms dZ from those and the cotangents: never an N x V array
 // beyond the logits form's own input and gradient.
 // Rejected before any kernel (ValueError/TypeError naming the argument):
@@ -63,16 +68,17 @@ struct RowStatsParams {
   bool operator==(const RowStatsParams&) const = default;
 };
 
-// The statistics by name, in output order (lse_lo follows lse).
+// The statistics by name, in output order (lse_lo follows lse, expected_lo
+// expected).
 int row_stat_bit(const std::string& name);
 // Index of statistic `bit` among the forward's outputs (-1: not computed);
-// lse_lo is at row_stat_output(stats, kStatLse) + 1.
+// a pair's lo half is at row_stat_output(stats, bit) + 1.
 int row_stat_output(int stats, int bit);
 
 // Input positions. Linear form: hidden, weight, [scales, [qbiases],
 // [global_scale]], [targets], [bias]; logits form: logits, [targets]. The
 // backward appends [lse, lse_lo] (when the cotangents include lse or
-// expected), [expected] (when they include expected), then one float32 [...]
+// expected), [expected, expected_lo] (when they include expected), then one float32 [...]
 // cotangent per bit of `cotangents`, in bit order.
 LceInputs linear_row_stats_inputs(const RowStatsParams& p);
 

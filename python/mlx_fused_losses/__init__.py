@@ -19,6 +19,7 @@ import mlx.core  # noqa: E402, F401  (load libmlx and its nanobind types before 
 from . import distributed, nn  # noqa: E402
 from .alignment import cpo_loss, dpo_loss, grpo_loss, kto_loss, orpo_loss, simpo_loss  # noqa: E402
 from .linear_cross_entropy import linear_cross_entropy  # noqa: E402
+from .log_probs import linear_log_probs, log_probs  # noqa: E402
 from .losses import (  # noqa: E402
     cross_entropy,
     huber_loss,
@@ -37,6 +38,8 @@ __all__ = [
     "sigmoid_focal_loss",
     "softmax_focal_loss",
     "linear_cross_entropy",
+    "linear_log_probs",
+    "log_probs",
     "dpo_loss",
     "orpo_loss",
     "simpo_loss",

@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn.losses as mlx_losses
 
 import mlx_fused_losses as fl
-from . import linear
+from . import linear, log_probs
 
 LABEL_SMOOTHING = 0.1
 SMOOTH_L1_BETA = 1.0
@@ -238,6 +238,20 @@ LOSSES = {
             roofline=linear.gemm_yardstick,
             flops=linear.flops,
             extras=linear.extra_baselines,
+        ),
+        LossSpec(
+            name="linear_log_probs",
+            rowwise=True,
+            ours=log_probs.ours,
+            reference=log_probs.composed,
+            reference_name="take_along_axis(log_softmax(h @ W.T), t) (composed)",
+            make_inputs=linear.make_inputs,
+            sweeps=LINEAR_SWEEPS,
+            dtype_names=("float32",),
+            grad_argnums=(0, 1),
+            roofline=linear.gemm_yardstick,
+            flops=linear.flops,
+            extras=log_probs.extra_baselines,
         ),
     ]
 }
