@@ -70,6 +70,7 @@
 #include <metal_stdlib>
 
 #include "fl_common.h"
+#include "lce_gemm.h"
 #include "quantized_head.h"
 #include "../csrc/math/cross_entropy.h"
 #include "../csrc/math/linear_cross_entropy.h"
@@ -79,28 +80,31 @@ using namespace metal;
 
 namespace lce {
 
-// Tile shape (kernel_args.h, shared with the launch plans) and the padded
-// leading dimensions of the threadgroup tiles (+4 floats: rows of a tile start
-// on different banks).
+// Tile shape (kernel_args.h, shared with the launch plans): BM x BN outputs per
+// group of WM x WN SIMD-groups, BK per staged step; the GEMM itself is
+// metal/lce_gemm.h (MLX's steel loader and fragment multiply).
 enum : int {
   kBM = FL_LCE_BM,
   kBN = FL_LCE_BN,
   kBK = FL_LCE_BK,
   kThreads = FL_LCE_THREADS,
-  kLDA = FL_LCE_BK + 4, // As[m][k]: BM x BK
-  kLDB = FL_LCE_BN + 4, // Bs[k][n]: BK x BN
-  kLDC = FL_LCE_BN + 4, // Cs[m][n]: BM x BN
   kSimd = 32,
-  kRowsPerSimd = FL_LCE_BM / (FL_LCE_THREADS / 32), // forward / dZ epilogue rows per SIMD-group
+  kSimdGroups = FL_LCE_THREADS / 32,
+  kRowsPerSimd = FL_LCE_BM / kSimdGroups, // forward / dZ epilogue rows per SIMD-group
+  kColsPerLane = FL_LCE_BN / 32, // epilogue columns per lane: lane, lane + 32, ...
 };
-static_assert(kBN == kSimd, "the epilogues give each lane one column of a tile");
-static_assert(kBM == 32 && kBN == 32 && kThreads == 128, "fragment_multiply: 2 x 2 SIMD-groups of 16 x 16");
-static_assert(kBK % 8 == 0, "BK is a whole number of 8x8 fragments");
+static_assert(kBN % kSimd == 0, "the epilogues give each lane whole columns of a tile");
+static_assert(kBM % kSimdGroups == 0, "the epilogues give each SIMD-group whole rows");
+static_assert(FL_LCE_WM * FL_LCE_WN * 32 == FL_LCE_THREADS, "threads = SIMD-groups x 32");
 
-// ---- tile loaders ------------------------------------------------------------------
+// The tile GEMM of an A dtype against a B dtype (lce_gemm.h: staged in their
+// common dtype, else float).
+template <typename TA, typename TB, bool kTransA, bool kTransB>
+using GemmOf = Gemm<typename StageOf<TA, TB>::type, FL_LCE_BM, FL_LCE_BN, FL_LCE_BK, FL_LCE_WM,
+                    FL_LCE_WN, kTransA, kTransB>;
 
-// A row-major matrix in device memory, read as float: element (r, c) at
-// p[r * ld + c], for r < rows, c < cols.
+// A row-major matrix in device memory: element (r, c) at p[r * ld + c], for
+// r < rows, c < cols.
 template <typename T>
 struct MatrixView {
   device const T* p;
@@ -112,10 +116,10 @@ struct MatrixView {
       : p(p_), ld(ld_), rows(rows_), cols(cols_) {}
 
   // Stages the block (r0 + i, c0 + j), i < BR, j < BC, into
-  // dst[i * stride_r + j * stride_c], 0 outside the matrix (never read there).
-  // Consecutive threads take consecutive columns (coalesced reads).
-  template <int BR, int BC>
-  void stage(threadgroup float* dst, long r0, int c0, int stride_r, int stride_c, uint tid,
+  // dst[i * stride_r + j * stride_c] as TT, 0 outside the matrix (never read
+  // there). Consecutive threads take consecutive columns (coalesced reads).
+  template <int BR, int BC, typename TT>
+  void stage(threadgroup TT* dst, long r0, int c0, int stride_r, int stride_c, uint tid,
              uint nthreads) const {
     for (uint e = tid; e < uint(BR * BC); e += nthreads) {
       int i = int(e) / BC;
@@ -126,20 +130,20 @@ struct MatrixView {
       if (r < rows && c < cols) {
         v = float(p[r * ld + c]);
       }
-      dst[i * stride_r + j * stride_c] = v;
+      dst[i * stride_r + j * stride_c] = TT(v);
     }
   }
 };
 
 // The weight of a dense head: W [V, H] in its own dtype. The interface every
-// head implements (published for the quantized head in
-// notes: lce-metal-interface.md):
+// head implements (the quantized heads: metal/quantized_head.h):
 //   typedef weight_t, scale_t                element types of the three buffers
 //   Head(weight, scales, qbiases, args)      built per thread at kernel start
 //   stage<BV, BH>(dst, v0, h0, stride_v, stride_h, tid, nthreads)
-//       W[v0 + i, h0 + j] as float into dst[i * stride_v + j * stride_h] for
-//       i < BV, j < BH; 0 where v0 + i >= V or h0 + j >= H. Called by all the
+//       W[v0 + i, h0 + j] as the tile's type into dst[i * stride_v + j * stride_h]
+//       for i < BV, j < BH; 0 where v0 + i >= V or h0 + j >= H. Called by all the
 //       threads of the group together, between the caller's barriers.
+// A dense head's tiles are staged by MLX's BlockLoader instead (HeadOperand).
 template <typename W>
 struct DenseHead {
   typedef W weight_t;
@@ -150,128 +154,47 @@ struct DenseHead {
             constant LceArgs& args)
       : w(weight, args.hidden, args.vocab, args.hidden) {}
 
-  template <int BV, int BH>
-  void stage(threadgroup float* dst, int v0, int h0, int stride_v, int stride_h, uint tid,
+  template <int BV, int BH, typename TT>
+  void stage(threadgroup TT* dst, int v0, int h0, int stride_v, int stride_h, uint tid,
              uint nthreads) const {
     w.template stage<BV, BH>(dst, v0, h0, stride_v, stride_h, tid, nthreads);
   }
 };
 
-// Operands of a tile GEMM C[BM x BN] += A[BM x K] B[K x BN], each staged one BK
-// step at a time into As[m][k] / Bs[k][n]. "Rows": the source's rows are the
-// tile's first index; "Cols": transposed while staging.
-template <typename Src>
-struct RowsA { // As[m][k] = src(m0 + m, k0 + k)
-  Src src;
-  long m0;
-  RowsA(Src s, long m) : src(s), m0(m) {}
-  void stage(threadgroup float* As, int k0, uint tid, uint n) const {
-    src.template stage<kBM, kBK>(As, m0, k0, kLDA, 1, tid, n);
+// The B operand of a GEMM against the head's weight (transposed: the logits,
+// B^T = W; not: dH, B = W). A head stages itself (quantized: dequantised into
+// the tile); a dense weight is a plain matrix for MLX's loader.
+template <typename G, typename Head, bool kTransB>
+struct HeadOperand {
+  typedef HeadStager<G, Head, kTransB> type;
+  static type make(Head head, int n0, threadgroup typename G::stage_t* Bs, ushort sg,
+                   ushort lane) {
+    return type(head, n0, Bs, sg, lane);
+  }
+};
+template <typename G, typename W, bool kTransB>
+struct HeadOperand<G, DenseHead<W>, kTransB> {
+  typedef typename BOperand<G, W, kTransB>::type type;
+  static type make(DenseHead<W> head, int n0, threadgroup typename G::stage_t* Bs, ushort sg,
+                   ushort lane) {
+    return BOperand<G, W, kTransB>::make(head.w.p, head.w.ld, n0, Bs, sg, lane);
   }
 };
 
-template <typename Src>
-struct ColsA { // As[m][k] = src(k0 + k, m0 + m)
-  Src src;
-  int m0;
-  ColsA(Src s, int m) : src(s), m0(m) {}
-  void stage(threadgroup float* As, int k0, uint tid, uint n) const {
-    src.template stage<kBK, kBM>(As, k0, m0, 1, kLDA, tid, n);
-  }
+// The staging dtype of a head against the hidden dtype T: a dense weight's
+// own type when it is T's, else float; a quantized head's: T (dequantised into
+// the activations' dtype, as MLX's quantized matmul).
+template <typename T, typename Head>
+struct HeadStage {
+  typedef T type;
 };
-
-template <typename Src>
-struct RowsB { // Bs[k][n] = src(k0 + k, n0 + n)
-  Src src;
-  int n0;
-  RowsB(Src s, int n) : src(s), n0(n) {}
-  void stage(threadgroup float* Bs, int k0, uint tid, uint n) const {
-    src.template stage<kBK, kBN>(Bs, k0, n0, kLDB, 1, tid, n);
-  }
+template <typename T, typename W>
+struct HeadStage<T, DenseHead<W>> {
+  typedef typename StageOf<T, W>::type type;
 };
-
-template <typename Src>
-struct ColsB { // Bs[k][n] = src(n0 + n, k0 + k)
-  Src src;
-  int n0;
-  ColsB(Src s, int n) : src(s), n0(n) {}
-  void stage(threadgroup float* Bs, int k0, uint tid, uint n) const {
-    src.template stage<kBN, kBK>(Bs, n0, k0, 1, kLDB, tid, n);
-  }
-};
-
-// ---- fragments ----------------------------------------------------------------------
-
-// SIMD-group sg owns the 16 x 16 block (sg / 2, sg % 2) of the tile as 2 x 2
-// fragments acc[i * 2 + j].
-inline void fragment_multiply(thread simdgroup_float8x8* acc, threadgroup const float* As,
-                              threadgroup const float* Bs, uint sg) {
-  const uint m = (sg / 2) * 16;
-  const uint n = (sg % 2) * 16;
-  for (int kk = 0; kk < kBK; kk += 8) {
-    simdgroup_float8x8 a0;
-    simdgroup_float8x8 a1;
-    simdgroup_float8x8 b0;
-    simdgroup_float8x8 b1;
-    simdgroup_load(a0, As + m * kLDA + kk, kLDA);
-    simdgroup_load(a1, As + (m + 8) * kLDA + kk, kLDA);
-    simdgroup_load(b0, Bs + kk * kLDB + n, kLDB);
-    simdgroup_load(b1, Bs + kk * kLDB + n + 8, kLDB);
-    simdgroup_multiply_accumulate(acc[0], a0, b0, acc[0]);
-    simdgroup_multiply_accumulate(acc[1], a0, b1, acc[1]);
-    simdgroup_multiply_accumulate(acc[2], a1, b0, acc[2]);
-    simdgroup_multiply_accumulate(acc[3], a1, b1, acc[3]);
-  }
-}
-
-// acc = A B over the whole reduction dimension K (masked: zero-filled edges
-// add nothing). The first barrier of each step keeps a SIMD-group from
-// restaging As/Bs while another still multiplies the previous step.
-template <typename OpA, typename OpB>
-inline void gemm_tile(thread simdgroup_float8x8* acc, OpA a, OpB b, int K, threadgroup float* As,
-                      threadgroup float* Bs, uint tid, uint sg) {
-  for (int f = 0; f < 4; ++f) {
-    acc[f] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
-  }
-  for (int k0 = 0; k0 < K; k0 += kBK) {
-    threadgroup_barrier(mem_flags::mem_threadgroup);
-    a.stage(As, k0, tid, uint(kThreads));
-    b.stage(Bs, k0, tid, uint(kThreads));
-    threadgroup_barrier(mem_flags::mem_threadgroup);
-    fragment_multiply(acc, As, Bs, sg);
-  }
-}
-
-// The accumulators into Cs[BM][BN]; on return every thread may read all of Cs.
-// The first barrier: the previous tile's readers of Cs are done (also when
-// K = 0 and gemm_tile had no barrier at all).
-inline void store_tile(thread simdgroup_float8x8* acc, threadgroup float* Cs, uint sg) {
-  const uint m = (sg / 2) * 16;
-  const uint n = (sg % 2) * 16;
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-  simdgroup_store(acc[0], Cs + m * kLDC + n, kLDC);
-  simdgroup_store(acc[1], Cs + m * kLDC + n + 8, kLDC);
-  simdgroup_store(acc[2], Cs + (m + 8) * kLDC + n, kLDC);
-  simdgroup_store(acc[3], Cs + (m + 8) * kLDC + n + 8, kLDC);
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-}
-
-// Cs -> out[(m0 + i) * ld + n0 + j] for the elements inside rows x cols,
-// added to what is there when `accumulate`.
-inline void write_tile(threadgroup const float* Cs, device float* out, long ld, long m0, int n0,
-                       long rows, int cols, bool accumulate, uint tid) {
-  for (uint e = tid; e < uint(kBM * kBN); e += uint(kThreads)) {
-    int i = int(e) / kBN;
-    int j = int(e) % kBN;
-    long r = m0 + i;
-    int c = n0 + j;
-    if (r < rows && c < cols) {
-      long at = r * ld + c;
-      float v = Cs[i * kLDC + j];
-      out[at] = accumulate ? out[at] + v : v;
-    }
-  }
-}
+template <typename T, typename Head, bool kTransB>
+using HeadGemm = Gemm<typename HeadStage<T, Head>::type, FL_LCE_BM, FL_LCE_BN, FL_LCE_BK,
+                      FL_LCE_WM, FL_LCE_WN, false, kTransB>;
 
 // ---- epilogue pieces ------------------------------------------------------------------
 
@@ -288,16 +211,18 @@ inline long target_class(device const long* targets, long row, constant LceArgs&
 }
 
 // Z tile (row block m0.., vocabulary tile v0..) of the hidden rows through the
-// head, into Cs.
-template <typename T, typename Head>
+// head, into Cs: Z = H W^T, A = hidden rows [m0, rows), B^T = W.
+template <typename G, typename T, typename Head>
 inline void logits_tile(device const T* hidden, Head head, long m0, int v0, long rows,
-                        constant LceArgs& args, threadgroup float* As, threadgroup float* Bs,
-                        threadgroup float* Cs, uint tid, uint sg) {
-  RowsA<MatrixView<T>> a(MatrixView<T>(hidden, args.hidden, rows, args.hidden), m0);
-  ColsB<Head> b(head, v0);
-  simdgroup_float8x8 acc[4];
-  gemm_tile(acc, a, b, args.hidden, As, Bs, tid, sg);
-  store_tile(acc, Cs, sg);
+                        constant LceArgs& args, threadgroup typename G::stage_t* As,
+                        threadgroup typename G::stage_t* Bs, threadgroup float* Cs, ushort sg,
+                        ushort lane) {
+  auto a = AOperand<G, T, false>::make(hidden, args.hidden, m0, As, sg, lane);
+  auto b = HeadOperand<G, Head, true>::make(head, v0, Bs, sg, lane);
+  typename G::mma_t mma(sg, lane);
+  gemm_k_loop<G>(mma, a, b, args.hidden, int(min(long(G::BM), rows - m0)),
+                 min(int(G::BN), args.vocab - v0), As, Bs);
+  store_accumulators<G>(mma, Cs);
 }
 
 } // namespace lce
@@ -322,9 +247,10 @@ template <typename T, typename Head>
     uint tid [[thread_index_in_threadgroup]],
     uint lane [[thread_index_in_simdgroup]],
     uint sg [[simdgroup_index_in_threadgroup]]) {
-  threadgroup float As[lce::kBM * lce::kLDA];
-  threadgroup float Bs[lce::kBK * lce::kLDB];
-  threadgroup float Cs[lce::kBM * lce::kLDC];
+  typedef lce::HeadGemm<T, Head, true> G;
+  threadgroup typename G::stage_t As[G::kAElems];
+  threadgroup typename G::stage_t Bs[G::kBElems];
+  threadgroup float Cs[G::kCElems];
   Head head(weight, scales, qbiases, args);
   const int V = args.vocab;
   const long m0 = args.row0 + long(group.y) * lce::kBM;
@@ -341,23 +267,39 @@ template <typename T, typename Head>
   }
 
   for (int v0 = v_begin; v0 < v_end; v0 += lce::kBN) {
-    lce::logits_tile(hidden, head, m0, v0, args.rows, args, As, Bs, Cs, tid, sg);
-    const int v = v0 + int(lane);
-    const bool valid = v < V;
+    lce::logits_tile<G>(hidden, head, m0, v0, args.rows, args, As, Bs, Cs, ushort(sg),
+                        ushort(lane));
     const float count = float(min(int(lce::kBN), V - v0));
     for (int i = 0; i < lce::kRowsPerSimd; ++i) {
       const int r = int(sg) * lce::kRowsPerSimd + i;
-      float z = valid ? lce::finish_logit(Cs[r * lce::kLDC + int(lane)], bias, v, args) : -flm::kInf;
-      float tile_max = simd_max(z);
+      // This lane's columns v0 + lane + 32 c of row r (-inf past V).
+      float z[lce::kColsPerLane];
+      float lane_max = -flm::kInf;
+      for (int c = 0; c < lce::kColsPerLane; ++c) {
+        const int j = int(lane) + c * lce::kSimd;
+        const int v = v0 + j;
+        z[c] = v < V ? lce::finish_logit(Cs[r * G::kLdc + j], bias, v, args) : -flm::kInf;
+        lane_max = fmax(lane_max, z[c]);
+      }
+      float tile_max = simd_max(lane_max);
       st[i] = flm::lce_state_move(st[i], fmax(st[i].ce.lse.max, tile_max));
       float shift = flm::lse_ref(st[i].ce.lse.max);
-      float e = valid ? flm::exp_nonpos_f32(z - shift) : 0.0f;
-      float gap = valid ? shift - z : 0.0f;
-      float ent = valid ? flm::weighted(e, z - shift) : 0.0f;
-      st[i] = flm::lce_state_add(st[i], simd_sum(e), simd_sum(gap), simd_sum(ent), count);
-      if (valid && long(v) == t[i]) {
-        target_logit[m0 + r] = z; // the one lane of the one tile that holds it
+      float e = 0.0f;
+      float gap = 0.0f;
+      float ent = 0.0f;
+      for (int c = 0; c < lce::kColsPerLane; ++c) {
+        const int v = v0 + int(lane) + c * lce::kSimd;
+        if (v < V) {
+          const float ec = flm::exp_nonpos_f32(z[c] - shift);
+          e += ec;
+          gap += shift - z[c];
+          ent += flm::weighted(ec, z[c] - shift);
+          if (long(v) == t[i]) {
+            target_logit[m0 + r] = z[c]; // the one lane of the one tile that holds it
+          }
+        }
       }
+      st[i] = flm::lce_state_add(st[i], simd_sum(e), simd_sum(gap), simd_sum(ent), count);
     }
   }
   if (lane == 0) {
@@ -438,20 +380,19 @@ template <typename T, typename Head>
     uint tid [[thread_index_in_threadgroup]],
     uint lane [[thread_index_in_simdgroup]],
     uint sg [[simdgroup_index_in_threadgroup]]) {
-  threadgroup float As[lce::kBM * lce::kLDA];
-  threadgroup float Bs[lce::kBK * lce::kLDB];
-  threadgroup float Cs[lce::kBM * lce::kLDC];
+  typedef lce::HeadGemm<T, Head, true> G;
+  threadgroup typename G::stage_t As[G::kAElems];
+  threadgroup typename G::stage_t Bs[G::kBElems];
+  threadgroup float Cs[G::kCElems];
   Head head(weight, scales, qbiases, args);
   const int V = args.vocab;
   const int v0 = int(group.x) * lce::kBN;
   const long m0 = long(group.y) * lce::kBM; // within the chunk
   const long chunk_end = args.row0 + args.chunk_rows;
-  lce::logits_tile(hidden, head, args.row0 + m0, v0, chunk_end, args, As, Bs, Cs, tid, sg);
+  lce::logits_tile<G>(hidden, head, args.row0 + m0, v0, chunk_end, args, As, Bs, Cs, ushort(sg),
+                      ushort(lane));
 
-  const int v = v0 + int(lane);
-  if (v >= V) {
-    return; // no barrier or SIMD function below
-  }
+  // No barrier or SIMD function below: lanes past V skip their columns.
   for (int i = 0; i < lce::kRowsPerSimd; ++i) {
     const int r = int(sg) * lce::kRowsPerSimd + i;
     const long local = m0 + r;
@@ -460,21 +401,28 @@ template <typename T, typename Head>
     }
     const long row = args.row0 + local;
     const long t = lce::target_class(targets, row, args);
-    float d;
-    if (t < 0) {
-      d = t == -2 ? flm::kNaN : 0.0f;
-    } else {
-      const float z = lce::finish_logit(Cs[r * lce::kLDC + int(lane)], bias, v, args);
-      const float g = args.unit_cotangent != 0 ? 1.0f : g_rows[row];
-      const float l = lse[row];
-      const float coef = flm::ce_row_softmax_coef(g, 0.0f, args.a_sum, l, args.z_loss);
-      const float g_target = g * args.c_other + (long(v) == t ? g * args.c_target : 0.0f);
-      d = flm::ce_grad(z, l, lse_lo[row], coef, g_target);
-      if (args.softcap != 0.0f) {
-        d *= flm::softcap_grad(z, args.softcap);
+    for (int c = 0; c < lce::kColsPerLane; ++c) {
+      const int j = int(lane) + c * lce::kSimd;
+      const int v = v0 + j;
+      if (v >= V) {
+        break;
       }
+      float d;
+      if (t < 0) {
+        d = t == -2 ? flm::kNaN : 0.0f;
+      } else {
+        const float z = lce::finish_logit(Cs[r * G::kLdc + j], bias, v, args);
+        const float g = args.unit_cotangent != 0 ? 1.0f : g_rows[row];
+        const float l = lse[row];
+        const float coef = flm::ce_row_softmax_coef(g, 0.0f, args.a_sum, l, args.z_loss);
+        const float g_target = g * args.c_other + (long(v) == t ? g * args.c_target : 0.0f);
+        d = flm::ce_grad(z, l, lse_lo[row], coef, g_target);
+        if (args.softcap != 0.0f) {
+          d *= flm::softcap_grad(z, args.softcap);
+        }
+      }
+      dz[local * V + v] = d;
     }
-    dz[local * V + v] = d;
   }
 }
 
@@ -489,21 +437,25 @@ template <typename Head>
     constant LceArgs& args [[buffer(FL_LCE_DH_ARGS)]],
     uint2 group [[threadgroup_position_in_grid]],
     uint tid [[thread_index_in_threadgroup]],
+    uint lane [[thread_index_in_simdgroup]],
     uint sg [[simdgroup_index_in_threadgroup]]) {
-  threadgroup float As[lce::kBM * lce::kLDA];
-  threadgroup float Bs[lce::kBK * lce::kLDB];
-  threadgroup float Cs[lce::kBM * lce::kLDC];
+  // dZ is float32: staged as float against any head (GemmOf<float, W>).
+  typedef lce::Gemm<float, FL_LCE_BM, FL_LCE_BN, FL_LCE_BK, FL_LCE_WM, FL_LCE_WN, false, false> G;
+  threadgroup float As[G::kAElems];
+  threadgroup float Bs[G::kBElems];
+  threadgroup float Cs[G::kCElems];
   Head head(weight, scales, qbiases, args);
   const int n0 = int(group.x) * lce::kBN;
   const long m0 = long(group.y) * lce::kBM;
-  lce::MatrixView<float> z(dz, args.vocab, args.chunk_rows, args.vocab);
-  lce::RowsA<lce::MatrixView<float>> a(z, m0);
-  lce::RowsB<Head> b(head, n0);
-  simdgroup_float8x8 acc[4];
-  lce::gemm_tile(acc, a, b, args.vocab, As, Bs, tid, sg);
-  lce::store_tile(acc, Cs, sg);
-  lce::write_tile(Cs, dh + args.row0 * args.hidden, args.hidden, m0, n0, args.chunk_rows,
-                  args.hidden, false, tid);
+  // A = dZ [chunk_rows x V] (rows m0..), B = W [V x H] (columns n0..), K = V.
+  auto a = lce::AOperand<G, float, false>::make(dz, args.vocab, m0, As, ushort(sg), ushort(lane));
+  auto b = lce::HeadOperand<G, Head, false>::make(head, n0, Bs, ushort(sg), ushort(lane));
+  typename G::mma_t mma(static_cast<ushort>(sg), static_cast<ushort>(lane));
+  lce::gemm_k_loop<G>(mma, a, b, args.vocab, int(min(long(G::BM), long(args.chunk_rows) - m0)),
+                      min(int(G::BN), args.hidden - n0), As, Bs);
+  lce::store_accumulators<G>(mma, Cs);
+  lce::write_tile<G>(Cs, dh + args.row0 * args.hidden, args.hidden, m0, n0, args.chunk_rows,
+                     args.hidden, false, tid);
 }
 
 // dW (+)= dZ^T H[rows of the chunk]: grid (ceil(H / BN), ceil(V / BM)).
@@ -515,20 +467,25 @@ template <typename T>
     constant LceArgs& args [[buffer(FL_LCE_DW_ARGS)]],
     uint2 group [[threadgroup_position_in_grid]],
     uint tid [[thread_index_in_threadgroup]],
+    uint lane [[thread_index_in_simdgroup]],
     uint sg [[simdgroup_index_in_threadgroup]]) {
-  threadgroup float As[lce::kBM * lce::kLDA];
-  threadgroup float Bs[lce::kBK * lce::kLDB];
-  threadgroup float Cs[lce::kBM * lce::kLDC];
+  typedef lce::GemmOf<float, T, true, false> G;
+  threadgroup typename G::stage_t As[G::kAElems];
+  threadgroup typename G::stage_t Bs[G::kBElems];
+  threadgroup float Cs[G::kCElems];
   const int n0 = int(group.x) * lce::kBN;
   const int v0 = int(group.y) * lce::kBM;
-  lce::MatrixView<float> z(dz, args.vocab, args.chunk_rows, args.vocab);
-  lce::MatrixView<T> h(hidden + args.row0 * args.hidden, args.hidden, args.chunk_rows, args.hidden);
-  lce::ColsA<lce::MatrixView<float>> a(z, v0);
-  lce::RowsB<lce::MatrixView<T>> b(h, n0);
-  simdgroup_float8x8 acc[4];
-  lce::gemm_tile(acc, a, b, args.chunk_rows, As, Bs, tid, sg);
-  lce::store_tile(acc, Cs, sg);
-  lce::write_tile(Cs, dw, args.hidden, v0, n0, args.vocab, args.hidden, args.accumulate != 0, tid);
+  // A = dZ^T (its source dZ [chunk_rows x V], columns v0..), B = the chunk's
+  // hidden rows [chunk_rows x H] (columns n0..), K = chunk_rows.
+  auto a = lce::AOperand<G, float, true>::make(dz, args.vocab, v0, As, ushort(sg), ushort(lane));
+  auto b = lce::BOperand<G, T, false>::make(hidden + args.row0 * args.hidden, args.hidden, n0, Bs,
+                                            ushort(sg), ushort(lane));
+  typename G::mma_t mma(static_cast<ushort>(sg), static_cast<ushort>(lane));
+  lce::gemm_k_loop<G>(mma, a, b, args.chunk_rows, min(int(G::BM), args.vocab - v0),
+                      min(int(G::BN), args.hidden - n0), As, Bs);
+  lce::store_accumulators<G>(mma, Cs);
+  lce::write_tile<G>(Cs, dw, args.hidden, v0, n0, args.vocab, args.hidden, args.accumulate != 0,
+                     tid);
 }
 
 // dbias[v] (+)= sum over the chunk's rows of dZ[r, v], rows in order (the CPU's

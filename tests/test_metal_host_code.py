@@ -1,65 +1,34 @@
 """eval_gpu host code (csrc/metal/*.cpp, csrc/ops/*.cpp under _METAL_) compiled with
 clang-19 -fsyntax-only against MLX's real Metal backend headers and Apple's
-metal-cpp from the macOS mlx-metal wheel, with a few Apple system headers stubbed
+metal-cpp from the macOS mlx-metal wheel (downloaded once: metal_host/mlx_headers.py), with a few Apple system headers stubbed
 (tests/metal_host_code/README.md). Planted wrong calls must be rejected.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import shutil
 import subprocess
-import sys
-import tempfile
-import zipfile
 from pathlib import Path
 
 import pytest
 from conftest import CLANG_MISSING
+from metal_host import mlx_headers
 
 REPO = Path(__file__).resolve().parents[1]
 STUBS = REPO / "tests" / "metal_host_code" / "apple_stubs"
-CACHE = Path(os.environ.get("FL_MLX_METAL_CACHE", REPO / "tests" / ".cache"))
 SOURCES = sorted((REPO / "csrc" / "metal").glob("*.cpp")) + sorted((REPO / "csrc" / "ops").glob("*.cpp"))
 CLANG = os.environ.get("MH_CLANGXX") or shutil.which("clang++-19")
 
 pytestmark = pytest.mark.skipif(CLANG is None, reason=CLANG_MISSING)
 
 
-def _download_headers() -> tuple[Path | None, str]:
-    """mlx/include of the macOS mlx-metal wheel matching the installed mlx, or (None, why)."""
-    version = importlib.metadata.version("mlx")
-    root = CACHE / f"mlx-metal-{version}"
-    include = root / "mlx" / "include"
-    if (include / "mlx" / "backend" / "metal" / "device.h").exists():
-        return include, ""
-    CACHE.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--platform", "macosx_14_0_arm64", f"mlx-metal=={version}", "-d", tmp, "-q"]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-        except subprocess.TimeoutExpired:
-            return None, f"`{' '.join(cmd[2:])}` timed out"
-        wheels = list(Path(tmp).glob("mlx_metal-*.whl"))
-        if proc.returncode != 0 or not wheels:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-            return None, f"`{' '.join(cmd[2:])}` failed: {' | '.join(tail)}"
-        unpacked = Path(tmp) / "unpacked"
-        with zipfile.ZipFile(wheels[0]) as wheel:
-            wheel.extractall(unpacked, [n for n in wheel.namelist() if n.startswith("mlx/include/")])
-        shutil.rmtree(root, ignore_errors=True)
-        os.replace(unpacked, root)  # whole or not at all, for concurrent test runs
-    return include, ""
-
-
 @pytest.fixture(scope="module")
 def mlx_metal_include() -> Path:
-    include, why = _download_headers()
-    if include is None:
+    try:
+        return mlx_headers.mlx_metal_include()
+    except mlx_headers.HeadersUnavailable as why:
         pytest.skip(f"cannot get the macOS mlx-metal wheel's headers: {why}")
-    return include
 
 
 def syntax_check(source: Path, include: Path) -> subprocess.CompletedProcess:

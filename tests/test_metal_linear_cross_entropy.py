@@ -5,7 +5,7 @@ Every instantiation (hidden dtype x dense weight dtype; forward tiles, finish,
 dZ, dH, dW, dbias, scale) runs through the launch plans eval_gpu uses
 (csrc/metal/launch_plan.cpp, via tests/metal_kernels/lce_adaptor.cpp, which
 replays eval_gpu's dispatch sequence) on small odd shapes at the tile edges
-(BM = BN = 32 rows / classes, BK = 16 hidden), and is compared with the
+(BM x BN rows / classes, BK hidden: csrc/metal/kernel_args.h), and is compared with the
 package's CPU primitive (mlx_fused_losses._ext on mx.cpu) and with the float64
 composed formula (tests/reference.py). Each launch runs under the harness's
 schedules and its outputs and temporaries must agree bit for bit.
@@ -41,7 +41,15 @@ REPO = Path(__file__).resolve().parents[1]
 METAL = ["metal/linear_cross_entropy.metal", "metal/pointwise_loss.metal"]
 ADAPTOR = "tests/metal_kernels/lce_adaptor.cpp"
 DTYPES = ["float32", "float16", "bfloat16"]
-BM, BN, BK = 32, 32, 16
+
+
+def _tile_constant(name: str) -> int:
+    """A tile constant as csrc/metal/kernel_args.h defines it (the plans and kernels use it)."""
+    text = (REPO / "csrc" / "metal" / "kernel_args.h").read_text()
+    return int(re.search(rf"#define {name} (\d+)", text).group(1))
+
+
+BM, BN, BK, THREADS = (_tile_constant(f"FL_LCE_{n}") for n in ("BM", "BN", "BK", "THREADS"))
 FAST = (mh.Schedule("forward"), mh.Schedule("ahead", memory="strict"))
 USED: set[str] = set()
 # Every format of mx.quantize (metal/quantized_head.h): affine q<bits>_<scale
@@ -116,9 +124,10 @@ def expected_splits(rows, vocab, hidden=64):
 # edges, and the chunk rows at the BM rounding and at N. At 10**6 rows and V =
 # 151936 the forward runs in launches of 56096 rows (2^40 / (V (2 64 + 1))): S
 # counts their row blocks (test_metal_command_buffers.py has that rule's edges).
-@pytest.mark.parametrize("rows", [0, 1, 32 * 8 - 1, 32 * 8, 32 * 8 + 1, 32 * 9, 32 * 16 + 1, 32 * 512,
-                                  32 * 512 + 1, 10**6])
-@pytest.mark.parametrize("vocab", [1, 31, 32, 33, 32 * 57, 32 * 64 - 1, 32 * 64, 32 * 64 + 1, 151936])
+@pytest.mark.parametrize("rows", [0, 1, BM * 8 - 1, BM * 8, BM * 8 + 1, BM * 9, BM * 16 + 1, BM * 512,
+                                  BM * 512 + 1, 10**6])
+@pytest.mark.parametrize("vocab", [1, BN - 1, BN, BN + 1, BN * 57, BN * 64 - 1, BN * 64, BN * 64 + 1,
+                                   151936])
 def test_plan_split_rules(lib, rows, vocab):
     p = plan_info(lib, rows, vocab, 64)
     splits, per = expected_splits(rows, vocab)
@@ -126,11 +135,11 @@ def test_plan_split_rules(lib, rows, vocab):
     assert p["vocab_per_split"] % BN == 0 and 1 <= p["splits"] <= 64
     assert (p["splits"] - 1) * p["vocab_per_split"] < vocab <= p["splits"] * p["vocab_per_split"]
     fwd = launch_info(lib, 0, rows, vocab, 64)
-    assert (fwd["gx"], fwd["gy"], fwd["tx"]) == (splits if rows else 0, -(-rows // BM), 128)
+    assert (fwd["gx"], fwd["gy"], fwd["tx"]) == (splits if rows else 0, -(-rows // BM), THREADS)
 
 
-@pytest.mark.parametrize("fit", [1, 2, 31, 32, 33, 63, 64, 65, 1000])
-@pytest.mark.parametrize("rows", [1, 31, 32, 33, 64, 65, 5000])
+@pytest.mark.parametrize("fit", [1, 2, BM - 1, BM, BM + 1, 2 * BM - 1, 2 * BM, 2 * BM + 1, 1000])
+@pytest.mark.parametrize("rows", [1, BM - 1, BM, BM + 1, 2 * BM, 2 * BM + 1, 5000])
 def test_plan_chunk_rules(lib, fit, rows):
     vocab = 777
     for extra in (0, 4 * vocab - 1):  # chunk_bytes // (4 V) == fit either way
@@ -151,11 +160,11 @@ def test_plan_buffer_orders_and_grids(lib):
     assert launch_info(lib, 4)["buffers"] == ["dz", "hidden", "dw", "args"]
     assert launch_info(lib, 5)["buffers"] == ["dz", "dbias", "args"]
     assert launch_info(lib, 6)["buffers"] == ["g", "src", "out", "args"]
-    dz = launch_info(lib, 2, rows=100, vocab=65, hidden=7, chunk_rows=33)
-    assert (dz["gx"], dz["gy"], dz["tx"], dz["name"]) == (3, 2, 128, "fl_lce_dz_float32_wfloat32")
-    dh = launch_info(lib, 3, rows=100, vocab=65, hidden=33, chunk_rows=32, wdt="bfloat16")
+    dz = launch_info(lib, 2, rows=100, vocab=2 * BN + 1, hidden=7, chunk_rows=BM + 1)
+    assert (dz["gx"], dz["gy"], dz["tx"], dz["name"]) == (3, 2, THREADS, "fl_lce_dz_float32_wfloat32")
+    dh = launch_info(lib, 3, rows=100, vocab=65, hidden=BN + 1, chunk_rows=BM, wdt="bfloat16")
     assert (dh["gx"], dh["gy"], dh["name"]) == (2, 1, "fl_lce_dh_wbfloat16")
-    dw = launch_info(lib, 4, rows=100, vocab=65, hidden=33, hdt="float16")
+    dw = launch_info(lib, 4, rows=100, vocab=2 * BM + 1, hidden=BN + 1, hdt="float16")
     assert (dw["gx"], dw["gy"], dw["name"]) == (2, 3, "fl_lce_dw_float16")
     fin = launch_info(lib, 1, rows=300)
     assert fin["gx"] * fin["tx"] >= 300 and fin["tx"] == 256
@@ -468,11 +477,12 @@ def test_out_of_range_rows_are_nan(lib):
 
 
 def test_hidden_size_zero(lib):
-    """H = 0: no reduction steps at all (gemm_tile runs no barrier); the logits
+    """H = 0: no reduction steps at all (gemm_k_loop runs no barrier); the logits
     are the bias, as on the CPU."""
     case = CASES["smooth_ignore_bias_sum"]
-    d = make_case(np.random.default_rng(4), 5, 0, 2100, "float32", "float32", case, bad_rows=False)
-    assert plan_info(lib, 5, 2100, 0)["vocab_per_split"] == 2 * BN  # two tiles per split
+    v = 66 * BN - 12  # 66 tiles: two per split at the 64-split cap
+    d = make_case(np.random.default_rng(4), 5, 0, v, "float32", "float32", case, bad_rows=False)
+    assert plan_info(lib, 5, v, 0)["vocab_per_split"] == 2 * BN  # two tiles per split
     out = gpu_forward(lib, d, case, 1 << 20, FAST)
     cpu, _ = cpu_primitive(d, case)
     assert_close(out["loss"][0], cpu[0], mx.float32, scale=5 * float(np.abs(d["bias"]).max()),
@@ -482,38 +492,43 @@ def test_hidden_size_zero(lib):
     g = gpu_backward(lib, d, case, out["lse"].copy(), out["lse_lo"].copy(),
                      np.ones(5, np.float32), 1 << 20, ("hidden", "weight", "bias"), FAST)
     _, cpu_g = cpu_primitive(d, case, np.ones(5, np.float32))
-    assert g["hidden"].shape == (5, 0) and g["weight"].shape == (2100, 0)
+    assert g["hidden"].shape == (5, 0) and g["weight"].shape == (v, 0)
     assert_close(g["bias"], cpu_g["bias"], mx.float32, scale=1.0, what="dbias")
 
 
-# Bugs planted in the real kernel file: the harness must report each.
+# Bugs planted in the real kernel files (the tile GEMM is metal/lce_gemm.h): the
+# harness must report each.
 PLANTED = {
     # staging the next BK step while another SIMD-group still multiplies the last
-    "restage_before_all_loaded": (
-        "    threadgroup_barrier(mem_flags::mem_threadgroup);\n    a.stage(As, k0, tid, uint(kThreads));",
-        "    a.stage(As, k0, tid, uint(kThreads));", mh.ScheduleDependent),
+    "restage_before_all_loaded": ("metal/lce_gemm.h",
+        "    threadgroup_barrier(mem_flags::mem_threadgroup);\n    a.load(k_valid, m_valid);",
+        "    a.load(k_valid, m_valid);", mh.ScheduleDependent),
     # multiplying a tile before every thread has staged it
-    "load_before_staged": (
-        "    b.stage(Bs, k0, tid, uint(kThreads));\n    threadgroup_barrier(mem_flags::mem_threadgroup);",
-        "    b.stage(Bs, k0, tid, uint(kThreads));", mh.ScheduleDependent),
-    # the weight tile staged untransposed (a wrong stride): wrong numbers
-    "wrong_stride": (
-        "src.template stage<kBN, kBK>(Bs, n0, k0, 1, kLDB, tid, n);",
-        "src.template stage<kBN, kBK>(Bs, n0, k0, kLDB, 1, tid, n);", AssertionError),
+    "load_before_staged": ("metal/lce_gemm.h",
+        "    b.load(k_valid, n_valid);\n    threadgroup_barrier(mem_flags::mem_threadgroup);",
+        "    b.load(k_valid, n_valid);", mh.ScheduleDependent),
+    # the weight's rows read with a wrong leading dimension: wrong numbers
+    "wrong_stride": ("metal/lce_gemm.h",
+        "    return type(src + n0 * ld, int(ld), Bs, sg, lane);",
+        "    return type(src + n0 * ld, int(ld) - 1, Bs, sg, lane);", AssertionError),
+    # the accumulators handed to the epilogue before every SIMD-group stored its part
+    "epilogue_before_stored": ("metal/lce_gemm.h",
+        "(Cs + mma.sm * G::kLdc + mma.sn);\n  threadgroup_barrier(mem_flags::mem_threadgroup);",
+        "(Cs + mma.sm * G::kLdc + mma.sn);", mh.ScheduleDependent),
 }
 
 
 @pytest.mark.parametrize("bug", list(PLANTED))
 def test_planted_bugs_in_the_real_kernels_are_reported(tmp_path, bug):
-    right, wrong, error = PLANTED[bug]
+    where, right, wrong, error = PLANTED[bug]
     (tmp_path / "csrc").symlink_to(REPO / "csrc")
     (tmp_path / "metal").mkdir()
     for source in (REPO / "metal").iterdir():  # the kernels and the headers they include
         (tmp_path / "metal" / source.name).write_text(source.read_text())
-    kernel = tmp_path / METAL[0]
-    text = kernel.read_text()
+    planted = tmp_path / where
+    text = planted.read_text()
     assert text.count(right) == 1, bug
-    kernel.write_text(text.replace(right, wrong))
+    planted.write_text(text.replace(right, wrong))
     broken = mh.build([tmp_path / m for m in METAL], ADAPTOR, include_dirs=("csrc",))
     with pytest.raises(error):
         check_case(broken, "plain", 33, 24, 40, "float32", "float32", 1 << 20,

@@ -240,12 +240,16 @@ struct LceArgs {
 
 // ---- work per thread -------------------------------------------------------------
 
-// Linear cross-entropy tiles: BM rows x BN columns of the output per
-// threadgroup of FL_LCE_THREADS threads (4 SIMD-groups, 2 x 2, each 16 x 16:
-// 2 x 2 fragments of 8 x 8), BK of the reduction dimension staged per step.
-#define FL_LCE_BM 32
-#define FL_LCE_BN 32
+// Linear cross-entropy tiles (metal/lce_gemm.h, MLX's steel loader and
+// fragment multiply): BM rows x BN columns of the output per threadgroup of
+// FL_LCE_WM x FL_LCE_WN SIMD-groups (FL_LCE_THREADS threads), BK of the
+// reduction dimension staged per step: MLX's default steel GEMM tile
+// (mlx/backend/metal/matmul.cpp: 64 x 64 x 16, 2 x 2 SIMD-groups of 32 x 32).
+#define FL_LCE_BM 64
+#define FL_LCE_BN 64
 #define FL_LCE_BK 16
+#define FL_LCE_WM 2
+#define FL_LCE_WN 2
 #define FL_LCE_THREADS 128
 // Element-wise helpers of the linear cross-entropy (dbias, scale): threads per group.
 #define FL_LCE_ROW_THREADS 256

@@ -26,6 +26,7 @@ REPO = HERE.parents[1]
 INCLUDE = HERE / "include"
 STATIC_INCLUDE = HERE / "static_include"
 BUILD_DIR = HERE / "_build"
+MLX_STANDINS = HERE / "mlx_standins"
 
 CXX_FLAGS = (
     "-std=c++20",
@@ -39,6 +40,9 @@ CXX_FLAGS = (
     "-Wall",
     # MSL attributes ([[buffer(0)]], [[thread_position_in_grid]], ...) mean nothing here.
     "-Wno-unknown-attributes",
+    # MLX's STEEL_CONST is `static constant constexpr const`: `constant` is `const`
+    # in the shims, as in MSL's constant address space.
+    "-Wno-duplicate-decl-specifier",
     # Metal has no double: `x * 0.1` would compute in double here but in float there.
     "-Werror=double-promotion",
     # No a * b + c fused behind the source's back, as in the metallib (CMakeLists.txt
@@ -59,6 +63,32 @@ class BuildError(Exception):
     """clang rejected a source; the message is its diagnostics."""
 
 
+def mlx_flags(harness: bool = True) -> list[str]:
+    """The include flags for MLX's Metal kernel headers (mlx_headers.py), or none when
+    they cannot be had: sources that include them then fail to build, with the reason
+    appended to clang's diagnostics (see _run)."""
+    from .mlx_headers import HeadersUnavailable, kernel_include_flags
+
+    global _MLX_UNAVAILABLE
+    try:
+        return kernel_include_flags(harness)
+    except HeadersUnavailable as e:
+        _MLX_UNAVAILABLE = str(e)
+        return []
+
+
+_MLX_UNAVAILABLE = ""
+
+
+def is_library_code(path: str | os.PathLike) -> bool:
+    """A shim header of this harness, a stand-in, or one of MLX's own headers: code the
+    static rules do not judge (they hold our kernel sources to MSL; MLX's headers are
+    compiled by Apple's compiler for MLX's own metallib)."""
+    p = Path(path).resolve()
+    return (p.is_relative_to(INCLUDE) or p.is_relative_to(STATIC_INCLUDE)
+            or p.is_relative_to(MLX_STANDINS) or "/mlx/backend/metal/kernels/" in str(p))
+
+
 def find_clang() -> str | None:
     """clang++ 19 (Debian's `clang-19` package), or MH_CLANGXX if set."""
     return os.environ.get("MH_CLANGXX") or shutil.which("clang++-19")
@@ -74,7 +104,9 @@ def _clang() -> str:
 def _run(cmd: Sequence[str]) -> subprocess.CompletedProcess:
     proc = subprocess.run(list(cmd), capture_output=True, text=True)
     if proc.returncode != 0:
-        raise BuildError(f"{' '.join(cmd)}\n{proc.stderr}")
+        why = (f"\nMLX's Metal headers are unavailable: {_MLX_UNAVAILABLE}"
+               if _MLX_UNAVAILABLE and "mlx/backend/metal/kernels" in proc.stderr else "")
+        raise BuildError(f"{' '.join(cmd)}\n{proc.stderr}{why}")
     return proc
 
 
@@ -147,7 +179,7 @@ def compile_library(
     include_dirs = list(include_dirs)
     defines = list(defines)
     adaptor = _in_repo(adaptor)
-    flags = [*CXX_FLAGS, f"-I{INCLUDE}"]
+    flags = [*CXX_FLAGS, f"-I{INCLUDE}", *mlx_flags(harness=True)]
     # Quoted includes in a .metal file are relative to its own directory.
     flags += [f"-iquote{d}" for d in dict.fromkeys(m.parent for m in metal)]
     flags += [f"-I{_in_repo(d)}" for d in include_dirs]

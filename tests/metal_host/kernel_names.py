@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from .build import CXX_FLAGS, INCLUDE, REPO, BuildError, _clang, _in_repo
+from .build import CXX_FLAGS, INCLUDE, REPO, BuildError, _clang, _in_repo, mlx_flags
 
 # `kernel` as an attribute (`[[kernel]]`, `[[kernel, host_name("x")]]`) or as the
 # MSL keyword before a return type. The shim defines `kernel` as nothing, so it is
@@ -147,7 +147,7 @@ def preprocess(path: str | os.PathLike, include_dirs: Iterable[str | os.PathLike
     """clang-19 -E of one .metal file with the harness's shim (build.py's flags)."""
     path = _in_repo(path)
     text = mark_kernels(path.read_text())
-    cmd = [_clang(), *CXX_FLAGS, f"-I{INCLUDE}", f"-iquote{path.parent}",
+    cmd = [_clang(), *CXX_FLAGS, f"-I{INCLUDE}", *mlx_flags(harness=True), f"-iquote{path.parent}",
            *[f"-I{_in_repo(d)}" for d in include_dirs], *[f"-D{d}" for d in defines],
            "-E", "-P", "-x", "c++", "-", "-o", "-"]
     proc = subprocess.run(cmd, input=text, capture_output=True, text=True)

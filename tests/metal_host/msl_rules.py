@@ -48,7 +48,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterable
 
-from .build import INCLUDE, REPO, STATIC_INCLUDE, BuildError
+from .build import INCLUDE, REPO, STATIC_INCLUDE, BuildError, is_library_code
 
 # The static shim's address spaces (static_include/metal_stdlib).
 _DEVICE, _CONSTANT, _THREADGROUP = 1, 2, 3
@@ -119,8 +119,7 @@ class _Walker:
         if name == self.tu_file:
             return True
         path = Path(name).resolve()
-        return not (path.is_relative_to(INCLUDE) or path.is_relative_to(STATIC_INCLUDE)
-                    or str(path).startswith(("/usr/", "/opt/", "/lib/")))
+        return not (is_library_code(path) or str(path).startswith(("/usr/", "/opt/", "/lib/")))
 
     def _in_kernel_code(self, cursor) -> bool:
         loc = cursor.location

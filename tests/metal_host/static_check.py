@@ -47,7 +47,8 @@ if __package__ in (None, ""):  # run as a script: make the package importable
     __package__ = "metal_host"
 
 from .build import (
-    BUILD_DIR, INCLUDE, REPO, STATIC_INCLUDE, BuildError, _clang, _display_name, _in_repo)
+    BUILD_DIR, INCLUDE, REPO, STATIC_INCLUDE, BuildError, _clang, _display_name, _in_repo,
+    is_library_code, mlx_flags)
 from .msl_rules import KERNEL_MARK, ast_violations
 from .rewrite import translation_unit_source
 
@@ -89,8 +90,7 @@ def _is_kernel_code(filename: str, flags: str) -> bool:
     """The .metal file and project headers; not the shims, system headers or clang's."""
     if filename.startswith("<") or " 3" in flags:
         return False
-    resolved = Path(filename).resolve()
-    return not (resolved.is_relative_to(INCLUDE) or resolved.is_relative_to(STATIC_INCLUDE))
+    return not is_library_code(filename)
 
 
 def forbidden_tokens(preprocessed: str) -> list[str]:
@@ -224,7 +224,7 @@ def check(path: str | os.PathLike, include_dirs: Iterable[str | os.PathLike] = (
     with tempfile.NamedTemporaryFile("w", dir=BUILD_DIR, suffix=".cpp", delete=False) as f:
         f.write(source)
     try:
-        args = [*FLAGS, f"-I{STATIC_INCLUDE}", f"-iquote{path.parent}"]
+        args = [*FLAGS, f"-I{STATIC_INCLUDE}", *mlx_flags(harness=False), f"-iquote{path.parent}"]
         args += [f"-I{_in_repo(d)}" for d in include_dirs]
         # Step 1 (and the IR for step 3): -O0 keeps every call and global.
         proc = subprocess.run([clang, *args, "-O0", "-S", "-emit-llvm", "-o", "-", f.name],

@@ -102,7 +102,7 @@ void dh_call(const LaunchPlan& p, const LceBufs& b, const LceArgs& a) {
   run_plan(p, [&](const mh::ThreadCtx& t) {
     fn(b.dz, static_cast<const Wt*>(b.weight), static_cast<const St*>(b.scales),
        static_cast<const St*>(b.qbiases), b.dh, a, t.threadgroup_position_in_grid.xy,
-       t.thread_index_in_threadgroup, t.simdgroup_index_in_threadgroup);
+       t.thread_index_in_threadgroup, t.thread_index_in_simdgroup, t.simdgroup_index_in_threadgroup);
   });
 }
 
@@ -111,7 +111,7 @@ void dw_call(const LaunchPlan& p, const LceBufs& b, const LceArgs& a) {
   auto* fn = mh::kernel<decltype(lce_dw<T>)>(p.kernel_name);
   run_plan(p, [&](const mh::ThreadCtx& t) {
     fn(b.dz, static_cast<const T*>(b.hidden), b.dw, a, t.threadgroup_position_in_grid.xy,
-       t.thread_index_in_threadgroup, t.simdgroup_index_in_threadgroup);
+       t.thread_index_in_threadgroup, t.thread_index_in_simdgroup, t.simdgroup_index_in_threadgroup);
   });
 }
 

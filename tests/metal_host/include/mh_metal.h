@@ -24,6 +24,12 @@
 #define __METAL_VERSION__ 310
 #endif
 
+// Apple's metal_stdlib spells helper functions METAL_FUNC (MLX's headers use it).
+// Apple's is `inline __attribute__((__always_inline__))`; here plain `inline`: at
+// -O0 a forced inline would fold a helper's SIMD call into its caller's frame and
+// the runtime could no longer tell call paths apart (build.py).
+#define METAL_FUNC inline
+
 // MSL's float constants (metal_math).
 #define MAXFLOAT 0x1.fffffep+127f
 #define M_E_F 2.71828182845904523536028747135266250f
@@ -74,6 +80,44 @@ MH_VECTOR_TYPES(uchar)
 MH_VECTOR_TYPES(long)
 MH_VECTOR_TYPES(ulong)
 #undef MH_VECTOR_TYPES
+
+// MSL's <metal_type_traits> mirrors the C++ ones in namespace metal (MLX's
+// headers spell metal::is_same_v, enable_if, bool_constant ...). Address spaces
+// are erased here, so remove_addrspace_t is the identity.
+using std::bool_constant;
+using std::conditional;
+using std::conditional_t;
+using std::decay;
+using std::decay_t;
+using std::enable_if;
+using std::enable_if_t;
+using std::false_type;
+using std::integral_constant;
+using std::is_arithmetic;
+using std::is_arithmetic_v;
+using std::is_convertible;
+using std::is_convertible_v;
+using std::is_floating_point;
+using std::is_floating_point_v;
+using std::is_integral;
+using std::is_integral_v;
+using std::is_same;
+using std::is_same_v;
+using std::is_signed;
+using std::is_signed_v;
+using std::make_unsigned;
+using std::make_unsigned_t;
+using std::remove_const_t;
+using std::remove_cv;
+using std::remove_cv_t;
+using std::remove_reference_t;
+using std::true_type;
+template <class T>
+struct remove_addrspace {
+  using type = T;
+};
+template <class T>
+using remove_addrspace_t = typename remove_addrspace<T>::type;
 
 namespace detail {
 
@@ -556,6 +600,35 @@ inline bool simd_any(bool x, MH_LOC) {
 #define uint4(...) mh_make_vec<::metal::uint, 4>(__VA_ARGS__)
 #define long2(...) mh_make_vec<long, 2>(__VA_ARGS__)
 #define ulong2(...) mh_make_vec<::metal::ulong, 2>(__VA_ARGS__)
+#define ulong3(...) mh_make_vec<::metal::ulong, 3>(__VA_ARGS__)
+#define short2(...) mh_make_vec<short, 2>(__VA_ARGS__)
+#define ushort2(...) mh_make_vec<::metal::ushort, 2>(__VA_ARGS__)
+
+// MSL's scalar and vector type names are global (builtin types), whether or not a
+// header says `using namespace metal` (MLX's steel headers spell short2, int2,
+// ulong2 ... inside namespace mlx::steel).
+using metal::bfloat;
+using metal::half;
+using metal::uchar;
+using metal::uint;
+using metal::ulong;
+using metal::ushort;
+#define MH_GLOBAL_VECTOR_TYPES(T) \
+  using metal::T##2;              \
+  using metal::T##3;              \
+  using metal::T##4;
+MH_GLOBAL_VECTOR_TYPES(float)
+MH_GLOBAL_VECTOR_TYPES(half)
+MH_GLOBAL_VECTOR_TYPES(bfloat)
+MH_GLOBAL_VECTOR_TYPES(int)
+MH_GLOBAL_VECTOR_TYPES(uint)
+MH_GLOBAL_VECTOR_TYPES(short)
+MH_GLOBAL_VECTOR_TYPES(ushort)
+MH_GLOBAL_VECTOR_TYPES(char)
+MH_GLOBAL_VECTOR_TYPES(uchar)
+MH_GLOBAL_VECTOR_TYPES(long)
+MH_GLOBAL_VECTOR_TYPES(ulong)
+#undef MH_GLOBAL_VECTOR_TYPES
 
 // Lets the macros above work with or without `using namespace metal`.
 using metal::mh_make_vec;
