@@ -6,19 +6,20 @@
 // SIMD-groups, float accumulators). Included, never copied: CMakeLists.txt and
 // the harness (tests/metal_host) put MLX's kernel headers on the include path.
 //
-// What is ours: the K loop (steel's GEMMKernel::run writes its tile straight to
-// device memory; our epilogues need the tile of a whole reduction in
-// threadgroup memory first), the operands that steel's loader cannot stage
-// (a quantized head dequantised while staging, an operand of another dtype
-// converted), and the hand-over of the accumulators to the epilogue (Cs).
+// What is ours: the K loop (steel's GEMMKernel::run stores its tile to device
+// memory; our epilogues read the accumulators of a whole reduction in
+// registers first), the operands that steel's loader cannot stage (a quantized
+// head dequantised while staging, an operand of another dtype converted), and
+// the access to the accumulator tile for the epilogues (Acc, row_max/row_sum,
+// store_tile).
 //
 // Contract of one tile C[BM x BN] = A[BM x K] B[K x BN] (+ nothing: C starts at
 // zero for every tile):
 //   - S, the staging type: both operands are staged in threadgroup memory as S,
 //     the operands' own dtype when they share it (16-bit operands stay 16-bit,
 //     as in MLX's GEMM), float when they differ (a float32 hidden against a
-//     bfloat16 head, float32 dZ against a 16-bit head); a quantized head is
-//     dequantised into the hidden dtype, as MLX's quantized matmul does.
+//     bfloat16 head, float32 dZ against a 16-bit head); the kernels choose
+//     (linear_cross_entropy.metal: a quantized head is dequantised into float).
 //   - accumulation in float32 (BlockMMA's AccumType).
 //   - edges: rows/columns/K beyond the matrices are staged as 0 and never read
 //     (steel's load_safe; our stagers mask likewise), so a partial tile adds
@@ -68,9 +69,6 @@ struct Gemm {
   static constexpr constant int kLdb = kTransB ? BK + kPad : BN + kPad;
   static constexpr constant int kAElems = kTransA ? BK * kLda : BM * kLda;
   static constexpr constant int kBElems = kTransB ? BN * kLdb : BK * kLdb;
-  // The accumulator tile handed to the epilogue: Cs[m][n], float, + 4 floats.
-  static constexpr constant int kLdc = BN + 4;
-  static constexpr constant int kCElems = BM * kLdc;
   typedef S stage_t;
   typedef mlx::steel::BlockMMA<S, float, BM, BN, BK, WM, WN, kTransA, kTransB, short(kLda),
                                short(kLdb), float>
@@ -235,29 +233,72 @@ inline void gemm_k_loop(thread typename G::mma_t& mma, thread OpA& a, thread OpB
   }
 }
 
-// The accumulators into Cs[BM][kLdc] (float); on return every thread may read
-// all of Cs. The first barrier: the previous tile's readers of Cs are done.
+// ---- the accumulator tile, where the epilogues read it ----------------------------------
+// Epilogues work on the accumulators in registers (no threadgroup copy of the
+// tile, so a group needs no more threadgroup memory than MLX's GEMM). BlockMMA's
+// layout (Apple's 8x8 fragment layout, steel/gemm/mma.h): a lane holds, for
+// i < kTM, j < kTN, k < 2, the element
+//     row  mma.sm + i * 8 * WM,   column  mma.sn + j * 8 * WN + k
+// of the BM x BN tile, value mma.Ctile.frag_at(i, j)[k]. The 4 lanes that hold
+// one row of a fragment differ in lane bits 0 and 3; row_max / row_sum reduce
+// over them (every lane gets the same bits), so a SIMD-group's per-row value
+// covers its own columns of the tile: its WN - 1 neighbours along the row hold
+// the others (merge them once, after the tile loop, see the forward kernel).
 template <typename G>
-inline void store_accumulators(thread typename G::mma_t& mma, threadgroup float* Cs) {
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-  mma.Ctile.template store<float, G::WM, G::WN, G::kLdc, 1>(Cs + mma.sm * G::kLdc + mma.sn);
-  threadgroup_barrier(mem_flags::mem_threadgroup);
+struct Acc {
+  static constexpr constant int kTM = G::BM / (8 * G::WM);
+  static constexpr constant int kTN = G::BN / (8 * G::WN);
+  static int row(thread const typename G::mma_t& mma, int i) {
+    return int(mma.sm) + i * 8 * G::WM;
+  }
+  static int col(thread const typename G::mma_t& mma, int j, int k) {
+    return int(mma.sn) + j * 8 * G::WN + k;
+  }
+  static float value(thread const typename G::mma_t& mma, int i, int j, int k) {
+    return mma.Ctile.frag_at(i, j)[k];
+  }
+  // The SIMD-group's column index (0 .. WN - 1) and whether this lane is the one
+  // of its 4 that speaks for the row (lane bits 0 and 3 clear).
+  static int column_group(uint sg) {
+    return int(sg) % G::WN;
+  }
+  static bool row_leader(uint lane) {
+    return (lane & 9u) == 0u;
+  }
+};
+
+// Max / sum over the 4 lanes holding one fragment row; identical bits in all 4
+// (the sums pair lanes in a fixed order and float addition commutes).
+inline float row_max(float x) {
+  x = fmax(x, simd_shuffle_xor(x, ushort(1)));
+  return fmax(x, simd_shuffle_xor(x, ushort(8)));
+}
+inline float row_sum(float x) {
+  x += simd_shuffle_xor(x, ushort(1));
+  return x + simd_shuffle_xor(x, ushort(8));
 }
 
-// Cs -> out[(m0 + i) * ld + n0 + j] for the elements inside rows x cols, added
-// to what is there when `accumulate`.
+// The tile to out[(m0 + r) * ld + n0 + c] for the elements inside rows x cols,
+// added to what is there when `accumulate` (dW across chunks). Not steel's
+// apply_epilogue_safe: in mlx 0.32.4 it checks only the columns of the tile
+// and reads the rows past the matrix.
 template <typename G>
-inline void write_tile(threadgroup const float* Cs, device float* out, long ld, long m0, int n0,
-                       long rows, int cols, bool accumulate, uint tid) {
-  for (uint e = tid; e < uint(G::BM * G::BN); e += uint(G::kThreads)) {
-    const int i = int(e) / G::BN;
-    const int j = int(e) % G::BN;
-    const long r = m0 + i;
-    const int c = n0 + j;
-    if (r < rows && c < cols) {
-      const long at = r * ld + c;
-      const float v = Cs[i * G::kLdc + j];
-      out[at] = accumulate ? out[at] + v : v;
+inline void store_tile(thread const typename G::mma_t& mma, device float* out, long ld, long m0,
+                       int n0, long rows, int cols, bool accumulate) {
+  for (int i = 0; i < Acc<G>::kTM; ++i) {
+    const long r = m0 + Acc<G>::row(mma, i);
+    if (r >= rows) {
+      continue;
+    }
+    for (int j = 0; j < Acc<G>::kTN; ++j) {
+      for (int k = 0; k < 2; ++k) {
+        const int c = n0 + Acc<G>::col(mma, j, k);
+        if (c < cols) {
+          const long at = r * ld + c;
+          const float v = Acc<G>::value(mma, i, j, k);
+          out[at] = accumulate ? out[at] + v : v;
+        }
+      }
     }
   }
 }

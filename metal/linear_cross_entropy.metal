@@ -15,22 +15,21 @@
 // Saved for the backward: lse and lse_lo per row (float32 pair, exact sum).
 // Rejected before any kernel runs (csrc/ops): wrong shapes and dtypes.
 //
-// Pieces. Every GEMM here is the same tile machinery, small and shared:
-//   MatrixView / DenseHead::stage   tile loaders, device -> threadgroup float,
-//                                   masked (zero outside the matrix, never read
-//                                   there), 64-bit offsets, any orientation
-//   fragment_multiply               the 8x8 SIMD-group fragments of one staged
-//                                   BK step: 4 SIMD-groups, 2 x 2, 16 x 16 each
-//   gemm_tile                       the K loop: barrier, stage A and B, barrier,
-//                                   multiply
-//   store_tile / write_tile         accumulators -> threadgroup tile -> device
-// and the loss epilogues (cross_entropy.h / linear_cross_entropy.h maths):
+// Pieces. Every GEMM here is one tile assembly, metal/lce_gemm.h, built from
+// MLX's steel GEMM headers (the mlx-metal wheel's, included): steel's
+// BlockLoader stages BK columns of both operands in their own dtype, a head
+// stages itself (quantized: dequantised into float), steel's BlockMMA multiplies
+// 8x8 fragments into float accumulators; the epilogues below read those
+// accumulators in registers (lce::Acc: each lane's elements of the tile, and
+// row_max / row_sum over the 4 lanes that share a fragment row). The kernels
+// (loss maths from cross_entropy.h / linear_cross_entropy.h):
 //   lce_forward    (row block, vocabulary split): for each BN-column tile of its
-//                  split, Z = H W^T + b, soft-cap, then per row (one SIMD-group
-//                  owns 8 rows, a lane owns a column) the online state: tile max
-//                  (simd_max), the state moved to it, exp-sum, gap sum and
-//                  entropy sum (simd_sum); the target's logit from the one lane
-//                  that holds it. Writes one state per (split, row).
+//                  split, Z = H W^T + b, soft-cap, then per row and SIMD-group
+//                  (its columns of the tile) the online state: tile max
+//                  (row_max), the state moved to it, exp-sum, gap sum and
+//                  entropy sum (row_sum); the target's logit from the one lane
+//                  that holds it. The WN SIMD-groups that share a row merge
+//                  their states once, after the split; one state per (split, row).
 //   fl_lce_fwd_finish  one thread per row merges its S states in split order
 //                  (deterministic, no atomics), then loss, lse, lse_lo, correct,
 //                  entropy with the CPU's formulas.
@@ -43,28 +42,28 @@
 //   lce_scale_grad g * grad in the primal's dtype (the forward's fused gradients)
 //
 // Backward: why dZ per row chunk, not one pass with partials nor two recomputing
-// passes (on paper, N rows, V classes, H hidden, tiles BM = BN = 32; example
+// passes (on paper, N rows, V classes, H hidden, tiles BM = BN = 64; example
 // N = 8192, H = 4096, V = 151936, float32 accumulators, an M-series GPU at
 // ~14 TFLOP/s fp32 and ~0.4 TB/s; 6 N V H = 31 TFLOP of GEMMs take ~2.2 s):
 //   one pass with per-tile partials: each (row block, vocabulary tile) computes
 //     Z once and emits partial dH [BM x H] and dW [BN x H] blocks to be reduced
-//     afterwards: (V/BN) N H + (N/BM) V H = 2 x 4748 x N x H floats of partials,
-//     1.3 TB here. Out of the question without float atomics (which would
+//     afterwards: (V/BN) N H + (N/BM) V H = 2 x 2374 x N x H floats of partials,
+//     0.64 TB here. Out of the question without float atomics (which would
 //     also make the result depend on timing).
 //   two passes recomputing Z (one over row blocks for dH, one over vocabulary
 //     blocks for dW): 8 N V H FLOPs (Z twice) instead of 6, and each pass keeps
 //     its [BM x H] / [BN x H] accumulator in device memory (too big for a
 //     group), read and written once per tile: 8 N V H / BN bytes per pass,
-//     2 x 1.3 TB here (~6 s), BN / 2 = 16 FLOP per byte: bandwidth-bound
+//     2 x 0.64 TB here (~3 s), BN / 2 = 32 FLOP per byte: bandwidth-bound
 //     (the GPU needs ~35 FLOP per byte).
 //   chosen: per chunk of R rows (R x V x 4 bytes <= chunk_bytes, as the CPU
 //     path), dZ written once (float32) and read by the dH GEMM, the dW GEMM and
 //     the dbias sum: 6 N V H FLOPs (the minimum: Z, dH, dW), 12 N V bytes of dZ
 //     traffic (15 GB here, ~40 ms) and dW read + written once per chunk:
-//     8 V H N / R bytes. That is the cost beyond the GEMMs: R = 96 at the
-//     default 64 MiB (110 rows rounded down to a multiple of BM) gives 0.43 TB,
-//     ~1 s (the dW GEMM of a chunk does R / 4 = 24 FLOP per byte); a larger
-//     chunk_bytes divides it (256 MiB: R = 416, 0.1 TB), as on the CPU.
+//     8 V H N / R bytes. That is the cost beyond the GEMMs: R = 64 at the
+//     default 64 MiB (110 rows rounded down to a multiple of BM) gives 0.64 TB,
+//     ~1.6 s (the dW GEMM of a chunk does R / 4 = 16 FLOP per byte); a larger
+//     chunk_bytes divides it (256 MiB: R = 384, 0.1 TB), as on the CPU.
 //     Deterministic: every output element is written by one thread per
 //     dispatch, chunks in order.
 #include <metal_stdlib>
@@ -82,19 +81,8 @@ namespace lce {
 
 // Tile shape (kernel_args.h, shared with the launch plans): BM x BN outputs per
 // group of WM x WN SIMD-groups, BK per staged step; the GEMM itself is
-// metal/lce_gemm.h (MLX's steel loader and fragment multiply).
-enum : int {
-  kBM = FL_LCE_BM,
-  kBN = FL_LCE_BN,
-  kBK = FL_LCE_BK,
-  kThreads = FL_LCE_THREADS,
-  kSimd = 32,
-  kSimdGroups = FL_LCE_THREADS / 32,
-  kRowsPerSimd = FL_LCE_BM / kSimdGroups, // forward / dZ epilogue rows per SIMD-group
-  kColsPerLane = FL_LCE_BN / 32, // epilogue columns per lane: lane, lane + 32, ...
-};
-static_assert(kBN % kSimd == 0, "the epilogues give each lane whole columns of a tile");
-static_assert(kBM % kSimdGroups == 0, "the epilogues give each SIMD-group whole rows");
+// metal/lce_gemm.h (MLX's steel loader and fragment multiply), the epilogues
+// read its accumulators in registers (lce::Acc).
 static_assert(FL_LCE_WM * FL_LCE_WN * 32 == FL_LCE_THREADS, "threads = SIMD-groups x 32");
 
 // The tile GEMM of an A dtype against a B dtype (lce_gemm.h: staged in their
@@ -182,11 +170,14 @@ struct HeadOperand<G, DenseHead<W>, kTransB> {
 };
 
 // The staging dtype of a head against the hidden dtype T: a dense weight's
-// own type when it is T's, else float; a quantized head's: T (dequantised into
-// the activations' dtype, as MLX's quantized matmul).
+// own type when it is T's, else float; a quantized head's: float. Its
+// dequantised values (scale * q + bias, rounded once in float32) are what the
+// CPU primitive multiplies; MLX's quantized matmul rounds them again to the
+// activations' dtype, which would put a 16-bit rounding (2^-9 relative for
+// bfloat16) on every weight of the head.
 template <typename T, typename Head>
 struct HeadStage {
-  typedef T type;
+  typedef float type;
 };
 template <typename T, typename W>
 struct HeadStage<T, DenseHead<W>> {
@@ -211,18 +202,17 @@ inline long target_class(device const long* targets, long row, constant LceArgs&
 }
 
 // Z tile (row block m0.., vocabulary tile v0..) of the hidden rows through the
-// head, into Cs: Z = H W^T, A = hidden rows [m0, rows), B^T = W.
+// head, accumulated into `mma` (fresh): Z = H W^T, A = hidden rows [m0, rows),
+// B^T = W. The epilogue reads it through Acc<G>.
 template <typename G, typename T, typename Head>
-inline void logits_tile(device const T* hidden, Head head, long m0, int v0, long rows,
-                        constant LceArgs& args, threadgroup typename G::stage_t* As,
-                        threadgroup typename G::stage_t* Bs, threadgroup float* Cs, ushort sg,
-                        ushort lane) {
+inline void logits_tile(thread typename G::mma_t& mma, device const T* hidden, Head head, long m0,
+                        int v0, long rows, constant LceArgs& args,
+                        threadgroup typename G::stage_t* As, threadgroup typename G::stage_t* Bs,
+                        ushort sg, ushort lane) {
   auto a = AOperand<G, T, false>::make(hidden, args.hidden, m0, As, sg, lane);
   auto b = HeadOperand<G, Head, true>::make(head, v0, Bs, sg, lane);
-  typename G::mma_t mma(sg, lane);
   gemm_k_loop<G>(mma, a, b, args.hidden, int(min(long(G::BM), rows - m0)),
                  min(int(G::BN), args.vocab - v0), As, Bs);
-  store_accumulators<G>(mma, Cs);
 }
 
 } // namespace lce
@@ -248,68 +238,106 @@ template <typename T, typename Head>
     uint lane [[thread_index_in_simdgroup]],
     uint sg [[simdgroup_index_in_threadgroup]]) {
   typedef lce::HeadGemm<T, Head, true> G;
+  typedef lce::Acc<G> A;
   threadgroup typename G::stage_t As[G::kAElems];
   threadgroup typename G::stage_t Bs[G::kBElems];
-  threadgroup float Cs[G::kCElems];
+  // The per-row states of the WN SIMD-groups that share rows, merged once at the
+  // end: (max, sum, gap, ent) and the count.
+  threadgroup float4 xs[G::WN * G::BM];
+  threadgroup float xw[G::WN * G::BM];
   Head head(weight, scales, qbiases, args);
   const int V = args.vocab;
-  const long m0 = args.row0 + long(group.y) * lce::kBM;
+  const long m0 = args.row0 + long(group.y) * G::BM;
   const int v_begin = int(group.x) * args.vocab_per_split;
   const int v_end = min(V, v_begin + args.vocab_per_split);
 
-  // Rows r = sg * kRowsPerSimd + i of the block; every lane holds the same state.
-  flm::LceRowState st[lce::kRowsPerSimd];
-  long t[lce::kRowsPerSimd];
-  for (int i = 0; i < lce::kRowsPerSimd; ++i) {
+  // This lane's rows r_i = A::row(mma, i) of the block (the same for every tile),
+  // each with the online state of this SIMD-group's columns; the 4 lanes of a
+  // row hold the same state.
+  flm::LceRowState st[A::kTM];
+  long t[A::kTM];
+  typename G::mma_t mma(static_cast<ushort>(sg), static_cast<ushort>(lane));
+  for (int i = 0; i < A::kTM; ++i) {
     st[i] = flm::lce_state_empty();
-    long row = m0 + long(sg) * lce::kRowsPerSimd + i;
+    const long row = m0 + A::row(mma, i);
     t[i] = row < args.rows ? lce::target_class(targets, row, args) : -1;
   }
 
-  for (int v0 = v_begin; v0 < v_end; v0 += lce::kBN) {
-    lce::logits_tile<G>(hidden, head, m0, v0, args.rows, args, As, Bs, Cs, ushort(sg),
+  for (int v0 = v_begin; v0 < v_end; v0 += G::BN) {
+    mma.Ctile.clear();
+    lce::logits_tile<G>(mma, hidden, head, m0, v0, args.rows, args, As, Bs, ushort(sg),
                         ushort(lane));
-    const float count = float(min(int(lce::kBN), V - v0));
-    for (int i = 0; i < lce::kRowsPerSimd; ++i) {
-      const int r = int(sg) * lce::kRowsPerSimd + i;
-      // This lane's columns v0 + lane + 32 c of row r (-inf past V).
-      float z[lce::kColsPerLane];
+    for (int i = 0; i < A::kTM; ++i) {
+      // This lane's logits of row r_i (-inf past V), then the row's tile max
+      // over the SIMD-group's columns.
+      float z[A::kTN * 2];
       float lane_max = -flm::kInf;
-      for (int c = 0; c < lce::kColsPerLane; ++c) {
-        const int j = int(lane) + c * lce::kSimd;
-        const int v = v0 + j;
-        z[c] = v < V ? lce::finish_logit(Cs[r * G::kLdc + j], bias, v, args) : -flm::kInf;
-        lane_max = fmax(lane_max, z[c]);
+      float lane_count = 0.0f;
+      for (int j = 0; j < A::kTN; ++j) {
+        for (int k = 0; k < 2; ++k) {
+          const int v = v0 + A::col(mma, j, k);
+          const float zz = v < V ? lce::finish_logit(A::value(mma, i, j, k), bias, v, args) : -flm::kInf;
+          z[j * 2 + k] = zz;
+          lane_max = fmax(lane_max, zz);
+          lane_count += v < V ? 1.0f : 0.0f;
+        }
       }
-      float tile_max = simd_max(lane_max);
+      const float tile_max = lce::row_max(lane_max);
       st[i] = flm::lce_state_move(st[i], fmax(st[i].ce.lse.max, tile_max));
-      float shift = flm::lse_ref(st[i].ce.lse.max);
+      const float shift = flm::lse_ref(st[i].ce.lse.max);
       float e = 0.0f;
       float gap = 0.0f;
       float ent = 0.0f;
-      for (int c = 0; c < lce::kColsPerLane; ++c) {
-        const int v = v0 + int(lane) + c * lce::kSimd;
-        if (v < V) {
-          const float ec = flm::exp_nonpos_f32(z[c] - shift);
-          e += ec;
-          gap += shift - z[c];
-          ent += flm::weighted(ec, z[c] - shift);
-          if (long(v) == t[i]) {
-            target_logit[m0 + r] = z[c]; // the one lane of the one tile that holds it
+      for (int j = 0; j < A::kTN; ++j) {
+        for (int k = 0; k < 2; ++k) {
+          const int v = v0 + A::col(mma, j, k);
+          if (v < V) {
+            const float zz = z[j * 2 + k];
+            const float ec = flm::exp_nonpos_f32(zz - shift);
+            e += ec;
+            gap += shift - zz;
+            ent += flm::weighted(ec, zz - shift);
+            if (long(v) == t[i]) {
+              target_logit[m0 + A::row(mma, i)] = zz; // the one lane of the one tile that holds it
+            }
           }
         }
       }
-      st[i] = flm::lce_state_add(st[i], simd_sum(e), simd_sum(gap), simd_sum(ent), count);
+      st[i] = flm::lce_state_add(st[i], lce::row_sum(e), lce::row_sum(gap), lce::row_sum(ent),
+                                 lce::row_sum(lane_count));
     }
   }
-  if (lane == 0) {
-    for (int i = 0; i < lce::kRowsPerSimd; ++i) {
-      long row = m0 + long(sg) * lce::kRowsPerSimd + i;
-      if (row < args.rows) {
-        flm::LceRowState s = st[i];
-        partials[long(group.x) * args.rows + row] =
-            float4(s.ce.lse.max, s.ce.lse.sum, s.ce.all.gap, s.ent);
+
+  // The WN states of each row merged in column-group order, then written by
+  // the row's lane of column group 0.
+  const int wn = A::column_group(sg);
+  if (A::row_leader(lane)) {
+    for (int i = 0; i < A::kTM; ++i) {
+      const int at = wn * G::BM + A::row(mma, i);
+      xs[at] = float4(st[i].ce.lse.max, st[i].ce.lse.sum, st[i].ce.all.gap, st[i].ent);
+      xw[at] = st[i].ce.all.weight;
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (wn == 0 && A::row_leader(lane)) {
+    for (int i = 0; i < A::kTM; ++i) {
+      const int r = A::row(mma, i);
+      const long row = m0 + r;
+      if (row >= args.rows) {
+        continue;
       }
+      flm::LceRowState s = st[i];
+      for (int w = 1; w < G::WN; ++w) {
+        const float4 p = xs[w * G::BM + r];
+        flm::LceRowState piece = flm::lce_state_empty();
+        piece.ce.lse.max = p.x;
+        piece.ce.lse.sum = p.y;
+        piece.ce.all.gap = p.z;
+        piece.ent = p.w;
+        piece.ce.all.weight = xw[w * G::BM + r];
+        s = flm::lce_state_merge(s, piece);
+      }
+      partials[long(group.x) * args.rows + row] = float4(s.ce.lse.max, s.ce.lse.sum, s.ce.all.gap, s.ent);
     }
   }
 }
@@ -381,47 +409,48 @@ template <typename T, typename Head>
     uint lane [[thread_index_in_simdgroup]],
     uint sg [[simdgroup_index_in_threadgroup]]) {
   typedef lce::HeadGemm<T, Head, true> G;
+  typedef lce::Acc<G> A;
   threadgroup typename G::stage_t As[G::kAElems];
   threadgroup typename G::stage_t Bs[G::kBElems];
-  threadgroup float Cs[G::kCElems];
   Head head(weight, scales, qbiases, args);
   const int V = args.vocab;
-  const int v0 = int(group.x) * lce::kBN;
-  const long m0 = long(group.y) * lce::kBM; // within the chunk
+  const int v0 = int(group.x) * G::BN;
+  const long m0 = long(group.y) * G::BM; // within the chunk
   const long chunk_end = args.row0 + args.chunk_rows;
-  lce::logits_tile<G>(hidden, head, args.row0 + m0, v0, chunk_end, args, As, Bs, Cs, ushort(sg),
+  typename G::mma_t mma(static_cast<ushort>(sg), static_cast<ushort>(lane));
+  lce::logits_tile<G>(mma, hidden, head, args.row0 + m0, v0, chunk_end, args, As, Bs, ushort(sg),
                       ushort(lane));
 
-  // No barrier or SIMD function below: lanes past V skip their columns.
-  for (int i = 0; i < lce::kRowsPerSimd; ++i) {
-    const int r = int(sg) * lce::kRowsPerSimd + i;
-    const long local = m0 + r;
+  // Element-wise on this lane's accumulators: no barrier or SIMD function below.
+  for (int i = 0; i < A::kTM; ++i) {
+    const long local = m0 + A::row(mma, i);
     if (local >= args.chunk_rows) {
-      break;
+      continue;
     }
     const long row = args.row0 + local;
     const long t = lce::target_class(targets, row, args);
-    for (int c = 0; c < lce::kColsPerLane; ++c) {
-      const int j = int(lane) + c * lce::kSimd;
-      const int v = v0 + j;
-      if (v >= V) {
-        break;
-      }
-      float d;
-      if (t < 0) {
-        d = t == -2 ? flm::kNaN : 0.0f;
-      } else {
-        const float z = lce::finish_logit(Cs[r * G::kLdc + j], bias, v, args);
-        const float g = args.unit_cotangent != 0 ? 1.0f : g_rows[row];
-        const float l = lse[row];
-        const float coef = flm::ce_row_softmax_coef(g, 0.0f, args.a_sum, l, args.z_loss);
-        const float g_target = g * args.c_other + (long(v) == t ? g * args.c_target : 0.0f);
-        d = flm::ce_grad(z, l, lse_lo[row], coef, g_target);
-        if (args.softcap != 0.0f) {
-          d *= flm::softcap_grad(z, args.softcap);
+    const float g = args.unit_cotangent != 0 ? 1.0f : g_rows[row];
+    for (int j = 0; j < A::kTN; ++j) {
+      for (int k = 0; k < 2; ++k) {
+        const int v = v0 + A::col(mma, j, k);
+        if (v >= V) {
+          continue;
         }
+        float d;
+        if (t < 0) {
+          d = t == -2 ? flm::kNaN : 0.0f;
+        } else {
+          const float z = lce::finish_logit(A::value(mma, i, j, k), bias, v, args);
+          const float l = lse[row];
+          const float coef = flm::ce_row_softmax_coef(g, 0.0f, args.a_sum, l, args.z_loss);
+          const float g_target = g * args.c_other + (long(v) == t ? g * args.c_target : 0.0f);
+          d = flm::ce_grad(z, l, lse_lo[row], coef, g_target);
+          if (args.softcap != 0.0f) {
+            d *= flm::softcap_grad(z, args.softcap);
+          }
+        }
+        dz[local * V + v] = d;
       }
-      dz[local * V + v] = d;
     }
   }
 }
@@ -443,19 +472,17 @@ template <typename Head>
   typedef lce::Gemm<float, FL_LCE_BM, FL_LCE_BN, FL_LCE_BK, FL_LCE_WM, FL_LCE_WN, false, false> G;
   threadgroup float As[G::kAElems];
   threadgroup float Bs[G::kBElems];
-  threadgroup float Cs[G::kCElems];
   Head head(weight, scales, qbiases, args);
-  const int n0 = int(group.x) * lce::kBN;
-  const long m0 = long(group.y) * lce::kBM;
+  const int n0 = int(group.x) * G::BN;
+  const long m0 = long(group.y) * G::BM;
   // A = dZ [chunk_rows x V] (rows m0..), B = W [V x H] (columns n0..), K = V.
   auto a = lce::AOperand<G, float, false>::make(dz, args.vocab, m0, As, ushort(sg), ushort(lane));
   auto b = lce::HeadOperand<G, Head, false>::make(head, n0, Bs, ushort(sg), ushort(lane));
   typename G::mma_t mma(static_cast<ushort>(sg), static_cast<ushort>(lane));
   lce::gemm_k_loop<G>(mma, a, b, args.vocab, int(min(long(G::BM), long(args.chunk_rows) - m0)),
                       min(int(G::BN), args.hidden - n0), As, Bs);
-  lce::store_accumulators<G>(mma, Cs);
-  lce::write_tile<G>(Cs, dh + args.row0 * args.hidden, args.hidden, m0, n0, args.chunk_rows,
-                     args.hidden, false, tid);
+  lce::store_tile<G>(mma, dh + args.row0 * args.hidden, args.hidden, m0, n0, args.chunk_rows,
+                     args.hidden, false);
 }
 
 // dW (+)= dZ^T H[rows of the chunk]: grid (ceil(H / BN), ceil(V / BM)).
@@ -472,9 +499,8 @@ template <typename T>
   typedef lce::GemmOf<float, T, true, false> G;
   threadgroup typename G::stage_t As[G::kAElems];
   threadgroup typename G::stage_t Bs[G::kBElems];
-  threadgroup float Cs[G::kCElems];
-  const int n0 = int(group.x) * lce::kBN;
-  const int v0 = int(group.y) * lce::kBM;
+  const int n0 = int(group.x) * G::BN;
+  const int v0 = int(group.y) * G::BM;
   // A = dZ^T (its source dZ [chunk_rows x V], columns v0..), B = the chunk's
   // hidden rows [chunk_rows x H] (columns n0..), K = chunk_rows.
   auto a = lce::AOperand<G, float, true>::make(dz, args.vocab, v0, As, ushort(sg), ushort(lane));
@@ -483,9 +509,7 @@ template <typename T>
   typename G::mma_t mma(static_cast<ushort>(sg), static_cast<ushort>(lane));
   lce::gemm_k_loop<G>(mma, a, b, args.chunk_rows, min(int(G::BM), args.vocab - v0),
                       min(int(G::BN), args.hidden - n0), As, Bs);
-  lce::store_accumulators<G>(mma, Cs);
-  lce::write_tile<G>(Cs, dw, args.hidden, v0, n0, args.vocab, args.hidden, args.accumulate != 0,
-                     tid);
+  lce::store_tile<G>(mma, dw, args.hidden, v0, n0, args.vocab, args.hidden, args.accumulate != 0);
 }
 
 // dbias[v] (+)= sum over the chunk's rows of dZ[r, v], rows in order (the CPU's

@@ -23,10 +23,9 @@ from conftest import CLANG_MISSING
 
 pytestmark = [pytest.mark.skipif(mh.find_clang() is None, reason=CLANG_MISSING)]
 
-from test_metal_linear_cross_entropy import FAST, check_case, plan_info  # noqa: E402
+from test_metal_linear_cross_entropy import BM, BN, FAST, check_case, plan_info  # noqa: E402
 
 BOUND = 2**40  # kLceMaxBufferFlops
-BM = 32
 KERNELS = ["forward", "finish", "sum", "dz", "dbias", "dh", "dw"]
 GEMMS = {"forward", "dz", "dh", "dw"}
 
@@ -85,7 +84,7 @@ V, H = 777, 16
 ROW = V * (2 * H + 1)  # work of one row of a GEMM launch
 
 
-@pytest.mark.parametrize("fit", [1, 31, 32, 33, 63, 64, 65, 1000])
+@pytest.mark.parametrize("fit", [1, BM - 1, BM, BM + 1, 2 * BM - 1, 2 * BM, 2 * BM + 1, 1000])
 @pytest.mark.parametrize("extra", [-1, 0, 1])
 def test_rows_per_launch_at_the_bound(lib, fit, extra):
     bound = fit * ROW + extra  # floor(bound / ROW) = fit, or fit - 1 just below
@@ -103,7 +102,7 @@ def test_rows_per_launch_at_the_bound(lib, fit, extra):
 
 def test_rows_per_launch_never_exceed_n(lib):
     # F = 10 rows: a forward launch is one row block (BM rows) or N if fewer
-    for rows, fwd in ((1, [1]), (31, [31]), (32, [32]), (33, [32, 1])):
+    for rows, fwd in ((1, [1]), (BM - 1, [BM - 1]), (BM, [BM]), (BM + 1, [BM, 1])):
         p, launches = schedule(lib, rows, V, H, bound=10 * ROW)
         assert p["forward_rows"] == min(rows, BM) and p["chunk_rows"] == min(rows, 10)
         assert [l["rows"] for l in launches if l["kernel"] == "forward"] == fwd
@@ -112,14 +111,16 @@ def test_rows_per_launch_never_exceed_n(lib):
 def test_forward_launches_cover_the_rows_in_order(lib):
     rows = 1000
     p, launches = schedule(lib, rows, V, H, bound=100 * ROW, dh=False, dw=False)
-    assert p["forward_rows"] == 96
+    launch_rows = 100 // BM * BM
+    assert p["forward_rows"] == launch_rows
     fwd = [l for l in launches if l["kernel"] == "forward"]
-    assert [l["row0"] for l in fwd] == list(range(0, rows, 96))
+    assert [l["row0"] for l in fwd] == list(range(0, rows, launch_rows))
     assert sum(l["rows"] for l in fwd) == rows and all(l["row0"] % BM == 0 for l in fwd)
     assert [l["kernel"] for l in launches[len(fwd):]] == ["finish"]
-    # S counts the row blocks of one launch (3), not of all N rows (32, which would
-    # give 13 splits of 64 columns): ceil(512 / 3) wanted, capped by the 25 tiles
-    assert p["splits"] == 25
+    # S counts the row blocks of one launch, not of all N rows: ceil(512 / blocks)
+    # wanted, capped by the vocabulary's tiles
+    blocks, tiles = -(-launch_rows // BM), -(-V // BN)
+    assert p["splits"] == min(-(-512 // blocks), tiles, 64)
 
 
 def test_splits_follow_the_launch_rows(lib):
@@ -163,11 +164,12 @@ def test_segments_hold_whole_runs_up_to_the_bound(lib):
 def test_schedule_order_and_work(lib):
     p, launches = schedule(lib, 100, V, H, chunk_bytes=4 * V * 40, bound=BOUND, sum_rows=True,
                            dbias=True)
-    assert p["chunk_rows"] == 32
+    r = 40 // BM * BM if 40 > BM else 40
+    assert p["chunk_rows"] == r
     kinds = [l["kernel"] for l in launches]
-    assert kinds == ["forward", "finish", "sum"] + ["dz", "dbias", "dh", "dw"] * 4
-    assert [l["row0"] for l in launches if l["kernel"] == "dz"] == [0, 32, 64, 96]
-    assert [l["rows"] for l in launches if l["kernel"] == "dz"] == [32, 32, 32, 4]
+    assert kinds == ["forward", "finish", "sum"] + ["dz", "dbias", "dh", "dw"] * -(-100 // r)
+    assert [l["row0"] for l in launches if l["kernel"] == "dz"] == list(range(0, 100, r))
+    assert [l["rows"] for l in launches if l["kernel"] == "dz"] == [min(r, 100 - r0) for r0 in range(0, 100, r)]
     for l in launches:
         assert l["flops"] == expected_flops(l["kernel"], l["rows"], V, H, p["splits"])
     assert {l["segment"] for l in launches} == {0}  # tiny: one buffer, as before
@@ -203,14 +205,15 @@ def test_every_command_buffer_is_bounded(lib, rows, hidden, vocab, chunk_bytes):
     assert len(segs) < 2 * total / BOUND + 1
     if (rows, hidden, vocab) == (8192, 4096, 151936):
         # before: one command buffer of 8 NVH = 41 TFLOP (~16 s at a base M1's 2.6 TFLOP/s)
-        assert p["forward_rows"] == 864 and total > 37 * BOUND
+        assert p["forward_rows"] == BOUND // (vocab * (2 * hidden + 1)) // BM * BM
+        assert total > 37 * BOUND
         assert len([l for l in launches if l["kernel"] == "forward"]) == 10
 
 
 def test_a_row_block_above_the_bound_is_alone(lib):
-    # V H > 2^34: one forward row block (32 rows) is more than 2^40 of work; the
+    # V H > 2^34: one forward row block (BM rows) is more than 2^40 of work; the
     # bound cannot hold for it, and it is the only launch of its buffer.
-    rows, hidden, vocab = 64, 1 << 15, 1 << 20
+    rows, hidden, vocab = 2 * BM, 1 << 15, 1 << 20
     p, launches = schedule(lib, rows, vocab, hidden, dh=False, dw=False)
     assert p["forward_rows"] == BM
     fwd = [l for l in launches if l["kernel"] == "forward"]
@@ -236,9 +239,10 @@ def small_bound(lib):
 @pytest.mark.parametrize("case_name", ["plain", "smooth_ignore_bias_sum", "others_z_cap"])
 def test_kernels_in_bounded_launches_match_the_cpu(lib, small_bound, case_name):
     n, h, v = 129, 23, 70
-    small_bound(40, v, h)  # forward launches of 32 rows (5), chunks of 32 rows
+    small_bound(40, v, h)  # forward launches of max(BM, 40 // BM * BM) rows, chunks of <= 40
     p = plan_info(lib, n, v, h, 1 << 30)
-    assert p["chunk_rows"] == 32
+    assert p["chunk_rows"] == (40 // BM * BM if 40 > BM else 40)
     _, launches = schedule(lib, n, v, h, chunk_bytes=1 << 30, bound=40 * v * (2 * h + 1))
-    assert [l["row0"] for l in launches if l["kernel"] == "forward"] == [0, 32, 64, 96, 128]
+    launch_rows = max(BM, 40 // BM * BM)
+    assert [l["row0"] for l in launches if l["kernel"] == "forward"] == list(range(0, n, launch_rows))
     check_case(lib, case_name, n, h, v, "float32", "float32", 1 << 30, FAST, seed=17)

@@ -20,9 +20,11 @@ def test_tiles_come_from_the_kernel_sources():
     t = model.our_tiles()
     # kernel_args.h / linear_cross_entropy.metal as the doc describes them; a change
     # there changes the tables (the check above) and must change the doc's prose too.
-    assert (t.bm, t.bn, t.bk, t.threads) == (32, 32, 16, 128)
-    assert model.tg_bytes(t) == 4 * (32 * 20 + 16 * 36 + 32 * 36) <= 32 * 1024
-    assert model.loads_per_mma(t) == 1.0 and model.loads_per_mma(model.MLX_F32) == 0.5
+    assert (t.bm, t.bn, t.bk, t.threads) == (64, 64, 16, 128)
+    # MLX's steel tile: 16-bit operands staged as 16-bit, rows padded by 16 bytes, no Cs
+    assert model.tg_bytes(t) == model.tg_bytes(model.MLX_F16) == 2 * (64 * 24 + 16 * 72)
+    assert model.tg_bytes(model.our_tiles(stage_bytes=4)) == model.tg_bytes(model.MLX_F32)
+    assert model.loads_per_mma(t) == 0.5 == model.loads_per_mma(model.MLX_F32)
 
 
 def test_formulas():

@@ -511,10 +511,14 @@ PLANTED = {
     "wrong_stride": ("metal/lce_gemm.h",
         "    return type(src + n0 * ld, int(ld), Bs, sg, lane);",
         "    return type(src + n0 * ld, int(ld) - 1, Bs, sg, lane);", AssertionError),
-    # the accumulators handed to the epilogue before every SIMD-group stored its part
-    "epilogue_before_stored": ("metal/lce_gemm.h",
-        "(Cs + mma.sm * G::kLdc + mma.sn);\n  threadgroup_barrier(mem_flags::mem_threadgroup);",
-        "(Cs + mma.sm * G::kLdc + mma.sn);", mh.ScheduleDependent),
+    # the row states of the SIMD-groups sharing a row merged before all are written
+    "merge_before_written": ("metal/linear_cross_entropy.metal",
+        "      xw[at] = st[i].ce.all.weight;\n    }\n  }\n  threadgroup_barrier(mem_flags::mem_threadgroup);",
+        "      xw[at] = st[i].ce.all.weight;\n    }\n  }", mh.ScheduleDependent),
+    # a row reduced over 2 of the 4 lanes that hold it (Apple's fragment layout)
+    "half_row_sum": ("metal/lce_gemm.h",
+        "  x += simd_shuffle_xor(x, ushort(1));\n  return x + simd_shuffle_xor(x, ushort(8));",
+        "  return x + simd_shuffle_xor(x, ushort(1));", AssertionError),
 }
 
 

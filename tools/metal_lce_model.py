@@ -112,22 +112,24 @@ def _define(text: str, name: str) -> int:
     return int(m.group(1))
 
 
-def our_tiles(repo: Path = REPO) -> Tiles:
+def our_tiles(repo: Path = REPO, stage_bytes: int = 2) -> Tiles:
+    """The linear CE's GEMM tile (kernel_args.h) as metal/lce_gemm.h stages it: MLX's steel
+    loader and fragment multiply, rows padded by 16 bytes, operands staged in their own
+    dtype (stage_bytes 2 for 16-bit operands, 4 for float32), no threadgroup copy of the
+    output tile (the epilogues read the accumulators in registers)."""
     args = (repo / "csrc/metal/kernel_args.h").read_text()
     plan = (repo / "csrc/metal/launch_plan.h").read_text()
-    metal = (repo / "metal/linear_cross_entropy.metal").read_text()
-    pads = {}
-    for ld, dim in (("kLDA", "BK"), ("kLDB", "BN"), ("kLDC", "BN")):
-        m = re.search(rf"{ld} = FL_LCE_{dim} \+ (\d+)", metal)
-        if not m:
-            raise ValueError(f"{ld} not found in linear_cross_entropy.metal")
-        pads[ld] = int(m.group(1))
-    if not re.search(r"threadgroup float As\[lce::kBM \* lce::kLDA\]", metal):
-        raise ValueError("the model assumes float staging (threadgroup float As/Bs/Cs)")
+    gemm = (repo / "metal/lce_gemm.h").read_text()
+    m = re.search(r"kPad = (\d+) / int\(sizeof\(S\)\)", gemm)
+    if not m:
+        raise ValueError("the threadgroup padding (kPad) not found in metal/lce_gemm.h")
+    if re.search(r"threadgroup float Cs\[", (repo / "metal/linear_cross_entropy.metal").read_text()):
+        raise ValueError("the model assumes no threadgroup copy of the output tile (Cs)")
+    pad = int(m.group(1)) // stage_bytes
     return Tiles(
         bm=_define(args, "FL_LCE_BM"), bn=_define(args, "FL_LCE_BN"), bk=_define(args, "FL_LCE_BK"),
-        threads=_define(args, "FL_LCE_THREADS"), pad_a=pads["kLDA"], pad_b=pads["kLDB"],
-        pad_c=pads["kLDC"], stage_bytes=4,
+        threads=_define(args, "FL_LCE_THREADS"), pad_a=pad, pad_b=pad, pad_c=0,
+        stage_bytes=stage_bytes,
         target_groups=int(re.search(r"kLceTargetGroups = (\d+)", plan).group(1)),
         max_splits=int(re.search(r"kLceMaxSplits = (\d+)", plan).group(1)),
         max_buffer_flops=1 << int(re.search(r"kLceMaxBufferFlops = int64_t\(1\) << (\d+)",
@@ -286,7 +288,10 @@ def _fmt(x: float, digits: int = 3) -> str:
 
 
 def table_tiles(t: Tiles) -> str:
-    rows = [("ours (fwd, dZ, dH, dW)", t, C_STAGE), ("MLX steel GEMM fp32", MLX_F32, C_STAGE_VEC),
+    t32 = our_tiles(stage_bytes=4)
+    rows = [("ours, 16-bit operands (fwd, dZ)", t, C_STAGE_VEC),
+            ("ours, float32 operands (dH, dW: float32 dZ)", t32, C_STAGE_VEC),
+            ("MLX steel GEMM fp32", MLX_F32, C_STAGE_VEC),
             ("MLX steel GEMM fp16/bf16", MLX_F16, C_STAGE_VEC), ("MLX qmm (quantized)", MLX_QMM, C_STAGE_VEC)]
     out = ["| tiles | BM x BN x BK, threads | FLOP per BK step | threadgroup bytes | groups / core "
            "(threadgroup memory) | registers / thread at that occupancy | fragment loads per MMA | "
@@ -299,10 +304,11 @@ def table_tiles(t: Tiles) -> str:
         out.append(f"| {name} | {x.bm} x {x.bn} x {x.bk}, {x.threads} | {flops_per_step(x)} | "
                    f"{tg_bytes(x)} | {gpc} | {max_registers_for(x, gpc)} | {_fmt(loads_per_mma(x))} | "
                    f"{' / '.join(_fmt(i) for i in inten)} | {slot_shares(x, c):.0%} |")
-    q = slot_shares(t, C_STAGE, quant_bits=4)
-    out.append(f"| ours, 4-bit head | {t.bm} x {t.bn} x {t.bk}, {t.threads} | {flops_per_step(t)} | "
-               f"{tg_bytes(t)} | {groups_per_core_tg(t)} | {max_registers_for(t, groups_per_core_tg(t))} | "
-               f"{_fmt(loads_per_mma(t))} | - | {q:.0%} |")
+    q = slot_shares(t32, C_STAGE_VEC, quant_bits=4)
+    out.append(f"| ours, 4-bit head (dequantised to float32) | {t32.bm} x {t32.bn} x {t32.bk}, "
+               f"{t32.threads} | {flops_per_step(t32)} | {tg_bytes(t32)} | {groups_per_core_tg(t32)} | "
+               f"{max_registers_for(t32, groups_per_core_tg(t32))} | {_fmt(loads_per_mma(t32))} | - | "
+               f"{q:.0%} |")
     return "\n".join(out)
 
 
@@ -327,11 +333,13 @@ def table_shapes(t: Tiles) -> str:
            "hidden re-reads GB (working set MB, in SLC?) | compute s (at peak) | DRAM s | bound | "
            "expected fraction of FP32 peak |",
            "| --- | --- | --- | ---: | ---: | --- | ---: | ---: | --- | ---: |"]
-    share_dense = slot_shares(t, C_STAGE)
+    share_dense = slot_shares(t, C_STAGE_VEC)
     for s in SHAPES:
-        share = slot_shares(t, C_STAGE, quant_bits=4) if s.quantized else share_dense
+        share = slot_shares(t, C_STAGE_VEC, quant_bits=4) if s.quantized else share_dense
+        # staged as float32: a quantized head, or float32 operands
+        ts = our_tiles(stage_bytes=4) if s.quantized or s.s_h == 4 else t
         for chip in (HARDWARE[0], HARDWARE[3], HARDWARE[6]):
-            r = traffic(t, s, chip)
+            r = traffic(ts, s, chip)
             p = r["plan"]
             tc = r["flops"] / (chip.gflops * 1e9)
             tm = r["dram"] / (chip.gbps * 1e9)
