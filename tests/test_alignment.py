@@ -552,3 +552,195 @@ def test_stream_runs_the_formula_there(rollouts):
     for stream in (mx.cpu, mx.new_stream(mx.cpu)):
         got, _ = fl.grpo_loss(*args, stream=stream)
         assert got.item() == want.item()
+
+
+# --- linear forms: hidden states + head through linear_log_probs ------------------------
+#
+# Each equals its log-prob form on log-probs from the materialised logits
+# (softcap(h W^T + b) / temperature, log-softmax, in float64), value and
+# gradients with respect to the hidden states, the head and its bias.
+
+V, HID = 67, 24  # rows straddle chunks: chunk_bytes below holds 3 rows of float32 logits
+
+
+def materialised_log_probs(hidden, weight, targets, bias=None, temperature=1.0, logit_softcap=None):
+    z = hidden @ weight.T
+    if bias is not None:
+        z = z + bias
+    if logit_softcap is not None:
+        z = logit_softcap * mx.tanh(z / logit_softcap)
+    z = z / temperature
+    return mx.take_along_axis(z - mx.logsumexp(z, axis=-1, keepdims=True), targets[..., None], axis=-1)[..., 0]
+
+
+def head_case(seed, batch, lengths, with_bias):
+    rng = np.random.default_rng(seed)
+    W = rng.normal(size=(V, HID)) / math.sqrt(HID)
+    b = rng.normal(size=V) * 0.3 if with_bias else None
+    hid = [rng.normal(size=(batch, t, HID)) for t in lengths]
+    tgt = [rng.integers(0, V, size=(batch, t)).astype(np.int32) for t in lengths]
+    return rng, W, b, hid, tgt
+
+
+def f32(x):
+    return None if x is None else mx.array(np.asarray(x, np.float32))
+
+
+def f64(x):
+    return None if x is None else mx.array(np.asarray(x), mx.float64)
+
+
+def assert_close_to(got, want, rtol, what):
+    got, want = np.array(got.astype(mx.float32)).astype(np.float64), np.array(want)
+    scale = max(np.abs(want).max(), 1e-30)
+    assert np.abs(got - want).max() <= rtol * scale, (what, np.abs(got - want).max(), scale)
+
+
+HEAD_OPTIONS = [dict(), dict(temperature=0.7), dict(logit_softcap=5.0, temperature=1.3)]
+LINEAR_RTOL = 2e-5  # float32 scorer vs float64 materialised logits (MLX's float64 exp: see RTOL)
+
+
+@pytest.mark.parametrize("head", HEAD_OPTIONS, ids=["plain", "temperature", "softcap+temperature"])
+@pytest.mark.parametrize("reference", ["hidden", "given", "free"])
+def test_linear_dpo_equals_dpo_on_materialised_logits(head, reference):
+    rng, W, b, (hc, hr, hc0, hr0), (tc, tr, _, _) = head_case(1, 3, [7, 5, 7, 5], with_bias=True)
+    cm, rm = masks(rng, 3, 7), masks(rng, 3, 5)
+    tc_ignored = mx.array(np.where(cm, tc, -100).astype(np.int32))  # prompt and padding: ignore_index targets
+    tc, tr = mx.array(tc), mx.array(tr)
+    options = dict(beta=0.5, loss_type="sigmoid", label_smoothing=0.1)
+    free = reference == "free"
+
+    def reference_log_probs(W_, b_):
+        return (mx.stop_gradient(materialised_log_probs(f64(hc0), W_, tc, b_, **head)),
+                mx.stop_gradient(materialised_log_probs(f64(hr0), W_, tr, b_, **head)))
+
+    def want_fn(hc_, hr_, W_, b_):
+        c = materialised_log_probs(hc_, W_, tc, b_, **head)
+        r = materialised_log_probs(hr_, W_, tr, b_, **head)
+        refs = (None, None) if free else reference_log_probs(W_, b_)
+        return fl.dpo_loss(c, r, mx.array(cm), mx.array(rm), *refs, reference_free=free, **options)
+
+    def ours_fn(hc_, hr_, W_, b_):
+        refs = {}
+        if reference == "hidden":
+            refs = dict(ref_chosen_hidden=f32(hc0), ref_rejected_hidden=f32(hr0))
+        elif reference == "given":
+            c0, r0 = reference_log_probs(f64(W), f64(b))
+            refs = dict(ref_chosen_log_probs=c0.astype(mx.float32), ref_rejected_log_probs=r0.astype(mx.float32))
+        # chosen: a mask of ones and the ignored targets (both rules apply); rejected: its mask
+        return fl.linear_dpo_loss(hc_, hr_, W_, tc_ignored, tr, b_, chosen_mask=mx.ones(tc.shape, mx.bool_),
+                                  rejected_mask=mx.array(rm), ignore_index=-100,
+                                  reference_free=free, chunk_bytes=3 * 4 * V, **refs, **options, **head)
+
+    args64 = (f64(hc), f64(hr), f64(W), f64(b))
+    args32 = tuple(f32(a) for a in (hc, hr, W, b))
+    want, want_metrics = want_fn(*args64)
+    got, metrics = ours_fn(*args32)
+    assert got.dtype == mx.float32
+    assert abs(got.item() - want.item()) <= LINEAR_RTOL * abs(want.item())
+    for key, value in want_metrics.items():
+        assert abs(metrics[key].item() - value.item()) <= LINEAR_RTOL * max(1, abs(value.item())), key
+    grads = mx.grad(lambda *a: ours_fn(*a)[0], argnums=(0, 1, 2, 3))(*args32)
+    want_grads = mx.grad(lambda *a: want_fn(*a)[0], argnums=(0, 1, 2, 3))(*args64)
+    for name, g, w in zip(("chosen_hidden", "rejected_hidden", "weight", "bias"), grads, want_grads):
+        assert_close_to(g, w, 1e-4, name)
+
+
+PAIR_LINEAR = [("orpo", dict(beta=0.3)), ("simpo", dict(beta=2.0, gamma=0.4)),
+               ("cpo", dict(beta=0.2, alpha=0.7, average_log_probs=True))]
+
+
+@pytest.mark.parametrize("name,options", PAIR_LINEAR, ids=[n for n, _ in PAIR_LINEAR])
+def test_linear_reference_free_pair_losses_equal_their_logits_forms(name, options):
+    rng, W, _, (hc, hr), (tc, tr) = head_case(2, 4, [6, 9], with_bias=False)
+    cm, rm = masks(rng, 4, 6), masks(rng, 4, 9)
+    head = dict(temperature=0.9)
+    loss_fn, linear_fn = getattr(fl, f"{name}_loss"), getattr(fl, f"linear_{name}_loss")
+
+    def want_fn(hc_, hr_, W_):
+        c = materialised_log_probs(hc_, W_, mx.array(tc), **head)
+        r = materialised_log_probs(hr_, W_, mx.array(tr), **head)
+        return loss_fn(c, r, mx.array(cm), mx.array(rm), **options)[0]
+
+    def ours_fn(hc_, hr_, W_):
+        return linear_fn(hc_, hr_, W_, mx.array(tc), mx.array(tr), chosen_mask=mx.array(cm),
+                         rejected_mask=mx.array(rm), chunk_bytes=3 * 4 * V, **options, **head)[0]
+
+    args64, args32 = (f64(hc), f64(hr), f64(W)), (f32(hc), f32(hr), f32(W))
+    want, got = want_fn(*args64).item(), ours_fn(*args32).item()
+    assert abs(got - want) <= LINEAR_RTOL * abs(want), (got, want)
+    for label, g, w in zip(("chosen_hidden", "rejected_hidden", "weight"),
+                           mx.grad(ours_fn, argnums=(0, 1, 2))(*args32), mx.grad(want_fn, argnums=(0, 1, 2))(*args64)):
+        assert_close_to(g, w, 1e-4, label)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_linear_grpo_and_kto_equal_their_logits_forms(quantized):
+    rng, W, b, (h, h0), (t, _) = head_case(3, 5, [8, 8], with_bias=True)
+    m = masks(rng, 5, 8)
+    adv = rng.normal(size=5)
+    head, W_used = {}, f32(W)
+    if quantized:  # a 4-bit head (the scorer dequantizes on the fly; the reference uses the same values)
+        # (H padded to 64 with zeros: a whole number of quantization groups)
+        Wq, scales, biases = mx.quantize(f32(np.pad(W, ((0, 0), (0, 64 - HID)))), group_size=32, bits=4)
+        W_used = mx.dequantize(Wq, scales, biases, group_size=32, bits=4)
+        h, h0 = (np.pad(x, ((0, 0), (0, 0), (0, 64 - HID))) for x in (h, h0))
+        head = dict(scales=scales, biases=biases, group_size=32, bits=4)
+    W64 = W_used.astype(mx.float64)
+    old = np.array(materialised_log_probs(f64(h), W64, mx.array(t), f64(b))) + rng.normal(scale=0.2, size=(5, 8))
+    grpo_options = dict(beta=0.05, loss_type="grpo", epsilon_low=0.1, epsilon_high=0.15)
+
+    def want_grpo(h_, b_):
+        lp = materialised_log_probs(h_, W64, mx.array(t), b_)
+        ref = mx.stop_gradient(materialised_log_probs(f64(h0), W64, mx.array(t), b_))
+        return fl.grpo_loss(lp, mx.array(m), f64(adv), f64(old), ref, **grpo_options)[0]
+
+    def ours_grpo(h_, b_):
+        return fl.linear_grpo_loss(h_, Wq if quantized else W_used, mx.array(t), f32(adv), b_, mask=mx.array(m),
+                                   old_log_probs=f32(old), ref_hidden=f32(h0), chunk_bytes=3 * 4 * V,
+                                   **grpo_options, **head)[0]
+
+    good = np.array([True, False, True, True, False])
+
+    def want_kto(h_, b_):
+        lp = materialised_log_probs(h_, W64, mx.array(t), b_)
+        ref = mx.stop_gradient(materialised_log_probs(f64(h0), W64, mx.array(t), b_))
+        return fl.kto_loss(lp, mx.array(m), mx.array(good), ref, beta=0.3, kl=0.1)[0]
+
+    def ours_kto(h_, b_):
+        return fl.linear_kto_loss(h_, Wq if quantized else W_used, mx.array(t), mx.array(good), b_,
+                                  mask=mx.array(m), ref_hidden=f32(h0), beta=0.3, kl=0.1, **head)[0]
+
+    for want_fn, ours_fn in ((want_grpo, ours_grpo), (want_kto, ours_kto)):
+        args64, args32 = (f64(h), f64(b)), (f32(h), f32(b))
+        want, got = want_fn(*args64).item(), ours_fn(*args32).item()
+        assert abs(got - want) <= LINEAR_RTOL * max(abs(want), 1e-3), (ours_fn.__name__, got, want)
+        for label, g, w in zip(("hidden", "bias"), mx.grad(ours_fn, argnums=(0, 1))(*args32),
+                               mx.grad(want_fn, argnums=(0, 1))(*args64)):
+            assert_close_to(g, w, 1e-4, (ours_fn.__name__, label))
+
+
+def test_linear_forms_bad_input_raises_before_scoring():
+    rng, W, _, (hc, hr), (tc, tr) = head_case(4, 2, [5, 5], with_bias=False)
+    args = (f32(hc), f32(hr), f32(W), mx.array(tc), mx.array(tr))
+    with pytest.raises(ValueError, match="temperature"):
+        fl.linear_simpo_loss(*args, temperature=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        fl.linear_dpo_loss(*args, reference_free=True, temperature=-1.0)
+    with pytest.raises(TypeError, match=r"linear_dpo_loss\(\) got unexpected keyword argument\(s\) betta"):
+        fl.linear_dpo_loss(*args, reference_free=True, betta=0.1)
+    with pytest.raises(ValueError, match="same number of sequences"):
+        fl.linear_orpo_loss(args[0], args[1][:1], args[2], args[3], args[4][:1])
+    with pytest.raises(ValueError, match=r"chosen_hidden must be \[B, T, H\]"):
+        fl.linear_cpo_loss(args[0][:, :4], *args[1:])
+    with pytest.raises(ValueError, match="chosen_mask must have the shape of chosen_targets"):
+        fl.linear_dpo_loss(*args, reference_free=True, chosen_mask=mx.ones((2, 4), mx.bool_))
+    with pytest.raises(ValueError, match="not both"):
+        fl.linear_dpo_loss(*args, ref_chosen_hidden=args[0], ref_chosen_log_probs=mx.zeros((2, 5)),
+                           ref_rejected_hidden=args[1])
+    with pytest.raises(ValueError, match="loss_type must be one of"):
+        fl.linear_dpo_loss(*args, reference_free=True, loss_type="sppo")
+    with pytest.raises(ValueError, match="needs ref_log_probs or ref_hidden"):
+        fl.linear_kto_loss(args[0], args[2], args[3], mx.array([True, False]))
+    with pytest.raises(ValueError, match="needs ref_log_probs"):
+        fl.linear_grpo_loss(args[0], args[2], args[3], mx.zeros((2,)), beta=0.1)

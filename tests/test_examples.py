@@ -62,3 +62,20 @@ def test_example_help(example, tmp_path):
             continue
         assert text, f"{example.name} {invocation}: no help text"
         assert re.search(r"\(default: [^)]+\)", text), f"{example.name} {invocation}: no default in {text!r}"
+
+
+def test_preference_example_quick():
+    """examples/preference_lm.py --quick as the README's main job runs it
+    (V = 151936): the DPO and GRPO steps with linear_dpo_loss / linear_grpo_loss
+    give the usual way's losses (to 1e-5, and to the float64 value) with a peak
+    above the model at most 1/10 of the usual way's (the script's own checks,
+    exit status 0). A subprocess: the peak is the step's, not the suite's."""
+    pytest.importorskip("mlx_lm")
+    done = subprocess.run([sys.executable, str(REPO / "examples" / "preference_lm.py"), "--quick"],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [line.split() for line in done.stdout.splitlines()]
+    ours = [row for row in rows if row[:1] == ["fl"]]
+    assert len(ours) == 2, done.stdout
+    for row in ours:  # fl  loss  vs-usual  vs-f64  grad-diff  s/step  peak ...
+        assert float(row[2]) <= 1e-5 and float(row[3]) <= 1e-5 and float(row[4]) <= 1e-4, row

@@ -17,7 +17,20 @@ _check_mlx_version(_BUILT_WITH_MLX)
 import mlx.core  # noqa: E402, F401  (load libmlx and its nanobind types before _ext)
 
 from . import distributed, nn  # noqa: E402
-from .alignment import cpo_loss, dpo_loss, grpo_loss, kto_loss, orpo_loss, simpo_loss  # noqa: E402
+from .alignment import (  # noqa: E402
+    cpo_loss,
+    dpo_loss,
+    grpo_loss,
+    kto_loss,
+    linear_cpo_loss,
+    linear_dpo_loss,
+    linear_grpo_loss,
+    linear_kto_loss,
+    linear_orpo_loss,
+    linear_simpo_loss,
+    orpo_loss,
+    simpo_loss,
+)
 from .linear_cross_entropy import linear_cross_entropy  # noqa: E402
 from .log_probs import linear_log_probs, log_probs  # noqa: E402
 from .losses import (  # noqa: E402
@@ -46,6 +59,12 @@ __all__ = [
     "cpo_loss",
     "kto_loss",
     "grpo_loss",
+    "linear_dpo_loss",
+    "linear_orpo_loss",
+    "linear_simpo_loss",
+    "linear_cpo_loss",
+    "linear_kto_loss",
+    "linear_grpo_loss",
     "nn",
     "distributed",
 ]

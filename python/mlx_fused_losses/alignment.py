@@ -32,6 +32,7 @@ often garbage) changes neither the loss nor the gradient.
 """
 
 import functools
+import inspect
 import math
 from typing import Dict, Optional, Tuple, Union
 
@@ -644,3 +645,253 @@ def grpo_loss(
     if kl is not None:
         metrics["kl"] = mx.stop_gradient(kl * weight).sum() / tokens
     return loss, metrics
+
+
+# --- linear forms: hidden states and the output head, no logits ----------------------
+#
+# Each scores its tokens with linear_log_probs (one chunk of logits alive at a
+# time, forward and backward) and hands the log-probs to the loss above. The
+# head's options (temperature, logit_softcap, chunk_bytes and the quantized
+# head's scales/biases/group_size/bits/mode/global_scale) are passed through to
+# the scorer by name; they are checked against its signature here, so a
+# misspelt loss option is reported as this function's.
+
+
+def _head_options(head: dict, fn_name: str) -> dict:
+    from . import linear_log_probs
+
+    allowed = set(inspect.signature(linear_log_probs).parameters) - {
+        "hidden", "weight", "targets", "bias", "return_entropy", "ignore_index", "stream"}
+    unknown = sorted(set(head) - allowed)
+    if unknown:
+        raise TypeError(f"{fn_name}() got unexpected keyword argument(s) {', '.join(unknown)} (its head options "
+                        f"are those of linear_log_probs: {', '.join(sorted(allowed))})")
+    return head
+
+
+def _token_mask(targets, mask, ignore_index, targets_name: str, mask_name: str) -> mx.array:
+    """The tokens to count: ``mask`` (and not ``ignore_index``) when given,
+    else the targets that are not ``ignore_index`` (all of them without one)."""
+    targets = _as_array(targets, targets_name)
+    if not mx.issubdtype(targets.dtype, mx.integer):
+        raise TypeError(f"{targets_name} must be integer token ids, got {targets.dtype}")
+    if targets.ndim != 2:
+        raise ValueError(f"{targets_name} must be [B, T] token ids, got shape {tuple(targets.shape)}")
+    kept = None if ignore_index is None else targets != ignore_index
+    if mask is None:
+        return mx.ones(targets.shape, mx.bool_) if kept is None else kept
+    mask = _mask(mask, mask_name, targets, targets_name).astype(mx.bool_)
+    return mask if kept is None else mask & kept
+
+
+def _check_hidden(hidden, targets, hidden_name: str, targets_name: str) -> mx.array:
+    hidden = _as_array(hidden, hidden_name)
+    targets = _as_array(targets, targets_name)
+    if hidden.ndim != 3 or tuple(hidden.shape[:2]) != tuple(targets.shape):
+        raise ValueError(f"{hidden_name} must be [B, T, H] with {targets_name}'s [B, T] = {tuple(targets.shape)}, "
+                         f"got {tuple(hidden.shape)}")
+    return hidden
+
+
+def _score(hidden, weight, targets, bias, ignore_index, head) -> mx.array:
+    from . import linear_log_probs
+
+    return linear_log_probs(hidden, weight, targets, bias, ignore_index=ignore_index, **head)
+
+
+def _reference_scores(given, ref_hidden, targets, weight, bias, ref_weight, ref_bias, ignore_index, head,
+                      given_name: str, hidden_name: str, targets_name: str):
+    """The reference log-probs: given (``[B, T]`` or ``[B]``), or scored from
+    the reference model's hidden states with its head (default: the policy's,
+    as a frozen or LoRA-adapted head is shared) under ``mx.stop_gradient``."""
+    if given is not None and ref_hidden is not None:
+        raise ValueError(f"give {given_name} or {hidden_name}, not both")
+    if ref_hidden is None:
+        return given
+    ref_hidden = _check_hidden(ref_hidden, targets, hidden_name, targets_name)
+    if ref_weight is None:
+        ref_weight, ref_bias = weight, bias if ref_bias is None else ref_bias
+    elif any(head.get(k) is not None for k in ("scales", "biases", "global_scale")):
+        raise ValueError("ref_weight with a quantized policy head is not supported: the quantization arguments "
+                         "describe one head (leave ref_weight out to score the reference with the policy's head)")
+    return mx.stop_gradient(_score(ref_hidden, ref_weight, targets, ref_bias, ignore_index, head))
+
+
+def _pair_scores(chosen_hidden, rejected_hidden, weight, chosen_targets, rejected_targets, bias, chosen_mask,
+                 rejected_mask, ignore_index, head, fn_name):
+    """The policy's per-token log-probs and masks of a pair batch (checked
+    before the scorer runs)."""
+    head = _head_options(head, fn_name)
+    ignore_index = None if ignore_index is None else _int_option(ignore_index, "ignore_index")
+    cm = _token_mask(chosen_targets, chosen_mask, ignore_index, "chosen_targets", "chosen_mask")
+    rm = _token_mask(rejected_targets, rejected_mask, ignore_index, "rejected_targets", "rejected_mask")
+    _same_batch(cm, "chosen_targets", rm, "rejected_targets")
+    ch = _check_hidden(chosen_hidden, chosen_targets, "chosen_hidden", "chosen_targets")
+    rh = _check_hidden(rejected_hidden, rejected_targets, "rejected_hidden", "rejected_targets")
+    return ch, rh, cm, rm, ignore_index, head
+
+
+@_on_stream
+def linear_dpo_loss(
+    chosen_hidden: mx.array,
+    rejected_hidden: mx.array,
+    weight: mx.array,
+    chosen_targets: mx.array,
+    rejected_targets: mx.array,
+    bias: Optional[mx.array] = None,
+    *,
+    chosen_mask: Optional[mx.array] = None,
+    rejected_mask: Optional[mx.array] = None,
+    ignore_index: Optional[int] = None,
+    ref_chosen_log_probs: Optional[mx.array] = None,
+    ref_rejected_log_probs: Optional[mx.array] = None,
+    ref_chosen_hidden: Optional[mx.array] = None,
+    ref_rejected_hidden: Optional[mx.array] = None,
+    ref_weight: Optional[mx.array] = None,
+    ref_bias: Optional[mx.array] = None,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    average_log_probs: Optional[bool] = None,
+    reference_free: bool = False,
+    stream: Union[None, mx.Stream, mx.Device] = None,
+    **head,
+) -> Tuple[mx.array, Metrics]:
+    """:func:`dpo_loss` on the policy's hidden states ``[B, T, H]`` and output
+    head (``weight``, ``bias`` and the head options of
+    :func:`mlx_fused_losses.linear_log_probs` as keywords: ``temperature``,
+    ``logit_softcap``, ``chunk_bytes``, the quantized head's arguments),
+    scored by ``linear_log_probs`` without the logits.
+
+    Masks: ``chosen_mask`` / ``rejected_mask`` (``[B, T]``), and targets equal
+    to ``ignore_index`` do not count; without masks every token that is not
+    ``ignore_index`` counts. The reference: its log-probs
+    (``ref_*_log_probs``, as in :func:`dpo_loss`), or its hidden states
+    (``ref_*_hidden``) scored under ``mx.stop_gradient`` with ``ref_weight``
+    / ``ref_bias`` (default: the policy's head, with the same options), or
+    ``reference_free=True``.
+    """
+    ch, rh, cm, rm, ignore_index, head = _pair_scores(
+        chosen_hidden, rejected_hidden, weight, chosen_targets, rejected_targets, bias, chosen_mask,
+        rejected_mask, ignore_index, head, "linear_dpo_loss")
+    ref_c = _reference_scores(ref_chosen_log_probs, ref_chosen_hidden, chosen_targets, weight, bias, ref_weight,
+                              ref_bias, ignore_index, head, "ref_chosen_log_probs", "ref_chosen_hidden",
+                              "chosen_targets")
+    ref_r = _reference_scores(ref_rejected_log_probs, ref_rejected_hidden, rejected_targets, weight, bias,
+                              ref_weight, ref_bias, ignore_index, head, "ref_rejected_log_probs",
+                              "ref_rejected_hidden", "rejected_targets")
+    c = _score(ch, weight, chosen_targets, bias, ignore_index, head)
+    r = _score(rh, weight, rejected_targets, bias, ignore_index, head)
+    return dpo_loss(c, r, cm, rm, ref_c, ref_r, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+                    average_log_probs=average_log_probs, reference_free=reference_free)
+
+
+def _linear_reference_free_pair(loss_fn, fn_name):
+    """The linear form of a pair loss without a reference (ORPO, SimPO, CPO)."""
+
+    @_on_stream
+    def linear_form(chosen_hidden, rejected_hidden, weight, chosen_targets, rejected_targets, bias=None, *,
+                    chosen_mask=None, rejected_mask=None, ignore_index=None, stream=None, **options):
+        loss_options = {k: options.pop(k) for k in list(options)
+                        if k in inspect.signature(loss_fn).parameters and k != "stream"}
+        ch, rh, cm, rm, ignore_index, head = _pair_scores(
+            chosen_hidden, rejected_hidden, weight, chosen_targets, rejected_targets, bias, chosen_mask,
+            rejected_mask, ignore_index, options, fn_name)
+        c = _score(ch, weight, chosen_targets, bias, ignore_index, head)
+        r = _score(rh, weight, rejected_targets, bias, ignore_index, head)
+        return loss_fn(c, r, cm, rm, **loss_options)
+
+    linear_form.__name__ = linear_form.__qualname__ = fn_name
+    linear_form.__doc__ = (
+        f":func:`{loss_fn.__name__}` on the policy's hidden states ``[B, T, H]`` and output head,\n"
+        f"scored by :func:`mlx_fused_losses.linear_log_probs` without the logits:\n\n"
+        f"    {fn_name}(chosen_hidden, rejected_hidden, weight, chosen_targets, rejected_targets,\n"
+        f"        bias=None, *, chosen_mask=None, rejected_mask=None, ignore_index=None,\n"
+        f"        <{loss_fn.__name__}'s options>, stream=None, <head options>)\n\n"
+        f"Masks and head options as :func:`linear_dpo_loss`.")
+    return linear_form
+
+
+linear_orpo_loss = _linear_reference_free_pair(orpo_loss, "linear_orpo_loss")
+linear_simpo_loss = _linear_reference_free_pair(simpo_loss, "linear_simpo_loss")
+linear_cpo_loss = _linear_reference_free_pair(cpo_loss, "linear_cpo_loss")
+
+
+@_on_stream
+def linear_kto_loss(
+    hidden: mx.array,
+    weight: mx.array,
+    targets: mx.array,
+    desirable: mx.array,
+    bias: Optional[mx.array] = None,
+    *,
+    mask: Optional[mx.array] = None,
+    ignore_index: Optional[int] = None,
+    ref_log_probs: Optional[mx.array] = None,
+    ref_hidden: Optional[mx.array] = None,
+    ref_weight: Optional[mx.array] = None,
+    ref_bias: Optional[mx.array] = None,
+    beta: float = 0.1,
+    kl: Union[float, mx.array] = 0.0,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    stream: Union[None, mx.Stream, mx.Device] = None,
+    **head,
+) -> Tuple[mx.array, Metrics]:
+    """:func:`kto_loss` on hidden states ``[B, T, H]`` and the output head,
+    scored by :func:`mlx_fused_losses.linear_log_probs`; masks, reference and
+    head options as :func:`linear_dpo_loss`."""
+    head = _head_options(head, "linear_kto_loss")
+    ignore_index = None if ignore_index is None else _int_option(ignore_index, "ignore_index")
+    m = _token_mask(targets, mask, ignore_index, "targets", "mask")
+    h = _check_hidden(hidden, targets, "hidden", "targets")
+    ref = _reference_scores(ref_log_probs, ref_hidden, targets, weight, bias, ref_weight, ref_bias, ignore_index,
+                            head, "ref_log_probs", "ref_hidden", "targets")
+    if ref is None:
+        raise ValueError("linear_kto_loss needs ref_log_probs or ref_hidden")
+    lp = _score(h, weight, targets, bias, ignore_index, head)
+    return kto_loss(lp, m, desirable, ref, beta=beta, kl=kl, desirable_weight=desirable_weight,
+                    undesirable_weight=undesirable_weight)
+
+
+@_on_stream
+def linear_grpo_loss(
+    hidden: mx.array,
+    weight: mx.array,
+    targets: mx.array,
+    advantages: mx.array,
+    bias: Optional[mx.array] = None,
+    *,
+    mask: Optional[mx.array] = None,
+    ignore_index: Optional[int] = None,
+    old_log_probs: Optional[mx.array] = None,
+    ref_log_probs: Optional[mx.array] = None,
+    ref_hidden: Optional[mx.array] = None,
+    ref_weight: Optional[mx.array] = None,
+    ref_bias: Optional[mx.array] = None,
+    beta: float = 0.0,
+    epsilon_low: float = 0.2,
+    epsilon_high: Optional[float] = None,
+    loss_type: str = "dapo",
+    importance_sampling_level: str = "token",
+    max_completion_length: Optional[int] = None,
+    num_items_in_batch: Optional[int] = None,
+    stream: Union[None, mx.Stream, mx.Device] = None,
+    **head,
+) -> Tuple[mx.array, Metrics]:
+    """:func:`grpo_loss` on the completions' hidden states ``[B, T, H]`` and
+    the output head, scored by :func:`mlx_fused_losses.linear_log_probs`
+    without the logits. ``old_log_probs`` as in :func:`grpo_loss` (the
+    sampling policy's, ``[B, T]``; None: on-policy); the reference (needed
+    when ``beta > 0``), masks and head options as :func:`linear_dpo_loss`.
+    """
+    head = _head_options(head, "linear_grpo_loss")
+    ignore_index = None if ignore_index is None else _int_option(ignore_index, "ignore_index")
+    m = _token_mask(targets, mask, ignore_index, "targets", "mask")
+    h = _check_hidden(hidden, targets, "hidden", "targets")
+    ref = _reference_scores(ref_log_probs, ref_hidden, targets, weight, bias, ref_weight, ref_bias, ignore_index,
+                            head, "ref_log_probs", "ref_hidden", "targets")
+    lp = _score(h, weight, targets, bias, ignore_index, head)
+    return grpo_loss(lp, m, advantages, old_log_probs, ref, beta=beta, epsilon_low=epsilon_low,
+                     epsilon_high=epsilon_high, loss_type=loss_type, importance_sampling_level=importance_sampling_level,
+                     max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch)
