@@ -133,6 +133,25 @@ def test_linear_cross_entropy_rows(tmp_path):
         assert r["extras"]["fl CE on logits"]["peak_mb"] > 0
 
 
+def test_alignment_rows(tmp_path):
+    """DPO and GRPO steps on a head (linear_dpo / linear_grpo, not in the
+    default run): ours and the composed step with materialised logits, both
+    passes, values checked against the composed per-pair / per-token losses,
+    the GEMM yardstick with the reference model's forward GEMM counted."""
+    json_path = tmp_path / "alignment.json"
+    completed = _bench("--smoke", "--losses", "linear_dpo,linear_grpo",
+                       "--json", str(json_path), "--plot", str(tmp_path / "alignment.png"), cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr
+    results = json.loads(json_path.read_text())["results"]
+    assert {(r["loss"], r["pass"]) for r in results} == {
+        (loss, p) for loss in ("linear_dpo", "linear_grpo") for p in ("fwd", "fwd+bwd")}
+    for r in results:
+        assert r["values_match"], (r["loss"], r["forward_rel_diff"])
+        assert r["flops"] == (8 if r["pass"] == "fwd+bwd" else 4) * 32 * 16 * 100
+        for timing in (r["ours"], r["mlx"], r["roofline"]):
+            assert 0 < timing["min_ms"] <= timing["median_ms"]
+
+
 def test_extra_sections(smoke_run):
     stdout, data, _ = smoke_run
     small = data["small_shapes"]

@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn.losses as mlx_losses
 
 import mlx_fused_losses as fl
-from . import linear, log_probs
+from . import alignment, linear, log_probs
 
 LABEL_SMOOTHING = 0.1
 SMOOTH_L1_BETA = 1.0
@@ -252,6 +252,32 @@ LOSSES = {
             roofline=linear.gemm_yardstick,
             flops=linear.flops,
             extras=log_probs.extra_baselines,
+        ),
+        LossSpec(
+            name="linear_dpo",
+            rowwise=True,
+            ours=alignment.dpo_ours,
+            reference=alignment.dpo_composed,
+            reference_name="DPO on log_softmax(h @ W.T) (composed), reference model scored too",
+            make_inputs=alignment.make_inputs,
+            sweeps=LINEAR_SWEEPS,
+            dtype_names=("float32",),
+            grad_argnums=(0, 1),
+            roofline=alignment.gemm_yardstick,
+            flops=alignment.flops,
+        ),
+        LossSpec(
+            name="linear_grpo",
+            rowwise=True,
+            ours=alignment.grpo_ours,
+            reference=alignment.grpo_composed,
+            reference_name="GRPO (bnpo, k3 KL) on log_softmax(h @ W.T) (composed), reference model scored too",
+            make_inputs=alignment.make_inputs,
+            sweeps=LINEAR_SWEEPS,
+            dtype_names=("float32",),
+            grad_argnums=(0, 1),
+            roofline=alignment.gemm_yardstick,
+            flops=alignment.flops,
         ),
     ]
 }
