@@ -9,7 +9,9 @@ test compares with the single-process loss on the full head.
 """
 
 import json
+import os
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -70,8 +72,11 @@ def vocab_case(case, inputs, group, start, stop):
                 hidden, weight, targets, bias, vocab_start=start, group=group, return_stats=True, **options)
             return scalar(loss), (loss, stats)
 
-        (_, (loss, stats)), grads = mx.value_and_grad(f, argnums=(0, 1, 2) if use_bias else (0, 1))(
-            hidden, weight, bias)
+        step = mx.value_and_grad(f, argnums=(0, 1, 2) if use_bias else (0, 1))
+        if case.get("compile"):  # (twice: the second call runs the compiled graph)
+            step = mx.compile(step)
+            mx.eval(step(hidden, weight, bias))
+        (_, (loss, stats)), grads = step(hidden, weight, bias)
         out = {"loss": loss, "d_hidden": grads[0], "d_weight": grads[1]}
         if use_bias:
             out["d_bias"] = grads[2]
@@ -158,9 +163,22 @@ def bad_case(case, inputs, group, start, stop):
     return out, error
 
 
+def wait_for_peers(out_dir: Path, processes: int, timeout: float = 60.0):
+    """Enter mx.distributed.init() together: the ring backend's connect
+    retries back off exponentially (1 s, 2 s, 4 s, ...), so a rank that
+    starts a few seconds after the others (a loaded machine) would cost tens
+    of seconds; here each rank waits, after its imports, until every rank
+    has got this far."""
+    (out_dir / f"ready{os.environ['MLX_RANK']}").touch()
+    deadline = time.monotonic() + timeout
+    while sum(1 for _ in out_dir.glob("ready*")) < processes and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def main():
     spec = json.loads(Path(sys.argv[1]).read_text())
     out_dir = Path(sys.argv[2])
+    wait_for_peers(out_dir, spec["processes"])
     group = mx.distributed.init()
     rank = group.rank()
     if spec.get("materialised", True):

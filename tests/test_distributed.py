@@ -48,6 +48,8 @@ VOCAB_CASES = [
     {"name": "masked_sum", "options": {"reduction": "sum", "mask": True}, "targets": "unpadded"},
     {"name": "bf16", "dtype": "bfloat16", "bias": True,
      "options": {"ignore_index": -100, "reduction": "sum", "dtype": mx.float32}},
+    {"name": "compiled", "compile": True,
+     "options": {"ignore_index": -100, "label_smoothing": 0.1, "validate": False}},
     {"name": "quantized", "quantized": {"bits": 4, "group_size": 32},
      "options": {"ignore_index": -100, "label_smoothing": 0.1}},
 ]
@@ -97,7 +99,7 @@ def run_ranks(tmp_path, processes, cases, *, shards=None):
     """Launch the worker on ``processes`` ranks; every rank's results and errors."""
     arrays = make_inputs()
     np.savez(tmp_path / "inputs.npz", **arrays)
-    spec = {"inputs": str(tmp_path / "inputs.npz"), "cases": [jsonable(c) for c in cases]}
+    spec = {"inputs": str(tmp_path / "inputs.npz"), "cases": [jsonable(c) for c in cases], "processes": processes}
     if shards is not None:
         spec["shards"] = shards
     (tmp_path / "spec.json").write_text(json.dumps(spec))
@@ -116,7 +118,7 @@ def run_ranks(tmp_path, processes, cases, *, shards=None):
 
 
 def mx_options(case):
-    options = dict(case.get("options", {}))
+    options = {k: v for k, v in case.get("options", {}).items() if k != "validate"}
     inputs = {k: mx.array(v) for k, v in make_inputs().items()}
     for name in ("mask", "weights"):
         if options.pop(name, False):
@@ -236,7 +238,7 @@ def check_vocab(ranks, case, kind, shards):
 
 def logits_case(case):
     """Whether a case has a form on logits (no mask there, no quantized head)."""
-    return not case.get("options", {}).get("mask") and "quantized" not in case
+    return not case.get("options", {}).get("mask") and "quantized" not in case and not case.get("compile")
 
 
 def vocab_cases():

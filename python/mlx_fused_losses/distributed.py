@@ -258,13 +258,20 @@ def _check_vocab_start(vocab_start) -> int:
 # ---- vocabulary-parallel: the merge -----------------------------------------------------------
 
 
+# The argmax travels in the float32 gather as two exact float32 digits
+# (argmax = hi * _DIGIT + lo, exact below 2^36 classes): one collective per
+# call, not a second round trip, and no two independent collectives, which
+# every rank would have to run in the same order.
+_DIGIT = 4096
+
+
 def _merge(stats: Dict[str, mx.array], owned: mx.array, shard_rows: int, group, *, smoothing: bool,
            with_stats: bool):
-    """The full head's per-row statistics from every rank's shard statistics:
-    one all_gather of the differentiable columns (lse, target, owned, and
-    logit_sum and the shard's size with smoothing, max and expected for the
-    stats), another of the argmax for the stats. Returns a dict of [N]
-    arrays: lse, target, owners, (logit_sum, classes), (max, expected, argmax)."""
+    """The full head's per-row statistics from every rank's shard statistics,
+    by one all_gather of [N, k] float32 columns: lse, target, owned, and
+    logit_sum and the shard's size with smoothing, max, expected and the
+    argmax's two digits for the stats. Returns a dict of [N] arrays: lse,
+    target, owners, (logit_sum, classes), (max, expected, argmax)."""
     rows = stats["lse"].size
     names = ["lse", "target", "owners"]
     cols = [stats["lse"], stats["target"], owned.astype(mx.float32)]
@@ -272,10 +279,13 @@ def _merge(stats: Dict[str, mx.array], owned: mx.array, shard_rows: int, group, 
         names += ["logit_sum", "classes"]
         cols += [stats["logit_sum"], mx.full(stats["lse"].shape, float(shard_rows), mx.float32)]
     if with_stats:
-        names += ["max", "expected"]
-        cols += [mx.stop_gradient(stats["max"]), mx.stop_gradient(stats["expected"])]
+        argmax = mx.stop_gradient(stats["argmax"]).astype(mx.int64)
+        names += ["max", "expected", "argmax_hi", "argmax_lo"]
+        cols += [mx.stop_gradient(stats["max"]), mx.stop_gradient(stats["expected"]), argmax // _DIGIT,
+                 argmax % _DIGIT]
     local = mx.stack([c.reshape(-1).astype(mx.float32) for c in cols], axis=-1)  # [N, k]
     size = group.size()
+    # Every rank enters this collective (and only this one) in every call.
     gathered = mx.distributed.all_gather(local, group=group).reshape(size, rows, len(names))  # [P, N, k]
     col = {n: gathered[..., i] for i, n in enumerate(names)}
     out = {"lse": mx.logsumexp(col["lse"], axis=0)}
@@ -288,7 +298,7 @@ def _merge(stats: Dict[str, mx.array], owned: mx.array, shard_rows: int, group, 
         out["expected"] = (mx.exp(mx.stop_gradient(col["lse"]) - lse) * col["expected"]).sum(axis=0)
         # The first global index of the maximum: the smallest argmax among
         # the ranks whose shard holds the maximum (shards in any order).
-        arg = mx.distributed.all_gather(stats["argmax"].reshape(1, -1).astype(mx.int64), group=group)
+        arg = col["argmax_hi"].astype(mx.int64) * _DIGIT + col["argmax_lo"].astype(mx.int64)
         big = mx.array(2**63 - 1, mx.int64)
         out["argmax"] = mx.where(col["max"] == out["max"], arg, big).min(axis=0)
     return out
@@ -432,8 +442,7 @@ def vocab_parallel_linear_cross_entropy(
     target's logit where it owns the target, the logits' sum for label
     smoothing) chunk by chunk, as the unsharded loss: no rank holds its
     ``N x V_r`` logits. One ``all_gather`` of those ``[N]`` statistics merges
-    them (a second one of the argmax with ``return_stats``), plus one
-    ``all_sum`` of the hidden states' gradient backward.
+    them, plus one ``all_sum`` of the hidden states' gradient backward.
 
     Options as :func:`mlx_fused_losses.linear_cross_entropy` (smoothing over
     all ``V`` classes, ``z_loss`` on the full log-sum-exp, the soft-cap, a
