@@ -59,7 +59,7 @@ DATA_CASES = [
     {"name": "dp_linear_sum", "kind": "linear", "gradients": "sum"},
 ]
 BAD_CASES = ["gap", "overlap", "hidden_size", "targets_differ", "options_differ", "unowned",
-             "unowned_unvalidated", "reduction"]
+             "unowned_unvalidated", "reduction", "empty"]
 
 
 def make_inputs() -> dict[str, np.ndarray]:
@@ -290,6 +290,7 @@ EXPECTED_ERRORS = {
     "unowned": ("1 target(s) lie outside [0, 31)", "1 target(s) lie outside [0, 31)"),
     "unowned_unvalidated": (None, None),
     "reduction": ("ValueError: reduction must be one of", "rank(s) [0] rejected their arguments"),
+    "empty": (None, None),
 }
 
 
@@ -311,23 +312,13 @@ def test_bad_input_raises_on_every_rank_and_never_hangs(tmp_path):
     for results, _ in ranks:
         rows = to_np(results["unowned_unvalidated__loss"])
         assert np.isnan(rows[-1]) and np.isfinite(rows[:-1]).all(), rows
+        assert to_np(results["empty__loss"]) == 0.0
 
 
 # ---- in this process: a group of size 1 --------------------------------------------------------
 
 
-@pytest.fixture
-def materialised(monkeypatch):
-    import vocab_shard_stats
-
-    from mlx_fused_losses import _ext
-
-    if not (hasattr(_ext, "linear_row_stats") and hasattr(_ext, "row_stats")):
-        monkeypatch.setattr(fld, "_linear_shard_stats", vocab_shard_stats.linear_shard_stats)
-        monkeypatch.setattr(fld, "_logits_shard_stats", vocab_shard_stats.logits_shard_stats)
-
-
-def test_a_group_of_size_one_is_the_unsharded_loss(materialised):
+def test_a_group_of_size_one_is_the_unsharded_loss():
     inputs = {k: mx.array(v) for k, v in make_inputs().items()}
     group = mx.distributed.init()
     assert group.size() == 1
@@ -358,7 +349,7 @@ def test_a_group_of_size_one_is_the_unsharded_loss(materialised):
         *args[:3], ignore_index=-100)), mx.float32, what="global_mean")
 
 
-def test_local_argument_errors_alone(materialised):
+def test_local_argument_errors_alone():
     """Alone (no collective to wait in), a bad argument raises at once, with
     the unsharded loss's message."""
     inputs = {k: mx.array(v) for k, v in make_inputs().items()}
@@ -377,7 +368,7 @@ def test_local_argument_errors_alone(materialised):
         fld.global_mean(mx.array(1.0), 1, gradients="mean")
 
 
-def test_validation_under_compile_says_what_to_do(materialised):
+def test_validation_under_compile_says_what_to_do():
     inputs = {k: mx.array(v) for k, v in make_inputs().items()}
 
     def f(h, w, t):

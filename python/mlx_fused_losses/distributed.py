@@ -150,15 +150,18 @@ def global_mean(
 
 
 def _linear_shard_stats(hidden, weight, targets, bias, *, vocab_start: int, outputs: Sequence[str],
-                        logit_softcap, chunk_bytes, quantization: dict, stream) -> Dict[str, mx.array]:
-    raise NotImplementedError("vocab_parallel_linear_cross_entropy needs _ext.linear_row_stats, "
-                              "which this build of mlx_fused_losses lacks")
+                        logit_softcap, ignore_index, chunk_bytes, quantization: dict, stream) -> Dict[str, mx.array]:
+    values = _ext.linear_row_stats(hidden, weight, targets, bias, stats=list(outputs), logit_softcap=logit_softcap,
+                                   ignore_index=ignore_index, vocab_start=vocab_start, chunk_bytes=chunk_bytes,
+                                   stream=stream, **quantization)
+    return dict(zip(outputs, values))
 
 
-def _logits_shard_stats(logits, targets, *, vocab_start: int, outputs: Sequence[str], logit_softcap,
+def _logits_shard_stats(logits, targets, *, vocab_start: int, outputs: Sequence[str], logit_softcap, ignore_index,
                         stream) -> Dict[str, mx.array]:
-    raise NotImplementedError("vocab_parallel_cross_entropy needs _ext.row_stats, "
-                              "which this build of mlx_fused_losses lacks")
+    values = _ext.row_stats(logits, targets, stats=list(outputs), logit_softcap=logit_softcap,
+                            ignore_index=ignore_index, vocab_start=vocab_start, stream=stream)
+    return dict(zip(outputs, values))
 
 
 # ---- vocabulary-parallel: one validating collective ----------------------------------------
@@ -509,7 +512,7 @@ def vocab_parallel_linear_cross_entropy(
                             mode=mode, global_scale=global_scale)
         start = c["validation"][0]
         stats = _linear_shard_stats(sum_gradients(group)(hidden), weight, c["t"], bias,
-                                    vocab_start=start, outputs=outputs, logit_softcap=softcap,
+                                    vocab_start=start, outputs=outputs, logit_softcap=softcap, ignore_index=c["ignore"],
                                     chunk_bytes=chunk, quantization=quantization, stream=stream)
         return _loss(c, stats, group, smoothing, label_smoothing_mode, z, return_stats, reduction,
                      _result_dtype(dtype, hidden.dtype), start)
@@ -584,7 +587,7 @@ def vocab_parallel_cross_entropy(
             ["max", "argmax", "expected"] if return_stats else [])
         start = c["validation"][0]
         stats = _logits_shard_stats(logits, c["t"], vocab_start=start, outputs=outputs,
-                                    logit_softcap=softcap, stream=stream)
+                                    logit_softcap=softcap, ignore_index=c["ignore"], stream=stream)
         return _loss(c, stats, group, smoothing, label_smoothing_mode, z, return_stats, reduction,
                      _result_dtype(dtype, logits.dtype), start)
 
