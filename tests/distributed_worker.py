@@ -63,9 +63,13 @@ def vocab_case(case, inputs, group, start, stop):
         weight = inputs["weight"][start:stop].astype(dtype)
         bias = inputs["bias"][start:stop].astype(dtype) if use_bias else None
 
+        # (fl.linear_cross_entropy with vocab_start= and group= is the same function)
+        loss_fn = fl.linear_cross_entropy if case.get("via_linear_cross_entropy") else \
+            fld.vocab_parallel_linear_cross_entropy
+
         def f(hidden, weight, bias):
-            loss, stats = fld.vocab_parallel_linear_cross_entropy(
-                hidden, weight, targets, bias, vocab_start=start, group=group, return_stats=True, **options)
+            loss, stats = loss_fn(hidden, weight, targets, bias, vocab_start=start, group=group, return_stats=True,
+                                  **options)
             return scalar(loss), (loss, stats)
 
         step = mx.value_and_grad(f, argnums=(0, 1, 2) if use_bias else (0, 1))

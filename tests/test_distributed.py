@@ -43,6 +43,8 @@ VOCAB_CASES = [
     {"name": "plain", "options": {}, "targets": "unpadded"},
     {"name": "options", "bias": True,
      "options": {"ignore_index": -100, "label_smoothing": 0.1, "z_loss": 1e-3, "logit_softcap": 5.0}},
+    {"name": "via_linear_cross_entropy", "via_linear_cross_entropy": True, "bias": True,
+     "options": {"ignore_index": -100, "z_loss": 1e-3}},
     {"name": "others_none", "options": {"ignore_index": -100, "label_smoothing": 0.2,
                                         "label_smoothing_mode": "others", "reduction": "none", "weights": True}},
     {"name": "masked_sum", "options": {"reduction": "sum", "mask": True}, "targets": "unpadded"},
@@ -238,7 +240,8 @@ def check_vocab(ranks, case, kind, shards):
 
 def logits_case(case):
     """Whether a case has a form on logits (no mask there, no quantized head)."""
-    return not case.get("options", {}).get("mask") and "quantized" not in case and not case.get("compile")
+    return (not case.get("options", {}).get("mask") and "quantized" not in case and not case.get("compile")
+            and not case.get("via_linear_cross_entropy"))
 
 
 def vocab_cases():
@@ -362,6 +365,8 @@ def test_local_argument_errors_alone():
                                                 inputs["bias"][:3], vocab_start=0)
     with pytest.raises(ValueError, match="probability targets are not supported"):
         fld.vocab_parallel_cross_entropy(inputs["hidden"], inputs["hidden"], vocab_start=0)
+    with pytest.raises(TypeError, match="pass vocab_start= too"):
+        fl.linear_cross_entropy(inputs["hidden"], inputs["weight"], inputs["targets"], group=mx.distributed.init())
     with pytest.raises(TypeError, match="group must be"):
         fld.vocab_parallel_cross_entropy(inputs["hidden"], inputs["targets"], vocab_start=0, group=2)
     with pytest.raises(ValueError, match="gradients must be one of"):

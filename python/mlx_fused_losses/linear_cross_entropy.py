@@ -85,6 +85,8 @@ def linear_cross_entropy(
     mode: Literal["affine", "mxfp4", "mxfp8", "nvfp4"] = "affine",
     global_scale: Optional[mx.array] = None,
     return_stats: bool = False,
+    vocab_start: Optional[int] = None,
+    group: Optional["mx.distributed.Group"] = None,
     dtype: Optional[mx.Dtype] = None,
     stream: Union[None, mx.Stream, mx.Device] = None,
 ) -> Union[mx.array, Tuple[mx.array, Dict[str, mx.array]]]:
@@ -125,6 +127,13 @@ def linear_cross_entropy(
         chunk_bytes: working-memory budget (default 64 MiB): the float32
             logits of ``chunk_bytes // (4 V)`` rows at a time (at least one).
         return_stats: also return per-row statistics (see below).
+        vocab_start, group: a head sharded over the vocabulary across the
+            ranks of ``group`` (``mx.distributed``; None: MLX's world group):
+            ``weight`` and ``bias`` hold this rank's rows ``[vocab_start,
+            vocab_start + V_r)`` and the loss is the full head's, computed by
+            :func:`mlx_fused_losses.distributed.vocab_parallel_linear_cross_entropy`
+            (see there; it also takes ``validate``). ``group`` needs
+            ``vocab_start``.
         dtype: dtype of the returned loss. ``None``: ``hidden``'s dtype;
             ``mx.float32`` keeps the float32 the kernel accumulates in (a
             bf16 model's mean loss otherwise rounds to bf16).
@@ -143,6 +152,18 @@ def linear_cross_entropy(
     ``ignore_index`` nor masked gives NaN for its row's loss, and poisons
     the gradients (every row shares ``weight``).
     """
+    if vocab_start is not None or group is not None:
+        if vocab_start is None:
+            raise TypeError("group= shards the head over the vocabulary: pass vocab_start= too (the global "
+                            "index of this rank's first row of the head)")
+        from .distributed import vocab_parallel_linear_cross_entropy  # (it imports this module)
+
+        return vocab_parallel_linear_cross_entropy(
+            hidden, weight, targets, bias, vocab_start=vocab_start, group=group, label_smoothing=label_smoothing,
+            label_smoothing_mode=label_smoothing_mode, ignore_index=ignore_index, z_loss=z_loss,
+            logit_softcap=logit_softcap, reduction=reduction, mask=mask, weights=weights, chunk_bytes=chunk_bytes,
+            scales=scales, biases=biases, group_size=group_size, bits=bits, mode=mode, global_scale=global_scale,
+            return_stats=return_stats, dtype=dtype, stream=stream)
     hidden = _as_array(hidden, "hidden")
     weight = _as_array(weight, "weight")
     targets = _as_array(targets, "targets")
