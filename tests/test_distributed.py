@@ -22,7 +22,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import EPS32, assert_close, to_np
+from conftest import assert_close, to_np
 from distributed_launch import launch
 
 import mlx_fused_losses as fl

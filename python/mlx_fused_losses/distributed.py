@@ -20,8 +20,10 @@ How MLX's collectives behave under autodiff (mlx 0.32.4,
   unchanged, with no communication. That is the gradient of a loss every
   rank computes identically from the collective's result ("replicated"
   loss): d loss / d x_r = d loss / d all_sum(x). For ``all_max`` it is not
-  the gradient of a max (which would go to the arg-max rank only), so a max
-  is only ever used here under ``stop_gradient``.
+  the gradient of a max (which would go to the arg-max rank only), which is
+  one reason the merge below gathers the shards' log-sum-exps and reduces
+  them locally instead of Megatron's all-reduce of the max, then of the
+  sum of exponentials (the other: one collective instead of two).
 * ``all_gather`` (concatenation along axis 0, in rank order): the vjp is this
   rank's slice of the cotangent, again no communication.
 * a group of size 1 makes every collective the identity.
@@ -41,7 +43,7 @@ every rank raises the same error after it, so a bad call never hangs.
 """
 
 import zlib
-from typing import Dict, List, Literal, Optional, Sequence, Tuple, Union
+from typing import Dict, Literal, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 from mlx.nn.layers.distributed import sum_gradients
@@ -173,10 +175,6 @@ _FIELDS = ("failed", "vocab_start", "shard_rows", "call_crc", "targets_crc", "ke
            "kept_min", "kept_max")
 
 
-class _CannotRead(ValueError):
-    pass
-
-
 def _read_targets(targets: mx.array, ignore_index, vocab_start: int, shard_rows: int) -> Dict[str, int]:
     """What the validation needs of the targets, read on the host: a CRC of
     them, the kept ones' count, range and how many this shard owns. A clear
@@ -193,7 +191,7 @@ def _read_targets(targets: mx.array, ignore_index, vocab_start: int, shard_rows:
         mx.eval(flat, summary)
     except ValueError as err:
         if "function transformations" in str(err):
-            raise _CannotRead("validate=True reads the targets on the host, which mx.compile and mx.vmap do "
+            raise ValueError("validate=True reads the targets on the host, which mx.compile and mx.vmap do "
                               "not allow: pass validate=False inside them (every rank alike), after a first "
                               "call outside with validate=True") from None
         raise
