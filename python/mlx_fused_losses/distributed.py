@@ -175,6 +175,10 @@ _FIELDS = ("failed", "vocab_start", "shard_rows", "call_crc", "targets_crc", "ke
            "kept_min", "kept_max")
 
 
+class _Traced(ValueError):
+    """Validation under mx.compile/mx.vmap, which cannot read the targets."""
+
+
 def _read_targets(targets: mx.array, ignore_index, vocab_start: int, shard_rows: int) -> Dict[str, int]:
     """What the validation needs of the targets, read on the host: a CRC of
     them, the kept ones' count, range and how many this shard owns. A clear
@@ -191,7 +195,7 @@ def _read_targets(targets: mx.array, ignore_index, vocab_start: int, shard_rows:
         mx.eval(flat, summary)
     except ValueError as err:
         if "function transformations" in str(err):
-            raise ValueError("validate=True reads the targets on the host, which mx.compile and mx.vmap do "
+            raise _Traced("validate=True reads the targets on the host, which mx.compile and mx.vmap do "
                               "not allow: pass validate=False inside them (every rank alike), after a first "
                               "call outside with validate=True") from None
         raise
@@ -207,7 +211,13 @@ def _validate(name: str, group, problem: Optional[Exception], vocab_start: int, 
     collective. Returns V, the global vocabulary size."""
     fields = dict.fromkeys(_FIELDS, 0)
     if problem is None:
-        fields.update(_read_targets(targets, ignore_index, vocab_start, shard_rows))
+        try:
+            fields.update(_read_targets(targets, ignore_index, vocab_start, shard_rows))
+        except _Traced:
+            raise  # (before any collective: every rank is traced alike)
+        except Exception as err:  # noqa: BLE001  (reported on every rank, after the collective)
+            problem = err
+    if problem is None:
         fields.update(vocab_start=vocab_start, shard_rows=shard_rows, call_crc=zlib.crc32(call.encode()))
         text = call
     else:
