@@ -20,6 +20,7 @@
 #include "metal/library_names.h"
 #endif
 #include "ops/cross_entropy.h"
+#include "ops/distillation.h"
 #include "ops/linear_cross_entropy.h"
 #include "ops/row_stats.h"
 #include "ops/sigmoid_focal.h"
@@ -162,6 +163,28 @@ NB_MODULE(_ext, m) {
       "logits"_a, "targets"_a, "axis"_a = -1, "gamma"_a = 2.0f, "alpha"_a = nb::none(),
       "class_alpha"_a = nb::none(), "ignore_index"_a = nb::none(), nb::kw_only(),
       "stream"_a = nb::none(), "Per-row float32 softmax focal loss (no reduction).");
+
+  m.def(
+      "distill_loss",
+      [](const mlx::core::array& student, const mlx::core::array& teacher,
+         std::optional<mlx::core::array> targets, const std::string& kind, float beta,
+         float temperature, float alpha, bool scale_by_temperature_squared,
+         std::optional<int64_t> ignore_index, mlx::core::StreamOrDevice stream) {
+        return fl::distill_loss(student, teacher, targets, kind, beta, temperature, alpha,
+                                scale_by_temperature_squared, ignore_index, stream);
+      },
+      "student_logits"_a, "teacher_logits"_a, "targets"_a = nb::none(), nb::kw_only(),
+      "kind"_a = "kl", "beta"_a = 0.5f, "temperature"_a = 1.0f, "alpha"_a = 0.0f,
+      "scale_by_temperature_squared"_a = false, "ignore_index"_a = nb::none(),
+      "stream"_a = nb::none(),
+      "Per-row float32 distillation loss on logits (kind 'kl', 'reverse_kl' or 'jsd'; no reduction).");
+  m.def(
+      "check_distill_options",
+      [](const std::string& kind, float beta, float temperature, float alpha, bool has_targets,
+         std::optional<int64_t> ignore_index) {
+        fl::distill_params(kind, beta, temperature, alpha, false, has_targets, ignore_index);
+      },
+      "kind"_a, "beta"_a, "temperature"_a, "alpha"_a, "has_targets"_a, "ignore_index"_a = nb::none());
 
   m.def(
       "linear_cross_entropy",

@@ -33,6 +33,8 @@ __all__ = [
     "softmax_focal_grad",
     "reduce",
     "reduce_cotangent",
+    "distill_rows",
+    "distill_grad",
 ]
 
 
@@ -510,3 +512,96 @@ def linear_cross_entropy(hidden, weight, targets, bias=None, logit_softcap=None,
     d_bias = dz.sum(0)
     return dict(loss=loss, logits=z, hidden=d_hidden, weight=d_weight,
                 bias=d_bias, dz=dz)
+
+
+# --------------------------------------------------------------------------
+# distillation (kl_div, jsd): student logits s, teacher logits t, per row
+# --------------------------------------------------------------------------
+def _distill_parts(student, teacher, temperature):
+    s, t = _f64(student), _f64(teacher)
+    with np.errstate(invalid="ignore"):
+        lq = s / temperature - logsumexp(s / temperature, keepdims=True)
+        lp = t / temperature - logsumexp(t / temperature, keepdims=True)
+    return s, t, lq, lp, np.exp(lq), np.exp(lp)
+
+
+def _plogr(p, lp, lr):
+    """sum_j p_j (lp_j - lr_j), a term with p_j = 0 counting 0."""
+    with np.errstate(invalid="ignore"):
+        return np.where(p > 0, p * (lp - lr), 0.0).sum(-1)
+
+
+def _distill_kind(kind, beta):
+    if kind == "jsd" and beta == 0.0:
+        return "kl"
+    if kind == "jsd" and beta == 1.0:
+        return "reverse_kl"
+    return kind
+
+
+def _row_mask(targets, V, ignore_index, shape):
+    """(ignored, out_of_range) boolean row masks."""
+    if targets is None:
+        z = np.zeros(shape, bool)
+        return z, z
+    y = np.asarray(targets).astype(np.int64)
+    ignored = (y == ignore_index) if ignore_index is not None else np.zeros(shape, bool)
+    bad = ~ignored & ((y < 0) | (y >= V))
+    return ignored, bad
+
+
+def distill_rows(student, teacher, kind="kl", beta=0.5, temperature=1.0, targets=None,
+                 alpha=0.0, t2=False, ignore_index=None):
+    """Per-row loss: d_scale * D + alpha * CE (see csrc/math/distillation.h);
+    D = KL(p || q) ("kl"), KL(q || p) ("reverse_kl") or the generalised JSD
+    beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q
+    ("jsd"; beta 0 and 1 are the two KLs). p, q: softmax of the teacher's and
+    the student's logits / temperature."""
+    s, t, lq, lp, q, p = _distill_parts(student, teacher, temperature)
+    kind = _distill_kind(kind, beta)
+    if kind == "kl":
+        d = _plogr(p, lp, lq)
+    elif kind == "reverse_kl":
+        d = _plogr(q, lq, lp)
+    else:
+        with np.errstate(divide="ignore"):
+            lm = np.log(beta * p + (1 - beta) * q)
+        d = beta * _plogr(p, lp, lm) + (1 - beta) * _plogr(q, lq, lm)
+    loss = (1 - alpha) * (temperature ** 2 if t2 else 1.0) * d
+    V = s.shape[-1]
+    ignored, bad = _row_mask(targets, V, ignore_index, loss.shape)
+    if alpha:
+        y = np.clip(np.asarray(targets).astype(np.int64), 0, V - 1)
+        s_y = np.take_along_axis(s, y[..., None], -1)[..., 0]
+        loss = loss + alpha * (logsumexp(s) - s_y)
+    loss = np.where(ignored, 0.0, loss)
+    return np.where(bad, np.nan, loss)
+
+
+def distill_grad(student, teacher, kind="kl", beta=0.5, temperature=1.0, targets=None,
+                 alpha=0.0, t2=False, ignore_index=None, cotangent=None):
+    """d sum(cotangent * distill_rows) / d student (analytic; checked against
+    numerical differentiation in tests/test_distillation.py)."""
+    s, t, lq, lp, q, p = _distill_parts(student, teacher, temperature)
+    kind = _distill_kind(kind, beta)
+    c = 1.0 / temperature
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if kind == "kl":
+            dz = q - p
+        elif kind == "reverse_kl":
+            r = np.where(q > 0, lq - lp, 0.0)
+            dz = q * (r - (q * r).sum(-1, keepdims=True))
+        else:
+            lm = np.log(beta * p + (1 - beta) * q)
+            r = np.where(q > 0, lq - lm, 0.0)
+            dz = (1 - beta) * q * (r - (q * r).sum(-1, keepdims=True))
+    g = (1 - alpha) * (temperature ** 2 if t2 else 1.0) * c * dz
+    V = s.shape[-1]
+    if alpha:
+        y = np.clip(np.asarray(targets).astype(np.int64), 0, V - 1)
+        g = g + alpha * (np.exp(s - logsumexp(s, keepdims=True)) - np.eye(V)[y])
+    cot = np.ones(s.shape[:-1]) if cotangent is None else _f64(cotangent)
+    g = g * cot[..., None]
+    ignored, bad = _row_mask(targets, V, ignore_index, s.shape[:-1])
+    g = np.where(ignored[..., None], 0.0, g)
+    return np.where(bad[..., None], np.nan, g)

@@ -11,7 +11,8 @@ run eagerly:
 
 Each case drives the forward and backward primitives of one loss
 configuration: cross_entropy (hard, class weights, ignore_index, soft-cap, soft
-targets, per-row, return_stats), smooth_l1, huber, sigmoid focal, softmax focal, and the
+targets, per-row, return_stats), smooth_l1, huber, sigmoid focal, softmax focal,
+kl_div/jsd (the teacher's zero gradient included), and the
 linear cross-entropy (forward-formed gradients and their scaling in float32
 and bfloat16, the recomputing backward, a quantized head, return_stats), and
 the row statistics (linear_log_probs with entropy, quantized, every statistic
@@ -148,6 +149,17 @@ CASES = [
          lambda x, t: (fl.softmax_focal_loss(x, t, gamma=1.5, ignore_index=-100, reduction="mean"),), (0,)),
     Case("softmax_focal_alpha_mean", lambda r, n: (_normal(r, (n, K)), _labels(r, n)),
          lambda x, t: (fl.softmax_focal_loss(x, t, alpha=ALPHA, reduction="mean"),), (0,)),
+    # distillation on logits: the teacher's gradient is zeros (argnum 1)
+    Case("kl_div_ignore_mean",
+         lambda r, n: (_normal(r, (n, K)), _normal(r, (n, K)), _labels(r, n, ignored=True)),
+         lambda s, t, y: (fl.kl_div(s, t, targets=y, ignore_index=-100, temperature=2.0),), (0, 1)),
+    Case("kl_div_reverse_rows_alpha",
+         lambda r, n: (_normal(r, (n, K)), _normal(r, (n, K)), _labels(r, n)),
+         lambda s, t, y: (_squares(fl.kl_div(s, t, direction="reverse", targets=y, alpha=0.3,
+                                             temperature=1.5, reduction="none")),), (0,)),
+    Case("jsd_sum_bf16",
+         lambda r, n: (_normal(r, (n, K), dtype=mx.bfloat16), _normal(r, (n, K), dtype=mx.bfloat16)),
+         lambda s, t: (fl.jsd(s, t, beta=0.3, reduction="sum"),), (0,), mx.bfloat16),
     # forward-formed gradients, scaled by the cotangent (LceScaleGrad)
     Case("lce_mean", _lce_args, lambda h, w, t, b: (_lce(h, w, t, b, label_smoothing=0.1),), (0, 1, 3)),
     Case("lce_token_weights_mean",

@@ -31,6 +31,7 @@ from .alignment import (  # noqa: E402
     orpo_loss,
     simpo_loss,
 )
+from .distillation import jsd, kl_div  # noqa: E402
 from .linear_cross_entropy import linear_cross_entropy  # noqa: E402
 from .log_probs import linear_log_probs, log_probs  # noqa: E402
 from .losses import (  # noqa: E402
@@ -65,6 +66,8 @@ __all__ = [
     "linear_cpo_loss",
     "linear_kto_loss",
     "linear_grpo_loss",
+    "kl_div",
+    "jsd",
     "nn",
     "distributed",
 ]

@@ -1,0 +1,158 @@
+"""Knowledge-distillation losses on logits: :func:`kl_div` and :func:`jsd`,
+one fused primitive (csrc/ops/distillation.h) for both, gradient w.r.t. the
+student only. The maths and its gradient: csrc/math/distillation.h.
+"""
+
+from typing import Literal, Optional, Union
+
+import mlx.core as mx
+
+from . import _ext
+from .losses import (
+    Reduction,
+    _as_array,
+    _check_reduction,
+    _finish,
+    _float_option,
+    _ignore_index_for,
+    _index_option,
+    _kept_rows,
+    _result_dtype,
+)
+
+_DIRECTIONS = {"forward": "kl", "reverse": "reverse_kl"}
+
+
+def _distill(kind, student_logits, teacher_logits, beta, temperature, reduction, ignore_index,
+             targets, weights, alpha, scale_by_temperature_squared, dtype, stream):
+    student_logits = _as_array(student_logits, "student_logits")
+    teacher_logits = _as_array(teacher_logits, "teacher_logits")
+    _check_reduction(reduction)
+    beta = _float_option(beta, "beta")
+    temperature = _float_option(temperature, "temperature")
+    alpha = _float_option(alpha, "alpha")
+    ignore_index = _index_option(ignore_index)
+    if not isinstance(scale_by_temperature_squared, bool):
+        raise TypeError(
+            "scale_by_temperature_squared must be a bool, got "
+            f"{type(scale_by_temperature_squared).__name__}"
+        )
+    if targets is not None:
+        targets = _as_array(targets, "targets")
+    # Values checked before anything is traced (the op checks them again).
+    _ext.check_distill_options(kind, beta, temperature, alpha, targets is not None, ignore_index)
+    result_dtype = _result_dtype(dtype, student_logits.dtype)
+    if targets is not None:
+        ignore_index = _ignore_index_for(targets, ignore_index)
+    loss = _ext.distill_loss(
+        student_logits,
+        teacher_logits,
+        targets,
+        kind=kind,
+        beta=beta,
+        temperature=temperature,
+        alpha=alpha,
+        scale_by_temperature_squared=scale_by_temperature_squared,
+        ignore_index=ignore_index,
+        stream=stream,
+    )
+    if weights is not None:
+        weights = _as_array(weights, "weights")
+        if weights.shape != loss.shape:
+            raise ValueError(
+                f"weights must have the rows' shape {loss.shape} (the logits' shape without "
+                f"the last axis), got {weights.shape}"
+            )
+        loss = loss * weights.astype(mx.float32)
+    count = None
+    if reduction == "mean" and ignore_index is not None:
+        count = _kept_rows(targets, ignore_index)
+    return _finish(loss, reduction, result_dtype, count)
+
+
+def kl_div(
+    student_logits: mx.array,
+    teacher_logits: mx.array,
+    *,
+    temperature: float = 1.0,
+    direction: Literal["forward", "reverse"] = "forward",
+    reduction: Reduction = "mean",
+    ignore_index: Optional[int] = None,
+    targets: Optional[mx.array] = None,
+    weights: Optional[mx.array] = None,
+    alpha: float = 0.0,
+    scale_by_temperature_squared: bool = False,
+    dtype: Optional[mx.Dtype] = None,
+    stream: Union[None, mx.Stream, mx.Device] = None,
+) -> mx.array:
+    """Fused KL divergence between a teacher's and a student's softmax, per row
+    of logits (the last axis is the vocabulary).
+
+    ``direction="forward"``: ``KL(teacher || student) = sum_j p_j (log p_j -
+    log q_j)`` (what :func:`mlx_lm.tuner.losses.kl_div_loss(student, teacher)`
+    computes, and PyTorch's ``F.kl_div(log q, log p, log_target=True)``);
+    ``"reverse"``: ``KL(student || teacher)``. ``p = softmax(teacher /
+    temperature)``, ``q = softmax(student / temperature)``, both computed in
+    float32 whatever the inputs' dtypes (which may differ).
+
+    The gradient flows to the student only: the teacher is frozen, and its
+    gradient, if asked for, is zeros (as mlx_lm's kernel returns).
+
+    Args:
+        student_logits, teacher_logits: same shape ``[..., V]``, float32,
+            float16 or bfloat16.
+        temperature: divides both logits (> 0).
+        reduction: ``"none"`` (per row, float32 computed), ``"sum"`` or
+            ``"mean"`` (over the kept rows; PyTorch's ``"batchmean"`` for 2-D
+            logits).
+        ignore_index: rows whose class index in ``targets`` equals it give 0
+            (and gradient 0) and leave the ``"mean"`` denominator.
+        targets: class indices ``[...]`` (any integer dtype): required for
+            ``alpha > 0`` and for ``ignore_index``. An index outside ``[0, V)``
+            that is not ``ignore_index`` makes its row NaN.
+        weights: per-row factors ``[...]`` multiplying each row's loss
+            (``"mean"`` still divides by the number of kept rows).
+        alpha: mixes in the hard-label cross-entropy at temperature 1 in the
+            same pass: ``(1 - alpha) * D + alpha * CE(student_logits, targets)``.
+        scale_by_temperature_squared: multiply the divergence term by
+            ``temperature**2`` (Hinton et al.: keeps its gradient's scale
+            independent of the temperature). Off by default.
+        dtype: the result's dtype; ``None``: the student's.
+    """
+    if direction not in _DIRECTIONS:
+        raise ValueError(f"direction must be 'forward' or 'reverse', got {direction!r}")
+    return _distill(_DIRECTIONS[direction], student_logits, teacher_logits, 0.5, temperature,
+                    reduction, ignore_index, targets, weights, alpha,
+                    scale_by_temperature_squared, dtype, stream)
+
+
+def jsd(
+    student_logits: mx.array,
+    teacher_logits: mx.array,
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    reduction: Reduction = "mean",
+    ignore_index: Optional[int] = None,
+    targets: Optional[mx.array] = None,
+    weights: Optional[mx.array] = None,
+    alpha: float = 0.0,
+    scale_by_temperature_squared: bool = False,
+    dtype: Optional[mx.Dtype] = None,
+    stream: Union[None, mx.Stream, mx.Device] = None,
+) -> mx.array:
+    """Fused generalised Jensen-Shannon divergence per row of logits:
+    ``beta KL(p || m) + (1 - beta) KL(q || m)``, ``m = beta p + (1 - beta) q``,
+    with ``p`` the teacher's and ``q`` the student's softmax at
+    ``temperature``. The convention of TRL's GKD trainer and Liger's
+    ``LigerJSD``: ``beta=0`` is the forward KL ``KL(teacher || student)`` and
+    ``beta=1`` the reverse KL ``KL(student || teacher)`` (where the mixture
+    formula itself would give 0). ``beta=0.5`` is the symmetric JSD, what
+    :func:`mlx_lm.tuner.losses.js_div_loss` computes.
+
+    The other arguments are those of :func:`kl_div`; the teacher gets no
+    gradient.
+    """
+    return _distill("jsd", student_logits, teacher_logits, beta, temperature, reduction,
+                    ignore_index, targets, weights, alpha, scale_by_temperature_squared, dtype,
+                    stream)
