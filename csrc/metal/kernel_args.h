@@ -156,6 +156,25 @@ typedef uint64_t fl_u64;
 #define FL_LCE_SCALE_ARGS 3 // constant PwArgs& (size = n)
 #define FL_LCE_SCALE_NBUF 4
 
+// Distillation (kl_div / jsd) forward
+#define FL_KD_FWD_STUDENT 0 // [rows, V] S
+#define FL_KD_FWD_TEACHER 1 // [rows, V] T
+#define FL_KD_FWD_INDEX 2 // [rows] int64 class indices (bound to the student without targets)
+#define FL_KD_FWD_LOSS 3 // [rows] float32 out
+#define FL_KD_FWD_STATS 4 // [rows, kDistillStats] float32 out (math/distillation.h)
+#define FL_KD_FWD_ARGS 5 // constant KdArgs&
+#define FL_KD_FWD_NBUF 6
+
+// Distillation backward (w.r.t. the student)
+#define FL_KD_BWD_STUDENT 0
+#define FL_KD_BWD_TEACHER 1
+#define FL_KD_BWD_INDEX 2
+#define FL_KD_BWD_STATS 3 // [rows, kDistillStats] float32
+#define FL_KD_BWD_GLOSS 4 // [rows] float32 cotangent of the loss
+#define FL_KD_BWD_GRAD 5 // [rows, V] S out
+#define FL_KD_BWD_ARGS 6
+#define FL_KD_BWD_NBUF 7
+
 // ---- argument structs ----------------------------------------------------------
 
 // Cross-entropy (forward and backward).
@@ -180,6 +199,19 @@ struct SfArgs {
   float alpha; // scalar alpha, used when there is no per-class alpha buffer
   int has_class_alpha;
   int pad0;
+};
+
+// Distillation (forward and backward); the coefficients are flm::DistillCoefs'.
+struct KdArgs {
+  fl_i64 ignore_index;
+  int vocab; // V (the row length)
+  int has_ignore_index; // 0 | 1
+  int has_targets; // 0 | 1: class indices bound and read
+  int ce_own_sum; // 1: the CE's sum at temperature 1 is kept apart (alpha > 0, T != 1)
+  float c; // 1 / temperature
+  float beta;
+  float d_scale;
+  float alpha;
 };
 
 // Element-wise losses. kind: 0 smooth-L1, 1 Huber, 2 sigmoid focal
@@ -274,6 +306,7 @@ struct LceArgs {
 // members first and 32-bit ones after, on every offset).
 static_assert(sizeof(CeArgs) == 40, "CeArgs layout");
 static_assert(sizeof(SfArgs) == 32, "SfArgs layout");
+static_assert(sizeof(KdArgs) == 40, "KdArgs layout");
 static_assert(sizeof(PwArgs) == 32, "PwArgs layout");
 static_assert(sizeof(PwTargetLayout) == 16 * FL_PW_MAX_TARGET_GROUPS + 8, "PwTargetLayout layout");
 static_assert(sizeof(LceArgs) == 88, "LceArgs layout");

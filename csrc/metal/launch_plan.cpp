@@ -214,6 +214,70 @@ SfArgs make_sf_args(int num_classes, float gamma, float alpha, bool has_class_al
   return a;
 }
 
+// ---- distillation ----------------------------------------------------------------------
+
+const char* kd_kind_name(int kind) {
+  switch (kind) {
+    case 0:
+      return "kl";
+    case 1:
+      return "rkl";
+    case 2:
+      return "jsd";
+    default:
+      throw std::invalid_argument("launch plan: unknown distillation kind");
+  }
+}
+
+namespace {
+std::string kd_suffix(KDtype student, KDtype teacher, int kind) {
+  return std::string(kd_kind_name(kind)) + "_" + dtype_name(student) + "_" + dtype_name(teacher);
+}
+} // namespace
+
+LaunchPlan kd_forward_plan(KDtype student, KDtype teacher, int kind, int64_t rows, int vocab,
+                           int max_group_threads) {
+  check_row_shape(rows, vocab);
+  LaunchPlan p;
+  p.kernel_name = "fl_kd_fwd_" + kd_suffix(student, teacher, kind);
+  p.looped = true;
+  p.elems_per_thread = FL_ROW_READS;
+  int64_t need = round_up_simd(ceil_div(vocab, FL_ROW_READS));
+  int t = usable_threads(max_group_threads);
+  p.group[0] = uint32_t(need < t ? need : t);
+  p.grid[0] = vocab == 0 ? 0 : grid_dim(rows, "rows");
+  p.threadgroup_bytes = FL_ROW_SCRATCH_FLOATS * sizeof(float);
+  p.buffers = buffer_names(FL_KD_FWD_NBUF, {{FL_KD_FWD_STUDENT, "student"},
+      {FL_KD_FWD_TEACHER, "teacher"}, {FL_KD_FWD_INDEX, "class_index"}, {FL_KD_FWD_LOSS, "loss"},
+      {FL_KD_FWD_STATS, "stats"}, {FL_KD_FWD_ARGS, "args"}});
+  return p;
+}
+
+LaunchPlan kd_backward_plan(KDtype student, KDtype teacher, int kind, int64_t rows, int vocab,
+                            int max_group_threads) {
+  LaunchPlan p = row_backward_plan("fl_kd_bwd_" + kd_suffix(student, teacher, kind), rows, vocab,
+                                   max_group_threads);
+  p.buffers = buffer_names(FL_KD_BWD_NBUF, {{FL_KD_BWD_STUDENT, "student"},
+      {FL_KD_BWD_TEACHER, "teacher"}, {FL_KD_BWD_INDEX, "class_index"}, {FL_KD_BWD_STATS, "stats"},
+      {FL_KD_BWD_GLOSS, "g_loss"}, {FL_KD_BWD_GRAD, "grad"}, {FL_KD_BWD_ARGS, "args"}});
+  return p;
+}
+
+KdArgs make_kd_args(int vocab, bool has_targets, bool has_ignore_index, int64_t ignore_index,
+                    float c, float beta, float d_scale, float alpha) {
+  KdArgs a{};
+  a.ignore_index = ignore_index;
+  a.vocab = vocab;
+  a.has_ignore_index = has_ignore_index ? 1 : 0;
+  a.has_targets = has_targets ? 1 : 0;
+  a.ce_own_sum = (alpha != 0.0f && c != 1.0f) ? 1 : 0;
+  a.c = c;
+  a.beta = beta;
+  a.d_scale = d_scale;
+  a.alpha = alpha;
+  return a;
+}
+
 // ---- element-wise losses -------------------------------------------------------------
 
 const char* pw_kind_name(int kind) {
@@ -656,6 +720,15 @@ std::vector<PlanKernel> enumerate_plan_kernels() {
       }
     }
     c.add(lce_scale_plan(dt, 10), "lce_scale_plan(" + dn + ")");
+    // Distillation: every kind x student dtype x teacher dtype (the group
+    // size changes no name).
+    for (int td = 0; td < kNumKDtypes; ++td) {
+      for (int kind = 0; kind < 3; ++kind) {
+        const std::string opt = dn + ", " + dtype_name(KDtype(td)) + ", kind=" + std::to_string(kind);
+        c.add(kd_forward_plan(dt, KDtype(td), kind, 3, 100), "kd_forward_plan(" + opt + ")");
+        c.add(kd_backward_plan(dt, KDtype(td), kind, 3, 100), "kd_backward_plan(" + opt + ")");
+      }
+    }
   }
   c.add(pw_sum_finish_plan(7), "pw_sum_finish_plan()");
 

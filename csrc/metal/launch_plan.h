@@ -81,6 +81,22 @@ LaunchPlan sf_backward_plan(KDtype dt, int64_t rows, int num_classes,
 SfArgs make_sf_args(int num_classes, float gamma, float alpha, bool has_class_alpha,
                     bool has_ignore_index, int64_t ignore_index);
 
+// ---- distillation (kl_div, jsd) ---------------------------------------------------
+// kind: 0 forward KL, 1 reverse KL, 2 JSD (flm::kDistill*), named kl / rkl / jsd;
+// kernels fl_kd_<fwd|bwd>_<kind>_<student dtype>_<teacher dtype>. Rules:
+//  - forward: one group per row of min(T, ceil(V / R) rounded up to 32)
+//    threads (T the usable pipeline limit, R = FL_ROW_READS), striding over
+//    the row; FL_ROW_SCRATCH_FLOATS of threadgroup memory;
+//  - backward: row_backward's grid (as the cross-entropy's backward).
+const char* kd_kind_name(int kind);
+LaunchPlan kd_forward_plan(KDtype student, KDtype teacher, int kind, int64_t rows, int vocab,
+                           int max_group_threads = kMaxGroupThreads);
+LaunchPlan kd_backward_plan(KDtype student, KDtype teacher, int kind, int64_t rows, int vocab,
+                            int max_group_threads = kMaxGroupThreads);
+// c = 1 / temperature; d_scale = (1 - alpha), times T^2 when asked.
+KdArgs make_kd_args(int vocab, bool has_targets, bool has_ignore_index, int64_t ignore_index,
+                    float c, float beta, float d_scale, float alpha);
+
 // ---- element-wise losses ---------------------------------------------------------
 // The loss kinds the op passes: fl::PointwiseKind's values 0 .. kPwLossKinds - 1
 // (ops/pointwise_loss.h asserts the count).
