@@ -297,3 +297,16 @@ def test_bad_input(fl, rng):
     assert_raises_naming(TypeError, "scale_by_temperature_squared", fl.kl_div, s, t,
                          scale_by_temperature_squared=2.0)
     assert_raises_naming(ValueError, "vocabulary", fl.kl_div, mx.zeros((3, 0)), mx.zeros((3, 0)))
+
+
+def test_empty_batch_and_numpy_inputs(fl, rng):
+    e = mx.zeros((0, 7))
+    for kind, beta in KINDS:
+        assert _call(fl, kind, beta, e, e).item() == 0.0
+        g = mx.grad(lambda a: _call(fl, kind, beta, a, e))(e)
+        assert g.shape == (0, 7)
+    s = rng.normal(size=(3, 9)).astype(np.float32)
+    t = rng.normal(size=(3, 9)).astype(np.float32)
+    np.testing.assert_allclose(fl.kl_div(s, t.tolist()).item(),
+                               fl.kl_div(mx.array(s), mx.array(t)).item(), rtol=1e-7)
+    assert_raises_naming(TypeError, "teacher_logits", fl.jsd, mx.array(s), "x")

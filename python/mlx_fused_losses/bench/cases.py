@@ -133,6 +133,44 @@ def composed_softmax_focal(logits, targets, reduction="mean"):
     return _reduce(-((1 - mx.exp(log_p_t)) ** FOCAL_GAMMA) * log_p_t, reduction)
 
 
+def _student_and_teacher(shape, dtype):
+    return [mx.random.normal(shape).astype(dtype) * 2, mx.random.normal(shape).astype(dtype) * 2]
+
+
+def _mlx_lm_losses():
+    """mlx_lm.tuner.losses (the distillation baseline) when mlx-lm is installed."""
+    try:
+        from mlx_lm.tuner import losses
+    except ImportError:
+        return None
+    return losses
+
+
+def composed_kl_div(student, teacher, reduction="mean"):
+    """KL(teacher || student) per row: mlx_lm's kl_div_loss(student, teacher)
+    where mlx-lm is installed, else its CPU formula (mlx.nn.losses.kl_div_loss
+    on the two log-softmaxes)."""
+    losses = _mlx_lm_losses()
+    if losses is not None:
+        return _reduce(losses.kl_div_loss(student, teacher), reduction)
+    lq = student - mx.logsumexp(student, axis=-1, keepdims=True)
+    lp = teacher - mx.logsumexp(teacher, axis=-1, keepdims=True)
+    return _reduce(mlx_losses.kl_div_loss(lq, lp, axis=-1, reduction="none"), reduction)
+
+
+def composed_jsd(student, teacher, reduction="mean"):
+    """The symmetric JSD per row: mlx_lm's js_div_loss where installed, else
+    the same formula with MLX ops."""
+    losses = _mlx_lm_losses()
+    if losses is not None:
+        return _reduce(losses.js_div_loss(student, teacher), reduction)
+    lq = student - mx.logsumexp(student, axis=-1, keepdims=True)
+    lp = teacher - mx.logsumexp(teacher, axis=-1, keepdims=True)
+    lm = mx.logaddexp(lq, lp) - mx.log(mx.array(2.0, lq.dtype))
+    kl = lambda a: mlx_losses.kl_div_loss(lm, a, axis=-1, reduction="none")  # noqa: E731
+    return _reduce(0.5 * (kl(lp) + kl(lq)), reduction)
+
+
 def _fast_cross_entropy(logits, targets, reduction="mean"):
     """mx.fast.cross_entropy (hard targets, no options; unfused on the CPU)."""
     return _reduce(mx.fast.cross_entropy(logits, targets), reduction)
@@ -226,6 +264,22 @@ LOSSES = {
             make_inputs=_logits_and_class_targets,
         ),
         LossSpec(
+            name="kl_div",
+            rowwise=True,
+            ours=lambda s, t, reduction="mean": fl.kl_div(s, t, reduction=reduction),
+            reference=composed_kl_div,
+            reference_name="mlx_lm.tuner.losses.kl_div_loss",
+            make_inputs=_student_and_teacher,
+        ),
+        LossSpec(
+            name="jsd",
+            rowwise=True,
+            ours=lambda s, t, reduction="mean": fl.jsd(s, t, reduction=reduction),
+            reference=composed_jsd,
+            reference_name="mlx_lm.tuner.losses.js_div_loss",
+            make_inputs=_student_and_teacher,
+        ),
+        LossSpec(
             name="linear_cross_entropy",
             rowwise=True,
             ours=linear.ours,
@@ -283,7 +337,7 @@ LOSSES = {
 }
 
 DEFAULT_LOSSES = ["cross_entropy", "cross_entropy_hard", "softmax_focal", "smooth_l1", "huber", "sigmoid_focal",
-                  "linear_cross_entropy"]
+                  "kl_div", "jsd", "linear_cross_entropy"]
 
 
 def build_cases(loss_names: Sequence[str], dtype_names: Sequence[str], sweep: str):

@@ -21,6 +21,8 @@ LABELS = {
     "smooth_l1": "smooth-L1",
     "huber": "Huber",
     "sigmoid_focal": "sigmoid focal (alpha 0.25, gamma 2)",
+    "kl_div": "KL divergence (student vs teacher logits)",
+    "jsd": "JSD (beta 0.5)",
     "linear_cross_entropy": "linear cross-entropy",
 }
 DTYPE_LABELS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
@@ -35,6 +37,8 @@ WHY_MISSED = {
     "sigmoid_focal": "compute-bound: an exp, a log1p and divisions per element (the backward "
                      "recomputes them rather than store them: 2 exp/log1p and 4 divisions over fwd+bwd)",
     "softmax_focal": "compute-bound: an exp per element in each pass, plus the focal terms",
+    "distillation": "compute-bound: two passes forward (the log-sum-exps, then the terms: 3 exps per "
+                    "element for a KL, 4 and a log for the JSD) and 2-3 exps (and a log) per element backward",
     "16-bit": "its roofline halves with the bytes but the work per element does not: in perf (bf16), "
               "25-35% of the time is the OS zero-filling the fresh gradient's huge pages (which the "
               "roofline also pays), ~30% widening 16-bit chunks to float32, ~16% the exp loops",
@@ -140,6 +144,12 @@ def _targets() -> List[Target]:
     targets.append(Target(
         "softmax_focal_fwd_bwd", f"{_case('softmax_focal', 'float32', ROW_SIZE)} {FWD_BWD_LIMIT}", 1.5, True,
         _field("softmax_focal", "float32", ROW_SIZE, "fwd+bwd", "ratio_to_roofline"), WHY_MISSED["softmax_focal"]))
+    for loss in ("kl_div", "jsd"):
+        targets.append(Target(
+            f"{loss}_fwd_bwd_warm", f"{_case(loss, 'float32', ROW_SIZE)} fwd+bwd vs the warm memory "
+            "bandwidth limit (both logits read twice, the student's gradient written into mapped memory)",
+            1.5, True, _field(loss, "float32", ROW_SIZE, "fwd+bwd", "ratio_to_warm_roofline"),
+            WHY_MISSED["distillation"]))
     targets.append(Target(
         "small_shapes", "small shapes (32 x 10): slowest speedup over mlx.nn.losses (composed MLX ops for the "
         "focal losses), eager and compiled, fwd and fwd+bwd", 1.0, False,
