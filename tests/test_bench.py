@@ -338,19 +338,19 @@ def test_goals_say_what_they_measure_and_unmeasured_ones_take_one_line(quick_run
     # One summary line for the rest, not one "[not measured]" line each.
     assert "[not measured]" not in output
     assert f"{len(verdicts) - len(measured)} of {len(verdicts)} goals not measured" in goals
-    assert "--sizes 4096x32768,64M" in goals
+    assert "--sizes 4096x32768,1024x32768,64M" in goals
 
 
 def test_format_targets_lists_measured_goals_only():
     from mlx_fused_losses.bench.targets import evaluate, format_targets
 
     everything_missing = format_targets(evaluate({"results": []}), width=1000)
-    assert everything_missing.count("\n") == 0 and "17 of 17 goals not measured" in everything_missing
+    assert everything_missing.count("\n") == 0 and "19 of 19 goals not measured" in everything_missing
     one = format_targets(evaluate({"results": [
         _row("smooth_l1", "float32", "64M", "fwd", ratio_to_roofline=1.7)]}), width=1000)
     first, rest = one.split("\n")
     assert first.startswith("[missed] smooth-L1 fp32 64M forward vs memory bandwidth limit")
-    assert "1.70x (goal <= 1.5x)" in first and "16 of 17" in rest
+    assert "1.70x (goal <= 1.5x)" in first and "18 of 19" in rest
     wrapped = format_targets(evaluate({"results": []}), width=60).split("\n")
     assert len(wrapped) > 1 and all(len(line) <= 60 for line in wrapped)
     assert all(line.startswith("    ") for line in wrapped[1:])

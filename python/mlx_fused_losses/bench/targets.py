@@ -194,7 +194,8 @@ def format_targets(verdicts, width=100) -> str:
     unmeasured = sum(v["met"] is None for v in verdicts)
     if unmeasured:
         paragraphs.append(f"{unmeasured} of {len(verdicts)} goals not measured: they are judged at {ROW_SIZE} "
-                          f"(row losses) and {FLAT_SIZE} (element-wise losses), float32 and cross-entropy in "
-                          f"bfloat16/float16 too; run with --sizes {ROW_SIZE},{FLAT_SIZE} for all of them.")
+                          f"(row losses), {DISTILL_SIZE} (kl_div, jsd) and {FLAT_SIZE} (element-wise losses), "
+                          f"float32 and cross-entropy in bfloat16/float16 too; run with --sizes "
+                          f"{ROW_SIZE},{DISTILL_SIZE},{FLAT_SIZE} for all of them.")
     return "\n".join(textwrap.fill(text, width=width, subsequent_indent="    ", break_on_hyphens=False,
                                     break_long_words=False) for text in paragraphs)
