@@ -21,6 +21,7 @@
 #endif
 #include "ops/cross_entropy.h"
 #include "ops/distillation.h"
+#include "ops/linear_distillation.h"
 #include "ops/linear_cross_entropy.h"
 #include "ops/row_stats.h"
 #include "ops/sigmoid_focal.h"
@@ -178,6 +179,37 @@ NB_MODULE(_ext, m) {
       "scale_by_temperature_squared"_a = false, "ignore_index"_a = nb::none(),
       "stream"_a = nb::none(),
       "Per-row float32 distillation loss on logits (kind 'kl', 'reverse_kl' or 'jsd'; no reduction).");
+  m.def(
+      "linear_distill_loss",
+      [](const mlx::core::array& student_hidden, const mlx::core::array& student_weight,
+         const mlx::core::array& teacher_hidden, const mlx::core::array& teacher_weight,
+         std::optional<mlx::core::array> targets, const std::string& kind, float beta,
+         float temperature, float alpha, bool scale_by_temperature_squared,
+         std::optional<int64_t> ignore_index, std::optional<int64_t> chunk_bytes,
+         std::optional<mlx::core::array> student_scales, std::optional<mlx::core::array> student_biases,
+         int student_group_size, int student_bits, const std::string& student_mode,
+         std::optional<mlx::core::array> student_global_scale,
+         std::optional<mlx::core::array> teacher_scales, std::optional<mlx::core::array> teacher_biases,
+         int teacher_group_size, int teacher_bits, const std::string& teacher_mode,
+         std::optional<mlx::core::array> teacher_global_scale, mlx::core::StreamOrDevice stream) {
+        fl::HeadArgs st{student_hidden, student_weight, student_scales, student_biases,
+                        student_group_size, student_bits, student_mode, student_global_scale};
+        fl::HeadArgs te{teacher_hidden, teacher_weight, teacher_scales, teacher_biases,
+                        teacher_group_size, teacher_bits, teacher_mode, teacher_global_scale};
+        return fl::linear_distill_loss(st, te, targets, kind, beta, temperature, alpha,
+                                       scale_by_temperature_squared, ignore_index, chunk_bytes,
+                                       stream);
+      },
+      "student_hidden"_a, "student_weight"_a, "teacher_hidden"_a, "teacher_weight"_a,
+      "targets"_a = nb::none(), nb::kw_only(), "kind"_a = "kl", "beta"_a = 0.5f,
+      "temperature"_a = 1.0f, "alpha"_a = 0.0f, "scale_by_temperature_squared"_a = false,
+      "ignore_index"_a = nb::none(), "chunk_bytes"_a = nb::none(), "student_scales"_a = nb::none(),
+      "student_biases"_a = nb::none(), "student_group_size"_a = 64, "student_bits"_a = 4,
+      "student_mode"_a = "affine", "student_global_scale"_a = nb::none(),
+      "teacher_scales"_a = nb::none(), "teacher_biases"_a = nb::none(),
+      "teacher_group_size"_a = 64, "teacher_bits"_a = 4, "teacher_mode"_a = "affine",
+      "teacher_global_scale"_a = nb::none(), "stream"_a = nb::none(),
+      "Per-row float32 fused linear distillation loss (no reduction).");
   m.def(
       "check_distill_options",
       [](const std::string& kind, float beta, float temperature, float alpha, bool has_targets,

@@ -12,7 +12,7 @@ run eagerly:
 Each case drives the forward and backward primitives of one loss
 configuration: cross_entropy (hard, class weights, ignore_index, soft-cap, soft
 targets, per-row, return_stats), smooth_l1, huber, sigmoid focal, softmax focal,
-kl_div/jsd (the teacher's zero gradient included), and the
+kl_div/jsd and linear_distillation_loss (the teacher's zero gradient included), and the
 linear cross-entropy (forward-formed gradients and their scaling in float32
 and bfloat16, the recomputing backward, a quantized head, return_stats), and
 the row statistics (linear_log_probs with entropy, quantized, every statistic
@@ -160,6 +160,19 @@ CASES = [
     Case("jsd_sum_bf16",
          lambda r, n: (_normal(r, (n, K), dtype=mx.bfloat16), _normal(r, (n, K), dtype=mx.bfloat16)),
          lambda s, t: (fl.jsd(s, t, beta=0.3, reduction="sum"),), (0,), mx.bfloat16),
+    # fused linear distillation: student hidden/weight gradients, the teacher's zeros
+    Case("linear_distill_jsd_mean",
+         lambda r, n: (_normal(r, (n, H), 1.0), _normal(r, (V, H), 1.0 / np.sqrt(H)),
+                       _normal(r, (n, 16), 1.0), _normal(r, (V, 16), 0.25), _labels(r, n, V, ignored=True)),
+         lambda hs, ws, ht, wt, y: (fl.linear_distillation_loss(hs, ws, ht, wt, y, kind="jsd", beta=0.3,
+                                                                ignore_index=-100, alpha=0.2,
+                                                                temperature=1.5, chunk_bytes=200),),
+         (0, 1, 2, 3)),
+    Case("linear_distill_rkl_rows",
+         lambda r, n: (_normal(r, (n, H), 1.0), _normal(r, (V, H), 1.0 / np.sqrt(H)),
+                       _normal(r, (n, 16), 1.0), _normal(r, (V, 16), 0.25)),
+         lambda hs, ws, ht, wt: (_squares(fl.linear_distillation_loss(hs, ws, ht, wt, kind="reverse_kl",
+                                                                      reduction="none")),), (0, 1)),
     # forward-formed gradients, scaled by the cotangent (LceScaleGrad)
     Case("lce_mean", _lce_args, lambda h, w, t, b: (_lce(h, w, t, b, label_smoothing=0.1),), (0, 1, 3)),
     Case("lce_token_weights_mean",

@@ -6,35 +6,18 @@
 // widened chunk by chunk, convert.h). Formulas: math/distillation.h.
 #include <type_traits>
 
+#include "cpu/distillation.h"
+
 #include "cpu/dispatch.h"
 #include "cpu/output_buffer.h"
 #include "cpu/row_reduce.h"
-#include "math/distillation.h"
-#include "ops/distillation.h"
 
 namespace fl {
 
 namespace {
 
 using cpu::kChunk;
-
-struct KdArgs {
-  const void* student;
-  const void* teacher;
-  const int64_t* class_index; // null without targets
-  int64_t rows;
-  int vocab;
-  DistillParams params;
-  flm::DistillCoefs coefs;
-  bool ce_own_sum; // the CE needs sum exp(s - max) at temperature 1 (alpha > 0, T != 1)
-  // forward outputs
-  float* loss;
-  float* stats;
-  // backward
-  const float* stats_in;
-  const float* g_loss;
-  void* grad;
-};
+using KdArgs = cpu::DistillRows;
 
 template <typename X>
 constexpr int kBuf = std::is_same_v<X, float> ? 1 : kChunk;
@@ -190,10 +173,8 @@ FL_VECTOR_CLONES void backward_rows(const KdArgs& a, int64_t begin, int64_t end)
   }
 }
 
-using RowsFn = void (*)(const KdArgs&, int64_t, int64_t);
-
 template <typename S, typename T>
-RowsFn pick_kind(int kind, bool backward) {
+cpu::DistillRowsFn pick_kind(int kind, bool backward) {
   switch (kind) {
     case flm::kDistillForwardKL:
       return backward ? backward_rows<S, T, flm::kDistillForwardKL>
@@ -206,23 +187,27 @@ RowsFn pick_kind(int kind, bool backward) {
   }
 }
 
-RowsFn pick(mx::Dtype student, mx::Dtype teacher, int kind, bool backward) {
-  RowsFn fn = nullptr;
-  cpu::dispatch_float(student, [&](auto s0) {
-    cpu::dispatch_float(teacher, [&](auto t0) {
-      fn = pick_kind<decltype(s0), decltype(t0)>(kind, backward);
-    });
-  });
-  return fn;
-}
-
 KdArgs make_args(const std::vector<mx::array>& inputs, const DistillParams& p) {
-  KdArgs a{};
+  const int V = inputs[0].shape(-1);
+  KdArgs a = cpu::distill_rows(p, V ? int64_t(inputs[0].size()) / V : 0, V);
   a.student = inputs[0].data<void>();
   a.teacher = inputs[1].data<void>();
   a.class_index = p.has_targets ? inputs[2].data<int64_t>() : nullptr;
-  a.vocab = inputs[0].shape(-1);
-  a.rows = a.vocab ? int64_t(inputs[0].size()) / a.vocab : 0;
+  return a;
+}
+
+cpu::DistillRowsFn pick(mx::Dtype student, mx::Dtype teacher, int kind, bool backward) {
+  return cpu::distill_rows_fn(student, teacher, kind, backward);
+}
+
+} // namespace
+
+namespace cpu {
+
+DistillRows distill_rows(const DistillParams& p, int64_t rows, int vocab) {
+  DistillRows a{};
+  a.vocab = vocab;
+  a.rows = rows;
   a.params = p;
   a.coefs.c = p.inv_temperature;
   a.coefs.beta = p.beta;
@@ -232,7 +217,17 @@ KdArgs make_args(const std::vector<mx::array>& inputs, const DistillParams& p) {
   return a;
 }
 
-} // namespace
+DistillRowsFn distill_rows_fn(mx::Dtype student, mx::Dtype teacher, int kind, bool backward) {
+  DistillRowsFn fn = nullptr;
+  dispatch_float(student, [&](auto s0) {
+    dispatch_float(teacher, [&](auto t0) {
+      fn = pick_kind<decltype(s0), decltype(t0)>(kind, backward);
+    });
+  });
+  return fn;
+}
+
+} // namespace cpu
 
 void Distill::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   for (auto& out : outputs) {

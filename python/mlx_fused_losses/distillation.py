@@ -1,6 +1,8 @@
-"""Knowledge-distillation losses on logits: :func:`kl_div` and :func:`jsd`,
-one fused primitive (csrc/ops/distillation.h) for both, gradient w.r.t. the
-student only. The maths and its gradient: csrc/math/distillation.h.
+"""Knowledge-distillation losses: :func:`kl_div` and :func:`jsd` on logits
+(one fused primitive, csrc/ops/distillation.h), and
+:func:`linear_distillation_loss` on two linear heads without their logits
+(csrc/ops/linear_distillation.h). Gradient w.r.t. the student only. The
+maths and its gradient: csrc/math/distillation.h.
 """
 
 from typing import Literal, Optional, Union
@@ -11,6 +13,7 @@ from . import _ext
 from .losses import (
     Reduction,
     _as_array,
+    _int_option,
     _check_reduction,
     _finish,
     _float_option,
@@ -23,10 +26,9 @@ from .losses import (
 _DIRECTIONS = {"forward": "kl", "reverse": "reverse_kl"}
 
 
-def _distill(kind, student_logits, teacher_logits, beta, temperature, reduction, ignore_index,
-             targets, weights, alpha, scale_by_temperature_squared, dtype, stream):
-    student_logits = _as_array(student_logits, "student_logits")
-    teacher_logits = _as_array(teacher_logits, "teacher_logits")
+def _options(kind, beta, temperature, alpha, ignore_index, scale_by_temperature_squared,
+             reduction, targets):
+    """The checked scalar options (values checked again by the op)."""
     _check_reduction(reduction)
     beta = _float_option(beta, "beta")
     temperature = _float_option(temperature, "temperature")
@@ -41,21 +43,13 @@ def _distill(kind, student_logits, teacher_logits, beta, temperature, reduction,
         targets = _as_array(targets, "targets")
     # Values checked before anything is traced (the op checks them again).
     _ext.check_distill_options(kind, beta, temperature, alpha, targets is not None, ignore_index)
-    result_dtype = _result_dtype(dtype, student_logits.dtype)
     if targets is not None:
         ignore_index = _ignore_index_for(targets, ignore_index)
-    loss = _ext.distill_loss(
-        student_logits,
-        teacher_logits,
-        targets,
-        kind=kind,
-        beta=beta,
-        temperature=temperature,
-        alpha=alpha,
-        scale_by_temperature_squared=scale_by_temperature_squared,
-        ignore_index=ignore_index,
-        stream=stream,
-    )
+    return beta, temperature, alpha, ignore_index, targets
+
+
+def _reduce_rows(loss, reduction, weights, targets, ignore_index, result_dtype):
+    """Per-row float32 losses: weighted, reduced (mean over kept rows), cast."""
     if weights is not None:
         weights = _as_array(weights, "weights")
         if weights.shape != loss.shape:
@@ -68,6 +62,28 @@ def _distill(kind, student_logits, teacher_logits, beta, temperature, reduction,
     if reduction == "mean" and ignore_index is not None:
         count = _kept_rows(targets, ignore_index)
     return _finish(loss, reduction, result_dtype, count)
+
+
+def _distill(kind, student_logits, teacher_logits, beta, temperature, reduction, ignore_index,
+             targets, weights, alpha, scale_by_temperature_squared, dtype, stream):
+    student_logits = _as_array(student_logits, "student_logits")
+    teacher_logits = _as_array(teacher_logits, "teacher_logits")
+    beta, temperature, alpha, ignore_index, targets = _options(
+        kind, beta, temperature, alpha, ignore_index, scale_by_temperature_squared, reduction, targets)
+    result_dtype = _result_dtype(dtype, student_logits.dtype)
+    loss = _ext.distill_loss(
+        student_logits,
+        teacher_logits,
+        targets,
+        kind=kind,
+        beta=beta,
+        temperature=temperature,
+        alpha=alpha,
+        scale_by_temperature_squared=scale_by_temperature_squared,
+        ignore_index=ignore_index,
+        stream=stream,
+    )
+    return _reduce_rows(loss, reduction, weights, targets, ignore_index, result_dtype)
 
 
 def kl_div(
@@ -156,3 +172,87 @@ def jsd(
     return _distill("jsd", student_logits, teacher_logits, beta, temperature, reduction,
                     ignore_index, targets, weights, alpha, scale_by_temperature_squared, dtype,
                     stream)
+
+
+_KINDS = ("kl", "reverse_kl", "jsd")
+
+
+def linear_distillation_loss(
+    student_hidden: mx.array,
+    student_weight: mx.array,
+    teacher_hidden: mx.array,
+    teacher_weight: mx.array,
+    targets: Optional[mx.array] = None,
+    *,
+    kind: Literal["kl", "reverse_kl", "jsd"] = "kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    alpha: float = 0.0,
+    scale_by_temperature_squared: bool = False,
+    reduction: Reduction = "mean",
+    ignore_index: Optional[int] = None,
+    weights: Optional[mx.array] = None,
+    chunk_bytes: Optional[int] = None,
+    student_scales: Optional[mx.array] = None,
+    student_biases: Optional[mx.array] = None,
+    student_group_size: int = 64,
+    student_bits: int = 4,
+    student_mode: str = "affine",
+    student_global_scale: Optional[mx.array] = None,
+    teacher_scales: Optional[mx.array] = None,
+    teacher_biases: Optional[mx.array] = None,
+    teacher_group_size: int = 64,
+    teacher_bits: int = 4,
+    teacher_mode: str = "affine",
+    teacher_global_scale: Optional[mx.array] = None,
+    dtype: Optional[mx.Dtype] = None,
+    stream: Union[None, mx.Stream, mx.Device] = None,
+) -> mx.array:
+    """The distillation loss of :func:`kl_div` / :func:`jsd` between
+    ``student_hidden @ student_weight.T`` and ``teacher_hidden @
+    teacher_weight.T`` without either ``[N, V]`` logits matrix: both heads'
+    logits exist one chunk of rows at a time (at most ``chunk_bytes``, default
+    64 MiB, of float32 logits of both heads), as in
+    :func:`linear_cross_entropy`.
+
+    ``kind``: ``"kl"`` (``KL(teacher || student)``), ``"reverse_kl"`` or
+    ``"jsd"`` (with ``beta``: 0 and 1 are the two KLs). ``temperature``,
+    ``alpha`` (the hard-label CE on the student's logits, needs ``targets``),
+    ``scale_by_temperature_squared``, ``ignore_index``, ``weights`` and
+    ``reduction`` as :func:`kl_div`.
+
+    The hiddens have the same leading shape (one row per token) and each its
+    own hidden size and dtype; the weights are ``[V, H]`` dense float
+    matrices, or quantized ones as ``mx.quantize`` returns them: pass the
+    packed matrix as the weight and ``*_scales`` (and ``*_biases`` in affine
+    mode, ``*_global_scale`` for nvfp4) with ``*_group_size``, ``*_bits`` and
+    ``*_mode``. Gradients reach ``student_hidden`` and a dense
+    ``student_weight``; the teacher's inputs get zeros (the teacher is frozen).
+    CPU only for now (a GPU stream is a ValueError).
+    """
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
+    arrays = {}
+    for name, value in (("student_hidden", student_hidden), ("student_weight", student_weight),
+                        ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight)):
+        arrays[name] = _as_array(value, name)
+    beta, temperature, alpha, ignore_index, targets = _options(
+        kind, beta, temperature, alpha, ignore_index, scale_by_temperature_squared, reduction, targets)
+    if chunk_bytes is not None:
+        chunk_bytes = _int_option(chunk_bytes, "chunk_bytes")
+    result_dtype = _result_dtype(dtype, arrays["student_hidden"].dtype)
+    loss = _ext.linear_distill_loss(
+        arrays["student_hidden"], arrays["student_weight"], arrays["teacher_hidden"],
+        arrays["teacher_weight"], targets, kind=kind, beta=beta, temperature=temperature,
+        alpha=alpha, scale_by_temperature_squared=scale_by_temperature_squared,
+        ignore_index=ignore_index, chunk_bytes=chunk_bytes,
+        student_scales=student_scales, student_biases=student_biases,
+        student_group_size=_int_option(student_group_size, "student_group_size"),
+        student_bits=_int_option(student_bits, "student_bits"), student_mode=student_mode,
+        student_global_scale=student_global_scale,
+        teacher_scales=teacher_scales, teacher_biases=teacher_biases,
+        teacher_group_size=_int_option(teacher_group_size, "teacher_group_size"),
+        teacher_bits=_int_option(teacher_bits, "teacher_bits"), teacher_mode=teacher_mode,
+        teacher_global_scale=teacher_global_scale, stream=stream,
+    )
+    return _reduce_rows(loss, reduction, weights, targets, ignore_index, result_dtype)

@@ -1,0 +1,129 @@
+// CPU kernels of the fused linear distillation (contract: ops/linear_distillation.h):
+// the chunked-head driver (cpu/chunked_head.h) with the student as its head
+// and the teacher as its second head, and the logits primitive's row kernels
+// (cpu/distillation.h) as the epilogue, on each chunk's float32 logits:
+// forward, the loss and stats of the chunk's rows; backward, dZ written over
+// the student's logits in place (the driver then forms dH and dW).
+#include <functional>
+
+#include "cpu/chunked_head.h"
+#include "cpu/distillation.h"
+#include "cpu/output_buffer.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "ops/linear_distillation.h"
+
+namespace fl {
+
+namespace {
+
+cpu::HeadOperands head(const std::vector<mx::array>& inputs, int hidden, int weight, int scales,
+                       int biases, int global, const HeadQuant& q) {
+  cpu::HeadOperands h;
+  const auto& x = inputs[hidden];
+  const auto& w = inputs[weight];
+  h.hidden = x.data<void>();
+  h.hidden_dtype = x.dtype();
+  h.hidden_size = x.shape(-1);
+  h.vocab = w.shape(0);
+  h.weight = w.data<void>();
+  h.weight_dtype = w.dtype();
+  if (q.quantized()) {
+    h.bits = q.bits;
+    h.group_size = q.group_size;
+    h.quant_mode = q.mode;
+    h.scales = inputs[scales].data<void>();
+    h.scale_dtype = inputs[scales].dtype();
+    h.qbiases = biases >= 0 ? inputs[biases].data<void>() : nullptr;
+    h.global_scale = global >= 0 ? inputs[global].data<float>() : nullptr;
+  }
+  return h;
+}
+
+struct LdCall {
+  cpu::ChunkedHeadCall call;
+  cpu::HeadOperands teacher;
+  cpu::DistillRows rows; // pointers are those of row 0; shifted per chunk
+  cpu::DistillRowsFn fn;
+};
+
+LdCall make_call(const std::vector<mx::array>& inputs, const LinearDistillParams& p, bool backward) {
+  auto L = ld_inputs(p);
+  LdCall c;
+  c.call.head = head(inputs, L.s_hidden, L.s_weight, L.s_scales, L.s_biases, L.s_global, p.student);
+  c.teacher = head(inputs, L.t_hidden, L.t_weight, L.t_scales, L.t_biases, L.t_global, p.teacher);
+  const auto& sh = inputs[L.s_hidden];
+  const int64_t H = sh.shape(-1);
+  const int64_t N = H ? int64_t(sh.size()) / H : int64_t(inputs[L.t_hidden].size()) /
+                                                     std::max<int64_t>(inputs[L.t_hidden].shape(-1), 1);
+  c.call.rows = N;
+  c.call.chunk_bytes = p.chunk_bytes;
+  const int V = int(c.call.head.vocab);
+  c.rows = cpu::distill_rows(p.d, N, V);
+  c.rows.class_index = p.d.has_targets ? inputs[L.targets].data<int64_t>() : nullptr;
+  // The chunks' logits are float32 whatever the operands' dtypes.
+  c.fn = cpu::distill_rows_fn(mx::float32, mx::float32, p.d.kind, backward);
+  return c;
+}
+
+void register_and_run(mx::Stream stream, const std::vector<mx::array>& inputs,
+                      std::vector<mx::array>& outputs, std::function<void()> task) {
+  auto& enc = mx::cpu::get_command_encoder(stream);
+  for (const auto& in : inputs) {
+    enc.set_input_array(in);
+  }
+  for (auto& out : outputs) {
+    enc.set_output_array(out);
+  }
+  enc.dispatch(std::move(task));
+}
+
+// Runs the driver; per chunk, the rows [row0, row0 + n) of `base` shifted there.
+void run(LdCall c, bool backward) {
+  c.call.second = &c.teacher;
+  const cpu::DistillRows base = c.rows;
+  const auto fn = c.fn;
+  cpu::run_chunked_head(c.call, [&](const cpu::HeadChunk& ch) {
+    cpu::DistillRows r = base;
+    r.student = ch.z;
+    r.teacher = ch.z2;
+    r.rows = ch.rows;
+    r.class_index = base.class_index ? base.class_index + ch.row0 : nullptr;
+    if (backward) {
+      r.stats_in = base.stats_in + ch.row0 * flm::kDistillStats;
+      r.g_loss = base.g_loss + ch.row0;
+      r.grad = ch.z; // dZ over the student's logits (element i from element i)
+    } else {
+      r.loss = base.loss + ch.row0;
+      r.stats = base.stats + ch.row0 * flm::kDistillStats;
+    }
+    ch.for_rows([&](int64_t b, int64_t e) { fn(r, b, e); });
+  });
+}
+
+} // namespace
+
+void LinearDistill::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  for (auto& out : outputs) {
+    cpu::allocate(out);
+  }
+  LdCall c = make_call(inputs, params_, false);
+  c.rows.loss = outputs[0].data<float>();
+  c.rows.stats = outputs[1].data<float>();
+  register_and_run(stream(), inputs, outputs, [c]() { run(c, false); });
+}
+
+void LinearDistillVJP::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  for (auto& out : outputs) {
+    cpu::allocate(out);
+  }
+  LdCall c = make_call(inputs, params_, true);
+  const size_t n = inputs.size(); // ..., stats, g
+  c.rows.stats_in = inputs[n - 2].data<float>();
+  c.rows.g_loss = inputs[n - 1].data<float>();
+  size_t k = 0;
+  c.call.grads.d_hidden = params_.grad_hidden ? outputs[k++].data<float>() : nullptr;
+  c.call.grads.d_weight = params_.grad_weight ? outputs[k++].data<float>() : nullptr;
+  register_and_run(stream(), inputs, outputs, [c]() { run(c, true); });
+}
+
+} // namespace fl

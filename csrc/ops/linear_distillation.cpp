@@ -1,0 +1,297 @@
+#include "ops/linear_distillation.h"
+
+#include "math/distillation.h"
+#include "math/quantized.h"
+#include "ops/vmap_slices.h"
+
+namespace fl {
+
+namespace {
+
+// The checked head's quantization, and its inputs (in LdInputs order) appended.
+HeadQuant check_head(const HeadArgs& h, const char* who, std::vector<mx::array>& inputs,
+                     mx::StreamOrDevice s) {
+  const std::string hidden_name = std::string(who) + "_hidden";
+  const std::string weight_name = std::string(who) + "_weight";
+  check_float_input(h.hidden, hidden_name.c_str());
+  if (h.hidden.ndim() == 0) {
+    fail_value(hidden_name, " must have a feature axis [..., H], got a scalar");
+  }
+  const int hidden_size = h.hidden.shape(-1);
+  HeadQuant q;
+  if (h.biases && !h.scales) {
+    fail_value(who, "_biases (of a quantized weight) given without ", who, "_scales");
+  }
+  if (h.global_scale && !h.scales) {
+    fail_value(who, "_global_scale (of an nvfp4 weight) given without ", who, "_scales");
+  }
+  const int mode = quant_mode_from_name(h.mode);
+  if (mode != flm::kQuantAffine && !h.scales) {
+    fail_value(who, "_mode='", h.mode, "' describes a quantized weight: pass the ", who,
+               "_scales= that mx.quantize returned with it");
+  }
+  inputs.push_back(h.hidden);
+  inputs.push_back(h.weight);
+  if (h.scales) {
+    check_quantized_head(h.weight, *h.scales, h.biases, hidden_size, h.group_size, h.bits, mode,
+                         h.global_scale);
+    q.bits = h.bits;
+    q.group_size = h.group_size;
+    q.mode = mode;
+    q.has_global_scale = h.global_scale.has_value();
+    if (!h.biases) {
+      inputs.push_back(*h.scales);
+      if (h.global_scale) {
+        inputs.push_back(mx::reshape(mx::astype(*h.global_scale, mx::float32, s), {1}, s));
+      }
+    } else {
+      // scales and biases read as one dtype (as the linear CE does)
+      auto sdt = mx::promote_types(h.scales->dtype(), h.biases->dtype());
+      inputs.push_back(mx::astype(*h.scales, sdt, s));
+      inputs.push_back(mx::astype(*h.biases, sdt, s));
+    }
+  } else {
+    if (h.weight.dtype() == mx::uint32) {
+      fail_type(weight_name, " is uint32: a quantized head needs the ", who, "_scales= (and ", who,
+                "_biases=) that mx.quantize returned with it");
+    }
+    check_float_input(h.weight, weight_name.c_str());
+    if (h.weight.ndim() != 2 || h.weight.shape(1) != hidden_size) {
+      fail_value(weight_name, " must have shape (V, H) with H = ", hidden_name, ".shape[-1] = ",
+                 hidden_size, ", got ", shape_str(h.weight.shape()));
+    }
+  }
+  if (h.weight.shape(0) == 0) {
+    fail_value(weight_name, " must have at least one row (class), got shape ",
+               shape_str(h.weight.shape()));
+  }
+  return q;
+}
+
+std::vector<mx::array> make_forward(std::vector<mx::array> inputs, const LinearDistillParams& p,
+                                    mx::StreamOrDevice s) {
+  auto L = ld_inputs(p);
+  for (int i : {L.s_hidden, L.t_hidden}) {
+    inputs[i] = dense(inputs[i], s);
+  }
+  auto rows = row_shape(inputs[L.s_hidden]);
+  auto stats = rows;
+  stats.push_back(flm::kDistillStats);
+  return mx::array::make_arrays({rows, stats}, {mx::float32, mx::float32},
+                                std::make_shared<LinearDistill>(mx::to_stream(s), p), inputs);
+}
+
+} // namespace
+
+LdInputs ld_inputs(const LinearDistillParams& p) {
+  LdInputs in;
+  int next = 0;
+  in.s_hidden = next++;
+  in.s_weight = next++;
+  if (p.student.quantized()) {
+    in.s_scales = next++;
+    if (p.student.affine()) {
+      in.s_biases = next++;
+    } else if (p.student.has_global_scale) {
+      in.s_global = next++;
+    }
+  }
+  in.t_hidden = next++;
+  in.t_weight = next++;
+  if (p.teacher.quantized()) {
+    in.t_scales = next++;
+    if (p.teacher.affine()) {
+      in.t_biases = next++;
+    } else if (p.teacher.has_global_scale) {
+      in.t_global = next++;
+    }
+  }
+  if (p.d.has_targets) {
+    in.targets = next++;
+  }
+  in.count = next;
+  return in;
+}
+
+mx::array linear_distill_loss(const HeadArgs& student, const HeadArgs& teacher,
+                              const std::optional<mx::array>& targets, const std::string& kind,
+                              float beta, float temperature, float alpha,
+                              bool scale_by_temperature_squared,
+                              std::optional<int64_t> ignore_index,
+                              std::optional<int64_t> chunk_bytes, mx::StreamOrDevice s) {
+  if (mx::to_stream(s).device == mx::Device::gpu) {
+    fail_value("linear_distillation_loss has no Metal kernel yet: pass stream=mx.cpu (the logits-level "
+               "kl_div / jsd run on both)");
+  }
+  LinearDistillParams p;
+  std::vector<mx::array> inputs;
+  p.student = check_head(student, "student", inputs, s);
+  p.teacher = check_head(teacher, "teacher", inputs, s);
+  auto rows = row_shape(student.hidden);
+  if (row_shape(teacher.hidden) != rows) {
+    fail_value("teacher_hidden must have the student_hidden's leading shape ", shape_str(rows),
+               " (one row per token), got ", shape_str(teacher.hidden.shape()));
+  }
+  if (teacher.weight.shape(0) != student.weight.shape(0)) {
+    fail_value("teacher_weight must have the student_weight's vocabulary (", student.weight.shape(0),
+               " rows), got ", teacher.weight.shape(0));
+  }
+  if (chunk_bytes && *chunk_bytes <= 0) {
+    fail_value("chunk_bytes must be > 0, got ", *chunk_bytes);
+  }
+  if (targets) {
+    if (targets->shape() != rows) {
+      fail_value("targets must be class indices of shape ", shape_str(rows),
+                 " (the hiddens' shape without the last axis), got ", shape_str(targets->shape()),
+                 squeeze_hint(targets->shape(), rows));
+    }
+    ignore_index = ignore_index_for(*targets, ignore_index);
+    inputs.push_back(class_indices(*targets, "targets", s));
+  }
+  p.d = distill_params(kind, beta, temperature, alpha, scale_by_temperature_squared,
+                       targets.has_value(), ignore_index);
+  if (chunk_bytes) {
+    p.chunk_bytes = *chunk_bytes;
+  }
+  return make_forward(inputs, p, s)[0];
+}
+
+std::vector<mx::Shape> LinearDistill::output_shapes(const std::vector<mx::array>& inputs) {
+  auto rows = row_shape(inputs[ld_inputs(params_).s_hidden]);
+  auto stats = rows;
+  stats.push_back(flm::kDistillStats);
+  return {rows, stats};
+}
+
+std::vector<mx::Shape> LinearDistillVJP::output_shapes(const std::vector<mx::array>& inputs) {
+  auto L = ld_inputs(params_);
+  std::vector<mx::Shape> out;
+  if (params_.grad_hidden) {
+    out.push_back(inputs[L.s_hidden].shape());
+  }
+  if (params_.grad_weight) {
+    out.push_back(inputs[L.s_weight].shape());
+  }
+  return out;
+}
+
+std::vector<mx::array> LinearDistill::vjp(const std::vector<mx::array>& primals,
+                                          const std::vector<mx::array>& cotangents,
+                                          const std::vector<int>& argnums,
+                                          const std::vector<mx::array>& outputs) {
+  auto s = stream();
+  auto L = ld_inputs(params_);
+  LinearDistillParams bp = params_;
+  for (int arg : argnums) {
+    if (arg == L.s_hidden) {
+      bp.grad_hidden = true;
+    } else if (arg == L.s_weight) {
+      if (params_.student.quantized()) {
+        throw std::invalid_argument(
+            "linear_distillation_loss: a quantized student_weight has no gradient (train an "
+            "adapter, or pass the dense weight)");
+      }
+      bp.grad_weight = true;
+    } else if (arg == L.s_scales || arg == L.s_biases || arg == L.s_global) {
+      throw std::invalid_argument(
+          "linear_distillation_loss: gradients with respect to the student's quantization "
+          "scales/biases are not implemented");
+    }
+  }
+  std::optional<mx::array> gh, gw;
+  if (bp.grad_hidden || bp.grad_weight) {
+    std::vector<mx::array> in(primals.begin(), primals.end());
+    in.push_back(outputs[1]);
+    in.push_back(dense(mx::astype(cotangents[0], mx::float32, s), s));
+    std::vector<mx::Shape> shapes;
+    std::vector<mx::Dtype> dtypes;
+    if (bp.grad_hidden) {
+      shapes.push_back(primals[L.s_hidden].shape());
+      dtypes.push_back(mx::float32);
+    }
+    if (bp.grad_weight) {
+      shapes.push_back(primals[L.s_weight].shape());
+      dtypes.push_back(mx::float32);
+    }
+    auto g = mx::array::make_arrays(shapes, dtypes, std::make_shared<LinearDistillVJP>(s, bp), in);
+    size_t k = 0;
+    if (bp.grad_hidden) {
+      gh = mx::astype(g[k++], primals[L.s_hidden].dtype(), s);
+    }
+    if (bp.grad_weight) {
+      gw = mx::astype(g[k++], primals[L.s_weight].dtype(), s);
+    }
+  }
+  std::vector<mx::array> grads;
+  for (int arg : argnums) {
+    if (arg == L.s_hidden) {
+      grads.push_back(*gh);
+    } else if (arg == L.s_weight) {
+      grads.push_back(*gw);
+    } else {
+      // The teacher is frozen (stop_gradient semantics); class indices are not
+      // differentiable.
+      grads.push_back(mx::zeros_like(primals[arg], s));
+    }
+  }
+  return grads;
+}
+
+std::pair<std::vector<mx::array>, std::vector<int>> LinearDistill::vmap(
+    const std::vector<mx::array>& inputs, const std::vector<int>& axes) {
+  // Vmapped hiddens and targets only: the batch's rows are more rows of one
+  // call. A vmapped head: one call per example (vmap_slices.h).
+  auto L = ld_inputs(params_);
+  std::vector<bool> per_row(inputs.size(), false);
+  per_row[L.s_hidden] = per_row[L.t_hidden] = true;
+  if (L.targets >= 0) {
+    per_row[L.targets] = true;
+  }
+  bool heads_mapped = false;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    heads_mapped = heads_mapped || (!per_row[i] && axes[i] >= 0);
+  }
+  auto s = stream();
+  auto p = params_;
+  if (heads_mapped) {
+    return vmap_by_slices(
+        inputs, axes, [&](const std::vector<mx::array>& in) { return make_forward(in, p, s); }, s);
+  }
+  auto moved = vmap_to_front(inputs, axes, per_row, s);
+  return {make_forward(moved, params_, s), {0, 0}};
+}
+
+std::pair<std::vector<mx::array>, std::vector<int>> LinearDistillVJP::vmap(
+    const std::vector<mx::array>& inputs, const std::vector<int>& axes) {
+  auto s = stream();
+  auto p = params_;
+  auto L = ld_inputs(p);
+  return vmap_by_slices(
+      inputs, axes,
+      [&](const std::vector<mx::array>& in) {
+        std::vector<mx::Shape> shapes;
+        if (p.grad_hidden) {
+          shapes.push_back(in[L.s_hidden].shape());
+        }
+        if (p.grad_weight) {
+          shapes.push_back(in[L.s_weight].shape());
+        }
+        std::vector<mx::array> dense_in;
+        for (const auto& x : in) {
+          dense_in.push_back(dense(x, s));
+        }
+        return mx::array::make_arrays(shapes, std::vector<mx::Dtype>(shapes.size(), mx::float32),
+                                      std::make_shared<LinearDistillVJP>(s, p), dense_in);
+      },
+      s);
+}
+
+// No Metal kernel yet: the op refuses a GPU stream before building the graph.
+void LinearDistill::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  throw std::runtime_error("linear_distillation_loss has no Metal kernel yet: run it on the CPU");
+}
+void LinearDistillVJP::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  throw std::runtime_error("linear_distillation_loss has no Metal kernel yet: run it on the CPU");
+}
+
+} // namespace fl

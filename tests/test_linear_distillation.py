@@ -1,0 +1,159 @@
+"""linear_distillation_loss: both heads' logits one chunk at a time, against
+the float64 divergence of the materialised logits (tests/reference.py) and
+against kl_div / jsd on those logits; quantized teachers and students, the
+teacher's zero gradient, transforms and bad input."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import reference as R
+from conftest import assert_close, assert_raises_naming, to_np
+
+mx.set_default_device(mx.cpu)
+
+KINDS = [("kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.0), ("jsd", 0.3), ("jsd", 1.0)]
+KIND_IDS = ["kl", "rkl", "jsd0", "jsd.3", "jsd1"]
+
+
+def _heads(rng, N, Hs, Ht, V, dtype=mx.float32, scale=0.4):
+    def arr(shape, s=1.0):
+        return mx.array((rng.standard_normal(shape) * s).astype(np.float32)).astype(dtype)
+    return arr((N, Hs)), arr((V, Hs), scale), arr((N, Ht)), arr((V, Ht), scale)
+
+
+def _materialised(hs, ws, ht, wt):
+    return (to_np(hs) @ to_np(ws).T, to_np(ht) @ to_np(wt).T)
+
+
+@pytest.mark.parametrize("kind,beta", KINDS, ids=KIND_IDS)
+@pytest.mark.parametrize("chunk_bytes", [None, 3000])
+def test_values_and_grads_vs_float64(fl, rng, kind, beta, chunk_bytes):
+    # H differs per head; chunks of a few rows (3000 bytes: 1 row of both heads'
+    # logits) and the default (one chunk); ignored rows, weights, the CE mix
+    N, Hs, Ht, V = 13, 24, 40, 257
+    hs, ws, ht, wt = _heads(rng, N, Hs, Ht, V)
+    y = rng.integers(0, V, N)
+    y[[2, 7]] = -100
+    targets = mx.array(y.astype(np.int32))
+    weights = mx.array(rng.uniform(0.5, 1.5, N).astype(np.float32))
+    kw = dict(kind=kind, beta=beta, temperature=1.6, alpha=0.3, scale_by_temperature_squared=True,
+              ignore_index=-100, weights=weights, chunk_bytes=chunk_bytes)
+
+    def f(a, b, c, d):
+        return fl.linear_distillation_loss(a, b, c, d, targets, dtype=mx.float32, **kw)
+
+    (loss, grads) = mx.value_and_grad(f, argnums=(0, 1, 2, 3))(hs, ws, ht, wt)
+    s64, t64 = _materialised(hs, ws, ht, wt)
+    rkw = dict(kind=kind, beta=beta, temperature=1.6, alpha=0.3, t2=True, targets=y, ignore_index=-100)
+    rows = R.distill_rows(s64, t64, **rkw)
+    w64 = to_np(weights)
+    kept = (y != -100).sum()
+    assert_close(loss, (rows * w64).sum() / kept, mx.float32, scale=10.0, what="loss")
+    dz = R.distill_grad(s64, t64, cotangent=w64 / kept, **rkw)
+    g_h, g_w = dz @ to_np(ws), dz.T @ to_np(hs)
+    scale_h = np.abs(dz).sum(-1, keepdims=True) * np.abs(to_np(ws)).max() * 4
+    assert_close(grads[0], g_h, mx.float32, scale=scale_h, what="d student_hidden")
+    assert_close(grads[1], g_w, mx.float32, scale=np.abs(dz).sum(0)[:, None] * np.abs(to_np(hs)).max() * 4,
+                 what="d student_weight")
+    assert not np.any(to_np(grads[2])) and not np.any(to_np(grads[3]))  # the teacher is frozen
+
+
+@pytest.mark.parametrize("kind,beta", KINDS[:3], ids=KIND_IDS[:3])
+def test_equals_the_logits_form(fl, rng, kind, beta):
+    # per-row values and per-row cotangents (reduction "none"), bf16 operands
+    N, Hs, Ht, V = 9, 32, 16, 100
+    hs, ws, ht, wt = _heads(rng, N, Hs, Ht, V, dtype=mx.bfloat16)
+    kw = dict(temperature=0.8)
+    cot = mx.array(rng.uniform(-1, 2, N).astype(np.float32))
+
+    def fused(a, b):
+        return (fl.linear_distillation_loss(a, b, ht, wt, kind=kind, beta=beta, reduction="none",
+                                            chunk_bytes=2000, dtype=mx.float32, **kw) * cot).sum()
+
+    def logits_form(a, b):
+        s = (a.astype(mx.float32) @ b.astype(mx.float32).T)
+        t = (ht.astype(mx.float32) @ wt.astype(mx.float32).T)
+        if kind == "jsd":
+            rows = fl.jsd(s, t, beta=beta, reduction="none", **kw)
+        else:
+            rows = fl.kl_div(s, t, direction="forward" if kind == "kl" else "reverse",
+                             reduction="none", **kw)
+        return (rows * cot).sum()
+
+    l1, (g1h, g1w) = mx.value_and_grad(fused, (0, 1))(hs, ws)
+    l2, (g2h, g2w) = mx.value_and_grad(logits_form, (0, 1))(hs, ws)
+    np.testing.assert_allclose(l1.item(), l2.item(), rtol=1e-5, atol=1e-6)
+    assert g1h.dtype == mx.bfloat16 and g1w.dtype == mx.bfloat16
+    np.testing.assert_allclose(to_np(g1h), to_np(g2h.astype(mx.bfloat16)), rtol=2e-2, atol=1e-3)
+    np.testing.assert_allclose(to_np(g1w), to_np(g2w.astype(mx.bfloat16)), rtol=2e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("mode,bits,group", [("affine", 4, 32), ("affine", 3, 64), ("mxfp4", 4, 32)])
+def test_quantized_teacher_and_student(fl, rng, mode, bits, group):
+    N, Hs, Ht, V = 11, 64, 128, 150
+    hs, ws, ht, wt = _heads(rng, N, Hs, Ht, V)
+    q = mx.quantize(wt, group_size=group, bits=bits, mode=mode)
+    wq, scales = q[0], q[1]
+    biases = q[2] if mode == "affine" else None
+    w_deq = mx.dequantize(wq, scales, biases, group_size=group, bits=bits, mode=mode)
+    tkw = dict(teacher_scales=scales, teacher_biases=biases, teacher_group_size=group,
+               teacher_bits=bits, teacher_mode=mode)
+
+    def fused(a, b):
+        return fl.linear_distillation_loss(a, b, ht, wq, kind="jsd", chunk_bytes=5000, **tkw)
+
+    def dense(a, b):
+        return fl.linear_distillation_loss(a, b, ht, w_deq, kind="jsd", chunk_bytes=5000)
+
+    l1, g1 = mx.value_and_grad(fused, (0, 1))(hs, ws)
+    l2, g2 = mx.value_and_grad(dense, (0, 1))(hs, ws)
+    np.testing.assert_allclose(l1.item(), l2.item(), rtol=1e-5)
+    for a, b in zip(g1, g2):
+        np.testing.assert_allclose(to_np(a), to_np(b), rtol=1e-4, atol=1e-7)
+    # a quantized student: the hidden's gradient, and none for its packed weight
+    sq = mx.quantize(ws, group_size=group, bits=bits, mode=mode)
+    skw = dict(student_scales=sq[1], student_biases=sq[2] if mode == "affine" else None,
+               student_group_size=group, student_bits=bits, student_mode=mode)
+    ws_deq = mx.dequantize(sq[0], sq[1], skw["student_biases"], group_size=group, bits=bits, mode=mode)
+    gq = mx.grad(lambda a: fl.linear_distillation_loss(a, sq[0], ht, wt, **skw))(hs)
+    gd = mx.grad(lambda a: fl.linear_distillation_loss(a, ws_deq, ht, wt))(hs)
+    np.testing.assert_allclose(to_np(gq), to_np(gd), rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="quantized student_weight"):
+        mx.eval(mx.grad(lambda b: fl.linear_distillation_loss(hs, b, ht, wt, **skw))(sq[0]))
+
+
+def test_compile_and_vmap(fl, rng):
+    N, Hs, Ht, V = 6, 16, 8, 40
+    hs, ws, ht, wt = _heads(rng, N, Hs, Ht, V)
+    y = mx.array(rng.integers(0, V, N).astype(np.int32))
+
+    def f(a, b, c):
+        return fl.linear_distillation_loss(a, b, c, wt, y, kind="reverse_kl", alpha=0.2, chunk_bytes=700)
+
+    eager = mx.value_and_grad(f, (0, 1))(hs, ws, ht)
+    both = mx.compile(lambda a, b, c: (mx.value_and_grad(f, (0, 1))(a, b, c), 2 * f(a, b, c)))
+    (l, g), twice = both(hs, ws, ht)
+    np.testing.assert_allclose(l.item(), eager[0].item(), rtol=1e-6)
+    np.testing.assert_allclose(twice.item(), 2 * eager[0].item(), rtol=1e-6)
+    for a, b in zip(g, eager[1]):
+        np.testing.assert_allclose(to_np(a), to_np(b), rtol=1e-6, atol=1e-8)
+    # vmap over the rows' batch: the same rows, one call
+    hb, tb = hs.reshape(2, 3, Hs), ht.reshape(2, 3, Ht)
+    rows = lambda a, c: fl.linear_distillation_loss(a, ws, c, wt, reduction="none")  # noqa: E731
+    np.testing.assert_allclose(to_np(mx.vmap(rows)(hb, tb)), to_np(rows(hs, ht)).reshape(2, 3), rtol=1e-6)
+
+
+def test_bad_input(fl, rng):
+    hs, ws, ht, wt = _heads(rng, 4, 8, 6, 10)
+    f = fl.linear_distillation_loss
+    assert_raises_naming(ValueError, "teacher_weight", f, hs, ws, ht, wt[:9])
+    assert_raises_naming(ValueError, "teacher_hidden", f, hs, ws, ht[:3], wt)
+    assert_raises_naming(ValueError, "student_weight", f, hs, ws[:, :7], ht, wt)
+    assert_raises_naming(ValueError, "kind", f, hs, ws, ht, wt, kind="forward")
+    assert_raises_naming(ValueError, "targets", f, hs, ws, ht, wt, alpha=0.5)
+    assert_raises_naming(ValueError, "chunk_bytes", f, hs, ws, ht, wt, chunk_bytes=0)
+    assert_raises_naming(TypeError, "teacher_weight", f, hs, ws, ht, wt.astype(mx.uint32))
+    assert_raises_naming(TypeError, "student_hidden", f, hs.astype(mx.int32), ws, ht, wt)
