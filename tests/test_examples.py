@@ -81,6 +81,25 @@ def test_preference_example_quick():
         assert float(row[2]) <= 1e-5 and float(row[3]) <= 1e-5 and float(row[4]) <= 1e-4, row
 
 
+def test_distill_example_quick():
+    """examples/distill_lm.py --quick as the README's main job runs it (V =
+    151936): every step's fl loss within 1e-5 of the float64 value and of the
+    usual way's (mlx-lm's kl_div_loss on both models' logits), fl's peak above
+    the models at most 1/10 of the usual way's (the script's own checks, exit
+    status 0). A subprocess: the peak is the step's, not the suite's."""
+    pytest.importorskip("mlx_lm")
+    done = subprocess.run([sys.executable, str(REPO / "examples" / "distill_lm.py"), "--quick"],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [line.split() for line in done.stdout.splitlines()]
+    steps = [row for row in rows if len(row) == 6 and row[0].isdigit()]
+    assert len(steps) == 2, done.stdout
+    for row in steps:  # step  usual  fl  fl-usual  usual-f64  fl-f64
+        assert float(row[5]) <= 1e-5 and float(row[3]) <= 1e-5 + float(row[4]), row
+    peak = [row for row in rows if row[:1] == ["fl:"]]
+    assert peak and float(peak[0][2]) <= 0.1, done.stdout
+
+
 def test_sharded_head_on_two_processes(tmp_path):
     """examples/sharded_head.py on 2 local ranks (small sizes): every rank
     prints OK, i.e. the loss equals the usual way's, the head's gradient is
