@@ -767,3 +767,44 @@ def test_linear_forms_under_compile():
         assert abs(value.item() - eager[0].item()) <= 1e-6 * abs(eager[0].item())
         for g, e in zip(grads, eager[1]):
             assert_close_to(g, np.array(e).astype(np.float64), 1e-5, "compiled gradient")
+
+
+def test_log_ratio_summed_per_token_keeps_float32_digits():
+    """Long completions (T = 2048, log-probs ~ -12 per token) whose policy and
+    reference differ by ~1e-3 per token: the sequence log-ratio is a sum of
+    small per-token differences. Summing each side first (~ -24000, float32
+    spacing 2e-3) and subtracting loses the ratio's digits (a DPO loss off by
+    ~1e-4 in float32); per-token differences keep them."""
+    rng = np.random.default_rng(11)
+    B, T = 4, 2048
+    c, r = -12 + rng.normal(scale=0.5, size=(B, T)), -12 + rng.normal(scale=0.5, size=(B, T))
+    c0, r0 = c + rng.normal(scale=1e-3, size=(B, T)), r + rng.normal(scale=1e-3, size=(B, T))
+    m = np.ones((B, T), bool)
+    exact64 = [a.astype(np.float32).astype(np.float64) for a in (c, r, c0, r0)]  # the float32 inputs, exactly
+    want = dpo_reference(*exact64[:2], m, m, *exact64[2:], 1.0, "sigmoid", 0.0, False, False)[0]
+    got, _ = fl.dpo_loss(*(mx.array(a.astype(np.float32)) for a in (c, r)), mx.array(m), mx.array(m),
+                         *(mx.array(a.astype(np.float32)) for a in (c0, r0)), beta=1.0)
+    assert abs(got.item() - want) < 2e-6, (got.item(), want)
+    good = np.array([True, False, True, False])
+    want = kto_reference(exact64[0], m, good, exact64[2], 1.0, 0.0, 1.0, 1.0)[0]
+    got, _ = fl.kto_loss(mx.array(c.astype(np.float32)), mx.array(m), mx.array(good), mx.array(c0.astype(np.float32)),
+                         beta=1.0)
+    assert abs(got.item() - want) < 2e-6, (got.item(), want)
+
+
+def test_long_sequence_sums_keep_float32_digits():
+    """A float32 sum of 2048 log-probs ~ -12 taken in order drifts by up to
+    ~3e-2 (MLX's sum over an axis; the result's own spacing is 2e-3): SimPO's
+    length-averaged log-probs (beta 2.5) then move its loss by ~1e-5. The
+    sums are taken in blocks: within 2e-6 of the float64 value of the same
+    float32 inputs."""
+    B, T = 8, 2000  # not a whole number of blocks
+    m = np.ones((B, T), bool)
+    errors = []
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        c, r = ((-12 + rng.normal(scale=0.5, size=(B, T))).astype(np.float32) for _ in range(2))
+        want = simpo_reference(c.astype(np.float64), r.astype(np.float64), m, m, 2.5, 0.0, "sigmoid", 0.0)[0]
+        got, _ = fl.simpo_loss(mx.array(c), mx.array(r), mx.array(m), mx.array(m), beta=2.5, gamma=0.0)
+        errors.append(abs(got.item() - want))
+    assert max(errors) < 2e-6, errors
