@@ -22,6 +22,7 @@
 #include "ops/cross_entropy.h"
 #include "ops/distillation.h"
 #include "ops/linear_distillation.h"
+#include "ops/linear_topk_distillation.h"
 #include "ops/linear_cross_entropy.h"
 #include "ops/row_stats.h"
 #include "ops/sigmoid_focal.h"
@@ -210,6 +211,29 @@ NB_MODULE(_ext, m) {
       "teacher_group_size"_a = 64, "teacher_bits"_a = 4, "teacher_mode"_a = "affine",
       "teacher_global_scale"_a = nb::none(), "stream"_a = nb::none(),
       "Per-row float32 fused linear distillation loss (no reduction).");
+  m.def(
+      "linear_topk_distill_loss",
+      [](const mlx::core::array& student_hidden, const mlx::core::array& student_weight,
+         const mlx::core::array& teacher_ids, const mlx::core::array& teacher_logprobs,
+         std::optional<mlx::core::array> targets, float temperature, bool renormalize, float alpha,
+         bool scale_by_temperature_squared, std::optional<int64_t> ignore_index,
+         std::optional<int64_t> chunk_bytes, std::optional<mlx::core::array> student_scales,
+         std::optional<mlx::core::array> student_biases, int student_group_size, int student_bits,
+         const std::string& student_mode, std::optional<mlx::core::array> student_global_scale,
+         mlx::core::StreamOrDevice stream) {
+        fl::HeadArgs st{student_hidden, student_weight, student_scales, student_biases,
+                        student_group_size, student_bits, student_mode, student_global_scale};
+        return fl::linear_topk_distill_loss(st, teacher_ids, teacher_logprobs, targets, temperature,
+                                            renormalize, alpha, scale_by_temperature_squared,
+                                            ignore_index, chunk_bytes, stream);
+      },
+      "student_hidden"_a, "student_weight"_a, "teacher_ids"_a, "teacher_logprobs"_a,
+      "targets"_a = nb::none(), nb::kw_only(), "temperature"_a = 1.0f, "renormalize"_a = false,
+      "alpha"_a = 0.0f, "scale_by_temperature_squared"_a = false, "ignore_index"_a = nb::none(),
+      "chunk_bytes"_a = nb::none(), "student_scales"_a = nb::none(), "student_biases"_a = nb::none(),
+      "student_group_size"_a = 64, "student_bits"_a = 4, "student_mode"_a = "affine",
+      "student_global_scale"_a = nb::none(), "stream"_a = nb::none(),
+      "Per-row float32 fused linear distillation from an offline top-k teacher (no reduction).");
   m.def(
       "check_distill_options",
       [](const std::string& kind, float beta, float temperature, float alpha, bool has_targets,

@@ -157,3 +157,86 @@ def test_bad_input(fl, rng):
     assert_raises_naming(ValueError, "chunk_bytes", f, hs, ws, ht, wt, chunk_bytes=0)
     assert_raises_naming(TypeError, "teacher_weight", f, hs, ws, ht, wt.astype(mx.uint32))
     assert_raises_naming(TypeError, "student_hidden", f, hs.astype(mx.int32), ws, ht, wt)
+
+
+# ---- offline top-k teacher ------------------------------------------------------------------
+def _topk_reference(z, ids, vals, temperature, renormalize, alpha, t2, targets, ignore_index, cot):
+    """float64 per-row loss and d/dz of sum(cot * loss), from the definitions."""
+    c = 1.0 / temperature
+    lq = z * c - R.logsumexp(z * c, keepdims=True)
+    q = np.exp(lq)
+    lp = vals * c - R.logsumexp(vals * c, keepdims=True) if renormalize else vals.astype(np.float64)
+    p = np.exp(lp)
+    lq_ids = np.take_along_axis(lq, ids, -1)
+    d = np.where(p > 0, p * (lp - lq_ids), 0.0).sum(-1)
+    ds = (1 - alpha) * (temperature ** 2 if t2 else 1.0)
+    loss = ds * d
+    dz = ds * c * (q * p.sum(-1, keepdims=True))
+    for r in range(len(z)):
+        np.subtract.at(dz[r], ids[r], ds * c * p[r])
+    if alpha:
+        y = np.clip(targets, 0, z.shape[-1] - 1)
+        lse = R.logsumexp(z, keepdims=True)
+        loss = loss + alpha * (lse[:, 0] - z[np.arange(len(z)), y])
+        dz = dz + alpha * (np.exp(z - lse) - np.eye(z.shape[-1])[y])
+    kept = np.ones(len(z), bool) if ignore_index is None else targets != ignore_index
+    loss = np.where(kept, loss, 0.0)
+    dz = np.where(kept[:, None], dz * cot[:, None], 0.0)
+    return loss, dz
+
+
+@pytest.mark.parametrize("k", [1, 5, 64])
+@pytest.mark.parametrize("renormalize", [False, True])
+@pytest.mark.parametrize("alpha,t2", [(0.0, False), (0.3, True)])
+def test_topk_vs_float64(fl, rng, k, renormalize, alpha, t2):
+    N, H, V = 10, 24, 64
+    hs, ws, _, _ = _heads(rng, N, H, 8, V)
+    z = to_np(hs) @ to_np(ws).T
+    teacher = rng.normal(size=(N, V)) * 2
+    teacher_lp = teacher - R.logsumexp(teacher, keepdims=True)
+    ids = np.argsort(-teacher, -1)[:, :k]  # the teacher's top-k, as a data set stores them
+    vals = np.take_along_axis(teacher_lp, ids, -1).astype(np.float32)
+    y = rng.integers(0, V, N)
+    y[3] = -100
+    cot = rng.uniform(0.5, 2.0, N)
+    kw = dict(temperature=1.5, renormalize=renormalize, alpha=alpha, scale_by_temperature_squared=t2,
+              targets=mx.array(y), ignore_index=-100, chunk_bytes=700)
+
+    def f(a, b):
+        rows = fl.linear_topk_distillation_loss(a, b, mx.array(ids), mx.array(vals), reduction="none",
+                                                dtype=mx.float32, **kw)
+        return (rows * mx.array(cot.astype(np.float32))).sum(), rows
+
+    (_, rows), (gh, gw) = mx.value_and_grad(f, (0, 1))(hs, ws)
+    exp_rows, dz = _topk_reference(z, ids, vals.astype(np.float64), 1.5, renormalize, alpha, t2, y, -100, cot)
+    assert_close(rows, exp_rows, mx.float32, scale=10.0, what="rows")
+    assert_close(gh, dz @ to_np(ws), mx.float32, scale=np.abs(dz).sum(-1, keepdims=True) * 4, what="dH")
+    assert_close(gw, dz.T @ to_np(hs), mx.float32, scale=np.abs(dz).sum(0)[:, None] * 8, what="dW")
+
+
+def test_topk_with_every_class_is_kl_div(fl, rng):
+    # k = V, renormalised: the teacher's full softmax at the temperature
+    N, H, V = 6, 16, 40
+    hs, ws, _, _ = _heads(rng, N, H, 8, V)
+    t = mx.array(rng.normal(size=(N, V)).astype(np.float32) * 2)
+    lp = t - mx.logsumexp(t, -1, keepdims=True)
+    ids = mx.broadcast_to(mx.arange(V)[None], (N, V))
+    for T in (1.0, 2.0):
+        a = mx.value_and_grad(lambda x: fl.linear_topk_distillation_loss(
+            x, ws, ids, lp, temperature=T, renormalize=True))(hs)
+        b = mx.value_and_grad(lambda x: fl.kl_div(x @ ws.T, t, temperature=T))(hs)
+        np.testing.assert_allclose(a[0].item(), b[0].item(), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(to_np(a[1]), to_np(b[1]), rtol=1e-4, atol=1e-7)
+
+
+def test_topk_bad_ids_and_input(fl, rng):
+    hs, ws, _, _ = _heads(rng, 3, 8, 8, 10)
+    ids = mx.array([[1, 2], [3, 10], [0, 1]])
+    vals = mx.array([[-0.5, -1.0]] * 3)
+    rows = to_np(fl.linear_topk_distillation_loss(hs, ws, ids, vals, reduction="none"))
+    assert np.isfinite(rows[0]) and np.isnan(rows[1]) and np.isfinite(rows[2])
+    f = fl.linear_topk_distillation_loss
+    assert_raises_naming(ValueError, "teacher_logprobs", f, hs, ws, ids, vals[:, :1])
+    assert_raises_naming(ValueError, "teacher_ids", f, hs, ws, ids[:2], vals[:2])
+    assert_raises_naming(TypeError, "teacher_ids", f, hs, ws, ids.astype(mx.float32), vals)
+    assert_raises_naming(TypeError, "teacher_logprobs", f, hs, ws, ids, ids)

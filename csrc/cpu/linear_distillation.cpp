@@ -6,6 +6,8 @@
 // the student's logits in place (the driver then forms dH and dW).
 #include <functional>
 
+#include "cpu/linear_distillation.h"
+
 #include "cpu/chunked_head.h"
 #include "cpu/distillation.h"
 #include "cpu/output_buffer.h"
@@ -14,11 +16,11 @@
 
 namespace fl {
 
-namespace {
+namespace cpu {
 
-cpu::HeadOperands head(const std::vector<mx::array>& inputs, int hidden, int weight, int scales,
-                       int biases, int global, const HeadQuant& q) {
-  cpu::HeadOperands h;
+HeadOperands distill_head(const std::vector<mx::array>& inputs, int hidden, int weight, int scales,
+                          int biases, int global, const HeadQuant& q) {
+  HeadOperands h;
   const auto& x = inputs[hidden];
   const auto& w = inputs[weight];
   h.hidden = x.data<void>();
@@ -39,6 +41,22 @@ cpu::HeadOperands head(const std::vector<mx::array>& inputs, int hidden, int wei
   return h;
 }
 
+void run_on_stream(mx::Stream stream, const std::vector<mx::array>& inputs,
+                   std::vector<mx::array>& outputs, std::function<void()> task) {
+  auto& enc = mx::cpu::get_command_encoder(stream);
+  for (const auto& in : inputs) {
+    enc.set_input_array(in);
+  }
+  for (auto& out : outputs) {
+    enc.set_output_array(out);
+  }
+  enc.dispatch(std::move(task));
+}
+
+} // namespace cpu
+
+namespace {
+
 struct LdCall {
   cpu::ChunkedHeadCall call;
   cpu::HeadOperands teacher;
@@ -49,8 +67,8 @@ struct LdCall {
 LdCall make_call(const std::vector<mx::array>& inputs, const LinearDistillParams& p, bool backward) {
   auto L = ld_inputs(p);
   LdCall c;
-  c.call.head = head(inputs, L.s_hidden, L.s_weight, L.s_scales, L.s_biases, L.s_global, p.student);
-  c.teacher = head(inputs, L.t_hidden, L.t_weight, L.t_scales, L.t_biases, L.t_global, p.teacher);
+  c.call.head = cpu::distill_head(inputs, L.s_hidden, L.s_weight, L.s_scales, L.s_biases, L.s_global, p.student);
+  c.teacher = cpu::distill_head(inputs, L.t_hidden, L.t_weight, L.t_scales, L.t_biases, L.t_global, p.teacher);
   const auto& sh = inputs[L.s_hidden];
   const int64_t H = sh.shape(-1);
   const int64_t N = H ? int64_t(sh.size()) / H : int64_t(inputs[L.t_hidden].size()) /
@@ -63,18 +81,6 @@ LdCall make_call(const std::vector<mx::array>& inputs, const LinearDistillParams
   // The chunks' logits are float32 whatever the operands' dtypes.
   c.fn = cpu::distill_rows_fn(mx::float32, mx::float32, p.d.kind, backward);
   return c;
-}
-
-void register_and_run(mx::Stream stream, const std::vector<mx::array>& inputs,
-                      std::vector<mx::array>& outputs, std::function<void()> task) {
-  auto& enc = mx::cpu::get_command_encoder(stream);
-  for (const auto& in : inputs) {
-    enc.set_input_array(in);
-  }
-  for (auto& out : outputs) {
-    enc.set_output_array(out);
-  }
-  enc.dispatch(std::move(task));
 }
 
 // Runs the driver; per chunk, the rows [row0, row0 + n) of `base` shifted there.
@@ -109,7 +115,7 @@ void LinearDistill::eval_cpu(const std::vector<mx::array>& inputs, std::vector<m
   LdCall c = make_call(inputs, params_, false);
   c.rows.loss = outputs[0].data<float>();
   c.rows.stats = outputs[1].data<float>();
-  register_and_run(stream(), inputs, outputs, [c]() { run(c, false); });
+  cpu::run_on_stream(stream(), inputs, outputs, [c]() { run(c, false); });
 }
 
 void LinearDistillVJP::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
@@ -123,7 +129,7 @@ void LinearDistillVJP::eval_cpu(const std::vector<mx::array>& inputs, std::vecto
   size_t k = 0;
   c.call.grads.d_hidden = params_.grad_hidden ? outputs[k++].data<float>() : nullptr;
   c.call.grads.d_weight = params_.grad_weight ? outputs[k++].data<float>() : nullptr;
-  register_and_run(stream(), inputs, outputs, [c]() { run(c, true); });
+  cpu::run_on_stream(stream(), inputs, outputs, [c]() { run(c, true); });
 }
 
 } // namespace fl

@@ -205,6 +205,30 @@ FLM_INLINE float distill_grad_target(float grad, DistillCoefs k, float g) {
   return grad - g * k.alpha;
 }
 
+// ---- an offline teacher: its top-k (id, log-probability) pairs per row ------------
+//
+// A data set that stores only the teacher's k most probable classes per token,
+// as (id_i, v_i). The forward KL restricted to them,
+//     D = sum_i p_i (lp_i - lq_{id_i}),   p_i = exp(lp_i)
+// with lp_i = v_i as stored (the teacher's probabilities; their mass P =
+// sum_i p_i <= 1, the rest of its distribution unknown and left out), or,
+// renormalised, lp_i = v_i / T - logsumexp_i(v / T): the teacher's softmax over
+// its top-k at temperature T. lq is the student's full log-softmax (c = 1/T).
+// Gradient (z = c s): dD/dz_j = P q_j - sum_{i: id_i = j} p_i, so the backward
+// needs per row the student's lse (s_ref, s_log), P, and the k pairs again.
+// Saved per row in the DistillStats slots: t_ref = P, t_log = the
+// renormalising logsumexp_i(v / T) (0 when not renormalised).
+
+// lp_i of one stored value.
+FLM_INLINE float topk_log_prob(float v, float c, float t_lse, bool renormalize) {
+  return renormalize ? c * v - t_lse : v;
+}
+
+// One pair's term of D.
+FLM_INLINE float topk_term(float lp, float lq) {
+  return weighted(exp_f32(lp), lp - lq);
+}
+
 // The row of an ignored class index (zeros) or an out-of-range one (NaN).
 FLM_INLINE DistillStats distill_masked_stats(bool out_of_range) {
   DistillStats st;

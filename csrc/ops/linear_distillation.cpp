@@ -6,8 +6,6 @@
 
 namespace fl {
 
-namespace {
-
 // The checked head's quantization, and its inputs (in LdInputs order) appended.
 HeadQuant check_head(const HeadArgs& h, const char* who, std::vector<mx::array>& inputs,
                      mx::StreamOrDevice s) {
@@ -67,6 +65,8 @@ HeadQuant check_head(const HeadArgs& h, const char* who, std::vector<mx::array>&
   }
   return q;
 }
+
+namespace {
 
 std::vector<mx::array> make_forward(std::vector<mx::array> inputs, const LinearDistillParams& p,
                                     mx::StreamOrDevice s) {

@@ -67,6 +67,12 @@ struct HeadArgs {
   std::optional<mx::array> global_scale;
 };
 
+// Checks one head (`who`: "student" / "teacher", naming the arguments in
+// messages) and appends hidden, weight and, when quantized, scales and biases
+// (or the nvfp4 global scale) to `inputs`; returns its quantization.
+HeadQuant check_head(const HeadArgs& h, const char* who, std::vector<mx::array>& inputs,
+                     mx::StreamOrDevice s);
+
 // Where each input sits in the primitives' input lists (-1: absent).
 struct LdInputs {
   int s_hidden = 0, s_weight = 1, s_scales = -1, s_biases = -1, s_global = -1;

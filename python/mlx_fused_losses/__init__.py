@@ -31,7 +31,7 @@ from .alignment import (  # noqa: E402
     orpo_loss,
     simpo_loss,
 )
-from .distillation import jsd, kl_div, linear_distillation_loss  # noqa: E402
+from .distillation import jsd, kl_div, linear_distillation_loss, linear_topk_distillation_loss  # noqa: E402
 from .linear_cross_entropy import linear_cross_entropy  # noqa: E402
 from .log_probs import linear_log_probs, log_probs  # noqa: E402
 from .losses import (  # noqa: E402
@@ -69,6 +69,7 @@ __all__ = [
     "kl_div",
     "jsd",
     "linear_distillation_loss",
+    "linear_topk_distillation_loss",
     "nn",
     "distributed",
 ]

@@ -256,3 +256,71 @@ def linear_distillation_loss(
         teacher_global_scale=teacher_global_scale, stream=stream,
     )
     return _reduce_rows(loss, reduction, weights, targets, ignore_index, result_dtype)
+
+
+def linear_topk_distillation_loss(
+    student_hidden: mx.array,
+    student_weight: mx.array,
+    teacher_ids: mx.array,
+    teacher_logprobs: mx.array,
+    targets: Optional[mx.array] = None,
+    *,
+    temperature: float = 1.0,
+    renormalize: bool = False,
+    alpha: float = 0.0,
+    scale_by_temperature_squared: bool = False,
+    reduction: Reduction = "mean",
+    ignore_index: Optional[int] = None,
+    weights: Optional[mx.array] = None,
+    chunk_bytes: Optional[int] = None,
+    student_scales: Optional[mx.array] = None,
+    student_biases: Optional[mx.array] = None,
+    student_group_size: int = 64,
+    student_bits: int = 4,
+    student_mode: str = "affine",
+    student_global_scale: Optional[mx.array] = None,
+    dtype: Optional[mx.Dtype] = None,
+    stream: Union[None, mx.Stream, mx.Device] = None,
+) -> mx.array:
+    """Distillation from an offline teacher stored as its top-k classes per
+    token: ``teacher_ids`` (integer, ``[..., k]``) and ``teacher_logprobs``
+    (their log-probabilities, ``[..., k]``), against the student's full
+    softmax of ``student_hidden @ student_weight.T / temperature``, without the
+    student's ``[N, V]`` logits (one chunk of rows at a time, as
+    :func:`linear_cross_entropy`).
+
+    Per row, the forward KL over the teacher's top-k:
+    ``sum_i p_i (log p_i - log q[id_i])`` with ``log p_i`` the stored value
+    (``renormalize=False``: the teacher's own probabilities, whose mass may be
+    below 1; the rest of its distribution is unknown and left out) or the
+    softmax of ``teacher_logprobs / temperature`` over the k
+    (``renormalize=True``; with k = V and the teacher's full log-softmax this is
+    :func:`kl_div`). ``temperature`` always divides the student's logits.
+    ``alpha``, ``targets``, ``ignore_index``, ``weights``,
+    ``scale_by_temperature_squared`` and ``reduction`` as :func:`kl_div`; the
+    student's head may be quantized (``student_*`` as in
+    :func:`linear_distillation_loss`). An id outside ``[0, V)`` makes its row
+    NaN. Gradients reach ``student_hidden`` and a dense ``student_weight``.
+    CPU only for now.
+    """
+    student_hidden = _as_array(student_hidden, "student_hidden")
+    student_weight = _as_array(student_weight, "student_weight")
+    teacher_ids = _as_array(teacher_ids, "teacher_ids")
+    teacher_logprobs = _as_array(teacher_logprobs, "teacher_logprobs")
+    if not isinstance(renormalize, bool):
+        raise TypeError(f"renormalize must be a bool, got {type(renormalize).__name__}")
+    _, temperature, alpha, ignore_index, targets = _options(
+        "kl", 0.5, temperature, alpha, ignore_index, scale_by_temperature_squared, reduction, targets)
+    if chunk_bytes is not None:
+        chunk_bytes = _int_option(chunk_bytes, "chunk_bytes")
+    result_dtype = _result_dtype(dtype, student_hidden.dtype)
+    loss = _ext.linear_topk_distill_loss(
+        student_hidden, student_weight, teacher_ids, teacher_logprobs, targets,
+        temperature=temperature, renormalize=renormalize, alpha=alpha,
+        scale_by_temperature_squared=scale_by_temperature_squared, ignore_index=ignore_index,
+        chunk_bytes=chunk_bytes, student_scales=student_scales, student_biases=student_biases,
+        student_group_size=_int_option(student_group_size, "student_group_size"),
+        student_bits=_int_option(student_bits, "student_bits"), student_mode=student_mode,
+        student_global_scale=student_global_scale, stream=stream,
+    )
+    return _reduce_rows(loss, reduction, weights, targets, ignore_index, result_dtype)

@@ -1,0 +1,206 @@
+#include "ops/linear_topk_distillation.h"
+
+#include "math/distillation.h"
+#include "ops/vmap_slices.h"
+
+namespace fl {
+
+namespace {
+
+std::vector<mx::array> make_forward(std::vector<mx::array> inputs, const LinearTopkParams& p,
+                                    mx::StreamOrDevice s) {
+  auto L = lt_inputs(p);
+  for (int i : {L.s_hidden, L.ids, L.values}) {
+    inputs[i] = dense(inputs[i], s);
+  }
+  auto rows = row_shape(inputs[L.s_hidden]);
+  auto stats = rows;
+  stats.push_back(flm::kDistillStats);
+  return mx::array::make_arrays({rows, stats}, {mx::float32, mx::float32},
+                                std::make_shared<LinearTopkDistill>(mx::to_stream(s), p), inputs);
+}
+
+std::vector<mx::array> make_backward(const std::vector<mx::array>& in, const LinearTopkParams& p,
+                                     mx::StreamOrDevice s) {
+  auto L = lt_inputs(p);
+  std::vector<mx::Shape> shapes;
+  if (p.grad_hidden) {
+    shapes.push_back(in[L.s_hidden].shape());
+  }
+  if (p.grad_weight) {
+    shapes.push_back(in[L.s_weight].shape());
+  }
+  std::vector<mx::array> dense_in;
+  for (const auto& x : in) {
+    dense_in.push_back(dense(x, s));
+  }
+  return mx::array::make_arrays(shapes, std::vector<mx::Dtype>(shapes.size(), mx::float32),
+                                std::make_shared<LinearTopkDistillVJP>(mx::to_stream(s), p), dense_in);
+}
+
+} // namespace
+
+LtInputs lt_inputs(const LinearTopkParams& p) {
+  LtInputs in;
+  int next = 2;
+  if (p.student.quantized()) {
+    in.s_scales = next++;
+    if (p.student.affine()) {
+      in.s_biases = next++;
+    } else if (p.student.has_global_scale) {
+      in.s_global = next++;
+    }
+  }
+  in.ids = next++;
+  in.values = next++;
+  if (p.d.has_targets) {
+    in.targets = next++;
+  }
+  in.count = next;
+  return in;
+}
+
+mx::array linear_topk_distill_loss(const HeadArgs& student, const mx::array& teacher_ids,
+                                   const mx::array& teacher_logprobs,
+                                   const std::optional<mx::array>& targets, float temperature,
+                                   bool renormalize, float alpha, bool scale_by_temperature_squared,
+                                   std::optional<int64_t> ignore_index,
+                                   std::optional<int64_t> chunk_bytes, mx::StreamOrDevice s) {
+  if (mx::to_stream(s).device == mx::Device::gpu) {
+    fail_value("linear_topk_distillation_loss has no Metal kernel yet: pass stream=mx.cpu");
+  }
+  LinearTopkParams p;
+  std::vector<mx::array> inputs;
+  p.student = check_head(student, "student", inputs, s);
+  auto rows = row_shape(student.hidden);
+  auto k_shape = rows;
+  if (teacher_ids.ndim() != int(rows.size()) + 1 ||
+      !std::equal(rows.begin(), rows.end(), teacher_ids.shape().begin())) {
+    fail_value("teacher_ids must have shape ", shape_str(rows), " + (k,) (one row of k class ids per "
+               "token), got ", shape_str(teacher_ids.shape()));
+  }
+  if (teacher_logprobs.shape() != teacher_ids.shape()) {
+    fail_value("teacher_logprobs must have teacher_ids' shape ", shape_str(teacher_ids.shape()),
+               ", got ", shape_str(teacher_logprobs.shape()));
+  }
+  if (teacher_ids.shape(-1) == 0) {
+    fail_value("teacher_ids must hold at least one class per row (k >= 1)");
+  }
+  check_float_input(teacher_logprobs, "teacher_logprobs");
+  if (chunk_bytes && *chunk_bytes <= 0) {
+    fail_value("chunk_bytes must be > 0, got ", *chunk_bytes);
+  }
+  inputs.push_back(class_indices(teacher_ids, "teacher_ids", s));
+  inputs.push_back(mx::astype(teacher_logprobs, mx::float32, s));
+  if (targets) {
+    if (targets->shape() != rows) {
+      fail_value("targets must be class indices of shape ", shape_str(rows),
+                 " (the hidden's shape without the last axis), got ", shape_str(targets->shape()),
+                 squeeze_hint(targets->shape(), rows));
+    }
+    ignore_index = ignore_index_for(*targets, ignore_index);
+    inputs.push_back(class_indices(*targets, "targets", s));
+  }
+  p.d = distill_params("kl", 0.5f, temperature, alpha, scale_by_temperature_squared,
+                       targets.has_value(), ignore_index);
+  p.renormalize = renormalize;
+  if (chunk_bytes) {
+    p.chunk_bytes = *chunk_bytes;
+  }
+  return make_forward(inputs, p, s)[0];
+}
+
+std::vector<mx::Shape> LinearTopkDistill::output_shapes(const std::vector<mx::array>& inputs) {
+  auto rows = row_shape(inputs[lt_inputs(params_).s_hidden]);
+  auto stats = rows;
+  stats.push_back(flm::kDistillStats);
+  return {rows, stats};
+}
+
+std::vector<mx::Shape> LinearTopkDistillVJP::output_shapes(const std::vector<mx::array>& inputs) {
+  auto L = lt_inputs(params_);
+  std::vector<mx::Shape> out;
+  if (params_.grad_hidden) {
+    out.push_back(inputs[L.s_hidden].shape());
+  }
+  if (params_.grad_weight) {
+    out.push_back(inputs[L.s_weight].shape());
+  }
+  return out;
+}
+
+std::vector<mx::array> LinearTopkDistill::vjp(const std::vector<mx::array>& primals,
+                                              const std::vector<mx::array>& cotangents,
+                                              const std::vector<int>& argnums,
+                                              const std::vector<mx::array>& outputs) {
+  auto s = stream();
+  auto L = lt_inputs(params_);
+  LinearTopkParams bp = params_;
+  for (int arg : argnums) {
+    if (arg == L.s_hidden) {
+      bp.grad_hidden = true;
+    } else if (arg == L.s_weight) {
+      if (params_.student.quantized()) {
+        throw std::invalid_argument(
+            "linear_topk_distillation_loss: a quantized student_weight has no gradient");
+      }
+      bp.grad_weight = true;
+    } else if (arg == L.s_scales || arg == L.s_biases || arg == L.s_global) {
+      throw std::invalid_argument(
+          "linear_topk_distillation_loss: gradients with respect to the student's quantization "
+          "scales/biases are not implemented");
+    }
+  }
+  std::optional<mx::array> gh, gw;
+  if (bp.grad_hidden || bp.grad_weight) {
+    std::vector<mx::array> in(primals.begin(), primals.end());
+    in.push_back(outputs[1]);
+    in.push_back(mx::astype(cotangents[0], mx::float32, s));
+    auto g = make_backward(in, bp, s);
+    size_t k = 0;
+    if (bp.grad_hidden) {
+      gh = mx::astype(g[k++], primals[L.s_hidden].dtype(), s);
+    }
+    if (bp.grad_weight) {
+      gw = mx::astype(g[k++], primals[L.s_weight].dtype(), s);
+    }
+  }
+  std::vector<mx::array> grads;
+  for (int arg : argnums) {
+    if (arg == L.s_hidden) {
+      grads.push_back(*gh);
+    } else if (arg == L.s_weight) {
+      grads.push_back(*gw);
+    } else {
+      // the teacher's ids and log-probabilities are data, not parameters
+      grads.push_back(mx::zeros_like(primals[arg], s));
+    }
+  }
+  return grads;
+}
+
+std::pair<std::vector<mx::array>, std::vector<int>> LinearTopkDistill::vmap(
+    const std::vector<mx::array>& inputs, const std::vector<int>& axes) {
+  auto s = stream();
+  auto p = params_;
+  return vmap_by_slices(
+      inputs, axes, [&](const std::vector<mx::array>& in) { return make_forward(in, p, s); }, s);
+}
+
+std::pair<std::vector<mx::array>, std::vector<int>> LinearTopkDistillVJP::vmap(
+    const std::vector<mx::array>& inputs, const std::vector<int>& axes) {
+  auto s = stream();
+  auto p = params_;
+  return vmap_by_slices(
+      inputs, axes, [&](const std::vector<mx::array>& in) { return make_backward(in, p, s); }, s);
+}
+
+// No Metal kernel yet: the op refuses a GPU stream before building the graph.
+void LinearTopkDistill::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  throw std::runtime_error("linear_topk_distillation_loss has no Metal kernel yet: run it on the CPU");
+}
+void LinearTopkDistillVJP::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  throw std::runtime_error("linear_topk_distillation_loss has no Metal kernel yet: run it on the CPU");
+}
+
+} // namespace fl
