@@ -34,8 +34,10 @@ float32, and MLX's float32 cross-entropy over 151936 logits is off by up to
 gradients relative to the largest gradient entry.
 
 The script exits with status 1 if fl's loss differs from the usual way's or
-from the float64 value by more than LOSS_ATOL, or if fl's peak above the model
-is more than PEAK_RATIO of the usual way's.
+from the float64 value by more than LOSS_ATOL, or (head frozen) if fl's peak
+above the model is more than PEAK_RATIO of the usual way's. With --train-head
+both peaks also hold the tied head's [V, H] gradients (~3 V H floats: the
+head's, the embedding lookup's and their sum), the same arrays both ways.
 
 Usage (from the repository root, with `pip install ".[lm]"`):
   python examples/preference_lm.py            # ~1 minute on 2 cores
@@ -300,7 +302,9 @@ def main(argv=None) -> int:
         if not (diff <= LOSS_ATOL and abs(f_loss - exact_loss) <= LOSS_ATOL):
             failures.append(f"{name}: |loss - usual loss| = {diff:.3g}, |loss - float64 loss| = "
                             f"{abs(f_loss - exact_loss):.3g}: more than {LOSS_ATOL}")
-        if not f_peak <= PEAK_RATIO * u_peak:
+        # A trained head's [V, H] gradients (the head's and the embedding lookup's, and their sum:
+        # ~3 V H floats) are in both peaks alike; the 1/10 target is for the frozen head.
+        if not opts.train_head and not f_peak <= PEAK_RATIO * u_peak:
             failures.append(f"{name}: fl's peak {f_peak / 1e6:.1f} MB is more than {PEAK_RATIO} of the usual "
                             f"way's {u_peak / 1e6:.1f} MB")
     for failure in failures:
