@@ -20,7 +20,7 @@ mx = pytest.importorskip("mlx.core")
 import mlx_fused_losses._ext as ext  # noqa: E402
 from mlx_fused_losses import check_gpu as cg  # noqa: E402
 
-TINY = cg.TimingShapes(ce=(8, 100), smooth_l1=1000, lce=(8, 32, 100))
+TINY = cg.TimingShapes(ce=(8, 100), smooth_l1=1000, lce=(8, 32, 100), lce_gemm=((8, 64, 100),))
 
 
 def plan_names():
@@ -55,6 +55,11 @@ def test_the_whole_check_runs_with_the_cpu_as_the_device():
                  "linear_cross_entropy float16 dense", "linear_cross_entropy bfloat16 2-bit"):
         assert any(c.name.startswith(what) for c in cases), what
     assert "| linear_cross_entropy bfloat16 N=8 H=32 V=100 |" in report
+    # the linear CE against MLX's GEMMs on the same shape, dense and 4-bit
+    for what in ("forward vs mx.matmul, bfloat16", "forward + backward vs the unfused step, bfloat16",
+                 "forward vs mx.quantized_matmul, 4-bit",
+                 "forward + backward vs the unfused step, 4-bit"):
+        assert f"| linear CE {what} N=8 H=64 V=100 |" in report, what
     assert "missing from the metallib: 0" in report
     assert report.rstrip().endswith("### Result: PASS")
 

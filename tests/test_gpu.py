@@ -378,8 +378,8 @@ def test_pointwise_awkward_values_gpu(name, reduction, dtype):
 
 # ---- fused linear cross-entropy (metal/linear_cross_entropy.metal) --------------------------
 
-# (N, H, V): tile edges (BM = BN = 32, BK = 16), H = 7 < BK, several row chunks and
-# vocabulary splits, a GPT-2-sized vocabulary.
+# (N, H, V): tile edges (BM = BN = 64, BK = 16: MLX's steel tile), H = 7 < BK, several row
+# chunks and vocabulary splits, a GPT-2-sized vocabulary.
 LCE_SHAPES = [(1, 7, 33), (65, 48, 97), (300, 130, 4097), (64, 256, 50257)]
 LCE_OPTIONS = {
     "none": dict(reduction="none"),
@@ -444,6 +444,37 @@ def test_linear_cross_entropy_gpu_vs_cpu(option, dtype, n, h, v):
     agree(gpu[2], cpu[2], 5 * rtol, "entropy")
     assert (gpu[3] == cpu[3]).mean() > 0.9 and gpu[3][:8].sum() >= 1
     for k, (a, b) in enumerate(zip(gpu[4:], cpu[4:])):
+        agree(a, b, TOL[dtype] + 1e-4, f"gradient {k}")
+
+
+# The steel tile (metal/lce_gemm.h: MLX's BlockLoader and BlockMMA, 64 x 64 x 16, 2 x 2
+# SIMD-groups of 32 x 32) at its edges on Apple's GPU, 16-bit operands staged as 16-bit:
+# rows and classes at 63/64/65 (the loader's load_safe path and the masked stores), K at
+# 15/16/17 and a long K (many staged steps), a vocabulary whose last tile leaves the second
+# SIMD-group column without a class (the row-state merge of an empty piece).
+STEEL_EDGES = [(63, 15, 64), (64, 16, 65), (65, 17, 63), (129, 33, 64 * 3 + 5), (64, 1040, 130)]
+
+
+@pytest.mark.parametrize("n,h,v", STEEL_EDGES, ids=[f"{n}x{h}x{v}" for n, h, v in STEEL_EDGES])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_linear_cross_entropy_gpu_steel_tile_edges(dtype, n, h, v):
+    rng = np.random.default_rng(n * 7 + h + v)
+    args = lce_inputs(n, h, v, dtype, dtype, rng, True, -100)
+    opts = dict(reduction="sum", label_smoothing=0.1, ignore_index=-100, bias=True)
+    res = []
+    for dev in (GPU, mx.cpu):
+        vg = mx.value_and_grad(lambda a, b, c: lce_on(dev, [a, b, args[2], c], opts, 4 * v * 70),
+                               argnums=(0, 1, 2))
+        loss, grads = vg(args[0], args[1], args[3])
+        _, stats = lce_on(dev, args, opts, 4 * v * 70, return_stats=True)
+        res.append([as_f64(loss), as_f64(stats["lse"]), as_f64(stats["entropy"])]
+                   + [as_f64(g) for g in grads])
+    gpu, cpu = res
+    rtol = 2e-5 * max(1.0, np.sqrt(h / 16))
+    agree(gpu[0], cpu[0], rtol, "loss")
+    agree(gpu[1], cpu[1], rtol, "lse")
+    agree(gpu[2], cpu[2], 5 * rtol, "entropy")
+    for k, (a, b) in enumerate(zip(gpu[3:], cpu[3:])):
         agree(a, b, TOL[dtype] + 1e-4, f"gradient {k}")
 
 

@@ -332,6 +332,12 @@ class TimingShapes:
     ce: Tuple[int, int] = (8192, 32000)  # rows, classes (bfloat16)
     smooth_l1: int = 1 << 24  # elements (float32)
     lce: Tuple[int, int, int] = (4096, 2048, 32000)  # N, H, V (bfloat16)
+    # The linear CE against MLX's GEMMs on the same shapes (docs/metal_linear_cross_entropy.md
+    # models these): dense bfloat16 and 4-bit heads. --full adds the 7B head's shape.
+    lce_gemm: Tuple[Tuple[int, int, int], ...] = ((4096, 2048, 32000),)
+
+
+FULL_LCE_GEMM_SHAPES = ((4096, 2048, 32000), (8192, 4096, 151936))
 
 
 def _grad_thunk(loss_fn, primals):
@@ -381,6 +387,63 @@ def time_key_shapes(stream, shapes: TimingShapes = TimingShapes()) -> List[Timed
         }, policy)
         out.append(Timed(f"linear_cross_entropy bfloat16 N={N} H={H} V={V}",
                          r["fused"][0].median_ms, r["mlx"][0].median_ms))
+        for N, H, V in shapes.lce_gemm:
+            out += time_lce_against_gemm(N, H, V, rng, policy)
+    return out
+
+
+def time_lce_against_gemm(N: int, H: int, V: int, rng, policy) -> List["Timed"]:
+    """The linear CE against MLX's GEMMs on its shape, bfloat16 and a 4-bit head (group 64):
+    forward vs `mx.matmul(h, w.T)` (`mx.quantized_matmul` for the 4-bit head), and forward +
+    backward vs mlx-lm's unfused step (the logits GEMM, cross-entropy, then the dH and dW
+    GEMMs; dH only for the 4-bit head, whose weight has no gradient). MLX / fused is the
+    fraction of MLX's rate the fused op reaches (the model's targets: >= 0.9 forward,
+    >= 1 / 1.15 forward + backward)."""
+    from mlx import nn
+
+    from .bench.timing import measure_interleaved
+
+    h = mx.array(rng.standard_normal((N, H)).astype(np.float32)).astype(mx.bfloat16)
+    w = mx.array((rng.standard_normal((V, H)) / math.sqrt(H)).astype(np.float32)).astype(mx.bfloat16)
+    t = mx.array(rng.integers(0, V, N))
+    wq, sq, bq = mx.quantize(w, group_size=64, bits=4)
+    mx.eval(h, w, t, wq, sq, bq)
+    shape = f"N={N} H={H} V={V}"
+
+    def unfused(logits_fn):
+        return lambda *a: nn.losses.cross_entropy(logits_fn(*a), t, reduction="mean")
+
+    def qmm(a):
+        return mx.quantized_matmul(a, wq, sq, bq, transpose=True, group_size=64, bits=4)
+
+    out = []
+    r = measure_interleaved({
+        "fused": lambda: linear_cross_entropy(h, w, t, reduction="mean"),
+        "mlx": lambda: mx.matmul(h, w.T),
+    }, policy)
+    out.append(Timed(f"linear CE forward vs mx.matmul, bfloat16 {shape}", r["fused"][0].median_ms,
+                     r["mlx"][0].median_ms))
+    r = measure_interleaved({
+        "fused": _grad_thunk(lambda a, b: linear_cross_entropy(a, b, t, reduction="mean"), [h, w]),
+        "mlx": _grad_thunk(unfused(lambda a, b: mx.matmul(a, b.T)), [h, w]),
+    }, policy)
+    out.append(Timed(f"linear CE forward + backward vs the unfused step, bfloat16 {shape}",
+                     r["fused"][0].median_ms, r["mlx"][0].median_ms))
+    r = measure_interleaved({
+        "fused": lambda: linear_cross_entropy(h, wq, t, scales=sq, biases=bq, group_size=64, bits=4,
+                                              reduction="mean"),
+        "mlx": lambda: qmm(h),
+    }, policy)
+    out.append(Timed(f"linear CE forward vs mx.quantized_matmul, 4-bit {shape}",
+                     r["fused"][0].median_ms, r["mlx"][0].median_ms))
+    r = measure_interleaved({
+        "fused": _grad_thunk(lambda a: linear_cross_entropy(a, wq, t, scales=sq, biases=bq,
+                                                            group_size=64, bits=4,
+                                                            reduction="mean"), [h]),
+        "mlx": _grad_thunk(unfused(qmm), [h]),
+    }, policy)
+    out.append(Timed(f"linear CE forward + backward vs the unfused step, 4-bit {shape}",
+                     r["fused"][0].median_ms, r["mlx"][0].median_ms))
     return out
 
 
@@ -468,6 +531,9 @@ def main(argv: Optional[Sequence[str]] = None, out: TextIO = sys.stdout) -> int:
                     "Prints a report to paste into an issue; exit status 0 pass, 1 fail, "
                     "2 no Metal device.")
     parser.add_argument("--no-timing", action="store_true", help="skip the timings")
+    parser.add_argument("--full", action="store_true",
+                        help="also time the linear CE at the 7B head's shape (N 8192, H 4096, "
+                             "V 151936; needs ~8 GB for MLX's unfused step)")
     args = parser.parse_args(argv)
     if not (hasattr(mx, "metal") and mx.metal.is_available()):
         out.write(NO_METAL.format(f"{platform.system()} {platform.machine()}") + "\n")
@@ -475,8 +541,9 @@ def main(argv: Optional[Sequence[str]] = None, out: TextIO = sys.stdout) -> int:
     if not hasattr(_ext, "metallib_function_names"):
         out.write(NO_METAL_BUILD + "\n")
         return 2
+    shapes = TimingShapes(lce_gemm=FULL_LCE_GEMM_SHAPES) if args.full else TimingShapes()
     return run(mx.gpu, mx.cpu, _ext.metallib_function_names,
-               timing_shapes=None if args.no_timing else TimingShapes(), out=out)
+               timing_shapes=None if args.no_timing else shapes, out=out)
 
 
 if __name__ == "__main__":
