@@ -183,9 +183,10 @@ template <typename T, typename W>
 struct HeadStage<T, DenseHead<W>> {
   typedef typename StageOf<T, W>::type type;
 };
-template <typename T, typename Head, bool kTransB>
-using HeadGemm = Gemm<typename HeadStage<T, Head>::type, FL_LCE_BM, FL_LCE_BN, FL_LCE_BK,
-                      FL_LCE_WM, FL_LCE_WN, false, kTransB>;
+// The logits GEMM of hidden dtype T against a head, in the tile the launch plan
+// chose for the device class (launch_plan.h lce_forward_tile: MLX's choices).
+template <typename T, typename Head, int BM, int BN, int BK, int WM, int WN>
+using LogitsGemm = Gemm<typename HeadStage<T, Head>::type, BM, BN, BK, WM, WN, false, true>;
 
 // ---- epilogue pieces ------------------------------------------------------------------
 
@@ -222,7 +223,7 @@ inline void logits_tile(thread typename G::mma_t& mma, device const T* hidden, H
 // Grid (S splits, row blocks of the launch), FL_LCE_THREADS threads: the rows
 // from args.row0 (a multiple of BM; the host cuts N rows into launches of
 // bounded work, launch_plan.h lce_schedule).
-template <typename T, typename Head>
+template <typename T, typename Head, int BM, int BN, int BK, int WM, int WN>
 [[kernel]] void lce_forward(
     device const T* hidden [[buffer(FL_LCE_HIDDEN)]],
     device const typename Head::weight_t* weight [[buffer(FL_LCE_WEIGHT)]],
@@ -237,7 +238,7 @@ template <typename T, typename Head>
     uint tid [[thread_index_in_threadgroup]],
     uint lane [[thread_index_in_simdgroup]],
     uint sg [[simdgroup_index_in_threadgroup]]) {
-  typedef lce::HeadGemm<T, Head, true> G;
+  typedef lce::LogitsGemm<T, Head, BM, BN, BK, WM, WN> G;
   typedef lce::Acc<G> A;
   threadgroup typename G::stage_t As[G::kAElems];
   threadgroup typename G::stage_t Bs[G::kBElems];
@@ -391,7 +392,7 @@ template <typename T, typename Head>
 
 // dZ of the chunk's rows [row0, row0 + chunk_rows): grid (ceil(V / BN),
 // ceil(chunk_rows / BM)). Ignored rows 0, out-of-range rows NaN (as the CPU).
-template <typename T, typename Head>
+template <typename T, typename Head, int BM, int BN, int BK, int WM, int WN>
 [[kernel]] void lce_dz(
     device const T* hidden [[buffer(FL_LCE_HIDDEN)]],
     device const typename Head::weight_t* weight [[buffer(FL_LCE_WEIGHT)]],
@@ -408,7 +409,7 @@ template <typename T, typename Head>
     uint tid [[thread_index_in_threadgroup]],
     uint lane [[thread_index_in_simdgroup]],
     uint sg [[simdgroup_index_in_threadgroup]]) {
-  typedef lce::HeadGemm<T, Head, true> G;
+  typedef lce::LogitsGemm<T, Head, BM, BN, BK, WM, WN> G;
   typedef lce::Acc<G> A;
   threadgroup typename G::stage_t As[G::kAElems];
   threadgroup typename G::stage_t Bs[G::kBElems];
@@ -545,14 +546,26 @@ template <typename T>
   }
 }
 
-// Host names (launch_plan.cpp builds the same): fl_lce_<fwd|dz>_<hidden>_<head>,
+// Host names (launch_plan.cpp builds the same): fl_lce_<fwd|dz>_<hidden>_<head>_<tile>
+// (tile: bm<BM>_bn<BN>_bk<BK>_wm<WM>_wn<WN>, launch_plan.h lce_forward_tiles),
 // fl_lce_dh_<head>, fl_lce_dw_<hidden>, fl_lce_fwd_finish, fl_lce_dbias,
 // fl_lce_scale_<dtype>; a dense head is named w<dtype>.
-#define FL_INST_LCE_TILES(hname, T, head, Head)                                                     \
-  template [[host_name("fl_lce_fwd_" #hname "_" #head)]] [[kernel]] decltype(                      \
-      lce_forward<T, Head>) lce_forward<T, Head>;                                                  \
-  template [[host_name("fl_lce_dz_" #hname "_" #head)]] [[kernel]] decltype(lce_dz<T, Head>)       \
-      lce_dz<T, Head>;
+#define FL_LCE_TILE_NAME(BM, BN, BK, WM, WN) "_bm" #BM "_bn" #BN "_bk" #BK "_wm" #WM "_wn" #WN
+#define FL_LCE_FWD(T, Head, BM, BN, BK, WM, WN) lce_forward<T, Head, BM, BN, BK, WM, WN>
+#define FL_LCE_DZ(T, Head, BM, BN, BK, WM, WN) lce_dz<T, Head, BM, BN, BK, WM, WN>
+#define FL_INST_LCE_TILE(hname, T, head, Head, BM, BN, BK, WM, WN) \
+  template [[host_name("fl_lce_fwd_" #hname "_" #head FL_LCE_TILE_NAME(BM, BN, BK, WM, WN))]] [[kernel]] decltype(FL_LCE_FWD(T, Head, BM, BN, BK, WM, WN)) FL_LCE_FWD(T, Head, BM, BN, BK, WM, WN); \
+  template [[host_name("fl_lce_dz_" #hname "_" #head FL_LCE_TILE_NAME(BM, BN, BK, WM, WN))]] [[kernel]] decltype(FL_LCE_DZ(T, Head, BM, BN, BK, WM, WN)) FL_LCE_DZ(T, Head, BM, BN, BK, WM, WN);
+
+// The tiles of a head staged as float (MLX's float32 choices: default, small
+// device) and, for a 16-bit dense head of the hidden dtype, MLX's 16-bit choice on
+// the largest devices too (launch_plan.h lce_forward_tiles).
+#define FL_INST_LCE_TILES(hname, T, head, Head)                   \
+  FL_INST_LCE_TILE(hname, T, head, Head, 64, 64, 16, 2, 2)        \
+  FL_INST_LCE_TILE(hname, T, head, Head, 64, 32, 32, 2, 2)
+#define FL_INST_LCE_TILES16(hname, T, head, Head)                 \
+  FL_INST_LCE_TILES(hname, T, head, Head)                         \
+  FL_INST_LCE_TILE(hname, T, head, Head, 64, 64, 16, 1, 2)
 
 #define FL_INST_LCE_HEAD(head, Head)                                                              \
   FL_INST_LCE_TILES(float32, float, head, Head)                                                   \
@@ -560,8 +573,11 @@ template <typename T>
   FL_INST_LCE_TILES(bfloat16, bfloat, head, Head)                                                 \
   template [[host_name("fl_lce_dh_" #head)]] [[kernel]] decltype(lce_dh<Head>) lce_dh<Head>;
 
+// A dense head: its tiles against each hidden dtype (the 16-bit choices where both
+// are the same 16-bit dtype), dH, and the dW and scale kernels of its dtype.
 #define FL_INST_LCE_DTYPE(dname, T)                                                               \
-  FL_INST_LCE_HEAD(w##dname, lce::DenseHead<T>)                                                   \
+  template [[host_name("fl_lce_dh_w" #dname)]] [[kernel]] decltype(lce_dh<lce::DenseHead<T>>)     \
+      lce_dh<lce::DenseHead<T>>;                                                                  \
   template [[host_name("fl_lce_dw_" #dname)]] [[kernel]] decltype(lce_dw<T>) lce_dw<T>;           \
   template [[host_name("fl_lce_scale_" #dname)]] [[kernel]] decltype(lce_scale_grad<T>)           \
       lce_scale_grad<T>;
@@ -569,6 +585,15 @@ template <typename T>
 FL_INST_LCE_DTYPE(float32, float)
 FL_INST_LCE_DTYPE(float16, half)
 FL_INST_LCE_DTYPE(bfloat16, bfloat) // Metal 3.1 (fl_common.h requires it)
+FL_INST_LCE_TILES(float32, float, wfloat32, lce::DenseHead<float>)
+FL_INST_LCE_TILES(float16, half, wfloat32, lce::DenseHead<float>)
+FL_INST_LCE_TILES(bfloat16, bfloat, wfloat32, lce::DenseHead<float>)
+FL_INST_LCE_TILES(float32, float, wfloat16, lce::DenseHead<half>)
+FL_INST_LCE_TILES16(float16, half, wfloat16, lce::DenseHead<half>)
+FL_INST_LCE_TILES(bfloat16, bfloat, wfloat16, lce::DenseHead<half>)
+FL_INST_LCE_TILES(float32, float, wbfloat16, lce::DenseHead<bfloat>)
+FL_INST_LCE_TILES(float16, half, wbfloat16, lce::DenseHead<bfloat>)
+FL_INST_LCE_TILES16(bfloat16, bfloat, wbfloat16, lce::DenseHead<bfloat>)
 
 // Quantized heads (metal/quantized_head.h), named as launch_plan.cpp's
 // lce_quantized_head names them: q<bits>_<scale dtype> (affine) or the mode

@@ -56,10 +56,15 @@ def test_the_enumeration_covers_the_option_space():
         assert f"fl_pw_bwd_sigmoid_focal_g2_{d}_bcast" in names
         for bits in (1, 2, 3, 4, 5, 6, 8):
             assert f"fl_lce_dh_q{bits}_{d}" in names
-            assert f"fl_lce_fwd_{d}_q{bits}_bfloat16" in names
+            for tile in ("bm64_bn64_bk16_wm2_wn2", "bm64_bn32_bk32_wm2_wn2"):  # s, g/p classes
+                assert f"fl_lce_fwd_{d}_q{bits}_bfloat16_{tile}" in names
+        # the Ultra's 16-bit tile for a dense head of the hidden dtype
+        if d != "float32":
+            assert f"fl_lce_dz_{d}_w{d}_bm64_bn64_bk16_wm1_wn2" in names
     assert "fl_pw_bwd_huber_float16_cot16" in names and "fl_pw_sum_finish" in names
     for mode in ("mxfp4", "mxfp8", "nvfp4", "nvfp4_global"):
-        assert f"fl_lce_dz_float16_{mode}" in names and f"fl_lce_dh_{mode}" in names
+        assert f"fl_lce_dz_float16_{mode}_bm64_bn32_bk32_wm2_wn2" in names
+        assert f"fl_lce_dh_{mode}" in names
     # The call that asked for a name is reported with it.
     assert kernels["fl_pw_sum_finish"].startswith("pw_sum_finish_plan(")
 

@@ -57,3 +57,28 @@ def test_plan_rules_match_the_launch_plan(rows, vocab, chunk):
                     map(int, out)))
     mine = model.plan(model.our_tiles(), rows, vocab, chunk)
     assert {k: mine[k] for k in real} == real
+
+
+@pytest.mark.parametrize("dc", ["p", "g", "s", "d"])
+def test_forward_tiles_match_the_launch_plan(dc):
+    """The model's copy of lce_forward_tile (MLX's nt choices per device class) is the plan's."""
+    mh = pytest.importorskip("metal_host")
+    if mh.find_clang() is None:
+        pytest.skip(CLANG_MISSING)
+    lib = mh.build(["metal/linear_cross_entropy.metal", "metal/pointwise_loss.metal"],
+                   "tests/metal_kernels/lce_adaptor.cpp", include_dirs=("csrc",))
+    lib.run("lce_set_device_class", np.int32(ord(dc)), schedules=(mh.Schedule(),))
+    try:
+        for quantized in (False, True):
+            head = b"q4_bfloat16\0" if quantized else b"wbfloat16\0"
+            for n, v, h in ((8192, 151936, 4096), (4096, 32000, 2048), (4, 8, 4096)):
+                out = np.zeros(64, np.uint8)
+                lib.run("lce_tile_name", np.int32(2), np.frombuffer(head, np.uint8).copy(),
+                        np.int64(n), np.int32(v), np.int32(h), out, np.int32(64),
+                        schedules=(mh.Schedule(),))
+                t = model.forward_tiles_for(dc, not quantized, n, v, h, 4 if quantized else 2)
+                wm = 1 if t.threads == 64 else 2
+                assert bytes(out).split(b"\0")[0].decode() == \
+                    f"bm{t.bm}_bn{t.bn}_bk{t.bk}_wm{wm}_wn2", (dc, quantized, n, v, h)
+    finally:
+        lib.run("lce_set_device_class", np.int32(ord("s")), schedules=(mh.Schedule(),))

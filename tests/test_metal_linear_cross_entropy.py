@@ -60,6 +60,11 @@ QUANTIZED_HEADS = ([f"q{bits}_{d}" for bits in AFFINE_BITS for d in DTYPES] + li
                    + ["nvfp4_global"])
 
 
+def is_quantized_kernel(name: str) -> bool:
+    """A kernel of a quantized head: fl_lce_dh_<head>, fl_lce_<fwd|dz>_<hidden>_<head>_<tile>."""
+    return name.split("_bm")[0].endswith(tuple(QUANTIZED_HEADS))
+
+
 @pytest.fixture(scope="module")
 def lib():
     return mh.build(METAL, ADAPTOR, include_dirs=("csrc",))
@@ -96,7 +101,7 @@ def host_names() -> set[str]:
 
 
 def test_kernel_table_is_the_sources_names(lib):
-    buf = np.zeros(1 << 14, np.uint8)
+    buf = np.zeros(1 << 16, np.uint8)
     lib.run("mh_kernel_names", buf, np.uint32(buf.size), schedules=(mh.Schedule(),))
     assert set(bytes(buf).split(b"\0")[0].decode().split()) == kernel_names(METAL)
 
@@ -161,7 +166,8 @@ def test_plan_buffer_orders_and_grids(lib):
     assert launch_info(lib, 5)["buffers"] == ["dz", "dbias", "args"]
     assert launch_info(lib, 6)["buffers"] == ["g", "src", "out", "args"]
     dz = launch_info(lib, 2, rows=100, vocab=2 * BN + 1, hidden=7, chunk_rows=BM + 1)
-    assert (dz["gx"], dz["gy"], dz["tx"], dz["name"]) == (3, 2, THREADS, "fl_lce_dz_float32_wfloat32")
+    assert (dz["gx"], dz["gy"], dz["tx"], dz["name"]) == (
+        3, 2, THREADS, f"fl_lce_dz_float32_wfloat32_bm{BM}_bn{BN}_bk{BK}_wm2_wn2")
     dh = launch_info(lib, 3, rows=100, vocab=65, hidden=BN + 1, chunk_rows=BM, wdt="bfloat16")
     assert (dh["gx"], dh["gy"], dh["name"]) == (2, 1, "fl_lce_dh_wbfloat16")
     dw = launch_info(lib, 4, rows=100, vocab=2 * BM + 1, hidden=BN + 1, hdt="float16")
@@ -170,6 +176,46 @@ def test_plan_buffer_orders_and_grids(lib):
     assert fin["gx"] * fin["tx"] >= 300 and fin["tx"] == 256
     db = launch_info(lib, 5, vocab=33)
     assert (db["gx"], db["tx"]) == (1, 64)
+
+
+# MLX's tile per device class for the logits GEMM (mlx/backend/metal/matmul.cpp,
+# GEMM_TPARAM_MACRO; launch_plan.h lce_forward_tile), written out here independently.
+def mlx_nt_tile(device_class, hdt, wdt, rows, vocab, hidden):
+    sixteen = hdt == wdt != "float32"
+    if device_class in "gp":
+        return "bm64_bn32_bk32_wm2_wn2"
+    if device_class == "d" and sixteen:
+        return "bm64_bn64_bk16_wm1_wn2" if 2 * max(rows, vocab) > hidden else "bm64_bn32_bk32_wm2_wn2"
+    return "bm64_bn64_bk16_wm2_wn2"
+
+
+@pytest.fixture
+def device_class(lib):
+    def set_class(c):
+        lib.run("lce_set_device_class", np.int32(ord(c)), schedules=(mh.Schedule(),))
+    yield set_class
+    set_class("s")
+
+
+@pytest.mark.parametrize("dc", ["p", "g", "s", "d"])
+@pytest.mark.parametrize("hdt", DTYPES)
+@pytest.mark.parametrize("wdt", DTYPES)
+def test_forward_tile_per_device_class(lib, device_class, dc, hdt, wdt):
+    device_class(dc)
+    for rows, vocab, hidden in ((100, 1000, 64), (8192, 151936, 4096), (4, 8, 4096)):
+        d = dict(hdt=hdt, wdt=wdt, n=rows, v=vocab, h=hidden)
+        assert tile_name(lib, d) == mlx_nt_tile(dc, hdt, wdt, rows, vocab, hidden), (rows, vocab, hidden)
+
+
+@pytest.mark.parametrize("dc", ["g", "d"])
+@pytest.mark.parametrize("hdt,wdt", [(a, b) for a in DTYPES for b in DTYPES])
+def test_every_device_class_tile_matches_the_cpu(lib, device_class, dc, hdt, wdt):
+    """The forward and dZ kernels in the small devices' 64 x 32 x 32 tile and the largest
+    devices' 16-bit 64 x 64 x 16 tile of 1 x 2 SIMD-groups (64 threads) against the CPU
+    primitive and float64 (the default tile: the cases above)."""
+    device_class(dc)
+    case = "others_z_cap" if DT_CODE[hdt] <= DT_CODE[wdt] else "smooth_ignore_bias_sum"
+    check_case(lib, case, 67, 37, 70, hdt, wdt, 4 * 70 * 33, FAST, seed=DT_CODE[hdt] * 3 + DT_CODE[wdt] + ord(dc))
 
 
 @pytest.mark.parametrize("limit", [127, 128, 129, 256, 640])
@@ -252,10 +298,20 @@ def head_run_args(d):
 QUANT_MODE_CODE = {"affine": 0, "mxfp4": 1, "mxfp8": 2, "nvfp4": 3}
 
 
+def tile_name(lib, d):
+    """The forward tile eval_gpu's plan takes for this case (under lce_set_device_class)."""
+    out = np.zeros(64, np.uint8)
+    lib.run("lce_tile_name", np.int32(DT_CODE[d["hdt"]]),
+            np.frombuffer(head_name(d).encode() + b"\0", np.uint8).copy(), np.int64(d["n"]),
+            np.int32(d["v"]), np.int32(d["h"]), out, np.int32(out.size), schedules=(mh.Schedule(),))
+    return bytes(out).split(b"\0")[0].decode()
+
+
 def gpu_forward(lib, d, case, chunk_bytes, schedules):
     n, v, h = d["n"], d["v"], d["h"]
     p = plan_info(lib, n, v, h, chunk_bytes)
-    partials = np.full(max(p["splits"] * n * 4, 4), SENTINEL, np.float32)
+    # room for the most splits any forward tile can take (kLceMaxSplits = 64)
+    partials = np.full(max(max(p["splits"], 64) * n * 4, 4), SENTINEL, np.float32)
     target_logit = np.full(max(n, 1), SENTINEL, np.float32)
     row_loss = np.full(max(n, 1), SENTINEL, np.float32)
     loss = np.full(1 if case["sum"] else max(n, 1), SENTINEL, np.float32)
@@ -265,7 +321,7 @@ def gpu_forward(lib, d, case, chunk_bytes, schedules):
     lib.run("lce_forward_run" + suffix, *head, d["t"], d["bias"], partials, target_logit, row_loss,
             loss, lse, lse_lo, correct, entropy, np.int64(n), np.int32(v), np.int32(h),
             np.int64(chunk_bytes), np.int32(case["sum"]), *options(case), schedules=schedules)
-    USED.add(f"fl_lce_fwd_{d['hdt']}_{head_name(d)}")
+    USED.add(f"fl_lce_fwd_{d['hdt']}_{head_name(d)}_{tile_name(lib, d)}")
     USED.add("fl_lce_fwd_finish")
     k = slice(0, n)
     return dict(loss=loss if case["sum"] else loss[k], lse=lse[k], lse_lo=lse_lo[k],
@@ -286,7 +342,7 @@ def gpu_backward(lib, d, case, lse, lse_lo, g, chunk_bytes, want, schedules):
             np.int32(unit), dz, dh, dw, db, np.int32("hidden" in want), np.int32("weight" in want),
             np.int32("bias" in want), np.int64(n), np.int32(v), np.int32(h), np.int64(chunk_bytes),
             *options(case), schedules=schedules)
-    USED.add(f"fl_lce_dz_{d['hdt']}_{head_name(d)}")
+    USED.add(f"fl_lce_dz_{d['hdt']}_{head_name(d)}_{tile_name(lib, d)}")
     if "hidden" in want:
         USED.add(f"fl_lce_dh_{head_name(d)}")
     if "weight" in want:
@@ -556,6 +612,6 @@ def test_zz_every_instantiation_ran():
     """Runs last (file order): every kernel the .metal file defines was launched above."""
     if not USED:
         pytest.skip("run with the kernel tests")
-    quantized = {n for n in host_names() if n.endswith(tuple(QUANTIZED_HEADS))}
+    quantized = {n for n in host_names() if is_quantized_kernel(n)}
     missing = host_names() - quantized - USED
     assert not missing, sorted(missing)

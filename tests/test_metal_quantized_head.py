@@ -198,7 +198,7 @@ def test_static_address_spaces():
 def test_kernel_table_is_the_sources_names(lib):
     # The harness's table (generated from the source) holds the tile kernels the
     # tests below run, every pair (scale dtype, tile dtype) x bits x tile shape.
-    buf = np.zeros(1 << 14, np.uint8)
+    buf = np.zeros(1 << 16, np.uint8)
     lib.run("mh_kernel_names", buf, np.uint32(buf.size), schedules=(mh.Schedule(),))
     names = set(bytes(buf).split(b"\0")[0].decode().split())
     assert names == kernel_names(METAL)
@@ -452,12 +452,25 @@ def test_nvfp4_global_scale_all_schedules(lce_lib):
                    make=quantized_maker(4, 16, "nvfp4", mx.array(0.37, mx.float32)))
 
 
+def small_device_case(lce_lib, case, hdt, sdt, seed, make):
+    """The same head in the small devices' forward tile (64 x 32 x 32, MLX's choice for
+    'g'/'p' GPUs: launch_plan.h lce_forward_tile), on a smaller shape."""
+    lce_lib.run("lce_set_device_class", np.int32(ord("g")), schedules=(mh.Schedule(),))
+    try:
+        lce.check_case(lce_lib, case, 9, 64, 40, hdt, sdt, 4 * 40 * 9, lce.FAST, seed=seed + 100,
+                       make=make)
+    finally:
+        lce_lib.run("lce_set_device_class", np.int32(ord("s")), schedules=(mh.Schedule(),))
+
+
 @pytest.mark.parametrize("hdt", ["float32", "float16", "bfloat16"])
 def test_every_nvfp4_global_instantiation(lce_lib, hdt):
     k = DT_CODE[hdt]
     lce.check_case(lce_lib, list(lce.CASES)[k], 37, 64, 70, hdt, list(DT_CODE)[2 - k],
                    4 * 70 * 33, lce.FAST, seed=k + 20,
                    make=quantized_maker(4, 16, "nvfp4", mx.array([3.0, 0.05, 1.7][k], mx.float32)))
+    small_device_case(lce_lib, list(lce.CASES)[k], hdt, list(DT_CODE)[2 - k], k + 20,
+                      quantized_maker(4, 16, "nvfp4", mx.array([3.0, 0.05, 1.7][k], mx.float32)))
 
 
 @pytest.mark.parametrize("hdt", ["float32", "float16", "bfloat16"])
@@ -469,6 +482,8 @@ def test_every_fp_instantiation(lce_lib, mode, hdt):
     k = list(FP_MODES).index(mode) + DT_CODE[hdt] * 3
     lce.check_case(lce_lib, list(lce.CASES)[k % 4], 37, 64, 70, hdt, list(DT_CODE)[k % 3],
                    4 * 70 * 33, lce.FAST, seed=k, make=quantized_maker(bits, group_size, mode))
+    small_device_case(lce_lib, list(lce.CASES)[k % 4], hdt, list(DT_CODE)[k % 3], k,
+                      quantized_maker(bits, group_size, mode))
 
 
 @pytest.mark.parametrize("sdt", ["float32", "float16", "bfloat16"])
@@ -488,12 +503,13 @@ def test_every_instantiation(lce_lib, bits, hdt, sdt):
         case = "others_z_cap"
     lce.check_case(lce_lib, case, 37, 64, 70, hdt, sdt, 4 * 70 * 33, lce.FAST,
                    seed=k, make=quantized_maker(bits, (32, 64)[k % 2]))
+    small_device_case(lce_lib, case, hdt, sdt, k, quantized_maker(bits, (32, 64)[k % 2]))
 
 
 def test_zz_every_quantized_instantiation_ran():
     """Runs after the tests above (file order): every quantized kernel the .metal
     file defines was launched."""
-    quantized = {n for n in lce.host_names() if n.endswith(tuple(lce.QUANTIZED_HEADS))}
+    quantized = {n for n in lce.host_names() if lce.is_quantized_kernel(n)}
     if not quantized & lce.USED:
         pytest.skip("run with the kernel tests")
     missing = quantized - lce.USED

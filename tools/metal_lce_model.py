@@ -44,6 +44,9 @@ SOURCES = {
            "bm x bn x bk, wm x wn SIMD-groups (GEMM_TPARAM_MACRO); quantized.cpp qmm: 32 x 32 x 32",
     "mfa": "philipturner/metal-flash-attention README: a tuned simdgroup_matrix GEMM reaches "
            "87.2 % (FP32) / 93.3 % (FP16) of the ALU peak (M1 Max)",
+    "mlxdev": "ml-explore/mlx mlx/backend/metal/device.cpp (commit 846d176): the device class is "
+              "the architecture name's last letter, 'p' phone, 'g' base and Pro, 's' Max, "
+              "'d' Ultra",
 }
 
 # Per-core limits (source "mb"; threads per group: "tables").
@@ -61,6 +64,7 @@ class Chip:
     gbps: float  # DRAM bandwidth
     slc_mb: float | None  # system level cache (None: not published)
     flops_source: str  # "mb", or "assumed" (Apple publishes no GPU clock)
+    device_class: str = "g"  # MLX's device class (source "mlxdev")
 
 
 # M3/M4: Apple publishes neither GPU clock nor FLOPS; assumed at M2's 1.398 GHz x
@@ -70,13 +74,15 @@ def _assumed(cores: int) -> float:
 
 
 HARDWARE = [
-    Chip("M1 (8-core GPU)", 8, 2617, 68.25, 8, "mb"),
-    Chip("M1 Max (32)", 32, 10617, 400, 48, "mb"),
-    Chip("M2 (10)", 10, 3579, 100, 8, "mb"),
-    Chip("M2 Max (38)", 38, 13600, 400, 48, "mb"),
-    Chip("M3 (10)", 10, _assumed(10), 100, None, "assumed"),
-    Chip("M4 (10)", 10, _assumed(10), 120, None, "assumed"),
-    Chip("M4 Max (40)", 40, _assumed(40), 546, None, "assumed"),
+    Chip("M1 (8-core GPU)", 8, 2617, 68.25, 8, "mb", "g"),
+    Chip("M1 Max (32)", 32, 10617, 400, 48, "mb", "s"),
+    Chip("M2 (10)", 10, 3579, 100, 8, "mb", "g"),
+    Chip("M2 Max (38)", 38, 13600, 400, 48, "mb", "s"),
+    # Two M2 Max dies (Apple Newsroom 2023-06-05: 800 GB/s).
+    Chip("M2 Ultra (76)", 76, 2 * 13600, 800, 96, "2 x M2 Max", "d"),
+    Chip("M3 (10)", 10, _assumed(10), 100, None, "assumed", "g"),
+    Chip("M4 (10)", 10, _assumed(10), 120, None, "assumed", "g"),
+    Chip("M4 Max (40)", 40, _assumed(40), 546, None, "assumed", "s"),
 ]
 
 # ---- the kernels' tiles, read from the sources --------------------------------------------
@@ -216,7 +222,7 @@ def plan(t: Tiles, n: int, v: int, chunk_bytes: int = 64 << 20, h: int = 64) -> 
     fit = t.max_buffer_flops // row_flops if row_flops else n
     forward_rows = min(max(t.bm, fit // t.bm * t.bm), n) if n else 1
     launch_blocks = -(-forward_rows // t.bm)
-    want = -(-t.target_groups // launch_blocks) if blocks else 1
+    want = -(-(t.target_groups * 128 // t.threads) // launch_blocks) if blocks else 1
     splits = min(max(want, 1), min(tiles, t.max_splits))
     per = -(-tiles // splits) * t.bn
     splits = -(-v // per)
@@ -313,12 +319,14 @@ def table_tiles(t: Tiles) -> str:
 
 
 def table_chips() -> str:
-    out = ["| chip | GPU cores | FP32 TFLOP/s | DRAM GB/s | SLC MB | machine balance FLOP/B | FLOPs from |",
-           "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    out = ["| chip | MLX device class | GPU cores | FP32 TFLOP/s | DRAM GB/s | SLC MB | machine balance FLOP/B | FLOPs from |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for c in HARDWARE:
         slc = "-" if c.slc_mb is None else _fmt(c.slc_mb)
-        out.append(f"| {c.name} | {c.cores} | {c.gflops / 1000:.2f} | {_fmt(c.gbps)} | {slc} | "
-                   f"{c.gflops / c.gbps:.0f} | {'metal-benchmarks' if c.flops_source == 'mb' else 'assumed: cores x 256 x 1.398 GHz'} |")
+        src = {"mb": "metal-benchmarks", "assumed": "assumed: cores x 256 x 1.398 GHz"}.get(
+            c.flops_source, c.flops_source)
+        out.append(f"| {c.name} | {c.device_class} | {c.cores} | {c.gflops / 1000:.2f} | "
+                   f"{_fmt(c.gbps)} | {slc} | {c.gflops / c.gbps:.0f} | {src} |")
     return "\n".join(out)
 
 
@@ -382,8 +390,150 @@ def table_backward(t: Tiles) -> str:
     return "\n".join(out)
 
 
+# ---- against MLX's own GEMMs: the targets -----------------------------------------------
+#
+# Every GEMM of the linear CE is MLX's steel tile (same loader, same fragment multiply,
+# same shape for the device class), so per FLOP it runs at MLX's rate, times:
+#   - its staging dtype's GEMM efficiency: E16 for 16-bit operands, E32 for float32 ones
+#     (source "mfa": 93.3 % and 87.2 % of the ALU peak); the backward's dH and dW stage
+#     float32 (dZ is float32), a quantized head stages float32 (dequantised values);
+#   - a quantized head's extra staging work: the MMA share of issue slots of the
+#     dequantising tile against the dense one (the tiles table); MLX's qmm likewise;
+#   - the epilogue: c instructions per output element beside K / 32 MMA issue slots per
+#     element (an 8x8x8 MMA, 16 slots, makes 64 outputs 8 deep): K / (K + c) of the rate,
+#     c = EPI_FWD (forward state update) or EPI_DZ (the gradient of a logit);
+#   - occupancy: groups / (cores x groups per core), when a launch has fewer groups than
+#     the GPU holds (the dH GEMM of a chunk has ceil(H/64) ceil(R/64) groups);
+# and a kernel takes max(its FLOPs at that rate, its DRAM bytes at the DRAM bandwidth).
+# mlx-lm's unfused step: the logits GEMM, cross-entropy on the bfloat16 logits (written,
+# read by the forward, read and the gradient written by the backward: 8 N V bytes), the dH
+# GEMM and (dense) the dW GEMM, each at MLX's rate. Assumptions, not measurements: the
+# doc's checklist says what a Mac must measure.
+E16, E32 = 0.933, 0.872
+EPI_FWD, EPI_DZ = 24, 30
+
+TARGET_SHAPES = [(8192, 4096, 151936), (4096, 2048, 32000)]
+TARGET_CHIPS = ("M1 (8-core GPU)", "M2 Max (38)", "M2 Ultra (76)")
+
+
+def forward_tiles_for(device_class: str, sixteen: bool, rows: int, vocab: int, hidden: int,
+                      stage_bytes: int) -> Tiles:
+    """launch_plan.cpp lce_forward_tile (MLX's nt choices), as Tiles."""
+    base = our_tiles(stage_bytes=stage_bytes)
+    if device_class in "gp" or (device_class == "d" and sixteen and 2 * max(rows, vocab) <= hidden):
+        bm, bn, bk, threads = 64, 32, 32, 128
+    elif device_class == "d" and sixteen:
+        bm, bn, bk, threads = 64, 64, 16, 64
+    else:
+        bm, bn, bk, threads = 64, 64, 16, 128
+    return Tiles(bm, bn, bk, threads, base.pad_a, base.pad_b, 0, stage_bytes, base.target_groups,
+                 base.max_splits, base.max_buffer_flops)
+
+
+def _kernel_s(chip: Chip, flops: float, bytes_: float, eff: float, groups: float, t: Tiles) -> float:
+    cap = chip.cores * groups_per_core_tg(t)
+    u = min(1.0, groups / cap)
+    return max(flops / (chip.gflops * 1e9 * eff * u), bytes_ / (chip.gbps * 1e9))
+
+
+def step_model(chip: Chip, n: int, h: int, v: int, quantized: bool, chunk_bytes: int,
+               stored_z: bool = False) -> dict:
+    """Seconds of: ours forward, ours forward + backward, MLX's logits GEMM, mlx-lm's
+    unfused step (a dense bfloat16 or a 4-bit head, group 64, bfloat16 scales; hidden
+    bfloat16). stored_z: the design the doc describes but the kernels do not have (the
+    chunk's Z stored, dZ formed in place in the operand dtype: 6 N V H FLOPs)."""
+    s_h, s_w = 2, (quantized_bytes(4, 64) if quantized else 2)
+    t16 = our_tiles(stage_bytes=2)
+    t32 = our_tiles(stage_bytes=4)
+    dense_share = slot_shares(t16, C_STAGE_VEC)
+    q_ours = slot_shares(t32, C_STAGE_VEC, quant_bits=4) / dense_share if quantized else 1.0
+    q_mlx = slot_shares(MLX_QMM, C_STAGE_VEC, quant_bits=4) / dense_share if quantized else 1.0
+    tf = forward_tiles_for(chip.device_class, not quantized, n, v, h, 4 if quantized else 2)
+    e_fwd = (E32 if quantized else E16) * q_ours
+    p = plan(tf, n, v, chunk_bytes, h)
+    # forward: hidden once, the weight once per launch (the row blocks of a launch walk the
+    # vocabulary together); a launch has S x its row blocks groups
+    fwd = 0.0
+    for r0 in range(0, n, p["forward_rows"]):
+        rows = min(p["forward_rows"], n - r0)
+        groups = p["splits"] * -(-rows // tf.bm)
+        fwd += _kernel_s(chip, 2 * rows * v * h, rows * h * s_h + v * h * s_w,
+                         e_fwd * h / (h + EPI_FWD), groups, tf)
+    step = fwd
+    r = p["chunk_rows"]
+    e_bwd = (E16 if stored_z else E32) * q_ours
+    dz_bytes = 2 if stored_z else 4
+    tb = t16 if stored_z else t32
+    for c0 in range(0, n, r):
+        rows = min(r, n - c0)
+        if stored_z:  # the chunk's stored Z read and its dZ written in place
+            step += _kernel_s(chip, 0, 8 * rows * v, 1.0, 1, tb)
+        else:  # dZ: Z computed again, dZ written (float32)
+            step += _kernel_s(chip, 2 * rows * v * h, v * h * s_w + 4 * rows * v + rows * h * s_h,
+                              e_fwd * h / (h + EPI_DZ), -(-v // tf.bn) * -(-rows // tf.bm), tf)
+        step += _kernel_s(chip, 2 * rows * v * h, dz_bytes * rows * v + v * h * s_w + 4 * rows * h,
+                          e_bwd, -(-h // 64) * -(-rows // 64), tb)  # dH
+        if not quantized:  # dW (+)= dZ^T H: float32 read-modify-write after the first chunk
+            step += _kernel_s(chip, 2 * rows * v * h, dz_bytes * rows * v + rows * h * s_h
+                              + (4 if c0 == 0 else 8) * v * h, e_bwd, -(-h // 64) * -(-v // 64), tb)
+    if stored_z:  # the forward GEMM also writes Z (float32)
+        step += _kernel_s(chip, 0, 4 * n * v, 1.0, 1, tb)
+    mlx_t = MLX_QMM if quantized else MLX_F16
+    e_mlx = E16 * q_mlx
+    gemm = _kernel_s(chip, 2 * n * v * h, n * h * s_h + v * h * s_w + 2 * n * v, e_mlx, 1e9, mlx_t)
+    unfused = 2 * gemm + _kernel_s(chip, 0, 8 * n * v, 1.0, 1, mlx_t)
+    if not quantized:
+        unfused += gemm
+    return dict(fwd=fwd, step=step, gemm=gemm, unfused=unfused, plan=p, tile=tf)
+
+
+def _mib(b: int) -> str:
+    return f"{b >> 30} GiB" if b >= 1 << 30 else f"{b >> 20} MiB"
+
+
+def _target_chips() -> list:
+    return [c for c in HARDWARE if c.name in TARGET_CHIPS]
+
+
+def table_targets(t: Tiles) -> str:
+    out = ["| shape N, H, V | head | chip (class) | chunk_bytes: rows x chunks | forward: fraction "
+           "of MLX's GEMM rate (target >= 0.9) | forward + backward: time / mlx-lm's unfused step "
+           "(target <= 1.15) |",
+           "| --- | --- | --- | --- | ---: | ---: |"]
+    for n, h, v in TARGET_SHAPES:
+        for quantized in (False, True):
+            for chip in _target_chips():
+                for chunk in (64 << 20, 1 << 30):
+                    m = step_model(chip, n, h, v, quantized, chunk)
+                    p = m["plan"]
+                    frac = m["gemm"] / m["fwd"]
+                    ratio = m["step"] / m["unfused"]
+                    out.append(
+                        f"| {n}, {h}, {v} | {'4-bit' if quantized else 'bfloat16'} | {chip.name} "
+                        f"({chip.device_class}) | {_mib(chunk)}: {p['chunk_rows']} x {p['chunks']} | "
+                        f"{frac:.2f} {'met' if frac >= 0.9 else 'MISSED'} | "
+                        f"{ratio:.2f} {'met' if ratio <= 1.15 else 'MISSED'} |")
+    return "\n".join(out)
+
+
+def table_stored_z(t: Tiles) -> str:
+    """Forward + backward of the design the kernels do not have yet (doc: Backward)."""
+    out = ["| shape N, H, V | head | chip (class) | shipped, 1 GiB chunks: step / unfused | "
+           "not built: Z stored per chunk, dZ in bfloat16, 1 GiB chunks: step / unfused |",
+           "| --- | --- | --- | ---: | ---: |"]
+    for n, h, v in TARGET_SHAPES:
+        for quantized in (False, True):
+            for chip in _target_chips():
+                a = step_model(chip, n, h, v, quantized, 1 << 30)
+                b = step_model(chip, n, h, v, quantized, 1 << 30, stored_z=True)
+                out.append(f"| {n}, {h}, {v} | {'4-bit' if quantized else 'bfloat16'} | {chip.name} "
+                           f"({chip.device_class}) | {a['step'] / a['unfused']:.2f} | "
+                           f"{b['step'] / b['unfused']:.2f} |")
+    return "\n".join(out)
+
+
 TABLES = {"tiles": table_tiles, "chips": lambda t: table_chips(), "shapes": table_shapes,
-          "backward": table_backward}
+          "backward": table_backward, "targets": table_targets, "stored_z": table_stored_z}
 
 
 def render(t: Tiles) -> dict[str, str]:

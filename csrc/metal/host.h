@@ -46,6 +46,14 @@ inline MTL::Library* default_library() {
   return library(mx::metal::device(mx::Device::gpu));
 }
 
+// MLX's device class of the stream's GPU: the last letter of its architecture name
+// (MLX's device.cpp: 'p' phone, 'g' base and Pro, 's' Max, 'd' Ultra), which MLX's
+// matmul.cpp keys its GEMM tiles on; 's' if the name is empty.
+inline char device_class(const mx::Stream& s) {
+  const std::string& arch = mx::metal::device(s.device).get_architecture();
+  return arch.empty() ? 's' : arch.back();
+}
+
 inline MTL::ComputePipelineState* pipeline(mx::metal::Device& d, const std::string& name) {
   return d.get_kernel(name, library(d));
 }

@@ -406,19 +406,20 @@ PwArgs make_pw_args(uint64_t n, float param0, float param1, int reduce) {
 
 namespace {
 
-// Every GEMM group is FL_LCE_THREADS threads (the kernels' fragment layout).
-void check_lce_group(int max_group_threads) {
-  if (usable_threads(max_group_threads) < FL_LCE_THREADS) {
-    throw std::invalid_argument(
-        "launch plan: the linear cross-entropy kernels need 128 threads per threadgroup");
+// A GEMM group is its tile's SIMD-groups x 32 threads (the kernels' fragment layout).
+void check_lce_group(int max_group_threads, int threads) {
+  if (usable_threads(max_group_threads) < threads) {
+    throw std::invalid_argument("launch plan: the linear cross-entropy kernels need " +
+                                std::to_string(threads) + " threads per threadgroup");
   }
 }
 
-LaunchPlan lce_gemm_plan(const std::string& name, int64_t gx, int64_t gy, int max_group_threads) {
-  check_lce_group(max_group_threads);
+LaunchPlan lce_gemm_plan(const std::string& name, int64_t gx, int64_t gy, int max_group_threads,
+                         int threads = FL_LCE_THREADS) {
+  check_lce_group(max_group_threads, threads);
   LaunchPlan p;
   p.kernel_name = name;
-  p.group[0] = FL_LCE_THREADS;
+  p.group[0] = uint32_t(threads);
   p.grid[0] = grid_dim(gx, "linear cross-entropy tiles");
   p.grid[1] = grid_dim(gy, "linear cross-entropy tiles");
   return p;
@@ -441,32 +442,76 @@ int64_t lce_gemm_row_flops(const LcePlan& p) {
 
 } // namespace
 
+std::string LceTile::name() const {
+  return "bm" + std::to_string(bm) + "_bn" + std::to_string(bn) + "_bk" + std::to_string(bk) +
+         "_wm" + std::to_string(wm) + "_wn" + std::to_string(wn);
+}
+
+namespace {
+
+constexpr LceTile kTileDefault{64, 64, 16, 2, 2};
+constexpr LceTile kTileSmallNt{64, 32, 32, 2, 2};
+constexpr LceTile kTileLarge16{64, 64, 16, 1, 2};
+
+// Dense weight of the hidden dtype, 16-bit: staged as 16-bit (lce::HeadStage).
+bool stages_16bit(KDtype hidden, const std::string& head) {
+  return hidden != KDtype::float32 && head == lce_dense_head(hidden);
+}
+
+} // namespace
+
+LceTile lce_forward_tile(char device_class, KDtype hidden, const std::string& head, int64_t rows,
+                         int vocab, int hidden_size) {
+  if (device_class == 'g' || device_class == 'p') {
+    return kTileSmallNt;
+  }
+  if (device_class == 'd' && stages_16bit(hidden, head)) {
+    const int64_t mn = rows > int64_t(vocab) ? rows : int64_t(vocab);
+    return 2 * mn > int64_t(hidden_size) ? kTileLarge16 : kTileSmallNt;
+  }
+  return kTileDefault;
+}
+
+std::vector<LceTile> lce_forward_tiles(KDtype hidden, const std::string& head) {
+  if (stages_16bit(hidden, head)) {
+    return {kTileDefault, kTileSmallNt, kTileLarge16};
+  }
+  return {kTileDefault, kTileSmallNt};
+}
+
 LcePlan lce_plan(int64_t rows, int vocab, int hidden, int64_t chunk_bytes,
-                 int64_t max_buffer_flops) {
+                 int64_t max_buffer_flops, LceTile fwd) {
   check_row_shape(rows, vocab);
   if (hidden < 0 || chunk_bytes <= 0 || max_buffer_flops <= 0) {
     throw std::invalid_argument(
         "launch plan: negative H, or non-positive chunk_bytes or max_buffer_flops");
   }
+  if (fwd.bm != FL_LCE_BM) {
+    throw std::invalid_argument("lce_plan: every forward tile has BM rows (FL_LCE_BM)");
+  }
   LcePlan p;
+  p.fwd = fwd;
   p.rows = rows;
   p.vocab = vocab;
   p.hidden = hidden;
   p.max_buffer_flops = max_buffer_flops;
   p.row_blocks = ceil_div(rows, FL_LCE_BM);
-  p.vocab_tiles = ceil_div(vocab, FL_LCE_BN);
+  p.vocab_tiles = ceil_div(vocab, fwd.bn);
   // F: the rows one GEMM launch may cover (unlimited when a row costs nothing).
   const int64_t row_flops = lce_gemm_row_flops(p);
   const int64_t fit_flops = row_flops > 0 ? max_buffer_flops / row_flops : rows;
-  int64_t fwd = fit_flops / FL_LCE_BM * FL_LCE_BM;
-  fwd = fwd < FL_LCE_BM ? FL_LCE_BM : fwd;
-  p.forward_rows = fwd < rows ? fwd : (rows > 0 ? rows : 1);
+  int64_t fwd_rows = fit_flops / FL_LCE_BM * FL_LCE_BM;
+  fwd_rows = fwd_rows < FL_LCE_BM ? FL_LCE_BM : fwd_rows;
+  p.forward_rows = fwd_rows < rows ? fwd_rows : (rows > 0 ? rows : 1);
   const int64_t launch_blocks = ceil_div(p.forward_rows, FL_LCE_BM);
   int64_t tiles = p.vocab_tiles > 0 ? p.vocab_tiles : 1;
-  int64_t want = p.row_blocks > 0 ? ceil_div(kLceTargetGroups, launch_blocks) : 1;
+  // kLceTargetGroups groups of FL_LCE_THREADS threads: as many threads in flight for a
+  // tile of fewer threads (the largest devices' 16-bit tile has 64).
+  const int64_t target = int64_t(kLceTargetGroups) * FL_LCE_THREADS / fwd.threads();
+  int64_t want = p.row_blocks > 0 ? ceil_div(target, launch_blocks) : 1;
   int64_t cap = tiles < kLceMaxSplits ? tiles : kLceMaxSplits;
   int64_t splits = want < 1 ? 1 : (want > cap ? cap : want);
-  p.vocab_per_split = int(ceil_div(tiles, splits) * FL_LCE_BN);
+  p.vocab_per_split = int(ceil_div(tiles, splits) * fwd.bn);
   p.splits = vocab > 0 ? int(ceil_div(vocab, p.vocab_per_split)) : 1;
   int64_t fit = chunk_bytes / (4 * int64_t(vocab > 0 ? vocab : 1));
   fit = fit < fit_flops ? fit : fit_flops;
@@ -560,9 +605,9 @@ std::string lce_quantized_head(int mode, int bits, KDtype scales, bool global_sc
 LaunchPlan lce_forward_plan(KDtype hidden, const std::string& head, const LcePlan& p,
                             int max_group_threads, int64_t launch_rows) {
   const int64_t rows = launch_rows < 0 ? p.rows : launch_rows;
-  LaunchPlan l = lce_gemm_plan(std::string("fl_lce_fwd_") + dtype_name(hidden) + "_" + head,
-                               rows > 0 ? p.splits : 0, ceil_div(rows, FL_LCE_BM),
-                               max_group_threads);
+  LaunchPlan l = lce_gemm_plan(
+      std::string("fl_lce_fwd_") + dtype_name(hidden) + "_" + head + "_" + p.fwd.name(),
+      rows > 0 ? p.splits : 0, ceil_div(rows, FL_LCE_BM), max_group_threads, p.fwd.threads());
   l.buffers = buffer_names(FL_LCE_FWD_NBUF, {{FL_LCE_HIDDEN, "hidden"}, {FL_LCE_WEIGHT, "weight"},
       {FL_LCE_SCALES, "scales"}, {FL_LCE_QBIASES, "qbiases"}, {FL_LCE_TARGETS, "targets"},
       {FL_LCE_BIAS, "bias"}, {FL_LCE_FWD_PARTIALS, "partials"},
@@ -581,8 +626,9 @@ LaunchPlan lce_finish_plan(const LcePlan& p, int max_group_threads) {
 
 LaunchPlan lce_dz_plan(KDtype hidden, const std::string& head, const LcePlan& p,
                        int64_t chunk_rows, int max_group_threads) {
-  LaunchPlan l = lce_gemm_plan(std::string("fl_lce_dz_") + dtype_name(hidden) + "_" + head,
-                               p.vocab_tiles, ceil_div(chunk_rows, FL_LCE_BM), max_group_threads);
+  LaunchPlan l = lce_gemm_plan(
+      std::string("fl_lce_dz_") + dtype_name(hidden) + "_" + head + "_" + p.fwd.name(),
+      p.vocab_tiles, ceil_div(chunk_rows, FL_LCE_BM), max_group_threads, p.fwd.threads());
   l.buffers = buffer_names(FL_LCE_DZ_NBUF, {{FL_LCE_HIDDEN, "hidden"}, {FL_LCE_WEIGHT, "weight"},
       {FL_LCE_SCALES, "scales"}, {FL_LCE_QBIASES, "qbiases"}, {FL_LCE_TARGETS, "targets"},
       {FL_LCE_BIAS, "bias"}, {FL_LCE_DZ_LSE, "lse"}, {FL_LCE_DZ_LSE_LO, "lse_lo"},
@@ -764,12 +810,23 @@ std::vector<PlanKernel> enumerate_plan_kernels() {
   const LcePlan plan = lce_plan(100, 1000, 64, int64_t(1) << 20);
   c.add(lce_finish_plan(plan), "lce_finish_plan()");
   c.add(lce_dbias_plan(plan), "lce_dbias_plan()");
+  // The forward tile of every device class, and of the large class's large-K case.
+  const char device_classes[] = {'p', 'g', 's', 'd'};
   for (int h = 0; h < kNumKDtypes; ++h) {
     const KDtype ht = KDtype(h);
     const std::string hn = dtype_name(ht);
     for (const std::string& head : heads) {
-      c.add(lce_forward_plan(ht, head, plan), "lce_forward_plan(" + hn + ", " + head + ")");
-      c.add(lce_dz_plan(ht, head, plan, plan.chunk_rows), "lce_dz_plan(" + hn + ", " + head + ")");
+      for (char dc : device_classes) {
+        for (int hidden_size : {64, 1 << 20}) {
+          const LceTile t = lce_forward_tile(dc, ht, head, 100, 1000, hidden_size);
+          const LcePlan tp = lce_plan(100, 1000, hidden_size, int64_t(1) << 30,
+                                      kLceMaxBufferFlops, t);
+          const std::string at = hn + ", " + head + ", class " + dc + ", H " +
+                                 std::to_string(hidden_size);
+          c.add(lce_forward_plan(ht, head, tp), "lce_forward_plan(" + at + ")");
+          c.add(lce_dz_plan(ht, head, tp, tp.chunk_rows), "lce_dz_plan(" + at + ")");
+        }
+      }
     }
     c.add(lce_dw_plan(ht, plan), "lce_dw_plan(" + hn + ")");
   }

@@ -138,22 +138,23 @@ LaunchPlan pw_backward_plan(KDtype dt, int kind, uint64_t n, bool cotan_in_dtype
 PwArgs make_pw_args(uint64_t n, float param0, float param1, int reduce);
 
 // ---- fused linear cross-entropy ----------------------------------------------------
-// Tiles of FL_LCE_BM x FL_LCE_BN outputs, FL_LCE_BK per staged step, one group of
-// FL_LCE_THREADS = 128 threads (4 SIMD-groups of 16 x 16, 2 x 2 fragments each);
-// every GEMM kernel (forward tiles, dZ, dH, dW) uses this one shape. Rules of
-// lce_plan (tested at each threshold +-1):
+// GEMM tiles (metal/lce_gemm.h, MLX's steel building blocks): dH and dW in the
+// default FL_LCE_BM x FL_LCE_BN x FL_LCE_BK tile of FL_LCE_THREADS threads; the
+// forward and dZ in the device class's tile (lce_forward_tile below, BM rows in
+// every choice). Rules of lce_plan (tested at each threshold +-1):
 //  - forward: B = ceil(N / BM) row blocks; the vocabulary is cut into
-//    S = clamp(ceil(kLceTargetGroups / B), 1, min(ceil(V / BN), kLceMaxSplits))
+//    S = clamp(ceil(kLceTargetGroups 128 / threads / B), 1, min(ceil(V / BN), kLceMaxSplits))
 //    splits of a whole number of BN tiles, then S = ceil(V / per split) (no
 //    empty split). Grid (S, B): at least ~kLceTargetGroups groups when the
 //    vocabulary allows, and the per-row states are S x N x 16 bytes
-//    (<= 1 KiB per row, never N x V). S depends on N and V only, so results do
-//    not depend on the device.
+//    (<= 1 KiB per row, never N x V). S depends on N, V and the tile, so results
+//    are the same on every GPU of one device class (another class's tile sums in
+//    another order, in the last bits, as MLX's own matmul does).
 //  - backward: rows per chunk R = clamp(chunk_bytes / (4 V), 1, N), rounded down
 //    to a multiple of BM when R > BM; the dZ buffer is R x V float32
 //    (<= chunk_bytes unless one row is already larger, as on the CPU).
-//  - every GEMM group is 128 threads: a pipeline limit below that is an error
-//    (Apple GPUs allow >= 256 for kernels of this size).
+//  - every GEMM group is its tile's threads (128, or 64): a pipeline limit below
+//    that is an error (Apple GPUs allow >= 256 for kernels of this size).
 //  - work per launch (command buffers, below): with F = floor(max_buffer_flops /
 //    (2 V H)) rows (the rows one GEMM launch may cover; unlimited for H = 0),
 //    the forward tiles run in launches of forward_rows = min(N, max(BM, F
@@ -175,7 +176,36 @@ constexpr int kLceMaxSplits = 64;
 // row of a GEMM (2 V H) is already more: V H > 2^34 (64 GiB of float32 weight).
 constexpr int64_t kLceMaxBufferFlops = int64_t(1) << 40;
 
+// The tile of the forward and dZ kernels, Z = H W^T ("nt"): MLX's own choice for
+// that GEMM (mlx/backend/metal/matmul.cpp, GEMM_TPARAM_MACRO, for a large matmul),
+// by device class, the last letter of the GPU's architecture name
+// (metal::Device::get_architecture(); MLX's device.cpp: 'p' phone, 'g' base and
+// Pro, 's' Max, 'd' Ultra):
+//   'g', 'p'                      64 x 32 x 32, 2 x 2 SIMD-groups
+//   'd', 16-bit operands          64 x 64 x 16, 1 x 2 (64 threads), or 64 x 32 x 32, 2 x 2
+//                                 when 2 max(N, V) <= H ("nt with large K")
+//   otherwise                     64 x 64 x 16, 2 x 2 (MLX's default)
+// "16-bit operands": a dense weight of the hidden dtype, float16 or bfloat16;
+// the other heads stage float (a quantized head, a mixed or float32 pair) and take
+// MLX's float32 choice. dH and dW (float32 dZ, nn and tn) always take the
+// default tile, as MLX does for float32 on every class. BM = 64 in every choice.
+struct LceTile {
+  int bm = FL_LCE_BM;
+  int bn = FL_LCE_BN;
+  int bk = FL_LCE_BK;
+  int wm = FL_LCE_WM;
+  int wn = FL_LCE_WN;
+  int threads() const { return wm * wn * 32; }
+  // The kernel name suffix, as metal/linear_cross_entropy.metal spells it.
+  std::string name() const;
+};
+LceTile lce_forward_tile(char device_class, KDtype hidden, const std::string& head, int64_t rows,
+                         int vocab, int hidden_size);
+// Every tile lce_forward_tile can choose for (hidden, head), in the metallib's order.
+std::vector<LceTile> lce_forward_tiles(KDtype hidden, const std::string& head);
+
 struct LcePlan {
+  LceTile fwd; // the forward and dZ kernels' tile (row_blocks, vocab_tiles, splits use it)
   int64_t rows = 0; // N
   int vocab = 0; // V
   int hidden = 0; // H
@@ -188,7 +218,7 @@ struct LcePlan {
   int64_t max_buffer_flops = kLceMaxBufferFlops; // the bound lce_schedule keeps
 };
 LcePlan lce_plan(int64_t rows, int vocab, int hidden, int64_t chunk_bytes,
-                 int64_t max_buffer_flops = kLceMaxBufferFlops);
+                 int64_t max_buffer_flops = kLceMaxBufferFlops, LceTile fwd = LceTile());
 // The head name of a dense weight of dtype dt: "w" + dtype name.
 std::string lce_dense_head(KDtype weight);
 // The head name of a quantized weight (metal/quantized_head.h), mode one of

@@ -95,14 +95,19 @@ LceCall make_call(const std::vector<mx::array>& inputs, const std::vector<mx::ar
   int V = weight.shape(0);
   // H = 0: the logits are the bias; the rows are counted from the targets.
   int64_t N = int64_t(targets.size());
-  mplan::LcePlan plan = mplan::lce_plan(N, V, H, p.chunk_bytes);
+  // The forward tile is MLX's choice for the GPU's class, the last letter of its
+  // architecture name (launch_plan.h lce_forward_tile, MLX's matmul.cpp).
+  const mplan::KDtype hidden_dt = gpu::kernel_dtype(hidden.dtype());
+  const std::string head = head_name(inputs, p, L);
+  mplan::LcePlan plan = mplan::lce_plan(
+      N, V, H, p.chunk_bytes, mplan::kLceMaxBufferFlops,
+      mplan::lce_forward_tile(gpu::device_class(s), hidden_dt, head, N, V, H));
   LceArgs args = mplan::make_lce_args(plan, p.label_smoothing, p.smoothing_mode,
                                       p.has_ignore_index, p.ignore_index, p.z_loss,
                                       p.logit_softcap, p.has_bias);
   args.bits = p.bits;
   args.group_size = p.group_size;
-  LceCall c{inputs, p, L, gpu::kernel_dtype(hidden.dtype()), head_name(inputs, p, L),
-            plan, args, s, gpu::CommandBuffers(s)};
+  LceCall c{inputs, p, L, hidden_dt, head, plan, args, s, gpu::CommandBuffers(s)};
   for (const auto& a : inputs) {
     c.buffers.keep(a);
   }

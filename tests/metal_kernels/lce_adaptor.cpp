@@ -60,7 +60,9 @@ template <class T, class Head>
 void fwd_call(const LaunchPlan& p, const LceBufs& b, const LceArgs& a) {
   using Wt = typename Head::weight_t;
   using St = typename Head::scale_t;
-  auto* fn = mh::kernel<decltype(lce_forward<T, Head>)>(p.kernel_name);
+  // Every tile of a (T, Head) pair has the same function type (the tile is in the name).
+  auto* fn = mh::kernel<decltype(lce_forward<T, Head, FL_LCE_BM, FL_LCE_BN, FL_LCE_BK, FL_LCE_WM,
+                                             FL_LCE_WN>)>(p.kernel_name);
   run_plan(p, [&](const mh::ThreadCtx& t) {
     fn(static_cast<const T*>(b.hidden), static_cast<const Wt*>(b.weight),
        static_cast<const St*>(b.scales), static_cast<const St*>(b.qbiases),
@@ -84,7 +86,8 @@ template <class T, class Head>
 void dz_call(const LaunchPlan& p, const LceBufs& b, const LceArgs& a) {
   using Wt = typename Head::weight_t;
   using St = typename Head::scale_t;
-  auto* fn = mh::kernel<decltype(lce_dz<T, Head>)>(p.kernel_name);
+  auto* fn = mh::kernel<decltype(lce_dz<T, Head, FL_LCE_BM, FL_LCE_BN, FL_LCE_BK, FL_LCE_WM,
+                                        FL_LCE_WN>)>(p.kernel_name);
   run_plan(p, [&](const mh::ThreadCtx& t) {
     fn(static_cast<const T*>(b.hidden), static_cast<const Wt*>(b.weight),
        static_cast<const St*>(b.scales), static_cast<const St*>(b.qbiases),
@@ -124,6 +127,17 @@ int g_pipeline_limit = fl::mplan::kMaxGroupThreads;
 // The plan's work bound per command buffer (lce_set_max_buffer_flops): small
 // values cut the small shapes here into several forward launches and chunks.
 int64_t g_max_buffer_flops = fl::mplan::kLceMaxBufferFlops;
+// The device class eval_gpu reads from the GPU's architecture name (lce_set_device_class):
+// it picks the forward tile (launch_plan.h lce_forward_tile). 's': MLX's default tile.
+char g_device_class = 's';
+
+// eval_gpu's plan of a call: the forward tile of the device class, then lce_plan.
+fl::mplan::LcePlan call_plan(int64_t rows, int vocab, int hidden, int64_t chunk_bytes,
+                             fl::mplan::KDtype hdt, const std::string& head) {
+  const fl::mplan::LceTile t =
+      fl::mplan::lce_forward_tile(g_device_class, hdt, head, rows, vocab, hidden);
+  return fl::mplan::lce_plan(rows, vocab, hidden, chunk_bytes, g_max_buffer_flops, t);
+}
 
 // Options of a call, as eval_gpu gets them from LinearCrossEntropyParams.
 struct Options {
@@ -257,6 +271,22 @@ int lce_set_pipeline_limit(int limit) {
   return mh::guarded([&] { g_pipeline_limit = limit; });
 }
 
+// The forward tile's kernel-name suffix eval_gpu's plan takes for this call under the
+// current device class (lce_set_device_class), into out (cap bytes, NUL-terminated).
+int lce_tile_name(int hdt, const char* head, int64_t rows, int vocab, int hidden, char* out,
+                  int cap) {
+  return mh::guarded([&] {
+    const std::string n =
+        call_plan(rows, vocab, hidden, 1, to_dtype(hdt), std::string(head)).fwd.name();
+    if (int(n.size()) >= cap) throw mh::Error("lce_tile_name: buffer too small");
+    std::memcpy(out, n.c_str(), n.size() + 1);
+  });
+}
+
+int lce_set_device_class(int device_class) {
+  return mh::guarded([&] { g_device_class = char(device_class); });
+}
+
 int lce_set_max_buffer_flops(int64_t flops) {
   return mh::guarded([&] { g_max_buffer_flops = flops; });
 }
@@ -308,9 +338,9 @@ int lce_launch_info(int which, int hdt, int wdt, int64_t rows, int vocab, int hi
                     uint8_t* name_out) {
   return mh::guarded([&] {
     namespace P = fl::mplan;
-    LcePlan plan = P::lce_plan(rows, vocab, hidden, chunk_bytes, g_max_buffer_flops);
     std::string head = P::lce_dense_head(to_dtype(wdt));
     KDtype h = to_dtype(hdt);
+    LcePlan plan = call_plan(rows, vocab, hidden, chunk_bytes, h, head);
     LaunchPlan p;
     switch (which) {
       case 0: p = P::lce_forward_plan(h, head, plan, max_threads); break;
@@ -342,9 +372,9 @@ int lce_forward_run(int hdt, int wdt, const void* hidden, const void* weight,
                     int64_t ignore_index, float z_loss, float softcap, int has_bias) {
   return mh::guarded([&] {
     namespace P = fl::mplan;
-    LcePlan plan = P::lce_plan(rows, vocab, hidden_size, chunk_bytes, g_max_buffer_flops);
-    LceArgs args = args_for(plan, {smoothing, mode, has_ignore, ignore_index, z_loss, softcap, has_bias});
     std::string head = head_for(wdt);
+    LcePlan plan = call_plan(rows, vocab, hidden_size, chunk_bytes, to_dtype(hdt), head);
+    LceArgs args = args_for(plan, {smoothing, mode, has_ignore, ignore_index, z_loss, softcap, has_bias});
     LceBufs b = tile_inputs(hidden, weight, targets, bias);
     bind_head(b, args);
     b.partials = partials;
@@ -396,9 +426,9 @@ int lce_backward_run(int hdt, int wdt, const void* hidden, const void* weight,
                      int has_ignore, int64_t ignore_index, float z_loss, float softcap, int has_bias) {
   return mh::guarded([&] {
     namespace P = fl::mplan;
-    LcePlan plan = P::lce_plan(rows, vocab, hidden_size, chunk_bytes, g_max_buffer_flops);
-    LceArgs base = args_for(plan, {smoothing, mode, has_ignore, ignore_index, z_loss, softcap, has_bias});
     std::string head = head_for(wdt);
+    LcePlan plan = call_plan(rows, vocab, hidden_size, chunk_bytes, to_dtype(hdt), head);
+    LceArgs base = args_for(plan, {smoothing, mode, has_ignore, ignore_index, z_loss, softcap, has_bias});
     KDtype h = to_dtype(hdt);
     LceBufs b = tile_inputs(hidden, weight, targets, bias);
     bind_head(b, base);
