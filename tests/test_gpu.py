@@ -152,6 +152,37 @@ def test_softmax_focal_gpu_vs_cpu(K, dtype, gamma):
     close(gg, cg, TOL[dtype] + 2e-5)
 
 
+@pytest.mark.parametrize("K", [1, 1000, 50257])
+@pytest.mark.parametrize("dtypes", [("float32", "float32"), ("bfloat16", "bfloat16"), ("float16", "float32")],
+                         ids="-".join)
+@pytest.mark.parametrize("kind,beta", [("kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3)])
+def test_distill_gpu_vs_cpu(K, dtypes, kind, beta):
+    """kl_div / jsd (metal/distillation.metal): student and teacher dtypes,
+    targets with an ignored and an out-of-range row, the CE mixed in at T != 1;
+    the teacher's gradient is zeros on both devices."""
+    rng = np.random.default_rng(K + 7)
+    rows = 6
+    s = mx.array((rng.standard_normal((rows, K)) * 3).astype(np.float32)).astype(DTYPES[dtypes[0]])
+    t = mx.array((rng.standard_normal((rows, K)) * 3).astype(np.float32)).astype(DTYPES[dtypes[1]])
+    ti = rng.integers(0, K, rows)
+    ti[-1] = -100  # ignored
+    ti[-2] = K  # out of range -> NaN
+    y = mx.array(ti)
+
+    def loss(a, stream):
+        return ext.distill_loss(a, t, y, kind=kind, beta=beta, temperature=1.5, alpha=0.25,
+                                scale_by_temperature_squared=True, ignore_index=-100, stream=stream)
+
+    g, c = both(loss, s)
+    close(g, c, 2e-5 * max(1.0, np.log2(K)))
+    cot = mx.array((0.5 + rng.random(rows)).astype(np.float32))
+    gg, cg = grads(loss, s, cot)
+    close(gg, cg, TOL[dtypes[0]] + 2e-5)
+    for dev in (GPU, mx.cpu):
+        _, (gt,) = mx.vjp(lambda b: ext.distill_loss(s, b, y, kind=kind, stream=dev), [t], [cot])
+        assert not np.any(np.array(gt.astype(mx.float32)))
+
+
 POINTWISE = {
     "smooth_l1": lambda a, b, r, s: ext.smooth_l1_loss(a, b, beta=1.0, reduction=r, stream=s),
     "huber": lambda a, b, r, s: ext.huber_loss(a, b, delta=1.5, reduction=r, stream=s),

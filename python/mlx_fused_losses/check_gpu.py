@@ -31,6 +31,7 @@ import numpy as np
 import mlx.core as mx
 
 from . import _ext
+from .distillation import jsd, kl_div
 from .linear_cross_entropy import linear_cross_entropy
 from .losses import (
     cross_entropy,
@@ -224,6 +225,27 @@ def _softmax_focal_case(dtype: str, K: int) -> Case:
     return Case(f"softmax_focal_loss {dtype} K={K}", run)
 
 
+def _distill_case(dtype: str, K: int, kind: str) -> Case:
+    """kl_div / jsd: student in `dtype`, a float32 teacher, targets with an
+    ignored row, the CE mixed in at temperature 1.5 (the student's gradient;
+    the teacher's is zeros by definition)."""
+    def run(check, gpu, cpu):
+        rng = np.random.default_rng(K + 2)
+        rows = 6
+        s = _stored(rng.standard_normal((rows, K)) * 3, dtype)
+        t = mx.array((rng.standard_normal((rows, K)) * 3).astype(np.float32))
+        ti = rng.integers(0, K, rows)
+        ti[-1] = -100  # ignored
+        y = mx.array(ti)
+        kw = dict(targets=y, ignore_index=-100, temperature=1.5, alpha=0.25, reduction="none")
+        fn = ((lambda a, stream: kl_div(a, t, stream=stream, **kw)) if kind == "kl_div"
+              else (lambda a, stream: jsd(a, t, beta=0.3, stream=stream, **kw)))
+        cot = mx.array((0.5 + rng.random(rows)).astype(np.float32))
+        _gpu_vs_cpu(check, fn, [s], cot, gpu, cpu, loss_rtol(K), grad_rtol(dtype))
+
+    return Case(f"{kind} {dtype} K={K}", run)
+
+
 def _pointwise_case(loss: str, dtype: str, reduction: str, broadcast: bool) -> Case:
     fns = {
         "smooth_l1_loss": lambda p, t, r, s: smooth_l1_loss(p, t, beta=0.5, reduction=r, stream=s),
@@ -290,6 +312,8 @@ def default_cases() -> List[Case]:
             for option in ("plain", "smooth_ignore_weights_z", "soft_others"):
                 cases.append(_cross_entropy_case(dtype, K, option))
             cases.append(_softmax_focal_case(dtype, K))
+            for kind in ("kl_div", "jsd"):
+                cases.append(_distill_case(dtype, K, kind))
         for loss in ("smooth_l1_loss", "huber_loss", "sigmoid_focal_loss",
                      "sigmoid_focal_loss gamma=1.5"):
             for reduction in ("none", "mean"):
