@@ -10,6 +10,7 @@
 #include <atomic>
 #include <memory>
 
+#include "cpu/blas.h"
 #include "cpu/chunked_head.h"
 #include "cpu/parallel.h"
 #include "cpu/quantized_head.h"
@@ -454,6 +455,29 @@ NB_MODULE(_ext, m) {
   m.def("metallib_function_names", &fl::gpu::metallib_function_names,
         "The function names of the loaded mlx_fused_losses.metallib (macOS builds only).");
 #endif
+
+  // The bf16 GEMM library (cpu/bf16_gemm.cpp) is looked for in Python's
+  // prefix/lib too, where pip installs the onednn-cpu-gomp wheel's libdnnl.
+  // Nothing is loaded here: only on the first bf16 GEMM.
+  {
+    nb::module_ sys = nb::module_::import_("sys");
+    fl::cpu::set_bf16_gemm_search_dirs({nb::cast<std::string>(sys.attr("prefix")) + "/lib"});
+  }
+  m.def("bf16_gemm_status",
+        [] {
+          auto s = fl::cpu::bf16_gemm_status();
+          nb::dict d;
+          d["cpu_units"] = s.cpu_units;
+          d["library"] = s.library;
+          d["active"] = s.active;
+          d["reason"] = s.reason;
+          return d;
+        },
+        "The run-time choice of the bf16 GEMM for bfloat16 linear heads: {'cpu_units': "
+        "'amx_bf16' | 'avx512_bf16' | '', 'library': the libdnnl loaded or '', 'active': bool, "
+        "'reason': why not active}. Loads the library if the CPU qualifies.");
+  m.def("_set_bf16_gemm_enabled", &fl::cpu::set_bf16_gemm_enabled, "enabled"_a,
+        "Test/benchmark hook: use (True) or bypass (False) the bf16 GEMM where it is available.");
 
   m.def("num_threads", &fl::cpu::num_threads,
         "Threads the CPU kernels use (FL_NUM_THREADS, else the usable cores).");

@@ -35,10 +35,23 @@ def head(rng, n, h, v, dtype=mx.float32):
     return x, w
 
 
+@pytest.fixture(params=["sgemm", "bf16_gemm"])
+def gemm_path(request):
+    """Both GEMM paths of a bfloat16 head: widened to float32 for sgemm, or
+    oneDNN's bf16 GEMM (csrc/cpu/bf16_gemm.cpp) where this CPU and install have it."""
+    if request.param == "bf16_gemm" and not _ext.bf16_gemm_status()["active"]:
+        pytest.skip(f"no bf16 GEMM here: {_ext.bf16_gemm_status()['reason']}")
+    _ext._set_bf16_gemm_enabled(request.param == "bf16_gemm")
+    yield request.param
+    _ext._set_bf16_gemm_enabled(True)
+
+
 @pytest.mark.parametrize("n,h,v", [(1, 7, 1), (13, 123, 33), (40, 64, 4097), (5, 512, 31)])
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 @pytest.mark.parametrize("chunk_rows", [1, 3, None])
-def test_one_head_logits_and_gradients(rng, n, h, v, dtype, chunk_rows):
+def test_one_head_logits_and_gradients(rng, n, h, v, dtype, chunk_rows, gemm_path):
+    if gemm_path == "bf16_gemm" and dtype != mx.bfloat16:
+        pytest.skip("the bf16 GEMM serves bfloat16 heads only")
     x, w = head(rng, n, h, v, dtype)
     dz = mx.array(rng.standard_normal((n, v)).astype(np.float32))
     chunk = None if chunk_rows is None else chunk_rows * 4 * (v + (0 if dtype == mx.float32 else h))
@@ -47,9 +60,13 @@ def test_one_head_logits_and_gradients(rng, n, h, v, dtype, chunk_rows):
     assert z2.size == 0
     assert chunks.item() == (1 if chunk_rows is None else -(-n // chunk_rows))
     check_gemm(z, X @ W.T, np.abs(X), np.abs(W).T, h)
+    np.testing.assert_allclose(to_np(db), G.sum(0), rtol=1e-5, atol=1e-5 * n)
+    if gemm_path == "bf16_gemm":
+        # The backward GEMMs take dZ rounded to bfloat16 (once, to nearest
+        # even); the products of the bf16 operands then accumulate in float32.
+        G = f64(dz.astype(mx.bfloat16))
     check_gemm(dh, G @ W, np.abs(G), np.abs(W), v)
     check_gemm(dw, G.T @ X, np.abs(G).T, np.abs(X), n)
-    np.testing.assert_allclose(to_np(db), G.sum(0), rtol=1e-5, atol=1e-5 * n)
 
 
 @pytest.mark.parametrize("bits,mode,group", [(4, "affine", 64), (3, "affine", 32), (8, "mxfp8", 32)])

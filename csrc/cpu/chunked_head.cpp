@@ -3,9 +3,11 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <utility>
 
 #include "cpu/blas.h"
+#include "cpu/convert.h"
 #include "cpu/dtype.h"
 #include "cpu/quantized_head.h"
 #include "cpu/vectorize.h"
@@ -77,9 +79,26 @@ std::pair<const float*, int64_t> weight_block(const HeadOperands& h, Block b, fl
   return {tile, b.cols};
 }
 
-// Rows [r0, r0 + n) of hidden as float32 (in place, or converted in parallel).
-const float* hidden_rows(const HeadOperands& h, int64_t r0, int64_t n, float* buffer) {
+// Whether a head's GEMMs run on the bf16 GEMM (cpu/blas.h): a dense bfloat16
+// weight times bfloat16 hidden rows, on a CPU with bf16 units and the library.
+// Both operands are then read in place (no float32 copies), and the backward
+// GEMMs take dZ rounded to bfloat16 (narrow_rows_in_place).
+bool uses_bf16_gemm(const HeadOperands& h) {
+  return !h.quantized() && h.weight_dtype == mx::bfloat16 && h.hidden_dtype == mx::bfloat16 &&
+         bf16_gemm_available();
+}
+
+const uint16_t* bf16_rows(const void* matrix, int64_t row0, int64_t ld) {
+  return static_cast<const uint16_t*>(matrix) + row0 * ld;
+}
+
+// Rows [r0, r0 + n) of hidden as float32 (in place, or converted in parallel;
+// not at all for the bf16 GEMM, which reads them in place: null).
+const float* hidden_rows(const HeadOperands& h, bool bf16, int64_t r0, int64_t n, float* buffer) {
   const int64_t H = h.hidden_size;
+  if (bf16) {
+    return nullptr;
+  }
   if (h.hidden_dtype == mx::float32) {
     return static_cast<const float*>(h.hidden) + r0 * H;
   }
@@ -90,6 +109,36 @@ const float* hidden_rows(const HeadOperands& h, int64_t r0, int64_t n, float* bu
     });
   });
   return buffer;
+}
+
+// dZ [n, V] float32 rounded to bfloat16 in place, for the backward's bf16
+// GEMMs: row i becomes row i of a bf16 matrix with leading dimension V at the
+// start of the same buffer (no second chunk-sized buffer). Row i's bf16 bytes
+// [2iV, 2iV + 2V) lie over float32 rows < i (row 0 over itself: it goes
+// through a small buffer), so rows go in waves [a, 2a): each wave writes only
+// over float32 rows narrowed by earlier waves and reads its own, so the rows of
+// a wave run in parallel. The same bits as narrowing into a separate buffer.
+void narrow_rows_in_place(float* z, int64_t n, int64_t V) {
+  auto narrow_row = [&](int64_t i) {
+    BFloat* dst = reinterpret_cast<BFloat*>(z) + i * V;
+    for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
+      const int m = int(std::min<int64_t>(kChunk, V - c0));
+      BFloat buf[kChunk];
+      narrow(z + i * V + c0, m, buf);
+      std::memcpy(dst + c0, buf, sizeof(BFloat) * size_t(m));
+    }
+  };
+  if (n > 0) {
+    narrow_row(0);
+  }
+  for (int64_t a = 1; a < n; a *= 2) {
+    const int64_t end = std::min(2 * a, n);
+    parallel_for(end - a, 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = a + b; i < a + e; ++i) {
+        narrow_row(i);
+      }
+    });
+  }
 }
 
 // dbias[j] += sum_i dZ[i, j], parallel over column blocks.
@@ -153,10 +202,20 @@ struct HeadBuffers {
 };
 
 // Z [n, V] = H_c W^T, vocabulary tiles of the plan, each thread with its own
-// weight tile buffer.
-void logits_gemm(const HeadOperands& h, const LceChunkPlan& plan, const float* x, int64_t n, float* z,
-                 float* tiles, int64_t tile_size) {
+// weight tile buffer. x: the chunk's hidden rows as float32 (unused on the
+// bf16 GEMM, which reads rows [r0, r0 + n) of the bfloat16 hidden in place,
+// in the dense tiles of the plan: no weight is converted).
+void logits_gemm(const HeadOperands& h, bool bf16, const LceChunkPlan& plan, int64_t r0, const float* x,
+                 int64_t n, float* z, float* tiles, int64_t tile_size) {
   const int64_t H = h.hidden_size, V = h.vocab;
+  if (bf16) {
+    for_each_tile(tile_count(V, plan.dw_tile), [&](int64_t, int64_t t) {
+      const int64_t v0 = t * plan.dw_tile, nv = std::min(plan.dw_tile, V - v0);
+      bf16_gemm(false, true, n, nv, H, bf16_rows(h.hidden, r0, H), H, bf16_rows(h.weight, v0, H), H, 0.0f,
+                z + v0, V);
+    });
+    return;
+  }
   for_each_tile(tile_count(V, plan.vocab_tile), [&](int64_t slot, int64_t t) {
     const int64_t v0 = t * plan.vocab_tile, nv = std::min(plan.vocab_tile, V - v0);
     auto [w, ldw] = weight_block(h, {v0, nv, 0, H, H}, tiles + slot * tile_size);
@@ -236,15 +295,18 @@ void run_chunked_head(const ChunkedHeadCall& call, const ChunkEpilogue& epilogue
   const int64_t row_grain = std::max<int64_t>(1, rows_per_task(V + (call.second ? other.vocab : 0)));
   const int64_t dh_tiles = g.d_hidden ? tile_count(H, plan.hidden_tile) : 0;
   const int64_t dw_tiles = g.d_weight ? tile_count(V, plan.dw_tile) : 0;
+  // Decided once per call (set_bf16_gemm_enabled may change between calls).
+  const bool bf16 = uses_bf16_gemm(head);
+  const bool bf16_two = call.second && uses_bf16_gemm(other);
 
   for (int64_t r0 = 0; r0 < N; r0 += plan.rows) {
     const int64_t n = std::min(plan.rows, N - r0);
-    const float* h = hidden_rows(head, r0, n, one.hidden.data());
-    logits_gemm(head, plan, h, n, logits, tiles, tile_size); // Z = H_c W^T
+    const float* h = hidden_rows(head, bf16, r0, n, one.hidden.data());
+    logits_gemm(head, bf16, plan, r0, h, n, logits, tiles, tile_size); // Z = H_c W^T
     HeadChunk chunk{r0, n, logits, V, nullptr, 0, row_grain};
     if (call.second) {
-      const float* h2 = hidden_rows(other, r0, n, two.hidden.data());
-      logits_gemm(other, plan2, h2, n, two.logits.data(), tiles, tile_size);
+      const float* h2 = hidden_rows(other, bf16_two, r0, n, two.hidden.data());
+      logits_gemm(other, bf16_two, plan2, r0, h2, n, two.logits.data(), tiles, tile_size);
       chunk.z2 = two.logits.data();
       chunk.vocab2 = other.vocab;
     }
@@ -254,6 +316,25 @@ void run_chunked_head(const ChunkedHeadCall& call, const ChunkEpilogue& epilogue
     }
     if (g.d_bias) {
       add_column_sums(logits, n, V, g.d_bias);
+    }
+    if (bf16) {
+      // dZ in bfloat16 (rounded once, as any bf16 backward GEMM takes it);
+      // the products accumulate in float32. dH tiles take the whole
+      // vocabulary in one call.
+      narrow_rows_in_place(logits, n, V);
+      const uint16_t* dz = reinterpret_cast<const uint16_t*>(logits);
+      for_each_tile(dh_tiles + dw_tiles, [&](int64_t, int64_t t) {
+        if (t < dh_tiles) { // dH_c = dZ W, columns [h0, h0 + nh)
+          const int64_t h0 = t * plan.hidden_tile, nh = std::min(plan.hidden_tile, H - h0);
+          bf16_gemm(false, false, n, nh, V, dz, V, bf16_rows(head.weight, 0, H) + h0, H, 0.0f,
+                    g.d_hidden + r0 * H + h0, H);
+        } else { // dW += dZ^T H_c, rows [v0, v0 + nv)
+          const int64_t v0 = (t - dh_tiles) * plan.dw_tile, nv = std::min(plan.dw_tile, V - v0);
+          bf16_gemm(true, false, nv, H, n, dz + v0, V, bf16_rows(head.hidden, r0, H), H, r0 == 0 ? 0.0f : 1.0f,
+                    g.d_weight + v0 * H, H);
+        }
+      });
+      continue;
     }
     // dH tiles first: each is the whole vocabulary for its columns, the
     // largest tiles of the phase.

@@ -126,10 +126,23 @@ def _cpu_model():
     return platform.processor() or platform.machine()
 
 
+def _cpu_flags():
+    """The CPU's ISA extensions as /proc/cpuinfo lists them ([] elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return sorted(line.split(":", 1)[1].split())
+    except OSError:  # not Linux
+        pass
+    return []
+
+
 def environment():
     return {
         "device": str(mx.default_device()),
         "cpu_model": _cpu_model(),
+        "cpu_flags": _cpu_flags(),
         "mlx_version": mx.__version__,
         "torch_version": torch_column.version(),
         "platform": platform.platform(),

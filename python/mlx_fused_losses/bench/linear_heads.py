@@ -1,0 +1,164 @@
+"""The linear cross-entropy's step by head type, against the dense float32 step
+and PyTorch, in one run with interleaved repeats:
+
+    python -m mlx_fused_losses.bench.linear_heads [--shape 2048x1024x32000] [--repeats 3] [--json out.json]
+
+Rows (forward + backward w.r.t. hidden and weight, or hidden only for the
+quantized head, whose weight gets no gradient; reduction="mean"):
+
+  fp32                     dense float32 head (three OpenBLAS sgemm GEMMs per step)
+  bf16                     bfloat16 hidden and head: oneDNN's bf16 GEMM where the CPU has
+                           bf16 units and the library is installed (csrc/cpu/bf16_gemm.cpp)
+  bf16, sgemm path         the same, with the bf16 GEMM switched off (widened to float32)
+  fp16                     float16 hidden and head (widened to float32 for sgemm)
+  q4 g64 (dH only)         4-bit affine head, group 64, float32 hidden: forward + dH
+  fp32 (dH only)           the dense float32 step with the same gradient (the q4 yardstick)
+  torch fp32 / bf16        F.linear_cross_entropy (or F.cross_entropy(h @ W.T)) when torch
+                           is importable, same arrays
+
+Targets (issue 23): bf16 never slower than fp32, and where the CPU has bf16
+units at least as fast as torch's bf16 step; q4 (dH only) within 1.3x of the
+dense fp32 step with the same gradient. The record names the CPU, its ISA
+extensions and what the bf16 GEMM found (_ext.bf16_gemm_status()).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import mlx.core as mx
+import numpy as np
+
+import mlx_fused_losses as fl
+from mlx_fused_losses import _ext
+
+from .report import environment
+
+QUANT_BITS, QUANT_GROUP = 4, 64
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _mlx_step(h, w, t, argnums, bf16_gemm=True, **kwargs):
+    grad = mx.value_and_grad(lambda a, b: fl.linear_cross_entropy(a, b, t, **kwargs), argnums=argnums)
+
+    def run():
+        _ext._set_bf16_gemm_enabled(bf16_gemm)
+        try:
+            mx.eval(grad(h, w))
+        finally:
+            _ext._set_bf16_gemm_enabled(True)
+
+    return run
+
+
+def _quantized_step(h, w, t):
+    wq, scales, biases = mx.quantize(w, group_size=QUANT_GROUP, bits=QUANT_BITS)
+    mx.eval(wq, scales, biases)
+    grad = mx.value_and_grad(lambda a: fl.linear_cross_entropy(
+        a, wq, t, scales=scales, biases=biases, group_size=QUANT_GROUP, bits=QUANT_BITS))
+    return lambda: mx.eval(grad(h))
+
+
+def _torch_step(h, w, t, dtype_name):
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        return None, None
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
+    hh, ww = (torch.from_numpy(a).to(dtype) for a in (h, w))
+    tt = torch.from_numpy(t.astype(np.int64))
+    fused = getattr(F, "linear_cross_entropy", None)
+    name = "F.linear_cross_entropy" if fused is not None else "F.cross_entropy(h @ W.T)"
+
+    def run():
+        a, b = hh.detach().requires_grad_(), ww.detach().requires_grad_()
+        loss = fused(a, b, tt) if fused is not None else F.cross_entropy(a @ b.T, tt)
+        loss.backward()
+
+    return run, f"torch {torch.__version__} {name}"
+
+
+def run(shape, repeats: int) -> dict:
+    n, hsize, v = shape
+    rng = np.random.default_rng(0)
+    # Unit-variance logits, like a trained head's.
+    h = (rng.standard_normal((n, hsize), dtype=np.float32) / np.float32(hsize**0.25))
+    w = (rng.standard_normal((v, hsize), dtype=np.float32) / np.float32(hsize**0.25))
+    t = rng.integers(0, v, n).astype(np.int32)
+    h32, w32, tm = mx.array(h), mx.array(w), mx.array(t)
+    hb, wb = h32.astype(mx.bfloat16), w32.astype(mx.bfloat16)
+    hf, wf = h32.astype(mx.float16), w32.astype(mx.float16)
+    mx.eval(h32, w32, tm, hb, wb, hf, wf)
+    rows = {
+        "fp32": _mlx_step(h32, w32, tm, (0, 1)),
+        "bf16": _mlx_step(hb, wb, tm, (0, 1)),
+        "bf16, sgemm path": _mlx_step(hb, wb, tm, (0, 1), bf16_gemm=False),
+        "fp16": _mlx_step(hf, wf, tm, (0, 1)),
+        "fp32 (dH only)": _mlx_step(h32, w32, tm, 0),
+        f"q{QUANT_BITS} g{QUANT_GROUP} (dH only)": _quantized_step(h32, w32, tm),
+    }
+    torch_names = {}
+    for dt in ("float32", "bfloat16"):
+        fn, name = _torch_step(h, w, t, dt)
+        if fn is not None:
+            key = "torch " + ("fp32" if dt == "float32" else "bf16")
+            rows[key] = fn
+            torch_names[key] = name
+    for fn in rows.values():  # warm-up: pools, allocator, oneDNN's kernels
+        fn()
+    times = {k: [] for k in rows}
+    for _ in range(repeats):
+        for name, fn in rows.items():
+            times[name].append(_timed(fn))
+    best = {k: min(v) for k, v in times.items()}
+    ratios = {
+        "bf16 / fp32": best["bf16"] / best["fp32"],
+        "fp16 / fp32": best["fp16"] / best["fp32"],
+        f"q{QUANT_BITS} / fp32 (dH only)": best[f"q{QUANT_BITS} g{QUANT_GROUP} (dH only)"] / best["fp32 (dH only)"],
+    }
+    if "torch bf16" in best:
+        ratios["bf16 / torch bf16"] = best["bf16"] / best["torch bf16"]
+    if "torch fp32" in best:
+        ratios["fp32 / torch fp32"] = best["fp32"] / best["torch fp32"]
+    return dict(shape=list(shape), repeats=repeats, times_s=times, best_s=best, ratios=ratios,
+                torch=torch_names, bf16_gemm=_ext.bf16_gemm_status(), threads=_ext.num_threads(),
+                environment=environment())
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="2048x1024x32000", metavar="NxHxV")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; ratios of the minima")
+    parser.add_argument("--json", help="write the record here")
+    args = parser.parse_args(argv)
+    mx.set_default_device(mx.cpu)
+    shape = tuple(int(x) for x in args.shape.split("x"))
+    r = run(shape, args.repeats)
+    env = r["environment"]
+    print(f"{env['cpu_model']}; bf16 units: {r['bf16_gemm']['cpu_units'] or 'none'}; bf16 GEMM: "
+          f"{r['bf16_gemm']['library'] if r['bf16_gemm']['active'] else 'not used (' + r['bf16_gemm']['reason'] + ')'}; "
+          f"{r['threads']} threads")
+    print(f"(N, H, V) = {tuple(shape)}, fwd+bwd, min / median of {args.repeats} interleaved repeats")
+    for name, ts in r["times_s"].items():
+        print(f"  {name:22s} {min(ts) * 1e3:9.1f} ms  {statistics.median(ts) * 1e3:9.1f} ms  "
+              f"{r['torch'].get(name, '')}")
+    for name, value in r["ratios"].items():
+        print(f"  {name:28s} {value:.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(r, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
