@@ -47,14 +47,28 @@ FL_VECTOR_CLONES void forward_rows(const FocalArgs& a, int64_t begin, int64_t en
         const float shift = mv.shift;
         float s = 0.0f, so = 0.0f, nm = -flm::kInf;
         int64_t local_t = t - c0; // the target's index in this chunk, if inside
-        FL_SIMD_REDUCE(reduction(+ : s, so) reduction(max : nm))
-        for (int i = 0; i < n; ++i) {
-          if constexpr (decltype(fuse)::value) {
-            nm = flm::fmax(nm, next[i]); // online_row: the next chunk's max
+        if (local_t >= 0 && local_t < n) {
+          FL_SIMD_REDUCE(reduction(+ : s, so) reduction(max : nm))
+          for (int i = 0; i < n; ++i) {
+            if constexpr (decltype(fuse)::value) {
+              nm = flm::fmax(nm, next[i]); // online_row: the next chunk's max
+            }
+            float e = flm::exp_nonpos_f32(xv[i] - shift);
+            s += e;
+            so += i == local_t ? 0.0f : e;
           }
-          float e = flm::exp_nonpos_f32(xv[i] - shift);
-          s += e;
-          so += i == local_t ? 0.0f : e;
+        } else {
+          // Every chunk but the target's: the non-target sum is the sum
+          // itself (the same bits: the masked loop would add the same terms
+          // in the same lanes), without a compare and select per element.
+          FL_SIMD_REDUCE(reduction(+ : s) reduction(max : nm))
+          for (int i = 0; i < n; ++i) {
+            if constexpr (decltype(fuse)::value) {
+              nm = flm::fmax(nm, next[i]);
+            }
+            s += flm::exp_nonpos_f32(xv[i] - shift);
+          }
+          so = s;
         }
         s_other = s_other * mv.scale + so;
         next_max = nm;

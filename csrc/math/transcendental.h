@@ -102,11 +102,17 @@ FLM_INLINE float exp_neg_f32(float x) {
 // harmless: x < ln FLT_MIN (-inf included) is replaced by 0 at the end, and a
 // NaN x (or +inf, reachable only from a row that also holds a NaN) makes r and
 // so poly NaN, which any 2^n keeps NaN.
+// The exponent bias 127 is folded into the rounding constant (1.5 * 2^23 + 127
+// rounds exactly as 1.5 * 2^23 does: x log2e is never half-way between two
+// integers for a float x in range), so float_bits(t) = float_bits(1.5 * 2^23)
+// + 127 + n, and shifting it left by 23 drops float_bits(1.5 * 2^23), whose
+// low 9 bits are zero: 2^n's bits in one shift, one integer add fewer per
+// element than subtracting the bias first (the same bits).
+FLM_CONST float kRoundMagicBiased = 12583039.0f; // 1.5 * 2^23 + 127
 FLM_INLINE float exp_nonpos_f32(float x) {
-  float t = mul_add(x, kLog2e, kRoundMagic);
-  float n = t - kRoundMagic;
-  u32 biased_n = float_bits(t) - (float_bits(kRoundMagic) - 127u); // n + 127 for |n| < 2^22
-  float y = exp_poly(exp_reduce(x, n)) * bits_float(biased_n << 23);
+  float t = mul_add(x, kLog2e, kRoundMagicBiased);
+  float n = t - kRoundMagicBiased;
+  float y = exp_poly(exp_reduce(x, n)) * bits_float(float_bits(t) << 23); // 2^n for |n| < 2^22
   return x < -87.33654f ? 0.0f : y; // e^-87.33654 = FLT_MIN
 }
 
