@@ -126,9 +126,9 @@ def run_lce(x, w, t, bf16_gemm, **kwargs):
 def test_linear_cross_entropy_on_the_bf16_gemm(rng, n, h, v, chunk_rows):
     """Loss and gradients on the bf16 GEMM vs float64: the loss within the
     float32 path's error (the logits are exact products accumulated in
-    float32), the gradients within a few bfloat16 roundings of their size (dZ
-    is rounded to bfloat16 once for the backward GEMMs; the outputs are
-    bfloat16), and no worse than twice the float32 path's largest error."""
+    float32), the gradients within a few bfloat16 roundings of their size (the
+    outputs are bfloat16), and no worse than twice the float32 path's largest
+    error."""
     x, w, t = lce_inputs(rng, n, h, v)
     kwargs = {} if chunk_rows is None else dict(chunk_bytes=chunk_rows * 4 * v)
     fast, slow = run_lce(x, w, t, True, **kwargs), run_lce(x, w, t, False, **kwargs)
@@ -139,6 +139,37 @@ def test_linear_cross_entropy_on_the_bf16_gemm(rng, n, h, v, chunk_rows):
         err = np.abs(got - want_i).max() / scale
         assert err <= 2 * ulp, f"{name}: {err} of its largest value"
         assert err <= 2 * np.abs(ref - want_i).max() / scale + ulp / 4, name
+
+
+@needs_bf16_gemm
+def test_gradient_with_cancellation():
+    """dH = sum_j dZ_j W_j where the weight rows share a large common part: the
+    sum cancels to far below sum_j |dZ_j W_j|. dZ rounded to bfloat16 once (8
+    bits) leaves an error of ~2^-10 of that sum (found by test_log_probs'
+    bf16 case); as hi + lo (16 bits) the error stays far below 2^-15 of it,
+    float32-class, and dH matches float64 to its bfloat16 rounding."""
+    rng = np.random.default_rng(5)
+    n, h, v = 16, 64, 1000
+    common = rng.standard_normal(h)
+    w64 = common + 1e-3 * rng.standard_normal((v, h))
+    x = mx.array(rng.standard_normal((n, h)).astype(np.float32)).astype(mx.bfloat16)
+    w = mx.array(w64.astype(np.float32)).astype(mx.bfloat16)
+    t = mx.array(rng.integers(0, v, n).astype(np.int32))
+    X = to_np(x.astype(mx.float32)).astype(np.float64)
+    W = to_np(w.astype(mx.float32)).astype(np.float64)
+    Z = X @ W.T
+    P = np.exp(Z - Z.max(1, keepdims=True))
+    P /= P.sum(1, keepdims=True)
+    G = P.copy()
+    G[np.arange(n), to_np(t)] -= 1
+    G /= n
+    want = G @ W
+    scale = np.abs(G) @ np.abs(W)
+    assert np.median(scale / np.abs(want)) > 100  # the cancellation is real
+    dh = mx.grad(lambda a: fl.linear_cross_entropy(a, w, t))(x)
+    err = np.abs(to_np(dh.astype(mx.float32)) - want)
+    bound = 2.0**-8 * np.abs(want) + 2.0**-15 * scale
+    assert np.all(err <= bound), f"worst err / bound {np.max(err / bound):.1f}"
 
 
 @needs_bf16_gemm

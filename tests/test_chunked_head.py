@@ -62,9 +62,11 @@ def test_one_head_logits_and_gradients(rng, n, h, v, dtype, chunk_rows, gemm_pat
     check_gemm(z, X @ W.T, np.abs(X), np.abs(W).T, h)
     np.testing.assert_allclose(to_np(db), G.sum(0), rtol=1e-5, atol=1e-5 * n)
     if gemm_path == "bf16_gemm":
-        # The backward GEMMs take dZ rounded to bfloat16 (once, to nearest
-        # even); the products of the bf16 operands then accumulate in float32.
-        G = f64(dz.astype(mx.bfloat16))
+        # The backward GEMMs take dZ as hi + lo, hi = bf16(dZ), lo =
+        # bf16(dZ - hi) (to nearest even); the products of the bf16 operands
+        # then accumulate in float32.
+        hi = dz.astype(mx.bfloat16)
+        G = f64(hi) + f64((dz - hi.astype(mx.float32)).astype(mx.bfloat16))
     check_gemm(dh, G @ W, np.abs(G), np.abs(W), v)
     check_gemm(dw, G.T @ X, np.abs(G).T, np.abs(X), n)
 

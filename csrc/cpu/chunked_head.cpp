@@ -5,6 +5,7 @@
 #include <atomic>
 #include <cstring>
 #include <utility>
+#include <vector>
 
 #include "cpu/blas.h"
 #include "cpu/convert.h"
@@ -82,7 +83,7 @@ std::pair<const float*, int64_t> weight_block(const HeadOperands& h, Block b, fl
 // Whether a head's GEMMs run on the bf16 GEMM (cpu/blas.h): a dense bfloat16
 // weight times bfloat16 hidden rows, on a CPU with bf16 units and the library.
 // Both operands are then read in place (no float32 copies), and the backward
-// GEMMs take dZ rounded to bfloat16 (narrow_rows_in_place).
+// GEMMs take dZ as the sum of two bfloat16 parts (split_rows_in_place).
 bool uses_bf16_gemm(const HeadOperands& h) {
   return !h.quantized() && h.weight_dtype == mx::bfloat16 && h.hidden_dtype == mx::bfloat16 &&
          bf16_gemm_available();
@@ -111,34 +112,34 @@ const float* hidden_rows(const HeadOperands& h, bool bf16, int64_t r0, int64_t n
   return buffer;
 }
 
-// dZ [n, V] float32 rounded to bfloat16 in place, for the backward's bf16
-// GEMMs: row i becomes row i of a bf16 matrix with leading dimension V at the
-// start of the same buffer (no second chunk-sized buffer). Row i's bf16 bytes
-// [2iV, 2iV + 2V) lie over float32 rows < i (row 0 over itself: it goes
-// through a small buffer), so rows go in waves [a, 2a): each wave writes only
-// over float32 rows narrowed by earlier waves and reads its own, so the rows of
-// a wave run in parallel. The same bits as narrowing into a separate buffer.
-void narrow_rows_in_place(float* z, int64_t n, int64_t V) {
-  auto narrow_row = [&](int64_t i) {
-    BFloat* dst = reinterpret_cast<BFloat*>(z) + i * V;
-    for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
-      const int m = int(std::min<int64_t>(kChunk, V - c0));
-      BFloat buf[kChunk];
-      narrow(z + i * V + c0, m, buf);
-      std::memcpy(dst + c0, buf, sizeof(BFloat) * size_t(m));
-    }
-  };
-  if (n > 0) {
-    narrow_row(0);
-  }
-  for (int64_t a = 1; a < n; a *= 2) {
-    const int64_t end = std::min(2 * a, n);
-    parallel_for(end - a, 1, [&](int64_t b, int64_t e) {
-      for (int64_t i = a + b; i < a + e; ++i) {
-        narrow_row(i);
+// dZ [n, V] float32 as the sum of two bfloat16 matrices, hi = bf16(dZ) and
+// lo = bf16(dZ - hi), in place: row i's 4V bytes become hi's row then lo's
+// row, so hi and lo are [n, V] bf16 matrices with leading dimension 2V, at
+// element offsets 0 and V of the buffer. dZ - hi is exact in float32, so
+// hi + lo is dZ to within 2^-17 of each element (2^-9 of 2^-9): the backward
+// GEMMs on (hi, lo) see dZ to 16 significant bits rather than bfloat16's 8,
+// and a gradient with cancellation (sum_j dZ_j W_j much smaller than
+// sum_j |dZ_j W_j|) keeps float32-class accuracy. Each row touches only its
+// own bytes (through a row copy): rows run in parallel.
+void split_rows_in_place(float* z, int64_t n, int64_t V) {
+  parallel_for(n, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> row(static_cast<size_t>(V));
+    float rest[kChunk];
+    for (int64_t i = b; i < e; ++i) {
+      std::memcpy(row.data(), z + i * V, sizeof(float) * size_t(V));
+      BFloat* hi = reinterpret_cast<BFloat*>(z + i * V);
+      BFloat* lo = hi + V;
+      for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
+        const int m = int(std::min<int64_t>(kChunk, V - c0));
+        const float* x = row.data() + c0;
+        narrow(x, m, hi + c0);
+        for (int j = 0; j < m; ++j) {
+          rest[j] = x[j] - to_float(hi[c0 + j]);
+        }
+        narrow(rest, m, lo + c0);
       }
-    });
-  }
+    }
+  });
 }
 
 // dbias[j] += sum_i dZ[i, j], parallel over column blocks.
@@ -318,20 +319,25 @@ void run_chunked_head(const ChunkedHeadCall& call, const ChunkEpilogue& epilogue
       add_column_sums(logits, n, V, g.d_bias);
     }
     if (bf16) {
-      // dZ in bfloat16 (rounded once, as any bf16 backward GEMM takes it);
-      // the products accumulate in float32. dH tiles take the whole
-      // vocabulary in one call.
-      narrow_rows_in_place(logits, n, V);
-      const uint16_t* dz = reinterpret_cast<const uint16_t*>(logits);
+      // dZ as hi + lo bfloat16 (split_rows_in_place), each GEMM twice (lo
+      // added with beta 1); products accumulate in float32. dH tiles take the
+      // whole vocabulary in one call per part.
+      split_rows_in_place(logits, n, V);
+      const uint16_t* dz_hi = reinterpret_cast<const uint16_t*>(logits);
+      const uint16_t* dz_lo = dz_hi + V;
       for_each_tile(dh_tiles + dw_tiles, [&](int64_t, int64_t t) {
         if (t < dh_tiles) { // dH_c = dZ W, columns [h0, h0 + nh)
           const int64_t h0 = t * plan.hidden_tile, nh = std::min(plan.hidden_tile, H - h0);
-          bf16_gemm(false, false, n, nh, V, dz, V, bf16_rows(head.weight, 0, H) + h0, H, 0.0f,
-                    g.d_hidden + r0 * H + h0, H);
+          const uint16_t* w = bf16_rows(head.weight, 0, H) + h0;
+          float* dh = g.d_hidden + r0 * H + h0;
+          bf16_gemm(false, false, n, nh, V, dz_hi, 2 * V, w, H, 0.0f, dh, H);
+          bf16_gemm(false, false, n, nh, V, dz_lo, 2 * V, w, H, 1.0f, dh, H);
         } else { // dW += dZ^T H_c, rows [v0, v0 + nv)
           const int64_t v0 = (t - dh_tiles) * plan.dw_tile, nv = std::min(plan.dw_tile, V - v0);
-          bf16_gemm(true, false, nv, H, n, dz + v0, V, bf16_rows(head.hidden, r0, H), H, r0 == 0 ? 0.0f : 1.0f,
-                    g.d_weight + v0 * H, H);
+          const uint16_t* x = bf16_rows(head.hidden, r0, H);
+          float* dw = g.d_weight + v0 * H;
+          bf16_gemm(true, false, nv, H, n, dz_hi + v0, 2 * V, x, H, r0 == 0 ? 0.0f : 1.0f, dw, H);
+          bf16_gemm(true, false, nv, H, n, dz_lo + v0, 2 * V, x, H, 1.0f, dw, H);
         }
       });
       continue;
