@@ -163,12 +163,28 @@ FLM_INLINE float log1p_f32(float x) {
   return is_nan(x) ? x : y;
 }
 
-// log(1 + x) for x in [0, 1] (softplus's log1p(exp(-|x|))): one reduction
-// step instead of a general log. Above sqrt(2) - 1, 1 + x = 2 (1 + f) with
-// f = (x - 1) / 2, computed exactly (x - 1 is exact for x in [1/2, 1]).
+// log(1 + x) for x in [0, 1] (softplus's log1p(exp(-|x|)), the sigmoid focal
+// loss's hot loop) as x Q(x), Q a degree-9 polynomial fitted to log1p(x) / x
+// on [0, 1] in relative error (iteratively reweighted least squares on
+// Chebyshev nodes: 0.08 ulp of approximation error; log1p's nearest
+// singularity, -1, is far enough from [0, 1] for a polynomial to converge
+// fast). Ten FMAs and no division or select: the general reduction
+// (log1p_reduced: a division s = f / (2 + f) and a range select) cost about
+// twice the instructions, and the divider is the loop's scarcest unit.
+// Error within 2 ulp (tests/test_math.py: 1.6 measured), relative for
+// every x including subnormals (x Q(x) with Q(0) = 1).
 FLM_INLINE float log1p_unit(float x) {
-  bool high = x > 0.41421356f;
-  return log1p_reduced(high ? (x - 1.0f) * 0.5f : x, high ? 1.0f : 0.0f);
+  float q = -3.243872896e-03f;
+  q = mul_add(q, x, 1.985077746e-02f);
+  q = mul_add(q, x, -5.695825070e-02f);
+  q = mul_add(q, x, 1.060352474e-01f);
+  q = mul_add(q, x, -1.530551612e-01f);
+  q = mul_add(q, x, 1.967591345e-01f);
+  q = mul_add(q, x, -2.495412827e-01f);
+  q = mul_add(q, x, 3.332996070e-01f);
+  q = mul_add(q, x, -4.999990165e-01f);
+  q = mul_add(q, x, 1.0f);
+  return x * q;
 }
 
 // base^gamma for base in [0, 1] and gamma >= 0, with 0^0 = 1 (the focal
