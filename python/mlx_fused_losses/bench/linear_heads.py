@@ -16,7 +16,7 @@ quantized head, whose weight gets no gradient; reduction="mean"):
   torch fp32 / bf16        F.linear_cross_entropy (or F.cross_entropy(h @ W.T)) when torch
                            is importable, same arrays
 
-Targets (issue 23): bf16 never slower than fp32, and where the CPU has bf16
+Goals: bf16 never slower than fp32, and where the CPU has bf16
 units at least as fast as torch's bf16 step; q4 (dH only) within 1.3x of the
 dense fp32 step with the same gradient. The record names the CPU, its ISA
 extensions and what the bf16 GEMM found (_ext.bf16_gemm_status()).
