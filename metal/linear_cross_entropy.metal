@@ -73,6 +73,7 @@
 #include "quantized_head.h"
 #include "../csrc/math/cross_entropy.h"
 #include "../csrc/math/linear_cross_entropy.h"
+#include "../csrc/math/row_stats.h"
 #include "../csrc/metal/kernel_args.h"
 
 using namespace metal;
@@ -190,16 +191,32 @@ using LogitsGemm = Gemm<typename HeadStage<T, Head>::type, BM, BN, BK, WM, WN, f
 
 // ---- epilogue pieces ------------------------------------------------------------------
 
-// The logit as the loss sees it: + bias, then the soft-cap (CPU order).
+// The logit as the loss sees it: + bias, then the soft-cap, then (row
+// statistics) times 1 / temperature (the CPU's order).
 inline float finish_logit(float z, device const float* bias, int v, constant LceArgs& args) {
   if (args.has_bias != 0) {
     z += bias[v];
   }
-  return args.softcap != 0.0f ? flm::softcap(z, args.softcap) : z;
+  z = args.softcap != 0.0f ? flm::softcap(z, args.softcap) : z;
+  return args.has_temperature != 0 ? z * args.inv_temperature : z;
 }
 
+// The row's class in this head: [0, V), -1 (ignored, another shard's, or no
+// targets) or -2 (out of range: a NaN row). Targets are global indices; this
+// head's class j is vocab_start + j (0 but for a sharded head).
 inline long target_class(device const long* targets, long row, constant LceArgs& args) {
-  return flk::row_class(targets[row], args.vocab, args.has_ignore_index, args.ignore_index);
+  if (args.no_targets != 0) {
+    return -1;
+  }
+  const long t = targets[row];
+  if (args.sharded == 0) {
+    return flk::row_class(t, args.vocab, args.has_ignore_index, args.ignore_index);
+  }
+  if (args.has_ignore_index != 0 && t == args.ignore_index) {
+    return -1;
+  }
+  // vocab_start >= 0 (checked by the op): t - vocab_start cannot overflow once t >= it.
+  return (t < args.vocab_start || t - args.vocab_start >= long(args.vocab)) ? -1 : t - args.vocab_start;
 }
 
 // Z tile (row block m0.., vocabulary tile v0..) of the hidden rows through the
@@ -546,16 +563,156 @@ template <typename T>
   }
 }
 
+// ---- row statistics (ops/row_stats.h, math/row_stats.h) on the same tiles -------------
+//
+// The forward is lce_forward (its states hold everything: max, exp sum, gap sum,
+// entropy sum, the target's logit; with LceArgs' temperature and shard fields)
+// and this finish; the backward is rs_dz, then the linear CE's dbias, dH, dW.
+
+// One thread per row: the S states merged in split order (as fl_lce_fwd_finish),
+// then lse (pair), the target's logit, logit_sum = V ref - gap, expected (pair:
+// ref + ent / s) and max, with the CPU's formulas.
+[[kernel]] void fl_rs_fwd_finish(
+    device const float4* partials [[buffer(FL_RS_FIN_PARTIALS)]],
+    device const float* target_logit [[buffer(FL_RS_FIN_TARGET_LOGIT)]],
+    device const long* targets [[buffer(FL_RS_FIN_TARGETS)]],
+    device float* lse [[buffer(FL_RS_FIN_LSE)]],
+    device float* lse_lo [[buffer(FL_RS_FIN_LSE_LO)]],
+    device float* target [[buffer(FL_RS_FIN_TARGET)]],
+    device float* logit_sum [[buffer(FL_RS_FIN_LOGIT_SUM)]],
+    device float* expected [[buffer(FL_RS_FIN_EXPECTED)]],
+    device float* expected_lo [[buffer(FL_RS_FIN_EXPECTED_LO)]],
+    device float* row_max [[buffer(FL_RS_FIN_MAX)]],
+    constant LceArgs& args [[buffer(FL_RS_FIN_ARGS)]],
+    uint gid [[thread_position_in_grid]]) {
+  const long row = long(gid);
+  if (row >= args.rows) {
+    return;
+  }
+  flm::LceRowState st = flm::lce_state_empty();
+  for (int s = 0; s < args.num_splits; ++s) {
+    float4 p = partials[long(s) * args.rows + row];
+    int first = s * args.vocab_per_split;
+    flm::LceRowState piece;
+    piece.ce = flm::ce_state_empty();
+    piece.ce.lse.max = p.x;
+    piece.ce.lse.sum = p.y;
+    piece.ce.all.weight = float(min(args.vocab, first + args.vocab_per_split) - first);
+    piece.ce.all.gap = p.z;
+    piece.ent = p.w;
+    st = flm::lce_state_merge(st, piece);
+  }
+  const float ref = flm::lse_ref(st.ce.lse.max);
+  flm::CeRow r = flm::ce_finish_row(st.ce.lse, 0.0f, 0.0f, 0.0f);
+  lse[row] = r.lse;
+  lse_lo[row] = r.lse_lo;
+  const long t = lce::target_class(targets, row, args);
+  target[row] = t >= 0 ? target_logit[row] : (t == -2 ? flm::kNaN : 0.0f);
+  logit_sum[row] = st.ce.all.weight * ref - st.ce.all.gap;
+  flm::FloatPair e = flm::row_expected(ref, st.ce.lse.sum, st.ent);
+  expected[row] = e.hi;
+  expected_lo[row] = e.lo;
+  row_max[row] = st.ce.lse.max;
+}
+
+// dL/dy of the chunk's rows [row0, row0 + chunk_rows) from the saved pairs and
+// the per-row cotangents (math/row_stats.h): grid (ceil(V / BN), ceil(chunk_rows
+// / BM)), as lce_dz. A row whose target is out of range gets NaN when the
+// target's cotangent is bound (as the CPU).
+template <typename T, typename Head, int BM, int BN, int BK, int WM, int WN>
+[[kernel]] void rs_dz(
+    device const T* hidden [[buffer(FL_LCE_HIDDEN)]],
+    device const typename Head::weight_t* weight [[buffer(FL_LCE_WEIGHT)]],
+    device const typename Head::scale_t* scales [[buffer(FL_LCE_SCALES)]],
+    device const typename Head::scale_t* qbiases [[buffer(FL_LCE_QBIASES)]],
+    device const long* targets [[buffer(FL_LCE_TARGETS)]],
+    device const float* bias [[buffer(FL_LCE_BIAS)]],
+    device const float* lse [[buffer(FL_RS_DZ_LSE)]],
+    device const float* lse_lo [[buffer(FL_RS_DZ_LSE_LO)]],
+    device const float* expected [[buffer(FL_RS_DZ_EXPECTED)]],
+    device const float* expected_lo [[buffer(FL_RS_DZ_EXPECTED_LO)]],
+    device const float* g_lse [[buffer(FL_RS_DZ_G_LSE)]],
+    device const float* g_target [[buffer(FL_RS_DZ_G_TARGET)]],
+    device const float* g_logit_sum [[buffer(FL_RS_DZ_G_LOGIT_SUM)]],
+    device const float* g_expected [[buffer(FL_RS_DZ_G_EXPECTED)]],
+    device float* dz [[buffer(FL_RS_DZ_OUT)]],
+    constant LceArgs& args [[buffer(FL_RS_DZ_ARGS)]],
+    uint2 group [[threadgroup_position_in_grid]],
+    uint tid [[thread_index_in_threadgroup]],
+    uint lane [[thread_index_in_simdgroup]],
+    uint sg [[simdgroup_index_in_threadgroup]]) {
+  typedef lce::LogitsGemm<T, Head, BM, BN, BK, WM, WN> G;
+  typedef lce::Acc<G> A;
+  threadgroup typename G::stage_t As[G::kAElems];
+  threadgroup typename G::stage_t Bs[G::kBElems];
+  Head head(weight, scales, qbiases, args);
+  const int V = args.vocab;
+  const int v0 = int(group.x) * G::BN;
+  const long m0 = long(group.y) * G::BM; // within the chunk
+  const long chunk_end = args.row0 + args.chunk_rows;
+  typename G::mma_t mma(static_cast<ushort>(sg), static_cast<ushort>(lane));
+  lce::logits_tile<G>(mma, hidden, head, args.row0 + m0, v0, chunk_end, args, As, Bs, ushort(sg),
+                      ushort(lane));
+
+  const int cot = args.rs_cotangents;
+  // Element-wise on this lane's accumulators: no barrier or SIMD function below.
+  for (int i = 0; i < A::kTM; ++i) {
+    const long local = m0 + A::row(mma, i);
+    if (local >= args.chunk_rows) {
+      continue;
+    }
+    const long row = args.row0 + local;
+    const long t = lce::target_class(targets, row, args);
+    flm::RowStatsCotangent g;
+    g.lse = (cot & flm::kStatLse) != 0 ? g_lse[row] : 0.0f;
+    g.target = (cot & flm::kStatTarget) != 0 ? g_target[row] : 0.0f;
+    g.logit_sum = (cot & flm::kStatLogitSum) != 0 ? g_logit_sum[row] : 0.0f;
+    g.expected = (cot & flm::kStatExpected) != 0 ? g_expected[row] : 0.0f;
+    const bool nan_row = t == -2 && (cot & flm::kStatTarget) != 0;
+    const bool soft = g.lse != 0.0f || g.expected != 0.0f;
+    const float l = soft ? lse[row] : 0.0f;
+    const float l_lo = soft ? lse_lo[row] : 0.0f;
+    flm::FloatPair e;
+    e.hi = (cot & flm::kStatExpected) != 0 ? expected[row] : 0.0f;
+    e.lo = (cot & flm::kStatExpected) != 0 ? expected_lo[row] : 0.0f;
+    for (int j = 0; j < A::kTN; ++j) {
+      for (int k = 0; k < 2; ++k) {
+        const int v = v0 + A::col(mma, j, k);
+        if (v >= V) {
+          continue;
+        }
+        float d;
+        if (nan_row) {
+          d = flm::kNaN;
+        } else {
+          const float z = lce::finish_logit(A::value(mma, i, j, k), bias, v, args);
+          d = soft ? flm::row_stats_grad(z, l, l_lo, e, g) : g.logit_sum;
+          if (long(v) == t) {
+            d += g.target;
+          }
+          const float inv_t = args.has_temperature != 0 ? args.inv_temperature : 1.0f;
+          const float temp = args.has_temperature != 0 ? args.temperature : 1.0f;
+          d *= flm::row_stats_chain(z, args.softcap, temp, inv_t);
+        }
+        dz[local * V + v] = d;
+      }
+    }
+  }
+}
+
 // Host names (launch_plan.cpp builds the same): fl_lce_<fwd|dz>_<hidden>_<head>_<tile>
 // (tile: bm<BM>_bn<BN>_bk<BK>_wm<WM>_wn<WN>, launch_plan.h lce_forward_tiles),
-// fl_lce_dh_<head>, fl_lce_dw_<hidden>, fl_lce_fwd_finish, fl_lce_dbias,
+// fl_rs_dz_<hidden>_<head>_<tile> (row statistics), fl_lce_dh_<head>, fl_lce_dw_<hidden>,
+// fl_lce_fwd_finish, fl_rs_fwd_finish, fl_lce_dbias,
 // fl_lce_scale_<dtype>; a dense head is named w<dtype>.
 #define FL_LCE_TILE_NAME(BM, BN, BK, WM, WN) "_bm" #BM "_bn" #BN "_bk" #BK "_wm" #WM "_wn" #WN
 #define FL_LCE_FWD(T, Head, BM, BN, BK, WM, WN) lce_forward<T, Head, BM, BN, BK, WM, WN>
 #define FL_LCE_DZ(T, Head, BM, BN, BK, WM, WN) lce_dz<T, Head, BM, BN, BK, WM, WN>
+#define FL_RS_DZ(T, Head, BM, BN, BK, WM, WN) rs_dz<T, Head, BM, BN, BK, WM, WN>
 #define FL_INST_LCE_TILE(hname, T, head, Head, BM, BN, BK, WM, WN) \
   template [[host_name("fl_lce_fwd_" #hname "_" #head FL_LCE_TILE_NAME(BM, BN, BK, WM, WN))]] [[kernel]] decltype(FL_LCE_FWD(T, Head, BM, BN, BK, WM, WN)) FL_LCE_FWD(T, Head, BM, BN, BK, WM, WN); \
-  template [[host_name("fl_lce_dz_" #hname "_" #head FL_LCE_TILE_NAME(BM, BN, BK, WM, WN))]] [[kernel]] decltype(FL_LCE_DZ(T, Head, BM, BN, BK, WM, WN)) FL_LCE_DZ(T, Head, BM, BN, BK, WM, WN);
+  template [[host_name("fl_lce_dz_" #hname "_" #head FL_LCE_TILE_NAME(BM, BN, BK, WM, WN))]] [[kernel]] decltype(FL_LCE_DZ(T, Head, BM, BN, BK, WM, WN)) FL_LCE_DZ(T, Head, BM, BN, BK, WM, WN); \
+  template [[host_name("fl_rs_dz_" #hname "_" #head FL_LCE_TILE_NAME(BM, BN, BK, WM, WN))]] [[kernel]] decltype(FL_RS_DZ(T, Head, BM, BN, BK, WM, WN)) FL_RS_DZ(T, Head, BM, BN, BK, WM, WN);
 
 // The tiles of a head staged as float (MLX's float32 choices: default, small
 // device) and, for a 16-bit dense head of the hidden dtype, MLX's 16-bit choice on

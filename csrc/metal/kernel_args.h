@@ -149,6 +149,35 @@ typedef uint64_t fl_u64;
 #define FL_LCE_DB_OUT 1 // [V] float32 in/out
 #define FL_LCE_DB_ARGS 2
 #define FL_LCE_DB_NBUF 3
+// Row statistics (ops/row_stats.h) on the linear CE's forward tiles: finish
+// merges the S states of a row (as FL_LCE_FIN_*) into the statistics; outputs not
+// asked for are written to scratch.
+#define FL_RS_FIN_PARTIALS 0
+#define FL_RS_FIN_TARGET_LOGIT 1
+#define FL_RS_FIN_TARGETS 2
+#define FL_RS_FIN_LSE 3 // [N] float32 out
+#define FL_RS_FIN_LSE_LO 4 // [N] float32 out
+#define FL_RS_FIN_TARGET 5 // [N] float32 out: the target's logit (0 ignored / another shard's, NaN out of range)
+#define FL_RS_FIN_LOGIT_SUM 6 // [N] float32 out
+#define FL_RS_FIN_EXPECTED 7 // [N] float32 out: E_p[z]
+#define FL_RS_FIN_EXPECTED_LO 8 // [N] float32 out
+#define FL_RS_FIN_MAX 9 // [N] float32 out
+#define FL_RS_FIN_ARGS 10
+#define FL_RS_FIN_NBUF 11
+// Row statistics' dZ of a row chunk (slots 0-5 as the linear CE's dZ): the
+// saved pairs and one cotangent per differentiable statistic (absent ones,
+// per LceArgs::rs_cotangents, any valid buffer, never read)
+#define FL_RS_DZ_LSE 6
+#define FL_RS_DZ_LSE_LO 7
+#define FL_RS_DZ_EXPECTED 8
+#define FL_RS_DZ_EXPECTED_LO 9
+#define FL_RS_DZ_G_LSE 10
+#define FL_RS_DZ_G_TARGET 11
+#define FL_RS_DZ_G_LOGIT_SUM 12
+#define FL_RS_DZ_G_EXPECTED 13
+#define FL_RS_DZ_OUT 14 // [chunk_rows, V] float32 out
+#define FL_RS_DZ_ARGS 15
+#define FL_RS_DZ_NBUF 16
 // g * gradient in the primal's dtype (LceScaleGrad)
 #define FL_LCE_SCALE_G 0 // [1] float32
 #define FL_LCE_SCALE_SRC 1 // [n] float32
@@ -252,6 +281,7 @@ struct LceArgs {
   fl_i64 ignore_index;
   fl_i64 rows; // N
   fl_i64 row0; // first row of the forward tile launch or of the backward chunk
+  fl_i64 vocab_start; // row statistics, sharded: the global index of class 0 (targets are global)
   int vocab; // V
   int hidden; // H
   int chunk_rows; // backward: rows in the chunk (the dZ buffer's rows)
@@ -268,6 +298,13 @@ struct LceArgs {
   float a_sum; // A = sum_j q_j = c_target + c_other * V
   float z_loss;
   float softcap; // 0: none
+  // Row statistics (ops/row_stats.h) on the same tiles; 0 for the linear CE.
+  int has_temperature; // logits divided by the temperature (after the cap)
+  int sharded; // a target outside [vocab_start, vocab_start + V) is another shard's: ignored
+  int no_targets; // no targets buffer: every row as ignored (targets never read)
+  int rs_cotangents; // dZ: the flm::RowStat bits whose cotangent buffers are bound
+  float inv_temperature;
+  float temperature;
 };
 
 // ---- work per thread -------------------------------------------------------------
@@ -309,4 +346,4 @@ static_assert(sizeof(SfArgs) == 32, "SfArgs layout");
 static_assert(sizeof(KdArgs) == 40, "KdArgs layout");
 static_assert(sizeof(PwArgs) == 32, "PwArgs layout");
 static_assert(sizeof(PwTargetLayout) == 16 * FL_PW_MAX_TARGET_GROUPS + 8, "PwTargetLayout layout");
-static_assert(sizeof(LceArgs) == 88, "LceArgs layout");
+static_assert(sizeof(LceArgs) == 120, "LceArgs layout");

@@ -636,6 +636,30 @@ LaunchPlan lce_dz_plan(KDtype hidden, const std::string& head, const LcePlan& p,
   return l;
 }
 
+LaunchPlan rs_finish_plan(const LcePlan& p, int max_group_threads) {
+  LaunchPlan l = lce_elementwise_plan("fl_rs_fwd_finish", p.rows, max_group_threads);
+  l.buffers = buffer_names(FL_RS_FIN_NBUF, {{FL_RS_FIN_PARTIALS, "partials"},
+      {FL_RS_FIN_TARGET_LOGIT, "target_logit"}, {FL_RS_FIN_TARGETS, "targets"}, {FL_RS_FIN_LSE, "lse"},
+      {FL_RS_FIN_LSE_LO, "lse_lo"}, {FL_RS_FIN_TARGET, "target"}, {FL_RS_FIN_LOGIT_SUM, "logit_sum"},
+      {FL_RS_FIN_EXPECTED, "expected"}, {FL_RS_FIN_EXPECTED_LO, "expected_lo"}, {FL_RS_FIN_MAX, "max"},
+      {FL_RS_FIN_ARGS, "args"}});
+  return l;
+}
+
+LaunchPlan rs_dz_plan(KDtype hidden, const std::string& head, const LcePlan& p, int64_t chunk_rows,
+                      int max_group_threads) {
+  LaunchPlan l = lce_gemm_plan(
+      std::string("fl_rs_dz_") + dtype_name(hidden) + "_" + head + "_" + p.fwd.name(),
+      p.vocab_tiles, ceil_div(chunk_rows, FL_LCE_BM), max_group_threads, p.fwd.threads());
+  l.buffers = buffer_names(FL_RS_DZ_NBUF, {{FL_LCE_HIDDEN, "hidden"}, {FL_LCE_WEIGHT, "weight"},
+      {FL_LCE_SCALES, "scales"}, {FL_LCE_QBIASES, "qbiases"}, {FL_LCE_TARGETS, "targets"},
+      {FL_LCE_BIAS, "bias"}, {FL_RS_DZ_LSE, "lse"}, {FL_RS_DZ_LSE_LO, "lse_lo"},
+      {FL_RS_DZ_EXPECTED, "expected"}, {FL_RS_DZ_EXPECTED_LO, "expected_lo"}, {FL_RS_DZ_G_LSE, "g_lse"},
+      {FL_RS_DZ_G_TARGET, "g_target"}, {FL_RS_DZ_G_LOGIT_SUM, "g_logit_sum"},
+      {FL_RS_DZ_G_EXPECTED, "g_expected"}, {FL_RS_DZ_OUT, "dz"}, {FL_RS_DZ_ARGS, "args"}});
+  return l;
+}
+
 LaunchPlan lce_dh_plan(const std::string& head, const LcePlan& p, int64_t chunk_rows,
                        int max_group_threads) {
   LaunchPlan l = lce_gemm_plan("fl_lce_dh_" + head, ceil_div(p.hidden, FL_LCE_BN),
@@ -691,6 +715,18 @@ LceArgs make_lce_args(const LcePlan& p, float label_smoothing, int smoothing_mod
   a.a_sum = c.c_target + c.c_other * float(p.vocab);
   a.z_loss = z_loss;
   a.softcap = softcap;
+  return a;
+}
+
+LceArgs make_rs_args(const LcePlan& p, bool has_ignore_index, int64_t ignore_index, float softcap,
+                     bool has_bias, float temperature, bool sharded, int64_t vocab_start, bool has_targets) {
+  LceArgs a = make_lce_args(p, 0.0f, 0, has_ignore_index, ignore_index, 0.0f, softcap, has_bias);
+  a.has_temperature = temperature != 1.0f ? 1 : 0;
+  a.temperature = temperature;
+  a.inv_temperature = 1.0f / temperature; // the CPU's factor (csrc/cpu/row_stats.cpp)
+  a.sharded = sharded ? 1 : 0;
+  a.vocab_start = sharded ? vocab_start : 0;
+  a.no_targets = has_targets ? 0 : 1;
   return a;
 }
 
@@ -809,6 +845,7 @@ std::vector<PlanKernel> enumerate_plan_kernels() {
   }
   const LcePlan plan = lce_plan(100, 1000, 64, int64_t(1) << 20);
   c.add(lce_finish_plan(plan), "lce_finish_plan()");
+  c.add(rs_finish_plan(plan), "rs_finish_plan()");
   c.add(lce_dbias_plan(plan), "lce_dbias_plan()");
   // The forward tile of every device class, and of the large class's large-K case.
   const char device_classes[] = {'p', 'g', 's', 'd'};
@@ -825,6 +862,7 @@ std::vector<PlanKernel> enumerate_plan_kernels() {
                                  std::to_string(hidden_size);
           c.add(lce_forward_plan(ht, head, tp), "lce_forward_plan(" + at + ")");
           c.add(lce_dz_plan(ht, head, tp, tp.chunk_rows), "lce_dz_plan(" + at + ")");
+          c.add(rs_dz_plan(ht, head, tp, tp.chunk_rows), "rs_dz_plan(" + at + ")");
         }
       }
     }

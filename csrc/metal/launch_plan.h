@@ -236,6 +236,12 @@ LaunchPlan lce_finish_plan(const LcePlan& p, int max_group_threads = kMaxGroupTh
 // The backward kernels of one chunk of `chunk_rows` rows.
 LaunchPlan lce_dz_plan(KDtype hidden, const std::string& head, const LcePlan& p,
                        int64_t chunk_rows, int max_group_threads = kMaxGroupThreads);
+// Row statistics (ops/row_stats.h) on the same plan: lce_forward_plan's tiles,
+// then this finish (one thread per row); the backward's dZ of one chunk, then
+// lce_dbias_plan, lce_dh_plan, lce_dw_plan (the schedule: lce_schedule).
+LaunchPlan rs_finish_plan(const LcePlan& p, int max_group_threads = kMaxGroupThreads);
+LaunchPlan rs_dz_plan(KDtype hidden, const std::string& head, const LcePlan& p,
+                      int64_t chunk_rows, int max_group_threads = kMaxGroupThreads);
 LaunchPlan lce_dh_plan(const std::string& head, const LcePlan& p, int64_t chunk_rows,
                        int max_group_threads = kMaxGroupThreads);
 LaunchPlan lce_dw_plan(KDtype hidden, const LcePlan& p, int max_group_threads = kMaxGroupThreads);
@@ -276,6 +282,12 @@ std::vector<LceLaunch> lce_schedule(const LcePlan& p, const LceWork& w);
 LceArgs make_lce_args(const LcePlan& p, float label_smoothing, int smoothing_mode,
                       bool has_ignore_index, int64_t ignore_index, float z_loss, float softcap,
                       bool has_bias);
+
+// The row statistics' arguments (ops/row_stats.h): the linear CE's without
+// smoothing or z-loss, plus the temperature (applied after the cap; 1: none),
+// the shard (vocab_start) and whether there are targets.
+LceArgs make_rs_args(const LcePlan& p, bool has_ignore_index, int64_t ignore_index, float softcap,
+                     bool has_bias, float temperature, bool sharded, int64_t vocab_start, bool has_targets);
 
 // ---- every kernel the host can ask for ------------------------------------------------
 // The kernel names of every launch plan eval_gpu can build, found by calling

@@ -17,137 +17,14 @@
 // starts (gpu::CommandBuffers), hold at most plan.max_buffer_flops of work.
 #include <optional>
 
-#include "metal/host.h"
-#include "ops/linear_cross_entropy.h"
+#include "metal/lce_host.h"
 
 namespace fl {
 
 namespace {
 
-// What every launch of one call shares.
-struct LceCall {
-  const std::vector<mx::array>& inputs;
-  const LinearCrossEntropyParams& p;
-  LceInputs L;
-  mplan::KDtype hidden_dt;
-  std::string head; // the weight's head name (kernel name suffix)
-  mplan::LcePlan plan;
-  LceArgs args;
-  mx::Stream s;
-  gpu::CommandBuffers buffers;
-};
-
-// The head that reads the weight. Dense: the weight's dtype. Quantized
-// (metal/quantized_head.h): the mode, bits and (affine) the scales' dtype (the
-// op gives scales and biases one dtype; the floating-point modes have uint8
-// scales and no biases); w_q must reach the kernel as packed uint32.
-std::string head_name(const std::vector<mx::array>& inputs, const LinearCrossEntropyParams& p,
-                      const LceInputs& L) {
-  if (p.quantized()) {
-    const auto& scales = inputs[L.scales];
-    gpu::require_dense(scales, "scales");
-    if (inputs[L.weight].dtype() != mx::uint32) {
-      throw std::runtime_error("mlx_fused_losses: a quantized weight must reach the kernel as uint32");
-    }
-    if (!p.quantized_affine()) {
-      if (scales.dtype() != mx::uint8) {
-        throw std::runtime_error("mlx_fused_losses: fp-mode scales must reach the kernel as uint8");
-      }
-      if (p.has_global_scale) {
-        gpu::require_dense(inputs[L.global_scale], "global_scale");
-      }
-      return mplan::lce_quantized_head(p.quant_mode, p.bits, mplan::KDtype::float32,
-                                       p.has_global_scale);
-    }
-    const auto& qbiases = inputs[L.qbiases];
-    gpu::require_dense(qbiases, "biases");
-    if (qbiases.dtype() != scales.dtype()) {
-      throw std::runtime_error(
-          "mlx_fused_losses: a quantized weight's scales and biases must reach the kernel in one "
-          "dtype");
-    }
-    return mplan::lce_quantized_head(p.quant_mode, p.bits, gpu::kernel_dtype(scales.dtype()));
-  }
-  return mplan::lce_dense_head(gpu::kernel_dtype(inputs[L.weight].dtype()));
-}
-
-// The call's plan; its inputs and outputs are kept alive by every command
-// buffer it fills (gpu::CommandBuffers).
-LceCall make_call(const std::vector<mx::array>& inputs, const std::vector<mx::array>& outputs,
-                  const LinearCrossEntropyParams& p, mx::Stream s) {
-  LceInputs L = lce_inputs(p);
-  const auto& hidden = inputs[L.hidden];
-  const auto& weight = inputs[L.weight];
-  const auto& targets = inputs[L.targets];
-  gpu::require_dense(hidden, "hidden");
-  gpu::require_dense(weight, "weight");
-  gpu::require_dense(targets, "targets");
-  if (targets.dtype() != mx::int64) {
-    throw std::runtime_error("mlx_fused_losses: class indices must reach the kernel as int64");
-  }
-  if (p.has_bias) {
-    gpu::require_dense(inputs[L.bias], "bias");
-    if (inputs[L.bias].dtype() != mx::float32) {
-      throw std::runtime_error("mlx_fused_losses: the bias must reach the kernel as float32");
-    }
-  }
-  int H = hidden.shape(-1);
-  int V = weight.shape(0);
-  // H = 0: the logits are the bias; the rows are counted from the targets.
-  int64_t N = int64_t(targets.size());
-  // The forward tile is MLX's choice for the GPU's class, the last letter of its
-  // architecture name (launch_plan.h lce_forward_tile, MLX's matmul.cpp).
-  const mplan::KDtype hidden_dt = gpu::kernel_dtype(hidden.dtype());
-  const std::string head = head_name(inputs, p, L);
-  mplan::LcePlan plan = mplan::lce_plan(
-      N, V, H, p.chunk_bytes, mplan::kLceMaxBufferFlops,
-      mplan::lce_forward_tile(gpu::device_class(s), hidden_dt, head, N, V, H));
-  LceArgs args = mplan::make_lce_args(plan, p.label_smoothing, p.smoothing_mode,
-                                      p.has_ignore_index, p.ignore_index, p.z_loss,
-                                      p.logit_softcap, p.has_bias);
-  args.bits = p.bits;
-  args.group_size = p.group_size;
-  LceCall c{inputs, p, L, hidden_dt, head, plan, args, s, gpu::CommandBuffers(s)};
-  for (const auto& a : inputs) {
-    c.buffers.keep(a);
-  }
-  for (const auto& a : outputs) {
-    c.buffers.keep(a);
-  }
-  return c;
-}
-
-// Scratch memory of the call. Not an encoder temporary: it may be written in
-// one command buffer and read in the next (gpu::CommandBuffers).
-mx::array scratch(LceCall& c, int64_t floats) {
-  mx::array t({int(floats > 0 ? floats : 1)}, mx::float32, nullptr, {});
-  gpu::alloc(t);
-  c.buffers.keep(t);
-  return t;
-}
-
-// The head's three buffer slots (a dense head reads only the weight).
-void bind_head(LceCall& c, mx::metal::CommandEncoder& enc) {
-  const auto& w = c.inputs[c.L.weight];
-  enc.set_input_array(w, FL_LCE_WEIGHT);
-  // The floating-point modes have no biases: their scales fill both slots (the
-  // head never reads the second), or nvfp4's global scale the second.
-  const auto& scales = c.p.quantized() ? c.inputs[c.L.scales] : w;
-  enc.set_input_array(scales, FL_LCE_SCALES);
-  enc.set_input_array(c.p.quantized_affine()   ? c.inputs[c.L.qbiases]
-                      : c.p.has_global_scale ? c.inputs[c.L.global_scale]
-                                             : scales,
-                      FL_LCE_QBIASES);
-}
-
-// Hidden, head, targets, bias: slots 0-5 of the forward and dZ kernels.
-void bind_tile_inputs(LceCall& c, mx::metal::CommandEncoder& enc) {
-  const auto& hidden = c.inputs[c.L.hidden];
-  enc.set_input_array(hidden, FL_LCE_HIDDEN);
-  bind_head(c, enc);
-  enc.set_input_array(c.inputs[c.L.targets], FL_LCE_TARGETS);
-  enc.set_input_array(c.p.has_bias ? c.inputs[c.L.bias] : hidden, FL_LCE_BIAS);
-}
+using lcehost::LceCall;
+using lcehost::scratch;
 
 // The forward's outputs: loss (per row, or the summed scalar), lse, lse_lo,
 // correct, entropy; nullptr: no forward in this call.
@@ -177,16 +54,7 @@ void run_launch(LceCall& c, const mplan::LceLaunch& l, LceStats& f, const mx::ar
   }
   switch (l.kernel) {
     case K::forward:
-      if (auto x = gpu::launch(c.s, [&](int t) {
-            return mplan::lce_forward_plan(c.hidden_dt, c.head, P, t, l.rows);
-          })) {
-        auto& enc = x.encoder();
-        bind_tile_inputs(c, enc);
-        enc.set_output_array(*f.partials, FL_LCE_FWD_PARTIALS);
-        enc.set_output_array(*f.target_logit, FL_LCE_FWD_TARGET_LOGIT);
-        enc.set_bytes(args, FL_LCE_FWD_ARGS);
-        x.dispatch();
-      }
+      lcehost::launch_forward(c, l, args, *f.partials, *f.target_logit);
       return;
     case K::finish:
       if (auto x = gpu::launch(c.s, [&](int t) { return mplan::lce_finish_plan(P, t); })) {
@@ -222,7 +90,7 @@ void run_launch(LceCall& c, const mplan::LceLaunch& l, LceStats& f, const mx::ar
             return mplan::lce_dz_plan(c.hidden_dt, c.head, P, l.rows, t);
           })) {
         auto& enc = x.encoder();
-        bind_tile_inputs(c, enc);
+        lcehost::bind_tile_inputs(c, enc);
         enc.set_input_array(lse, FL_LCE_DZ_LSE);
         enc.set_input_array(lse_lo, FL_LCE_DZ_LSE_LO);
         enc.set_input_array(g ? *g : lse, FL_LCE_DZ_G);
@@ -232,50 +100,15 @@ void run_launch(LceCall& c, const mplan::LceLaunch& l, LceStats& f, const mx::ar
       }
       return;
     case K::dbias:
-      if (auto x = gpu::launch(c.s, [&](int t) { return mplan::lce_dbias_plan(P, t); })) {
-        auto& enc = x.encoder();
-        enc.set_input_array(*dz, FL_LCE_DB_DZ);
-        enc.set_output_array(*out.dbias, FL_LCE_DB_OUT);
-        enc.set_bytes(args, FL_LCE_DB_ARGS);
-        x.dispatch();
-      }
+      lcehost::launch_dbias(c, args, *dz, *out.dbias);
       return;
     case K::dh:
-      if (auto x = gpu::launch(c.s, [&](int t) { return mplan::lce_dh_plan(c.head, P, l.rows, t); })) {
-        auto& enc = x.encoder();
-        enc.set_input_array(*dz, FL_LCE_DH_DZ);
-        bind_head(c, enc);
-        enc.set_output_array(*out.dh, FL_LCE_DH_OUT);
-        enc.set_bytes(args, FL_LCE_DH_ARGS);
-        x.dispatch();
-      }
+      lcehost::launch_dh(c, l, args, *dz, *out.dh);
       return;
     case K::dw:
-      if (auto x = gpu::launch(c.s, [&](int t) { return mplan::lce_dw_plan(c.hidden_dt, P, t); })) {
-        auto& enc = x.encoder();
-        enc.set_input_array(*dz, FL_LCE_DW_DZ);
-        enc.set_input_array(c.inputs[c.L.hidden], FL_LCE_DW_HIDDEN);
-        enc.set_output_array(*out.dw, FL_LCE_DW_OUT);
-        enc.set_bytes(args, FL_LCE_DW_ARGS);
-        x.dispatch();
-      }
+      lcehost::launch_dw(c, args, *dz, *out.dw);
       return;
   }
-}
-
-// A launch that does nothing (lce_scale_grad over 0 elements), to pad the last
-// command buffer (gpu::CommandBuffers::finish).
-void pad_launch(LceCall& c, const mx::array& any_float32) {
-  PwArgs none = mplan::make_pw_args(0, 0.0f, 0.0f, 0);
-  auto x = gpu::launch(c.s, [&](int t) {
-    return mplan::lce_scale_plan(mplan::KDtype::float32, 1, t);
-  });
-  auto& enc = x.encoder();
-  enc.set_input_array(any_float32, FL_LCE_SCALE_G);
-  enc.set_input_array(any_float32, FL_LCE_SCALE_SRC);
-  enc.set_input_array(any_float32, FL_LCE_SCALE_OUT); // never written: size 0
-  enc.set_bytes(none, FL_LCE_SCALE_ARGS);
-  x.dispatch();
 }
 
 // Every launch of the call in lce_schedule's order, committing the command
@@ -290,7 +123,6 @@ void run(LceCall& c, LceStats& f, const mx::array& lse, const mx::array& lse_lo,
   w.dh = out.dh != nullptr;
   w.dw = out.dw != nullptr;
   w.dbias = out.dbias != nullptr;
-  const std::vector<mplan::LceLaunch> launches = mplan::lce_schedule(c.plan, w);
   const int64_t N = c.plan.rows;
   if (w.forward) {
     f.partials = scratch(c, int64_t(c.plan.splits) * N * 4);
@@ -301,15 +133,9 @@ void run(LceCall& c, LceStats& f, const mx::array& lse, const mx::array& lse_lo,
   if (w.dh || w.dw || w.dbias) {
     dz = scratch(c, c.plan.chunk_rows * c.plan.vocab);
   }
-  int segment = 0;
-  for (const auto& l : launches) {
-    if (l.segment != segment) {
-      c.buffers.commit();
-      segment = l.segment;
-    }
+  lcehost::run_schedule(c, w, lse, [&](const mplan::LceLaunch& l) {
     run_launch(c, l, f, lse, lse_lo, g, out, dz);
-  }
-  c.buffers.finish([&] { pad_launch(c, lse); });
+  });
 }
 
 } // namespace
@@ -330,7 +156,7 @@ void LinearCrossEntropy::eval_gpu(const std::vector<mx::array>& inputs, std::vec
       grads[which] = &out;
     }
   }
-  LceCall c = make_call(inputs, outputs, params_, stream());
+  LceCall c = lcehost::make_call(inputs, outputs, params_, lce_inputs(params_), stream());
   LceStats f;
   f.outputs = &outputs;
   // The forward with fused gradients runs the backward with a unit cotangent
@@ -343,7 +169,7 @@ void LinearCrossEntropyVJP::eval_gpu(const std::vector<mx::array>& inputs,
   for (auto& out : outputs) {
     gpu::alloc(out);
   }
-  LceCall c = make_call(inputs, outputs, params_, stream());
+  LceCall c = lcehost::make_call(inputs, outputs, params_, lce_inputs(params_), stream());
   size_t n = inputs.size(); // ..., lse, lse_lo, g
   const auto& lse = inputs[n - 3];
   const auto& lse_lo = inputs[n - 2];

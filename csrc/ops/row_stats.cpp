@@ -168,12 +168,16 @@ void set_common(RowStatsParams& p, int stats, float temperature, std::optional<f
   }
 }
 
-// Where the primitives run: the CPU stream for now, whatever `s` says (the
-// Metal kernels are not written yet; on Apple silicon the CPU reads the GPU's
-// arrays in place, MLX orders the two streams).
-mx::StreamOrDevice kernel_stream(mx::StreamOrDevice s) {
+// Where the primitives run. The linear form has Metal kernels but for argmax
+// (its state is not in the linear CE's forward tiles); the logits form has
+// none yet. Those run on the CPU stream whatever `s` says (on Apple silicon
+// the CPU reads the GPU's arrays in place; MLX orders the two streams).
+mx::StreamOrDevice kernel_stream(mx::StreamOrDevice s, bool has_metal_kernels) {
   mx::Stream st = mx::to_stream(s);
-  return st.device == mx::Device::gpu ? mx::StreamOrDevice(mx::default_stream(mx::Device::cpu)) : s;
+  if (st.device == mx::Device::gpu && !has_metal_kernels) {
+    return mx::default_stream(mx::Device::cpu);
+  }
+  return s;
 }
 
 const std::optional<mx::array>& targets_if_needed(const std::optional<mx::array>& targets, int stats) {
@@ -242,9 +246,9 @@ std::vector<mx::array> linear_row_stats(
     std::optional<int64_t> vocab_start,
     std::optional<int64_t> chunk_bytes,
     mx::StreamOrDevice s) {
-  s = kernel_stream(s);
   check_row_stats_options(temperature, logit_softcap, chunk_bytes);
   const int asked = parse_stats(stats);
+  s = kernel_stream(s, !(asked & flm::kStatArgmax));
   RowStatsParams p;
   const auto& t = targets_if_needed(targets, asked);
   auto head = check_linear_head(hidden, weight, t, bias, scales, qbiases, group_size, bits, mode, global_scale,
@@ -274,9 +278,9 @@ std::vector<mx::array> row_stats(
     std::optional<int64_t> ignore_index,
     std::optional<int64_t> vocab_start,
     mx::StreamOrDevice s) {
-  s = kernel_stream(s);
   check_row_stats_options(temperature, logit_softcap, std::nullopt);
   const int asked = parse_stats(stats);
+  s = kernel_stream(s, false);
   check_float_input(logits, "logits");
   if (logits.ndim() == 0 || logits.shape(-1) == 0) {
     fail_value("logits must have a class axis [..., V] with V >= 1, got shape ", shape_str(logits.shape()));
@@ -412,14 +416,13 @@ std::pair<std::vector<mx::array>, std::vector<int>> RowStatsVJP::vmap(
       inputs, axes, [&](const std::vector<mx::array>& in) { return make_logits_backward(in, p, s); }, s);
 }
 
-// Never scheduled: the ops put these primitives on the CPU stream (kernel_stream).
-#define FL_ROW_STATS_CPU_ONLY(CLASS)                                                      \
-  void CLASS::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {          \
-    throw std::logic_error(#CLASS " runs on the CPU stream (no Metal kernels yet)");     \
-  }
-FL_ROW_STATS_CPU_ONLY(LinearRowStats)
-FL_ROW_STATS_CPU_ONLY(LinearRowStatsVJP)
-FL_ROW_STATS_CPU_ONLY(RowStats)
-FL_ROW_STATS_CPU_ONLY(RowStatsVJP)
+// eval_gpu: csrc/metal/row_stats.cpp (Metal builds; the logits form is never
+// scheduled there: kernel_stream puts it on the CPU).
+#ifndef _METAL_
+FL_NO_METAL(LinearRowStats)
+FL_NO_METAL(LinearRowStatsVJP)
+FL_NO_METAL(RowStats)
+FL_NO_METAL(RowStatsVJP)
+#endif
 
 } // namespace fl

@@ -123,6 +123,41 @@ void dbias_call(const LaunchPlan& p, const LceBufs& b, const LceArgs& a) {
   run_plan(p, [&](const mh::ThreadCtx& t) { fn(b.dz, b.dbias, a, t.thread_position_in_grid.x); });
 }
 
+// Row statistics (ops/row_stats.h) on the same tiles: their finish and dZ.
+struct RsBufs {
+  float* lse;
+  float* lse_lo;
+  float* target;
+  float* logit_sum;
+  float* expected;
+  float* expected_lo;
+  float* max;
+  const float* g[4]; // cotangents of lse, target, logit_sum, expected (any valid buffer when absent)
+};
+
+void rs_finish_call(const LaunchPlan& p, const LceBufs& b, const RsBufs& r, const LceArgs& a) {
+  auto* fn = mh::kernel<decltype(fl_rs_fwd_finish)>(p.kernel_name);
+  run_plan(p, [&](const mh::ThreadCtx& t) {
+    fn(reinterpret_cast<const metal::float4*>(b.partials), b.target_logit,
+       reinterpret_cast<const long*>(b.targets), r.lse, r.lse_lo, r.target, r.logit_sum, r.expected,
+       r.expected_lo, r.max, a, t.thread_position_in_grid.x);
+  });
+}
+
+template <class T, class Head>
+void rs_dz_call(const LaunchPlan& p, const LceBufs& b, const RsBufs& r, const LceArgs& a) {
+  using Wt = typename Head::weight_t;
+  using St = typename Head::scale_t;
+  auto* fn = mh::kernel<decltype(rs_dz<T, Head, FL_LCE_BM, FL_LCE_BN, FL_LCE_BK, FL_LCE_WM, FL_LCE_WN>)>(p.kernel_name);
+  run_plan(p, [&](const mh::ThreadCtx& t) {
+    fn(static_cast<const T*>(b.hidden), static_cast<const Wt*>(b.weight),
+       static_cast<const St*>(b.scales), static_cast<const St*>(b.qbiases),
+       reinterpret_cast<const long*>(b.targets), b.bias, r.lse, r.lse_lo, r.expected, r.expected_lo,
+       r.g[0], r.g[1], r.g[2], r.g[3], b.dz, a, t.threadgroup_position_in_grid.xy,
+       t.thread_index_in_threadgroup, t.thread_index_in_simdgroup, t.simdgroup_index_in_threadgroup);
+  });
+}
+
 int g_pipeline_limit = fl::mplan::kMaxGroupThreads;
 // The plan's work bound per command buffer (lce_set_max_buffer_flops): small
 // values cut the small shapes here into several forward launches and chunks.
@@ -544,4 +579,146 @@ int lce_scale_run(int dt, const float* g, const float* src, void* out, uint64_t 
   });
 }
 
+// The row statistics' forward as eval_gpu runs it (csrc/metal/row_stats.cpp):
+// lce_forward tiles with the row statistics' arguments, then fl_rs_fwd_finish.
+// targets may be null (has_targets 0: never read).
+int rs_forward_run(int hdt, int wdt, const void* hidden, const void* weight, const int64_t* targets,
+                   const float* bias, float* partials, float* target_logit, float* lse, float* lse_lo,
+                   float* target, float* logit_sum, float* expected, float* expected_lo, float* max,
+                   int64_t rows, int vocab, int hidden_size, int64_t chunk_bytes, int has_ignore,
+                   int64_t ignore_index, float softcap, int has_bias, float temperature, int sharded,
+                   int64_t vocab_start, int has_targets) {
+  return mh::guarded([&] {
+    namespace P = fl::mplan;
+    std::string head = head_for(wdt);
+    LcePlan plan = call_plan(rows, vocab, hidden_size, chunk_bytes, to_dtype(hdt), head);
+    LceArgs args = P::make_rs_args(plan, has_ignore != 0, ignore_index, softcap, has_bias != 0, temperature,
+                                   sharded != 0, vocab_start, has_targets != 0);
+    LceBufs b = tile_inputs(hidden, weight, targets, bias);
+    bind_head(b, args);
+    b.partials = partials;
+    b.target_logit = target_logit;
+    RsBufs r{lse, lse_lo, target, logit_sum, expected, expected_lo, max, {}};
+    P::LceWork w;
+    w.forward = true;
+    for (const P::LceLaunch& l : P::lce_schedule(plan, w)) {
+      LceArgs a = args;
+      a.row0 = l.row0;
+      if (l.kernel == P::LceKernel::forward) {
+        LaunchPlan tiles = P::lce_forward_plan(to_dtype(hdt), head, plan, g_pipeline_limit, l.rows);
+        with_dtype(to_dtype(hdt), [&]<class T>() {
+          with_head(wdt, [&]<class Head>() { fwd_call<T, Head>(tiles, b, a); });
+        });
+      } else if (l.kernel == P::LceKernel::finish) {
+        rs_finish_call(P::rs_finish_plan(plan, g_pipeline_limit), b, r, a);
+      } else {
+        throw mh::Error("rs_forward_run: an unexpected launch in a forward schedule");
+      }
+    }
+  });
+}
+
+// The row statistics' backward, chunk by chunk: rs_dz, then the linear CE's
+// dbias, dH, dW (those asked for). cot: the flm::RowStat bits of the bound
+// cotangents g_lse, g_target, g_logit_sum, g_expected.
+int rs_backward_run(int hdt, int wdt, const void* hidden, const void* weight, const int64_t* targets,
+                    const float* bias, const float* lse, const float* lse_lo, const float* expected,
+                    const float* expected_lo, const float* g_lse, const float* g_target,
+                    const float* g_logit_sum, const float* g_expected, int cot, float* dz, float* dh,
+                    float* dw, float* dbias, int want_dh, int want_dw, int want_dbias, int64_t rows,
+                    int vocab, int hidden_size, int64_t chunk_bytes, int has_ignore, int64_t ignore_index,
+                    float softcap, int has_bias, float temperature, int sharded, int64_t vocab_start,
+                    int has_targets) {
+  return mh::guarded([&] {
+    namespace P = fl::mplan;
+    std::string head = head_for(wdt);
+    LcePlan plan = call_plan(rows, vocab, hidden_size, chunk_bytes, to_dtype(hdt), head);
+    LceArgs base = P::make_rs_args(plan, has_ignore != 0, ignore_index, softcap, has_bias != 0, temperature,
+                                   sharded != 0, vocab_start, has_targets != 0);
+    base.rs_cotangents = cot;
+    KDtype h = to_dtype(hdt);
+    LceBufs b = tile_inputs(hidden, weight, targets, bias);
+    bind_head(b, base);
+    b.dz = dz;
+    b.dh = dh;
+    b.dw = dw;
+    b.dbias = dbias;
+    RsBufs r{const_cast<float*>(lse), const_cast<float*>(lse_lo), nullptr, nullptr,
+             const_cast<float*>(expected), const_cast<float*>(expected_lo), nullptr,
+             {g_lse, g_target, g_logit_sum, g_expected}};
+    P::LceWork w;
+    w.dh = want_dh != 0;
+    w.dw = want_dw != 0;
+    w.dbias = want_dbias != 0;
+    for (const P::LceLaunch& l : P::lce_schedule(plan, w)) {
+      const int64_t n = l.rows;
+      LceArgs a = base;
+      a.row0 = l.row0;
+      a.chunk_rows = int(n);
+      a.accumulate = l.row0 > 0 ? 1 : 0;
+      switch (l.kernel) {
+        case P::LceKernel::dz: {
+          LaunchPlan dzp = P::rs_dz_plan(h, head, plan, n, g_pipeline_limit);
+          with_dtype(h, [&]<class T>() {
+            with_head(wdt, [&]<class Head>() { rs_dz_call<T, Head>(dzp, b, r, a); });
+          });
+          break;
+        }
+        case P::LceKernel::dbias: dbias_call(P::lce_dbias_plan(plan, g_pipeline_limit), b, a); break;
+        case P::LceKernel::dh: {
+          LaunchPlan dhp = P::lce_dh_plan(head, plan, n, g_pipeline_limit);
+          with_head(wdt, [&]<class Head>() { dh_call<Head>(dhp, b, a); });
+          break;
+        }
+        case P::LceKernel::dw: {
+          LaunchPlan dwp = P::lce_dw_plan(h, plan, g_pipeline_limit);
+          with_dtype(h, [&]<class T>() { dw_call<T>(dwp, b, a); });
+          break;
+        }
+        default: throw mh::Error("rs_backward_run: a forward launch in a backward schedule");
+      }
+    }
+  });
+}
+
+// rs_forward_run / rs_backward_run with a quantized weight (as lce_*_run_q):
+// no dW.
+int rs_forward_run_q(int hdt, int qmode, int global_scale, int bits, int group_size, int sdt, const void* hidden,
+                     const uint32_t* w_q, const void* scales, const void* qbiases, const int64_t* targets,
+                     const float* bias, float* partials, float* target_logit, float* lse, float* lse_lo,
+                     float* target, float* logit_sum, float* expected, float* expected_lo, float* max,
+                     int64_t rows, int vocab, int hidden_size, int64_t chunk_bytes, int has_ignore,
+                     int64_t ignore_index, float softcap, int has_bias, float temperature, int sharded,
+                     int64_t vocab_start, int has_targets) {
+  return with_quantized({qmode, global_scale, bits, group_size, sdt, scales, qbiases}, w_q, vocab, hidden_size,
+                        [&](const uint32_t* w) {
+    return rs_forward_run(hdt, 0, hidden, w, targets, bias, partials, target_logit, lse, lse_lo, target,
+                          logit_sum, expected, expected_lo, max, rows, vocab, hidden_size, chunk_bytes,
+                          has_ignore, ignore_index, softcap, has_bias, temperature, sharded, vocab_start,
+                          has_targets);
+  });
+}
+
+int rs_backward_run_q(int hdt, int qmode, int global_scale, int bits, int group_size, int sdt, const void* hidden,
+                      const uint32_t* w_q, const void* scales, const void* qbiases, const int64_t* targets,
+                      const float* bias, const float* lse, const float* lse_lo, const float* expected,
+                      const float* expected_lo, const float* g_lse, const float* g_target,
+                      const float* g_logit_sum, const float* g_expected, int cot, float* dz, float* dh,
+                      float* dw, float* dbias, int want_dh, int want_dw, int want_dbias, int64_t rows,
+                      int vocab, int hidden_size, int64_t chunk_bytes, int has_ignore, int64_t ignore_index,
+                      float softcap, int has_bias, float temperature, int sharded, int64_t vocab_start,
+                      int has_targets) {
+  if (want_dw != 0) {
+    return mh::guarded([] { throw mh::Error("a quantized weight has no gradient (no dW kernel)"); });
+  }
+  return with_quantized({qmode, global_scale, bits, group_size, sdt, scales, qbiases}, w_q, vocab, hidden_size,
+                        [&](const uint32_t* w) {
+    return rs_backward_run(hdt, 0, hidden, w, targets, bias, lse, lse_lo, expected, expected_lo, g_lse,
+                           g_target, g_logit_sum, g_expected, cot, dz, dh, dw, dbias, want_dh, 0, want_dbias,
+                           rows, vocab, hidden_size, chunk_bytes, has_ignore, ignore_index, softcap, has_bias,
+                           temperature, sharded, vocab_start, has_targets);
+  });
+}
+
 } // extern "C"
+
