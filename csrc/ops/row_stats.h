@@ -3,7 +3,10 @@
 // z = softcap(y) / temperature, where y is either given (RowStats: logits) or
 // y = hidden @ weight.T + bias of a linear head that never exists as N x V
 // (LinearRowStats: the chunked-head driver, cpu/chunked_head.h, with this
-// epilogue). Formulas and gradients: math/row_stats.h.
+// epilogue; on Metal the linear CE's tiles with its epilogue kernels,
+// csrc/metal/row_stats.cpp). Formulas and gradients: math/row_stats.h.
+// Streams: the logits form, and any call asking for argmax, run on the CPU
+// stream (no Metal kernels for them); the rest where the caller says.
 //
 // Contract (the private hooks _ext.linear_row_stats / _ext.row_stats, for the
 // public scorer and the other head losses).
