@@ -11,8 +11,9 @@ run eagerly:
 
 Each case drives the forward and backward primitives of one loss
 configuration: cross_entropy (hard, class weights, ignore_index, soft-cap, soft
-targets, per-row, return_stats), smooth_l1, huber, sigmoid focal, softmax focal,
-kl_div/jsd and linear_distillation_loss (the teacher's zero gradient included), and the
+targets, per-row, return_stats, token_scaling), smooth_l1, huber, sigmoid focal,
+softmax focal, kl_div/jsd and linear_distillation_loss (the teacher's zero gradient
+included), and the
 linear cross-entropy (forward-formed gradients and their scaling in float32
 and bfloat16, the recomputing backward, a quantized head, return_stats), and
 the row statistics (linear_log_probs with entropy, quantized, every statistic
@@ -125,6 +126,9 @@ CASES = [
     Case("ce_return_stats", lambda r, n: (_normal(r, (n, K)), _labels(r, n, ignored=True)),
          lambda x, t: _ce_with_stats(fl.cross_entropy(x, t, ignore_index=-100, logit_softcap=3.0,
                                                       reduction="mean", return_stats=True)), (0,)),
+    Case("ce_token_scaling_cw_z_mean", lambda r, n: (_normal(r, (n, K)), _labels(r, n, ignored=True)),
+         lambda x, t: (fl.cross_entropy(x, t, class_weights=CW, z_loss=0.05, ignore_index=-100,
+                                        logit_softcap=3.0, token_scaling=True, reduction="mean"),), (0,)),
     Case("ce_ignore_mean", lambda r, n: (_normal(r, (n, K)), _labels(r, n, ignored=True)),
          lambda x, t: (fl.cross_entropy(x, t, ignore_index=-100, z_loss=1e-3, reduction="mean"),), (0,)),
     Case("ce_probs_sum", lambda r, n: (_normal(r, (n, K)), mx.softmax(_normal(r, (n, K)), axis=-1)),

@@ -1204,6 +1204,90 @@ def test_return_stats_argmax_ties_nan_inf(fl, dtype):
         assert np.all(np.isfinite(ent[[0, 1, 5, 6]])) and ent[5] > 0
 
 
+# ==========================================================================
+# token_scaling (Liger's use_token_scaling, DFT)
+# ==========================================================================
+def _target_prob_f64(x64, t64, cap, ignore_index):
+    z = R.softcap(x64, cap)
+    p = np.exp(z - R.logsumexp(z)[..., None])
+    K = z.shape[-1]
+    kept = (t64 >= 0) & (t64 < K) & (t64 != ignore_index)
+    return np.where(kept, np.take_along_axis(p, np.clip(t64, 0, K - 1)[..., None], -1)[..., 0], 0.0)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("V", [1, 33, 4097])
+@pytest.mark.parametrize("opts", [
+    dict(),
+    dict(label_smoothing=0.1, z_loss=1e-3, logit_softcap=4.0),
+    dict(class_weights=True, z_loss=1e-2),  # the mean's separate z term, scaled too
+    dict(class_weights=True, label_smoothing=0.2, label_smoothing_mode="others"),
+], ids=["plain", "smooth_z_cap", "cw_z", "cw_others"])
+def test_token_scaling_vs_reference(fl, rng, V, dtype, reduction, opts):
+    """Each row's loss (z term included) times its target's probability,
+    detached: the float64 loss with per-sample weights w * p_t, and its
+    gradient (p_t a constant); with per-sample weights and ignored rows."""
+    opts = dict(opts)
+    x = _logits(rng, (3, 6, V), dtype)
+    x64 = to_np(x)
+    t64 = x64.argmax(-1)  # peaked: probabilities not all small
+    t64[0, ::2] = rng.integers(0, V, 3)
+    t64[1, 2] = -100
+    t = mx.array(t64.astype(np.int32))
+    if opts.pop("class_weights", False):
+        opts["class_weights"], cw64 = to_mx(rng.uniform(0.2, 2.0, V))
+    w, w64 = to_mx(rng.uniform(0.5, 1.5, (3, 6)))
+    kw = dict(ignore_index=-100, reduction=reduction, **opts)
+    p64 = _target_prob_f64(x64, t64, opts.get("logit_softcap"), -100)
+    ref_kw = dict(kw, class_weights=cw64 if "class_weights" in opts else None)
+    want = R.cross_entropy(x64, t64, w64 * p64, **ref_kw)
+    got = fl.cross_entropy(x, t, w, token_scaling=True, **kw)
+    lscale, gscale = R.cross_entropy_error_scales(x64, t64, w64, **ref_kw)
+    assert_close(got, want, dtype, scale=lscale, what="loss")
+    g = mx.grad(lambda a: fl.cross_entropy(a, t, w, token_scaling=True, **kw).sum())(x)
+    gwant = R.cross_entropy_grad(x64, t64, w64 * p64, **ref_kw)
+    assert_close(g, gwant, dtype, scale=gscale, what="grad")
+    assert float(np.abs(to_np(got)).sum()) < float(np.abs(to_np(
+        fl.cross_entropy(x, t, w, **kw))).sum()) or V == 1
+
+
+def test_token_scaling_liger_cases(fl, rng):
+    """Liger-Kernel's test_correctness_token_scaling* (B*T = 8, V = 16, with
+    bias; reduction none and sum) on logits, with its tolerances (1e-4), and
+    the Module equal to the function (its consistency case, 1e-6)."""
+    h64 = rng.normal(size=(8, 8))
+    W64, b64 = rng.normal(size=(16, 8)), rng.normal(size=16)
+    logits = mx.array((h64 @ W64.T + b64).astype(np.float32))
+    t64 = rng.integers(0, 16, 8)
+    t64[3] = -100
+    t = mx.array(t64)
+    x64 = to_np(logits)
+    p64 = _target_prob_f64(x64, t64, None, -100)
+    for reduction in ("none", "sum"):
+        got = fl.cross_entropy(logits, t, ignore_index=-100, reduction=reduction, token_scaling=True)
+        want = R.cross_entropy(x64, t64, p64, ignore_index=-100, reduction=reduction)
+        np.testing.assert_allclose(to_np(got), want, atol=1e-4, rtol=1e-4)
+        g = mx.grad(lambda a: fl.cross_entropy(a, t, ignore_index=-100, reduction=reduction,
+                                               token_scaling=True).sum())(logits)
+        gwant = R.cross_entropy_grad(x64, t64, p64, ignore_index=-100, reduction=reduction)
+        np.testing.assert_allclose(to_np(g), gwant, atol=1e-4, rtol=1e-4)
+    module = fl.nn.CrossEntropyLoss(reduction="sum", token_scaling=True)
+    np.testing.assert_allclose(to_np(module(logits, t)), to_np(fl.cross_entropy(
+        logits, t, ignore_index=-100, reduction="sum", token_scaling=True)), atol=1e-6, rtol=1e-6)
+    assert to_np(fl.cross_entropy(logits, t, ignore_index=-100, token_scaling=True))[3] == 0.0
+
+
+def test_token_scaling_bad_input(fl):
+    x = mx.zeros((2, 3))
+    with pytest.raises(ValueError, match="token_scaling.*class-index"):
+        fl.cross_entropy(x, mx.zeros((2, 3)), token_scaling=True)
+    with pytest.raises(TypeError, match="token_scaling must be a bool"):
+        fl.cross_entropy(x, mx.array([0, 1]), token_scaling=1)
+    with pytest.raises(TypeError, match="token_scaling must be a bool"):
+        fl.nn.CrossEntropyLoss(token_scaling="yes")
+
+
 def test_liger_structured_output_case(fl):
     """Liger-Kernel's test_liger_cross_entropy_structured_output, as our test:
     predicted tokens are the logits' argmax (int64), token accuracy the mean

@@ -293,6 +293,7 @@ def cross_entropy(
     class_weights: Optional[mx.array] = None,
     z_loss: float = 0.0,
     logit_softcap: Optional[float] = None,
+    token_scaling: bool = False,
     return_stats: bool = False,
     dtype: Optional[mx.Dtype] = None,
     stream: Union[None, mx.Stream, mx.Device] = None,
@@ -327,6 +328,11 @@ def cross_entropy(
             of ``c * tanh(logits / c)`` (Gemma 2's final-logit soft-cap), as
             :func:`linear_cross_entropy`'s ``logit_softcap``; the gradient
             is w.r.t. the raw logits. ``None``: no cap.
+        token_scaling: multiply each row's loss (its z term included) by
+            the softmax probability of its target class, detached from the
+            gradient (Liger-Kernel's ``use_token_scaling``, the DFT loss);
+            ignored rows stay 0 and ``"mean"`` keeps its denominator.
+            Class-index targets only.
         return_stats: also return per-row statistics, as
             :func:`linear_cross_entropy`: ``(loss, stats)`` with float32/bool
             arrays of the rows' shape (``logits`` without ``axis``), not
@@ -364,6 +370,12 @@ def cross_entropy(
     result_dtype = _result_dtype(dtype, logits.dtype)
     ignore_index = _ignore_index_for(targets, ignore_index)
     soft = targets.ndim == logits.ndim
+    token_scaling = _bool_option(token_scaling, "token_scaling")
+    if token_scaling and soft:
+        raise ValueError(
+            "token_scaling weights each row by its target class's probability: it needs class-index "
+            f"targets (logits' shape without axis), got probabilities of shape {targets.shape}"
+        )
     # The mean of a class-weighted loss divides the cross-entropy by the kept
     # rows' summed class weights (PyTorch) and the z term by the number of
     # kept rows (Liger): the z term is not weighted per row, and dividing it
@@ -386,6 +398,11 @@ def cross_entropy(
     )
     loss, lse = outputs[0], outputs[1]
     z_rows = lse * lse * z_loss if split_z else None
+    if token_scaling:
+        scale = _target_probability(logits, targets, lse, axis, ignore_index, logit_softcap)
+        loss = loss * scale
+        if z_rows is not None:
+            z_rows = z_rows * scale
     if weights is not None:
         weights = _as_array(weights, "weights")
         if weights.shape != loss.shape:
@@ -422,6 +439,32 @@ def cross_entropy(
     # outputs 4-7); their cotangents are ignored, stop_gradient says so.
     stats = dict(zip(("lse", "entropy", "argmax", "correct"), map(mx.stop_gradient, outputs[2:])))
     return loss, stats
+
+
+def _target_probability(logits, targets, lse, axis, ignore_index, logit_softcap) -> mx.array:
+    """Token scaling's factor: exp(z_t - lse) of each row's target class t
+    (z the capped logits), detached; 0 on ignored rows (whose lse is 0 and
+    whose exp could overflow), NaN-free there. (K is counted when the graph
+    runs: no shape is frozen into a shapeless trace.)"""
+    z = mx.moveaxis(mx.stop_gradient(logits), axis, -1)
+    k = _ext.element_count(z, mx.int64) // mx.maximum(_ext.element_count(lse, mx.int64), 1)
+    index = targets.astype(mx.int64)
+    kept = (index >= 0) & (index < k)
+    if ignore_index is not None:
+        kept = kept & (index != ignore_index)
+    cls = mx.clip(index, 0, mx.maximum(k - 1, 0))
+    z_t = mx.take_along_axis(z, cls[..., None], axis=-1).squeeze(-1).astype(mx.float32)
+    if logit_softcap is not None:
+        z_t = logit_softcap * mx.tanh(z_t / logit_softcap)
+    return mx.where(kept, mx.exp(z_t - mx.stop_gradient(lse)), 0.0)
+
+
+def _bool_option(value, name: str) -> bool:
+    """A flag: a bool (or a NumPy bool), never a number or a str that Python
+    would read as true."""
+    if not isinstance(value, bool) and type(value).__name__ != "bool_":
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return bool(value)
 
 
 def smooth_l1_loss(

@@ -69,6 +69,8 @@ class CrossEntropyLoss(_LossModule):
         z_loss: coefficient of ``logsumexp(logits)**2`` added per row.
         logit_softcap: ``c``: the logits become ``c * tanh(logits / c)``
             before the softmax (Gemma 2); ``None``: no cap.
+        token_scaling: each row's loss times its target's probability,
+            detached (Liger's ``use_token_scaling``, DFT).
         dtype: the result's dtype (``None``: the logits' dtype).
         weight: PyTorch's name for ``class_weights``: a TypeError that says so.
     """
@@ -84,6 +86,7 @@ class CrossEntropyLoss(_LossModule):
         class_weights: Optional[mx.array] = None,
         z_loss: float = 0.0,
         logit_softcap: Optional[float] = None,
+        token_scaling: bool = False,
         dtype: Optional[mx.Dtype] = None,
         weight: None = None,
     ):
@@ -91,6 +94,7 @@ class CrossEntropyLoss(_LossModule):
             label_smoothing, reduction, label_smoothing_mode, ignore_index, class_weights, z_loss,
             dtype, weight, logit_softcap,
         )
+        losses._bool_option(token_scaling, "token_scaling")
         super().__init__(
             label_smoothing=label_smoothing,
             reduction=reduction,
@@ -100,6 +104,7 @@ class CrossEntropyLoss(_LossModule):
             class_weights=class_weights,
             z_loss=z_loss,
             logit_softcap=logit_softcap,
+            token_scaling=token_scaling,
             dtype=dtype,
         )
 
