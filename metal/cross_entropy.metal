@@ -127,15 +127,6 @@ struct CeChunk {
   }
 };
 
-// The argmax over the SIMD-group, in every lane: the largest key, and the
-// lowest index among the lanes holding it.
-inline flm::ArgMax simd_argmax(flm::ArgMax a) {
-  flm::ArgMax r;
-  r.key = simd_max(a.key);
-  r.index = simd_min(a.key == r.key ? a.index : 0x7FFFFFFF);
-  return r;
-}
-
 // Scratch slots of the statistics' reduction (floats; keys and indices stored
 // by bits). Used only after the row merge's readers are past a barrier.
 #define CE_STATS_ENT 0
@@ -176,8 +167,8 @@ inline CeRowStats ce_stats_merge(
   // This thread's entropy sum, moved from its own max to the row's.
   ent = flm::entropy_sum_moved(ent, acc.s, flm::max_move(acc.m, m));
   ent = simd_sum(ent);
-  best = simd_argmax(best);
-  target_best = simd_argmax(target_best);
+  best = flk::simd_argmax(best);
+  target_best = flk::simd_argmax(target_best);
   if (lane == 0) {
     scratch[CE_STATS_ENT + sg] = ent;
     scratch[CE_STATS_KEY + sg] = as_type<float>(best.key);
@@ -199,8 +190,8 @@ inline CeRowStats ce_stats_merge(
       r.target_best.index = as_type<int>(scratch[CE_STATS_TINDEX + lane]);
     }
     r.ent = simd_sum(r.ent);
-    r.best = simd_argmax(r.best);
-    r.target_best = simd_argmax(r.target_best);
+    r.best = flk::simd_argmax(r.best);
+    r.target_best = flk::simd_argmax(r.target_best);
   }
   return r;
 }

@@ -162,6 +162,16 @@ inline float threadgroup_sum(float v, threadgroup float* scratch, uint sg, uint 
   return r;
 }
 
+// The argmax (csrc/math/cross_entropy.h: the first maximal element) over the
+// SIMD-group, in every lane: the largest key, and the lowest index among the
+// lanes holding it.
+inline flm::ArgMax simd_argmax(flm::ArgMax a) {
+  flm::ArgMax r;
+  r.key = simd_max(a.key);
+  r.index = simd_min(a.key == r.key ? a.index : 0x7FFFFFFF);
+  return r;
+}
+
 // Class index of a row: the index, or -1 (ignored row) / -2 (out of range),
 // with the CPU kernels' precedence (ignore_index is checked first).
 inline long row_class(long t, int num_classes, int has_ignore_index, long ignore_index) {

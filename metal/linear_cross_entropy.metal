@@ -29,7 +29,9 @@
 //                  (row_max), the state moved to it, exp-sum, gap sum and
 //                  entropy sum (row_sum); the target's logit from the one lane
 //                  that holds it. The WN SIMD-groups that share a row merge
-//                  their states once, after the split; one state per (split, row).
+//                  their states (and argmaxes: each lane its columns, then the
+//                  row's 4 lanes and the WN groups) once, after the split; one
+//                  state and one argmax per (split, row).
 //   fl_lce_fwd_finish  one thread per row merges its S states in split order
 //                  (deterministic, no atomics), then loss, lse, lse_lo, correct,
 //                  entropy with the CPU's formulas.
@@ -201,6 +203,19 @@ inline float finish_logit(float z, device const float* bias, int v, constant Lce
   return args.has_temperature != 0 ? z * args.inv_temperature : z;
 }
 
+// The argmax (csrc/math/cross_entropy.h) over the 4 lanes that hold one
+// fragment row (lane bits 0 and 3, as lce_gemm.h's row_max); the same in all 4
+// (argmax_merge keeps the larger key, then the lower index, in any order).
+inline flm::ArgMax row_argmax(flm::ArgMax a) {
+  for (ushort m = 1; m <= 8; m += 7) {
+    flm::ArgMax b;
+    b.key = simd_shuffle_xor(a.key, m);
+    b.index = simd_shuffle_xor(a.index, m);
+    a = flm::argmax_merge(a, b);
+  }
+  return a;
+}
+
 // The row's class in this head: [0, V), -1 (ignored, another shard's, or no
 // targets) or -2 (out of range: a NaN row). Targets are global indices; this
 // head's class j is vocab_start + j (0 but for a sharded head).
@@ -251,6 +266,7 @@ template <typename T, typename Head, int BM, int BN, int BK, int WM, int WN>
     device float4* partials [[buffer(FL_LCE_FWD_PARTIALS)]],
     device float* target_logit [[buffer(FL_LCE_FWD_TARGET_LOGIT)]],
     constant LceArgs& args [[buffer(FL_LCE_FWD_ARGS)]],
+    device uint2* argmax_partials [[buffer(FL_LCE_FWD_ARGMAX_PARTIALS)]],
     uint2 group [[threadgroup_position_in_grid]],
     uint tid [[thread_index_in_threadgroup]],
     uint lane [[thread_index_in_simdgroup]],
@@ -263,6 +279,7 @@ template <typename T, typename Head, int BM, int BN, int BK, int WM, int WN>
   // end: (max, sum, gap, ent) and the count.
   threadgroup float4 xs[G::WN * G::BM];
   threadgroup float xw[G::WN * G::BM];
+  threadgroup uint2 xa[G::WN * G::BM]; // and their argmaxes (key, index)
   Head head(weight, scales, qbiases, args);
   const int V = args.vocab;
   const long m0 = args.row0 + long(group.y) * G::BM;
@@ -273,10 +290,15 @@ template <typename T, typename Head, int BM, int BN, int BK, int WM, int WN>
   // each with the online state of this SIMD-group's columns; the 4 lanes of a
   // row hold the same state.
   flm::LceRowState st[A::kTM];
+  // This lane's argmax of row r_i over its columns (csrc/math/cross_entropy.h;
+  // merged with its 3 row neighbours and the WN column groups after the loop:
+  // argmax_merge is order-free, the first maximal column wins).
+  flm::ArgMax best[A::kTM];
   long t[A::kTM];
   typename G::mma_t mma(static_cast<ushort>(sg), static_cast<ushort>(lane));
   for (int i = 0; i < A::kTM; ++i) {
     st[i] = flm::lce_state_empty();
+    best[i] = flm::argmax_empty();
     const long row = m0 + A::row(mma, i);
     t[i] = row < args.rows ? lce::target_class(targets, row, args) : -1;
   }
@@ -315,6 +337,10 @@ template <typename T, typename Head, int BM, int BN, int BK, int WM, int WN>
             e += ec;
             gap += shift - zz;
             ent += flm::weighted(ec, zz - shift);
+            flm::ArgMax here;
+            here.key = flm::argmax_key(zz);
+            here.index = v;
+            best[i] = flm::argmax_merge(best[i], here);
             if (long(v) == t[i]) {
               target_logit[m0 + A::row(mma, i)] = zz; // the one lane of the one tile that holds it
             }
@@ -329,11 +355,15 @@ template <typename T, typename Head, int BM, int BN, int BK, int WM, int WN>
   // The WN states of each row merged in column-group order, then written by
   // the row's lane of column group 0.
   const int wn = A::column_group(sg);
+  for (int i = 0; i < A::kTM; ++i) {
+    best[i] = lce::row_argmax(best[i]); // (every lane of the 4 takes part)
+  }
   if (A::row_leader(lane)) {
     for (int i = 0; i < A::kTM; ++i) {
       const int at = wn * G::BM + A::row(mma, i);
       xs[at] = float4(st[i].ce.lse.max, st[i].ce.lse.sum, st[i].ce.all.gap, st[i].ent);
       xw[at] = st[i].ce.all.weight;
+      xa[at] = uint2(best[i].key, uint(best[i].index));
     }
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -345,7 +375,12 @@ template <typename T, typename Head, int BM, int BN, int BK, int WM, int WN>
         continue;
       }
       flm::LceRowState s = st[i];
+      flm::ArgMax b = best[i];
       for (int w = 1; w < G::WN; ++w) {
+        flm::ArgMax other;
+        other.key = xa[w * G::BM + r].x;
+        other.index = int(xa[w * G::BM + r].y);
+        b = flm::argmax_merge(b, other);
         const float4 p = xs[w * G::BM + r];
         flm::LceRowState piece = flm::lce_state_empty();
         piece.ce.lse.max = p.x;
@@ -356,6 +391,7 @@ template <typename T, typename Head, int BM, int BN, int BK, int WM, int WN>
         s = flm::lce_state_merge(s, piece);
       }
       partials[long(group.x) * args.rows + row] = float4(s.ce.lse.max, s.ce.lse.sum, s.ce.all.gap, s.ent);
+      argmax_partials[long(group.x) * args.rows + row] = uint2(b.key, uint(b.index));
     }
   }
 }
@@ -373,13 +409,22 @@ template <typename T, typename Head, int BM, int BN, int BK, int WM, int WN>
     device bool* correct [[buffer(FL_LCE_FIN_CORRECT)]],
     device float* entropy [[buffer(FL_LCE_FIN_ENTROPY)]],
     constant LceArgs& args [[buffer(FL_LCE_FIN_ARGS)]],
+    device const uint2* argmax_partials [[buffer(FL_LCE_FIN_ARGMAX_PARTIALS)]],
+    device long* argmax [[buffer(FL_LCE_FIN_ARGMAX)]],
+    device float* target_out [[buffer(FL_LCE_FIN_TARGET_OUT)]],
     uint gid [[thread_position_in_grid]]) {
   const long row = long(gid);
   if (row >= args.rows) {
     return;
   }
   flm::LceRowState st = flm::lce_state_empty();
+  flm::ArgMax best = flm::argmax_empty();
   for (int s = 0; s < args.num_splits; ++s) {
+    uint2 a = argmax_partials[long(s) * args.rows + row];
+    flm::ArgMax piece_best;
+    piece_best.key = a.x;
+    piece_best.index = int(a.y);
+    best = flm::argmax_merge(best, piece_best);
     float4 p = partials[long(s) * args.rows + row];
     int first = s * args.vocab_per_split;
     flm::LceRowState piece;
@@ -403,6 +448,8 @@ template <typename T, typename Head, int BM, int BN, int BK, int WM, int WN>
   flm::CeRow r = t < 0 ? flm::ce_masked_row(t == -2) : flm::ce_finish_hard(st.ce, c, 1.0f, z_t, args.z_loss);
   loss[row] = r.loss;
   correct[row] = t >= 0 && z_t == st.ce.lse.max;
+  argmax[row] = long(best.index);
+  target_out[row] = z_t;
 }
 
 // ---- backward ---------------------------------------------------------------------------

@@ -15,7 +15,8 @@ targets, per-row, return_stats, token_scaling), smooth_l1, huber, sigmoid focal,
 softmax focal, kl_div/jsd and linear_distillation_loss (the teacher's zero gradient
 included), and the
 linear cross-entropy (forward-formed gradients and their scaling in float32
-and bfloat16, the recomputing backward, a quantized head, return_stats), and
+and bfloat16, the recomputing backward, a quantized head, return_stats,
+token_scaling), and
 the row statistics (linear_log_probs with entropy, quantized, every statistic
 of _ext.linear_row_stats, log_probs in bfloat16).
 Shapes are small: the graphs, not the kernels, are under test.
@@ -198,8 +199,11 @@ CASES = [
     # per-row cotangents: the recomputing backward primitive
     Case("lce_rows", _lce_args, lambda h, w, t, b: (_squares(_lce(h, w, t, b, reduction="none")),), (0, 1, 3)),
     Case("lce_stats", _lce_args,
-         lambda h, w, t, b: (lambda loss, s: (loss, s["lse"], s["correct"], s["entropy"]))(
+         lambda h, w, t, b: (lambda loss, s: (loss, s["lse"], s["correct"], s["entropy"], s["argmax"]))(
              *_lce(h, w, t, b, return_stats=True)), (0, 1)),
+    Case("lce_token_scaling_mean", _lce_args,
+         lambda h, w, t, b: (_lce(h, w, t, b, token_scaling=True, z_loss=1e-3, logit_softcap=5.0),),
+         (0, 1, 3)),
     Case("lce_quantized_mean", _lce_quantized,
          lambda h, q, s, qb, t, b: (fl.linear_cross_entropy(h, q, t, b, scales=s, biases=qb, group_size=32,
                                                              bits=4, ignore_index=-100),), (0, 5)),

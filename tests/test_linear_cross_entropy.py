@@ -321,7 +321,8 @@ def test_stats(rng):
     entropy = -(p * np.log(p)).sum(-1)
     correct = (z.argmax(-1) == t)
     correct[4] = False
-    assert set(stats) == {"lse", "correct", "entropy"}
+    assert set(stats) == {"lse", "correct", "entropy", "argmax"}
+    assert np.array_equal(np.array(stats["argmax"]), z.argmax(-1))
     assert_close(stats["lse"], lse, mx.float32, scale=logit_scale(args), what="lse")
     assert_close(stats["entropy"], entropy, mx.float32, scale=logit_scale(args), what="entropy")
     assert stats["correct"].dtype == mx.bool_
@@ -728,3 +729,393 @@ def test_cce_forward_cases(dtype, softcap, has_bias, invalids, shape):
     assert np.all(np.abs(truth - fused) <= CCE_TOL[dtype]), np.abs(truth - fused).max()
     on_logits = to_np(fl.cross_entropy(logits, mx.array(t), **opts))
     assert np.all(np.abs(truth - on_logits) <= bound), (np.abs(truth - on_logits) - bound).max()
+
+
+# ---- argmax in return_stats, token_scaling, shift= ------------------------------
+@pytest.mark.parametrize("v", [1, 33, 2049, 4097])
+def test_stats_argmax(rng, v):
+    """stats["argmax"]: mx.argmax of the (capped) logits, int64: ties between
+    duplicated weight rows across the CPU's 2048-column blocks (the first
+    wins), a -inf bias column, ignored rows; the [B, T] shape."""
+    n, h = 12, 16
+    args = make_inputs(rng, n, h, v, bias=True, batch=(3, 4))
+    w = np.array(args["weight"])
+    if v > 3:
+        w[v - 1] = w[v // 2] = w[1] * 3.0  # the same logit at three columns: v // 2 wins over v - 1
+        w[1] = w[v // 2]
+    b = np.array(args["bias"])
+    if v > 3:
+        b[[1, v // 2, v - 1]] = 5.0
+        b[2] = -np.inf
+    args["weight"], args["bias"] = mx.array(w), mx.array(b)
+    t = np.array(args["targets"]).astype(np.int64)
+    t[0, 1] = -100
+    args["targets"] = mx.array(t)
+    for cap in (None, 4.0):
+        _, stats = fl.linear_cross_entropy(**args, ignore_index=-100, logit_softcap=cap,
+                                           return_stats=True, reduction="none")
+        z = args["hidden"] @ args["weight"].T + args["bias"]
+        if cap is not None:
+            z = cap * mx.tanh(z / cap)
+        assert stats["argmax"].dtype == mx.int64 and stats["argmax"].shape == (3, 4)
+        want = np.array(mx.argmax(z, axis=-1)).astype(np.int64)
+        got = np.array(stats["argmax"])
+        # (rows whose top two logits are closer than the GEMMs' rounding may differ)
+        zs = np.sort(to_np(z), -1)
+        clear = (zs[..., -1] - zs[..., -2] > 1e-4) if v > 1 else np.ones((3, 4), bool)
+        ties = (to_np(z) == zs[..., -1:]).sum(-1) > 1
+        np.testing.assert_array_equal(got[clear | ties], want[clear | ties])
+        if v > 3 and cap is None:
+            tied_rows = np.where(ties)
+            assert np.all(got[tied_rows] <= v // 2) and len(tied_rows[0]) >= 1
+
+
+def _token_scale_f64(np_args, opts):
+    z = ref.linear_cross_entropy(np_args["hidden"], np_args["weight"], np_args["targets"],
+                                 np_args.get("bias"), logit_softcap=opts.get("logit_softcap"),
+                                 reduction="none")["logits"]
+    p = np.exp(z - ref.logsumexp(z)[:, None])
+    t = np.asarray(np_args["targets"], np.int64).reshape(-1)
+    V = z.shape[-1]
+    kept = (t >= 0) & (t < V) & (t != opts.get("ignore_index", -100))
+    return np.where(kept, p[np.arange(len(t)), np.clip(t, 0, V - 1)], 0.0).reshape(
+        np.shape(np_args["targets"]))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("v", [1, 33, 4097])
+def test_token_scaling(rng, v, dtype, reduction):
+    """token_scaling: each row's loss times its target's probability,
+    detached: the float64 loss with per-token weights p_t (and the given
+    weights), and its gradients; ignored rows; equal to cross_entropy's
+    token_scaling on the logits."""
+    n, h = 11, 7
+    args = make_inputs(rng, n, h, v, dtype=dtype, bias=True)
+    t = np.array(args["targets"]).astype(np.int64)
+    t[::4] = -100
+    args["targets"] = mx.array(t.astype(np.int32))
+    tw64 = rng.uniform(0.5, 1.5, n)
+    tw = mx.array(tw64.astype(np.float32))
+    opts = dict(ignore_index=-100, label_smoothing=0.1, z_loss=1e-3, logit_softcap=6.0,
+                reduction=reduction)
+    np_args = {k: to_np(x) for k, x in args.items()}
+    p64 = _token_scale_f64(np_args, opts)
+    cot64 = rng.uniform(0.5, 1.5, n) if reduction == "none" else np.array(1.0)
+    want = ref.linear_cross_entropy(np_args["hidden"], np_args["weight"], np_args["targets"],
+                                    np_args["bias"], weights=tw64 * p64, cotangent=cot64, **opts)
+
+    def f(hid, w, b):
+        return fl.linear_cross_entropy(hid, w, args["targets"], b, weights=tw, token_scaling=True,
+                                       dtype=mx.float32, **opts)
+
+    (loss,), grads = mx.vjp(lambda *p: [f(*p)], [args["hidden"], args["weight"], args["bias"]],
+                            [mx.array(cot64.astype(np.float32))])
+    np.testing.assert_allclose(to_np(loss), want["loss"], rtol=2e-5,
+                               atol=2e-5 * max(1.0, np.abs(want["loss"]).max()))
+    tol = GRAD_TOL[dtype]
+    for got, name in zip(grads, GRAD_NAMES):
+        np.testing.assert_allclose(to_np(got), want[name], rtol=tol,
+                                   atol=tol * max(1.0 / n, np.abs(want[name]).max()), err_msg=name)
+    if dtype == mx.float32:
+        z = args["hidden"] @ args["weight"].T + args["bias"]
+        on_logits = fl.cross_entropy(z, args["targets"], tw, token_scaling=True, **opts)
+        np.testing.assert_allclose(to_np(loss), to_np(on_logits), rtol=2e-5, atol=2e-6)
+
+
+def test_token_scaling_liger_case(rng):
+    """Liger-Kernel's test_correctness_token_scaling (B*T = 8, H = 8, V = 16,
+    bias, reduction "none") with its tolerances (1e-4) against float64."""
+    h64, W64, b64 = rng.normal(size=(8, 8)), rng.normal(size=(16, 8)), rng.normal(size=16)
+    t64 = rng.integers(0, 16, 8)
+    args = dict(hidden=mx.array(h64.astype(np.float32)), weight=mx.array(W64.astype(np.float32)),
+                targets=mx.array(t64), bias=mx.array(b64.astype(np.float32)))
+    np_args = {k: to_np(x) for k, x in args.items()}
+    p64 = _token_scale_f64(np_args, {})
+    want = ref.linear_cross_entropy(np_args["hidden"], np_args["weight"], t64, np_args["bias"],
+                                    weights=p64, reduction="none", ignore_index=-100)
+    loss, grads = mx.value_and_grad(lambda hid: fl.linear_cross_entropy(
+        hid, args["weight"], args["targets"], args["bias"], ignore_index=-100, reduction="none",
+        token_scaling=True).sum())(args["hidden"])
+    np.testing.assert_allclose(to_np(loss), want["loss"].sum(), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(to_np(grads), want["hidden"], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shift", [1, 3, True])
+def test_shift(rng, shift, reduction):
+    """shift=s (Cut Cross-Entropy's): equal to the loss of hidden[..., :-s, :]
+    against targets[..., s:] (loss, stats and every gradient, hidden's for
+    the last s rows 0), with ignored targets, a mask and per-token weights
+    that follow the targets; "none" has shape [..., T - s]."""
+    s = int(shift)
+    B, T, h, v = 2, 7, 8, 37
+    args = make_inputs(rng, B * T, h, v, bias=True, batch=(B, T))
+    t = np.array(args["targets"]).astype(np.int64)
+    t[0, 4] = -100
+    args["targets"] = mx.array(t)
+    mask = mx.array(rng.uniform(size=(B, T)) < 0.8)
+    tw = mx.array(rng.uniform(0.5, 1.5, (B, T)).astype(np.float32))
+    opts = dict(ignore_index=-100, label_smoothing=0.1, reduction=reduction, return_stats=True)
+
+    def shifted(hid, w, b):
+        return fl.linear_cross_entropy(hid, w, args["targets"], b, shift=shift, mask=mask,
+                                       weights=tw, **opts)
+
+    def sliced(hid, w, b):
+        return fl.linear_cross_entropy(hid[:, : T - s], w, args["targets"][:, s:], b,
+                                       mask=mask[:, s:], weights=tw[:, s:], **opts)
+
+    primals = [args["hidden"], args["weight"], args["bias"]]
+    (a, sa), (b, sb) = shifted(*primals), sliced(*primals)
+    assert a.shape == b.shape and (reduction != "none" or a.shape == (B, T - s))
+    np.testing.assert_allclose(to_np(a), to_np(b), rtol=1e-6, atol=1e-6)
+    for k in sa:
+        assert sa[k].shape == sb[k].shape == (B, T - s), k
+        np.testing.assert_allclose(to_np(sa[k]), to_np(sb[k]), rtol=1e-6, atol=1e-6, err_msg=k)
+    ga = mx.grad(lambda *p: shifted(*p)[0].sum(), argnums=(0, 1, 2))(*primals)
+    gb = mx.grad(lambda *p: sliced(*p)[0].sum(), argnums=(0, 1, 2))(*primals)
+    for x, y, name in zip(ga, gb, GRAD_NAMES):
+        np.testing.assert_allclose(to_np(x), to_np(y), rtol=1e-5, atol=1e-6, err_msg=name)
+    assert not np.any(to_np(ga[0])[:, T - s:])
+
+
+def test_shift_token_scaling_rejected(rng):
+    args = make_inputs(rng, 6, 4, 5, batch=(2, 3))
+    for bad in (3, -1, 7):
+        with pytest.raises(ValueError, match=r"shift must be in \[0, T\)"):
+            fl.linear_cross_entropy(**args, shift=bad)
+    with pytest.raises(TypeError, match="shift must be an int"):
+        fl.linear_cross_entropy(**args, shift=1.5)
+    with pytest.raises(TypeError, match="token_scaling must be a bool"):
+        fl.linear_cross_entropy(**args, token_scaling="yes")
+
+
+# ---- class_weights= and probability targets ------------------------------------
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("v", [1, 33, 4097])
+@pytest.mark.parametrize("opts", [
+    dict(),  # the fused kernel alone (per-token weights w_t)
+    dict(logit_softcap=5.0),
+    dict(label_smoothing=0.1, z_loss=1e-3),  # + the row statistics' lse and the linear sums
+    dict(label_smoothing=0.2, label_smoothing_mode="others"),
+], ids=["plain", "cap", "smooth_z", "others"])
+def test_class_weights(rng, v, opts, reduction):
+    """class_weights= as cross_entropy's (PyTorch's weighted mean, the z term
+    over kept rows): loss and gradients (hidden, weight, bias) against
+    float64, with ignored rows and per-token weights; scale-invariant mean."""
+    n, h = 11, 7
+    args = make_inputs(rng, n, h, v, bias=True)
+    t = np.array(args["targets"]).astype(np.int64)
+    t[::4] = -100
+    args["targets"] = mx.array(t.astype(np.int32))
+    cw64 = rng.uniform(0.2, 2.0, v)
+    cw = mx.array(cw64.astype(np.float32))
+    tw64 = rng.uniform(0.5, 1.5, n)
+    tw = mx.array(tw64.astype(np.float32))
+    kw = dict(ignore_index=-100, reduction=reduction, **opts)
+    np_args = {k: to_np(x) for k, x in args.items()}
+    cot64 = rng.uniform(0.5, 1.5, n) if reduction == "none" else np.array(1.0)
+    want = ref.linear_cross_entropy(np_args["hidden"], np_args["weight"], np_args["targets"],
+                                    np_args["bias"], weights=tw64, class_weights=to_np(cw),
+                                    cotangent=cot64, **kw)
+
+    def f(hid, w, b, scale=1.0):
+        return fl.linear_cross_entropy(hid, w, args["targets"], b, weights=tw,
+                                       class_weights=cw * scale, dtype=mx.float32, **kw)
+
+    primals = [args["hidden"], args["weight"], args["bias"]]
+    (loss,), grads = mx.vjp(lambda *p: [f(*p)], primals, [mx.array(cot64.astype(np.float32))])
+    np.testing.assert_allclose(to_np(loss), want["loss"], rtol=3e-5,
+                               atol=3e-5 * max(1.0, np.abs(want["loss"]).max()))
+    for got, name in zip(grads, GRAD_NAMES):
+        np.testing.assert_allclose(to_np(got), want[name], rtol=1e-4,
+                                   atol=1e-4 * max(1.0 / n, np.abs(want[name]).max()), err_msg=name)
+    if reduction == "mean":
+        np.testing.assert_allclose(to_np(f(*primals, scale=10.0)), to_np(loss), rtol=1e-5)
+    if v > 1:  # the same numbers as cross_entropy on the logits
+        z = args["hidden"] @ args["weight"].T + args["bias"]  # (cross_entropy applies the cap)
+        on_logits = fl.cross_entropy(z, args["targets"], tw, class_weights=cw, **kw)
+        np.testing.assert_allclose(to_np(loss), to_np(on_logits), rtol=3e-5, atol=3e-6)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("v", [1, 33, 4097])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_probability_targets(rng, v, weighted, reduction):
+    """Targets [..., V] of probabilities (PyTorch's LinearCrossEntropyLoss),
+    with label smoothing and z-loss, optionally class-weighted: loss and the
+    gradients w.r.t. hidden, weight, bias and the targets against float64."""
+    n, h = 9, 7
+    args = make_inputs(rng, n, h, v, bias=True, batch=(3, 3))
+    q64 = rng.dirichlet(np.ones(v), (3, 3)) if v > 1 else np.ones((3, 3, 1))
+    q = mx.array(q64.astype(np.float32))
+    cw = mx.array(rng.uniform(0.2, 2.0, v).astype(np.float32)) if weighted else None
+    kw = dict(label_smoothing=0.1, z_loss=1e-3, reduction=reduction)
+    np_args = {k: to_np(x) for k, x in args.items()}
+    h64, W64, b64 = np_args["hidden"].reshape(-1, h), np_args["weight"], np_args["bias"]
+    z64 = h64 @ W64.T + b64
+    tq = to_np(q).reshape(-1, v)
+    cot64 = rng.uniform(0.5, 1.5, (3, 3)) if reduction == "none" else np.array(1.0)
+    ref_kw = dict(kw, class_weights=None if cw is None else to_np(cw))
+    want = ref.cross_entropy(z64, tq, **ref_kw)
+    dz = ref.cross_entropy_grad(z64, tq, cotangent=None if reduction != "none" else cot64.reshape(-1),
+                                **ref_kw)
+
+    def f(hid, w, b, p):
+        return fl.linear_cross_entropy(hid, w, p, b, class_weights=cw, dtype=mx.float32, **kw)
+
+    primals = [args["hidden"], args["weight"], args["bias"], q]
+    (loss,), grads = mx.vjp(lambda *p: [f(*p)], primals, [mx.array(cot64.astype(np.float32))])
+    want_loss = want.reshape(3, 3) if reduction == "none" else want
+    np.testing.assert_allclose(to_np(loss), want_loss, rtol=3e-5, atol=3e-5 * max(1.0, np.abs(want).max()))
+    exp = dict(hidden=(dz @ W64).reshape(3, 3, h), weight=dz.T @ h64, bias=dz.sum(0))
+    for got, name in zip(grads, GRAD_NAMES):
+        np.testing.assert_allclose(to_np(got), exp[name], rtol=1e-4,
+                                   atol=1e-4 * max(1.0 / n, np.abs(exp[name]).max()), err_msg=name)
+    on_logits = fl.cross_entropy(args["hidden"] @ args["weight"].T + args["bias"], q, class_weights=cw, **kw)
+    np.testing.assert_allclose(to_np(loss), to_np(on_logits), rtol=3e-5, atol=3e-6)
+    # d loss / d q_j = c_target w_j (lse - z_j) times the cotangent
+    g_q = ref.cross_entropy_grad_targets(z64, tq, cotangent=None if reduction != "none" else cot64.reshape(-1),
+                                         **ref_kw)
+    np.testing.assert_allclose(to_np(grads[3]).reshape(-1, v), g_q, rtol=1e-4,
+                               atol=1e-4 * max(1.0, np.abs(g_q).max()))
+
+
+def test_class_weights_and_probabilities_rejected(rng):
+    args = make_inputs(rng, 4, 3, 5, bias=True)
+    cw = mx.ones((5,))
+    with pytest.raises(ValueError, match=r"class_weights must have shape \(5,\)"):
+        fl.linear_cross_entropy(**args, class_weights=mx.ones((4,)))
+    with pytest.raises(ValueError, match="class_weights must hold values >= 0"):
+        fl.linear_cross_entropy(**args, class_weights=-cw)
+    with pytest.raises(ValueError, match="dense head without logit_softcap"):
+        fl.linear_cross_entropy(**args, class_weights=cw, label_smoothing=0.1, logit_softcap=3.0)
+    p = mx.softmax(mx.ones((4, 5)), axis=-1)
+    with pytest.raises(ValueError, match="dense head without logit_softcap"):
+        fl.linear_cross_entropy(args["hidden"], args["weight"], p, logit_softcap=3.0)
+    with pytest.raises(ValueError, match=r"probability targets must have shape \(4, 5\)"):
+        fl.linear_cross_entropy(args["hidden"], args["weight"], mx.ones((4, 6)))
+    with pytest.raises(ValueError, match="ignore_index=0 applies to class-index targets"):
+        fl.linear_cross_entropy(args["hidden"], args["weight"], p, ignore_index=0)
+    with pytest.raises(TypeError, match="integer dtype"):
+        fl.linear_cross_entropy(args["hidden"], args["weight"], mx.ones((4,)))
+
+
+# ---- Apple Cut Cross-Entropy's backward cases (tests/test_cce_loss_backward.py) --
+# As our tests: their shapes, inputs (e ~ N(0, 1/D) viewed as [4, N/4, D],
+# c ~ N(0, 1) with its first rows copied from e, bias ~ N(0, 0.02^2)), 20% of
+# the targets ignored, soft-cap None or 20, shift False/True, reductions, and
+# their objective: the loss ("sum" divided by the kept rows) averaged, plus
+# with z_loss the mean over kept rows of lse^2 (here z_loss = 1 on the kept
+# rows' mean: N'/kept for "none", whose mean runs over every row). Their
+# bound on each gradient element: |truth - ours| <= |truth - plain| +
+# error_tol, truth the float64 gradient of the rounded inputs, "plain" the
+# gradient of logits computed and held in the dtype (their torch reference),
+# emulated here in float64 with the dtype's roundings. (Their three
+# implementations are one here.)
+CCE_BWD_TOL = {mx.float32: 5e-4, mx.float16: 1e-3, mx.bfloat16: 1e-2}
+
+
+def _round(a, dtype):
+    return to_np(mx.array(np.asarray(a, np.float32)).astype(dtype))
+
+
+def _cce_softmax64(e, c, b, cap, dtype=None):
+    """(z, dz/dy, lse, p) of the float64 logits of the rounded inputs; with
+    dtype: the logits and their soft-cap rounded to it as a model in that
+    dtype holds them (the plain reference)."""
+    rd = (lambda a: _round(a, dtype)) if dtype is not None else (lambda a: a)
+    y = rd(e @ c.T)
+    if b is not None:
+        y = rd(y + b)
+    if cap is not None:
+        th = np.tanh(y / cap)
+        z, dzdy = rd(cap * th), 1.0 - th * th
+    else:
+        z, dzdy = y, 1.0
+    lse = ref.logsumexp(z)
+    return z, dzdy, lse, np.exp(z - lse[:, None])
+
+
+def _cce_grads64(e, c, b, t, softmax, row_cot, z_cot, dtype=None):
+    """d objective / d (e, c, b) in float64 from _cce_softmax64's parts; with
+    dtype, dZ and the GEMMs' results rounded to it too."""
+    rd = (lambda a: _round(a, dtype)) if dtype is not None else (lambda a: a)
+    _, dzdy, lse, p = softmax
+    kept = t != -100
+    dz = row_cot[:, None] * p * kept[:, None] + (z_cot * 2 * lse)[:, None] * p
+    dz[np.arange(len(t))[kept], t[kept]] -= row_cot[kept]
+    dz = rd(dz * dzdy)
+    out = [rd(dz @ c), rd(dz.T @ e)]
+    if b is not None:
+        out.append(rd(dz.sum(0)))
+    return out
+
+
+_CCE_INPUTS = {}
+
+
+def _cce_case_inputs(dtype, softcap, has_bias, shift, invalids, shape):
+    """The case's inputs and both softmaxes, shared by its 6 (reduction, z_loss) variants."""
+    key = (str(dtype), softcap, has_bias, shift, invalids, shape)
+    if key not in _CCE_INPUTS:
+        if len(_CCE_INPUTS) > 8:
+            _CCE_INPUTS.clear()
+        N, V, D = shape
+        rng = np.random.default_rng(0)
+        e = rng.standard_normal((N, D)) / D ** 0.5
+        c = rng.standard_normal((V, D))
+        c[: min(N, V) // 2] = e[: min(N, V) // 2]
+        t = rng.integers(0, V, N)
+        if invalids:
+            t[rng.permutation(N)[: int(0.2 * N)]] = -100
+        e, c = (mx.array(a.astype(np.float32)).astype(dtype) for a in (e, c))
+        bias = (mx.array((rng.standard_normal(V) * 0.02).astype(np.float32)).astype(dtype)
+                if has_bias else None)
+        e3, t2 = e.reshape(4, -1, D), mx.array(t).reshape(4, -1)
+        s = int(shift)  # the rows the objective sees: hidden t against target t + shift
+        e64 = to_np(e3)[:, : e3.shape[1] - s].reshape(-1, D)
+        t64 = np.array(t2)[:, s:].reshape(-1)
+        c64, b64 = to_np(c), (to_np(bias) if has_bias else None)
+        _CCE_INPUTS[key] = (e3, c, bias, t2, e64, c64, b64, t64,
+                            _cce_softmax64(e64, c64, b64, softcap),
+                            _cce_softmax64(e64, c64, b64, softcap, dtype))
+    return _CCE_INPUTS[key]
+
+
+@pytest.mark.parametrize("shape", [(256, 512, 128), (252, 507, 128), (252, 507, 123)], ids=str)
+@pytest.mark.parametrize("z_loss", [True, False])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("invalids", [False, True])
+@pytest.mark.parametrize("shift", [False, True])
+@pytest.mark.parametrize("has_bias", [False, True])
+@pytest.mark.parametrize("softcap", [None, 20.0])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_cce_backward_cases(dtype, softcap, has_bias, shift, invalids, reduction, z_loss, shape):
+    D = shape[2]
+    e3, c, bias, t2, e64, c64, b64, t64, soft_truth, soft_plain = _cce_case_inputs(
+        dtype, softcap, has_bias, shift, invalids, shape)
+    s = int(shift)
+    n_rows, kept = len(t64), max(int((t64 != -100).sum()), 1)
+    row_cot = np.full(n_rows, 1.0 / (n_rows if reduction == "none" else kept))
+    z_cot = np.where(t64 != -100, 1.0 / kept, 0.0) if z_loss else np.zeros(n_rows)
+    truth = _cce_grads64(e64, c64, b64, t64, soft_truth, row_cot, z_cot)
+    plain = _cce_grads64(e64, c64, b64, t64, soft_plain, row_cot, z_cot, dtype)
+
+    def objective(*p):
+        hid, w = p[0], p[1]
+        b = p[2] if has_bias else None
+        z = float(z_loss) * (n_rows / kept if reduction == "none" else 1.0)
+        loss = fl.linear_cross_entropy(hid, w, t2, b, ignore_index=-100, logit_softcap=softcap,
+                                       shift=shift, reduction=reduction, z_loss=z, dtype=mx.float32)
+        return loss / kept if reduction == "sum" else loss.mean()
+
+    primals = [e3, c] + ([bias] if has_bias else [])
+    grads = [to_np(g) for g in mx.grad(objective, argnums=tuple(range(len(primals))))(*primals)]
+    assert not np.any(grads[0][:, e3.shape[1] - s:])  # the shifted-out rows get no gradient
+    grads[0] = grads[0][:, : e3.shape[1] - s].reshape(-1, D)
+    for i, (ours, gt, pl) in enumerate(zip(grads, truth, plain)):
+        bound = np.abs(gt - pl) + CCE_BWD_TOL[dtype]
+        err = np.abs(gt - ours)
+        assert np.all(err <= bound), (i, float((err - bound).max()))

@@ -156,9 +156,11 @@ def test_plan_chunk_rules(lib, fit, rows):
 
 def test_plan_buffer_orders_and_grids(lib):
     assert launch_info(lib, 0)["buffers"] == ["hidden", "weight", "scales", "qbiases", "targets",
-                                              "bias", "partials", "target_logit", "args"]
+                                              "bias", "partials", "target_logit", "args",
+                                              "argmax_partials"]
     assert launch_info(lib, 1)["buffers"] == ["partials", "target_logit", "targets", "loss", "lse",
-                                              "lse_lo", "correct", "entropy", "args"]
+                                              "lse_lo", "correct", "entropy", "args",
+                                              "argmax_partials", "argmax", "target_out"]
     assert launch_info(lib, 2)["buffers"] == ["hidden", "weight", "scales", "qbiases", "targets",
                                               "bias", "lse", "lse_lo", "g", "dz", "args"]
     assert launch_info(lib, 3)["buffers"] == ["dz", "weight", "scales", "qbiases", "dh", "args"]
@@ -317,15 +319,19 @@ def gpu_forward(lib, d, case, chunk_bytes, schedules):
     loss = np.full(1 if case["sum"] else max(n, 1), SENTINEL, np.float32)
     lse, lse_lo, entropy = (np.full(max(n, 1), SENTINEL, np.float32) for _ in range(3))
     correct = np.full(max(n, 1), 7, np.uint8)
+    argmax_partials = np.full(max(p["splits"] * n * 2, 2), 0xDEADBEEF, np.uint32)
+    argmax = np.full(max(n, 1), -7, np.int64)
+    target_out = np.full(max(n, 1), SENTINEL, np.float32)
     suffix, head = head_run_args(d)
     lib.run("lce_forward_run" + suffix, *head, d["t"], d["bias"], partials, target_logit, row_loss,
             loss, lse, lse_lo, correct, entropy, np.int64(n), np.int32(v), np.int32(h),
-            np.int64(chunk_bytes), np.int32(case["sum"]), *options(case), schedules=schedules)
+            np.int64(chunk_bytes), np.int32(case["sum"]), *options(case), argmax_partials, argmax,
+            target_out, schedules=schedules)
     USED.add(f"fl_lce_fwd_{d['hdt']}_{head_name(d)}_{tile_name(lib, d)}")
     USED.add("fl_lce_fwd_finish")
     k = slice(0, n)
     return dict(loss=loss if case["sum"] else loss[k], lse=lse[k], lse_lo=lse_lo[k],
-                correct=correct[k], entropy=entropy[k])
+                correct=correct[k], entropy=entropy[k], argmax=argmax[k], target_logit=target_out[k])
 
 
 def gpu_backward(lib, d, case, lse, lse_lo, g, chunk_bytes, want, schedules):
@@ -437,6 +443,17 @@ def check_case(lib, case_name, n, h, v, hdt, wdt, chunk_bytes, schedules, seed, 
     assert set(np.unique(out["correct"])) <= {0, 1}
     np.testing.assert_array_equal(out["correct"][clear].astype(bool), cpu[3][clear])
     assert out["correct"][:6][clear[:6]].sum() >= 1 or n < 6 or v == 1
+    # argmax (first maximal logit, as mx.argmax) on the same clear rows; the
+    # target's logit (0 on ignored / out-of-range rows)
+    np.testing.assert_array_equal(out["argmax"][clear], cpu[5][clear])
+    np.testing.assert_array_equal(out["argmax"][clear], r["logits"].argmax(-1)[clear])
+    kept = (d["t"] >= 0) & (d["t"] < v) & ~oob
+    if case["ignore"] is not None:
+        kept &= d["t"] != case["ignore"]
+    z_t = np.take_along_axis(r["logits"], np.clip(d["t"], 0, v - 1)[:, None], -1)[:, 0]
+    assert_close(out["target_logit"], np.where(kept, z_t, 0.0), mx.float32, scale=scale,
+                 what="target logit vs float64")
+    assert_close(out["target_logit"], cpu[6], mx.float32, scale=scale, what="target logit vs CPU")
 
     # backward with a non-uniform cotangent per row; NaN rows make dW all NaN, so
     # the gradients are checked on the targets without out-of-range rows

@@ -55,25 +55,6 @@ struct RowStats {
   flm::ArgMax target_argmax = flm::argmax_empty();
 };
 
-// The running argmax after a chunk [c0, c0 + n) of floats in L1: the chunk's
-// max key (an integer max: vectorizes), then, only where it beats the running
-// one, the first index holding it.
-FLM_INLINE flm::ArgMax chunk_argmax(flm::ArgMax best, const float* v, int64_t c0, int n) {
-  flm::u32 km = 0u;
-  FL_SIMD_REDUCE(reduction(max : km))
-  for (int i = 0; i < n; ++i) {
-    km = std::max(km, flm::argmax_key(v[i]));
-  }
-  if (km <= best.key) {
-    return best; // (a tie: the earlier index stays)
-  }
-  int i = 0;
-  while (flm::argmax_key(v[i]) != km) {
-    ++i;
-  }
-  return flm::ArgMax{km, flm::i32(c0 + i)};
-}
-
 // The state of one row (math/cross_entropy.h), in one pass over its logits
 // (and its soft targets). Each chunk's gaps are taken against the chunk's
 // shift (the running max after it), after moving the earlier sums there.
@@ -100,9 +81,9 @@ FLM_INLINE flm::CeState row_state(const CeArgs& a, const X* x, const P* t,
     float s = 0.0f, sw = 0.0f, gw = 0.0f, swt = 0.0f, gwt = 0.0f, nm = -flm::kInf, ent = 0.0f;
     if constexpr (kStats) {
       stats->ent = flm::entropy_sum_moved(stats->ent, stats->sum, mv);
-      stats->argmax = chunk_argmax(stats->argmax, xv, c0, n);
+      stats->argmax = cpu::chunk_argmax(stats->argmax, xv, c0, n);
       if constexpr (kSoft) {
-        stats->target_argmax = chunk_argmax(stats->target_argmax, tv, c0, n);
+        stats->target_argmax = cpu::chunk_argmax(stats->target_argmax, tv, c0, n);
       }
     }
     FL_SIMD_REDUCE(reduction(+ : s, sw, gw, swt, gwt, ent) reduction(max : nm))

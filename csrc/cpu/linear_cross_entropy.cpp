@@ -35,6 +35,8 @@ struct LceArgs {
   float* lse_lo;
   bool* correct;
   float* entropy;
+  int64_t* argmax;
+  float* target_logit;
   // backward input: per-row cotangent (null: 1 for every row)
   const float* g_rows;
   // gradients (null when not wanted): formed by the driver from dZ
@@ -112,6 +114,8 @@ FL_VECTOR_CLONES void epilogue_rows(const LceArgs& a, float* logits, int64_t r0,
       a.lse[r] = stats.lse;
       a.lse_lo[r] = stats.lse_lo;
       a.correct[r] = t >= 0 && z[t] == m;
+      a.argmax[r] = cpu::row_argmax(z, V);
+      a.target_logit[r] = t >= 0 ? z[t] : 0.0f;
       a.entropy[r] = flm::log_f32(sums.sum_exp) - sums.sum_exp_gap / sums.sum_exp;
     }
     if (!want_dz) {
@@ -200,6 +204,8 @@ void LinearCrossEntropy::eval_cpu(const std::vector<mx::array>& inputs, std::vec
   a.lse_lo = outputs[kLceLseLo].data<float>();
   a.correct = outputs[kLceCorrect].data<bool>();
   a.entropy = outputs[kLceEntropy].data<float>();
+  a.argmax = outputs[kLceArgmax].data<int64_t>();
+  a.target_logit = outputs[kLceTargetLogit].data<float>();
   float* loss_out = outputs[kLceLoss].data<float>();
   bool sum_rows = p.sum_rows;
   cpu::dispatch_task(stream(), inputs, outputs, [a, loss_out, sum_rows]() mutable {

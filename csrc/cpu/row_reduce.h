@@ -94,6 +94,35 @@ FLM_INLINE flm::LseState online_row(const T* x, int num_classes, ChunkFn&& chunk
   return st;
 }
 
+// The running argmax (math/cross_entropy.h: the first maximal element, as
+// mx.argmax) after a chunk [c0, c0 + n) of floats in L1: the chunk's max key
+// (an integer max: vectorizes), then, only where it beats the running one,
+// the first index holding it.
+FLM_INLINE flm::ArgMax chunk_argmax(flm::ArgMax best, const float* v, int64_t c0, int n) {
+  flm::u32 km = 0u;
+  FL_SIMD_REDUCE(reduction(max : km))
+  for (int i = 0; i < n; ++i) {
+    km = std::max(km, flm::argmax_key(v[i]));
+  }
+  if (km <= best.key) {
+    return best; // (a tie: the earlier index stays)
+  }
+  int i = 0;
+  while (flm::argmax_key(v[i]) != km) {
+    ++i;
+  }
+  return flm::ArgMax{km, flm::i32(c0 + i)};
+}
+
+// The argmax of a whole row of n floats.
+FLM_INLINE int64_t row_argmax(const float* v, int64_t n) {
+  flm::ArgMax best = flm::argmax_empty();
+  for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    best = chunk_argmax(best, v + c0, c0, int(std::min<int64_t>(kChunk, n - c0)));
+  }
+  return best.index;
+}
+
 // What a row's class index means: a class in [0, K), or one of these.
 constexpr int64_t kIgnoredRow = -1;
 constexpr int64_t kOutOfRangeRow = -2;

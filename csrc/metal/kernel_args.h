@@ -114,7 +114,8 @@ typedef uint64_t fl_u64;
 #define FL_LCE_FWD_PARTIALS 6 // [S, N] float4 out: (max, sum exp, gap sum, entropy sum)
 #define FL_LCE_FWD_TARGET_LOGIT 7 // [N] float32 out: the target's (capped) logit
 #define FL_LCE_FWD_ARGS 8
-#define FL_LCE_FWD_NBUF 9
+#define FL_LCE_FWD_ARGMAX_PARTIALS 9 // [S, N] uint2 out: (math argmax_key, index) of the split's best
+#define FL_LCE_FWD_NBUF 10
 // forward finish: merges the S states of a row, in split order
 #define FL_LCE_FIN_PARTIALS 0
 #define FL_LCE_FIN_TARGET_LOGIT 1
@@ -125,7 +126,10 @@ typedef uint64_t fl_u64;
 #define FL_LCE_FIN_CORRECT 6 // [N] bool out
 #define FL_LCE_FIN_ENTROPY 7 // [N] float32 out
 #define FL_LCE_FIN_ARGS 8
-#define FL_LCE_FIN_NBUF 9
+#define FL_LCE_FIN_ARGMAX_PARTIALS 9 // [S, N] uint2
+#define FL_LCE_FIN_ARGMAX 10 // [N] int64 out
+#define FL_LCE_FIN_TARGET_OUT 11 // [N] float32 out: the target's logit, 0 on ignored/out-of-range rows
+#define FL_LCE_FIN_NBUF 12
 // backward dZ of a row chunk (slots 0-5 as the forward)
 #define FL_LCE_DZ_LSE 6 // [N] float32
 #define FL_LCE_DZ_LSE_LO 7 // [N] float32

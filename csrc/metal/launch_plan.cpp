@@ -611,7 +611,8 @@ LaunchPlan lce_forward_plan(KDtype hidden, const std::string& head, const LcePla
   l.buffers = buffer_names(FL_LCE_FWD_NBUF, {{FL_LCE_HIDDEN, "hidden"}, {FL_LCE_WEIGHT, "weight"},
       {FL_LCE_SCALES, "scales"}, {FL_LCE_QBIASES, "qbiases"}, {FL_LCE_TARGETS, "targets"},
       {FL_LCE_BIAS, "bias"}, {FL_LCE_FWD_PARTIALS, "partials"},
-      {FL_LCE_FWD_TARGET_LOGIT, "target_logit"}, {FL_LCE_FWD_ARGS, "args"}});
+      {FL_LCE_FWD_TARGET_LOGIT, "target_logit"}, {FL_LCE_FWD_ARGS, "args"},
+      {FL_LCE_FWD_ARGMAX_PARTIALS, "argmax_partials"}});
   return l;
 }
 
@@ -620,7 +621,9 @@ LaunchPlan lce_finish_plan(const LcePlan& p, int max_group_threads) {
   l.buffers = buffer_names(FL_LCE_FIN_NBUF, {{FL_LCE_FIN_PARTIALS, "partials"},
       {FL_LCE_FIN_TARGET_LOGIT, "target_logit"}, {FL_LCE_FIN_TARGETS, "targets"},
       {FL_LCE_FIN_LOSS, "loss"}, {FL_LCE_FIN_LSE, "lse"}, {FL_LCE_FIN_LSE_LO, "lse_lo"},
-      {FL_LCE_FIN_CORRECT, "correct"}, {FL_LCE_FIN_ENTROPY, "entropy"}, {FL_LCE_FIN_ARGS, "args"}});
+      {FL_LCE_FIN_CORRECT, "correct"}, {FL_LCE_FIN_ENTROPY, "entropy"}, {FL_LCE_FIN_ARGS, "args"},
+      {FL_LCE_FIN_ARGMAX_PARTIALS, "argmax_partials"}, {FL_LCE_FIN_ARGMAX, "argmax"},
+      {FL_LCE_FIN_TARGET_OUT, "target_out"}});
   return l;
 }
 

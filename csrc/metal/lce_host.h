@@ -151,7 +151,7 @@ inline void bind_tile_inputs(LceCall& c, mx::metal::CommandEncoder& enc) {
 // The forward tiles of one launch of the schedule: per (split, row) states and
 // the targets' logits (args: the call's, row0 set).
 inline void launch_forward(LceCall& c, const mplan::LceLaunch& l, const LceArgs& args, mx::array& partials,
-                           mx::array& target_logit) {
+                           mx::array& target_logit, mx::array& argmax_partials) {
   if (auto x = gpu::launch(c.s, [&](int t) {
         return mplan::lce_forward_plan(c.hidden_dt, c.head, c.plan, t, l.rows);
       })) {
@@ -159,6 +159,7 @@ inline void launch_forward(LceCall& c, const mplan::LceLaunch& l, const LceArgs&
     bind_tile_inputs(c, enc);
     enc.set_output_array(partials, FL_LCE_FWD_PARTIALS);
     enc.set_output_array(target_logit, FL_LCE_FWD_TARGET_LOGIT);
+    enc.set_output_array(argmax_partials, FL_LCE_FWD_ARGMAX_PARTIALS);
     enc.set_bytes(args, FL_LCE_FWD_ARGS);
     x.dispatch();
   }

@@ -30,7 +30,7 @@ using lcehost::scratch;
 // correct, entropy; nullptr: no forward in this call.
 struct LceStats {
   std::vector<mx::array>* outputs = nullptr;
-  std::optional<mx::array> partials, target_logit, row_loss; // scratch, or the loss itself
+  std::optional<mx::array> partials, argmax_partials, target_logit, row_loss; // scratch, or the loss itself
 };
 
 struct LceGrads {
@@ -54,7 +54,7 @@ void run_launch(LceCall& c, const mplan::LceLaunch& l, LceStats& f, const mx::ar
   }
   switch (l.kernel) {
     case K::forward:
-      lcehost::launch_forward(c, l, args, *f.partials, *f.target_logit);
+      lcehost::launch_forward(c, l, args, *f.partials, *f.target_logit, *f.argmax_partials);
       return;
     case K::finish:
       if (auto x = gpu::launch(c.s, [&](int t) { return mplan::lce_finish_plan(P, t); })) {
@@ -68,6 +68,9 @@ void run_launch(LceCall& c, const mplan::LceLaunch& l, LceStats& f, const mx::ar
         enc.set_output_array(o[kLceLseLo], FL_LCE_FIN_LSE_LO);
         enc.set_output_array(o[kLceCorrect], FL_LCE_FIN_CORRECT);
         enc.set_output_array(o[kLceEntropy], FL_LCE_FIN_ENTROPY);
+        enc.set_input_array(*f.argmax_partials, FL_LCE_FIN_ARGMAX_PARTIALS);
+        enc.set_output_array(o[kLceArgmax], FL_LCE_FIN_ARGMAX);
+        enc.set_output_array(o[kLceTargetLogit], FL_LCE_FIN_TARGET_OUT);
         enc.set_bytes(args, FL_LCE_FIN_ARGS);
         x.dispatch();
       }
@@ -126,6 +129,7 @@ void run(LceCall& c, LceStats& f, const mx::array& lse, const mx::array& lse_lo,
   const int64_t N = c.plan.rows;
   if (w.forward) {
     f.partials = scratch(c, int64_t(c.plan.splits) * N * 4);
+    f.argmax_partials = scratch(c, int64_t(c.plan.splits) * N * 2); // uint2, in float32 slots
     f.target_logit = scratch(c, N);
     f.row_loss = c.p.sum_rows ? scratch(c, N) : (*f.outputs)[kLceLoss];
   }

@@ -40,6 +40,8 @@ void LinearRowStats::eval_gpu(const std::vector<mx::array>& inputs, std::vector<
   const int64_t N = c.plan.rows;
   mx::array partials = lcehost::scratch(c, int64_t(c.plan.splits) * N * 4);
   mx::array target_logit = lcehost::scratch(c, N);
+  // (the linear CE's per-split argmaxes, which the tiles write; unread here)
+  mx::array argmax_partials = lcehost::scratch(c, int64_t(c.plan.splits) * N * 2);
   // Statistics not asked for are written to one scratch row buffer (max and
   // argmax: argmax never reaches here, the op keeps it on the CPU).
   mx::array spare = lcehost::scratch(c, N);
@@ -53,7 +55,7 @@ void LinearRowStats::eval_gpu(const std::vector<mx::array>& inputs, std::vector<
     LceArgs args = c.args;
     args.row0 = l.row0;
     if (l.kernel == mplan::LceKernel::forward) {
-      lcehost::launch_forward(c, l, args, partials, target_logit);
+      lcehost::launch_forward(c, l, args, partials, target_logit, argmax_partials);
       return;
     }
     if (l.kernel != mplan::LceKernel::finish) {

@@ -52,8 +52,9 @@ std::vector<mx::array> make_forward(
   const auto& hidden = dense_inputs[L.hidden];
   int vocab = dense_inputs[L.weight].shape(0);
   auto rows = row_shape(hidden);
-  std::vector<mx::Shape> shapes = {p.sum_rows ? mx::Shape{} : rows, rows, rows, rows, rows};
-  std::vector<mx::Dtype> dtypes = {mx::float32, mx::float32, mx::float32, mx::bool_, mx::float32};
+  std::vector<mx::Shape> shapes = {p.sum_rows ? mx::Shape{} : rows, rows, rows, rows, rows, rows, rows};
+  std::vector<mx::Dtype> dtypes = {mx::float32, mx::float32, mx::float32, mx::bool_, mx::float32,
+                                   mx::int64, mx::float32}; // (LceOutput's order)
   if (p.grad_hidden) {
     shapes.push_back(hidden.shape());
     dtypes.push_back(mx::float32);
@@ -370,7 +371,8 @@ std::vector<mx::array> linear_cross_entropy(
 
 std::vector<mx::Shape> LinearCrossEntropy::output_shapes(const std::vector<mx::array>& inputs) {
   auto rows = row_shape(inputs[lce_inputs(params_).hidden]);
-  std::vector<mx::Shape> shapes = {params_.sum_rows ? mx::Shape{} : rows, rows, rows, rows, rows};
+  std::vector<mx::Shape> shapes = {params_.sum_rows ? mx::Shape{} : rows, rows, rows, rows, rows, rows,
+                                   rows};
   for (auto& g : grad_shapes(inputs, params_)) {
     shapes.push_back(g);
   }

@@ -172,6 +172,8 @@ enum LceOutput {
   kLceLseLo, // float32 [...]: its rounding error (lse + lse_lo exact, for backward)
   kLceCorrect, // bool [...]: the target's logit is the row's maximum
   kLceEntropy, // float32 [...]: entropy of softmax(z)
+  kLceArgmax, // int64 [...]: the first maximal logit's class (as mx.argmax)
+  kLceTargetLogit, // float32 [...]: the target's (capped) logit; 0 on ignored/out-of-range rows
   kLceNumStats, // then dH [..., H], dW [V, H], dbias [V] (float32) when asked
 };
 

@@ -47,6 +47,9 @@ struct LceBufs {
   float* lse_lo;
   bool* correct;
   float* entropy;
+  uint32_t* argmax_partials; // [S * N * 2]
+  int64_t* argmax;
+  float* target_out;
   const float* g;
   float* dz;
   float* dh;
@@ -68,7 +71,7 @@ void fwd_call(const LaunchPlan& p, const LceBufs& b, const LceArgs& a) {
        static_cast<const St*>(b.scales), static_cast<const St*>(b.qbiases),
        reinterpret_cast<const long*>(b.targets), b.bias,
        reinterpret_cast<metal::float4*>(b.partials), b.target_logit, a,
-       t.threadgroup_position_in_grid.xy, t.thread_index_in_threadgroup,
+       reinterpret_cast<metal::uint2*>(b.argmax_partials), t.threadgroup_position_in_grid.xy, t.thread_index_in_threadgroup,
        t.thread_index_in_simdgroup, t.simdgroup_index_in_threadgroup);
   });
 }
@@ -78,7 +81,8 @@ void finish_call(const LaunchPlan& p, const LceBufs& b, const LceArgs& a) {
   run_plan(p, [&](const mh::ThreadCtx& t) {
     fn(reinterpret_cast<const metal::float4*>(b.partials), b.target_logit,
        reinterpret_cast<const long*>(b.targets), b.loss, b.lse, b.lse_lo, b.correct, b.entropy, a,
-       t.thread_position_in_grid.x);
+       reinterpret_cast<const metal::uint2*>(b.argmax_partials), reinterpret_cast<long*>(b.argmax),
+       b.target_out, t.thread_position_in_grid.x);
   });
 }
 
@@ -404,7 +408,8 @@ int lce_forward_run(int hdt, int wdt, const void* hidden, const void* weight,
                     float* target_logit, float* row_loss, float* loss, float* lse, float* lse_lo,
                     bool* correct, float* entropy, int64_t rows, int vocab, int hidden_size,
                     int64_t chunk_bytes, int sum_rows, float smoothing, int mode, int has_ignore,
-                    int64_t ignore_index, float z_loss, float softcap, int has_bias) {
+                    int64_t ignore_index, float z_loss, float softcap, int has_bias,
+                    uint32_t* argmax_partials, int64_t* argmax, float* target_out) {
   return mh::guarded([&] {
     namespace P = fl::mplan;
     std::string head = head_for(wdt);
@@ -419,6 +424,9 @@ int lce_forward_run(int hdt, int wdt, const void* hidden, const void* weight,
     b.lse_lo = lse_lo;
     b.correct = correct;
     b.entropy = entropy;
+    b.argmax_partials = argmax_partials;
+    b.argmax = argmax;
+    b.target_out = target_out;
     P::LceWork w;
     w.forward = true;
     w.sum_rows = sum_rows != 0;
@@ -536,13 +544,14 @@ int lce_forward_run_q(int hdt, int qmode, int global_scale, int bits, int group_
                       float* target_logit, float* row_loss, float* loss, float* lse, float* lse_lo,
                       bool* correct, float* entropy, int64_t rows, int vocab, int hidden_size,
                       int64_t chunk_bytes, int sum_rows, float smoothing, int mode, int has_ignore,
-                      int64_t ignore_index, float z_loss, float softcap, int has_bias) {
+                      int64_t ignore_index, float z_loss, float softcap, int has_bias,
+                      uint32_t* argmax_partials, int64_t* argmax, float* target_out) {
   return with_quantized({qmode, global_scale, bits, group_size, sdt, scales, qbiases}, w_q, vocab, hidden_size,
                         [&](const uint32_t* w) {
     return lce_forward_run(hdt, 0, hidden, w, targets, bias, partials, target_logit, row_loss,
                            loss, lse, lse_lo, correct, entropy, rows, vocab, hidden_size,
                            chunk_bytes, sum_rows, smoothing, mode, has_ignore, ignore_index,
-                           z_loss, softcap, has_bias);
+                           z_loss, softcap, has_bias, argmax_partials, argmax, target_out);
   });
 }
 
@@ -598,6 +607,9 @@ int rs_forward_run(int hdt, int wdt, const void* hidden, const void* weight, con
     bind_head(b, args);
     b.partials = partials;
     b.target_logit = target_logit;
+    // The tiles also write the linear CE's per-split argmaxes (unread here).
+    std::vector<uint32_t> argmax_partials(size_t(std::max(plan.splits, 1)) * size_t(std::max<int64_t>(rows, 1)) * 2);
+    b.argmax_partials = argmax_partials.data();
     RsBufs r{lse, lse_lo, target, logit_sum, expected, expected_lo, max, {}};
     P::LceWork w;
     w.forward = true;
