@@ -362,8 +362,8 @@ template <typename T, typename Head, int BM, int BN, int BK, int WM, int WN>
     for (int i = 0; i < A::kTM; ++i) {
       const int at = wn * G::BM + A::row(mma, i);
       xs[at] = float4(st[i].ce.lse.max, st[i].ce.lse.sum, st[i].ce.all.gap, st[i].ent);
-      xw[at] = st[i].ce.all.weight;
       xa[at] = uint2(best[i].key, uint(best[i].index));
+      xw[at] = st[i].ce.all.weight;
     }
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
