@@ -319,7 +319,7 @@ def gpu_forward(lib, d, case, chunk_bytes, schedules):
     loss = np.full(1 if case["sum"] else max(n, 1), SENTINEL, np.float32)
     lse, lse_lo, entropy = (np.full(max(n, 1), SENTINEL, np.float32) for _ in range(3))
     correct = np.full(max(n, 1), 7, np.uint8)
-    argmax_partials = np.full(max(p["splits"] * n * 2, 2), 0xDEADBEEF, np.uint32)
+    argmax_partials = np.full(max(max(p["splits"], 64) * n * 2, 2), 0xDEADBEEF, np.uint32)
     argmax = np.full(max(n, 1), -7, np.int64)
     target_out = np.full(max(n, 1), SENTINEL, np.float32)
     suffix, head = head_run_args(d)
