@@ -157,13 +157,8 @@ void LinearRowStatsVJP::eval_gpu(const std::vector<mx::array>& inputs, std::vect
 }
 
 // The logits form has no Metal kernels: its op puts it on the CPU stream
-// (ops/row_stats.cpp, kernel_stream), so MLX never schedules these.
-void RowStats::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
-  throw std::logic_error("RowStats runs on the CPU stream (no Metal kernels)");
-}
-
-void RowStatsVJP::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
-  throw std::logic_error("RowStatsVJP runs on the CPU stream (no Metal kernels)");
-}
+// (kernel_stream), so MLX never schedules these.
+FL_CPU_ONLY(RowStats)
+FL_CPU_ONLY(RowStatsVJP)
 
 } // namespace fl

@@ -205,4 +205,12 @@ std::vector<mx::array> vmap_to_front(
   return out;
 }
 
+mx::StreamOrDevice kernel_stream(mx::StreamOrDevice s, bool has_metal_kernels) {
+  mx::Stream st = mx::to_stream(s);
+  if (st.device == mx::Device::gpu && !has_metal_kernels) {
+    return mx::default_stream(mx::Device::cpu);
+  }
+  return s;
+}
+
 } // namespace fl

@@ -145,6 +145,12 @@ class LossPrimitive : public DenseOutputPrimitive {
   Params params_;
 };
 
+// Where a primitive without Metal kernels (or without one for what a call
+// asks) runs: on the CPU stream whatever `s` says. On Apple silicon the CPU
+// reads the GPU's arrays in place and MLX orders the two streams, so the
+// call works on a Mac's default (GPU) stream, only not on the GPU.
+mx::StreamOrDevice kernel_stream(mx::StreamOrDevice s, bool has_metal_kernels);
+
 } // namespace fl
 
 // The overrides each loss primitive defines: evaluation (csrc/cpu, csrc/metal),
@@ -166,6 +172,13 @@ class LossPrimitive : public DenseOutputPrimitive {
       const std::vector<mx::array>& cotangents,       \
       const std::vector<int>& argnums,                \
       const std::vector<mx::array>& outputs) override;
+
+// eval_gpu of a primitive without Metal kernels: its op builds it on the CPU
+// stream (fl::kernel_stream), so MLX never schedules this.
+#define FL_CPU_ONLY(CLASS)                                                            \
+  void CLASS::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {      \
+    throw std::logic_error(#CLASS " runs on the CPU stream (no Metal kernels)");      \
+  }
 
 // eval_gpu of a build without Metal (Linux): MLX never schedules it there.
 #define FL_NO_METAL(CLASS)                                                            \

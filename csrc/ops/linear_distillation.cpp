@@ -119,10 +119,7 @@ mx::array linear_distill_loss(const HeadArgs& student, const HeadArgs& teacher,
                               bool scale_by_temperature_squared,
                               std::optional<int64_t> ignore_index,
                               std::optional<int64_t> chunk_bytes, mx::StreamOrDevice s) {
-  if (mx::to_stream(s).device == mx::Device::gpu) {
-    fail_value("linear_distillation_loss has no Metal kernel yet: pass stream=mx.cpu (the logits-level "
-               "kl_div / jsd run on both)");
-  }
+  s = kernel_stream(s, false); // no Metal kernels yet: the CPU stream, on a Mac too
   LinearDistillParams p;
   std::vector<mx::array> inputs;
   p.student = check_head(student, "student", inputs, s);
@@ -286,12 +283,8 @@ std::pair<std::vector<mx::array>, std::vector<int>> LinearDistillVJP::vmap(
       s);
 }
 
-// No Metal kernel yet: the op refuses a GPU stream before building the graph.
-void LinearDistill::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
-  throw std::runtime_error("linear_distillation_loss has no Metal kernel yet: run it on the CPU");
-}
-void LinearDistillVJP::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
-  throw std::runtime_error("linear_distillation_loss has no Metal kernel yet: run it on the CPU");
-}
+// No Metal kernels yet: the op builds these on the CPU stream (kernel_stream).
+FL_CPU_ONLY(LinearDistill)
+FL_CPU_ONLY(LinearDistillVJP)
 
 } // namespace fl

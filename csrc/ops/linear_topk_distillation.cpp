@@ -66,9 +66,7 @@ mx::array linear_topk_distill_loss(const HeadArgs& student, const mx::array& tea
                                    bool renormalize, float alpha, bool scale_by_temperature_squared,
                                    std::optional<int64_t> ignore_index,
                                    std::optional<int64_t> chunk_bytes, mx::StreamOrDevice s) {
-  if (mx::to_stream(s).device == mx::Device::gpu) {
-    fail_value("linear_topk_distillation_loss has no Metal kernel yet: pass stream=mx.cpu");
-  }
+  s = kernel_stream(s, false); // no Metal kernels yet: the CPU stream, on a Mac too
   LinearTopkParams p;
   std::vector<mx::array> inputs;
   p.student = check_head(student, "student", inputs, s);
@@ -195,12 +193,8 @@ std::pair<std::vector<mx::array>, std::vector<int>> LinearTopkDistillVJP::vmap(
       inputs, axes, [&](const std::vector<mx::array>& in) { return make_backward(in, p, s); }, s);
 }
 
-// No Metal kernel yet: the op refuses a GPU stream before building the graph.
-void LinearTopkDistill::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
-  throw std::runtime_error("linear_topk_distillation_loss has no Metal kernel yet: run it on the CPU");
-}
-void LinearTopkDistillVJP::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
-  throw std::runtime_error("linear_topk_distillation_loss has no Metal kernel yet: run it on the CPU");
-}
+// No Metal kernels yet: the op builds these on the CPU stream (kernel_stream).
+FL_CPU_ONLY(LinearTopkDistill)
+FL_CPU_ONLY(LinearTopkDistillVJP)
 
 } // namespace fl

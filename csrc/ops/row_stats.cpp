@@ -168,18 +168,6 @@ void set_common(RowStatsParams& p, int stats, float temperature, std::optional<f
   }
 }
 
-// Where the primitives run. The linear form has Metal kernels but for argmax
-// (its state is not in the linear CE's forward tiles); the logits form has
-// none yet. Those run on the CPU stream whatever `s` says (on Apple silicon
-// the CPU reads the GPU's arrays in place; MLX orders the two streams).
-mx::StreamOrDevice kernel_stream(mx::StreamOrDevice s, bool has_metal_kernels) {
-  mx::Stream st = mx::to_stream(s);
-  if (st.device == mx::Device::gpu && !has_metal_kernels) {
-    return mx::default_stream(mx::Device::cpu);
-  }
-  return s;
-}
-
 const std::optional<mx::array>& targets_if_needed(const std::optional<mx::array>& targets, int stats) {
   static const std::optional<mx::array> none;
   if ((stats & flm::kStatTarget) && !targets) {
@@ -248,6 +236,7 @@ std::vector<mx::array> linear_row_stats(
     mx::StreamOrDevice s) {
   check_row_stats_options(temperature, logit_softcap, chunk_bytes);
   const int asked = parse_stats(stats);
+  // argmax is not in the linear CE's forward tiles: no Metal kernel for it.
   s = kernel_stream(s, !(asked & flm::kStatArgmax));
   RowStatsParams p;
   const auto& t = targets_if_needed(targets, asked);
@@ -280,7 +269,7 @@ std::vector<mx::array> row_stats(
     mx::StreamOrDevice s) {
   check_row_stats_options(temperature, logit_softcap, std::nullopt);
   const int asked = parse_stats(stats);
-  s = kernel_stream(s, false);
+  s = kernel_stream(s, false); // the logits form has no Metal kernels
   check_float_input(logits, "logits");
   if (logits.ndim() == 0 || logits.shape(-1) == 0) {
     fail_value("logits must have a class axis [..., V] with V >= 1, got shape ", shape_str(logits.shape()));

@@ -228,7 +228,8 @@ def linear_distillation_loss(
     mode, ``*_global_scale`` for nvfp4) with ``*_group_size``, ``*_bits`` and
     ``*_mode``. Gradients reach ``student_hidden`` and a dense
     ``student_weight``; the teacher's inputs get zeros (the teacher is frozen).
-    CPU only for now (a GPU stream is a ValueError).
+    No Metal kernels yet: it runs on the CPU stream, on a Mac too (the
+    GPU's arrays are read in place).
     """
     if kind not in _KINDS:
         raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
