@@ -2,6 +2,7 @@
 
 #include "math/distillation.h"
 #include "math/quantized.h"
+#include "ops/student_head_grads.h"
 #include "ops/vmap_slices.h"
 
 namespace fl {
@@ -74,10 +75,8 @@ std::vector<mx::array> make_forward(std::vector<mx::array> inputs, const LinearD
   for (int i : {L.s_hidden, L.t_hidden}) {
     inputs[i] = dense(inputs[i], s);
   }
-  auto rows = row_shape(inputs[L.s_hidden]);
-  auto stats = rows;
-  stats.push_back(flm::kDistillStats);
-  return mx::array::make_arrays({rows, stats}, {mx::float32, mx::float32},
+  return mx::array::make_arrays(student_head::forward_shapes(inputs[L.s_hidden]),
+                                {mx::float32, mx::float32},
                                 std::make_shared<LinearDistill>(mx::to_stream(s), p), inputs);
 }
 
@@ -154,84 +153,20 @@ mx::array linear_distill_loss(const HeadArgs& student, const HeadArgs& teacher,
 }
 
 std::vector<mx::Shape> LinearDistill::output_shapes(const std::vector<mx::array>& inputs) {
-  auto rows = row_shape(inputs[ld_inputs(params_).s_hidden]);
-  auto stats = rows;
-  stats.push_back(flm::kDistillStats);
-  return {rows, stats};
+  return student_head::forward_shapes(inputs[ld_inputs(params_).s_hidden]);
 }
 
 std::vector<mx::Shape> LinearDistillVJP::output_shapes(const std::vector<mx::array>& inputs) {
-  auto L = ld_inputs(params_);
-  std::vector<mx::Shape> out;
-  if (params_.grad_hidden) {
-    out.push_back(inputs[L.s_hidden].shape());
-  }
-  if (params_.grad_weight) {
-    out.push_back(inputs[L.s_weight].shape());
-  }
-  return out;
+  return student_head::grad_shapes(inputs, params_, ld_inputs(params_));
 }
 
 std::vector<mx::array> LinearDistill::vjp(const std::vector<mx::array>& primals,
                                           const std::vector<mx::array>& cotangents,
                                           const std::vector<int>& argnums,
                                           const std::vector<mx::array>& outputs) {
-  auto s = stream();
-  auto L = ld_inputs(params_);
-  LinearDistillParams bp = params_;
-  for (int arg : argnums) {
-    if (arg == L.s_hidden) {
-      bp.grad_hidden = true;
-    } else if (arg == L.s_weight) {
-      if (params_.student.quantized()) {
-        throw std::invalid_argument(
-            "linear_distillation_loss: a quantized student_weight has no gradient (train an "
-            "adapter, or pass the dense weight)");
-      }
-      bp.grad_weight = true;
-    } else if (arg == L.s_scales || arg == L.s_biases || arg == L.s_global) {
-      throw std::invalid_argument(
-          "linear_distillation_loss: gradients with respect to the student's quantization "
-          "scales/biases are not implemented");
-    }
-  }
-  std::optional<mx::array> gh, gw;
-  if (bp.grad_hidden || bp.grad_weight) {
-    std::vector<mx::array> in(primals.begin(), primals.end());
-    in.push_back(outputs[1]);
-    in.push_back(dense(mx::astype(cotangents[0], mx::float32, s), s));
-    std::vector<mx::Shape> shapes;
-    std::vector<mx::Dtype> dtypes;
-    if (bp.grad_hidden) {
-      shapes.push_back(primals[L.s_hidden].shape());
-      dtypes.push_back(mx::float32);
-    }
-    if (bp.grad_weight) {
-      shapes.push_back(primals[L.s_weight].shape());
-      dtypes.push_back(mx::float32);
-    }
-    auto g = mx::array::make_arrays(shapes, dtypes, std::make_shared<LinearDistillVJP>(s, bp), in);
-    size_t k = 0;
-    if (bp.grad_hidden) {
-      gh = mx::astype(g[k++], primals[L.s_hidden].dtype(), s);
-    }
-    if (bp.grad_weight) {
-      gw = mx::astype(g[k++], primals[L.s_weight].dtype(), s);
-    }
-  }
-  std::vector<mx::array> grads;
-  for (int arg : argnums) {
-    if (arg == L.s_hidden) {
-      grads.push_back(*gh);
-    } else if (arg == L.s_weight) {
-      grads.push_back(*gw);
-    } else {
-      // The teacher is frozen (stop_gradient semantics); class indices are not
-      // differentiable.
-      grads.push_back(mx::zeros_like(primals[arg], s));
-    }
-  }
-  return grads;
+  return student_head::vjp<LinearDistillVJP>("linear_distillation_loss", params_,
+                                             ld_inputs(params_), primals, cotangents, argnums,
+                                             outputs, stream());
 }
 
 std::pair<std::vector<mx::array>, std::vector<int>> LinearDistill::vmap(
@@ -266,19 +201,7 @@ std::pair<std::vector<mx::array>, std::vector<int>> LinearDistillVJP::vmap(
   return vmap_by_slices(
       inputs, axes,
       [&](const std::vector<mx::array>& in) {
-        std::vector<mx::Shape> shapes;
-        if (p.grad_hidden) {
-          shapes.push_back(in[L.s_hidden].shape());
-        }
-        if (p.grad_weight) {
-          shapes.push_back(in[L.s_weight].shape());
-        }
-        std::vector<mx::array> dense_in;
-        for (const auto& x : in) {
-          dense_in.push_back(dense(x, s));
-        }
-        return mx::array::make_arrays(shapes, std::vector<mx::Dtype>(shapes.size(), mx::float32),
-                                      std::make_shared<LinearDistillVJP>(s, p), dense_in);
+        return student_head::make_backward<LinearDistillVJP>(in, p, L, s);
       },
       s);
 }

@@ -1,6 +1,7 @@
 #include "ops/linear_topk_distillation.h"
 
 #include "math/distillation.h"
+#include "ops/student_head_grads.h"
 #include "ops/vmap_slices.h"
 
 namespace fl {
@@ -13,29 +14,14 @@ std::vector<mx::array> make_forward(std::vector<mx::array> inputs, const LinearT
   for (int i : {L.s_hidden, L.ids, L.values}) {
     inputs[i] = dense(inputs[i], s);
   }
-  auto rows = row_shape(inputs[L.s_hidden]);
-  auto stats = rows;
-  stats.push_back(flm::kDistillStats);
-  return mx::array::make_arrays({rows, stats}, {mx::float32, mx::float32},
+  return mx::array::make_arrays(student_head::forward_shapes(inputs[L.s_hidden]),
+                                {mx::float32, mx::float32},
                                 std::make_shared<LinearTopkDistill>(mx::to_stream(s), p), inputs);
 }
 
 std::vector<mx::array> make_backward(const std::vector<mx::array>& in, const LinearTopkParams& p,
                                      mx::StreamOrDevice s) {
-  auto L = lt_inputs(p);
-  std::vector<mx::Shape> shapes;
-  if (p.grad_hidden) {
-    shapes.push_back(in[L.s_hidden].shape());
-  }
-  if (p.grad_weight) {
-    shapes.push_back(in[L.s_weight].shape());
-  }
-  std::vector<mx::array> dense_in;
-  for (const auto& x : in) {
-    dense_in.push_back(dense(x, s));
-  }
-  return mx::array::make_arrays(shapes, std::vector<mx::Dtype>(shapes.size(), mx::float32),
-                                std::make_shared<LinearTopkDistillVJP>(mx::to_stream(s), p), dense_in);
+  return student_head::make_backward<LinearTopkDistillVJP>(in, p, lt_inputs(p), s);
 }
 
 } // namespace
@@ -109,72 +95,20 @@ mx::array linear_topk_distill_loss(const HeadArgs& student, const mx::array& tea
 }
 
 std::vector<mx::Shape> LinearTopkDistill::output_shapes(const std::vector<mx::array>& inputs) {
-  auto rows = row_shape(inputs[lt_inputs(params_).s_hidden]);
-  auto stats = rows;
-  stats.push_back(flm::kDistillStats);
-  return {rows, stats};
+  return student_head::forward_shapes(inputs[lt_inputs(params_).s_hidden]);
 }
 
 std::vector<mx::Shape> LinearTopkDistillVJP::output_shapes(const std::vector<mx::array>& inputs) {
-  auto L = lt_inputs(params_);
-  std::vector<mx::Shape> out;
-  if (params_.grad_hidden) {
-    out.push_back(inputs[L.s_hidden].shape());
-  }
-  if (params_.grad_weight) {
-    out.push_back(inputs[L.s_weight].shape());
-  }
-  return out;
+  return student_head::grad_shapes(inputs, params_, lt_inputs(params_));
 }
 
 std::vector<mx::array> LinearTopkDistill::vjp(const std::vector<mx::array>& primals,
                                               const std::vector<mx::array>& cotangents,
                                               const std::vector<int>& argnums,
                                               const std::vector<mx::array>& outputs) {
-  auto s = stream();
-  auto L = lt_inputs(params_);
-  LinearTopkParams bp = params_;
-  for (int arg : argnums) {
-    if (arg == L.s_hidden) {
-      bp.grad_hidden = true;
-    } else if (arg == L.s_weight) {
-      if (params_.student.quantized()) {
-        throw std::invalid_argument(
-            "linear_topk_distillation_loss: a quantized student_weight has no gradient");
-      }
-      bp.grad_weight = true;
-    } else if (arg == L.s_scales || arg == L.s_biases || arg == L.s_global) {
-      throw std::invalid_argument(
-          "linear_topk_distillation_loss: gradients with respect to the student's quantization "
-          "scales/biases are not implemented");
-    }
-  }
-  std::optional<mx::array> gh, gw;
-  if (bp.grad_hidden || bp.grad_weight) {
-    std::vector<mx::array> in(primals.begin(), primals.end());
-    in.push_back(outputs[1]);
-    in.push_back(mx::astype(cotangents[0], mx::float32, s));
-    auto g = make_backward(in, bp, s);
-    size_t k = 0;
-    if (bp.grad_hidden) {
-      gh = mx::astype(g[k++], primals[L.s_hidden].dtype(), s);
-    }
-    if (bp.grad_weight) {
-      gw = mx::astype(g[k++], primals[L.s_weight].dtype(), s);
-    }
-  }
-  std::vector<mx::array> grads;
-  for (int arg : argnums) {
-    if (arg == L.s_hidden) {
-      grads.push_back(*gh);
-    } else if (arg == L.s_weight) {
-      grads.push_back(*gw);
-    } else {
-      // the teacher's ids and log-probabilities are data, not parameters
-      grads.push_back(mx::zeros_like(primals[arg], s));
-    }
-  }
-  return grads;
+  return student_head::vjp<LinearTopkDistillVJP>("linear_topk_distillation_loss", params_,
+                                                 lt_inputs(params_), primals, cotangents, argnums,
+                                                 outputs, stream());
 }
 
 std::pair<std::vector<mx::array>, std::vector<int>> LinearTopkDistill::vmap(
