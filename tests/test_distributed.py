@@ -352,6 +352,22 @@ def test_a_group_of_size_one_is_the_unsharded_loss():
         *args[:3], ignore_index=-100)), mx.float32, what="global_mean")
 
 
+def test_global_mean_of_an_infinite_total_is_infinite():
+    """An overflowing rank's loss shows as inf, not NaN (inf - inf in the
+    gradient-only term made it NaN); finite elements keep their gradient
+    1 / count, also in a shapeless compile at a second size."""
+    mx.distributed.init()
+    step = mx.value_and_grad(lambda t: fld.global_mean(t, 2))
+    shapeless = mx.compile(step, shapeless=True)
+    for f in (step, shapeless):
+        for total, want, grad in ((mx.array([1e30, mx.inf]), np.inf, [0.5, 0.0]),
+                                  (mx.array([3.0, 5.0]), 4.0, [0.5, 0.5]),
+                                  (mx.array([3.0, 5.0, 1.0]), 4.5, [0.5, 0.5, 0.5])):
+            value, got = f(total)
+            assert to_np(value) == want
+            np.testing.assert_array_equal(to_np(got), grad)
+
+
 def test_local_argument_errors_alone():
     """Alone (no collective to wait in), a bad argument raises at once, with
     the unsharded loss's message."""

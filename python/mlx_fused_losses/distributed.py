@@ -108,7 +108,8 @@ def global_mean(
     the global mean; with ``gradients="sum"`` it is ``1 / all_sum(count)``,
     for gradients all-summed instead.
 
-    The sums are float32: a count is exact up to 2^24 tokens per step.
+    The sums are float32: a count is exact up to 2^24 tokens per step. An
+    infinite element of ``total`` makes the mean inf and gets no gradient.
     """
     group = _group(group)
     if gradients not in _GRADIENT_REDUCTIONS:
@@ -119,18 +120,24 @@ def global_mean(
     count = count if isinstance(count, mx.array) else mx.array(count)
     if count.ndim != 0 and count.size != 1:
         raise ValueError(f"count must be a scalar (this rank's kept tokens), got shape {count.shape}")
-    local = total.astype(mx.float32).sum()
+    elements = total.astype(mx.float32)
+    local = elements.sum()
     count = count.reshape(()).astype(mx.float32)
     both = mx.distributed.all_sum(mx.stop_gradient(mx.stack([local, count])), group=group)
     global_total, global_count = both[0], both[1]
     empty = global_count == 0
     safe = mx.where(empty, mx.array(1.0, mx.float32), global_count)
     scale = (group.size() if gradients == "average" else 1.0) / safe
-    # The value is global_total / count (the + (local - stop_gradient(local))
-    # term is exactly 0, even for a local sum of 1e30); its gradient is scale.
-    # (A mean over nothing is 0, as every loss of this package: the total
-    # times 0, so a NaN still shows.)
-    own = (local - mx.stop_gradient(local)) * scale
+    # The value is global_total / count; the gradient reaches this rank's
+    # total through a term whose value is exactly 0 and whose derivative is
+    # scale: t - stop_gradient(t) per element, where an infinite element
+    # (inf - inf = NaN) is replaced by 0, so an overflowing rank shows inf
+    # rather than NaN, at the price of no gradient through that element.
+    # (mx.custom_function would keep it, but cannot run in a shapeless
+    # mx.compile.) A mean over nothing is 0, as every loss of this package:
+    # the total times 0, so a NaN still shows.
+    own = elements - mx.stop_gradient(elements)
+    own = mx.where(own == 0, own, 0.0).sum() * scale
     mean = mx.where(empty, global_total * 0.0, global_total / safe) + own
     return mean.astype(total.dtype)
 
