@@ -193,14 +193,15 @@ NB_MODULE(_ext, m) {
          std::optional<mlx::core::array> student_global_scale,
          std::optional<mlx::core::array> teacher_scales, std::optional<mlx::core::array> teacher_biases,
          int teacher_group_size, int teacher_bits, const std::string& teacher_mode,
-         std::optional<mlx::core::array> teacher_global_scale, mlx::core::StreamOrDevice stream) {
+         std::optional<mlx::core::array> teacher_global_scale, bool sum_rows, bool fuse_grads,
+         mlx::core::StreamOrDevice stream) {
         fl::HeadArgs st{student_hidden, student_weight, student_scales, student_biases,
                         student_group_size, student_bits, student_mode, student_global_scale};
         fl::HeadArgs te{teacher_hidden, teacher_weight, teacher_scales, teacher_biases,
                         teacher_group_size, teacher_bits, teacher_mode, teacher_global_scale};
         return fl::linear_distill_loss(st, te, targets, kind, beta, temperature, alpha,
                                        scale_by_temperature_squared, ignore_index, chunk_bytes,
-                                       stream);
+                                       sum_rows, fuse_grads, stream);
       },
       "student_hidden"_a, "student_weight"_a, "teacher_hidden"_a, "teacher_weight"_a,
       "targets"_a = nb::none(), nb::kw_only(), "kind"_a = "kl", "beta"_a = 0.5f,
@@ -210,8 +211,10 @@ NB_MODULE(_ext, m) {
       "student_mode"_a = "affine", "student_global_scale"_a = nb::none(),
       "teacher_scales"_a = nb::none(), "teacher_biases"_a = nb::none(),
       "teacher_group_size"_a = 64, "teacher_bits"_a = 4, "teacher_mode"_a = "affine",
-      "teacher_global_scale"_a = nb::none(), "stream"_a = nb::none(),
-      "Per-row float32 fused linear distillation loss (no reduction).");
+      "teacher_global_scale"_a = nb::none(), "sum_rows"_a = false, "fuse_grads"_a = true,
+      "stream"_a = nb::none(),
+      "float32 fused linear distillation loss: per row, or summed over rows (sum_rows=True: the "
+      "gradients formed in the forward unless fuse_grads=False).");
   m.def(
       "linear_topk_distill_loss",
       [](const mlx::core::array& student_hidden, const mlx::core::array& student_weight,
@@ -221,20 +224,22 @@ NB_MODULE(_ext, m) {
          std::optional<int64_t> chunk_bytes, std::optional<mlx::core::array> student_scales,
          std::optional<mlx::core::array> student_biases, int student_group_size, int student_bits,
          const std::string& student_mode, std::optional<mlx::core::array> student_global_scale,
-         mlx::core::StreamOrDevice stream) {
+         bool sum_rows, bool fuse_grads, mlx::core::StreamOrDevice stream) {
         fl::HeadArgs st{student_hidden, student_weight, student_scales, student_biases,
                         student_group_size, student_bits, student_mode, student_global_scale};
         return fl::linear_topk_distill_loss(st, teacher_ids, teacher_logprobs, targets, temperature,
                                             renormalize, alpha, scale_by_temperature_squared,
-                                            ignore_index, chunk_bytes, stream);
+                                            ignore_index, chunk_bytes, sum_rows, fuse_grads, stream);
       },
       "student_hidden"_a, "student_weight"_a, "teacher_ids"_a, "teacher_logprobs"_a,
       "targets"_a = nb::none(), nb::kw_only(), "temperature"_a = 1.0f, "renormalize"_a = false,
       "alpha"_a = 0.0f, "scale_by_temperature_squared"_a = false, "ignore_index"_a = nb::none(),
       "chunk_bytes"_a = nb::none(), "student_scales"_a = nb::none(), "student_biases"_a = nb::none(),
       "student_group_size"_a = 64, "student_bits"_a = 4, "student_mode"_a = "affine",
-      "student_global_scale"_a = nb::none(), "stream"_a = nb::none(),
-      "Per-row float32 fused linear distillation from an offline top-k teacher (no reduction).");
+      "student_global_scale"_a = nb::none(), "sum_rows"_a = false, "fuse_grads"_a = true,
+      "stream"_a = nb::none(),
+      "float32 fused linear distillation from an offline top-k teacher: per row, or summed over "
+      "rows (sum_rows=True: the gradients formed in the forward unless fuse_grads=False).");
   m.def(
       "check_distill_options",
       [](const std::string& kind, float beta, float temperature, float alpha, bool has_targets,
@@ -424,11 +429,14 @@ NB_MODULE(_ext, m) {
   // mx.compile runs the graph (ops/common.h); constants outside such a trace.
   m.def(
       "element_count",
-      [](const mlx::core::array& a, mlx::core::Dtype dtype, mlx::core::StreamOrDevice stream) {
-        return fl::element_count(a, fl::axes_from(a, 0), dtype, stream);
+      [](const mlx::core::array& a, mlx::core::Dtype dtype, std::optional<std::vector<int>> axes,
+         mlx::core::StreamOrDevice stream) {
+        return fl::element_count(a, axes ? *axes : fl::axes_from(a, 0), dtype, stream);
       },
-      "a"_a, "dtype"_a = mlx::core::float32, nb::kw_only(), "stream"_a = nb::none(),
-      "The number of elements of a, as a scalar of dtype, counted when the graph runs.");
+      "a"_a, "dtype"_a = mlx::core::float32, nb::kw_only(), "axes"_a = nb::none(),
+      "stream"_a = nb::none(),
+      "The number of elements of a (along `axes`; None: all), as a scalar of dtype, counted when "
+      "the graph runs.");
   m.def(
       "mean_factor",
       [](const mlx::core::array& a, mlx::core::StreamOrDevice stream) {

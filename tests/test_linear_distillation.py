@@ -1,7 +1,9 @@
 """linear_distillation_loss: both heads' logits one chunk at a time, against
 the float64 divergence of the materialised logits (tests/reference.py) and
 against kl_div / jsd on those logits; quantized teachers and students, the
-teacher's zero gradient, transforms and bad input."""
+teacher's zero gradient, transforms and bad input. A loss reduced to a scalar
+forms its gradients in the forward (ops/student_head_grads.h): checked against
+float64, against the recomputing backward, and that it is the path taken."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import pytest
 
 import reference as R
 from conftest import assert_close, assert_raises_naming, to_np
+from mlx_fused_losses import _ext
 
 mx.set_default_device(mx.cpu)
 
@@ -30,17 +33,22 @@ def _materialised(hs, ws, ht, wt):
 
 @pytest.mark.parametrize("kind,beta", KINDS, ids=KIND_IDS)
 @pytest.mark.parametrize("chunk_bytes", [None, 3000])
-def test_values_and_grads_vs_float64(fl, rng, kind, beta, chunk_bytes):
+@pytest.mark.parametrize("rows", ["weighted", "mean", "sum"])
+def test_values_and_grads_vs_float64(fl, rng, kind, beta, chunk_bytes, rows):
     # H differs per head; chunks of a few rows (3000 bytes: 1 row of both heads'
-    # logits) and the default (one chunk); ignored rows, weights, the CE mix
+    # logits) and the default (one chunk); ignored rows, the CE mix. Per-row
+    # weights: the recomputing backward (a cotangent per row); "mean" / "sum"
+    # without weights: the gradients formed in the forward.
     N, Hs, Ht, V = 13, 24, 40, 257
     hs, ws, ht, wt = _heads(rng, N, Hs, Ht, V)
     y = rng.integers(0, V, N)
     y[[2, 7]] = -100
     targets = mx.array(y.astype(np.int32))
-    weights = mx.array(rng.uniform(0.5, 1.5, N).astype(np.float32))
+    w64 = rng.uniform(0.5, 1.5, N) if rows == "weighted" else np.ones(N)
+    weights = mx.array(w64.astype(np.float32)) if rows == "weighted" else None
     kw = dict(kind=kind, beta=beta, temperature=1.6, alpha=0.3, scale_by_temperature_squared=True,
-              ignore_index=-100, weights=weights, chunk_bytes=chunk_bytes)
+              ignore_index=-100, weights=weights, chunk_bytes=chunk_bytes,
+              reduction="sum" if rows == "sum" else "mean")
 
     def f(a, b, c, d):
         return fl.linear_distillation_loss(a, b, c, d, targets, dtype=mx.float32, **kw)
@@ -48,10 +56,9 @@ def test_values_and_grads_vs_float64(fl, rng, kind, beta, chunk_bytes):
     (loss, grads) = mx.value_and_grad(f, argnums=(0, 1, 2, 3))(hs, ws, ht, wt)
     s64, t64 = _materialised(hs, ws, ht, wt)
     rkw = dict(kind=kind, beta=beta, temperature=1.6, alpha=0.3, t2=True, targets=y, ignore_index=-100)
-    rows = R.distill_rows(s64, t64, **rkw)
-    w64 = to_np(weights)
-    kept = (y != -100).sum()
-    assert_close(loss, (rows * w64).sum() / kept, mx.float32, scale=10.0, what="loss")
+    row_loss = R.distill_rows(s64, t64, **rkw)
+    kept = (y != -100).sum() if rows != "sum" else 1
+    assert_close(loss, (row_loss * w64).sum() / kept, mx.float32, scale=10.0, what="loss")
     dz = R.distill_grad(s64, t64, cotangent=w64 / kept, **rkw)
     g_h, g_w = dz @ to_np(ws), dz.T @ to_np(hs)
     scale_h = np.abs(dz).sum(-1, keepdims=True) * np.abs(to_np(ws)).max() * 4
@@ -59,6 +66,72 @@ def test_values_and_grads_vs_float64(fl, rng, kind, beta, chunk_bytes):
     assert_close(grads[1], g_w, mx.float32, scale=np.abs(dz).sum(0)[:, None] * np.abs(to_np(hs)).max() * 4,
                  what="d student_weight")
     assert not np.any(to_np(grads[2])) and not np.any(to_np(grads[3]))  # the teacher is frozen
+
+
+def _graph_primitives(*outputs):
+    """The names of the primitives in the graph of `outputs` (not evaluated)."""
+    import os
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "g.dot")
+        mx.export_to_dot(path, *outputs)
+        return open(path).read()
+
+
+@pytest.mark.parametrize("topk", [False, True], ids=["two_heads", "topk"])
+def test_gradients_formed_in_the_forward(fl, rng, topk):
+    # A mean under value_and_grad: no backward primitive in the graph (each
+    # chunk's logits computed once), the forward's unit-cotangent gradients
+    # scaled by the cotangent. Per-row weights: the recomputing backward.
+    hs, ws, ht, wt = _heads(rng, 5, 8, 6, 30)
+    ids = mx.array(rng.integers(0, 30, (5, 4)).astype(np.int32))
+    lp = mx.array(rng.normal(size=(5, 4)).astype(np.float32) - 3.0)
+
+    def loss(a, b, weights=None):
+        if topk:
+            return fl.linear_topk_distillation_loss(a, b, ids, lp, weights=weights)
+        return fl.linear_distillation_loss(a, b, ht, wt, kind="jsd", weights=weights)
+
+    vjp_name = "FusedLinearTopkDistillVJP" if topk else "FusedLinearDistillVJP"
+    _, fused = mx.value_and_grad(loss, (0, 1))(hs, ws)
+    graph = _graph_primitives(*fused)
+    assert vjp_name not in graph and "ScaleGrad" in graph, graph
+    _, rows = mx.value_and_grad(lambda a, b: loss(a, b, mx.ones((5,))), (0, 1))(hs, ws)
+    assert vjp_name in _graph_primitives(*rows)
+    for a, b in zip(fused, rows):
+        np.testing.assert_allclose(to_np(a), to_np(b), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind,beta", KINDS, ids=KIND_IDS)
+def test_fused_and_recomputing_backward_agree(rng, kind, beta):
+    # The same summed loss, its gradients formed in the forward (scaled by a
+    # cotangent of 0.7) and by the backward primitive that recomputes both
+    # heads' logits; bf16 student hidden, several chunks, ignored rows, the CE.
+    N, Hs, Ht, V = 17, 24, 40, 300
+    hs, ws, ht, wt = _heads(rng, N, Hs, Ht, V)
+    hs = hs.astype(mx.bfloat16)
+    y = rng.integers(0, V, N)
+    y[[1, 9]] = -100
+    opts = dict(kind=kind, beta=beta, temperature=0.7, alpha=0.25, ignore_index=-100,
+                chunk_bytes=5000, sum_rows=True)
+
+    def grads(fuse):
+        def f(a, b):
+            return 0.7 * _ext.linear_distill_loss(a, b, ht, wt, mx.array(y), fuse_grads=fuse, **opts)
+        return mx.value_and_grad(f, (0, 1))(hs, ws)
+
+    (l1, g1), (l2, g2) = grads(True), grads(False)
+    np.testing.assert_allclose(l1.item(), l2.item(), rtol=1e-6)
+    assert g1[0].dtype == mx.bfloat16 and g1[1].dtype == mx.float32
+    for a, b in zip(g1, g2):
+        np.testing.assert_allclose(to_np(a), to_np(b), rtol=1e-5, atol=1e-7)
+    # every declared gradient asked alone (the other never formed)
+    for i in (0, 1):
+        alone = mx.grad(lambda a, b: _ext.linear_distill_loss(a, b, ht, wt, mx.array(y), **opts),
+                        argnums=i)(hs, ws)
+        np.testing.assert_allclose(to_np(0.7 * alone.astype(mx.float32)),
+                                   to_np(g2[i].astype(mx.float32)), rtol=1e-2 if i == 0 else 1e-5,
+                                   atol=1e-7)
 
 
 @pytest.mark.parametrize("kind,beta", KINDS[:3], ids=KIND_IDS[:3])
@@ -144,6 +217,16 @@ def test_compile_and_vmap(fl, rng):
     hb, tb = hs.reshape(2, 3, Hs), ht.reshape(2, 3, Ht)
     rows = lambda a, c: fl.linear_distillation_loss(a, ws, c, wt, reduction="none")  # noqa: E731
     np.testing.assert_allclose(to_np(mx.vmap(rows)(hb, tb)), to_np(rows(hs, ht)).reshape(2, 3), rtol=1e-6)
+    # vmap of a mean (rows summed in the kernel: one call per example) and of
+    # its gradients (formed in the forward)
+    mean = lambda a, b, c: fl.linear_distillation_loss(a, b, c, wt, kind="jsd")  # noqa: E731
+    wb = mx.stack([ws, 1.5 * ws])
+    got = mx.vmap(mx.value_and_grad(mean, (0, 1)))(hb, wb, tb)
+    for i in range(2):
+        want = mx.value_and_grad(mean, (0, 1))(hb[i], wb[i], tb[i])
+        np.testing.assert_allclose(got[0][i].item(), want[0].item(), rtol=1e-6)
+        for a, b in zip(got[1], want[1]):
+            np.testing.assert_allclose(to_np(a[i]), to_np(b), rtol=1e-5, atol=1e-8)
 
 
 def test_bad_input(fl, rng):
@@ -188,7 +271,10 @@ def _topk_reference(z, ids, vals, temperature, renormalize, alpha, t2, targets, 
 @pytest.mark.parametrize("k", [1, 5, 64])
 @pytest.mark.parametrize("renormalize", [False, True])
 @pytest.mark.parametrize("alpha,t2", [(0.0, False), (0.3, True)])
-def test_topk_vs_float64(fl, rng, k, renormalize, alpha, t2):
+@pytest.mark.parametrize("summed", [False, True], ids=["rows", "sum"])
+def test_topk_vs_float64(fl, rng, k, renormalize, alpha, t2, summed):
+    # rows: per-row cotangents (the recomputing backward); sum: the gradients
+    # formed in the forward
     N, H, V = 10, 24, 64
     hs, ws, _, _ = _heads(rng, N, H, 8, V)
     z = to_np(hs) @ to_np(ws).T
@@ -198,13 +284,17 @@ def test_topk_vs_float64(fl, rng, k, renormalize, alpha, t2):
     vals = np.take_along_axis(teacher_lp, ids, -1).astype(np.float32)
     y = rng.integers(0, V, N)
     y[3] = -100
-    cot = rng.uniform(0.5, 2.0, N)
+    cot = np.ones(N) if summed else rng.uniform(0.5, 2.0, N)
     kw = dict(temperature=1.5, renormalize=renormalize, alpha=alpha, scale_by_temperature_squared=t2,
               targets=mx.array(y), ignore_index=-100, chunk_bytes=700)
 
     def f(a, b):
-        rows = fl.linear_topk_distillation_loss(a, b, mx.array(ids), mx.array(vals), reduction="none",
-                                                dtype=mx.float32, **kw)
+        def loss(reduction):
+            return fl.linear_topk_distillation_loss(a, b, mx.array(ids), mx.array(vals),
+                                                    reduction=reduction, dtype=mx.float32, **kw)
+        rows = loss("none")
+        if summed:
+            return loss("sum"), mx.stop_gradient(rows)
         return (rows * mx.array(cot.astype(np.float32))).sum(), rows
 
     (_, rows), (gh, gw) = mx.value_and_grad(f, (0, 1))(hs, ws)

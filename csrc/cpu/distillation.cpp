@@ -5,6 +5,7 @@
 // in parallel; the loops are float32 over L1-sized chunks (16-bit rows are
 // widened chunk by chunk, convert.h). Formulas: math/distillation.h.
 #include <type_traits>
+#include <vector>
 
 #include "cpu/distillation.h"
 
@@ -173,17 +174,153 @@ FL_VECTOR_CLONES void backward_rows(const KdArgs& a, int64_t begin, int64_t end)
   }
 }
 
+
+// Forward and gradient for a unit cotangent in one visit of the row: pass 1
+// as forward_rows; pass 2 each element's q and/or p once, for its term and its
+// gradient (math/distillation.h's distill_term and distill_grad, the same
+// expressions, so the same bits as forward_rows then backward_rows with g =
+// 1). The forward KL's gradient q - p needs no row sum: pass 2 writes it.
+// The reverse KL's and JSD's need E (a sum over the row): pass 2 keeps q and
+// lq - lp (lq - lm) per element in a per-thread scratch row, pass 3 writes
+// q (u - E) from them, with no transcendental (but the CE's softmax at
+// temperature 1 when T != 1).
+template <typename S, typename T, int kKind>
+FL_VECTOR_CLONES void fused_rows(const KdArgs& a, int64_t begin, int64_t end) {
+  const int V = a.vocab;
+  const auto k = a.coefs;
+  const float g_dz = k.d_scale * k.c; // (g d_scale c) at g = 1, as distill_grad
+  constexpr bool kKeepsE = kKind != flm::kDistillForwardKL;
+  thread_local std::vector<float> scratch;
+  if (kKeepsE && scratch.size() < 2 * size_t(V)) {
+    scratch.resize(2 * size_t(V));
+  }
+  for (int64_t r = begin; r < end; ++r) {
+    float* stats_out = a.stats + r * flm::kDistillStats;
+    S* dx = static_cast<S*>(a.grad) + r * V;
+    int64_t y = row_class(a, r);
+    if (y < 0) {
+      bool bad = y == cpu::kOutOfRangeRow;
+      a.loss[r] = bad ? flm::kNaN : 0.0f;
+      store_stats(stats_out, flm::distill_masked_stats(bad));
+      cpu::fill_masked_row(dx, V, y);
+      continue;
+    }
+    const S* s = static_cast<const S*>(a.student) + r * V;
+    const T* t = static_cast<const T*>(a.teacher) + r * V;
+    flm::DistillStats st = a.ce_own_sum ? row_lse<true>(a, s, t) : row_lse<false>(a, s, t);
+    // Read before any element is overwritten (dx may be s).
+    const float s_y = k.alpha != 0.0f ? cpu::to_float(s[y]) : 0.0f;
+    const float t_y = k.alpha != 0.0f ? cpu::to_float(t[y]) : 0.0f;
+    float* q_keep = scratch.data();
+    float* u_keep = q_keep + V;
+    float d = 0.0f, e = 0.0f;
+    float sbuf[kBuf<S>], tbuf[kBuf<T>], gbuf[kBuf<S>];
+    cpu::for_each_chunk(V, [&](int64_t c0, int n) FL_LAMBDA_INLINE {
+      cpu::prefetch_chunk(s, c0 + kChunk, V);
+      cpu::prefetch_chunk(t, c0 + kChunk, V);
+      const float* sv = cpu::chunk_as_float(s + c0, n, sbuf);
+      const float* tv = cpu::chunk_as_float(t + c0, n, tbuf);
+      float dd = 0.0f, ee = 0.0f;
+      if constexpr (kKind == flm::kDistillForwardKL) {
+        float* gv = cpu::chunk_out(dx + c0, gbuf);
+        FL_SIMD_REDUCE(reduction(+ : dd))
+        for (int i = 0; i < n; ++i) {
+          float lq = flm::scaled_log_prob(sv[i], st.s_ref, st.s_log, k.c);
+          float lp = flm::scaled_log_prob(tv[i], st.t_ref, st.t_log, k.c);
+          float q = flm::exp_nonpos_f32(lq);
+          float p = flm::exp_nonpos_f32(lp);
+          dd += flm::weighted(p, lp - lq);
+          float grad = g_dz * (q - p);
+          if (k.alpha != 0.0f) {
+            grad += k.alpha * flm::exp_nonpos_f32((sv[i] - st.s_ref) - st.ce_log);
+          }
+          gv[i] = grad;
+        }
+        cpu::store_chunk(gv, n, dx + c0);
+      } else {
+        float* qv = q_keep + c0;
+        float* uv = u_keep + c0;
+        FL_SIMD_REDUCE(reduction(+ : dd, ee))
+        for (int i = 0; i < n; ++i) {
+          float lq = flm::scaled_log_prob(sv[i], st.s_ref, st.s_log, k.c);
+          float lp = flm::scaled_log_prob(tv[i], st.t_ref, st.t_log, k.c);
+          float q = flm::exp_nonpos_f32(lq);
+          float u, term;
+          if constexpr (kKind == flm::kDistillReverseKL) {
+            u = lq - lp;
+            term = flm::weighted(q, u);
+            dd += term;
+          } else {
+            float p = flm::exp_nonpos_f32(lp);
+            float lm = flm::log_f32(k.beta * p + (1.0f - k.beta) * q);
+            u = lq - lm;
+            term = flm::weighted(q, u);
+            dd += k.beta * flm::weighted(p, lp - lm) + (1.0f - k.beta) * term;
+          }
+          ee += term;
+          qv[i] = q;
+          uv[i] = u;
+        }
+      }
+      d += dd;
+      e += ee;
+    });
+    st.e_q = kKeepsE ? e : 0.0f;
+    a.loss[r] = flm::distill_row_loss(d, k, st, s_y);
+    store_stats(stats_out, st);
+    // The class's entry, from its logits (saved above): the same value
+    // backward_rows gives it.
+    const float d_y = k.alpha != 0.0f ? flm::distill_grad_target(
+                                            flm::distill_grad<kKind>(s_y, t_y, st, k, 1.0f), k, 1.0f)
+                                      : 0.0f;
+    if constexpr (kKeepsE) {
+      cpu::for_each_chunk(V, [&](int64_t c0, int n) FL_LAMBDA_INLINE {
+        const float* sv = cpu::chunk_as_float(s + c0, n, sbuf);
+        const float* qv = q_keep + c0;
+        const float* uv = u_keep + c0;
+        float* gv = cpu::chunk_out(dx + c0, gbuf);
+        FL_SIMD
+        for (int i = 0; i < n; ++i) {
+          float dz = flm::weighted(qv[i], uv[i] - e);
+          if constexpr (kKind == flm::kDistillJSD) {
+            dz = (1.0f - k.beta) * dz;
+          }
+          float grad = g_dz * dz;
+          if (k.alpha != 0.0f) {
+            grad += k.alpha * flm::exp_nonpos_f32((sv[i] - st.s_ref) - st.ce_log);
+          }
+          gv[i] = grad;
+        }
+        cpu::store_chunk(gv, n, dx + c0);
+      });
+    }
+    if (k.alpha != 0.0f) {
+      dx[y] = cpu::from_float<S>(d_y);
+    }
+  }
+}
+
+template <typename S, typename T, int kKind>
+cpu::DistillRowsFn pick_pass(cpu::DistillPass pass) {
+  switch (pass) {
+    case cpu::DistillPass::kForward:
+      return forward_rows<S, T, kKind>;
+    case cpu::DistillPass::kBackward:
+      return backward_rows<S, T, kKind>;
+    default:
+      return fused_rows<S, T, kKind>;
+  }
+}
+
 template <typename S, typename T>
-cpu::DistillRowsFn pick_kind(int kind, bool backward) {
+cpu::DistillRowsFn pick_kind(int kind, cpu::DistillPass pass) {
   switch (kind) {
     case flm::kDistillForwardKL:
-      return backward ? backward_rows<S, T, flm::kDistillForwardKL>
-                      : forward_rows<S, T, flm::kDistillForwardKL>;
+      return pick_pass<S, T, flm::kDistillForwardKL>(pass);
     case flm::kDistillReverseKL:
-      return backward ? backward_rows<S, T, flm::kDistillReverseKL>
-                      : forward_rows<S, T, flm::kDistillReverseKL>;
+      return pick_pass<S, T, flm::kDistillReverseKL>(pass);
     default:
-      return backward ? backward_rows<S, T, flm::kDistillJSD> : forward_rows<S, T, flm::kDistillJSD>;
+      return pick_pass<S, T, flm::kDistillJSD>(pass);
   }
 }
 
@@ -197,7 +334,8 @@ KdArgs make_args(const std::vector<mx::array>& inputs, const DistillParams& p) {
 }
 
 cpu::DistillRowsFn pick(mx::Dtype student, mx::Dtype teacher, int kind, bool backward) {
-  return cpu::distill_rows_fn(student, teacher, kind, backward);
+  return cpu::distill_rows_fn(student, teacher, kind,
+                              backward ? cpu::DistillPass::kBackward : cpu::DistillPass::kForward);
 }
 
 } // namespace
@@ -217,11 +355,11 @@ DistillRows distill_rows(const DistillParams& p, int64_t rows, int vocab) {
   return a;
 }
 
-DistillRowsFn distill_rows_fn(mx::Dtype student, mx::Dtype teacher, int kind, bool backward) {
+DistillRowsFn distill_rows_fn(mx::Dtype student, mx::Dtype teacher, int kind, DistillPass pass) {
   DistillRowsFn fn = nullptr;
   dispatch_float(student, [&](auto s0) {
     dispatch_float(teacher, [&](auto t0) {
-      fn = pick_kind<decltype(s0), decltype(t0)>(kind, backward);
+      fn = pick_kind<decltype(s0), decltype(t0)>(kind, pass);
     });
   });
   return fn;

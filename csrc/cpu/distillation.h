@@ -29,7 +29,8 @@ struct DistillRows {
   float* stats;
   // backward: the saved stats, the per-row cotangent, the gradient (student's
   // dtype, [rows, V]; may be the student's own buffer: element i is written
-  // from element i only)
+  // after the row's last read of element i). kFused writes loss, stats and
+  // grad (its cotangent is 1).
   const float* stats_in;
   const float* g_loss;
   void* grad;
@@ -38,9 +39,17 @@ struct DistillRows {
 // The params' coefficients filled in; pointers left null.
 DistillRows distill_rows(const DistillParams& p, int64_t rows, int vocab);
 
+// What a row kernel computes:
+//   kForward   loss and stats;
+//   kBackward  the gradient from the saved stats and the per-row cotangent;
+//   kFused     loss, stats and the gradient for a unit cotangent, in one visit
+//              of the row (gradients in the forward: every transcendental of
+//              an element computed once, for its term and its gradient).
+enum class DistillPass { kForward, kBackward, kFused };
+
 // The kernel over rows [begin, end) for the student's and the teacher's dtypes.
 using DistillRowsFn = void (*)(const DistillRows&, int64_t, int64_t);
 DistillRowsFn distill_rows_fn(mlx::core::Dtype student, mlx::core::Dtype teacher, int kind,
-                              bool backward);
+                              DistillPass pass);
 
 } // namespace fl::cpu

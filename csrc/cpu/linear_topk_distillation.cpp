@@ -3,9 +3,14 @@
 // offline teacher"): the chunked-head driver with the student's head, and per
 // row of a chunk's float32 logits: the student's scaled log-sum-exp (and the
 // CE's at temperature 1), then the k teacher pairs (forward); dZ in place
-// (backward): P q_j for every class, then -p_i at each teacher id.
+// (backward): P q_j for every class, then -p_i at each teacher id. With
+// gradients in the forward (requested by the vjp) each row's forward is
+// followed at once by its dZ for a unit cotangent, while the row is in cache.
+#include <vector>
+
 #include "cpu/linear_distillation.h"
 
+#include "cpu/distillation.h"
 #include "cpu/output_buffer.h"
 #include "cpu/row_reduce.h"
 #include "cpu/vectorize.h"
@@ -28,7 +33,7 @@ struct LtArgs {
   float* loss;
   float* stats;
   const float* stats_in;
-  const float* g;
+  const float* g; // per-row cotangents, or null: 1 (gradients in the forward)
 };
 
 // The row's class (0 without targets) or cpu::kIgnoredRow / kOutOfRangeRow;
@@ -131,7 +136,7 @@ FL_VECTOR_CLONES void backward_rows(const LtArgs& a, float* zc, int64_t row0, in
     }
     const float* sp = a.stats_in + row * flm::kDistillStats;
     const float s_ref = sp[0], s_log = sp[1], mass = sp[2], t_lse = sp[3], ce_log = sp[5];
-    const float g = a.g[row];
+    const float g = a.g ? a.g[row] : 1.0f;
     const float coef_q = g * a.k.d_scale * c * mass;
     const float coef_ce = g * a.k.alpha;
     if (coef_ce != 0.0f) {
@@ -185,16 +190,23 @@ LtCall make_call(const std::vector<mx::array>& inputs, const LinearTopkParams& p
   return c;
 }
 
-void run(const LtCall& c, bool backward) {
+// pass: kForward, kBackward or kFused (each row's forward, then its dZ for
+// g = 1 from the stats just written).
+void run(const LtCall& c, cpu::DistillPass pass) {
   const LtArgs a = c.args;
   cpu::run_chunked_head(c.call, [&](const cpu::HeadChunk& ch) {
     ch.for_rows([&](int64_t b, int64_t e) {
-      if (backward) {
-        backward_rows(a, ch.z, ch.row0, b, e);
-      } else if (a.own_ce) {
-        forward_rows<true>(a, ch.z, ch.row0, b, e);
-      } else {
-        forward_rows<false>(a, ch.z, ch.row0, b, e);
+      for (int64_t i = b; i < e; ++i) {
+        if (pass != cpu::DistillPass::kBackward) {
+          if (a.own_ce) {
+            forward_rows<true>(a, ch.z, ch.row0, i, i + 1);
+          } else {
+            forward_rows<false>(a, ch.z, ch.row0, i, i + 1);
+          }
+        }
+        if (pass != cpu::DistillPass::kForward) {
+          backward_rows(a, ch.z, ch.row0, i, i + 1);
+        }
       }
     });
   });
@@ -203,13 +215,27 @@ void run(const LtCall& c, bool backward) {
 } // namespace
 
 void LinearTopkDistill::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-  for (auto& out : outputs) {
-    cpu::allocate(out);
-  }
+  cpu::allocate(outputs[0]);
+  cpu::allocate(outputs[1]);
+  auto grads = cpu::fused_grad_outputs(outputs, params_.grad_hidden, params_.grad_weight, requested);
+  const bool fused = grads[0] || grads[1];
   LtCall c = make_call(inputs, params_);
-  c.args.loss = outputs[0].data<float>();
+  c.call.grads.d_hidden = grads[0];
+  c.call.grads.d_weight = grads[1];
   c.args.stats = outputs[1].data<float>();
-  cpu::run_on_stream(stream(), inputs, outputs, [c]() { run(c, false); });
+  c.args.stats_in = c.args.stats; // the fused pass reads the row's stats back
+  c.args.g = nullptr;
+  float* loss_out = outputs[0].data<float>();
+  const bool sum_rows = params_.sum_rows;
+  const auto pass = fused ? cpu::DistillPass::kFused : cpu::DistillPass::kForward;
+  cpu::run_on_stream(stream(), inputs, outputs, [c, loss_out, sum_rows, pass]() mutable {
+    std::vector<float> per_row(sum_rows ? size_t(c.call.rows) : 0);
+    c.args.loss = sum_rows ? per_row.data() : loss_out;
+    run(c, pass);
+    if (sum_rows) {
+      cpu::sum_loss_rows(per_row, loss_out);
+    }
+  });
 }
 
 void LinearTopkDistillVJP::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
@@ -223,7 +249,7 @@ void LinearTopkDistillVJP::eval_cpu(const std::vector<mx::array>& inputs, std::v
   size_t k = 0;
   c.call.grads.d_hidden = params_.grad_hidden ? outputs[k++].data<float>() : nullptr;
   c.call.grads.d_weight = params_.grad_weight ? outputs[k++].data<float>() : nullptr;
-  cpu::run_on_stream(stream(), inputs, outputs, [c]() { run(c, true); });
+  cpu::run_on_stream(stream(), inputs, outputs, [c]() { run(c, cpu::DistillPass::kBackward); });
 }
 
 } // namespace fl

@@ -70,14 +70,12 @@ HeadQuant check_head(const HeadArgs& h, const char* who, std::vector<mx::array>&
 namespace {
 
 std::vector<mx::array> make_forward(std::vector<mx::array> inputs, const LinearDistillParams& p,
-                                    mx::StreamOrDevice s) {
+                                    std::array<bool, 2> requested, mx::StreamOrDevice s) {
   auto L = ld_inputs(p);
   for (int i : {L.s_hidden, L.t_hidden}) {
     inputs[i] = dense(inputs[i], s);
   }
-  return mx::array::make_arrays(student_head::forward_shapes(inputs[L.s_hidden]),
-                                {mx::float32, mx::float32},
-                                std::make_shared<LinearDistill>(mx::to_stream(s), p), inputs);
+  return student_head::make_forward<LinearDistill>(inputs, p, L, requested, s);
 }
 
 } // namespace
@@ -117,7 +115,8 @@ mx::array linear_distill_loss(const HeadArgs& student, const HeadArgs& teacher,
                               float beta, float temperature, float alpha,
                               bool scale_by_temperature_squared,
                               std::optional<int64_t> ignore_index,
-                              std::optional<int64_t> chunk_bytes, mx::StreamOrDevice s) {
+                              std::optional<int64_t> chunk_bytes, bool sum_rows, bool fuse_grads,
+                              mx::StreamOrDevice s) {
   s = kernel_stream(s, false); // no Metal kernels yet: the CPU stream, on a Mac too
   LinearDistillParams p;
   std::vector<mx::array> inputs;
@@ -149,11 +148,13 @@ mx::array linear_distill_loss(const HeadArgs& student, const HeadArgs& teacher,
   if (chunk_bytes) {
     p.chunk_bytes = *chunk_bytes;
   }
-  return make_forward(inputs, p, s)[0];
+  p.sum_rows = sum_rows;
+  student_head::declare_grads(p, student.hidden, student.weight, fuse_grads);
+  return make_forward(inputs, p, {}, s)[0];
 }
 
 std::vector<mx::Shape> LinearDistill::output_shapes(const std::vector<mx::array>& inputs) {
-  return student_head::forward_shapes(inputs[ld_inputs(params_).s_hidden]);
+  return student_head::forward_shapes(inputs, params_, ld_inputs(params_));
 }
 
 std::vector<mx::Shape> LinearDistillVJP::output_shapes(const std::vector<mx::array>& inputs) {
@@ -164,15 +165,17 @@ std::vector<mx::array> LinearDistill::vjp(const std::vector<mx::array>& primals,
                                           const std::vector<mx::array>& cotangents,
                                           const std::vector<int>& argnums,
                                           const std::vector<mx::array>& outputs) {
-  return student_head::vjp<LinearDistillVJP>("linear_distillation_loss", params_,
+  return student_head::vjp<LinearDistillVJP>("linear_distillation_loss", *this, params_,
                                              ld_inputs(params_), primals, cotangents, argnums,
                                              outputs, stream());
 }
 
 std::pair<std::vector<mx::array>, std::vector<int>> LinearDistill::vmap(
     const std::vector<mx::array>& inputs, const std::vector<int>& axes) {
-  // Vmapped hiddens and targets only: the batch's rows are more rows of one
-  // call. A vmapped head: one call per example (vmap_slices.h).
+  // Vmapped hiddens and targets only, per-row losses and no declared
+  // gradients: the batch's rows are more rows of one call. Otherwise (a
+  // vmapped head, a loss summed over rows, gradients summed over them): one
+  // call per example (vmap_slices.h).
   auto L = ld_inputs(params_);
   std::vector<bool> per_row(inputs.size(), false);
   per_row[L.s_hidden] = per_row[L.t_hidden] = true;
@@ -185,12 +188,14 @@ std::pair<std::vector<mx::array>, std::vector<int>> LinearDistill::vmap(
   }
   auto s = stream();
   auto p = params_;
-  if (heads_mapped) {
+  auto asked = requested;
+  if (heads_mapped || p.sum_rows || p.grad_hidden || p.grad_weight) {
     return vmap_by_slices(
-        inputs, axes, [&](const std::vector<mx::array>& in) { return make_forward(in, p, s); }, s);
+        inputs, axes, [&](const std::vector<mx::array>& in) { return make_forward(in, p, asked, s); },
+        s);
   }
   auto moved = vmap_to_front(inputs, axes, per_row, s);
-  return {make_forward(moved, params_, s), {0, 0}};
+  return {make_forward(moved, params_, asked, s), {0, 0}};
 }
 
 std::pair<std::vector<mx::array>, std::vector<int>> LinearDistillVJP::vmap(

@@ -13,17 +13,21 @@
 //     quantized one as mx.quantize returns it (any mode, bits, group size;
 //     scales, affine biases, nvfp4's global scale), the same V;
 //   targets [...]: class indices, for ignore_index and alpha.
-// Saved for the backward: the logits primitive's per-row stats (O(N)). The
-// backward recomputes each chunk's logits of both heads, forms dZ in place
-// (cpu/distillation.h's backward rows) and the driver turns it into
-// d student_hidden = dZ W_s and d student_weight = dZ^T H_s (float32
-// accumulation). The teacher gets no gradient (zeros); a quantized student
-// weight has none either (asking for it raises).
+// Saved for the backward: the logits primitive's per-row stats (O(N)).
+// Gradients (ops/student_head_grads.h): a loss summed over rows forms them in
+// the forward, each chunk's logits of both heads computed once (dZ in place
+// by cpu/distillation.h's fused rows, for a unit cotangent); otherwise the
+// backward recomputes each chunk's logits of both heads and forms dZ in place
+// from the saved stats (cpu/distillation.h's backward rows). Either way the
+// driver turns dZ into d student_hidden = dZ W_s and d student_weight =
+// dZ^T H_s (float32 accumulation). The teacher gets no gradient (zeros); a
+// quantized student weight has none either (asking for it raises).
 #pragma once
 
 #include "ops/common.h"
 #include "ops/distillation.h"
 #include "ops/linear_cross_entropy.h"
+#include "ops/student_head_grads.h"
 
 namespace fl {
 
@@ -48,7 +52,9 @@ struct LinearDistillParams {
   HeadQuant student;
   HeadQuant teacher;
   int64_t chunk_bytes = kLceDefaultChunkBytes;
-  // Backward: the gradients asked for (student hidden, student weight).
+  bool sum_rows = false; // the loss output is the float32 sum over rows (a scalar)
+  // Forward: the gradients declared (student hidden, student weight; unit
+  // cotangent of the summed loss); backward: those asked for.
   bool grad_hidden = false;
   bool grad_weight = false;
 
@@ -82,19 +88,24 @@ struct LdInputs {
 };
 LdInputs ld_inputs(const LinearDistillParams& p);
 
-// Per-row float32 loss (the hiddens' leading shape).
+// The float32 loss: per row (the hiddens' leading shape), or its sum over
+// rows (a scalar) with `sum_rows`, whose gradients the forward forms when
+// `fuse_grads` (ops/student_head_grads.h; false: always the backward).
 mx::array linear_distill_loss(const HeadArgs& student, const HeadArgs& teacher,
                               const std::optional<mx::array>& targets, const std::string& kind,
                               float beta, float temperature, float alpha,
                               bool scale_by_temperature_squared,
                               std::optional<int64_t> ignore_index,
-                              std::optional<int64_t> chunk_bytes, mx::StreamOrDevice s = {});
+                              std::optional<int64_t> chunk_bytes, bool sum_rows = false,
+                              bool fuse_grads = true, mx::StreamOrDevice s = {});
 
-// Forward: outputs loss [rows] and stats [rows, kDistillStats] (float32).
+// Forward: outputs loss ([rows], or [] with sum_rows), stats [rows,
+// kDistillStats], then the declared gradients (float32; student_head_grads.h).
 class LinearDistill : public LossPrimitive<LinearDistillParams> {
  public:
   FL_LOSS_PRIMITIVE("FusedLinearDistill")
   FL_VJP
+  FL_STUDENT_HEAD_FORWARD(LinearDistill)
 };
 
 // Backward: inputs the forward's, stats, g (float32 [rows]); outputs float32

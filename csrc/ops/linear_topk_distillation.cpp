@@ -9,14 +9,12 @@ namespace fl {
 namespace {
 
 std::vector<mx::array> make_forward(std::vector<mx::array> inputs, const LinearTopkParams& p,
-                                    mx::StreamOrDevice s) {
+                                    std::array<bool, 2> requested, mx::StreamOrDevice s) {
   auto L = lt_inputs(p);
   for (int i : {L.s_hidden, L.ids, L.values}) {
     inputs[i] = dense(inputs[i], s);
   }
-  return mx::array::make_arrays(student_head::forward_shapes(inputs[L.s_hidden]),
-                                {mx::float32, mx::float32},
-                                std::make_shared<LinearTopkDistill>(mx::to_stream(s), p), inputs);
+  return student_head::make_forward<LinearTopkDistill>(inputs, p, L, requested, s);
 }
 
 std::vector<mx::array> make_backward(const std::vector<mx::array>& in, const LinearTopkParams& p,
@@ -51,7 +49,8 @@ mx::array linear_topk_distill_loss(const HeadArgs& student, const mx::array& tea
                                    const std::optional<mx::array>& targets, float temperature,
                                    bool renormalize, float alpha, bool scale_by_temperature_squared,
                                    std::optional<int64_t> ignore_index,
-                                   std::optional<int64_t> chunk_bytes, mx::StreamOrDevice s) {
+                                   std::optional<int64_t> chunk_bytes, bool sum_rows,
+                                   bool fuse_grads, mx::StreamOrDevice s) {
   s = kernel_stream(s, false); // no Metal kernels yet: the CPU stream, on a Mac too
   LinearTopkParams p;
   std::vector<mx::array> inputs;
@@ -91,11 +90,13 @@ mx::array linear_topk_distill_loss(const HeadArgs& student, const mx::array& tea
   if (chunk_bytes) {
     p.chunk_bytes = *chunk_bytes;
   }
-  return make_forward(inputs, p, s)[0];
+  p.sum_rows = sum_rows;
+  student_head::declare_grads(p, student.hidden, student.weight, fuse_grads);
+  return make_forward(inputs, p, {}, s)[0];
 }
 
 std::vector<mx::Shape> LinearTopkDistill::output_shapes(const std::vector<mx::array>& inputs) {
-  return student_head::forward_shapes(inputs[lt_inputs(params_).s_hidden]);
+  return student_head::forward_shapes(inputs, params_, lt_inputs(params_));
 }
 
 std::vector<mx::Shape> LinearTopkDistillVJP::output_shapes(const std::vector<mx::array>& inputs) {
@@ -106,7 +107,7 @@ std::vector<mx::array> LinearTopkDistill::vjp(const std::vector<mx::array>& prim
                                               const std::vector<mx::array>& cotangents,
                                               const std::vector<int>& argnums,
                                               const std::vector<mx::array>& outputs) {
-  return student_head::vjp<LinearTopkDistillVJP>("linear_topk_distillation_loss", params_,
+  return student_head::vjp<LinearTopkDistillVJP>("linear_topk_distillation_loss", *this, params_,
                                                  lt_inputs(params_), primals, cotangents, argnums,
                                                  outputs, stream());
 }
@@ -115,8 +116,10 @@ std::pair<std::vector<mx::array>, std::vector<int>> LinearTopkDistill::vmap(
     const std::vector<mx::array>& inputs, const std::vector<int>& axes) {
   auto s = stream();
   auto p = params_;
+  auto asked = requested;
   return vmap_by_slices(
-      inputs, axes, [&](const std::vector<mx::array>& in) { return make_forward(in, p, s); }, s);
+      inputs, axes, [&](const std::vector<mx::array>& in) { return make_forward(in, p, asked, s); },
+      s);
 }
 
 std::pair<std::vector<mx::array>, std::vector<int>> LinearTopkDistillVJP::vmap(

@@ -6,7 +6,8 @@
 // top-k, and gradient: math/distillation.h ("an offline teacher"); with
 // `alpha`, the hard-label CE mixed in as for the other distillation losses.
 // An id outside [0, V) makes its row NaN. Gradients: student_hidden and a
-// dense student_weight; the ids, values and targets get none (zeros).
+// dense student_weight; the ids, values and targets get none (zeros). A loss
+// summed over rows forms them in the forward (ops/student_head_grads.h).
 #pragma once
 
 #include "ops/linear_distillation.h"
@@ -18,6 +19,9 @@ struct LinearTopkParams {
   bool renormalize = false;
   HeadQuant student;
   int64_t chunk_bytes = kLceDefaultChunkBytes;
+  bool sum_rows = false; // the loss output is the float32 sum over rows (a scalar)
+  // Forward: the gradients declared; backward: those asked for
+  // (ops/student_head_grads.h).
   bool grad_hidden = false;
   bool grad_weight = false;
 
@@ -38,13 +42,16 @@ mx::array linear_topk_distill_loss(const HeadArgs& student, const mx::array& tea
                                    const std::optional<mx::array>& targets, float temperature,
                                    bool renormalize, float alpha, bool scale_by_temperature_squared,
                                    std::optional<int64_t> ignore_index,
-                                   std::optional<int64_t> chunk_bytes, mx::StreamOrDevice s = {});
+                                   std::optional<int64_t> chunk_bytes, bool sum_rows = false,
+                                   bool fuse_grads = true, mx::StreamOrDevice s = {});
 
-// Forward: loss [rows], stats [rows, kDistillStats] (float32).
+// Forward: loss ([rows], or [] with sum_rows), stats [rows, kDistillStats],
+// then the declared gradients (float32; ops/student_head_grads.h).
 class LinearTopkDistill : public LossPrimitive<LinearTopkParams> {
  public:
   FL_LOSS_PRIMITIVE("FusedLinearTopkDistill")
   FL_VJP
+  FL_STUDENT_HEAD_FORWARD(LinearTopkDistill)
 };
 
 // Backward: the forward's inputs, stats, g; float32 d student_hidden and/or

@@ -64,6 +64,19 @@ def _reduce_rows(loss, reduction, weights, targets, ignore_index, result_dtype):
     return _finish(loss, reduction, result_dtype, count)
 
 
+def _reduce_summed(total, reduction, per_row, targets, ignore_index, result_dtype):
+    """The float32 sum over rows that a fused linear loss returned with
+    ``sum_rows=True`` (its gradients then formed in the forward): "sum" as
+    is, "mean" over the kept rows (``per_row``: an array [..., X] with one
+    entry of X per row; counted when the graph runs, so that a shapeless
+    compile freezes no size), cast."""
+    count = None
+    if reduction == "mean":
+        count = (_kept_rows(targets, ignore_index) if targets is not None
+                 else _ext.element_count(per_row, axes=list(range(per_row.ndim - 1))))
+    return _finish(total, reduction, result_dtype, count)
+
+
 def _distill(kind, student_logits, teacher_logits, beta, temperature, reduction, ignore_index,
              targets, weights, alpha, scale_by_temperature_squared, dtype, stream):
     student_logits = _as_array(student_logits, "student_logits")
@@ -242,6 +255,10 @@ def linear_distillation_loss(
     if chunk_bytes is not None:
         chunk_bytes = _int_option(chunk_bytes, "chunk_bytes")
     result_dtype = _result_dtype(dtype, arrays["student_hidden"].dtype)
+    # A loss reduced to a scalar without per-row weights has one cotangent for
+    # every row: the kernel sums the rows and forms the gradients in the
+    # forward (both heads' logits once per chunk).
+    sum_rows = reduction != "none" and weights is None
     loss = _ext.linear_distill_loss(
         arrays["student_hidden"], arrays["student_weight"], arrays["teacher_hidden"],
         arrays["teacher_weight"], targets, kind=kind, beta=beta, temperature=temperature,
@@ -254,8 +271,11 @@ def linear_distillation_loss(
         teacher_scales=teacher_scales, teacher_biases=teacher_biases,
         teacher_group_size=_int_option(teacher_group_size, "teacher_group_size"),
         teacher_bits=_int_option(teacher_bits, "teacher_bits"), teacher_mode=teacher_mode,
-        teacher_global_scale=teacher_global_scale, stream=stream,
+        teacher_global_scale=teacher_global_scale, sum_rows=sum_rows, stream=stream,
     )
+    if sum_rows:
+        return _reduce_summed(loss, reduction, arrays["student_hidden"], targets, ignore_index,
+                              result_dtype)
     return _reduce_rows(loss, reduction, weights, targets, ignore_index, result_dtype)
 
 
@@ -315,6 +335,7 @@ def linear_topk_distillation_loss(
     if chunk_bytes is not None:
         chunk_bytes = _int_option(chunk_bytes, "chunk_bytes")
     result_dtype = _result_dtype(dtype, student_hidden.dtype)
+    sum_rows = reduction != "none" and weights is None  # as linear_distillation_loss
     loss = _ext.linear_topk_distill_loss(
         student_hidden, student_weight, teacher_ids, teacher_logprobs, targets,
         temperature=temperature, renormalize=renormalize, alpha=alpha,
@@ -322,6 +343,8 @@ def linear_topk_distillation_loss(
         chunk_bytes=chunk_bytes, student_scales=student_scales, student_biases=student_biases,
         student_group_size=_int_option(student_group_size, "student_group_size"),
         student_bits=_int_option(student_bits, "student_bits"), student_mode=student_mode,
-        student_global_scale=student_global_scale, stream=stream,
+        student_global_scale=student_global_scale, sum_rows=sum_rows, stream=stream,
     )
+    if sum_rows:
+        return _reduce_summed(loss, reduction, teacher_ids, targets, ignore_index, result_dtype)
     return _reduce_rows(loss, reduction, weights, targets, ignore_index, result_dtype)
