@@ -17,6 +17,10 @@ same tolerance. PyTorch's LinearCrossEntropyOptions (chunk sizes, chunking
 method, accumulation dtype) steer its memory and speed, not the value: the
 cases that set them run here like the others.
 
+PyTorch's bad-input cases of these losses (its module_error_inputs and
+OpInfo error_inputs) must raise TypeError or ValueError here too
+(test_bad_input_case).
+
 A case runs when we have the loss and every option it uses with PyTorch's
 meaning; otherwise it is counted, with the reason, in
 test_cases_that_cannot_run (the counts are asserted: a new PyTorch release or
@@ -64,6 +68,9 @@ REASONS = {
                                  "the element count); ours are per row",
     "KL batchmean of 1-D": "PyTorch's batchmean of a 1-D input divides by the class count",
     "mean over nothing": "every row ignored under 'mean': PyTorch NaN, ours 0 by design (README)",
+    "bad input": "a bad-input case: test_bad_input_case runs it",
+    "leading axes are batch axes here": "PyTorch rejects a 3-D linear CE input; ours takes "
+                                        "hidden [..., H] (checked to give a loss)",
 }
 
 
@@ -374,9 +381,27 @@ def variants(case):
     return out
 
 
+def _accepts_leading_axes(case):
+    """PyTorch's linear CE takes a 1-D or 2-D input and its error samples
+    include a 3-D one; ours takes hidden [..., H] (any leading axes)."""
+    return case["peer"].startswith("nn.functional.linear_cross_entropy") and \
+        len(parse(case["args"][0])[1]) > 2
+
+
 def plan(case, dtype="float32"):
     """(ours, float64 inputs, expected loss, expected gradients), or the
     CannotRun that says why not."""
+    if case["src"].endswith("_error"):
+        if "args" not in case:
+            return CannotRun("no counterpart")
+        if _accepts_leading_axes(case):
+            def check():  # the input's shape with matching targets: a loss
+                d = Inputs(case_rng(case, "float32"), mx.float32)
+                h, W = (d.arr(d(a)) for a in case["args"][:2])
+                t = mx.array(d.rng.integers(0, W.shape[0], size=h.shape[:-1]))
+                assert np.isfinite(fl.linear_cross_entropy(h, W, t).item())
+            return CannotRun("leading axes are batch axes here", check)
+        return CannotRun("bad input")
     runner = RUNNERS.get(case["peer"])
     if runner is None:
         return CannotRun("no counterpart")
@@ -417,6 +442,91 @@ def test_case(case, dtype, tol):
         _close(to64(g), gw, tol, f"gradient of argument {k}")
 
 
+# ---- PyTorch's bad-input cases: ours must raise TypeError or ValueError ----
+def _value(v):
+    """An option of a bad-input case: a tensor drawn, a complex from its repr."""
+    if isinstance(v, dict) and "repr" in v:
+        return complex(v["repr"])
+    return v
+
+
+def _bad_args(case, d):
+    return [d.arr(a) if a.dtype == np.float64 else mx.array(a)
+            for a in (d(desc) for desc in case["args"])]
+
+
+def bad_cross_entropy_module(case, d):
+    o = {k: _value(v) for k, v in case["opts"].items()}
+    x, t = _bad_args(case, d)
+    w = o.get("weight")
+    criterion = fl.nn.CrossEntropyLoss(
+        label_smoothing=o.get("label_smoothing", 0.0), ignore_index=o.get("ignore_index", -100),
+        class_weights=None if w is None else d.arr(d(w)), axis=1 if x.ndim >= 2 else 0)
+    return criterion(x, t)
+
+
+def bad_huber_module(case, d):
+    return fl.nn.HuberLoss(delta=_value(case["opts"]["delta"]))
+
+
+def bad_linear_cross_entropy_module(case, d):
+    in_features, num_classes = case["ctor_args"]
+    o = case["opts"]
+    h, t = _bad_args(case, d)
+    W = d.arr(d(f"T:float32[{num_classes},{in_features}] uniform -0.5 0.5"))
+    w = o.get("weight")
+    return fl.linear_cross_entropy(h, W, t, label_smoothing=o.get("label_smoothing", 0.0),
+                                   class_weights=None if w is None else d.arr(d(w)))
+
+
+def bad_linear_cross_entropy(case, d):
+    o = case["opts"]
+    h, W, t = _bad_args(case, d)
+    if mx.issubdtype(t.dtype, mx.floating) and t.shape != (*h.shape[:-1], W.shape[0]):
+        # PyTorch's error samples draw every target as floats; where they are
+        # not probabilities, class indices keep the case about its defect
+        t = mx.array(d.rng.integers(0, W.shape[0], size=t.shape))
+    b = o.get("linear_bias")
+    return fl.linear_cross_entropy(h, W, t, None if b is None else d.arr(d(b)),
+                                   ignore_index=o.get("ignore_index"))
+
+
+def bad_l1(case, d):
+    x, t = _bad_args(case, d)
+    return fl.smooth_l1_loss(x, t, beta=0.0, reduction=case["opts"].get("reduction", "mean"))
+
+
+def bad_huber(case, d):
+    x, t = _bad_args(case, d)
+    o = case["opts"]
+    return fl.huber_loss(x, t, delta=o.get("delta", 1.0), reduction=o.get("reduction", "mean"))
+
+
+BAD_INPUT_RUNNERS = {
+    ("module_error", "torch.nn.CrossEntropyLoss"): bad_cross_entropy_module,
+    ("module_error", "torch.nn.HuberLoss"): bad_huber_module,
+    ("module_error", "torch.nn.LinearCrossEntropyLoss"): bad_linear_cross_entropy_module,
+    ("opinfo_error", "nn.functional.linear_cross_entropy"): bad_linear_cross_entropy,
+    ("opinfo_error", "nn.functional.linear_cross_entropy.chunked"): bad_linear_cross_entropy,
+    ("opinfo_error", "nn.functional.linear_cross_entropy.chunked_none"): bad_linear_cross_entropy,
+    ("opinfo_error", "nn.functional.l1_loss"): bad_l1,
+    ("opinfo_error", "nn.functional.huber_loss"): bad_huber,
+}
+
+
+BAD_INPUTS = [c for c in CASES if (c["src"], c["peer"]) in BAD_INPUT_RUNNERS
+              and not _accepts_leading_axes(c)]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=case_id)
+def test_bad_input_case(case):
+    """PyTorch raises (its error type recorded in the table); ours raises a
+    TypeError or ValueError, before anything is evaluated."""
+    d = Inputs(case_rng(case, "float32"), mx.float32)
+    with pytest.raises((TypeError, ValueError)):
+        BAD_INPUT_RUNNERS[(case["src"], case["peer"])](case, d)
+
+
 # What cannot run, and why: per peer and source, the number of cases per
 # reason (PyTorch 2.13's cases; a table from another release, or a new option
 # here, changes them).
@@ -436,6 +546,13 @@ EXPECTED_CANNOT_RUN = {
     "opinfo nn.functional.linear_cross_entropy.chunked": {"K-dim head": 57},
     "opinfo nn.functional.linear_cross_entropy.chunked_none": {"K-dim head": 33},
     "opinfo other losses": {"no counterpart": 566},
+    "module_error other losses": {"no counterpart": 2},
+    "opinfo_error nn.functional.linear_cross_entropy": {"leading axes are batch axes here": 1},
+    "opinfo_error nn.functional.linear_cross_entropy.chunked": {
+        "leading axes are batch axes here": 1},
+    "opinfo_error nn.functional.linear_cross_entropy.chunked_none": {
+        "leading axes are batch axes here": 1},
+    "opinfo_error other losses": {"no counterpart": 40},
 }
 
 
@@ -443,13 +560,15 @@ def test_cases_that_cannot_run():
     counts = collections.defaultdict(collections.Counter)
     for c in CASES:
         p = PLANS[case_id(c)]
-        if isinstance(p, CannotRun):
+        if isinstance(p, CannotRun) and p.reason != "bad input":
             # (the losses we do not have: one count per source)
             peer = "other losses" if p.reason == "no counterpart" else c["peer"]
             counts[f"{c['src']} {peer}"][p.reason] += 1
             if p.check is not None:
                 p.check()
     assert {k: dict(v) for k, v in counts.items()} == EXPECTED_CANNOT_RUN
+    # PyTorch's bad-input cases of the losses we have (less the three above)
+    assert len(BAD_INPUTS) == 33
 
 
 def test_table_provenance():

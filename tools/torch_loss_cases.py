@@ -12,7 +12,10 @@ float32 (the criterion tests in their own default dtype):
     of a ``*Loss`` module (module_inputs_func);
   - OpInfo samples: torch/testing/_internal/common_methods_invocations.py,
     every ``nn.functional`` OpInfo of a loss (sample_inputs);
-  - criterion tests: torch/testing/_internal/common_nn.py, ``criterion_tests``.
+  - criterion tests: torch/testing/_internal/common_nn.py, ``criterion_tests``;
+  - bad inputs: the modules' module_error_inputs_func and the OpInfos'
+    error_inputs (src "module_error" / "opinfo_error", with the error PyTorch
+    raises).
 Every case of every loss is written, ours or not; which ones we can run, and
 why the others cannot, is decided by the test (our semantics live there).
 
@@ -216,12 +219,42 @@ def criterion_cases(dtypes):
                     opts={a: describe(getattr(m, a)) for a in MODULE_ATTRS if hasattr(m, a)})
 
 
+def error_cases():
+    """PyTorch's bad-input cases of its losses (module_error_inputs_func,
+    OpInfo error_inputs): the arguments and the error PyTorch raises."""
+    for mi in cm.module_db:
+        name = mi.module_cls.__name__
+        if not name.endswith("Loss") or mi.module_error_inputs_func is None:
+            continue
+        torch.manual_seed(SEED)
+        for i, err in enumerate(mi.module_error_inputs_func(
+                mi, device="cpu", dtype=torch.float32, requires_grad=False, training=True)):
+            m_in = err.module_error_input
+            ctor, fwd = m_in.constructor_input, m_in.forward_input
+            yield _case("module_error", f"torch.nn.{name}", i, m_in.desc,
+                        error=[err.error_type.__name__, err.error_on.name.lower()],
+                        ctor_args=describe(list(ctor.args)),
+                        opts={k: describe(v) for k, v in ctor.kwargs.items()
+                              if k not in ("device", "dtype")},
+                        args=describe(list(fwd.args) if fwd is not None else []))
+    for op in cmi.op_db:
+        if not _is_loss_op(op) or op.error_inputs_func is None:
+            continue
+        torch.manual_seed(SEED)
+        peer = op.name + (f".{op.variant_test_name}" if op.variant_test_name else "")
+        for i, err in enumerate(op.error_inputs("cpu")):
+            s = err.sample_input
+            yield _case("opinfo_error", peer, i, s.name or "", error=[err.error_type.__name__],
+                        args=describe([s.input, *s.args]), opts=describe(dict(s.kwargs)))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=OUT)
     args = ap.parse_args()
     dtypes, tolerances = {}, {}
-    cases = [*module_cases(dtypes, tolerances), *opinfo_cases(dtypes), *criterion_cases(dtypes)]
+    cases = [*module_cases(dtypes, tolerances), *opinfo_cases(dtypes), *criterion_cases(dtypes),
+             *error_cases()]
     root = os.path.dirname(torch.__file__)
     files = [os.path.relpath(mod.__file__, os.path.dirname(root)) for mod in (cm, cmi, cnn)]
     header = dict(peer="PyTorch", version=torch.__version__, files=files,
