@@ -67,7 +67,8 @@ REASONS = {
     "KL element-wise reduction": "PyTorch's 'none' and 'mean' are per element (the mean divides by "
                                  "the element count); ours are per row",
     "KL batchmean of 1-D": "PyTorch's batchmean of a 1-D input divides by the class count",
-    "mean over nothing": "every row ignored under 'mean': PyTorch NaN, ours 0 by design (README)",
+    "mean over nothing": "every row ignored under 'mean': PyTorch NaN, ours 0 by design (README; "
+                         "checked)",
     "bad input": "a bad-input case: test_bad_input_case runs it",
     "leading axes are batch axes here": "PyTorch rejects a 3-D linear CE input; ours takes "
                                         "hidden [..., H] (checked to give a loss)",
@@ -180,7 +181,12 @@ def run_cross_entropy(case, d):
     tm = d.arr(t) if soft else mx.array(t)
     w = _class_weights(case, d, lambda cw: fl.cross_entropy(d.arr(x), tm, axis=axis, class_weights=cw))
     if not soft and _all_ignored_mean(t, ignore_index, reduction):
-        raise CannotRun("mean over nothing")
+        def check():  # ours: 0, and a zero gradient
+            loss, g = mx.value_and_grad(lambda a: fl.cross_entropy(
+                a, tm, axis=axis, reduction="mean", ignore_index=ignore_index,
+                label_smoothing=ls, class_weights=None if w is None else d.arr(w)))(d.arr(x))
+            assert loss.item() == 0.0 and not np.any(to64(g))
+        raise CannotRun("mean over nothing", check)
     opts = dict(axis=axis, label_smoothing=ls, reduction=reduction, ignore_index=ignore_index,
                 class_weights=w)
     wm = None if w is None else d.arr(w)
@@ -577,5 +583,9 @@ def test_table_provenance():
     h = TABLE["header"]
     assert h["peer"] == "PyTorch" and h["version"].startswith("2.13.")
     assert h["count"] == len(CASES)
+    kinds = {"=", "randint", "uniform", "value", "softmax", "log_softmax", "binary", "nan_inside"}
     for c in CASES:
         assert (c["peer"] in RUNNERS) == ("args" in c), case_id(c)
+        for v in [*c.get("args", []), *c.get("opts", {}).values(), *c.get("params", {}).values()]:
+            if is_tensor(v):
+                assert _TENSOR.match(v) and parse(v)[2] in kinds, (case_id(c), v)
