@@ -362,6 +362,34 @@ def test_huge_and_infinite_logits():
     np.testing.assert_allclose(np.array(g), want, rtol=1e-4, atol=1e-5)
 
 
+def test_argmax_of_nan_rows_is_mx_argmax(rng):
+    """argmax as mx.argmax, a NaN being larger than any number: a row with NaNs
+    gives its first NaN (before or after the largest number), an all-NaN row 0,
+    -0 equals +0, an all -inf row 0; the logits form in every dtype and the
+    linear form (a NaN bias column: every row's argmax)."""
+    y = np.array([[1.0, 5.0, np.nan, 2.0, np.nan],
+                  [np.nan, 5.0, 7.0, 2.0, 1.0],
+                  [1.0, 9.0, 3.0, 2.0, np.nan],
+                  [np.nan] * 5,
+                  [-0.0, 0.0, -1.0, -np.inf, -2.0],
+                  [-np.inf] * 5,
+                  [3.0, np.inf, np.inf, np.nan, 1.0]], np.float32)
+    for dt in DTYPES:
+        z = mx.array(y).astype(dt)
+        for st in (["argmax"], ["argmax", "lse", "max"]):
+            got = _ext.row_stats(z, None, stats=st)[0]
+            np.testing.assert_array_equal(np.array(got), np.array(mx.argmax(z, axis=-1)), err_msg=f"{dt} {st}")
+        np.testing.assert_array_equal(np.array(_ext.row_stats(z, None, stats=["argmax"], vocab_start=7)[0]),
+                                      7 + np.array(mx.argmax(z, axis=-1)))
+    a = make_head(rng, 6, 8, 13)
+    b = np.array(a["bias"])
+    b[[4, 9]] = np.nan
+    got = _ext.linear_row_stats(a["hidden"], a["weight"], None, mx.array(b), stats=["argmax", "lse"])[0]
+    want = mx.argmax(a["hidden"] @ a["weight"].T + mx.array(b), axis=-1)
+    np.testing.assert_array_equal(np.array(got), np.array(want))
+    assert (np.array(got) == 4).all()
+
+
 def test_lse_is_the_linear_cross_entropys(rng):
     """The same row sums as the linear CE: its lse statistic bit for bit."""
     args = make_head(rng, 20, 32, 999)

@@ -27,10 +27,6 @@ namespace fl {
 
 namespace {
 
-// A target that is another shard's (vocab_start given and the index outside
-// [vocab_start, vocab_start + V)): statistic 0, no gradient, like ignored.
-constexpr int64_t kOtherShardRow = -3;
-
 struct RowStatsArgs {
   RowStatsParams p;
   int64_t rows = 0, vocab = 0;
@@ -57,21 +53,16 @@ struct RowStatsArgs {
   const float* g_expected = nullptr;
 };
 
-// Row r's class in this head: [0, V), or kIgnoredRow / kOutOfRangeRow /
-// kOtherShardRow.
+// Row r's class in this head: [0, V), or kIgnoredRow (ignored, another
+// shard's, no targets) / kOutOfRangeRow (math/row_stats.h row_stats_class, as
+// the Metal kernels).
+static_assert(cpu::kIgnoredRow == -1 && cpu::kOutOfRangeRow == -2, "flm::row_stats_class's codes");
 FLM_INLINE int64_t local_target(const RowStatsArgs& a, int64_t r) {
   if (!a.targets) {
     return cpu::kIgnoredRow;
   }
-  const int64_t t = a.targets[r];
-  if (a.p.head.has_ignore_index && t == a.p.head.ignore_index) {
-    return cpu::kIgnoredRow;
-  }
-  // vocab_start >= 0 (checked): t - vocab_start cannot overflow once t >= it.
-  if (t < a.p.vocab_start || t - a.p.vocab_start >= a.vocab) {
-    return a.p.sharded ? kOtherShardRow : cpu::kOutOfRangeRow;
-  }
-  return t - a.p.vocab_start;
+  return flm::row_stats_class(a.targets[r], a.vocab, a.p.head.has_ignore_index, a.p.head.ignore_index,
+                              a.p.sharded, a.p.vocab_start);
 }
 
 // z_j = softcap(y_j + b_j) / T into z (float32; may be y itself); returns the max.
@@ -98,9 +89,10 @@ FLM_INLINE void forward_row(const RowStatsArgs& a, const float* z, int64_t r, fl
     a.max[r] = m;
   }
   if (stats & flm::kStatArgmax) {
-    int64_t j = 0;
-    while (j < V && !(z[j] == m)) ++j;
-    a.argmax[r] = a.p.vocab_start + (j < V ? j : 0); // a NaN row has no max: 0 (unspecified)
+    // The first maximal class, a NaN above every number (mx.argmax;
+    // math/cross_entropy.h argmax_key): not the first z == m, which a NaN
+    // never equals.
+    a.argmax[r] = a.p.vocab_start + cpu::row_argmax(z, V);
   }
   if (flm::row_stats_need_sums(stats)) {
     cpu::RowSums sums = cpu::row_sums(z, V, m, false);

@@ -54,6 +54,24 @@ FLM_INLINE bool row_stats_need_sums(int stats) {
   return (stats & (kStatLse | kStatExpected)) != 0;
 }
 
+// Row r's class in this head from its global target t (class j of the head is
+// vocab_start + j; vocab_start 0 but for a shard): [0, V), or
+//   -1  ignored (t == ignore_index), or another shard's (sharded and t outside
+//       [vocab_start, vocab_start + V)): target 0, no gradient;
+//   -2  out of range of an unsharded head: a NaN target (and gradient row).
+// ignore_index is checked first (the cross-entropy's precedence).
+FLM_INLINE long row_stats_class(long t, long vocab, bool has_ignore, long ignore_index, bool sharded,
+                                long vocab_start) {
+  if (has_ignore && t == ignore_index) {
+    return -1;
+  }
+  // vocab_start >= 0 (checked by the op): t - vocab_start cannot overflow once t >= it.
+  if (t < vocab_start || t - vocab_start >= vocab) {
+    return sharded ? -1 : -2;
+  }
+  return t - vocab_start;
+}
+
 // The per-row cotangents of the differentiable statistics (0: absent).
 struct RowStatsCotangent {
   float lse;
