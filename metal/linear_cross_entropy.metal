@@ -618,7 +618,9 @@ template <typename T>
 
 // One thread per row: the S states merged in split order (as fl_lce_fwd_finish),
 // then lse (pair), the target's logit, logit_sum = V ref - gap, expected (pair:
-// ref + ent / s) and max, with the CPU's formulas.
+// ref + ent / s), max and argmax (the splits' argmaxes merged: the first
+// maximal class, as mx.argmax; global: vocab_start + the head's class), with
+// the CPU's formulas.
 [[kernel]] void fl_rs_fwd_finish(
     device const float4* partials [[buffer(FL_RS_FIN_PARTIALS)]],
     device const float* target_logit [[buffer(FL_RS_FIN_TARGET_LOGIT)]],
@@ -631,13 +633,21 @@ template <typename T>
     device float* expected_lo [[buffer(FL_RS_FIN_EXPECTED_LO)]],
     device float* row_max [[buffer(FL_RS_FIN_MAX)]],
     constant LceArgs& args [[buffer(FL_RS_FIN_ARGS)]],
+    device const uint2* argmax_partials [[buffer(FL_RS_FIN_ARGMAX_PARTIALS)]],
+    device long* argmax [[buffer(FL_RS_FIN_ARGMAX)]],
     uint gid [[thread_position_in_grid]]) {
   const long row = long(gid);
   if (row >= args.rows) {
     return;
   }
   flm::LceRowState st = flm::lce_state_empty();
+  flm::ArgMax best = flm::argmax_empty();
   for (int s = 0; s < args.num_splits; ++s) {
+    uint2 a = argmax_partials[long(s) * args.rows + row];
+    flm::ArgMax piece_best;
+    piece_best.key = a.x;
+    piece_best.index = int(a.y);
+    best = flm::argmax_merge(best, piece_best);
     float4 p = partials[long(s) * args.rows + row];
     int first = s * args.vocab_per_split;
     flm::LceRowState piece;
@@ -660,6 +670,7 @@ template <typename T>
   expected[row] = e.hi;
   expected_lo[row] = e.lo;
   row_max[row] = st.ce.lse.max;
+  argmax[row] = args.vocab_start + long(best.index);
 }
 
 // dL/dy of the chunk's rows [row0, row0 + chunk_rows) from the saved pairs and

@@ -22,9 +22,10 @@ pytestmark = [pytest.mark.skipif(mh.find_clang() is None, reason=CLANG_MISSING)]
 mx = pytest.importorskip("mlx.core")
 import mlx_fused_losses._ext as ext  # noqa: E402
 
-from test_metal_kernels import DT_CODE, MX_DT, SENTINEL, as_device  # noqa: E402
+from test_metal_kernels import DT_CODE, MX_DT, SENTINEL, as_device, device_empty, from_device  # noqa: E402
 from test_metal_linear_cross_entropy import (  # noqa: E402,F401  (device_class: a fixture)
-    ADAPTOR, BM, BN, DTYPES, FAST, METAL, QUANTIZED_HEADS, device_class, host_names, plan_info, tile_name)
+    ADAPTOR, BM, BN, DTYPES, FAST, METAL, QUANTIZED_HEADS, REPO, device_class, host_names, plan_info, tile_name)
+from metal_host.kernel_names import kernel_names  # noqa: E402
 
 STATS = ["lse", "lse_lo", "target", "logit_sum", "expected", "expected_lo", "max"]
 DIFF = ["lse", "target", "logit_sum", "expected"]
@@ -71,16 +72,25 @@ def flags(d, case):
             np.int64(case["start"] or 0), np.int32(case["targets"]))
 
 
-def gpu_forward(lib, d, case, chunk_bytes, schedules):
-    n, v, h = d["n"], d["v"], d["h"]
+def forward_buffers(lib, n, v, h, chunk_bytes):
+    """The finish's scratch and outputs, SENTINEL-filled (argmax: -1)."""
     p = plan_info(lib, n, v, h, chunk_bytes)
     # room for the most splits any forward tile can take (kLceMaxSplits = 64)
-    partials = np.full(max(max(p["splits"], 64) * n * 4, 4), SENTINEL, np.float32)
+    splits = max(p["splits"], 64)
+    partials = np.full(max(splits * n * 4, 4), SENTINEL, np.float32)
     target_logit = np.full(max(n, 1), SENTINEL, np.float32)
+    argmax_partials = np.full(max(splits * n * 2, 2), 0xDEADBEEF, np.uint32)
     outs = {k: np.full(max(n, 1), SENTINEL, np.float32) for k in STATS}
+    outs["argmax"] = np.full(max(n, 1), -1, np.int64)
+    return p, (partials, target_logit, argmax_partials, *(outs[k] for k in STATS + ["argmax"])), outs
+
+
+def gpu_forward(lib, d, case, chunk_bytes, schedules):
+    n, v, h = d["n"], d["v"], d["h"]
+    _, bufs, outs = forward_buffers(lib, n, v, h, chunk_bytes)
     lib.run("rs_forward_run", np.int32(DT_CODE[d["hdt"]]), np.int32(DT_CODE[d["wdt"]]), d["hd"], d["wd"],
-            d["t"], d["bias"], partials, target_logit, *(outs[k] for k in STATS), np.int64(n), np.int32(v),
-            np.int32(h), np.int64(chunk_bytes), *flags(d, case), schedules=schedules)
+            d["t"], d["bias"], *bufs, np.int64(n), np.int32(v), np.int32(h), np.int64(chunk_bytes),
+            *flags(d, case), schedules=schedules)
     USED.update({f"fl_lce_fwd_{d['hdt']}_w{d['wdt']}_{tile_name(lib, d)}", "fl_rs_fwd_finish"})
     return {k: a[:n] for k, a in outs.items()}
 
@@ -107,7 +117,7 @@ def cpu(d, case, g):
     wm = mx.array(d["wr"]).astype(MX_DT[d["wdt"]])
     tm = mx.array(d["t"]) if case["targets"] else None
     bm = mx.array(d["bias"]) if case["bias"] else None
-    names = STATS if case["targets"] else [k for k in STATS if k != "target"]
+    names = (STATS if case["targets"] else [k for k in STATS if k != "target"]) + ["argmax"]
     kw = dict(temperature=case["T"], logit_softcap=case["cap"], ignore_index=case["ignore"],
               vocab_start=case["start"], stream=mx.cpu)
     outs = ext.linear_row_stats(hm, wm, tm, bm, stats=names, **kw)
@@ -127,7 +137,8 @@ def close(got, want, what, rtol=1e-4, atol=1e-4):
     the row's magnitudes apart."""
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     assert np.array_equal(np.isnan(got), np.isnan(want)), f"{what}: NaN positions differ"
-    ok = np.isnan(want) | (np.abs(got - want) <= atol + rtol * np.abs(want))
+    with np.errstate(invalid="ignore"):  # (equal infinities are equal)
+        ok = np.isnan(want) | (got == want) | (np.abs(got - want) <= atol + rtol * np.abs(want))
     assert ok.all(), f"{what}: {int((~ok).sum())} of {ok.size} off, max err {np.nanmax(np.abs(got - want)):.3g}"
 
 
@@ -148,6 +159,9 @@ def test_forward_and_backward_vs_cpu(lib, case_name, n, h, v):
         for k in want:
             if k in ("lse_lo", "expected_lo"):
                 continue  # the pairs are compared through their sums below
+            if k == "argmax":
+                np.testing.assert_array_equal(got[k], want[k], err_msg=f"{case_name} argmax")
+                continue
             close(got[k], want[k], f"{case_name} {k}", atol=1e-5 * scale * (v if k == "logit_sum" else 1))
         for k in ("lse", "expected"):
             close(got[k].astype(np.float64) + got[k + "_lo"], want[k].astype(np.float64) + want[k + "_lo"],
@@ -239,14 +253,13 @@ def test_quantized_heads(lib, device_class, dc, hdt):
                              [mx.array(g[kk]) for kk in DIFF])
         head = (np.int32(DT_CODE[hdt]), np.int32(QMODE[mode]), np.int32(has_global), np.int32(bits),
                 np.int32(group), np.int32(DT_CODE[sdt]), d["hd"], np.array(w_q), s_dev, b_dev)
-        p = plan_info(lib, n, v, h, 64 << 20)
-        partials = np.full(max(p["splits"], 64) * n * 4, SENTINEL, np.float32)  # any tile's splits
-        target_logit = np.full(n, SENTINEL, np.float32)
-        got = {kk: np.full(n, SENTINEL, np.float32) for kk in STATS}
-        lib.run("rs_forward_run_q", *head, d["t"], d["bias"], partials, target_logit, *(got[kk] for kk in STATS),
-                np.int64(n), np.int32(v), np.int32(h), np.int64(64 << 20), *flags(d, case), schedules=FAST[:1])
+        p, bufs, got = forward_buffers(lib, n, v, h, 64 << 20)
+        lib.run("rs_forward_run_q", *head, d["t"], d["bias"], *bufs, np.int64(n), np.int32(v), np.int32(h),
+                np.int64(64 << 20), *flags(d, case), schedules=FAST[:1])
         for kk in ("lse", "target", "expected", "max"):
             close(got[kk], want[kk], f"{name} {hdt} {kk}", atol=1e-4)
+        np.testing.assert_array_equal(got["argmax"], np.array(ext.linear_row_stats(hm, w_q, tm, bm, stats=["argmax"],
+                                                                                    **kw)[0]))
         dz = np.full(p["chunk_rows"] * v, SENTINEL, np.float32)
         dh = np.full((n, h), SENTINEL, np.float32)
         db = np.full(v, SENTINEL, np.float32)
@@ -262,11 +275,263 @@ def test_quantized_heads(lib, device_class, dc, hdt):
         close(db, np.array(wb), f"{name} {hdt} dbias", rtol=1e-3, atol=1e-4 * np.abs(np.array(wb)).max())
 
 
+# ---- the logits form: metal/row_stats.metal -------------------------------------------
+#
+# rs_logits_forward / rs_logits_backward through the plans eval_gpu uses
+# (tests/metal_kernels/row_stats_adaptor.cpp), against the CPU primitive
+# (_ext.row_stats on mx.cpu, the same rounded logits) and the float64
+# reference of tests/test_log_probs.py, on awkward V, -inf / NaN / huge rows,
+# ignored and out-of-range targets, a shard, no targets, every dtype.
+
+LOGITS_METAL = ["metal/row_stats.metal"]
+LOGITS_ADAPTOR = "tests/metal_kernels/row_stats_adaptor.cpp"
+BIT = {"lse": 1, "target": 2, "logit_sum": 4, "expected": 8, "max": 16, "argmax": 32}
+ALL_STATS = STATS + ["argmax"]
+LOGIT_CASES = {
+    "plain": dict(T=1.0, cap=None, ignore=-100, start=None, targets=True),
+    "temp_cap": dict(T=0.7, cap=4.0, ignore=-100, start=None, targets=True),
+    "shard": dict(T=2.0, cap=None, ignore=-100, start=40, targets=True),
+    "no_targets": dict(T=1.3, cap=3.0, ignore=None, start=None, targets=False),
+}
+
+
+@pytest.fixture(scope="module")
+def llib():
+    return mh.build(LOGITS_METAL, LOGITS_ADAPTOR, include_dirs=("csrc",))
+
+
+def logits_rows(rng, rows, v, case, special=True):
+    """rows x v logits (float32) and targets: random rows, a peaked one and,
+    with `special`, an all -inf row, a row with -inf entries, a NaN row (NaN
+    after its largest number), huge logits near 1e4, an ignored and an
+    out-of-range target (another shard's when sharded)."""
+    y = (rng.standard_normal((rows, v)) * 3).astype(np.float32)
+    start = case["start"] or 0
+    t = (start + rng.integers(0, v, rows)).astype(np.int64)
+    y[0, t[0] - start] += 12.0
+    if special:
+        y[1] = -np.inf
+        y[2, ::3] = -np.inf
+        y[3, v // 2] = np.nan
+        y[4] += 1e4
+        if case["ignore"] is not None:
+            t[5] = case["ignore"]
+        t[6] = start + v  # out of range (another shard's when sharded)
+    return y, t
+
+
+def logits_forward(llib, yd, dt, t, case, stats=63, max_threads=1024, schedules=FAST):
+    rows, v = yd.shape
+    outs = {k: np.full(rows, SENTINEL, np.float32) for k in STATS}
+    outs["argmax"] = np.full(rows, -1, np.int64)
+    llib.run("rs_logits_forward_run", np.int32(DT_CODE[dt]), np.int32(max_threads), yd, t,
+             *(outs[k] for k in ALL_STATS), np.int64(rows), np.int32(v), *logit_flags(case), np.int32(stats),
+             schedules=schedules)
+    USED.add(f"fl_rs_logits_fwd_{dt}")
+    return outs
+
+
+def logit_flags(case):
+    has_ig = case["ignore"] is not None
+    return (np.int32(case["targets"]), np.int32(has_ig), np.int64(case["ignore"] if has_ig else -100),
+            np.int32(case["start"] is not None), np.int64(case["start"] or 0), np.float32(case["cap"] or 0.0),
+            np.float32(case["T"]))
+
+
+def logits_backward(llib, yd, dt, t, case, fwd, g, max_threads=1024, schedules=FAST):
+    rows, v = yd.shape
+    cot = sum(BIT[k] for k in g)
+    gs = [g.get(k, np.zeros(1, np.float32)) for k in DIFF]
+    grad = device_empty(yd.shape, dt)
+    llib.run("rs_logits_backward_run", np.int32(DT_CODE[dt]), np.int32(max_threads), yd, t, fwd["lse"],
+             fwd["lse_lo"], fwd["expected"], fwd["expected_lo"], *gs, np.int32(cot), grad, np.int64(rows),
+             np.int32(v), *logit_flags(case), schedules=schedules)
+    USED.add(f"fl_rs_logits_bwd_{dt}")
+    return from_device(grad, dt)
+
+
+def logits_cpu(y, dt, t, case, g):
+    ym = mx.array(y).astype(MX_DT[dt])
+    tm = mx.array(t) if case["targets"] else None
+    kw = dict(temperature=case["T"], logit_softcap=case["cap"], ignore_index=case["ignore"],
+              vocab_start=case["start"], stream=mx.cpu)
+    names = [k for k in ALL_STATS if case["targets"] or k != "target"]
+    want = dict(zip(names, (np.array(o) for o in ext.row_stats(ym, tm, stats=names, **kw))))
+    diff = [k for k in DIFF if k in g]
+    _, (gy,) = mx.vjp(lambda a: ext.row_stats(a, tm, stats=diff, **kw), [ym], [mx.array(g[k]) for k in diff])
+    return want, np.array(gy.astype(mx.float32))
+
+
+def check_logits(llib, v, dt, case_name, *, rows=9, max_threads=1024, schedules=FAST, special=True, seed=0):
+    from test_log_probs import ref_grad_y, ref_stats
+
+    case = LOGIT_CASES[case_name]
+    rng = np.random.default_rng(seed + v * 31 + DT_CODE[dt])
+    y32, t = logits_rows(rng, rows, v, case, special)
+    yd, y = as_device(y32, dt)
+    g = {k: rng.standard_normal(rows).astype(np.float32) for k in DIFF if case["targets"] or k != "target"}
+    tt = t if case["targets"] else np.zeros(1, np.int64)
+    got = logits_forward(llib, yd, dt, tt, case, max_threads=max_threads, schedules=schedules)
+    want, want_g = logits_cpu(y, dt, t, case, g)
+    nan_row = np.isnan(y).any(-1)
+    ok = ~nan_row
+    r = ref_stats(y[ok], t[ok], case["T"], case["cap"], case["ignore"], case["start"])
+    zabs = np.abs(np.where(np.isfinite(r["z"]), r["z"], 0.0))
+    scale = np.maximum(1.0, zabs.max(-1))
+    tol = 8e-6 * max(1.0, np.log2(v))
+    for k in want:
+        if k in ("lse_lo", "expected_lo"):
+            continue
+        if k == "argmax":
+            np.testing.assert_array_equal(got[k], want[k], err_msg=f"{case_name} {dt} V={v} argmax")
+            if case["cap"] is None and case["T"] in (1.0, 2.0):  # z = y / T keeps y's order and ties
+                np.testing.assert_array_equal(got[k], (case["start"] or 0) + np.array(
+                    mx.argmax(mx.array(y).astype(MX_DT[dt]), axis=-1)), err_msg="argmax vs mx.argmax")
+            continue
+        g_k, w_k = got[k].astype(np.float64), want[k].astype(np.float64)
+        if k in ("lse", "expected"):
+            g_k, w_k = g_k + got[k + "_lo"], w_k + want[k + "_lo"]
+        atol = tol * scale * (zabs.sum(-1) / scale + v if k == "logit_sum" else 1.0)
+        if k != "max":  # (the CPU's max of a row with a NaN depends on its position)
+            assert np.array_equal(np.isnan(g_k), np.isnan(w_k)), f"{case_name} {dt} V={v} {k}: NaN rows differ"
+        close(g_k[ok], w_k[ok], f"{case_name} {dt} V={v} {k} vs CPU", rtol=tol, atol=atol)
+        with np.errstate(invalid="ignore"):
+            close(g_k[ok], r[k], f"{case_name} {dt} V={v} {k} vs float64", rtol=tol, atol=atol)
+    grad = logits_backward(llib, yd, dt, tt, case, got, g, max_threads=max_threads, schedules=schedules)
+    assert not np.any(grad == SENTINEL)
+    rnd = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}[dt]
+    assert np.array_equal(np.isnan(grad), np.isnan(want_g)), f"{case_name} {dt} V={v}: NaN gradients differ"
+    gok = grad[ok]
+    mag = ref_grad_y(y[ok], t[ok], {k: g[k][ok] for k in g}, case["T"], case["cap"], case["ignore"],
+                     case["start"], magnitude=True)
+    want64 = ref_grad_y(y[ok], t[ok], {k: g[k][ok] for k in g}, case["T"], case["cap"], case["ignore"],
+                        case["start"])
+    # + the soft-cap's chain factor 1 - (c / cap)^2 in float32 near saturation
+    # (0 in float64, a few eps in float32): eps times the row's unchained terms
+    unchained = sum(np.abs(g[k][ok])[:, None] for k in g) * (2.0 + 2.0 * scale[:, None]) / case["T"]
+    bound = rnd * np.abs(want64) + 64 * tol * mag + (8 * 1.2e-7 * unchained if case["cap"] else 0.0) + 1e-30
+    for what, ref in (("CPU", want_g[ok]), ("float64", want64)):
+        fin = ~np.isnan(ref) & ~np.isnan(want_g[ok])  # (the out-of-range row: NaN, checked above)
+        with np.errstate(invalid="ignore"):
+            err = np.where(gok == ref, 0.0, np.abs(gok - ref))
+        assert (err[fin] <= bound[fin]).all(), \
+            f"{case_name} {dt} V={v} dlogits vs {what}: max err/bound {np.max(err[fin] / bound[fin]):.3g}"
+    if special and case["targets"] and case["start"] is None:
+        assert np.isnan(got["target"][6]) and np.isnan(grad[6]).all()  # out of range: NaN
+    if special and case["start"] is not None:
+        assert got["target"][6] == 0 and not np.isnan(grad[6]).any()  # another shard's
+    return got
+
+
+@pytest.mark.parametrize("case_name", list(LOGIT_CASES))
+@pytest.mark.parametrize("v", [1, 31, 32, 33, 4097, 50257])
+def test_logits_form_vs_cpu_and_float64(llib, case_name, v):
+    if v < 8 and case_name != "plain":
+        pytest.skip("tiny rows: the plain case")
+    check_logits(llib, v, "float32", case_name, special=v >= 8)
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("v", [33, 4097])
+def test_logits_form_dtypes(llib, dt, v):
+    if dt == "float32":
+        pytest.skip("the cases above")
+    check_logits(llib, v, dt, "temp_cap")
+    check_logits(llib, v, dt, "shard", seed=1)
+
+
+@pytest.mark.parametrize("max_threads", [64, 96])
+def test_logits_form_small_groups_every_schedule(llib, max_threads):
+    """A small pipeline limit (every thread strides over many pieces, few
+    SIMD-groups merge) under every schedule of the harness."""
+    check_logits(llib, 1000, "float32", "plain", max_threads=max_threads, schedules=mh.DEFAULT_SCHEDULES)
+
+
+def test_logits_form_writes_only_what_is_asked(llib):
+    """stats bits: the other outputs keep their sentinels (eval_gpu binds them
+    to an asked one); backward with one cotangent reads no pair (none bound)."""
+    case = LOGIT_CASES["plain"]
+    y32, t = logits_rows(np.random.default_rng(3), 9, 70, case)
+    for names in (["argmax"], ["target"], ["max", "logit_sum"], ["expected"]):
+        bits = sum(BIT[k] for k in names) | (BIT["lse"] if "expected" in names else 0)
+        got = logits_forward(llib, y32.copy(), "float32", t, case, stats=bits)
+        want, _ = logits_cpu(y32, "float32", t, case, {"lse": np.ones(9, np.float32)})
+        for k in ALL_STATS:
+            asked = bits & BIT[k.replace("_lo", "")]
+            if not asked:
+                assert (got[k] == (-1 if k == "argmax" else SENTINEL)).all(), (names, k)
+        for k in names:
+            ok = ~np.isnan(y32).any(-1)
+            np.testing.assert_allclose(got[k][ok], want[k][ok], rtol=1e-5, atol=1e-5, err_msg=str(names))
+    g = {"target": np.random.default_rng(4).standard_normal(9).astype(np.float32)}
+    nothing = {k: np.full(1, np.nan, np.float32) for k in STATS}  # never read
+    grad = logits_backward(llib, y32.copy(), "float32", t, case, nothing, g)
+    _, want_g = logits_cpu(y32, "float32", t, case, g)
+    np.testing.assert_array_equal(np.isnan(grad), np.isnan(want_g))
+    np.testing.assert_allclose(grad[~np.isnan(want_g)], want_g[~np.isnan(want_g)], rtol=1e-6)
+
+
+def test_logits_form_plan_rules(llib):
+    for v, limit in ((1, 1024), (128, 1024), (129, 1024), (4097, 1024), (50257, 96)):
+        out = np.zeros(4, np.uint32)
+        name = np.zeros(128, np.uint8)
+        llib.run("rs_logits_plan_info", np.int32(2), np.int32(0), np.int64(5), np.int32(v), np.int32(limit), out,
+                 name, schedules=(mh.Schedule(),))
+        assert bytes(name).split(b"\0")[0].decode() == "fl_rs_logits_fwd_bfloat16"
+        need = max(32, -(-(-(-v // 4)) // 32) * 32)
+        assert out[0] == 5 and out[2] == min(need, limit // 32 * 32) and out[3] == 256 * 4
+        llib.run("rs_logits_plan_info", np.int32(1), np.int32(1), np.int64(5), np.int32(v), np.int32(limit), out,
+                 name, schedules=(mh.Schedule(),))
+        assert bytes(name).split(b"\0")[0].decode() == "fl_rs_logits_bwd_float16"
+        assert out[1] == 5 and out[0] * out[2] * 4 >= v > (out[0] - 1) * out[2] * 4
+
+
+# Bugs planted in the logits-form kernels: the harness or the comparison must
+# report each.
+LOGITS_PLANTED = {
+    # SIMD-group 0 reads the other groups' states before they are written
+    "merge_before_written": ("    scratch[RS_SCRATCH_INDEX + sg] = as_type<float>(acc.best.index);\n  }\n"
+                             "  threadgroup_barrier(mem_flags::mem_threadgroup);",
+                             "    scratch[RS_SCRATCH_INDEX + sg] = as_type<float>(acc.best.index);\n  }\n",
+                             (mh.ScheduleDependent, AssertionError)),
+    # a butterfly that skips the last step: two half SIMD-groups never merge
+    "half_simd_merge": ("for (ushort m = 1; m < 32; m <<= 1)", "for (ushort m = 1; m < 16; m <<= 1)",
+                        AssertionError),
+    # the target's extra gradient one class off
+    "target_off_by_one": ("    if (long(j) == t) {\n      d += g.target;",
+                          "    if (long(j) == t + 1) {\n      d += g.target;", AssertionError),
+    # the argmax's first-index rule lost (the last maximal class wins)
+    "argmax_last_index": ("        acc.best = flm::argmax_merge(acc.best, here);",
+                          "        acc.best = here.key >= acc.best.key ? here : acc.best;", AssertionError),
+}
+
+
+@pytest.mark.parametrize("bug", list(LOGITS_PLANTED))
+def test_planted_bugs_in_the_logits_kernels_are_reported(tmp_path, bug):
+    right, wrong, error = LOGITS_PLANTED[bug]
+    (tmp_path / "csrc").symlink_to(REPO / "csrc")
+    (tmp_path / "metal").mkdir()
+    for source in (REPO / "metal").iterdir():
+        (tmp_path / "metal" / source.name).write_text(source.read_text())
+    planted = tmp_path / LOGITS_METAL[0]
+    text = planted.read_text()
+    assert text.count(right) == 1, bug
+    planted.write_text(text.replace(right, wrong))
+    broken = mh.build([tmp_path / m for m in LOGITS_METAL], LOGITS_ADAPTOR, include_dirs=("csrc",))
+    with pytest.raises(error):
+        check_logits(broken, 1000, "float32", "plain", max_threads=128, schedules=mh.DEFAULT_SCHEDULES[:5])
+        # ties on every row: the first maximal class
+        y = np.zeros((3, 300), np.float32)
+        y[:, 7::50] = 5.0
+        got = logits_forward(broken, y, "float32", np.zeros(3, np.int64), LOGIT_CASES["plain"])
+        np.testing.assert_array_equal(got["argmax"], 7)
+
+
 def test_zz_every_instantiation_ran():
     """Runs last (file order): every row-statistics kernel the .metal file
     defines (every hidden dtype x dense and quantized head) was launched above."""
     if not USED:
         pytest.skip("run with the kernel tests")
-    ours = {n for n in host_names() if n.startswith("fl_rs_")}
+    ours = {n for n in host_names() | kernel_names(LOGITS_METAL) if n.startswith("fl_rs_")}
     assert ours, "no row-statistics kernels found in the sources"
     assert not ours - USED, sorted(ours - USED)

@@ -167,7 +167,9 @@ typedef uint64_t fl_u64;
 #define FL_RS_FIN_EXPECTED_LO 8 // [N] float32 out
 #define FL_RS_FIN_MAX 9 // [N] float32 out
 #define FL_RS_FIN_ARGS 10
-#define FL_RS_FIN_NBUF 11
+#define FL_RS_FIN_ARGMAX_PARTIALS 11 // [S, N] uint2: the forward tiles' per-split argmaxes
+#define FL_RS_FIN_ARGMAX 12 // [N] int64 out: vocab_start + the first maximal class
+#define FL_RS_FIN_NBUF 13
 // Row statistics' dZ of a row chunk (slots 0-5 as the linear CE's dZ): the
 // saved pairs and one cotangent per differentiable statistic (absent ones,
 // per LceArgs::rs_cotangents, any valid buffer, never read)
@@ -188,6 +190,37 @@ typedef uint64_t fl_u64;
 #define FL_LCE_SCALE_OUT 2 // [n] T (float32: may be the source buffer itself)
 #define FL_LCE_SCALE_ARGS 3 // constant PwArgs& (size = n)
 #define FL_LCE_SCALE_NBUF 4
+
+// Row statistics of given logits (metal/row_stats.metal): forward, one group
+// per row. Outputs not asked for (RsArgs::stats) are bound to an asked one and
+// never written through their own slot.
+#define FL_RS_LOG_FWD_LOGITS 0 // [rows, V] T
+#define FL_RS_LOG_FWD_TARGETS 1 // [rows] int64 (no targets: the logits, never read)
+#define FL_RS_LOG_FWD_LSE 2 // [rows] float32 out
+#define FL_RS_LOG_FWD_LSE_LO 3 // [rows] float32 out
+#define FL_RS_LOG_FWD_TARGET 4 // [rows] float32 out
+#define FL_RS_LOG_FWD_LOGIT_SUM 5 // [rows] float32 out
+#define FL_RS_LOG_FWD_EXPECTED 6 // [rows] float32 out
+#define FL_RS_LOG_FWD_EXPECTED_LO 7 // [rows] float32 out
+#define FL_RS_LOG_FWD_MAX 8 // [rows] float32 out
+#define FL_RS_LOG_FWD_ARGMAX 9 // [rows] int64 out
+#define FL_RS_LOG_FWD_ARGS 10 // constant RsArgs&
+#define FL_RS_LOG_FWD_NBUF 11
+// Row statistics of given logits: backward (dL/dlogits). Saved pairs and
+// cotangents absent per RsArgs::cotangents: the logits, never read.
+#define FL_RS_LOG_BWD_LOGITS 0
+#define FL_RS_LOG_BWD_TARGETS 1
+#define FL_RS_LOG_BWD_LSE 2
+#define FL_RS_LOG_BWD_LSE_LO 3
+#define FL_RS_LOG_BWD_EXPECTED 4
+#define FL_RS_LOG_BWD_EXPECTED_LO 5
+#define FL_RS_LOG_BWD_G_LSE 6
+#define FL_RS_LOG_BWD_G_TARGET 7
+#define FL_RS_LOG_BWD_G_LOGIT_SUM 8
+#define FL_RS_LOG_BWD_G_EXPECTED 9
+#define FL_RS_LOG_BWD_GRAD 10 // [rows, V] T out (may be the logits' buffer: read before written)
+#define FL_RS_LOG_BWD_ARGS 11
+#define FL_RS_LOG_BWD_NBUF 12
 
 // Distillation (kl_div / jsd) forward
 #define FL_KD_FWD_STUDENT 0 // [rows, V] S
@@ -245,6 +278,22 @@ struct KdArgs {
   float beta;
   float d_scale;
   float alpha;
+};
+
+// Row statistics of given logits (forward and backward): z = softcap(y) / T.
+struct RsArgs {
+  fl_i64 ignore_index;
+  fl_i64 vocab_start; // sharded: the global index of class 0 (targets and argmax are global)
+  int vocab; // V (the row length)
+  int has_ignore_index; // 0 | 1
+  int has_targets; // 0 | 1: class indices bound and read
+  int sharded; // 0 | 1: a target outside the head is another shard's (0, no gradient)
+  int stats; // forward: the flm::RowStat bits whose outputs are bound and written
+  int cotangents; // backward: the flm::RowStat bits whose cotangents (and pairs) are bound
+  float softcap; // 0: none
+  float temperature;
+  float inv_temperature; // 1 / temperature, the CPU's factor
+  int pad0;
 };
 
 // Element-wise losses. kind: 0 smooth-L1, 1 Huber, 2 sigmoid focal
@@ -351,3 +400,4 @@ static_assert(sizeof(KdArgs) == 40, "KdArgs layout");
 static_assert(sizeof(PwArgs) == 32, "PwArgs layout");
 static_assert(sizeof(PwTargetLayout) == 16 * FL_PW_MAX_TARGET_GROUPS + 8, "PwTargetLayout layout");
 static_assert(sizeof(LceArgs) == 120, "LceArgs layout");
+static_assert(sizeof(RsArgs) == 56, "RsArgs layout");

@@ -83,6 +83,23 @@ LaunchPlan row_backward_plan(const std::string& name, int64_t rows, int num_clas
   return p;
 }
 
+// One group per row striding over it (any length): min(T, ceil(K / R) rounded
+// up to 32) threads, FL_ROW_SCRATCH_FLOATS of threadgroup memory.
+LaunchPlan strided_row_plan(const std::string& name, int64_t rows, int num_classes,
+                            int max_group_threads) {
+  check_row_shape(rows, num_classes);
+  LaunchPlan p;
+  p.kernel_name = name;
+  p.looped = true;
+  p.elems_per_thread = FL_ROW_READS;
+  int64_t need = round_up_simd(ceil_div(num_classes, FL_ROW_READS));
+  int t = usable_threads(max_group_threads);
+  p.group[0] = uint32_t(need < t ? need : t);
+  p.grid[0] = num_classes == 0 ? 0 : grid_dim(rows, "rows");
+  p.threadgroup_bytes = FL_ROW_SCRATCH_FLOATS * sizeof(float);
+  return p;
+}
+
 // Element-wise: groups of up to 256 threads, FL_PW_READS elements per thread.
 LaunchPlan elementwise_plan(const std::string& name, uint64_t n, int max_group_threads) {
   LaunchPlan p;
@@ -237,16 +254,8 @@ std::string kd_suffix(KDtype student, KDtype teacher, int kind) {
 
 LaunchPlan kd_forward_plan(KDtype student, KDtype teacher, int kind, int64_t rows, int vocab,
                            int max_group_threads) {
-  check_row_shape(rows, vocab);
-  LaunchPlan p;
-  p.kernel_name = "fl_kd_fwd_" + kd_suffix(student, teacher, kind);
-  p.looped = true;
-  p.elems_per_thread = FL_ROW_READS;
-  int64_t need = round_up_simd(ceil_div(vocab, FL_ROW_READS));
-  int t = usable_threads(max_group_threads);
-  p.group[0] = uint32_t(need < t ? need : t);
-  p.grid[0] = vocab == 0 ? 0 : grid_dim(rows, "rows");
-  p.threadgroup_bytes = FL_ROW_SCRATCH_FLOATS * sizeof(float);
+  LaunchPlan p = strided_row_plan("fl_kd_fwd_" + kd_suffix(student, teacher, kind), rows, vocab,
+                                  max_group_threads);
   p.buffers = buffer_names(FL_KD_FWD_NBUF, {{FL_KD_FWD_STUDENT, "student"},
       {FL_KD_FWD_TEACHER, "teacher"}, {FL_KD_FWD_INDEX, "class_index"}, {FL_KD_FWD_LOSS, "loss"},
       {FL_KD_FWD_STATS, "stats"}, {FL_KD_FWD_ARGS, "args"}});
@@ -645,7 +654,8 @@ LaunchPlan rs_finish_plan(const LcePlan& p, int max_group_threads) {
       {FL_RS_FIN_TARGET_LOGIT, "target_logit"}, {FL_RS_FIN_TARGETS, "targets"}, {FL_RS_FIN_LSE, "lse"},
       {FL_RS_FIN_LSE_LO, "lse_lo"}, {FL_RS_FIN_TARGET, "target"}, {FL_RS_FIN_LOGIT_SUM, "logit_sum"},
       {FL_RS_FIN_EXPECTED, "expected"}, {FL_RS_FIN_EXPECTED_LO, "expected_lo"}, {FL_RS_FIN_MAX, "max"},
-      {FL_RS_FIN_ARGS, "args"}});
+      {FL_RS_FIN_ARGS, "args"}, {FL_RS_FIN_ARGMAX_PARTIALS, "argmax_partials"},
+      {FL_RS_FIN_ARGMAX, "argmax"}});
   return l;
 }
 
@@ -733,6 +743,49 @@ LceArgs make_rs_args(const LcePlan& p, bool has_ignore_index, int64_t ignore_ind
   return a;
 }
 
+// ---- row statistics of given logits --------------------------------------------------
+
+LaunchPlan rs_logits_forward_plan(KDtype dt, int64_t rows, int vocab, int max_group_threads) {
+  LaunchPlan p = strided_row_plan(std::string("fl_rs_logits_fwd_") + dtype_name(dt), rows, vocab,
+                                  max_group_threads);
+  p.buffers = buffer_names(FL_RS_LOG_FWD_NBUF, {{FL_RS_LOG_FWD_LOGITS, "logits"},
+      {FL_RS_LOG_FWD_TARGETS, "targets"}, {FL_RS_LOG_FWD_LSE, "lse"}, {FL_RS_LOG_FWD_LSE_LO, "lse_lo"},
+      {FL_RS_LOG_FWD_TARGET, "target"}, {FL_RS_LOG_FWD_LOGIT_SUM, "logit_sum"},
+      {FL_RS_LOG_FWD_EXPECTED, "expected"}, {FL_RS_LOG_FWD_EXPECTED_LO, "expected_lo"},
+      {FL_RS_LOG_FWD_MAX, "max"}, {FL_RS_LOG_FWD_ARGMAX, "argmax"}, {FL_RS_LOG_FWD_ARGS, "args"}});
+  return p;
+}
+
+LaunchPlan rs_logits_backward_plan(KDtype dt, int64_t rows, int vocab, int max_group_threads) {
+  LaunchPlan p = row_backward_plan(std::string("fl_rs_logits_bwd_") + dtype_name(dt), rows, vocab,
+                                   max_group_threads);
+  p.buffers = buffer_names(FL_RS_LOG_BWD_NBUF, {{FL_RS_LOG_BWD_LOGITS, "logits"},
+      {FL_RS_LOG_BWD_TARGETS, "targets"}, {FL_RS_LOG_BWD_LSE, "lse"}, {FL_RS_LOG_BWD_LSE_LO, "lse_lo"},
+      {FL_RS_LOG_BWD_EXPECTED, "expected"}, {FL_RS_LOG_BWD_EXPECTED_LO, "expected_lo"},
+      {FL_RS_LOG_BWD_G_LSE, "g_lse"}, {FL_RS_LOG_BWD_G_TARGET, "g_target"},
+      {FL_RS_LOG_BWD_G_LOGIT_SUM, "g_logit_sum"}, {FL_RS_LOG_BWD_G_EXPECTED, "g_expected"},
+      {FL_RS_LOG_BWD_GRAD, "grad"}, {FL_RS_LOG_BWD_ARGS, "args"}});
+  return p;
+}
+
+RsArgs make_rs_logits_args(int vocab, bool has_targets, bool has_ignore_index, int64_t ignore_index,
+                           bool sharded, int64_t vocab_start, float softcap, float temperature, int stats,
+                           int cotangents) {
+  RsArgs a{};
+  a.ignore_index = ignore_index;
+  a.vocab_start = sharded ? vocab_start : 0;
+  a.vocab = vocab;
+  a.has_ignore_index = has_ignore_index ? 1 : 0;
+  a.has_targets = has_targets ? 1 : 0;
+  a.sharded = sharded ? 1 : 0;
+  a.stats = stats;
+  a.cotangents = cotangents;
+  a.softcap = softcap;
+  a.temperature = temperature;
+  a.inv_temperature = 1.0f / temperature; // the CPU's factor (csrc/cpu/row_stats.cpp)
+  return a;
+}
+
 // ---- every kernel the host can ask for --------------------------------------------------
 
 namespace {
@@ -814,6 +867,8 @@ std::vector<PlanKernel> enumerate_plan_kernels() {
         c.add(kd_backward_plan(dt, KDtype(td), kind, 3, 100), "kd_backward_plan(" + opt + ")");
       }
     }
+    c.add(rs_logits_forward_plan(dt, 3, 100), "rs_logits_forward_plan(" + dn + ")");
+    c.add(rs_logits_backward_plan(dt, 3, 100), "rs_logits_backward_plan(" + dn + ")");
   }
   c.add(pw_sum_finish_plan(7), "pw_sum_finish_plan()");
 

@@ -97,6 +97,22 @@ LaunchPlan kd_backward_plan(KDtype student, KDtype teacher, int kind, int64_t ro
 KdArgs make_kd_args(int vocab, bool has_targets, bool has_ignore_index, int64_t ignore_index,
                     float c, float beta, float d_scale, float alpha);
 
+// ---- row statistics of given logits (ops/row_stats.h's logits form) --------------
+// Kernels fl_rs_logits_<fwd|bwd>_<dtype>. Rules:
+//  - forward: the distillation forward's (one group per row of min(T,
+//    ceil(V / R) rounded up to 32) threads striding over the row,
+//    FL_ROW_SCRATCH_FLOATS of threadgroup memory);
+//  - backward: row_backward's grid (as the cross-entropy's backward).
+LaunchPlan rs_logits_forward_plan(KDtype dt, int64_t rows, int vocab,
+                                  int max_group_threads = kMaxGroupThreads);
+LaunchPlan rs_logits_backward_plan(KDtype dt, int64_t rows, int vocab,
+                                   int max_group_threads = kMaxGroupThreads);
+// stats: the flm::RowStat bits the forward writes; cotangents: those whose
+// cotangents the backward reads. vocab_start is used only when sharded.
+RsArgs make_rs_logits_args(int vocab, bool has_targets, bool has_ignore_index, int64_t ignore_index,
+                           bool sharded, int64_t vocab_start, float softcap, float temperature, int stats,
+                           int cotangents);
+
 // ---- element-wise losses ---------------------------------------------------------
 // The loss kinds the op passes: fl::PointwiseKind's values 0 .. kPwLossKinds - 1
 // (ops/pointwise_loss.h asserts the count).

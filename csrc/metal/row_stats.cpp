@@ -1,14 +1,16 @@
-// eval_gpu of the linear row statistics (ops/row_stats.h) on the linear CE's
-// tiles (metal/linear_cross_entropy.metal, host side shared: metal/lce_host.h).
-// Built only where MLX has Metal (_METAL_). One call, in lce_schedule's order:
+// eval_gpu of the row statistics (ops/row_stats.h). Built only where MLX has
+// Metal (_METAL_).
+// Linear form: the linear CE's tiles (metal/linear_cross_entropy.metal, host
+// side shared: metal/lce_host.h). One call, in lce_schedule's order:
 //   forward   lce_forward with the row statistics' arguments (temperature,
 //             shard, no targets: mplan::make_rs_args) -> fl_rs_fwd_finish
+//             (every statistic, argmax from the tiles' per-split argmaxes)
 //   backward  per chunk of rows: rs_dz (the per-row cotangents) -> the linear
 //             CE's fl_lce_dbias, lce_dh, lce_dw (those asked for)
 // The same dispatch sequence runs under the CPU harness
 // (tests/metal_kernels/lce_adaptor.cpp: rs_forward_run, rs_backward_run).
-// The logits form (RowStats) and argmax have no Metal kernels: the op runs
-// those on the CPU stream (ops/row_stats.cpp, kernel_stream).
+// Logits form: metal/row_stats.metal, one forward launch (a group per row) and
+// one backward launch (tests/metal_kernels/row_stats_adaptor.cpp replays them).
 #include "math/row_stats.h"
 #include "metal/lce_host.h"
 #include "ops/row_stats.h"
@@ -40,11 +42,11 @@ void LinearRowStats::eval_gpu(const std::vector<mx::array>& inputs, std::vector<
   const int64_t N = c.plan.rows;
   mx::array partials = lcehost::scratch(c, int64_t(c.plan.splits) * N * 4);
   mx::array target_logit = lcehost::scratch(c, N);
-  // (the linear CE's per-split argmaxes, which the tiles write; unread here)
+  // the tiles' per-split argmaxes (uint2, in float32 slots), merged by the finish
   mx::array argmax_partials = lcehost::scratch(c, int64_t(c.plan.splits) * N * 2);
-  // Statistics not asked for are written to one scratch row buffer (max and
-  // argmax: argmax never reaches here, the op keeps it on the CPU).
-  mx::array spare = lcehost::scratch(c, N);
+  // Statistics not asked for are written to one scratch row buffer (two
+  // floats a row: room for an int64 argmax).
+  mx::array spare = lcehost::scratch(c, 2 * N);
   auto out = [&](int bit, int lo) -> mx::array& {
     int k = row_stat_output(params_.stats, bit);
     return k < 0 ? spare : outputs[k + lo];
@@ -73,6 +75,8 @@ void LinearRowStats::eval_gpu(const std::vector<mx::array>& inputs, std::vector<
       enc.set_output_array(out(flm::kStatExpected, 0), FL_RS_FIN_EXPECTED);
       enc.set_output_array(out(flm::kStatExpected, 1), FL_RS_FIN_EXPECTED_LO);
       enc.set_output_array(out(flm::kStatMax, 0), FL_RS_FIN_MAX);
+      enc.set_input_array(argmax_partials, FL_RS_FIN_ARGMAX_PARTIALS);
+      enc.set_output_array(out(flm::kStatArgmax, 0), FL_RS_FIN_ARGMAX);
       enc.set_bytes(args, FL_RS_FIN_ARGS);
       x.dispatch();
     }
@@ -156,9 +160,115 @@ void LinearRowStatsVJP::eval_gpu(const std::vector<mx::array>& inputs, std::vect
   });
 }
 
-// The logits form has no Metal kernels: its op puts it on the CPU stream
-// (kernel_stream), so MLX never schedules these.
-FL_CPU_ONLY(RowStats)
-FL_CPU_ONLY(RowStatsVJP)
+namespace {
+
+// The logits form's layout and arguments (the backward adds its cotangents).
+struct RsLogits {
+  mplan::KDtype dtype;
+  int64_t rows;
+  int vocab;
+  RsArgs args;
+};
+
+RsLogits rs_logits(const std::vector<mx::array>& inputs, const RowStatsParams& p, int stats, int cotangents) {
+  const auto& logits = inputs[0];
+  RsLogits l;
+  l.dtype = gpu::kernel_dtype(logits.dtype());
+  l.vocab = logits.shape(-1);
+  l.rows = l.vocab ? int64_t(logits.size()) / l.vocab : 0;
+  l.args = mplan::make_rs_logits_args(l.vocab, p.has_targets, p.head.has_ignore_index, p.head.ignore_index,
+                                      p.sharded, p.vocab_start, p.head.logit_softcap, p.temperature, stats,
+                                      cotangents);
+  gpu::require_dense(logits, "logits");
+  if (p.has_targets) {
+    gpu::require_dense(inputs[1], "targets");
+    if (inputs[1].dtype() != mx::int64) {
+      throw std::runtime_error("mlx_fused_losses: class indices must reach the kernel as int64");
+    }
+  }
+  return l;
+}
+
+} // namespace
+
+void RowStats::eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  for (auto& out : outputs) {
+    gpu::alloc(out);
+  }
+  RsLogits l = rs_logits(inputs, params_, params_.stats, 0);
+  auto x = gpu::launch(stream(), [&](int t) { return mplan::rs_logits_forward_plan(l.dtype, l.rows, l.vocab, t); });
+  if (!x) {
+    return;
+  }
+  auto& enc = x.encoder();
+  enc.set_input_array(inputs[0], FL_RS_LOG_FWD_LOGITS);
+  enc.set_input_array(params_.has_targets ? inputs[1] : inputs[0], FL_RS_LOG_FWD_TARGETS);
+  // A statistic not asked for: its slot gets the first output, which the
+  // kernel then never writes through that slot (RsArgs::stats).
+  auto out = [&](int bit, int lo) -> mx::array& {
+    int k = row_stat_output(params_.stats, bit);
+    return k < 0 ? outputs[0] : outputs[k + lo];
+  };
+  enc.set_output_array(out(flm::kStatLse, 0), FL_RS_LOG_FWD_LSE);
+  enc.set_output_array(out(flm::kStatLse, 1), FL_RS_LOG_FWD_LSE_LO);
+  enc.set_output_array(out(flm::kStatTarget, 0), FL_RS_LOG_FWD_TARGET);
+  enc.set_output_array(out(flm::kStatLogitSum, 0), FL_RS_LOG_FWD_LOGIT_SUM);
+  enc.set_output_array(out(flm::kStatExpected, 0), FL_RS_LOG_FWD_EXPECTED);
+  enc.set_output_array(out(flm::kStatExpected, 1), FL_RS_LOG_FWD_EXPECTED_LO);
+  enc.set_output_array(out(flm::kStatMax, 0), FL_RS_LOG_FWD_MAX);
+  enc.set_output_array(out(flm::kStatArgmax, 0), FL_RS_LOG_FWD_ARGMAX);
+  enc.set_bytes(l.args, FL_RS_LOG_FWD_ARGS);
+  x.dispatch();
+}
+
+void RowStatsVJP::eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  auto& grad = outputs[0];
+  gpu::alloc_or_reuse(grad, inputs[0]);
+  const int cot = params_.cotangents;
+  RsLogits l = rs_logits(inputs, params_, 0, cot);
+  // inputs after logits, [targets] (ops/row_stats.h): [lse, lse_lo], [expected,
+  // expected_lo], then one cotangent per bit of `cot`; absent ones are bound
+  // to the logits and never read.
+  size_t k = params_.has_targets ? 2 : 1;
+  const mx::array* saved[4] = {nullptr, nullptr, nullptr, nullptr};
+  if (cot & (flm::kStatLse | flm::kStatExpected)) {
+    saved[0] = &inputs[k++];
+    saved[1] = &inputs[k++];
+  }
+  if (cot & flm::kStatExpected) {
+    saved[2] = &inputs[k++];
+    saved[3] = &inputs[k++];
+  }
+  const mx::array* g[4] = {nullptr, nullptr, nullptr, nullptr};
+  const int bits[4] = {flm::kStatLse, flm::kStatTarget, flm::kStatLogitSum, flm::kStatExpected};
+  for (int i = 0; i < 4; ++i) {
+    if (cot & bits[i]) g[i] = &inputs[k++];
+  }
+  for (const mx::array* a : saved) {
+    if (a) gpu::require_dense(*a, "saved statistic");
+  }
+  for (const mx::array* a : g) {
+    if (a) gpu::require_dense(*a, "cotangent");
+  }
+  auto x = gpu::launch(stream(), [&](int t) { return mplan::rs_logits_backward_plan(l.dtype, l.rows, l.vocab, t); });
+  if (!x) {
+    return;
+  }
+  const mx::array& any = inputs[0];
+  auto& enc = x.encoder();
+  enc.set_input_array(inputs[0], FL_RS_LOG_BWD_LOGITS);
+  enc.set_input_array(params_.has_targets ? inputs[1] : any, FL_RS_LOG_BWD_TARGETS);
+  enc.set_input_array(saved[0] ? *saved[0] : any, FL_RS_LOG_BWD_LSE);
+  enc.set_input_array(saved[1] ? *saved[1] : any, FL_RS_LOG_BWD_LSE_LO);
+  enc.set_input_array(saved[2] ? *saved[2] : any, FL_RS_LOG_BWD_EXPECTED);
+  enc.set_input_array(saved[3] ? *saved[3] : any, FL_RS_LOG_BWD_EXPECTED_LO);
+  enc.set_input_array(g[0] ? *g[0] : any, FL_RS_LOG_BWD_G_LSE);
+  enc.set_input_array(g[1] ? *g[1] : any, FL_RS_LOG_BWD_G_TARGET);
+  enc.set_input_array(g[2] ? *g[2] : any, FL_RS_LOG_BWD_G_LOGIT_SUM);
+  enc.set_input_array(g[3] ? *g[3] : any, FL_RS_LOG_BWD_G_EXPECTED);
+  enc.set_output_array(grad, FL_RS_LOG_BWD_GRAD);
+  enc.set_bytes(l.args, FL_RS_LOG_BWD_ARGS);
+  x.dispatch();
+}
 
 } // namespace fl

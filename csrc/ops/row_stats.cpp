@@ -236,8 +236,6 @@ std::vector<mx::array> linear_row_stats(
     mx::StreamOrDevice s) {
   check_row_stats_options(temperature, logit_softcap, chunk_bytes);
   const int asked = parse_stats(stats);
-  // argmax is not in the linear CE's forward tiles: no Metal kernel for it.
-  s = kernel_stream(s, !(asked & flm::kStatArgmax));
   RowStatsParams p;
   const auto& t = targets_if_needed(targets, asked);
   auto head = check_linear_head(hidden, weight, t, bias, scales, qbiases, group_size, bits, mode, global_scale,
@@ -269,7 +267,6 @@ std::vector<mx::array> row_stats(
     mx::StreamOrDevice s) {
   check_row_stats_options(temperature, logit_softcap, std::nullopt);
   const int asked = parse_stats(stats);
-  s = kernel_stream(s, false); // the logits form has no Metal kernels
   check_float_input(logits, "logits");
   if (logits.ndim() == 0 || logits.shape(-1) == 0) {
     fail_value("logits must have a class axis [..., V] with V >= 1, got shape ", shape_str(logits.shape()));
@@ -405,8 +402,7 @@ std::pair<std::vector<mx::array>, std::vector<int>> RowStatsVJP::vmap(
       inputs, axes, [&](const std::vector<mx::array>& in) { return make_logits_backward(in, p, s); }, s);
 }
 
-// eval_gpu: csrc/metal/row_stats.cpp (Metal builds; the logits form is never
-// scheduled there: kernel_stream puts it on the CPU).
+// eval_gpu: csrc/metal/row_stats.cpp (Metal builds).
 #ifndef _METAL_
 FL_NO_METAL(LinearRowStats)
 FL_NO_METAL(LinearRowStatsVJP)

@@ -4,9 +4,9 @@
 // y = hidden @ weight.T + bias of a linear head that never exists as N x V
 // (LinearRowStats: the chunked-head driver, cpu/chunked_head.h, with this
 // epilogue; on Metal the linear CE's tiles with its epilogue kernels,
-// csrc/metal/row_stats.cpp). Formulas and gradients: math/row_stats.h.
-// Streams: the logits form, and any call asking for argmax, run on the CPU
-// stream (no Metal kernels for them); the rest where the caller says.
+// csrc/metal/row_stats.cpp; the logits form: metal/row_stats.metal).
+// Formulas and gradients: math/row_stats.h. Both forms run where the caller
+// says (CPU or Metal, every statistic).
 //
 // Contract (the private hooks _ext.linear_row_stats / _ext.row_stats, for the
 // public scorer and the other head losses).

@@ -136,6 +136,7 @@ struct RsBufs {
   float* expected;
   float* expected_lo;
   float* max;
+  int64_t* argmax;
   const float* g[4]; // cotangents of lse, target, logit_sum, expected (any valid buffer when absent)
 };
 
@@ -144,7 +145,8 @@ void rs_finish_call(const LaunchPlan& p, const LceBufs& b, const RsBufs& r, cons
   run_plan(p, [&](const mh::ThreadCtx& t) {
     fn(reinterpret_cast<const metal::float4*>(b.partials), b.target_logit,
        reinterpret_cast<const long*>(b.targets), r.lse, r.lse_lo, r.target, r.logit_sum, r.expected,
-       r.expected_lo, r.max, a, t.thread_position_in_grid.x);
+       r.expected_lo, r.max, a, reinterpret_cast<const metal::uint2*>(b.argmax_partials),
+       reinterpret_cast<long*>(r.argmax), t.thread_position_in_grid.x);
   });
 }
 
@@ -590,11 +592,11 @@ int lce_scale_run(int dt, const float* g, const float* src, void* out, uint64_t 
 
 // The row statistics' forward as eval_gpu runs it (csrc/metal/row_stats.cpp):
 // lce_forward tiles with the row statistics' arguments, then fl_rs_fwd_finish.
-// targets may be null (has_targets 0: never read).
+// targets may be null (has_targets 0: never read). argmax_partials: [S * N * 2].
 int rs_forward_run(int hdt, int wdt, const void* hidden, const void* weight, const int64_t* targets,
-                   const float* bias, float* partials, float* target_logit, float* lse, float* lse_lo,
-                   float* target, float* logit_sum, float* expected, float* expected_lo, float* max,
-                   int64_t rows, int vocab, int hidden_size, int64_t chunk_bytes, int has_ignore,
+                   const float* bias, float* partials, float* target_logit, uint32_t* argmax_partials,
+                   float* lse, float* lse_lo, float* target, float* logit_sum, float* expected,
+                   float* expected_lo, float* max, int64_t* argmax, int64_t rows, int vocab, int hidden_size, int64_t chunk_bytes, int has_ignore,
                    int64_t ignore_index, float softcap, int has_bias, float temperature, int sharded,
                    int64_t vocab_start, int has_targets) {
   return mh::guarded([&] {
@@ -607,10 +609,8 @@ int rs_forward_run(int hdt, int wdt, const void* hidden, const void* weight, con
     bind_head(b, args);
     b.partials = partials;
     b.target_logit = target_logit;
-    // The tiles also write the linear CE's per-split argmaxes (unread here).
-    std::vector<uint32_t> argmax_partials(size_t(std::max(plan.splits, 1)) * size_t(std::max<int64_t>(rows, 1)) * 2);
-    b.argmax_partials = argmax_partials.data();
-    RsBufs r{lse, lse_lo, target, logit_sum, expected, expected_lo, max, {}};
+    b.argmax_partials = argmax_partials;
+    RsBufs r{lse, lse_lo, target, logit_sum, expected, expected_lo, max, argmax, {}};
     P::LceWork w;
     w.forward = true;
     for (const P::LceLaunch& l : P::lce_schedule(plan, w)) {
@@ -656,7 +656,7 @@ int rs_backward_run(int hdt, int wdt, const void* hidden, const void* weight, co
     b.dw = dw;
     b.dbias = dbias;
     RsBufs r{const_cast<float*>(lse), const_cast<float*>(lse_lo), nullptr, nullptr,
-             const_cast<float*>(expected), const_cast<float*>(expected_lo), nullptr,
+             const_cast<float*>(expected), const_cast<float*>(expected_lo), nullptr, nullptr,
              {g_lse, g_target, g_logit_sum, g_expected}};
     P::LceWork w;
     w.dh = want_dh != 0;
@@ -697,15 +697,15 @@ int rs_backward_run(int hdt, int wdt, const void* hidden, const void* weight, co
 // no dW.
 int rs_forward_run_q(int hdt, int qmode, int global_scale, int bits, int group_size, int sdt, const void* hidden,
                      const uint32_t* w_q, const void* scales, const void* qbiases, const int64_t* targets,
-                     const float* bias, float* partials, float* target_logit, float* lse, float* lse_lo,
-                     float* target, float* logit_sum, float* expected, float* expected_lo, float* max,
-                     int64_t rows, int vocab, int hidden_size, int64_t chunk_bytes, int has_ignore,
+                     const float* bias, float* partials, float* target_logit, uint32_t* argmax_partials,
+                     float* lse, float* lse_lo, float* target, float* logit_sum, float* expected,
+                     float* expected_lo, float* max, int64_t* argmax, int64_t rows, int vocab, int hidden_size, int64_t chunk_bytes, int has_ignore,
                      int64_t ignore_index, float softcap, int has_bias, float temperature, int sharded,
                      int64_t vocab_start, int has_targets) {
   return with_quantized({qmode, global_scale, bits, group_size, sdt, scales, qbiases}, w_q, vocab, hidden_size,
                         [&](const uint32_t* w) {
-    return rs_forward_run(hdt, 0, hidden, w, targets, bias, partials, target_logit, lse, lse_lo, target,
-                          logit_sum, expected, expected_lo, max, rows, vocab, hidden_size, chunk_bytes,
+    return rs_forward_run(hdt, 0, hidden, w, targets, bias, partials, target_logit, argmax_partials, lse,
+                          lse_lo, target, logit_sum, expected, expected_lo, max, argmax, rows, vocab, hidden_size, chunk_bytes,
                           has_ignore, ignore_index, softcap, has_bias, temperature, sharded, vocab_start,
                           has_targets);
   });
