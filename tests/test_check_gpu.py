@@ -52,7 +52,8 @@ def test_the_whole_check_runs_with_the_cpu_as_the_device():
     # Every loss and head is in it.
     for what in ("cross_entropy bfloat16 K=5000 soft_others", "softmax_focal_loss float16 K=1000",
                  "sigmoid_focal_loss gamma=1.5 float32 sum broadcast target",
-                 "linear_cross_entropy float16 dense", "linear_cross_entropy bfloat16 2-bit"):
+                 "linear_cross_entropy float16 dense", "linear_cross_entropy bfloat16 2-bit",
+                 "log_probs float16", "linear_log_probs dense bfloat16", "linear_log_probs 4-bit float32"):
         assert any(c.name.startswith(what) for c in cases), what
     assert "| linear_cross_entropy bfloat16 N=8 H=32 V=100 |" in report
     # the linear CE against MLX's GEMMs on the same shape, dense and 4-bit
@@ -60,6 +61,8 @@ def test_the_whole_check_runs_with_the_cpu_as_the_device():
                  "forward vs mx.quantized_matmul, 4-bit",
                  "forward + backward vs the unfused step, 4-bit"):
         assert f"| linear CE {what} N=8 H=64 V=100 |" in report, what
+    assert ("| linear_log_probs + entropy forward + backward vs the unfused step, bfloat16 N=8 H=32 V=100 |"
+            in report)
     assert "missing from the metallib: 0" in report
     assert report.rstrip().endswith("### Result: PASS")
 

@@ -686,6 +686,125 @@ def test_linear_cross_entropy_quantized_gpu_fused_grads():
         agree(a, b, 2e-2, "quantized fused gradients")
 
 
+# ---- the scorer (ops/row_stats.h): linear_log_probs, log_probs, _ext.(linear_)row_stats -------
+# Linear form: the linear CE's tiles with the row statistics' finish and rs_dz
+# (metal/linear_cross_entropy.metal); logits form: metal/row_stats.metal.
+
+SCORER_STATS = ["lse", "lse_lo", "target", "logit_sum", "expected", "expected_lo", "max", "argmax"]
+
+
+def scorer_grads(fn, primals, cots, dev):
+    """Outputs of fn(*primals, dev) (a tuple) and their vjp with a different
+    cotangent per token on each output (Liger #968: never one scalar)."""
+    outs, g = mx.vjp(lambda *p: list(fn(*p, dev)), list(primals), cots)
+    return [as_f64(o) for o in outs] + [as_f64(x) for x in g]
+
+
+@pytest.mark.parametrize("n,h,v", LCE_SHAPES, ids=[f"{n}x{h}x{v}" for n, h, v in LCE_SHAPES])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_linear_log_probs_gpu_vs_cpu(dtype, n, h, v):
+    """log p and entropy (temperature, soft-cap, bias, ignored rows, several row
+    chunks) and their gradients w.r.t. hidden, weight and bias, per-token
+    cotangents on both outputs, GPU against the CPU primitive."""
+    rng = np.random.default_rng(n + 3 * h + v)
+    args = lce_inputs(n, h, v, dtype, dtype, rng, True, -100)
+    kw = dict(temperature=0.7, logit_softcap=8.0, ignore_index=-100, return_entropy=True, chunk_bytes=4 * v * 40)
+    cots = [mx.array(rng.uniform(-1, 1, n).astype(np.float32)) for _ in range(2)]
+
+    def f(a, b, c, dev):
+        return fl.linear_log_probs(a, b, args[2], c, stream=dev, **kw)
+
+    gpu, cpu = (scorer_grads(f, [args[0], args[1], args[3]], cots, dev) for dev in (GPU, mx.cpu))
+    rtol = 2e-5 * max(1.0, np.sqrt(h / 16))
+    agree(gpu[0], cpu[0], rtol, "log p", scale=np.abs(cpu[0]).max() + 1.0)
+    agree(gpu[1], cpu[1], 5 * rtol, "entropy", scale=np.abs(cpu[1]).max() + 1.0)
+    for k, (a, b) in enumerate(zip(gpu[2:], cpu[2:])):
+        agree(a, b, TOL[dtype] + 1e-4, f"gradient {k}")
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_linear_row_stats_every_statistic_gpu(dtype):
+    """Every statistic of the linear form on the GPU (argmax from the tiles'
+    per-split argmaxes, a sharded head's global index) against the CPU."""
+    rng = np.random.default_rng(17)
+    n, h, v = 70, 40, 5000
+    args = lce_inputs(n, h, v, dtype, dtype, rng, True)
+    t = mx.array(40 + rng.integers(0, v, n))
+    res = []
+    for dev in (GPU, mx.cpu):
+        outs = ext.linear_row_stats(args[0], args[1], t, args[3].astype(mx.float32), stats=SCORER_STATS,
+                                    temperature=1.5, vocab_start=40, stream=dev)
+        res.append(outs)
+    for name, a, b in zip(SCORER_STATS, *res):
+        if name == "argmax":
+            assert (np.array(a) == np.array(b)).mean() > 0.98, "argmax"  # near-ties may differ in the last bit
+        else:
+            agree(as_f64(a), as_f64(b), 5e-5 if name != "logit_sum" else 1e-4, name,
+                  scale=None if name.endswith("_lo") else np.abs(as_f64(b)).max() + 1.0)
+
+
+@pytest.mark.parametrize("bits,mode", [(4, "affine"), (8, "affine"), (4, "mxfp4")])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_linear_log_probs_quantized_gpu_vs_cpu(dtype, bits, mode):
+    """A quantized head (mx.quantize's packed arrays): log p, entropy and the
+    gradients w.r.t. hidden and bias (the packed weight has none)."""
+    group_size = 64 if mode == "affine" else 32
+    rng = np.random.default_rng(bits + len(mode))
+    n, h, v = 67, 128, 1003
+    dense = lce_inputs(n, h, v, dtype, dtype, rng, True, -100)
+    args, scales, biases = lce_quantized(dense, bits, group_size, mode=mode)
+    kw = dict(scales=scales, biases=biases, group_size=group_size, bits=bits, mode=mode, ignore_index=-100,
+              return_entropy=True, chunk_bytes=4 * v * 40)
+    cots = [mx.array(rng.uniform(-1, 1, n).astype(np.float32)) for _ in range(2)]
+
+    def f(a, c, dev):
+        return fl.linear_log_probs(a, args[1], args[2], c, stream=dev, **kw)
+
+    gpu, cpu = (scorer_grads(f, [args[0], args[3]], cots, dev) for dev in (GPU, mx.cpu))
+    agree(gpu[0], cpu[0], 1e-4, "log p", scale=np.abs(cpu[0]).max() + 1.0)
+    agree(gpu[1], cpu[1], 5e-4, "entropy", scale=np.abs(cpu[1]).max() + 1.0)
+    for k, (a, b) in enumerate(zip(gpu[2:], cpu[2:])):
+        agree(a, b, TOL[dtype] + 1e-4, f"gradient {k}")
+
+
+@pytest.mark.parametrize("K", [1, 33, 4097, 50257])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_log_probs_gpu_vs_cpu(dtype, K):
+    """The logits form (metal/row_stats.metal): log p and entropy with
+    temperature and soft-cap, an ignored row, -inf classes, an all -inf row and
+    a NaN row, and the gradient for per-token cotangents on both outputs."""
+    rng = np.random.default_rng(K)
+    rows = 9
+    x = rng.standard_normal((rows, K)) * 3
+    t = rng.integers(0, K, rows)
+    t[1] = -100
+    if K > 2:
+        x[2, ::3] = -np.inf
+        t[2] = 1
+        x[3] = -np.inf
+        x[4, K // 2] = np.nan
+    xs = stored(x, dtype)
+    cots = [mx.array(rng.uniform(-1, 1, rows).astype(np.float32)) for _ in range(2)]
+
+    def f(a, dev):
+        return fl.log_probs(a, mx.array(t), temperature=1.3, logit_softcap=20.0, ignore_index=-100,
+                            return_entropy=True, stream=dev)
+
+    gpu, cpu = (scorer_grads(f, [xs], cots, dev) for dev in (GPU, mx.cpu))
+    agree(gpu[0], cpu[0], loss_rtol_of(K), "log p", scale=np.abs(cpu[0][np.isfinite(cpu[0])]).max() + 1.0)
+    agree(gpu[1], cpu[1], 5 * loss_rtol_of(K), "entropy", scale=np.abs(cpu[1][np.isfinite(cpu[1])]).max() + 1.0)
+    agree(gpu[2], cpu[2], TOL[dtype] + 2e-5, "gradient")
+    for dev in (GPU, mx.cpu):  # argmax and max as mx.argmax / mx.max (a NaN row: its first NaN)
+        am, mm = ext.row_stats(xs, None, stats=["argmax", "max"], stream=dev)
+        np.testing.assert_array_equal(np.array(am), np.array(mx.argmax(xs, axis=-1, stream=mx.cpu)))
+        fin = ~np.isnan(x).any(-1)
+        np.testing.assert_array_equal(as_f64(mm)[fin], as_f64(mx.max(xs, axis=-1, stream=mx.cpu))[fin])
+
+
+def loss_rtol_of(K):
+    return check_gpu.loss_rtol(K)
+
+
 # ---- broadcast targets, read in place by the _bcast kernels ------------------------------------
 
 def _transposed_middle(rng, shape):

@@ -3,13 +3,15 @@
 1. Kernel names: every kernel a launch plan can ask for (``_ext.launch_plan_kernels``,
    the plan functions called over every loss, dtype, option and head) must be a
    function of the loaded ``mlx_fused_losses.metallib`` (``_ext.metallib_function_names``).
-2. Numbers: a small forward and backward of every loss, and of the linear
-   cross-entropy with a dense and a quantized weight, on the GPU against the CPU
+2. Numbers: a small forward and backward of every loss, of the linear
+   cross-entropy with a dense and a quantized weight and of the scorer
+   (log_probs, linear_log_probs dense and 4-bit), on the GPU against the CPU
    stream, within the tolerances of the GPU tests (tests/test_gpu.py imports them
    from here). Apple GPUs flush float32 subnormals to zero: every comparison
    allows an absolute difference below the smallest normal float32.
 3. Speed: forward + backward of a few key shapes against MLX's own ops
-   (``mlx.nn.losses``; ``mx.matmul`` + cross-entropy for the linear CE).
+   (``mlx.nn.losses``; ``mx.matmul`` + cross-entropy for the linear CE,
+   ``mx.matmul`` + log-softmax for ``linear_log_probs``).
 
 It prints a report to paste into an issue and exits 0 when everything passed, 1
 when a check failed, 2 when there is no Metal device (or _ext was built without
@@ -33,6 +35,7 @@ import mlx.core as mx
 from . import _ext
 from .distillation import jsd, kl_div
 from .linear_cross_entropy import linear_cross_entropy
+from .log_probs import linear_log_probs, log_probs
 from .losses import (
     cross_entropy,
     huber_loss,
@@ -303,6 +306,51 @@ def _lce_case(dtype: str, bits: Optional[int]) -> Case:
     return Case(f"linear_cross_entropy {dtype} {head}", run)
 
 
+def _scorer_case(dtype: str, form: str) -> Case:
+    """The scorer (log p and entropy, per-token cotangents on both): the linear
+    form with a dense or a 4-bit head, or given logits."""
+    def run(check, gpu, cpu):
+        n, h, v = 70, 128, 300
+        rng = np.random.default_rng(n + h + v + len(form))
+        t = rng.integers(0, v, n)
+        t[::9] = -100
+        targets = mx.array(t)
+        kw = dict(temperature=0.7, ignore_index=-100, return_entropy=True)
+        cots = [mx.array(rng.uniform(-1, 1, n).astype(np.float32)) for _ in range(2)]
+        if form == "logits":
+            primals = [_stored(rng.standard_normal((n, v)) * 3, dtype)]
+            fn = lambda z, stream: log_probs(z, targets, stream=stream, **kw)  # noqa: E731
+            names = ("d logits",)
+        else:
+            hidden = _stored(rng.standard_normal((n, h)), dtype)
+            w = _stored(rng.standard_normal((v, h)) / math.sqrt(h), dtype)
+            kw.update(chunk_bytes=4 * v * 40)  # two row chunks
+            if form == "dense":
+                primals = [hidden, w]
+                fn = lambda a, b, stream: linear_log_probs(a, b, targets, stream=stream, **kw)  # noqa: E731
+                names = ("d hidden", "d weight")
+            else:
+                w_q, scales, biases = mx.quantize(w, group_size=64, bits=4)
+                primals = [hidden]
+                fn = lambda a, stream: linear_log_probs(  # noqa: E731
+                    a, w_q, targets, scales=scales, biases=biases, group_size=64, bits=4, stream=stream, **kw)
+                names = ("d hidden",)
+        res = []
+        for stream in (gpu, cpu):
+            outs, grads = mx.vjp(lambda *p: list(fn(*p, stream=stream)), primals, cots)
+            mx.eval(outs, grads)
+            res.append(([_np(o) for o in outs], [_np(g) for g in grads]))
+        (g_outs, g_grads), (c_outs, c_grads) = res
+        tol = lce_rtol(dtype) if form != "logits" else loss_rtol(v)
+        for what, a, b in zip(("log p", "entropy"), g_outs, c_outs):
+            _compare(check, what, a, b, tol)
+        for what, a, b in zip(names, g_grads, c_grads):
+            _compare(check, what, a, b, lce_rtol(dtype) if form != "logits" else grad_rtol(dtype))
+
+    head = {"logits": "log_probs", "dense": "linear_log_probs dense", "q4": "linear_log_probs 4-bit"}[form]
+    return Case(f"{head} {dtype}", run)
+
+
 def default_cases() -> List[Case]:
     """Every loss forward and backward; the row losses at a block-kernel and a
     looped-kernel class count; every dtype."""
@@ -322,6 +370,8 @@ def default_cases() -> List[Case]:
         cases.append(_lce_case(dtype, None))
         for bits in (2, 4, 8):
             cases.append(_lce_case(dtype, bits))
+        for form in ("logits", "dense", "q4"):
+            cases.append(_scorer_case(dtype, form))
     return cases
 
 
@@ -413,7 +463,38 @@ def time_key_shapes(stream, shapes: TimingShapes = TimingShapes()) -> List[Timed
                          r["fused"][0].median_ms, r["mlx"][0].median_ms))
         for N, H, V in shapes.lce_gemm:
             out += time_lce_against_gemm(N, H, V, rng, policy)
+        out += time_scorer_against_gemm(*shapes.lce, rng, policy)
     return out
+
+
+def time_scorer_against_gemm(N: int, H: int, V: int, rng, policy) -> List["Timed"]:
+    """linear_log_probs (log p and entropy, a cotangent per token on each) forward +
+    backward against the unfused way on the same bfloat16 shape: ``mx.matmul(h, w.T)``,
+    float32 log-softmax, the target's entry and the entropy, differentiated by MLX
+    (the logits GEMM, then the dH and dW GEMMs)."""
+    from .bench.timing import measure_interleaved
+
+    h = mx.array(rng.standard_normal((N, H)).astype(np.float32)).astype(mx.bfloat16)
+    w = mx.array((rng.standard_normal((V, H)) / math.sqrt(H)).astype(np.float32)).astype(mx.bfloat16)
+    t = mx.array(rng.integers(0, V, N))
+    c1 = mx.array(rng.uniform(-1, 1, N).astype(np.float32))
+    c2 = mx.array(rng.uniform(-1, 1, N).astype(np.float32))
+    mx.eval(h, w, t, c1, c2)
+
+    def fused(a, b):
+        logp, ent = linear_log_probs(a, b, t, return_entropy=True)
+        return (logp * c1 + ent * c2).sum()
+
+    def unfused(a, b):
+        z = mx.matmul(a, b.T).astype(mx.float32)
+        lsm = z - mx.logsumexp(z, axis=-1, keepdims=True)
+        logp = mx.take_along_axis(lsm, t[:, None], axis=-1)[:, 0]
+        ent = -(mx.exp(lsm) * lsm).sum(-1)
+        return (logp * c1 + ent * c2).sum()
+
+    r = measure_interleaved({"fused": _grad_thunk(fused, [h, w]), "mlx": _grad_thunk(unfused, [h, w])}, policy)
+    return [Timed(f"linear_log_probs + entropy forward + backward vs the unfused step, bfloat16 "
+                  f"N={N} H={H} V={V}", r["fused"][0].median_ms, r["mlx"][0].median_ms)]
 
 
 def time_lce_against_gemm(N: int, H: int, V: int, rng, policy) -> List["Timed"]:
