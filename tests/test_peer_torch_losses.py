@@ -365,7 +365,8 @@ RUNNERS = {
 
 
 def case_id(case) -> str:
-    return f"{case['src']}-{case['peer'].replace('torch.nn.', '').replace('nn.functional.', 'F.')}-{case['i']}"
+    peer = case["peer"].replace("torch.nn.", "").replace("nn.functional.", "F.")
+    return f"{case['src']}-{peer}-{case['i']}"
 
 
 def case_rng(case, dtype: str) -> np.random.Generator:

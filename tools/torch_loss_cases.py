@@ -35,6 +35,7 @@ import argparse
 import json
 import math
 import os
+import random
 import sys
 
 import torch
@@ -63,6 +64,13 @@ COUNTERPARTS = {
 EXACT_INTS = 64
 MODULE_ATTRS = ("reduction", "ignore_index", "label_smoothing", "beta", "delta", "log_target",
                 "weight", "pos_weight", "num_classes", "in_features", "out_features")
+
+
+def _seed():
+    """Seed every generator PyTorch's case generators draw from (some use
+    Python's random), so that the table is the same on every run."""
+    torch.manual_seed(SEED)
+    random.seed(SEED)
 
 
 def _round_out(v: float, down: bool) -> float:
@@ -160,12 +168,12 @@ def module_cases(dtypes, tolerances):
         peer = f"torch.nn.{name}"
         dtypes[peer] = [str(d).replace("torch.", "") for d in mi.dtypes]
         tolerances[peer] = forward_tolerances(mi)
-        torch.manual_seed(SEED)
+        _seed()
         inputs = mi.module_inputs_func(mi, device="cpu", dtype=torch.float32, requires_grad=False,
                                        training=True)
         for i, mod_in in enumerate(inputs):
             ctor, fwd = mod_in.constructor_input, mod_in.forward_input
-            torch.manual_seed(SEED)
+            _seed()
             m = mi.module_cls(*ctor.args, **ctor.kwargs)
             # the options as the module holds them, and any other constructor
             # argument (bias=, options=) as given
@@ -188,7 +196,7 @@ def opinfo_cases(dtypes):
     for op in cmi.op_db:
         if not _is_loss_op(op):
             continue
-        torch.manual_seed(SEED)
+        _seed()
         samples = op.sample_inputs("cpu", torch.float32, requires_grad=False)
         peer = op.name + (f".{op.variant_test_name}" if op.variant_test_name else "")
         dtypes[peer] = sorted(str(d).replace("torch.", "") for d in op.dtypes)
@@ -203,7 +211,7 @@ def criterion_cases(dtypes):
         prev = torch.get_default_dtype()
         torch.set_default_dtype(dt)
         try:
-            torch.manual_seed(SEED)
+            _seed()
             m = t["constructor"](*t.get("constructor_args", ()))
             args = []
             for name in ("input", "target"):
@@ -226,7 +234,7 @@ def error_cases():
         name = mi.module_cls.__name__
         if not name.endswith("Loss") or mi.module_error_inputs_func is None:
             continue
-        torch.manual_seed(SEED)
+        _seed()
         for i, err in enumerate(mi.module_error_inputs_func(
                 mi, device="cpu", dtype=torch.float32, requires_grad=False, training=True)):
             m_in = err.module_error_input
@@ -240,7 +248,7 @@ def error_cases():
     for op in cmi.op_db:
         if not _is_loss_op(op) or op.error_inputs_func is None:
             continue
-        torch.manual_seed(SEED)
+        _seed()
         peer = op.name + (f".{op.variant_test_name}" if op.variant_test_name else "")
         for i, err in enumerate(op.error_inputs("cpu")):
             s = err.sample_input
