@@ -464,9 +464,9 @@ NB_MODULE(_ext, m) {
         "The function names of the loaded mlx_fused_losses.metallib (macOS builds only).");
 #endif
 
-  // The bf16 GEMM library (cpu/bf16_gemm.cpp) is looked for in Python's
+  // The 16-bit GEMM library (cpu/onednn_gemm.cpp) is looked for in Python's
   // prefix/lib too, where pip installs the onednn-cpu-gomp wheel's libdnnl.
-  // Nothing is loaded here: only on the first bf16 GEMM.
+  // Nothing is loaded here: only on the first 16-bit GEMM.
   {
     nb::module_ sys = nb::module_::import_("sys");
     fl::cpu::set_bf16_gemm_search_dirs({nb::cast<std::string>(sys.attr("prefix")) + "/lib"});
@@ -476,14 +476,20 @@ NB_MODULE(_ext, m) {
           auto s = fl::cpu::bf16_gemm_status();
           nb::dict d;
           d["cpu_units"] = s.cpu_units;
+          d["f16_units"] = s.f16_units;
           d["library"] = s.library;
+          d["version"] = s.version;
+          d["implementation"] = s.implementation;
           d["active"] = s.active;
+          d["f16_active"] = s.f16_active;
           d["reason"] = s.reason;
           return d;
         },
-        "The run-time choice of the bf16 GEMM for bfloat16 linear heads: {'cpu_units': "
-        "'amx_bf16' | 'avx512_bf16' | '', 'library': the libdnnl loaded or '', 'active': bool, "
-        "'reason': why not active}. Loads the library if the CPU qualifies.");
+        "The run-time choice of oneDNN's 16-bit GEMMs for 16-bit linear heads: {'cpu_units': "
+        "'amx_bf16' | 'avx512_bf16' | '', 'f16_units': 'amx_fp16' | 'avx512_fp16' | '', 'library': "
+        "the libdnnl loaded or '', 'version', 'implementation': oneDNN's kernel of the latest matmul, "
+        "'active': bool (bf16), 'f16_active': bool, 'reason': why bf16 is not active}. Loads the "
+        "library if the CPU qualifies.");
   m.def("_set_bf16_gemm_enabled", &fl::cpu::set_bf16_gemm_enabled, "enabled"_a,
         "Test/benchmark hook: use (True) or bypass (False) the bf16 GEMM where it is available.");
 
