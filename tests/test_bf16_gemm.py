@@ -173,6 +173,42 @@ def test_gradient_with_cancellation():
 
 
 @needs_bf16_gemm
+@pytest.mark.parametrize("chunk_rows", [None, 200])
+def test_weight_gradient_with_cancellation(chunk_rows):
+    """dW_j = sum_i dZ_ij X_i where the hidden rows share a large common part
+    and each class is the target of as many rows as its probability mass
+    (near-uniform probabilities): sum_i dZ_ij is far below sum_i |dZ_ij|, so
+    the common part cancels. hi = bf16(dZ) alone leaves ~2^-9 of
+    sum_i |dZ_ij X_i|; the column sums of lo times the chunk's mean row (one
+    more K row of the dW GEMM) take it out: float32-class, as dH above."""
+    rng = np.random.default_rng(6)
+    n, h, v = 1024, 64, 512
+    common = 4.0 * rng.standard_normal(h)
+    x64 = common + 1e-3 * rng.standard_normal((n, h))
+    x = mx.array(x64.astype(np.float32)).astype(mx.bfloat16)
+    w64 = 1e-2 * rng.standard_normal((v, h))
+    w64 -= np.outer(w64 @ common, common) / (common @ common)  # logits ~ 0: p ~ 1/v
+    w = mx.array(w64.astype(np.float32)).astype(mx.bfloat16)
+    t = mx.array(np.repeat(np.arange(v), n // v).astype(np.int32))
+    X = to_np(x.astype(mx.float32)).astype(np.float64)
+    W = to_np(w.astype(mx.float32)).astype(np.float64)
+    Z = X @ W.T
+    P = np.exp(Z - Z.max(1, keepdims=True))
+    P /= P.sum(1, keepdims=True)
+    G = P.copy()
+    G[np.arange(n), to_np(t)] -= 1
+    G /= n
+    want = G.T @ X
+    scale = np.abs(G).T @ np.abs(X)
+    assert np.median(scale / np.abs(want)) > 100  # the cancellation is real
+    kwargs = {} if chunk_rows is None else dict(chunk_bytes=chunk_rows * 4 * (v + h))
+    dw = mx.grad(lambda b: fl.linear_cross_entropy(x, b, t, **kwargs))(w)
+    err = np.abs(to_np(dw.astype(mx.float32)) - want)
+    bound = 2.0**-8 * np.abs(want) + 2.0**-15 * scale
+    assert np.all(err <= bound), f"worst err / bound {np.max(err / bound):.1f}"
+
+
+@needs_bf16_gemm
 def test_same_bits_whatever_the_thread_count(tmp_path):
     """The bf16 GEMMs run as fixed tiles, one single-threaded oneDNN call each:
     the results do not depend on FL_NUM_THREADS."""

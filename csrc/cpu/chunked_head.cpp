@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstring>
 #include <utility>
 #include <vector>
@@ -112,34 +113,170 @@ const float* hidden_rows(const HeadOperands& h, bool bf16, int64_t r0, int64_t n
   return buffer;
 }
 
-// dZ [n, V] float32 as the sum of two bfloat16 matrices, hi = bf16(dZ) and
-// lo = bf16(dZ - hi), in place: row i's 4V bytes become hi's row then lo's
-// row, so hi and lo are [n, V] bf16 matrices with leading dimension 2V, at
-// element offsets 0 and V of the buffer. dZ - hi is exact in float32, so
-// hi + lo is dZ to within 2^-17 of each element (2^-9 of 2^-9): the backward
-// GEMMs on (hi, lo) see dZ to 16 significant bits rather than bfloat16's 8,
-// and a gradient with cancellation (sum_j dZ_j W_j much smaller than
-// sum_j |dZ_j W_j|) keeps float32-class accuracy. Each row touches only its
-// own bytes (through a row copy): rows run in parallel.
-void split_rows_in_place(float* z, int64_t n, int64_t V) {
+// ---------------------------------------------------------------------------
+// The backward GEMMs on the bf16 GEMM: dZ rounded once, its rounding made good.
+//
+// dH = dZ W and dW = dZ^T H_c need dZ (float32) as bfloat16. Split it as
+// dZ = hi + lo, hi = bf16(dZ), lo = dZ - hi (exact in float32, |lo| <= 2^-8
+// |dZ|). hi goes through the two GEMMs. lo's part is not a third and fourth
+// GEMM (the same FLOPs again); it is made good where it can matter, exactly:
+//   dH_i = sum_j hi_ij W_j + sum_{j in L_i} lo_ij W_j + sigma_i m
+//          + [sum_{j not in L_i} lo_ij (W_j - m)]                    (dropped)
+//   dW_j = sum_i hi_ij X_i + sum_{i: j in L_i} lo_ij X_i + s_j mu
+//          + [sum_{i: j not in L_i} lo_ij (X_i - mu)]                (dropped)
+// with L_i row i's large entries, |dZ_ij| > 2^-8 sum_j |dZ_ij| (at most 255 a
+// row), sigma_i = sum_{j not in L_i} lo_ij (row sums of the small entries),
+// s_j = sum_{i: j not in L_i} lo_ij (their column sums, rounded to bf16 as a
+// GEMM operand: 2^-8 of a sum of terms below 2^-16 of their rows), m the mean
+// weight row and mu the chunk's mean hidden row (rounded to bf16: it is an
+// operand). The identities hold for any m and mu; these choices take out
+// what makes a gradient cancel:
+//  - the common part of the weight rows (sum_j dZ_ij = 0 for every softmax
+//    loss, so dH cancels it; a single bf16 rounding of dZ left ~2^-10 of
+//    sum_j |dZ_ij W_j|, 19x tests/test_bf16_gemm.py's float32-class bound):
+//    the sigma_i m term;
+//  - the common part of the hidden rows in dW (a target column's positive
+//    and negative entries): s_j mu, as one more K row of the dW GEMM (row n of
+//    hi holds bf16(s_j), row n of the hidden copy holds mu);
+//  - the few large entries of a row (the target, confident classes: near
+//    duplicate rows among them cancel): exactly, through L_i.
+// What is dropped is at most 2^-8 sum_{small j} |dZ_ij| |W_j - m| (resp.
+// |X_i - mu|), each term below 2^-16 of its row's sum, of random sign: the
+// error stays float32-class (tests/test_bf16_gemm.py,
+// tests/test_chunked_head.py bound it). Three bf16 GEMMs per chunk, as a
+// bf16 training step without the correction.
+
+// Large entries per row: at most 255 exceed 2^-8 of the row's |dZ| sum.
+constexpr int64_t kLargeCap = 256;
+
+// The per-chunk lo corrections (rows of the plan at most).
+struct LoCorrections {
+  Scratch index; // int32 [rows, kLargeCap]
+  Scratch value; // float [rows, kLargeCap]: lo
+  Scratch count; // int32 [rows]
+  Scratch sigma; // float [rows]: sum_j lo_ij
+  explicit LoCorrections(int64_t rows)
+      : index(rows * kLargeCap * 4), value(rows * kLargeCap * 4), count(rows * 4), sigma(rows * 4) {}
+  int32_t* idx(int64_t i) {
+    return reinterpret_cast<int32_t*>(index.data()) + i * kLargeCap;
+  }
+  float* val(int64_t i) {
+    return value.data() + i * kLargeCap;
+  }
+  int32_t& n(int64_t i) {
+    return reinterpret_cast<int32_t*>(count.data())[i];
+  }
+  float& sum(int64_t i) {
+    return sigma.data()[i];
+  }
+};
+
+// dZ [n, V] float32 in place -> hi = bf16(dZ) as an [n, V] bf16 matrix with
+// leading dimension 2V (row i's first 2V bytes), row i's large entries (index,
+// lo), and the small entries' lo: their sum sigma_i, and bf16(lo) in the row's
+// other half (0 for the large ones) for the column sums.
+// Each row touches only its own bytes (through a row copy): rows run in
+// parallel, the sums in a fixed order.
+void split_rows_in_place(float* z, int64_t n, int64_t V, LoCorrections& lo) {
   parallel_for(n, 1, [&](int64_t b, int64_t e) {
     std::vector<float> row(static_cast<size_t>(V));
     float rest[kChunk];
     for (int64_t i = b; i < e; ++i) {
       std::memcpy(row.data(), z + i * V, sizeof(float) * size_t(V));
+      float total = 0.0f;
+      FL_SIMD_REDUCE(reduction(+ : total))
+      for (int64_t j = 0; j < V; ++j) {
+        total += std::fabs(row[size_t(j)]);
+      }
+      const float threshold = total * 0x1p-8f;
       BFloat* hi = reinterpret_cast<BFloat*>(z + i * V);
-      BFloat* lo = hi + V;
+      BFloat* lo_bf16 = hi + V;
+      int32_t* idx = lo.idx(i);
+      float* val = lo.val(i);
+      int32_t count = 0;
+      float sigma = 0.0f;
       for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
         const int m = int(std::min<int64_t>(kChunk, V - c0));
         const float* x = row.data() + c0;
         narrow(x, m, hi + c0);
+        bool any_large = false;
+        FL_SIMD_REDUCE(reduction(| : any_large))
         for (int j = 0; j < m; ++j) {
           rest[j] = x[j] - to_float(hi[c0 + j]);
+          any_large |= std::fabs(x[j]) > threshold;
         }
-        narrow(rest, m, lo + c0);
+        for (int j = 0; any_large && j < m; ++j) { // large entries: corrected alone, exactly
+          if (std::fabs(x[j]) > threshold && count < kLargeCap) {
+            idx[count] = int32_t(c0 + j);
+            val[count] = rest[j];
+            rest[j] = 0.0f;
+            ++count;
+          }
+        }
+        float block_sum = 0.0f;
+        FL_SIMD_REDUCE(reduction(+ : block_sum))
+        for (int j = 0; j < m; ++j) {
+          block_sum += rest[j];
+        }
+        sigma += block_sum;
+        narrow(rest, m, lo_bf16 + c0);
+      }
+      lo.n(i) = count;
+      lo.sum(i) = sigma;
+    }
+  });
+}
+
+// Row n of the hi matrix (leading dimension 2V): bf16 of the column sums of
+// lo (as stored, bf16) over the chunk's n rows; parallel over column blocks,
+// rows added in order.
+void lo_column_sums(float* z, int64_t n, int64_t V) {
+  BFloat* hi = reinterpret_cast<BFloat*>(z);
+  parallel_for(V, kChunk, [&](int64_t b, int64_t e) {
+    float acc[kChunk];
+    for (int64_t c0 = b; c0 < e; c0 += kChunk) {
+      const int m = int(std::min<int64_t>(kChunk, e - c0));
+      std::fill(acc, acc + m, 0.0f);
+      for (int64_t i = 0; i < n; ++i) {
+        const BFloat* lo_row = hi + i * 2 * V + V + c0;
+        FL_SIMD
+        for (int j = 0; j < m; ++j) {
+          acc[j] += to_float(lo_row[j]);
+        }
+      }
+      narrow(acc, m, hi + n * 2 * V + c0);
+    }
+  });
+}
+
+// The mean of the rows of a bf16 matrix [rows, cols] (leading dimension
+// cols), float32; parallel over fixed column blocks, rows added in order.
+void bf16_row_mean(const uint16_t* a, int64_t rows, int64_t cols, float* mean) {
+  const BFloat* x = reinterpret_cast<const BFloat*>(a);
+  parallel_for(cols, 64, [&](int64_t b, int64_t e) {
+    for (int64_t c0 = b; c0 < e; c0 += 64) {
+      const int64_t m = std::min<int64_t>(64, e - c0);
+      float acc[64] = {};
+      for (int64_t i = 0; i < rows; ++i) {
+        FL_SIMD
+        for (int64_t j = 0; j < m; ++j) {
+          acc[j] += to_float(x[i * cols + c0 + j]);
+        }
+      }
+      for (int64_t j = 0; j < m; ++j) {
+        mean[c0 + j] = rows ? acc[j] / float(rows) : 0.0f;
       }
     }
   });
+}
+
+// out[0, n) += scale * row[0, n) (a bf16 row).
+FLM_INLINE void add_scaled_row(float* out, const uint16_t* row, int64_t n, float scale) {
+  const BFloat* r = reinterpret_cast<const BFloat*>(row);
+  FL_SIMD
+  for (int64_t k = 0; k < n; ++k) {
+    out[k] += scale * to_float(r[k]);
+  }
 }
 
 // dbias[j] += sum_i dZ[i, j], parallel over column blocks.
@@ -195,11 +332,15 @@ int64_t tile_floats(const HeadOperands& h, const LceChunkPlan& plan) {
 }
 
 // One head's per-chunk state: its chunk of logits and its hidden copy.
+// On the bf16 GEMM with gradients the logits buffer has one more row (the
+// column sums of lo, a K row of the dW GEMM) and the hidden buffer holds the
+// chunk's bf16 rows and their mean (n + 1 rows of 2H bytes).
 struct HeadBuffers {
   Scratch logits;
   Scratch hidden;
-  HeadBuffers(const HeadOperands& h, int64_t rows)
-      : logits(rows * h.vocab * 4), hidden(h.hidden_dtype == mx::float32 ? 0 : rows * h.hidden_size * 4) {}
+  HeadBuffers(const HeadOperands& h, int64_t rows, bool extra_row = false)
+      : logits((rows + (extra_row ? 1 : 0)) * h.vocab * 4),
+        hidden(h.hidden_dtype == mx::float32 ? 0 : rows * h.hidden_size * 4) {}
 };
 
 // Z [n, V] = H_c W^T, vocabulary tiles of the plan, each thread with its own
@@ -249,6 +390,13 @@ HeadOperands head_operands(const std::vector<mx::array>& inputs, const LceInputs
   return h;
 }
 
+namespace {
+const HeadOperands& other_or_none(const ChunkedHeadCall& call) {
+  static const HeadOperands none;
+  return call.second ? *call.second : none;
+}
+} // namespace
+
 LceChunkPlan plan_chunked_head(const ChunkedHeadCall& call, int threads, LceChunkPlan* second_plan) {
   LceChunkPlan plan = head_plan(call.head, call.rows, threads, call.chunk_bytes);
   if (!call.second) {
@@ -283,7 +431,10 @@ void run_chunked_head(const ChunkedHeadCall& call, const ChunkEpilogue& epilogue
   if (N == 0) {
     return;
   }
-  HeadBuffers one(head, plan.rows);
+  // Decided once per call (set_bf16_gemm_enabled may change between calls).
+  const bool bf16 = uses_bf16_gemm(head);
+  const bool bf16_two = call.second && uses_bf16_gemm(other_or_none(call));
+  HeadBuffers one(head, plan.rows, bf16 && g.any());
   // The second head's buffers (empty without one).
   HeadOperands none;
   const HeadOperands& other = call.second ? *call.second : none;
@@ -296,9 +447,14 @@ void run_chunked_head(const ChunkedHeadCall& call, const ChunkEpilogue& epilogue
   const int64_t row_grain = std::max<int64_t>(1, rows_per_task(V + (call.second ? other.vocab : 0)));
   const int64_t dh_tiles = g.d_hidden ? tile_count(H, plan.hidden_tile) : 0;
   const int64_t dw_tiles = g.d_weight ? tile_count(V, plan.dw_tile) : 0;
-  // Decided once per call (set_bf16_gemm_enabled may change between calls).
-  const bool bf16 = uses_bf16_gemm(head);
-  const bool bf16_two = call.second && uses_bf16_gemm(other);
+  // The bf16 backward's lo corrections (split_rows_in_place) and the mean
+  // weight row m.
+  LoCorrections lo(bf16 && g.any() ? plan.rows : 0);
+  Scratch mean_w(bf16 && g.d_hidden ? H * 4 : 0);
+  Scratch mean_x(bf16 && g.d_weight ? H * 4 : 0);
+  if (bf16 && g.d_hidden) {
+    bf16_row_mean(bf16_rows(head.weight, 0, H), V, H, mean_w.data());
+  }
 
   for (int64_t r0 = 0; r0 < N; r0 += plan.rows) {
     const int64_t n = std::min(plan.rows, N - r0);
@@ -319,12 +475,20 @@ void run_chunked_head(const ChunkedHeadCall& call, const ChunkEpilogue& epilogue
       add_column_sums(logits, n, V, g.d_bias);
     }
     if (bf16) {
-      // dZ as hi + lo bfloat16 (split_rows_in_place), each GEMM twice (lo
-      // added with beta 1); products accumulate in float32. dH tiles take the
-      // whole vocabulary in one call per part.
-      split_rows_in_place(logits, n, V);
+      // dZ = hi + lo: hi through the GEMMs, lo made good around them (see
+      // split_rows_in_place).
+      split_rows_in_place(logits, n, V, lo);
       const uint16_t* dz_hi = reinterpret_cast<const uint16_t*>(logits);
-      const uint16_t* dz_lo = dz_hi + V;
+      uint16_t* x = nullptr; // the chunk's hidden rows and their mean mu (row n)
+      if (g.d_weight) {
+        lo_column_sums(logits, n, V);
+        x = reinterpret_cast<uint16_t*>(one.hidden.data());
+        std::memcpy(x, bf16_rows(head.hidden, r0, H), size_t(n * H) * 2);
+        bf16_row_mean(x, n, H, mean_x.data());
+        BFloat* mu_row = reinterpret_cast<BFloat*>(x + n * H);
+        narrow(mean_x.data(), int(H), mu_row);
+      }
+      const float* m = mean_w.data();
       for_each_tile(dh_tiles + dw_tiles, [&](int64_t, int64_t t) {
         if (t < dh_tiles) { // dH_c = dZ W, columns [h0, h0 + nh)
           // Vocabulary tiles added in order: oneDNN's matmul runs a long K
@@ -335,14 +499,33 @@ void run_chunked_head(const ChunkedHeadCall& call, const ChunkEpilogue& epilogue
             const int64_t nv = std::min(plan.dw_tile, V - v0);
             const uint16_t* w = bf16_rows(head.weight, v0, H) + h0;
             bf16_gemm(false, false, n, nh, nv, dz_hi + v0, 2 * V, w, H, v0 == 0 ? 0.0f : 1.0f, dh, H);
-            bf16_gemm(false, false, n, nh, nv, dz_lo + v0, 2 * V, w, H, 1.0f, dh, H);
           }
-        } else { // dW += dZ^T H_c, rows [v0, v0 + nv)
+          for (int64_t i = 0; i < n; ++i) { // + sigma_i m + sum_{L_i} lo_ij W_j
+            float* out = dh + i * H;
+            const float sigma = lo.sum(i);
+            FL_SIMD
+            for (int64_t k = 0; k < nh; ++k) {
+              out[k] += sigma * m[h0 + k];
+            }
+            const int32_t* idx = lo.idx(i);
+            const float* val = lo.val(i);
+            for (int32_t c = 0; c < lo.n(i); ++c) {
+              add_scaled_row(out, bf16_rows(head.weight, idx[c], H) + h0, nh, val[c]);
+            }
+          }
+        } else { // dW += dZ^T H_c, rows [v0, v0 + nv): K = n + 1 (the s_j mu row)
           const int64_t v0 = (t - dh_tiles) * plan.dw_tile, nv = std::min(plan.dw_tile, V - v0);
-          const uint16_t* x = bf16_rows(head.hidden, r0, H);
           float* dw = g.d_weight + v0 * H;
-          bf16_gemm(true, false, nv, H, n, dz_hi + v0, 2 * V, x, H, r0 == 0 ? 0.0f : 1.0f, dw, H);
-          bf16_gemm(true, false, nv, H, n, dz_lo + v0, 2 * V, x, H, 1.0f, dw, H);
+          bf16_gemm(true, false, nv, H, n + 1, dz_hi + v0, 2 * V, x, H, r0 == 0 ? 0.0f : 1.0f, dw, H);
+          for (int64_t i = 0; i < n; ++i) { // + sum_{i: j in L_i} lo_ij X_i
+            const int32_t* idx = lo.idx(i);
+            const float* val = lo.val(i);
+            for (int32_t c = 0; c < lo.n(i); ++c) {
+              if (idx[c] >= v0 && idx[c] < v0 + nv) {
+                add_scaled_row(g.d_weight + int64_t(idx[c]) * H, x + i * H, H, val[c]);
+              }
+            }
+          }
         }
       });
       continue;
