@@ -365,6 +365,61 @@ void logits_gemm(const HeadOperands& h, bool bf16, const LceChunkPlan& plan, int
   });
 }
 
+// Gradient filtering (ChunkedHeadCall::filter): live[k] = 1 where column
+// block k of the chunk's dZ [n, V] holds an entry above its row's threshold
+// (or a NaN: !(|d| <= t)), so that NaN rows still poison the gradients.
+void mark_live_blocks(const float* dz, int64_t n, int64_t V, const float* threshold, std::vector<uint8_t>& live) {
+  live.assign(size_t(tile_count(V, kLceFilterBlock)), 0);
+  parallel_for(int64_t(live.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t k = b; k < e; ++k) {
+      const int64_t c0 = k * kLceFilterBlock, c1 = std::min(V, c0 + kLceFilterBlock);
+      int any = 0;
+      for (int64_t i = 0; i < n && !any; ++i) {
+        const float* row = dz + i * V;
+        const float t = threshold[i];
+        FL_SIMD_REDUCE(reduction(| : any))
+        for (int64_t j = c0; j < c1; ++j) {
+          any |= !(std::fabs(row[j]) <= t);
+        }
+      }
+      live[size_t(k)] = uint8_t(any != 0);
+    }
+  });
+}
+
+// body(a, b, kept) over the maximal column ranges [a, b) of [v0, v1) that are
+// all kept or all filtered out (one range, kept, when `live` is empty: no
+// filtering). The backward GEMMs run on the kept ranges only.
+template <typename Body>
+void for_column_runs(const std::vector<uint8_t>& live, int64_t v0, int64_t v1, Body&& body) {
+  if (live.empty()) {
+    body(v0, v1, true);
+    return;
+  }
+  auto kept = [&](int64_t v) { return live[size_t(v / kLceFilterBlock)] != 0; };
+  for (int64_t a = v0; a < v1;) {
+    const bool k = kept(a);
+    int64_t b = std::min(v1, (a / kLceFilterBlock + 1) * kLceFilterBlock);
+    while (b < v1 && kept(b) == k) {
+      b = std::min(v1, b + kLceFilterBlock);
+    }
+    body(a, b, k);
+    a = b;
+  }
+}
+
+// Whether column j's block is kept (always, without filtering).
+bool column_kept(const std::vector<uint8_t>& live, int64_t j) {
+  return live.empty() || live[size_t(j / kLceFilterBlock)] != 0;
+}
+
+// Zeroes an [n, cols] block of a row-major matrix (leading dimension ld).
+void zero_block(float* dst, int64_t n, int64_t cols, int64_t ld) {
+  for (int64_t i = 0; i < n; ++i) {
+    std::fill(dst + i * ld, dst + i * ld + cols, 0.0f);
+  }
+}
+
 } // namespace
 
 HeadOperands head_operands(const std::vector<mx::array>& inputs, const LceInputs& where,
@@ -455,12 +510,17 @@ void run_chunked_head(const ChunkedHeadCall& call, const ChunkEpilogue& epilogue
   if (bf16 && g.d_hidden) {
     bf16_row_mean(bf16_rows(head.weight, 0, H), V, H, mean_w.data());
   }
+  // Gradient filtering: each row's threshold (from the epilogue) and the
+  // chunk's kept column blocks (empty: no filtering).
+  const bool filter = call.filter && g.any();
+  std::vector<float> dz_threshold(filter ? size_t(plan.rows) : 0);
+  std::vector<uint8_t> live;
 
   for (int64_t r0 = 0; r0 < N; r0 += plan.rows) {
     const int64_t n = std::min(plan.rows, N - r0);
     const float* h = hidden_rows(head, bf16, r0, n, one.hidden.data());
     logits_gemm(head, bf16, plan, r0, h, n, logits, tiles, tile_size); // Z = H_c W^T
-    HeadChunk chunk{r0, n, logits, V, nullptr, 0, row_grain};
+    HeadChunk chunk{r0, n, logits, V, nullptr, 0, row_grain, filter ? dz_threshold.data() : nullptr};
     if (call.second) {
       const float* h2 = hidden_rows(other, bf16_two, r0, n, two.hidden.data());
       logits_gemm(other, bf16_two, plan2, r0, h2, n, two.logits.data(), tiles, tile_size);
@@ -470,6 +530,9 @@ void run_chunked_head(const ChunkedHeadCall& call, const ChunkEpilogue& epilogue
     epilogue(chunk);
     if (!g.any()) {
       continue;
+    }
+    if (filter) {
+      mark_live_blocks(logits, n, V, dz_threshold.data(), live);
     }
     if (g.d_bias) {
       add_column_sums(logits, n, V, g.d_bias);
@@ -495,11 +558,17 @@ void run_chunked_head(const ChunkedHeadCall& call, const ChunkEpilogue& epilogue
           // (the whole vocabulary) at half the speed of K ~ 4000.
           const int64_t h0 = t * plan.hidden_tile, nh = std::min(plan.hidden_tile, H - h0);
           float* dh = g.d_hidden + r0 * H + h0;
+          bool first = true;
           for (int64_t v0 = 0; v0 < V; v0 += plan.dw_tile) {
             const int64_t nv = std::min(plan.dw_tile, V - v0);
-            const uint16_t* w = bf16_rows(head.weight, v0, H) + h0;
-            bf16_gemm(false, false, n, nh, nv, dz_hi + v0, 2 * V, w, H, v0 == 0 ? 0.0f : 1.0f, dh, H);
+            for_column_runs(live, v0, v0 + nv, [&](int64_t a, int64_t b, bool kept) {
+              if (!kept) return; // filtered out
+              const uint16_t* w = bf16_rows(head.weight, a, H) + h0;
+              bf16_gemm(false, false, n, nh, b - a, dz_hi + a, 2 * V, w, H, first ? 0.0f : 1.0f, dh, H);
+              first = false;
+            });
           }
+          if (first) zero_block(dh, n, nh, H); // every block filtered out
           for (int64_t i = 0; i < n; ++i) { // + sigma_i m + sum_{L_i} lo_ij W_j
             float* out = dh + i * H;
             const float sigma = lo.sum(i);
@@ -510,18 +579,26 @@ void run_chunked_head(const ChunkedHeadCall& call, const ChunkEpilogue& epilogue
             const int32_t* idx = lo.idx(i);
             const float* val = lo.val(i);
             for (int32_t c = 0; c < lo.n(i); ++c) {
-              add_scaled_row(out, bf16_rows(head.weight, idx[c], H) + h0, nh, val[c]);
+              if (column_kept(live, idx[c])) {
+                add_scaled_row(out, bf16_rows(head.weight, idx[c], H) + h0, nh, val[c]);
+              }
             }
           }
         } else { // dW += dZ^T H_c, rows [v0, v0 + nv): K = n + 1 (the s_j mu row)
           const int64_t v0 = (t - dh_tiles) * plan.dw_tile, nv = std::min(plan.dw_tile, V - v0);
-          float* dw = g.d_weight + v0 * H;
-          bf16_gemm(true, false, nv, H, n + 1, dz_hi + v0, 2 * V, x, H, r0 == 0 ? 0.0f : 1.0f, dw, H);
+          for_column_runs(live, v0, v0 + nv, [&](int64_t a, int64_t b, bool kept) {
+            float* dw = g.d_weight + a * H;
+            if (kept) {
+              bf16_gemm(true, false, b - a, H, n + 1, dz_hi + a, 2 * V, x, H, r0 == 0 ? 0.0f : 1.0f, dw, H);
+            } else if (r0 == 0) {
+              zero_block(dw, b - a, H, H); // filtered out
+            }
+          });
           for (int64_t i = 0; i < n; ++i) { // + sum_{i: j in L_i} lo_ij X_i
             const int32_t* idx = lo.idx(i);
             const float* val = lo.val(i);
             for (int32_t c = 0; c < lo.n(i); ++c) {
-              if (idx[c] >= v0 && idx[c] < v0 + nv) {
+              if (idx[c] >= v0 && idx[c] < v0 + nv && column_kept(live, idx[c])) {
                 add_scaled_row(g.d_weight + int64_t(idx[c]) * H, x + i * H, H, val[c]);
               }
             }
@@ -536,15 +613,28 @@ void run_chunked_head(const ChunkedHeadCall& call, const ChunkEpilogue& epilogue
       if (t < dh_tiles) { // dH_c = dZ W, columns [h0, h0 + nh)
         const int64_t h0 = t * plan.hidden_tile, nh = std::min(plan.hidden_tile, H - h0);
         float* tile = tiles + slot * tile_size;
+        float* dh = g.d_hidden + r0 * H + h0;
+        bool first = true;
         for (int64_t v0 = 0; v0 < V; v0 += plan.vocab_tile) {
           const int64_t nv = std::min(plan.vocab_tile, V - v0);
-          auto [w, ldw] = weight_block(head, {v0, nv, h0, nh, H}, tile);
-          sgemm(false, false, n, nh, nv, logits + v0, V, w, ldw, v0 == 0 ? 0.0f : 1.0f,
-                g.d_hidden + r0 * H + h0, H);
+          // (filtered: only the kept rows of the weight are converted)
+          for_column_runs(live, v0, v0 + nv, [&](int64_t a, int64_t b, bool kept) {
+            if (!kept) return;
+            auto [w, ldw] = weight_block(head, {a, b - a, h0, nh, H}, tile);
+            sgemm(false, false, n, nh, b - a, logits + a, V, w, ldw, first ? 0.0f : 1.0f, dh, H);
+            first = false;
+          });
         }
+        if (first) zero_block(dh, n, nh, H); // every block filtered out
       } else { // dW += dZ^T H_c (float32), rows [v0, v0 + nv)
         const int64_t v0 = (t - dh_tiles) * plan.dw_tile, nv = std::min(plan.dw_tile, V - v0);
-        sgemm(true, false, nv, H, n, logits + v0, V, h, H, r0 == 0 ? 0.0f : 1.0f, g.d_weight + v0 * H, H);
+        for_column_runs(live, v0, v0 + nv, [&](int64_t a, int64_t b, bool kept) {
+          if (kept) {
+            sgemm(true, false, b - a, H, n, logits + a, V, h, H, r0 == 0 ? 0.0f : 1.0f, g.d_weight + a * H, H);
+          } else if (r0 == 0) {
+            zero_block(g.d_weight + a * H, b - a, H, H);
+          }
+        });
       }
     });
   }

@@ -102,6 +102,9 @@ struct HeadChunk {
   const float* z2; // [rows, vocab2] float32, x2 W2^T of the second head, or null
   int64_t vocab2;
   int64_t row_grain; // rows per task of for_rows (from the longer row)
+  // Gradient filtering (ChunkedHeadCall::filter), else null: [rows], the
+  // epilogue writes every row's threshold with its dZ.
+  float* dz_threshold = nullptr;
 
   // body(b, e) over the chunk's rows [b, e) (chunk-local indices), in
   // parallel on the pool; returns when all are done.
@@ -117,6 +120,13 @@ struct ChunkedHeadCall {
   const HeadOperands* second = nullptr; // logits only (no gradient), or null
   HeadGrads grads; // any(): the epilogue writes dZ, the driver forms these
   int64_t chunk_bytes = kLceDefaultChunkBytes;
+  // Gradient filtering (Cut Cross-Entropy's filter_eps; with grads only):
+  // the epilogue writes a threshold per row (HeadChunk::dz_threshold), and
+  // each kLceFilterBlock-column block of a chunk's dZ in which every entry has
+  // |dZ_ij| <= threshold_i (a NaN entry never does) is left out of dH and
+  // dW: its products are not computed (dW's rows of it gain nothing; the
+  // first chunk writes them 0). d_bias still sums every entry.
+  bool filter = false;
 };
 
 // The chunk plan of a call: plan_chunks (ops/linear_cross_entropy.h) for the

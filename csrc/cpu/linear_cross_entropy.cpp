@@ -90,9 +90,11 @@ FLM_INLINE void row_gradient(const LceArgs& a, float* z, int64_t t, float lse, f
 
 // Rows [b, e) of the chunk starting at global row r0. Forward: statistics and
 // loss (and dZ if gradients are wanted); backward: dZ from the saved lse.
+// dz_threshold (chunk-local, null without filtering): each row's
+// filter_eps |g|, below which its dZ entries may be left out of dH and dW.
 template <bool kBias, bool kCap>
 FL_VECTOR_CLONES void epilogue_rows(const LceArgs& a, float* logits, int64_t r0, int64_t b, int64_t e,
-                                    bool backward, bool want_dz) {
+                                    bool backward, bool want_dz, float* dz_threshold) {
   const int64_t V = a.vocab;
   const auto c = a.smoothing;
   for (int64_t i = b; i < e; ++i) {
@@ -121,6 +123,10 @@ FL_VECTOR_CLONES void epilogue_rows(const LceArgs& a, float* logits, int64_t r0,
     if (!want_dz) {
       continue;
     }
+    if (dz_threshold) {
+      // (an ignored row's dZ is 0: never kept; a NaN row always is)
+      dz_threshold[i] = a.p.filter_eps * flm::fabs(a.g_rows ? a.g_rows[r] : 1.0f);
+    }
     if (t < 0) {
       cpu::fill_masked_row(z, int(V), t); // ignored: 0, out of range: NaN
       continue;
@@ -130,7 +136,7 @@ FL_VECTOR_CLONES void epilogue_rows(const LceArgs& a, float* logits, int64_t r0,
   }
 }
 
-using EpilogueFn = void (*)(const LceArgs&, float*, int64_t, int64_t, int64_t, bool, bool);
+using EpilogueFn = void (*)(const LceArgs&, float*, int64_t, int64_t, int64_t, bool, bool, float*);
 
 EpilogueFn pick_epilogue(const LinearCrossEntropyParams& p) {
   bool cap = p.logit_softcap != 0.0f;
@@ -147,10 +153,13 @@ void run_chunks(const LceArgs& a, bool backward) {
   call.head = a.head;
   call.grads = a.grads;
   call.chunk_bytes = a.p.chunk_bytes;
+  call.filter = a.p.filter_eps > 0.0f;
   const bool want_dz = a.grads.any();
   const EpilogueFn epilogue = pick_epilogue(a.p);
   cpu::run_chunked_head(call, [&](const cpu::HeadChunk& c) {
-    c.for_rows([&](int64_t b, int64_t e) { epilogue(a, c.z, c.row0, b, e, backward, want_dz); });
+    c.for_rows([&](int64_t b, int64_t e) {
+      epilogue(a, c.z, c.row0, b, e, backward, want_dz, c.dz_threshold);
+    });
   });
 }
 

@@ -303,8 +303,12 @@ LinearHeadOperands check_linear_head(
 int check_linear_cross_entropy_options(float label_smoothing,
                                        const std::string& label_smoothing_mode, float z_loss,
                                        std::optional<float> logit_softcap,
-                                       std::optional<int64_t> chunk_bytes) {
+                                       std::optional<int64_t> chunk_bytes,
+                                       float filter_eps) {
   int mode = check_label_smoothing(label_smoothing, label_smoothing_mode);
+  if (!(filter_eps >= 0.0f) || std::isinf(filter_eps)) {
+    fail_value("filter_eps must be finite and >= 0 (or None: no filtering, or 'auto'), got ", filter_eps);
+  }
   check_z_loss(z_loss);
   check_logit_softcap(logit_softcap);
   if (chunk_bytes && *chunk_bytes <= 0) {
@@ -332,10 +336,12 @@ std::vector<mx::array> linear_cross_entropy(
     bool sum_rows,
     std::optional<int64_t> chunk_bytes,
     bool fuse_grads,
+    float filter_eps,
     mx::StreamOrDevice s) {
   LinearCrossEntropyParams p;
   p.smoothing_mode = check_linear_cross_entropy_options(label_smoothing, label_smoothing_mode,
-                                                        z_loss, logit_softcap, chunk_bytes);
+                                                        z_loss, logit_softcap, chunk_bytes, filter_eps);
+  p.filter_eps = filter_eps;
   auto head = check_linear_head(hidden, weight, targets, bias, scales, qbiases, group_size, bits, mode,
                                 global_scale, p, s);
   p.label_smoothing = label_smoothing;

@@ -60,6 +60,11 @@ constexpr int64_t kLceMinDenseTiles = 8;
 // Columns of dH per GEMM: a multiple of every quantization group size (the
 // weight's column blocks start on group boundaries).
 constexpr int64_t kLceHiddenTile = 512;
+// Gradient filtering (filter_eps) on the CPU: columns per block, blocks start
+// at multiples of it. A block is kept for one entry above the threshold in
+// any row of the chunk, so smaller blocks drop more, but cut the backward
+// GEMMs into more, shorter calls.
+constexpr int64_t kLceFilterBlock = 256;
 
 struct LinearCrossEntropyParams {
   float label_smoothing = 0.0f;
@@ -75,6 +80,11 @@ struct LinearCrossEntropyParams {
   bool has_global_scale = false; // nvfp4 with mx.quantize's global_scale (an input)
   int64_t chunk_bytes = kLceDefaultChunkBytes;
   bool sum_rows = false; // the loss output is the float32 sum over rows (a scalar)
+  // Gradient filtering (Cut Cross-Entropy's filter_eps; 0: off): the backward
+  // GEMMs skip every vocabulary block of a chunk whose entries all have
+  // |dZ_rj| <= filter_eps |g_r| (g_r: the row's cotangent; 1 in the forward's
+  // fused gradients, which the vjp scales by g). See cpu/chunked_head.h.
+  float filter_eps = 0.0f;
   // Gradients this primitive has as outputs (forward: declared for the traced
   // inputs, for a unit cotangent of the summed loss; backward: those the vjp
   // asked for).
@@ -184,7 +194,8 @@ enum LceOutput {
 int check_linear_cross_entropy_options(float label_smoothing,
                                        const std::string& label_smoothing_mode, float z_loss,
                                        std::optional<float> logit_softcap,
-                                       std::optional<int64_t> chunk_bytes);
+                                       std::optional<int64_t> chunk_bytes,
+                                       float filter_eps = 0.0f);
 
 // The quantization mode named as mx.quantize names it ("affine", "mxfp4",
 // "mxfp8", "nvfp4") -> flm::kQuant*; ValueError naming `mode` otherwise.
@@ -248,6 +259,7 @@ std::vector<mx::array> linear_cross_entropy(
     bool sum_rows,
     std::optional<int64_t> chunk_bytes,
     bool fuse_grads,
+    float filter_eps = 0.0f,
     mx::StreamOrDevice s = {});
 
 // Forward. Inputs: hidden, weight, [scales, [qbiases (affine)], [global_scale

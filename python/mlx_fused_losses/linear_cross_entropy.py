@@ -88,6 +88,7 @@ def linear_cross_entropy(
     global_scale: Optional[mx.array] = None,
     shift: Union[bool, int] = 0,
     token_scaling: bool = False,
+    filter_eps: Union[None, float, Literal["auto"]] = None,
     return_stats: bool = False,
     vocab_start: Optional[int] = None,
     group: Optional["mx.distributed.Group"] = None,
@@ -156,6 +157,24 @@ def linear_cross_entropy(
             ``(w q) @ W`` for probability targets: a GEMM of the logits'
             size), so those need a dense head and no ``logit_softcap``
             (ValueError otherwise).
+        filter_eps: gradient filtering (Cut Cross-Entropy's ``filter_eps``):
+            ``None`` (default) computes the exact gradients; a float ``eps >=
+            0``, or ``"auto"`` (``mx.finfo(hidden.dtype).eps / 32``, as Cut
+            Cross-Entropy resolves it from its embeddings' dtype), lets the
+            backward skip the ``dH = dZ W`` and ``dW = dZ^T H`` products of
+            every block of vocabulary columns (256 on the CPU, a GEMM tile's
+            width on Metal) in which every entry of the chunk's rows has
+            ``|dZ_rj| <= eps |g_r|`` (``dZ = g (p - q)`` up to the smoothing,
+            z-loss and soft-cap factors; ``g_r`` the row's cotangent): entries
+            far below the softmax's mass, which a peaked softmax has in most
+            blocks. A block with one entry above it (a target's ``p_t - 1``,
+            say) is computed in full; a NaN row is never dropped. Error bound
+            (each dropped entry is at most ``eps |g_r|``): ``|ddH_r| <= eps
+            |g_r| sum_j |W_j|`` and ``|ddW_j| <= eps sum_r |g_r| |h_r|``
+            (elementwise, over the dropped entries); the loss, the
+            statistics and the bias gradient are exact. Not with probability
+            targets or a sharded head (ValueError). The Metal backward
+            does not filter yet (exact gradients on the GPU).
         chunk_bytes: working-memory budget (default 64 MiB): the float32
             logits of ``chunk_bytes // (4 V)`` rows at a time (at least one).
         return_stats: also return per-row statistics (see below).
@@ -191,7 +210,8 @@ def linear_cross_entropy(
             raise TypeError("group= shards the head over the vocabulary: pass vocab_start= too (the global "
                             "index of this rank's first row of the head)")
         unsharded = [name for name, value in (("shift", shift), ("token_scaling", token_scaling),
-                                              ("class_weights", class_weights)) if value is not None
+                                              ("class_weights", class_weights),
+                                              ("filter_eps", filter_eps)) if value is not None
                      and value is not False and not (name == "shift" and value == 0)]
         if unsharded:
             raise ValueError(f"{', '.join(unsharded)}: not available with a head sharded over the "
@@ -218,6 +238,7 @@ def linear_cross_entropy(
                             (global_scale, "global_scale"))
     )
     result_dtype = _result_dtype(dtype, hidden.dtype)
+    filter_eps = _filter_eps_option(filter_eps, hidden.dtype)
     soft = mx.issubdtype(targets.dtype, mx.floating) and targets.ndim == hidden.ndim and hidden.ndim > 0
     if not soft and not mx.issubdtype(targets.dtype, mx.integer):
         raise TypeError(f"targets holds class indices and must have an integer dtype (or be "
@@ -227,7 +248,7 @@ def linear_cross_entropy(
             hidden, weight, targets, bias, soft, class_weights, label_smoothing, label_smoothing_mode,
             ignore_index, z_loss, logit_softcap, reduction, mask, weights, chunk_bytes, scales, biases,
             group_size, bits, mode, global_scale, shift, token_scaling, return_stats, result_dtype,
-            stream)
+            filter_eps, stream)
     token_scaling = _bool_option(token_scaling, "token_scaling")
     shift = _shift_option(shift, targets)
     ignore_index = _ignore_index_for(targets, ignore_index)
@@ -274,6 +295,7 @@ def linear_cross_entropy(
         # returns them one by one.
         sum_rows=reduction != "none" and weights is None and not token_scaling,
         chunk_bytes=chunk_bytes,
+        filter_eps=filter_eps,
         stream=stream,
     )
     rows = outputs[0] if weights is None else outputs[0] * weights.astype(mx.float32)
@@ -296,6 +318,22 @@ def linear_cross_entropy(
     if shift:
         stats = {k: v[..., : v.shape[-1] - shift] for k, v in stats.items()}
     return loss, stats
+
+
+def _filter_eps_option(filter_eps, dtype) -> float:
+    """filter_eps as the float32 threshold the kernels take (0.0: off):
+    None, "auto" (Cut Cross-Entropy's: the machine epsilon of ``dtype``, its
+    embeddings' dtype, over 32) or a finite number >= 0."""
+    if filter_eps is None:
+        return 0.0
+    if isinstance(filter_eps, str):
+        if filter_eps != "auto":
+            raise ValueError(f"filter_eps must be None, 'auto' or a number >= 0, got {filter_eps!r}")
+        return float(mx.finfo(dtype).eps) / 32
+    value = _float_option(filter_eps, "filter_eps")
+    if not 0.0 <= value < float("inf"):
+        raise ValueError(f"filter_eps must be finite and >= 0 (or None, or 'auto'), got {filter_eps!r}")
+    return value
 
 
 def _shift_option(shift, targets) -> int:
@@ -335,7 +373,7 @@ def _smoothing(eps: float, mode: str, vocab: int) -> Tuple[float, float]:
 def _weighted_or_soft(hidden, weight, targets, bias, soft, class_weights, label_smoothing,
                       label_smoothing_mode, ignore_index, z_loss, logit_softcap, reduction, mask,
                       weights, chunk_bytes, scales, biases, group_size, bits, mode, global_scale,
-                      shift, token_scaling, return_stats, result_dtype, stream):
+                      shift, token_scaling, return_stats, result_dtype, filter_eps, stream):
     """class_weights and/or probability targets (see linear_cross_entropy's
     docstring). With q_j = c_other + c_target t_j and w the class weights,
         row = sum_j w_j q_j (lse - z_j) + z_loss lse^2
@@ -365,6 +403,9 @@ def _weighted_or_soft(hidden, weight, targets, bias, soft, class_weights, label_
         raise ValueError(f"shift is not available with {name} in linear_cross_entropy")
     if mask is not None:
         raise ValueError(f"mask is not available with {name}: use ignore_index or weights")
+    if soft and filter_eps:
+        raise ValueError("filter_eps is not available with probability targets (their gradient "
+                         "runs through the row statistics, not the filtered backward)")
     c_target, c_other = _smoothing(label_smoothing, label_smoothing_mode, vocab)
     needs_lse = soft or c_other != 0.0 or z_loss != 0.0
     if needs_lse and (logit_softcap is not None or scales is not None):
@@ -427,7 +468,7 @@ def _weighted_or_soft(hidden, weight, targets, bias, soft, class_weights, label_
         out = linear_cross_entropy(
             hidden, weight, targets, bias, ignore_index=ignore_index, logit_softcap=logit_softcap,
             reduction="none", weights=c_target * w_t, return_stats=return_stats, dtype=mx.float32,
-            **head)
+            filter_eps=filter_eps or None, **head)
         rows, stats = out if return_stats else (out, None)
         if reduction == "mean":
             count = _sum(mx.where(kept, w_t, 0.0))

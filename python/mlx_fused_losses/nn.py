@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import losses
-from .linear_cross_entropy import _linear_cross_entropy_options, linear_cross_entropy
+from .linear_cross_entropy import _filter_eps_option, _linear_cross_entropy_options, linear_cross_entropy
 
 
 def _option_repr(value) -> str:
@@ -229,6 +229,8 @@ class LinearCrossEntropyLoss(_LossModule):
             disables it.
         chunk_bytes: working-memory budget of the float32 logits of one chunk
             of rows (``None``: the function's default).
+        filter_eps: gradient filtering (``None``: exact; a float or
+            ``"auto"``), as :func:`mlx_fused_losses.linear_cross_entropy`.
         dtype: the result's dtype (``None``: ``hidden``'s dtype).
     """
 
@@ -242,10 +244,12 @@ class LinearCrossEntropyLoss(_LossModule):
         z_loss: float = 0.0,
         logit_softcap: Optional[float] = None,
         chunk_bytes: Optional[int] = None,
+        filter_eps: Union[None, float, str] = None,
         dtype: Optional[mx.Dtype] = None,
     ):
         _linear_cross_entropy_options(label_smoothing, reduction, label_smoothing_mode,
                                       ignore_index, z_loss, logit_softcap, chunk_bytes, dtype)
+        _filter_eps_option(filter_eps, mx.float32)
         super().__init__(
             label_smoothing=label_smoothing,
             reduction=reduction,
@@ -254,6 +258,7 @@ class LinearCrossEntropyLoss(_LossModule):
             z_loss=z_loss,
             logit_softcap=logit_softcap,
             chunk_bytes=chunk_bytes,
+            filter_eps=filter_eps,
             dtype=dtype,
         )
 

@@ -18,6 +18,19 @@ With --scorer, also the per-token paths, each token with its own cotangent:
 Targets: scorer f+b <= 1.25 x three GEMMs (as the LCE; a per-token backward
 recomputes the logits, a fourth GEMM: 1.33 is its floor) and <= LCE none f+b.
 
+With --filter, Cut Cross-Entropy's gradient filtering (filter_eps="auto") on a
+peaked softmax, float32 and bfloat16 inputs, interleaved with the exact step
+on the same data:
+  f+b exact      value_and_grad (hidden, weight), filter_eps=None
+  f+b filtered   the same with filter_eps="auto" (finfo(dtype).eps / 32)
+and the filtered gradients' error: max |filtered - exact| / max |exact| of dH
+and dW, beside the blocks of vocabulary the filter kept (per chunk of the
+plan, kept if any row's dZ exceeds eps |g|). The data: hidden and weight as
+above, logits plus a unigram bias b_j = -2 log(1 + j / 64) (a Zipf-like prior:
+the mass sits on the first classes, as in a trained model's frequent tokens;
+the filter's gain depends on it: with the flat softmax of random logits no
+block can be dropped).
+
 On machines that force OPENBLAS_CORETYPE (an older kernel for NumPy), unset it
 (and OPENBLAS_L2_SIZE) for this command; the script prints the kernel NumPy runs.
 """
@@ -109,6 +122,55 @@ def run_shape(n: int, h: int, v: int, repeats: int, scorer: bool = False) -> dic
     return out
 
 
+def run_filter(n: int, h: int, v: int, repeats: int, dtype) -> dict:
+    """Exact vs filter_eps="auto" fwd+bwd on the peaked data (see the module
+    docstring), interleaved; the filtered gradients' error and kept blocks."""
+    rng = np.random.default_rng(1)
+    hm = mx.array(rng.standard_normal((n, h), dtype=np.float32)).astype(dtype)
+    wm = mx.array(rng.standard_normal((v, h), dtype=np.float32) / np.float32(np.sqrt(h))).astype(dtype)
+    bias = mx.array((-2.0 * np.log1p(np.arange(v) / 64.0)).astype(np.float32)).astype(dtype)
+    logits = (hm.astype(mx.float32) @ wm.astype(mx.float32).T) + bias.astype(mx.float32)
+    # Targets drawn from the model's own softmax (a trained model's targets
+    # are mostly likely classes).
+    tm = mx.random.categorical(logits, key=mx.random.key(0))
+    mx.eval(hm, wm, bias, tm)
+    eps = float(mx.finfo(dtype).eps) / 32
+
+    def step(filter_eps):
+        return mx.value_and_grad(lambda a, b: fl.linear_cross_entropy(a, b, tm, bias, filter_eps=filter_eps),
+                                 argnums=(0, 1))
+
+    exact, filtered = step(None), step("auto")
+    cases = {"f+b exact": lambda: mx.eval(exact(hm, wm)), "f+b filtered": lambda: mx.eval(filtered(hm, wm))}
+    times = {k: [] for k in cases}
+    for fn in cases.values():  # warm-up
+        fn()
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            times[name].append(timed(fn))
+    (_, g_exact), (_, g_filtered) = exact(hm, wm), filtered(hm, wm)
+    errors = {}
+    for name, a, b in zip(("dH", "dW"), g_exact, g_filtered):
+        a32, b32 = a.astype(mx.float32), b.astype(mx.float32)
+        errors[name] = (mx.abs(a32 - b32).max() / mx.abs(a32).max()).item()
+    # Kept blocks: per chunk of the plan's rows, a block is kept where some
+    # row's |dZ| = |g (p - onehot)| exceeds eps |g| (g = 1/N for every row).
+    plan = _ext.linear_cross_entropy_plan(n, h, v, dtype == mx.float32, dtype == mx.float32, _ext.num_threads())
+    block = _ext.LINEAR_CE_FILTER_BLOCK
+    d = mx.softmax(logits, axis=-1) - (mx.arange(v)[None, :] == tm[:, None]).astype(mx.float32)
+    blocks = -(-v // block)
+    kept = total = 0
+    for r0 in range(0, n, plan["rows"]):
+        live = mx.abs(d[r0:r0 + plan["rows"]]).max(axis=0) > eps
+        pad = mx.concatenate([live, mx.zeros((blocks * block - v,), mx.bool_)])
+        kept += int(pad.reshape(blocks, block).any(axis=1).sum().item())
+        total += blocks
+    del logits, d
+    best = {k: min(t) for k, t in times.items()}
+    return dict(shape=(n, h, v), dtype=dtype, eps=eps, times=times, best=best,
+                speedup=best["f+b exact"] / best["f+b filtered"], errors=errors, kept=kept / total)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -118,11 +180,27 @@ def main(argv=None) -> int:
                         help="tokens x hidden x vocabulary, float32 (default: %(default)s)")
     parser.add_argument("--scorer", action="store_true",
                         help="also time the per-token paths: linear_log_probs and the LCE's reduction='none'")
+    parser.add_argument("--filter", action="store_true",
+                        help="time filter_eps='auto' against the exact backward on a peaked softmax "
+                        "(float32 and bfloat16), instead of the targets above")
     args = parser.parse_args(argv)
     mx.set_default_device(mx.cpu)
     print(f"NumPy BLAS: {blas_info()}")
     print(f"our threads: {_ext.num_threads()}, chunk_bytes default "
           f"{_ext.LINEAR_CE_DEFAULT_CHUNK_BYTES >> 20} MiB")
+    if args.filter:
+        for spec in args.shapes:
+            n, h, v = (int(x) for x in spec.split("x"))
+            for dtype in (mx.float32, mx.bfloat16):
+                r = run_filter(n, h, v, args.repeats, dtype)
+                print(f"\n(N, H, V) = {r['shape']} {dtype}, filter_eps='auto' = {r['eps']:.3g}")
+                for name, ts in r["times"].items():
+                    print(f"  {name:12s} min {min(ts):7.3f} s  median {statistics.median(ts):7.3f} s  "
+                          f"all {' '.join(f'{t:.3f}' for t in ts)}")
+                print(f"  speed-up {r['speedup']:.2f}x, vocabulary blocks kept {100 * r['kept']:.1f}%, "
+                      f"error max|filtered - exact| / max|exact|: dH {r['errors']['dH']:.2g}, "
+                      f"dW {r['errors']['dW']:.2g}")
+        return 0
     for spec in args.shapes:
         n, h, v = (int(x) for x in spec.split("x"))
         r = run_shape(n, h, v, args.repeats, args.scorer)
