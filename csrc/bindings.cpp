@@ -172,15 +172,22 @@ NB_MODULE(_ext, m) {
       [](const mlx::core::array& student, const mlx::core::array& teacher,
          std::optional<mlx::core::array> targets, const std::string& kind, float beta,
          float temperature, float alpha, bool scale_by_temperature_squared,
-         std::optional<int64_t> ignore_index, mlx::core::StreamOrDevice stream) {
+         std::optional<int64_t> ignore_index, bool sum_rows,
+         std::optional<mlx::core::array> row_scale, bool fuse_grads,
+         mlx::core::StreamOrDevice stream) {
         return fl::distill_loss(student, teacher, targets, kind, beta, temperature, alpha,
-                                scale_by_temperature_squared, ignore_index, stream);
+                                scale_by_temperature_squared, ignore_index, sum_rows, row_scale,
+                                fuse_grads, stream);
       },
       "student_logits"_a, "teacher_logits"_a, "targets"_a = nb::none(), nb::kw_only(),
       "kind"_a = "kl", "beta"_a = 0.5f, "temperature"_a = 1.0f, "alpha"_a = 0.0f,
       "scale_by_temperature_squared"_a = false, "ignore_index"_a = nb::none(),
+      "sum_rows"_a = false, "row_scale"_a = nb::none(), "fuse_grads"_a = true,
       "stream"_a = nb::none(),
-      "Per-row float32 distillation loss on logits (kind 'kl', 'reverse_kl' or 'jsd'; no reduction).");
+      "float32 distillation loss on logits (kind 'kl', 'reverse_kl' or 'jsd'): per row, or with "
+      "sum_rows=True row_scale (a float32 scalar; none: 1) times the sum over rows, whose "
+      "gradient the CPU kernel forms in the forward for a float32 student unless "
+      "fuse_grads=False.");
   m.def(
       "linear_distill_loss",
       [](const mlx::core::array& student_hidden, const mlx::core::array& student_weight,

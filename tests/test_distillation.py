@@ -1,6 +1,9 @@
 """kl_div and jsd on logits: values and gradients against float64 NumPy
 (tests/reference.py), mlx-lm's kl_div_loss / js_div_loss, the teacher's
-zero gradient, transforms, and bad input."""
+zero gradient, transforms, and bad input. A float32 student's "mean" / "sum"
+without weights forms its gradient in the forward (csrc/ops/distillation.h):
+checked against float64, against the backward primitive, and that it is the
+path taken."""
 
 from __future__ import annotations
 
@@ -184,6 +187,67 @@ def test_minus_inf_teacher(fl, rng, kind, beta):
     assert np.isfinite(to_np(_call(fl, kind, beta, s, t, reduction="none"))).all()
 
 
+@pytest.mark.parametrize("kind,beta", [("kl", None), ("jsd", 0.5)], ids=["kl", "jsd.5"])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_minus_inf_leading_chunk(fl, rng, kind, beta, reduction):
+    # A first 2048-class chunk of -inf teacher logits, the rest near -1e4: the
+    # CPU kernels keep each chunk's exps against its running max, which is
+    # -inf there (lse_ref 0, far above the row's -1e4): its factor must be 0,
+    # not exp(+1e4) times 0 (NaN).
+    V = 4100
+    s, s64 = _logits(rng, (3, V))
+    tn = rng.normal(size=(3, V)) * 2 - 1e4
+    tn[:, :2048] = -np.inf
+    t = mx.array(tn.astype(np.float32))
+    _check(fl, kind, beta, s, t, s64, to_np(t), temperature=1.3, reduction=reduction)
+
+
+def _graph_primitives(*outputs):
+    """The primitives' names in the graph of `outputs` (not evaluated)."""
+    import os
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "g.dot")
+        mx.export_to_dot(path, *outputs)
+        return open(path).read()
+
+
+@pytest.mark.parametrize("kind,beta", KINDS, ids=KIND_IDS)
+@pytest.mark.parametrize("temperature,alpha", [(1.0, 0.0), (1.0, 0.3), (2.5, 0.3)])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_gradient_in_the_forward(fl, rng, kind, beta, temperature, alpha, reduction):
+    # A float32 student's loss reduced to a scalar, no weights: the primitive
+    # sums the rows (times the mean's 1 / count) and forms the gradient in its
+    # visit of each row (the CE's softmax is q itself at T = 1, its own exp
+    # at T != 1); several 2048-class chunks, an ignored row.
+    V = 4500
+    s, s64 = _logits(rng, (5, V))
+    t, t64 = _logits(rng, (5, V))
+    y = rng.integers(0, V, 5)
+    y[2] = -100
+    targets = mx.array(y.astype(np.int32))
+    _check(fl, kind, beta, s, t, s64, t64, temperature=temperature, alpha=alpha, targets=targets,
+           ignore_index=-100, reduction=reduction)
+
+    def loss(a, **kw):
+        return _call(fl, kind, beta, a, t, temperature=temperature, alpha=alpha, targets=targets,
+                     ignore_index=-100, reduction=reduction, **kw)
+
+    fused = mx.grad(loss)(s)
+    graph = _graph_primitives(fused)
+    assert "FusedDistillVJP" not in graph and "ScaleGrad" in graph
+    # per-row weights: the backward primitive (one cotangent per row)
+    rows = mx.grad(lambda a: loss(a, weights=mx.ones((5,))))(s)
+    assert "FusedDistillVJP" in _graph_primitives(rows)
+    # (both within the float64 bounds above; against each other to float32
+    # rounding of the row's largest entry: q (u - E) cancels where u ~ E)
+    np.testing.assert_allclose(to_np(fused), to_np(rows), rtol=1e-5,
+                               atol=1e-6 * np.abs(to_np(rows)).max())
+    # a cotangent other than 1 scales the forward's gradient (not in place of 1)
+    np.testing.assert_allclose(to_np(mx.grad(lambda a: 3.0 * loss(a))(s)), 3.0 * to_np(fused),
+                               rtol=1e-6, atol=1e-12)
+
+
 def test_minus_inf_teacher_reverse_kl_is_inf(fl, rng):
     # KL(q || p) with p_j = 0 < q_j is +inf, as its definition
     s, s64 = _logits(rng, (2, 20))
@@ -273,6 +337,19 @@ def test_compile_and_vmap(fl, rng):
     y2 = mx.array(rng.integers(0, 50, (2, 5)).astype(np.int32))
     np.testing.assert_allclose(to_np(comp(s2, t2, y2)),
                                to_np(mx.grad(lambda a: f(a, t2, y2).sum())(s2)), rtol=1e-6, atol=1e-7)
+    # a mean (the rows summed in the kernel, the gradient formed in the
+    # forward): vmapped per example, compiled shapeless at a second size
+    m = lambda a, b, c: fl.kl_div(a, b, targets=c, ignore_index=0, alpha=0.2)  # noqa: E731
+    vg = mx.vmap(mx.value_and_grad(m))(s, t, y)
+    for i in range(4):
+        l_i, g_i = mx.value_and_grad(m)(s[i], t[i], y[i])
+        np.testing.assert_allclose(vg[0][i].item(), l_i.item(), rtol=1e-6)
+        np.testing.assert_allclose(to_np(vg[1][i]), to_np(g_i), rtol=1e-6, atol=1e-9)
+    cm = mx.compile(mx.value_and_grad(m), shapeless=True)
+    for a, b, c in ((s, t, y), (s2, t2, y2)):
+        got, want = cm(a, b, c), mx.value_and_grad(m)(a, b, c)
+        np.testing.assert_allclose(got[0].item(), want[0].item(), rtol=1e-6)
+        np.testing.assert_allclose(to_np(got[1]), to_np(want[1]), rtol=1e-6, atol=1e-9)
 
 
 # ---- bad input ---------------------------------------------------------------------------

@@ -34,6 +34,8 @@ struct DistillRows {
   const float* stats_in;
   const float* g_loss;
   void* grad;
+  // kFused: the cotangent of every row (the logits primitive's row scale).
+  float fused_g = 1.0f;
 };
 
 // The params' coefficients filled in; pointers left null.

@@ -27,7 +27,11 @@
 // adds up the divergence's terms with every lq_j and lp_j known, so each term
 // is computed on its own: no difference of large sums (an online one-pass KL
 // would subtract sum_j p_j (lp_j - lq_j)'s parts of size |logits|, losing
-// digits exactly when p ~ q, the end of a distillation run).
+// digits exactly when p ~ q, the end of a distillation run). The CPU kernels
+// keep pass 1's exps per element (against each 2048-class chunk's running
+// max) and turn them into q_j and p_j in pass 2 with one exp per chunk
+// (distill_term_qp): pass 2 costs no exp per element; a loss summed over rows
+// forms its gradient there too (csrc/cpu/distillation.cpp, fused_rows).
 //
 // Gradient w.r.t. the student only (the teacher is frozen). With dD/dlq_j =
 // g_j (q as a free vector) and the softmax's Jacobian, dD/dz_k = q_k (g_k -
@@ -142,26 +146,32 @@ struct DistillTerm {
   float e;
 };
 
+// From the log-probabilities and the probabilities q = e^lq, p = e^lp (those
+// the kind reads: p for the forward KL, q for the reverse, both for JSD),
+// however the caller obtained them (the CPU kernels keep pass 1's exps).
 template <int kKind>
-FLM_INLINE DistillTerm distill_term(float lq, float lp, float beta) {
+FLM_INLINE DistillTerm distill_term_qp(float lq, float lp, float q, float p, float beta) {
   DistillTerm r;
   if (kKind == kDistillForwardKL) {
-    float p = exp_nonpos_f32(lp);
     r.d = weighted(p, lp - lq);
     r.e = 0.0f;
   } else if (kKind == kDistillReverseKL) {
-    float q = exp_nonpos_f32(lq);
     r.d = weighted(q, lq - lp);
     r.e = r.d;
   } else {
-    float p = exp_nonpos_f32(lp);
-    float q = exp_nonpos_f32(lq);
     float lm = log_f32(beta * p + (1.0f - beta) * q);
     float kq = weighted(q, lq - lm);
     r.d = beta * weighted(p, lp - lm) + (1.0f - beta) * kq;
     r.e = kq;
   }
   return r;
+}
+
+template <int kKind>
+FLM_INLINE DistillTerm distill_term(float lq, float lp, float beta) {
+  float p = kKind != kDistillReverseKL ? exp_nonpos_f32(lp) : 0.0f;
+  float q = kKind != kDistillForwardKL ? exp_nonpos_f32(lq) : 0.0f;
+  return distill_term_qp<kKind>(lq, lp, q, p, beta);
 }
 
 // The row's loss from D (the sum of the terms) and, for CE, the class's raw

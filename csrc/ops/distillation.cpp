@@ -3,6 +3,9 @@
 #include <cmath>
 
 #include "math/distillation.h"
+#include "ops/accurate_sum.h"
+#include "ops/linear_cross_entropy.h"
+#include "ops/vmap_slices.h"
 
 namespace fl {
 
@@ -14,16 +17,26 @@ mx::Shape stats_shape(const mx::array& student) {
   return shape;
 }
 
-std::vector<mx::array> make_forward(const mx::array& student, const mx::array& teacher,
-                                    const std::optional<mx::array>& targets,
-                                    const DistillParams& params, mx::StreamOrDevice s) {
-  std::vector<mx::array> inputs = {dense(student, s), dense(teacher, s)};
-  if (targets) {
-    inputs.push_back(dense(*targets, s));
+// The forward's output shapes: loss, stats, the declared gradient.
+std::vector<mx::Shape> forward_shapes(const mx::array& student, const DistillParams& p) {
+  std::vector<mx::Shape> shapes = {p.sum_rows ? mx::Shape{} : row_shape(student), stats_shape(student)};
+  if (p.grad_student) {
+    shapes.push_back(student.shape());
   }
-  return mx::array::make_arrays({row_shape(student), stats_shape(student)},
-                                {mx::float32, mx::float32},
-                                std::make_shared<Distill>(mx::to_stream(s), params), inputs);
+  return shapes;
+}
+
+// inputs: student, teacher, [targets], [row_scale] (as params say).
+std::vector<mx::array> make_forward(std::vector<mx::array> inputs, const DistillParams& params,
+                                    bool requested, mx::StreamOrDevice s) {
+  for (auto& in : inputs) {
+    in = dense(in, s);
+  }
+  auto shapes = forward_shapes(inputs[0], params);
+  auto primitive = std::make_shared<Distill>(mx::to_stream(s), params);
+  primitive->requested = requested;
+  std::vector<mx::Dtype> dtypes(shapes.size(), mx::float32);
+  return mx::array::make_arrays(std::move(shapes), dtypes, primitive, inputs);
 }
 
 } // namespace
@@ -77,7 +90,9 @@ DistillParams distill_params(const std::string& kind, float beta, float temperat
 mx::array distill_loss(const mx::array& student, const mx::array& teacher,
                        const std::optional<mx::array>& targets, const std::string& kind, float beta,
                        float temperature, float alpha, bool scale_by_temperature_squared,
-                       std::optional<int64_t> ignore_index, mx::StreamOrDevice s) {
+                       std::optional<int64_t> ignore_index, bool sum_rows,
+                       const std::optional<mx::array>& row_scale, bool fuse_grads,
+                       mx::StreamOrDevice s) {
   check_float_input(student, "student_logits");
   check_float_input(teacher, "teacher_logits");
   if (student.ndim() == 0 || student.shape(-1) == 0) {
@@ -101,11 +116,38 @@ mx::array distill_loss(const mx::array& student, const mx::array& teacher,
   }
   auto params = distill_params(kind, beta, temperature, alpha, scale_by_temperature_squared,
                                targets.has_value(), ignore_index);
-  return make_forward(student, teacher, t, params, s)[0];
+  std::vector<mx::array> inputs = {student, teacher};
+  if (t) {
+    inputs.push_back(*t);
+  }
+  if (!sum_rows) {
+    return make_forward(inputs, params, false, s)[0];
+  }
+  std::optional<mx::array> scale;
+  if (row_scale) {
+    if (row_scale->size() != 1) {
+      fail_value("row_scale must be a scalar, got shape ", shape_str(row_scale->shape()));
+    }
+    scale = mx::reshape(mx::astype(*row_scale, mx::float32, s), {}, s);
+  }
+  // The fused sum (and gradient) is the CPU kernel's, for a float32 student
+  // (whose unit gradient is then the user's dtype: the cotangent's scaling
+  // is free when it is 1). Elsewhere: per-row values, summed accurately.
+  if (mx::to_stream(s).device == mx::Device::cpu && student.dtype() == mx::float32) {
+    params.sum_rows = true;
+    params.has_scale = scale.has_value();
+    params.grad_student = fuse_grads && student.is_tracer();
+    if (scale) {
+      inputs.push_back(*scale);
+    }
+    return make_forward(inputs, params, false, s)[0];
+  }
+  auto total = accurate_sum(make_forward(inputs, params, false, s)[0], s);
+  return scale ? mx::multiply(total, *scale, s) : total;
 }
 
 std::vector<mx::Shape> Distill::output_shapes(const std::vector<mx::array>& inputs) {
-  return {row_shape(inputs[0]), stats_shape(inputs[0])};
+  return forward_shapes(inputs[0], params_);
 }
 
 std::vector<mx::Shape> DistillVJP::output_shapes(const std::vector<mx::array>& inputs) {
@@ -119,20 +161,37 @@ std::vector<mx::array> Distill::vjp(const std::vector<mx::array>& primals,
   // The stats are internal (never returned by the Python API): only the
   // loss's cotangent matters.
   auto s = stream();
+  auto g = mx::astype(cotangents[0], mx::float32, s);
+  // Declared and not evaluated yet: the forward forms the gradient (unit
+  // cotangent), scaled here by g.
+  const bool fused = params_.grad_student && outputs[0].status() == mx::array::Status::unscheduled;
   std::vector<mx::array> grads;
   for (int arg : argnums) {
-    if (arg == 0) {
+    if (arg == 0 && fused) {
+      requested = true;
+      auto dtype = primals[0].dtype();
+      grads.push_back(mx::array(primals[0].shape(), dtype, std::make_shared<LceScaleGrad>(s, dtype),
+                                {mx::reshape(g, {}, s), outputs[2]}));
+    } else if (arg == 0) {
       std::vector<mx::array> in = {primals[0], primals[1]};
       if (params_.has_targets) {
         in.push_back(primals[2]);
       }
       in.push_back(outputs[1]);
-      in.push_back(dense(mx::astype(cotangents[0], mx::float32, s), s));
+      if (params_.sum_rows) { // one cotangent for every row, times the row scale
+        if (params_.has_scale) {
+          g = mx::multiply(g, primals.back(), s);
+        }
+        g = mx::broadcast_to(g, row_shape(primals[0]), s);
+      }
+      in.push_back(dense(g, s));
+      DistillParams bp = params_; // the backward's: per-row cotangents
+      bp.sum_rows = bp.has_scale = bp.grad_student = false;
       grads.push_back(mx::array(primals[0].shape(), primals[0].dtype(),
-                                std::make_shared<DistillVJP>(s, params_), std::move(in)));
+                                std::make_shared<DistillVJP>(s, bp), std::move(in)));
     } else {
       // The teacher is frozen (stop_gradient semantics, as mlx_lm's
-      // kl_div_loss); class indices are not differentiable.
+      // kl_div_loss); class indices and the row scale are not differentiable.
       grads.push_back(mx::zeros_like(primals[arg], s));
     }
   }
@@ -142,12 +201,15 @@ std::vector<mx::array> Distill::vjp(const std::vector<mx::array>& primals,
 std::pair<std::vector<mx::array>, std::vector<int>> Distill::vmap(const std::vector<mx::array>& inputs,
                                                                   const std::vector<int>& axes) {
   auto s = stream();
-  auto moved = vmap_to_front(inputs, axes, std::vector<bool>(inputs.size(), true), s);
-  std::optional<mx::array> targets;
-  if (moved.size() > 2) {
-    targets = moved[2];
+  auto p = params_;
+  auto asked = requested;
+  if (p.sum_rows) { // a sum per example: one call each (vmap_slices.h)
+    return vmap_by_slices(
+        inputs, axes, [&](const std::vector<mx::array>& in) { return make_forward(in, p, asked, s); },
+        s);
   }
-  return {make_forward(moved[0], moved[1], targets, params_, s), {0, 0}};
+  auto moved = vmap_to_front(inputs, axes, std::vector<bool>(inputs.size(), true), s);
+  return {make_forward(moved, params_, false, s), {0, 0}};
 }
 
 std::pair<std::vector<mx::array>, std::vector<int>> DistillVJP::vmap(

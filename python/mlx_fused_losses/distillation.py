@@ -84,6 +84,17 @@ def _distill(kind, student_logits, teacher_logits, beta, temperature, reduction,
     beta, temperature, alpha, ignore_index, targets = _options(
         kind, beta, temperature, alpha, ignore_index, scale_by_temperature_squared, reduction, targets)
     result_dtype = _result_dtype(dtype, student_logits.dtype)
+    # A sum or mean without per-row weights: the kernel adds the rows, times
+    # the mean's 1 / count (row_scale), and on the CPU forms the student's
+    # gradient in its one visit of each row (csrc/ops/distillation.h).
+    summed = reduction != "none" and weights is None
+    row_scale = None
+    if summed and reduction == "mean":
+        # (counted when the graph runs: a shapeless compile freezes no size;
+        # a mean over nothing is 0, as _finish's)
+        count = (_kept_rows(targets, ignore_index) if ignore_index is not None else
+                 _ext.element_count(student_logits, axes=list(range(student_logits.ndim - 1))))
+        row_scale = mx.where(count == 0, 0.0, 1.0 / mx.maximum(count, 1.0))
     loss = _ext.distill_loss(
         student_logits,
         teacher_logits,
@@ -94,8 +105,12 @@ def _distill(kind, student_logits, teacher_logits, beta, temperature, reduction,
         alpha=alpha,
         scale_by_temperature_squared=scale_by_temperature_squared,
         ignore_index=ignore_index,
+        sum_rows=summed,
+        row_scale=row_scale,
         stream=stream,
     )
+    if summed:
+        return loss.astype(result_dtype)
     return _reduce_rows(loss, reduction, weights, targets, ignore_index, result_dtype)
 
 
