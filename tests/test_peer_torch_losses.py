@@ -55,8 +55,6 @@ LOGIT_RANGE = (-9.0, 9.0)
 # Why a case cannot run (the key is what the counts below name).
 REASONS = {
     "no counterpart": "a loss this package does not have (NLL, MSE, margin losses, CTC, ...)",
-    "K-dim head": "PyTorch's K-dimensional linear CE (out_features=, a linear_weight of rank > 2): "
-                  "a head per position, the class axis before the positions; not an option here",
     "negative class weights": "PyTorch takes class weights < 0; ours are a ValueError (checked)",
     "BCE weight": "binary cross-entropy's weight=: not an option of sigmoid_focal_loss",
     "BCE pos_weight": "binary cross-entropy's pos_weight=: not an option of sigmoid_focal_loss",
@@ -101,12 +99,10 @@ def parse(desc: str):
 
 def draw(desc: str, rng: np.random.Generator, dtype: mx.Dtype) -> np.ndarray:
     """Our values for one of PyTorch's tensors: float ones rounded to
-    ``dtype`` (returned as float64), integer ones exact or drawn in range."""
+    ``dtype`` (returned as float64), integer ones exact."""
     _, shape, kind, nums = parse(desc)
     if kind == "=":
         return np.array([int(v) for v in nums], np.int64).reshape(shape)
-    if kind == "randint":
-        return rng.integers(int(nums[0]), int(nums[1]) + 1, size=shape)
     if kind == "nan_inside":
         raise CannotRun("NaN input")
     if kind == "uniform":
@@ -201,7 +197,18 @@ def run_cross_entropy(case, d):
 
 def _lce_f64(h, W, b, t, soft, **ce):
     """Loss and (hidden, weight, bias) gradients of PyTorch's
-    linear_cross_entropy in float64: cross_entropy(h @ W.T + b, t)."""
+    linear_cross_entropy in float64: cross_entropy(h @ W.T + b, t); with a
+    K-dimensional head W [C, d1, ..., H] the logits are [N, C, d1, ...]
+    (position d's slice W[:, d]) and the class axis is 1."""
+    if W.ndim > 2:
+        Wf = W.reshape(W.shape[0], -1, W.shape[-1])  # [C, D, H]
+        z = np.einsum("nh,cdh->ncd", h, Wf).reshape((h.shape[0],) + W.shape[:-1])
+        z = z + (0.0 if b is None else b)
+        loss = R.cross_entropy(z, t, axis=1, **ce)
+        dz = R.cross_entropy_grad(z, t, axis=1, **ce)
+        dzf = dz.reshape(dz.shape[0], W.shape[0], -1)
+        grads = [np.einsum("ncd,cdh->nh", dzf, Wf), np.einsum("ncd,nh->cdh", dzf, h).reshape(W.shape)]
+        return loss, grads + ([] if b is None else [dz.sum(0)])
     H, V = h.shape[-1], W.shape[0]
     h2 = h.reshape(-1, H)
     t2 = t.reshape(-1, V) if soft else t.reshape(-1)
@@ -216,11 +223,14 @@ def _lce_f64(h, W, b, t, soft, **ce):
     return loss, grads
 
 
-def _run_linear_ce(d, h_d, W_d, b_d, t_d, case):
-    if len(parse(W_d)[1]) > 2:
-        raise CannotRun("K-dim head")
+def _run_linear_ce(d, h_d, W_d, b_d, t_d, case, out_features=()):
+    """``out_features``: the module's K-dim positions, whose flat Linear
+    parameters PyTorch's forward reshapes to [C, *out_features, H] / [C, *out_features]."""
     h, W, t = d(h_d), d(W_d), d(t_d)
     b = None if b_d is None else d(b_d)
+    if out_features:
+        W = W.reshape(-1, *out_features, W.shape[-1])
+        b = None if b is None else b.reshape(W.shape[:-1])
     soft = t.dtype == np.float64
     reduction = _opt(case, "reduction", "mean")
     ignore_index = _opt(case, "ignore_index")  # PyTorch's default: none
@@ -242,11 +252,9 @@ def _run_linear_ce(d, h_d, W_d, b_d, t_d, case):
 
 
 def run_linear_cross_entropy_module(case, d):
-    if case["opts"].get("out_features"):
-        raise CannotRun("K-dim head")
     p = case["params"]
     return _run_linear_ce(d, case["args"][0], p["linear.weight"], p.get("linear.bias"),
-                          case["args"][1], case)
+                          case["args"][1], case, tuple(case["opts"].get("out_features") or ()))
 
 
 def run_linear_cross_entropy_functional(case, d):
@@ -545,13 +553,9 @@ EXPECTED_CANNOT_RUN = {
     "module torch.nn.BCEWithLogitsLoss": {"BCE weight": 2},
     "module torch.nn.CrossEntropyLoss": {"negative class weights": 27, "mean over nothing": 1},
     "module torch.nn.KLDivLoss": {"NaN input": 8, "KL input not log-probs": 2},
-    "module torch.nn.LinearCrossEntropyLoss": {"K-dim head": 373},
     "opinfo nn.functional.binary_cross_entropy_with_logits": {"BCE weight": 15, "BCE pos_weight": 3},
     "opinfo nn.functional.cross_entropy": {"negative class weights": 6},
     "opinfo nn.functional.kl_div": {"KL element-wise reduction": 8, "KL batchmean of 1-D": 2},
-    "opinfo nn.functional.linear_cross_entropy": {"K-dim head": 51},
-    "opinfo nn.functional.linear_cross_entropy.chunked": {"K-dim head": 57},
-    "opinfo nn.functional.linear_cross_entropy.chunked_none": {"K-dim head": 33},
     "opinfo other losses": {"no counterpart": 566},
     "module_error other losses": {"no counterpart": 2},
     "opinfo_error nn.functional.linear_cross_entropy": {"leading axes are batch axes here": 1},
@@ -584,7 +588,7 @@ def test_table_provenance():
     h = TABLE["header"]
     assert h["peer"] == "PyTorch" and h["version"].startswith("2.13.")
     assert h["count"] == len(CASES)
-    kinds = {"=", "randint", "uniform", "value", "softmax", "log_softmax", "binary", "nan_inside"}
+    kinds = {"=", "uniform", "value", "softmax", "log_softmax", "binary", "nan_inside"}
     for c in CASES:
         assert (c["peer"] in RUNNERS) == ("args" in c), case_id(c)
         for v in [*c.get("args", []), *c.get("opts", {}).values(), *c.get("params", {}).values()]:

@@ -58,10 +58,6 @@ COUNTERPARTS = {
     "torch.nn.KLDivLoss", "nn.functional.kl_div",
     "torch.nn.BCEWithLogitsLoss", "nn.functional.binary_cross_entropy_with_logits",
 }
-# Integer tensors up to this size are kept exactly (which rows are ignored,
-# out-of-range indices); larger ones (random class indices of K-dimensional
-# cases) as their range.
-EXACT_INTS = 64
 MODULE_ATTRS = ("reduction", "ignore_index", "label_smoothing", "beta", "delta", "log_target",
                 "weight", "pos_weight", "num_classes", "in_features", "out_features")
 
@@ -79,15 +75,14 @@ def _round_out(v: float, down: bool) -> float:
 
 def describe_tensor(t: torch.Tensor) -> str:
     """A tensor as one string, "T:<dtype>[<shape>] <kind> <numbers>": kinds
-    "=" (the integer values), "randint lo hi", "uniform lo hi" (the drawn min
+    "=" (the integer values, all of them: which rows are ignored, and which
+    indices are out of range, is the case), "uniform lo hi" (the drawn min
     and max, rounded outwards), "value v" (one element), "softmax d" and
     "log_softmax d" (normalised along dim d), "binary" (0/1), "nan_inside"."""
     t = t.detach()
     head = f"T:{str(t.dtype).replace('torch.', '')}[{','.join(map(str, t.shape))}]"
     if not t.is_floating_point():
-        if t.numel() <= EXACT_INTS:
-            return f"{head} = {' '.join(map(str, t.reshape(-1).tolist()))}".rstrip()
-        return f"{head} randint {int(t.min())} {int(t.max())}"
+        return f"{head} = {' '.join(map(str, t.reshape(-1).tolist()))}".rstrip()
     t64 = t.double()
     if t.numel() == 0:
         return f"{head} empty"

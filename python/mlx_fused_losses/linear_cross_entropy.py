@@ -204,7 +204,20 @@ def linear_cross_entropy(
     PyTorch's modules): a class index outside ``[0, V)`` that is neither
     ``ignore_index`` nor masked gives NaN for its row's loss, and poisons
     the gradients (every row shares ``weight``).
+
+    PyTorch's K-dimensional form: ``weight [C, d1, ..., dK, H]`` (and
+    ``bias [C, d1, ..., dK]``) gives the logits ``[..., C, d1, ..., dK]``,
+    a slice of the head per position, with ``targets [..., d1, ..., dK]``
+    (or probabilities ``[..., C, d1, ..., dK]``); ``mask``/``weights`` have
+    the class-index targets' shape. One fused call per position (see
+    ``linear_cross_entropy_kdim.py``), not with a quantized or sharded head
+    or ``shift``.
     """
+    if getattr(weight, "ndim", 2) > 2:
+        arguments = dict(locals())  # (every argument: nothing else is local yet)
+        from .linear_cross_entropy_kdim import linear_cross_entropy_kdim
+
+        return linear_cross_entropy_kdim(linear_cross_entropy, **arguments)
     if vocab_start is not None or group is not None:
         if vocab_start is None:
             raise TypeError("group= shards the head over the vocabulary: pass vocab_start= too (the global "
