@@ -205,6 +205,32 @@ std::vector<mx::array> vmap_to_front(
   return out;
 }
 
+bool is_known_zero(const mx::array& a) {
+  mx::array x = a;
+  for (int depth = 0; depth < 8; ++depth) {
+    if (!x.has_primitive()) {
+      if (x.size() != 1 || !x.is_available() || x.data_shared_ptr() == nullptr) {
+        return false;
+      }
+      // A scalar constant: 0 in every dtype is all zero bits (-0.0: not
+      // recognised, a harmless miss).
+      const auto* bytes = static_cast<const unsigned char*>(x.data<void>());
+      for (size_t i = 0; i < x.itemsize(); ++i) {
+        if (bytes[i] != 0) return false;
+      }
+      return true;
+    }
+    // (by name: libmlx exports no type information for every primitive)
+    const char* name = x.primitive().name();
+    if (std::strcmp(name, "Full") != 0 && std::strcmp(name, "Broadcast") != 0 && std::strcmp(name, "AsType") != 0 &&
+        std::strcmp(name, "Negative") != 0) {
+      return false;
+    }
+    x = x.inputs()[0];
+  }
+  return false;
+}
+
 mx::StreamOrDevice kernel_stream(mx::StreamOrDevice s, bool has_metal_kernels) {
   mx::Stream st = mx::to_stream(s);
   if (st.device == mx::Device::gpu && !has_metal_kernels) {

@@ -145,6 +145,13 @@ class LossPrimitive : public DenseOutputPrimitive {
   Params params_;
 };
 
+// Whether `a` is a zero by construction, known without evaluating anything:
+// what mx.vjp passes as the cotangent of an output the function does not use
+// (zeros_like: Full of a broadcast scalar 0, maybe through AsType), mx.zeros,
+// or their negation (the cotangent of a subtracted output). A backward drops such a cotangent's term (and the work it needs).
+// false when unsure (an evaluated array of zeros, say).
+bool is_known_zero(const mx::array& a);
+
 // Where a primitive without Metal kernels (or without one for what a call
 // asks) runs: on the CPU stream whatever `s` says. On Apple silicon the CPU
 // reads the GPU's arrays in place and MLX orders the two streams, so the

@@ -137,6 +137,21 @@ void append_backward_inputs(std::vector<mx::array>& inputs, int stats, int cot_b
   }
 }
 
+// The differentiable statistics computed whose cotangent can be nonzero: a
+// known zero (the cotangent mx.vjp gives an unused output, ops/common.h
+// is_known_zero) adds nothing, so its term, and the saved pair only it needs,
+// are left out of the backward.
+int live_cotangents(int stats, const std::vector<mx::array>& cotangents) {
+  int bits = 0;
+  for (int bit : kStatBits) {
+    if ((bit & flm::kStatDifferentiable) && (stats & bit) &&
+        !is_known_zero(cotangents[row_stat_output(stats, bit)])) {
+      bits |= bit;
+    }
+  }
+  return bits;
+}
+
 // The requested statistics in the caller's order, from the forward's outputs.
 std::vector<mx::array> in_request_order(const std::vector<mx::array>& outputs, int stats,
                                         const std::vector<std::string>& names) {
@@ -324,9 +339,12 @@ std::vector<mx::array> LinearRowStats::vjp(
     b.head.grad_weight |= arg == L.weight;
     b.head.grad_bias |= arg == L.bias;
   }
+  b.cotangents = live_cotangents(params_.stats, cotangents);
+  if (b.cotangents == 0) { // every cotangent a known zero: no backward at all
+    b.head.grad_hidden = b.head.grad_weight = b.head.grad_bias = false;
+  }
   std::vector<mx::array> grads_out;
   if (b.head.any_grad()) {
-    b.cotangents = params_.stats & flm::kStatDifferentiable;
     std::vector<mx::array> inputs(primals.begin(), primals.end());
     append_backward_inputs(inputs, params_.stats, b.cotangents, cotangents, outputs, s);
     grads_out = make_linear_backward(inputs, b, s);
@@ -334,7 +352,9 @@ std::vector<mx::array> LinearRowStats::vjp(
   std::vector<mx::array> grads;
   for (int arg : argnums) {
     int pos = 0;
-    if (arg == L.hidden || arg == L.weight || arg == L.bias) {
+    if (b.cotangents == 0) {
+      grads.push_back(mx::zeros_like(primals[arg], s));
+    } else if (arg == L.hidden || arg == L.weight || arg == L.bias) {
       if (arg != L.hidden && b.head.grad_hidden) ++pos;
       if (arg == L.bias && b.head.grad_weight) ++pos;
       grads.push_back(mx::astype(grads_out[pos], primals[arg].dtype(), s));
@@ -352,13 +372,14 @@ std::vector<mx::array> RowStats::vjp(
     const std::vector<mx::array>& outputs) {
   auto s = stream();
   std::vector<mx::array> grads;
+  const int live = live_cotangents(params_.stats, cotangents);
   for (int arg : argnums) {
-    if (arg != 0) {
-      grads.push_back(mx::zeros_like(primals[arg], s)); // class indices
+    if (arg != 0 || live == 0) {
+      grads.push_back(mx::zeros_like(primals[arg], s)); // class indices, or no live cotangent
       continue;
     }
     RowStatsParams b = params_;
-    b.cotangents = params_.stats & flm::kStatDifferentiable;
+    b.cotangents = live;
     std::vector<mx::array> inputs(primals.begin(), primals.end());
     append_backward_inputs(inputs, params_.stats, b.cotangents, cotangents, outputs, s);
     grads.push_back(make_logits_backward(inputs, b, s)[0]);
@@ -366,13 +387,53 @@ std::vector<mx::array> RowStats::vjp(
   return grads;
 }
 
+namespace {
+
+// vmap of the per-row primitives: the statistics (and dH, dlogits) of a row
+// depend on that row alone, so when the rows' own input (hidden, logits) is
+// vmapped and nothing the rows share (the head, its bias) is, the batch axis
+// goes to the front of every per-row input (those not vmapped broadcast:
+// targets, saved statistics, cotangents), and ONE primitive runs over the
+// batch's rows; its outputs are per row, batch first. Otherwise (a batched
+// head, or a backward that sums over rows: dW, dbias) one primitive per batch
+// element (vmap_by_slices).
+template <typename Make>
+std::pair<std::vector<mx::array>, std::vector<int>> vmap_rows(const std::vector<mx::array>& inputs,
+                                                              const std::vector<int>& axes,
+                                                              const std::vector<bool>& per_row, bool can_fold,
+                                                              Make make, mx::StreamOrDevice s) {
+  bool fold = can_fold && axes[0] >= 0; // input 0: hidden or logits
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    fold = fold && (per_row[i] || axes[i] < 0);
+  }
+  if (!fold) {
+    return vmap_by_slices(inputs, axes, make, s);
+  }
+  auto outs = make(vmap_to_front(inputs, axes, per_row, s));
+  return {outs, std::vector<int>(outs.size(), 0)};
+}
+
+// Linear form: hidden, the targets and (backward) the inputs after the
+// forward's (saved statistics, cotangents) are per row; the head is shared.
+std::vector<bool> linear_per_row(const RowStatsParams& p, size_t count) {
+  auto L = linear_row_stats_inputs(p);
+  std::vector<bool> per_row(count, true);
+  for (int i = 0; i < L.count; ++i) {
+    per_row[i] = i == L.hidden || i == L.targets;
+  }
+  return per_row;
+}
+
+} // namespace
+
 std::pair<std::vector<mx::array>, std::vector<int>> LinearRowStats::vmap(
     const std::vector<mx::array>& inputs,
     const std::vector<int>& axes) {
   auto p = params_;
   auto s = stream();
-  return vmap_by_slices(
-      inputs, axes, [&](const std::vector<mx::array>& in) { return make_forward<LinearRowStats>(in, p, s); }, s);
+  return vmap_rows(
+      inputs, axes, linear_per_row(p, inputs.size()), true,
+      [&](const std::vector<mx::array>& in) { return make_forward<LinearRowStats>(in, p, s); }, s);
 }
 
 std::pair<std::vector<mx::array>, std::vector<int>> RowStats::vmap(
@@ -380,8 +441,9 @@ std::pair<std::vector<mx::array>, std::vector<int>> RowStats::vmap(
     const std::vector<int>& axes) {
   auto p = params_;
   auto s = stream();
-  return vmap_by_slices(
-      inputs, axes, [&](const std::vector<mx::array>& in) { return make_forward<RowStats>(in, p, s); }, s);
+  return vmap_rows(
+      inputs, axes, std::vector<bool>(inputs.size(), true), true,
+      [&](const std::vector<mx::array>& in) { return make_forward<RowStats>(in, p, s); }, s);
 }
 
 std::pair<std::vector<mx::array>, std::vector<int>> LinearRowStatsVJP::vmap(
@@ -389,8 +451,11 @@ std::pair<std::vector<mx::array>, std::vector<int>> LinearRowStatsVJP::vmap(
     const std::vector<int>& axes) {
   auto p = params_;
   auto s = stream();
-  return vmap_by_slices(
-      inputs, axes, [&](const std::vector<mx::array>& in) { return make_linear_backward(in, p, s); }, s);
+  // dW and dbias sum over the rows: per batch element, so never folded.
+  const bool per_row_outputs = !p.head.grad_weight && !p.head.grad_bias;
+  return vmap_rows(
+      inputs, axes, linear_per_row(p, inputs.size()), per_row_outputs,
+      [&](const std::vector<mx::array>& in) { return make_linear_backward(in, p, s); }, s);
 }
 
 std::pair<std::vector<mx::array>, std::vector<int>> RowStatsVJP::vmap(
@@ -398,8 +463,9 @@ std::pair<std::vector<mx::array>, std::vector<int>> RowStatsVJP::vmap(
     const std::vector<int>& axes) {
   auto p = params_;
   auto s = stream();
-  return vmap_by_slices(
-      inputs, axes, [&](const std::vector<mx::array>& in) { return make_logits_backward(in, p, s); }, s);
+  return vmap_rows(
+      inputs, axes, std::vector<bool>(inputs.size(), true), true,
+      [&](const std::vector<mx::array>& in) { return make_logits_backward(in, p, s); }, s);
 }
 
 // eval_gpu: csrc/metal/row_stats.cpp (Metal builds).
