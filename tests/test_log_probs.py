@@ -469,6 +469,149 @@ def test_vmap(rng):
         np.testing.assert_allclose(np.array(got[i]), np.array(fl.log_probs(z[i], t[i])), rtol=1e-6)
 
 
+def graph_nodes(*outputs):
+    """{node id: (primitive name, number of inputs)} of the graph of outputs
+    (mx.export_to_dot)."""
+    import io
+    import re
+
+    f = io.StringIO()
+    mx.export_to_dot(f, *outputs)
+    text = f.getvalue()
+    nodes = {m.group(1): m.group(2) for m in re.finditer(r'\{ (\d+) \[label ="([^"]+)"', text)}
+    count = {n: 0 for n in nodes}
+    for m in re.finditer(r'"[^"]+" -> (\d+)', text):
+        count[m.group(1)] += 1
+    return {n: (nodes[n], count[n]) for n in nodes}
+
+
+def test_vmap_folds_the_batch_into_the_rows(rng):
+    """vmap over hidden / logits (the head shared) runs ONE primitive over the
+    batch's rows, forward and backward (dH, dlogits); a weight gradient (a sum
+    over each example's rows) stays one backward per example. Values as the
+    per-example calls (test_vmap)."""
+    b, n, h, v = 4, 3, 8, 11
+    x = mx.array(rng.standard_normal((b, n, h)).astype(np.float32))
+    w = mx.array(rng.standard_normal((v, h)).astype(np.float32))
+    t = mx.array(rng.integers(0, v, (b, n)))
+    z = mx.array(rng.standard_normal((n, b, v)).astype(np.float32))  # batch on axis 1
+    fwd = mx.vmap(lambda xx, tt: fl.linear_log_probs(xx, w, tt, return_entropy=True))(x, t)
+    gx = mx.vmap(mx.grad(lambda xx, tt: (fl.linear_log_probs(xx, w, tt) ** 2).sum()))(x, t)
+    zf = mx.vmap(lambda zz: fl.log_probs(zz, t[0]), in_axes=1)(z)  # targets shared
+    gz = mx.vmap(mx.grad(lambda zz: (fl.log_probs(zz, t[0]) * mx.arange(n)).sum()), in_axes=1)(z)
+    gw = mx.vmap(mx.grad(lambda xx, tt, ww: fl.linear_log_probs(xx, ww, tt).sum(), argnums=2),
+                 in_axes=(0, 0, None))(x, t, w)
+    names = [name for name, _ in graph_nodes(*fwd, gx, zf, gz).values()]
+    assert names.count("FusedLinearRowStats") == 2 and names.count("FusedRowStats") == 2, names
+    assert names.count("FusedLinearRowStatsVJP") == 1 and names.count("FusedRowStatsVJP") == 1, names
+    assert [nm for nm, _ in graph_nodes(gw).values()].count("FusedLinearRowStatsVJP") == b
+    for i in range(b):
+        want = fl.linear_log_probs(x[i], w, t[i], return_entropy=True)
+        for a, c in zip(fwd, want):
+            np.testing.assert_allclose(np.array(a[i]), np.array(c), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(np.array(gx[i]), np.array(
+            mx.grad(lambda xx: (fl.linear_log_probs(xx, w, t[i]) ** 2).sum())(x[i])), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(np.array(zf[i]), np.array(fl.log_probs(z[:, i], t[0])), rtol=1e-6)
+        np.testing.assert_allclose(np.array(gz[i]), np.array(
+            mx.grad(lambda zz: (fl.log_probs(zz, t[0]) * mx.arange(n)).sum())(z[:, i])), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("source", ["linear", "logits"])
+def test_an_unused_outputs_cotangent_adds_no_work(rng, source):
+    """The cotangent mx.vjp gives an output the loss does not use is a known
+    zero: the backward leaves its term out, and with it the saved pair it
+    alone needs (entropy unused: no expected pair; only the target's: no lse,
+    no exp pass). Same gradient as asking for the used output alone."""
+    a = make_head(rng, 6, 8, 13)
+    y = mx.array(rng.standard_normal((6, 13)).astype(np.float32))
+    t = a["targets"]
+
+    def scorer(p, **kw):
+        if source == "linear":
+            return fl.linear_log_probs(p, a["weight"], t, a["bias"], **kw)
+        return fl.log_probs(p, t, **kw)
+
+    p0 = a["hidden"] if source == "linear" else y
+    vjp_name = "FusedLinearRowStatsVJP" if source == "linear" else "FusedRowStatsVJP"
+    # base inputs of the backward: the primals ([hidden, weight, targets, bias] or [logits, targets])
+    base = 4 if source == "linear" else 2
+    cot = mx.array(rng.standard_normal(6).astype(np.float32))
+
+    def backward_inputs(fn):
+        _, (g,) = mx.vjp(fn, [p0], [cot])
+        nodes = [k for k in graph_nodes(g).values() if k[0] == vjp_name]
+        return g, nodes
+
+    g_logp, nodes = backward_inputs(lambda p: [scorer(p, return_entropy=True)[0]])
+    assert len(nodes) == 1 and nodes[0][1] == base + 2 + 2, nodes  # lse pair + cotangents of target, lse
+    g_alone, _ = backward_inputs(lambda p: [scorer(p)])
+    np.testing.assert_array_equal(np.array(g_logp), np.array(g_alone))
+    g_ent, nodes = backward_inputs(lambda p: [scorer(p, return_entropy=True)[1]])
+    assert nodes[0][1] == base + 4 + 2, nodes  # lse and expected pairs + cotangents of lse, expected
+    # only the target's statistic: no pair at all
+    def st(p):
+        if source == "linear":
+            return [_ext.linear_row_stats(p, a["weight"], t, a["bias"], stats=["lse", "target"])[1]]
+        return [_ext.row_stats(p, t, stats=["lse", "target"])[1]]
+
+    g_t, nodes = backward_inputs(st)
+    assert nodes[0][1] == base + 1, nodes
+    # every cotangent a known zero: no backward primitive, a zero gradient
+    _, (gz,) = mx.vjp(lambda p: [scorer(p, return_entropy=True)[0]], [p0], [mx.zeros(6)])
+    assert not [k for k in graph_nodes(gz).values() if k[0] == vjp_name]
+    assert not np.array(gz).any()
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_rows_without_a_cotangent_are_skipped(rng, dtype):
+    """Rows whose every cotangent is 0 (masked prompt tokens) are left out of
+    the linear backward: dH rows 0, nothing added to dW / dbias, even from a
+    non-finite hidden row (before: 0 * NaN poisoned all of dW); the live rows'
+    gradients equal the float64 reference of the live rows alone. A row whose
+    target is out of range stays live (NaN) while the target's cotangent is
+    bound; all rows masked gives zeros (no rows at all)."""
+    n, h, v = 12, 16, 37
+    a = make_head(rng, n, h, v, dtype=dtype)
+    x = np.array(a["hidden"].astype(mx.float32))
+    x[2] = np.nan
+    hid = mx.array(x).astype(dtype)
+    mask = np.ones(n, np.float32)
+    mask[[0, 2, 3, 7, 8]] = 0.0
+    cot = mx.array(rng.standard_normal(n).astype(np.float32) * mask)  # evaluated: not a known zero
+
+    def f(x_, w_, b_):
+        logp, ent = fl.linear_log_probs(x_, w_, a["targets"], b_, return_entropy=True)
+        return (logp * cot + ent * cot * 0.5).sum()
+
+    gx, gw, gb = mx.grad(f, argnums=(0, 1, 2))(hid, a["weight"], a["bias"])
+    gx, gw, gb = (np.array(g.astype(mx.float32)) for g in (gx, gw, gb))
+    assert np.isfinite(gw).all() and np.isfinite(gb).all() and np.isfinite(gx).all()
+    assert not gx[mask == 0].any()
+    live = mask != 0
+    x64 = to_np(hid)[live]
+    w64, b64 = to_np(a["weight"]), to_np(a["bias"])
+    y = x64 @ w64.T + b64
+    t = np.array(a["targets"])[live]
+    c = np.array(cot)[live]
+    dy = ref_grad_y(y, t, {"target": c, "lse": -c + 0.5 * c, "expected": -0.5 * c})
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == mx.float32 else dict(rtol=2e-2, atol=2e-3)
+    np.testing.assert_allclose(gx[live], dy @ w64, **tol)
+    np.testing.assert_allclose(gw, dy.T @ x64, **tol)
+    np.testing.assert_allclose(gb, dy.sum(0), **tol)
+    # an out-of-range target with the target's cotangent bound but 0: its row is NaN
+    tt = np.array(a["targets"])
+    tt[5] = v
+    _, (g5,) = mx.vjp(lambda x_: [fl.linear_log_probs(x_, a["weight"], mx.array(tt))], [a["hidden"]],
+                      [mx.array(np.where(np.arange(n) == 5, 0.0, 1.0).astype(np.float32))])
+    assert np.isnan(np.array(g5.astype(mx.float32))[5]).all()
+    # every row masked (an evaluated zero cotangent): zeros
+    z = mx.zeros(n)
+    mx.eval(z)
+    gx0, gw0 = mx.grad(lambda x_, w_: (fl.linear_log_probs(x_, w_, a["targets"]) * z).sum(), argnums=(0, 1))(
+        a["hidden"], a["weight"])
+    assert not to_np(gx0).any() and not to_np(gw0).any()
+
+
 # ---------------------------------------------------------------------------
 # memory
 

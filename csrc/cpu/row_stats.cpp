@@ -11,6 +11,7 @@
 // for bit) only when lse or expected is asked; the target's logit read before
 // a backward overwrites the row.
 #include <algorithm>
+#include <cstring>
 #include <memory>
 #include <vector>
 
@@ -21,6 +22,7 @@
 #include "cpu/row_reduce.h"
 #include "cpu/row_sums.h"
 #include "math/row_stats.h"
+#include "mlx/allocator.h"
 #include "ops/row_stats.h"
 
 namespace fl {
@@ -286,6 +288,93 @@ void run_linear(const RowStatsArgs& a, const cpu::ChunkedHeadCall& call, bool ba
   });
 }
 
+// ---- the backward's rows without a cotangent ---------------------------------------
+//
+// A row whose every bound cotangent is 0 (a prompt token a preference or RL
+// loss masks, an ignored row after log_probs' where) has dH = 0 and adds
+// nothing to dW and dbias (math/row_stats.h: a zero cotangent contributes
+// exactly 0). Its share of the backward (the logits GEMM, the epilogue, its
+// dH rows; its columns of the dW GEMM) is skipped: the live rows' hidden
+// rows, targets, saved pairs and cotangents are gathered (O(N H) copies, from
+// MLX's allocator), the driver runs on them alone, and their dH rows are
+// scattered back, zeros elsewhere. A row whose target is out of range is live
+// when the target's cotangent is bound (its gradient row is NaN).
+
+bool row_is_live(const RowStatsArgs& a, int64_t r) {
+  // (x != 0 holds for NaN: a NaN cotangent is live)
+  return (a.g_lse && a.g_lse[r] != 0.0f) || (a.g_logit_sum && a.g_logit_sum[r] != 0.0f) ||
+         (a.g_expected && a.g_expected[r] != 0.0f) ||
+         (a.g_target && (a.g_target[r] != 0.0f || local_target(a, r) == cpu::kOutOfRangeRow));
+}
+
+// Copies the rows `live` of a [rows, width] array of `bytes` per element.
+void gather_rows(const void* src, void* dst, const std::vector<int64_t>& live, int64_t width, size_t bytes) {
+  const size_t row_bytes = size_t(width) * bytes;
+  for (size_t i = 0; i < live.size(); ++i) {
+    std::memcpy(static_cast<char*>(dst) + i * row_bytes, static_cast<const char*>(src) + live[i] * row_bytes,
+                row_bytes);
+  }
+}
+
+void run_linear_backward(RowStatsArgs a, cpu::ChunkedHeadCall call) {
+  std::vector<int64_t> live;
+  for (int64_t r = 0; r < a.rows; ++r) {
+    if (row_is_live(a, r)) live.push_back(r);
+  }
+  const int64_t n = int64_t(live.size());
+  if (n == a.rows) {
+    run_linear(a, call, true);
+    return;
+  }
+  const int64_t rows = a.rows, H = call.head.hidden_size;
+  float* dh = call.grads.d_hidden;
+  // The live rows' per-row inputs, packed: hidden (its dtype), then float32
+  // [7][n] (saved pairs, cotangents) and int64 [n] targets.
+  const size_t hbytes = mx::size_of(call.head.hidden_dtype);
+  mx::allocator::Data buf = mx::allocator::malloc(std::max<size_t>(
+      size_t(n) * (size_t(H) * hbytes + 8 * 4 + 8 + (dh ? size_t(H) * 4 : 0)), 8));
+  char* at = static_cast<char*>(buf.buffer().raw_ptr());
+  auto take = [&](size_t bytes) {
+    char* p = at;
+    at += (bytes + 7) / 8 * 8;
+    return p;
+  };
+  void* hidden = take(size_t(n) * size_t(H) * hbytes);
+  gather_rows(call.head.hidden, hidden, live, H, hbytes);
+  call.head.hidden = hidden;
+  auto gather_floats = [&](const float*& p) {
+    if (p) {
+      float* c = reinterpret_cast<float*>(take(size_t(n) * 4));
+      gather_rows(p, c, live, 1, 4);
+      p = c;
+    }
+  };
+  gather_floats(a.saved_lse);
+  gather_floats(a.saved_lse_lo);
+  gather_floats(a.saved_expected);
+  gather_floats(a.saved_expected_lo);
+  gather_floats(a.g_lse);
+  gather_floats(a.g_target);
+  gather_floats(a.g_logit_sum);
+  gather_floats(a.g_expected);
+  if (a.targets) {
+    int64_t* t = reinterpret_cast<int64_t*>(take(size_t(n) * 8));
+    gather_rows(a.targets, t, live, 1, 8);
+    a.targets = t;
+  }
+  float* dh_live = dh ? reinterpret_cast<float*>(take(size_t(n) * size_t(H) * 4)) : nullptr;
+  a.rows = n;
+  call.rows = n;
+  call.grads.d_hidden = dh_live;
+  run_linear(a, call, true);
+  if (dh) {
+    std::fill(dh, dh + rows * H, 0.0f);
+    for (int64_t i = 0; i < n; ++i) {
+      std::memcpy(dh + live[i] * H, dh_live + i * H, size_t(H) * 4);
+    }
+  }
+}
+
 } // namespace
 
 void LinearRowStats::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
@@ -306,7 +395,7 @@ void LinearRowStatsVJP::eval_cpu(const std::vector<mx::array>& inputs, std::vect
   call.grads.d_hidden = params_.head.grad_hidden ? outputs[k++].data<float>() : nullptr;
   call.grads.d_weight = params_.head.grad_weight ? outputs[k++].data<float>() : nullptr;
   call.grads.d_bias = params_.head.grad_bias ? outputs[k++].data<float>() : nullptr;
-  cpu::dispatch_task(stream(), inputs, outputs, [a, call]() { run_linear(a, call, true); });
+  cpu::dispatch_task(stream(), inputs, outputs, [a, call]() { run_linear_backward(a, call); });
 }
 
 void RowStats::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
