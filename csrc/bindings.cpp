@@ -263,17 +263,18 @@ NB_MODULE(_ext, m) {
          std::optional<mlx::core::array> global_scale, float label_smoothing, const std::string& label_smoothing_mode,
          std::optional<int64_t> ignore_index, float z_loss, std::optional<float> logit_softcap,
          bool sum_rows, std::optional<int64_t> chunk_bytes, bool fuse_grads, float filter_eps,
-         mlx::core::StreamOrDevice stream) {
+         bool lse_grad, mlx::core::StreamOrDevice stream) {
         return fl::linear_cross_entropy(hidden, weight, targets, bias, scales, biases, group_size, bits,
                                         mode, global_scale, label_smoothing, label_smoothing_mode, ignore_index, z_loss,
-                                        logit_softcap, sum_rows, chunk_bytes, fuse_grads, filter_eps, stream);
+                                        logit_softcap, sum_rows, chunk_bytes, fuse_grads, filter_eps, lse_grad,
+                                        stream);
       },
       "hidden"_a, "weight"_a, "targets"_a, "bias"_a = nb::none(), nb::kw_only(), "scales"_a = nb::none(),
       "biases"_a = nb::none(), "group_size"_a = 64, "bits"_a = 4, "mode"_a = "affine",
       "global_scale"_a = nb::none(), "label_smoothing"_a = 0.0f,
       "label_smoothing_mode"_a = "uniform", "ignore_index"_a = nb::none(), "z_loss"_a = 0.0f,
       "logit_softcap"_a = nb::none(), "sum_rows"_a = false, "chunk_bytes"_a = nb::none(),
-      "fuse_grads"_a = true, "filter_eps"_a = 0.0f, "stream"_a = nb::none(),
+      "fuse_grads"_a = true, "filter_eps"_a = 0.0f, "lse_grad"_a = false, "stream"_a = nb::none(),
       "Fused linear cross-entropy: [loss (per row, or summed), row max, row log-sum, "
       "target-is-argmax, entropy, then gradients formed in the forward pass].");
 

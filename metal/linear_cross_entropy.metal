@@ -37,7 +37,8 @@
 //                  entropy with the CPU's formulas.
 //   lce_dz         (row tile, vocabulary tile) of a row chunk: Z recomputed,
 //                  dZ = g ((A + 2 z lse) p - q) (times 1 - (z/c)^2 under a cap),
-//                  from the saved lse; float32 into the chunk's dZ buffer.
+//                  from the saved lse; float32 into the chunk's dZ buffer; with
+//                  a differentiable lse (lse_cotangent) plus g_lse p.
 //   lce_dh         dH[chunk] = dZ W          (K = V, weight through the head)
 //   lce_dw         dW (+)= dZ^T H[chunk]     (K = chunk rows; float32, dense only)
 //   fl_lce_dbias   dbias (+)= column sums of dZ, rows in order (as the CPU)
@@ -495,6 +496,8 @@ template <typename T, typename Head, int BM, int BN, int BK, int WM, int WN>
     const long row = args.row0 + local;
     const long t = lce::target_class(targets, row, args);
     const float g = args.unit_cotangent != 0 ? 1.0f : g_rows[row];
+    // lse_cotangent: g_rows is [2, N], the lse's cotangents after the rows'.
+    const float g_lse = args.lse_cotangent != 0 ? g_rows[args.rows + row] : 0.0f;
     for (int j = 0; j < A::kTN; ++j) {
       for (int k = 0; k < 2; ++k) {
         const int v = v0 + A::col(mma, j, k);
@@ -502,13 +505,14 @@ template <typename T, typename Head, int BM, int BN, int BK, int WM, int WN>
           continue;
         }
         float d;
-        if (t < 0) {
+        if (t == -2 || (t < 0 && g_lse == 0.0f)) {
           d = t == -2 ? flm::kNaN : 0.0f;
         } else {
+          // (an ignored row: only its lse's term, g_lse p)
           const float z = lce::finish_logit(A::value(mma, i, j, k), bias, v, args);
           const float l = lse[row];
-          const float coef = flm::ce_row_softmax_coef(g, 0.0f, args.a_sum, l, args.z_loss);
-          const float g_target = g * args.c_other + (long(v) == t ? g * args.c_target : 0.0f);
+          const float coef = t < 0 ? g_lse : flm::ce_row_softmax_coef(g, g_lse, args.a_sum, l, args.z_loss);
+          const float g_target = t < 0 ? 0.0f : g * args.c_other + (long(v) == t ? g * args.c_target : 0.0f);
           d = flm::ce_grad(z, l, lse_lo[row], coef, g_target);
           if (args.softcap != 0.0f) {
             d *= flm::softcap_grad(z, args.softcap);

@@ -478,6 +478,35 @@ def test_linear_cross_entropy_gpu_vs_cpu(option, dtype, n, h, v):
         agree(a, b, TOL[dtype] + 1e-4, f"gradient {k}")
 
 
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("option", ["none", "mean_smooth_ignore_z_bias"])
+def test_linear_cross_entropy_differentiable_lse_gpu_vs_cpu(option, dtype):
+    """stats["lse"] with its gradient (differentiable_lse: the lse's cotangents
+    in lce_dz, ignored rows included) beside the loss's, GPU vs CPU."""
+    n, h, v = 65, 48, 97
+    opts = LCE_OPTIONS[option]
+    rng = np.random.default_rng(7)
+    args = lce_inputs(n, h, v, dtype, dtype, rng, opts.get("bias", False), opts.get("ignore_index"))
+    names = [i for i in range(len(args)) if i != 2]
+    c = mx.array(rng.uniform(-1, 1, n).astype(np.float32))
+    out = []
+    for dev in (GPU, mx.cpu):
+        def f(*p):
+            full = list(args)
+            for i, a in zip(names, p):
+                full[i] = a
+            kw = {k: x for k, x in opts.items() if k != "bias"}
+            loss, stats = fl.linear_cross_entropy(full[0], full[1], full[2], full[3] if len(full) > 3 else None,
+                                                  chunk_bytes=4 * v * 40, return_stats=True,
+                                                  differentiable_lse=True, dtype=mx.float32, stream=dev, **kw)
+            return (loss * c).sum() + (stats["lse"] * c).sum() if loss.ndim else loss + (stats["lse"] * c).sum()
+
+        _, g = mx.value_and_grad(f, argnums=tuple(range(len(names))))(*[args[i] for i in names])
+        out.append([as_f64(x) for x in g])
+    for k, (a, b) in enumerate(zip(*out)):
+        agree(a, b, TOL[dtype] + 1e-4, f"gradient {k}")
+
+
 # The steel tile (metal/lce_gemm.h: MLX's BlockLoader and BlockMMA, 64 x 64 x 16, 2 x 2
 # SIMD-groups of 32 x 32) at its edges on Apple's GPU, 16-bit operands staged as 16-bit:
 # rows and classes at 63/64/65 (the loader's load_safe path and the masked stores), K at

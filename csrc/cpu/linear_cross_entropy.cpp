@@ -37,8 +37,10 @@ struct LceArgs {
   float* entropy;
   int64_t* argmax;
   float* target_logit;
-  // backward input: per-row cotangent (null: 1 for every row)
+  // backward input: per-row cotangent (null: 1 for every row), and the lse's
+  // (null: 0; lse_grad)
   const float* g_rows;
+  const float* g_lse;
   // gradients (null when not wanted): formed by the driver from dZ
   cpu::HeadGrads grads;
 };
@@ -68,21 +70,26 @@ FLM_INLINE float finish_logits(float* z, int64_t V, const float* bias, float cap
   return m;
 }
 
-// dZ of one row in place: g ((A + 2 z_loss lse) p - q), times the soft-cap's
-// derivative. The target's logit is read before the row is overwritten.
+// dZ of one row in place: g ((A + 2 z_loss lse) p - q) + g_lse p, times the
+// soft-cap's derivative. The target's logit is read before the row is
+// overwritten. t < 0 (an ignored row, lse_grad): only the lse's term, g_lse p.
 template <bool kCap>
-FLM_INLINE void row_gradient(const LceArgs& a, float* z, int64_t t, float lse, float lse_lo, float g) {
+FLM_INLINE void row_gradient(const LceArgs& a, float* z, int64_t t, float lse, float lse_lo, float g,
+                             float g_lse) {
   const int64_t V = a.vocab;
   const auto c = a.smoothing;
   const float cap = a.p.logit_softcap;
-  float coef = flm::ce_row_softmax_coef(g, 0.0f, a.a_sum, lse, a.p.z_loss);
-  float g_other = g * c.c_other;
-  float z_t = z[t];
+  float coef = t < 0 ? g_lse : flm::ce_row_softmax_coef(g, g_lse, a.a_sum, lse, a.p.z_loss);
+  float g_other = t < 0 ? 0.0f : g * c.c_other;
+  float z_t = t < 0 ? 0.0f : z[t];
   FL_SIMD
   for (int64_t j = 0; j < V; ++j) {
     float d = flm::ce_grad(z[j], lse, lse_lo, coef, g_other);
     if constexpr (kCap) d *= flm::softcap_grad(z[j], cap);
     z[j] = d;
+  }
+  if (t < 0) {
+    return;
   }
   float d_t = flm::ce_grad(z_t, lse, lse_lo, coef, g_other + g * c.c_target);
   z[t] = kCap ? d_t * flm::softcap_grad(z_t, cap) : d_t;
@@ -123,16 +130,18 @@ FL_VECTOR_CLONES void epilogue_rows(const LceArgs& a, float* logits, int64_t r0,
     if (!want_dz) {
       continue;
     }
+    const float g = a.g_rows ? a.g_rows[r] : 1.0f;
+    const float g_lse = a.g_lse ? a.g_lse[r] : 0.0f;
     if (dz_threshold) {
-      // (an ignored row's dZ is 0: never kept; a NaN row always is)
-      dz_threshold[i] = a.p.filter_eps * flm::fabs(a.g_rows ? a.g_rows[r] : 1.0f);
+      // Every entry is at most |g| + |g_lse| times |p_j - q_j|-like terms.
+      // (An ignored row's dZ is 0: never kept; a NaN row always is.)
+      dz_threshold[i] = a.p.filter_eps * (flm::fabs(g) + flm::fabs(g_lse));
     }
-    if (t < 0) {
+    if (t < 0 && !(t != cpu::kOutOfRangeRow && g_lse != 0.0f)) {
       cpu::fill_masked_row(z, int(V), t); // ignored: 0, out of range: NaN
       continue;
     }
-    float g = a.g_rows ? a.g_rows[r] : 1.0f;
-    row_gradient<kCap>(a, z, t, a.lse[r], a.lse_lo[r], g);
+    row_gradient<kCap>(a, z, t, a.lse[r], a.lse_lo[r], g, g_lse);
   }
 }
 
@@ -238,10 +247,11 @@ void LinearCrossEntropyVJP::eval_cpu(const std::vector<mx::array>& inputs, std::
     cpu::allocate(out);
   }
   LceArgs a = make_args(inputs, params_);
-  size_t n = inputs.size(); // ..., lse, lse_lo, g
+  size_t n = inputs.size(); // ..., lse, lse_lo, g (lse_grad: [2, N], then the lse's)
   a.lse = const_cast<float*>(inputs[n - 3].data<float>());
   a.lse_lo = const_cast<float*>(inputs[n - 2].data<float>());
   a.g_rows = inputs[n - 1].data<float>();
+  a.g_lse = params_.lse_grad ? a.g_rows + a.rows : nullptr;
   size_t k = 0; // outputs: those flagged, in the order dH, dW, dbias
   a.grads.d_hidden = params_.grad_hidden ? outputs[k++].data<float>() : nullptr;
   a.grads.d_weight = params_.grad_weight ? outputs[k++].data<float>() : nullptr;

@@ -133,7 +133,7 @@ typedef uint64_t fl_u64;
 // backward dZ of a row chunk (slots 0-5 as the forward)
 #define FL_LCE_DZ_LSE 6 // [N] float32
 #define FL_LCE_DZ_LSE_LO 7 // [N] float32
-#define FL_LCE_DZ_G 8 // [N] float32 cotangent per row (unit_cotangent: never read)
+#define FL_LCE_DZ_G 8 // [N] float32 cotangent per row (unit_cotangent: never read; lse_cotangent: [2, N])
 #define FL_LCE_DZ_OUT 9 // [chunk_rows, V] float32 out
 #define FL_LCE_DZ_ARGS 10
 #define FL_LCE_DZ_NBUF 11
@@ -358,6 +358,8 @@ struct LceArgs {
   int rs_cotangents; // dZ: the flm::RowStat bits whose cotangent buffers are bound
   float inv_temperature;
   float temperature;
+  int lse_cotangent; // dZ: g is [2, N], the lse's per-row cotangents after the rows' (a differentiable lse)
+  int pad0;
 };
 
 // ---- work per thread -------------------------------------------------------------
@@ -399,5 +401,5 @@ static_assert(sizeof(SfArgs) == 32, "SfArgs layout");
 static_assert(sizeof(KdArgs) == 40, "KdArgs layout");
 static_assert(sizeof(PwArgs) == 32, "PwArgs layout");
 static_assert(sizeof(PwTargetLayout) == 16 * FL_PW_MAX_TARGET_GROUPS + 8, "PwTargetLayout layout");
-static_assert(sizeof(LceArgs) == 120, "LceArgs layout");
+static_assert(sizeof(LceArgs) == 128, "LceArgs layout");
 static_assert(sizeof(RsArgs) == 56, "RsArgs layout");

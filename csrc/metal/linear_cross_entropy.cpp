@@ -51,6 +51,8 @@ void run_launch(LceCall& c, const mplan::LceLaunch& l, LceStats& f, const mx::ar
     args.chunk_rows = int(l.rows);
     args.accumulate = l.row0 > 0 ? 1 : 0;
     args.unit_cotangent = g == nullptr ? 1 : 0;
+    // A differentiable lse: g is [2, N], the lse's cotangents after the rows'.
+    args.lse_cotangent = g != nullptr && c.p.lse_grad ? 1 : 0;
   }
   switch (l.kernel) {
     case K::forward:

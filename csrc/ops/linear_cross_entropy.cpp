@@ -337,6 +337,7 @@ std::vector<mx::array> linear_cross_entropy(
     std::optional<int64_t> chunk_bytes,
     bool fuse_grads,
     float filter_eps,
+    bool lse_grad,
     mx::StreamOrDevice s) {
   LinearCrossEntropyParams p;
   p.smoothing_mode = check_linear_cross_entropy_options(label_smoothing, label_smoothing_mode,
@@ -357,10 +358,12 @@ std::vector<mx::array> linear_cross_entropy(
     p.chunk_bytes = *chunk_bytes;
   }
   p.sum_rows = sum_rows;
-  // Gradients in the forward pass need a single cotangent for all rows.
+  p.lse_grad = lse_grad;
+  // Gradients in the forward pass need a single cotangent for all rows (not
+  // so with the lse's per-row one).
   // (is_tracer: some transform traces the input; whether it is a gradient is
   // known only when vjp is called, see the header.)
-  if (fuse_grads && sum_rows) {
+  if (fuse_grads && sum_rows && !lse_grad) {
     p.grad_hidden = hidden.is_tracer();
     p.grad_weight = !p.quantized() && weight.is_tracer();
     p.grad_bias = bias && bias->is_tracer();
@@ -396,8 +399,8 @@ std::vector<mx::array> LinearCrossEntropy::vjp(
     const std::vector<mx::array>& outputs) {
   auto s = stream();
   auto L = lce_inputs(params_);
-  // Only the loss is differentiable: the statistics are documented as
-  // constants (their cotangents are ignored).
+  // The loss is differentiable, and the lse with lse_grad; the other
+  // statistics are documented as constants (their cotangents are ignored).
   auto g = mx::astype(cotangents[kLceLoss], mx::float32, s);
   // The forward can still form the gradients it declared if it has not been
   // evaluated yet (the graph of value_and_grad is built before evaluation).
@@ -429,6 +432,12 @@ std::vector<mx::array> LinearCrossEntropy::vjp(
     auto rows = row_shape(primals[L.hidden]);
     auto g_rows = params_.sum_rows ? mx::broadcast_to(g, rows, s) : g;
     std::vector<mx::array> inputs(primals.begin(), primals.end());
+    if (params_.lse_grad) {
+      // [2, rows...]: the rows' cotangents, then their lse's (one input, so
+      // that the kernels read both from one buffer).
+      auto g_lse = mx::astype(cotangents[kLceLse], mx::float32, s);
+      g_rows = mx::concatenate({mx::expand_dims(g_rows, 0, s), mx::expand_dims(g_lse, 0, s)}, 0, s);
+    }
     inputs.insert(inputs.end(), {outputs[kLceLse], outputs[kLceLseLo], g_rows});
     recomputed = make_backward(inputs, missing, s);
   }

@@ -85,6 +85,12 @@ struct LinearCrossEntropyParams {
   // |dZ_rj| <= filter_eps |g_r| (g_r: the row's cotangent; 1 in the forward's
   // fused gradients, which the vjp scales by g). See cpu/chunked_head.h.
   float filter_eps = 0.0f;
+  // The lse output is differentiable (Cut Cross-Entropy's return_lse): the vjp
+  // passes its per-row cotangent g_lse to the backward primitive (after the
+  // rows' own in its cotangent input, [2, rows...]), whose dZ_r gains
+  // g_lse_r p_r (ignored rows too: their lse is defined). No gradients in the
+  // forward then (per-row cotangents).
+  bool lse_grad = false;
   // Gradients this primitive has as outputs (forward: declared for the traced
   // inputs, for a unit cotangent of the summed loss; backward: those the vjp
   // asked for).
@@ -260,6 +266,7 @@ std::vector<mx::array> linear_cross_entropy(
     std::optional<int64_t> chunk_bytes,
     bool fuse_grads,
     float filter_eps = 0.0f,
+    bool lse_grad = false,
     mx::StreamOrDevice s = {});
 
 // Forward. Inputs: hidden, weight, [scales, [qbiases (affine)], [global_scale
@@ -281,7 +288,8 @@ class LinearCrossEntropy : public LossPrimitive<LinearCrossEntropyParams> {
 };
 
 // Backward (recomputes the logits chunk by chunk). Inputs: the forward's
-// inputs, then lse, lse_lo and the per-row cotangent (float32 [...]).
+// inputs, then lse, lse_lo and the per-row cotangent (float32 [...]; with
+// lse_grad [2, ...]: then the lse's).
 // Outputs (float32): dH, dW, dbias, those flagged in the params, in that order.
 class LinearCrossEntropyVJP : public LossPrimitive<LinearCrossEntropyParams> {
  public:

@@ -90,6 +90,7 @@ def linear_cross_entropy(
     token_scaling: bool = False,
     filter_eps: Union[None, float, Literal["auto"]] = None,
     return_stats: bool = False,
+    differentiable_lse: bool = False,
     vocab_start: Optional[int] = None,
     group: Optional["mx.distributed.Group"] = None,
     dtype: Optional[mx.Dtype] = None,
@@ -178,6 +179,15 @@ def linear_cross_entropy(
         chunk_bytes: working-memory budget (default 64 MiB): the float32
             logits of ``chunk_bytes // (4 V)`` rows at a time (at least one).
         return_stats: also return per-row statistics (see below).
+        differentiable_lse: with ``return_stats``, ``stats["lse"]`` carries
+            gradients w.r.t. ``hidden``, ``weight`` and ``bias`` (Cut
+            Cross-Entropy's ``return_lse``: for a z-loss of your own, say):
+            its cotangent joins the loss's in the same backward pass
+            (``dZ_r += g_lse_r softmax_r``, no extra GEMM), which then always
+            recomputes the logits (per-row cotangents: one more GEMM per
+            chunk than the gradients formed in the forward). Ignored and
+            masked rows' lse are differentiable too. Without it the
+            statistics are constants.
         vocab_start, group: a head sharded over the vocabulary across the
             ranks of ``group`` (``mx.distributed``; None: MLX's world group):
             ``weight`` and ``bias`` hold this rank's rows ``[vocab_start,
@@ -192,7 +202,7 @@ def linear_cross_entropy(
     Returns:
         The loss, or ``(loss, stats)`` with ``return_stats=True``, where stats
         holds float32/bool arrays of ``targets``' shape, computed in the same
-        pass and not differentiable: ``"lse"`` (log-sum-exp of the row's
+        pass and not differentiable (but ``"lse"`` with ``differentiable_lse``): ``"lse"`` (log-sum-exp of the row's
         logits), ``"correct"`` (the target's logit is the row's maximum: token
         accuracy; False for ignored/masked rows), ``"entropy"`` (of the
         softmax) and ``"argmax"`` (int64: the predicted class, the first
@@ -224,7 +234,8 @@ def linear_cross_entropy(
                             "index of this rank's first row of the head)")
         unsharded = [name for name, value in (("shift", shift), ("token_scaling", token_scaling),
                                               ("class_weights", class_weights),
-                                              ("filter_eps", filter_eps)) if value is not None
+                                              ("filter_eps", filter_eps),
+                                              ("differentiable_lse", differentiable_lse)) if value is not None
                      and value is not False and not (name == "shift" and value == 0)]
         if unsharded:
             raise ValueError(f"{', '.join(unsharded)}: not available with a head sharded over the "
@@ -252,6 +263,10 @@ def linear_cross_entropy(
     )
     result_dtype = _result_dtype(dtype, hidden.dtype)
     filter_eps = _filter_eps_option(filter_eps, hidden.dtype)
+    differentiable_lse = _bool_option(differentiable_lse, "differentiable_lse")
+    if differentiable_lse and not return_stats:
+        raise ValueError("differentiable_lse=True makes stats['lse'] differentiable: it needs "
+                         "return_stats=True")
     soft = mx.issubdtype(targets.dtype, mx.floating) and targets.ndim == hidden.ndim and hidden.ndim > 0
     if not soft and not mx.issubdtype(targets.dtype, mx.integer):
         raise TypeError(f"targets holds class indices and must have an integer dtype (or be "
@@ -261,7 +276,7 @@ def linear_cross_entropy(
             hidden, weight, targets, bias, soft, class_weights, label_smoothing, label_smoothing_mode,
             ignore_index, z_loss, logit_softcap, reduction, mask, weights, chunk_bytes, scales, biases,
             group_size, bits, mode, global_scale, shift, token_scaling, return_stats, result_dtype,
-            filter_eps, stream)
+            filter_eps, differentiable_lse, stream)
     token_scaling = _bool_option(token_scaling, "token_scaling")
     shift = _shift_option(shift, targets)
     ignore_index = _ignore_index_for(targets, ignore_index)
@@ -305,10 +320,13 @@ def linear_cross_entropy(
         z_loss=z_loss,
         logit_softcap=logit_softcap,
         # Weighted rows are summed here (after the weights), so the kernel
-        # returns them one by one.
-        sum_rows=reduction != "none" and weights is None and not token_scaling,
+        # returns them one by one; so are the rows with a differentiable lse
+        # (per-row cotangents anyway, and a broadcast scalar cotangent next to
+        # the lse's would keep its first size under a shapeless mx.compile).
+        sum_rows=reduction != "none" and weights is None and not token_scaling and not differentiable_lse,
         chunk_bytes=chunk_bytes,
         filter_eps=filter_eps,
+        lse_grad=differentiable_lse,
         stream=stream,
     )
     rows = outputs[0] if weights is None else outputs[0] * weights.astype(mx.float32)
@@ -326,7 +344,8 @@ def linear_cross_entropy(
     loss = _finish(rows, reduction, result_dtype, count)
     if not return_stats:
         return loss
-    lse, correct, entropy, argmax = (mx.stop_gradient(outputs[k]) for k in (1, 3, 4, 5))
+    correct, entropy, argmax = (mx.stop_gradient(outputs[k]) for k in (3, 4, 5))
+    lse = outputs[1] if differentiable_lse else mx.stop_gradient(outputs[1])
     stats = {"lse": lse, "correct": correct, "entropy": entropy, "argmax": argmax}
     if shift:
         stats = {k: v[..., : v.shape[-1] - shift] for k, v in stats.items()}
@@ -386,7 +405,8 @@ def _smoothing(eps: float, mode: str, vocab: int) -> Tuple[float, float]:
 def _weighted_or_soft(hidden, weight, targets, bias, soft, class_weights, label_smoothing,
                       label_smoothing_mode, ignore_index, z_loss, logit_softcap, reduction, mask,
                       weights, chunk_bytes, scales, biases, group_size, bits, mode, global_scale,
-                      shift, token_scaling, return_stats, result_dtype, filter_eps, stream):
+                      shift, token_scaling, return_stats, result_dtype, filter_eps, differentiable_lse,
+                      stream):
     """class_weights and/or probability targets (see linear_cross_entropy's
     docstring). With q_j = c_other + c_target t_j and w the class weights,
         row = sum_j w_j q_j (lse - z_j) + z_loss lse^2
@@ -481,7 +501,7 @@ def _weighted_or_soft(hidden, weight, targets, bias, soft, class_weights, label_
         out = linear_cross_entropy(
             hidden, weight, targets, bias, ignore_index=ignore_index, logit_softcap=logit_softcap,
             reduction="none", weights=c_target * w_t, return_stats=return_stats, dtype=mx.float32,
-            filter_eps=filter_eps or None, **head)
+            filter_eps=filter_eps or None, differentiable_lse=differentiable_lse, **head)
         rows, stats = out if return_stats else (out, None)
         if reduction == "mean":
             count = _sum(mx.where(kept, w_t, 0.0))

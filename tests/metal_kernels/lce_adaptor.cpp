@@ -254,6 +254,9 @@ void bind_head(LceBufs& b, LceArgs& a) {
 // lce_set_fence: the _q entries copy w_q, scales and biases against an
 // inaccessible page (fenced.h; 0: in place).
 int g_fence = 0;
+// LceArgs::lse_cotangent of the backward runs (a differentiable lse: g is
+// [2, rows], the lse's cotangents after the rows'), as eval_gpu sets it.
+int g_lse_cotangent = 0;
 
 // f.template operator()<Head>() with a head of the types eval_gpu binds
 // (head_for): dense of dtype code wdt, or the running _q call's quantized
@@ -495,6 +498,7 @@ int lce_backward_run(int hdt, int wdt, const void* hidden, const void* weight,
       a.chunk_rows = int(n);
       a.accumulate = l.row0 > 0 ? 1 : 0;
       a.unit_cotangent = unit_cotangent;
+      a.lse_cotangent = g_lse_cotangent;
       switch (l.kernel) {
         case P::LceKernel::dz: {
           LaunchPlan dz = P::lce_dz_plan(h, head, plan, n, g_pipeline_limit);
@@ -518,6 +522,11 @@ int lce_backward_run(int hdt, int wdt, const void* hidden, const void* weight,
       }
     }
   });
+}
+
+// LceArgs::lse_cotangent of the next backward runs (g_lse_cotangent).
+int lce_set_lse_cotangent(int on) {
+  return mh::guarded([&] { g_lse_cotangent = on; });
 }
 
 int lce_set_fence(int where) {
