@@ -987,8 +987,8 @@ def test_class_weights_and_probabilities_rejected(rng):
     cw = mx.ones((5,))
     with pytest.raises(ValueError, match=r"class_weights must have shape \(5,\)"):
         fl.linear_cross_entropy(**args, class_weights=mx.ones((4,)))
-    with pytest.raises(ValueError, match="class_weights must hold values >= 0"):
-        fl.linear_cross_entropy(**args, class_weights=-cw)
+    with pytest.raises(ValueError, match="class_weights must not hold NaN"):
+        fl.linear_cross_entropy(**args, class_weights=cw * float("nan"))
     with pytest.raises(ValueError, match="dense head without logit_softcap"):
         fl.linear_cross_entropy(**args, class_weights=cw, label_smoothing=0.1, logit_softcap=3.0)
     p = mx.softmax(mx.ones((4, 5)), axis=-1)

@@ -211,6 +211,10 @@ CE_CASES = {
     "cap_w_z_ignore": dict(soft=False, weighted=True, ls=0.1, mode="uniform", ignore=-100, z=1e-3,
                            cap=2.5),
     "soft_cap": dict(soft=True, weighted=False, ls=0.0, mode="uniform", ignore=None, z=0.0, cap=4.0),
+    # class weights < 0 (PyTorch takes them): nothing in the kernels assumes w >= 0 (one
+    # case: the soft path sums the same weighted gaps, and each case costs ~30 s here)
+    "neg_w_smooth_z_ignore": dict(soft=False, weighted=True, ls=0.1, mode="uniform", ignore=-100,
+                                  z=1e-3, negative_weights=True),
 }
 
 
@@ -234,6 +238,8 @@ def ce_inputs(K, case, rng):
         if case["ignore"] is not None:
             t[-4] = case["ignore"]
     w = (0.5 + rng.random(K)).astype(np.float32)
+    if case.get("negative_weights"):
+        w = rng.uniform(-1.5, 1.5, K).astype(np.float32)
     return x, t, w
 
 

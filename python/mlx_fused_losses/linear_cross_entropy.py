@@ -146,7 +146,8 @@ def linear_cross_entropy(
             ``use_token_scaling``, DFT), from the same pass (the kernel's
             target logit and lse); it takes the recomputing backward, as
             ``weights``.
-        class_weights: ``[V]`` per-class weights >= 0 (PyTorch's ``weight``,
+        class_weights: ``[V]`` per-class weights (PyTorch's ``weight``; negative
+            ones too, as there; no NaN),
             Liger's ``ce_weight``), as :func:`mlx_fused_losses.cross_entropy`'s:
             row loss ``sum_j w_j q_j (lse - z_j)``, ``"mean"`` divides by
             the kept rows' summed target weights (the z term by the kept
@@ -429,7 +430,7 @@ def _weighted_or_soft(hidden, weight, targets, bias, soft, class_weights, label_
                              f"got {class_weights.shape}")
         if not mx.issubdtype(class_weights.dtype, mx.floating):
             raise TypeError(f"class_weights must be floating, got {class_weights.dtype}")
-        _check_nonnegative_values(class_weights, "class_weights")
+        _check_nonnegative_values(class_weights, "class_weights", negative_ok=True)
     if token_scaling:
         raise ValueError(f"token_scaling is not available with {name} in linear_cross_entropy")
     if shift:
@@ -484,7 +485,7 @@ def _weighted_or_soft(hidden, weight, targets, bias, soft, class_weights, label_
         return s if b32 is None else s + v @ b32
 
     stats = None
-    count = None
+    count = mass = None
     z_count = None
     if soft:
         q = targets.astype(mx.float32)
@@ -505,6 +506,7 @@ def _weighted_or_soft(hidden, weight, targets, bias, soft, class_weights, label_
         rows, stats = out if return_stats else (out, None)
         if reduction == "mean":
             count = _sum(mx.where(kept, w_t, 0.0))
+            mass = _sum(mx.where(kept, mx.abs(w_t), 0.0))  # (0: nothing kept, whatever count)
             z_count = _sum(kept.astype(mx.float32))
     extra = 0.0
     if c_other != 0.0:
@@ -525,7 +527,7 @@ def _weighted_or_soft(hidden, weight, targets, bias, soft, class_weights, label_
         total = rows if z_rows is None else rows + z_rows
         loss = _reduce(total, reduction).astype(result_dtype)
     else:
-        loss = _reduce(rows, reduction, count)
+        loss = _reduce(rows, reduction, count, mass)
         if z_rows is not None:
             loss = loss + _reduce(z_rows, reduction, z_count)
         loss = loss.astype(result_dtype)

@@ -162,7 +162,10 @@ def linear_cross_entropy_kdim(linear_cross_entropy, hidden, weight, targets, bia
                 index = targets.astype(mx.int64)
                 in_range = (index >= 0) & (index < num_classes)
                 row_weight = mx.where(in_range, w[mx.clip(index, 0, num_classes - 1)], 0.0)
-            loss = _reduce(loss, "mean", _kept_rows(targets, ignore_index, row_weight))
+            count = _kept_rows(targets, ignore_index, row_weight)
+            mass = None if row_weight is None else _kept_rows(targets, ignore_index,
+                                                              mx.abs(row_weight))
+            loss = _reduce(loss, "mean", count, mass)
     loss = loss.astype(result_dtype)
     if not return_stats:
         return loss

@@ -101,11 +101,12 @@ def _as_array(value, name: str) -> mx.array:
     )
 
 
-def _check_nonnegative_values(a: mx.array, name: str) -> None:
-    """ValueError if an array of per-class factors holds a NaN or a negative
-    value. Skipped while mx.compile or mx.vmap traces the call (the values
-    are not known then); the Module classes check at construction."""
-    bad = mx.any(mx.isnan(a) | (a < 0))
+def _check_nonnegative_values(a: mx.array, name: str, negative_ok: bool = False) -> None:
+    """ValueError if an array of per-class factors holds a NaN or (unless
+    ``negative_ok``) a negative value. Skipped while mx.compile or mx.vmap
+    traces the call (the values are not known then); the Module classes
+    check at construction."""
+    bad = mx.any(mx.isnan(a) if negative_ok else mx.isnan(a) | (a < 0))
     try:
         bad = bad.item()
     except ValueError as err:
@@ -113,7 +114,8 @@ def _check_nonnegative_values(a: mx.array, name: str) -> None:
             return
         raise
     if bad:
-        raise ValueError(f"{name} must hold values >= 0 (no NaN), got {a}")
+        rule = "must not hold NaN" if negative_ok else "must hold values >= 0 (no NaN)"
+        raise ValueError(f"{name} {rule}, got {a}")
 
 
 def _elementwise(ext_fn, first_name: str, first, targets, reduction: str, stream, params):
@@ -128,23 +130,25 @@ def _elementwise(ext_fn, first_name: str, first, targets, reduction: str, stream
     return loss.astype(first.dtype)
 
 
-def _finish(loss: mx.array, reduction: str, dtype: mx.Dtype, count=None) -> mx.array:
+def _finish(loss: mx.array, reduction: str, dtype: mx.Dtype, count=None, weight_mass=None) -> mx.array:
     """Reduce a float32 per-element/per-row loss and cast it to ``dtype``.
 
     ``count`` replaces the number of elements as the denominator of "mean"
-    (rows kept after ignore_index, or their summed class weights).
+    (rows kept after ignore_index, or their summed class weights);
+    ``weight_mass``, with class weights, their summed absolute values (0:
+    nothing kept, the mean over nothing; see ``_reduce``).
     """
-    return _reduce(loss, reduction, count).astype(dtype)
+    return _reduce(loss, reduction, count, weight_mass).astype(dtype)
 
 
-def _reduce(loss: mx.array, reduction: str, count=None) -> mx.array:
+def _reduce(loss: mx.array, reduction: str, count=None, weight_mass=None) -> mx.array:
     """``_finish`` without the cast: the float32 sum or mean."""
     if reduction == "sum":
         loss = _sum(loss)
     elif reduction == "mean":
         # One rule for every loss: a mean over nothing is 0, not NaN (an
-        # empty batch, every row ignored, or kept rows whose class weights add
-        # up to 0), so that one such batch cannot poison a training run. It
+        # empty batch, every row ignored, or kept rows whose class weights are
+        # all 0), so that one such batch cannot poison a training run. It
         # is the sum times 0: a NaN row (an out-of-range index) still shows.
         # Sizes are counted when the graph runs (_ext.mean_factor,
         # _ext.element_count), never read from .size or .shape here: a
@@ -153,7 +157,11 @@ def _reduce(loss: mx.array, reduction: str, count=None) -> mx.array:
             # (the sum times 1 / size, as loss.mean(), which gives NaN for 0)
             loss = _sum(loss) * _ext.mean_factor(loss)
         else:
-            empty = count == 0
+            # weight_mass (class weights: the kept rows' summed |weights|)
+            # says whether anything was kept; kept rows whose weights (some
+            # negative) cancel to a count of 0 divide by it, as PyTorch:
+            # +-inf, or NaN for a total of 0.
+            empty = (count if weight_mass is None else weight_mass) == 0
             safe = mx.where(empty, mx.array(1.0, mx.float32), count)
             total = _sum(loss)
             loss = mx.where(empty, total * 0.0, total / safe)
@@ -240,7 +248,7 @@ def _cross_entropy_options(label_smoothing, reduction, label_smoothing_mode, ign
     _ext.check_cross_entropy_options(label_smoothing, label_smoothing_mode, z_loss, class_weights,
                                      logit_softcap)
     if class_weights is not None:
-        _check_nonnegative_values(class_weights, "class_weights")
+        _check_nonnegative_values(class_weights, "class_weights", negative_ok=True)
     _result_dtype(dtype, mx.float32)
     return label_smoothing, ignore_index, class_weights, z_loss, logit_softcap
 
@@ -358,8 +366,13 @@ def cross_entropy(
     of bounds. (:class:`mlx_fused_losses.nn.CrossEntropyLoss` defaults to
     ``ignore_index=-100``, as PyTorch's.) With probability targets a
     negative ``ignore_index`` matches no row and one >= 0 is a ValueError,
-    as in PyTorch. ``class_weights`` must be >= 0 (checked when the call is
-    not traced by ``mx.compile``/``mx.vmap``; the Module checks once).
+    as in PyTorch. ``class_weights`` may be negative, as PyTorch's: the
+    weighted mean divides by the kept rows' summed weights whatever their
+    sign; weights that cancel to 0 give PyTorch's +-inf (NaN for a total of
+    0), while kept rows whose weights are all 0 are the mean over nothing
+    (0). A NaN weight is a ValueError
+    (checked when the call is not traced by ``mx.compile``/``mx.vmap``; the
+    Module checks once).
     """
     logits = _as_array(logits, "logits")
     targets = _as_array(targets, "targets")
@@ -413,7 +426,7 @@ def cross_entropy(
         loss = loss * weights
         if z_rows is not None:
             z_rows = z_rows * weights
-    count = None
+    count = mass = None
     if reduction == "mean" and not soft and (ignore_index is not None or class_weights is not None):
         row_weight = None
         if class_weights is not None:
@@ -428,11 +441,14 @@ def cross_entropy(
                 in_range, class_weights.astype(mx.float32)[mx.clip(index, 0, k - 1)], 0.0
             )
         count = _kept_rows(targets, ignore_index, row_weight)
+        if row_weight is not None:
+            mass = _kept_rows(targets, ignore_index, mx.abs(row_weight))
     if z_rows is not None:
-        mean = _reduce(loss, reduction, count) + _reduce(z_rows, reduction, _kept_rows(targets, ignore_index))
+        mean = _reduce(loss, reduction, count, mass) + _reduce(z_rows, reduction,
+                                                               _kept_rows(targets, ignore_index))
         loss = mean.astype(result_dtype)
     else:
-        loss = _finish(loss, reduction, result_dtype, count)
+        loss = _finish(loss, reduction, result_dtype, count, mass)
     if not return_stats:
         return loss
     # From the loss's own pass (csrc/ops/cross_entropy.h: CrossEntropy's

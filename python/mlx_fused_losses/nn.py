@@ -55,7 +55,7 @@ class CrossEntropyLoss(_LossModule):
         label_smoothing: ``eps`` in [0, 1); 0 disables smoothing.
         reduction: ``"mean"`` (default, as PyTorch), ``"sum"`` or ``"none"``.
             ``"mean"`` of an empty batch, of an all-ignored batch or of kept
-            rows whose class weights add up to 0 is 0.
+            rows whose class weights are all 0 is 0.
         axis: the class axis of the logits.
         label_smoothing_mode: ``"uniform"`` (eps/K on every class, as
             MLX/PyTorch) or ``"others"`` (1 - eps on the target, eps/(K-1) on
@@ -65,7 +65,8 @@ class CrossEntropyLoss(_LossModule):
             Default -100, PyTorch's padding label (``None``: no row ignored,
             an out-of-range index is a NaN row). With probability targets a
             negative value matches no row.
-        class_weights: shape ``[K]`` of values >= 0, PyTorch's ``weight``.
+        class_weights: shape ``[K]``, PyTorch's ``weight`` (negative values
+            too; no NaN).
         z_loss: coefficient of ``logsumexp(logits)**2`` added per row.
         logit_softcap: ``c``: the logits become ``c * tanh(logits / c)``
             before the softmax (Gemma 2); ``None``: no cap.
