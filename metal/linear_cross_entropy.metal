@@ -39,6 +39,13 @@
 //                  dZ = g ((A + 2 z lse) p - q) (times 1 - (z/c)^2 under a cap),
 //                  from the saved lse; float32 into the chunk's dZ buffer; with
 //                  a differentiable lse (lse_cotangent) plus g_lse p.
+//                  With args.logits_only: the chunk's logits Z instead (the
+//                  stored-Z path's forward GEMM).
+//   fl_lce_rows    the stored-Z path (a forward that forms its gradients, as a
+//                  training step's value_and_grad does): per row of the chunk,
+//                  the forward's per-row outputs from the stored Z, then dZ in
+//                  place for a unit cotangent. With lce_dz (logits_only), dH and
+//                  dW: 6 N V H FLOPs per step instead of 8.
 //   lce_dh         dH[chunk] = dZ W          (K = V, weight through the head)
 //   lce_dw         dW (+)= dZ^T H[chunk]     (K = chunk rows; float32, dense only)
 //   fl_lce_dbias   dbias (+)= column sums of dZ, rows in order (as the CPU)
@@ -455,8 +462,13 @@ template <typename T, typename Head, int BM, int BN, int BK, int WM, int WN>
 
 // ---- backward ---------------------------------------------------------------------------
 
-// dZ of the chunk's rows [row0, row0 + chunk_rows): grid (ceil(V / BN),
-// ceil(chunk_rows / BM)). Ignored rows 0, out-of-range rows NaN (as the CPU).
+// dZ of the chunk's rows [row0, row0 + chunk_rows): grid (ceil(chunk_rows / BM),
+// ceil(V / BN)), row blocks first: the groups in flight are all the chunk's row
+// blocks against a few vocabulary tiles, so each weight tile is read from DRAM
+// about once per chunk (its row-block groups run together) and the chunk's
+// hidden rows stay in the system-level cache. Ignored rows 0, out-of-range rows
+// NaN (as the CPU). With args.logits_only: the chunk's logits instead (the
+// stored-Z path).
 template <typename T, typename Head, int BM, int BN, int BK, int WM, int WN>
 [[kernel]] void lce_dz(
     device const T* hidden [[buffer(FL_LCE_HIDDEN)]],
@@ -480,14 +492,33 @@ template <typename T, typename Head, int BM, int BN, int BK, int WM, int WN>
   threadgroup typename G::stage_t Bs[G::kBElems];
   Head head(weight, scales, qbiases, args);
   const int V = args.vocab;
-  const int v0 = int(group.x) * G::BN;
-  const long m0 = long(group.y) * G::BM; // within the chunk
+  const int v0 = int(group.y) * G::BN;
+  const long m0 = long(group.x) * G::BM; // within the chunk
   const long chunk_end = args.row0 + args.chunk_rows;
   typename G::mma_t mma(static_cast<ushort>(sg), static_cast<ushort>(lane));
   lce::logits_tile<G>(mma, hidden, head, args.row0 + m0, v0, chunk_end, args, As, Bs, ushort(sg),
                       ushort(lane));
 
   // Element-wise on this lane's accumulators: no barrier or SIMD function below.
+  if (args.logits_only != 0) {
+    // The stored-Z path: the chunk's logits as the loss sees them (bias, cap);
+    // fl_lce_rows forms the row's outputs and dZ from them.
+    for (int i = 0; i < A::kTM; ++i) {
+      const long local = m0 + A::row(mma, i);
+      if (local >= args.chunk_rows) {
+        continue;
+      }
+      for (int j = 0; j < A::kTN; ++j) {
+        for (int k = 0; k < 2; ++k) {
+          const int v = v0 + A::col(mma, j, k);
+          if (v < V) {
+            dz[local * V + v] = lce::finish_logit(A::value(mma, i, j, k), bias, v, args);
+          }
+        }
+      }
+    }
+    return;
+  }
   for (int i = 0; i < A::kTM; ++i) {
     const long local = m0 + A::row(mma, i);
     if (local >= args.chunk_rows) {
@@ -599,6 +630,160 @@ template <typename T>
   dbias[v] = s;
 }
 
+// ---- the stored-Z path: the forward that forms its gradients ---------------------------
+//
+// lce_schedule runs, per chunk of rows: lce_dz with args.logits_only (the
+// chunk's logits, float32, into the dZ buffer), this kernel, then dbias, dH and
+// dW on the dZ it leaves: 6 N V H FLOPs for the step instead of 8 (no Z
+// recomputed from the saved lse). dZ stays float32: bfloat16 dZ loses 2^-9 of
+// each element, and a gradient whose sum cancels (sum_j dZ_j W_j far below
+// sum_j |dZ_j W_j|) then misses the float32-class bound of
+// tests/test_bf16_gemm.py::test_gradient_with_cancellation by ~18x (measured in
+// float64; the CPU's bf16 GEMM splits dZ into hi + lo for the same reason).
+
+// One group per row of the chunk (grid: chunk_rows groups of at most
+// FL_LCE_ROW_THREADS threads, a power of two or not). The row's logits z (the
+// lce_dz logits_only output) -> its online state per thread over FL_ROW_READS
+// contiguous logits at a time (csrc/math/linear_cross_entropy.h, as the forward
+// tiles) and argmax -> merged in a fixed tree order (deterministic) -> thread 0
+// writes the forward's per-row outputs with fl_lce_fwd_finish's formulas,
+// reading the target's logit before anything is overwritten -> every thread
+// rewrites the logits it read with dZ for a unit cotangent (lce_dz's formula).
+// Ignored rows: outputs of a masked row, dZ 0; out-of-range rows: NaN loss and dZ.
+[[kernel]] void fl_lce_rows(
+    device float* z [[buffer(FL_LCE_ROWS_Z)]],
+    device const long* targets [[buffer(FL_LCE_ROWS_TARGETS)]],
+    device float* loss [[buffer(FL_LCE_ROWS_LOSS)]],
+    device float* lse [[buffer(FL_LCE_ROWS_LSE)]],
+    device float* lse_lo [[buffer(FL_LCE_ROWS_LSE_LO)]],
+    device bool* correct [[buffer(FL_LCE_ROWS_CORRECT)]],
+    device float* entropy [[buffer(FL_LCE_ROWS_ENTROPY)]],
+    device long* argmax [[buffer(FL_LCE_ROWS_ARGMAX)]],
+    device float* target_out [[buffer(FL_LCE_ROWS_TARGET_OUT)]],
+    constant LceArgs& args [[buffer(FL_LCE_ROWS_ARGS)]],
+    uint local_row [[threadgroup_position_in_grid]],
+    uint tid [[thread_index_in_threadgroup]],
+    uint tpg [[threads_per_threadgroup]]) {
+  constexpr int R = FL_ROW_READS;
+  // Per-thread states (max, exp sum, gap sum, entropy sum), counts, argmaxes.
+  threadgroup float4 xs[FL_LCE_ROW_THREADS];
+  threadgroup float xw[FL_LCE_ROW_THREADS];
+  threadgroup uint2 xa[FL_LCE_ROW_THREADS];
+  threadgroup float xl[2]; // the row's lse pair, for the dZ pass
+  const int V = args.vocab;
+  const long row = args.row0 + long(local_row);
+  device float* zr = z + long(local_row) * long(V);
+  const long t = lce::target_class(targets, row, args);
+
+  flm::LceRowState st = flm::lce_state_empty();
+  flm::ArgMax best = flm::argmax_empty();
+  for (int j0 = int(tid) * R; j0 < V; j0 += int(tpg) * R) {
+    const int n = min(R, V - j0);
+    float x[R];
+    float m = -flm::kInf;
+    for (int i = 0; i < R; ++i) {
+      x[i] = i < n ? zr[j0 + i] : -flm::kInf;
+      m = fmax(m, x[i]);
+    }
+    st = flm::lce_state_move(st, fmax(st.ce.lse.max, m));
+    const float shift = flm::lse_ref(st.ce.lse.max);
+    float e = 0.0f;
+    float gap = 0.0f;
+    float ent = 0.0f;
+    for (int i = 0; i < n; ++i) {
+      const float ec = flm::exp_nonpos_f32(x[i] - shift);
+      e += ec;
+      gap += shift - x[i];
+      ent += flm::weighted(ec, x[i] - shift);
+      flm::ArgMax here;
+      here.key = flm::argmax_key(x[i]);
+      here.index = j0 + i;
+      best = flm::argmax_merge(best, here);
+    }
+    st = flm::lce_state_add(st, e, gap, ent, float(n));
+  }
+  xs[tid] = float4(st.ce.lse.max, st.ce.lse.sum, st.ce.all.gap, st.ent);
+  xw[tid] = st.ce.all.weight;
+  xa[tid] = uint2(best.key, uint(best.index));
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  for (uint stride = FL_LCE_ROW_THREADS / 2; stride > 0; stride >>= 1) {
+    if (tid < stride && tid + stride < tpg) {
+      flm::LceRowState a = flm::lce_state_empty();
+      flm::LceRowState b = flm::lce_state_empty();
+      const float4 pa = xs[tid];
+      const float4 pb = xs[tid + stride];
+      a.ce.lse.max = pa.x;
+      a.ce.lse.sum = pa.y;
+      a.ce.all.gap = pa.z;
+      a.ent = pa.w;
+      a.ce.all.weight = xw[tid];
+      b.ce.lse.max = pb.x;
+      b.ce.lse.sum = pb.y;
+      b.ce.all.gap = pb.z;
+      b.ent = pb.w;
+      b.ce.all.weight = xw[tid + stride];
+      a = flm::lce_state_merge(a, b);
+      xs[tid] = float4(a.ce.lse.max, a.ce.lse.sum, a.ce.all.gap, a.ent);
+      xw[tid] = a.ce.all.weight;
+      flm::ArgMax ba;
+      ba.key = xa[tid].x;
+      ba.index = int(xa[tid].y);
+      flm::ArgMax bb;
+      bb.key = xa[tid + stride].x;
+      bb.index = int(xa[tid + stride].y);
+      ba = flm::argmax_merge(ba, bb);
+      xa[tid] = uint2(ba.key, uint(ba.index));
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+  }
+  if (tid == 0) {
+    flm::LceRowState s = flm::lce_state_empty();
+    s.ce.lse.max = xs[0].x;
+    s.ce.lse.sum = xs[0].y;
+    s.ce.all.gap = xs[0].z;
+    s.ent = xs[0].w;
+    s.ce.all.weight = xw[0];
+    const flm::CeRow stats = flm::ce_finish_row(s.ce.lse, 0.0f, 0.0f, 0.0f); // lse of any row
+    lse[row] = stats.lse;
+    lse_lo[row] = stats.lse_lo;
+    entropy[row] = flm::lce_entropy(s);
+    const float z_t = t >= 0 ? zr[t] : 0.0f; // before the dZ pass overwrites it
+    flm::CeSmoothing c;
+    c.c_target = args.c_target;
+    c.c_other = args.c_other;
+    const flm::CeRow r =
+        t < 0 ? flm::ce_masked_row(t == -2) : flm::ce_finish_hard(s.ce, c, 1.0f, z_t, args.z_loss);
+    loss[row] = r.loss;
+    correct[row] = t >= 0 && z_t == s.ce.lse.max;
+    argmax[row] = long(xa[0].y);
+    target_out[row] = z_t;
+    xl[0] = stats.lse;
+    xl[1] = stats.lse_lo;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  // dZ for g = 1 over the same logits this thread read above.
+  const float l = xl[0];
+  const float l_lo = xl[1];
+  const float coef = flm::ce_row_softmax_coef(1.0f, 0.0f, args.a_sum, l, args.z_loss);
+  for (int j0 = int(tid) * R; j0 < V; j0 += int(tpg) * R) {
+    const int n = min(R, V - j0);
+    for (int i = 0; i < n; ++i) {
+      const int v = j0 + i;
+      float d;
+      if (t < 0) {
+        d = t == -2 ? flm::kNaN : 0.0f;
+      } else {
+        const float zz = zr[v];
+        d = flm::ce_grad(zz, l, l_lo, coef, args.c_other + (long(v) == t ? args.c_target : 0.0f));
+        if (args.softcap != 0.0f) {
+          d *= flm::softcap_grad(zz, args.softcap);
+        }
+      }
+      zr[v] = d;
+    }
+  }
+}
+
 // out[i] = T(g * src[i]); out may be src itself (float32): each thread reads its
 // element before writing it.
 template <typename T>
@@ -679,7 +864,7 @@ template <typename T>
 
 // dL/dy of the chunk's rows [row0, row0 + chunk_rows) from the saved pairs and
 // the per-row cotangents (math/row_stats.h): grid (ceil(V / BN), ceil(chunk_rows
-// / BM)), as lce_dz. A row whose target is out of range gets NaN when the
+// / BM)). A row whose target is out of range gets NaN when the
 // target's cotangent is bound (as the CPU).
 template <typename T, typename Head, int BM, int BN, int BK, int WM, int WN>
 [[kernel]] void rs_dz(

@@ -23,11 +23,11 @@ from conftest import CLANG_MISSING
 
 pytestmark = [pytest.mark.skipif(mh.find_clang() is None, reason=CLANG_MISSING)]
 
-from test_metal_linear_cross_entropy import BM, BN, FAST, check_case, plan_info  # noqa: E402
+from test_metal_linear_cross_entropy import BM, BN, FAST, check_case, check_fused, plan_info  # noqa: E402
 
 BOUND = 2**40  # kLceMaxBufferFlops
-KERNELS = ["forward", "finish", "sum", "dz", "dbias", "dh", "dw"]
-GEMMS = {"forward", "dz", "dh", "dw"}
+KERNELS = ["forward", "finish", "sum", "dz", "dbias", "dh", "dw", "logits", "rows"]  # LceKernel
+GEMMS = {"forward", "dz", "logits", "dh", "dw"}
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def expected_flops(kernel, rows, vocab, hidden, splits):
     """The work lce_launch_flops counts, written out independently."""
     if kernel in GEMMS:
         return rows * vocab * (2 * hidden + 1)
-    return rows * {"dbias": vocab, "finish": splits, "sum": 1}[kernel]
+    return rows * {"dbias": vocab, "rows": vocab, "finish": splits, "sum": 1}[kernel]
 
 
 def segments(launches):
@@ -103,7 +103,7 @@ def test_rows_per_launch_at_the_bound(lib, fit, extra):
 def test_rows_per_launch_never_exceed_n(lib):
     # F = 10 rows: a forward launch is one row block (BM rows) or N if fewer
     for rows, fwd in ((1, [1]), (BM - 1, [BM - 1]), (BM, [BM]), (BM + 1, [BM, 1])):
-        p, launches = schedule(lib, rows, V, H, bound=10 * ROW)
+        p, launches = schedule(lib, rows, V, H, bound=10 * ROW, dh=False, dw=False)
         assert p["forward_rows"] == min(rows, BM) and p["chunk_rows"] == min(rows, 10)
         assert [l["rows"] for l in launches if l["kernel"] == "forward"] == fwd
 
@@ -167,17 +167,26 @@ def test_schedule_order_and_work(lib):
     r = 40 // BM * BM if 40 > BM else 40
     assert p["chunk_rows"] == r
     kinds = [l["kernel"] for l in launches]
-    assert kinds == ["forward", "finish", "sum"] + ["dz", "dbias", "dh", "dw"] * -(-100 // r)
-    assert [l["row0"] for l in launches if l["kernel"] == "dz"] == list(range(0, 100, r))
-    assert [l["rows"] for l in launches if l["kernel"] == "dz"] == [min(r, 100 - r0) for r0 in range(0, 100, r)]
+    # a forward with gradients: the stored-Z path, no forward tiles, no Z recomputed
+    assert kinds == ["logits", "rows", "dbias", "dh", "dw"] * -(-100 // r) + ["sum"]
+    assert [l["row0"] for l in launches if l["kernel"] == "logits"] == list(range(0, 100, r))
+    assert [l["rows"] for l in launches if l["kernel"] == "rows"] == [min(r, 100 - r0) for r0 in range(0, 100, r)]
     for l in launches:
         assert l["flops"] == expected_flops(l["kernel"], l["rows"], V, H, p["splits"])
     assert {l["segment"] for l in launches} == {0}  # tiny: one buffer, as before
+    # the forward alone, and the backward alone (called later: Z recomputed)
+    _, fwd = schedule(lib, 100, V, H, chunk_bytes=4 * V * 40, sum_rows=True, dh=False, dw=False)
+    assert [l["kernel"] for l in fwd] == ["forward", "finish", "sum"]
+    _, bwd = schedule(lib, 100, V, H, chunk_bytes=4 * V * 40, forward=False, dbias=True)
+    assert [l["kernel"] for l in bwd] == ["dz", "dbias", "dh", "dw"] * -(-100 // r)
+    assert [l["row0"] for l in bwd if l["kernel"] == "dz"] == list(range(0, 100, r))
+    for l in fwd + bwd:
+        assert l["flops"] == expected_flops(l["kernel"], l["rows"], V, H, p["splits"])
 
 
 def test_no_rows(lib):
     _, launches = schedule(lib, 0, V, H, sum_rows=True, dbias=True)
-    assert [l["kernel"] for l in launches] == ["finish", "sum", "dz", "dbias", "dh", "dw"]
+    assert [l["kernel"] for l in launches] == ["logits", "rows", "dbias", "dh", "dw", "sum"]
     assert all(l["rows"] == 0 and l["segment"] == 0 for l in launches)
 
 
@@ -197,17 +206,20 @@ def test_every_command_buffer_is_bounded(lib, rows, hidden, vocab, chunk_bytes):
     work = [sum(l["flops"] for l in s) for s in segs]
     assert max(work) <= BOUND  # no single launch is above it at these shapes
     total = sum(work)
-    # forward 2 NVH, backward 6 NVH (+ the per-logit epilogues counted with them)
+    # the stored-Z step: logits, dH, dW: 6 NVH (+ the per-logit epilogues counted with them)
     nvh = rows * vocab * hidden
-    assert 8 * nvh < total < 8 * nvh * 1.01
+    assert 6 * nvh < total < 6 * nvh * 1.01
     assert len(segs) >= total / BOUND
     # greedy packing: fewer than twice the minimum number of buffers
     assert len(segs) < 2 * total / BOUND + 1
     if (rows, hidden, vocab) == (8192, 4096, 151936):
-        # before: one command buffer of 8 NVH = 41 TFLOP (~16 s at a base M1's 2.6 TFLOP/s)
+        # once one command buffer of 8 NVH = 41 TFLOP (~16 s at a base M1's 2.6 TFLOP/s);
+        # the step is now 6 NVH = 31 TFLOP
         assert p["forward_rows"] == BOUND // (vocab * (2 * hidden + 1)) // BM * BM
-        assert total > 37 * BOUND
-        assert len([l for l in launches if l["kernel"] == "forward"]) == 10
+        assert total > 27 * BOUND
+        assert not [l for l in launches if l["kernel"] == "forward"]
+        _, fwd = schedule(lib, rows, vocab, hidden, chunk_bytes=chunk_bytes, dh=False, dw=False)
+        assert len([l for l in fwd if l["kernel"] == "forward"]) == 10
 
 
 def test_a_row_block_above_the_bound_is_alone(lib):
@@ -242,7 +254,9 @@ def test_kernels_in_bounded_launches_match_the_cpu(lib, small_bound, case_name):
     small_bound(40, v, h)  # forward launches of max(BM, 40 // BM * BM) rows, chunks of <= 40
     p = plan_info(lib, n, v, h, 1 << 30)
     assert p["chunk_rows"] == (40 // BM * BM if 40 > BM else 40)
-    _, launches = schedule(lib, n, v, h, chunk_bytes=1 << 30, bound=40 * v * (2 * h + 1))
+    _, launches = schedule(lib, n, v, h, chunk_bytes=1 << 30, bound=40 * v * (2 * h + 1), dh=False,
+                           dw=False)
     launch_rows = max(BM, 40 // BM * BM)
     assert [l["row0"] for l in launches if l["kernel"] == "forward"] == list(range(0, n, launch_rows))
     check_case(lib, case_name, n, h, v, "float32", "float32", 1 << 30, FAST, seed=17)
+    check_fused(lib, case_name, n, h, v, "float32", "float32", 1 << 30, FAST, seed=18)

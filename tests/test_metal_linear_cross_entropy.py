@@ -168,8 +168,8 @@ def test_plan_buffer_orders_and_grids(lib):
     assert launch_info(lib, 5)["buffers"] == ["dz", "dbias", "args"]
     assert launch_info(lib, 6)["buffers"] == ["g", "src", "out", "args"]
     dz = launch_info(lib, 2, rows=100, vocab=2 * BN + 1, hidden=7, chunk_rows=BM + 1)
-    assert (dz["gx"], dz["gy"], dz["tx"], dz["name"]) == (
-        3, 2, THREADS, f"fl_lce_dz_float32_wfloat32_bm{BM}_bn{BN}_bk{BK}_wm2_wn2")
+    assert (dz["gx"], dz["gy"], dz["tx"], dz["name"]) == (  # row blocks first
+        2, 3, THREADS, f"fl_lce_dz_float32_wfloat32_bm{BM}_bn{BN}_bk{BK}_wm2_wn2")
     dh = launch_info(lib, 3, rows=100, vocab=65, hidden=BN + 1, chunk_rows=BM, wdt="bfloat16")
     assert (dh["gx"], dh["gy"], dh["name"]) == (2, 1, "fl_lce_dh_wbfloat16")
     dw = launch_info(lib, 4, rows=100, vocab=2 * BM + 1, hidden=BN + 1, hdt="float16")
@@ -414,6 +414,24 @@ def check_case(lib, case_name, n, h, v, hdt, wdt, chunk_bytes, schedules, seed, 
     rng = np.random.default_rng(seed)
     d = make(rng, n, h, v, hdt, wdt, case)
     out = gpu_forward(lib, d, case, chunk_bytes, schedules)
+    oob = check_forward_outputs(d, case, out)
+
+    # backward with a non-uniform cotangent per row; NaN rows make dW all NaN, so
+    # the gradients are checked on the targets without out-of-range rows
+    d["t"] = np.where(oob, 0, d["t"])
+    g = rng.uniform(-2, 2, n).astype(np.float32)
+    lse_in = out["lse"].copy()
+    lse_lo_in = out["lse_lo"].copy()
+    want = ("hidden",) + (() if d.get("q") else ("weight",)) + (("bias",) if case["bias"] else ())
+    grads = gpu_backward(lib, d, case, lse_in, lse_lo_in, g, chunk_bytes, want, schedules)
+    check_gradients(d, case, g, grads, want)
+    return d, out
+
+
+def check_forward_outputs(d, case, out):
+    """The forward's per-row outputs (loss, lse, entropy, correct, argmax, target
+    logit) against float64 and the CPU primitive; returns the out-of-range rows."""
+    n, v = d["n"], d["v"]
     cpu, _ = cpu_primitive(d, case)
     r, oob = reference64(d, case, None)
     args = mx_args(d, case)
@@ -454,15 +472,13 @@ def check_case(lib, case_name, n, h, v, hdt, wdt, chunk_bytes, schedules, seed, 
     assert_close(out["target_logit"], np.where(kept, z_t, 0.0), mx.float32, scale=scale,
                  what="target logit vs float64")
     assert_close(out["target_logit"], cpu[6], mx.float32, scale=scale, what="target logit vs CPU")
+    return oob
 
-    # backward with a non-uniform cotangent per row; NaN rows make dW all NaN, so
-    # the gradients are checked on the targets without out-of-range rows
-    d["t"] = np.where(oob, 0, d["t"])
-    g = rng.uniform(-2, 2, n).astype(np.float32)
-    lse_in = out["lse"].copy()
-    lse_lo_in = out["lse_lo"].copy()
-    want = ("hidden",) + (() if d.get("q") else ("weight",)) + (("bias",) if case["bias"] else ())
-    grads = gpu_backward(lib, d, case, lse_in, lse_lo_in, g, chunk_bytes, want, schedules)
+
+def check_gradients(d, case, g, grads, want):
+    """Gradients for the per-row cotangent g against float64 and the CPU primitive
+    (targets without out-of-range rows)."""
+    hdt, wdt = d["hdt"], d["wdt"]
     _, cpu_grads = cpu_primitive(d, case, g)
     r, _ = reference64(d, case, g.astype(np.float64))
     args = mx_args(d, case)
@@ -475,7 +491,52 @@ def check_case(lib, case_name, n, h, v, hdt, wdt, chunk_bytes, schedules, seed, 
         dt = {"hidden": hdt, "weight": wdt, "bias": "float32"}[name]
         assert_close(as_device(grads[name], dt)[1], cpu_grads[name], MX_DT[dt],
                      scale=logit_err[name], mag=mags[name], what=f"d{name} vs CPU ({hdt}/{wdt})")
-    return d, out
+
+
+def gpu_fused(lib, d, case, chunk_bytes, want, schedules):
+    """eval_gpu's forward with fused gradients (the stored-Z path): the forward's
+    outputs and the gradients for a unit cotangent per row."""
+    n, v, h = d["n"], d["v"], d["h"]
+    p = plan_info(lib, n, v, h, chunk_bytes)
+    row_loss = np.full(max(n, 1), SENTINEL, np.float32)
+    loss = np.full(1 if case["sum"] else max(n, 1), SENTINEL, np.float32)
+    lse, lse_lo, entropy, target_out = (np.full(max(n, 1), SENTINEL, np.float32) for _ in range(4))
+    correct = np.full(max(n, 1), 7, np.uint8)
+    argmax = np.full(max(n, 1), -7, np.int64)
+    dz = np.full(max(p["chunk_rows"] * v, 1), SENTINEL, np.float32)
+    dh = np.full((max(n, 1), max(h, 1)), SENTINEL, np.float32)
+    dw = np.full((v, max(h, 1)), SENTINEL, np.float32)
+    db = np.full(v, SENTINEL, np.float32)
+    suffix, head = head_run_args(d)
+    lib.run("lce_fused_run" + suffix, *head, d["t"], d["bias"], row_loss, loss, lse, lse_lo, correct,
+            entropy, argmax, target_out, dz, dh, dw, db, np.int32("hidden" in want),
+            np.int32("weight" in want), np.int32("bias" in want), np.int64(n), np.int32(v),
+            np.int32(h), np.int64(chunk_bytes), np.int32(case["sum"]), *options(case),
+            schedules=schedules)
+    USED.update({f"fl_lce_dz_{d['hdt']}_{head_name(d)}_{tile_name(lib, d)}", "fl_lce_rows"})
+    names = {"hidden": f"fl_lce_dh_{head_name(d)}", "weight": f"fl_lce_dw_{d['hdt']}",
+             "bias": "fl_lce_dbias"}
+    USED.update(names[k] for k in want)
+    k = slice(0, n)
+    out = dict(loss=loss if case["sum"] else loss[k], lse=lse[k], lse_lo=lse_lo[k],
+               correct=correct[k], entropy=entropy[k], argmax=argmax[k], target_logit=target_out[k])
+    return out, dict(hidden=dh[:n, :h], weight=dw[:, :h], bias=db)
+
+
+def check_fused(lib, case_name, n, h, v, hdt, wdt, chunk_bytes, schedules, seed, make=make_case):
+    """The stored-Z path against the CPU primitive and float64: the forward's
+    outputs and the gradients of every input (a unit cotangent per row). Targets
+    without out-of-range rows (they make dW all NaN: test_fused_out_of_range_rows)."""
+    case = CASES[case_name]
+    rng = np.random.default_rng(seed)
+    d = make(rng, n, h, v, hdt, wdt, case)
+    _, oob = reference64(d, case, None)
+    d["t"] = np.where(oob, 0, d["t"])
+    want = ("hidden",) + (() if d.get("q") else ("weight",)) + (("bias",) if case["bias"] else ())
+    out, grads = gpu_fused(lib, d, case, chunk_bytes, want, schedules)
+    check_forward_outputs(d, case, out)
+    check_gradients(d, case, np.ones(n, np.float32), grads, want)
+    return d, out, grads
 
 
 # Shapes at the tile edges: N around BM, V around BN, H around BK (and H = 7 < BK).
@@ -623,6 +684,133 @@ def test_scale_grad(lib, dtype):
     USED.add(f"fl_lce_scale_{dtype}")
     want, _ = as_device(src * g[0], dtype)
     np.testing.assert_array_equal(out, want)
+
+
+# ---- the stored-Z path: the forward that forms its gradients -------------------------------
+
+
+@pytest.mark.parametrize("n,h,v", SHAPES[1:], ids=[f"{n}x{h}x{v}" for n, h, v in SHAPES[1:]])
+@pytest.mark.parametrize("case_name", list(CASES))
+def test_fused_float32_cases(lib, case_name, n, h, v):
+    """The stored-Z path (lce_schedule's forward with gradients) against the CPU
+    primitive and float64: two chunks of rows for the larger shapes."""
+    schedules = mh.DEFAULT_SCHEDULES if (n, h, v) == SHAPES[1] else FAST
+    check_fused(lib, case_name, n, h, v, "float32", "float32", 4 * v * 32, schedules,
+                seed=n * 1000 + h * 10 + v + 1)
+
+
+@pytest.mark.parametrize("hdt", DTYPES)
+@pytest.mark.parametrize("wdt", DTYPES)
+def test_fused_dtype_pairs(lib, hdt, wdt):
+    case = "smooth_ignore_bias_sum" if DT_CODE[hdt] <= DT_CODE[wdt] else "others_z_cap"
+    check_fused(lib, case, 37, 23, 70, hdt, wdt, 4 * 70 * 20, FAST,
+                seed=DT_CODE[hdt] * 3 + DT_CODE[wdt] + 50)
+
+
+@pytest.mark.parametrize("dc", ["g", "d"])
+def test_fused_every_device_class_tile(lib, device_class, dc):
+    """The logits GEMM of the stored-Z path takes the class's forward tile (lce_dz's)."""
+    device_class(dc)
+    check_fused(lib, "cap_z_sum", 67, 37, 70, "bfloat16", "bfloat16", 4 * 70 * 33, FAST,
+                seed=ord(dc))
+
+
+def test_fused_a_few_hundred(lib):
+    """Rows longer than the row kernel's group (V > 4 x 256: each thread several
+    steps), 3 chunks."""
+    check_fused(lib, "others_z_cap", 129, 40, 1500, "bfloat16", "float32", 4 * 1500 * 64, FAST,
+                seed=7)
+
+
+def test_fused_matches_the_recomputing_backward(lib):
+    """The same gradients as the forward tiles + the backward that recomputes Z
+    (unit cotangent), to float32 rounding: one formula, two orders of summation."""
+    case = CASES["smooth_ignore_bias_sum"]
+    d = make_case(np.random.default_rng(11), 40, 19, 90, "float32", "float32", case, bad_rows=False)
+    want = ("hidden", "weight", "bias")
+    out, fused = gpu_fused(lib, d, case, 4 * 90 * 16, want, FAST)
+    fwd = gpu_forward(lib, d, case, 4 * 90 * 16, FAST)
+    again = gpu_backward(lib, d, case, fwd["lse"].copy(), fwd["lse_lo"].copy(), None, 4 * 90 * 16,
+                         want, FAST)
+    for k in want:
+        np.testing.assert_allclose(fused[k], again[k], rtol=1e-5, atol=1e-6 * np.abs(again[k]).max())
+    np.testing.assert_allclose(out["loss"], fwd["loss"], rtol=1e-6)
+    np.testing.assert_array_equal(out["argmax"], fwd["argmax"])
+
+
+def test_fused_out_of_range_rows(lib):
+    """An index outside [0, V): a NaN loss and a NaN dZ row (so NaN dH row), lse
+    still the row's; ignored rows: loss 0, dH row 0."""
+    case = CASES["smooth_ignore_bias_sum"]
+    rng = np.random.default_rng(9)
+    d = make_case(rng, 12, 7, 33, "float32", "float32", case)
+    bad = (d["t"] < 0) | (d["t"] >= 33)
+    bad &= d["t"] != -100
+    assert bad.sum() == 2
+    case = dict(case, sum=False)
+    out, g = gpu_fused(lib, d, case, 1 << 20, ("hidden",), FAST)
+    np.testing.assert_array_equal(np.isnan(out["loss"]), bad)
+    np.testing.assert_array_equal(np.isnan(g["hidden"]).all(-1), bad)
+    assert np.isfinite(g["hidden"][~bad]).all() and np.isfinite(out["lse"]).all()
+    assert not out["correct"][bad].any() and not out["target_logit"][bad].any()
+    ignored = d["t"] == -100
+    assert ignored.any() and not out["loss"][ignored].any() and not g["hidden"][ignored].any()
+    cpu, _ = cpu_primitive(d, case)
+    assert_close(out["lse"], cpu[1], mx.float32, scale=10.0, what="lse")
+
+
+def test_fused_no_rows(lib):
+    """N = 0: the summed loss is 0 and dW, dbias are written as 0."""
+    case = CASES["smooth_ignore_bias_sum"]
+    d = make_case(np.random.default_rng(0), 0, 8, 10, "float32", "float32", case)
+    out, g = gpu_fused(lib, d, case, 1 << 20, ("hidden", "weight", "bias"), FAST)
+    assert out["loss"][0] == 0.0
+    assert not np.any(g["weight"]) and not np.any(g["bias"])
+
+
+@pytest.mark.parametrize("vocab", [1, 4 * 32, 4 * 32 + 1, 4 * 256 - 4, 4 * 256, 4 * 256 + 1, 151936])
+@pytest.mark.parametrize("limit", [1024, 256, 96, 32])
+def test_rows_plan(lib, vocab, limit):
+    """fl_lce_rows: one group per row of min(256, ceil(V / 4) rounded up to 32, the
+    usable pipeline limit) threads."""
+    info = launch_info(lib, 7, rows=100, vocab=vocab, hidden=8, chunk_rows=33, max_threads=limit)
+    want = min(256, -(-(-(-vocab // 4)) // 32) * 32, limit // 32 * 32)
+    assert (info["gx"], info["gy"], info["tx"], info["name"]) == (33, 1, want, "fl_lce_rows")
+    assert info["buffers"] == ["z", "targets", "loss", "lse", "lse_lo", "correct", "entropy",
+                               "argmax", "target_out", "args"]
+
+
+# Bugs planted in the stored-Z path's row kernel: the harness must report each.
+PLANTED_FUSED = {
+    # the dZ pass started before thread 0 has read the target's logit and written the lse
+    "dz_before_the_row_is_finished": (
+        "    xl[1] = stats.lse_lo;\n  }\n  threadgroup_barrier(mem_flags::mem_threadgroup);",
+        "    xl[1] = stats.lse_lo;\n  }", mh.ScheduleDependent),
+    # a merge step that reads the states of threads past the group (never written)
+    "merge_past_the_group": ("    if (tid < stride && tid + stride < tpg) {",
+                             "    if (tid < stride) {", AssertionError),
+    # the tree's levels merged without a barrier between them
+    "merge_without_barrier": (
+        "      xa[tid] = uint2(ba.key, uint(ba.index));\n    }\n    threadgroup_barrier(mem_flags::mem_threadgroup);",
+        "      xa[tid] = uint2(ba.key, uint(ba.index));\n    }", mh.ScheduleDependent),
+}
+
+
+@pytest.mark.parametrize("bug", list(PLANTED_FUSED))
+def test_planted_bugs_in_the_row_kernel_are_reported(tmp_path, bug):
+    right, wrong, error = PLANTED_FUSED[bug]
+    (tmp_path / "csrc").symlink_to(REPO / "csrc")
+    (tmp_path / "metal").mkdir()
+    for source in (REPO / "metal").iterdir():
+        (tmp_path / "metal" / source.name).write_text(source.read_text())
+    planted = tmp_path / "metal" / "linear_cross_entropy.metal"
+    text = planted.read_text()
+    assert text.count(right) == 1, bug
+    planted.write_text(text.replace(right, wrong))
+    broken = mh.build([tmp_path / m for m in METAL], ADAPTOR, include_dirs=("csrc",))
+    with pytest.raises(error):
+        check_fused(broken, "smooth_ignore_bias_sum", 33, 24, 40, "float32", "float32", 1 << 20,
+                    mh.DEFAULT_SCHEDULES[:5], seed=1)
 
 
 def test_zz_every_instantiation_ran():

@@ -506,6 +506,29 @@ def test_every_instantiation(lce_lib, bits, hdt, sdt):
     small_device_case(lce_lib, case, hdt, sdt, k, quantized_maker(bits, (32, 64)[k % 2]))
 
 
+@pytest.mark.parametrize("fmt", [f"q{b}" for b in AFFINE_BITS] + list(FP_MODES) + ["nvfp4_global"])
+def test_every_format_stored_z_path(lce_lib, fmt):
+    """The training step's stored-Z path (lce_dz with logits_only, fl_lce_rows, dH) with
+    every quantization format mx.quantize has (affine bits with group sizes, hidden and
+    scale dtypes rotating; the floating-point modes; nvfp4 with a global scale) against
+    the CPU primitive and float64. (Its logits GEMM is the dZ kernel each instantiation
+    test above runs; logits_only is a runtime branch of its epilogue.)"""
+    k = ([f"q{b}" for b in AFFINE_BITS] + list(FP_MODES) + ["nvfp4_global"]).index(fmt)
+    hdt, sdt = list(DT_CODE)[k % 3], list(DT_CODE)[(k + 1) % 3]
+    if fmt.startswith("q"):
+        group_size = (32, 64, 128)[k % 3]
+        make = quantized_maker(int(fmt[1:]), group_size)
+        n, h, v = 37, 2 * group_size, 70
+    else:
+        mode = fmt.replace("_global", "")
+        group_size, bits = FP_MODES[mode]
+        make = quantized_maker(bits, group_size, mode,
+                               mx.array(0.37, mx.float32) if fmt.endswith("_global") else None)
+        n, h, v = 37, 64, 70
+    case = "others_z_cap" if fmt == "q1" else list(lce.CASES)[k % 4]
+    lce.check_fused(lce_lib, case, n, h, v, hdt, sdt, 4 * v * 20, lce.FAST, seed=k + 300, make=make)
+
+
 def test_zz_every_quantized_instantiation_ran():
     """Runs after the tests above (file order): every quantized kernel the .metal
     file defines was launched."""

@@ -153,6 +153,21 @@ typedef uint64_t fl_u64;
 #define FL_LCE_DB_OUT 1 // [V] float32 in/out
 #define FL_LCE_DB_ARGS 2
 #define FL_LCE_DB_NBUF 3
+// The stored-Z path (the forward that forms its gradients, launch_plan.h
+// lce_schedule): per row of a chunk, the row's logits that lce_dz wrote with
+// LceArgs::logits_only -> the forward's per-row outputs (as FL_LCE_FIN_*) and
+// dZ for a unit cotangent, in place
+#define FL_LCE_ROWS_Z 0 // [chunk_rows, V] float32 in: logits; out: dZ
+#define FL_LCE_ROWS_TARGETS 1 // [N] int64
+#define FL_LCE_ROWS_LOSS 2 // [N] float32 out (sum_rows: a temporary, summed after)
+#define FL_LCE_ROWS_LSE 3 // [N] float32 out
+#define FL_LCE_ROWS_LSE_LO 4 // [N] float32 out
+#define FL_LCE_ROWS_CORRECT 5 // [N] bool out
+#define FL_LCE_ROWS_ENTROPY 6 // [N] float32 out
+#define FL_LCE_ROWS_ARGMAX 7 // [N] int64 out
+#define FL_LCE_ROWS_TARGET_OUT 8 // [N] float32 out
+#define FL_LCE_ROWS_ARGS 9
+#define FL_LCE_ROWS_NBUF 10
 // Row statistics (ops/row_stats.h) on the linear CE's forward tiles: finish
 // merges the S states of a row (as FL_LCE_FIN_*) into the statistics; outputs not
 // asked for are written to scratch.
@@ -359,7 +374,9 @@ struct LceArgs {
   float inv_temperature;
   float temperature;
   int lse_cotangent; // dZ: g is [2, N], the lse's per-row cotangents after the rows' (a differentiable lse)
-  int pad0;
+  // lce_dz writes the chunk's finished logits (bias, cap) instead of dZ: the
+  // stored-Z path's forward GEMM (fl_lce_rows then forms dZ in place).
+  int logits_only;
 };
 
 // ---- work per thread -------------------------------------------------------------

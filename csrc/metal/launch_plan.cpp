@@ -534,10 +534,12 @@ int64_t lce_launch_flops(const LcePlan& p, LceKernel k, int64_t rows) {
   switch (k) {
     case LceKernel::forward:
     case LceKernel::dz:
+    case LceKernel::logits:
     case LceKernel::dh:
     case LceKernel::dw:
       return rows * lce_gemm_row_flops(p);
     case LceKernel::dbias:
+    case LceKernel::rows:
       return rows * int64_t(p.vocab);
     case LceKernel::finish:
       return rows * int64_t(p.splits);
@@ -558,7 +560,21 @@ std::vector<LceLaunch> lce_schedule(const LcePlan& p, const LceWork& w) {
     out.push_back(l);
   };
   const int64_t N = p.rows;
-  if (w.forward) {
+  const bool grads = w.dh || w.dw || w.dbias;
+  if (w.forward && grads) { // the stored-Z path (launch_plan.h)
+    for (int64_t r0 = 0; r0 < N || r0 == 0; r0 += p.chunk_rows) {
+      const int64_t rows = N - r0 < p.chunk_rows ? N - r0 : p.chunk_rows;
+      add(LceKernel::logits, r0, rows);
+      add(LceKernel::rows, r0, rows);
+      if (w.dbias) add(LceKernel::dbias, r0, rows);
+      if (w.dh) add(LceKernel::dh, r0, rows);
+      if (w.dw) add(LceKernel::dw, r0, rows);
+      if (N == 0) break;
+    }
+    if (w.sum_rows) {
+      add(LceKernel::sum, 0, N);
+    }
+  } else if (w.forward) {
     for (int64_t r0 = 0; r0 < N; r0 += p.forward_rows) {
       add(LceKernel::forward, r0, N - r0 < p.forward_rows ? N - r0 : p.forward_rows);
     }
@@ -567,7 +583,7 @@ std::vector<LceLaunch> lce_schedule(const LcePlan& p, const LceWork& w) {
       add(LceKernel::sum, 0, N);
     }
   }
-  if (w.dh || w.dw || w.dbias) {
+  if (grads && !w.forward) {
     for (int64_t r0 = 0; r0 < N || r0 == 0; r0 += p.chunk_rows) {
       const int64_t rows = N - r0 < p.chunk_rows ? N - r0 : p.chunk_rows;
       add(LceKernel::dz, r0, rows);
@@ -640,7 +656,7 @@ LaunchPlan lce_dz_plan(KDtype hidden, const std::string& head, const LcePlan& p,
                        int64_t chunk_rows, int max_group_threads) {
   LaunchPlan l = lce_gemm_plan(
       std::string("fl_lce_dz_") + dtype_name(hidden) + "_" + head + "_" + p.fwd.name(),
-      p.vocab_tiles, ceil_div(chunk_rows, FL_LCE_BM), max_group_threads, p.fwd.threads());
+      ceil_div(chunk_rows, FL_LCE_BM), p.vocab_tiles, max_group_threads, p.fwd.threads());
   l.buffers = buffer_names(FL_LCE_DZ_NBUF, {{FL_LCE_HIDDEN, "hidden"}, {FL_LCE_WEIGHT, "weight"},
       {FL_LCE_SCALES, "scales"}, {FL_LCE_QBIASES, "qbiases"}, {FL_LCE_TARGETS, "targets"},
       {FL_LCE_BIAS, "bias"}, {FL_LCE_DZ_LSE, "lse"}, {FL_LCE_DZ_LSE_LO, "lse_lo"},
@@ -696,6 +712,21 @@ LaunchPlan lce_dbias_plan(const LcePlan& p, int max_group_threads) {
   LaunchPlan l = lce_elementwise_plan("fl_lce_dbias", p.vocab, max_group_threads);
   l.buffers = buffer_names(FL_LCE_DB_NBUF, {{FL_LCE_DB_DZ, "dz"}, {FL_LCE_DB_OUT, "dbias"},
       {FL_LCE_DB_ARGS, "args"}});
+  return l;
+}
+
+LaunchPlan lce_rows_plan(const LcePlan& p, int64_t chunk_rows, int max_group_threads) {
+  LaunchPlan l;
+  l.kernel_name = "fl_lce_rows";
+  const int64_t t = usable_threads(max_group_threads);
+  l.group[0] = uint32_t(min3(round_up_simd(ceil_div(int64_t(p.vocab), FL_ROW_READS)),
+                             FL_LCE_ROW_THREADS, t));
+  l.grid[0] = grid_dim(chunk_rows, "rows");
+  l.buffers = buffer_names(FL_LCE_ROWS_NBUF, {{FL_LCE_ROWS_Z, "z"}, {FL_LCE_ROWS_TARGETS, "targets"},
+      {FL_LCE_ROWS_LOSS, "loss"}, {FL_LCE_ROWS_LSE, "lse"}, {FL_LCE_ROWS_LSE_LO, "lse_lo"},
+      {FL_LCE_ROWS_CORRECT, "correct"}, {FL_LCE_ROWS_ENTROPY, "entropy"},
+      {FL_LCE_ROWS_ARGMAX, "argmax"}, {FL_LCE_ROWS_TARGET_OUT, "target_out"},
+      {FL_LCE_ROWS_ARGS, "args"}});
   return l;
 }
 
@@ -905,6 +936,7 @@ std::vector<PlanKernel> enumerate_plan_kernels() {
   c.add(lce_finish_plan(plan), "lce_finish_plan()");
   c.add(rs_finish_plan(plan), "rs_finish_plan()");
   c.add(lce_dbias_plan(plan), "lce_dbias_plan()");
+  c.add(lce_rows_plan(plan, plan.chunk_rows), "lce_rows_plan()");
   // The forward tile of every device class, and of the large class's large-K case.
   const char device_classes[] = {'p', 'g', 's', 'd'};
   for (int h = 0; h < kNumKDtypes; ++h) {

@@ -262,17 +262,30 @@ LaunchPlan lce_dh_plan(const std::string& head, const LcePlan& p, int64_t chunk_
                        int max_group_threads = kMaxGroupThreads);
 LaunchPlan lce_dw_plan(KDtype hidden, const LcePlan& p, int max_group_threads = kMaxGroupThreads);
 LaunchPlan lce_dbias_plan(const LcePlan& p, int max_group_threads = kMaxGroupThreads);
+// The stored-Z path's row kernel (fl_lce_rows) over one chunk of `chunk_rows`
+// rows: one group per row of min(FL_LCE_ROW_THREADS, ceil(V / FL_ROW_READS)
+// rounded up to 32, the usable pipeline limit) threads. (Its logits GEMM is
+// lce_dz_plan's kernel with LceArgs::logits_only.)
+LaunchPlan lce_rows_plan(const LcePlan& p, int64_t chunk_rows,
+                         int max_group_threads = kMaxGroupThreads);
 LaunchPlan lce_scale_plan(KDtype out, uint64_t n, int max_group_threads = kMaxGroupThreads);
 // The launches of one linear CE call in order, and the command buffer each goes
 // in. A forward: the tile launches of forward_rows rows, the finish (per row),
 // the sum of the per-row losses (sum_rows). Then, when gradients are asked for,
 // the backward: per chunk of R rows, dZ, then dbias, dH, dW (those asked for);
 // N = 0 still has one empty chunk (dW and dbias are written, zeros).
+// A forward that also forms gradients (the fused gradients of
+// ops/linear_cross_entropy.h: unit cotangent) takes the stored-Z path instead:
+// per chunk of R rows, logits (lce_dz_plan's kernel with
+// LceArgs::logits_only: the chunk's logits into the dZ buffer), rows
+// (lce_rows_plan: the forward's per-row outputs and dZ in place), then dbias,
+// dH, dW (those asked for); the sum of the per-row losses last (sum_rows). Its
+// step is 6 N V H FLOPs instead of 8 (no forward tiles, no Z recomputed).
 // Segments: launches go into the current command buffer (segment 0 is the one
 // eval_gpu starts in) until the next launch would take its work past
 // p.max_buffer_flops; then the buffer is committed and a new segment starts.
 // A segment's work is thus at most the bound, or it is one launch.
-enum class LceKernel : int { forward = 0, finish, sum, dz, dbias, dh, dw };
+enum class LceKernel : int { forward = 0, finish, sum, dz, dbias, dh, dw, logits, rows };
 struct LceLaunch {
   LceKernel kernel = LceKernel::forward;
   int64_t row0 = 0; // first row (forward launch or backward chunk)
@@ -288,9 +301,9 @@ struct LceWork {
   bool dbias = false;
 };
 // Work of a launch over `rows` rows: 2 rows V H per GEMM (forward tiles, dZ,
-// dH, dW; a quantized head's dequantization is not counted), rows V for dbias
-// (and added to each GEMM's count for its epilogue), rows S for the finish, N
-// for the sum.
+// logits, dH, dW; a quantized head's dequantization is not counted), rows V for
+// dbias and for the stored-Z path's row kernel (and added to each GEMM's count
+// for its epilogue), rows S for the finish, N for the sum.
 int64_t lce_launch_flops(const LcePlan& p, LceKernel k, int64_t rows);
 std::vector<LceLaunch> lce_schedule(const LcePlan& p, const LceWork& w);
 

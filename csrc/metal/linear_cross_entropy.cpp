@@ -11,8 +11,10 @@
 //   backward  per chunk of rows: lce_dz -> fl_lce_dbias, lce_dh, lce_dw (those
 //             asked for); the encoder orders each reader after its writer and
 //             the next chunk's dZ after the last reader (set_input/output_array).
-// The forward with fused gradients (ops/linear_cross_entropy.h) runs the
-// backward with a unit cotangent from the lse it has just written.
+// The forward with fused gradients (ops/linear_cross_entropy.h) takes the
+// stored-Z path instead, per chunk: lce_dz with logits_only (the chunk's logits
+// into the dZ buffer) -> fl_lce_rows (the forward's per-row outputs, dZ in
+// place for a unit cotangent) -> fl_lce_dbias, lce_dh, lce_dw [-> the sum].
 // Command buffers: the schedule's segments, each committed before the next
 // starts (gpu::CommandBuffers), hold at most plan.max_buffer_flops of work.
 #include <optional>
@@ -47,7 +49,7 @@ void run_launch(LceCall& c, const mplan::LceLaunch& l, LceStats& f, const mx::ar
   mx::array* dz = dz_chunk ? &*dz_chunk : nullptr; // set when the call has a backward
   LceArgs args = c.args;
   args.row0 = l.row0;
-  if (l.kernel == K::dz || l.kernel == K::dbias || l.kernel == K::dh || l.kernel == K::dw) {
+  if (l.kernel != K::forward && l.kernel != K::finish && l.kernel != K::sum) { // a chunk's
     args.chunk_rows = int(l.rows);
     args.accumulate = l.row0 > 0 ? 1 : 0;
     args.unit_cotangent = g == nullptr ? 1 : 0;
@@ -91,16 +93,36 @@ void run_launch(LceCall& c, const mplan::LceLaunch& l, LceStats& f, const mx::ar
       return;
     }
     case K::dz:
+    case K::logits: // the stored-Z path: the same kernel writes the chunk's logits
+      args.logits_only = l.kernel == K::logits ? 1 : 0;
       if (auto x = gpu::launch(c.s, [&](int t) {
             return mplan::lce_dz_plan(c.hidden_dt, c.head, P, l.rows, t);
           })) {
         auto& enc = x.encoder();
         lcehost::bind_tile_inputs(c, enc);
+        // logits_only: lse and g are never read (the forward writes lse later).
         enc.set_input_array(lse, FL_LCE_DZ_LSE);
         enc.set_input_array(lse_lo, FL_LCE_DZ_LSE_LO);
         enc.set_input_array(g ? *g : lse, FL_LCE_DZ_G);
         enc.set_output_array(*dz, FL_LCE_DZ_OUT);
         enc.set_bytes(args, FL_LCE_DZ_ARGS);
+        x.dispatch();
+      }
+      return;
+    case K::rows:
+      if (auto x = gpu::launch(c.s, [&](int t) { return mplan::lce_rows_plan(P, l.rows, t); })) {
+        auto& o = *f.outputs;
+        auto& enc = x.encoder();
+        enc.set_output_array(*dz, FL_LCE_ROWS_Z); // read, then overwritten with dZ
+        enc.set_input_array(c.inputs[c.L.targets], FL_LCE_ROWS_TARGETS);
+        enc.set_output_array(*f.row_loss, FL_LCE_ROWS_LOSS);
+        enc.set_output_array(o[kLceLse], FL_LCE_ROWS_LSE);
+        enc.set_output_array(o[kLceLseLo], FL_LCE_ROWS_LSE_LO);
+        enc.set_output_array(o[kLceCorrect], FL_LCE_ROWS_CORRECT);
+        enc.set_output_array(o[kLceEntropy], FL_LCE_ROWS_ENTROPY);
+        enc.set_output_array(o[kLceArgmax], FL_LCE_ROWS_ARGMAX);
+        enc.set_output_array(o[kLceTargetLogit], FL_LCE_ROWS_TARGET_OUT);
+        enc.set_bytes(args, FL_LCE_ROWS_ARGS);
         x.dispatch();
       }
       return;
@@ -129,10 +151,13 @@ void run(LceCall& c, LceStats& f, const mx::array& lse, const mx::array& lse_lo,
   w.dw = out.dw != nullptr;
   w.dbias = out.dbias != nullptr;
   const int64_t N = c.plan.rows;
+  const bool stored_z = w.forward && (w.dh || w.dw || w.dbias); // lce_schedule's rule
   if (w.forward) {
-    f.partials = scratch(c, int64_t(c.plan.splits) * N * 4);
-    f.argmax_partials = scratch(c, int64_t(c.plan.splits) * N * 2); // uint2, in float32 slots
-    f.target_logit = scratch(c, N);
+    if (!stored_z) { // the forward tiles' per-split states
+      f.partials = scratch(c, int64_t(c.plan.splits) * N * 4);
+      f.argmax_partials = scratch(c, int64_t(c.plan.splits) * N * 2); // uint2, in float32 slots
+      f.target_logit = scratch(c, N);
+    }
     f.row_loss = c.p.sum_rows ? scratch(c, N) : (*f.outputs)[kLceLoss];
   }
   std::optional<mx::array> dz;
@@ -165,8 +190,7 @@ void LinearCrossEntropy::eval_gpu(const std::vector<mx::array>& inputs, std::vec
   LceCall c = lcehost::make_call(inputs, outputs, params_, lce_inputs(params_), stream());
   LceStats f;
   f.outputs = &outputs;
-  // The forward with fused gradients runs the backward with a unit cotangent
-  // from the lse it has just written.
+  // With gradients: the stored-Z path (lce_schedule), a unit cotangent.
   run(c, f, outputs[kLceLse], outputs[kLceLseLo], nullptr, {grads[0], grads[1], grads[2]});
 }
 

@@ -127,6 +127,16 @@ void dbias_call(const LaunchPlan& p, const LceBufs& b, const LceArgs& a) {
   run_plan(p, [&](const mh::ThreadCtx& t) { fn(b.dz, b.dbias, a, t.thread_position_in_grid.x); });
 }
 
+// The stored-Z path's row kernel: outputs of the forward and dZ in place (b.dz).
+void rows_call(const LaunchPlan& p, const LceBufs& b, const LceArgs& a) {
+  auto* fn = mh::kernel<decltype(fl_lce_rows)>(p.kernel_name);
+  run_plan(p, [&](const mh::ThreadCtx& t) {
+    fn(b.dz, reinterpret_cast<const long*>(b.targets), b.loss, b.lse, b.lse_lo, b.correct,
+       b.entropy, reinterpret_cast<long*>(b.argmax), b.target_out, a,
+       t.threadgroup_position_in_grid.x, t.thread_index_in_threadgroup, t.threads_per_threadgroup.x);
+  });
+}
+
 // Row statistics (ops/row_stats.h) on the same tiles: their finish and dZ.
 struct RsBufs {
   float* lse;
@@ -375,7 +385,7 @@ int lce_plan_info(int64_t rows, int vocab, int hidden, int64_t chunk_bytes, int6
 }
 
 // A kernel's launch plan. which: 0 fwd, 1 finish, 2 dz, 3 dh, 4 dw, 5 dbias,
-// 6 scale (n = vocab). out = {grid x, y, z, group x, y, z, threadgroup bytes, buffers};
+// 6 scale (n = vocab), 7 rows (the stored-Z path). out = {grid x, y, z, group x, y, z, threadgroup bytes, buffers};
 // name_out: kernel name and buffer names, comma-separated (cap 512).
 int lce_launch_info(int which, int hdt, int wdt, int64_t rows, int vocab, int hidden,
                     int64_t chunk_bytes, int64_t chunk_rows, int max_threads, uint32_t* out,
@@ -394,6 +404,7 @@ int lce_launch_info(int which, int hdt, int wdt, int64_t rows, int vocab, int hi
       case 4: p = P::lce_dw_plan(h, plan, max_threads); break;
       case 5: p = P::lce_dbias_plan(plan, max_threads); break;
       case 6: p = P::lce_scale_plan(h, uint64_t(vocab), max_threads); break;
+      case 7: p = P::lce_rows_plan(plan, chunk_rows, max_threads); break;
       default: throw mh::Error("lce_launch_info: unknown kernel");
     }
     uint32_t v[8] = {p.grid[0], p.grid[1], p.grid[2], p.group[0], p.group[1], p.group[2],
@@ -527,6 +538,110 @@ int lce_backward_run(int hdt, int wdt, const void* hidden, const void* weight,
 // LceArgs::lse_cotangent of the next backward runs (g_lse_cotangent).
 int lce_set_lse_cotangent(int on) {
   return mh::guarded([&] { g_lse_cotangent = on; });
+}
+
+// The forward with fused gradients of eval_gpu (the stored-Z path of
+// lce_schedule): per chunk, lce_dz with logits_only into dz [chunk_rows * V],
+// fl_lce_rows (the forward's outputs; dZ in place), then dbias, dH, dW (those
+// asked for), and (sum_rows) the sum of row_loss into loss[0]. Unit cotangent.
+int lce_fused_run(int hdt, int wdt, const void* hidden, const void* weight,
+                  const int64_t* targets, const float* bias, float* row_loss, float* loss,
+                  float* lse, float* lse_lo, bool* correct, float* entropy, int64_t* argmax,
+                  float* target_out, float* dz, float* dh, float* dw, float* dbias, int want_dh,
+                  int want_dw, int want_dbias, int64_t rows, int vocab, int hidden_size,
+                  int64_t chunk_bytes, int sum_rows, float smoothing, int mode, int has_ignore,
+                  int64_t ignore_index, float z_loss, float softcap, int has_bias) {
+  return mh::guarded([&] {
+    namespace P = fl::mplan;
+    std::string head = head_for(wdt);
+    KDtype h = to_dtype(hdt);
+    LcePlan plan = call_plan(rows, vocab, hidden_size, chunk_bytes, h, head);
+    LceArgs base = args_for(plan, {smoothing, mode, has_ignore, ignore_index, z_loss, softcap, has_bias});
+    LceBufs b = tile_inputs(hidden, weight, targets, bias);
+    bind_head(b, base);
+    b.loss = sum_rows ? row_loss : loss;
+    b.lse = lse;
+    b.lse_lo = lse_lo;
+    b.correct = correct;
+    b.entropy = entropy;
+    b.argmax = argmax;
+    b.target_out = target_out;
+    b.g = lse; // never read (unit cotangent)
+    b.dz = dz;
+    b.dh = dh;
+    b.dw = dw;
+    b.dbias = dbias;
+    P::LceWork w;
+    w.forward = true;
+    w.sum_rows = sum_rows != 0;
+    w.dh = want_dh != 0;
+    w.dw = want_dw != 0;
+    w.dbias = want_dbias != 0;
+    for (const P::LceLaunch& l : P::lce_schedule(plan, w)) {
+      const int64_t n = l.rows;
+      LceArgs a = base;
+      a.row0 = l.row0;
+      a.chunk_rows = int(n);
+      a.accumulate = l.row0 > 0 ? 1 : 0;
+      a.unit_cotangent = 1;
+      switch (l.kernel) {
+        case P::LceKernel::logits: {
+          a.logits_only = 1;
+          LaunchPlan zp = P::lce_dz_plan(h, head, plan, n, g_pipeline_limit);
+          with_dtype(h, [&]<class T>() {
+            with_head(wdt, [&]<class Head>() { dz_call<T, Head>(zp, b, a); });
+          });
+          break;
+        }
+        case P::LceKernel::rows: rows_call(P::lce_rows_plan(plan, n, g_pipeline_limit), b, a); break;
+        case P::LceKernel::dbias: dbias_call(P::lce_dbias_plan(plan, g_pipeline_limit), b, a); break;
+        case P::LceKernel::dh: {
+          LaunchPlan dhp = P::lce_dh_plan(head, plan, n, g_pipeline_limit);
+          with_head(wdt, [&]<class Head>() { dh_call<Head>(dhp, b, a); });
+          break;
+        }
+        case P::LceKernel::dw: {
+          LaunchPlan dwp = P::lce_dw_plan(h, plan, g_pipeline_limit);
+          with_dtype(h, [&]<class T>() { dw_call<T>(dwp, b, a); });
+          break;
+        }
+        case P::LceKernel::sum: {
+          PwArgs sum = P::make_pw_args(uint64_t(rows), 0.0f, 0.0f, 1);
+          sum.num_partials = uint64_t(rows);
+          LaunchPlan f = P::pw_sum_finish_plan(uint64_t(rows), g_pipeline_limit);
+          auto* finish = mh::kernel<decltype(fl_pw_sum_finish)>(f.kernel_name);
+          run_plan(f, [&](const mh::ThreadCtx& t) {
+            finish(row_loss, loss, sum, t.threadgroup_memory<float>(0),
+                   t.thread_index_in_threadgroup, t.threads_per_threadgroup.x,
+                   t.thread_index_in_simdgroup, t.simdgroup_index_in_threadgroup,
+                   t.simdgroups_per_threadgroup);
+          });
+          break;
+        }
+        default: throw mh::Error("lce_fused_run: a launch the stored-Z path does not have");
+      }
+    }
+  });
+}
+
+int lce_fused_run_q(int hdt, int qmode, int global_scale, int bits, int group_size, int sdt,
+                    const void* hidden, const uint32_t* w_q, const void* scales, const void* qbiases,
+                    const int64_t* targets, const float* bias, float* row_loss, float* loss,
+                    float* lse, float* lse_lo, bool* correct, float* entropy, int64_t* argmax,
+                    float* target_out, float* dz, float* dh, float* dw, float* dbias, int want_dh,
+                    int want_dw, int want_dbias, int64_t rows, int vocab, int hidden_size,
+                    int64_t chunk_bytes, int sum_rows, float smoothing, int mode, int has_ignore,
+                    int64_t ignore_index, float z_loss, float softcap, int has_bias) {
+  if (want_dw != 0) {
+    return mh::guarded([] { throw mh::Error("a quantized weight has no gradient (no dW kernel)"); });
+  }
+  return with_quantized({qmode, global_scale, bits, group_size, sdt, scales, qbiases}, w_q, vocab,
+                        hidden_size, [&](const uint32_t* w) {
+    return lce_fused_run(hdt, 0, hidden, w, targets, bias, row_loss, loss, lse, lse_lo, correct,
+                         entropy, argmax, target_out, dz, dh, dw, dbias, want_dh, 0, want_dbias,
+                         rows, vocab, hidden_size, chunk_bytes, sum_rows, smoothing, mode,
+                         has_ignore, ignore_index, z_loss, softcap, has_bias);
+  });
 }
 
 int lce_set_fence(int where) {
