@@ -402,6 +402,7 @@ NB_MODULE(_ext, m) {
       "vocab_tile, dw_tile, hidden_tile, bytes of working memory.");
   m.attr("LINEAR_CE_DEFAULT_CHUNK_BYTES") = fl::kLceDefaultChunkBytes;
   m.attr("LINEAR_CE_FILTER_BLOCK") = fl::kLceFilterBlock; // filter_eps's columns per block (CPU)
+  m.attr("LINEAR_CE_GPU_DEFAULT_CHUNK_BYTES") = fl::kLceGpuDefaultChunkBytes;
   m.attr("LINEAR_CE_WEIGHT_TILE_BYTES") = fl::kLceWeightTileBytes;
   m.attr("LINEAR_CE_DENSE_TILE_BYTES") = fl::kLceDenseTileBytes;
   m.attr("LINEAR_CE_MIN_DENSE_TILES") = fl::kLceMinDenseTiles;

@@ -59,7 +59,9 @@ def test_the_whole_check_runs_with_the_cpu_as_the_device():
     # the linear CE against MLX's GEMMs on the same shape, dense and 4-bit
     for what in ("forward vs mx.matmul, bfloat16", "forward + backward vs the unfused step, bfloat16",
                  "forward vs mx.quantized_matmul, 4-bit",
-                 "forward + backward vs the unfused step, 4-bit"):
+                 "forward + backward vs the unfused step, 4-bit",
+                 "forward + backward at the CPU's chunk vs the unfused step, bfloat16",
+                 "forward + recomputing backward (reduction none) vs the unfused step, bfloat16"):
         assert f"| linear CE {what} N=8 H=64 V=100 |" in report, what
     assert ("| linear_log_probs + entropy forward + backward vs the unfused step, bfloat16 N=8 H=32 V=100 |"
             in report)

@@ -586,6 +586,61 @@ def test_linear_cross_entropy_gpu_across_command_buffers():
         agree(a, b, 1e-3, f"{what} across command buffers")
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_linear_cross_entropy_gpu_stored_z_path(dtype):
+    """A training step (value_and_grad of the mean: the forward forms the gradients)
+    takes the stored-Z path (launch_plan.h lce_schedule: logits GEMM, fl_lce_rows, dH,
+    dW per chunk). Its loss, statistics and gradients against the GPU's other path (the
+    forward tiles, then the backward that recomputes Z: reduction "none") and against
+    the CPU; V > 4 x 256 (each row kernel thread several steps), three row chunks."""
+    n, h, v = 150, 96, 3001
+    rng = np.random.default_rng(21)
+    args = lce_inputs(n, h, v, dtype, dtype, rng, True, -100)
+    chunk = 4 * v * 64
+    kw = dict(label_smoothing=0.1, ignore_index=-100, z_loss=1e-3, logit_softcap=8.0,
+              chunk_bytes=chunk, dtype=mx.float32)
+    res = {}
+    for name, dev, reduction in (("stored_z", GPU, "mean"), ("recompute", GPU, "none"),
+                                 ("cpu", mx.cpu, "mean")):
+        def f(a, b, c):
+            out = fl.linear_cross_entropy(a, b, args[2], c, reduction=reduction, return_stats=True,
+                                          stream=dev, **kw)
+            loss = out[0] if reduction == "mean" else mx.sum(out[0]) / mx.sum(args[2] != -100)
+            return [loss, out[1]["lse"], out[1]["entropy"]]
+
+        outs, grads = mx.vjp(f, [args[0], args[1], args[3]],
+                             [mx.array(1.0), mx.zeros((n,)), mx.zeros((n,))])
+        res[name] = [as_f64(o) for o in outs] + [as_f64(g) for g in grads]
+    for other in ("recompute", "cpu"):
+        for k, what in enumerate(["loss", "lse", "entropy", "dH", "dW", "dbias"]):
+            tol = 1e-4 if k < 3 else TOL[dtype] + 1e-4
+            agree(res["stored_z"][k], res[other][k], tol, f"{what}: stored Z vs {other}")
+
+
+@pytest.mark.skipif(ON_CPU, reason="the GPU's default chunk; 0.5 TFLOP, too slow for the CPU dry run")
+def test_linear_cross_entropy_gpu_default_chunk_bounds_memory():
+    """The GPU's default chunk (512 MiB, ops/linear_cross_entropy.h) bounds the
+    training step's working memory: at V = 151936 the float32 logits of 2048 rows would
+    be 1.24 GB; the step's peak above its inputs and gradients stays within the chunk
+    (832 rows of float32 Z, 505 MB) and a little more."""
+    n, h, v = 2048, 256, 151936
+    rng = np.random.default_rng(2)
+    hid = stored(rng.standard_normal((n, h)).astype(np.float32), "bfloat16")
+    w = stored((rng.standard_normal((v, h)) / 16).astype(np.float32), "bfloat16")
+    t = mx.array(rng.integers(0, v, n))
+    mx.eval(hid, w, t)
+    vg = mx.value_and_grad(lambda a, b: fl.linear_cross_entropy(a, b, t, stream=GPU), argnums=(0, 1))
+    mx.synchronize()
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    loss, (gh, gw) = vg(hid, w)
+    mx.eval(loss, gh, gw)
+    grads = (4 + 2) * (n * h + v * h)  # the float32 gradients and their bfloat16 casts
+    extra = mx.get_peak_memory() - base - grads
+    assert extra < 1.2 * ext.LINEAR_CE_GPU_DEFAULT_CHUNK_BYTES, extra
+    assert np.isfinite(as_f64(loss)).all()
+
+
 # ---- fused linear cross-entropy, quantized heads (metal/quantized_head.h) --------------------
 
 

@@ -251,39 +251,35 @@ SHAPES = [
 ]
 
 
-def traffic(t: Tiles, s: Shape, chip: Chip, chunk_bytes: int = 64 << 20) -> dict:
-    """FLOPs and DRAM bytes of one training step (forward + backward, gradients for
-    hidden and, dense heads only, the weight), as the kernels run it."""
+def traffic(t: Tiles, s: Shape, chip: Chip, chunk_bytes: int | None = None) -> dict:
+    """FLOPs and DRAM bytes of one training step as it ships (the stored-Z path:
+    launch_plan.h lce_schedule, a forward with gradients for hidden and, dense heads
+    only, the weight), at the GPU's default chunk_bytes unless given."""
+    chunk_bytes = gpu_default_chunk_bytes() if chunk_bytes is None else chunk_bytes
     p = plan(t, s.n, s.v, chunk_bytes, s.h)
     g = groups_per_core_tg(t) * chip.cores  # groups in flight
     nvh = s.n * s.v * s.h
-    # forward: Z once; backward: Z again (dZ), dH, and dW for a dense weight
-    flops = 2 * nvh * (2 + 1 + (0 if s.quantized else 1))
-    # forward DRAM: hidden once; W once per wave of row blocks that run together
-    # (the groups of one split walk its vocabulary in the same order), waves counted
-    # per forward launch (launches of forward_rows rows, one after another)
-    blocks_in_flight = max(1, g // p["splits"])
+    # per chunk: the logits GEMM, dH, and dW for a dense weight (no Z recomputed)
+    flops = 2 * nvh * (2 + (0 if s.quantized else 1))
     w_bytes = s.v * s.h * s.s_w
-    full, last = divmod(s.n, p["forward_rows"])
-    waves = full * math.ceil(-(-p["forward_rows"] // t.bm) / blocks_in_flight)
-    waves += math.ceil(-(-last // t.bm) / blocks_in_flight)
-    fwd = s.n * s.h * s.s_h + w_bytes * waves
-    # backward per chunk: W read by dZ and by dH; dZ (float32) written once and read by
-    # dH and (dense) dW (the shapes have no bias, whose dbias would read it once more);
-    # dW (float32) read and written by every chunk after the first
-    dz_bytes = 4 * s.n * s.v * (2 if s.quantized else 3)
-    bwd = 2 * w_bytes * p["chunks"] + dz_bytes + 2 * s.n * s.h * s.s_h
+    # per chunk: W read by the logits GEMM and by dH (the logits GEMM's groups in flight
+    # are the chunk's row blocks against a few vocabulary tiles: each weight tile read
+    # once); Z written (float32), read twice by the row kernel that writes dZ in place,
+    # dZ read by dH and (dense) dW: 24 N V bytes (quantized: 20); hidden read by the
+    # logits GEMM and dW; dW (float32) read and written by every chunk after the first
+    z_bytes = 4 * s.n * s.v * (5 if s.quantized else 6)
+    dram = 2 * w_bytes * p["chunks"] + z_bytes + s.n * s.h * s.s_h * (1 if s.quantized else 2)
     if not s.quantized:
-        bwd += 4 * s.v * s.h * (2 * p["chunks"] - 1)
-    # The hidden rows a group re-reads for every vocabulary tile (forward and dZ):
-    # served by the SLC while the in-flight groups' row blocks fit it, else DRAM.
-    rereads = 2 * s.n * s.h * s.s_h * p["vocab_tiles"]
-    working_set = blocks_in_flight * t.bm * s.h * s.s_h
+        dram += 4 * s.v * s.h * (2 * p["chunks"] - 1)
+    # The chunk's hidden rows, re-read for every vocabulary tile by the logits GEMM:
+    # served by the SLC while they fit it, else DRAM.
+    rereads = s.n * s.h * s.s_h * p["vocab_tiles"]
+    working_set = p["chunk_rows"] * s.h * s.s_h
     # (an unpublished SLC size counts as fitting: flagged "?" in the table)
     fits = chip.slc_mb is None or working_set <= chip.slc_mb * 1e6
-    dram = fwd + bwd + (0 if fits else rereads)
+    dram += 0 if fits else rereads
     return dict(flops=flops, dram=dram, rereads=rereads, working_set=working_set, fits=fits,
-                plan=p, in_flight=g, blocks_in_flight=blocks_in_flight)
+                plan=p, in_flight=g)
 
 
 # ---- tables -----------------------------------------------------------------------------------
@@ -338,7 +334,7 @@ def slc_verdict(chip: Chip, fits: bool) -> str:
 
 def table_shapes(t: Tiles) -> str:
     out = ["| shape | chip | plan: splits, forward launches x rows, chunk rows x chunks | GFLOP / step | DRAM GB / step | "
-           "hidden re-reads GB (working set MB, in SLC?) | compute s (at peak) | DRAM s | bound | "
+           "hidden re-reads GB (chunk's hidden rows MB, in SLC?) | compute s (at peak) | DRAM s | bound | "
            "expected fraction of FP32 peak |",
            "| --- | --- | --- | ---: | ---: | --- | ---: | ---: | --- | ---: |"]
     share_dense = slot_shares(t, C_STAGE_VEC)
@@ -369,23 +365,26 @@ def table_backward(t: Tiles) -> str:
     out = ["| backward (dense head), shape | FLOPs (x N V H) | extra bytes, formula | GB |",
            "| --- | --- | --- | ---: |"]
     s = SHAPES[0]
-    p = plan(t, s.n, s.v, h=s.h)
-    nvh = s.n * s.v * s.h
-    one = 4 * (s.n * s.h * p["vocab_tiles"] + s.v * s.h * p["row_blocks"]) * 2
-    two = 8 * (s.n * s.h * p["vocab_tiles"] + s.v * s.h * p["row_blocks"])
-    chosen = 12 * s.n * s.v + 4 * s.v * s.h * (2 * p["chunks"] - 1)
-    big = plan(t, s.n, s.v, 1 << 30, s.h)
-    chosen_big = 12 * s.n * s.v + 4 * s.v * s.h * (2 * big["chunks"] - 1)
-    del nvh
+    gpu = gpu_default_chunk_bytes()
+    one = 4 * (s.n * s.h * -(-s.v // t.bn) + s.v * s.h * -(-s.n // t.bm)) * 2
+    two = 8 * (s.n * s.h * -(-s.v // t.bn) + s.v * s.h * -(-s.n // t.bm))
+
+    def chosen(chunk):
+        p = plan(t, s.n, s.v, chunk, s.h)
+        return p, 12 * s.n * s.v + 4 * s.v * s.h * (2 * p["chunks"] - 1)
+
+    small, small_b = chosen(64 << 20)
+    big, big_b = chosen(gpu)
     out += [
         f"| one pass, per-tile partials of dH and dW, reduced after | 6 | partials written and read: "
         f"8 (N H ceil(V/BN) + V H ceil(N/BM)) | {one / 1e9:.0f} |",
         f"| two passes recomputing Z (row blocks: dH; vocabulary blocks: dW) | 8 | accumulators read "
         f"and written per tile: 8 (N H ceil(V/BN) + V H ceil(N/BM)) | {two / 1e9:.0f} |",
-        f"| chosen: dZ per row chunk (R = {p['chunk_rows']}, {p['chunks']} chunks at 64 MiB) | 6 "
-        f"| dZ: 12 N V (16 with a bias); dW read+write per chunk: 4 V H (2 chunks - 1) | {chosen / 1e9:.0f} |",
-        f"| chosen, chunk_bytes = 1 GiB (R = {big['chunk_rows']}, {big['chunks']} chunks) | 6 | same "
-        f"| {chosen_big / 1e9:.0f} |",
+        f"| chosen: dZ per row chunk, 64 MiB (the CPU's default: R = {small['chunk_rows']}, "
+        f"{small['chunks']} chunks) | 6 | dZ: 12 N V (16 with a bias); dW read+write per chunk: "
+        f"4 V H (2 chunks - 1) | {small_b / 1e9:.0f} |",
+        f"| chosen, the GPU's default {_mib(gpu)} (R = {big['chunk_rows']}, {big['chunks']} chunks) "
+        f"| 6 | same | {big_b / 1e9:.0f} |",
     ]
     return "\n".join(out)
 
@@ -410,7 +409,7 @@ def table_backward(t: Tiles) -> str:
 # GEMM and (dense) the dW GEMM, each at MLX's rate. Assumptions, not measurements: the
 # doc's checklist says what a Mac must measure.
 E16, E32 = 0.933, 0.872
-EPI_FWD, EPI_DZ = 24, 30
+EPI_FWD, EPI_DZ, EPI_Z = 24, 30, 8
 
 TARGET_SHAPES = [(8192, 4096, 151936), (4096, 2048, 32000)]
 TARGET_CHIPS = ("M1 (8-core GPU)", "M2 Max (38)", "M2 Ultra (76)")
@@ -436,12 +435,28 @@ def _kernel_s(chip: Chip, flops: float, bytes_: float, eff: float, groups: float
     return max(flops / (chip.gflops * 1e9 * eff * u), bytes_ / (chip.gbps * 1e9))
 
 
+def gpu_default_chunk_bytes(repo: Path = REPO) -> int:
+    """The GPU's default chunk_bytes (ops/linear_cross_entropy.h kLceGpuDefaultChunkBytes)."""
+    text = (repo / "csrc/ops/linear_cross_entropy.h").read_text()
+    m = re.search(r"kLceGpuDefaultChunkBytes = int64_t\((\d+)\) << (\d+)", text)
+    if not m:
+        raise ValueError("kLceGpuDefaultChunkBytes not found in csrc/ops/linear_cross_entropy.h")
+    return int(m.group(1)) << int(m.group(2))
+
+
 def step_model(chip: Chip, n: int, h: int, v: int, quantized: bool, chunk_bytes: int,
-               stored_z: bool = False) -> dict:
-    """Seconds of: ours forward, ours forward + backward, MLX's logits GEMM, mlx-lm's
-    unfused step (a dense bfloat16 or a 4-bit head, group 64, bfloat16 scales; hidden
-    bfloat16). stored_z: the design the doc describes but the kernels do not have (the
-    chunk's Z stored, dZ formed in place in the operand dtype: 6 N V H FLOPs)."""
+               path: str = "stored_z", dz_bytes: int = 4) -> dict:
+    """Seconds of: ours forward (the forward tiles: a loss without gradients), ours
+    forward + backward, MLX's logits GEMM, mlx-lm's unfused step (a dense bfloat16 or a
+    4-bit head, group 64, bfloat16 scales; hidden bfloat16).
+    path "stored_z": the training step as it ships (launch_plan.h lce_schedule, the
+    forward that forms its gradients): per chunk, the logits GEMM that writes the
+    chunk's Z (float32), the row kernel (Z read twice, dZ written in place: 12 R V
+    bytes), dH and dW on dZ (dz_bytes per element: 4 ships; 2 is the bfloat16 dZ that
+    was measured and rejected, see the doc). 6 N V H FLOPs.
+    path "recompute": the forward tiles, then the backward that recomputes Z from the
+    saved lse (reduction "none", or a backward called after the forward was
+    evaluated): 8 N V H FLOPs."""
     s_h, s_w = 2, (quantized_bytes(4, 64) if quantized else 2)
     t16 = our_tiles(stage_bytes=2)
     t32 = our_tiles(stage_bytes=4)
@@ -451,33 +466,39 @@ def step_model(chip: Chip, n: int, h: int, v: int, quantized: bool, chunk_bytes:
     tf = forward_tiles_for(chip.device_class, not quantized, n, v, h, 4 if quantized else 2)
     e_fwd = (E32 if quantized else E16) * q_ours
     p = plan(tf, n, v, chunk_bytes, h)
-    # forward: hidden once, the weight once per launch (the row blocks of a launch walk the
-    # vocabulary together); a launch has S x its row blocks groups
+    # forward tiles: hidden once, the weight once per launch (the row blocks of a launch
+    # walk the vocabulary together); a launch has S x its row blocks groups
     fwd = 0.0
     for r0 in range(0, n, p["forward_rows"]):
         rows = min(p["forward_rows"], n - r0)
         groups = p["splits"] * -(-rows // tf.bm)
         fwd += _kernel_s(chip, 2 * rows * v * h, rows * h * s_h + v * h * s_w,
                          e_fwd * h / (h + EPI_FWD), groups, tf)
-    step = fwd
+    stored = path == "stored_z"
+    step = 0.0 if stored else fwd
     r = p["chunk_rows"]
-    e_bwd = (E16 if stored_z else E32) * q_ours
-    dz_bytes = 2 if stored_z else 4
-    tb = t16 if stored_z else t32
+    e_bwd = (E16 if dz_bytes == 2 else E32) * q_ours
+    tb = t16 if dz_bytes == 2 else t32
     for c0 in range(0, n, r):
         rows = min(r, n - c0)
-        if stored_z:  # the chunk's stored Z read and its dZ written in place
-            step += _kernel_s(chip, 0, 8 * rows * v, 1.0, 1, tb)
+        z_groups = -(-v // tf.bn) * -(-rows // tf.bm)
+        # the chunk's hidden rows, re-read for each vocabulary tile: from the SLC while
+        # they fit it, else from DRAM (an unpublished SLC size counts as fitting)
+        fits = chip.slc_mb is None or rows * h * s_h <= chip.slc_mb * 1e6
+        rereads = 0 if fits else rows * h * s_h * -(-v // tf.bn)
+        if stored:  # the logits GEMM writes Z (float32); the row kernel reads it twice
+            # and writes dZ in place
+            step += _kernel_s(chip, 2 * rows * v * h, v * h * s_w + 4 * rows * v + rows * h * s_h
+                              + rereads, e_fwd * h / (h + EPI_Z), z_groups, tf)
+            step += _kernel_s(chip, 0, 12 * rows * v, 1.0, 1, tb)
         else:  # dZ: Z computed again, dZ written (float32)
-            step += _kernel_s(chip, 2 * rows * v * h, v * h * s_w + 4 * rows * v + rows * h * s_h,
-                              e_fwd * h / (h + EPI_DZ), -(-v // tf.bn) * -(-rows // tf.bm), tf)
+            step += _kernel_s(chip, 2 * rows * v * h, v * h * s_w + 4 * rows * v + rows * h * s_h
+                              + rereads, e_fwd * h / (h + EPI_DZ), z_groups, tf)
         step += _kernel_s(chip, 2 * rows * v * h, dz_bytes * rows * v + v * h * s_w + 4 * rows * h,
                           e_bwd, -(-h // 64) * -(-rows // 64), tb)  # dH
         if not quantized:  # dW (+)= dZ^T H: float32 read-modify-write after the first chunk
             step += _kernel_s(chip, 2 * rows * v * h, dz_bytes * rows * v + rows * h * s_h
                               + (4 if c0 == 0 else 8) * v * h, e_bwd, -(-h // 64) * -(-v // 64), tb)
-    if stored_z:  # the forward GEMM also writes Z (float32)
-        step += _kernel_s(chip, 0, 4 * n * v, 1.0, 1, tb)
     mlx_t = MLX_QMM if quantized else MLX_F16
     e_mlx = E16 * q_mlx
     gemm = _kernel_s(chip, 2 * n * v * h, n * h * s_h + v * h * s_w + 2 * n * v, e_mlx, 1e9, mlx_t)
@@ -496,39 +517,44 @@ def _target_chips() -> list:
 
 
 def table_targets(t: Tiles) -> str:
+    gpu = gpu_default_chunk_bytes()
     out = ["| shape N, H, V | head | chip (class) | chunk_bytes: rows x chunks | forward: fraction "
-           "of MLX's GEMM rate (target >= 0.9) | forward + backward: time / mlx-lm's unfused step "
-           "(target <= 1.15) |",
+           "of MLX's GEMM rate (target >= 0.9) | training step (forward with gradients): time / "
+           "mlx-lm's unfused step (target <= 1.15) |",
            "| --- | --- | --- | --- | ---: | ---: |"]
     for n, h, v in TARGET_SHAPES:
         for quantized in (False, True):
             for chip in _target_chips():
-                for chunk in (64 << 20, 1 << 30):
+                for chunk in (gpu, 64 << 20):
                     m = step_model(chip, n, h, v, quantized, chunk)
                     p = m["plan"]
                     frac = m["gemm"] / m["fwd"]
                     ratio = m["step"] / m["unfused"]
+                    name = f"{_mib(chunk)}{' (GPU default)' if chunk == gpu else ''}"
                     out.append(
                         f"| {n}, {h}, {v} | {'4-bit' if quantized else 'bfloat16'} | {chip.name} "
-                        f"({chip.device_class}) | {_mib(chunk)}: {p['chunk_rows']} x {p['chunks']} | "
+                        f"({chip.device_class}) | {name}: {p['chunk_rows']} x {p['chunks']} | "
                         f"{frac:.2f} {'met' if frac >= 0.9 else 'MISSED'} | "
                         f"{ratio:.2f} {'met' if ratio <= 1.15 else 'MISSED'} |")
     return "\n".join(out)
 
 
 def table_stored_z(t: Tiles) -> str:
-    """Forward + backward of the design the kernels do not have yet (doc: Backward)."""
-    out = ["| shape N, H, V | head | chip (class) | shipped, 1 GiB chunks: step / unfused | "
-           "not built: Z stored per chunk, dZ in bfloat16, 1 GiB chunks: step / unfused |",
-           "| --- | --- | --- | ---: | ---: |"]
+    """The shipped training step against the alternatives (doc: Backward)."""
+    gpu = gpu_default_chunk_bytes()
+    out = ["| shape N, H, V | head | chip (class) | shipped: Z stored per chunk, float32 dZ | "
+           "rejected: bfloat16 dZ (fails the cancellation bound) | backward called later "
+           "(reduction=\"none\"): Z recomputed |",
+           "| --- | --- | --- | ---: | ---: | ---: |"]
     for n, h, v in TARGET_SHAPES:
         for quantized in (False, True):
             for chip in _target_chips():
-                a = step_model(chip, n, h, v, quantized, 1 << 30)
-                b = step_model(chip, n, h, v, quantized, 1 << 30, stored_z=True)
+                a = step_model(chip, n, h, v, quantized, gpu)
+                b = step_model(chip, n, h, v, quantized, gpu, dz_bytes=2)
+                c = step_model(chip, n, h, v, quantized, gpu, path="recompute")
                 out.append(f"| {n}, {h}, {v} | {'4-bit' if quantized else 'bfloat16'} | {chip.name} "
                            f"({chip.device_class}) | {a['step'] / a['unfused']:.2f} | "
-                           f"{b['step'] / b['unfused']:.2f} |")
+                           f"{b['step'] / b['unfused']:.2f} | {c['step'] / c['unfused']:.2f} |")
     return "\n".join(out)
 
 

@@ -354,9 +354,7 @@ std::vector<mx::array> linear_cross_entropy(
     p.has_ignore_index = true;
     p.ignore_index = *ignore_index;
   }
-  if (chunk_bytes) {
-    p.chunk_bytes = *chunk_bytes;
-  }
+  p.chunk_bytes = chunk_bytes ? *chunk_bytes : lce_default_chunk_bytes(mx::to_stream(s).device);
   p.sum_rows = sum_rows;
   p.lse_grad = lse_grad;
   // Gradients in the forward pass need a single cotangent for all rows (not

@@ -43,8 +43,22 @@
 
 namespace fl {
 
-// Default working-memory budget of one call's chunk (logits + hidden copy).
+// Default working-memory budget of one call's chunk (logits + hidden copy), by
+// the device the call runs on (lce_default_chunk_bytes): the chunk rule itself
+// (rows = chunk_bytes / bytes per row) is the same everywhere.
+//  - CPU: 64 MiB.
+//  - GPU (Metal): 512 MiB. A Metal chunk's dH GEMM has ceil(H / 64) ceil(R / 64)
+//    groups and dW (float32) is read and written once per chunk: at 64 MiB and
+//    V = 151936 (R = 64 rows) the model (docs/metal_linear_cross_entropy.md,
+//    python -m tools.metal_lce_model) puts a training step at 1.4-3.5x mlx-lm's
+//    unfused step on M1-M2 Ultra; at 512 MiB R = 832 (the command-buffer work
+//    bound caps it; 505 MB of float32 logits) and 1.05x. Still O(chunk): the
+//    unfused step holds N x V bfloat16 logits (2.5 GB at N = 8192).
 constexpr int64_t kLceDefaultChunkBytes = int64_t(64) << 20;
+constexpr int64_t kLceGpuDefaultChunkBytes = int64_t(512) << 20;
+inline int64_t lce_default_chunk_bytes(const mx::Device& device) {
+  return device.type == mx::Device::gpu ? kLceGpuDefaultChunkBytes : kLceDefaultChunkBytes;
+}
 // Weight rows converted (16-bit) or dequantised (quantized) per GEMM tile, as
 // float32 bytes: one such tile per thread, on top of the chunk.
 constexpr int64_t kLceWeightTileBytes = int64_t(2) << 20;

@@ -534,6 +534,24 @@ def time_lce_against_gemm(N: int, H: int, V: int, rng, policy) -> List["Timed"]:
     }, policy)
     out.append(Timed(f"linear CE forward + backward vs the unfused step, bfloat16 {shape}",
                      r["fused"][0].median_ms, r["mlx"][0].median_ms))
+    # The same step at the CPU's 64 MiB chunk (the GPU default is larger: the model's
+    # second rows), and the backward that recomputes Z (reduction "none", 8 N V H FLOPs:
+    # the model's stored-Z table, third column).
+    cpu_chunk = _ext.LINEAR_CE_DEFAULT_CHUNK_BYTES
+    r = measure_interleaved({
+        "fused": _grad_thunk(lambda a, b: linear_cross_entropy(a, b, t, reduction="mean",
+                                                               chunk_bytes=cpu_chunk), [h, w]),
+        "mlx": _grad_thunk(unfused(lambda a, b: mx.matmul(a, b.T)), [h, w]),
+    }, policy)
+    out.append(Timed(f"linear CE forward + backward at the CPU's chunk vs the unfused step, "
+                     f"bfloat16 {shape}", r["fused"][0].median_ms, r["mlx"][0].median_ms))
+    r = measure_interleaved({
+        "fused": _grad_thunk(lambda a, b: mx.mean(linear_cross_entropy(a, b, t, reduction="none")),
+                             [h, w]),
+        "mlx": _grad_thunk(unfused(lambda a, b: mx.matmul(a, b.T)), [h, w]),
+    }, policy)
+    out.append(Timed(f"linear CE forward + recomputing backward (reduction none) vs the unfused "
+                     f"step, bfloat16 {shape}", r["fused"][0].median_ms, r["mlx"][0].median_ms))
     r = measure_interleaved({
         "fused": lambda: linear_cross_entropy(h, wq, t, scales=sq, biases=bq, group_size=64, bits=4,
                                               reduction="mean"),
