@@ -718,7 +718,7 @@ def test_fused_every_device_class_tile(lib, device_class, dc):
 def test_fused_a_few_hundred(lib):
     """Rows longer than the row kernel's group (V > 4 x 256: each thread several
     steps), 3 chunks."""
-    check_fused(lib, "others_z_cap", 129, 40, 1500, "bfloat16", "float32", 4 * 1500 * 64, FAST,
+    check_fused(lib, "others_z_cap", 67, 40, 1500, "bfloat16", "float32", 4 * 1500 * 32, FAST,
                 seed=7)
 
 
