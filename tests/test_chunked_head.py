@@ -47,11 +47,13 @@ def gemm_path(request):
 
 
 @pytest.mark.parametrize("n,h,v", [(1, 7, 1), (13, 123, 33), (40, 64, 4097), (5, 512, 31)])
-@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
 @pytest.mark.parametrize("chunk_rows", [1, 3, None])
 def test_one_head_logits_and_gradients(rng, n, h, v, dtype, chunk_rows, gemm_path):
-    if gemm_path == "bf16_gemm" and dtype != mx.bfloat16:
-        pytest.skip("the bf16 GEMM serves bfloat16 heads only")
+    """bfloat16 on both paths; float16 takes oneDNN's f16 GEMM for Z where the
+    CPU has AVX512-FP16 (csrc/cpu/chunked_head.cpp), sgemm elsewhere."""
+    if gemm_path == "bf16_gemm" and dtype == mx.float32:
+        pytest.skip("the 16-bit GEMMs serve 16-bit heads only")
     x, w = head(rng, n, h, v, dtype)
     dz = mx.array(rng.standard_normal((n, v)).astype(np.float32))
     chunk = None if chunk_rows is None else chunk_rows * 4 * (v + (0 if dtype == mx.float32 else h))
@@ -61,7 +63,7 @@ def test_one_head_logits_and_gradients(rng, n, h, v, dtype, chunk_rows, gemm_pat
     assert chunks.item() == (1 if chunk_rows is None else -(-n // chunk_rows))
     check_gemm(z, X @ W.T, np.abs(X), np.abs(W).T, h)
     np.testing.assert_allclose(to_np(db), G.sum(0), rtol=1e-5, atol=1e-5 * n)
-    if gemm_path == "bf16_gemm":
+    if gemm_path == "bf16_gemm" and dtype == mx.bfloat16:
         # The backward GEMMs take hi = bf16(dZ); lo = dZ - hi is made good
         # exactly for each row's large entries (|dZ_ij| > 2^-8 sum_j |dZ_ij|)
         # and along the mean weight row m (dH) and the chunk's mean hidden

@@ -90,15 +90,32 @@ bool uses_bf16_gemm(const HeadOperands& h) {
          bf16_gemm_available();
 }
 
+// Whether a head's logits GEMM runs on the float16 GEMM (cpu/blas.h): a dense
+// float16 weight times float16 hidden rows, on a CPU with AVX512-FP16 or
+// AMX-FP16 and the library: read in place, in the dense tiles, no weight tile
+// widened. Its backward stays on sgemm (oneDNN has no f32 x f16 matmul, and
+// dZ as float16 would underflow): the weight is widened once per chunk, for
+// dH, instead of twice.
+bool uses_f16_gemm(const HeadOperands& h) {
+  return !h.quantized() && h.weight_dtype == mx::float16 && h.hidden_dtype == mx::float16 &&
+         f16_gemm_available();
+}
+
+// Which GEMM a head's logits take.
+enum class LogitsGemm { sgemm, bf16, f16 };
+LogitsGemm logits_gemm_of(const HeadOperands& h) {
+  return uses_bf16_gemm(h) ? LogitsGemm::bf16 : (uses_f16_gemm(h) ? LogitsGemm::f16 : LogitsGemm::sgemm);
+}
+
 const uint16_t* bf16_rows(const void* matrix, int64_t row0, int64_t ld) {
   return static_cast<const uint16_t*>(matrix) + row0 * ld;
 }
 
 // Rows [r0, r0 + n) of hidden as float32 (in place, or converted in parallel;
-// not at all for the bf16 GEMM, which reads them in place: null).
-const float* hidden_rows(const HeadOperands& h, bool bf16, int64_t r0, int64_t n, float* buffer) {
+// not at all when `skip`: the 16-bit GEMMs read them in place: null).
+const float* hidden_rows(const HeadOperands& h, bool skip, int64_t r0, int64_t n, float* buffer) {
   const int64_t H = h.hidden_size;
-  if (bf16) {
+  if (skip) {
     return nullptr;
   }
   if (h.hidden_dtype == mx::float32) {
@@ -345,16 +362,31 @@ struct HeadBuffers {
 
 // Z [n, V] = H_c W^T, vocabulary tiles of the plan, each thread with its own
 // weight tile buffer. x: the chunk's hidden rows as float32 (unused on the
-// bf16 GEMM, which reads rows [r0, r0 + n) of the bfloat16 hidden in place,
+// 16-bit GEMMs, which read rows [r0, r0 + n) of the 16-bit hidden in place,
 // in the dense tiles of the plan: no weight is converted).
-void logits_gemm(const HeadOperands& h, bool bf16, const LceChunkPlan& plan, int64_t r0, const float* x,
+void logits_gemm(const HeadOperands& h, LogitsGemm gemm, const LceChunkPlan& plan, int64_t r0, const float* x,
                  int64_t n, float* z, float* tiles, int64_t tile_size) {
   const int64_t H = h.hidden_size, V = h.vocab;
-  if (bf16) {
+  if (gemm == LogitsGemm::bf16) {
     for_each_tile(tile_count(V, plan.dw_tile), [&](int64_t, int64_t t) {
       const int64_t v0 = t * plan.dw_tile, nv = std::min(plan.dw_tile, V - v0);
       bf16_gemm(false, true, n, nv, H, bf16_rows(h.hidden, r0, H), H, bf16_rows(h.weight, v0, H), H, 0.0f,
                 z + v0, V);
+    });
+    return;
+  }
+  if (gemm == LogitsGemm::f16) {
+    // oneDNN 3.2 has a fast f16 kernel only for a dense destination: each
+    // tile goes to the thread's tile buffer (tile_size floats), then to Z.
+    const int64_t cols = std::max<int64_t>(16, tile_size / std::max<int64_t>(n, 1) / 16 * 16);
+    for_each_tile(tile_count(V, cols), [&](int64_t slot, int64_t t) {
+      const int64_t v0 = t * cols, nv = std::min(cols, V - v0);
+      float* tile = tiles + slot * tile_size;
+      half_gemm(HalfType::f16, false, true, n, nv, H, bf16_rows(h.hidden, r0, H), H, bf16_rows(h.weight, v0, H),
+                H, 0.0f, tile, nv);
+      for (int64_t i = 0; i < n; ++i) {
+        std::memcpy(z + i * V + v0, tile + i * nv, sizeof(float) * size_t(nv));
+      }
     });
     return;
   }
@@ -445,13 +477,6 @@ HeadOperands head_operands(const std::vector<mx::array>& inputs, const LceInputs
   return h;
 }
 
-namespace {
-const HeadOperands& other_or_none(const ChunkedHeadCall& call) {
-  static const HeadOperands none;
-  return call.second ? *call.second : none;
-}
-} // namespace
-
 LceChunkPlan plan_chunked_head(const ChunkedHeadCall& call, int threads, LceChunkPlan* second_plan) {
   LceChunkPlan plan = head_plan(call.head, call.rows, threads, call.chunk_bytes);
   if (!call.second) {
@@ -486,16 +511,24 @@ void run_chunked_head(const ChunkedHeadCall& call, const ChunkEpilogue& epilogue
   if (N == 0) {
     return;
   }
-  // Decided once per call (set_bf16_gemm_enabled may change between calls).
-  const bool bf16 = uses_bf16_gemm(head);
-  const bool bf16_two = call.second && uses_bf16_gemm(other_or_none(call));
-  HeadBuffers one(head, plan.rows, bf16 && g.any());
-  // The second head's buffers (empty without one).
+  // The second head (none: empty buffers).
   HeadOperands none;
   const HeadOperands& other = call.second ? *call.second : none;
-  HeadBuffers two(other, call.second ? plan.rows : 0);
   // One weight tile per thread, shared by the heads' GEMMs (one at a time).
   const int64_t tile_size = std::max(tile_floats(head, plan), call.second ? tile_floats(other, plan2) : 0);
+  // Decided once per call (set_bf16_gemm_enabled may change between calls).
+  // The f16 logits go through the tile buffer 16 columns at least.
+  auto choose = [&](const HeadOperands& h) {
+    LogitsGemm which = logits_gemm_of(h);
+    return which == LogitsGemm::f16 && tile_size < 16 * plan.rows ? LogitsGemm::sgemm : which;
+  };
+  const LogitsGemm gemm = choose(head);
+  const LogitsGemm gemm_two = call.second ? choose(other) : LogitsGemm::sgemm;
+  const bool bf16 = gemm == LogitsGemm::bf16;
+  // The float32 hidden rows: for sgemm's logits, and for dW but on the bf16 GEMM.
+  const bool skip_hidden = bf16 || (gemm == LogitsGemm::f16 && !g.d_weight);
+  HeadBuffers one(head, plan.rows, bf16 && g.any());
+  HeadBuffers two(other, call.second ? plan.rows : 0);
   Scratch tile_buffer(threads * tile_size * 4);
   float* tiles = tile_buffer.data();
   float* logits = one.logits.data();
@@ -518,12 +551,12 @@ void run_chunked_head(const ChunkedHeadCall& call, const ChunkEpilogue& epilogue
 
   for (int64_t r0 = 0; r0 < N; r0 += plan.rows) {
     const int64_t n = std::min(plan.rows, N - r0);
-    const float* h = hidden_rows(head, bf16, r0, n, one.hidden.data());
-    logits_gemm(head, bf16, plan, r0, h, n, logits, tiles, tile_size); // Z = H_c W^T
+    const float* h = hidden_rows(head, skip_hidden, r0, n, one.hidden.data());
+    logits_gemm(head, gemm, plan, r0, h, n, logits, tiles, tile_size); // Z = H_c W^T
     HeadChunk chunk{r0, n, logits, V, nullptr, 0, row_grain, filter ? dz_threshold.data() : nullptr};
     if (call.second) {
-      const float* h2 = hidden_rows(other, bf16_two, r0, n, two.hidden.data());
-      logits_gemm(other, bf16_two, plan2, r0, h2, n, two.logits.data(), tiles, tile_size);
+      const float* h2 = hidden_rows(other, gemm_two != LogitsGemm::sgemm, r0, n, two.hidden.data());
+      logits_gemm(other, gemm_two, plan2, r0, h2, n, two.logits.data(), tiles, tile_size);
       chunk.z2 = two.logits.data();
       chunk.vocab2 = other.vocab;
     }

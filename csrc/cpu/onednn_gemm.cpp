@@ -41,6 +41,7 @@
 #include <vector>
 
 #include "cpu/blas.h"
+#include "cpu/convert.h"
 
 #if defined(__x86_64__) && defined(__linux__)
 #define FL_ONEDNN_GEMM_SUPPORTED 1
@@ -255,6 +256,10 @@ struct Matmul {
   void* md[4] = {nullptr, nullptr, nullptr, nullptr}; // src, weights, dst, scratchpad
   size_t scratchpad = 0;
   std::string implementation;
+  // oneDNN's reference kernel (no fast kernel for these strides and types,
+  // e.g. float16 with a strided destination): ~1000x slower than sgemm, so
+  // half_gemm widens the operands for sgemm instead.
+  bool reference = false;
   Matmul() = default;
   Matmul(const Matmul&) = delete;
   Matmul& operator=(const Matmul&) = delete;
@@ -305,6 +310,7 @@ std::shared_ptr<Matmul> create_matmul(const Key& key) {
   if (api.pd_query(pd, kDnnlQueryImplInfoStr, 0, &impl) == 0 && impl) {
     mm->implementation = impl;
   }
+  mm->reference = mm->implementation.rfind("ref", 0) == 0;
   const void* scratchpad_md = api.pd_query_md(pd, kDnnlQueryExecArgMd, kArgScratchpad);
   mm->scratchpad = scratchpad_md ? api.md_get_size(scratchpad_md) : 0;
   s = mm->scratchpad ? api.md_clone(&mm->md[3], scratchpad_md) : 0;
@@ -345,6 +351,29 @@ struct ThreadState {
   std::vector<char> scratchpad;
 };
 
+// op(X) [rows, cols] of a 16-bit row-major matrix (leading dimension ld;
+// transposed: X is [cols, rows]) as a dense float32 matrix.
+void widen_operand(HalfType type, bool trans, int64_t rows, int64_t cols, const uint16_t* x, int64_t ld,
+                   std::vector<float>& out) {
+  out.resize(size_t(rows * cols));
+  const int64_t outer = trans ? cols : rows, inner = trans ? rows : cols;
+  for (int64_t i = 0; i < outer; ++i) {
+    if (type == HalfType::bf16) {
+      widen(reinterpret_cast<const BFloat*>(x + i * ld), int(inner), out.data() + i * inner);
+    } else {
+      widen(reinterpret_cast<const Half*>(x + i * ld), int(inner), out.data() + i * inner);
+    }
+  }
+}
+
+void widened_sgemm(HalfType type, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const uint16_t* a,
+                   int64_t lda, const uint16_t* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  thread_local std::vector<float> wa, wb;
+  widen_operand(type, trans_a, m, k, a, lda, wa);
+  widen_operand(type, trans_b, k, n, b, ldb, wb);
+  sgemm(trans_a, trans_b, m, n, k, wa.data(), trans_a ? m : k, wb.data(), trans_b ? k : n, beta, c, ldc);
+}
+
 } // namespace
 
 bool bf16_gemm_available() {
@@ -383,6 +412,10 @@ void half_gemm(HalfType type, bool trans_a, bool trans_b, int64_t m, int64_t n, 
   const Key key{type == HalfType::bf16 ? kDnnlBf16 : kDnnlF16, trans_a, trans_b, m, n, k, lda, ldb, ldc,
                 beta != 0.0f};
   std::shared_ptr<Matmul> mm = matmul_for(key);
+  if (mm->reference) {
+    widened_sgemm(type, trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc);
+    return;
+  }
   if (thread.scratchpad.size() < mm->scratchpad) {
     thread.scratchpad.resize(mm->scratchpad);
   }
