@@ -241,6 +241,49 @@ def test_generated_blocks_are_rendered_from_docs_json():
     assert "](bench_cpu.png)" in render(data) and (performance.parent / "bench_cpu.png").exists()
 
 
+def test_linear_heads_block_is_rendered_from_its_json():
+    """docs/performance.md's linear-heads table and goals are what
+    bench.linear_heads renders from docs/linear_heads_cpu.json, and name the CPU."""
+    from mlx_fused_losses.bench.linear_heads import BEGIN, END, render
+
+    json_path = REPO_ROOT / "docs" / "linear_heads_cpu.json"
+    performance = REPO_ROOT / "docs" / "performance.md"
+    if not (json_path.exists() and performance.exists()):
+        pytest.skip("docs/linear_heads_cpu.json or docs/performance.md is not in this tree")
+    data = json.loads(json_path.read_text())
+    text = performance.read_text()
+    block = text[text.index(BEGIN):text.index(END) + len(END)] + "\n"
+    assert block == render(data)
+    assert data["environment"]["cpu_model"] in block and data["environment"]["cpu_flags"]
+
+
+def test_missed_roofline_goal_gets_a_measured_compute_bound():
+    """compute_bound.attach measures the loss of a missed row on cache-resident
+    data and divides by the row's roofline per element; met rows get nothing."""
+    from mlx_fused_losses.bench import compute_bound
+    from mlx_fused_losses.bench.cases import build_cases
+    from mlx_fused_losses.bench.targets import describe_bound
+
+    case = next(c for c in build_cases(["sigmoid_focal"], ["float32"], "smoke"))
+    row = [case.spec.name, case.dtype_name, case.size_label, "fwd"]
+    record = {"loss": row[0], "dtype": row[1], "size": row[2], "pass": "fwd",
+              "roofline": {"median_ms": 1e-6 * case.elements}}  # 1 ns per element
+    missed = {"key": "x", "met": False, "limit": 1.5, "row": row, "roofline_key": "roofline"}
+    met = {**missed, "key": "y", "met": True}
+    compute_bound.attach([missed, met], [record], [case])
+    bound = missed["bound"]
+    assert "bound" not in met
+    assert bound["resident_elements"] == compute_bound.RESIDENT_ELEMENTS
+    assert bound["roofline_ns_per_element"] == pytest.approx(1.0)
+    assert bound["compute_over_roofline"] == pytest.approx(bound["compute_ns_per_element"]) and bound["compute_ns_per_element"] > 0
+    assert bound["compute_bound"] == (bound["compute_over_roofline"] > 1.5)
+    if bound["instructions_per_element"] is None:  # a VM without a virtual PMU
+        assert bound["counters"].startswith("no hardware counters")
+    else:
+        assert bound["instructions_per_element"] > 1 and bound["cycles_per_element"] > 0
+    assert "ns/element" in describe_bound(bound)
+
+
 def test_update_replaces_every_block_a_file_holds(tmp_path):
     """--update rewrites each file's blocks, whatever command line an older
     block was generated under, and refuses a file without one."""

@@ -19,7 +19,7 @@ import time
 import mlx.core as mx
 from tqdm import tqdm
 
-from . import roofline
+from . import compute_bound, roofline
 from .cases import DEFAULT_DTYPES, DEFAULT_LOSSES, DTYPES, LOSSES, build_cases
 from .in_graph_memory import run_in_graph_memory
 from .plot import plot_results
@@ -201,6 +201,9 @@ def main(argv=None) -> int:
            "started_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(started)),
            "wall_s": time.time() - started, "load_average_1min": load.stop()}
     sections["targets"] = evaluate({"results": records, **sections})
+    if roofline.on_cpu():
+        # Each missed roofline goal: its arithmetic alone, measured now.
+        compute_bound.attach(sections["targets"], records, cases)
     print("\nPerformance goals, judged on this run:")
     print(format_targets(sections["targets"]))
     settings = {"sweep": args.sweep, "losses": args.losses, "dtypes": args.dtypes,

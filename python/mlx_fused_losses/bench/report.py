@@ -138,8 +138,18 @@ def _cpu_flags():
     return []
 
 
+def _gemm_status():
+    """What the 16-bit linear heads' GEMM found here (oneDNN: units, library, kernel)."""
+    try:
+        from mlx_fused_losses import _ext
+        return dict(_ext.bf16_gemm_status())
+    except (ImportError, AttributeError):
+        return None
+
+
 def environment():
     return {
+        "half_gemm": _gemm_status(),
         "device": str(mx.default_device()),
         "cpu_model": _cpu_model(),
         "cpu_flags": _cpu_flags(),

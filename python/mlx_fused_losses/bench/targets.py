@@ -73,6 +73,11 @@ class Target:
     at_most: bool  # True: measured <= limit; False: measured >= limit
     measure: Callable[[dict], Optional[float]]  # run data -> the number, None if not measured
     why_missed: str = ""
+    # The row it is judged on, (loss, dtype, size, pass), and the record's
+    # roofline entry it divides by: a missed one gets a measured compute
+    # bound (compute_bound.attach).
+    row: Optional[tuple] = None
+    roofline_key: Optional[str] = None
 
     @property
     def goal(self) -> str:
@@ -91,6 +96,15 @@ def _field(loss, dtype, size, pass_name, key):
         r = _row(data, loss, dtype, size, pass_name)
         return None if r is None else r.get(key)
     return measure
+
+
+_ROOFLINE_OF = {"ratio_to_roofline": "roofline", "ratio_to_warm_roofline": "roofline_warm"}
+
+
+def _row_target(key, what, limit, loss, dtype, size, pass_name, field, why_missed=""):
+    """A goal on one row's ratio to a roofline (at most ``limit``)."""
+    return Target(key, what, limit, True, _field(loss, dtype, size, pass_name, field), why_missed,
+                  (loss, dtype, size, pass_name), _ROOFLINE_OF.get(field))
 
 
 def _in_graph_peak(data):
@@ -127,8 +141,8 @@ def _case(loss, dtype, size) -> str:
 def _targets() -> List[Target]:
     ce = "cross_entropy"
     targets = [
-        Target("ce_fwd_bwd", f"{_case(ce, 'float32', ROW_SIZE)} {FWD_BWD_LIMIT}", 1.5, True,
-               _field(ce, "float32", ROW_SIZE, "fwd+bwd", "ratio_to_roofline")),
+        _row_target("ce_fwd_bwd", f"{_case(ce, 'float32', ROW_SIZE)} {FWD_BWD_LIMIT}", 1.5,
+                    ce, "float32", ROW_SIZE, "fwd+bwd", "ratio_to_roofline"),
         Target("ce_vs_torch", f"{_case(ce, 'float32', ROW_SIZE)} fwd+bwd speedup over PyTorch's "
                "F.cross_entropy(label_smoothing=0.1)", 5.0, False,
                _field(ce, "float32", ROW_SIZE, "fwd+bwd", "speedup_vs_torch")),
@@ -137,28 +151,27 @@ def _targets() -> List[Target]:
     ]
     for loss, size in [(ce, ROW_SIZE), ("cross_entropy_hard", ROW_SIZE), ("softmax_focal", ROW_SIZE),
                        ("smooth_l1", FLAT_SIZE), ("huber", FLAT_SIZE), ("sigmoid_focal", FLAT_SIZE)]:
-        targets.append(Target(
-            f"{loss}_fwd", f"{_case(loss, 'float32', size)} {FORWARD_LIMIT}", 1.5, True,
-            _field(loss, "float32", size, "fwd", "ratio_to_roofline"),
+        targets.append(_row_target(
+            f"{loss}_fwd", f"{_case(loss, 'float32', size)} {FORWARD_LIMIT}", 1.5,
+            loss, "float32", size, "fwd", "ratio_to_roofline",
             WHY_MISSED["sigmoid_focal" if loss == "sigmoid_focal" else "forward"]))
     for dtype in ("bfloat16", "float16"):
-        targets.append(Target(
+        targets.append(_row_target(
             f"ce_{dtype}_fwd_bwd", f"{_case(ce, dtype, ROW_SIZE)} "
             f"{FWD_BWD_LIMIT.replace('limit', 'limit of its 16-bit bytes')}", 1.6,
-            True, _field(ce, dtype, ROW_SIZE, "fwd+bwd", "ratio_to_roofline"), WHY_MISSED["16-bit"]))
+            ce, dtype, ROW_SIZE, "fwd+bwd", "ratio_to_roofline", WHY_MISSED["16-bit"]))
     for loss in ("smooth_l1", "huber", "sigmoid_focal"):
-        targets.append(Target(
-            f"{loss}_fwd_bwd", f"{_case(loss, 'float32', FLAT_SIZE)} {FWD_BWD_LIMIT}", 1.5, True,
-            _field(loss, "float32", FLAT_SIZE, "fwd+bwd", "ratio_to_roofline"), WHY_MISSED.get(loss, "")))
-    targets.append(Target(
-        "softmax_focal_fwd_bwd", f"{_case('softmax_focal', 'float32', ROW_SIZE)} {FWD_BWD_LIMIT}", 1.5, True,
-        _field("softmax_focal", "float32", ROW_SIZE, "fwd+bwd", "ratio_to_roofline"), WHY_MISSED["softmax_focal"]))
+        targets.append(_row_target(
+            f"{loss}_fwd_bwd", f"{_case(loss, 'float32', FLAT_SIZE)} {FWD_BWD_LIMIT}", 1.5,
+            loss, "float32", FLAT_SIZE, "fwd+bwd", "ratio_to_roofline", WHY_MISSED.get(loss, "")))
+    targets.append(_row_target(
+        "softmax_focal_fwd_bwd", f"{_case('softmax_focal', 'float32', ROW_SIZE)} {FWD_BWD_LIMIT}", 1.5,
+        "softmax_focal", "float32", ROW_SIZE, "fwd+bwd", "ratio_to_roofline", WHY_MISSED["softmax_focal"]))
     for loss in ("kl_div", "jsd"):
-        targets.append(Target(
+        targets.append(_row_target(
             f"{loss}_fwd_bwd_warm", f"{_case(loss, 'float32', DISTILL_SIZE)} fwd+bwd vs the warm memory "
             "bandwidth limit (both logits read twice, the student's gradient written into mapped memory)",
-            1.5, True, _field(loss, "float32", DISTILL_SIZE, "fwd+bwd", "ratio_to_warm_roofline"),
-            WHY_MISSED["distillation"]))
+            1.5, loss, "float32", DISTILL_SIZE, "fwd+bwd", "ratio_to_warm_roofline", WHY_MISSED["distillation"]))
     targets.append(Target(
         "small_shapes", "small shapes (32 x 10): slowest speedup over mlx.nn.losses (composed MLX ops for the "
         "focal losses), eager and compiled, fwd and fwd+bwd", 1.0, False,
@@ -179,9 +192,17 @@ def evaluate(data) -> List[dict]:
     for t in TARGETS:
         value = t.measure(data)
         met = None if value is None else (value <= t.limit if t.at_most else value >= t.limit)
-        verdicts.append({"key": t.key, "what": t.what, "goal": t.goal, "limit": t.limit, "at_most": t.at_most,
-                         "measured": value, "met": met, "why_missed": t.why_missed if met is False else ""})
+        verdict = {"key": t.key, "what": t.what, "goal": t.goal, "limit": t.limit, "at_most": t.at_most,
+                   "measured": value, "met": met, "why_missed": t.why_missed if met is False else ""}
+        if t.row is not None:
+            verdict.update(row=list(t.row), roofline_key=t.roofline_key)
+        verdicts.append(verdict)
     return verdicts
+
+
+def describe_bound(bound) -> str:
+    from .compute_bound import describe
+    return describe(bound)
 
 
 def verdict_word(v) -> str:
@@ -198,6 +219,8 @@ def format_targets(verdicts, width=100) -> str:
         text = f"[{verdict_word(v)}] {v['what']}: {v['measured']:.2f}x (goal {v['goal']})"
         if v["why_missed"]:
             text += f" - {v['why_missed']}"
+        if v.get("bound"):
+            text += f" [{describe_bound(v['bound'])}]"
         paragraphs.append(text)
     unmeasured = sum(v["met"] is None for v in verdicts)
     if unmeasured:
