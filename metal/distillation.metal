@@ -275,7 +275,7 @@ template <typename S, typename T, int kKind>
   st.e_q = sp[4];
   st.ce_log = sp[5];
   const flm::DistillCoefs k = kd_coefs(args);
-  const float g = g_loss[row];
+  const float g = args.unit_cotangent != 0 ? 1.0f : g_loss[row];
   for (int i = 0; i < n; ++i) {
     uint j = j0 + i;
     // (the gradient may overwrite the student in place: element j is read

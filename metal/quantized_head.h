@@ -53,7 +53,7 @@ inline int group_shift_of(int group_size) {
 }
 
 // The head policy of the linear cross-entropy kernels (the interface of
-// DenseHead in metal/linear_cross_entropy.metal): the kernels read W only
+// DenseHead in metal/lce_head.h): the kernels read W only
 // through stage(). Affine heads.
 template <typename S, int kBits>
 struct QuantizedHead {

@@ -957,3 +957,148 @@ def test_broadcast_targets_make_no_full_size_copy_gpu(tshape):
         mx.eval(g)
         assert mx.get_peak_memory() - base < full + full // 8, (name, "grad")
         del g
+
+
+# ---- fused linear distillation (metal/linear_distillation.metal) ---------------------------------
+# Per chunk of rows, each head's logits on the linear CE's tiles, the logits
+# form's row kernels (or the top-k rows) and the linear CE's dH / dW; the
+# harness (tests/test_metal_linear_distillation.py) checks every kernel on
+# Linux. Here: the metallib's instantiations, eval_gpu's bindings (the per-row
+# buffers at each chunk's byte offset, dZ in place), both gradient paths (the
+# forward's, for a mean; the backward primitive's, for per-row cotangents).
+
+LD_SHAPES = [(5, 24, 40, 1), (67, 64, 32, 1003), (33, 128, 96, 50257)]
+
+
+def ld_heads(n, hs, ht, v, sdt, tdt, rng):
+    """Student and teacher hiddens and dense weights (the teacher sharper)."""
+    def arr(shape, scale, dt):
+        return stored(rng.standard_normal(shape).astype(np.float32) * scale, dt)
+    return (arr((n, hs), 1.0, sdt), arr((v, hs), 1 / np.sqrt(hs), sdt), arr((n, ht), 1.0, tdt),
+            arr((v, ht), 3 / np.sqrt(ht), tdt))
+
+
+def ld_targets(n, v, rng):
+    t = rng.integers(0, v, n)
+    t[1::5] = -100
+    return mx.array(t)
+
+
+@pytest.mark.parametrize("n,hs,ht,v", LD_SHAPES, ids=[f"{n}x{hs}x{ht}x{v}" for n, hs, ht, v in LD_SHAPES])
+@pytest.mark.parametrize("dtypes", [("float32", "float32"), ("bfloat16", "float16"), ("float16", "bfloat16")],
+                         ids="-".join)
+@pytest.mark.parametrize("kind,beta", [("kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3)])
+def test_linear_distillation_gpu_vs_cpu(kind, beta, dtypes, n, hs, ht, v):
+    """Per-row losses and the gradients of sum(cot * rows) (the backward
+    primitive), and value_and_grad of the mean (gradients in the forward), on
+    the GPU against the CPU primitive; several row chunks."""
+    rng = np.random.default_rng(n + v)
+    sh, sw, th, tw = ld_heads(n, hs, ht, v, *dtypes, rng)
+    y = ld_targets(n, v, rng)
+    kw = dict(kind=kind, beta=beta, temperature=1.4, alpha=0.2, ignore_index=-100,
+              chunk_bytes=8 * v * 16, dtype=mx.float32)
+    cot = mx.array(rng.uniform(0.5, 1.5, n).astype(np.float32))
+    res = []
+    for dev in (GPU, mx.cpu):
+        rows = fl.linear_distillation_loss(sh, sw, th, tw, y, reduction="none", stream=dev, **kw)
+        _, g_rows = mx.vjp(lambda a, b: fl.linear_distillation_loss(a, b, th, tw, y, reduction="none",
+                                                                     stream=dev, **kw), [sh, sw], [cot])
+        mean, g_mean = mx.value_and_grad(lambda a, b: fl.linear_distillation_loss(
+            a, b, th, tw, y, reduction="mean", stream=dev, **kw), argnums=(0, 1))(sh, sw)
+        res.append([as_f64(rows), as_f64(mean)] + [as_f64(g) for g in (*g_rows, *g_mean)])
+    rtol = 2e-5 * max(1.0, np.sqrt(max(hs, ht) / 16))
+    agree(res[0][0], res[1][0], rtol, "rows")
+    agree(res[0][1], res[1][1], rtol, "mean")
+    for k, (a, b) in enumerate(zip(res[0][2:], res[1][2:])):
+        agree(a, b, TOL[dtypes[0]] + 1e-4, f"gradient {k}")
+
+
+@pytest.mark.parametrize("mode", ["affine4", "affine8_bf16_scales", "mxfp4", "nvfp4_global"])
+def test_linear_distillation_quantized_gpu_vs_cpu(mode):
+    """A quantized teacher (every family of mx.quantize's formats) against a
+    dense student, and a quantized student (dH only) against a dense teacher."""
+    rng = np.random.default_rng(len(mode))
+    n, h, v = 37, 128, 1001
+    sh, sw, th, tw = ld_heads(n, h, h, v, "bfloat16", "float32", rng)
+    gs = mx.array(0.5, mx.float32) if mode == "nvfp4_global" else None
+    if mode.startswith("affine"):
+        bits = int(mode[6])
+        w = tw.astype(mx.bfloat16) if "bf16" in mode else tw
+        q, s, b = mx.quantize(w, group_size=64, bits=bits)
+        quant = dict(scales=s, biases=b, group_size=64, bits=bits, mode="affine")
+    else:
+        m = mode.replace("_global", "")
+        q, s = mx.quantize(tw, mode=m, global_scale=gs)
+        quant = dict(scales=s, group_size={"mxfp4": 32, "nvfp4": 16}[m], bits=4, mode=m, global_scale=gs)
+    y = ld_targets(n, v, rng)
+    cot = mx.array(rng.uniform(0.5, 1.5, n).astype(np.float32))
+    kw = dict(kind="jsd", beta=0.4, temperature=1.2, alpha=0.1, ignore_index=-100, chunk_bytes=8 * v * 8,
+              reduction="none", dtype=mx.float32)
+    teacher_q = {f"teacher_{k}": val for k, val in quant.items()}
+    student_q = {f"student_{k}": val for k, val in quant.items()}
+    res = []
+    for dev in (GPU, mx.cpu):
+        (rows,), g1 = mx.vjp(lambda a, b: fl.linear_distillation_loss(a, b, th, q, y, stream=dev, **teacher_q, **kw),
+                          [sh, sw], [cot])
+        (rows2,), g2 = mx.vjp(lambda a: fl.linear_distillation_loss(a, q, th, tw, y, stream=dev, **student_q, **kw),
+                           [sh], [cot])
+        res.append([as_f64(rows), as_f64(rows2)] + [as_f64(g) for g in (*g1, *g2)])
+    for k, (a, b) in enumerate(zip(*res)):
+        agree(a, b, 1e-4 if k < 2 else TOL["bfloat16"] + 1e-4, f"output {k}")
+
+
+@pytest.mark.parametrize("k", [1, 20, "V"])
+@pytest.mark.parametrize("v", [33, 4097, 50257])
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_linear_topk_distillation_gpu_vs_cpu(renormalize, v, k):
+    """An offline teacher's top-k (k = 1, a few, every class), stored or
+    renormalised, the CE mixed in with an ignored row and a bad id (NaN row):
+    per-row losses and gradients, and value_and_grad of the sum."""
+    rng = np.random.default_rng(v + (k if k != "V" else 0))
+    n, h = 29, 64
+    kk = v if k == "V" else k
+    if kk * n > 4_000_000:
+        n = 9
+    sh, sw, _, _ = ld_heads(n, h, 8, v, "float16", "float16", rng)
+    teacher = rng.standard_normal((n, v)) * 2
+    lp = teacher - ref.logsumexp(teacher, keepdims=True)
+    ids = np.argsort(-teacher, -1)[:, :kk]
+    vals = np.take_along_axis(lp, ids, -1).astype(np.float32)
+    ids[2, 0] = v  # a bad id: a NaN row
+    ids_m, vals_m, y = mx.array(ids), mx.array(vals), ld_targets(n, v, rng)
+    kw = dict(temperature=1.3, renormalize=renormalize, alpha=0.3, ignore_index=-100, chunk_bytes=4 * v * 8,
+              dtype=mx.float32)
+    cot = mx.array(rng.uniform(0.5, 1.5, n).astype(np.float32))
+    res = []
+    for dev in (GPU, mx.cpu):
+        (rows,), g1 = mx.vjp(lambda a, b: fl.linear_topk_distillation_loss(a, b, ids_m, vals_m, y, reduction="none",
+                                                                         stream=dev, **kw), [sh, sw], [cot])
+        res.append([as_f64(rows)] + [as_f64(g) for g in g1])
+    agree(res[0][0], res[1][0], 1e-4, "rows")
+    for i, (a, b) in enumerate(zip(res[0][1:], res[1][1:])):
+        agree(a, b, TOL["float16"] + 1e-4, f"gradient {i}")
+    ids[2, 0] = 0  # the sum (its gradients in the forward) without the NaN row
+    ids_m = mx.array(ids)
+    res = []
+    for dev in (GPU, mx.cpu):
+        loss, g = mx.value_and_grad(lambda a, b: fl.linear_topk_distillation_loss(
+            a, b, ids_m, vals_m, y, reduction="sum", stream=dev, **kw), argnums=(0, 1))(sh, sw)
+        res.append([as_f64(loss)] + [as_f64(x) for x in g])
+    agree(res[0][0], res[1][0], 1e-4, "sum")
+    for i, (a, b) in enumerate(zip(res[0][1:], res[1][1:])):
+        agree(a, b, TOL["float16"] + 1e-4, f"gradient {i} of the sum")
+
+
+def test_linear_distillation_gpu_across_command_buffers():
+    """A call whose work exceeds one command buffer's bound (launch_plan.h
+    kLceMaxBufferFlops = 2^40 FLOPs): the schedule commits between chunks."""
+    rng = np.random.default_rng(3)
+    n, hs, ht, v = 2048, 1024, 1024, 151936 // 2  # ~1.3e12 FLOPs in all: two buffers at least
+    sh, sw, th, tw = ld_heads(n, hs, ht, v, "bfloat16", "bfloat16", rng)
+    res = []
+    for dev in (GPU, mx.cpu):
+        loss, g = mx.value_and_grad(lambda a: fl.linear_distillation_loss(
+            a, sw, th, tw, temperature=2.0, chunk_bytes=1 << 28, stream=dev))(sh)
+        res.append([as_f64(loss), as_f64(g)])
+    agree(res[0][0], res[1][0], 1e-4, "loss")
+    agree(res[0][1], res[1][1], TOL["bfloat16"] + 1e-4, "gradient")

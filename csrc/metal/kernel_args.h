@@ -251,10 +251,37 @@ typedef uint64_t fl_u64;
 #define FL_KD_BWD_TEACHER 1
 #define FL_KD_BWD_INDEX 2
 #define FL_KD_BWD_STATS 3 // [rows, kDistillStats] float32
-#define FL_KD_BWD_GLOSS 4 // [rows] float32 cotangent of the loss
+#define FL_KD_BWD_GLOSS 4 // [rows] float32 cotangent of the loss (unit_cotangent: never read)
 #define FL_KD_BWD_GRAD 5 // [rows, V] S out
 #define FL_KD_BWD_ARGS 6
 #define FL_KD_BWD_NBUF 7
+
+// Fused linear distillation (metal/linear_distillation.metal; csrc/metal/
+// linear_distillation.cpp). A head's logits of a chunk of rows, Z = H W^T
+// (slots 0-3 as the linear CE's tiles: hidden and the head's three slots),
+// float32 into the chunk buffer; LceArgs of that head (its H, row0, chunk_rows).
+#define FL_LD_LOGITS_OUT 4 // [chunk_rows, V] float32 out
+#define FL_LD_LOGITS_ARGS 5
+#define FL_LD_LOGITS_NBUF 6
+// The rows of an offline (top-k) teacher on a chunk of the student's logits;
+// the per-row buffers bound at the chunk's first row (as the logits form's
+// FL_KD_* rows of linear_distillation_loss).
+#define FL_LTK_FWD_LOGITS 0 // [chunk_rows, V] float32
+#define FL_LTK_FWD_IDS 1 // [rows, k] int64 teacher class ids
+#define FL_LTK_FWD_VALUES 2 // [rows, k] float32 teacher log-probabilities
+#define FL_LTK_FWD_INDEX 3 // [rows] int64 class indices (bound to the ids without targets)
+#define FL_LTK_FWD_LOSS 4 // [rows] float32 out
+#define FL_LTK_FWD_STATS 5 // [rows, kDistillStats] float32 out
+#define FL_LTK_FWD_ARGS 6 // constant LtkArgs&
+#define FL_LTK_FWD_NBUF 7
+#define FL_LTK_BWD_GRAD 0 // [chunk_rows, V] float32 in/out: the logits, overwritten with dZ
+#define FL_LTK_BWD_IDS 1
+#define FL_LTK_BWD_VALUES 2
+#define FL_LTK_BWD_INDEX 3
+#define FL_LTK_BWD_STATS 4 // [rows, kDistillStats] float32
+#define FL_LTK_BWD_GLOSS 5 // [rows] float32 cotangent of the loss (unit_cotangent: never read)
+#define FL_LTK_BWD_ARGS 6
+#define FL_LTK_BWD_NBUF 7
 
 // ---- argument structs ----------------------------------------------------------
 
@@ -293,6 +320,16 @@ struct KdArgs {
   float beta;
   float d_scale;
   float alpha;
+  int unit_cotangent; // backward: g = 1 for every row (the linear forms' gradients in the forward)
+  int pad0;
+};
+
+// An offline teacher's top-k rows: the logits form's options (KdArgs: vocab,
+// targets, c, d_scale, alpha; beta unused) and the pairs per row.
+struct LtkArgs {
+  KdArgs kd;
+  int topk; // k >= 1
+  int renormalize; // 1: lp_i = c v_i - logsumexp_i(c v) (math/distillation.h)
 };
 
 // Row statistics of given logits (forward and backward): z = softcap(y) / T.
@@ -415,7 +452,8 @@ struct LceArgs {
 // members first and 32-bit ones after, on every offset).
 static_assert(sizeof(CeArgs) == 40, "CeArgs layout");
 static_assert(sizeof(SfArgs) == 32, "SfArgs layout");
-static_assert(sizeof(KdArgs) == 40, "KdArgs layout");
+static_assert(sizeof(KdArgs) == 48, "KdArgs layout");
+static_assert(sizeof(LtkArgs) == 56, "LtkArgs layout");
 static_assert(sizeof(PwArgs) == 32, "PwArgs layout");
 static_assert(sizeof(PwTargetLayout) == 16 * FL_PW_MAX_TARGET_GROUPS + 8, "PwTargetLayout layout");
 static_assert(sizeof(LceArgs) == 128, "LceArgs layout");

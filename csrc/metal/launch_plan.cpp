@@ -449,6 +449,22 @@ int64_t lce_gemm_row_flops(const LcePlan& p) {
   return int64_t(p.vocab) * (2 * int64_t(p.hidden) + 1);
 }
 
+// The command buffer of each launch (lce_schedule, ld_schedule): a new segment
+// when the next launch would take the current one's work past max_flops.
+template <class Launch>
+void assign_segments(std::vector<Launch>& out, int64_t max_flops) {
+  int segment = 0;
+  int64_t work = 0;
+  for (auto& l : out) {
+    if (work > 0 && l.flops > max_flops - work) {
+      ++segment;
+      work = 0;
+    }
+    work += l.flops;
+    l.segment = segment;
+  }
+}
+
 } // namespace
 
 std::string LceTile::name() const {
@@ -593,16 +609,7 @@ std::vector<LceLaunch> lce_schedule(const LcePlan& p, const LceWork& w) {
       if (N == 0) break;
     }
   }
-  int segment = 0;
-  int64_t work = 0;
-  for (auto& l : out) {
-    if (work > 0 && l.flops > p.max_buffer_flops - work) {
-      ++segment;
-      work = 0;
-    }
-    work += l.flops;
-    l.segment = segment;
-  }
+  assign_segments(out, p.max_buffer_flops);
   return out;
 }
 
@@ -817,6 +824,111 @@ RsArgs make_rs_logits_args(int vocab, bool has_targets, bool has_ignore_index, i
   return a;
 }
 
+// ---- fused linear distillation ------------------------------------------------------------
+
+LdPlan ld_plan(int64_t rows, int vocab, int student_hidden, int teacher_hidden, int64_t chunk_bytes,
+               int64_t max_buffer_flops, LceTile student_tile, LceTile teacher_tile) {
+  LdPlan p;
+  p.has_teacher = teacher_hidden >= 0;
+  if (chunk_bytes <= 0) {
+    throw std::invalid_argument("launch plan: non-positive chunk_bytes");
+  }
+  // Each head's share of chunk_bytes (at least 1 byte: lce_plan's R is then 1).
+  const int64_t share = p.has_teacher ? (chunk_bytes / 2 > 0 ? chunk_bytes / 2 : 1) : chunk_bytes;
+  p.student = lce_plan(rows, vocab, student_hidden, share, max_buffer_flops, student_tile);
+  p.rows = rows;
+  p.chunk_rows = p.student.chunk_rows;
+  if (p.has_teacher) {
+    p.teacher = lce_plan(rows, vocab, teacher_hidden, share, max_buffer_flops, teacher_tile);
+    if (p.teacher.chunk_rows < p.chunk_rows) {
+      p.chunk_rows = p.teacher.chunk_rows;
+    }
+    p.teacher.chunk_rows = p.chunk_rows;
+  }
+  p.student.chunk_rows = p.chunk_rows;
+  return p;
+}
+
+LaunchPlan ld_logits_plan(KDtype hidden, const std::string& head, const LcePlan& p,
+                          int64_t chunk_rows, int max_group_threads) {
+  LaunchPlan l = lce_gemm_plan(
+      std::string("fl_ld_logits_") + dtype_name(hidden) + "_" + head + "_" + p.fwd.name(),
+      p.vocab_tiles, ceil_div(chunk_rows, FL_LCE_BM), max_group_threads, p.fwd.threads());
+  l.buffers = buffer_names(FL_LD_LOGITS_NBUF, {{FL_LCE_HIDDEN, "hidden"}, {FL_LCE_WEIGHT, "weight"},
+      {FL_LCE_SCALES, "scales"}, {FL_LCE_QBIASES, "qbiases"}, {FL_LD_LOGITS_OUT, "z"},
+      {FL_LD_LOGITS_ARGS, "args"}});
+  return l;
+}
+
+LaunchPlan ltk_forward_plan(int64_t rows, int vocab, int max_group_threads) {
+  LaunchPlan p = strided_row_plan("fl_ltk_fwd", rows, vocab, max_group_threads);
+  p.buffers = buffer_names(FL_LTK_FWD_NBUF, {{FL_LTK_FWD_LOGITS, "logits"}, {FL_LTK_FWD_IDS, "ids"},
+      {FL_LTK_FWD_VALUES, "values"}, {FL_LTK_FWD_INDEX, "class_index"}, {FL_LTK_FWD_LOSS, "loss"},
+      {FL_LTK_FWD_STATS, "stats"}, {FL_LTK_FWD_ARGS, "args"}});
+  return p;
+}
+
+LaunchPlan ltk_backward_plan(int64_t rows, int vocab, int max_group_threads) {
+  // (the backward's pairs follow a barrier: one group per row, as the forward)
+  LaunchPlan p = strided_row_plan("fl_ltk_bwd", rows, vocab, max_group_threads);
+  p.buffers = buffer_names(FL_LTK_BWD_NBUF, {{FL_LTK_BWD_GRAD, "grad"}, {FL_LTK_BWD_IDS, "ids"},
+      {FL_LTK_BWD_VALUES, "values"}, {FL_LTK_BWD_INDEX, "class_index"}, {FL_LTK_BWD_STATS, "stats"},
+      {FL_LTK_BWD_GLOSS, "g_loss"}, {FL_LTK_BWD_ARGS, "args"}});
+  return p;
+}
+
+std::vector<LdLaunch> ld_schedule(const LdPlan& p, const LdWork& w) {
+  std::vector<LdLaunch> out;
+  const int64_t N = p.rows;
+  const int64_t V = p.student.vocab;
+  for (int64_t r0 = 0; r0 < N || r0 == 0; r0 += p.chunk_rows) {
+    const int64_t rows = N - r0 < p.chunk_rows ? N - r0 : p.chunk_rows;
+    auto add = [&](LdKernel k, int64_t flops) {
+      LdLaunch l;
+      l.kernel = k;
+      l.row0 = r0;
+      l.rows = rows;
+      l.flops = flops;
+      out.push_back(l);
+    };
+    const int64_t gemm = lce_launch_flops(p.student, LceKernel::dz, rows);
+    add(LdKernel::logits, gemm);
+    if (p.has_teacher) {
+      add(LdKernel::teacher_logits, lce_launch_flops(p.teacher, LceKernel::dz, rows));
+    }
+    if (w.forward) add(LdKernel::rows_forward, rows * V);
+    if (w.backward) add(LdKernel::rows_backward, rows * V);
+    if (w.dh) add(LdKernel::dh, gemm);
+    if (w.dw) add(LdKernel::dw, gemm);
+    if (N == 0) break;
+  }
+  if (w.forward && w.sum_rows) {
+    LdLaunch l;
+    l.kernel = LdKernel::sum;
+    l.rows = N;
+    l.flops = N;
+    out.push_back(l);
+  }
+  assign_segments(out, p.student.max_buffer_flops);
+  return out;
+}
+
+LceArgs make_ld_head_args(const LcePlan& p, int bits, int group_size) {
+  LceArgs a = make_lce_args(p, 0.0f, 0, false, 0, 0.0f, 0.0f, false);
+  a.bits = bits;
+  a.group_size = group_size;
+  return a;
+}
+
+LtkArgs make_ltk_args(int vocab, int topk, bool renormalize, bool has_targets, bool has_ignore_index,
+                      int64_t ignore_index, float c, float d_scale, float alpha) {
+  LtkArgs a{};
+  a.kd = make_kd_args(vocab, has_targets, has_ignore_index, ignore_index, c, 0.5f, d_scale, alpha);
+  a.topk = topk;
+  a.renormalize = renormalize ? 1 : 0;
+  return a;
+}
+
 // ---- every kernel the host can ask for --------------------------------------------------
 
 namespace {
@@ -937,6 +1049,8 @@ std::vector<PlanKernel> enumerate_plan_kernels() {
   c.add(rs_finish_plan(plan), "rs_finish_plan()");
   c.add(lce_dbias_plan(plan), "lce_dbias_plan()");
   c.add(lce_rows_plan(plan, plan.chunk_rows), "lce_rows_plan()");
+  c.add(ltk_forward_plan(3, 100), "ltk_forward_plan()");
+  c.add(ltk_backward_plan(3, 100), "ltk_backward_plan()");
   // The forward tile of every device class, and of the large class's large-K case.
   const char device_classes[] = {'p', 'g', 's', 'd'};
   for (int h = 0; h < kNumKDtypes; ++h) {
@@ -953,6 +1067,7 @@ std::vector<PlanKernel> enumerate_plan_kernels() {
           c.add(lce_forward_plan(ht, head, tp), "lce_forward_plan(" + at + ")");
           c.add(lce_dz_plan(ht, head, tp, tp.chunk_rows), "lce_dz_plan(" + at + ")");
           c.add(rs_dz_plan(ht, head, tp, tp.chunk_rows), "rs_dz_plan(" + at + ")");
+          c.add(ld_logits_plan(ht, head, tp, tp.chunk_rows), "ld_logits_plan(" + at + ")");
         }
       }
     }

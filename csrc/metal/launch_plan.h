@@ -318,6 +318,72 @@ LceArgs make_lce_args(const LcePlan& p, float label_smoothing, int smoothing_mod
 LceArgs make_rs_args(const LcePlan& p, bool has_ignore_index, int64_t ignore_index, float softcap,
                      bool has_bias, float temperature, bool sharded, int64_t vocab_start, bool has_targets);
 
+// ---- fused linear distillation ------------------------------------------------------
+// linear_distillation_loss (a student and a teacher head) and
+// linear_topk_distillation_loss (a student head, an offline top-k teacher) on the
+// linear CE's tiles (metal/linear_distillation.metal). Per chunk of R rows: each
+// head's logits into a float32 chunk buffer [R, V] (ld_logits_plan, in the head's
+// forward tile, lce_forward_tile), then the rows on the chunk (two heads: the
+// logits form's kd_forward_plan / kd_backward_plan on float32 rows; top-k:
+// ltk_forward_plan / ltk_backward_plan), the backward's dZ over the student's
+// logits in place, then lce_dh_plan / lce_dw_plan on the student's plan.
+// Rules of ld_plan:
+//  - each head's LcePlan is lce_plan(N, V, its H, chunk_bytes / heads, ...) with
+//    heads = 2 with a teacher head, else 1: its chunk rows are
+//    clamp(chunk_bytes / (4 V heads), 1, N) (the CPU's chunked-head rule: both
+//    heads' chunks within chunk_bytes), at most F of that head, rounded down to a
+//    multiple of BM when > BM;
+//  - R = the smaller of the heads' chunk rows (a multiple of BM, or <= BM).
+// The top-k rows: one group per row of min(T, ceil(V / R) rounded up to 32)
+// threads (kd_forward_plan's rule), FL_ROW_SCRATCH_FLOATS of threadgroup memory,
+// forward and backward alike (the backward's pairs follow a barrier).
+struct LdPlan {
+  LcePlan student; // V, the student's H and forward tile; chunk_rows = R
+  LcePlan teacher; // the teacher head's (has_teacher), chunk_rows = R
+  bool has_teacher = false;
+  int64_t rows = 0; // N
+  int64_t chunk_rows = 1; // R
+};
+// teacher_hidden < 0: no teacher head (top-k).
+LdPlan ld_plan(int64_t rows, int vocab, int student_hidden, int teacher_hidden, int64_t chunk_bytes,
+               int64_t max_buffer_flops = kLceMaxBufferFlops, LceTile student_tile = LceTile(),
+               LceTile teacher_tile = LceTile());
+// Z of `chunk_rows` rows through a head (plan: that head's LcePlan).
+LaunchPlan ld_logits_plan(KDtype hidden, const std::string& head, const LcePlan& p,
+                          int64_t chunk_rows, int max_group_threads = kMaxGroupThreads);
+LaunchPlan ltk_forward_plan(int64_t rows, int vocab, int max_group_threads = kMaxGroupThreads);
+LaunchPlan ltk_backward_plan(int64_t rows, int vocab, int max_group_threads = kMaxGroupThreads);
+// The launches of one call in order, per chunk of R rows (N = 0: one empty
+// chunk, so a dW asked for is written, zeros): the student's logits, the
+// teacher's (has_teacher), the forward rows (w.forward), the backward rows
+// (w.backward: dZ in place, from the saved statistics; after the forward rows:
+// the gradients in the forward, a unit cotangent), dH, dW (those asked for);
+// then (w.sum_rows) the sum of the per-row losses (pw_sum_finish_plan).
+// Segments as lce_schedule's: a command buffer holds at most max_buffer_flops
+// of lce_launch_flops' counts (each GEMM: 2 rows V H + rows V), unless one
+// launch is more.
+enum class LdKernel : int { logits = 0, teacher_logits, rows_forward, rows_backward, dh, dw, sum };
+struct LdLaunch {
+  LdKernel kernel = LdKernel::logits;
+  int64_t row0 = 0; // the chunk's first row
+  int64_t rows = 0; // its rows
+  int64_t flops = 0;
+  int segment = 0;
+};
+struct LdWork {
+  bool forward = false;
+  bool sum_rows = false;
+  bool backward = false;
+  bool dh = false;
+  bool dw = false;
+};
+std::vector<LdLaunch> ld_schedule(const LdPlan& p, const LdWork& w);
+// A head's LceArgs (its H, V, quantization; no CE options).
+LceArgs make_ld_head_args(const LcePlan& p, int bits, int group_size);
+// The top-k rows' arguments (the logits form's, make_kd_args, and the pairs).
+LtkArgs make_ltk_args(int vocab, int topk, bool renormalize, bool has_targets, bool has_ignore_index,
+                      int64_t ignore_index, float c, float d_scale, float alpha);
+
 // ---- every kernel the host can ask for ------------------------------------------------
 // The kernel names of every launch plan eval_gpu can build, found by calling
 // the plan functions above over the whole option space: every loss, dtype and

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "math/quantized.h"
 #include "metal/host.h"
 #include "ops/linear_cross_entropy.h"
 
@@ -28,38 +29,47 @@ struct LceCall {
   gpu::CommandBuffers buffers;
 };
 
-// The head that reads the weight. Dense: the weight's dtype. Quantized
-// (metal/quantized_head.h): the mode, bits and (affine) the scales' dtype (the
-// op gives scales and biases one dtype; the floating-point modes have uint8
-// scales and no biases); w_q must reach the kernel as packed uint32.
+// The head that reads a weight. Dense: the weight's dtype. Quantized
+// (metal/quantized_head.h; bits != 0): the mode, bits and (affine) the scales'
+// dtype (the ops give scales and biases one dtype; the floating-point modes have
+// uint8 scales and no biases, nvfp4 maybe a global scale); w_q must reach the
+// kernel as packed uint32. qbiases / global_scale: null where the mode has none.
+inline std::string head_name_of(const mx::array& weight, const mx::array* scales,
+                                const mx::array* qbiases, const mx::array* global_scale,
+                                int quant_mode, int bits) {
+  if (bits == 0) {
+    return mplan::lce_dense_head(gpu::kernel_dtype(weight.dtype()));
+  }
+  gpu::require_dense(*scales, "scales");
+  if (weight.dtype() != mx::uint32) {
+    throw std::runtime_error("mlx_fused_losses: a quantized weight must reach the kernel as uint32");
+  }
+  if (quant_mode != flm::kQuantAffine) {
+    if (scales->dtype() != mx::uint8) {
+      throw std::runtime_error("mlx_fused_losses: fp-mode scales must reach the kernel as uint8");
+    }
+    if (global_scale) {
+      gpu::require_dense(*global_scale, "global_scale");
+    }
+    return mplan::lce_quantized_head(quant_mode, bits, mplan::KDtype::float32, global_scale != nullptr);
+  }
+  gpu::require_dense(*qbiases, "biases");
+  if (qbiases->dtype() != scales->dtype()) {
+    throw std::runtime_error(
+        "mlx_fused_losses: a quantized weight's scales and biases must reach the kernel in one "
+        "dtype");
+  }
+  return mplan::lce_quantized_head(quant_mode, bits, gpu::kernel_dtype(scales->dtype()));
+}
+
 inline std::string head_name(const std::vector<mx::array>& inputs, const LinearCrossEntropyParams& p,
                       const LceInputs& L) {
-  if (p.quantized()) {
-    const auto& scales = inputs[L.scales];
-    gpu::require_dense(scales, "scales");
-    if (inputs[L.weight].dtype() != mx::uint32) {
-      throw std::runtime_error("mlx_fused_losses: a quantized weight must reach the kernel as uint32");
-    }
-    if (!p.quantized_affine()) {
-      if (scales.dtype() != mx::uint8) {
-        throw std::runtime_error("mlx_fused_losses: fp-mode scales must reach the kernel as uint8");
-      }
-      if (p.has_global_scale) {
-        gpu::require_dense(inputs[L.global_scale], "global_scale");
-      }
-      return mplan::lce_quantized_head(p.quant_mode, p.bits, mplan::KDtype::float32,
-                                       p.has_global_scale);
-    }
-    const auto& qbiases = inputs[L.qbiases];
-    gpu::require_dense(qbiases, "biases");
-    if (qbiases.dtype() != scales.dtype()) {
-      throw std::runtime_error(
-          "mlx_fused_losses: a quantized weight's scales and biases must reach the kernel in one "
-          "dtype");
-    }
-    return mplan::lce_quantized_head(p.quant_mode, p.bits, gpu::kernel_dtype(scales.dtype()));
+  if (!p.quantized()) {
+    return head_name_of(inputs[L.weight], nullptr, nullptr, nullptr, 0, 0);
   }
-  return mplan::lce_dense_head(gpu::kernel_dtype(inputs[L.weight].dtype()));
+  return head_name_of(inputs[L.weight], &inputs[L.scales],
+                      p.quantized_affine() ? &inputs[L.qbiases] : nullptr,
+                      p.has_global_scale ? &inputs[L.global_scale] : nullptr, p.quant_mode, p.bits);
 }
 
 // The call's plan; its inputs and outputs are kept alive by every command
@@ -117,11 +127,14 @@ inline LceCall make_call(const std::vector<mx::array>& inputs, const std::vector
 
 // Scratch memory of the call. Not an encoder temporary: it may be written in
 // one command buffer and read in the next (gpu::CommandBuffers).
-inline mx::array scratch(LceCall& c, int64_t floats) {
+inline mx::array scratch(gpu::CommandBuffers& buffers, int64_t floats) {
   mx::array t({int(floats > 0 ? floats : 1)}, mx::float32, nullptr, {});
   gpu::alloc(t);
-  c.buffers.keep(t);
+  buffers.keep(t);
   return t;
+}
+inline mx::array scratch(LceCall& c, int64_t floats) {
+  return scratch(c.buffers, floats);
 }
 
 // The head's three buffer slots (a dense head reads only the weight).
@@ -212,9 +225,9 @@ inline LceArgs chunk_args(const LceCall& c, const mplan::LceLaunch& l) {
 
 // A launch that does nothing (lce_scale_grad over 0 elements), to pad the last
 // command buffer (gpu::CommandBuffers::finish).
-inline void pad_launch(LceCall& c, const mx::array& any_float32) {
+inline void pad_launch(mx::Stream s, const mx::array& any_float32) {
   PwArgs none = mplan::make_pw_args(0, 0.0f, 0.0f, 0);
-  auto x = gpu::launch(c.s, [&](int t) {
+  auto x = gpu::launch(s, [&](int t) {
     return mplan::lce_scale_plan(mplan::KDtype::float32, 1, t);
   });
   auto& enc = x.encoder();
@@ -238,7 +251,7 @@ void run_schedule(LceCall& c, const mplan::LceWork& w, const mx::array& any_floa
     }
     run(l);
   }
-  c.buffers.finish([&] { pad_launch(c, any_float32); });
+  c.buffers.finish([&] { pad_launch(c.s, any_float32); });
 }
 
 } // namespace fl::lcehost

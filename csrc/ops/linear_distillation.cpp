@@ -117,7 +117,6 @@ mx::array linear_distill_loss(const HeadArgs& student, const HeadArgs& teacher,
                               std::optional<int64_t> ignore_index,
                               std::optional<int64_t> chunk_bytes, bool sum_rows, bool fuse_grads,
                               mx::StreamOrDevice s) {
-  s = kernel_stream(s, false); // no Metal kernels yet: the CPU stream, on a Mac too
   LinearDistillParams p;
   std::vector<mx::array> inputs;
   p.student = check_head(student, "student", inputs, s);
@@ -211,8 +210,10 @@ std::pair<std::vector<mx::array>, std::vector<int>> LinearDistillVJP::vmap(
       s);
 }
 
-// No Metal kernels yet: the op builds these on the CPU stream (kernel_stream).
-FL_CPU_ONLY(LinearDistill)
-FL_CPU_ONLY(LinearDistillVJP)
+// eval_gpu: csrc/metal/linear_distillation.cpp.
+#ifndef _METAL_
+FL_NO_METAL(LinearDistill)
+FL_NO_METAL(LinearDistillVJP)
+#endif
 
 } // namespace fl

@@ -51,7 +51,6 @@ mx::array linear_topk_distill_loss(const HeadArgs& student, const mx::array& tea
                                    std::optional<int64_t> ignore_index,
                                    std::optional<int64_t> chunk_bytes, bool sum_rows,
                                    bool fuse_grads, mx::StreamOrDevice s) {
-  s = kernel_stream(s, false); // no Metal kernels yet: the CPU stream, on a Mac too
   LinearTopkParams p;
   std::vector<mx::array> inputs;
   p.student = check_head(student, "student", inputs, s);
@@ -130,8 +129,10 @@ std::pair<std::vector<mx::array>, std::vector<int>> LinearTopkDistillVJP::vmap(
       inputs, axes, [&](const std::vector<mx::array>& in) { return make_backward(in, p, s); }, s);
 }
 
-// No Metal kernels yet: the op builds these on the CPU stream (kernel_stream).
-FL_CPU_ONLY(LinearTopkDistill)
-FL_CPU_ONLY(LinearTopkDistillVJP)
+// eval_gpu: csrc/metal/linear_distillation.cpp.
+#ifndef _METAL_
+FL_NO_METAL(LinearTopkDistill)
+FL_NO_METAL(LinearTopkDistillVJP)
+#endif
 
 } // namespace fl
