@@ -344,6 +344,17 @@ def test_chunking(lib, chunk_bytes, n):
     check_ld(lib, s, t, targets, o, chunk_bytes, seed=2, schedules=FAST[:1])
 
 
+def test_no_rows(lib):
+    """N = 0: one empty chunk, so dW is written (zeros) and the summed loss is 0."""
+    o = Options("jsd", 0.3, T=1.5)
+    rng = np.random.default_rng(13)
+    s = Head(rng, 0, 6, 9)
+    t = Head(rng, 0, 4, 9)
+    rows, total, dh, dw = ld_gpu(lib, s, t, None, o, 64 << 20, np.zeros(1, np.float32), fused=True)
+    assert rows.size == 0 and dh.size == 0 and total == 0.0
+    np.testing.assert_array_equal(dw, np.zeros_like(dw))
+
+
 DENSE_PAIRS = [(h, w) for h in DTYPES for w in DTYPES]
 
 

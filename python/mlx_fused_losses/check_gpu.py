@@ -4,8 +4,9 @@
    the plan functions called over every loss, dtype, option and head) must be a
    function of the loaded ``mlx_fused_losses.metallib`` (``_ext.metallib_function_names``).
 2. Numbers: a small forward and backward of every loss, of the linear
-   cross-entropy with a dense and a quantized weight and of the scorer
-   (log_probs, linear_log_probs dense and 4-bit), on the GPU against the CPU
+   cross-entropy with a dense and a quantized weight, of the scorer
+   (log_probs, linear_log_probs dense and 4-bit) and of the fused linear
+   distillation (two heads with a 4-bit teacher; a top-k teacher), on the GPU against the CPU
    stream, within the tolerances of the GPU tests (tests/test_gpu.py imports them
    from here). Apple GPUs flush float32 subnormals to zero: every comparison
    allows an absolute difference below the smallest normal float32.
@@ -33,7 +34,7 @@ import numpy as np
 import mlx.core as mx
 
 from . import _ext
-from .distillation import jsd, kl_div
+from .distillation import jsd, kl_div, linear_distillation_loss, linear_topk_distillation_loss
 from .linear_cross_entropy import linear_cross_entropy
 from .log_probs import linear_log_probs, log_probs
 from .losses import (
@@ -351,6 +352,41 @@ def _scorer_case(dtype: str, form: str) -> Case:
     return Case(f"{head} {dtype}", run)
 
 
+def _linear_distill_case(dtype: str, form: str) -> Case:
+    """linear_distillation_loss (JSD with the CE mixed in, a 4-bit teacher) and
+    linear_topk_distillation_loss (k = 20, renormalised), per-row cotangents:
+    each head's logits per chunk, the rows' kernels, dH / dW."""
+    def run(check, gpu, cpu):
+        n, h, v = 70, 128, 300
+        rng = np.random.default_rng(n + h + v + len(form))
+        t = rng.integers(0, v, n)
+        t[::9] = -100
+        targets = mx.array(t)
+        hidden = _stored(rng.standard_normal((n, h)), dtype)
+        w = _stored(rng.standard_normal((v, h)) / math.sqrt(h), dtype)
+        cot = mx.array(rng.uniform(-1, 1, n).astype(np.float32))
+        kw = dict(temperature=1.3, alpha=0.2, ignore_index=-100, reduction="none", dtype=mx.float32)
+        if form == "two heads":
+            th = _stored(rng.standard_normal((n, 64)), dtype)
+            w_q, scales, biases = mx.quantize(_stored(rng.standard_normal((v, 64)) * 3 / 8, dtype),
+                                              group_size=64, bits=4)
+            fn = lambda a, b, stream: linear_distillation_loss(  # noqa: E731
+                a, b, th, w_q, targets, kind="jsd", beta=0.3, teacher_scales=scales, teacher_biases=biases,
+                teacher_group_size=64, teacher_bits=4, chunk_bytes=8 * v * 40, stream=stream, **kw)
+        else:
+            teacher = rng.standard_normal((n, v)) * 2
+            ids = np.argsort(-teacher, -1)[:, :20]
+            vals = np.take_along_axis(teacher, ids, -1).astype(np.float32)
+            fn = lambda a, b, stream: linear_topk_distillation_loss(  # noqa: E731
+                a, b, mx.array(ids), mx.array(vals), targets, renormalize=True, chunk_bytes=4 * v * 40,
+                stream=stream, **kw)
+        _gpu_vs_cpu(check, fn, [hidden, w], cot, gpu, cpu, lce_rtol(dtype), lce_rtol(dtype),
+                    names=("d hidden", "d weight"))
+
+    name = "linear_distillation_loss" if form == "two heads" else "linear_topk_distillation_loss"
+    return Case(f"{name} {dtype}", run)
+
+
 def default_cases() -> List[Case]:
     """Every loss forward and backward; the row losses at a block-kernel and a
     looped-kernel class count; every dtype."""
@@ -372,6 +408,8 @@ def default_cases() -> List[Case]:
             cases.append(_lce_case(dtype, bits))
         for form in ("logits", "dense", "q4"):
             cases.append(_scorer_case(dtype, form))
+        for form in ("two heads", "top-k"):
+            cases.append(_linear_distill_case(dtype, form))
     return cases
 
 

@@ -337,7 +337,7 @@ def linear_topk_distillation_loss(
     student's head may be quantized (``student_*`` as in
     :func:`linear_distillation_loss`). An id outside ``[0, V)`` makes its row
     NaN. Gradients reach ``student_hidden`` and a dense ``student_weight``.
-    CPU only for now.
+    Runs on the stream given (Metal kernels on a Mac's GPU).
     """
     student_hidden = _as_array(student_hidden, "student_hidden")
     student_weight = _as_array(student_weight, "student_weight")
