@@ -32,6 +32,38 @@ LceCall make_rs_call(const std::vector<mx::array>& inputs, const std::vector<mx:
   return c;
 }
 
+// The backward's saved statistics and cotangents, read from `inputs` from
+// index k (ops/row_stats.h: [lse, lse_lo] when lse or expected has a
+// cotangent, [expected, expected_lo] when expected has, then one cotangent per
+// bit of `cot`); absent ones stay null. Both are checked dense.
+struct RsBackwardInputs {
+  const mx::array* saved[4] = {nullptr, nullptr, nullptr, nullptr}; // lse, lse_lo, expected, expected_lo
+  const mx::array* g[4] = {nullptr, nullptr, nullptr, nullptr};     // lse, target, logit_sum, expected
+};
+
+RsBackwardInputs rs_backward_inputs(const std::vector<mx::array>& inputs, size_t k, int cot) {
+  RsBackwardInputs b;
+  if (cot & (flm::kStatLse | flm::kStatExpected)) {
+    b.saved[0] = &inputs[k++];
+    b.saved[1] = &inputs[k++];
+  }
+  if (cot & flm::kStatExpected) {
+    b.saved[2] = &inputs[k++];
+    b.saved[3] = &inputs[k++];
+  }
+  const int bits[4] = {flm::kStatLse, flm::kStatTarget, flm::kStatLogitSum, flm::kStatExpected};
+  for (int i = 0; i < 4; ++i) {
+    if (cot & bits[i]) b.g[i] = &inputs[k++];
+  }
+  for (const mx::array* a : b.saved) {
+    if (a) gpu::require_dense(*a, "saved statistic");
+  }
+  for (const mx::array* a : b.g) {
+    if (a) gpu::require_dense(*a, "cotangent");
+  }
+  return b;
+}
+
 } // namespace
 
 void LinearRowStats::eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
@@ -91,29 +123,10 @@ void LinearRowStatsVJP::eval_gpu(const std::vector<mx::array>& inputs, std::vect
   c.args.rs_cotangents = params_.cotangents;
   // The backward's inputs after the forward's (ops/row_stats.h): the pairs it
   // needs, then one cotangent per bit of params_.cotangents.
-  size_t k = size_t(c.L.count);
-  const int cot = params_.cotangents;
-  const mx::array* saved[4] = {nullptr, nullptr, nullptr, nullptr}; // lse, lse_lo, expected, expected_lo
-  if (cot & (flm::kStatLse | flm::kStatExpected)) {
-    saved[0] = &inputs[k++];
-    saved[1] = &inputs[k++];
-  }
-  if (cot & flm::kStatExpected) {
-    saved[2] = &inputs[k++];
-    saved[3] = &inputs[k++];
-  }
-  const mx::array* g[4] = {nullptr, nullptr, nullptr, nullptr};
-  const int bits[4] = {flm::kStatLse, flm::kStatTarget, flm::kStatLogitSum, flm::kStatExpected};
-  for (int i = 0; i < 4; ++i) {
-    if (cot & bits[i]) g[i] = &inputs[k++];
-  }
+  const RsBackwardInputs b = rs_backward_inputs(inputs, size_t(c.L.count), params_.cotangents);
+  const auto& saved = b.saved;
+  const auto& g = b.g;
   const mx::array& any = inputs[c.L.hidden]; // bound where absent: never read
-  for (const mx::array* a : saved) {
-    if (a) gpu::require_dense(*a, "saved statistic");
-  }
-  for (const mx::array* a : g) {
-    if (a) gpu::require_dense(*a, "cotangent");
-  }
   size_t o = 0; // outputs: those flagged, in the order dH, dW, dbias
   mx::array* dh = params_.head.grad_hidden ? &outputs[o++] : nullptr;
   mx::array* dw = params_.head.grad_weight ? &outputs[o++] : nullptr;
@@ -229,27 +242,9 @@ void RowStatsVJP::eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx:
   // inputs after logits, [targets] (ops/row_stats.h): [lse, lse_lo], [expected,
   // expected_lo], then one cotangent per bit of `cot`; absent ones are bound
   // to the logits and never read.
-  size_t k = params_.has_targets ? 2 : 1;
-  const mx::array* saved[4] = {nullptr, nullptr, nullptr, nullptr};
-  if (cot & (flm::kStatLse | flm::kStatExpected)) {
-    saved[0] = &inputs[k++];
-    saved[1] = &inputs[k++];
-  }
-  if (cot & flm::kStatExpected) {
-    saved[2] = &inputs[k++];
-    saved[3] = &inputs[k++];
-  }
-  const mx::array* g[4] = {nullptr, nullptr, nullptr, nullptr};
-  const int bits[4] = {flm::kStatLse, flm::kStatTarget, flm::kStatLogitSum, flm::kStatExpected};
-  for (int i = 0; i < 4; ++i) {
-    if (cot & bits[i]) g[i] = &inputs[k++];
-  }
-  for (const mx::array* a : saved) {
-    if (a) gpu::require_dense(*a, "saved statistic");
-  }
-  for (const mx::array* a : g) {
-    if (a) gpu::require_dense(*a, "cotangent");
-  }
+  const RsBackwardInputs b = rs_backward_inputs(inputs, params_.has_targets ? 2 : 1, cot);
+  const auto& saved = b.saved;
+  const auto& g = b.g;
   auto x = gpu::launch(stream(), [&](int t) { return mplan::rs_logits_backward_plan(l.dtype, l.rows, l.vocab, t); });
   if (!x) {
     return;
