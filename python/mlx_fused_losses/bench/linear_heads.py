@@ -172,7 +172,7 @@ def render(r) -> str:
     lines = [BEGIN, f"One run of `{r.get('command', 'python -m ' + __spec__.name)}`"
              + (f", started {r['started_utc']} UTC" if r.get("started_utc") else "")
              + f"; {machine(env, r['threads'])}; oneDNN "
-             + (f"{g.get('version', '')} from {g['library']}" if g["active"]
+             + (f"{g.get('version', '')} ({os.path.basename(g['library'])})" if g["active"]
                 else f"not used ({g['reason']})")
              + f"; {r['threads']} threads"
              + (f"; load average (1 min) {load['start']:.1f} at the start, {load['end']:.1f} at the end"
